@@ -1,0 +1,180 @@
+"""Streaming checkpoint readers: one tensor at a time, shapes and dtypes without loading data.
+
+Every reader offers names(), shape(name), dtype(name), get(name) and source_files(); an HF
+folder also carries its config.json and tokenizer files (see `open_source`).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lmc.errors import LmcError
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
+              "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
+
+
+class SafetensorsReader:
+    def __init__(self, files: list[Path]):
+        from safetensors import safe_open
+
+        self.files = files
+        self._where: dict[str, object] = {}
+        self._handles = []
+        for f in files:
+            if not f.is_file():
+                raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
+            try:
+                h = safe_open(str(f), framework="pt")
+            except Exception as e:  # safetensors raises its own error types for a bad header
+                raise LmcError(f"{f} is not a readable safetensors file ({e}); the checkpoint is corrupt or truncated") from None
+            self._handles.append(h)
+            for name in h.keys():
+                self._where[name] = h
+        for f in files:
+            self._check_size(f)
+
+    @staticmethod
+    def _check_size(f: Path) -> None:
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > f.stat().st_size:
+            raise LmcError(f"{f} is truncated ({f.stat().st_size} bytes, header needs {8 + n + end}); re-download it")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _ST_DTYPES[self._where[name].get_slice(name).get_dtype()]
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._where[name].get_tensor(name)
+
+    def source_files(self) -> list[Path]:
+        return list(self.files)
+
+
+class TorchBinReader:
+    """PyTorch .bin checkpoints, memory-mapped (torch.load(mmap=True, weights_only=True))."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+        self._tensors: dict[str, torch.Tensor] = {}
+        for f in files:
+            if not f.is_file():
+                raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
+            try:
+                state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise LmcError(f"{f} is not a readable PyTorch checkpoint ({e}); it is corrupt or truncated") from None
+            self._tensors.update(state)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._tensors[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self._tensors[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def source_files(self) -> list[Path]:
+        return list(self.files)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "tokenizer.model")
+
+
+@dataclass
+class Source:
+    """A checkpoint opened for conversion."""
+
+    reader: object
+    hf_config: dict
+    path: Path
+    model_format: str  # "hf" | "awq" | "gguf"
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The files the workspace's tokenizer/ folder gets (tokenizer.json is required)."""
+        if self.model_format == "gguf":
+            import tempfile
+
+            with tempfile.TemporaryDirectory() as d:
+                self.reader.save_tokenizer(Path(d))
+                return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.name in TOKENIZER_FILES}
+        files = {name: (self.path / name).read_bytes() for name in TOKENIZER_FILES if (self.path / name).is_file()}
+        if "tokenizer.json" not in files:
+            files.update(_tokenizer_json_via_transformers(self.path))
+        return files
+
+
+def _tokenizer_json_via_transformers(path: Path) -> dict[str, bytes]:
+    """Sources with only a sentencepiece model: let transformers build the fast tokenizer."""
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:
+        raise LmcError(f"{path} has no tokenizer.json and transformers could not build one ({e})") from None
+    with tempfile.TemporaryDirectory() as d:
+        tok.save_pretrained(d)
+        return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")}
+
+
+def _weight_files(folder: Path) -> tuple[str, list[Path]]:
+    for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return kind, [folder / f for f in sorted(set(weight_map.values()))]
+    st = sorted(folder.glob("*.safetensors"))
+    if st:
+        return "st", st
+    bins = sorted(folder.glob("pytorch_model*.bin"))
+    if bins:
+        return "bin", bins
+    raise LmcError(f"{folder} has no *.safetensors or pytorch_model*.bin weights; pass a Hugging Face model folder")
+
+
+def open_source(src: str | Path, model_format: str | None = None) -> Source:
+    """Open an HF folder (float or AWQ) or a GGUF file. model_format None: detect."""
+    path = Path(src)
+    if not path.exists():
+        raise LmcError(f"{path} does not exist; pass a Hugging Face model folder or a .gguf file")
+    if model_format is None:
+        model_format = "gguf" if path.is_file() and path.suffix == ".gguf" else "hf"
+    if model_format == "gguf":
+        from lmc.compiler.gguf import GGUFReader
+
+        reader = GGUFReader(path)
+        return Source(reader, reader.config_dict(), path, "gguf")
+    if not path.is_dir():
+        raise LmcError(f"{path} is not a folder; for a GGUF file pass --model-format gguf")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise LmcError(f"{path} has no config.json; pass a Hugging Face model folder")
+    try:
+        hf_config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise LmcError(f"{cfg_path} is not valid JSON ({e})") from None
+    kind, files = _weight_files(path)
+    reader = SafetensorsReader(files) if kind == "st" else TorchBinReader(files)
+    quant = hf_config.get("quantization_config") or {}
+    detected = "awq" if quant.get("quant_method") == "awq" else "hf"
+    if model_format == "awq" and detected != "awq":
+        raise LmcError(f"{path} has no AWQ quantization_config; drop --model-format awq")
+    return Source(reader, hf_config, path, detected)

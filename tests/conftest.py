@@ -1,0 +1,142 @@
+"""Tiny random checkpoints of every supported architecture, made in the test (no downloads)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+MIXED_TEXT = "Hello, world! The quick brown fox 跳过了懒狗。上海是中国的城市 🙂🚀 <|im_start|>user\nHi<|im_end|> 12345 naïve café"
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Hello world, hello again.",
+    "上海是中国最大的城市之一。北京是中国的首都。我们喜欢学习。",
+    "Emoji 🙂🚀🎉 and accents: naïve café résumé. Numbers 12345 67890.",
+    "def main():\n    print('hello')\n    return 0\n",
+] * 20
+
+# the architectures parity and conversion tests sweep; name -> (model_type, config overrides)
+ARCH_CASES = {
+    "llama3": ("llama", dict(rope_parameters={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
+                                               "rope_theta": 500000.0})),
+    "llama-linear-tied-mha": ("llama", dict(num_key_value_heads=6, tie_word_embeddings=True,
+                                            rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})),
+    "llama-dynamic": ("llama", dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})),
+    "mistral": ("mistral", dict(sliding_window=None)),
+    "qwen2": ("qwen2", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(head_dim=24)),
+    "internlm2": ("internlm2", dict()),
+}
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A byte-level BPE tokenizer trained on mixed text, saved the way HF models ship it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIALS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                   unk_token="<|endoftext|>", pad_token="<|endoftext|>")
+    fast.chat_template = CHATML
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def _hf_config(model_type: str, overrides: dict, vocab: int):
+    import transformers
+
+    base = dict(vocab_size=vocab, hidden_size=72, intermediate_size=100, num_hidden_layers=2,
+                num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=256,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    base.update(overrides)
+    cls = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+           "qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config}[model_type]
+    return cls(**base)
+
+
+def _llama_to_internlm2(state: dict, cfg) -> dict:
+    """Rename a Llama state dict into InternLM2's naming, with wqkv in its grouped layout."""
+    heads, kv, hidden = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.hidden_size
+    d = hidden // heads
+    out = {"model.tok_embeddings.weight": state["model.embed_tokens.weight"],
+           "model.norm.weight": state["model.norm.weight"], "output.weight": state["lm_head.weight"]}
+    for i in range(cfg.num_hidden_layers):
+        p, q = f"model.layers.{i}.", f"model.layers.{i}."
+        wq = state[p + "self_attn.q_proj.weight"].view(kv, heads // kv, d, hidden)  # [Hkv, g, D, H]
+        wk = state[p + "self_attn.k_proj.weight"].view(kv, 1, d, hidden)
+        wv = state[p + "self_attn.v_proj.weight"].view(kv, 1, d, hidden)
+        out[q + "attention.wqkv.weight"] = torch.cat([wq, wk, wv], dim=1).reshape(-1, hidden)  # [Hkv*(g+2)*D, H]
+        out[q + "attention.wo.weight"] = state[p + "self_attn.o_proj.weight"]
+        out[q + "feed_forward.w1.weight"] = state[p + "mlp.gate_proj.weight"]
+        out[q + "feed_forward.w3.weight"] = state[p + "mlp.up_proj.weight"]
+        out[q + "feed_forward.w2.weight"] = state[p + "mlp.down_proj.weight"]
+        out[q + "attention_norm.weight"] = state[p + "input_layernorm.weight"]
+        out[q + "ffn_norm.weight"] = state[p + "post_attention_layernorm.weight"]
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def make_checkpoint(case: str, out: Path, tokenizer_dir: Path, dtype=torch.float32, seed: int = 0,
+                    safe_serialization: bool = True, **overrides) -> Path:
+    """Save a tiny random model of `case` (a key of ARCH_CASES) to `out` with the test tokenizer.
+    InternLM2 is written by hand in its own naming (its twin Llama model sits in out/llama_twin)."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    model_type, case_overrides = ARCH_CASES[case]
+    torch.manual_seed(seed)
+    hf_type = "llama" if model_type == "internlm2" else model_type
+    cfg = _hf_config(hf_type, {**case_overrides, **overrides}, vocab=416)
+    model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+    with torch.no_grad():  # norms start at 1: make them random so a wrong norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    out.mkdir(parents=True, exist_ok=True)
+    if model_type == "internlm2":
+        twin = out / "llama_twin"
+        model.save_pretrained(twin)
+        shutil.copytree(tokenizer_dir, twin, dirs_exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file(_llama_to_internlm2(model.state_dict(), cfg), out / "model.safetensors", metadata={"format": "pt"})
+        hf = {"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"], "hidden_size": cfg.hidden_size,
+              "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_hidden_layers,
+              "num_attention_heads": cfg.num_attention_heads, "num_key_value_heads": cfg.num_key_value_heads,
+              "rms_norm_eps": cfg.rms_norm_eps, "rope_theta": 10000.0, "max_position_embeddings": cfg.max_position_embeddings,
+              "vocab_size": cfg.vocab_size, "bias": False, "tie_word_embeddings": False, "bos_token_id": 1,
+              "eos_token_id": 2, "torch_dtype": str(dtype).removeprefix("torch.")}
+        (out / "config.json").write_text(json.dumps(hf, indent=2))
+    else:
+        model.save_pretrained(out, safe_serialization=safe_serialization)
+    shutil.copytree(tokenizer_dir, out, dirs_exist_ok=True)
+    return out
+
+
+@pytest.fixture
+def checkpoint(tmp_path, tokenizer_dir):
+    """make_checkpoint bound to this test's tmp folder: checkpoint(case, **kw) -> Path."""
+    counter = iter(range(1000))
+
+    def make(case: str, **kw) -> Path:
+        return make_checkpoint(case, tmp_path / f"{case}-{next(counter)}", tokenizer_dir, **kw)
+
+    return make
