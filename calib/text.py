@@ -1,0 +1,267 @@
+"""Calibration and evaluation text: named sets (hub first, bundled fallback) and local files.
+
+`load_text(name_or_path, split, purpose)` returns one string, where it came from, and its
+sha256. Tokenizing it and cutting windows is `lmc.calib.windows`' job.
+
+Named sets and how their rows become one string (facts from LMDeploy's
+`lmdeploy/lite/utils/calib_dataloader.py`, which follows GPTQ's `datautils.py`):
+
+- `ptb`: rows are the `sentence` column of the hub's `ptb_text_only` (Mikolov's lines,
+  stripped). LMDeploy's `get_ptb` (what `--calib-dataset ptb` runs) joins the train rows with
+  "\\n\\n" for calibration and the validation rows with "\\n\\n" for evaluation; lmc does the
+  same for both purposes so its windows match LMDeploy's. (" ".join is LMDeploy's and GPTQ's
+  `ptb_new` variant and SparseGPT's `get_ptb`; lmc does not use it.)
+- `wikitext2`: "\\n\\n".join(rows) for both purposes (LMDeploy's `get_wikitext2`, and the usual
+  perplexity string). Hub rows are the raw file's lines with their "\\n", blank lines as "".
+- `c4` (hub or cache only): calibration joins the first 5,000 documents of the train shard
+  `en/c4-train.00000-of-01024.json.gz` with "\\n\\n" (LMDeploy draws whole documents instead;
+  one string keeps one window sampler for every set); evaluation is " ".join of the first 1,100
+  documents of `en/c4-validation.00000-of-00008.json.gz` (LMDeploy's and GPTQ's `c4_new`).
+- `pileval` (hub or cache only): "\\n\\n".join of the first 5,000 stripped documents of
+  `mit-han-lab/pile-val-backup` (validation), unshuffled so the text does not depend on the seed.
+
+The hub is tried only when `datasets` is installed and huggingface.co answers within 2 s; with
+HF_HUB_OFFLINE=1 or HF_DATASETS_OFFLINE=1 only sets that have no bundled copy are looked up
+in the local `datasets` cache. Bundled copies (calib/data, see SOURCES.json) hold PTB
+train/valid/test and the WikiText-2 test split; they give the same string as the hub.
+
+Local files: `.txt` is used as is; `.jsonl` takes the `text` field of every line and `.parquet`
+the `text` column, rows joined with "\\n\\n".
+"""
+import hashlib
+import importlib.resources
+import importlib.util
+import json
+import lzma
+import os
+import threading
+import urllib.error
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmc.errors import LmcError
+
+DATASETS = ("ptb", "wikitext2", "c4", "pileval")
+PURPOSES = ("calib", "eval")
+FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+_SPLITS = {
+    "ptb": ("train", "validation", "test"),
+    "wikitext2": ("train", "validation", "test"),
+    "c4": ("train", "validation"),
+    "pileval": ("validation",),
+}
+_SPLIT_ALIASES = {"valid": "validation", "val": "validation"}
+_BUNDLED = {
+    ("ptb", "train"): "ptb.train.txt.xz",
+    ("ptb", "validation"): "ptb.valid.txt.xz",
+    ("ptb", "test"): "ptb.test.txt.xz",
+    ("wikitext2", "test"): "wikitext2.test.txt.xz",
+}
+# (name, purpose) -> (separator, number of leading rows used; None = all)
+_JOINS = {
+    ("ptb", "calib"): ("\n\n", None),
+    ("ptb", "eval"): ("\n\n", None),
+    ("wikitext2", "calib"): ("\n\n", None),
+    ("wikitext2", "eval"): ("\n\n", None),
+    ("c4", "calib"): ("\n\n", 5000),
+    ("c4", "eval"): (" ", 1100),
+    ("pileval", "calib"): ("\n\n", 5000),
+    ("pileval", "eval"): ("\n\n", 5000),
+}
+_HUB_IDS = {
+    "ptb": "ptb-text-only/ptb_text_only",
+    "wikitext2": "Salesforce/wikitext",
+    "c4": "allenai/c4",
+    "pileval": "mit-han-lab/pile-val-backup",
+}
+_C4_SHARDS = {
+    "train": "en/c4-train.00000-of-01024.json.gz",
+    "validation": "en/c4-validation.00000-of-00008.json.gz",
+}
+_HUB_TIMEOUT_S = 2.0
+_FIX_LOCAL = "pass a local file with --calib-dataset PATH (.txt, .jsonl or .parquet)"
+
+
+@dataclass(frozen=True)
+class LoadedText:
+    text: str
+    source: str  # "hub:<repo>", "bundled:<file stem>" or the local path
+    sha256: str  # of text.encode("utf-8")
+
+
+def load_text(name_or_path: str, split: str, purpose: str = "calib") -> LoadedText:
+    """One string of text: a named set (`DATASETS`) split, or a local file (split ignored)."""
+    if purpose not in PURPOSES:
+        raise LmcError(f"unknown text purpose {purpose!r}: use one of {', '.join(PURPOSES)}")
+    if name_or_path in DATASETS:
+        return _load_named(name_or_path, _check_split(name_or_path, split), purpose)
+    path = Path(name_or_path)
+    if path.suffix.lower() not in FILE_SUFFIXES:
+        raise LmcError(f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)} "
+                       f"or a local {'/'.join(FILE_SUFFIXES)} file")
+    return _load_file(path)
+
+
+def bundled_sources() -> dict:
+    """calib/data/SOURCES.json: provenance and sha256 of every bundled text."""
+    return json.loads(_data_dir().joinpath("SOURCES.json").read_text(encoding="utf-8"))
+
+
+def read_bundled(filename: str) -> str:
+    """Decompress one bundled file and check it against its recorded sha256."""
+    entry = bundled_sources()["files"][filename]
+    raw = lzma.decompress(_data_dir().joinpath(filename).read_bytes())
+    if hashlib.sha256(raw).hexdigest() != entry["sha256"]:
+        raise LmcError(f"bundled text {filename} is damaged (sha256 mismatch): reinstall lmc")
+    return raw.decode("utf-8")
+
+
+def _check_split(name: str, split: str) -> str:
+    split = _SPLIT_ALIASES.get(split, split)
+    if split not in _SPLITS[name]:
+        raise LmcError(f"{name} has no split {split!r}: use one of {', '.join(_SPLITS[name])}")
+    return split
+
+
+def _load_named(name: str, split: str, purpose: str) -> LoadedText:
+    bundled = _BUNDLED.get((name, split))
+    sep, limit = _JOINS[(name, purpose)]
+    mode = _hub_mode()
+    if mode == "online" or (mode == "cache" and bundled is None):
+        try:
+            rows = _hub_rows(name, split, limit)
+        except Exception as exc:  # any hub/cache failure: fall back or explain
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            if bundled is None:
+                raise LmcError(f"could not load {name} ({split}) from the hub or the datasets "
+                               f"cache ({reason}): {_FIX_LOCAL}") from exc
+            warnings.warn(f"hub load of {name} ({split}) failed ({reason}); using the bundled copy")
+        else:
+            return _loaded(sep.join(rows[:limit]), f"hub:{_HUB_IDS[name]}")
+    if bundled is None:
+        raise LmcError(f"{name} ({split}) needs the Hugging Face hub, which is unreachable or "
+                       f"disabled, and lmc bundles no copy: {_FIX_LOCAL}, or set "
+                       f"HF_DATASETS_OFFLINE=1 to use a copy in the datasets cache")
+    rows = _bundled_rows(name, read_bundled(bundled))
+    return _loaded(sep.join(rows[:limit]), f"bundled:{bundled.removesuffix('.txt.xz')}")
+
+
+def _bundled_rows(name: str, raw: str) -> list[str]:
+    lines = raw.split("\n")[:-1]  # the files end with "\n"
+    if name == "ptb":
+        return [line.strip() for line in lines]
+    return [line + "\n" if line.strip() else "" for line in lines]
+
+
+def _hub_mode() -> str | None:
+    """'online' (hub reachable), 'cache' (offline env set) or None (no datasets, no hub)."""
+    if importlib.util.find_spec("datasets") is None:
+        return None
+    if _env_true("HF_HUB_OFFLINE") or _env_true("HF_DATASETS_OFFLINE"):
+        return "cache"
+    return "online" if _hub_reachable() else None
+
+
+def _env_true(key: str) -> bool:
+    return os.environ.get(key, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_reachable() -> bool:
+    """Any HTTP answer from the hub endpoint within _HUB_TIMEOUT_S (DNS included)."""
+    url = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    answered = []
+
+    def probe():
+        try:
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=_HUB_TIMEOUT_S)
+            answered.append(True)
+        except urllib.error.HTTPError:
+            answered.append(True)
+        except (OSError, ValueError):
+            answered.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(_HUB_TIMEOUT_S)
+    return bool(answered) and answered[0]
+
+
+def _hub_rows(name: str, split: str, limit: int | None) -> list[str]:
+    from datasets import load_dataset
+
+    rows = slice(None, limit)
+    if name == "ptb":
+        # the script-based ptb_text_only no longer loads; its parquet conversion does
+        files = (f"hf://datasets/{_HUB_IDS['ptb']}@refs%2Fconvert%2Fparquet/"
+                 f"penn_treebank/{split}/*.parquet")
+        ds = load_dataset("parquet", data_files={split: files}, split=split)
+        return [row.strip() for row in ds[rows]["sentence"]]
+    if name == "wikitext2":
+        return load_dataset(_HUB_IDS[name], "wikitext-2-raw-v1", split=split)[rows]["text"]
+    if name == "c4":
+        ds = load_dataset(_HUB_IDS[name], data_files={split: _C4_SHARDS[split]}, split=split)
+        return ds[rows]["text"]
+    ds = load_dataset(_HUB_IDS[name], split=split)
+    return [row.strip() for row in ds[rows]["text"]]
+
+
+def _load_file(path: Path) -> LoadedText:
+    if not path.is_file():
+        raise LmcError(f"text file not found: {path}: check the path given to --calib-dataset")
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            text = path.read_text(encoding="utf-8")
+        elif suffix == ".jsonl":
+            text = "\n\n".join(_jsonl_rows(path))
+        else:
+            text = "\n\n".join(_parquet_rows(path))
+    except UnicodeDecodeError as exc:
+        raise LmcError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}): "
+                       f"convert it to UTF-8") from exc
+    return _loaded(text, str(path))
+
+
+def _jsonl_rows(path: Path) -> list[str]:
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise LmcError(f"{path}:{lineno}: not valid JSON ({exc.msg}): "
+                               f"write one JSON object per line") from exc
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise LmcError(f"{path}:{lineno}: no string field 'text': "
+                               f'write one {{"text": "..."}} object per line')
+            rows.append(record["text"])
+    return rows
+
+
+def _parquet_rows(path: Path) -> list[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as exc:
+        raise LmcError("reading .parquet needs pyarrow: pip install pyarrow "
+                       "(or pass a .txt/.jsonl file)") from exc
+    schema = pq.read_schema(path)
+    if "text" not in schema.names:
+        raise LmcError(f"{path} has no 'text' column (columns: {', '.join(schema.names)}): "
+                       f"rename the text column to 'text'")
+    return [row for row in pq.read_table(path, columns=["text"]).column("text").to_pylist()
+            if row is not None]
+
+
+def _loaded(text: str, source: str) -> LoadedText:
+    if not text.strip():
+        raise LmcError(f"the text from {source} is empty: use a file or dataset with text in it")
+    return LoadedText(text=text, source=source, sha256=hashlib.sha256(text.encode("utf-8")).hexdigest())
+
+
+def _data_dir():
+    return importlib.resources.files("lmc.calib").joinpath("data")
