@@ -1,3 +1,21 @@
 """lmc: offline LLM compiler and format converter with a slim runtime."""
 
 __version__ = "0.1.0"
+
+__all__ = ["pipeline", "EngineConfig", "GenerationConfig", "__version__"]
+
+
+def __getattr__(name):  # keep `import lmc` light: torch loads only when the API is used
+    if name == "pipeline":
+        from lmc.api import pipeline
+
+        return pipeline
+    if name == "EngineConfig":
+        from lmc.runtime.config import EngineConfig
+
+        return EngineConfig
+    if name == "GenerationConfig":
+        from lmc.runtime.sampling import GenerationConfig
+
+        return GenerationConfig
+    raise AttributeError(name)

@@ -105,3 +105,96 @@ def verify(workspace):
         click.echo(f"FAILED {workspace}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), err=True)
         sys.exit(1)
     click.echo(f"OK {workspace}")
+
+
+def engine_options(fn):
+    """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them."""
+    options = [
+        click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available"),
+        click.option("--session-len", type=int, default=None, help="max tokens per session (default: the model's)"),
+        click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True,
+                     help="fraction of free device memory for the KV cache"),
+        click.option("--cache-block-seq-len", type=int, default=64, show_default=True, help="tokens per KV block"),
+        click.option("--max-batch-size", type=int, default=64, show_default=True),
+        click.option("--quant-policy", type=int, default=0, show_default=True, help="KV cache quantization (0 only, for now)"),
+        click.option("--max-new-tokens", type=int, default=512, show_default=True),
+        click.option("--temperature", type=float, default=0.8, show_default=True, help="0: greedy"),
+        click.option("--top-p", type=float, default=0.8, show_default=True),
+        click.option("--top-k", type=int, default=40, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--stop-words", multiple=True, help="stop when the text contains this (repeatable)"),
+        click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)"),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _configs(kw: dict):
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.sampling import GenerationConfig
+
+    engine = EngineConfig(session_len=kw["session_len"], max_batch_size=kw["max_batch_size"],
+                          cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
+                          quant_policy=kw["quant_policy"], device=kw["device"])
+    gen = GenerationConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
+                           top_k=kw["top_k"], repetition_penalty=kw["repetition_penalty"],
+                           stop_words=list(kw["stop_words"]), seed=kw["seed"])
+    return engine, gen
+
+
+@main.command()
+@click.argument("path")
+@click.argument("prompt")
+@click.option("--no-chat-template", is_flag=True, help="feed PROMPT as raw text (completion), not as a user turn")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON object (text, token ids, finish reason, timings)")
+@engine_options
+@user_errors
+def generate(path, prompt, no_chat_template, as_json, **kw):
+    """Generate a reply to PROMPT with the model at PATH (workspace, HF folder or GGUF file)."""
+    import time
+
+    from lmc.api import pipeline
+
+    engine_cfg, gen = _configs(kw)
+    pipe = pipeline(path, backend_config=engine_cfg)
+    start = time.perf_counter()
+    if as_json:
+        r = pipe(prompt, gen, chat_template=not no_chat_template)
+        seconds = time.perf_counter() - start
+        click.echo(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                               "input_tokens": r.input_token_len, "generated_tokens": r.generate_token_len,
+                               "seconds": round(seconds, 3)}, ensure_ascii=False))
+        return
+    for _, delta, _ in pipe.stream_infer(prompt, gen, chat_template=not no_chat_template):
+        click.echo(delta, nl=False)
+    click.echo()
+
+
+@main.command()
+@click.argument("path")
+@engine_options
+@user_errors
+def chat(path, **kw):
+    """Chat with the model at PATH. One line is one turn; `exit` (or end of input) quits."""
+    from lmc.api import pipeline
+
+    engine_cfg, gen = _configs(kw)
+    pipe = pipeline(path, backend_config=engine_cfg)
+    history: list[dict] = []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo("\n>>> ", nl=False)
+        line = sys.stdin.readline()
+        if not line or line.strip() == "exit":
+            break
+        if not line.strip():
+            continue
+        history.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        for _, delta, _ in pipe.stream_infer(history, gen):
+            reply.append(delta)
+            click.echo(delta, nl=False)
+        click.echo()
+        history.append({"role": "assistant", "content": "".join(reply)})

@@ -1,0 +1,339 @@
+"""Paged attention over a block KV cache: cache writes, ragged causal prefill, split-KV decode.
+
+Cache layout: k_cache and v_cache are [num_blocks, block_size, Hkv, D]. Position p of sequence b lives in
+block block_tables[b, p // block_size] at offset p % block_size; its flat slot is
+block * block_size + offset. GQA: q head h reads kv head h // (Hq // Hkv). Softmax runs in fp32.
+
+Prefill (flash-attention style): one program per (BLOCK_M queries, sequence, q head); query j of a
+sequence with q_len queries and kv_len cached tokens sits at position kv_len - q_len + j.
+Decode: one program per (sequence, kv head, kv split) computes all Hq // Hkv q heads of the group
+at once, so each K/V tile is read once per group; a second pass merges the splits by log-sum-exp.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lmc.errors import LmcError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch reference serves
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, kv_lens_ptr,
+        qk_scale, group,
+        stride_qt, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_ot, stride_oh, stride_bt,
+        D: tl.constexpr, PAGE: tl.constexpr,  # PAGE: tokens per cache block (a shift when a power of 2)
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        pid_m = tl.program_id(0)
+        b = tl.program_id(1)
+        h = tl.program_id(2)
+        q_start = tl.load(cu_ptr + b)
+        q_len = tl.load(cu_ptr + b + 1) - q_start
+        if pid_m * BLOCK_M >= q_len:
+            return
+        kv_len = tl.load(kv_lens_ptr + b)
+        kvh = h // group
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < D
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
+        q_pos = kv_len - q_len + offs_m  # [BLOCK_M]
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        hi = tl.minimum(kv_len, kv_len - q_len + (pid_m + 1) * BLOCK_M)
+        bt_row = bt_ptr + b.to(tl.int64) * stride_bt
+        for n0 in range(0, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < hi
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            tok = offs_n % PAGE
+            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
+            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
+            causal = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
+            qk = tl.where(causal, qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_M, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        out = acc / l_i[:, None]
+        tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+    @triton.jit
+    def _decode_kernel(
+        q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        qk_scale, group,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_ob, stride_oh, stride_bt,
+        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_len = tl.load(kv_lens_ptr + b)
+        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < group
+        d_mask = offs_d < D
+        heads = kvh * group + offs_g  # [BLOCK_G]
+        b64 = b.to(tl.int64)
+        q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        bt_row = bt_ptr + b64 * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            tok = offs_n % PAGE
+            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
+            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+            qk = tl.where(n_mask[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_G, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
+                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or kv_len 0) gives zeros
+        gd_mask = g_mask[:, None] & d_mask[None, :]
+        if NUM_SPLITS == 1:
+            tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=gd_mask)
+        else:
+            tl.store(part_o_ptr + b64 * stride_pob + heads[:, None] * stride_poh + split * stride_pos
+                     + offs_d[None, :], out, mask=gd_mask)
+            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
+
+    @triton.jit
+    def _merge_splits_kernel(
+        part_o_ptr, part_lse_ptr, o_ptr,
+        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
+        D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    ):
+        b = tl.program_id(0).to(tl.int64)
+        h = tl.program_id(1)
+        offs_s = tl.arange(0, BLOCK_S)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < NUM_SPLITS
+        lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + offs_s,
+                      mask=s_mask, other=float("-inf"))  # [BLOCK_S], log2 units
+        m = tl.max(lse, axis=0)
+        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
+        parts = tl.load(part_o_ptr + b * stride_pob + h * stride_poh + offs_s[:, None] * stride_pos
+                        + offs_d[None, :], mask=s_mask[:, None] & (offs_d[None, :] < D), other=0.0)
+        w_sum = tl.sum(w, axis=0)
+        out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0, w_sum, 1.0)  # [BLOCK_D]
+        tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
+                 mask=offs_d < D)
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Stores k, v [T, Hkv, D] at flat slots slot_mapping [T] of the caches, in place."""
+    _, _, Hkv, D = k_cache.shape
+    T = slot_mapping.shape[0]
+    assert k.shape == v.shape == (T, Hkv, D), f"k {tuple(k.shape)} / v {tuple(v.shape)} != [{T}, {Hkv}, {D}]"
+    slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)  # [T]
+    k_cache.view(-1, Hkv, D).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, Hkv, D).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+def _check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+    Hq, D = q.shape[1:]
+    assert k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+    assert k_cache.shape[3] == D, f"cache head_dim {k_cache.shape[3]} != q head_dim {D}"
+    assert Hq % k_cache.shape[2] == 0, f"q heads {Hq} not a multiple of kv heads {k_cache.shape[2]}"
+    assert k_cache.dtype == v_cache.dtype == q.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}"
+    assert block_tables.dim() == 2
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # fp32 inputs stay exact, never rounded to tf32
+
+
+def paged_prefill_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float, block_m: int = 64, block_n: int = 64,
+) -> torch.Tensor:
+    if triton is None:
+        raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
+    _check_caches(q, k_cache, v_cache, block_tables)
+    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+    T, Hq, D = q.shape
+    B = kv_lens.shape[0]
+    assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B
+    out = torch.empty_like(q)  # [T, Hq, D]
+    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    if max_q == 0:
+        return out
+    grid = (triton.cdiv(max_q, block_m), B, Hq)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens,
+        scale * math.log2(math.e), Hq // k_cache.shape[2],
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        D=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(triton.next_power_of_2(D), 16),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def _default_num_splits(q: torch.Tensor, programs: int, max_context: int) -> int:
+    """Enough splits to fill the GPU about twice, none shorter than 256 tokens; needs no host sync."""
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 4
+    return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_context, 256), 32))
+
+
+def paged_decode_attention_triton(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int = 64,
+) -> torch.Tensor:
+    if triton is None:
+        raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
+    _check_caches(q, k_cache, v_cache, block_tables)
+    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+    B, Hq, D = q.shape
+    _, block_size, Hkv, _ = k_cache.shape
+    assert kv_lens.shape == (B,) and block_tables.shape[0] == B
+    group = Hq // Hkv
+    if num_splits is None:
+        num_splits = _default_num_splits(q, B * Hkv, block_tables.shape[1] * block_size)
+    out = torch.empty_like(q)  # [B, Hq, D]
+    if B == 0:
+        return out
+    part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
+    part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S], log2 units
+    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    _decode_kernel[(B, Hkv, num_splits)](
+        q, k_cache, v_cache, out, part_o, part_lse, block_tables, kv_lens,
+        scale * math.log2(math.e), group,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        out.stride(0), out.stride(1), block_tables.stride(0),
+        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+        D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
+        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    if num_splits > 1:
+        _merge_splits_kernel[(B, Hq)](
+            part_o, part_lse, out,
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
+            out.stride(0), out.stride(1),
+            D=D, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
+        )
+    return out
+
+
+def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    block_size = cache.shape[1]
+    blocks = block_table[: -(-n // block_size)].to(device=cache.device, dtype=torch.long)  # [ceil(n / bs)]
+    return cache[blocks].flatten(0, 1)[:n]  # [n, Hkv, D]
+
+
+def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [L, Hq, D] at positions q_pos [L] over k, v [n, Hkv, D] (positions 0..n-1), causal, in fp32."""
+    L, Hq, D = q.shape
+    n, Hkv, _ = k.shape
+    qg = q.float().reshape(L, Hkv, Hq // Hkv, D)  # [L, Hkv, G, D]
+    s = torch.einsum("lhgd,nhd->hgln", qg, k.float()) * scale  # [Hkv, G, L, n]
+    visible = torch.arange(n, device=q.device)[None, :] <= q_pos[:, None]  # [L, n]
+    p = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)  # [Hkv, G, L, n]
+    return torch.einsum("hgln,nhd->lhgd", p, v.float()).reshape(L, Hq, D)  # [L, Hq, D]
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    _check_caches(q, k_cache, v_cache, block_tables)
+    cu = cu_seqlens_q.tolist()
+    lens = kv_lens.tolist()
+    assert len(cu) == len(lens) + 1 and cu[-1] == q.shape[0], f"cu_seqlens_q {cu} does not cover {q.shape[0]} tokens"
+    out = torch.empty_like(q)  # [T, Hq, D]
+    for b, n in enumerate(lens):
+        s, e = cu[b], cu[b + 1]
+        if e == s:
+            continue
+        assert n >= e - s, f"sequence {b}: kv_len {n} < q_len {e - s}"
+        k = _gather_kv(k_cache, block_tables[b], n)  # [n, Hkv, D]
+        v = _gather_kv(v_cache, block_tables[b], n)  # [n, Hkv, D]
+        q_pos = torch.arange(n - (e - s), n, device=q.device)  # [L]
+        out[s:e] = _attend_ref(q[s:e], k, v, q_pos, scale).to(q.dtype)
+    return out
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    kv_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32)  # one query per sequence
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Causal attention of a ragged batch q [T, Hq, D] (cu_seqlens_q [B+1]) over its cached k/v; [T, Hq, D]."""
+    if q.is_cuda:
+        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+    return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    kv_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """Attention of one new token per sequence q [B, Hq, D] over kv positions 0..kv_lens[b]-1; [B, Hq, D]."""
+    if q.is_cuda:
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale)
+    return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, kv_lens, scale)

@@ -1,0 +1,100 @@
+"""RMSNorm with an optional fused residual add (Llama's pre-norm), one program per row.
+
+h = x + residual (or x), y = weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype), as in HF's LlamaRMSNorm:
+the sum is rounded to x.dtype (it is the residual stream), statistics are taken in fp32, and the
+normalized value is rounded to x.dtype before the weight multiplies it.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmc.errors import LmcError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch reference serves
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rms_norm_kernel(
+        x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,
+        H, eps,
+        stride_x, stride_res, stride_y, stride_h,
+        HAS_RESIDUAL: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+    ):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_H)
+        mask = cols < H
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        h = x.to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+            h_low = (h + r.to(tl.float32)).to(x.dtype)
+            tl.store(h_ptr + row * stride_h + cols, h_low, mask=mask)
+            h = h_low.to(tl.float32)
+        var = tl.sum(h * h, axis=0) / H
+        n = (h * tl.math.rsqrt(var + eps)).to(x.dtype)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        y = n.to(tl.float32) * w.to(tl.float32)
+        tl.store(y_ptr + row * stride_y + cols, y.to(x.dtype), mask=mask)
+
+
+def rms_norm_triton(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton is None:
+        raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
+    H = x.shape[-1]
+    assert weight.shape == (H,), f"weight {tuple(weight.shape)} does not match hidden size {H}"
+    assert weight.is_contiguous()
+    x2 = x.reshape(-1, H)  # [T, H]
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    y = torch.empty_like(x2)  # [T, H]
+    if residual is None:
+        res2, h = x2, x2
+    else:
+        assert residual.shape == x.shape, f"residual {tuple(residual.shape)} != x {tuple(x.shape)}"
+        res2 = residual.reshape(-1, H)  # [T, H]
+        if res2.stride(-1) != 1:
+            res2 = res2.contiguous()
+        h = torch.empty_like(x2)  # [T, H]
+    T = x2.shape[0]
+    if T > 0:
+        BLOCK_H = triton.next_power_of_2(H)
+        num_warps = min(max(BLOCK_H // 512, 4), 16)
+        _rms_norm_kernel[(T,)](
+            x2, res2, weight, y, h,
+            H, eps,
+            x2.stride(0), res2.stride(0), y.stride(0), h.stride(0),
+            HAS_RESIDUAL=residual is not None,
+            BLOCK_H=BLOCK_H,
+            num_warps=num_warps,
+        )
+    return y.view(x.shape), (x if residual is None else h.view(x.shape))
+
+
+def rms_norm_ref(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if residual is None:
+        h = x
+    else:
+        h = (x.float() + residual.float()).to(x.dtype)  # [T, H]
+    hf = h.float()  # [T, H]
+    n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # [T, H]
+    y = n.to(x.dtype).float() * weight.float()  # [T, H]
+    return y.to(x.dtype), h
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (normalized x [+ residual], the new residual stream), both [T, H] in x.dtype."""
+    if x.is_cuda:
+        return rms_norm_triton(x, weight, eps, residual)
+    return rms_norm_ref(x, weight, eps, residual)

@@ -1,0 +1,120 @@
+"""Rotary position embedding for q and k in one launch, HF's "rotate half" convention.
+
+With x1 = x[..., :D/2] and x2 = x[..., D/2:]: out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin).
+cos and sin hold one row per token (the caller has applied positions and any rope scaling).
+One program per token rotates all of its q heads and then all of its k heads, in fp32.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmc.errors import LmcError
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the torch reference serves
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def _rotate_heads(
+        x_ptr, o_ptr, cos, sin, n_heads, stride_xh, stride_oh,
+        HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        heads = tl.arange(0, BLOCK_HEADS)
+        cols = tl.arange(0, BLOCK_HALF)
+        for h0 in range(0, n_heads, BLOCK_HEADS):
+            hh = h0 + heads
+            mask = (hh[:, None] < n_heads) & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
+            x_offs = hh[:, None] * stride_xh + cols[None, :]
+            o_offs = hh[:, None] * stride_oh + cols[None, :]
+            x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+            x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0)
+            x1f = x1.to(tl.float32)
+            x2f = x2.to(tl.float32)
+            o1 = x1f * cos[None, :] - x2f * sin[None, :]
+            o2 = x2f * cos[None, :] + x1f * sin[None, :]
+            tl.store(o_ptr + o_offs, o1.to(x1.dtype), mask=mask)
+            tl.store(o_ptr + o_offs + HALF, o2.to(x1.dtype), mask=mask)
+
+    @triton.jit
+    def _rotary_kernel(
+        q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr,
+        Hq, Hkv,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
+        stride_qot, stride_qoh, stride_kot, stride_koh,
+        HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    ):
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_HALF)
+        cmask = cols < HALF
+        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
+        _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
+                      HALF, BLOCK_HEADS, BLOCK_HALF)
+        _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, cos, sin, Hkv, stride_kh, stride_koh,
+                      HALF, BLOCK_HEADS, BLOCK_HALF)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    T, _, D = q.shape
+    assert D % 2 == 0, f"head_dim {D} must be even"
+    assert k.shape[0] == T and k.shape[2] == D, f"k {tuple(k.shape)} does not match q {tuple(q.shape)}"
+    assert cos.shape == (T, D // 2) and sin.shape == (T, D // 2), \
+        f"cos/sin {tuple(cos.shape)}/{tuple(sin.shape)} must be [{T}, {D // 2}]"
+
+
+def apply_rotary_triton(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if triton is None:
+        raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
+    _check(q, k, cos, sin)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if cos.stride(-1) != 1:
+        cos = cos.contiguous()
+    if sin.stride(-1) != 1:
+        sin = sin.contiguous()
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
+    k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)  # [T, Hkv, D]
+    if T > 0:
+        BLOCK_HALF = triton.next_power_of_2(D // 2)
+        BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
+        _rotary_kernel[(T,)](
+            q, k, cos, sin, q_out, k_out,
+            Hq, Hkv,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+            q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
+            HALF=D // 2, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF,
+        )
+    return q_out, k_out
+
+
+def _rotate_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.float().chunk(2, dim=-1)  # [T, H, D/2] each
+    c = cos.float()[:, None, :]  # [T, 1, D/2]
+    s = sin.float()[:, None, :]  # [T, 1, D/2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).to(x.dtype)  # [T, H, D]
+
+
+def apply_rotary_ref(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check(q, k, cos, sin)
+    return _rotate_ref(q, cos, sin), _rotate_ref(k, cos, sin)
+
+
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] by cos/sin [T, D/2]; returns new tensors in the input dtype."""
+    if q.is_cuda:
+        return apply_rotary_triton(q, k, cos, sin)
+    return apply_rotary_ref(q, k, cos, sin)

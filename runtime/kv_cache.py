@@ -1,0 +1,56 @@
+"""Paged KV cache: fixed-size blocks of `cache_block_seq_len` tokens and a block table per sequence."""
+from __future__ import annotations
+
+import torch
+
+from lmc.errors import LmcError
+from lmc.runtime.config import EngineConfig, ModelConfig
+
+
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # K and V
+
+
+def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """Blocks that fit in cache_max_entry_count of free device memory (CPU: of the stated budget),
+    capped at what max_batch_size sequences of session_len tokens could ever use."""
+    per_block = bytes_per_block(cfg, ecfg.cache_block_seq_len, dtype)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+    else:
+        free = int(ecfg.cpu_cache_budget_gb * 1024**3)
+    budget = int(free * ecfg.cache_max_entry_count)
+    blocks = budget // per_block
+    session_len = ecfg.session_len or cfg.max_position_embeddings
+    cap = ecfg.max_batch_size * -(-session_len // ecfg.cache_block_seq_len)
+    blocks = min(blocks, cap)
+    if blocks < 1:
+        raise LmcError(f"the KV cache gets {budget / 2**20:.0f} MiB, less than one block ({per_block / 2**20:.1f} MiB); "
+                       "raise --cache-max-entry-count or lower --cache-block-seq-len")
+    return blocks
+
+
+class PagedKVCache:
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise LmcError(f"KV cache out of blocks: need {n}, {len(self._free)} free of {self.num_blocks}; "
+                           "raise --cache-max-entry-count, or lower --max-batch-size / --session-len")
+        return [self._free.pop() for _ in range(n)]
+
+    def release(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))

@@ -1,0 +1,178 @@
+"""The decoder forward, written once for every architecture, over ops in lmc.kernels.
+
+Each op dispatches to its Triton kernel on CUDA and to its torch reference elsewhere. The
+blocks (`attention_block`, `mlp_block`, `decoder_layer`) are plain functions of a layer's
+weights so that AWQ calibration runs exactly this code with modified weights.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from lmc.kernels.rmsnorm import rms_norm
+from lmc.kernels.rotary import apply_rotary
+from lmc.kernels.silu_mul import silu_mul
+from lmc.kernels.w4a16 import w4a16_matmul
+from lmc.runtime.config import ModelConfig
+from lmc.runtime.rope import Rope
+from lmc.runtime.workspace import Workspace
+
+
+@dataclass
+class Int4Weight:
+    """A linear stored as lmc-int4-k8 (see docs/workspace-format.md)."""
+
+    qweight: torch.Tensor  # [ceil(K/8), N] int32
+    scales: torch.Tensor  # [ceil(K/G), N]
+    zeros: torch.Tensor  # [ceil(K/G), N]
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[1]
+
+
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight."""
+    if isinstance(w, Int4Weight):
+        y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size)
+        return y + bias if bias is not None else y
+    return F.linear(x, w, bias)
+
+
+# ----------------------------------------------------------------------------- attention contexts
+
+
+@dataclass
+class PagedBatch:
+    """Where this step's tokens sit in the paged KV cache (prefill or decode)."""
+
+    k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
+    v_cache: list[torch.Tensor]
+    slot_mapping: torch.Tensor  # [T] int64
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    kv_lens: torch.Tensor  # [B] int32, tokens in cache after this step
+    cu_seqlens_q: torch.Tensor | None  # [B+1] int32 for prefill; None for decode (one token each)
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        write_kv_cache(k, v, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
+        if self.cu_seqlens_q is None:
+            return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], self.block_tables, self.kv_lens, scale)
+        return paged_prefill_attention(q, self.k_cache[layer], self.v_cache[layer], self.block_tables,
+                                       self.cu_seqlens_q, self.kv_lens, scale)
+
+
+@dataclass
+class DenseCausal:
+    """B sequences of S tokens each, no cache (calibration and perplexity)."""
+
+    batch: int
+    seqlen: int
+
+    def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
+        b, s = self.batch, self.seqlen
+        q = q.view(b, s, *q.shape[1:]).transpose(1, 2)  # [B, Hq, S, D]
+        k = k.view(b, s, *k.shape[1:]).transpose(1, 2)  # [B, Hkv, S, D]
+        v = v.view(b, s, *v.shape[1:]).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # [B, Hq, S, D]
+        return o.transpose(1, 2).reshape(b * s, *o.shape[1:2], o.shape[-1])  # [T, Hq, D]
+
+
+# ----------------------------------------------------------------------------- blocks
+
+
+def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, layer: int) -> torch.Tensor:
+    """h [T, H] (already normed) -> attention output [T, H] (before the residual add)."""
+    t = h.shape[0]
+    qkv = linear(h, lw["w_qkv"], lw.get("w_qkv_bias"))  # [T, (Hq + 2 Hkv) D]
+    q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
+    q = q.reshape(t, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
+    k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
+    v = v.reshape(t, cfg.num_kv_heads, cfg.head_dim)
+    if cfg.qk_norm:
+        q = rms_norm(q.reshape(-1, cfg.head_dim), lw["q_norm"], cfg.rms_norm_eps)[0].view_as(q)
+        k = rms_norm(k.reshape(-1, cfg.head_dim), lw["k_norm"], cfg.rms_norm_eps)[0].view_as(k)
+    q, k = apply_rotary(q, k, cos, sin)
+    o = ctx.attend(layer, q, k, v.contiguous(), cfg.head_dim ** -0.5)  # [T, Hq, D]
+    return linear(o.reshape(t, cfg.q_size), lw["wo"])
+
+
+def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
+    """h [T, H] (already normed) -> [T, H]."""
+    return linear(silu_mul(linear(h, lw["w13"])), lw["w2"])  # [T, 2I] -> [T, I] -> [T, H]
+
+
+def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, ctx,
+                  layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer with fused residual adds: returns (mlp output, residual stream before it)."""
+    h, residual = rms_norm(x, lw["attention_norm"], cfg.rms_norm_eps, residual)
+    a = attention_block(cfg, lw, h, cos, sin, ctx, layer)
+    h, residual = rms_norm(a, lw["ffn_norm"], cfg.rms_norm_eps, residual)
+    return mlp_block(lw, h), residual
+
+
+# ----------------------------------------------------------------------------- weights and model
+
+_LAYER_KEYS = {  # workspace name (after layers.{i}.) -> key in a layer's weight dict
+    "attention_norm.weight": "attention_norm",
+    "attention.w_qkv": "w_qkv",
+    "attention.w_qkv.bias": "w_qkv_bias",
+    "attention.q_norm.weight": "q_norm",
+    "attention.k_norm.weight": "k_norm",
+    "attention.wo": "wo",
+    "ffn_norm.weight": "ffn_norm",
+    "feed_forward.w13": "w13",
+    "feed_forward.w2": "w2",
+}
+LINEAR_KEYS = ("w_qkv", "wo", "w13", "w2")
+
+
+def load_tensor(ws: Workspace, name: str, device, dtype) -> torch.Tensor:
+    t = ws.get(name)
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def load_linear(ws: Workspace, base: str, device, dtype):
+    if ws.has(base + ".weight"):
+        return load_tensor(ws, base + ".weight", device, dtype)
+    group = ws.quantization["group_size"]
+    return Int4Weight(load_tensor(ws, base + ".qweight", device, dtype), load_tensor(ws, base + ".scales", device, dtype),
+                      load_tensor(ws, base + ".zeros", device, dtype), group)
+
+
+def load_layer(ws: Workspace, i: int, device, dtype) -> dict:
+    lw = {}
+    for suffix, key in _LAYER_KEYS.items():
+        name = f"layers.{i}.{suffix}"
+        if key in LINEAR_KEYS:
+            lw[key] = load_linear(ws, name, device, dtype)
+        elif ws.has(name):
+            lw[key] = load_tensor(ws, name, device, dtype)
+    return lw
+
+
+class Model:
+    """Weights on the device and the forward over a flat batch of tokens."""
+
+    def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.device, self.dtype = ws.config, device, dtype
+        self.embed = load_tensor(ws, "tok_embeddings.weight", device, dtype)  # [V, H]
+        self.layers = [load_layer(ws, i, device, dtype) for i in range(self.cfg.num_layers)]
+        self.norm = load_tensor(ws, "norm.weight", device, dtype)
+        self.lm_head = self.embed if self.cfg.tie_word_embeddings else load_linear(ws, "output", device, dtype)
+        self.rope = Rope(self.cfg, device)
+
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int) -> torch.Tensor:
+        """input_ids, positions [T] -> final normed hidden states [T, H]."""
+        cos, sin = self.rope(positions, max_position)
+        x, residual = self.embed[input_ids], None  # [T, H]
+        for i, lw in enumerate(self.layers):
+            x, residual = decoder_layer(self.cfg, lw, x, residual, cos, sin, ctx, i)
+        return rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)[0]
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h [B, H] -> [B, V] float32."""
+        return linear(h, self.lm_head).float()

@@ -1,0 +1,98 @@
+"""Runtime vs transformers on CPU (fp32): logits of a ragged prefill and 32 decode steps, greedy tokens."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ARCH_CASES
+
+from lmc.compiler.convert import convert
+from lmc.runtime.config import EngineConfig
+from lmc.runtime.engine import Engine, _Sequence
+from lmc.runtime.sampling import GenerationConfig
+from lmc.runtime.tokenizer import IncrementalDetokenizer
+
+PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 31)), [3, 4], list(range(100, 170))]
+STEPS = 32
+
+
+def _reference(ckpt):
+    from transformers import AutoModelForCausalLM
+
+    folder = ckpt / "llama_twin" if (ckpt / "llama_twin").is_dir() else ckpt
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_logits_and_greedy_match_transformers(case, checkpoint, tmp_path):
+    ckpt = checkpoint(case)
+    convert(ckpt, tmp_path / "ws")
+    engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=16, session_len=256))
+    hf = _reference(ckpt)
+    gen = GenerationConfig(max_new_tokens=STEPS, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        continuations = [hf.generate(torch.tensor([p]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)[0, len(p):].tolist()
+                         for p in PROMPTS]
+        ref_logits = [hf(torch.tensor([p + c])).logits[0, len(p) - 1:-1].float() for p, c in zip(PROMPTS, continuations)]
+
+    # teacher-forced: ragged prefill of all prompts, then decode steps feeding the reference tokens
+    seqs = [_Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None) for i, p in enumerate(PROMPTS)]
+    for s in seqs:
+        assert engine._reserve(s)
+    ours = [[row] for row in engine._prefill(seqs)]
+    for step in range(STEPS - 1):
+        for s, c in zip(seqs, continuations):
+            s.output.append(c[step])
+        for mine, row in zip(ours, engine._decode(seqs)):
+            mine.append(row)
+    for mine, ref in zip(ours, ref_logits):
+        assert _rel(torch.stack(mine), ref) <= 1e-4
+    for s in seqs:
+        engine.cache.release(s.blocks)
+
+    results = engine.generate(PROMPTS, gen)
+    assert [r.token_ids for r in results] == continuations
+    assert all(r.finish_reason == "length" and r.generate_token_len == STEPS for r in results)
+
+
+def test_dynamic_rope_past_max_positions(checkpoint, tmp_path):
+    """Past max_position_embeddings, dynamic NTK rescales the base as transformers does."""
+    ckpt = checkpoint("llama-dynamic", max_position_embeddings=24)
+    convert(ckpt, tmp_path / "ws")
+    engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=8, session_len=64))
+    hf = _reference(ckpt)
+    prompt = list(range(40, 70))  # 30 tokens > 24
+    with torch.no_grad():
+        ref = hf(torch.tensor([prompt])).logits[0, -1].float()
+    seq = _Sequence(0, prompt, GenerationConfig(max_new_tokens=1), IncrementalDetokenizer(engine.tokenizer, prompt), None)
+    assert engine._reserve(seq)
+    assert _rel(engine._prefill([seq])[0], ref) <= 1e-4
+
+
+def test_kv_cache_too_small_is_a_clear_error(checkpoint, tmp_path):
+    from lmc.errors import LmcError
+
+    convert(checkpoint("qwen2"), tmp_path / "ws")
+    engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=16, session_len=256,
+                                                       cache_max_entry_count=1.0,
+                                                       cpu_cache_budget_gb=4 * 2 * 2 * 16 * 1 * 12 * 4 / 1024**3))
+    assert engine.cache.num_blocks == 4
+    with pytest.raises(LmcError, match="needs 5 KV blocks but the cache holds 4"):
+        engine.generate([list(range(5, 70))], GenerationConfig(max_new_tokens=10, temperature=0))
+    # three prompts that each need 2 blocks run in turns within 4 blocks
+    out = engine.generate([[5, 6, 7]] * 3, GenerationConfig(max_new_tokens=20, temperature=0, ignore_eos=True))
+    assert [r.token_ids for r in out[1:]] == [out[0].token_ids] * 2
+    assert engine.cache.free_blocks == 4
+
+
+def test_runtime_does_not_import_transformers():
+    code = ("import sys, lmc.runtime.engine, lmc.runtime.model, lmc.runtime.workspace, lmc.runtime.tokenizer;"
+            "bad = [m for m in ('transformers', 'datasets', 'lmc.compiler') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

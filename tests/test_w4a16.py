@@ -1,0 +1,109 @@
+"""W4A16 kernels: the reference unpacking of lmc-int4-k8, and both Triton paths (interpreter) against it."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is first imported: kernels run on CPU tensors
+
+import numpy as np
+import pytest
+import torch
+
+from lmc.errors import LmcError
+from lmc.kernels import w4a16 as W
+
+
+def _pack(codes: np.ndarray) -> torch.Tensor:
+    """Independent packer: codes [N, K] in 0..15 -> int32 [ceil(K/8), N], code of W[n, 8r+j] in bits 4j..4j+3."""
+    n, k = codes.shape
+    words = np.zeros((-(-k // 8), n), dtype=np.uint32)
+    for kk in range(k):
+        words[kk // 8] |= codes[:, kk].astype(np.uint32) << np.uint32(4 * (kk % 8))
+    return torch.from_numpy(words.view(np.int32).copy())
+
+
+def _quantized(n: int, k: int, group: int, dtype, seed: int):
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, 16, size=(n, k))  # [N, K]
+    groups = -(-k // group)
+    scales = torch.from_numpy(rng.uniform(0.002, 0.02, size=(groups, n))).to(dtype)  # [K/G, N]
+    zeros = torch.from_numpy(rng.integers(0, 16, size=(groups, n)).astype(np.float32)).to(dtype)  # [K/G, N]
+    return codes, _pack(codes), scales, zeros
+
+
+def test_nibble_order_golden():
+    codes = np.arange(1, 9).reshape(1, 8)  # W[0, j] = j + 1
+    q = _pack(codes)
+    assert q.shape == (1, 1) and q.item() == np.array([0x87654321], dtype=np.uint32).view(np.int32)[0]
+    w = W.dequantize_int4_ref(q, torch.ones(1, 1), torch.full((1, 1), 3.0), 32, 8)  # [8, 1]
+    assert w[:, 0].tolist() == [float(j + 1 - 3) for j in range(8)]
+
+
+@pytest.mark.parametrize("n,k,group", [(5, 200, 64), (3, 576, 128), (7, 203, 32), (4, 61, 128)])
+def test_dequantize_ref_matches_codes(n, k, group):
+    codes, q, scales, zeros = _quantized(n, k, group, torch.float16, seed=k)
+    g = np.arange(k) // group
+    want = (codes.T - zeros.float().numpy()[g]) * scales.float().numpy()[g]  # [K, N]
+    got = W.dequantize_int4_ref(q, scales, zeros, group, k)
+    assert got.shape == (k, n) and got.dtype == torch.float32
+    np.testing.assert_allclose(got.numpy(), want, rtol=1e-6, atol=1e-7)
+
+
+def test_matmul_ref_and_cpu_dispatch():
+    codes, q, scales, zeros = _quantized(9, 203, 64, torch.float32, seed=1)
+    x = torch.randn(2, 3, 203)
+    g = np.arange(203) // 64
+    w = torch.from_numpy((codes.T - zeros.numpy()[g]) * scales.numpy()[g]).float()  # [K, N]
+    ref = W.w4a16_matmul_ref(x, q, scales, zeros, 64)
+    torch.testing.assert_close(ref, x @ w, rtol=1e-5, atol=1e-5)
+    assert torch.equal(W.w4a16_matmul(x, q, scales, zeros, 64), ref)  # CPU tensors take the reference
+
+
+def test_shape_errors_are_typed():
+    _, q, scales, zeros = _quantized(4, 200, 64, torch.float16, seed=2)
+    with pytest.raises(LmcError, match="packed rows"):
+        W.w4a16_matmul_ref(torch.randn(1, 208), q, scales, zeros, 64)
+    with pytest.raises(LmcError, match="scales/zeros"):
+        W.w4a16_matmul_ref(torch.randn(1, 200), q, scales, zeros, 32)
+    with pytest.raises(LmcError, match="group size"):
+        W.w4a16_matmul_ref(torch.randn(1, 200), q, scales, zeros, 48)
+
+
+# M, N, K, G: partial last groups (200 % 64, 203 % 32, 576 % 128), K % 8 != 0 (203), N off the blocks
+CASES = [(1, 75, 200, 64), (3, 75, 203, 32), (16, 40, 576, 128), (33, 75, 203, 64)]
+
+
+def _triton_check(launch, m, n, k, group, dtype, **kw):
+    pytest.importorskip("triton")
+    _, q, scales, zeros = _quantized(n, k, group, dtype, seed=m * 1000 + k)
+    x = torch.randn(m, k).to(dtype)
+    ref = W.w4a16_matmul_ref(x, q, scales, zeros, group).float()
+    out = torch.full((m, n), float("nan"), dtype=dtype)
+    got = launch(x, q, scales, zeros, group, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr() and got.dtype == dtype and torch.isfinite(got).all()
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < (2e-3 if dtype == torch.float16 else 1e-5), err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k,group", CASES)
+def test_gemv_triton(m, n, k, group, dtype):
+    _triton_check(W.w4a16_gemv_triton, m, n, k, group, dtype, block_m=4 if m > 1 else 1, block_n=32, block_kp=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k,group", CASES)
+def test_gemm_triton(m, n, k, group, dtype):
+    _triton_check(W.w4a16_gemm_triton, m, n, k, group, dtype, block_m=16, block_n=32, block_k=64, group_m=2)
+
+
+def test_gemm_triton_f16_dequant():
+    _triton_check(W.w4a16_gemm_triton, 5, 40, 203, 32, torch.float16, block_m=16, block_n=32, block_k=128,
+                  deq_f16=True)
+
+
+def test_dispatch_table_covers_every_m():
+    for m in (1, 2, 3, 16, 17, 64, 65, 256, 257, 4096):
+        path, kw = W.w4a16_config(m, 4096, 4096)
+        assert path in ("gemv", "gemm") and kw["num_warps"] in (1, 2, 4, 8)
+        if path == "gemv":
+            assert kw["block_m"] >= m
