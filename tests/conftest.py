@@ -9,6 +9,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported: set before any test imports it
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 CHATML = (

@@ -2,9 +2,8 @@
 reference, and each reference against an independent oracle (transformers' Llama ops, dense attention)."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read when a kernel is decorated, so before the kernels are imported
+os.environ["TRITON_INTERPRET"] = "1"  # read as triton and each kernel are decorated: before their first import
 
-import importlib
 import importlib.util
 import math
 import subprocess
@@ -16,7 +15,6 @@ import torch
 
 from lmc.kernels import attention, rmsnorm, rotary, silu_mul
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
 FP16 = dict(rtol=2e-3, atol=2e-3)
@@ -24,12 +22,19 @@ TOL = {torch.float32: FP32, torch.float16: FP16}
 ATTN_TOL = {torch.float32: FP32, torch.float16: dict(rtol=4e-3, atol=4e-3)}  # p is rounded to fp16 before p @ v
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _interpreted_kernels():
-    """Another test module may have imported the kernels before TRITON_INTERPRET was set: decorate them again."""
-    if importlib.util.find_spec("triton") is not None:
-        for module in (attention, rmsnorm, rotary, silu_mul):
-            importlib.reload(module)
+@pytest.fixture(scope="module")
+def triton_interpreter():
+    """Skips without triton; fails, saying why, where triton was imported before TRITON_INTERPRET was set."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.sum, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set; set it at the top of tests/conftest.py")
+
+
+needs_triton = pytest.mark.usefixtures("triton_interpreter")
 
 
 def _gen(seed: int) -> torch.Generator:
