@@ -107,6 +107,43 @@ def verify(workspace):
     click.echo(f"OK {workspace}")
 
 
+@main.command()
+@click.argument("src")
+@click.option("-o", "--output", "--work-dir", "out", required=True, help="output folder (--work-dir as in lmdeploy lite auto_awq)")
+@click.option("--w-bits", type=int, default=4, show_default=True)
+@click.option("--w-group-size", type=int, default=128, show_default=True, help="32, 64 or 128")
+@click.option("--calib-dataset", default="ptb", show_default=True, help="ptb, wikitext2, c4, pileval or a .txt/.jsonl/.parquet path")
+@click.option("--calib-samples", type=int, default=128, show_default=True, help="0: plain round-to-nearest")
+@click.option("--calib-seqlen", type=int, default=1024, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True, help="windows per forward pass")
+@click.option("--search-scale/--no-search-scale", default=True, show_default=True,
+              help="AWQ scale + clip search; --no-search-scale: LMDeploy's fixed 0.5 smoothing, no clip")
+@click.option("--search-samples", type=int, default=32, show_default=True, help="windows used for the search losses")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option("--workspace", is_flag=True, help="write an lmc workspace instead of an HF AWQ checkpoint")
+@click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
+@user_errors
+def quantize(src, out, force, as_json, **kw):
+    """AWQ W4A16: calibrate on text, search scales and clipping, pack int4 (HF folder or GGUF SRC)."""
+    from lmc.compiler.quantize import QuantizeOptions, quantize as run_quantize, summary_json
+
+    opts = QuantizeOptions(**kw)
+    command = (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
+               f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
+               f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
+               f"--search-samples {opts.search_samples} --seed {opts.seed} --dtype {opts.dtype}"
+               + (" --workspace" if opts.workspace else ""))
+    say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
+    summary = run_quantize(src, out, opts, force=force, command=command, say=say)
+    if as_json:
+        click.echo(summary_json(summary))
+    else:
+        click.echo(f"wrote {out} ({summary['format']}, {summary['method']}) in {summary['seconds']['total']:.1f} s")
+
+
 def engine_options(fn):
     """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them."""
     options = [
@@ -198,3 +235,86 @@ def chat(path, **kw):
             click.echo(delta, nl=False)
         click.echo()
         history.append({"role": "assistant", "content": "".join(reply)})
+
+
+# ----------------------------------------------------------------------------- lmc eval
+
+
+@main.group(name="eval")
+def eval_group():
+    """Measure a model's quality on text (perplexity)."""
+
+
+def _text_origin(source: str) -> str:
+    """LoadedText.source ("hub:<repo>", "bundled:<stem>" or a path) -> hub, bundled or file."""
+    kind = source.split(":", 1)[0]
+    return kind if kind in ("hub", "bundled") else "file"
+
+
+@eval_group.command(name="ppl")
+@click.argument("path")
+@click.option("--dataset", default="wikitext2", show_default=True,
+              help="wikitext2, ptb, c4, pileval, or a local .txt/.jsonl/.parquet file")
+@click.option("--split", default="test", show_default=True, help="split of a named dataset (a file has none)")
+@click.option("--seqlen", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per window")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="score only the first N windows (default: all)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="windows per forward pass")
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
+@click.option("--fail-above", type=float, default=None, metavar="X", help="exit 1 when the perplexity is above X (a CI gate)")
+@user_errors
+def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_json, fail_above):
+    """Perplexity of a model on a text (wikitext2, ptb or a file).
+
+    PATH is a workspace, an HF or AWQ model folder, or a GGUF file. The text is tokenized once as a whole with the workspace's tokenizer (its own special
+    tokens, e.g. Llama's BOS at the very start), cut into consecutive windows of --seqlen
+    tokens (the tail is dropped), and every window is scored on its own."""
+    import time
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from lmc.api import resolve_workspace
+    from lmc.calib.text import DATASETS, load_text
+    from lmc.calib.windows import eval_windows
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.engine import pick_device
+    from lmc.runtime.model import Model
+    from lmc.runtime.perplexity import perplexity
+    from lmc.runtime.tokenizer import Tokenizer
+    from lmc.runtime.workspace import Workspace
+
+    started = time.perf_counter()
+    named = dataset in DATASETS
+    if not named and not Path(dataset).is_file():
+        raise LmcError(f"dataset file not found: {dataset}: pass an existing .txt/.jsonl/.parquet file "
+                       f"or one of {', '.join(DATASETS)}")
+    text = load_text(dataset, split, purpose="eval")
+    ws = Workspace(resolve_workspace(path))
+    if ws.tp != 1:
+        raise LmcError(f"{ws.path} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
+    ids = Tokenizer(ws.tokenizer_dir).encode(text.text)
+    windows = torch.from_numpy(eval_windows(ids, seqlen, max_windows))  # [n, seqlen]
+    dev = pick_device(EngineConfig(device=device))
+    dtype = ws.dtype if dev.type == "cuda" else torch.float32  # fp16 on CPU is slow and inexact
+    model = Model(ws, dev, dtype)
+    bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())
+    begin = time.perf_counter()
+    result = perplexity(model, windows, batch_size, progress=bar.update)
+    seconds = time.perf_counter() - begin
+    bar.close()
+    label = f"{dataset} {split}" if named else dataset
+    if as_json:
+        click.echo(json.dumps({
+            **result, "dataset": dataset, "split": split if named else None, "source": _text_origin(text.source),
+            "text_source": text.source, "text_sha256": text.sha256, "text_tokens": len(ids),
+            "workspace": str(ws.path), "device": dev.type, "dtype": str(dtype).removeprefix("torch."),
+            "batch_size": batch_size, "seconds": round(seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True))
+    else:
+        click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} windows x {result['seqlen']} tokens, "
+                   f"{result['tokens']} tokens predicted)")
+    if fail_above is not None and not result["ppl"] <= fail_above:
+        click.echo(f"FAILED ppl {result['ppl']:.3f} is above --fail-above {fail_above:g}", err=True)
+        sys.exit(1)

@@ -84,8 +84,8 @@ class DenseCausal:
 # ----------------------------------------------------------------------------- blocks
 
 
-def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, layer: int) -> torch.Tensor:
-    """h [T, H] (already normed) -> attention output [T, H] (before the residual add)."""
+def attention_core(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, layer: int) -> torch.Tensor:
+    """h [T, H] (already normed) -> attention heads [T, Hq*D], the input of wo."""
     t = h.shape[0]
     qkv = linear(h, lw["w_qkv"], lw.get("w_qkv_bias"))  # [T, (Hq + 2 Hkv) D]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
@@ -97,12 +97,22 @@ def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, 
         k = rms_norm(k.reshape(-1, cfg.head_dim), lw["k_norm"], cfg.rms_norm_eps)[0].view_as(k)
     q, k = apply_rotary(q, k, cos, sin)
     o = ctx.attend(layer, q, k, v.contiguous(), cfg.head_dim ** -0.5)  # [T, Hq, D]
-    return linear(o.reshape(t, cfg.q_size), lw["wo"])
+    return o.reshape(t, cfg.q_size)
+
+
+def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, layer: int) -> torch.Tensor:
+    """h [T, H] (already normed) -> attention output [T, H] (before the residual add)."""
+    return linear(attention_core(cfg, lw, h, cos, sin, ctx, layer), lw["wo"])
+
+
+def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
+    """h [T, H] (already normed) -> silu(gate) * up [T, I], the input of w2."""
+    return silu_mul(linear(h, lw["w13"]))  # [T, 2I] -> [T, I]
 
 
 def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
     """h [T, H] (already normed) -> [T, H]."""
-    return linear(silu_mul(linear(h, lw["w13"])), lw["w2"])  # [T, 2I] -> [T, I] -> [T, H]
+    return linear(mlp_hidden(lw, h), lw["w2"])
 
 
 def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, ctx,
@@ -116,7 +126,7 @@ def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.T
 
 # ----------------------------------------------------------------------------- weights and model
 
-_LAYER_KEYS = {  # workspace name (after layers.{i}.) -> key in a layer's weight dict
+LAYER_KEYS = {  # workspace name (after layers.{i}.) -> key in a layer's weight dict
     "attention_norm.weight": "attention_norm",
     "attention.w_qkv": "w_qkv",
     "attention.w_qkv.bias": "w_qkv_bias",
@@ -145,7 +155,7 @@ def load_linear(ws: Workspace, base: str, device, dtype):
 
 def load_layer(ws: Workspace, i: int, device, dtype) -> dict:
     lw = {}
-    for suffix, key in _LAYER_KEYS.items():
+    for suffix, key in LAYER_KEYS.items():
         name = f"layers.{i}.{suffix}"
         if key in LINEAR_KEYS:
             lw[key] = load_linear(ws, name, device, dtype)

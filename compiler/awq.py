@@ -1,0 +1,107 @@
+"""AWQ (Lin et al. 2023, arXiv 2306.00978): per-channel scale search and clipping search.
+
+Search results are returned as data (scales, ratios, losses, clip ranges) and applied by the
+caller, as llm-awq's auto_scale / auto_clip do. Everything here works on plain tensors and
+callables, so the caller decides which block of the model is inspected.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from lmc.compiler.pack import fake_quantize_int4
+
+GRID = 20  # ratios r = 0, 1/20, ..., 19/20
+CLIP_MAX_SHRINK = 0.5
+CLIP_GRID = 20
+CLIP_TOKENS = 512  # tokens sampled for the clip search (llm-awq's n_sample_token)
+
+
+@dataclass
+class ScaleResult:
+    ratio: float
+    scales: torch.Tensor  # [K] float32, multiply the consumers' input columns, divide the producer
+    loss: float  # MSE of the inspected block output at the chosen ratio
+    loss_identity: float  # MSE at r = 0 (plain round-to-nearest of the same block)
+
+
+def channel_mean_abs(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> mean |x| per input channel [K] float32."""
+    return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+
+
+def channel_abs_max(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] -> max |x| per input channel [K] float32."""
+    return x.reshape(-1, x.shape[-1]).abs().float().amax(0)
+
+
+def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable[[list[torch.Tensor]], torch.Tensor],
+                 group_size: int) -> ScaleResult:
+    """Pick s = x_mean^r (r on GRID) minimising MSE(block(Q(W*s)/s), block(W)).
+
+    weights: the consumer linears [N_i, K] sharing the input; block(ws) runs the inspected block
+    with those weights substituted and returns its output."""
+    reference = block(weights).float()
+    best = None
+    identity = None
+    for i in range(GRID):
+        ratio = i / GRID
+        s = x_mean.pow(ratio).clamp(min=1e-4)  # [K]
+        s = s / (s.max() * s.min()).sqrt()
+        s_w = s.to(weights[0].dtype)
+        trial = [fake_quantize_int4(w * s_w, group_size) / s_w for w in weights]
+        loss = float((block(trial).float() - reference).pow(2).mean())
+        if i == 0:
+            identity = loss
+        if best is None or loss < best.loss:
+            best = ScaleResult(ratio, s.float().cpu(), loss, identity)
+    best.loss_identity = identity
+    return best
+
+
+def smooth_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
+    """LMDeploy's fixed smoothing (`--no-search-scale`): s = act_max^a / w_max^(1-a) per channel."""
+    w_max = torch.cat([w.abs().float() for w in weights]).amax(0)  # [K]
+    return (act_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-4)
+
+
+def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, oc_batch: int = 256) -> torch.Tensor:
+    """Per (output row, group) clip value minimising the MSE of the group's partial dot products.
+
+    w [N, K], x [T, K] (the linear's input) -> max_val [N, ceil(K/G)] float32: clamp w to
+    [-max_val, max_val] before quantizing."""
+    n, k = w.shape
+    ng = -(-k // group_size)
+    pad = ng * group_size - k
+    step = max(1, x.shape[0] // CLIP_TOKENS)
+    xs = x[::step][:CLIP_TOKENS].float()  # [t, K]
+    if pad:  # repeat the last column in w (keeps each group's min/max), zeros in x (no contribution)
+        w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
+        xs = torch.cat([xs, xs.new_zeros(xs.shape[0], pad)], dim=1)
+    xg = xs.reshape(1, xs.shape[0], ng, group_size)  # [1, t, ng, G]
+    best_all = []
+    for start in range(0, n, oc_batch):
+        wb = w[start:start + oc_batch].float().reshape(-1, 1, ng, group_size)  # [ob, 1, ng, G]
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [ob, 1, ng, 1]
+        org_out = (xg * wb).sum(-1)  # [ob, t, ng]
+        best_max = org_max.clone()
+        min_err = torch.full_like(org_max, float("inf"))
+        for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
+            max_val = org_max * (1 - i / CLIP_GRID)
+            clipped = torch.maximum(torch.minimum(wb, max_val), -max_val)  # [ob, 1, ng, G]
+            q = fake_quantize_int4(clipped.reshape(-1, group_size), group_size).reshape(wb.shape)
+            err = ((xg * q).sum(-1) - org_out).pow(2).mean(dim=1, keepdim=True)[..., None]  # [ob, 1, ng, 1]
+            better = err < min_err
+            min_err = torch.where(better, err, min_err)
+            best_max = torch.where(better, max_val, best_max)
+        best_all.append(best_max.reshape(-1, ng))
+    return torch.cat(best_all)  # [N, ng]
+
+
+def apply_clip(w: torch.Tensor, max_val: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Clamp each (row, group) of w [N, K] to [-max_val, max_val]."""
+    k = w.shape[1]
+    m = max_val.to(w.dtype).repeat_interleave(group_size, dim=1)[:, :k]  # [N, K]
+    return torch.maximum(torch.minimum(w, m), -m)

@@ -1,0 +1,429 @@
+"""`lmc quantize`: calibrate layer by layer with the runtime's own layer code, AWQ, int4 pack, write.
+
+Per decoder layer (one on the device at a time): run the layer on all calibration windows,
+keeping the inputs of its linears for a search subset; search scales (AWQ) or smooth
+(`--no-search-scale`), fold them into producer and consumers, search clipping, quantize,
+pack; the fp output of the layer is the next layer's input.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import lmc
+from lmc.compiler import awq
+from lmc.compiler.archs import model_config_from_hf
+from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
+from lmc.compiler.memory import predict
+from lmc.compiler.pack import (awq_compatible, from_lmc_tensors, pack_awq, quantize_int4, to_lmc_tensors)
+from lmc.compiler.readers import open_source
+from lmc.kernels.rmsnorm import rms_norm
+from lmc.errors import LmcError
+from lmc.runtime.config import ModelConfig
+from lmc.runtime.model import (LAYER_KEYS, LINEAR_KEYS, DenseCausal, attention_block, attention_core, linear,
+                               mlp_block, mlp_hidden)
+from lmc.runtime.rope import Rope
+from lmc.runtime.workspace import TensorSpec, atomic_output, dump_json, write_safetensors, write_workspace
+
+LAYOUT = "lmc-int4-k8"
+
+
+@dataclass
+class QuantizeOptions:
+    w_bits: int = 4
+    w_group_size: int = 128
+    calib_dataset: str = "ptb"
+    calib_samples: int = 128
+    calib_seqlen: int = 1024
+    batch_size: int = 4
+    search_scale: bool = True
+    search_samples: int = 32  # windows used for the scale/clip losses (statistics use all)
+    device: str | None = None
+    seed: int = 0
+    workspace: bool = False
+    dtype: str = "auto"
+
+    @property
+    def method(self) -> str:
+        if self.calib_samples == 0:
+            return "rtn"
+        return "awq" if self.search_scale else "smooth"
+
+
+# ----------------------------------------------------------------------------- calibration data
+
+
+def calibration_windows(source, opts: QuantizeOptions) -> tuple[torch.Tensor, dict]:
+    """[n, S] token windows drawn LMDeploy's way, and their provenance."""
+    from lmc.calib.text import load_text
+    from lmc.calib.windows import sample_windows, windows_sha256
+    from lmc.runtime.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in source.tokenizer_files().items():
+            (Path(d) / name).write_bytes(data)
+        tokenizer = Tokenizer(Path(d))
+    text = load_text(opts.calib_dataset, "train", purpose="calib")
+    ids = tokenizer.encode(text.text)
+    windows = sample_windows(ids, opts.calib_samples, opts.calib_seqlen, opts.seed)  # [n, S]
+    info = {"dataset": opts.calib_dataset, "source": text.source, "text_sha256": text.sha256,
+            "samples": opts.calib_samples, "seqlen": opts.calib_seqlen, "seed": opts.seed,
+            "windows_sha256": windows_sha256(windows)}
+    return torch.from_numpy(windows), info
+
+
+# ----------------------------------------------------------------------------- one layer
+
+
+def load_source_layer(builder: Builder, i: int, device, dtype) -> dict:
+    """Layer i's float weights from the source, fused as in a workspace, keyed as runtime.model does."""
+    lw = {}
+    prefix = f"layers.{i}."
+    for target in builder.targets:
+        if not target.name.startswith(prefix):
+            continue
+        for name, t in builder.build(target, 0).items():
+            suffix = name[len(prefix):]
+            key = LAYER_KEYS.get(suffix) or LAYER_KEYS[suffix.removesuffix(".weight")]
+            lw[key] = t.to(device=device, dtype=dtype)
+    return lw
+
+
+class LayerCalibrator:
+    """Runs one layer over calibration windows and searches/apply AWQ for it."""
+
+    def __init__(self, cfg: ModelConfig, opts: QuantizeOptions, rope: Rope, device, layer: int):
+        self.cfg, self.opts, self.layer = cfg, opts, layer
+        s = opts.calib_seqlen
+        self.cos, self.sin = rope(torch.arange(s, device=device), s - 1)  # [S, D/2]
+
+    def _rope(self, b: int):
+        return self.cos.repeat(b, 1), self.sin.repeat(b, 1)  # [b*S, D/2]
+
+    def forward(self, lw: dict, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, dict]:
+        """x [b, S, H] -> layer output [b, S, H]; with keep, the inputs of every linear."""
+        cfg, (b, s, h) = self.cfg, x.shape
+        cos, sin = self._rope(b)
+        ctx = DenseCausal(b, s)
+        flat = x.reshape(b * s, h)  # [T, H]
+        h1 = rms_norm(flat, lw["attention_norm"], cfg.rms_norm_eps)[0]  # [T, H]
+        o = attention_core(cfg, lw, h1, cos, sin, ctx, self.layer)  # [T, Hq*D]
+        mid = flat + linear(o, lw["wo"])
+        h2 = rms_norm(mid, lw["ffn_norm"], cfg.rms_norm_eps)[0]
+        m = mlp_hidden(lw, h2)  # [T, I]
+        out = (mid + linear(m, lw["w2"])).reshape(b, s, h)
+        return out, ({"h1": h1, "o": o, "h2": h2, "m": m} if keep else {})
+
+    def attention_loss_block(self, lw: dict, h1: torch.Tensor):
+        b = h1.shape[0] // self.opts.calib_seqlen
+        cos, sin = self._rope(b)
+        ctx = DenseCausal(b, self.opts.calib_seqlen)
+        return lambda ws: attention_block(self.cfg, {**lw, "w_qkv": ws[0]}, h1, cos, sin, ctx, self.layer)
+
+
+def _fold(lw: dict, key: str, s: torch.Tensor, rows: slice | None = None) -> None:
+    """Divide a producer by s: a norm weight [K], or rows of a linear (and its bias)."""
+    s = s.to(device=lw[key].device, dtype=lw[key].dtype)
+    if rows is None:
+        lw[key] = lw[key] / s
+        return
+    w = lw[key].clone()
+    w[rows] = w[rows] / s[:, None]
+    lw[key] = w
+    if key == "w_qkv" and "w_qkv_bias" in lw:
+        bias = lw["w_qkv_bias"].clone()
+        bias[rows] = bias[rows] / s
+        lw["w_qkv_bias"] = bias
+
+
+def _scale_columns(lw: dict, key: str, s: torch.Tensor) -> None:
+    lw[key] = lw[key] * s.to(device=lw[key].device, dtype=lw[key].dtype)
+
+
+def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opts: QuantizeOptions) -> list[dict]:
+    """Search and fold scales, then clip, in place on lw; returns per-group results as data."""
+    cfg, g = cal.cfg, opts.w_group_size
+    i, h = cfg.intermediate_size, cfg.hidden_size
+    v_rows = slice(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
+    up_rows = slice(i, 2 * i)
+    mha = cfg.q_size == h and cfg.num_heads == cfg.num_kv_heads
+    # (name, producer key, producer rows, consumer key, kept input, block over substituted weights)
+    groups = [
+        ("attention_norm->w_qkv", "attention_norm", None, "w_qkv", "h1", lambda: cal.attention_loss_block(lw, kept["h1"])),
+        ("v->wo", "w_qkv", v_rows, "wo", "o", lambda: (lambda ws: linear(kept["o"], ws[0]))),
+        ("ffn_norm->w13", "ffn_norm", None, "w13", "h2", lambda: (lambda ws: mlp_block({**lw, "w13": ws[0]}, kept["h2"]))),
+        ("up->w2", "w13", up_rows, "w2", "m", lambda: (lambda ws: linear(kept["m"], ws[0]))),
+    ]
+    results = []
+    for name, producer, rows, consumer, inp, make_block in groups:
+        if name == "v->wo" and not mha:
+            continue
+        if opts.search_scale:
+            r = awq.search_scale(stats[inp + "_mean"], [lw[consumer]], make_block(), g)
+            s = r.scales
+            results.append({"group": name, "ratio": r.ratio, "loss": r.loss, "loss_rtn": r.loss_identity})
+        else:
+            s = awq.smooth_scale(stats[inp + "_max"], [lw[consumer]])
+            results.append({"group": name, "alpha": 0.5})
+        _fold(lw, producer, s, rows)
+        _scale_columns(lw, consumer, s)
+        kept[inp] = kept[inp] / s.to(device=kept[inp].device, dtype=kept[inp].dtype)
+    if opts.search_scale:  # clipping, skipping q and k rows as llm-awq does
+        for consumer, inp, rows in (("w_qkv", "h1", v_rows), ("wo", "o", None), ("w13", "h2", None), ("w2", "m", None)):
+            w = lw[consumer] if rows is None else lw[consumer][rows]
+            clipped = awq.apply_clip(w, awq.search_clip(w, kept[inp], g), g)
+            if rows is None:
+                lw[consumer] = clipped
+            else:
+                lw[consumer] = lw[consumer].clone()
+                lw[consumer][rows] = clipped
+    return results
+
+
+def quantize_layer_linears(lw: dict, group_size: int, dtype: torch.dtype) -> dict:
+    """{key: (qweight, scales, zeros)} in lmc's layout, on the CPU."""
+    packed = {}
+    for key in LINEAR_KEYS:
+        codes, scales, zeros = quantize_int4(lw[key], group_size)
+        packed[key] = tuple(t.cpu() for t in to_lmc_tensors(codes, scales, zeros, dtype))
+    return packed
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device, compute_dtype,
+               store_dtype, windows: torch.Tensor | None, progress: bool) -> tuple[list[dict], list[dict]]:
+    """Calibrate and quantize every layer. Returns per-layer (packed linears + float extras) and logs."""
+    from tqdm import tqdm
+
+    rope = Rope(cfg, device)
+    layers, logs = [], []
+    x = None
+    if windows is not None:
+        embed = builder.reader.get(builder.targets[0].sources[0])  # [V, H] on the CPU (mapped)
+        x = embed[windows].to(device=device, dtype=compute_dtype)  # [n, S, H]
+        del embed
+    n_search = min(opts.search_samples, opts.calib_samples)
+    for i in tqdm(range(cfg.num_layers), desc="quantize", unit="layer", disable=not progress):
+        start = time.perf_counter()
+        lw = load_source_layer(builder, i, device, compute_dtype)
+        log = {"layer": i, "groups": []}
+        if x is not None:
+            cal = LayerCalibrator(cfg, opts, rope, device, i)
+            out = torch.empty_like(x)
+            sums = {}
+            kept_parts = []
+            for b0 in range(0, x.shape[0], opts.batch_size):
+                xb = x[b0:b0 + opts.batch_size]
+                out[b0:b0 + xb.shape[0]], inputs = cal.forward(lw, xb, keep=True)
+                for k, t in inputs.items():
+                    mean, amax = awq.channel_mean_abs(t) * t.shape[0], awq.channel_abs_max(t)
+                    prev = sums.get(k)
+                    sums[k] = (mean, amax) if prev is None else (prev[0] + mean, torch.maximum(prev[1], amax))
+                if b0 < n_search:
+                    kept_parts.append({k: t for k, t in inputs.items()})
+            tokens = x.shape[0] * x.shape[1]
+            stats = {f"{k}_mean": v[0] / tokens for k, v in sums.items()} | {f"{k}_max": v[1] for k, v in sums.items()}
+            kept = {k: torch.cat([p[k] for p in kept_parts])[: n_search * opts.calib_seqlen] for k in kept_parts[0]}
+            log["groups"] = calibrate_layer(cal, lw, kept, stats, opts)
+            x = out
+        packed = quantize_layer_linears(lw, opts.w_group_size, store_dtype)
+        extras = {k: lw[k].to(device="cpu", dtype=store_dtype) for k in lw if k not in LINEAR_KEYS}
+        layers.append({"packed": packed, "extras": extras})
+        log["seconds"] = round(time.perf_counter() - start, 3)
+        logs.append(log)
+        del lw
+    return layers, logs
+
+
+def pick_device(name: str | None) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise LmcError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: bool | None = None,
+             command: str = "", say=print) -> dict:
+    """Run `lmc quantize`. Returns a summary (timings, memory, per-layer losses)."""
+    t0 = time.perf_counter()
+    if opts.w_bits != 4:
+        raise LmcError(f"--w-bits {opts.w_bits}: only 4-bit weights are supported")
+    if opts.w_group_size not in (32, 64, 128):
+        raise LmcError(f"--w-group-size {opts.w_group_size}: choose 32, 64 or 128")
+    if opts.calib_samples < 0 or opts.calib_seqlen < 2 or opts.batch_size < 1:
+        raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
+    source = open_source(src)
+    if source.model_format == "awq":
+        raise LmcError(f"{src} is already AWQ-quantized; convert it with `lmc convert`")
+    cfg = model_config_from_hf(source.hf_config)
+    store_dtype = resolve_dtype(opts.dtype, source.hf_config)
+    if store_dtype == torch.float32:
+        store_dtype = torch.float16
+    device = pick_device(opts.device)
+    compute_dtype = torch.float32 if device.type == "cpu" else store_dtype
+    mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, device,
+                  compute_dtype, store_dtype)
+    say(mem.describe())
+    if not mem.fits():
+        raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
+    out = Path(out)
+    if out.exists() and not force:
+        raise LmcError(f"{out} already exists; pass --force to replace it")
+    builder = Builder(source, cfg, store_dtype, 1)
+    builder.check_names()
+    windows, calib_info = (None, None) if opts.calib_samples == 0 else calibration_windows(source, opts)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    show = sys.stderr.isatty() if progress is None else progress
+    t1 = time.perf_counter()
+    with torch.inference_mode():
+        layers, logs = run_layers(source, cfg, builder, opts, device, compute_dtype, store_dtype, windows, show)
+    t2 = time.perf_counter()
+    prov = provenance(source, command, {"quantization": {**asdict(opts), "method": opts.method}})
+    if calib_info:
+        prov["calibration"] = calib_info
+    fmt = "workspace" if opts.workspace else _awq_format_or_reason(cfg, opts.w_group_size)
+    if fmt != "workspace" and fmt != "awq":
+        say(f"note: the AWQ GEMM layout cannot hold this model ({fmt}); writing an lmc workspace instead")
+        fmt = "workspace"
+    quant = {"method": opts.method, "bits": 4, "group_size": opts.w_group_size, "layout": LAYOUT, "zero_point": True}
+    with atomic_output(out, force) as tmp:
+        if fmt == "workspace":
+            _write_workspace(tmp, builder, cfg, layers, store_dtype, quant, source, prov)
+        else:
+            _write_awq(tmp, builder, cfg, layers, store_dtype, source, prov, opts.w_group_size)
+    summary = {"output": str(out), "format": fmt, "method": opts.method, "layers": logs,
+               "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2)},
+               "memory_predicted": asdict(mem), "peak_host_rss_bytes": _peak_rss()}
+    if device.type == "cuda":
+        summary["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
+    if calib_info:
+        summary["calibration"] = calib_info
+    return summary
+
+
+def _peak_rss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _awq_format_or_reason(cfg: ModelConfig, g: int) -> str:
+    if cfg.architecture == "internlm2":
+        return "InternLM2's fused wqkv is not written in AWQ form"
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    shapes = {"q": (cfg.q_size, h), "k/v": (cfg.kv_size, h), "o": (h, cfg.q_size), "gate/up": (i, h), "down": (h, i)}
+    for name, (n, k) in shapes.items():
+        if not awq_compatible(n, k, g):
+            return f"{name} has K={k} (not a multiple of group size {g}) or N={n} (not a multiple of 8)"
+    return "awq"
+
+
+# ----------------------------------------------------------------------------- writers
+
+
+def _layer_tensor(layers: list[dict], name: str) -> torch.Tensor:
+    """A workspace tensor of a quantized layer, by workspace name."""
+    _, i, rest = name.split(".", 2)
+    layer = layers[int(i)]
+    for suffix in (".qweight", ".scales", ".zeros"):
+        if rest.endswith(suffix):
+            key = LAYER_KEYS[rest.removesuffix(suffix)]
+            return layer["packed"][key][(".qweight", ".scales", ".zeros").index(suffix)]
+    return layer["extras"][LAYER_KEYS[rest]]
+
+
+def _write_workspace(tmp, builder, cfg, layers, dtype, quant, source, prov) -> None:
+    base_specs, owner = plan(builder)
+    specs = []
+    for spec in base_specs[0]:
+        if not spec.name.startswith("layers."):
+            specs.append(spec)
+        elif spec.name.endswith(".weight") and LAYER_KEYS.get(spec.name.split(".", 2)[2].removesuffix(".weight")) in LINEAR_KEYS:
+            base = spec.name.removesuffix(".weight")
+            for leaf in (".qweight", ".scales", ".zeros"):
+                t = _layer_tensor(layers, base + leaf)
+                specs.append(TensorSpec(base + leaf, t.dtype, tuple(t.shape)))
+        else:
+            t = _layer_tensor(layers, spec.name)
+            specs.append(TensorSpec(spec.name, t.dtype, tuple(t.shape)))
+
+    def produce(rank: int, name: str) -> torch.Tensor:
+        if name.startswith("layers."):
+            return _layer_tensor(layers, name)
+        return builder.build(owner[(0, name)], 0)[name]
+
+    write_workspace(tmp, lmc_json(cfg, dtype, 1, quant), [specs], produce, source.tokenizer_files(), prov)
+
+
+def _hf_names(cfg: ModelConfig, i: int) -> dict[str, list[tuple[str, int]]]:
+    """Workspace linear key -> [(HF module, rows)] splitting the fused tensors back."""
+    p = f"model.layers.{i}."
+    return {"w_qkv": [(p + "self_attn.q_proj", cfg.q_size), (p + "self_attn.k_proj", cfg.kv_size), (p + "self_attn.v_proj", cfg.kv_size)],
+            "wo": [(p + "self_attn.o_proj", cfg.hidden_size)],
+            "w13": [(p + "mlp.gate_proj", cfg.intermediate_size), (p + "mlp.up_proj", cfg.intermediate_size)],
+            "w2": [(p + "mlp.down_proj", cfg.hidden_size)]}
+
+
+_HF_EXTRAS = {"attention_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+              "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+
+
+def _write_awq(tmp, builder, cfg, layers, dtype, source, prov, g) -> None:
+    """An HF checkpoint in AutoAWQ's GEMM layout (vLLM and transformers read it)."""
+    entries: dict[str, tuple[TensorSpec, object]] = {}  # name -> (spec, producer)
+    cache: dict = {}
+
+    def awq_parts(i: int, key: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if cache.get("key") != (i, key):
+            qweight, scales, zeros = layers[i]["packed"][key]
+            codes, s, z = from_lmc_tensors(qweight, scales, zeros, layer_in_features(cfg, key))  # [N, K], [N, ng] x2
+            rows = [r for _, r in _hf_names(cfg, i)[key]]
+            cache.update(key=(i, key), parts=[pack_awq(c, sc, zz, g) for c, sc, zz in zip(codes.split(rows), s.split(rows), z.split(rows))])
+        return cache["parts"]
+
+    globals_ = ("model.embed_tokens.weight", "model.norm.weight") + (() if cfg.tie_word_embeddings else ("lm_head.weight",))
+    for name in globals_:
+        entries[name] = (TensorSpec(name, torch.float16, builder.reader.shape(name)),
+                         lambda n=name: builder.reader.get(n).to(torch.float16))
+    for i, layer in enumerate(layers):
+        for key, parts in _hf_names(cfg, i).items():
+            k = layer_in_features(cfg, key)
+            for j, (module, n) in enumerate(parts):
+                shapes = {".qweight": ((k, n // 8), torch.int32), ".qzeros": ((k // g, n // 8), torch.int32),
+                          ".scales": ((k // g, n), torch.float16)}
+                for li, (leaf, (shape, dt)) in enumerate(shapes.items()):
+                    entries[module + leaf] = (TensorSpec(module + leaf, dt, shape),
+                                              lambda i=i, key=key, j=j, li=li: awq_parts(i, key)[j][li])
+            if key == "w_qkv" and "w_qkv_bias" in layer["extras"]:
+                for (module, _), part in zip(parts, layer["extras"]["w_qkv_bias"].split([r for _, r in parts])):
+                    entries[module + ".bias"] = (TensorSpec(module + ".bias", torch.float16, tuple(part.shape)),
+                                                 lambda part=part: part.to(torch.float16))
+        for key, leaf in _HF_EXTRAS.items():
+            if key in layer["extras"]:
+                t = layer["extras"][key]
+                name = f"model.layers.{i}.{leaf}"
+                entries[name] = (TensorSpec(name, torch.float16, tuple(t.shape)), lambda t=t: t.to(torch.float16))
+    write_safetensors(tmp / "model.safetensors", [spec for spec, _ in entries.values()], lambda n: entries[n][1]())
+    hf = dict(source.hf_config)
+    hf.update({"torch_dtype": "float16", "quantization_config": {"quant_method": "awq", "version": "gemm", "bits": 4,
+                                                                  "group_size": g, "zero_point": True}})
+    (tmp / "config.json").write_bytes(dump_json(hf))
+    for name, data in source.tokenizer_files().items():
+        (tmp / name).write_bytes(data)
+    (tmp / "lmc_provenance.json").write_bytes(dump_json({**prov, "format": "hf-awq-gemm"}))
+
+
+def layer_in_features(cfg: ModelConfig, key: str) -> int:
+    return {"w_qkv": cfg.hidden_size, "wo": cfg.q_size, "w13": cfg.hidden_size, "w2": cfg.intermediate_size}[key]
+
+
+def summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=2, sort_keys=True, default=str)

@@ -1,0 +1,138 @@
+"""lmc quantize: RTN reference, AWQ interchange round trip, runtime int4 logits, determinism, memory refusal."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmc.compiler.convert import convert
+from lmc.compiler.pack import dequantize_int4, quantize_int4, to_lmc_tensors, unpack_awq
+from lmc.compiler.quantize import QuantizeOptions, quantize
+from lmc.runtime.config import EngineConfig
+from lmc.runtime.engine import Engine, _Sequence
+from lmc.runtime.sampling import GenerationConfig
+from lmc.runtime.tokenizer import IncrementalDetokenizer
+from lmc.runtime.workspace import Workspace
+
+# shapes every AWQ GEMM tensor can hold with group 32: K in {64, 128}, N multiple of 8
+AWQ_SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+SMALL = dict(calib_samples=6, calib_seqlen=48, w_group_size=32, batch_size=4, search_samples=4, device="cpu")
+
+
+def _quiet(*_):
+    pass
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rtn_equals_direct_quantization(checkpoint, tmp_path):
+    ckpt = checkpoint("qwen2", dtype=torch.float16)
+    quantize(ckpt, tmp_path / "ws", QuantizeOptions(calib_samples=0, w_group_size=32, workspace=True, device="cpu"), say=_quiet)
+    convert(ckpt, tmp_path / "fp")
+    ws, fp = Workspace(tmp_path / "ws"), Workspace(tmp_path / "fp")
+    assert ws.quantization["method"] == "rtn" and ws.quantization["group_size"] == 32
+    for base in ("layers.0.attention.w_qkv", "layers.1.feed_forward.w2", "layers.1.feed_forward.w13"):
+        codes, scales, zeros = quantize_int4(fp.get(base + ".weight").float(), 32)  # K=72: a partial group
+        expected = to_lmc_tensors(codes, scales, zeros, torch.float16)
+        for leaf, want in zip((".qweight", ".scales", ".zeros"), expected):
+            assert torch.equal(ws.get(base + leaf), want), base + leaf
+    assert torch.equal(ws.get("layers.0.attention.w_qkv.bias"), fp.get("layers.0.attention.w_qkv.bias"))
+    assert torch.equal(ws.get("tok_embeddings.weight"), fp.get("tok_embeddings.weight"))
+
+
+def _dequantized_reference(awq_dir: Path, twin: Path):
+    """transformers Llama with every linear replaced by the AWQ checkpoint's dequantized weights."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(twin, dtype=torch.float32).eval()
+    state = load_file(awq_dir / "model.safetensors")
+    g = json.loads((awq_dir / "config.json").read_text())["quantization_config"]["group_size"]
+    new = {}
+    for name in model.state_dict():
+        base = name.removesuffix(".weight")
+        if base + ".qweight" in state:
+            codes, scales, zeros = unpack_awq(state[base + ".qweight"], state[base + ".qzeros"], state[base + ".scales"], g)
+            new[name] = dequantize_int4(codes, scales, zeros, g)
+        elif name in state:
+            new[name] = state[name].float()
+        elif name == "lm_head.weight":
+            new[name] = state["model.embed_tokens.weight"].float()
+    model.load_state_dict(new)
+    return model
+
+
+def test_awq_checkpoint_converts_and_runs_like_its_dequantized_weights(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    summary = quantize(ckpt, tmp_path / "awq", QuantizeOptions(**SMALL), say=_quiet)
+    assert summary["format"] == "awq" and summary["method"] == "awq"
+    cfg = json.loads((tmp_path / "awq" / "config.json").read_text())
+    assert cfg["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True}
+    prov = json.loads((tmp_path / "awq" / "lmc_provenance.json").read_text())
+    assert prov["calibration"]["source"] == "bundled:ptb.train" and len(prov["calibration"]["windows_sha256"]) == 64
+    for layer in summary["layers"]:  # r = 0 (plain RTN) is a candidate: AWQ never loses to it on the block loss
+        for group in layer["groups"]:
+            assert group["loss"] <= group["loss_rtn"]
+
+    convert(tmp_path / "awq", tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    assert ws.quantization["method"] == "awq" and ws.get("layers.0.attention.w_qkv.qweight").dtype == torch.int32
+    engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=16, session_len=128))
+    ref_model = _dequantized_reference(tmp_path / "awq", ckpt)
+    prompts = [[5, 6, 7, 8, 9, 10, 11], list(range(30, 43))]
+    seqs = [_Sequence(i, p, GenerationConfig(max_new_tokens=4), IncrementalDetokenizer(engine.tokenizer, p), None)
+            for i, p in enumerate(prompts)]
+    for s in seqs:
+        assert engine._reserve(s)
+    ours = engine._prefill(seqs)
+    with torch.no_grad():
+        for p, row in zip(prompts, ours):
+            ref = ref_model(torch.tensor([p])).logits[0, -1]
+            assert float((row - ref).abs().max() / ref.abs().max()) <= 1e-3
+    gen = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    with torch.no_grad():
+        ref_tokens = ref_model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 7:].tolist()
+    assert Engine(str(tmp_path / "ws"), EngineConfig(device="cpu")).generate([prompts[0]], gen)[0].token_ids == ref_tokens
+
+
+def test_same_inputs_same_bytes_and_partial_groups(checkpoint, tmp_path):
+    ckpt = checkpoint("qwen3")  # hidden 72, head_dim 24: K=72 is not a multiple of 32 -> a workspace
+    summary = quantize(ckpt, tmp_path / "a", QuantizeOptions(**SMALL), say=_quiet)
+    assert summary["format"] == "workspace"
+    quantize(ckpt, tmp_path / "b", QuantizeOptions(**SMALL), say=_quiet)
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+    engine = Engine(str(tmp_path / "a"), EngineConfig(device="cpu"))
+    out = engine.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True))
+    assert len(out[0].token_ids) == 5
+
+
+def test_no_search_scale_smooths_without_clipping(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    summary = quantize(ckpt, tmp_path / "s", QuantizeOptions(**SMALL, search_scale=False, workspace=True), say=_quiet)
+    assert summary["method"] == "smooth"
+    assert all(g == {"group": g["group"], "alpha": 0.5} for layer in summary["layers"] for g in layer["groups"])
+    assert Workspace(tmp_path / "s").quantization["method"] == "smooth"
+
+
+def _cli(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lmc", *map(str, args)], capture_output=True, text=True)
+
+
+def test_cli_memory_refusal_and_json(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    r = _cli("quantize", ckpt, "--work-dir", tmp_path / "big", "--calib-samples", 400000, "--calib-seqlen", 4096, "--device", "cpu")
+    assert r.returncode == 1 and "not enough memory: predicted peak host memory" in r.stderr
+    assert r.stderr.count("\n") == 1 and not (tmp_path / "big").exists()
+    r = _cli("quantize", ckpt, "-o", tmp_path / "q", "--calib-samples", 4, "--calib-seqlen", 32, "--w-group-size", 32,
+             "--search-samples", 2, "--device", "cpu", "--json")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["format"] == "awq" and len(summary["layers"]) == 2 and summary["peak_host_rss_bytes"] > 0
+    r = _cli("quantize", ckpt, "-o", tmp_path / "q", "--calib-samples", 4)
+    assert r.returncode == 1 and "--force" in r.stderr
