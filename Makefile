@@ -14,9 +14,11 @@ install:
 
 demo: install
 	mkdir -p $(DEMO)
-	$(PYTHON) -m lmc convert $(SMOLLM2_GGUF) -o $(DEMO)/smollm2-fp16 --dtype float16 --force
-	$(PYTHON) -m lmc verify $(DEMO)/smollm2-fp16
-	$(PYTHON) -m lmc inspect $(DEMO)/smollm2-fp16
+	$(PYTHON) -m lmc quantize $(SMOLLM2_GGUF) -o $(DEMO)/smollm2-awq --w-group-size 64 --calib-samples 32 --calib-seqlen 512 --force
+	$(PYTHON) -m lmc convert $(DEMO)/smollm2-awq -o $(DEMO)/smollm2-ws --force
+	$(PYTHON) -m lmc verify $(DEMO)/smollm2-ws
+	$(PYTHON) -m lmc inspect $(DEMO)/smollm2-ws
+	$(PYTHON) -m lmc generate $(DEMO)/smollm2-ws "What is the capital of France?" --temperature 0 --max-new-tokens 64
 
 test: install
 	$(PYTHON) -m pytest -q

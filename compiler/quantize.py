@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-import lmc
 from lmc.compiler import awq
 from lmc.compiler.archs import model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype

