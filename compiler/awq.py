@@ -67,7 +67,7 @@ def smooth_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: floa
     return (act_max.pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-4)
 
 
-def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, oc_batch: int = 256) -> torch.Tensor:
+def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, oc_batch: int = 1024) -> torch.Tensor:
     """Per (output row, group) clip value minimising the MSE of the group's partial dot products.
 
     w [N, K], x [T, K] (the linear's input) -> max_val [N, ceil(K/G)] float32: clamp w to
@@ -80,19 +80,19 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, oc_batch: int
     if pad:  # repeat the last column in w (keeps each group's min/max), zeros in x (no contribution)
         w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
         xs = torch.cat([xs, xs.new_zeros(xs.shape[0], pad)], dim=1)
-    xg = xs.reshape(1, xs.shape[0], ng, group_size)  # [1, t, ng, G]
+    xg = xs.reshape(xs.shape[0], ng, group_size)  # [t, ng, G]
     best_all = []
     for start in range(0, n, oc_batch):
-        wb = w[start:start + oc_batch].float().reshape(-1, 1, ng, group_size)  # [ob, 1, ng, G]
-        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [ob, 1, ng, 1]
-        org_out = (xg * wb).sum(-1)  # [ob, t, ng]
+        wb = w[start:start + oc_batch].float().reshape(-1, ng, group_size)  # [ob, ng, G]
+        org_max = wb.abs().amax(dim=-1, keepdim=True)  # [ob, ng, 1]
+        org_out = torch.einsum("tgj,ogj->otg", xg, wb)  # [ob, t, ng] per-group partial dot products
         best_max = org_max.clone()
         min_err = torch.full_like(org_max, float("inf"))
         for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
             max_val = org_max * (1 - i / CLIP_GRID)
-            clipped = torch.maximum(torch.minimum(wb, max_val), -max_val)  # [ob, 1, ng, G]
+            clipped = torch.maximum(torch.minimum(wb, max_val), -max_val)  # [ob, ng, G]
             q = fake_quantize_int4(clipped.reshape(-1, group_size), group_size).reshape(wb.shape)
-            err = ((xg * q).sum(-1) - org_out).pow(2).mean(dim=1, keepdim=True)[..., None]  # [ob, 1, ng, 1]
+            err = (torch.einsum("tgj,ogj->otg", xg, q) - org_out).pow(2).mean(dim=1)[..., None]  # [ob, ng, 1]
             better = err < min_err
             min_err = torch.where(better, err, min_err)
             best_max = torch.where(better, max_val, best_max)
