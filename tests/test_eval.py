@@ -1,0 +1,163 @@
+"""Perplexity: runtime vs transformers' loss on the same windows, and `lmc eval ppl` as a CLI gate."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ARCH_CASES, MIXED_TEXT
+
+from lmc.calib.windows import eval_windows
+from lmc.compiler.convert import convert
+from lmc.runtime.model import Model
+from lmc.runtime.perplexity import perplexity
+from lmc.runtime.tokenizer import Tokenizer
+from lmc.runtime.workspace import Workspace
+
+JSON_KEYS = {"ppl", "nll", "windows", "seqlen", "tokens", "dataset", "split", "source", "text_source", "text_sha256",
+             "text_tokens", "workspace", "device", "dtype", "batch_size", "seconds", "total_seconds"}
+SEQLEN = 33
+
+
+def _hf_nll(ckpt, windows: torch.Tensor) -> float:
+    """transformers' mean loss over every shifted token of the windows (CPU, fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    folder = ckpt / "llama_twin" if (ckpt / "llama_twin").is_dir() else ckpt
+    hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return float(hf(windows, labels=windows).loss)
+
+
+def _lmc(*args, cache):
+    env = {**os.environ, "LMC_CACHE": str(cache)}
+    return subprocess.run([sys.executable, "-m", "lmc", "eval", "ppl", *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=300)
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "eval.txt"
+    path.write_text("\n\n".join([MIXED_TEXT] * 12), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("case", list(ARCH_CASES))
+def test_perplexity_matches_transformers(case, checkpoint, tmp_path):
+    ckpt = checkpoint(case)
+    convert(ckpt, tmp_path / "ws")
+    model = Model(Workspace(tmp_path / "ws"), torch.device("cpu"), torch.float32)
+    windows = torch.randint(0, model.cfg.vocab_size, (5, 37), generator=torch.Generator().manual_seed(1))  # [5, 37]
+    ref = _hf_nll(ckpt, windows)
+    # a partial last batch and logit chunks that split windows, then one batch with the default chunking
+    for kw in (dict(batch_size=2, chunk_rows=7), dict(batch_size=5)):
+        r = perplexity(model, windows, **kw)
+        assert (r["windows"], r["seqlen"], r["tokens"]) == (5, 37, 5 * 36)
+        assert abs(r["nll"] - ref) <= 1e-4 * ref
+        assert abs(r["ppl"] - torch.tensor(ref).exp().item()) <= 1e-4 * r["ppl"]
+
+
+def test_cli_json_on_hf_folder_matches_transformers(checkpoint, text_file, tmp_path):
+    """Whole text tokenized once as transformers' tokenizer(text) does, windows from token 0, tail dropped."""
+    from transformers import AutoTokenizer
+
+    ckpt = checkpoint("llama3")  # AutoTokenizer reads its tokenizer.json as saved (Qwen2Tokenizer rebuilds it)
+    out = _lmc(ckpt, "--dataset", text_file, "--seqlen", SEQLEN, "--max-windows", 6, "--batch-size", 4,
+               "--device", "cpu", "--json", cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert set(r) == JSON_KEYS
+    ids = AutoTokenizer.from_pretrained(ckpt)(text_file.read_text(encoding="utf-8"))["input_ids"]
+    assert len(ids) >= 7 * SEQLEN  # --max-windows really cuts
+    windows = torch.tensor(ids[: 6 * SEQLEN]).view(6, SEQLEN)  # [6, S]
+    ref = _hf_nll(ckpt, windows)
+    assert abs(r["nll"] - ref) <= 1e-4 * ref
+    assert abs(r["ppl"] - torch.tensor(ref).exp().item()) <= 1e-4 * r["ppl"]
+    assert (r["windows"], r["seqlen"], r["tokens"], r["text_tokens"]) == (6, SEQLEN, 6 * (SEQLEN - 1), len(ids))
+    assert (r["dataset"], r["split"], r["source"], r["text_source"]) == (str(text_file), None, "file", str(text_file))
+    assert r["text_sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
+    assert (r["device"], r["dtype"], r["batch_size"]) == ("cpu", "float32", 4)
+    assert r["workspace"].startswith(str(tmp_path / "cache")) and r["seconds"] >= 0
+
+
+def test_fail_above_is_a_ci_gate(checkpoint, text_file, tmp_path):
+    ws = tmp_path / "ws"
+    convert(checkpoint("qwen2"), ws)
+    ids = Tokenizer(ws / "tokenizer").encode(text_file.read_text(encoding="utf-8"))
+    windows = torch.from_numpy(eval_windows(ids, SEQLEN))  # [n, S], all of them
+    expected = perplexity(Model(Workspace(ws), torch.device("cpu"), torch.float32), windows)["ppl"]
+    args = (ws, "--dataset", text_file, "--seqlen", SEQLEN, "--device", "cpu", "--fail-above")
+
+    ok = _lmc(*args, expected * 1.001, cache=tmp_path / "cache")
+    assert ok.returncode == 0, ok.stderr
+    line = re.fullmatch(r"ppl (\S+) \((\S+), (\d+) windows x (\d+) tokens, (\d+) tokens predicted\)\n", ok.stdout)
+    assert line, ok.stdout
+    n = windows.shape[0]
+    assert line.groups()[1:] == (str(text_file), str(n), str(SEQLEN), str(n * (SEQLEN - 1)))
+    assert float(line.group(1)) == pytest.approx(expected, abs=1e-3)
+
+    bad = _lmc(*args, expected * 0.999, cache=tmp_path / "cache")
+    assert bad.returncode == 1
+    assert bad.stdout == ok.stdout  # the result is still printed
+    assert bad.stderr.count("\n") == 1 and bad.stderr.startswith("FAILED ppl ") and "--fail-above" in bad.stderr
+
+
+def test_missing_dataset_is_one_line_error(tmp_path):
+    out = _lmc(tmp_path / "no-model", "--dataset", tmp_path / "missing.txt", cache=tmp_path / "cache")
+    assert out.returncode == 1
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: dataset file not found:")
+    assert "missing.txt" in out.stderr and out.stdout == ""
+
+
+def test_usage_error_exits_2(tmp_path):
+    out = _lmc(tmp_path, "--seqlen", 1, cache=tmp_path / "cache")
+    assert out.returncode == 2 and "--seqlen" in out.stderr
+
+
+def test_window_errors_are_user_errors(checkpoint, tmp_path):
+    from lmc.errors import LmcError
+
+    convert(checkpoint("qwen3"), tmp_path / "ws")
+    model = Model(Workspace(tmp_path / "ws"), torch.device("cpu"), torch.float32)
+    with pytest.raises(LmcError, match="outside the model's vocabulary of 416"):
+        perplexity(model, torch.full((1, 9), 416))
+    with pytest.raises(LmcError, match=">= 2 tokens"):
+        perplexity(model, torch.zeros((3, 1), dtype=torch.int64))
+
+
+def test_perplexity_module_does_not_import_transformers():
+    code = ("import sys, lmc.runtime.perplexity;"
+            "print([m for m in ('transformers', 'datasets', 'lmc.compiler') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_cli_reference_lists_every_command_and_option():
+    """docs/cli.md is kept in step with the click definitions: each command and flag appears."""
+    from pathlib import Path
+
+    import click
+
+    from lmc.cli import main
+
+    doc = (Path(__file__).parents[1] / "docs" / "cli.md").read_text(encoding="utf-8")
+
+    def walk(cmd, path):
+        if isinstance(cmd, click.Group):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, path + [name])
+        else:
+            yield " ".join(path), cmd
+
+    for name, cmd in walk(main, ["lmc"]):
+        assert f"## `{name}`" in doc, f"docs/cli.md has no section for `{name}`: add one from `{name} --help`"
+        for param in cmd.params:
+            for opt in [*param.opts, *param.secondary_opts]:
+                if opt.startswith("-") and opt != "--help":
+                    assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", doc), \
+                        f"docs/cli.md does not mention {opt} of `{name}`"
