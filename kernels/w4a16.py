@@ -9,14 +9,16 @@ out[M, N] = x[M, K] @ W^T, where W[N, K] is stored as (docs/workspace-format.md)
   zeros    float [ceil(K / G), N]   integer values 0..15
   W[n, k] = (code(k, n) - zeros[k // G, n]) * scales[k // G, n];  G in {32, 64, 128}, last group may be partial
 
-Two Triton paths, both fp32-accumulating:
-  - decode (`w4a16_gemv_triton`): CUDA-core GEMV for a few rows; each program owns BLOCK_N output
-    columns, streams coalesced [BLOCK_KP, BLOCK_N] tiles of packed words along N, and keeps a 2-D
-    partial sum per thread so that the reduction over K happens once, at the end;
-  - prefill (`w4a16_gemm_triton`): tiled GEMM, dequantizes a [BLOCK_K, BLOCK_N] tile in registers and
-    feeds tl.dot (tensor cores).
-`w4a16_matmul` picks a path and block shapes from a table by M (and N, K), and falls back to the torch
-reference (`w4a16_matmul_ref`) off CUDA or without Triton.
+Two Triton paths, both accumulating in float32:
+  - decode (`w4a16_gemv_triton`, M = 1): CUDA-core GEMV; each program owns BLOCK_N output columns,
+    streams coalesced [BLOCK_KP, BLOCK_N] tiles of packed words along N with the next tile's loads
+    issued before the current tile is multiplied, and keeps a 2-D partial sum per thread so that the
+    reduction over K happens once, at the end;
+  - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
+    registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
+Both can split K over several programs (`split_k`) and sum the float32 partials in a second kernel.
+`w4a16_matmul` picks a path and block shapes from a table by M and N (measured on an H100), and falls
+back to the torch reference (`w4a16_matmul_ref`) off CUDA or without Triton.
 """
 
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
@@ -51,7 +53,8 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
     if group_size not in GROUP_SIZES:
         raise LmcError(f"int4 group size must be 32, 64 or 128, got {group_size}; requantize with --w-group-size 128")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
-        raise LmcError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}; rebuild the workspace")
+        raise LmcError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}; "
+                       "rebuild the workspace")
     k = x.shape[-1]
     n = qweight.shape[1]
     if qweight.shape[0] != _cdiv(k, PACK):
@@ -111,59 +114,152 @@ def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tenso
 
 
 @_jit
-def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om,
-    GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr,
-):
-    """Decode path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
+def _code_minus_zero(packed, j: tl.constexpr, zero_m):
+    """Code j of every word of packed [KP, BN] int32 minus its zero, as float32 (zero_m = 2**23 + zero)."""
+    bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000  # float32 bits of 2**23 + code
+    return bits.to(tl.float32, bitcast=True) - zero_m
 
-    Program (pid_n, pid_m) owns out[BLOCK_M rows, BLOCK_N cols]. Each step loads a [BLOCK_KP, BLOCK_N]
-    tile of packed words (16-byte loads along N, pipelined across steps) and the matching scale and
-    zero rows (all 8 codes of a word share one group, since G is a multiple of 8)."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BM]
+
+@_jit
+def _dequant8_f16_asm(packed, zero, scale):
+    """Eight float16 values (code j - zero) * scale, j = 0..7, of every int32 word (GPU only).
+
+    LOP3 (word >> 4i) & 0x000F000F | 0x64006400 puts codes i and i + 4 into the two halves of a
+    register as float16 1024 + code; one packed subtract of 1024 + zero (exact) and one packed
+    multiply (one rounding, as in float32 then rounded) give two weights: ~2 instructions per weight."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 w, z2, s2, q0, q1, q2, q3;
+        .reg .b16 zp, magic;
+        mov.b16 magic, 0x6400;
+        add.rn.f16 zp, $9, magic;
+        mov.b32 z2, {zp, zp};
+        mov.b32 s2, {$10, $10};
+        lop3.b32 q0, $8, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 w, $8, 4;
+        lop3.b32 q1, w, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 w, $8, 8;
+        lop3.b32 q2, w, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 w, $8, 12;
+        lop3.b32 q3, w, 0x000f000f, 0x64006400, 0xea;
+        sub.f16x2 q0, q0, z2;
+        sub.f16x2 q1, q1, z2;
+        sub.f16x2 q2, q2, z2;
+        sub.f16x2 q3, q3, z2;
+        mul.f16x2 q0, q0, s2;
+        mul.f16x2 q1, q1, s2;
+        mul.f16x2 q2, q2, s2;
+        mul.f16x2 q3, q3, s2;
+        mov.b32 {$0, $4}, q0;
+        mov.b32 {$1, $5}, q1;
+        mov.b32 {$2, $6}, q2;
+        mov.b32 {$3, $7}, q3;
+        }""",
+        constraints="=h,=h,=h,=h,=h,=h,=h,=h,r,h,h",
+        args=[packed, zero, scale],
+        dtype=(tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16, tl.float16),
+        is_pure=True,
+        pack=1,
+    )
+
+
+@_jit
+def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
+    """packed [KP, BN] int32 (word [r, n] = codes of W[n, 8r + j] in bits 4j..4j+3), scale and zero
+    [KP, BN] -> W^T tile [8 * KP, BN] in DTYPE, row 8r + j. Each thread unpacks the words it loaded;
+    the joins keep the 8 codes of a word in that thread. ASM: float16 only, on the GPU."""
+    if ASM:
+        w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_f16_asm(packed, zero, scale)
+    else:
+        zero_m = zero.to(tl.float32) + 8388608.0  # 2**23 + zero
+        scale = scale.to(tl.float32)
+        w0 = _code_minus_zero(packed, 0, zero_m) * scale
+        w1 = _code_minus_zero(packed, 1, zero_m) * scale
+        w2 = _code_minus_zero(packed, 2, zero_m) * scale
+        w3 = _code_minus_zero(packed, 3, zero_m) * scale
+        w4 = _code_minus_zero(packed, 4, zero_m) * scale
+        w5 = _code_minus_zero(packed, 5, zero_m) * scale
+        w6 = _code_minus_zero(packed, 6, zero_m) * scale
+        w7 = _code_minus_zero(packed, 7, zero_m) * scale
+    w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
+    w = tl.permute(w.to(DTYPE), (0, 4, 3, 2, 1))  # [r, n, b0, b1, b2] = code b0 + 2 b1 + 4 b2 -> [r, b2, b1, b0, n]
+    return tl.reshape(w, (packed.shape[0] * 8, packed.shape[1]))  # [8 * KP, BN], row 8r + j
+
+
+@_jit
+def _gemv_x(x_row, rows, j: tl.constexpr, K):
+    k = rows * 8 + j  # [KP]
+    return tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [KP]: x[8r + j]
+
+
+@_jit
+def _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0, offs_r, offs_n, N, K, GROUP: tl.constexpr):
+    """Loads of one decode step: packed words [KP, BN], scale and 2**23 + zero [KP, BN] (float32), and
+    x[8r + j] for j = 0..7 as eight [KP] vectors."""
+    kp_total = tl.cdiv(K, 8)
+    rows = r0 + offs_r  # [KP] packed rows
+    w_mask = (rows < kp_total)[:, None] & (offs_n < N)[None, :]
+    packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
+    sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]: all 8 codes share a group
+    scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32)  # [KP, BN]
+    zero_m = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32) + 8388608.0  # [KP, BN]
+    xs = (_gemv_x(x_row, rows, 0, K), _gemv_x(x_row, rows, 1, K), _gemv_x(x_row, rows, 2, K),
+          _gemv_x(x_row, rows, 3, K), _gemv_x(x_row, rows, 4, K), _gemv_x(x_row, rows, 5, K),
+          _gemv_x(x_row, rows, 6, K), _gemv_x(x_row, rows, 7, K))
+    return packed, scale, zero_m, xs
+
+
+@_jit
+def _w4a16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
+    M, N, K, stride_xm, stride_dm, stride_ds,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
+):
+    """Decode path, one row of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
+    W[n, 8r + j] in bits 4j..4j+3.
+
+    Program (m, pid_n) owns out[m, BLOCK_N cols]. Each step loads a [BLOCK_KP, BLOCK_N] tile of
+    packed words (16-byte loads along N) and its x values while the previous tile is being
+    multiplied (explicit prefetch: two tiles in flight), and accumulates per thread in a
+    [BLOCK_KP, BLOCK_N] float32 tile; the reduction over K runs once, at the end. With SPLIT_K > 1,
+    program (m, pid_n, s) covers the s-th of SPLIT_K runs of whole tiles along K and writes float32
+    partial sums to dst[s] (reduced by _splitk_sum_kernel)."""
+    m = tl.program_id(0)  # rows of x are the fastest grid axis: programs sharing weights run together
+    pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     offs_r = tl.arange(0, BLOCK_KP)  # [KP]
-    m_mask = offs_m < M
-    n_mask = offs_n < N
+    x_row = x_ptr + m * stride_xm
     kp_total = tl.cdiv(K, 8)
-    acc = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, kp_total, BLOCK_KP):
-        rows = r0 + offs_r  # [KP] packed rows
-        w_mask = (rows < kp_total)[:, None] & n_mask[None, :]
-        packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
-        sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
-        scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32)  # [KP, BN]
-        zero_m = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32) + 8388608.0  # [KP, BN] 2**23 + zero
-        part = tl.zeros((BLOCK_M, BLOCK_KP, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(8):
-            bits = ((packed >> (4 * j)) & 0xF) | 0x4B000000  # [KP, BN] float32 bits of 2**23 + code
-            w = bits.to(tl.float32, bitcast=True) - zero_m  # [KP, BN] code - zero
-            k = rows * 8 + j  # [KP]
-            xj = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
-                         mask=m_mask[:, None] & (k < K)[None, :], other=0.0).to(tl.float32)  # [BM, KP]
-            part += xj[:, :, None] * w[None, :, :]
-        acc += part * scale[None, :, :]
-    out = tl.sum(acc, axis=1)  # [BM, BN]
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    kp_run = tl.cdiv(tl.cdiv(kp_total, SPLIT_K), BLOCK_KP) * BLOCK_KP  # packed rows per split, whole tiles
+    r_start = tl.program_id(2) * kp_run
+    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
+    packed, scale, zero_m, xs = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r_start, offs_r, offs_n, N, K, GROUP)
+    for r0 in range(r_start, min(kp_total, r_start + kp_run), BLOCK_KP):
+        nxt = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0 + BLOCK_KP, offs_r, offs_n, N, K, GROUP)
+        part = xs[0][:, None] * _code_minus_zero(packed, 0, zero_m)  # [KP, BN]
+        for j in tl.static_range(1, 8):
+            part += xs[j][:, None] * _code_minus_zero(packed, j, zero_m)
+        acc += part * scale
+        packed, scale, zero_m, xs = nxt
+    out = tl.sum(acc, axis=0)  # [BN]
+    dst = dst_ptr + tl.program_id(2) * stride_ds + m * stride_dm + offs_n
+    tl.store(dst, out.to(dst_ptr.dtype.element_ty), mask=offs_n < N)
 
 
 @_jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
+    M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, DEQ_F16: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr,
 ):
     """Prefill path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
 
-    Each step loads x[BM, BK] and a [BK/8, BN] tile of packed words, unpacks it to [BK/8, 8, BN]
-    (row 8r + j = code j of word r, so a reshape gives W^T[BK, BN] in K order), dequantizes in
-    registers and accumulates tl.dot in float32. Programs walk GROUP_M row blocks per column band
-    so that a band of weights is reused from L2."""
+    Each step loads x[BM, BK] and a [BK/8, BN] tile of packed words, dequantizes it in registers to
+    W^T[BK, BN] (_dequant_tile) and accumulates tl.dot in float32. Programs walk GROUP_M row blocks
+    per column band so that a band of weights is reused from L2. With SPLIT_K > 1, program
+    (pid, s) covers the s-th of SPLIT_K runs of whole BLOCK_K tiles along K and writes float32
+    partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly."""
     BLOCK_KP: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -177,12 +273,13 @@ def _w4a16_gemm_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
     offs_k = tl.arange(0, BLOCK_K)  # [BK]
     offs_r = tl.arange(0, BLOCK_KP)  # [KP]
-    shifts = 4 * tl.arange(0, 8)  # [8]
     m_mask = offs_m < M
     n_mask = offs_n < N
     kp_total = tl.cdiv(K, 8)
+    k_run = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K per split, whole tiles
+    k_start = tl.program_id(1) * k_run
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_start, min(K, k_start + k_run), BLOCK_K):
         k = k0 + offs_k  # [BK]
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)  # [BM, BK]
@@ -192,82 +289,101 @@ def _w4a16_gemm_kernel(
         sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
         scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
         zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-        codes = (packed[:, None, :] >> shifts[None, :, None]) & 0xF  # [KP, 8, BN]
-        if DEQ_F16:
-            # float16 bits 0x6400 | c = 1024 + c; minus (1024 + zero) is exact, one rounding in the multiply
-            c16 = (codes | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)  # [KP, 8, BN]
-            w = (c16 - (zero.to(tl.float16) + 1024.0)[:, None, :]) * scale.to(tl.float16)[:, None, :]
-        else:
-            c32 = (codes | 0x4B000000).to(tl.float32, bitcast=True)  # [KP, 8, BN] 2**23 + code
-            zero_m = zero.to(tl.float32) + 8388608.0  # [KP, BN]
-            w = (c32 - zero_m[:, None, :]) * scale.to(tl.float32)[:, None, :]  # [KP, 8, BN]
-        w = tl.reshape(w.to(xt.dtype), (BLOCK_K, BLOCK_N))  # [BK, BN], row 8r + j
+        w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
         acc = tl.dot(xt, w, acc)
-    tl.store(out_ptr + offs_m[:, None] * stride_om + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & n_mask[None, :])
+    dst = dst_ptr + tl.program_id(1) * stride_ds + offs_m[:, None] * stride_dm + offs_n[None, :]
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@_jit
+def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+    """out[M, N] = sum over s of part[s, M, N] (float32 partials, fixed order: deterministic)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat index into [M, N]
+    mask = idx < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + idx, mask=mask, other=0.0)
+    tl.store(out_ptr + (idx // N) * stride_om + idx % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
+def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
+    split_k, m, n = part.shape
+    _splitk_sum_kernel[(_cdiv(m * n, 1024),)](part, out, m, n, out.stride(0), SPLIT_K=split_k, BLOCK=1024,
+                                              num_warps=4)
+
+
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, *, block_m: int = 1, block_n: int = 32, block_kp: int = 64,
-                      num_warps: int = 4, num_stages: int = 3, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode path: x [M, K] (M small) -> [M, N] in x.dtype."""
+                      group_size: int, *, block_n: int = 32, block_kp: int = 64, split_k: int = 1,
+                      num_warps: int = 4, num_stages: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Decode path: x [M, K] (M small; rows re-read the weights, from L2) -> [M, N] in x.dtype.
+    split_k > 1 splits K over that many programs and sums their float32 partials in a second kernel."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
-    grid = (_cdiv(n, block_n), _cdiv(m, block_m))
-    _w4a16_gemv_kernel[grid](
-        x, qweight, scales, zeros, out, m, n, k, x.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_KP=block_kp,
-        num_warps=num_warps, num_stages=num_stages)
+    dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    _w4a16_gemv_kernel[(m, _cdiv(n, block_n), split_k)](
+        x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_KP=block_kp, SPLIT_K=split_k, num_warps=num_warps,
+        num_stages=num_stages)
+    if split_k > 1:
+        _splitk_sum(dst, out)
     return out
 
 
 def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_m: int = 64, block_n: int = 128, block_k: int = 128,
-                      group_m: int = 8, deq_f16: bool = False, num_warps: int = 4, num_stages: int = 3,
+                      group_m: int = 8, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Prefill path: x [M, K] -> [M, N] in x.dtype (tensor cores). deq_f16 dequantizes in float16
-    arithmetic (float16 activations only)."""
+    """Prefill path: x [M, K] -> [M, N] in x.dtype (tensor cores). split_k > 1 splits K over that
+    many programs per output tile (more programs for small M x N) and sums their float32 partials
+    in a second kernel."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
-    if deq_f16 and x.dtype != torch.float16:
-        raise LmcError("deq_f16 needs float16 activations; pass deq_f16=False")
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
-    grid = (_cdiv(m, block_m) * _cdiv(n, block_n),)
+    dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    grid = (_cdiv(m, block_m) * _cdiv(n, block_n), split_k)
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, out, m, n, k, x.stride(0), out.stride(0),
-        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m,
-        DEQ_F16=deq_f16, num_warps=num_warps, num_stages=num_stages)
+        x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
+        GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
+        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages)
+    if split_k > 1:
+        _splitk_sum(dst, out)
     return out
 
 
 # ----------------------------------------------------------------------------- dispatch
 
-# (largest M, path, launcher keywords); first row whose M bound holds wins. Measured on an H100
-# (bench/NOTES.md, "W4A16 kernel"); N and K enter through w4a16_config.
+# (largest M, largest N, path, launcher keywords); the first row whose bounds hold wins (None: any).
+# Measured on an H100 at the Llama-3-8B shapes (bench/NOTES.md, "W4A16 kernel"): each row is within
+# 6 % of the best configuration the sweep found for every shape it covers. split_k buys programs
+# where M x N alone gives too few for 132 SMs.
 _TABLE = (
-    (1, "gemv", dict(block_m=1, block_n=32, block_kp=64, num_warps=4, num_stages=3)),
-    (2, "gemv", dict(block_m=2, block_n=32, block_kp=32, num_warps=4, num_stages=3)),
-    (16, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, num_warps=4, num_stages=4)),
-    (64, "gemm", dict(block_m=64, block_n=64, block_k=128, group_m=8, num_warps=4, num_stages=4)),
-    (256, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)),
-    (None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)),
+    (1, None, "gemv", dict(block_n=16, block_kp=128, num_warps=4)),
+    (16, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
+                            num_stages=3)),
+    (64, 8192, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,
+                            num_stages=4)),
+    (64, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
+                            num_stages=3)),
+    (256, 8192, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
+                             num_stages=3)),
+    (None, None, "gemm", dict(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)),
 )
 
 
 def w4a16_config(m: int, n: int, k: int) -> tuple[str, dict]:
     """The path ("gemv" or "gemm") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N] product."""
-    for max_m, path, kw in _TABLE:
-        if max_m is None or m <= max_m:
+    for max_m, max_n, path, kw in _TABLE:
+        if (max_m is None or m <= max_m) and (max_n is None or n <= max_n):
             return path, dict(kw)
-    raise AssertionError("the last table row has no M bound")
+    raise AssertionError("the last table row has no bounds")
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
