@@ -42,7 +42,7 @@ class QuantizeOptions:
     calib_seqlen: int = 1024
     batch_size: int = 4
     search_scale: bool = True
-    search_samples: int = 32  # windows used for the scale/clip losses (statistics use all)
+    search_samples: int | None = None  # windows for the scale/clip losses (statistics use all); None: 32 on GPU, 8 on CPU
     device: str | None = None
     seed: int = 0
     workspace: bool = False
@@ -266,6 +266,8 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
     if store_dtype == torch.float32:
         store_dtype = torch.float16
     device = pick_device(opts.device)
+    if opts.search_samples is None:
+        opts.search_samples = 32 if device.type == "cuda" else 8
     compute_dtype = torch.float32 if device.type == "cpu" else store_dtype
     mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, device,
                   compute_dtype, store_dtype)

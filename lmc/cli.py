@@ -118,7 +118,7 @@ def verify(workspace):
 @click.option("--batch-size", type=int, default=4, show_default=True, help="windows per forward pass")
 @click.option("--search-scale/--no-search-scale", default=True, show_default=True,
               help="AWQ scale + clip search; --no-search-scale: LMDeploy's fixed 0.5 smoothing, no clip")
-@click.option("--search-samples", type=int, default=32, show_default=True, help="windows used for the search losses")
+@click.option("--search-samples", type=int, default=None, help="windows used for the search losses (default: 32 on GPU, 8 on CPU)")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
@@ -134,7 +134,7 @@ def quantize(src, out, force, as_json, **kw):
     command = (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
                f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
                f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
-               f"--search-samples {opts.search_samples} --seed {opts.seed} --dtype {opts.dtype}"
+               f"--search-samples {opts.search_samples or 'auto'} --seed {opts.seed} --dtype {opts.dtype}"
                + (" --workspace" if opts.workspace else ""))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     summary = run_quantize(src, out, opts, force=force, command=command, say=say)
