@@ -37,45 +37,26 @@ def channel_abs_max(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).abs().float().amax(0)
 
 
-def channel_weight_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
-    """AutoAWQ's weight term: mean over output rows of |W| normalised by its group's max, [K]."""
-    w = torch.cat([w.float() for w in weights])  # [N, K]
-    n, k = w.shape
-    ng = -(-k // group_size)
-    pad = ng * group_size - k
-    wa = torch.cat([w.abs(), w.new_zeros(n, pad)], dim=1).reshape(n, ng, group_size)  # [N, ng, G]
-    normed = wa / wa.amax(dim=-1, keepdim=True).clamp(min=1e-8)
-    return normed.reshape(n, -1)[:, :k].mean(0)  # [K]
-
-
 def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable[[list[torch.Tensor]], torch.Tensor],
                  group_size: int) -> ScaleResult:
-    """Pick per-channel scales minimising MSE(block(Q(W*s)/s), block(W)) over two grids:
-    llm-awq's s = x_mean^r and AutoAWQ's s = x_mean^r / w_mean^(1-r), r = 0, 1/20, ... 19/20.
-    r = 0 of the first grid is s = 1 (plain round-to-nearest), so the search never loses to it.
+    """Pick s = x_mean^r (r on GRID) minimising MSE(block(Q(W*s)/s), block(W)).
 
     weights: the consumer linears [N_i, K] sharing the input; block(ws) runs the inspected block
-    with those weights substituted and returns its output. `ratio` is reported negative for
-    the weight-term grid."""
+    with those weights substituted and returns its output."""
     reference = block(weights).float()
-    w_mean = channel_weight_mean(weights, group_size)
     best = None
     identity = None
-    for duo in (False, True):
-        for i in range(GRID):
-            ratio = i / GRID
-            s = x_mean.pow(ratio)
-            if duo:
-                s = s / (w_mean.pow(1 - ratio) + 1e-4)
-            s = s.clamp(min=1e-4)  # [K]
-            s = s / (s.max() * s.min()).sqrt()
-            s_w = s.to(weights[0].dtype)
-            trial = [fake_quantize_int4(w * s_w, group_size) / s_w for w in weights]
-            loss = float((block(trial).float() - reference).pow(2).mean())
-            if identity is None:
-                identity = loss
-            if best is None or loss < best.loss:
-                best = ScaleResult(-ratio if duo else ratio, s.float().cpu(), loss, identity)
+    for i in range(GRID):
+        ratio = i / GRID
+        s = x_mean.pow(ratio).clamp(min=1e-4)  # [K]
+        s = s / (s.max() * s.min()).sqrt()
+        s_w = s.to(weights[0].dtype)
+        trial = [fake_quantize_int4(w * s_w, group_size) / s_w for w in weights]
+        loss = float((block(trial).float() - reference).pow(2).mean())
+        if i == 0:
+            identity = loss
+        if best is None or loss < best.loss:
+            best = ScaleResult(ratio, s.float().cpu(), loss, identity)
     best.loss_identity = identity
     return best
 
