@@ -25,6 +25,7 @@ from lmc.compiler.readers import open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError
 from lmc.runtime.config import ModelConfig
+from lmc.runtime.engine import pick_device
 from lmc.runtime.model import (LAYER_KEYS, LINEAR_KEYS, DenseCausal, attention_block, attention_core, linear,
                                mlp_block, mlp_hidden)
 from lmc.runtime.rope import Rope
@@ -240,12 +241,6 @@ def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions
         logs.append(log)
         del lw
     return layers, logs
-
-
-def pick_device(name: str | None) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise LmcError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: bool | None = None,

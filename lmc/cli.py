@@ -278,7 +278,6 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     from lmc.api import resolve_workspace
     from lmc.calib.text import DATASETS, load_text
     from lmc.calib.windows import eval_windows
-    from lmc.runtime.config import EngineConfig
     from lmc.runtime.engine import pick_device
     from lmc.runtime.model import Model
     from lmc.runtime.perplexity import perplexity
@@ -296,7 +295,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
         raise LmcError(f"{ws.path} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
     ids = Tokenizer(ws.tokenizer_dir).encode(text.text)
     windows = torch.from_numpy(eval_windows(ids, seqlen, max_windows))  # [n, seqlen]
-    dev = pick_device(EngineConfig(device=device))
+    dev = pick_device(device)
     dtype = ws.dtype if dev.type == "cuda" else torch.float32  # fp16 on CPU is slow and inexact
     model = Model(ws, dev, dtype)
     bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())

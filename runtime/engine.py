@@ -48,12 +48,11 @@ class _Sequence:
 DeltaCallback = Callable[[int, str, int, "str | None"], None]
 
 
-def pick_device(config: EngineConfig) -> torch.device:
-    if config.device:
-        if config.device.startswith("cuda") and not torch.cuda.is_available():
-            raise LmcError("--device cuda was asked for but CUDA is not available; use --device cpu")
-        return torch.device(config.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def pick_device(name: str | None) -> torch.device:
+    """"cuda", "cpu" or None (cuda when available)."""
+    if name and name.startswith("cuda") and not torch.cuda.is_available():
+        raise LmcError("--device cuda was asked for but CUDA is not available; use --device cpu")
+    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class Engine:
@@ -64,7 +63,7 @@ class Engine:
         if ws.tp != 1:
             raise LmcError(f"{workspace} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
         self.workspace = ws
-        self.device = pick_device(config)
+        self.device = pick_device(config.device)
         if config.dtype:
             self.dtype = getattr(torch, config.dtype)
         else:  # fp16 matmuls on CPU are slow and inexact: compute in fp32 there
