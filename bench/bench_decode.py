@@ -291,7 +291,7 @@ def bench_lmc(ws: Path, dev: str, args, vocab: int) -> list[dict]:
                                           cache_block_seq_len=64))
     graph = engine.decoder
     rows = []
-    for mode in ("graph", "eager"):
+    for mode in args.modes:
         if mode == "graph" and graph is None:
             continue
         engine.decoder = graph if mode == "graph" else None
@@ -529,6 +529,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens: checks the script")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2, llama8b, e2e")
+    parser.add_argument("--modes", default="graph,eager", help="comma-separated lmc modes to time: graph, eager")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     args.batches = (1, 2) if args.smoke else (1, 16)
@@ -536,6 +537,7 @@ def main() -> int:
     args.session_len = 64 if args.smoke else 512
     args.repeats, args.step_iters = (1, 3) if args.smoke else (3, 50)
     skip = set(filter(None, args.skip.split(",")))
+    args.modes = [m for m in ("graph", "eager") if m in args.modes.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
 

@@ -204,10 +204,15 @@ def bench_m(shape: Shape, m: int, overrides: dict, do_bench: bool = True) -> dic
 
 def _candidates(m: int):
     out = []
-    if m <= 4:
+    if m == 1:  # the packed-float16 word products (dot_asm) against the float32 path, per block shape
+        for bn, kp, nw in ((16, 128, 4), (16, 64, 2), (32, 128, 8), (16, 256, 8), (32, 64, 4), (8, 128, 2),
+                           (8, 256, 4), (32, 256, 8)):
+            for asm in (False, True):
+                out.append(("gemv", dict(block_n=bn, block_kp=kp, split_k=1, num_warps=nw, dot_asm=asm)))
+    if 1 < m <= 4:
         for bn, kp, nw, sk in ((16, 128, 4, 1), (16, 128, 4, 2), (16, 128, 4, 4), (16, 64, 2, 1), (16, 64, 2, 2),
                                (32, 128, 8, 1), (32, 128, 8, 2), (16, 256, 8, 1), (16, 256, 8, 2)):
-            if m == 1 or nw == 4:
+            if nw == 4:
                 out.append(("gemv", dict(block_n=bn, block_kp=kp, split_k=sk, num_warps=nw)))
     if m <= 16:
         for bn, bk, nw, ns, sk in ((32, 256, 4, 3, 1), (32, 256, 4, 3, 2), (32, 256, 4, 3, 4), (64, 256, 4, 3, 2),
@@ -281,6 +286,8 @@ def main() -> int:
     ap.add_argument("--budget-s", type=float, default=240.0, help="--sweep: stop starting new rows after this")
     ap.add_argument("--configs", default=None, help="a --sweep JSON: time each (M, K, N) with its best "
                                                      "configuration instead of the table")
+    ap.add_argument("--ms", type=lambda v: tuple(int(i) for i in v.split(",")), default=MS,
+                    help="the M values of the default run, comma-separated")
     ap.add_argument("--no-do-bench", action="store_true", help="skip the do_bench column (faster)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -310,7 +317,7 @@ def main() -> int:
         shape = Shape(k, n)
         report.setdefault("int4pack", []).append({"K": k, "N": n, "nibble_order": shape.tp_order,
                                                   "rel_err_bf16": shape.tp_err})
-        for m in MS:
+        for m in args.ms:
             c = check(shape, m, overrides)
             report["checks"].append({"M": m, "K": k, "N": n, **c})
             row = bench_m(shape, m, overrides, do_bench=not args.no_do_bench)

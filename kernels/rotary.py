@@ -3,12 +3,15 @@
 With x1 = x[..., :D/2] and x2 = x[..., D/2:]: out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin).
 cos and sin hold one row per token (the caller has applied positions and any rope scaling).
 One program per token rotates all of its q heads and then all of its k heads, in fp32.
+`rotary_write_kv` does the same and also stores the rotated k and the untouched v at the token's
+slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes).
 """
 from __future__ import annotations
 
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.attention import write_kv_cache
 
 try:
     import triton
@@ -56,6 +59,36 @@ if triton is not None:
                       HALF, BLOCK_HEADS, BLOCK_HALF)
         _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, cos, sin, Hkv, stride_kh, stride_koh,
                       HALF, BLOCK_HEADS, BLOCK_HALF)
+
+
+    @triton.jit
+    def _rotary_kv_kernel(
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+        Hq, Hkv,
+        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
+        stride_qot, stride_qoh, stride_cs, stride_ch,
+        HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
+        Caches are addressed as [slots, Hkv, D] with strides (stride_cs, stride_ch, 1)."""
+        t = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_HALF)
+        cmask = cols < HALF
+        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
+                      HALF, BLOCK_HEADS, BLOCK_HALF)
+        _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
+                      HALF, BLOCK_HEADS, BLOCK_HALF)
+        heads = tl.arange(0, BLOCK_HEADS)
+        dcols = tl.arange(0, BLOCK_D)
+        for h0 in range(0, Hkv, BLOCK_HEADS):
+            hh = h0 + heads
+            mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
+            v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
+            tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -118,3 +151,62 @@ def apply_rotary(
     if q.is_cuda:
         return apply_rotary_triton(q, k, cos, sin)
     return apply_rotary_ref(q, k, cos, sin)
+
+
+def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+              slot_mapping: torch.Tensor) -> None:
+    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
+        f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} differ"
+    assert v.shape == k.shape and tuple(k.shape[1:]) == tuple(k_cache.shape[2:]), \
+        f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache's [Hkv, D] {tuple(k_cache.shape[2:])}"
+    assert slot_mapping.shape == (k.shape[0],), f"slot_mapping {tuple(slot_mapping.shape)} != [{k.shape[0]}]"
+
+
+def rotary_write_kv_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    _check_kv(k, v, k_cache, v_cache, slot_mapping)
+    q_out, k_out = apply_rotary_ref(q, k, cos, sin)
+    write_kv_cache(k_out, v.contiguous(), k_cache, v_cache, slot_mapping)
+    return q_out
+
+
+def rotary_write_kv_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    if triton is None:
+        raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
+    _check(q, k, cos, sin)
+    _check_kv(k, v, k_cache, v_cache, slot_mapping)
+    assert k_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), \
+        "the caches must be [num_blocks, block_size, Hkv, D] with contiguous slots"
+    q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
+    slot_mapping = slot_mapping.to(device=q.device).contiguous()  # [T]
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
+    if T > 0:
+        BLOCK_HALF = triton.next_power_of_2(D // 2)
+        BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
+        _rotary_kv_kernel[(T,)](
+            q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping,
+            Hq, Hkv,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
+            sin.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(1), k_cache.stride(2),
+            HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF,
+        )
+    return q_out
+
+
+def rotary_write_kv(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    """Rotates q [T, Hq, D] and k [T, Hkv, D] by cos/sin [T, D/2], stores the rotated k and v [T, Hkv, D]
+    at flat slots slot_mapping [T] of k_cache / v_cache [num_blocks, block_size, Hkv, D] (in place) and
+    returns the rotated q as a new tensor. Same results as apply_rotary followed by write_kv_cache."""
+    if q.is_cuda:
+        return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)

@@ -13,7 +13,8 @@ Two Triton paths, both accumulating in float32:
   - decode (`w4a16_gemv_triton`, M = 1): CUDA-core GEMV; each program owns BLOCK_N output columns,
     streams coalesced [BLOCK_KP, BLOCK_N] tiles of packed words along N with the next tile's loads
     issued before the current tile is multiplied, and keeps a 2-D partial sum per thread so that the
-    reduction over K happens once, at the end;
+    reduction over K happens once, at the end (float16 x on the GPU: each word's eight products in
+    packed float16 by inline PTX, float32 from there on);
   - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
     registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
 Both can split K over several programs (`split_k`) and sum the float32 partials in a second kernel.
@@ -187,26 +188,85 @@ def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
 
 
 @_jit
-def _gemv_x(x_row, rows, j: tl.constexpr, K):
-    k = rows * 8 + j  # [KP]
-    return tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [KP]: x[8r + j]
+def _dot8_f16_asm(packed, zero, x0, x1, x2, x3, x4, x5, x6, x7):
+    """sum_j (code j - zero) * x_j / 16 over the eight codes of every int32 word, as float32 (GPU only).
+
+    Per word: LOP3 (word >> 4i) & 0x000F000F | 0x64006400 holds codes i and i + 4 as float16 1024 + code;
+    one packed FMA by 1/16 minus (1024 + zero) / 16 gives (code - zero) / 16 exactly; four packed
+    multiply-adds with the x pairs (x_i, x_i+4) and one float32 add of the two halves finish it:
+    ~2.5 instructions per weight. The 1/16 keeps the four-term float16 sums finite for |x| < ~17000."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 w, s2, z2, q0, q1, q2, q3, p0, p1, p2, p3, acc;
+        .reg .b16 zh, m16, m64, lo, hi;
+        .reg .f32 flo, fhi;
+        mov.b16 m16, 0xAC00;
+        mov.b16 m64, 0xD400;
+        fma.rn.f16 zh, $2, m16, m64;
+        mov.b32 z2, {zh, zh};
+        mov.b32 s2, 0x2C002C00;
+        lop3.b32 q0, $1, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 w, $1, 4;
+        lop3.b32 q1, w, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 w, $1, 8;
+        lop3.b32 q2, w, 0x000f000f, 0x64006400, 0xea;
+        shr.u32 w, $1, 12;
+        lop3.b32 q3, w, 0x000f000f, 0x64006400, 0xea;
+        fma.rn.f16x2 q0, q0, s2, z2;
+        fma.rn.f16x2 q1, q1, s2, z2;
+        fma.rn.f16x2 q2, q2, s2, z2;
+        fma.rn.f16x2 q3, q3, s2, z2;
+        mov.b32 p0, {$3, $7};
+        mov.b32 p1, {$4, $8};
+        mov.b32 p2, {$5, $9};
+        mov.b32 p3, {$6, $10};
+        mul.rn.f16x2 acc, q0, p0;
+        fma.rn.f16x2 acc, q1, p1, acc;
+        fma.rn.f16x2 acc, q2, p2, acc;
+        fma.rn.f16x2 acc, q3, p3, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 flo, flo, fhi;
+        mov.b32 $0, flo;
+        }""",
+        constraints="=r,r,h,h,h,h,h,h,h,h,h",
+        args=[packed, zero, x0, x1, x2, x3, x4, x5, x6, x7],
+        dtype=tl.float32,
+        is_pure=True,
+        pack=1,
+    )
 
 
 @_jit
-def _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0, offs_r, offs_n, N, K, GROUP: tl.constexpr):
-    """Loads of one decode step: packed words [KP, BN], scale and 2**23 + zero [KP, BN] (float32), and
-    x[8r + j] for j = 0..7 as eight [KP] vectors."""
+def _gemv_x(x_row, rows, j: tl.constexpr, K, ASM: tl.constexpr):
+    k = rows * 8 + j  # [KP]
+    x = tl.load(x_row + k, mask=k < K, other=0.0)  # [KP]: x[8r + j]
+    return x if ASM else x.to(tl.float32)
+
+
+@_jit
+def _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0, offs_r, offs_n, N, K, GROUP: tl.constexpr, ASM: tl.constexpr):
+    """Loads of one decode step: packed words [KP, BN], scale [KP, BN] (float32), zero [KP, BN] (float16
+    with ASM, else 2**23 + zero in float32), and x[8r + j] for j = 0..7 as eight [KP] vectors."""
     kp_total = tl.cdiv(K, 8)
     rows = r0 + offs_r  # [KP] packed rows
     w_mask = (rows < kp_total)[:, None] & (offs_n < N)[None, :]
     packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
     sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]: all 8 codes share a group
     scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32)  # [KP, BN]
-    zero_m = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32) + 8388608.0  # [KP, BN]
-    xs = (_gemv_x(x_row, rows, 0, K), _gemv_x(x_row, rows, 1, K), _gemv_x(x_row, rows, 2, K),
-          _gemv_x(x_row, rows, 3, K), _gemv_x(x_row, rows, 4, K), _gemv_x(x_row, rows, 5, K),
-          _gemv_x(x_row, rows, 6, K), _gemv_x(x_row, rows, 7, K))
-    return packed, scale, zero_m, xs
+    zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+    if not ASM:
+        zero = zero.to(tl.float32) + 8388608.0  # 2**23 + zero
+    xs = (_gemv_x(x_row, rows, 0, K, ASM), _gemv_x(x_row, rows, 1, K, ASM), _gemv_x(x_row, rows, 2, K, ASM),
+          _gemv_x(x_row, rows, 3, K, ASM), _gemv_x(x_row, rows, 4, K, ASM), _gemv_x(x_row, rows, 5, K, ASM),
+          _gemv_x(x_row, rows, 6, K, ASM), _gemv_x(x_row, rows, 7, K, ASM))
+    return packed, scale, zero, xs
+
+
+@_jit
+def _gemv_bcast(v, like):
+    return tl.broadcast_to(v[:, None], like.shape)  # [KP] -> [KP, BN]
 
 
 @_jit
@@ -214,6 +274,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
     M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
+    DOT_ASM: tl.constexpr,
 ):
     """Decode path, one row of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3.
@@ -223,7 +284,8 @@ def _w4a16_gemv_kernel(
     multiplied (explicit prefetch: two tiles in flight), and accumulates per thread in a
     [BLOCK_KP, BLOCK_N] float32 tile; the reduction over K runs once, at the end. With SPLIT_K > 1,
     program (m, pid_n, s) covers the s-th of SPLIT_K runs of whole tiles along K and writes float32
-    partial sums to dst[s] (reduced by _splitk_sum_kernel)."""
+    partial sums to dst[s] (reduced by _splitk_sum_kernel). DOT_ASM (float16 x, GPU only): each word's
+    eight products are summed by _dot8_f16_asm in packed float16, then scaled in float32."""
     m = tl.program_id(0)  # rows of x are the fastest grid axis: programs sharing weights run together
     pid_n = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
@@ -233,15 +295,24 @@ def _w4a16_gemv_kernel(
     kp_run = tl.cdiv(tl.cdiv(kp_total, SPLIT_K), BLOCK_KP) * BLOCK_KP  # packed rows per split, whole tiles
     r_start = tl.program_id(2) * kp_run
     acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    packed, scale, zero_m, xs = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r_start, offs_r, offs_n, N, K, GROUP)
+    packed, scale, zero, xs = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r_start, offs_r, offs_n, N, K, GROUP,
+                                         DOT_ASM)
     for r0 in range(r_start, min(kp_total, r_start + kp_run), BLOCK_KP):
-        nxt = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0 + BLOCK_KP, offs_r, offs_n, N, K, GROUP)
-        part = xs[0][:, None] * _code_minus_zero(packed, 0, zero_m)  # [KP, BN]
-        for j in tl.static_range(1, 8):
-            part += xs[j][:, None] * _code_minus_zero(packed, j, zero_m)
+        nxt = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0 + BLOCK_KP, offs_r, offs_n, N, K, GROUP, DOT_ASM)
+        if DOT_ASM:
+            part = _dot8_f16_asm(packed, zero, _gemv_bcast(xs[0], packed), _gemv_bcast(xs[1], packed),
+                                 _gemv_bcast(xs[2], packed), _gemv_bcast(xs[3], packed), _gemv_bcast(xs[4], packed),
+                                 _gemv_bcast(xs[5], packed), _gemv_bcast(xs[6], packed),
+                                 _gemv_bcast(xs[7], packed))  # [KP, BN]: sum_j (code j - zero) x_j / 16
+        else:
+            part = xs[0][:, None] * _code_minus_zero(packed, 0, zero)  # [KP, BN]
+            for j in tl.static_range(1, 8):
+                part += xs[j][:, None] * _code_minus_zero(packed, j, zero)
         acc += part * scale
-        packed, scale, zero_m, xs = nxt
+        packed, scale, zero, xs = nxt
     out = tl.sum(acc, axis=0)  # [BN]
+    if DOT_ASM:
+        out = out * 16.0
     dst = dst_ptr + tl.program_id(2) * stride_ds + m * stride_dm + offs_n
     tl.store(dst, out.to(dst_ptr.dtype.element_ty), mask=offs_n < N)
 
@@ -317,19 +388,26 @@ def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_n: int = 32, block_kp: int = 64, split_k: int = 1,
-                      num_warps: int = 4, num_stages: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
+                      num_warps: int = 4, num_stages: int = 1, dot_asm: bool | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode path: x [M, K] (M small; rows re-read the weights, from L2) -> [M, N] in x.dtype.
-    split_k > 1 splits K over that many programs and sums their float32 partials in a second kernel."""
+    split_k > 1 splits K over that many programs and sums their float32 partials in a second kernel.
+    dot_asm: packed-float16 products per word (inline PTX); None = on for float16 x on CUDA."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
+    asm_ok = x.is_cuda and x.dtype == torch.float16
+    if dot_asm is None:
+        dot_asm = asm_ok
+    elif dot_asm and not asm_ok:
+        raise LmcError("dot_asm needs float16 activations on CUDA; pass dot_asm=None")
     dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     _w4a16_gemv_kernel[(m, _cdiv(n, block_n), split_k)](
         x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_KP=block_kp, SPLIT_K=split_k, num_warps=num_warps,
-        num_stages=num_stages)
+        GROUP=group_size, BLOCK_N=block_n, BLOCK_KP=block_kp, SPLIT_K=split_k, DOT_ASM=dot_asm,
+        num_warps=num_warps, num_stages=num_stages)
     if split_k > 1:
         _splitk_sum(dst, out)
     return out
@@ -360,28 +438,31 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 # ----------------------------------------------------------------------------- dispatch
 
-# (largest M, largest N, path, launcher keywords); the first row whose bounds hold wins (None: any).
-# Measured on an H100 at the Llama-3-8B shapes (bench/NOTES.md, "W4A16 kernel"): each row is within
-# 6 % of the best configuration the sweep found for every shape it covers. split_k buys programs
-# where M x N alone gives too few for 132 SMs.
+# (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
+# (None: any). Measured at the Llama-3-8B shapes (bench/NOTES.md, "W4A16 kernel" on an H100 and
+# "Decode step v2" on an H200 for M = 1): each row is within 6 % of the best configuration the sweep
+# found for every shape it covers (M = 1: within 8 %). split_k buys programs where M x N alone gives
+# too few for 132 SMs.
 _TABLE = (
-    (1, None, "gemv", dict(block_n=16, block_kp=128, num_warps=4)),
-    (16, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
-                            num_stages=3)),
-    (64, 8192, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,
-                            num_stages=4)),
-    (64, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
-                            num_stages=3)),
-    (256, 8192, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
-                             num_stages=3)),
-    (None, None, "gemm", dict(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)),
+    (1, None, 8192, "gemv", dict(block_n=8, block_kp=256, num_warps=4)),
+    (1, 8192, None, "gemv", dict(block_n=16, block_kp=128, num_warps=4)),
+    (1, None, None, "gemv", dict(block_n=32, block_kp=64, num_warps=4)),
+    (16, None, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
+                                  num_stages=3)),
+    (64, 8192, None, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,
+                                  num_stages=4)),
+    (64, None, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
+                                  num_stages=3)),
+    (256, 8192, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
+                                   num_stages=3)),
+    (None, None, None, "gemm", dict(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)),
 )
 
 
 def w4a16_config(m: int, n: int, k: int) -> tuple[str, dict]:
     """The path ("gemv" or "gemm") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N] product."""
-    for max_m, max_n, path, kw in _TABLE:
-        if (max_m is None or m <= max_m) and (max_n is None or n <= max_n):
+    for max_m, max_n, min_k, path, kw in _TABLE:
+        if (max_m is None or m <= max_m) and (max_n is None or n <= max_n) and (min_k is None or k >= min_k):
             return path, dict(kw)
     raise AssertionError("the last table row has no bounds")
 

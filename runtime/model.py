@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from lmc.kernels.rmsnorm import rms_norm
-from lmc.kernels.rotary import apply_rotary
+from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import w4a16_matmul
 from lmc.runtime.config import ModelConfig
@@ -59,6 +59,14 @@ class PagedBatch:
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         write_kv_cache(k, v, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
+        return self._attend_cached(layer, q, scale)
+
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
+        """Rotary on q and k, k and v into the cache (one kernel on CUDA), then attention."""
+        q = rotary_write_kv(q, k, v, cos, sin, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
+        return self._attend_cached(layer, q, scale)
+
+    def _attend_cached(self, layer: int, q, scale: float) -> torch.Tensor:
         if self.cu_seqlens_q is None:
             return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], self.block_tables, self.kv_lens, scale)
         return paged_prefill_attention(q, self.k_cache[layer], self.v_cache[layer], self.block_tables,
@@ -80,6 +88,10 @@ class DenseCausal:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # [B, Hq, S, D]
         return o.transpose(1, 2).reshape(b * s, *o.shape[1:2], o.shape[-1])  # [T, Hq, D]
 
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
+        q, k = apply_rotary(q, k, cos, sin)
+        return self.attend(layer, q, k, v.contiguous(), scale)
+
 
 # ----------------------------------------------------------------------------- blocks
 
@@ -95,8 +107,7 @@ def attention_core(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, l
     if cfg.qk_norm:
         q = rms_norm(q.reshape(-1, cfg.head_dim), lw["q_norm"], cfg.rms_norm_eps)[0].view_as(q)
         k = rms_norm(k.reshape(-1, cfg.head_dim), lw["k_norm"], cfg.rms_norm_eps)[0].view_as(k)
-    q, k = apply_rotary(q, k, cos, sin)
-    o = ctx.attend(layer, q, k, v.contiguous(), cfg.head_dim ** -0.5)  # [T, Hq, D]
+    o = ctx.rotate_attend(layer, q, k, v, cos, sin, cfg.head_dim ** -0.5)  # [T, Hq, D]
     return o.reshape(t, cfg.q_size)
 
 

@@ -2,7 +2,9 @@
 reference, and each reference against an independent oracle (transformers' Llama ops, dense attention)."""
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # read as triton and each kernel are decorated: before their first import
+# read as triton and each kernel are decorated, before their first import; TRITON_INTERPRET=0 (set by the
+# caller) runs the gpu-marked tests on CUDA instead
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib.util
 import math
@@ -121,6 +123,62 @@ def test_rotary_triton_matches_ref(Hq, Hkv, D, dtype):
     torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
     torch.testing.assert_close(k_out, k_ref, **TOL[dtype])
     assert torch.equal(qkv[:, : Hq * D].view(T, Hq, D), q)  # inputs untouched
+
+
+def _rotary_kv_case(Hq, Hkv, D, dtype, device="cpu", T=5, block_size=3, num_blocks=6, seed=11):
+    """Strided q/k/v views of a fused qkv, cos/sin, noisy caches and T distinct shuffled slots."""
+    g = _gen(seed)
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g).to(dtype).to(device)  # [T, (Hq + 2 Hkv) D]
+    q = qkv[:, : Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D: (Hq + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    cos, sin = (t.to(device) for t in _cos_sin(T, D, seed=seed + 1))
+    k_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype).to(device)
+    v_cache = torch.randn(num_blocks, block_size, Hkv, D, generator=g).to(dtype).to(device)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T].to(device)  # [T]
+    return qkv, q, k, v, cos, sin, k_cache, v_cache, slots
+
+
+def test_rotary_write_kv_ref_is_rotary_then_cache_write():
+    qkv, q, k, v, cos, sin, k_cache, v_cache, slots = _rotary_kv_case(6, 2, 16, torch.float32)
+    k0, v0 = k_cache.clone(), v_cache.clone()
+    q_out = rotary.rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slots)
+    q_ref, k_ref = rotary.apply_rotary_ref(q, k, cos, sin)
+    assert torch.equal(q_out, q_ref)
+    k0.view(-1, 2, 16)[slots] = k_ref
+    v0.view(-1, 2, 16)[slots] = v
+    assert torch.equal(k_cache, k0) and torch.equal(v_cache, v0)
+
+
+@needs_triton
+@pytest.mark.parametrize("Hq,Hkv,D", [(6, 2, 64), (3, 3, 24), (8, 1, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_write_kv_triton_matches_ref(Hq, Hkv, D, dtype):
+    qkv, q, k, v, cos, sin, k_cache, v_cache, slots = _rotary_kv_case(Hq, Hkv, D, dtype)
+    qkv0 = qkv.clone()
+    kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+    q_ref = rotary.rotary_write_kv_ref(q, k, v, cos, sin, kc_ref, vc_ref, slots)
+    q_out = rotary.rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slots)
+    assert q_out.dtype == dtype and q_out.shape == q.shape
+    torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+    torch.testing.assert_close(k_cache, kc_ref, **TOL[dtype])  # rotated k at its slots, noise elsewhere untouched
+    assert torch.equal(v_cache, vc_ref)  # v copied bit for bit
+    assert torch.equal(qkv, qkv0)  # inputs untouched
+
+
+@pytest.mark.gpu
+def test_rotary_write_kv_on_cuda():
+    if not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        pytest.skip("needs CUDA and TRITON_INTERPRET=0")
+    for dtype in (torch.float16, torch.float32):
+        qkv, q, k, v, cos, sin, k_cache, v_cache, slots = _rotary_kv_case(32, 8, 128, dtype, "cuda", T=7,
+                                                                            block_size=64, num_blocks=3)
+        kc_ref, vc_ref = k_cache.clone(), v_cache.clone()
+        q_ref = rotary.rotary_write_kv_ref(q, k, v, cos, sin, kc_ref, vc_ref, slots)
+        q_out = rotary.rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots)
+        torch.testing.assert_close(q_out, q_ref, **TOL[dtype])
+        torch.testing.assert_close(k_cache, kc_ref, **TOL[dtype])
+        assert torch.equal(v_cache, vc_ref)
 
 
 # --- SiLU * mul --------------------------------------------------------------------------------------------

@@ -101,10 +101,40 @@ def test_gemm_triton(m, n, k, group, dtype, split_k):
                   split_k=split_k)
 
 
+def test_gemv_dot_asm_needs_float16_on_cuda():
+    pytest.importorskip("triton")
+    _, q, scales, zeros = _quantized(75, 200, 64, torch.float16, seed=5)
+    with pytest.raises(LmcError, match="dot_asm"):
+        W.w4a16_gemv_triton(torch.randn(1, 200).half(), q, scales, zeros, 64, dot_asm=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,group", CASES + [(1, 4104, 4096, 128)])
+def test_gemv_dot_asm_on_cuda(m, n, k, group):
+    """The packed-float16 word products (inline PTX) against the float32 reference and the float32-path
+    GEMV; large activations (|x| up to 8000) stay finite."""
+    if not torch.cuda.is_available() or os.environ["TRITON_INTERPRET"] == "1":
+        pytest.skip("needs CUDA and TRITON_INTERPRET=0")
+    _, q, scales, zeros = _quantized(n, k, group, torch.float16, seed=m + k)
+    q, scales, zeros = q.cuda(), scales.cuda(), zeros.cuda()
+    for amp in (1.0, 8000.0):
+        x = (torch.rand(m, k, device="cuda") * 2 - 1).mul(amp).half()
+        ref = W.w4a16_matmul_ref(x, q, scales, zeros, group).float()
+        out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
+        W.w4a16_gemv_triton(x, q, scales, zeros, group, block_n=16, block_kp=64, dot_asm=True, out=out)
+        f32 = W.w4a16_gemv_triton(x, q, scales, zeros, group, block_n=16, block_kp=64, dot_asm=False)
+        assert torch.isfinite(out).all()
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        err32 = ((f32.float() - ref).norm() / ref.norm()).item()
+        assert err < 2e-3, (amp, err, err32)
+
+
 def test_dispatch_table_covers_every_m():
     for m in (1, 2, 3, 16, 17, 64, 65, 256, 257, 4096):
         path, kw = W.w4a16_config(m, 4096, 4096)
         assert path in ("gemv", "gemm") and kw["num_warps"] in (1, 2, 4, 8)
+    shapes = {(n, k): W.w4a16_config(1, n, k)[1]["block_n"] for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))}
+    assert shapes == {(6144, 4096): 16, (28672, 4096): 32, (4096, 14336): 8}  # M = 1 rows by N and K
 
 
 @pytest.mark.gpu
