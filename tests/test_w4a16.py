@@ -112,7 +112,7 @@ def test_gemv_dot_asm_needs_float16_on_cuda():
 @pytest.mark.parametrize("m,n,k,group", CASES + [(1, 4104, 4096, 128)])
 def test_gemv_dot_asm_on_cuda(m, n, k, group):
     """The packed-float16 word products (inline PTX) against the float32 reference and the float32-path
-    GEMV; large activations (|x| up to 8000) stay finite."""
+    GEMV; large activations (|x| up to 8000) stay finite wherever the true output fits in fp16."""
     if not torch.cuda.is_available() or os.environ["TRITON_INTERPRET"] == "1":
         pytest.skip("needs CUDA and TRITON_INTERPRET=0")
     _, q, scales, zeros = _quantized(n, k, group, torch.float16, seed=m + k)
@@ -123,9 +123,11 @@ def test_gemv_dot_asm_on_cuda(m, n, k, group):
         out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
         W.w4a16_gemv_triton(x, q, scales, zeros, group, block_n=16, block_kp=64, dot_asm=True, out=out)
         f32 = W.w4a16_gemv_triton(x, q, scales, zeros, group, block_n=16, block_kp=64, dot_asm=False)
-        assert torch.isfinite(out).all()
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        err32 = ((f32.float() - ref).norm() / ref.norm()).item()
+        fits = ref.abs() < 60000  # outputs fp16 can hold; past that the true result is inf anyway
+        assert fits.float().mean() > 0.9
+        assert torch.isfinite(out[fits]).all()
+        err = ((out.float()[fits] - ref[fits]).norm() / ref[fits].norm()).item()
+        err32 = ((f32.float()[fits] - ref[fits]).norm() / ref[fits].norm()).item()
         assert err < 2e-3, (amp, err, err32)
 
 
