@@ -18,6 +18,9 @@ Two Triton paths, both accumulating in float32:
   - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
     registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
 Both can split K over several programs (`split_k`) and sum the float32 partials in a second kernel.
+For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
+the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
+(Triton serialises dequant and wgmma inside a CTA), while the extra 2·K·N bytes are small next to M·K·N.
 `w4a16_matmul` picks a path and block shapes from a table by M and N (measured on an H100), and falls
 back to the torch reference (`w4a16_matmul_ref`) off CUDA or without Triton.
 """
@@ -438,6 +441,48 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 
 # ----------------------------------------------------------------------------- dispatch
 
+@_jit
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """W^T [K, N] in the activation dtype from one [BLOCK_R, BLOCK_N] tile of packed words."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # packed rows
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = (K + 7) // 8
+    mask = (offs_r[:, None] < rows) & (offs_n[None, :] < N)
+    packed = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask, other=0)  # [BR, BN] int32
+    group = (offs_r * 8) // GROUP  # G is a multiple of 8: the 8 codes of a word share one group
+    scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    for j in tl.static_range(8):
+        k = offs_r * 8 + j
+        code = ((packed >> (4 * j)) & 0xF).to(tl.float32)
+        w = (code - zero) * scale
+        tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
+                 mask=mask & (k[:, None] < K))
+
+
+def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                           in_features: int, dtype: torch.dtype, block_r: int = 16, block_n: int = 128) -> torch.Tensor:
+    """W^T [K, N] in `dtype` (the large-M path: dequantize once, then cuBLAS)."""
+    if triton is None:
+        raise LmcError("Triton is not installed: pip install triton")
+    n = qweight.shape[1]
+    out = torch.empty(in_features, n, dtype=dtype, device=qweight.device)  # [K, N]
+    grid = (_cdiv(qweight.shape[0], block_r), _cdiv(n, block_n))
+    _dequant_kernel[grid](qweight, scales, zeros, out, n, in_features, GROUP=group_size, BLOCK_R=block_r,
+                          BLOCK_N=block_n)
+    return out
+
+
+def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                                group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequantized W^T: one pass writing W^T [K, N], then the library GEMM. Pays 2·K·N bytes
+    written and read again, which large M amortises (prefill)."""
+    _check(x, qweight, scales, zeros, group_size)
+    w_t = dequantize_int4_triton(qweight, scales, zeros, group_size, x.shape[1], x.dtype)  # [K, N]
+    return torch.matmul(x, w_t, out=out)
+
+
 # (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
 # (None: any). Measured at the Llama-3-8B shapes (bench/NOTES.md, "W4A16 kernel" on an H100 and
 # "Decode step v2" on an H200 for M = 1): each row is within 6 % of the best configuration the sweep
@@ -455,12 +500,12 @@ _TABLE = (
                                   num_stages=3)),
     (256, 8192, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
                                    num_stages=3)),
-    (None, None, None, "gemm", dict(block_m=256, block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)),
+    (None, None, None, "dequant", dict()),
 )
 
 
 def w4a16_config(m: int, n: int, k: int) -> tuple[str, dict]:
-    """The path ("gemv" or "gemm") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N] product."""
+    """The path ("gemv", "gemm" or "dequant") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N] product."""
     for max_m, max_n, min_k, path, kw in _TABLE:
         if (max_m is None or m <= max_m) and (max_n is None or n <= max_n) and (min_k is None or k >= min_k):
             return path, dict(kw)
@@ -479,5 +524,5 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = x2.shape[0], qweight.shape[1]
     path, kw = w4a16_config(m, n, k)
-    launch = w4a16_gemv_triton if path == "gemv" else w4a16_gemm_triton
+    launch = {"gemv": w4a16_gemv_triton, "gemm": w4a16_gemm_triton, "dequant": w4a16_dequant_matmul_triton}[path]
     return launch(x2, qweight, scales, zeros, group_size, out=out, **kw).reshape(*x.shape[:-1], n)

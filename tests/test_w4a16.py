@@ -131,10 +131,20 @@ def test_gemv_dot_asm_on_cuda(m, n, k, group):
         assert err < 2e-3, (amp, err, err32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,n,k,group", CASES)
+def test_dequant_then_matmul(m, n, k, group, dtype):
+    _triton_check(W.w4a16_dequant_matmul_triton, m, n, k, group, dtype)
+    _, q, scales, zeros = _quantized(n, k, group, dtype, seed=k)
+    w_t = W.dequantize_int4_triton(q, scales, zeros, group, k, dtype, block_r=4, block_n=16)  # odd tiles
+    assert torch.equal(w_t, W.dequantize_int4_ref(q, scales, zeros, group, k).to(dtype))
+
+
 def test_dispatch_table_covers_every_m():
     for m in (1, 2, 3, 16, 17, 64, 65, 256, 257, 4096):
         path, kw = W.w4a16_config(m, 4096, 4096)
-        assert path in ("gemv", "gemm") and kw["num_warps"] in (1, 2, 4, 8)
+        assert path in ("gemv", "gemm", "dequant") and kw.get("num_warps", 4) in (1, 2, 4, 8)
+    assert W.w4a16_config(2048, 4096, 4096)[0] == "dequant"
     shapes = {(n, k): W.w4a16_config(1, n, k)[1]["block_n"] for n, k in ((6144, 4096), (28672, 4096), (4096, 14336))}
     assert shapes == {(6144, 4096): 16, (28672, 4096): 32, (4096, 14336): 8}  # M = 1 rows by N and K
 
