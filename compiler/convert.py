@@ -50,7 +50,8 @@ class Builder:
         for what, n in (("attention heads", c.num_heads), ("KV heads", c.num_kv_heads), ("intermediate_size", c.intermediate_size)):
             if n % tp:
                 raise LmcError(f"--tp {tp} does not divide {what} ({n}); choose a tp that divides {what}")
-        if self.quant and (c.hidden_size // tp) % self.group_size or self.quant and (c.intermediate_size // tp) % self.group_size:
+        row_parallel_k = (c.q_size // tp, c.intermediate_size // tp)  # K of wo and w2 per rank
+        if self.quant and any(k % self.group_size for k in row_parallel_k):
             raise LmcError(f"--tp {tp} would split an int4 group of {self.group_size}; use a smaller --tp")
 
     # --- source access -------------------------------------------------------------

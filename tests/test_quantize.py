@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmc.compiler.convert import convert
@@ -135,3 +136,32 @@ def test_cli_memory_refusal_and_json(checkpoint, tmp_path):
     assert summary["format"] == "awq" and len(summary["layers"]) == 2 and summary["peak_host_rss_bytes"] > 0
     r = _cli("quantize", ckpt, "-o", tmp_path / "q", "--calib-samples", 4)
     assert r.returncode == 1 and "--force" in r.stderr
+
+
+def test_awq_checkpoint_splits_for_tp(checkpoint, tmp_path):
+    from lmc.compiler.pack import from_lmc_tensors
+    from lmc.errors import LmcError
+
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    quantize(ckpt, tmp_path / "awq", QuantizeOptions(calib_samples=0, w_group_size=32, device="cpu"), say=_quiet)
+    convert(tmp_path / "awq", tmp_path / "tp1")
+    convert(tmp_path / "awq", tmp_path / "tp2", tp=2)
+    one, two = Workspace(tmp_path / "tp1"), Workspace(tmp_path / "tp2")
+
+    def codes(ws, prefix, base, k):
+        return from_lmc_tensors(*(ws.get(f"{prefix}{base}{leaf}") for leaf in (".qweight", ".scales", ".zeros")), k)
+
+    # row-parallel w2 (K = intermediate 128): each rank holds half of K; column-parallel w13: half of each of gate, up
+    full = codes(one, "", "layers.1.feed_forward.w2", 128)
+    halves = [codes(two, f"{r}:", f"layers.1.feed_forward.w2.{r}", 64) for r in range(2)]
+    for part in range(3):
+        assert torch.equal(torch.cat([h[part] for h in halves], dim=1), full[part])
+    full = codes(one, "", "layers.0.feed_forward.w13", 64)
+    ranks = [codes(two, f"{r}:", f"layers.0.feed_forward.w13.{r}", 64) for r in range(2)]
+    gate = torch.cat([r[0][:64] for r in ranks])
+    up = torch.cat([r[0][64:] for r in ranks])
+    assert torch.equal(torch.cat([gate, up]), full[0])
+    quantize(ckpt, tmp_path / "awq64", QuantizeOptions(calib_samples=0, w_group_size=64, device="cpu"), say=_quiet)
+    with pytest.raises(LmcError, match="would split an int4 group of 64"):
+        convert(tmp_path / "awq64", tmp_path / "bad", tp=2)  # wo's K per rank: 64 / 2 = 32 < 64
+    assert not (tmp_path / "bad").exists()
