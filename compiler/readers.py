@@ -6,7 +6,7 @@ folder also carries its config.json and tokenizer files (see `open_source`).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -105,9 +105,15 @@ class Source:
     hf_config: dict
     path: Path
     model_format: str  # "hf" | "awq" | "gguf"
+    _tokenizer_files: dict[str, bytes] | None = field(default=None, repr=False)
 
     def tokenizer_files(self) -> dict[str, bytes]:
-        """The files the workspace's tokenizer/ folder gets (tokenizer.json is required)."""
+        """The files the workspace's tokenizer/ folder gets (tokenizer.json is required); built once."""
+        if self._tokenizer_files is None:
+            self._tokenizer_files = self._read_tokenizer_files()
+        return self._tokenizer_files
+
+    def _read_tokenizer_files(self) -> dict[str, bytes]:
         if self.model_format == "gguf":
             import tempfile
 

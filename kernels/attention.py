@@ -26,6 +26,29 @@ except ImportError:  # CPU-only install: the torch reference serves
 if triton is not None:
 
     @triton.jit
+    def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, bt_row, offs_n, n_mask, offs_d, d_mask, kvh,
+                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                     qk_scale, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """One BLOCK_N tile of cached positions offs_n, found through the block table row, folded into the
+        online softmax (log2 units) of q [R, BLOCK_D]; keep [R, BLOCK_N] masks what q may attend to."""
+        blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+        tok = offs_n % PAGE
+        k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+        v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
+        nd_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [R, BLOCK_N]
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(qk - m_new[:, None])  # [R, BLOCK_N]
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        return acc, m_new, l_i
+
+
+    @triton.jit
     def _prefill_kernel(
         q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, kv_lens_ptr,
         qk_scale, group,
@@ -63,23 +86,10 @@ if triton is not None:
         for n0 in range(0, hi, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
-            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            tok = offs_n % PAGE
-            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
-            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
-            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], log2 units
-            causal = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]
-            qk = tl.where(causal, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_M, BLOCK_N]
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
+                                         kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                         qk_scale, PAGE, DOT_PRECISION)
         out = acc / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -120,22 +130,10 @@ if triton is not None:
         for n0 in range(start, end, BLOCK_N):
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
-            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
-            tok = offs_n % PAGE
-            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
-            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
-            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
-            qk = tl.where(n_mask[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_G, BLOCK_N]
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :],
-                        mask=n_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+            keep = tl.broadcast_to(n_mask[None, :], (BLOCK_G, BLOCK_N))
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
+                                         kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                                         qk_scale, PAGE, DOT_PRECISION)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or kv_len 0) gives zeros
         gd_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:

@@ -451,14 +451,11 @@ def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BL
     mask = (offs_r[:, None] < rows) & (offs_n[None, :] < N)
     packed = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask, other=0)  # [BR, BN] int32
     group = (offs_r * 8) // GROUP  # G is a multiple of 8: the 8 codes of a word share one group
-    scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
-    for j in tl.static_range(8):
-        k = offs_r * 8 + j
-        code = ((packed >> (4 * j)) & 0xF).to(tl.float32)
-        w = (code - zero) * scale
-        tl.store(out_ptr + k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty),
-                 mask=mask & (k[:, None] < K))
+    scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)  # [BR, BN]
+    zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
+    w = _dequant_tile(packed, scale, zero, out_ptr.dtype.element_ty, False)  # [8 * BR, BN], row 8r + j
+    offs_k = tl.program_id(0) * BLOCK_R * 8 + tl.arange(0, BLOCK_R * 8)
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
