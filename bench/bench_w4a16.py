@@ -204,17 +204,15 @@ def bench_m(shape: Shape, m: int, overrides: dict, do_bench: bool = True) -> dic
 
 def _candidates(m: int):
     out = []
-    if m == 1:  # the packed-float16 word products (dot_asm) against the float32 path, per block shape
-        for bn, kp, nw in ((16, 128, 4), (16, 64, 2), (32, 128, 8), (16, 256, 8), (32, 64, 4), (8, 128, 2),
-                           (8, 256, 4), (32, 256, 8)):
-            for asm in (False, True):
-                out.append(("gemv", dict(block_n=bn, block_kp=kp, split_k=1, num_warps=nw, dot_asm=asm)))
-    if 1 < m <= 4:
-        for bn, kp, nw, sk in ((16, 128, 4, 1), (16, 128, 4, 2), (16, 128, 4, 4), (16, 64, 2, 1), (16, 64, 2, 2),
-                               (32, 128, 8, 1), (32, 128, 8, 2), (16, 256, 8, 1), (16, 256, 8, 2)):
-            if nw == 4:
-                out.append(("gemv", dict(block_n=bn, block_kp=kp, split_k=sk, num_warps=nw)))
-    if m <= 16:
+    if m <= 8:  # the CUDA-core GEMV: block of N, warps, split of K, groups in flight, rows of x per program
+        rows = 1 if m == 1 else 2 if m == 2 else 4
+        for bn, nw in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2)):
+            for sk in ((1, 2, 4, 8) if m == 1 else (1, 2, 4)):
+                for depth in ((2, 3) if m == 1 else (1, 2)):
+                    out.append(("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=depth, num_warps=nw)))
+        if m == 1:  # the float32 path at one shape, for the record
+            out.append(("gemv", dict(block_n=32, rows=1, split_k=4, num_warps=1, dot_asm=False)))
+    if 1 < m <= 16:
         for bn, bk, nw, ns, sk in ((32, 256, 4, 3, 1), (32, 256, 4, 3, 2), (32, 256, 4, 3, 4), (64, 256, 4, 3, 2),
                                    (64, 256, 4, 3, 4), (64, 256, 4, 3, 8), (128, 128, 4, 4, 4), (128, 128, 4, 4, 8),
                                    (32, 128, 4, 4, 4), (64, 128, 4, 4, 4)):

@@ -191,133 +191,268 @@ def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
 
 
 @_jit
-def _dot8_f16_asm(packed, zero, x0, x1, x2, x3, x4, x5, x6, x7):
-    """sum_j (code j - zero) * x_j / 16 over the eight codes of every int32 word, as float32 (GPU only).
+def _dequant_pairs_f16_asm(packed, za, zb):
+    """(code - zero) / 16 of every int32 word as four float16 pairs (GPU only): q0 = (c0, c4), q1 = (c1, c5),
+    q2 = (c2, c6), q3 = (c3, c7), each an int32 holding two halves (low half first).
 
-    Per word: LOP3 (word >> 4i) & 0x000F000F | 0x64006400 holds codes i and i + 4 as float16 1024 + code;
-    one packed FMA by 1/16 minus (1024 + zero) / 16 gives (code - zero) / 16 exactly; four packed
-    multiply-adds with the x pairs (x_i, x_i+4) and one float32 add of the two halves finish it:
-    ~2.5 instructions per weight. The 1/16 keeps the four-term float16 sums finite for |x| < ~17000."""
+    LOP3 (word >> 8s) & 0x000F000F | 0x64006400 gives float16 1024 + c (codes 2s and 2s + 4), the mask
+    0x00F000F0 gives 1024 + 16 c (codes 2s + 1 and 2s + 5); one HFMA2 by 1/16 (resp. 1/256) plus
+    za = -(64 + z/16) (resp. zb = -(4 + z/16)) leaves (c - z) / 16 exactly: 9 instructions per word."""
     return tl.inline_asm_elementwise(
         asm="""{
-        .reg .b32 w, s2, z2, q0, q1, q2, q3, p0, p1, p2, p3, acc;
-        .reg .b16 zh, m16, m64, lo, hi;
-        .reg .f32 flo, fhi;
-        mov.b16 m16, 0xAC00;
-        mov.b16 m64, 0xD400;
-        fma.rn.f16 zh, $2, m16, m64;
-        mov.b32 z2, {zh, zh};
-        mov.b32 s2, 0x2C002C00;
-        lop3.b32 q0, $1, 0x000f000f, 0x64006400, 0xea;
-        shr.u32 w, $1, 4;
-        lop3.b32 q1, w, 0x000f000f, 0x64006400, 0xea;
-        shr.u32 w, $1, 8;
-        lop3.b32 q2, w, 0x000f000f, 0x64006400, 0xea;
-        shr.u32 w, $1, 12;
-        lop3.b32 q3, w, 0x000f000f, 0x64006400, 0xea;
-        fma.rn.f16x2 q0, q0, s2, z2;
-        fma.rn.f16x2 q1, q1, s2, z2;
-        fma.rn.f16x2 q2, q2, s2, z2;
-        fma.rn.f16x2 q3, q3, s2, z2;
-        mov.b32 p0, {$3, $7};
-        mov.b32 p1, {$4, $8};
-        mov.b32 p2, {$5, $9};
-        mov.b32 p3, {$6, $10};
-        mul.rn.f16x2 acc, q0, p0;
-        fma.rn.f16x2 acc, q1, p1, acc;
-        fma.rn.f16x2 acc, q2, p2, acc;
-        fma.rn.f16x2 acc, q3, p3, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 flo, flo, fhi;
-        mov.b32 $0, flo;
+        .reg .b32 w, t0, t1, t2, t3, s16, s256;
+        mov.b32 s16, 0x2C002C00;
+        mov.b32 s256, 0x1C001C00;
+        lop3.b32 t0, $4, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t1, $4, 0x00f000f0, 0x64006400, 0xea;
+        shr.u32 w, $4, 8;
+        lop3.b32 t2, w, 0x000f000f, 0x64006400, 0xea;
+        lop3.b32 t3, w, 0x00f000f0, 0x64006400, 0xea;
+        fma.rn.f16x2 $0, t0, s16, $5;
+        fma.rn.f16x2 $1, t1, s256, $6;
+        fma.rn.f16x2 $2, t2, s16, $5;
+        fma.rn.f16x2 $3, t3, s256, $6;
         }""",
-        constraints="=r,r,h,h,h,h,h,h,h,h,h",
-        args=[packed, zero, x0, x1, x2, x3, x4, x5, x6, x7],
-        dtype=tl.float32,
+        constraints="=r,=r,=r,=r,r,r,r",
+        args=[packed, za, zb],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
         is_pure=True,
         pack=1,
     )
 
 
 @_jit
-def _gemv_x(x_row, rows, j: tl.constexpr, K, ASM: tl.constexpr):
-    k = rows * 8 + j  # [KP]
-    x = tl.load(x_row + k, mask=k < K, other=0.0)  # [KP]: x[8r + j]
-    return x if ASM else x.to(tl.float32)
+def _dot_pairs_f16_asm(q0, q1, q2, q3, xq):
+    """sum_j (c_j - z) / 16 * x_j of four neighbouring words (four columns, one packed row), as float32 (GPU only).
+
+    pack=4: each call sees four consecutive elements of every operand, which for a [rows, BN] tile with
+    four int32 per thread along N (16-byte loads) are four columns of one packed row r. xq is the
+    [rows, BN] tile whose element at column n holds x[8r + 2(n % 4)] and x[8r + 2(n % 4) + 1] as a
+    float16 pair, so the four xq operands are the row's x pairs (x0, x1) .. (x6, x7): four PRMT regroup
+    them as (x0, x4) .. (x3, x7) to match q0 .. q3, shared by the four words. Per word one HMUL2, three
+    HFMA2 (four float16 terms per half: finite for |x| < ~17000) and one float32 add of the halves."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 a0, a1, a2, a3, acc;
+        .reg .b16 lo, hi;
+        .reg .f32 flo, fhi;
+        prmt.b32 a0, $20, $22, 0x5410;
+        prmt.b32 a1, $20, $22, 0x7632;
+        prmt.b32 a2, $21, $23, 0x5410;
+        prmt.b32 a3, $21, $23, 0x7632;
+        mul.rn.f16x2 acc, $4, a0;
+        fma.rn.f16x2 acc, $8, a1, acc;
+        fma.rn.f16x2 acc, $12, a2, acc;
+        fma.rn.f16x2 acc, $16, a3, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $0, flo, fhi;
+        mul.rn.f16x2 acc, $5, a0;
+        fma.rn.f16x2 acc, $9, a1, acc;
+        fma.rn.f16x2 acc, $13, a2, acc;
+        fma.rn.f16x2 acc, $17, a3, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $1, flo, fhi;
+        mul.rn.f16x2 acc, $6, a0;
+        fma.rn.f16x2 acc, $10, a1, acc;
+        fma.rn.f16x2 acc, $14, a2, acc;
+        fma.rn.f16x2 acc, $18, a3, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $2, flo, fhi;
+        mul.rn.f16x2 acc, $7, a0;
+        fma.rn.f16x2 acc, $11, a1, acc;
+        fma.rn.f16x2 acc, $15, a2, acc;
+        fma.rn.f16x2 acc, $19, a3, acc;
+        mov.b32 {lo, hi}, acc;
+        cvt.f32.f16 flo, lo;
+        cvt.f32.f16 fhi, hi;
+        add.f32 $3, flo, fhi;
+        }""",
+        constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
+        args=[q0, q1, q2, q3, xq],
+        dtype=tl.float32,
+        is_pure=True,
+        pack=4,
+    )
 
 
 @_jit
-def _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0, offs_r, offs_n, N, K, GROUP: tl.constexpr, ASM: tl.constexpr):
-    """Loads of one decode step: packed words [KP, BN], scale [KP, BN] (float32), zero [KP, BN] (float16
-    with ASM, else 2**23 + zero in float32), and x[8r + j] for j = 0..7 as eight [KP] vectors."""
-    kp_total = tl.cdiv(K, 8)
-    rows = r0 + offs_r  # [KP] packed rows
-    w_mask = (rows < kp_total)[:, None] & (offs_n < N)[None, :]
-    packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
-    sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]: all 8 codes share a group
-    scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0).to(tl.float32)  # [KP, BN]
-    zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-    if not ASM:
-        zero = zero.to(tl.float32) + 8388608.0  # 2**23 + zero
-    xs = (_gemv_x(x_row, rows, 0, K, ASM), _gemv_x(x_row, rows, 1, K, ASM), _gemv_x(x_row, rows, 2, K, ASM),
-          _gemv_x(x_row, rows, 3, K, ASM), _gemv_x(x_row, rows, 4, K, ASM), _gemv_x(x_row, rows, 5, K, ASM),
-          _gemv_x(x_row, rows, 6, K, ASM), _gemv_x(x_row, rows, 7, K, ASM))
-    return packed, scale, zero, xs
+def _half_pair(v):
+    """float32 [BN] -> int32 [BN] holding float16(v) in both halves."""
+    h = v.to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return h | (h << 16)
 
 
 @_jit
-def _gemv_bcast(v, like):
-    return tl.broadcast_to(v[:, None], like.shape)  # [KP] -> [KP, BN]
+def _load(ptrs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptrs, mask=mask, other=0)
+    return tl.load(ptrs)
+
+
+@_jit
+def _gemv_row_part(x_row, x_pairs, packed, zero_m, q0, q1, q2, q3, rows, row_ok, K,
+                   MASKED: tl.constexpr, ASM: tl.constexpr):
+    """One row of x times one group tile: [GP, BN] float32 partial sums (before the group scale)."""
+    if ASM:  # x_pairs: the row's x as int32 float16 pairs, element [r, n] = pair n % 4 of packed row r
+        xq = _load(x_pairs, row_ok, MASKED)  # [GP, BN] int32
+        return _dot_pairs_f16_asm(q0, q1, q2, q3, xq)
+    part = tl.zeros(packed.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        k = rows * 8 + j  # [GP]
+        xj = tl.load(x_row + k, mask=k < K, other=0.0).to(tl.float32)  # [GP]: x[8r + j]
+        part += xj[:, None] * _code_minus_zero(packed, j, zero_m)
+    return part
+
+
+@_jit
+def _gemv_group(x_ptr, x32_ptr, g, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
+                acc0, acc1, acc2, acc3, packed, scale, zero,
+                GROUP: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
+    """Multiply the loaded group tile (packed [GP, BN], scale and zero [BN]) by up to four rows of x."""
+    rows = g * (GROUP // 8) + offs_g  # [GP] packed rows of group g
+    row_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]  # [GP, BN]
+    pair_off = rows[:, None] * 4 + offs_n[None, :] % 4  # [GP, BN]: int32 index of x pair n % 4 of row r
+    if ASM:
+        zf = zero.to(tl.float32) * 0.0625  # [BN]
+        q0, q1, q2, q3 = _dequant_pairs_f16_asm(packed, _half_pair(-64.0 - zf)[None, :],
+                                                _half_pair(-4.0 - zf)[None, :])  # [GP, BN] x4: (c - z) / 16 pairs
+        zero_m = zero
+        scale = scale.to(tl.float32) * 16.0  # [BN]
+    else:
+        q0, q1, q2, q3 = packed, packed, packed, packed  # unused off the PTX path
+        zero_m = (zero.to(tl.float32) + 8388608.0)[None, :]  # 2**23 + zero
+        scale = scale.to(tl.float32)
+    stride_p = stride_xm // 2
+    r0 = tl.minimum(m0, M - 1)  # rows past M repeat the last row; their results are not stored
+    acc0 += _gemv_row_part(x_ptr + r0 * stride_xm, x32_ptr + r0 * stride_p + pair_off, packed, zero_m,
+                           q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+    if ROWS > 1:
+        r1 = tl.minimum(m0 + 1, M - 1)
+        acc1 += _gemv_row_part(x_ptr + r1 * stride_xm, x32_ptr + r1 * stride_p + pair_off, packed, zero_m,
+                               q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+    if ROWS > 2:
+        r2 = tl.minimum(m0 + 2, M - 1)
+        acc2 += _gemv_row_part(x_ptr + r2 * stride_xm, x32_ptr + r2 * stride_p + pair_off, packed, zero_m,
+                               q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+        r3 = tl.minimum(m0 + 3, M - 1)
+        acc3 += _gemv_row_part(x_ptr + r3 * stride_xm, x32_ptr + r3 * stride_p + pair_off, packed, zero_m,
+                               q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+    return acc0, acc1, acc2, acc3
+
+
+@_jit
+def _gemv_load_group(qw_ptr, s_ptr, z_ptr, g, N, K, offs_g, offs_n, n_ok, GROUP: tl.constexpr,
+                     MASKED: tl.constexpr):
+    """Loads of group g: packed words [GP, BN] (16-byte loads along N), scale and zero [BN]."""
+    rows = g * (GROUP // 8) + offs_g  # [GP]
+    w_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]
+    packed = _load(qw_ptr + rows[:, None] * N + offs_n[None, :], w_ok, MASKED)  # [GP, BN] int32
+    scale = _load(s_ptr + g * N + offs_n, n_ok, MASKED)  # [BN]
+    zero = _load(z_ptr + g * N + offs_n, n_ok, MASKED)  # [BN]
+    return packed, scale, zero
+
+
+@_jit
+def _gemv_store(acc, m, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K: tl.constexpr):
+    val = tl.sum(acc, axis=0)  # [BN]
+    ok = n_ok & (offs_n * 0 + m < M)  # [BN]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + m * stride_om + offs_n, val.to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(ws_ptr + (split * M + m) * N + offs_n, val, mask=ok)
+
+
+@_jit
+def _gemv_finish(m, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, SPLIT_K: tl.constexpr):
+    """Last split of a column block: out[m] = sum over splits of the float32 partials, in split order."""
+    ok = n_ok & (offs_n * 0 + m < M)  # [BN]
+    total = tl.zeros(offs_n.shape, dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        total += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=ok, other=0.0, cache_modifier=".cg")
+    tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @_jit
 def _w4a16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
-    M, N, K, stride_xm, stride_dm, stride_ds,
-    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KP: tl.constexpr, SPLIT_K: tl.constexpr,
-    DOT_ASM: tl.constexpr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
+    M, N, K, stride_xm, stride_om,
+    GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
+    MASKED: tl.constexpr, ASM: tl.constexpr,
 ):
-    """Decode path, one row of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
-    W[n, 8r + j] in bits 4j..4j+3.
+    """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
+    W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
 
-    Program (m, pid_n) owns out[m, BLOCK_N cols]. Each step loads a [BLOCK_KP, BLOCK_N] tile of
-    packed words (16-byte loads along N) and its x values while the previous tile is being
-    multiplied (explicit prefetch: two tiles in flight), and accumulates per thread in a
-    [BLOCK_KP, BLOCK_N] float32 tile; the reduction over K runs once, at the end. With SPLIT_K > 1,
-    program (m, pid_n, s) covers the s-th of SPLIT_K runs of whole tiles along K and writes float32
-    partial sums to dst[s] (reduced by _splitk_sum_kernel). DOT_ASM (float16 x, GPU only): each word's
-    eight products are summed by _dot8_f16_asm in packed float16, then scaled in float32."""
-    m = tl.program_id(0)  # rows of x are the fastest grid axis: programs sharing weights run together
+    Program (pid_m, pid_n, split) owns out[ROWS rows, BLOCK_N cols] and walks the split-th run of whole
+    groups. Per group: one [GROUP/8, BLOCK_N] tile of packed words and the group's scale and zero
+    vectors, loaded while the previous group is multiplied (explicit prefetch); each word is
+    dequantized once for all rows; a [GROUP/8, BLOCK_N] float32 partial sum per row, reduced over K at
+    the end; DEPTH (1..3) groups are loaded ahead of the one being multiplied. SPLIT_K > 1: each split writes float32 partials to ws[split, M, N], and the last split to
+    arrive at a column block (counter in count_ptr, reset after use) sums them in split order
+    (deterministic). ASM (float16 x on the GPU, even row stride): packed-float16 dequant and products.
+    MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load)."""
+    if ASM:  # the launcher checked N % 4 == 0; saying so lets every [GP, BN] tile load 16 bytes per thread,
+        N = (N // 4) * 4  # which the pack=4 products rely on (four columns of one row per call)
+    pid_m = tl.program_id(0)  # rows of x fastest: programs sharing weights run together (L2)
     pid_n = tl.program_id(1)
+    split = tl.program_id(2)
+    m0 = pid_m * ROWS
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-    offs_r = tl.arange(0, BLOCK_KP)  # [KP]
-    x_row = x_ptr + m * stride_xm
-    kp_total = tl.cdiv(K, 8)
-    kp_run = tl.cdiv(tl.cdiv(kp_total, SPLIT_K), BLOCK_KP) * BLOCK_KP  # packed rows per split, whole tiles
-    r_start = tl.program_id(2) * kp_run
-    acc = tl.zeros((BLOCK_KP, BLOCK_N), dtype=tl.float32)
-    packed, scale, zero, xs = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r_start, offs_r, offs_n, N, K, GROUP,
-                                         DOT_ASM)
-    for r0 in range(r_start, min(kp_total, r_start + kp_run), BLOCK_KP):
-        nxt = _gemv_tile(x_row, qw_ptr, s_ptr, z_ptr, r0 + BLOCK_KP, offs_r, offs_n, N, K, GROUP, DOT_ASM)
-        if DOT_ASM:
-            part = _dot8_f16_asm(packed, zero, _gemv_bcast(xs[0], packed), _gemv_bcast(xs[1], packed),
-                                 _gemv_bcast(xs[2], packed), _gemv_bcast(xs[3], packed), _gemv_bcast(xs[4], packed),
-                                 _gemv_bcast(xs[5], packed), _gemv_bcast(xs[6], packed),
-                                 _gemv_bcast(xs[7], packed))  # [KP, BN]: sum_j (code j - zero) x_j / 16
+    offs_g = tl.arange(0, GROUP // 8)  # [GP]
+    n_ok = offs_n < N
+    x32_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    n_groups = tl.cdiv(K, GROUP)
+    run = tl.cdiv(n_groups, SPLIT_K)
+    g_first = split * run
+    g_last = tl.minimum(n_groups, g_first + run) - 1
+    acc0 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
+    acc1 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
+    acc3 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
+    # a ring of loads: while group g is multiplied, groups g + 1 .. g + DEPTH are in flight (the last steps
+    # reload group g_last, from cache, rather than read past the run)
+    p0, s0, z0 = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g_first, g_last), N, K, offs_g, offs_n, n_ok,
+                                  GROUP, MASKED)
+    p1, s1, z1 = p0, s0, z0
+    p2, s2, z2 = p0, s0, z0
+    if DEPTH > 1:
+        p1, s1, z1 = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g_first + 1, g_last), N, K, offs_g, offs_n,
+                                      n_ok, GROUP, MASKED)
+    if DEPTH > 2:
+        p2, s2, z2 = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g_first + 2, g_last), N, K, offs_g, offs_n,
+                                      n_ok, GROUP, MASKED)
+    for g in range(g_first, g_last + 1):
+        pn, sn, zn = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g + DEPTH, g_last), N, K, offs_g, offs_n,
+                                      n_ok, GROUP, MASKED)
+        acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
+                                             acc0, acc1, acc2, acc3, p0, s0, z0, GROUP, ROWS, MASKED, ASM)
+        if DEPTH == 1:
+            p0, s0, z0 = pn, sn, zn
+        elif DEPTH == 2:
+            p0, s0, z0 = p1, s1, z1
+            p1, s1, z1 = pn, sn, zn
         else:
-            part = xs[0][:, None] * _code_minus_zero(packed, 0, zero)  # [KP, BN]
-            for j in tl.static_range(1, 8):
-                part += xs[j][:, None] * _code_minus_zero(packed, j, zero)
-        acc += part * scale
-        packed, scale, zero, xs = nxt
-    out = tl.sum(acc, axis=0)  # [BN]
-    if DOT_ASM:
-        out = out * 16.0
-    dst = dst_ptr + tl.program_id(2) * stride_ds + m * stride_dm + offs_n
-    tl.store(dst, out.to(dst_ptr.dtype.element_ty), mask=offs_n < N)
+            p0, s0, z0 = p1, s1, z1
+            p1, s1, z1 = p2, s2, z2
+            p2, s2, z2 = pn, sn, zn
+    _gemv_store(acc0, m0, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+    if ROWS > 1:
+        _gemv_store(acc1, m0 + 1, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+    if ROWS > 2:
+        _gemv_store(acc2, m0 + 2, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+        _gemv_store(acc3, m0 + 3, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+    if SPLIT_K > 1:
+        tl.debug_barrier()  # every thread's partials are written before the counter says so
+        counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+            for r in tl.static_range(ROWS):
+                _gemv_finish(m0 + r, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, SPLIT_K)
+            tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
 @_jit
@@ -389,30 +524,53 @@ def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
                                               num_warps=4)
 
 
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def _split_counters(device: torch.device, size: int) -> torch.Tensor:
+    """int32 zeros, one per column block, shared by every split-K GEMV call on the device (each call leaves
+    them at zero again). Grown outside CUDA-graph capture: the engine runs every shape once before capturing."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None or counters.numel() < size:
+        counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[device] = counters
+    return counters
+
+
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, *, block_n: int = 32, block_kp: int = 64, split_k: int = 1,
-                      num_warps: int = 4, num_stages: int = 1, dot_asm: bool | None = None,
+                      group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 2,
+                      num_warps: int = 1, dot_asm: bool | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode path: x [M, K] (M small; rows re-read the weights, from L2) -> [M, N] in x.dtype.
-    split_k > 1 splits K over that many programs and sums their float32 partials in a second kernel.
-    dot_asm: packed-float16 products per word (inline PTX); None = on for float16 x on CUDA."""
+    """Decode path: x [M, K] (M small) -> [M, N] in x.dtype; `rows` (1, 2 or 4) rows of x per program share
+    each dequantized word, further row blocks re-read the weights (from L2). split_k > 1 splits the groups
+    of K over that many programs per column block; the last to finish sums the float32 partials. depth (1..3):
+    groups loaded ahead of the one being multiplied. dot_asm: packed-float16 dequant and products (inline PTX;
+    needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
+    if rows not in (1, 2, 4) or depth not in (1, 2, 3):
+        raise LmcError(f"rows must be 1, 2 or 4 and depth 1, 2 or 3, got {rows} and {depth}")
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
-    asm_ok = x.is_cuda and x.dtype == torch.float16
+    asm_ok = x.is_cuda and x.dtype == torch.float16 and n % 4 == 0
     if dot_asm is None:
         dot_asm = asm_ok
     elif dot_asm and not asm_ok:
-        raise LmcError("dot_asm needs float16 activations on CUDA; pass dot_asm=None")
-    dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
-    _w4a16_gemv_kernel[(m, _cdiv(n, block_n), split_k)](
-        x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
-        GROUP=group_size, BLOCK_N=block_n, BLOCK_KP=block_kp, SPLIT_K=split_k, DOT_ASM=dot_asm,
-        num_warps=num_warps, num_stages=num_stages)
-    if split_k > 1:
-        _splitk_sum(dst, out)
+        raise LmcError("dot_asm needs float16 activations on CUDA and N % 4 == 0; pass dot_asm=None")
+    if dot_asm:  # the pack=4 products need a tile of at least four words per thread: no replicated elements
+        block_n = max(block_n, 1024 * num_warps // group_size)  # (G/8) * BN >= 4 * 32 * num_warps
+    if dot_asm and (k % PACK or x.stride(0) % PACK or x.data_ptr() % 16):  # x is read as 16-byte rows of pairs
+        padded = torch.zeros((m, _cdiv(k, PACK) * PACK), dtype=x.dtype, device=x.device)  # [M, ceil(K/8)*8]
+        padded[:, :k] = x
+        x = padded
+    grid = (_cdiv(m, rows), _cdiv(n, block_n), split_k)
+    ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    counters = _split_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
+    _w4a16_gemv_kernel[grid](
+        x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
+        GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
+        MASKED=bool(n % block_n or k % group_size), ASM=dot_asm, num_warps=num_warps, num_stages=1)
     return out
 
 
@@ -481,14 +639,16 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
 
 
 # (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
-# (None: any). Measured at the Llama-3-8B shapes (bench/NOTES.md, "W4A16 kernel" on an H100 and
-# "Decode step v2" on an H200 for M = 1): each row is within 6 % of the best configuration the sweep
-# found for every shape it covers (M = 1: within 8 %). split_k buys programs where M x N alone gives
-# too few for 132 SMs.
+# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel" for M > 4,
+# "GEMV v3" for M <= 4): each row is the best configuration, or within 6 % of it, on every swept shape it
+# covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
 _TABLE = (
-    (1, None, 8192, "gemv", dict(block_n=8, block_kp=256, num_warps=4)),
-    (1, 8192, None, "gemv", dict(block_n=16, block_kp=128, num_warps=4)),
-    (1, None, None, "gemv", dict(block_n=32, block_kp=64, num_warps=4)),
+    (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=2, num_warps=1)),
+    (1, None, None, "gemv", dict(block_n=32, rows=1, split_k=2, depth=2, num_warps=1)),
+    (2, 8192, None, "gemv", dict(block_n=16, rows=2, split_k=4, depth=1, num_warps=1)),
+    (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=1, depth=1, num_warps=1)),
+    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1)),
+    (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=1, depth=1, num_warps=1)),
     (16, None, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
                                   num_stages=3)),
     (64, 8192, None, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,
