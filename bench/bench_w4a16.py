@@ -206,9 +206,10 @@ def _candidates(m: int):
     out = []
     if m <= 8:  # the CUDA-core GEMV: block of N, warps, split of K, groups in flight, rows of x per program
         rows = 1 if m == 1 else 2 if m == 2 else 4
-        for bn, nw in ((16, 1), (32, 1), (32, 2), (64, 1), (64, 2)):
+        # words per thread and step: (G/8) * BN / (32 * num_warps); fewer words, more warps per SM
+        for bn, nw in ((16, 1), (32, 1), (16, 2), (32, 2), (64, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
             for sk in ((1, 2, 4, 8) if m == 1 else (1, 2, 4)):
-                for depth in ((2, 3) if m == 1 else (1, 2)):
+                for depth in (1, 2):
                     out.append(("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=depth, num_warps=nw)))
         if m == 1:  # the float32 path at one shape, for the record
             out.append(("gemv", dict(block_n=32, rows=1, split_k=4, num_warps=1, dot_asm=False)))

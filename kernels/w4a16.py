@@ -296,11 +296,11 @@ def _load(ptrs, mask, MASKED: tl.constexpr):
 
 
 @_jit
-def _gemv_row_part(x_row, x_pairs, packed, zero_m, q0, q1, q2, q3, rows, row_ok, K,
-                   MASKED: tl.constexpr, ASM: tl.constexpr):
+def _gemv_row_part(x_row, x_pairs, xq_loaded, packed, zero_m, q0, q1, q2, q3, rows, row_ok, K,
+                   LOADED: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
     """One row of x times one group tile: [GP, BN] float32 partial sums (before the group scale)."""
     if ASM:  # x_pairs: the row's x as int32 float16 pairs, element [r, n] = pair n % 4 of packed row r
-        xq = _load(x_pairs, row_ok, MASKED)  # [GP, BN] int32
+        xq = xq_loaded if LOADED else _load(x_pairs, row_ok, MASKED)  # [GP, BN] int32
         return _dot_pairs_f16_asm(q0, q1, q2, q3, xq)
     part = tl.zeros(packed.shape, dtype=tl.float32)
     for j in tl.static_range(8):
@@ -311,10 +311,14 @@ def _gemv_row_part(x_row, x_pairs, packed, zero_m, q0, q1, q2, q3, rows, row_ok,
 
 
 @_jit
-def _gemv_group(x_ptr, x32_ptr, g, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
-                acc0, acc1, acc2, acc3, packed, scale, zero,
+def _gemv_group(x_ptr, x32_ptr, g, g_last, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
+                acc0, acc1, acc2, acc3, packed, scale, zero, xq0,
                 GROUP: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
-    """Multiply the loaded group tile (packed [GP, BN], scale and zero [BN]) by up to four rows of x."""
+    """Multiply the loaded group tile (packed [GP, BN], scale and zero [BN], and with ASM the first row's x pairs
+    xq0 [GP, BN]) by up to four rows of x; a group past
+    g_last (the unrolled loop's overhang, loaded as g_last) adds nothing."""
+    scale = tl.where(g <= g_last, scale, 0.0)  # [BN]
+    g = tl.minimum(g, g_last)
     rows = g * (GROUP // 8) + offs_g  # [GP] packed rows of group g
     row_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]  # [GP, BN]
     pair_off = rows[:, None] * 4 + offs_n[None, :] % 4  # [GP, BN]: int32 index of x pair n % 4 of row r
@@ -330,32 +334,36 @@ def _gemv_group(x_ptr, x32_ptr, g, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
         scale = scale.to(tl.float32)
     stride_p = stride_xm // 2
     r0 = tl.minimum(m0, M - 1)  # rows past M repeat the last row; their results are not stored
-    acc0 += _gemv_row_part(x_ptr + r0 * stride_xm, x32_ptr + r0 * stride_p + pair_off, packed, zero_m,
-                           q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+    acc0 += _gemv_row_part(x_ptr + r0 * stride_xm, x32_ptr + r0 * stride_p + pair_off, xq0, packed, zero_m,
+                           q0, q1, q2, q3, rows, row_ok, K, True, MASKED, ASM) * scale[None, :]
     if ROWS > 1:
         r1 = tl.minimum(m0 + 1, M - 1)
-        acc1 += _gemv_row_part(x_ptr + r1 * stride_xm, x32_ptr + r1 * stride_p + pair_off, packed, zero_m,
-                               q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+        acc1 += _gemv_row_part(x_ptr + r1 * stride_xm, x32_ptr + r1 * stride_p + pair_off, xq0, packed,
+                               zero_m, q0, q1, q2, q3, rows, row_ok, K, False, MASKED, ASM) * scale[None, :]
     if ROWS > 2:
         r2 = tl.minimum(m0 + 2, M - 1)
-        acc2 += _gemv_row_part(x_ptr + r2 * stride_xm, x32_ptr + r2 * stride_p + pair_off, packed, zero_m,
-                               q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+        acc2 += _gemv_row_part(x_ptr + r2 * stride_xm, x32_ptr + r2 * stride_p + pair_off, xq0, packed,
+                               zero_m, q0, q1, q2, q3, rows, row_ok, K, False, MASKED, ASM) * scale[None, :]
         r3 = tl.minimum(m0 + 3, M - 1)
-        acc3 += _gemv_row_part(x_ptr + r3 * stride_xm, x32_ptr + r3 * stride_p + pair_off, packed, zero_m,
-                               q0, q1, q2, q3, rows, row_ok, K, MASKED, ASM) * scale[None, :]
+        acc3 += _gemv_row_part(x_ptr + r3 * stride_xm, x32_ptr + r3 * stride_p + pair_off, xq0, packed,
+                               zero_m, q0, q1, q2, q3, rows, row_ok, K, False, MASKED, ASM) * scale[None, :]
     return acc0, acc1, acc2, acc3
 
 
 @_jit
-def _gemv_load_group(qw_ptr, s_ptr, z_ptr, g, N, K, offs_g, offs_n, n_ok, GROUP: tl.constexpr,
-                     MASKED: tl.constexpr):
-    """Loads of group g: packed words [GP, BN] (16-byte loads along N), scale and zero [BN]."""
+def _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, g, N, K, offs_g, offs_n, n_ok, GROUP: tl.constexpr,
+                     MASKED: tl.constexpr, ASM: tl.constexpr):
+    """Loads of group g: packed words [GP, BN] (16-byte loads along N), scale and zero [BN], and with ASM the
+    first row's x pairs [GP, BN] (element [r, n] = pair n % 4 of packed row r), so that x is in flight too."""
     rows = g * (GROUP // 8) + offs_g  # [GP]
     w_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]
     packed = _load(qw_ptr + rows[:, None] * N + offs_n[None, :], w_ok, MASKED)  # [GP, BN] int32
     scale = _load(s_ptr + g * N + offs_n, n_ok, MASKED)  # [BN]
     zero = _load(z_ptr + g * N + offs_n, n_ok, MASKED)  # [BN]
-    return packed, scale, zero
+    xq = packed  # unused off the PTX path
+    if ASM:
+        xq = _load(x32_row + rows[:, None] * 4 + offs_n[None, :] % 4, w_ok, MASKED)  # [GP, BN] int32
+    return packed, scale, zero, xq
 
 
 @_jit
@@ -392,7 +400,7 @@ def _w4a16_gemv_kernel(
     groups. Per group: one [GROUP/8, BLOCK_N] tile of packed words and the group's scale and zero
     vectors, loaded while the previous group is multiplied (explicit prefetch); each word is
     dequantized once for all rows; a [GROUP/8, BLOCK_N] float32 partial sum per row, reduced over K at
-    the end; DEPTH (1..3) groups are loaded ahead of the one being multiplied. SPLIT_K > 1: each split writes float32 partials to ws[split, M, N], and the last split to
+    the end; DEPTH (1 or 2) groups are loaded ahead of the one being multiplied. SPLIT_K > 1: each split writes float32 partials to ws[split, M, N], and the last split to
     arrive at a column block (counter in count_ptr, reset after use) sums them in split order
     (deterministic). ASM (float16 x on the GPU, even row stride): packed-float16 dequant and products.
     MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load)."""
@@ -414,32 +422,35 @@ def _w4a16_gemv_kernel(
     acc1 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
     acc3 = tl.zeros((GROUP // 8, BLOCK_N), dtype=tl.float32)
-    # a ring of loads: while group g is multiplied, groups g + 1 .. g + DEPTH are in flight (the last steps
-    # reload group g_last, from cache, rather than read past the run)
-    p0, s0, z0 = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g_first, g_last), N, K, offs_g, offs_n, n_ok,
-                                  GROUP, MASKED)
-    p1, s1, z1 = p0, s0, z0
-    p2, s2, z2 = p0, s0, z0
-    if DEPTH > 1:
-        p1, s1, z1 = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g_first + 1, g_last), N, K, offs_g, offs_n,
-                                      n_ok, GROUP, MASKED)
-    if DEPTH > 2:
-        p2, s2, z2 = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g_first + 2, g_last), N, K, offs_g, offs_n,
-                                      n_ok, GROUP, MASKED)
-    for g in range(g_first, g_last + 1):
-        pn, sn, zn = _gemv_load_group(qw_ptr, s_ptr, z_ptr, tl.minimum(g + DEPTH, g_last), N, K, offs_g, offs_n,
-                                      n_ok, GROUP, MASKED)
-        acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
-                                             acc0, acc1, acc2, acc3, p0, s0, z0, GROUP, ROWS, MASKED, ASM)
+    x32_row = x32_ptr + tl.minimum(m0, M - 1) * (stride_xm // 2)  # the first row's x as float16 pairs
+    # Software pipeline unrolled DEPTH + 1 times, so that no register holding a load in flight is ever copied
+    # (a copy would wait for the load): while one group is multiplied, the next DEPTH are in flight. Groups past
+    # the run are clamped to g_last (a cached reload) and multiplied with a zero scale.
+    pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
+                                      offs_n, n_ok, GROUP, MASKED, ASM)
+    pb, sb, zb, xb = pa, sa, za, xa
+    if DEPTH == 2:
+        pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first + 1, g_last), N, K,
+                                          offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
+    for g in range(g_first, g_last + 1, DEPTH + 1):
         if DEPTH == 1:
-            p0, s0, z0 = pn, sn, zn
-        elif DEPTH == 2:
-            p0, s0, z0 = p1, s1, z1
-            p1, s1, z1 = pn, sn, zn
+            pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 1, g_last), N, K,
+                                              offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
         else:
-            p0, s0, z0 = p1, s1, z1
-            p1, s1, z1 = p2, s2, z2
-            p2, s2, z2 = pn, sn, zn
+            pc, sc, zc, xc = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 2, g_last), N, K,
+                                              offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
+        acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g, g_last, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
+                                             acc0, acc1, acc2, acc3, pa, sa, za, xa, GROUP, ROWS, MASKED, ASM)
+        pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + DEPTH + 1, g_last), N, K,
+                                          offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
+        acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g + 1, g_last, m0, M, K, stride_xm, offs_g, offs_n,
+                                             n_ok, acc0, acc1, acc2, acc3, pb, sb, zb, xb, GROUP, ROWS, MASKED, ASM)
+        if DEPTH == 2:
+            pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 4, g_last), N, K,
+                                              offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
+            acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g + 2, g_last, m0, M, K, stride_xm, offs_g, offs_n,
+                                                 n_ok, acc0, acc1, acc2, acc3, pc, sc, zc, xc, GROUP, ROWS, MASKED,
+                                                 ASM)
     _gemv_store(acc0, m0, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
     if ROWS > 1:
         _gemv_store(acc1, m0 + 1, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
@@ -538,17 +549,17 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 2,
+                      group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 1,
                       num_warps: int = 1, dot_asm: bool | None = None,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode path: x [M, K] (M small) -> [M, N] in x.dtype; `rows` (1, 2 or 4) rows of x per program share
     each dequantized word, further row blocks re-read the weights (from L2). split_k > 1 splits the groups
-    of K over that many programs per column block; the last to finish sums the float32 partials. depth (1..3):
+    of K over that many programs per column block; the last to finish sums the float32 partials. depth (1 or 2):
     groups loaded ahead of the one being multiplied. dot_asm: packed-float16 dequant and products (inline PTX;
     needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
-    if rows not in (1, 2, 4) or depth not in (1, 2, 3):
-        raise LmcError(f"rows must be 1, 2 or 4 and depth 1, 2 or 3, got {rows} and {depth}")
+    if rows not in (1, 2, 4) or depth not in (1, 2):
+        raise LmcError(f"rows must be 1, 2 or 4 and depth 1 or 2, got {rows} and {depth}")
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
@@ -643,12 +654,12 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
 # "GEMV v3" for M <= 4): each row is the best configuration, or within 6 % of it, on every swept shape it
 # covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
 _TABLE = (
-    (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=2, num_warps=1)),
-    (1, None, None, "gemv", dict(block_n=32, rows=1, split_k=2, depth=2, num_warps=1)),
+    (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=1, num_warps=1)),
+    (1, None, None, "gemv", dict(block_n=64, rows=1, split_k=2, depth=1, num_warps=4)),
     (2, 8192, None, "gemv", dict(block_n=16, rows=2, split_k=4, depth=1, num_warps=1)),
-    (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=1, depth=1, num_warps=1)),
+    (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=2, depth=1, num_warps=1)),
     (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1)),
-    (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=1, depth=1, num_warps=1)),
+    (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=2, depth=1, num_warps=1)),
     (16, None, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
                                   num_stages=3)),
     (64, 8192, None, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,

@@ -88,9 +88,9 @@ def _triton_check(launch, m, n, k, group, dtype, **kw):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m,n,k,group", CASES)
 def test_gemv_triton(m, n, k, group, dtype):
-    # depth 1..3 groups in flight; M=3 and 33: rows past M in the last block of 2 or 4 rows; split_k=3 over K=200, G=64 (4 groups): runs
+    # depth 1 or 2 groups in flight (unrolled 2 or 3 times: odd group counts leave an overhang); M=3 and 33: rows past M in the last block of 2 or 4 rows; split_k=3 over K=200, G=64 (4 groups): runs
     # of 2, 2 and an empty third that still takes part in the last-split reduction
-    rows, split_k, depth = {1: (1, 3, 3), 3: (2, 2, 1), 16: (4, 1, 2), 33: (4, 3, 3)}[m]
+    rows, split_k, depth = {1: (1, 3, 2), 3: (2, 2, 1), 16: (4, 1, 2), 33: (4, 3, 1)}[m]
     _triton_check(W.w4a16_gemv_triton, m, n, k, group, dtype, block_n=16, rows=rows, split_k=split_k, depth=depth)
 
 
@@ -123,7 +123,7 @@ def test_gemv_dot_asm_needs_float16_on_cuda():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("rows,split_k,depth", [(1, 1, 1), (1, 3, 3), (4, 2, 2)])
+@pytest.mark.parametrize("rows,split_k,depth", [(1, 1, 1), (1, 3, 2), (4, 2, 2)])
 @pytest.mark.parametrize("m,n,k,group", [(1, 76, 200, 64), (3, 76, 203, 32), (16, 40, 576, 128), (33, 76, 203, 64),
                                          (1, 4104, 4096, 128), (5, 4096, 14336, 128)])
 def test_gemv_dot_asm_on_cuda(m, n, k, group, rows, split_k, depth):
