@@ -10,14 +10,14 @@ out[M, N] = x[M, K] @ W^T, where W[N, K] is stored as (docs/workspace-format.md)
   W[n, k] = (code(k, n) - zeros[k // G, n]) * scales[k // G, n];  G in {32, 64, 128}, last group may be partial
 
 Two Triton paths, both accumulating in float32:
-  - decode (`w4a16_gemv_triton`, M = 1): CUDA-core GEMV; each program owns BLOCK_N output columns,
-    streams coalesced [BLOCK_KP, BLOCK_N] tiles of packed words along N with the next tile's loads
-    issued before the current tile is multiplied, and keeps a 2-D partial sum per thread so that the
-    reduction over K happens once, at the end (float16 x on the GPU: each word's eight products in
-    packed float16 by inline PTX, float32 from there on);
+  - decode (`w4a16_gemv_triton`, M <= 4): CUDA-core GEMV; each program owns BLOCK_N output columns and 1-4 rows
+    of x and walks K one quantization group at a time ([G/8, BLOCK_N] words, 16-byte loads along N), with the
+    next groups' loads in flight (the loop is unrolled so no in-flight register is copied); float16 x on the
+    GPU: each word dequantized once to float16 pairs and multiplied in packed float16 by inline PTX, float32
+    from there on; split-K partials are summed by the last split to finish;
   - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
     registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
-Both can split K over several programs (`split_k`) and sum the float32 partials in a second kernel.
+Both can split K over several programs (`split_k`); the GEMM sums the float32 partials in a second kernel.
 For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
 the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
 (Triton serialises dequant and wgmma inside a CTA), while the extra 2·K·N bytes are small next to M·K·N.
