@@ -16,6 +16,7 @@ import math
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
     import triton
@@ -58,7 +59,9 @@ if triton is not None:
         stride_ot, stride_oh, stride_bt,
         D: tl.constexpr, PAGE: tl.constexpr,  # PAGE: tokens per cache block (a shift when a power of 2)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         pid_m = tl.program_id(0)
         b = tl.program_id(1)
         h = tl.program_id(2)
@@ -104,8 +107,9 @@ if triton is not None:
         stride_ob, stride_oh, stride_bt,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
@@ -150,7 +154,9 @@ if triton is not None:
         part_o_ptr, part_lse_ptr, o_ptr,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
         D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+        PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         b = tl.program_id(0).to(tl.int64)
         h = tl.program_id(1)
         offs_s = tl.arange(0, BLOCK_S)
@@ -218,7 +224,7 @@ def paged_prefill_attention_triton(
         out.stride(0), out.stride(1), block_tables.stride(0),
         D=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(triton.next_power_of_2(D), 16),
         DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     return out
 
@@ -259,7 +265,7 @@ def paged_decode_attention_triton(
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
         NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](
@@ -267,6 +273,7 @@ def paged_decode_attention_triton(
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
             out.stride(0), out.stride(1),
             D=D, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
+            **pdl_launch(q.device),
         )
     return out
 

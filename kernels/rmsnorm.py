@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
     import triton
@@ -24,8 +25,9 @@ if triton is not None:
         H, eps,
         stride_x, stride_res, stride_y, stride_h,
         HAS_RESIDUAL: tl.constexpr,
-        BLOCK_H: tl.constexpr,
+        BLOCK_H: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
@@ -73,7 +75,7 @@ def rms_norm_triton(
             x2.stride(0), res2.stride(0), y.stride(0), h.stride(0),
             HAS_RESIDUAL=residual is not None,
             BLOCK_H=BLOCK_H,
-            num_warps=num_warps,
+            num_warps=num_warps, **pdl_launch(x2.device),
         )
     return y.view(x.shape), (x if residual is None else h.view(x.shape))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.attention import write_kv_cache
 
 try:
@@ -48,8 +49,9 @@ if triton is not None:
         Hq, Hkv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_cos, stride_sin,
         stride_qot, stride_qoh, stride_kot, stride_koh,
-        HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+        HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr, PDL: tl.constexpr,
     ):
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_HALF)
         cmask = cols < HALF
@@ -68,10 +70,11 @@ if triton is not None:
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
         stride_qot, stride_qoh, stride_cs, stride_ch,
         HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
         Caches are addressed as [slots, Hkv, D] with strides (stride_cs, stride_ch, 1)."""
+        pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_HALF)
         cmask = cols < HALF
@@ -125,7 +128,7 @@ def apply_rotary_triton(
             Hq, Hkv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
             q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
-            HALF=D // 2, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF,
+            HALF=D // 2, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF, **pdl_launch(q.device),
         )
     return q_out, k_out
 
@@ -196,6 +199,7 @@ def rotary_write_kv_triton(
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             sin.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(1), k_cache.stride(2),
             HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF,
+            **pdl_launch(q.device),
         )
     return q_out
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
     import triton
@@ -18,7 +19,8 @@ except ImportError:  # CPU-only install: the torch reference serves
 if triton is not None:
 
     @triton.jit
-    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr):
+    def _silu_mul_kernel(gu_ptr, out_ptr, I, stride_gu, stride_out, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        pdl_wait(PDL)
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         mask = cols < I
@@ -41,7 +43,8 @@ def silu_mul_triton(gate_up: torch.Tensor) -> torch.Tensor:
     out = torch.empty((T, I), dtype=gu.dtype, device=gu.device)  # [T, I]
     if T > 0 and I > 0:
         BLOCK = min(triton.next_power_of_2(I), 1024)
-        _silu_mul_kernel[(T, triton.cdiv(I, BLOCK))](gu, out, I, gu.stride(0), out.stride(0), BLOCK=BLOCK)
+        _silu_mul_kernel[(T, triton.cdiv(I, BLOCK))](gu, out, I, gu.stride(0), out.stride(0), BLOCK=BLOCK,
+                                                     **pdl_launch(gu.device))
     return out.view(*gate_up.shape[:-1], I)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations  # kernel annotations stay strings: the modul
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
     import triton
@@ -351,18 +352,27 @@ def _gemv_group(x_ptr, x32_ptr, g, g_last, m0, M, K, stride_xm, offs_g, offs_n, 
 
 
 @_jit
+def _gemv_load_x(x32_row, g, K, offs_g, offs_n, n_ok, GROUP: tl.constexpr, MASKED: tl.constexpr):
+    """The first row's x over group g as float16 pairs [GP, BN] int32 (element [r, n] = pair n % 4 of packed
+    row r)."""
+    rows = g * (GROUP // 8) + offs_g  # [GP]
+    w_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]
+    return _load(x32_row + rows[:, None] * 4 + offs_n[None, :] % 4, w_ok, MASKED)  # [GP, BN] int32
+
+
+@_jit
 def _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, g, N, K, offs_g, offs_n, n_ok, GROUP: tl.constexpr,
-                     MASKED: tl.constexpr, ASM: tl.constexpr):
-    """Loads of group g: packed words [GP, BN] (16-byte loads along N), scale and zero [BN], and with ASM the
-    first row's x pairs [GP, BN] (element [r, n] = pair n % 4 of packed row r), so that x is in flight too."""
+                     MASKED: tl.constexpr, ASM: tl.constexpr, LOAD_X: tl.constexpr = True):
+    """Loads of group g: packed words [GP, BN] (16-byte loads along N), scale and zero [BN], and with ASM and
+    LOAD_X the first row's x pairs [GP, BN] (`_gemv_load_x`), so that x is in flight too."""
     rows = g * (GROUP // 8) + offs_g  # [GP]
     w_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]
     packed = _load(qw_ptr + rows[:, None] * N + offs_n[None, :], w_ok, MASKED)  # [GP, BN] int32
     scale = _load(s_ptr + g * N + offs_n, n_ok, MASKED)  # [BN]
     zero = _load(z_ptr + g * N + offs_n, n_ok, MASKED)  # [BN]
     xq = packed  # unused off the PTX path
-    if ASM:
-        xq = _load(x32_row + rows[:, None] * 4 + offs_n[None, :] % 4, w_ok, MASKED)  # [GP, BN] int32
+    if ASM and LOAD_X:
+        xq = _gemv_load_x(x32_row, g, K, offs_g, offs_n, n_ok, GROUP, MASKED)
     return packed, scale, zero, xq
 
 
@@ -391,7 +401,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
-    MASKED: tl.constexpr, ASM: tl.constexpr,
+    MASKED: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -403,7 +413,7 @@ def _w4a16_gemv_kernel(
     the end; DEPTH (1 or 2) groups are loaded ahead of the one being multiplied. SPLIT_K > 1: each split writes float32 partials to ws[split, M, N], and the last split to
     arrive at a column block (counter in count_ptr, reset after use) sums them in split order
     (deterministic). ASM (float16 x on the GPU, even row stride): packed-float16 dequant and products.
-    MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load)."""
+    MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load). PDL: see lmc.kernels.pdl."""
     if ASM:  # the launcher checked N % 4 == 0; saying so lets every [GP, BN] tile load 16 bytes per thread,
         N = (N // 4) * 4  # which the pack=4 products rely on (four columns of one row per call)
     pid_m = tl.program_id(0)  # rows of x fastest: programs sharing weights run together (L2)
@@ -426,12 +436,19 @@ def _w4a16_gemv_kernel(
     # Software pipeline unrolled DEPTH + 1 times, so that no register holding a load in flight is ever copied
     # (a copy would wait for the load): while one group is multiplied, the next DEPTH are in flight. Groups past
     # the run are clamped to g_last (a cached reload) and multiplied with a zero scale.
+    # With PDL the prologue's weight loads are issued before waiting for the previous kernel (they overlap its
+    # tail); x, the output, the partials and the counters are touched only after the wait.
     pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
-                                      offs_n, n_ok, GROUP, MASKED, ASM)
+                                      offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pb, sb, zb, xb = pa, sa, za, xa
     if DEPTH == 2:
         pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first + 1, g_last), N, K,
-                                          offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
+                                          offs_g, offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
+    pdl_wait(PDL)
+    if PDL and ASM:
+        xa = _gemv_load_x(x32_row, tl.minimum(g_first, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
+        if DEPTH == 2:
+            xb = _gemv_load_x(x32_row, tl.minimum(g_first + 1, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
     for g in range(g_first, g_last + 1, DEPTH + 1):
         if DEPTH == 1:
             pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 1, g_last), N, K,
@@ -471,7 +488,7 @@ def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
     M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, PDL: tl.constexpr,
 ):
     """Prefill path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
 
@@ -480,6 +497,7 @@ def _w4a16_gemm_kernel(
     per column band so that a band of weights is reused from L2. With SPLIT_K > 1, program
     (pid, s) covers the s-th of SPLIT_K runs of whole BLOCK_K tiles along K and writes float32
     partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly."""
+    pdl_wait(PDL)
     BLOCK_KP: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -516,8 +534,10 @@ def _w4a16_gemm_kernel(
 
 
 @_jit
-def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr):
+def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
     """out[M, N] = sum over s of part[s, M, N] (float32 partials, fixed order: deterministic)."""
+    pdl_wait(PDL)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat index into [M, N]
     mask = idx < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -532,7 +552,7 @@ def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr
 def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
     split_k, m, n = part.shape
     _splitk_sum_kernel[(_cdiv(m * n, 1024),)](part, out, m, n, out.stride(0), SPLIT_K=split_k, BLOCK=1024,
-                                              num_warps=4)
+                                              num_warps=4, **pdl_launch(out.device))
 
 
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -581,7 +601,8 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
-        MASKED=bool(n % block_n or k % group_size), ASM=dot_asm, num_warps=num_warps, num_stages=1)
+        MASKED=bool(n % block_n or k % group_size), ASM=dot_asm, num_warps=num_warps, num_stages=1,
+        **pdl_launch(x.device))
     return out
 
 
@@ -602,7 +623,8 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemm_kernel[grid](
         x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
-        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages)
+        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages,
+        **pdl_launch(x.device))
     if split_k > 1:
         _splitk_sum(dst, out)
     return out
