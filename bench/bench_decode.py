@@ -42,6 +42,7 @@ from lmc.compiler.archs import model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan
 from lmc.compiler.pack import quantize_int4, to_lmc_tensors
 from lmc.compiler.readers import Source
+from lmc.kernels.pdl import pdl_enabled
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.engine import Engine, _Sequence
 from lmc.runtime.sampling import GenerationConfig
@@ -85,7 +86,8 @@ def versions() -> dict:
            "triton": triton.__version__, "transformers": transformers.__version__, "lmc": lmc.__version__}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        out.update(sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1))
+        out.update(sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   pdl=pdl_enabled(torch.device("cuda")))
     return out
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmc.kernels import w4a16 as W
+from lmc.kernels.pdl import pdl_enabled
 
 SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))  # (K, N): qkv, o, gate+up, down
 MS = (1, 4, 16, 64, 256, 2048)
@@ -125,7 +126,7 @@ def environment() -> dict:
     return {"device": torch.cuda.get_device_name(0), "sm_count": p.multi_processor_count,
             "l2_bytes": getattr(p, "L2_cache_size", None), "torch": torch.__version__, "cuda": torch.version.cuda,
             "triton": triton.__version__, "python": platform.python_version(),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            "pdl": pdl_enabled(torch.device("cuda")), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
 class Shape:

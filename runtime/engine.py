@@ -122,7 +122,9 @@ class Engine:
     # ------------------------------------------------------------------ bookkeeping
     def _accept(self, seq: _Sequence, logits: torch.Tensor, on_delta: DeltaCallback | None) -> None:
         seen = torch.tensor(seq.prompt + seq.output, device=logits.device) if seq.gen.repetition_penalty != 1.0 else torch.empty(0)
-        token = sample(logits, seq.gen, seen, seq.generator)
+        self._accept_token(seq, sample(logits, seq.gen, seen, seq.generator), on_delta)
+
+    def _accept_token(self, seq: _Sequence, token: int, on_delta: DeltaCallback | None) -> None:
         seq.output.append(token)
         delta = seq.detok.push(token)
         seq.text += delta
@@ -142,6 +144,34 @@ class Engine:
             delta += tail
         if on_delta is not None:
             on_delta(seq.index, delta, token, seq.finish_reason)
+
+    def _pipelines(self, running: list[_Sequence]) -> bool:
+        """Greedy decode without a repetition penalty can run ahead of the host: the next token is the argmax,
+        taken on the device and fed to the next step there."""
+        return self.decoder is not None and all(s.gen.greedy and s.gen.repetition_penalty == 1.0 for s in running)
+
+    @torch.inference_mode()
+    def _decode_pipelined(self, running: list[_Sequence], on_delta: DeltaCallback | None) -> None:
+        """Decode steps with step n + 1 launched before step n's tokens reach the host, so detokenizing, stop
+        checks and callbacks overlap the GPU. Returns once a sequence finishes; the step in flight then is
+        accepted for the others (its inputs were theirs), so nothing is computed twice or left running. A step
+        is launched ahead only when no sequence can reach its length limit before it (KV slots stay within
+        the blocks reserved). Tokens equal _decode's: both take the first maximum of the same logits."""
+        pending = self.decoder.launch_greedy(running)
+        while True:
+            ahead = None
+            if all(len(s.output) + 1 < s.gen.max_new_tokens and s.length + 1 < self.session_len for s in running):
+                ahead = self.decoder.launch_greedy(running, pending.ids)
+            for seq, token in zip(running, pending.tokens()):
+                self._accept_token(seq, token, on_delta)
+            if ahead is None:
+                return
+            if any(s.finish_reason for s in running):
+                for seq, token in zip(running, ahead.tokens()):
+                    if not seq.finish_reason:
+                        self._accept_token(seq, token, on_delta)
+                return
+            pending = ahead
 
     def _reserve(self, seq: _Sequence) -> bool:
         need = self.cache.blocks_for(min(len(seq.prompt) + seq.gen.max_new_tokens, self.session_len))
@@ -183,6 +213,8 @@ class Engine:
                     for seq, row in zip(admitted, logits):
                         self._accept(seq, row, on_delta)
                     running += admitted
+                elif running and self._pipelines(running):
+                    self._decode_pipelined(running, on_delta)
                 elif running:
                     logits = self._decode(running)
                     for seq, row in zip(running, logits):

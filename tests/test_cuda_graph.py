@@ -134,6 +134,59 @@ def test_padded_step_matches_eager_decode_on_cpu(checkpoint, tmp_path):
     assert padded.shape == eager.shape == (STEPS, len(PROMPTS), 416)
 
 
+def _pipelined_case(engine_factory):
+    """Greedy generation that exercises the pipelined decode: 6 prompts over a batch of 4 (admission after a
+    finish), different max_new_tokens (finishes on different steps), a stop word that cuts one sequence, and
+    one sampled sequence (which turns pipelining off while it runs). Returns (pipelined, plain) results."""
+    from lmc.runtime.sampling import GenerationConfig
+
+    prompts = PROMPTS + [[9, 9, 9], list(range(100, 117)), [1]]
+    gens = [GenerationConfig(max_new_tokens=n, temperature=0, ignore_eos=True) for n in (7, 12, 3, 9, 15, 6)]
+    plain = engine_factory(False)
+    first = plain.generate(prompts, gens)
+    stop = first[1].text[len(first[1].text) // 2:][:3]  # cuts prompt 1's text half way (or earlier)
+    assert stop
+    gens[1] = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True, stop_words=[stop])
+    gens[4] = GenerationConfig(max_new_tokens=15, temperature=0.7, top_k=5, seed=3, ignore_eos=True)
+    expected = plain.generate(prompts, gens)
+    pipelined = engine_factory(True)
+    calls = []
+    real = pipelined._decode_pipelined
+    pipelined._decode_pipelined = lambda running, on_delta: (calls.append(len(running)), real(running, on_delta))
+    return pipelined.generate(prompts, gens), expected, calls
+
+
+def test_pipelined_greedy_decode_gives_the_plain_decodes_results(checkpoint, tmp_path):
+    """CPU, GraphDecoder's padded step run eagerly: launching step n + 1 before step n's tokens are read gives
+    the same tokens, texts and finish reasons as one synchronous step at a time."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+
+    ws = _workspace(checkpoint, tmp_path)
+
+    def factory(pipelined: bool):
+        engine = _engine(ws, "cpu")
+        if pipelined:
+            engine.decoder = GraphDecoder(engine)
+        return engine
+
+    got, expected, calls = _pipelined_case(factory)
+    assert calls and max(calls) == 4  # the pipelined loop ran, with a full batch
+    assert [(r.token_ids, r.text, r.finish_reason) for r in got] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in expected]
+    assert expected[1].finish_reason == "stop" and len(expected[1].token_ids) < 12
+    assert [len(r.token_ids) for r in expected if r.index != 1] == [7, 3, 9, 15, 6]
+
+
+@gpu
+@needs_cuda
+def test_pipelined_greedy_decode_on_gpu(checkpoint, tmp_path):
+    """CUDA graphs: the pipelined decode gives the eager engine's tokens."""
+    ws = _workspace(checkpoint, tmp_path)
+    got, expected, calls = _pipelined_case(lambda pipelined: _engine(ws, "cuda", cuda_graph=pipelined))
+    assert calls
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in expected]
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("batch", [3, 4])
@@ -189,3 +242,29 @@ def test_failed_capture_warns_and_decodes_eagerly(checkpoint, tmp_path, monkeypa
     assert not engine.decoder.enabled and not engine.decoder.graphs
     eager = _teacher_forced(_engine(ws, "cuda", cuda_graph=False), PROMPTS, tokens)
     assert _rel(fallback, eager) <= 1e-4
+
+
+@gpu
+@needs_cuda
+def test_pdl_decode_equals_decode_without_it(checkpoint, tmp_path, monkeypatch):
+    """int4 fp16 workspace, graph decode: programmatic dependent launch (every Triton kernel waits for the one
+    before it, the GEMV loads weights before that wait) gives bit-identical logits to plain launches; a kernel
+    reading its input before the previous kernel finished would not."""
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+    from lmc.kernels import pdl
+
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("PDL needs sm_90")
+    ws = tmp_path / "int4"
+    quantize(checkpoint("llama3"), ws, QuantizeOptions(calib_samples=0, w_group_size=32, workspace=True,
+                                                       dtype="float16", device="cpu"), say=lambda *_: None)
+    tokens = _random_tokens(PROMPTS, STEPS)
+    logits = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv("LMC_PDL", flag)
+        monkeypatch.setattr(pdl, "_ENABLED", {})
+        assert pdl.pdl_enabled(torch.device("cuda")) == (flag == "1")
+        engine = _engine(ws, "cuda")
+        logits[flag] = _teacher_forced(engine, PROMPTS, tokens)
+        assert engine.decoder.graphs
+    assert torch.equal(logits["1"], logits["0"])
