@@ -673,14 +673,15 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
 
 # (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
 # (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel" for M > 4,
-# "GEMV v3" for M <= 4): each row is the best configuration, or within 6 % of it, on every swept shape it
-# covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
+# "GEMV v3" and "Programmatic dependent launch" for M <= 4): each row is the best configuration, or within
+# 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
 _TABLE = (
+    (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2)),
     (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=1, num_warps=1)),
     (1, None, None, "gemv", dict(block_n=64, rows=1, split_k=2, depth=1, num_warps=4)),
     (2, 8192, None, "gemv", dict(block_n=16, rows=2, split_k=4, depth=1, num_warps=1)),
     (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=2, depth=1, num_warps=1)),
-    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1)),
+    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=8, depth=1, num_warps=1)),
     (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=2, depth=1, num_warps=1)),
     (16, None, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
                                   num_stages=3)),
