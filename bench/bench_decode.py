@@ -265,8 +265,9 @@ def timed_generate(engine: Engine, prompts: list[list[int]], new_tokens: int, de
             "total_s": time.perf_counter() - t0, "tokens": [r.token_ids for r in out]}
 
 
-def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: str, iters: int) -> float:
-    """ms per Engine._decode call (graph replay or eager forward, inputs and logits copy included)."""
+def decode_ready(engine: Engine, batch: int, kv_len: int, vocab: int) -> list[_Sequence]:
+    """`batch` random prompts of kv_len - 1 tokens, prefilled, each with its first token: ready for
+    Engine._decode at kv len kv_len (release their blocks after)."""
     gen = GenerationConfig(max_new_tokens=2, temperature=0, ignore_eos=True)
     seqs = []
     for i, p in enumerate(prompts_for(batch, kv_len - 1, vocab, seed=7)):
@@ -275,6 +276,12 @@ def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: s
         seqs.append(s)
     for s, row in zip(seqs, engine._prefill(seqs)):
         s.output.append(int(row.argmax()))
+    return seqs
+
+
+def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: str, iters: int) -> float:
+    """ms per Engine._decode call (graph replay or eager forward, inputs and logits copy included)."""
+    seqs = decode_ready(engine, batch, kv_len, vocab)
     for _ in range(3):
         engine._decode(seqs)
     sync(dev)

@@ -203,17 +203,15 @@ def bench_m(shape: Shape, m: int, overrides: dict, do_bench: bool = True) -> dic
 # ----------------------------------------------------------------------------- sweep
 
 
-DEPTHS = [1, 2]  # GEMV groups in flight swept (--depths)
-
-
-def _candidates(m: int):
+def _candidates(m: int, depths=(1, 2)):
+    """(path, launcher keywords) to time at M = m; depths: the GEMV's groups in flight."""
     out = []
     if m <= 8:  # the CUDA-core GEMV: block of N, warps, split of K, groups in flight, rows of x per program
         rows = 1 if m == 1 else 2 if m == 2 else 4
         # words per thread and step: (G/8) * BN / (32 * num_warps); fewer words, more warps per SM
         for bn, nw in ((16, 1), (32, 1), (16, 2), (32, 2), (64, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
             for sk in ((1, 2, 4, 8, 16) if m == 1 else (1, 2, 4, 8)):
-                for depth in DEPTHS:
+                for depth in depths:
                     out.append(("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=depth, num_warps=nw)))
         if m == 1:  # the float32 path at one shape, for the record
             out.append(("gemv", dict(block_n=32, rows=1, split_k=4, num_warps=1, dot_asm=False)))
@@ -238,7 +236,7 @@ def _candidates(m: int):
     return out
 
 
-def sweep(shapes, ms, budget_s: float) -> list:
+def sweep(shapes, ms, budget_s: float, depths=(1, 2)) -> list:
     """Time every candidate of _candidates(m) per (M, shape); stops starting new rows after budget_s."""
     rows, t0 = [], time.time()
     data = {}
@@ -256,7 +254,7 @@ def sweep(shapes, ms, budget_s: float) -> list:
             q, s, z = sets[0]
             ref = W.w4a16_matmul_ref(xs[0], q, s, z, GROUP).float()
             results = []
-            for path, kw in _candidates(m):
+            for path, kw in _candidates(m, depths):
                 launch = W.w4a16_gemv_triton if path == "gemv" else W.w4a16_gemm_triton
                 try:
                     out = launch(xs[0], q, s, z, GROUP, **kw)
@@ -291,7 +289,7 @@ def main() -> int:
                                                      "configuration instead of the table")
     ap.add_argument("--ms", type=lambda v: tuple(int(i) for i in v.split(",")), default=MS,
                     help="the M values of the default run, comma-separated")
-    ap.add_argument("--depths", type=lambda v: tuple(int(i) for i in v.split(",")), default=tuple(DEPTHS),
+    ap.add_argument("--depths", type=lambda v: tuple(int(i) for i in v.split(",")), default=(1, 2),
                     help="--sweep: the GEMV prefetch depths to try, comma-separated")
     ap.add_argument("--no-do-bench", action="store_true", help="skip the do_bench column (faster)")
     args = ap.parse_args()
@@ -304,8 +302,7 @@ def main() -> int:
     copy_bw = report["copy"]["bytes_per_s"]
     print(f"{report['env']['device']}: copy {copy_bw / 1e12:.2f} TB/s (read + write)", flush=True)
     if args.sweep:
-        DEPTHS[:] = args.depths
-        report["sweep"] = sweep(SHAPES, args.sweep_ms, args.budget_s)
+        report["sweep"] = sweep(SHAPES, args.sweep_ms, args.budget_s, args.depths)
         path = args.out or "bench/results/w4a16_sweep.json"
         with open(path, "w") as f:
             json.dump(report, f, indent=1)

@@ -11,18 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench_decode import decode_ready, time_decode_step  # bench/ is on sys.path when this script runs
+from lmc.errors import LmcError
 from lmc.kernels.pdl import pdl_enabled
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.engine import Engine, _Sequence
-from lmc.runtime.sampling import GenerationConfig
-from lmc.runtime.tokenizer import IncrementalDetokenizer
+from lmc.runtime.engine import Engine
 
 
 def kernel_family(name: str) -> str:
@@ -46,41 +45,29 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("needs a CUDA GPU", file=sys.stderr)
         return 2
-    engine = Engine(args.workspace, EngineConfig(device="cuda", session_len=512, max_batch_size=max(args.batch, 1),
-                                                 cache_block_seq_len=64))
+    try:
+        engine = Engine(args.workspace, EngineConfig(device="cuda", session_len=512,
+                                                     max_batch_size=max(args.batch, 1), cache_block_seq_len=64))
+    except LmcError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if args.eager:
         engine.decoder = None
-    gen = GenerationConfig(max_new_tokens=2, temperature=0, ignore_eos=True)
-    g = torch.Generator().manual_seed(0)
-    seqs = []
-    for i in range(args.batch):
-        prompt = torch.randint(0, engine.model.cfg.vocab_size, (args.kv_len - 1,), generator=g).tolist()
-        s = _Sequence(i, prompt, gen, IncrementalDetokenizer(engine.tokenizer, prompt), None)
-        assert engine._reserve(s)
-        seqs.append(s)
-    for s, row in zip(seqs, engine._prefill(seqs)):
-        s.output.append(int(row.argmax()))
-    for _ in range(5):
+    vocab = engine.model.cfg.vocab_size
+    step_ms = time_decode_step(engine, args.batch, args.kv_len, vocab, "cuda", args.steps)
+    seqs = decode_ready(engine, args.batch, args.kv_len, vocab)
+    for _ in range(3):
         engine._decode(seqs)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(args.steps):
-        engine._decode(seqs)
-    torch.cuda.synchronize()
-    step_ms = (time.perf_counter() - t0) / args.steps * 1e3
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
             engine._decode(seqs)
         torch.cuda.synchronize()
-    per_name: dict[str, list] = defaultdict(lambda: [0.0, 0])  # name -> [total µs, calls]
+    families: dict[str, list] = defaultdict(lambda: [0.0, 0.0])  # family -> [µs per step, calls per step]
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
-            per_name[e.name][0] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-            per_name[e.name][1] += 1
-    families: dict[str, list] = defaultdict(lambda: [0.0, 0])
-    for name, (us, calls) in per_name.items():
-        families[kernel_family(name)][0] += us / args.steps
-        families[kernel_family(name)][1] += calls / args.steps
+            family = families[kernel_family(e.name)]
+            family[0] += e.device_time_total / args.steps
+            family[1] += 1 / args.steps
     rows = sorted(((k, v[0], v[1]) for k, v in families.items()), key=lambda r: -r[1])
     total = sum(r[1] for r in rows)
     print(f"{args.workspace} B={args.batch} kv={args.kv_len} {'eager' if args.eager else 'graph'} "

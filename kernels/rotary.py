@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from lmc.errors import LmcError
-from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.attention import write_kv_cache
+from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
     import triton
