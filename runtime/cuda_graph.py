@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 
+from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS
 from lmc.runtime.model import PagedBatch
 
 # columns of a packed decode row (see the module docstring)
@@ -75,8 +76,8 @@ class GraphDecoder:
         self.block_size = self.cache.block_size
         self.width = -(-self.session_len // self.block_size)
         self.buckets = batch_buckets(engine.config.max_batch_size)
-        self.scratch_block = self.cache.allocate(1)[0]
-        self.cache.num_blocks -= 1  # the scratch block is never handed to a sequence
+        (self.scratch_block,) = self.cache.allocate(GRAPH_SCRATCH_BLOCKS)
+        self.cache.num_blocks -= GRAPH_SCRATCH_BLOCKS  # never handed to a sequence (the engine planned for it)
         on_cuda = self.device.type == "cuda"
         shape = (self.buckets[-1], TABLE + self.width)
         self.inputs = torch.zeros(shape, dtype=torch.int64, device=self.device)  # [max bucket, 4 + W]

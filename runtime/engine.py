@@ -8,7 +8,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.kv_cache import PagedKVCache, plan_num_blocks
+from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, sample
 from lmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -74,11 +74,13 @@ class Engine:
         self.eos_ids = self.tokenizer.eos_ids(self.cfg.eos_token_ids)
         self.session_len = config.session_len or ws.meta.get("engine", {}).get("session_len") or self.cfg.max_position_embeddings
         config.session_len = self.session_len
-        num_blocks = plan_num_blocks(self.cfg, config, self.dtype, self.device)
+        graphs = self.device.type == "cuda" and config.cuda_graph
+        num_blocks = plan_num_blocks(self.cfg, config, self.dtype, self.device,
+                                     reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
         self.cache = PagedKVCache(self.cfg, num_blocks, config.cache_block_seq_len, self.dtype, self.device)
         self.max_prefill_tokens = max(8192, self.session_len)
         self.decoder = None
-        if self.device.type == "cuda" and config.cuda_graph:
+        if graphs:
             from lmc.runtime.cuda_graph import GraphDecoder
 
             self.decoder = GraphDecoder(self)

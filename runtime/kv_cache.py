@@ -6,14 +6,18 @@ import torch
 from lmc.errors import LmcError
 from lmc.runtime.config import EngineConfig, ModelConfig
 
+GRAPH_SCRATCH_BLOCKS = 1  # taken by the CUDA-graph decoder for its padded rows (runtime/cuda_graph.py)
+
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
     return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # K and V
 
 
-def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:
+def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
+                    reserved_blocks: int = 0) -> int:
     """Blocks that fit in cache_max_entry_count of free device memory (CPU: of the stated budget),
-    capped at what max_batch_size sequences of session_len tokens could ever use."""
+    capped at what max_batch_size sequences of session_len tokens could ever use plus `reserved_blocks`
+    that are never handed to a sequence (the CUDA-graph decoder's scratch block)."""
     per_block = bytes_per_block(cfg, ecfg.cache_block_seq_len, dtype)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -22,7 +26,7 @@ def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, de
     budget = int(free * ecfg.cache_max_entry_count)
     blocks = budget // per_block
     session_len = ecfg.session_len or cfg.max_position_embeddings
-    cap = ecfg.max_batch_size * -(-session_len // ecfg.cache_block_seq_len)
+    cap = ecfg.max_batch_size * -(-session_len // ecfg.cache_block_seq_len) + reserved_blocks
     blocks = min(blocks, cap)
     if blocks < 1:
         raise LmcError(f"the KV cache gets {budget / 2**20:.0f} MiB, less than one block ({per_block / 2**20:.1f} MiB); "

@@ -109,6 +109,25 @@ def _workspace(checkpoint, tmp_path, dtype: str = "float32"):
     return ws
 
 
+def test_scratch_block_is_planned_beside_full_sessions(checkpoint, tmp_path):
+    """With the cache capped at max_batch_size full sessions, the graph decoder's scratch block comes on top:
+    max_batch_size sequences of session_len tokens still fit (they did not before the cap counted it)."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+    from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
+
+    engine = _engine(_workspace(checkpoint, tmp_path), "cpu")  # no graphs on CPU: nothing reserved
+    per_session = -(-engine.session_len // engine.cache.block_size)  # 112 / 16 = 7
+    assert engine.cache.num_blocks == engine.config.max_batch_size * per_session == 28
+    planned = plan_num_blocks(engine.cfg, engine.config, engine.dtype, engine.device,
+                              reserved_blocks=GRAPH_SCRATCH_BLOCKS)
+    assert planned == 28 + GRAPH_SCRATCH_BLOCKS
+    engine.cache = PagedKVCache(engine.cfg, planned, engine.cache.block_size, engine.dtype, engine.device)
+    engine.decoder = GraphDecoder(engine)
+    assert engine.cache.free_blocks == 28
+    sessions = [engine.cache.allocate(per_session) for _ in range(engine.config.max_batch_size)]
+    assert engine.decoder.scratch_block not in {b for blocks in sessions for b in blocks}
+
+
 def _random_tokens(prompts, steps: int, seed: int = 0) -> list[list[int]]:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 416, (steps, len(prompts)), generator=g).tolist()
