@@ -14,7 +14,8 @@ Two Triton paths, both accumulating in float32:
     of x and walks K one quantization group at a time ([G/8, BLOCK_N] words, 16-byte loads along N), with the
     next groups' loads in flight (the loop is unrolled so no in-flight register is copied); float16 x on the
     GPU: each word dequantized once to float16 pairs and multiplied in packed float16 by inline PTX, float32
-    from there on; split-K partials are summed by the last split to finish;
+    from there on; split-K partials are summed by the last split to finish; for an MLP's fused gate/up weight
+    the output is silu(gate) * up, computed where the sums are written (`w4a16_silu_matmul`);
   - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
     registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
 Both can split K over several programs (`split_k`); the GEMM sums the float32 partials in a second kernel.
@@ -31,6 +32,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.kernels.pdl import pdl_launch, pdl_wait
+from lmc.kernels.silu_mul import silu_mul
 
 try:
     import triton
@@ -74,7 +76,7 @@ def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: 
 
 
 def _check_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                  out: torch.Tensor | None):
+                  out: torch.Tensor | None, out_cols: int | None = None):
     _check(x, qweight, scales, zeros, group_size)
     if triton is None:
         raise LmcError("the Triton W4A16 kernels need triton; install it (pip install triton) or run on CPU")
@@ -84,8 +86,9 @@ def _check_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
         raise LmcError(f"activations must be float16, bfloat16 or float32, got {x.dtype}")
     if not (qweight.is_contiguous() and scales.is_contiguous() and zeros.is_contiguous()):
         raise LmcError("qweight, scales and zeros must be contiguous; load them with .contiguous()")
-    if out is not None and (out.shape != (x.shape[0], qweight.shape[1]) or out.dtype != x.dtype or out.stride(1) != 1):
-        raise LmcError(f"out must be a [{x.shape[0]}, {qweight.shape[1]}] {x.dtype} tensor with contiguous rows")
+    out_cols = qweight.shape[1] if out_cols is None else out_cols
+    if out is not None and (out.shape != (x.shape[0], out_cols) or out.dtype != x.dtype or out.stride(1) != 1):
+        raise LmcError(f"out must be a [{x.shape[0]}, {out_cols}] {x.dtype} tensor with contiguous rows")
 
 
 # ----------------------------------------------------------------------------- torch reference
@@ -312,6 +315,14 @@ def _gemv_row_part(x_row, x_pairs, xq_loaded, packed, zero_m, q0, q1, q2, q3, ro
 
 
 @_jit
+def _pair_of_column(offs_n):
+    """n % 4 for the block's columns offs_n [BN] (ASM path), from lane positions: runs of four columns start at
+    multiples of 4 (BN, BN/2 and, with SILU, N/2 are multiples of 4), and written so the compiler sees runs of
+    four contiguous pairs (16-byte x loads) whatever it can prove about offs_n."""
+    return tl.arange(0, offs_n.shape[0]) % 4
+
+
+@_jit
 def _gemv_group(x_ptr, x32_ptr, g, g_last, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
                 acc0, acc1, acc2, acc3, packed, scale, zero, xq0,
                 GROUP: tl.constexpr, ROWS: tl.constexpr, MASKED: tl.constexpr, ASM: tl.constexpr):
@@ -322,7 +333,7 @@ def _gemv_group(x_ptr, x32_ptr, g, g_last, m0, M, K, stride_xm, offs_g, offs_n, 
     g = tl.minimum(g, g_last)
     rows = g * (GROUP // 8) + offs_g  # [GP] packed rows of group g
     row_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]  # [GP, BN]
-    pair_off = rows[:, None] * 4 + offs_n[None, :] % 4  # [GP, BN]: int32 index of x pair n % 4 of row r
+    pair_off = rows[:, None] * 4 + _pair_of_column(offs_n)[None, :]  # [GP, BN]: int32 index of x pair n % 4 of row r
     if ASM:
         zf = zero.to(tl.float32) * 0.0625  # [BN]
         q0, q1, q2, q3 = _dequant_pairs_f16_asm(packed, _half_pair(-64.0 - zf)[None, :],
@@ -357,7 +368,7 @@ def _gemv_load_x(x32_row, g, K, offs_g, offs_n, n_ok, GROUP: tl.constexpr, MASKE
     row r)."""
     rows = g * (GROUP // 8) + offs_g  # [GP]
     w_ok = (rows < tl.cdiv(K, 8))[:, None] & n_ok[None, :]
-    return _load(x32_row + rows[:, None] * 4 + offs_n[None, :] % 4, w_ok, MASKED)  # [GP, BN] int32
+    return _load(x32_row + rows[:, None] * 4 + _pair_of_column(offs_n)[None, :], w_ok, MASKED)  # [GP, BN] int32
 
 
 @_jit
@@ -377,23 +388,40 @@ def _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, g, N, K, offs_g, offs_n, n_o
 
 
 @_jit
-def _gemv_store(acc, m, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K: tl.constexpr):
-    val = tl.sum(acc, axis=0)  # [BN]
-    ok = n_ok & (offs_n * 0 + m < M)  # [BN]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + m * stride_om + offs_n, val.to(out_ptr.dtype.element_ty), mask=ok)
+def _gemv_write(val, m, M, offs_n, n_ok, out_cols, out_ok, out_ptr, stride_om, SILU: tl.constexpr,
+                HALF: tl.constexpr):
+    """out[m] from the column block's float32 sums val [BN]. SILU: val holds HALF gate columns then the HALF
+    matching up columns; out[m, out_cols] = silu(gate) * up, both rounded to out's dtype first (what the
+    unfused silu_mul reads), computed in float32 as silu_mul does."""
+    dtype = out_ptr.dtype.element_ty
+    if SILU:
+        gate, up = tl.split(tl.permute(tl.reshape(val.to(dtype).to(tl.float32), (2, HALF)), (1, 0)))  # [HALF] x2
+        ok = out_ok & (out_cols * 0 + m < M)  # [HALF]
+        tl.store(out_ptr + m * stride_om + out_cols, (gate * tl.sigmoid(gate) * up).to(dtype), mask=ok)
     else:
-        tl.store(ws_ptr + (split * M + m) * N + offs_n, val, mask=ok)
+        ok = n_ok & (offs_n * 0 + m < M)  # [BN]
+        tl.store(out_ptr + m * stride_om + offs_n, val.to(dtype), mask=ok)
 
 
 @_jit
-def _gemv_finish(m, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, SPLIT_K: tl.constexpr):
+def _gemv_store(acc, m, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split,
+                SPLIT_K: tl.constexpr, SILU: tl.constexpr, HALF: tl.constexpr):
+    val = tl.sum(acc, axis=0)  # [BN]
+    if SPLIT_K == 1:
+        _gemv_write(val, m, M, offs_n, n_ok, out_cols, out_ok, out_ptr, stride_om, SILU, HALF)
+    else:
+        tl.store(ws_ptr + (split * M + m) * N + offs_n, val, mask=n_ok & (offs_n * 0 + m < M))
+
+
+@_jit
+def _gemv_finish(m, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, SPLIT_K: tl.constexpr,
+                 SILU: tl.constexpr, HALF: tl.constexpr):
     """Last split of a column block: out[m] = sum over splits of the float32 partials, in split order."""
     ok = n_ok & (offs_n * 0 + m < M)  # [BN]
     total = tl.zeros(offs_n.shape, dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
         total += tl.load(ws_ptr + (s * M + m) * N + offs_n, mask=ok, other=0.0, cache_modifier=".cg")
-    tl.store(out_ptr + m * stride_om + offs_n, total.to(out_ptr.dtype.element_ty), mask=ok)
+    _gemv_write(total, m, M, offs_n, n_ok, out_cols, out_ok, out_ptr, stride_om, SILU, HALF)
 
 
 @_jit
@@ -401,7 +429,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
-    MASKED: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -413,16 +441,30 @@ def _w4a16_gemv_kernel(
     the end; DEPTH (1 or 2) groups are loaded ahead of the one being multiplied. SPLIT_K > 1: each split writes float32 partials to ws[split, M, N], and the last split to
     arrive at a column block (counter in count_ptr, reset after use) sums them in split order
     (deterministic). ASM (float16 x on the GPU, even row stride): packed-float16 dequant and products.
-    MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load). PDL: see lmc.kernels.pdl."""
-    if ASM:  # the launcher checked N % 4 == 0; saying so lets every [GP, BN] tile load 16 bytes per thread,
-        N = (N // 4) * 4  # which the pack=4 products rely on (four columns of one row per call)
+    MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load). PDL: see lmc.kernels.pdl.
+    SILU (the fused gate/up weight of an MLP, gate in columns [0, N/2), up in [N/2, N)): program pid_n owns gate
+    columns pid_n * BLOCK_N/2 + [0, BLOCK_N/2) and the matching up columns, and writes silu(gate) * up to
+    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory."""
+    if ASM:  # the launcher checked N % 4 == 0 (SILU: N % 8); saying so lets every [GP, BN] tile load 16 bytes
+        N = (N // 4) * 4  # per thread, which the pack=4 products rely on (four columns of one row per call)
+    half_n = (N // 8) * 4 if ASM else N // 2  # SILU: gate (and up) columns, a multiple of 4 with ASM
     pid_m = tl.program_id(0)  # rows of x fastest: programs sharing weights run together (L2)
     pid_n = tl.program_id(1)
     split = tl.program_id(2)
     m0 = pid_m * ROWS
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+    HALF: tl.constexpr = BLOCK_N // 2
+    if SILU:
+        lane = tl.arange(0, BLOCK_N)
+        out_cols = pid_n * HALF + tl.arange(0, HALF)  # [BN/2] output (gate) columns
+        out_ok = out_cols < half_n
+        col = pid_n * HALF + lane % HALF  # [BN]
+        offs_n = col + (lane // HALF) * half_n  # [BN]: HALF gate columns, then the matching up columns
+        n_ok = col < half_n
+    else:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        n_ok = offs_n < N
+        out_cols, out_ok = offs_n, n_ok  # unused
     offs_g = tl.arange(0, GROUP // 8)  # [GP]
-    n_ok = offs_n < N
     x32_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     n_groups = tl.cdiv(K, GROUP)
     run = tl.cdiv(n_groups, SPLIT_K)
@@ -468,18 +510,23 @@ def _w4a16_gemv_kernel(
             acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g + 2, g_last, m0, M, K, stride_xm, offs_g, offs_n,
                                                  n_ok, acc0, acc1, acc2, acc3, pc, sc, zc, xc, GROUP, ROWS, MASKED,
                                                  ASM)
-    _gemv_store(acc0, m0, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+    _gemv_store(acc0, m0, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K, SILU,
+                HALF)
     if ROWS > 1:
-        _gemv_store(acc1, m0 + 1, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+        _gemv_store(acc1, m0 + 1, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K,
+                    SILU, HALF)
     if ROWS > 2:
-        _gemv_store(acc2, m0 + 2, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
-        _gemv_store(acc3, m0 + 3, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K)
+        _gemv_store(acc2, m0 + 2, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K,
+                    SILU, HALF)
+        _gemv_store(acc3, m0 + 3, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K,
+                    SILU, HALF)
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
             for r in tl.static_range(ROWS):
-                _gemv_finish(m0 + r, M, N, offs_n, n_ok, out_ptr, ws_ptr, stride_om, SPLIT_K)
+                _gemv_finish(m0 + r, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, SPLIT_K,
+                             SILU, HALF)
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
@@ -570,21 +617,25 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 1,
-                      num_warps: int = 1, dot_asm: bool | None = None,
+                      num_warps: int = 1, dot_asm: bool | None = None, silu_mul: bool = False,
                       out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode path: x [M, K] (M small) -> [M, N] in x.dtype; `rows` (1, 2 or 4) rows of x per program share
     each dequantized word, further row blocks re-read the weights (from L2). split_k > 1 splits the groups
     of K over that many programs per column block; the last to finish sums the float32 partials. depth (1 or 2):
     groups loaded ahead of the one being multiplied. dot_asm: packed-float16 dequant and products (inline PTX;
-    needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0."""
-    _check_triton(x, qweight, scales, zeros, group_size, out)
+    needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0 (N % 8 with silu_mul).
+    silu_mul: W is an MLP's fused gate/up weight (gate in columns [0, N/2)); returns silu(gate) * up [M, N/2]."""
+    n = qweight.shape[1]
+    if silu_mul and n % 2:
+        raise LmcError(f"silu_mul needs the fused gate/up weight (an even N), got N={n}")
+    n_out = n // 2 if silu_mul else n
+    _check_triton(x, qweight, scales, zeros, group_size, out, n_out)
     if rows not in (1, 2, 4) or depth not in (1, 2):
         raise LmcError(f"rows must be 1, 2 or 4 and depth 1 or 2, got {rows} and {depth}")
     m, k = x.shape
-    n = qweight.shape[1]
     if out is None:
-        out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
-    asm_ok = x.is_cuda and x.dtype == torch.float16 and n % 4 == 0
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # [M, N] or [M, N/2]
+    asm_ok = x.is_cuda and x.dtype == torch.float16 and n % (8 if silu_mul else 4) == 0
     if dot_asm is None:
         dot_asm = asm_ok
     elif dot_asm and not asm_ok:
@@ -595,14 +646,15 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         padded = torch.zeros((m, _cdiv(k, PACK) * PACK), dtype=x.dtype, device=x.device)  # [M, ceil(K/8)*8]
         padded[:, :k] = x
         x = padded
-    grid = (_cdiv(m, rows), _cdiv(n, block_n), split_k)
+    cols_per_program = block_n // 2 if silu_mul else block_n  # output columns
+    grid = (_cdiv(m, rows), _cdiv(n_out, cols_per_program), split_k)
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
     counters = _split_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
     _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
-        MASKED=bool(n % block_n or k % group_size), ASM=dot_asm, num_warps=num_warps, num_stages=1,
-        **pdl_launch(x.device))
+        MASKED=bool(n_out % cols_per_program or k % group_size), ASM=dot_asm, SILU=silu_mul, num_warps=num_warps,
+        num_stages=1, **pdl_launch(x.device))
     return out
 
 
@@ -701,6 +753,20 @@ def w4a16_config(m: int, n: int, k: int) -> tuple[str, dict]:
         if (max_m is None or m <= max_m) and (max_n is None or n <= max_n) and (min_k is None or k >= min_k):
             return path, dict(kw)
     raise AssertionError("the last table row has no bounds")
+
+
+def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
+    """An MLP's gate/up product and activation: x [..., K] -> silu(gate) * up [..., N/2] in x.dtype, where W is the
+    fused gate/up weight (gate in columns [0, N/2), the w13 layout). On the GEMV path (decode) one kernel does
+    both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul."""
+    k = x.shape[-1]
+    m, n = x.numel() // max(k, 1), qweight.shape[1]
+    path, kw = w4a16_config(m, n, k)
+    if triton is None or not x.is_cuda or path != "gemv":
+        return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
+    out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True, **kw)
+    return out.reshape(*x.shape[:-1], n // 2)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

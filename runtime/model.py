@@ -15,7 +15,7 @@ from lmc.kernels.attention import paged_decode_attention, paged_prefill_attentio
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
-from lmc.kernels.w4a16 import w4a16_matmul
+from lmc.kernels.w4a16 import w4a16_matmul, w4a16_silu_matmul
 from lmc.runtime.config import ModelConfig
 from lmc.runtime.rope import Rope
 from lmc.runtime.workspace import Workspace
@@ -118,7 +118,10 @@ def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, 
 
 def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
     """h [T, H] (already normed) -> silu(gate) * up [T, I], the input of w2."""
-    return silu_mul(linear(h, lw["w13"]))  # [T, 2I] -> [T, I]
+    w13 = lw["w13"]
+    if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
+        return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size)  # [T, I]
+    return silu_mul(linear(h, w13))  # [T, 2I] -> [T, I]
 
 
 def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:

@@ -94,6 +94,42 @@ def test_gemv_triton(m, n, k, group, dtype):
     _triton_check(W.w4a16_gemv_triton, m, n, k, group, dtype, block_n=16, rows=rows, split_k=split_k, depth=depth)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("m,half,k,group,rows,split_k", [(1, 37, 200, 64, 1, 3), (3, 37, 203, 32, 2, 1),
+                                                        (5, 24, 576, 128, 4, 2)])
+def test_gemv_silu_epilogue(m, half, k, group, rows, split_k, dtype):
+    """silu_mul=True on a fused gate/up weight [K, 2I] writes silu(gate) * up [M, I]: bit-identical to the GEMV then
+    silu_mul (same roundings), and close to the float32 reference. I = 37 and 24 are not multiples of the 8 gate
+    columns a program owns; split_k=3 has an empty run; M=3 and 5 leave rows past M in the last row block."""
+    pytest.importorskip("triton")
+    from lmc.kernels.silu_mul import silu_mul_ref, silu_mul_triton
+
+    _, q, scales, zeros = _quantized(2 * half, k, group, dtype, seed=m + k)
+    x = torch.randn(m, k).to(dtype)
+    kw = dict(block_n=16, rows=rows, split_k=split_k)
+    out = torch.full((m, half), float("nan"), dtype=dtype)
+    got = W.w4a16_gemv_triton(x, q, scales, zeros, group, silu_mul=True, out=out, **kw)
+    assert got.data_ptr() == out.data_ptr()
+    unfused = silu_mul_triton(W.w4a16_gemv_triton(x, q, scales, zeros, group, **kw))  # [M, I]
+    assert torch.equal(got, unfused)
+    ref = silu_mul_ref(W.w4a16_matmul_ref(x, q, scales, zeros, group)).float()
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < (4e-3 if dtype == torch.float16 else 1e-5), err
+    with pytest.raises(LmcError, match="even N"):
+        W.w4a16_gemv_triton(x, q[:, :-1].contiguous(), scales[:, :-1].contiguous(), zeros[:, :-1].contiguous(),
+                            group, silu_mul=True)
+
+
+def test_silu_matmul_dispatch_on_cpu():
+    """Off CUDA w4a16_silu_matmul is the reference: matmul, then silu_mul."""
+    from lmc.kernels.silu_mul import silu_mul_ref
+
+    _, q, scales, zeros = _quantized(2 * 21, 203, 64, torch.float32, seed=9)
+    x = torch.randn(2, 3, 203)
+    want = silu_mul_ref(W.w4a16_matmul_ref(x, q, scales, zeros, 64))
+    assert torch.equal(W.w4a16_silu_matmul(x, q, scales, zeros, 64), want) and want.shape == (2, 3, 21)
+
+
 def test_gemv_split_counters_reset():
     """The split-K counters are back at zero after a call: a second call (a CUDA-graph replay) sums again."""
     pytest.importorskip("triton")
@@ -146,6 +182,25 @@ def test_gemv_dot_asm_on_cuda(m, n, k, group, rows, split_k, depth):
         err = ((out.float()[fits] - ref[fits]).norm() / ref[fits].norm()).item()
         err32 = ((f32.float()[fits] - ref[fits]).norm() / ref[fits].norm()).item()
         assert err < 2e-3 and err32 < 2e-4, (amp, err, err32)  # err32: the float16 output rounding
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,half,k", [(1, 14336, 4096), (4, 14336, 4096), (1, 76, 200), (3, 12, 203)])
+def test_silu_matmul_on_cuda(m, half, k):
+    """The fused gate/up + SiLU GEMV as the model calls it (table config, packed-float16 path) equals the GEMV then
+    silu_mul bit for bit, and the float32 reference within fp16 rounding, at the Llama-3-8B MLP shape and odd ones."""
+    if not torch.cuda.is_available() or os.environ["TRITON_INTERPRET"] == "1":
+        pytest.skip("needs CUDA and TRITON_INTERPRET=0")
+    from lmc.kernels.silu_mul import silu_mul, silu_mul_ref
+
+    group = 128 if k % 128 == 0 else 32
+    _, q, scales, zeros = _quantized(2 * half, k, group, torch.float16, seed=m + k)
+    q, scales, zeros = q.cuda(), scales.cuda(), zeros.cuda()
+    x = torch.randn(m, k, device="cuda").half()
+    got = W.w4a16_silu_matmul(x, q, scales, zeros, group)  # [M, I]
+    assert torch.equal(got, silu_mul(W.w4a16_matmul(x, q, scales, zeros, group)))
+    ref = silu_mul_ref(W.w4a16_matmul_ref(x, q, scales, zeros, group)).float()
+    assert ((got.float() - ref).norm() / ref.norm()).item() < 4e-3
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
