@@ -203,16 +203,20 @@ def bench_m(shape: Shape, m: int, overrides: dict, do_bench: bool = True) -> dic
 # ----------------------------------------------------------------------------- sweep
 
 
-def _candidates(m: int, depths=(1, 2)):
-    """(path, launcher keywords) to time at M = m; depths: the GEMV's groups in flight."""
+def _candidates(m: int, depths=("1", "2")):
+    """(path, launcher keywords) to time at M = m; depths: the GEMV's groups in flight, "1p" for depth 1 with
+    preload (two groups requested before the PDL wait)."""
     out = []
     if m <= 8:  # the CUDA-core GEMV: block of N, warps, split of K, groups in flight, rows of x per program
-        rows = 1 if m == 1 else 2 if m == 2 else 4
+        row_options = (1,) if m == 1 else (2,) if m == 2 else (1, 2, 4)  # M=4: shared dequant vs more programs
         # words per thread and step: (G/8) * BN / (32 * num_warps); fewer words, more warps per SM
         for bn, nw in ((16, 1), (32, 1), (16, 2), (32, 2), (64, 2), (32, 4), (64, 4), (64, 8), (128, 8)):
             for sk in ((1, 2, 4, 8, 16) if m == 1 else (1, 2, 4, 8)):
                 for depth in depths:
-                    out.append(("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=depth, num_warps=nw)))
+                    for rows in row_options:
+                        extra = dict(preload=True) if depth.endswith("p") else {}
+                        out.append(("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=int(depth.rstrip("p")),
+                                                 num_warps=nw, **extra)))
         if m == 1:  # the float32 path at one shape, for the record
             out.append(("gemv", dict(block_n=32, rows=1, split_k=4, num_warps=1, dot_asm=False)))
     if 1 < m <= 16:
@@ -236,7 +240,7 @@ def _candidates(m: int, depths=(1, 2)):
     return out
 
 
-def sweep(shapes, ms, budget_s: float, depths=(1, 2)) -> list:
+def sweep(shapes, ms, budget_s: float, depths=("1", "2")) -> list:
     """Time every candidate of _candidates(m) per (M, shape); stops starting new rows after budget_s."""
     rows, t0 = [], time.time()
     data = {}
@@ -289,8 +293,8 @@ def main() -> int:
                                                      "configuration instead of the table")
     ap.add_argument("--ms", type=lambda v: tuple(int(i) for i in v.split(",")), default=MS,
                     help="the M values of the default run, comma-separated")
-    ap.add_argument("--depths", type=lambda v: tuple(int(i) for i in v.split(",")), default=(1, 2),
-                    help="--sweep: the GEMV prefetch depths to try, comma-separated")
+    ap.add_argument("--depths", type=lambda v: tuple(v.split(",")), default=("1", "2"),
+                    help="--sweep: the GEMV prefetch depths to try, comma-separated; 1p: depth 1 with preload")
     ap.add_argument("--no-do-bench", action="store_true", help="skip the do_bench column (faster)")
     args = ap.parse_args()
     if not torch.cuda.is_available():

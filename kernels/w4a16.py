@@ -429,7 +429,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
-    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr,
+    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -479,24 +479,26 @@ def _w4a16_gemv_kernel(
     # (a copy would wait for the load): while one group is multiplied, the next DEPTH are in flight. Groups past
     # the run are clamped to g_last (a cached reload) and multiplied with a zero scale.
     # With PDL the prologue's weight loads are issued before waiting for the previous kernel (they overlap its
-    # tail); x, the output, the partials and the counters are touched only after the wait.
+    # tail); x, the output, the partials and the counters are touched only after the wait. PRELOAD (DEPTH 1):
+    # the prologue requests two groups, not one, and the loop loads group g + 3 after multiplying g + 1 instead
+    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain, see _TABLE).
     pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
                                       offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pb, sb, zb, xb = pa, sa, za, xa
-    if DEPTH == 2:
+    if DEPTH == 2 or PRELOAD:
         pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first + 1, g_last), N, K,
                                           offs_g, offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pdl_wait(PDL)
     if PDL and ASM:
         xa = _gemv_load_x(x32_row, tl.minimum(g_first, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
-        if DEPTH == 2:
+        if DEPTH == 2 or PRELOAD:
             xb = _gemv_load_x(x32_row, tl.minimum(g_first + 1, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
     for g in range(g_first, g_last + 1, DEPTH + 1):
-        if DEPTH == 1:
-            pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 1, g_last), N, K,
-                                              offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
-        else:
+        if DEPTH == 2:
             pc, sc, zc, xc = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 2, g_last), N, K,
+                                              offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
+        elif not PRELOAD:
+            pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 1, g_last), N, K,
                                               offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
         acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g, g_last, m0, M, K, stride_xm, offs_g, offs_n, n_ok,
                                              acc0, acc1, acc2, acc3, pa, sa, za, xa, GROUP, ROWS, MASKED, ASM)
@@ -510,6 +512,9 @@ def _w4a16_gemv_kernel(
             acc0, acc1, acc2, acc3 = _gemv_group(x_ptr, x32_ptr, g + 2, g_last, m0, M, K, stride_xm, offs_g, offs_n,
                                                  n_ok, acc0, acc1, acc2, acc3, pc, sc, zc, xc, GROUP, ROWS, MASKED,
                                                  ASM)
+        elif PRELOAD:
+            pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g + 3, g_last), N, K,
+                                              offs_g, offs_n, n_ok, GROUP, MASKED, ASM)
     _gemv_store(acc0, m0, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K, SILU,
                 HALF)
     if ROWS > 1:
@@ -617,12 +622,13 @@ def _split_counters(device: torch.device, size: int) -> torch.Tensor:
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 1,
-                      num_warps: int = 1, dot_asm: bool | None = None, silu_mul: bool = False,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      num_warps: int = 1, preload: bool = False, dot_asm: bool | None = None,
+                      silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode path: x [M, K] (M small) -> [M, N] in x.dtype; `rows` (1, 2 or 4) rows of x per program share
     each dequantized word, further row blocks re-read the weights (from L2). split_k > 1 splits the groups
     of K over that many programs per column block; the last to finish sums the float32 partials. depth (1 or 2):
-    groups loaded ahead of the one being multiplied. dot_asm: packed-float16 dequant and products (inline PTX;
+    groups loaded ahead of the one being multiplied; preload (depth 1): two groups requested before the PDL wait,
+    not one. dot_asm: packed-float16 dequant and products (inline PTX;
     needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0 (N % 8 with silu_mul).
     silu_mul: W is an MLP's fused gate/up weight (gate in columns [0, N/2)); returns silu(gate) * up [M, N/2]."""
     n = qweight.shape[1]
@@ -630,8 +636,8 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         raise LmcError(f"silu_mul needs the fused gate/up weight (an even N), got N={n}")
     n_out = n // 2 if silu_mul else n
     _check_triton(x, qweight, scales, zeros, group_size, out, n_out)
-    if rows not in (1, 2, 4) or depth not in (1, 2):
-        raise LmcError(f"rows must be 1, 2 or 4 and depth 1 or 2, got {rows} and {depth}")
+    if rows not in (1, 2, 4) or depth not in (1, 2) or (preload and depth != 1):
+        raise LmcError(f"rows must be 1, 2 or 4 and depth 1 or 2 (1 with preload), got {rows} and {depth}")
     m, k = x.shape
     if out is None:
         out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)  # [M, N] or [M, N/2]
@@ -653,7 +659,8 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
-        MASKED=bool(n_out % cols_per_program or k % group_size), ASM=dot_asm, SILU=silu_mul, num_warps=num_warps,
+        MASKED=bool(n_out % cols_per_program or k % group_size), ASM=dot_asm, SILU=silu_mul, PRELOAD=preload,
+        num_warps=num_warps,
         num_stages=1, **pdl_launch(x.device))
     return out
 
@@ -728,12 +735,13 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
 # "GEMV v3" and "Programmatic dependent launch" for M <= 4): each row is the best configuration, or within
 # 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
 _TABLE = (
-    (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2)),
+    (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2, preload=True)),
     (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=1, num_warps=1)),
-    (1, None, None, "gemv", dict(block_n=64, rows=1, split_k=2, depth=1, num_warps=4)),
+    (1, None, None, "gemv", dict(block_n=64, rows=1, split_k=1, depth=1, num_warps=2, preload=True)),
     (2, 8192, None, "gemv", dict(block_n=16, rows=2, split_k=4, depth=1, num_warps=1)),
     (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=2, depth=1, num_warps=1)),
-    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=8, depth=1, num_warps=1)),
+    (4, 4096, None, "gemv", dict(block_n=16, rows=4, split_k=8, depth=1, num_warps=1)),
+    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1, preload=True)),
     (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=2, depth=1, num_warps=1)),
     (16, None, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
                                   num_stages=3)),

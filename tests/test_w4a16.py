@@ -90,8 +90,11 @@ def _triton_check(launch, m, n, k, group, dtype, **kw):
 def test_gemv_triton(m, n, k, group, dtype):
     # depth 1 or 2 groups in flight (unrolled 2 or 3 times: odd group counts leave an overhang); M=3 and 33: rows past M in the last block of 2 or 4 rows; split_k=3 over K=200, G=64 (4 groups): runs
     # of 2, 2 and an empty third that still takes part in the last-split reduction
-    rows, split_k, depth = {1: (1, 3, 2), 3: (2, 2, 1), 16: (4, 1, 2), 33: (4, 3, 1)}[m]
-    _triton_check(W.w4a16_gemv_triton, m, n, k, group, dtype, block_n=16, rows=rows, split_k=split_k, depth=depth)
+    # preload (M=3, 7 groups over 2 splits: runs of 4 and 3): two groups before the loop, g + 3 loaded at its end
+    rows, split_k, depth, preload = {1: (1, 3, 2, False), 3: (2, 2, 1, True), 16: (4, 1, 2, False),
+                                     33: (4, 3, 1, False)}[m]
+    _triton_check(W.w4a16_gemv_triton, m, n, k, group, dtype, block_n=16, rows=rows, split_k=split_k, depth=depth,
+                  preload=preload)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
