@@ -225,6 +225,10 @@ def _candidates(m: int, depths=("1", "2")):
                                    (32, 128, 4, 4, 4), (64, 128, 4, 4, 4)):
             out.append(("gemm", dict(block_m=16, block_n=bn, block_k=bk, group_m=1, split_k=sk, num_warps=nw,
                                      num_stages=ns)))
+        for bn, bk, ns, sk in ((64, 128, 3, 1), (64, 128, 3, 2), (64, 128, 3, 4), (64, 128, 4, 8), (64, 256, 3, 2),
+                               (64, 256, 3, 4), (128, 128, 3, 1), (128, 128, 3, 2), (128, 128, 3, 4), (128, 64, 4, 4)):
+            out.append(("gemm", dict(block_m=16, block_n=bn, block_k=bk, group_m=1, split_k=sk, num_warps=4,
+                                     num_stages=ns, swap_ab=True)))  # W x^T: BLOCK_N is the wgmma's M side
     if 16 < m <= 64:
         for bm, bn, bk, nw, ns, sk in ((64, 64, 256, 4, 3, 1), (64, 64, 256, 4, 3, 2), (64, 64, 256, 4, 3, 4),
                                        (64, 128, 128, 4, 4, 2), (64, 128, 128, 4, 4, 4), (128, 128, 64, 8, 3, 2),

@@ -540,7 +540,7 @@ def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
     M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
 ):
     """Prefill path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
 
@@ -568,7 +568,7 @@ def _w4a16_gemm_kernel(
     kp_total = tl.cdiv(K, 8)
     k_run = tl.cdiv(tl.cdiv(K, SPLIT_K), BLOCK_K) * BLOCK_K  # K per split, whole tiles
     k_start = tl.program_id(1) * k_run
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_N, BLOCK_M) if SWAP_AB else (BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, min(K, k_start + k_run), BLOCK_K):
         k = k0 + offs_k  # [BK]
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
@@ -580,8 +580,13 @@ def _w4a16_gemm_kernel(
         scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
         zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
         w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
-        acc = tl.dot(xt, w, acc)
-    dst = dst_ptr + tl.program_id(1) * stride_ds + offs_m[:, None] * stride_dm + offs_n[None, :]
+        if SWAP_AB:  # out^T = W x^T: the weight tile is the MMA's tall operand, the few rows of x the narrow one
+            acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
+        else:
+            acc = tl.dot(xt, w, acc)  # [BM, BN]
+    dst = dst_ptr + tl.program_id(1) * stride_ds + offs_m[:, None] * stride_dm + offs_n[None, :]  # [BM, BN]
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BM, BN]
     tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
@@ -668,10 +673,11 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_m: int = 64, block_n: int = 128, block_k: int = 128,
                       group_m: int = 8, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-                      out: torch.Tensor | None = None) -> torch.Tensor:
+                      swap_ab: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill path: x [M, K] -> [M, N] in x.dtype (tensor cores). split_k > 1 splits K over that
     many programs per output tile (more programs for small M x N) and sums their float32 partials
-    in a second kernel."""
+    in a second kernel. swap_ab: each step computes W_tile x_tile^T (BLOCK_N as the MMA's M side), for
+    small M where BLOCK_M = 16 would leave the MMA mostly idle."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
     m, k = x.shape
     n = qweight.shape[1]
@@ -682,7 +688,7 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     _w4a16_gemm_kernel[grid](
         x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
-        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, num_warps=num_warps, num_stages=num_stages,
+        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, SWAP_AB=swap_ab, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(x.device))
     if split_k > 1:
         _splitk_sum(dst, out)
@@ -731,9 +737,9 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
 
 
 # (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
-# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel" for M > 4,
-# "GEMV v3" and "Programmatic dependent launch" for M <= 4): each row is the best configuration, or within
-# 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
+# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel" for M > 16,
+# "GEMV v3", "Programmatic dependent launch" and "Preload and swap-AB" for M <= 16): each row is the best
+# configuration, or within 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
 _TABLE = (
     (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2, preload=True)),
     (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=1, num_warps=1)),
@@ -743,8 +749,12 @@ _TABLE = (
     (4, 4096, None, "gemv", dict(block_n=16, rows=4, split_k=8, depth=1, num_warps=1)),
     (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1, preload=True)),
     (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=2, depth=1, num_warps=1)),
-    (16, None, None, "gemm", dict(block_m=16, block_n=32, block_k=256, group_m=1, split_k=2, num_warps=4,
-                                  num_stages=3)),
+    (16, 8192, 8192, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=8, num_warps=4,
+                                  num_stages=4, swap_ab=True)),
+    (16, 8192, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=4, num_warps=4,
+                                  num_stages=3, swap_ab=True)),
+    (16, None, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=2, num_warps=4,
+                                  num_stages=3, swap_ab=True)),
     (64, 8192, None, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,
                                   num_stages=4)),
     (64, None, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,

@@ -145,13 +145,13 @@ def test_gemv_split_counters_reset():
     assert not W._split_counters(x.device, 1).any()
 
 
-@pytest.mark.parametrize("split_k", [1, 3])
+@pytest.mark.parametrize("split_k,swap_ab", [(1, False), (3, False), (2, True)])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m,n,k,group", CASES)
-def test_gemm_triton(m, n, k, group, dtype, split_k):
-    # split_k=3 at K=203: runs of 128 and 75, and an empty third run that must write zeros
+def test_gemm_triton(m, n, k, group, dtype, split_k, swap_ab):
+    # split_k=3 at K=203: runs of 128 and 75, and an empty third run that must write zeros; swap_ab: W x^T tiles
     _triton_check(W.w4a16_gemm_triton, m, n, k, group, dtype, block_m=16, block_n=32, block_k=64, group_m=2,
-                  split_k=split_k)
+                  split_k=split_k, swap_ab=swap_ab)
 
 
 def test_gemv_dot_asm_needs_float16_on_cuda():
