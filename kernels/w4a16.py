@@ -18,7 +18,7 @@ Two Triton paths, both accumulating in float32:
     the output is silu(gate) * up, computed where the sums are written (`w4a16_silu_matmul`);
   - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
     registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
-Both can split K over several programs (`split_k`); the last split to finish sums the float32 partials.
+Both can split K over several programs (`split_k`); the GEMM sums the float32 partials in a second kernel.
 For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
 the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
 (Triton serialises dequant and wgmma inside a CTA), while the extra 2·K·N bytes are small next to M·K·N.
@@ -537,8 +537,8 @@ def _w4a16_gemv_kernel(
 
 @_jit
 def _w4a16_gemm_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
-    M, N, K, stride_xm, stride_om,
+    x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
+    M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -548,8 +548,7 @@ def _w4a16_gemm_kernel(
     W^T[BK, BN] (_dequant_tile) and accumulates tl.dot in float32. Programs walk GROUP_M row blocks
     per column band so that a band of weights is reused from L2. With SPLIT_K > 1, program
     (pid, s) covers the s-th of SPLIT_K runs of whole BLOCK_K tiles along K and writes float32
-    partial sums to ws[s, M, N]; the last split to arrive at a tile (counter in count_ptr, reset after
-    use) sums them in split order (deterministic) and writes out, as the GEMV does."""
+    partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly."""
     pdl_wait(PDL)
     BLOCK_KP: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
@@ -585,36 +584,40 @@ def _w4a16_gemm_kernel(
             acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
         else:
             acc = tl.dot(xt, w, acc)  # [BM, BN]
+    dst = dst_ptr + tl.program_id(1) * stride_ds + offs_m[:, None] * stride_dm + offs_n[None, :]  # [BM, BN]
     if SWAP_AB:
         acc = tl.trans(acc)  # [BM, BN]
-    mask = m_mask[:, None] & n_mask[None, :]  # [BM, BN]
-    out_offs = offs_m[:, None] * stride_om + offs_n[None, :]  # [BM, BN]
-    if SPLIT_K == 1:
-        tl.store(out_ptr + out_offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        ws_offs = offs_m[:, None] * N + offs_n[None, :]  # [BM, BN] within one split's [M, N] partials
-        slab = M * N
-        tl.store(ws_ptr + tl.program_id(1).to(tl.int64) * slab + ws_offs, acc, mask=mask)
-        tl.debug_barrier()  # every thread's partials are written before the counter says so
-        counter = count_ptr + pid
-        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for s in tl.static_range(SPLIT_K):
-                total += tl.load(ws_ptr + s * slab.to(tl.int64) + ws_offs, mask=mask, other=0.0,
-                                 cache_modifier=".cg")
-            tl.store(out_ptr + out_offs, total.to(out_ptr.dtype.element_ty), mask=mask)
-            tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
+    tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@_jit
+def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+                       PDL: tl.constexpr):
+    """out[M, N] = sum over s of part[s, M, N] (float32 partials, fixed order: deterministic)."""
+    pdl_wait(PDL)
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat index into [M, N]
+    mask = idx < M * N
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(part_ptr + s * M * N + idx, mask=mask, other=0.0)
+    tl.store(out_ptr + (idx // N) * stride_om + idx % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
+
+
+def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
+    split_k, m, n = part.shape
+    _splitk_sum_kernel[(_cdiv(m * n, 1024),)](part, out, m, n, out.stride(0), SPLIT_K=split_k, BLOCK=1024,
+                                              num_warps=4, **pdl_launch(out.device))
 
 
 _SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
 
 
 def _split_counters(device: torch.device, size: int) -> torch.Tensor:
-    """int32 zeros, one per output tile, shared by every split-K GEMV and GEMM call on the device (each call
-    leaves them at zero again; with PDL a kernel touches them only after waiting for the previous one). Grown outside CUDA-graph capture: the engine runs every shape once before capturing."""
+    """int32 zeros, one per column block, shared by every split-K GEMV call on the device (each call leaves
+    them at zero again). Grown outside CUDA-graph capture: the engine runs every shape once before capturing."""
     counters = _SPLIT_COUNTERS.get(device)
     if counters is None or counters.numel() < size:
         counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
@@ -672,22 +675,23 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
                       group_m: int = 8, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
                       swap_ab: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill path: x [M, K] -> [M, N] in x.dtype (tensor cores). split_k > 1 splits K over that
-    many programs per output tile (more programs for small M x N); the last to finish sums their float32
-    partials. swap_ab: each step computes W_tile x_tile^T (BLOCK_N as the MMA's M side), for
+    many programs per output tile (more programs for small M x N) and sums their float32 partials
+    in a second kernel. swap_ab: each step computes W_tile x_tile^T (BLOCK_N as the MMA's M side), for
     small M where BLOCK_M = 16 would leave the MMA mostly idle."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
+    dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (_cdiv(m, block_m) * _cdiv(n, block_n), split_k)
-    ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    counters = _split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
+        x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
         DEQ_ASM=x.is_cuda and x.dtype == torch.float16, SWAP_AB=swap_ab, num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(x.device))
+    if split_k > 1:
+        _splitk_sum(dst, out)
     return out
 
 

@@ -133,18 +133,14 @@ def test_silu_matmul_dispatch_on_cpu():
     assert torch.equal(W.w4a16_silu_matmul(x, q, scales, zeros, 64), want) and want.shape == (2, 3, 21)
 
 
-def test_split_counters_reset():
-    """The split-K counters are back at zero after a GEMV or GEMM call: a second call (a CUDA-graph replay) sums
-    again."""
+def test_gemv_split_counters_reset():
+    """The split-K counters are back at zero after a call: a second call (a CUDA-graph replay) sums again."""
     pytest.importorskip("triton")
     _, q, scales, zeros = _quantized(40, 576, 128, torch.float32, seed=3)
     x = torch.randn(3, 576)
     ref = W.w4a16_matmul_ref(x, q, scales, zeros, 128)
     for _ in range(2):
         got = W.w4a16_gemv_triton(x, q, scales, zeros, 128, block_n=16, rows=2, split_k=3)
-        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-        got = W.w4a16_gemm_triton(x, q, scales, zeros, 128, block_m=16, block_n=32, block_k=64, group_m=1,
-                                  split_k=3, swap_ab=True)  # the GEMM's last split sums the same way
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     assert not W._split_counters(x.device, 1).any()
 
