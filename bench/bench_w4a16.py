@@ -235,12 +235,21 @@ def _candidates(m: int, depths=("1", "2")):
                                        (64, 128, 64, 4, 4, 4)):
             out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
                                      num_stages=ns)))
+        for bm, bn, bk, nw, ns, sk in ((32, 64, 128, 4, 3, 1), (32, 64, 128, 4, 3, 2), (32, 64, 128, 4, 3, 4),
+                                       (64, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4),
+                                       (64, 128, 64, 4, 4, 2), (64, 128, 64, 4, 4, 4), (64, 128, 128, 8, 3, 2)):
+            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
+                                     num_stages=ns, swap_ab=True)))
     if m > 64:
         for bm, bn, bk, nw, ns, sk in ((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 4),
                                        (128, 128, 128, 8, 3, 2), (64, 128, 128, 4, 4, 1), (64, 128, 128, 4, 4, 2),
                                        (256, 128, 64, 8, 3, 1)):
             out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
                                      num_stages=ns)))
+        for bm, bn, bk, nw, ns, sk in ((64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2), (128, 128, 64, 8, 3, 1),
+                                       (128, 128, 64, 8, 3, 2), (64, 64, 128, 4, 3, 2), (128, 64, 128, 4, 3, 1)):
+            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
+                                     num_stages=ns, swap_ab=True)))
     return out
 
 

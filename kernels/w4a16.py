@@ -737,8 +737,8 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
 
 
 # (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
-# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel" for M > 16,
-# "GEMV v3", "Programmatic dependent launch" and "Preload and swap-AB" for M <= 16): each row is the best
+# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel", "GEMV v3",
+# "Programmatic dependent launch" and "Session 4" (preload, swap-AB up to M=256)): each row is the best
 # configuration, or within 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
 _TABLE = (
     (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2, preload=True)),
@@ -755,12 +755,16 @@ _TABLE = (
                                   num_stages=3, swap_ab=True)),
     (16, None, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=2, num_warps=4,
                                   num_stages=3, swap_ab=True)),
-    (64, 8192, None, "gemm", dict(block_m=64, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=4,
-                                  num_stages=4)),
-    (64, None, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
-                                  num_stages=3)),
-    (256, 8192, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
+    (64, 8192, None, "gemm", dict(block_m=64, block_n=64, block_k=128, group_m=8, split_k=4, num_warps=4,
+                                  num_stages=3, swap_ab=True)),
+    (64, None, None, "gemm", dict(block_m=64, block_n=128, block_k=128, group_m=8, split_k=2, num_warps=8,
+                                  num_stages=3, swap_ab=True)),
+    (256, 4096, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
                                    num_stages=3)),
+    (256, 8192, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
+                                   num_stages=3, swap_ab=True)),
+    (256, None, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=1, num_warps=8,
+                                   num_stages=3, swap_ab=True)),
     (None, None, None, "dequant", dict()),
 )
 
