@@ -203,6 +203,12 @@ def bench_m(shape: Shape, m: int, overrides: dict, do_bench: bool = True) -> dic
 # ----------------------------------------------------------------------------- sweep
 
 
+def _gemm(tiles, group_m: int = 8, **extra) -> list:
+    """("gemm", launcher keywords) per (block_m, block_n, block_k, num_warps, num_stages, split_k) tile."""
+    return [("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=group_m, split_k=sk, num_warps=nw,
+                          num_stages=ns, **extra)) for bm, bn, bk, nw, ns, sk in tiles]
+
+
 def _candidates(m: int, depths=("1", "2")):
     """(path, launcher keywords) to time at M = m; depths: the GEMV's groups in flight, "1p" for depth 1 with
     preload (two groups requested before the PDL wait)."""
@@ -219,37 +225,25 @@ def _candidates(m: int, depths=("1", "2")):
                                                  num_warps=nw, **extra)))
         if m == 1:  # the float32 path at one shape, for the record
             out.append(("gemv", dict(block_n=32, rows=1, split_k=4, num_warps=1, dot_asm=False)))
+    # GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split_k); swap_ab: W x^T, BLOCK_N is wgmma's M side
     if 1 < m <= 16:
-        for bn, bk, nw, ns, sk in ((32, 256, 4, 3, 1), (32, 256, 4, 3, 2), (32, 256, 4, 3, 4), (64, 256, 4, 3, 2),
-                                   (64, 256, 4, 3, 4), (64, 256, 4, 3, 8), (128, 128, 4, 4, 4), (128, 128, 4, 4, 8),
-                                   (32, 128, 4, 4, 4), (64, 128, 4, 4, 4)):
-            out.append(("gemm", dict(block_m=16, block_n=bn, block_k=bk, group_m=1, split_k=sk, num_warps=nw,
-                                     num_stages=ns)))
-        for bn, bk, ns, sk in ((64, 128, 3, 1), (64, 128, 3, 2), (64, 128, 3, 4), (64, 128, 4, 8), (64, 256, 3, 2),
-                               (64, 256, 3, 4), (128, 128, 3, 1), (128, 128, 3, 2), (128, 128, 3, 4), (128, 64, 4, 4)):
-            out.append(("gemm", dict(block_m=16, block_n=bn, block_k=bk, group_m=1, split_k=sk, num_warps=4,
-                                     num_stages=ns, swap_ab=True)))  # W x^T: BLOCK_N is the wgmma's M side
+        out += _gemm(((16, 32, 256, 4, 3, 1), (16, 32, 256, 4, 3, 2), (16, 32, 256, 4, 3, 4), (16, 64, 256, 4, 3, 2),
+                      (16, 64, 256, 4, 3, 4), (16, 64, 256, 4, 3, 8), (16, 128, 128, 4, 4, 4), (16, 128, 128, 4, 4, 8),
+                      (16, 32, 128, 4, 4, 4), (16, 64, 128, 4, 4, 4)), group_m=1)
+        out += _gemm(((16, 64, 128, 4, 3, 1), (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 4, 8),
+                      (16, 64, 256, 4, 3, 2), (16, 64, 256, 4, 3, 4), (16, 128, 128, 4, 3, 1), (16, 128, 128, 4, 3, 2),
+                      (16, 128, 128, 4, 3, 4), (16, 128, 64, 4, 4, 4)), group_m=1, swap_ab=True)
     if 16 < m <= 64:
-        for bm, bn, bk, nw, ns, sk in ((64, 64, 256, 4, 3, 1), (64, 64, 256, 4, 3, 2), (64, 64, 256, 4, 3, 4),
-                                       (64, 128, 128, 4, 4, 2), (64, 128, 128, 4, 4, 4), (128, 128, 64, 8, 3, 2),
-                                       (64, 128, 64, 4, 4, 4)):
-            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
-                                     num_stages=ns)))
-        for bm, bn, bk, nw, ns, sk in ((32, 64, 128, 4, 3, 1), (32, 64, 128, 4, 3, 2), (32, 64, 128, 4, 3, 4),
-                                       (64, 64, 128, 4, 3, 1), (64, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4),
-                                       (64, 128, 64, 4, 4, 2), (64, 128, 64, 4, 4, 4), (64, 128, 128, 8, 3, 2)):
-            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
-                                     num_stages=ns, swap_ab=True)))
+        out += _gemm(((64, 64, 256, 4, 3, 1), (64, 64, 256, 4, 3, 2), (64, 64, 256, 4, 3, 4), (64, 128, 128, 4, 4, 2),
+                      (64, 128, 128, 4, 4, 4), (128, 128, 64, 8, 3, 2), (64, 128, 64, 4, 4, 4)))
+        out += _gemm(((32, 64, 128, 4, 3, 1), (32, 64, 128, 4, 3, 2), (32, 64, 128, 4, 3, 4), (64, 64, 128, 4, 3, 1),
+                      (64, 64, 128, 4, 3, 2), (64, 64, 128, 4, 3, 4), (64, 128, 64, 4, 4, 2), (64, 128, 64, 4, 4, 4),
+                      (64, 128, 128, 8, 3, 2)), swap_ab=True)
     if m > 64:
-        for bm, bn, bk, nw, ns, sk in ((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 4),
-                                       (128, 128, 128, 8, 3, 2), (64, 128, 128, 4, 4, 1), (64, 128, 128, 4, 4, 2),
-                                       (256, 128, 64, 8, 3, 1)):
-            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
-                                     num_stages=ns)))
-        for bm, bn, bk, nw, ns, sk in ((64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2), (128, 128, 64, 8, 3, 1),
-                                       (128, 128, 64, 8, 3, 2), (64, 64, 128, 4, 3, 2), (128, 64, 128, 4, 3, 1)):
-            out.append(("gemm", dict(block_m=bm, block_n=bn, block_k=bk, group_m=8, split_k=sk, num_warps=nw,
-                                     num_stages=ns, swap_ab=True)))
+        out += _gemm(((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 4),
+                      (128, 128, 128, 8, 3, 2), (64, 128, 128, 4, 4, 1), (64, 128, 128, 4, 4, 2), (256, 128, 64, 8, 3, 1)))
+        out += _gemm(((64, 128, 64, 4, 4, 1), (64, 128, 64, 4, 4, 2), (128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2),
+                      (64, 64, 128, 4, 3, 2), (128, 64, 128, 4, 3, 1)), swap_ab=True)
     return out
 
 

@@ -23,6 +23,15 @@ except ImportError:  # CPU-only install: the torch reference serves
 if triton is not None:
 
     @triton.jit
+    def _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
+        """Token t's cos and sin rows [BLOCK_HALF] in fp32 (zeros past HALF)."""
+        cols = tl.arange(0, BLOCK_HALF)
+        cmask = cols < HALF
+        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
+        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
+        return cos, sin
+
+    @triton.jit
     def _rotate_heads(
         x_ptr, o_ptr, cos, sin, n_heads, stride_xh, stride_oh,
         HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -53,10 +62,7 @@ if triton is not None:
     ):
         pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_HALF)
-        cmask = cols < HALF
-        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
+        cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
         _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
                       HALF, BLOCK_HEADS, BLOCK_HALF)
         _rotate_heads(k_ptr + t * stride_kt, ko_ptr + t * stride_kot, cos, sin, Hkv, stride_kh, stride_koh,
@@ -76,10 +82,7 @@ if triton is not None:
         Caches are addressed as [slots, Hkv, D] with strides (stride_cs, stride_ch, 1)."""
         pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
-        cols = tl.arange(0, BLOCK_HALF)
-        cmask = cols < HALF
-        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
+        cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
                       HALF, BLOCK_HEADS, BLOCK_HALF)

@@ -225,6 +225,22 @@ def _dequant_pairs_f16_asm(packed, za, zb):
     )
 
 
+def _dot_pairs_ptx() -> str:
+    """The PTX of `_dot_pairs_f16_asm`: $0..$3 the four words' float32 sums, $4 + 4i + w operand q_i of word w,
+    $20..$23 the row's four x pairs (x0, x1) .. (x6, x7)."""
+    lines = [".reg .b32 a0, a1, a2, a3, acc;", ".reg .b16 lo, hi;", ".reg .f32 flo, fhi;",
+             "prmt.b32 a0, $20, $22, 0x5410;", "prmt.b32 a1, $20, $22, 0x7632;",  # (x0, x4), (x1, x5)
+             "prmt.b32 a2, $21, $23, 0x5410;", "prmt.b32 a3, $21, $23, 0x7632;"]  # (x2, x6), (x3, x7)
+    for w in range(4):  # per word: HMUL2, three HFMA2, then the two halves added in float32
+        lines += [f"mul.rn.f16x2 acc, ${4 + w}, a0;", f"fma.rn.f16x2 acc, ${8 + w}, a1, acc;",
+                  f"fma.rn.f16x2 acc, ${12 + w}, a2, acc;", f"fma.rn.f16x2 acc, ${16 + w}, a3, acc;",
+                  "mov.b32 {lo, hi}, acc;", "cvt.f32.f16 flo, lo;", "cvt.f32.f16 fhi, hi;", f"add.f32 ${w}, flo, fhi;"]
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+_DOT_PAIRS_PTX = tl.constexpr(_dot_pairs_ptx()) if tl is not None else None  # a jit function reads constexpr globals
+
+
 @_jit
 def _dot_pairs_f16_asm(q0, q1, q2, q3, xq):
     """sum_j (c_j - z) / 16 * x_j of four neighbouring words (four columns, one packed row), as float32 (GPU only).
@@ -236,47 +252,7 @@ def _dot_pairs_f16_asm(q0, q1, q2, q3, xq):
     them as (x0, x4) .. (x3, x7) to match q0 .. q3, shared by the four words. Per word one HMUL2, three
     HFMA2 (four float16 terms per half: finite for |x| < ~17000) and one float32 add of the halves."""
     return tl.inline_asm_elementwise(
-        asm="""{
-        .reg .b32 a0, a1, a2, a3, acc;
-        .reg .b16 lo, hi;
-        .reg .f32 flo, fhi;
-        prmt.b32 a0, $20, $22, 0x5410;
-        prmt.b32 a1, $20, $22, 0x7632;
-        prmt.b32 a2, $21, $23, 0x5410;
-        prmt.b32 a3, $21, $23, 0x7632;
-        mul.rn.f16x2 acc, $4, a0;
-        fma.rn.f16x2 acc, $8, a1, acc;
-        fma.rn.f16x2 acc, $12, a2, acc;
-        fma.rn.f16x2 acc, $16, a3, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 $0, flo, fhi;
-        mul.rn.f16x2 acc, $5, a0;
-        fma.rn.f16x2 acc, $9, a1, acc;
-        fma.rn.f16x2 acc, $13, a2, acc;
-        fma.rn.f16x2 acc, $17, a3, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 $1, flo, fhi;
-        mul.rn.f16x2 acc, $6, a0;
-        fma.rn.f16x2 acc, $10, a1, acc;
-        fma.rn.f16x2 acc, $14, a2, acc;
-        fma.rn.f16x2 acc, $18, a3, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 $2, flo, fhi;
-        mul.rn.f16x2 acc, $7, a0;
-        fma.rn.f16x2 acc, $11, a1, acc;
-        fma.rn.f16x2 acc, $15, a2, acc;
-        fma.rn.f16x2 acc, $19, a3, acc;
-        mov.b32 {lo, hi}, acc;
-        cvt.f32.f16 flo, lo;
-        cvt.f32.f16 fhi, hi;
-        add.f32 $3, flo, fhi;
-        }""",
+        asm=_DOT_PAIRS_PTX,
         constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r,r",
         args=[q0, q1, q2, q3, xq],
         dtype=tl.float32,
