@@ -16,8 +16,9 @@ Two Triton paths, both accumulating in float32:
     GPU: each word dequantized once to float16 pairs and multiplied in packed float16 by inline PTX, float32
     from there on; split-K partials are summed by the last split to finish; for an MLP's fused gate/up weight
     the output is silu(gate) * up, computed where the sums are written (`w4a16_silu_matmul`);
-  - prefill (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N] tile in
-    registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot.
+  - prefill and batch decode (`w4a16_gemm_triton`, M > 1): tiled GEMM that dequantizes a [BLOCK_K, BLOCK_N]
+    tile in registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot;
+    for small M it multiplies W_tile x_tile^T instead (`swap_ab`), so the weight tile is the MMA's tall side.
 Both can split K over several programs (`split_k`); the GEMM sums the float32 partials in a second kernel.
 For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
 the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
