@@ -546,6 +546,9 @@ def main() -> int:
     args.session_len = 64 if args.smoke else 512
     args.repeats, args.step_iters = (1, 3) if args.smoke else (3, 50)
     skip = set(filter(None, args.skip.split(",")))
+    unknown = set(args.modes.split(",")) - {"graph", "eager"}
+    if unknown:
+        parser.error(f"--modes takes graph and/or eager, got {', '.join(sorted(unknown))}")
     args.modes = [m for m in ("graph", "eager") if m in args.modes.split(",")]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

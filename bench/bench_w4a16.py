@@ -288,6 +288,13 @@ def sweep(shapes, ms, budget_s: float, depths=("1", "2")) -> list:
 # ----------------------------------------------------------------------------- main
 
 
+def _depths(value: str) -> tuple[str, ...]:
+    depths = tuple(value.split(","))
+    if not set(depths) <= {"1", "1p", "2"}:
+        raise argparse.ArgumentTypeError(f"depths are 1, 1p or 2, got {value!r}")
+    return depths
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/w4a16_kernels.json, "
@@ -300,7 +307,7 @@ def main() -> int:
                                                      "configuration instead of the table")
     ap.add_argument("--ms", type=lambda v: tuple(int(i) for i in v.split(",")), default=MS,
                     help="the M values of the default run, comma-separated")
-    ap.add_argument("--depths", type=lambda v: tuple(v.split(",")), default=("1", "2"),
+    ap.add_argument("--depths", type=_depths, default=("1", "2"),
                     help="--sweep: the GEMV prefetch depths to try, comma-separated; 1p: depth 1 with preload")
     ap.add_argument("--no-do-bench", action="store_true", help="skip the do_bench column (faster)")
     args = ap.parse_args()
