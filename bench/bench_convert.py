@@ -252,7 +252,7 @@ def main() -> None:
         ckpt = make_checkpoint(src, cfg, args.shards, args.seed)
         ckpt.update(config=cfg, generate_seconds=round(time.perf_counter() - t0, 2))
         print(f"checkpoint: {ckpt['bytes'] / 1e9:.2f} GB in {ckpt['shards']} shards ({ckpt['generate_seconds']} s)", flush=True)
-        imports = run_measured([sys.executable, "-c", "import lmc.cli, lmc.compiler.convert, lmc.runtime.workspace"])
+        imports = run_measured([sys.executable, "-c", "import lmc.cli, lmc.compiler.convert, lmc.format.workspace"])
         disk = cold_read(src)
         print(f"cold read of the source: {disk['gb_per_s']} GB/s", flush=True)
         drop_page_cache(src)

@@ -38,16 +38,17 @@ from pathlib import Path
 import torch
 
 import lmc
-from lmc.compiler.archs import model_config_from_hf
+from lmc.format.archs import model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan
-from lmc.compiler.pack import quantize_int4, to_lmc_tensors
+from lmc.compiler.pack import quantize_int4
+from lmc.format.int4 import to_lmc_tensors
 from lmc.compiler.readers import Source
 from lmc.kernels.pdl import pdl_enabled
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.engine import Engine, _Sequence
 from lmc.runtime.sampling import GenerationConfig
 from lmc.runtime.tokenizer import IncrementalDetokenizer
-from lmc.runtime.workspace import TensorSpec, Workspace, atomic_output, write_workspace
+from lmc.format.workspace import TensorSpec, Workspace, atomic_output, write_workspace
 
 GROUP = 128
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,

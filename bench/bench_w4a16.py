@@ -24,6 +24,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lmc.format.int4 import pack_lmc
 from lmc.kernels import w4a16 as W
 from lmc.kernels.pdl import pdl_enabled
 
@@ -31,19 +32,6 @@ SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))  # (K, N): q
 MS = (1, 4, 16, 64, 256, 2048)
 GROUP = 128
 ROTATE_BYTES = 256 << 20  # every timed call reads data that is not in L2 (50 MB on H100)
-
-
-def _pack_k8(codes: torch.Tensor) -> torch.Tensor:
-    """codes int [N, K] (0..15) -> lmc-int4-k8 qweight int32 [ceil(K/8), N]: bits 4j..4j+3 of word [r, n]
-    hold codes[n, 8r + j]."""
-    n, k = codes.shape
-    kp = -(-k // 8)
-    padded = torch.zeros((n, kp * 8), dtype=torch.int64, device=codes.device)  # [N, 8*K8]
-    padded[:, :k] = codes
-    nib = padded.reshape(n, kp, 8)  # [N, K8, 8]
-    word = (nib << (4 * torch.arange(8, device=codes.device))).sum(-1)  # [N, K8] in 0..2**32-1
-    word = torch.where(word >= 2**31, word - 2**32, word)
-    return word.t().contiguous().to(torch.int32)  # [K8, N]
 
 
 def _int4pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, high_first: bool):
@@ -60,7 +48,7 @@ def _quant_set(k: int, n: int, dev):
     codes = torch.randint(0, 16, (n, k), dtype=torch.int32, device=dev)  # [N, K]
     scales = (torch.rand(k // GROUP, n, device=dev) * 0.01 + 0.002).half()  # [K/G, N]
     zeros = torch.randint(0, 16, (k // GROUP, n), device=dev).half()  # [K/G, N]
-    return codes, _pack_k8(codes), scales, zeros
+    return codes, pack_lmc(codes), scales, zeros
 
 
 def _rel(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -8,11 +8,11 @@ from pathlib import Path
 import torch
 
 import lmc
-from lmc.compiler.archs import TABLES, Target, model_config_from_hf
+from lmc.format.archs import Target, arch_spec, model_config_from_hf
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError
-from lmc.runtime.config import ModelConfig
-from lmc.runtime.workspace import FORMAT_VERSION, TensorSpec, atomic_output, sha256_file, write_workspace
+from lmc.format.config import ModelConfig
+from lmc.format.workspace import FORMAT_VERSION, TensorSpec, atomic_output, sha256_file, write_workspace
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 
@@ -42,7 +42,7 @@ class Builder:
         self.reader = source.reader
         self.quant = source.model_format == "awq"
         self.group_size = (source.hf_config.get("quantization_config") or {}).get("group_size")
-        self.targets = TABLES[cfg.architecture].targets(cfg)
+        self.targets = arch_spec(cfg).targets(cfg)
         self._check_tp()
 
     def _check_tp(self) -> None:
@@ -111,7 +111,8 @@ class Builder:
             return {t.name: self.reader.get(t.sources[0]).to(self.dtype)}
         out = {}
         if self.quant:
-            from lmc.compiler.pack import to_lmc_tensors, unpack_awq
+            from lmc.compiler.pack import unpack_awq
+            from lmc.format.int4 import to_lmc_tensors
 
             unpacked = [unpack_awq(*(self._parts_awq(t, i)), self.group_size) for i in range(len(self._awq_sources(t)))]
             codes = self._fuse([u[0] for u in unpacked], t.split, rank, 0)  # [N, K]

@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lmc.runtime.config import ModelConfig
+from lmc.format.archs import layer_params
+from lmc.format.config import ModelConfig
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,6 @@ def host_available() -> int:
     except OSError:
         pass
     return 1 << 62
-
-
-def layer_params(cfg: ModelConfig) -> int:
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    return h * (cfg.q_size + 2 * cfg.kv_size) + cfg.q_size * h + 2 * i * h + i * h
 
 
 def predict(cfg: ModelConfig, samples: int, seqlen: int, search_samples: int, batch_size: int,

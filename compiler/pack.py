@@ -13,9 +13,7 @@ error <= scale / 2, where AutoAWQ would clamp the zero point and saturate the co
 Scales are rounded to w's dtype when that is a 16-bit float (AutoAWQ computes in fp16), so
 storing them in the model dtype loses nothing.
 
-Layouts:
-- lmc ("lmc-int4-k8", docs/workspace-format.md): qweight int32 [ceil(K/8), N] packs 8
-  consecutive K codes of one output column; scales and zeros [ceil(K/G), N] in the model dtype.
+Layouts: lmc's own ("lmc-int4-k8") is defined once in lmc.format.int4; here is AWQ's:
 - AWQ GEMM (AutoAWQ's WQLinear_GEMM, read by vLLM and transformers): qweight int32 [K, N/8]
   packs 8 output columns of one K row in the interleaved order [0, 2, 4, 6, 1, 3, 5, 7];
   qzeros int32 [K/G, N/8] the same way; scales fp16 [K/G, N]. Needs K % G == 0 and N % 8 == 0.
@@ -23,6 +21,7 @@ Layouts:
 import torch
 
 from lmc.errors import LmcError
+from lmc.format.int4 import to_int32, to_uint32
 
 _SHIFTS = tuple(range(0, 32, 4))  # nibble j lives in bits 4j .. 4j+3
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column 8c + _AWQ_ORDER[j]
@@ -75,44 +74,6 @@ def _quantize_groups(w: torch.Tensor, group_size: int):
     return codes, scales, zeros
 
 
-def pack_lmc(codes: torch.Tensor) -> torch.Tensor:
-    """codes uint8 [N, K] -> qweight int32 [ceil(K/8), N].
-
-    Layout: qweight[r, n] holds the codes of W[n, 8r + j] for j = 0..7, code j in bits
-    4j .. 4j+3 (nibble 0 least significant); codes past K are 0.
-    """
-    n, k = codes.shape
-    rows = -(-k // 8)
-    c = torch.zeros(rows * 8, n, dtype=torch.int64, device=codes.device)  # [K8, N]
-    c[:k] = codes.t().to(torch.int64)
-    c = c.reshape(rows, 8, n)  # [K8/8, 8, N]
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=codes.device)[None, :, None]  # [1, 8, 1]
-    return _to_int32((c << shifts).sum(dim=1))  # [K8/8, N]
-
-
-def unpack_lmc(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
-    """qweight int32 [ceil(K/8), N] (layout of pack_lmc) -> codes uint8 [N, K]."""
-    rows, n = qweight.shape
-    if rows != -(-in_features // 8):
-        raise LmcError(f"qweight has {rows} packed rows, expected ceil({in_features} / 8)")
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=qweight.device)[None, :, None]  # [1, 8, 1]
-    c = (_to_uint32(qweight)[:, None, :] >> shifts) & 0xF  # [K8/8, 8, N]
-    return c.reshape(rows * 8, n)[:in_features].t().to(torch.uint8).contiguous()  # [N, K]
-
-
-def to_lmc_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Workspace triplet: qweight int32 [ceil(K/8), N], scales and zeros [ceil(K/G), N] in dtype."""
-    return pack_lmc(codes), scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
-
-
-def from_lmc_tensors(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                     in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of to_lmc_tensors: codes uint8 [N, K], scales and zeros float32 [N, ceil(K/G)]."""
-    return (unpack_lmc(qweight, in_features), scales.t().float().contiguous(),
-            zeros.t().float().contiguous())
-
-
 def awq_compatible(out_features: int, in_features: int, group_size: int) -> bool:
     """Whether AWQ's GEMM layout can hold this linear (K % G == 0 and N % 8 == 0)."""
     return group_size >= 1 and in_features % group_size == 0 and out_features % 8 == 0
@@ -157,23 +118,13 @@ def _pack_awq_rows(values: torch.Tensor) -> torch.Tensor:
     r, n = values.shape
     v = values.to(torch.int64).reshape(r, n // 8, 8)[:, :, list(_AWQ_ORDER)]  # [R, N/8, 8]
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=values.device)  # [8]
-    return _to_int32((v << shifts).sum(dim=2))  # [R, N/8]
+    return to_int32((v << shifts).sum(dim=2))  # [R, N/8]
 
 
 def _unpack_awq_rows(packed: torch.Tensor) -> torch.Tensor:
     """int32 [R, N/8] in AWQ's nibble order -> int64 [R, N] values 0..15."""
     r, n8 = packed.shape
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=packed.device)  # [8]
-    nibbles = (_to_uint32(packed)[:, :, None] >> shifts) & 0xF  # [R, N/8, 8], nibble j
+    nibbles = (to_uint32(packed)[:, :, None] >> shifts) & 0xF  # [R, N/8, 8], nibble j
     inverse = [_AWQ_ORDER.index(col) for col in range(8)]  # column col sits in nibble inverse[col]
     return nibbles[:, :, inverse].reshape(r, n8 * 8)  # [R, N]
-
-
-def _to_int32(words: torch.Tensor) -> torch.Tensor:
-    """Unsigned 32-bit values held in int64 -> int32 with the same bits."""
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
-
-
-def _to_uint32(words: torch.Tensor) -> torch.Tensor:
-    """int32 -> int64 holding the same 32 bits as an unsigned value."""
-    return words.to(torch.int64) & 0xFFFFFFFF

@@ -17,21 +17,21 @@ from pathlib import Path
 import torch
 
 from lmc.compiler import awq
-from lmc.compiler.archs import model_config_from_hf
+from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
 from lmc.compiler.memory import predict
-from lmc.compiler.pack import (awq_compatible, from_lmc_tensors, pack_awq, quantize_int4, to_lmc_tensors)
+from lmc.compiler.pack import awq_compatible, pack_awq, quantize_int4
+from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
 from lmc.compiler.readers import open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError
-from lmc.runtime.config import ModelConfig
-from lmc.runtime.engine import pick_device
-from lmc.runtime.model import (LAYER_KEYS, LINEAR_KEYS, DenseCausal, attention_block, attention_core, linear,
+from lmc.format.config import ModelConfig
+from lmc.runtime.device import compute_dtype, pick_device
+from lmc.runtime.model import (DenseCausal, attention_block, attention_core, linear,
                                mlp_block, mlp_hidden)
 from lmc.runtime.rope import Rope
-from lmc.runtime.workspace import TensorSpec, atomic_output, dump_json, write_safetensors, write_workspace
+from lmc.format.workspace import TensorSpec, atomic_output, dump_json, write_safetensors, write_workspace
 
-LAYOUT = "lmc-int4-k8"
 
 
 @dataclass
@@ -89,8 +89,7 @@ def load_source_layer(builder: Builder, i: int, device, dtype) -> dict:
         if not target.name.startswith(prefix):
             continue
         for name, t in builder.build(target, 0).items():
-            suffix = name[len(prefix):]
-            key = LAYER_KEYS.get(suffix) or LAYER_KEYS[suffix.removesuffix(".weight")]
+            key = target.key + "_bias" if name.endswith(".bias") and target.linear else target.key
             lw[key] = t.to(device=device, dtype=dtype)
     return lw
 
@@ -198,7 +197,7 @@ def quantize_layer_linears(lw: dict, group_size: int, dtype: torch.dtype) -> dic
 # ----------------------------------------------------------------------------- driver
 
 
-def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device, compute_dtype,
+def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device, calib_dtype,
                store_dtype, windows: torch.Tensor | None, progress: bool) -> tuple[list[dict], list[dict]]:
     """Calibrate and quantize every layer. Returns per-layer (packed linears + float extras) and logs."""
     from tqdm import tqdm
@@ -208,12 +207,12 @@ def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions
     x = None
     if windows is not None:
         embed = builder.reader.get(builder.targets[0].sources[0])  # [V, H] on the CPU (mapped)
-        x = embed[windows].to(device=device, dtype=compute_dtype)  # [n, S, H]
+        x = embed[windows].to(device=device, dtype=calib_dtype)  # [n, S, H]
         del embed
     n_search = min(opts.search_samples, opts.calib_samples)
     for i in tqdm(range(cfg.num_layers), desc="quantize", unit="layer", disable=not progress):
         start = time.perf_counter()
-        lw = load_source_layer(builder, i, device, compute_dtype)
+        lw = load_source_layer(builder, i, device, calib_dtype)
         log = {"layer": i, "groups": []}
         if x is not None:
             cal = LayerCalibrator(cfg, opts, rope, device, i)
@@ -249,8 +248,7 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
     t0 = time.perf_counter()
     if opts.w_bits != 4:
         raise LmcError(f"--w-bits {opts.w_bits}: only 4-bit weights are supported")
-    if opts.w_group_size not in (32, 64, 128):
-        raise LmcError(f"--w-group-size {opts.w_group_size}: choose 32, 64 or 128")
+    check_group_size(opts.w_group_size)
     if opts.calib_samples < 0 or opts.calib_seqlen < 2 or opts.batch_size < 1:
         raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
     source = open_source(src)
@@ -263,9 +261,9 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
     device = pick_device(opts.device)
     if opts.search_samples is None:
         opts.search_samples = 32 if device.type == "cuda" else 8
-    compute_dtype = torch.float32 if device.type == "cpu" else store_dtype
+    calib_dtype = compute_dtype(device, store_dtype)
     mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, device,
-                  compute_dtype, store_dtype)
+                  calib_dtype, store_dtype)
     say(mem.describe())
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
@@ -280,12 +278,12 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
     show = sys.stderr.isatty() if progress is None else progress
     t1 = time.perf_counter()
     with torch.inference_mode():
-        layers, logs = run_layers(source, cfg, builder, opts, device, compute_dtype, store_dtype, windows, show)
+        layers, logs = run_layers(source, cfg, builder, opts, device, calib_dtype, store_dtype, windows, show)
     t2 = time.perf_counter()
     prov = provenance(source, command, {"quantization": {**asdict(opts), "method": opts.method}})
     if calib_info:
         prov["calibration"] = calib_info
-    fmt = "workspace" if opts.workspace else _awq_format_or_reason(cfg, opts.w_group_size)
+    fmt = "workspace" if opts.workspace else awq_format_or_reason(cfg, opts.w_group_size)
     if fmt != "workspace" and fmt != "awq":
         say(f"note: the AWQ GEMM layout cannot hold this model ({fmt}); writing an lmc workspace instead")
         fmt = "workspace"
@@ -311,14 +309,17 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _awq_format_or_reason(cfg: ModelConfig, g: int) -> str:
-    if cfg.architecture == "internlm2":
-        return "InternLM2's fused wqkv is not written in AWQ form"
-    h, i = cfg.hidden_size, cfg.intermediate_size
-    shapes = {"q": (cfg.q_size, h), "k/v": (cfg.kv_size, h), "o": (h, cfg.q_size), "gate/up": (i, h), "down": (h, i)}
-    for name, (n, k) in shapes.items():
-        if not awq_compatible(n, k, g):
-            return f"{name} has K={k} (not a multiple of group size {g}) or N={n} (not a multiple of 8)"
+def awq_format_or_reason(cfg: ModelConfig, g: int) -> str:
+    """"awq" when AutoAWQ's GEMM layout can hold every linear of the model, else why not."""
+    spec = arch_spec(cfg)
+    if not spec.awq_writable:
+        return f"{spec.name}'s fused source linears are not written in AWQ form"
+    for key in LINEAR_KEYS:
+        parts, k = linear_parts(cfg, key)
+        for n in parts:
+            if not awq_compatible(n, k, g):
+                return (f"{key} has K={k}, not a multiple of group size {g}" if k % g
+                        else f"{key} has a part of N={n} rows, not a multiple of 8")
     return "awq"
 
 
@@ -329,10 +330,10 @@ def _layer_tensor(layers: list[dict], name: str) -> torch.Tensor:
     """A workspace tensor of a quantized layer, by workspace name."""
     _, i, rest = name.split(".", 2)
     layer = layers[int(i)]
-    for suffix in (".qweight", ".scales", ".zeros"):
+    for suffix in INT4_LEAVES:
         if rest.endswith(suffix):
             key = LAYER_KEYS[rest.removesuffix(suffix)]
-            return layer["packed"][key][(".qweight", ".scales", ".zeros").index(suffix)]
+            return layer["packed"][key][INT4_LEAVES.index(suffix)]
     return layer["extras"][LAYER_KEYS[rest]]
 
 
@@ -344,7 +345,7 @@ def _write_workspace(tmp, builder, cfg, layers, dtype, quant, source, prov) -> N
             specs.append(spec)
         elif spec.name.endswith(".weight") and LAYER_KEYS.get(spec.name.split(".", 2)[2].removesuffix(".weight")) in LINEAR_KEYS:
             base = spec.name.removesuffix(".weight")
-            for leaf in (".qweight", ".scales", ".zeros"):
+            for leaf in INT4_LEAVES:
                 t = _layer_tensor(layers, base + leaf)
                 specs.append(TensorSpec(base + leaf, t.dtype, tuple(t.shape)))
         else:
@@ -359,19 +360,6 @@ def _write_workspace(tmp, builder, cfg, layers, dtype, quant, source, prov) -> N
     write_workspace(tmp, lmc_json(cfg, dtype, 1, quant), [specs], produce, source.tokenizer_files(), prov)
 
 
-def _hf_names(cfg: ModelConfig, i: int) -> dict[str, list[tuple[str, int]]]:
-    """Workspace linear key -> [(HF module, rows)] splitting the fused tensors back."""
-    p = f"model.layers.{i}."
-    return {"w_qkv": [(p + "self_attn.q_proj", cfg.q_size), (p + "self_attn.k_proj", cfg.kv_size), (p + "self_attn.v_proj", cfg.kv_size)],
-            "wo": [(p + "self_attn.o_proj", cfg.hidden_size)],
-            "w13": [(p + "mlp.gate_proj", cfg.intermediate_size), (p + "mlp.up_proj", cfg.intermediate_size)],
-            "w2": [(p + "mlp.down_proj", cfg.hidden_size)]}
-
-
-_HF_EXTRAS = {"attention_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
-              "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
-
-
 def _write_awq(tmp, builder, cfg, layers, dtype, source, prov, g) -> None:
     """An HF checkpoint in AutoAWQ's GEMM layout (vLLM and transformers read it)."""
     entries: dict[str, tuple[TensorSpec, object]] = {}  # name -> (spec, producer)
@@ -380,18 +368,19 @@ def _write_awq(tmp, builder, cfg, layers, dtype, source, prov, g) -> None:
     def awq_parts(i: int, key: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if cache.get("key") != (i, key):
             qweight, scales, zeros = layers[i]["packed"][key]
-            codes, s, z = from_lmc_tensors(qweight, scales, zeros, layer_in_features(cfg, key))  # [N, K], [N, ng] x2
-            rows = [r for _, r in _hf_names(cfg, i)[key]]
+            rows, k = linear_parts(cfg, key)
+            codes, s, z = from_lmc_tensors(qweight, scales, zeros, k)  # [N, K], [N, ng] x2
             cache.update(key=(i, key), parts=[pack_awq(c, sc, zz, g) for c, sc, zz in zip(codes.split(rows), s.split(rows), z.split(rows))])
         return cache["parts"]
 
-    globals_ = ("model.embed_tokens.weight", "model.norm.weight") + (() if cfg.tie_word_embeddings else ("lm_head.weight",))
+    spec = arch_spec(cfg)
+    globals_ = (spec.embed, spec.final_norm) + (() if cfg.tie_word_embeddings else (spec.lm_head,))
     for name in globals_:
         entries[name] = (TensorSpec(name, torch.float16, builder.reader.shape(name)),
                          lambda n=name: builder.reader.get(n).to(torch.float16))
     for i, layer in enumerate(layers):
-        for key, parts in _hf_names(cfg, i).items():
-            k = layer_in_features(cfg, key)
+        for key in LINEAR_KEYS:
+            parts, k = spec.hf_linear_modules(cfg, i, key), linear_parts(cfg, key)[1]
             for j, (module, n) in enumerate(parts):
                 shapes = {".qweight": ((k, n // 8), torch.int32), ".qzeros": ((k // g, n // 8), torch.int32),
                           ".scales": ((k // g, n), torch.float16)}
@@ -402,10 +391,10 @@ def _write_awq(tmp, builder, cfg, layers, dtype, source, prov, g) -> None:
                 for (module, _), part in zip(parts, layer["extras"]["w_qkv_bias"].split([r for _, r in parts])):
                     entries[module + ".bias"] = (TensorSpec(module + ".bias", torch.float16, tuple(part.shape)),
                                                  lambda part=part: part.to(torch.float16))
-        for key, leaf in _HF_EXTRAS.items():
+        for key, leaf in spec.norms.items():
             if key in layer["extras"]:
                 t = layer["extras"][key]
-                name = f"model.layers.{i}.{leaf}"
+                name = spec.layer_prefix.format(i=i) + leaf
                 entries[name] = (TensorSpec(name, torch.float16, tuple(t.shape)), lambda t=t: t.to(torch.float16))
     write_safetensors(tmp / "model.safetensors", [spec for spec, _ in entries.values()], lambda n: entries[n][1]())
     hf = dict(source.hf_config)
@@ -415,10 +404,6 @@ def _write_awq(tmp, builder, cfg, layers, dtype, source, prov, g) -> None:
     for name, data in source.tokenizer_files().items():
         (tmp / name).write_bytes(data)
     (tmp / "lmc_provenance.json").write_bytes(dump_json({**prov, "format": "hf-awq-gemm"}))
-
-
-def layer_in_features(cfg: ModelConfig, key: str) -> int:
-    return {"w_qkv": cfg.hidden_size, "wo": cfg.q_size, "w13": cfg.hidden_size, "w2": cfg.intermediate_size}[key]
 
 
 def summary_json(summary: dict) -> str:

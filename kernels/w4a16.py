@@ -32,6 +32,7 @@ from __future__ import annotations  # kernel annotations stay strings: the modul
 import torch
 
 from lmc.errors import LmcError
+from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
 
@@ -42,8 +43,6 @@ except ImportError:  # CPU-only install: w4a16_matmul runs the torch reference
     triton = None
     tl = None
 
-GROUP_SIZES = (32, 64, 128)
-PACK = 8  # int4 codes per int32 word along K
 
 
 def _jit(fn):
@@ -58,8 +57,7 @@ def _cdiv(a: int, b: int) -> int:
 
 
 def _check(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int):
-    if group_size not in GROUP_SIZES:
-        raise LmcError(f"int4 group size must be 32, 64 or 128, got {group_size}; requantize with --w-group-size 128")
+    check_group_size(group_size, "int4 group size")
     if qweight.dtype != torch.int32 or qweight.dim() != 2:
         raise LmcError(f"qweight must be a 2-D int32 tensor, got {qweight.dtype} {tuple(qweight.shape)}; "
                        "rebuild the workspace")
@@ -99,12 +97,7 @@ def dequantize_int4_ref(qweight: torch.Tensor, scales: torch.Tensor, zeros: torc
                         in_features: int) -> torch.Tensor:
     """W^T as float32 [K, N] from the lmc-int4-k8 tensors (K = in_features)."""
     _check(torch.empty(0, in_features), qweight, scales, zeros, group_size)
-    kp, n = qweight.shape
-    shifts = 4 * torch.arange(PACK, dtype=torch.int32, device=qweight.device)  # [8]
-    codes = (qweight[:, None, :] >> shifts[None, :, None]) & 0xF  # [K/8, 8, N]: code of W[n, 8r + j]
-    codes = codes.reshape(kp * PACK, n)[:in_features]  # [K, N]
-    group = torch.arange(in_features, device=qweight.device) // group_size  # [K]
-    return (codes.float() - zeros.float()[group]) * scales.float()[group]  # [K, N]
+    return dequantize_lmc(qweight, scales, zeros, group_size, in_features)  # [K, N]
 
 
 def w4a16_matmul_ref(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

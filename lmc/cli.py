@@ -69,7 +69,7 @@ def _summary(ws) -> dict:
 @user_errors
 def inspect(workspace, as_json):
     """Show a workspace's architecture, sizes, dtype, quantization, tp and provenance."""
-    from lmc.runtime.workspace import Workspace
+    from lmc.format.workspace import Workspace
 
     info = _summary(Workspace(workspace))
     if as_json:
@@ -98,7 +98,7 @@ def inspect(workspace, as_json):
 @user_errors
 def verify(workspace):
     """Check every checksum, tensor entry and the format version. Exit 1 on the first problem."""
-    from lmc.runtime.workspace import verify_workspace
+    from lmc.format.workspace import verify_workspace
 
     problems = verify_workspace(workspace)
     if problems:
@@ -278,11 +278,11 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     from lmc.api import resolve_workspace
     from lmc.calib.text import DATASETS, load_text
     from lmc.calib.windows import eval_windows
-    from lmc.runtime.engine import pick_device
+    from lmc.runtime.device import compute_dtype, pick_device
     from lmc.runtime.model import Model
     from lmc.runtime.perplexity import perplexity
     from lmc.runtime.tokenizer import Tokenizer
-    from lmc.runtime.workspace import Workspace
+    from lmc.format.workspace import Workspace
 
     started = time.perf_counter()
     named = dataset in DATASETS
@@ -291,12 +291,10 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
                        f"or one of {', '.join(DATASETS)}")
     text = load_text(dataset, split, purpose="eval")
     ws = Workspace(resolve_workspace(path))
-    if ws.tp != 1:
-        raise LmcError(f"{ws.path} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
     ids = Tokenizer(ws.tokenizer_dir).encode(text.text)
     windows = torch.from_numpy(eval_windows(ids, seqlen, max_windows))  # [n, seqlen]
     dev = pick_device(device)
-    dtype = ws.dtype if dev.type == "cuda" else torch.float32  # fp16 on CPU is slow and inexact
+    dtype = compute_dtype(dev, ws.dtype)
     model = Model(ws, dev, dtype)
     bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())
     begin = time.perf_counter()

@@ -8,11 +8,12 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.runtime.config import EngineConfig
+from lmc.runtime.device import compute_dtype, pick_device
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, sample
 from lmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
-from lmc.runtime.workspace import Workspace
+from lmc.format.workspace import Workspace
 
 
 @dataclass
@@ -48,26 +49,17 @@ class _Sequence:
 DeltaCallback = Callable[[int, str, int, "str | None"], None]
 
 
-def pick_device(name: str | None) -> torch.device:
-    """"cuda", "cpu" or None (cuda when available)."""
-    if name and name.startswith("cuda") and not torch.cuda.is_available():
-        raise LmcError("--device cuda was asked for but CUDA is not available; use --device cpu")
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 class Engine:
     def __init__(self, workspace: str, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         config.check()
         ws = Workspace(workspace)
-        if ws.tp != 1:
-            raise LmcError(f"{workspace} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
         self.workspace = ws
         self.device = pick_device(config.device)
         if config.dtype:
             self.dtype = getattr(torch, config.dtype)
-        else:  # fp16 matmuls on CPU are slow and inexact: compute in fp32 there
-            self.dtype = ws.dtype if self.device.type == "cuda" else torch.float32
+        else:
+            self.dtype = compute_dtype(self.device, ws.dtype)
         self.cfg = ws.config
         self.model = Model(ws, self.device, self.dtype)
         self.tokenizer = Tokenizer(ws.tokenizer_dir)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 
 from lmc.errors import LmcError
-from lmc.runtime.config import EngineConfig, ModelConfig
+from lmc.format.config import ModelConfig
+from lmc.runtime.config import EngineConfig
 
 GRAPH_SCRATCH_BLOCKS = 1  # taken by the CUDA-graph decoder for its padded rows (runtime/cuda_graph.py)
 

@@ -16,9 +16,11 @@ from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import w4a16_matmul, w4a16_silu_matmul
-from lmc.runtime.config import ModelConfig
+from lmc.errors import LmcError
+from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS
+from lmc.format.config import ModelConfig
 from lmc.runtime.rope import Rope
-from lmc.runtime.workspace import Workspace
+from lmc.format.workspace import Workspace
 
 
 @dataclass
@@ -140,20 +142,6 @@ def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.T
 
 # ----------------------------------------------------------------------------- weights and model
 
-LAYER_KEYS = {  # workspace name (after layers.{i}.) -> key in a layer's weight dict
-    "attention_norm.weight": "attention_norm",
-    "attention.w_qkv": "w_qkv",
-    "attention.w_qkv.bias": "w_qkv_bias",
-    "attention.q_norm.weight": "q_norm",
-    "attention.k_norm.weight": "k_norm",
-    "attention.wo": "wo",
-    "ffn_norm.weight": "ffn_norm",
-    "feed_forward.w13": "w13",
-    "feed_forward.w2": "w2",
-}
-LINEAR_KEYS = ("w_qkv", "wo", "w13", "w2")
-
-
 def load_tensor(ws: Workspace, name: str, device, dtype) -> torch.Tensor:
     t = ws.get(name)
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
@@ -162,14 +150,13 @@ def load_tensor(ws: Workspace, name: str, device, dtype) -> torch.Tensor:
 def load_linear(ws: Workspace, base: str, device, dtype):
     if ws.has(base + ".weight"):
         return load_tensor(ws, base + ".weight", device, dtype)
-    group = ws.quantization["group_size"]
-    return Int4Weight(load_tensor(ws, base + ".qweight", device, dtype), load_tensor(ws, base + ".scales", device, dtype),
-                      load_tensor(ws, base + ".zeros", device, dtype), group)
+    qweight, scales, zeros = (load_tensor(ws, base + leaf, device, dtype) for leaf in INT4_LEAVES)
+    return Int4Weight(qweight, scales, zeros, ws.quantization["group_size"])
 
 
 def load_layer(ws: Workspace, i: int, device, dtype) -> dict:
     lw = {}
-    for suffix, key in LAYER_KEYS.items():
+    for key, suffix in LAYER_NAMES.items():
         name = f"layers.{i}.{suffix}"
         if key in LINEAR_KEYS:
             lw[key] = load_linear(ws, name, device, dtype)
@@ -182,6 +169,8 @@ class Model:
     """Weights on the device and the forward over a flat batch of tokens."""
 
     def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype):
+        if ws.tp != 1:
+            raise LmcError(f"{ws.path} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
         self.cfg, self.device, self.dtype = ws.config, device, dtype
         self.embed = load_tensor(ws, "tok_embeddings.weight", device, dtype)  # [V, H]
         self.layers = [load_layer(ws, i, device, dtype) for i in range(self.cfg.num_layers)]

@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from lmc.runtime.config import ModelConfig
+from lmc.format.config import ModelConfig
 
 
 def inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:

@@ -12,7 +12,7 @@ from conftest import ARCH_CASES, CHATML, MIXED_TEXT
 
 from lmc.compiler.convert import convert
 from lmc.errors import LmcError
-from lmc.runtime.workspace import Workspace
+from lmc.format.workspace import Workspace
 
 
 def _hf_state(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -171,7 +171,7 @@ def test_existing_output_refused_and_interrupt_leaves_nothing(checkpoint, tmp_pa
     before = _tree_bytes(tmp_path / "ws")
     with pytest.raises(LmcError, match="--force"):
         convert(ckpt, tmp_path / "ws")
-    import lmc.runtime.workspace as wsmod
+    import lmc.format.workspace as wsmod
 
     real = wsmod.write_safetensors
     calls = []

@@ -17,7 +17,7 @@ from lmc.compiler.convert import convert
 from lmc.runtime.model import Model
 from lmc.runtime.perplexity import perplexity
 from lmc.runtime.tokenizer import Tokenizer
-from lmc.runtime.workspace import Workspace
+from lmc.format.workspace import Workspace
 
 JSON_KEYS = {"ppl", "nll", "windows", "seqlen", "tokens", "dataset", "split", "source", "text_source", "text_sha256",
              "text_tokens", "workspace", "device", "dtype", "batch_size", "seconds", "total_seconds"}

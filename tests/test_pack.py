@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from lmc.compiler import pack
+from lmc.format import int4
 from lmc.errors import LmcError
 
 
@@ -42,19 +43,19 @@ def _autoawq_pack(intweight_kn):
 
 def test_lmc_nibble_order_hand_checked():
     codes = torch.arange(8, dtype=torch.uint8)[None, :]  # [1, 8]: W[0, k] has code k
-    qweight = pack.pack_lmc(codes)
+    qweight = int4.pack_lmc(codes)
     assert qweight.dtype == torch.int32 and qweight.shape == (1, 1)
     assert qweight.item() == 0x76543210
     top = torch.tensor([[0, 0, 0, 0, 0, 0, 0, 15]], dtype=torch.uint8)  # nibble 7 = bits 28..31
-    assert pack.pack_lmc(top).item() == 0xF0000000 - 2**32
+    assert int4.pack_lmc(top).item() == 0xF0000000 - 2**32
 
 
 @pytest.mark.parametrize("n,k", [(5, 13), (3, 1), (7, 8), (1, 29)])
 def test_lmc_round_trip_odd_shapes(n, k):
     codes = _codes(n, k, seed=n * 100 + k)
-    qweight = pack.pack_lmc(codes)
+    qweight = int4.pack_lmc(codes)
     assert qweight.shape == (-(-k // 8), n)
-    assert torch.equal(pack.unpack_lmc(qweight, k), codes)
+    assert torch.equal(int4.unpack_lmc(qweight, k), codes)
     if k % 8:  # codes past K are 0
         tail = (qweight[-1].to(torch.int64) & 0xFFFFFFFF) >> (4 * (k % 8))
         assert torch.count_nonzero(tail) == 0
@@ -62,7 +63,7 @@ def test_lmc_round_trip_odd_shapes(n, k):
 
 def test_lmc_column_layout():
     codes = _codes(6, 19, seed=3)
-    qweight = pack.pack_lmc(codes).to(torch.int64) & 0xFFFFFFFF
+    qweight = int4.pack_lmc(codes).to(torch.int64) & 0xFFFFFFFF
     for n in range(6):
         for k in range(19):
             assert (qweight[k // 8, n] >> (4 * (k % 8))) & 0xF == codes[n, k]
@@ -72,7 +73,7 @@ def test_lmc_tensors_match_spec_dequant():
     n, k, gs = 9, 45, 16  # K not a multiple of 8 nor of G
     w = _weight(n, k, seed=4)
     codes, scales, zeros = pack.quantize_int4(w, gs)
-    qweight, s_ws, z_ws = pack.to_lmc_tensors(codes, scales, zeros, torch.float32)
+    qweight, s_ws, z_ws = int4.to_lmc_tensors(codes, scales, zeros, torch.float32)
     assert qweight.shape == (6, n) and s_ws.shape == (3, n) and z_ws.shape == (3, n)
     assert s_ws.dtype == z_ws.dtype == torch.float32
     raw = qweight.to(torch.int64) & 0xFFFFFFFF
@@ -81,14 +82,14 @@ def test_lmc_tensors_match_spec_dequant():
         code = (raw[kk // 8] >> (4 * (kk % 8))) & 0xF  # [N]
         spec[:, kk] = (code - z_ws[kk // gs]) * s_ws[kk // gs]
     assert torch.equal(spec, pack.dequantize_int4(codes, scales, zeros, gs))
-    back = pack.from_lmc_tensors(qweight, s_ws, z_ws, k)
+    back = int4.from_lmc_tensors(qweight, s_ws, z_ws, k)
     assert torch.equal(back[0], codes) and torch.equal(back[1], scales) and torch.equal(back[2], zeros)
 
 
 def test_lmc_tensors_half_dtype():
     w = _weight(8, 40, seed=5, dtype=torch.float16)
     codes, scales, zeros = pack.quantize_int4(w, 32)
-    _, s_ws, z_ws = pack.to_lmc_tensors(codes, scales, zeros, torch.float16)
+    _, s_ws, z_ws = int4.to_lmc_tensors(codes, scales, zeros, torch.float16)
     assert s_ws.dtype == z_ws.dtype == torch.float16
     assert torch.equal(s_ws.float().t(), scales)  # fp16 weights give fp16-exact scales
     assert torch.equal(z_ws.float().t(), zeros)
@@ -126,7 +127,7 @@ def test_awq_to_lmc_conversion_keeps_dequant():
     w = _weight(n, k, seed=6, dtype=torch.float16)
     codes, scales, zeros = pack.quantize_int4(w, gs)
     c, s, z = pack.unpack_awq(*pack.pack_awq(codes, scales, zeros, gs), gs)
-    lmc = pack.from_lmc_tensors(*pack.to_lmc_tensors(c, s, z, torch.float16), k)
+    lmc = int4.from_lmc_tensors(*int4.to_lmc_tensors(c, s, z, torch.float16), k)
     assert torch.equal(pack.dequantize_int4(*lmc, gs), pack.dequantize_int4(codes, scales, zeros, gs))
 
 
@@ -205,7 +206,7 @@ def test_deterministic():
     a = pack.quantize_int4(w, 16)
     b = pack.quantize_int4(w.clone(), 16)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert torch.equal(pack.pack_lmc(a[0]), pack.pack_lmc(b[0]))
+    assert torch.equal(int4.pack_lmc(a[0]), int4.pack_lmc(b[0]))
 
 
 def test_bad_inputs_raise():
@@ -214,4 +215,4 @@ def test_bad_inputs_raise():
     with pytest.raises(LmcError):
         pack.quantize_int4(torch.zeros(2, 4), 0)
     with pytest.raises(LmcError):
-        pack.unpack_lmc(torch.zeros(2, 3, dtype=torch.int32), 30)
+        int4.unpack_lmc(torch.zeros(2, 3, dtype=torch.int32), 30)

@@ -10,13 +10,14 @@ import pytest
 import torch
 
 from lmc.compiler.convert import convert
-from lmc.compiler.pack import dequantize_int4, quantize_int4, to_lmc_tensors, unpack_awq
+from lmc.compiler.pack import dequantize_int4, quantize_int4, unpack_awq
+from lmc.format.int4 import to_lmc_tensors
 from lmc.compiler.quantize import QuantizeOptions, quantize
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.engine import Engine, _Sequence
 from lmc.runtime.sampling import GenerationConfig
 from lmc.runtime.tokenizer import IncrementalDetokenizer
-from lmc.runtime.workspace import Workspace
+from lmc.format.workspace import Workspace
 
 # shapes every AWQ GEMM tensor can hold with group 32: K in {64, 128}, N multiple of 8
 AWQ_SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
@@ -139,7 +140,7 @@ def test_cli_memory_refusal_and_json(checkpoint, tmp_path):
 
 
 def test_awq_checkpoint_splits_for_tp(checkpoint, tmp_path):
-    from lmc.compiler.pack import from_lmc_tensors
+    from lmc.format.int4 import from_lmc_tensors
     from lmc.errors import LmcError
 
     ckpt = checkpoint("llama3", **AWQ_SHAPES)

@@ -92,7 +92,7 @@ def test_kv_cache_too_small_is_a_clear_error(checkpoint, tmp_path):
 
 
 def test_runtime_does_not_import_transformers():
-    code = ("import sys, lmc.runtime.engine, lmc.runtime.model, lmc.runtime.workspace, lmc.runtime.tokenizer;"
+    code = ("import sys, lmc.runtime.engine, lmc.runtime.model, lmc.format.workspace, lmc.runtime.tokenizer;"
             "bad = [m for m in ('transformers', 'datasets', 'lmc.compiler') if m in sys.modules]; print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from lmc.errors import WorkspaceError
-from lmc.runtime.config import ModelConfig
+from lmc.format.config import ModelConfig
 
 FORMAT_VERSION = 1
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor

@@ -1,0 +1,224 @@
+"""One ArchSpec per architecture: the single place that says how a model family is named and shaped.
+
+Convert (source -> workspace names, fusions, tensor-parallel splits), the AWQ writer (workspace ->
+HF names), quantize's memory prediction, the runtime's layer keys and the benches all read these
+records. Adding an architecture is one ArchSpec here plus a case in tests/conftest.py ARCH_CASES.
+
+Linears are named by base (no `.weight`/`.qweight`), so one table serves float and int4 sources.
+`fuse` says how a linear's sources become one workspace tensor:
+
+  "cat"            the sources' output rows concatenated in order (q,k,v -> w_qkv; gate,up -> w13)
+  "internlm2_qkv"  one source, InternLM2's grouped wqkv, split into q, k, v first, then "cat"
+
+`split` says how a tensor is cut for tensor parallelism: "col" (each part's output rows are
+chunked, then fused per rank), "row" (input columns chunked) or None (replicated).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmc.errors import LmcError
+from lmc.format.config import ModelConfig, RopeScaling
+
+# runtime key -> workspace name after `layers.{i}.` (linears without their .weight/.qweight suffix)
+LAYER_NAMES = {
+    "attention_norm": "attention_norm.weight",
+    "w_qkv": "attention.w_qkv",
+    "w_qkv_bias": "attention.w_qkv.bias",
+    "q_norm": "attention.q_norm.weight",
+    "k_norm": "attention.k_norm.weight",
+    "wo": "attention.wo",
+    "ffn_norm": "ffn_norm.weight",
+    "w13": "feed_forward.w13",
+    "w2": "feed_forward.w2",
+}
+LAYER_KEYS = {name: key for key, name in LAYER_NAMES.items()}  # workspace name -> runtime key
+LINEAR_KEYS = ("w_qkv", "wo", "w13", "w2")
+INT4_LEAVES = (".qweight", ".scales", ".zeros")  # the three tensors of an int4 linear in a workspace
+
+
+def linear_parts(cfg: ModelConfig, key: str) -> tuple[tuple[int, ...], int]:
+    """(output rows of each fused part, input features) of a layer linear: its [N, K] shape."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    return {"w_qkv": ((cfg.q_size, cfg.kv_size, cfg.kv_size), h),
+            "wo": ((h,), cfg.q_size),
+            "w13": ((i, i), h),
+            "w2": ((h,), i)}[key]
+
+
+def linear_shape(cfg: ModelConfig, key: str) -> tuple[int, int]:
+    """[N, K] of a layer linear as the workspace fuses it."""
+    parts, k = linear_parts(cfg, key)
+    return sum(parts), k
+
+
+def layer_params(cfg: ModelConfig) -> int:
+    """Weights of one layer's linears."""
+    return sum(n * k for n, k in (linear_shape(cfg, key) for key in LINEAR_KEYS))
+
+
+@dataclass(frozen=True)
+class Target:
+    """One workspace tensor (or linear) and the source tensors it is made from."""
+
+    name: str  # workspace name, without the .weight/.bias suffix for linears
+    sources: tuple[str, ...]  # source names, same convention
+    linear: bool = False  # True: `.weight` (+ `.bias` when present) or int4 triplets
+    fuse: str = "cat"
+    split: str | None = None
+    key: str | None = None  # runtime key of a layer tensor (LAYER_NAMES), None for global tensors
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str  # lmc architecture, written to lmc.json
+    hf_model_types: tuple[str, ...]  # config.json model_type values read as this architecture
+    layer_prefix: str  # source prefix of layer i, with {i}
+    embed: str
+    final_norm: str
+    lm_head: str
+    norms: dict  # runtime key -> source name (after the layer prefix)
+    linears: dict  # runtime key -> (source bases after the layer prefix, fuse)
+    qkv_bias: bool = False  # default when config.json does not say (attention_bias / bias)
+    qkv_bias_forced: bool = False  # the family always has q/k/v biases whatever config.json says
+    qk_norm: bool = False
+    awq_writable: bool = True  # quantize can write its linears back as HF AWQ-GEMM modules
+
+    def layer_targets(self, cfg: ModelConfig, i: int) -> list[Target]:
+        prefix = self.layer_prefix.format(i=i)
+        out = []
+        for key in LAYER_NAMES:
+            if key in self.norms and (key not in ("q_norm", "k_norm") or cfg.qk_norm):
+                out.append(Target(f"layers.{i}.{LAYER_NAMES[key]}", (prefix + self.norms[key],), key=key))
+            elif key in self.linears:
+                sources, fuse = self.linears[key]
+                split = "col" if key in ("w_qkv", "w13") else "row"
+                out.append(Target(f"layers.{i}.{LAYER_NAMES[key]}", tuple(prefix + s for s in sources), True, fuse,
+                                  split, key))
+        return out
+
+    def targets(self, cfg: ModelConfig) -> list[Target]:
+        """Every workspace tensor of a model, in workspace order."""
+        out = [Target("tok_embeddings.weight", (self.embed,))]
+        for i in range(cfg.num_layers):
+            out += self.layer_targets(cfg, i)
+        out.append(Target("norm.weight", (self.final_norm,)))
+        if not cfg.tie_word_embeddings:
+            out.append(Target("output.weight", (self.lm_head,)))
+        return out
+
+    def hf_linear_modules(self, cfg: ModelConfig, i: int, key: str) -> list[tuple[str, int]]:
+        """[(HF module name, output rows)] of a workspace linear split back into its sources."""
+        sources, fuse = self.linears[key]
+        if fuse != "cat":
+            raise LmcError(f"{self.name}'s {key} is fused in its source; it cannot be written back as separate modules")
+        rows, _ = linear_parts(cfg, key)
+        return [(self.layer_prefix.format(i=i) + s, n) for s, n in zip(sources, rows)]
+
+
+_LLAMA_NORMS = {"attention_norm": "input_layernorm.weight", "ffn_norm": "post_attention_layernorm.weight",
+                "q_norm": "self_attn.q_norm.weight", "k_norm": "self_attn.k_norm.weight"}
+_LLAMA_LINEARS = {"w_qkv": (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "cat"),
+                  "wo": (("self_attn.o_proj",), "cat"),
+                  "w13": (("mlp.gate_proj", "mlp.up_proj"), "cat"),
+                  "w2": (("mlp.down_proj",), "cat")}
+_LLAMA = dict(layer_prefix="model.layers.{i}.", embed="model.embed_tokens.weight", final_norm="model.norm.weight",
+              lm_head="lm_head.weight", norms=_LLAMA_NORMS, linears=_LLAMA_LINEARS)
+
+ARCHS = {spec.name: spec for spec in (
+    ArchSpec("llama", ("llama",), **_LLAMA),
+    ArchSpec("mistral", ("mistral",), **_LLAMA),
+    ArchSpec("qwen2", ("qwen2",), **_LLAMA, qkv_bias=True, qkv_bias_forced=True),
+    ArchSpec("qwen3", ("qwen3",), **_LLAMA, qk_norm=True),
+    ArchSpec("internlm2", ("internlm2",), layer_prefix="model.layers.{i}.", embed="model.tok_embeddings.weight",
+             final_norm="model.norm.weight", lm_head="output.weight",
+             norms={"attention_norm": "attention_norm.weight", "ffn_norm": "ffn_norm.weight"},
+             linears={"w_qkv": (("attention.wqkv",), "internlm2_qkv"), "wo": (("attention.wo",), "cat"),
+                      "w13": (("feed_forward.w1", "feed_forward.w3"), "cat"), "w2": (("feed_forward.w2",), "cat")},
+             awq_writable=False),
+)}
+_BY_MODEL_TYPE = {t: spec for spec in ARCHS.values() for t in spec.hf_model_types}
+
+
+def arch_spec(cfg: ModelConfig) -> ArchSpec:
+    return ARCHS[cfg.architecture]
+
+
+# ----------------------------------------------------------------------------- Hugging Face config.json
+
+
+def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
+    """rope_theta and scaling from either transformers-5 `rope_parameters` or the older keys."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if not isinstance(params, dict):
+        raise LmcError(f"config.json's rope_scaling/rope_parameters is {params!r}, not an object")
+    params = dict(params)
+    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type == "default":
+        return _number(theta, "rope_theta"), None
+    if "factor" not in params:
+        raise LmcError(f"config.json's rope scaling {rope_type!r} has no factor")
+    scaling = RopeScaling(
+        type=rope_type,
+        factor=_number(params["factor"], "rope scaling factor"),
+        low_freq_factor=params.get("low_freq_factor"),
+        high_freq_factor=params.get("high_freq_factor"),
+        original_max_position_embeddings=params.get("original_max_position_embeddings"),
+    )
+    return _number(theta, "rope_theta"), scaling
+
+
+def _number(value, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LmcError(f"config.json's {key} is {value!r}, not a number")
+    return float(value)
+
+
+def _id_list(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _required(hf: dict, key: str):
+    if key not in hf:
+        raise LmcError(f"config.json lacks {key!r}; the checkpoint's config is incomplete")
+    return hf[key]
+
+
+def model_config_from_hf(hf: dict) -> ModelConfig:
+    """The one place a Hugging Face config.json is read."""
+    if not isinstance(hf, dict):
+        raise LmcError("config.json is not a JSON object")
+    model_type = hf.get("model_type")
+    spec = _BY_MODEL_TYPE.get(model_type) if isinstance(model_type, str) else None
+    if spec is None:
+        known = ", ".join(sorted(_BY_MODEL_TYPE))
+        raise LmcError(f"unknown architecture model_type={model_type!r} ({hf.get('architectures')}); lmc supports {known}")
+    num_heads = _required(hf, "num_attention_heads")
+    hidden = _required(hf, "hidden_size")
+    qkv_bias = True if spec.qkv_bias_forced else hf.get("attention_bias", hf.get("bias", spec.qkv_bias))
+    head_dim = hf.get("head_dim")
+    if head_dim is None and isinstance(hidden, int) and isinstance(num_heads, int) and num_heads > 0:
+        head_dim = hidden // num_heads
+    theta, scaling = _rope(hf)
+    return ModelConfig(
+        architecture=spec.name,
+        vocab_size=_required(hf, "vocab_size"),
+        hidden_size=hidden,
+        intermediate_size=_required(hf, "intermediate_size"),
+        num_layers=_required(hf, "num_hidden_layers"),
+        num_heads=num_heads,
+        num_kv_heads=hf.get("num_key_value_heads") if hf.get("num_key_value_heads") is not None else num_heads,
+        head_dim=head_dim,
+        rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
+        rope_theta=theta,
+        max_position_embeddings=hf.get("max_position_embeddings", 4096),
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        qkv_bias=bool(qkv_bias),
+        qk_norm=spec.qk_norm,
+        rope_scaling=scaling,
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_ids=_id_list(hf.get("eos_token_id")),
+    )

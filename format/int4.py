@@ -1,0 +1,92 @@
+"""The lmc-int4-k8 codec (docs/workspace-format.md), the one place its bits are defined.
+
+A linear W [N, K] quantized to 4 bits, asymmetric, in groups of G consecutive input columns
+(the last group may be partial) is stored as three tensors:
+
+  qweight int32 [ceil(K/8), N]   qweight[r, n] holds the codes of W[n, 8r + j] for j = 0..7,
+                                 code j in bits 4j .. 4j+3 (nibble 0 least significant);
+                                 codes past K are 0
+  scales  float [ceil(K/G), N]   in the model dtype
+  zeros   float [ceil(K/G), N]   zero points 0..15, in the model dtype
+
+  W[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]
+
+The compiler packs with `to_lmc_tensors`, the kernels' torch references and the tests decode
+with `dequantize_lmc`; the Triton kernels read the same bits (kernels/w4a16.py).
+"""
+from __future__ import annotations
+
+import torch
+
+from lmc.errors import LmcError
+
+LAYOUT = "lmc-int4-k8"
+GROUP_SIZES = (32, 64, 128)
+PACK = 8  # codes per int32 word
+_SHIFTS = tuple(range(0, 32, 4))  # nibble j lives in bits 4j .. 4j+3
+
+
+def check_group_size(group_size, where: str = "--w-group-size") -> int:
+    """The one check of an int4 group size; returns it."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
+        raise LmcError(f"{where} {group_size!r}: choose one of {', '.join(map(str, GROUP_SIZES))}")
+    return group_size
+
+
+def int4_shapes(n: int, k: int, group_size: int) -> dict[str, tuple[int, int]]:
+    """Shapes of a linear's three workspace tensors, by leaf."""
+    return {".qweight": (-(-k // PACK), n), ".scales": (-(-k // group_size), n), ".zeros": (-(-k // group_size), n)}
+
+
+def pack_lmc(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 [N, K] (0..15) -> qweight int32 [ceil(K/8), N] (layout above)."""
+    n, k = codes.shape
+    rows = -(-k // PACK)
+    c = torch.zeros(rows * PACK, n, dtype=torch.int64, device=codes.device)  # [K8, N]
+    c[:k] = codes.t().to(torch.int64)
+    c = c.reshape(rows, PACK, n)  # [K8/8, 8, N]
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=codes.device)[None, :, None]  # [1, 8, 1]
+    return to_int32((c << shifts).sum(dim=1))  # [K8/8, N]
+
+
+def unpack_lmc(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
+    """qweight int32 [ceil(K/8), N] (layout above) -> codes uint8 [N, K]."""
+    rows, n = qweight.shape
+    if rows != -(-in_features // PACK):
+        raise LmcError(f"qweight has {rows} packed rows, expected ceil({in_features} / 8)")
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=qweight.device)[None, :, None]  # [1, 8, 1]
+    c = (to_uint32(qweight)[:, None, :] >> shifts) & 0xF  # [K8/8, 8, N]
+    return c.reshape(rows * PACK, n)[:in_features].t().to(torch.uint8).contiguous()  # [N, K]
+
+
+def to_lmc_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """codes [N, K], scales and zeros [N, ceil(K/G)] -> the workspace triplet (qweight, scales, zeros)."""
+    return pack_lmc(codes), scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
+
+
+def from_lmc_tensors(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                     in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of to_lmc_tensors: codes uint8 [N, K], scales and zeros float32 [N, ceil(K/G)]."""
+    return (unpack_lmc(qweight, in_features), scales.t().float().contiguous(),
+            zeros.t().float().contiguous())
+
+
+def dequantize_lmc(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+                   in_features: int | None = None) -> torch.Tensor:
+    """The workspace triplet -> W^T float32 [K, N] (K defaults to ceil(K/8) * 8, padding included)."""
+    k = in_features if in_features is not None else qweight.shape[0] * PACK
+    codes = unpack_lmc(qweight, k).t().float()  # [K, N]
+    s = scales.float().repeat_interleave(group_size, dim=0)[:k]  # [K, N]
+    z = zeros.float().repeat_interleave(group_size, dim=0)[:k]  # [K, N]
+    return (codes - z) * s
+
+
+def to_int32(words: torch.Tensor) -> torch.Tensor:
+    """Unsigned 32-bit values held in int64 -> int32 with the same bits."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def to_uint32(words: torch.Tensor) -> torch.Tensor:
+    """int32 -> int64 holding the same 32 bits as an unsigned value."""
+    return words.to(torch.int64) & 0xFFFFFFFF
