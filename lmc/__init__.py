@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-__all__ = ["pipeline", "EngineConfig", "GenerationConfig", "__version__"]
+__all__ = ["pipeline", "EngineConfig", "TurbomindEngineConfig", "PytorchEngineConfig", "GenerationConfig", "__version__"]
 
 
 def __getattr__(name):  # keep `import lmc` light: torch loads only when the API is used
@@ -10,10 +10,10 @@ def __getattr__(name):  # keep `import lmc` light: torch loads only when the API
         from lmc.api import pipeline
 
         return pipeline
-    if name == "EngineConfig":
-        from lmc.runtime.config import EngineConfig
+    if name in ("EngineConfig", "TurbomindEngineConfig", "PytorchEngineConfig"):
+        from lmc.runtime import config
 
-        return EngineConfig
+        return getattr(config, name)
     if name == "GenerationConfig":
         from lmc.runtime.sampling import GenerationConfig
 

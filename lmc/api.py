@@ -1,13 +1,23 @@
-"""The Python API: `pipeline(path, backend_config=EngineConfig(...))`, as LMDeploy spells it."""
+"""The Python API, as LMDeploy spells it: `pipeline(path, backend_config=...)`, then call it, stream it or chat.
+
+    with pipeline("./ws", backend_config=TurbomindEngineConfig(session_len=4096)) as pipe:
+        print(pipe(["Hi, please introduce yourself", "Shanghai is"], GenerationConfig(max_new_tokens=64)))
+        for item in pipe.stream_infer("Tell me a story"):
+            print(item.text, end="")
+
+Prompts are a string (one user turn under the model's chat template), a list of messages
+(`[{"role": ..., "content": ...}]`), or a list of either for a batch.
+"""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
 from lmc.errors import LmcError
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.engine import Engine, Response
+from lmc.runtime.engine import Engine, Response, merge_outputs
 from lmc.runtime.sampling import GenerationConfig
 
 
@@ -34,53 +44,107 @@ def resolve_workspace(path: str | os.PathLike) -> Path:
 Prompt = str | list[dict]
 
 
+def _is_single(prompts) -> bool:
+    return isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
+
+
+@dataclass
+class Session:
+    """A conversation for `Pipeline.chat`: the turns so far and the last reply."""
+
+    history: list[tuple[str, str]] = field(default_factory=list)  # (user prompt, assistant reply)
+    response: Response | None = None
+
+    def messages(self, prompt: str) -> list[dict]:
+        out = []
+        for user, assistant in self.history:
+            out += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        return out + [{"role": "user", "content": prompt}]
+
+
 class Pipeline:
     def __init__(self, model_path: str | os.PathLike, backend_config: EngineConfig | None = None):
         self.engine = Engine(str(resolve_workspace(model_path)), backend_config)
         self.tokenizer = self.engine.tokenizer
 
+    # ------------------------------------------------------------------ prompts
     def encode(self, prompt: Prompt, chat_template: bool = True) -> list[int]:
-        """A string is one user turn under the model's chat template; a list is the messages."""
+        """A string is one user turn under the model's chat template (raw text with chat_template=False);
+        a list is the messages."""
         if isinstance(prompt, str) and not chat_template:
             return self.tokenizer.encode(prompt)
+        if not isinstance(prompt, (str, list)):
+            raise LmcError(f"a prompt is a string or a list of messages, got {type(prompt).__name__}")
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
         return self.tokenizer.encode_chat(messages)
 
-    def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
+    def _batch(self, prompts, gen_config, chat_template: bool):
+        """(token ids, config, prompt index) per sequence; a config with n > 1 runs n sequences per prompt."""
+        batch = [prompts] if _is_single(prompts) else list(prompts)
+        if isinstance(gen_config, list):
+            if len(gen_config) != len(batch):
+                raise LmcError(f"{len(batch)} prompts but {len(gen_config)} generation configs: "
+                               "pass one config, or one per prompt")
+            gens = gen_config
+        else:
+            gens = [gen_config or GenerationConfig()] * len(batch)
+        ids, configs, owner = [], [], []
+        for i, (p, g) in enumerate(zip(batch, gens)):
+            g.check()
+            encoded = self.encode(p, chat_template)
+            for k in range(g.n):
+                seed = None if g.random_seed is None else g.random_seed + k
+                ids.append(encoded)
+                configs.append(replace(g, random_seed=seed) if g.n > 1 else g)
+                owner.append(i)
+        return ids, configs, owner
+
+    # ------------------------------------------------------------------ LMDeploy's pipeline API
+    def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None,
                  chat_template: bool = True) -> Response | list[Response]:
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
-        batch = [prompts] if single else list(prompts)
-        out = self.engine.generate([self.encode(p, chat_template) for p in batch], gen_config)
-        return out[0] if single else out
+        """Generate for one prompt (-> Response) or a batch (-> list[Response], n per prompt with n > 1)."""
+        ids, configs, owner = self._batch(prompts, gen_config, chat_template)
+        outputs = [[] for _ in ids]
+        for i, out in self.engine.stream(ids, configs):
+            outputs[i].append(out)
+        responses = [merge_outputs(outs, owner[i]) for i, outs in enumerate(outputs)]
+        return responses[0] if _is_single(prompts) and len(responses) == 1 else responses
 
-    def stream_infer(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | None = None,
-                     chat_template: bool = True) -> Iterator[tuple[int, str, str | None]]:
-        """Yield (index, text delta, finish_reason) as tokens come (runs generation in a thread)."""
-        import queue
-        import threading
+    def stream_infer(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None,
+                     chat_template: bool = True) -> Iterator[Response]:
+        """Yield a Response per step and sequence as tokens come: `.text` is the new text, `.index` the
+        prompt's position, `.finish_reason` set on the last one. Leaving the loop early aborts the rest."""
+        ids, configs, owner = self._batch(prompts, gen_config, chat_template)
+        for i, out in self.engine.stream(ids, configs):
+            yield Response(out.text, out.num_generated_tokens, out.num_prompt_tokens, out.finish_reason, out.token_ids,
+                           out.logprobs, owner[i])
 
-        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], dict))
-        batch = [prompts] if single else list(prompts)
-        ids = [self.encode(p, chat_template) for p in batch]
-        q: queue.Queue = queue.Queue()
-        errors = []
+    def chat(self, prompt: str, session: Session | None = None, gen_config: GenerationConfig | None = None,
+             stream_response: bool = False) -> Session:
+        """One turn of a conversation: returns the session with the reply in `.response` and the turn in `.history`."""
+        session = session or Session()
+        response = self(session.messages(prompt), gen_config)
+        session.history.append((prompt, response.text))
+        session.response = response
+        return session
 
-        def work():
-            try:
-                self.engine.generate(ids, gen_config, on_delta=lambda i, d, t, f: q.put((i, d, f)))
-            except Exception as e:  # handed to the consumer below
-                errors.append(e)
-            finally:
-                q.put(None)
+    def close(self) -> None:
+        """Stop the engine (abort what is running, free the KV cache)."""
+        if self.engine is not None:
+            self.engine.stop()
+            self.engine = None
 
-        thread = threading.Thread(target=work, daemon=True)
-        thread.start()
-        while (item := q.get()) is not None:
-            yield item
-        thread.join()
-        if errors:
-            raise errors[0]
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def pipeline(model_path: str | os.PathLike, backend_config: EngineConfig | None = None) -> Pipeline:
+def pipeline(model_path: str | os.PathLike, backend_config: EngineConfig | None = None, **kwargs) -> Pipeline:
+    """LMDeploy's `pipeline(model_path, backend_config=...)`. Other keyword arguments LMDeploy takes
+    (log_level, chat_template_config, ...) are accepted and ignored, except where lmc cannot honour them."""
+    unsupported = {k for k, v in kwargs.items() if k not in ("log_level", "max_log_len") and v is not None}
+    if unsupported:
+        raise LmcError(f"pipeline() does not take {sorted(unsupported)} in lmc")
     return Pipeline(model_path, backend_config)

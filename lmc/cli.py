@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 
 import click
@@ -20,7 +21,9 @@ def user_errors(fn):
         except LmcError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, BrokenPipeError) as e:
+            if isinstance(e, BrokenPipeError):  # stdout closed (e.g. `| head`): flushing it again would fail at exit
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             click.echo("interrupted", err=True)
             sys.exit(130)
 
@@ -145,20 +148,28 @@ def quantize(src, out, force, as_json, **kw):
 
 
 def engine_options(fn):
-    """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them."""
+    """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them. Out-of-range values are usage
+    errors (exit 2)."""
     options = [
         click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available"),
-        click.option("--session-len", type=int, default=None, help="max tokens per session (default: the model's)"),
-        click.option("--cache-max-entry-count", type=float, default=0.8, show_default=True,
+        click.option("--session-len", type=click.IntRange(min=2), default=None, help="max tokens per session (default: the model's)"),
+        click.option("--cache-max-entry-count", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
                      help="fraction of free device memory for the KV cache"),
-        click.option("--cache-block-seq-len", type=int, default=64, show_default=True, help="tokens per KV block"),
-        click.option("--max-batch-size", type=int, default=64, show_default=True),
-        click.option("--quant-policy", type=int, default=0, show_default=True, help="KV cache quantization (0 only, for now)"),
-        click.option("--max-new-tokens", type=int, default=512, show_default=True),
-        click.option("--temperature", type=float, default=0.8, show_default=True, help="0: greedy"),
-        click.option("--top-p", type=float, default=0.8, show_default=True),
-        click.option("--top-k", type=int, default=40, show_default=True),
-        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--cache-block-seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="tokens per KV block"),
+        click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="sequences running at once"),
+        click.option("--max-prefill-token-num", type=click.IntRange(min=1), default=8192, show_default=True,
+                     help="tokens computed per step; longer prompts are prefilled in chunks"),
+        click.option("--enable-prefix-caching/--disable-prefix-caching", default=True, show_default=True,
+                     help="share the KV blocks of common prompt prefixes between requests"),
+        click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
+                     help="KV cache quantization: 0 none, 8 int8, 4 int4"),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: lmc picks; see docs/cli.md)"),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+        click.option("--min-new-tokens", type=click.IntRange(min=0), default=None, help="no EOS before this many tokens"),
+        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0: greedy"),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True),
+        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit"),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
         click.option("--stop-words", multiple=True, help="stop when the text contains this (repeatable)"),
         click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)"),
     ]
@@ -168,16 +179,31 @@ def engine_options(fn):
 
 
 def _configs(kw: dict):
+    """EngineConfig and GenerationConfig from the flags. As `lmdeploy chat`, the CLI samples unless
+    --temperature 0 (the Python GenerationConfig is greedy unless do_sample, as LMDeploy's)."""
     from lmc.runtime.config import EngineConfig
     from lmc.runtime.sampling import GenerationConfig
 
     engine = EngineConfig(session_len=kw["session_len"], max_batch_size=kw["max_batch_size"],
                           cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
-                          quant_policy=kw["quant_policy"], device=kw["device"])
-    gen = GenerationConfig(max_new_tokens=kw["max_new_tokens"], temperature=kw["temperature"], top_p=kw["top_p"],
+                          max_prefill_token_num=kw["max_prefill_token_num"],
+                          enable_prefix_caching=kw["enable_prefix_caching"], quant_policy=int(kw["quant_policy"]),
+                          device=kw["device"], threads=kw["threads"])
+    gen = GenerationConfig(max_new_tokens=kw["max_new_tokens"], min_new_tokens=kw["min_new_tokens"],
+                           do_sample=kw["temperature"] > 0, temperature=kw["temperature"], top_p=kw["top_p"],
                            top_k=kw["top_k"], repetition_penalty=kw["repetition_penalty"],
-                           stop_words=list(kw["stop_words"]), seed=kw["seed"])
+                           stop_words=list(kw["stop_words"]), random_seed=kw["seed"])
     return engine, gen
+
+
+def _echo_stream(pieces) -> str:
+    """Print text pieces as they come; returns the whole text."""
+    out = []
+    for piece in pieces:
+        out.append(piece)
+        click.echo(piece, nl=False)
+    click.echo()
+    return "".join(out)
 
 
 @main.command()
@@ -203,9 +229,21 @@ def generate(path, prompt, no_chat_template, as_json, **kw):
                                "input_tokens": r.input_token_len, "generated_tokens": r.generate_token_len,
                                "seconds": round(seconds, 3)}, ensure_ascii=False))
         return
-    for _, delta, _ in pipe.stream_infer(prompt, gen, chat_template=not no_chat_template):
-        click.echo(delta, nl=False)
-    click.echo()
+    _echo_stream(item.text for item in pipe.stream_infer(prompt, gen, chat_template=not no_chat_template))
+
+
+def _fit_history(pipe, history: list[dict], room: int) -> list[dict]:
+    """Drop the oldest turns until the rendered conversation leaves `room` tokens of the session."""
+    limit = pipe.engine.session_len - room
+    dropped = 0
+    while len(history) > 1 and len(pipe.encode(history)) > limit:
+        cut = 2 if len(history) > 2 and history[0]["role"] == "user" else 1  # a user turn and its reply
+        history = history[cut:]
+        dropped += cut
+    if dropped:
+        click.echo(f"(dropped the {dropped} oldest messages: the conversation passed session_len "
+                   f"{pipe.engine.session_len} less {room} tokens for the reply)", err=True)
+    return history
 
 
 @main.command()
@@ -220,6 +258,7 @@ def chat(path, **kw):
     pipe = pipeline(path, backend_config=engine_cfg)
     history: list[dict] = []
     interactive = sys.stdin.isatty()
+    room = min(gen.max_new_tokens, pipe.engine.session_len // 2)
     while True:
         if interactive:
             click.echo("\n>>> ", nl=False)
@@ -228,13 +267,13 @@ def chat(path, **kw):
             break
         if not line.strip():
             continue
-        history.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
-        for _, delta, _ in pipe.stream_infer(history, gen):
-            reply.append(delta)
-            click.echo(delta, nl=False)
-        click.echo()
-        history.append({"role": "assistant", "content": "".join(reply)})
+        history = _fit_history(pipe, history + [{"role": "user", "content": line.rstrip("\n")}], room)
+        if len(pipe.encode(history)) >= pipe.engine.session_len:
+            click.echo(f"error: this message alone passes session_len {pipe.engine.session_len}; shorten it", err=True)
+            history = history[:-1]
+            continue
+        reply = _echo_stream(item.text for item in pipe.stream_infer(history, gen))
+        history.append({"role": "assistant", "content": reply})
 
 
 # ----------------------------------------------------------------------------- lmc eval

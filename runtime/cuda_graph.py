@@ -76,8 +76,7 @@ class GraphDecoder:
         self.block_size = self.cache.block_size
         self.width = -(-self.session_len // self.block_size)
         self.buckets = batch_buckets(engine.config.max_batch_size)
-        (self.scratch_block,) = self.cache.allocate(GRAPH_SCRATCH_BLOCKS)
-        self.cache.num_blocks -= GRAPH_SCRATCH_BLOCKS  # never handed to a sequence (the engine planned for it)
+        (self.scratch_block,) = engine.blocks.reserve(GRAPH_SCRATCH_BLOCKS)  # never handed to a sequence
         on_cuda = self.device.type == "cuda"
         shape = (self.buckets[-1], TABLE + self.width)
         self.inputs = torch.zeros(shape, dtype=torch.int64, device=self.device)  # [max bucket, 4 + W]
@@ -131,14 +130,12 @@ class GraphDecoder:
                 return None
         return self.graphs[bucket]
 
-    def _run(self, seqs, ids: torch.Tensor | None) -> torch.Tensor:
-        """Fill the inputs and start the step; logits [B, V] float32 (the graph's output buffer when replayed).
-        ids [B] on the device: the step's input tokens (rows in seqs' order), the token each sequence is about
-        to accept on the host (so its length counts one more); None: s.output[-1]."""
+    def _run(self, seqs) -> torch.Tensor:
+        """Fill the inputs and run the step; logits [B, V] float32 (the graph's output buffer when replayed).
+        Each sequence computes its last token."""
         b = len(seqs)
         bucket = bucket_for(b, self.buckets)
-        ahead = 0 if ids is None else 1
-        rows = pack_decode_rows([(0 if ahead else s.output[-1], s.length + ahead, s.blocks) for s in seqs], bucket,
+        rows = pack_decode_rows([(s.tokens[-1], s.length, s.blocks) for s in seqs], bucket,
                                 self.width, self.block_size, self.scratch_block)  # [bucket, 4 + W]
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the staging buffer
@@ -146,8 +143,6 @@ class GraphDecoder:
         self.inputs[:bucket].copy_(self.staging[:bucket], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
-        if ids is not None:
-            self.inputs[:b, ID].copy_(ids)  # stream-ordered after the copy above
         captured = self._graph(bucket)
         if captured is None:
             return self._forward(bucket)[:b]
@@ -157,28 +152,4 @@ class GraphDecoder:
 
     def step(self, seqs) -> torch.Tensor:
         """One decode step for the engine's running sequences; logits [B, V] float32 (a new tensor)."""
-        return self._run(seqs, None).clone()
-
-    def launch_greedy(self, seqs, ids: torch.Tensor | None = None) -> "GreedyStep":
-        """Start a greedy decode step and return without waiting for it (see Engine._decode_pipelined);
-        ids as in _run."""
-        return GreedyStep(self._run(seqs, ids).argmax(-1))
-
-
-class GreedyStep:
-    """A launched greedy step: its tokens on the device (the next step's input) and, once the copy lands, on
-    the host."""
-
-    def __init__(self, ids: torch.Tensor):
-        self.ids = ids  # [B] int64 on the device
-        self._host = ids.to("cpu", non_blocking=True)  # pinned when ids are on CUDA
-        self._copied = None
-        if ids.is_cuda:
-            self._copied = torch.cuda.Event()
-            self._copied.record()
-
-    def tokens(self) -> list[int]:
-        """Waits for this step only (not for steps launched after it)."""
-        if self._copied is not None:
-            self._copied.synchronize()
-        return self._host.tolist()
+        return self._run(seqs).clone()

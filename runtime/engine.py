@@ -1,52 +1,163 @@
-"""Generation: continuous batching of prefill and decode steps over the paged KV cache."""
+"""The serving engine: requests in, streamed outputs back, one scheduler iteration per `step()`.
+
+Public API (every front end uses only this):
+
+    engine = Engine(workspace, EngineConfig(...))
+    handle = engine.add_request(prompt_ids, GenerationConfig(...))   # any thread
+    for out in handle: ...             # RequestOutput: new token ids, text delta, logprobs, finish reason
+    async for out in handle: ...       # when added from a running asyncio loop (the server)
+    handle.abort()                     # or engine.abort(request_id): its KV blocks are freed at once
+    engine.step()                      # one iteration, in the caller's thread
+    engine.start() / engine.stop()     # or a background thread that steps while there is work
+    engine.generate(prompts, gens)     # a batch to completion -> list[Response]
+    engine.stats()                     # queue lengths, cache use, prefix-cache hit rate, counters
+
+Without a background thread, iterating a handle drives `step()` itself, so a single-threaded
+caller needs nothing else. Requests added from other threads wait in an inbox that each step
+drains first (and that is drained at once when the engine is idle).
+"""
 from __future__ import annotations
 
+import asyncio
+import itertools
+import queue
+import threading
+import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from lmc.errors import LmcError
+from lmc.format.workspace import Workspace
+from lmc.runtime.block_manager import BlockManager
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.device import compute_dtype, pick_device
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
-from lmc.runtime.sampling import GenerationConfig, sample
+from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
+from lmc.runtime.scheduler import Batch, Scheduler, Sequence
 from lmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
-from lmc.format.workspace import Workspace
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request."""
+
+    request_id: str
+    token_ids: list[int]  # new this step (an EOS that ended the request included)
+    text: str  # new text this step
+    finish_reason: str | None  # "stop" (EOS, stop token or stop word), "length", "abort", or None: more to come
+    num_prompt_tokens: int
+    num_generated_tokens: int  # so far
+    logprobs: list[Logprob] | None = None  # one per new token when the request asked for them
+    logits: torch.Tensor | None = None  # [new tokens, V] float32 on the CPU, with output_logits="generation"
 
 
 @dataclass
 class Response:
-    """One finished generation, as LMDeploy's pipeline returns it."""
+    """A finished (or, in a stream, partial) generation, as LMDeploy's pipeline returns it."""
 
     text: str
-    token_ids: list[int]  # generated ids (an EOS that ended the generation included)
-    input_token_len: int
     generate_token_len: int
-    finish_reason: str  # "stop" (EOS or a stop word) or "length" (max_new_tokens or session_len)
+    input_token_len: int
+    finish_reason: str | None
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Logprob] | None = None
     index: int = 0
+    logits: torch.Tensor | None = None  # [generated tokens, V] with output_logits="generation"
 
 
 @dataclass
-class _Sequence:
-    index: int
-    prompt: list[int]
-    gen: GenerationConfig
-    detok: IncrementalDetokenizer
-    generator: torch.Generator | None
-    output: list[int] = field(default_factory=list)
-    blocks: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_cache_hit_rate: float  # cached prompt tokens / prompt tokens looked up
+    preemptions: int
+    prompt_tokens: int  # counters since start
+    generation_tokens: int
+    finished_requests: int
 
     @property
-    def length(self) -> int:
-        return len(self.prompt) + len(self.output)
+    def kv_cache_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
-# on_delta(index, text delta, token id, finish_reason or None)
-DeltaCallback = Callable[[int, str, int, "str | None"], None]
+class RequestHandle:
+    """The outputs of one request, as they come. Iterate it (blocking) or `async for` it."""
+
+    def __init__(self, engine: "Engine", request_id: str, loop: asyncio.AbstractEventLoop | None,
+                 outputs: queue.SimpleQueue | None = None):
+        self.engine, self.request_id = engine, request_id
+        self._loop = loop
+        self._queue: queue.SimpleQueue | asyncio.Queue = outputs or (asyncio.Queue() if loop else queue.SimpleQueue())
+        self.finished = False
+
+    def _put(self, out: RequestOutput) -> None:  # engine side, any thread
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+        else:
+            self._queue.put(out)
+
+    def __iter__(self):
+        if self._loop is not None:
+            raise LmcError("this request was added from an asyncio loop: use `async for`")
+        try:
+            while not self.finished:
+                while self._queue.empty() and not self.engine.running_in_background:
+                    self.engine.step()
+                out = self._queue.get()
+                self.finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not self.finished:  # the consumer stopped early: nothing may keep generating for it
+                self.abort()
+
+    async def __aiter__(self):
+        if self._loop is None:
+            raise LmcError("this request was not added from an asyncio loop: iterate it with `for`")
+        try:
+            while not self.finished:
+                out = await self._queue.get()
+                self.finished = out.finish_reason is not None
+                yield out
+        finally:
+            if not self.finished:
+                self.abort()
+
+    def abort(self) -> None:
+        self.engine.abort(self.request_id)
+
+    def result(self) -> Response:
+        """Wait for the end and return the whole generation."""
+        return merge_outputs(list(self))
+
+
+def merge_outputs(outputs: list[RequestOutput], index: int = 0) -> Response:
+    """One request's outputs, in order, as one Response."""
+    last = outputs[-1]
+    logprobs = [lp for out in outputs for lp in out.logprobs or ()]
+    logits = [out.logits for out in outputs if out.logits is not None]
+    return Response("".join(out.text for out in outputs), last.num_generated_tokens, last.num_prompt_tokens,
+                    last.finish_reason, [t for out in outputs for t in out.token_ids], logprobs or None, index,
+                    torch.cat(logits) if logits else None)
+
+
+@dataclass(eq=False)
+class _Request:
+    seq: Sequence
+    gen: GenerationConfig
+    handle: RequestHandle
+    detok: IncrementalDetokenizer
+    generator: torch.Generator | None
+    max_length: int  # total tokens at which the request ends with "length"
+    banned: list[int]
+    eos_ids: set[int]
+    stop_ids: set[int]
+    text: str = ""  # generated text so far (cut at a stop word)
+    sent: int = 0  # characters of text already streamed
+    min_new_tokens: int = 0
 
 
 class Engine:
@@ -56,10 +167,7 @@ class Engine:
         ws = Workspace(workspace)
         self.workspace = ws
         self.device = pick_device(config.device)
-        if config.dtype:
-            self.dtype = getattr(torch, config.dtype)
-        else:
-            self.dtype = compute_dtype(self.device, ws.dtype)
+        self.dtype = getattr(torch, config.dtype) if config.dtype else compute_dtype(self.device, ws.dtype)
         self.cfg = ws.config
         self.model = Model(ws, self.device, self.dtype)
         self.tokenizer = Tokenizer(ws.tokenizer_dir)
@@ -70,157 +178,266 @@ class Engine:
         num_blocks = plan_num_blocks(self.cfg, config, self.dtype, self.device,
                                      reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
         self.cache = PagedKVCache(self.cfg, num_blocks, config.cache_block_seq_len, self.dtype, self.device)
-        self.max_prefill_tokens = max(8192, self.session_len)
+        self.blocks = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num)
         self.decoder = None
         if graphs:
             from lmc.runtime.cuda_graph import GraphDecoder
 
             self.decoder = GraphDecoder(self)
+        self._requests: dict[str, _Request] = {}
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", _Request) | ("abort", request_id)
+        self._lock = threading.RLock()  # held by whoever steps or drains the inbox
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
 
-    # ------------------------------------------------------------------ steps
-    def _batch_tensors(self, seqs: list[_Sequence], new_tokens: list[int]):
-        """Block tables, kv lens and slots for `new_tokens[i]` fresh tokens at the end of seq i."""
-        bs = self.cache.block_size
-        width = max(len(s.blocks) for s in seqs)
-        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in seqs], dtype=torch.int32)  # [B, W]
-        slots, positions = [], []
-        for s, n in zip(seqs, new_tokens):
-            for p in range(s.length - n, s.length):
-                slots.append(s.blocks[p // bs] * bs + p % bs)
-                positions.append(p)
-        kv_lens = torch.tensor([s.length for s in seqs], dtype=torch.int32)
-        return tables, kv_lens, torch.tensor(slots, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)
-
-    @torch.inference_mode()
-    def _prefill(self, seqs: list[_Sequence]) -> torch.Tensor:
-        lens = [len(s.prompt) for s in seqs]
-        tables, kv_lens, slots, positions = self._batch_tensors(seqs, lens)
-        cu = torch.tensor([0] + lens, dtype=torch.int32).cumsum(0).to(torch.int32)  # [B+1]
-        dev = self.device
-        batch = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev), cu.to(dev))
-        ids = torch.tensor([t for s in seqs for t in s.prompt], dtype=torch.int64, device=dev)
-        h = self.model.hidden(ids, positions.to(dev), batch, max(lens) - 1)  # [T, H]
-        return self.model.logits(h[(cu[1:] - 1).to(dev)])  # [B, V]
-
-    @torch.inference_mode()
-    def _decode(self, seqs: list[_Sequence]) -> torch.Tensor:
-        if self.decoder is not None:
-            return self.decoder.step(seqs)
-        tables, kv_lens, slots, positions = self._batch_tensors(seqs, [1] * len(seqs))
-        dev = self.device
-        batch = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev), None)
-        ids = torch.tensor([s.output[-1] for s in seqs], dtype=torch.int64, device=dev)
-        h = self.model.hidden(ids, positions.to(dev), batch, max(s.length for s in seqs) - 1)
-        return self.model.logits(h)  # [B, V]
-
-    # ------------------------------------------------------------------ bookkeeping
-    def _accept(self, seq: _Sequence, logits: torch.Tensor, on_delta: DeltaCallback | None) -> None:
-        seen = torch.tensor(seq.prompt + seq.output, device=logits.device) if seq.gen.repetition_penalty != 1.0 else torch.empty(0)
-        self._accept_token(seq, sample(logits, seq.gen, seen, seq.generator), on_delta)
-
-    def _accept_token(self, seq: _Sequence, token: int, on_delta: DeltaCallback | None) -> None:
-        seq.output.append(token)
-        delta = seq.detok.push(token)
-        seq.text += delta
-        if token in self.eos_ids and not seq.gen.ignore_eos:
-            seq.finish_reason = "stop"
-        for word in seq.gen.stop_words:
-            cut = seq.text.find(word)
-            if word and cut >= 0:
-                delta = delta[: max(0, len(delta) - (len(seq.text) - cut))]
-                seq.text = seq.text[:cut]
-                seq.finish_reason = "stop"
-        if seq.finish_reason is None and (len(seq.output) >= seq.gen.max_new_tokens or seq.length >= self.session_len):
-            seq.finish_reason = "length"
-        if seq.finish_reason == "length":
-            tail = seq.detok.flush()
-            seq.text += tail
-            delta += tail
-        if on_delta is not None:
-            on_delta(seq.index, delta, token, seq.finish_reason)
-
-    def _pipelines(self, running: list[_Sequence]) -> bool:
-        """Greedy decode without a repetition penalty can run ahead of the host: the next token is the argmax,
-        taken on the device and fed to the next step there."""
-        return self.decoder is not None and all(s.gen.greedy and s.gen.repetition_penalty == 1.0 for s in running)
-
-    @torch.inference_mode()
-    def _decode_pipelined(self, running: list[_Sequence], on_delta: DeltaCallback | None) -> None:
-        """Decode steps with step n + 1 launched before step n's tokens reach the host, so detokenizing, stop
-        checks and callbacks overlap the GPU. Returns once a sequence finishes; the step in flight then is
-        accepted for the others (its inputs were theirs), so nothing is computed twice or left running. A step
-        is launched ahead only when no sequence can reach its length limit before it (KV slots stay within
-        the blocks reserved). Tokens equal _decode's: both take the first maximum of the same logits."""
-        pending = self.decoder.launch_greedy(running)
-        while True:
-            ahead = None
-            if all(len(s.output) + 1 < s.gen.max_new_tokens and s.length + 1 < self.session_len for s in running):
-                ahead = self.decoder.launch_greedy(running, pending.ids)
-            for seq, token in zip(running, pending.tokens()):
-                self._accept_token(seq, token, on_delta)
-            if ahead is None:
-                return
-            if any(s.finish_reason for s in running):
-                for seq, token in zip(running, ahead.tokens()):
-                    if not seq.finish_reason:
-                        self._accept_token(seq, token, on_delta)
-                return
-            pending = ahead
-
-    def _reserve(self, seq: _Sequence) -> bool:
-        need = self.cache.blocks_for(min(len(seq.prompt) + seq.gen.max_new_tokens, self.session_len))
-        if need > self.cache.num_blocks:
-            raise LmcError(f"one sequence needs {need} KV blocks but the cache holds {self.cache.num_blocks}; "
-                           "raise --cache-max-entry-count or lower --session-len / --max-new-tokens")
-        if need > self.cache.free_blocks:
-            return False
-        seq.blocks = self.cache.allocate(need)
-        return True
-
-    def generate(self, prompts: list[list[int]], gen: GenerationConfig | list[GenerationConfig] | None = None,
-                 on_delta: DeltaCallback | None = None) -> list[Response]:
-        """Generate for each prompt (token ids); continuous batching up to max_batch_size."""
-        gens = gen if isinstance(gen, list) else [gen or GenerationConfig()] * len(prompts)
-        waiting = []
-        for i, (ids, g) in enumerate(zip(prompts, gens)):
-            g.check()
-            if not ids:
-                raise LmcError(f"prompt {i} is empty")
-            if len(ids) >= self.session_len:
-                raise LmcError(f"prompt {i} has {len(ids)} tokens; session_len is {self.session_len}: shorten it or raise --session-len")
-            generator = None if g.seed is None else torch.Generator().manual_seed(g.seed + i)
-            waiting.append(_Sequence(i, list(ids), g, IncrementalDetokenizer(self.tokenizer, ids), generator))
-        done: list[_Sequence] = []
-        running: list[_Sequence] = []
+    # ------------------------------------------------------------------ public API
+    def add_request(self, prompt_ids: list[int], gen: GenerationConfig | None = None,
+                    request_id: str | None = None, outputs: queue.SimpleQueue | None = None) -> RequestHandle:
+        """Queue a request; returns its handle. Called from a running asyncio loop, the handle is async.
+        `outputs`: deliver this request's outputs to that queue instead of the handle (to stream several
+        requests in the order their tokens come; see `stream`)."""
+        gen = gen or GenerationConfig()
+        gen.check()
+        if not prompt_ids:
+            raise LmcError("the prompt is empty")
+        if len(prompt_ids) >= self.session_len:
+            raise LmcError(f"the prompt has {len(prompt_ids)} tokens; session_len is {self.session_len}: "
+                           "shorten it or raise --session-len")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt_ids):
+            raise LmcError(f"the prompt holds token ids outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        if self.blocks.blocks_for(len(prompt_ids) + 1) > self.blocks.num_blocks:
+            raise LmcError(f"a prompt of {len(prompt_ids)} tokens does not fit the KV cache "
+                           f"({self.blocks.num_blocks} blocks of {self.blocks.block_size}); raise --cache-max-entry-count")
         try:
-            while waiting or running:
-                admitted, tokens = [], 0
-                while waiting and len(running) + len(admitted) < self.config.max_batch_size:
-                    if admitted and tokens + len(waiting[0].prompt) > self.max_prefill_tokens:
-                        break
-                    if not self._reserve(waiting[0]):
-                        break
-                    tokens += len(waiting[0].prompt)
-                    admitted.append(waiting.pop(0))
-                if admitted:
-                    logits = self._prefill(admitted)
-                    for seq, row in zip(admitted, logits):
-                        self._accept(seq, row, on_delta)
-                    running += admitted
-                elif running and self._pipelines(running):
-                    self._decode_pipelined(running, on_delta)
-                elif running:
-                    logits = self._decode(running)
-                    for seq, row in zip(running, logits):
-                        self._accept(seq, row, on_delta)
-                finished = [s for s in running if s.finish_reason]
-                for s in finished:
-                    self.cache.release(s.blocks)
-                    s.blocks = []
-                running = [s for s in running if not s.finish_reason]
-                done += finished
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        request_id = str(next(self._ids)) if request_id is None else str(request_id)
+        handle = RequestHandle(self, request_id, None if outputs is not None else loop, outputs)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), arrival=0)
+        generator = None
+        if gen.random_seed is not None and not gen.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(gen.random_seed)
+        stop_ids = set(gen.stop_token_ids or ())
+        req = _Request(seq, gen, handle, IncrementalDetokenizer(self.tokenizer, prompt_ids, gen.skip_special_tokens),
+                       generator, min(len(prompt_ids) + gen.max_new_tokens, self.session_len),
+                       list(gen.bad_token_ids or ()) + self._bad_word_ids(gen), set() if gen.ignore_eos else self.eos_ids,
+                       stop_ids, min_new_tokens=gen.min_new_tokens or 0)
+        self._inbox.put(("add", req))
+        self._poke()
+        return handle
+
+    def abort(self, request_id: str) -> None:
+        """End a request now: its blocks are freed and its handle gets a final output (finish_reason "abort")."""
+        self._inbox.put(("abort", str(request_id)))
+        self._poke()
+
+    def step(self) -> None:
+        """One scheduler iteration: admit, compute one forward, sample, stream the outputs."""
+        with self._lock:
+            self._drain()
+            batch = self.scheduler.schedule()
+            for seq in self.scheduler.overflowed:  # the KV cache cannot hold it even alone
+                r = self._requests[seq.request_id]
+                r.text += r.detok.flush()
+                self._finish(r, "length", [], r.text[r.sent:], None)
+            self.scheduler.overflowed.clear()
+            if batch is None:
+                return
+            sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+            with torch.inference_mode():
+                logits = self._forward(batch)  # [S, V] for the sequences that sample
+            self.scheduler.computed(batch)
+            if sampling:
+                self._accept(sampling, logits)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or not self._inbox.empty()
+
+    @property
+    def running_in_background(self) -> bool:
+        return self._thread is not None
+
+    def start(self) -> None:
+        """Step on a background thread whenever there is work (for async front ends)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="lmc-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the background thread (requests still queued stay queued)."""
+        if self._thread is not None:
+            self._stopping = True
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+
+    def generate(self, prompts: list[list[int]], gen: GenerationConfig | list[GenerationConfig] | None = None) -> list[Response]:
+        """Run a batch of prompts (token ids) to completion; one Response per prompt, in order."""
+        gens = gen if isinstance(gen, list) else [gen or GenerationConfig()] * len(prompts)
+        outputs: list[list[RequestOutput]] = [[] for _ in prompts]
+        for i, out in self.stream(prompts, gens):
+            outputs[i].append(out)
+        return [merge_outputs(outs, i) for i, outs in enumerate(outputs)]
+
+    def stream(self, prompts: list[list[int]], gens: list[GenerationConfig]):
+        """Run prompts together; yield (prompt index, RequestOutput) as tokens come. Stopping the iteration
+        early aborts what is still running, so nothing keeps generating for a consumer that left."""
+        if len(gens) != len(prompts):
+            raise LmcError(f"{len(prompts)} prompts but {len(gens)} generation configs: pass one config, or one per prompt")
+        outputs: queue.SimpleQueue = queue.SimpleQueue()
+        handles = [self.add_request(ids, g, outputs=outputs) for ids, g in zip(prompts, gens)]
+        index = {h.request_id: i for i, h in enumerate(handles)}
+        left = len(handles)
+        try:
+            while left:
+                while outputs.empty() and not self.running_in_background:
+                    self.step()
+                out = outputs.get()
+                if out.finish_reason is not None:
+                    handles[index[out.request_id]].finished = True
+                    left -= 1
+                yield index[out.request_id], out
         finally:
-            for s in running:
-                self.cache.release(s.blocks)
-        done.sort(key=lambda s: s.index)
-        return [Response(s.text, s.output, len(s.prompt), len(s.output), s.finish_reason, s.index) for s in done]
+            for h in handles:
+                if not h.finished:
+                    h.abort()
+
+    def stats(self) -> EngineStats:
+        s, b = self.scheduler, self.blocks
+        return EngineStats(len(s.running), len(s.waiting) + self._inbox.qsize(), b.num_blocks, b.num_used, b.hit_rate,
+                           s.preemptions, self._counters["prompt_tokens"], self._counters["generation_tokens"],
+                           self._counters["finished"])
+
+    # ------------------------------------------------------------------ inbox and background loop
+    def _poke(self) -> None:
+        self._wake.set()
+        if self._lock.acquire(blocking=False):  # idle: apply at once (an abort frees its blocks now)
+            try:
+                self._drain()
+            finally:
+                self._lock.release()
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                item.seq.arrival = time.monotonic_ns()
+                self._requests[item.seq.request_id] = item
+                self.scheduler.add(item.seq)
+                self._counters["prompt_tokens"] += item.seq.num_prompt
+            else:
+                req = self._requests.get(item)
+                if req is not None:
+                    self._finish(req, "abort", [], req.text[req.sent:], None)
+
+    def _loop(self) -> None:
+        while not self._stopping:
+            self._wake.wait()
+            self._wake.clear()
+            while not self._stopping and (self.scheduler.has_work() or not self._inbox.empty()):
+                self.step()
+
+    # ------------------------------------------------------------------ forward
+    def _forward(self, batch: Batch) -> torch.Tensor | None:
+        """Run the model over the batch's new tokens; logits [S, V] of the sequences that sample, in order."""
+        if batch.is_decode and self.decoder is not None:
+            return self.decoder.step(batch.seqs)
+        bs, dev = self.blocks.block_size, self.device
+        ids, positions, slots, last = [], [], [], []
+        for seq, n in zip(batch.seqs, batch.num_new):
+            start = seq.num_computed
+            ids += seq.tokens[start:start + n]
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(seq.blocks[p // bs] * bs + p % bs)
+            last.append(len(ids) - 1)
+        width = max(len(s.blocks) for s in batch.seqs)
+        tables = torch.tensor([s.blocks + [0] * (width - len(s.blocks)) for s in batch.seqs], dtype=torch.int32)  # [B, W]
+        kv_lens = torch.tensor([s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)], dtype=torch.int32)  # [B]
+        cu = None
+        if not batch.is_decode:
+            cu = torch.tensor([0] + batch.num_new, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)  # [B+1]
+        paged = PagedBatch(self.cache.k, self.cache.v, torch.tensor(slots, dtype=torch.int64, device=dev),
+                           tables.to(dev), kv_lens.to(dev), cu)
+        h = self.model.hidden(torch.tensor(ids, dtype=torch.int64, device=dev),
+                              torch.tensor(positions, dtype=torch.int64, device=dev), paged, int(kv_lens.max()) - 1)  # [T, H]
+        rows = [last[i] for i in range(len(batch.seqs)) if batch.samples(i)]
+        if not rows:  # every sequence is part-way through its prompt
+            return None
+        return self.model.logits(h[torch.tensor(rows, dtype=torch.int64, device=dev)])  # [S, V]
+
+    # ------------------------------------------------------------------ outputs
+    def _bad_word_ids(self, gen: GenerationConfig) -> list[int]:
+        ids = []
+        for word in gen.bad_words or ():
+            encoded = self.tokenizer.encode(word, add_special_tokens=False)
+            if len(encoded) != 1:
+                raise LmcError(f"bad word {word!r} is {len(encoded)} tokens; lmc bans single-token words (use bad_token_ids)")
+            ids += encoded
+        return ids
+
+    def _accept(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
+        reqs = [self._requests[s.request_id] for s in seqs]
+        rows = []
+        for r in reqs:
+            banned = r.banned
+            if len(r.seq.output) < r.min_new_tokens:
+                banned = banned + sorted(r.eos_ids | r.stop_ids)
+            seen = r.seq.tokens if r.gen.repetition_penalty != 1.0 else []
+            rows.append(SampleRow(r.gen, r.generator, seen, banned))
+        raw = [logits[i:i + 1].cpu() if r.gen.output_logits else None for i, r in enumerate(reqs)]
+        tokens, logprobs = sample_batch(logits, rows)
+        for r, token, lp, row in zip(reqs, tokens, logprobs, raw):
+            self._accept_token(r, token, lp, row)
+
+    def _accept_token(self, r: _Request, token: int, lp: Logprob | None, logits: torch.Tensor | None) -> None:
+        """Append a token, find stop conditions, stream the text that is final. With stop words, the last
+        (longest word - 1) characters are held back until they cannot begin a stop word."""
+        seq, gen = r.seq, r.gen
+        seq.tokens.append(token)
+        self._counters["generation_tokens"] += 1
+        r.text += r.detok.push(token)
+        end = len(r.text)
+        reason = "stop" if token in r.eos_ids or token in r.stop_ids else None
+        words = [w for w in gen.stop_words or () if w]
+        if words and reason is None:
+            longest = max(len(w) for w in words)
+            search_from = max(0, r.sent - longest)
+            for word in words:
+                cut = r.text.find(word, search_from)
+                if cut >= 0:
+                    end = cut + len(word) if gen.include_stop_str_in_output else cut
+                    r.text, reason = r.text[:end], "stop"
+                    break
+            else:
+                end = max(r.sent, len(r.text) - (longest - 1))
+        if reason is None and seq.length >= r.max_length:
+            reason = "length"
+        if reason is not None:
+            if reason == "length":
+                r.text += r.detok.flush()
+            end = len(r.text)
+        delta, r.sent = r.text[r.sent:end], max(r.sent, end)
+        if reason is None:
+            r.handle._put(RequestOutput(seq.request_id, [token], delta, None, seq.num_prompt, len(seq.output),
+                                        [lp] if lp else None, logits))
+        else:
+            self._finish(r, reason, [token], delta, lp, logits)
+
+    def _finish(self, r: _Request, reason: str, tokens: list[int], delta: str, lp: Logprob | None,
+                logits: torch.Tensor | None = None) -> None:
+        seq = r.seq
+        self.scheduler.free(seq)
+        del self._requests[seq.request_id]
+        self._counters["finished"] += 1
+        r.handle._put(RequestOutput(seq.request_id, tokens, delta, reason, seq.num_prompt, len(seq.output),
+                                    [lp] if lp else None, logits))

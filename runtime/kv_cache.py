@@ -36,26 +36,11 @@ def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, de
 
 
 class PagedKVCache:
+    """Per-layer K and V storage of num_blocks blocks; which sequence owns a block is block_manager's business."""
+
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
         shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def free_blocks(self) -> int:
-        return len(self._free)
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise LmcError(f"KV cache out of blocks: need {n}, {len(self._free)} free of {self.num_blocks}; "
-                           "raise --cache-max-entry-count, or lower --max-batch-size / --session-len")
-        return [self._free.pop() for _ in range(n)]
-
-    def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))

@@ -35,34 +35,34 @@ def test_incremental_detokenization_never_splits_characters(workspace):
 
 def test_pipeline_batch_seed_and_stop_words(workspace):
     pipe = pipeline(workspace, backend_config=EngineConfig(device="cpu", max_batch_size=2))
-    greedy = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    greedy = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     batch = pipe(["Hi, please introduce yourself", "上海是", "hello"], greedy)
     singles = [pipe(p, greedy) for p in ["Hi, please introduce yourself", "上海是", "hello"]]
     assert [r.token_ids for r in batch] == [r.token_ids for r in singles]  # continuous batching changes nothing
     assert [r.index for r in batch] == [0, 1, 2] and all(r.generate_token_len == 12 for r in batch)
-    sampled = GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True)
+    sampled = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.9, top_k=50, random_seed=7, ignore_eos=True)
     a, b = pipe("hello", sampled), pipe("hello", sampled)
-    other = pipe("hello", GenerationConfig(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=8, ignore_eos=True))
+    other = pipe("hello", GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.0, top_p=0.9, top_k=50, random_seed=8, ignore_eos=True))
     assert a.token_ids == b.token_ids and a.token_ids != other.token_ids
     full = pipe("hello", greedy).text
     word = full[3:6]
     assert word, full
-    stopped = pipe("hello", GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True, stop_words=[word]))
+    stopped = pipe("hello", GenerationConfig(max_new_tokens=12, ignore_eos=True, stop_words=[word]))
     assert stopped.finish_reason == "stop" and stopped.text == full[: full.find(word)]
 
 
 def test_eos_stops_generation(workspace):
     pipe = pipeline(workspace, backend_config=EngineConfig(device="cpu"))
-    free = pipe("hello", GenerationConfig(max_new_tokens=8, temperature=0, ignore_eos=True))
+    free = pipe("hello", GenerationConfig(max_new_tokens=8, ignore_eos=True))
     eos = free.token_ids[2]
     pipe.engine.eos_ids = {eos}
-    stopped = pipe("hello", GenerationConfig(max_new_tokens=8, temperature=0))
+    stopped = pipe("hello", GenerationConfig(max_new_tokens=8))
     assert stopped.finish_reason == "stop" and stopped.token_ids == free.token_ids[: free.token_ids.index(eos) + 1]
 
 
 def test_session_len_and_bad_config(workspace):
     pipe = pipeline(workspace, backend_config=EngineConfig(device="cpu", session_len=40))
-    r = pipe("hello", GenerationConfig(max_new_tokens=100, temperature=0, ignore_eos=True))
+    r = pipe("hello", GenerationConfig(max_new_tokens=100, ignore_eos=True))
     assert r.finish_reason == "length" and r.input_token_len + r.generate_token_len == 40
     with pytest.raises(LmcError, match="session_len is 40"):
         pipe("hello " * 50, GenerationConfig(max_new_tokens=4))
@@ -81,7 +81,7 @@ def test_cli_generate_json_and_chat_over_a_pipe(workspace, checkpoint, tmp_path)
     out = json.loads(r.stdout)
     assert out["generated_tokens"] == len(out["token_ids"]) <= 6 and out["finish_reason"] in ("stop", "length")
     pipe = pipeline(workspace, backend_config=EngineConfig(device="cpu"))
-    gen = GenerationConfig(max_new_tokens=5, temperature=0)
+    gen = GenerationConfig(max_new_tokens=5)
     first = pipe("Hello there", gen).text
     second = pipe([{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": first},
                    {"role": "user", "content": "And again"}], gen).text

@@ -14,9 +14,8 @@ from lmc.compiler.pack import dequantize_int4, quantize_int4, unpack_awq
 from lmc.format.int4 import to_lmc_tensors
 from lmc.compiler.quantize import QuantizeOptions, quantize
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.engine import Engine, _Sequence
+from lmc.runtime.engine import Engine
 from lmc.runtime.sampling import GenerationConfig
-from lmc.runtime.tokenizer import IncrementalDetokenizer
 from lmc.format.workspace import Workspace
 
 # shapes every AWQ GEMM tensor can hold with group 32: K in {64, 128}, N multiple of 8
@@ -87,16 +86,12 @@ def test_awq_checkpoint_converts_and_runs_like_its_dequantized_weights(checkpoin
     engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=16, session_len=128))
     ref_model = _dequantized_reference(tmp_path / "awq", ckpt)
     prompts = [[5, 6, 7, 8, 9, 10, 11], list(range(30, 43))]
-    seqs = [_Sequence(i, p, GenerationConfig(max_new_tokens=4), IncrementalDetokenizer(engine.tokenizer, p), None)
-            for i, p in enumerate(prompts)]
-    for s in seqs:
-        assert engine._reserve(s)
-    ours = engine._prefill(seqs)
+    ours = [r.logits[0] for r in engine.generate(prompts, GenerationConfig(max_new_tokens=1, output_logits="generation"))]
     with torch.no_grad():
         for p, row in zip(prompts, ours):
             ref = ref_model(torch.tensor([p])).logits[0, -1]
             assert float((row - ref).abs().max() / ref.abs().max()) <= 1e-3
-    gen = GenerationConfig(max_new_tokens=12, temperature=0, ignore_eos=True)
+    gen = GenerationConfig(max_new_tokens=12, ignore_eos=True)
     with torch.no_grad():
         ref_tokens = ref_model.generate(torch.tensor([prompts[0]]), max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, 7:].tolist()
     assert Engine(str(tmp_path / "ws"), EngineConfig(device="cpu")).generate([prompts[0]], gen)[0].token_ids == ref_tokens
@@ -109,7 +104,7 @@ def test_same_inputs_same_bytes_and_partial_groups(checkpoint, tmp_path):
     quantize(ckpt, tmp_path / "b", QuantizeOptions(**SMALL), say=_quiet)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
     engine = Engine(str(tmp_path / "a"), EngineConfig(device="cpu"))
-    out = engine.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=5, temperature=0, ignore_eos=True))
+    out = engine.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=5, ignore_eos=True))
     assert len(out[0].token_ids) == 5
 
 

@@ -10,9 +10,8 @@ from conftest import ARCH_CASES
 
 from lmc.compiler.convert import convert
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.engine import Engine, _Sequence
+from lmc.runtime.engine import Engine
 from lmc.runtime.sampling import GenerationConfig
-from lmc.runtime.tokenizer import IncrementalDetokenizer
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(20, 31)), [3, 4], list(range(100, 170))]
 STEPS = 32
@@ -35,30 +34,19 @@ def test_logits_and_greedy_match_transformers(case, checkpoint, tmp_path):
     convert(ckpt, tmp_path / "ws")
     engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=16, session_len=256))
     hf = _reference(ckpt)
-    gen = GenerationConfig(max_new_tokens=STEPS, temperature=0, ignore_eos=True)
+    gen = GenerationConfig(max_new_tokens=STEPS, ignore_eos=True, output_logits="generation")
     with torch.no_grad():
         continuations = [hf.generate(torch.tensor([p]), max_new_tokens=STEPS, min_new_tokens=STEPS, do_sample=False)[0, len(p):].tolist()
                          for p in PROMPTS]
         ref_logits = [hf(torch.tensor([p + c])).logits[0, len(p) - 1:-1].float() for p, c in zip(PROMPTS, continuations)]
 
-    # teacher-forced: ragged prefill of all prompts, then decode steps feeding the reference tokens
-    seqs = [_Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None) for i, p in enumerate(PROMPTS)]
-    for s in seqs:
-        assert engine._reserve(s)
-    ours = [[row] for row in engine._prefill(seqs)]
-    for step in range(STEPS - 1):
-        for s, c in zip(seqs, continuations):
-            s.output.append(c[step])
-        for mine, row in zip(ours, engine._decode(seqs)):
-            mine.append(row)
-    for mine, ref in zip(ours, ref_logits):
-        assert _rel(torch.stack(mine), ref) <= 1e-4
-    for s in seqs:
-        engine.cache.release(s.blocks)
-
+    # a ragged prefill of all prompts, then decode steps: the same greedy tokens, so the same contexts
     results = engine.generate(PROMPTS, gen)
     assert [r.token_ids for r in results] == continuations
     assert all(r.finish_reason == "length" and r.generate_token_len == STEPS for r in results)
+    for r, ref in zip(results, ref_logits):
+        assert r.logits.shape == ref.shape and _rel(r.logits, ref) <= 1e-4
+    assert engine.blocks.num_free == engine.blocks.num_blocks
 
 
 def test_dynamic_rope_past_max_positions(checkpoint, tmp_path):
@@ -70,9 +58,8 @@ def test_dynamic_rope_past_max_positions(checkpoint, tmp_path):
     prompt = list(range(40, 70))  # 30 tokens > 24
     with torch.no_grad():
         ref = hf(torch.tensor([prompt])).logits[0, -1].float()
-    seq = _Sequence(0, prompt, GenerationConfig(max_new_tokens=1), IncrementalDetokenizer(engine.tokenizer, prompt), None)
-    assert engine._reserve(seq)
-    assert _rel(engine._prefill([seq])[0], ref) <= 1e-4
+    (r,) = engine.generate([prompt], GenerationConfig(max_new_tokens=1, output_logits="generation"))
+    assert _rel(r.logits[0], ref) <= 1e-4
 
 
 def test_kv_cache_too_small_is_a_clear_error(checkpoint, tmp_path):
@@ -82,13 +69,16 @@ def test_kv_cache_too_small_is_a_clear_error(checkpoint, tmp_path):
     engine = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", cache_block_seq_len=16, session_len=256,
                                                        cache_max_entry_count=1.0,
                                                        cpu_cache_budget_gb=4 * 2 * 2 * 16 * 1 * 12 * 4 / 1024**3))
-    assert engine.cache.num_blocks == 4
-    with pytest.raises(LmcError, match="needs 5 KV blocks but the cache holds 4"):
-        engine.generate([list(range(5, 70))], GenerationConfig(max_new_tokens=10, temperature=0))
-    # three prompts that each need 2 blocks run in turns within 4 blocks
-    out = engine.generate([[5, 6, 7]] * 3, GenerationConfig(max_new_tokens=20, temperature=0, ignore_eos=True))
+    assert engine.blocks.num_blocks == 4
+    with pytest.raises(LmcError, match="does not fit the KV cache"):
+        engine.generate([list(range(5, 70))], GenerationConfig(max_new_tokens=10))
+    # three sequences that each grow to 2 blocks share 4 blocks: preemption, then recomputation
+    out = engine.generate([[5, 6, 7]] * 3, GenerationConfig(max_new_tokens=20, ignore_eos=True))
     assert [r.token_ids for r in out[1:]] == [out[0].token_ids] * 2
-    assert engine.cache.free_blocks == 4
+    assert engine.scheduler.preemptions > 0 and engine.blocks.num_free == 4
+    # one sequence longer than the whole cache ends with "length" when it runs out of blocks
+    (r,) = engine.generate([[5, 6, 7]], GenerationConfig(max_new_tokens=100, ignore_eos=True))
+    assert r.finish_reason == "length" and r.input_token_len + r.generate_token_len == 4 * 16 + 1  # + the last token, sampled
 
 
 def test_runtime_does_not_import_transformers():
