@@ -1,6 +1,8 @@
 """Which device runs, and in which float dtype: decided here once for every command."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 from lmc.errors import LmcError
@@ -17,3 +19,31 @@ def compute_dtype(device: torch.device, stored: torch.dtype) -> torch.dtype:
     """The dtype a model computes in: the stored one on a GPU; float32 on the CPU, where fp16/bf16
     matmuls are slow and inexact."""
     return stored if device.type == "cuda" else torch.float32
+
+
+def host_available() -> int:
+    """Bytes of host memory available now (MemAvailable), or a huge number where /proc is absent."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
+
+
+def default_threads() -> int:
+    """CPU threads for torch: the usable cores less the cores other processes keep busy (1-minute load
+    average), at least 1. On a loaded machine, OpenMP threads that wait for a descheduled sibling spin;
+    on this project's 2-core CI a 2-thread matmul loop took 70 s where 1 thread took 8.8 s (bench/NOTES.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = int(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0
+    return max(1, min(cores, cores - busy))
+
+
+def set_cpu_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (None: default_threads()); returns the number set."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    return n

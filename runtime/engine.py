@@ -31,7 +31,7 @@ from lmc.errors import LmcError
 from lmc.format.workspace import Workspace
 from lmc.runtime.block_manager import BlockManager
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.device import compute_dtype, pick_device
+from lmc.runtime.device import compute_dtype, pick_device, set_cpu_threads
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
@@ -167,6 +167,8 @@ class Engine:
         ws = Workspace(workspace)
         self.workspace = ws
         self.device = pick_device(config.device)
+        if self.device.type == "cpu":
+            self.threads = set_cpu_threads(config.threads)
         self.dtype = getattr(torch, config.dtype) if config.dtype else compute_dtype(self.device, ws.dtype)
         self.cfg = ws.config
         self.model = Model(ws, self.device, self.dtype)
@@ -251,9 +253,9 @@ class Engine:
             sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
             with torch.inference_mode():
                 logits = self._forward(batch)  # [S, V] for the sequences that sample
-            self.scheduler.computed(batch)
-            if sampling:
-                self._accept(sampling, logits)
+                self.scheduler.computed(batch)
+                if sampling:
+                    self._accept(sampling, logits)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or not self._inbox.empty()

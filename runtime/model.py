@@ -17,8 +17,10 @@ from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import w4a16_matmul, w4a16_silu_matmul
 from lmc.errors import LmcError
-from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS
+from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape
+from lmc.format.int4 import dequantize_lmc
 from lmc.format.config import ModelConfig
+from lmc.runtime.device import host_available
 from lmc.runtime.rope import Rope
 from lmc.format.workspace import Workspace
 
@@ -147,19 +149,24 @@ def load_tensor(ws: Workspace, name: str, device, dtype) -> torch.Tensor:
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def load_linear(ws: Workspace, base: str, device, dtype):
+def load_linear(ws: Workspace, base: str, device, dtype, in_features: int, dense: bool = False):
+    """A float [N, K] weight, or an Int4Weight; `dense`: int4 dequantized once here (the CPU path, where a
+    dequantize per call would dominate the step)."""
     if ws.has(base + ".weight"):
         return load_tensor(ws, base + ".weight", device, dtype)
     qweight, scales, zeros = (load_tensor(ws, base + leaf, device, dtype) for leaf in INT4_LEAVES)
-    return Int4Weight(qweight, scales, zeros, ws.quantization["group_size"])
+    group = ws.quantization["group_size"]
+    if dense:
+        return dequantize_lmc(qweight, scales, zeros, group, in_features).t().to(dtype).contiguous()  # [N, K]
+    return Int4Weight(qweight, scales, zeros, group)
 
 
-def load_layer(ws: Workspace, i: int, device, dtype) -> dict:
+def load_layer(ws: Workspace, i: int, device, dtype, dense: bool = False) -> dict:
     lw = {}
     for key, suffix in LAYER_NAMES.items():
         name = f"layers.{i}.{suffix}"
         if key in LINEAR_KEYS:
-            lw[key] = load_linear(ws, name, device, dtype)
+            lw[key] = load_linear(ws, name, device, dtype, linear_shape(ws.config, key)[1], dense)
         elif ws.has(name):
             lw[key] = load_tensor(ws, name, device, dtype)
     return lw
@@ -172,10 +179,13 @@ class Model:
         if ws.tp != 1:
             raise LmcError(f"{ws.path} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
         self.cfg, self.device, self.dtype = ws.config, device, dtype
+        dense_bytes = self.cfg.num_layers * layer_params(self.cfg) * dtype.itemsize
+        self.dense_int4 = bool(ws.quantization) and device.type == "cpu" and dense_bytes < host_available() // 2
         self.embed = load_tensor(ws, "tok_embeddings.weight", device, dtype)  # [V, H]
-        self.layers = [load_layer(ws, i, device, dtype) for i in range(self.cfg.num_layers)]
+        self.layers = [load_layer(ws, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
         self.norm = load_tensor(ws, "norm.weight", device, dtype)
-        self.lm_head = self.embed if self.cfg.tie_word_embeddings else load_linear(ws, "output", device, dtype)
+        self.lm_head = self.embed if self.cfg.tie_word_embeddings else \
+            load_linear(ws, "output", device, dtype, self.cfg.hidden_size, self.dense_int4)
         self.rope = Rope(self.cfg, device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int) -> torch.Tensor:

@@ -1,0 +1,65 @@
+"""The CLI's run commands as a user meets them: interrupting a stream, a closed stdout, a long chat."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from lmc.compiler.convert import convert
+
+
+@pytest.fixture
+def long_ws(checkpoint, tmp_path):
+    convert(checkpoint("llama3", max_position_embeddings=200000), tmp_path / "ws")
+    return tmp_path / "ws"
+
+
+def _start(*args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "lmc", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+ENDLESS = ("--device", "cpu", "--temperature", "0", "--max-new-tokens", "150000", "--min-new-tokens", "150000",
+           "--session-len", "199000")
+
+
+def test_ctrl_c_during_streaming_exits_130_cleanly(long_ws):
+    p = _start("generate", long_ws, "hello", *ENDLESS)
+    assert p.stdout.read(20)  # streaming has begun
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert b"interrupted" in err and b"terminate called" not in err and b"Traceback" not in err
+
+
+def test_closed_stdout_exits_130_cleanly(long_ws):
+    p = _start("generate", long_ws, "hello", *ENDLESS)
+    assert p.stdout.read(20)
+    p.stdout.close()  # as `| head -c 20` does
+    deadline = time.time() + 60
+    while p.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    err = p.stderr.read()
+    assert p.returncode == 130, err
+    assert b"terminate called" not in err and b"Traceback" not in err and b"Exception ignored" not in err
+
+
+def test_chat_drops_the_oldest_turns_past_session_len(checkpoint, tmp_path):
+    convert(checkpoint("qwen2"), tmp_path / "ws")
+    lines = "".join(f"turn {i} " + "words " * 12 + "\n" for i in range(6)) + "exit\n"
+    r = subprocess.run([sys.executable, "-m", "lmc", "chat", tmp_path / "ws", "--device", "cpu", "--temperature", "0",
+                        "--max-new-tokens", "8", "--session-len", "120"], input=lines, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "dropped the" in r.stderr and "oldest messages" in r.stderr
+    assert "error" not in r.stderr  # every turn was answered, none refused as too long
+
+
+@pytest.mark.parametrize("flag,value", [("--max-batch-size", "0"), ("--top-p", "0"), ("--temperature", "-1"),
+                                        ("--quant-policy", "3"), ("--session-len", "1"), ("--max-new-tokens", "0")])
+def test_out_of_range_flags_are_usage_errors(flag, value, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "lmc", "generate", tmp_path, "hi", flag, value], capture_output=True, text=True)
+    assert r.returncode == 2 and flag in r.stderr
