@@ -5,6 +5,7 @@ import functools
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -147,16 +148,15 @@ def quantize(src, out, force, as_json, **kw):
         click.echo(f"wrote {out} ({summary['format']}, {summary['method']}) in {summary['seconds']['total']:.1f} s")
 
 
-def engine_options(fn):
-    """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them. Out-of-range values are usage
-    errors (exit 2)."""
-    options = [
+def _engine_flags(max_batch_size: int | None = 64) -> list:
+    return [
         click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available"),
         click.option("--session-len", type=click.IntRange(min=2), default=None, help="max tokens per session (default: the model's)"),
         click.option("--cache-max-entry-count", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
                      help="fraction of free device memory for the KV cache"),
         click.option("--cache-block-seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="tokens per KV block"),
-        click.option("--max-batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="sequences running at once"),
+        click.option("--max-batch-size", type=click.IntRange(min=1), default=max_batch_size, show_default=True,
+                     help="sequences running at once"),
         click.option("--max-prefill-token-num", type=click.IntRange(min=1), default=8192, show_default=True,
                      help="tokens computed per step; longer prompts are prefilled in chunks"),
         click.option("--enable-prefix-caching/--disable-prefix-caching", default=True, show_default=True,
@@ -164,31 +164,53 @@ def engine_options(fn):
         click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
                      help="KV cache quantization: 0 none, 8 int8, 4 int4"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: lmc picks; see docs/cli.md)"),
-        click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True),
-        click.option("--min-new-tokens", type=click.IntRange(min=0), default=None, help="no EOS before this many tokens"),
-        click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0: greedy"),
-        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True),
-        click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit"),
-        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
-        click.option("--stop-words", multiple=True, help="stop when the text contains this (repeatable)"),
-        click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)"),
     ]
+
+
+_SAMPLING_FLAGS = [
+    click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True),
+    click.option("--min-new-tokens", type=click.IntRange(min=0), default=None, help="no EOS before this many tokens"),
+    click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0: greedy"),
+    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True),
+    click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit"),
+    click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
+    click.option("--stop-words", multiple=True, help="stop when the text contains this (repeatable)"),
+    click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)"),
+]
+
+
+def _apply(options: list, fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
 
 
+def engine_options(fn):
+    """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them. Out-of-range values are usage
+    errors (exit 2)."""
+    return _apply(_engine_flags() + _SAMPLING_FLAGS, fn)
+
+
+def _engine_flags_for_bench(fn):
+    return _apply(_engine_flags(max_batch_size=None), fn)
+
+
+def _engine_config(kw: dict):
+    from lmc.runtime.config import EngineConfig
+
+    return EngineConfig(session_len=kw["session_len"], max_batch_size=kw["max_batch_size"],
+                        cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
+                        max_prefill_token_num=kw["max_prefill_token_num"],
+                        enable_prefix_caching=kw["enable_prefix_caching"], quant_policy=int(kw["quant_policy"]),
+                        device=kw["device"], threads=kw["threads"])
+
+
 def _configs(kw: dict):
     """EngineConfig and GenerationConfig from the flags. As `lmdeploy chat`, the CLI samples unless
     --temperature 0 (the Python GenerationConfig is greedy unless do_sample, as LMDeploy's)."""
-    from lmc.runtime.config import EngineConfig
     from lmc.runtime.sampling import GenerationConfig
 
-    engine = EngineConfig(session_len=kw["session_len"], max_batch_size=kw["max_batch_size"],
-                          cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
-                          max_prefill_token_num=kw["max_prefill_token_num"],
-                          enable_prefix_caching=kw["enable_prefix_caching"], quant_policy=int(kw["quant_policy"]),
-                          device=kw["device"], threads=kw["threads"])
+    engine = _engine_config(kw)
     gen = GenerationConfig(max_new_tokens=kw["max_new_tokens"], min_new_tokens=kw["min_new_tokens"],
                            do_sample=kw["temperature"] > 0, temperature=kw["temperature"], top_p=kw["top_p"],
                            top_k=kw["top_k"], repetition_penalty=kw["repetition_penalty"],
@@ -274,6 +296,57 @@ def chat(path, **kw):
             continue
         reply = _echo_stream(item.text for item in pipe.stream_infer(history, gen))
         history.append({"role": "assistant", "content": reply})
+
+
+@main.command()
+@click.argument("path")
+@click.option("--num-prompts", type=click.IntRange(min=1), default=1000, show_default=True, help="requests to send")
+@click.option("--concurrency", type=click.IntRange(min=1), default=64, show_default=True, help="clients sending at once")
+@click.option("--dataset", default="random", show_default=True, help="`random`, or a ShareGPT JSON file")
+@click.option("--input-len", type=click.IntRange(min=1), default=224, show_default=True, help="random: mean prompt tokens")
+@click.option("--output-len", type=click.IntRange(min=1), default=200, show_default=True, help="random: mean output tokens")
+@click.option("--range-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+              help="random: lengths uniform in [L*(1-R), L*(1+R)]")
+@click.option("--seed", type=int, default=0, show_default=True, help="dataset sampling seed")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
+@click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON result to this file")
+@_engine_flags_for_bench
+@user_errors
+def bench(path, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out, **kw):
+    """Throughput and latency of the model at PATH under C concurrent clients (as LMDeploy's profile_throughput)."""
+    import platform
+
+    import torch
+
+    from lmc import bench as B
+    from lmc.runtime.engine import Engine
+    from lmc.api import resolve_workspace
+
+    if kw["max_batch_size"] is None:
+        kw["max_batch_size"] = concurrency
+    engine = Engine(str(resolve_workspace(path)), _engine_config(kw))
+    tok = engine.tokenizer
+    if dataset == "random":
+        specials = set(tok.tok.get_added_tokens_decoder())
+        vocab = [i for i in range(min(tok.vocab_size, engine.cfg.vocab_size)) if i not in specials]
+        requests = B.random_requests(num_prompts, input_len, output_len, range_ratio, vocab, seed)
+    else:
+        requests = B.sharegpt_requests(Path(dataset), num_prompts, lambda t: tok.encode(t, add_special_tokens=False), seed)
+    too_long = [r for r in requests if len(r.prompt_ids) + r.output_len > engine.session_len]
+    if too_long:
+        raise LmcError(f"{len(too_long)} requests need more than session_len {engine.session_len} tokens; "
+                       "raise --session-len or lower --input-len/--output-len")
+    engine.start()
+    try:
+        result = B.run_bench(requests, concurrency, B.engine_sender(engine), show_progress=not as_json and sys.stderr.isatty())
+    finally:
+        engine.stop()
+    result.update({"path": str(path), "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
+                   "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu",
+                   "engine": {k: v for k, v in kw.items()}, "stats": vars(engine.stats())})
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    click.echo(json.dumps(result, sort_keys=True) if as_json else B.table(result))
 
 
 # ----------------------------------------------------------------------------- lmc eval

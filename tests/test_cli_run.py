@@ -63,3 +63,30 @@ def test_chat_drops_the_oldest_turns_past_session_len(checkpoint, tmp_path):
 def test_out_of_range_flags_are_usage_errors(flag, value, tmp_path):
     r = subprocess.run([sys.executable, "-m", "lmc", "generate", tmp_path, "hi", flag, value], capture_output=True, text=True)
     assert r.returncode == 2 and flag in r.stderr
+
+
+def test_bench_reports_every_request_and_its_latencies(checkpoint, tmp_path):
+    import json
+
+    convert(checkpoint("qwen2"), tmp_path / "ws")
+    r = subprocess.run([sys.executable, "-m", "lmc", "bench", tmp_path / "ws", "--num-prompts", "24", "--concurrency", "5",
+                        "--input-len", "12", "--output-len", "6", "--range-ratio", "0.5", "--device", "cpu", "--json",
+                        "--out", tmp_path / "b.json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out == json.loads((tmp_path / "b.json").read_text())
+    assert out["completed"] == 24 and out["failed"] == 0 and out["concurrency"] == 5
+    assert 24 * 3 <= out["completion_tokens"] <= 24 * 9 and out["stats"]["kv_blocks_used"] == 0
+    for key in ("ttft_ms", "tpot_ms", "itl_ms"):
+        assert set(out[key]) == {"mean", "p50", "p90", "p99"} and out[key]["p50"] <= out[key]["p99"]
+    assert out["output_throughput"] == pytest.approx(out["completion_tokens"] / out["duration_s"], rel=0.01)
+
+    sharegpt = [{"conversations": [{"from": "human", "value": "tell me about the quick brown fox " * 2},
+                                   {"from": "gpt", "value": "the fox jumps over the lazy dog " * 2}]}] * 5
+    (tmp_path / "sg.json").write_text(json.dumps(sharegpt))
+    r = subprocess.run([sys.executable, "-m", "lmc", "bench", tmp_path / "ws", "--num-prompts", "5", "--concurrency", "2",
+                        "--dataset", tmp_path / "sg.json", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["completed"] == 5
+    r = subprocess.run([sys.executable, "-m", "lmc", "bench", tmp_path / "ws", "--concurrency", "0"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--concurrency" in r.stderr

@@ -1,0 +1,153 @@
+"""`lmc bench`: serving throughput and latency, as LMDeploy's profile_throughput and vLLM's bench serving.
+
+C concurrent clients (coroutines on one asyncio loop) take the next of N requests, stream it, and
+record when each token arrived. Against a workspace the requests go to the engine's public API
+on its background thread; against a URL they go to the OpenAI-compatible server. Every request
+ignores EOS and generates exactly its output length, so runs compare like for like.
+
+The `random` dataset draws prompt and output lengths uniformly in [L * (1 - R), L * (1 + R)] (vLLM's
+`--random-range-ratio`) around ShareGPT's means (224 prompt and 200 completion tokens per request
+in LMDeploy's published 10,000-request run); prompt tokens are random ids of the model's vocabulary.
+A ShareGPT JSON file gives real prompts: the first human turn, with the first reply's token count
+as the output length (vLLM's sampling: pairs shorter than 4 or longer than 1024/2048 tokens dropped).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lmc.errors import LmcError
+
+SHAREGPT_PROMPT_MEAN, SHAREGPT_OUTPUT_MEAN = 224, 200
+
+
+@dataclass
+class BenchRequest:
+    prompt_ids: list[int]
+    output_len: int
+
+
+@dataclass
+class RequestTiming:
+    prompt_tokens: int
+    start: float
+    token_times: list[float] = field(default_factory=list)  # arrival time of each output chunk's tokens
+    tokens: int = 0
+    ok: bool = True
+
+
+def random_requests(n: int, input_len: int, output_len: int, range_ratio: float, vocab: list[int],
+                    seed: int) -> list[BenchRequest]:
+    rng = random.Random(seed)
+
+    def length(mean: int) -> int:
+        return max(1, rng.randint(int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))))
+
+    return [BenchRequest([rng.choice(vocab) for _ in range(length(input_len))], length(output_len)) for _ in range(n)]
+
+
+def sharegpt_requests(path: Path, n: int, encode, seed: int) -> list[BenchRequest]:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise LmcError(f"--dataset {path}: not a readable ShareGPT JSON file ({e})") from None
+    pairs = [d["conversations"] for d in data if isinstance(d, dict) and len(d.get("conversations") or []) >= 2]
+    random.Random(seed).shuffle(pairs)
+    out = []
+    for conv in pairs:
+        prompt, reply = encode(str(conv[0].get("value", ""))), encode(str(conv[1].get("value", "")))
+        if len(prompt) < 4 or len(reply) < 4 or len(prompt) > 1024 or len(prompt) + len(reply) > 2048:
+            continue
+        out.append(BenchRequest(prompt, len(reply)))
+        if len(out) == n:
+            return out
+    raise LmcError(f"--dataset {path} has {len(out)} usable conversations, fewer than --num-prompts {n}")
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, "p50": None, "p90": None, "p99": None}
+    ordered = sorted(values)
+
+    def pct(p: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))], 3)
+
+    return {"mean": round(statistics.fmean(ordered), 3), "p50": pct(50), "p90": pct(90), "p99": pct(99)}
+
+
+def summarize(timings: list[RequestTiming], duration: float) -> dict:
+    done = [t for t in timings if t.ok and t.token_times]
+    ttft = [(t.token_times[0] - t.start) * 1e3 for t in done]
+    tpot = [(t.token_times[-1] - t.token_times[0]) * 1e3 / (t.tokens - 1) for t in done if t.tokens > 1]
+    itl = [(b - a) * 1e3 for t in done for a, b in zip(t.token_times, t.token_times[1:])]
+    prompt_tokens = sum(t.prompt_tokens for t in done)
+    completion_tokens = sum(t.tokens for t in done)
+    return {"completed": len(done), "failed": len(timings) - len(done), "duration_s": round(duration, 3),
+            "request_throughput": round(len(done) / duration, 3),
+            "output_throughput": round(completion_tokens / duration, 2),
+            "total_token_throughput": round((prompt_tokens + completion_tokens) / duration, 2),
+            "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "ttft_ms": _percentiles(ttft), "tpot_ms": _percentiles(tpot), "itl_ms": _percentiles(itl)}
+
+
+async def _run(requests: list[BenchRequest], concurrency: int, send, progress) -> tuple[list[RequestTiming], float]:
+    """send(request, timing) streams one request, filling timing. Returns the timings and the wall time."""
+    timings: list[RequestTiming | None] = [None] * len(requests)
+    next_index = iter(range(len(requests)))
+
+    async def client():
+        for i in next_index:
+            timing = RequestTiming(len(requests[i].prompt_ids), time.perf_counter())
+            try:
+                await send(requests[i], timing)
+            except Exception:  # a failed request is counted, the run goes on
+                timing.ok = False
+            timings[i] = timing
+            progress(1)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    return timings, time.perf_counter() - start
+
+
+def engine_sender(engine):
+    from lmc.runtime.sampling import GenerationConfig
+
+    async def send(req: BenchRequest, timing: RequestTiming) -> None:
+        gen = GenerationConfig(max_new_tokens=req.output_len, ignore_eos=True)
+        async for out in engine.add_request(req.prompt_ids, gen):
+            if out.token_ids:
+                timing.token_times.append(time.perf_counter())
+                timing.tokens += len(out.token_ids)
+            if out.finish_reason == "abort":
+                timing.ok = False
+
+    return send
+
+
+def run_bench(requests: list[BenchRequest], concurrency: int, send, show_progress: bool) -> dict:
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(requests), desc="bench", unit="req", disable=not show_progress)
+    timings, duration = asyncio.run(_run(requests, concurrency, send, bar.update))
+    bar.close()
+    return summarize(timings, duration)
+
+
+def table(result: dict) -> str:
+    lines = [f"{'completed':<26}{result['completed']} (failed {result['failed']})",
+             f"{'duration':<26}{result['duration_s']:.2f} s",
+             f"{'request throughput':<26}{result['request_throughput']:.2f} req/s",
+             f"{'output token throughput':<26}{result['output_throughput']:.1f} tok/s",
+             f"{'total token throughput':<26}{result['total_token_throughput']:.1f} tok/s",
+             f"{'prompt / completion':<26}{result['prompt_tokens']} / {result['completion_tokens']} tokens",
+             f"{'':<26}{'mean':>10}{'p50':>10}{'p90':>10}{'p99':>10}"]
+    for key, label in (("ttft_ms", "TTFT (ms)"), ("tpot_ms", "TPOT (ms)"), ("itl_ms", "ITL (ms)")):
+        row = result[key]
+        lines.append(f"{label:<26}" + "".join(f"{'-' if row[k] is None else row[k]:>10}" for k in ("mean", "p50", "p90", "p99")))
+    return "\n".join(lines)
