@@ -130,12 +130,14 @@ class GraphDecoder:
                 return None
         return self.graphs[bucket]
 
-    def _run(self, seqs) -> torch.Tensor:
-        """Fill the inputs and run the step; logits [B, V] float32 (the graph's output buffer when replayed).
-        Each sequence computes its last token."""
+    def _run(self, seqs, ids: torch.Tensor | None) -> torch.Tensor:
+        """Fill the inputs and start the step; logits [B, V] float32 (the graph's output buffer when replayed).
+        ids None: each sequence computes its last token. ids [B] on the device: the step's input tokens (rows in
+        seqs' order), the token each sequence is about to accept on the host (so its length counts one more)."""
         b = len(seqs)
         bucket = bucket_for(b, self.buckets)
-        rows = pack_decode_rows([(s.tokens[-1], s.length, s.blocks) for s in seqs], bucket,
+        ahead = 0 if ids is None else 1
+        rows = pack_decode_rows([(0 if ahead else s.tokens[-1], s.length + ahead, s.blocks) for s in seqs], bucket,
                                 self.width, self.block_size, self.scratch_block)  # [bucket, 4 + W]
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the staging buffer
@@ -143,6 +145,8 @@ class GraphDecoder:
         self.inputs[:bucket].copy_(self.staging[:bucket], non_blocking=True)
         if self.copied is not None:
             self.copied.record()
+        if ids is not None:
+            self.inputs[:b, ID].copy_(ids)  # stream-ordered after the copy above
         captured = self._graph(bucket)
         if captured is None:
             return self._forward(bucket)[:b]
@@ -151,5 +155,33 @@ class GraphDecoder:
         return logits[:b]
 
     def step(self, seqs) -> torch.Tensor:
-        """One decode step for the engine's running sequences; logits [B, V] float32 (a new tensor)."""
-        return self._run(seqs).clone()
+        """One decode step: each sequence computes its last token; logits [B, V] float32 (a new tensor)."""
+        return self._run(seqs, None).clone()
+
+    def launch_greedy(self, seqs, ids: torch.Tensor | None = None) -> "GreedyStep":
+        """Start a greedy decode step and return without waiting for it (see Engine._pipelined_step); ids as
+        in _run."""
+        return GreedyStep(self._run(seqs, ids).argmax(-1))
+
+
+class GreedyStep:
+    """A launched greedy step: its tokens on the device (the next step's input) and, once the copy lands, on
+    the host."""
+
+    def __init__(self, ids: torch.Tensor):
+        self.ids = ids  # [B] int64 on the device
+        self._host = ids.to("cpu", non_blocking=True)  # pinned when ids are on CUDA
+        self._copied = None
+        if ids.is_cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def subset(self, rows: list[int]) -> "GreedyStep":
+        """The same step for some of its rows (sequences that left drop out)."""
+        return GreedyStep(self.ids[torch.tensor(rows, device=self.ids.device)])
+
+    def tokens(self) -> list[int]:
+        """Waits for this step only (not for steps launched after it)."""
+        if self._copied is not None:
+            self._copied.synchronize()
+        return self._host.tolist()

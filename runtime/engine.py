@@ -35,7 +35,7 @@ from lmc.runtime.device import compute_dtype, pick_device, set_cpu_threads
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
-from lmc.runtime.scheduler import Batch, Scheduler, Sequence
+from lmc.runtime.scheduler import RUNNING, Batch, Scheduler, Sequence
 from lmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
 
 
@@ -188,6 +188,7 @@ class Engine:
 
             self.decoder = GraphDecoder(self)
         self._requests: dict[str, _Request] = {}
+        self._ahead: tuple[Batch, object] | None = None  # (its sequences, the GreedyStep) of a step run ahead
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", _Request) | ("abort", request_id)
         self._lock = threading.RLock()  # held by whoever steps or drains the inbox
         self._wake = threading.Event()
@@ -241,6 +242,11 @@ class Engine:
     def step(self) -> None:
         """One scheduler iteration: admit, compute one forward, sample, stream the outputs."""
         with self._lock:
+            if self._ahead is not None:  # a greedy decode step launched ahead by the previous call
+                batch, launched = self._ahead
+                self._ahead = None
+                self._pipelined_step(batch, launched)
+                return
             self._drain()
             batch = self.scheduler.schedule()
             for seq in self.scheduler.overflowed:  # the KV cache cannot hold it even alone
@@ -250,12 +256,65 @@ class Engine:
             self.scheduler.overflowed.clear()
             if batch is None:
                 return
+            if self._pipelines(batch):
+                with torch.inference_mode():
+                    launched = self.decoder.launch_greedy(batch.seqs)
+                self._pipelined_step(batch, launched)
+                return
             sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
             with torch.inference_mode():
                 logits = self._forward(batch)  # [S, V] for the sequences that sample
                 self.scheduler.computed(batch)
                 if sampling:
                     self._accept(sampling, logits)
+
+    # ------------------------------------------------------------------ pipelined greedy decode
+    def _pipelines(self, batch: Batch) -> bool:
+        """Greedy decode without penalties, bans or per-token outputs can run ahead of the host: the next token
+        is the argmax, taken on the device and fed to the next step there."""
+        if self.decoder is None or not batch.is_decode:
+            return False
+        for seq in batch.seqs:
+            r = self._requests[seq.request_id]
+            g = r.gen
+            if not g.greedy or g.repetition_penalty != 1.0 or r.banned or len(seq.output) < r.min_new_tokens \
+                    or g.logprobs is not None or g.output_logits:
+                return False
+        return True
+
+    def _launch_ahead(self, seqs: list[Sequence], launched) -> object | None:
+        """Launch the step after `launched` (its device tokens as inputs) when nothing else wants the GPU next:
+        no request arriving or admissible, no sequence at its length limit, a KV slot for every next token."""
+        if not self._inbox.empty() or (self.scheduler.waiting and len(self.scheduler.running) < self.config.max_batch_size):
+            return None  # a request could be admitted next step
+        if any(seq.length + 1 >= self._requests[seq.request_id].max_length for seq in seqs):
+            return None
+        need = sum(max(0, self.blocks.blocks_for(seq.length + 1) - len(seq.blocks)) for seq in seqs)
+        if need > self.blocks.num_free:
+            return None
+        for seq in seqs:
+            seq.blocks += self.blocks.allocate(max(0, self.blocks.blocks_for(seq.length + 1) - len(seq.blocks)))
+        return self.decoder.launch_greedy(seqs, launched.ids)
+
+    def _pipelined_step(self, batch: Batch, launched) -> None:
+        """Accept a launched greedy step's tokens, having first launched the step after it where possible, so
+        detokenizing, stop checks and streaming overlap the GPU. A sequence that finishes (or is aborted) drops
+        out; the step launched ahead is then accepted only for the others (its inputs were theirs)."""
+        alive = [i for i, seq in enumerate(batch.seqs) if seq.status == RUNNING]
+        seqs = [batch.seqs[i] for i in alive]
+        if not seqs:
+            return
+        if len(alive) < len(batch.seqs):
+            launched = launched.subset(alive)
+        with torch.inference_mode():
+            ahead = self._launch_ahead(seqs, launched)
+            tokens = launched.tokens()
+            decoded = Batch(seqs, [1] * len(seqs))
+            self.scheduler.computed(decoded)
+            for seq, token in zip(seqs, tokens):
+                self._accept_token(self._requests[seq.request_id], token, None, None)
+        if ahead is not None:
+            self._ahead = (decoded, ahead)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or not self._inbox.empty()

@@ -154,6 +154,65 @@ def test_padded_step_matches_eager_decode_on_cpu(checkpoint, tmp_path):
     assert all(t.shape == (STEPS, 416) for t in padded[1])
 
 
+def _pipelined_case(engine_factory):
+    """Greedy generation that exercises the pipelined decode: 6 prompts over a batch of 4 (admission after a
+    finish), different max_new_tokens (finishes on different steps), a stop word that cuts one sequence, and
+    one sampled sequence (which turns pipelining off while it runs). Returns (pipelined, plain, ahead calls)."""
+    from lmc.runtime.sampling import GenerationConfig
+
+    prompts = PROMPTS + [[9, 9, 9], list(range(100, 117)), [1]]
+    gens = [GenerationConfig(max_new_tokens=n, ignore_eos=True) for n in (7, 12, 3, 9, 15, 6)]
+    plain = engine_factory(False)
+    first = plain.generate(prompts, gens)
+    stop = first[1].text[len(first[1].text) // 2:][:3]  # cuts prompt 1's text half way (or earlier)
+    assert stop
+    gens[1] = GenerationConfig(max_new_tokens=12, ignore_eos=True, stop_words=[stop])
+    gens[4] = GenerationConfig(max_new_tokens=15, do_sample=True, temperature=0.7, top_k=5, random_seed=3, ignore_eos=True)
+    expected = plain.generate(prompts, gens)
+    pipelined = engine_factory(True)
+    calls = []
+    real = pipelined.decoder.launch_greedy
+    pipelined.decoder.launch_greedy = lambda seqs, ids=None: (calls.append((len(seqs), ids is not None)), real(seqs, ids))[1]
+    got = pipelined.generate(prompts, gens)
+    assert _all_free(pipelined) and _all_free(plain)
+    return got, expected, calls
+
+
+def _all_free(engine) -> bool:
+    return engine.blocks.num_free == engine.blocks.num_blocks and not engine.has_unfinished_requests()
+
+
+def test_pipelined_greedy_decode_gives_the_plain_decodes_results(checkpoint, tmp_path):
+    """CPU, GraphDecoder's padded step run eagerly: launching step n + 1 before step n's tokens are read gives
+    the same tokens, texts and finish reasons as one synchronous step at a time."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+
+    ws = _workspace(checkpoint, tmp_path)
+
+    def factory(pipelined: bool):
+        engine = _engine(ws, "cpu")
+        if pipelined:
+            engine.decoder = GraphDecoder(engine)
+        return engine
+
+    got, expected, calls = _pipelined_case(factory)
+    assert (4, True) in calls  # steps were launched ahead, with a full batch
+    assert [(r.token_ids, r.text, r.finish_reason) for r in got] == \
+        [(r.token_ids, r.text, r.finish_reason) for r in expected]
+    assert expected[1].finish_reason == "stop" and len(expected[1].token_ids) < 12
+    assert [len(r.token_ids) for r in expected if r.index != 1] == [7, 3, 9, 15, 6]
+
+
+@gpu
+@needs_cuda
+def test_pipelined_greedy_decode_on_gpu(checkpoint, tmp_path):
+    """CUDA graphs: the pipelined decode gives the eager engine's tokens."""
+    ws = _workspace(checkpoint, tmp_path)
+    got, expected, calls = _pipelined_case(lambda pipelined: _engine(ws, "cuda", cuda_graph=pipelined))
+    assert any(ahead for _, ahead in calls)
+    assert [(r.token_ids, r.finish_reason) for r in got] == [(r.token_ids, r.finish_reason) for r in expected]
+
+
 @gpu
 @needs_cuda
 @pytest.mark.parametrize("batch", [3, 4])
