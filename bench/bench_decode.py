@@ -19,7 +19,7 @@ CUDA graphs, lmc eager, and (fp16 models) transformers' `generate`:
 greedy tokens on the GPU as on the CPU torch path. Writes JSON and prints a table last.
 
 Per-step decode time is (last token's time - first token's time) / 255, the engine's own host
-loop (sampling, detokenization) included; "step only" times Engine._decode alone.
+loop (sampling, detokenization) included; "step only" times engine.step() calls that are all decode steps.
 """
 from __future__ import annotations
 
@@ -45,9 +45,8 @@ from lmc.format.int4 import to_lmc_tensors
 from lmc.compiler.readers import Source
 from lmc.kernels.pdl import pdl_enabled
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.engine import Engine, _Sequence
+from lmc.runtime.engine import Engine
 from lmc.runtime.sampling import GenerationConfig
-from lmc.runtime.tokenizer import IncrementalDetokenizer
 from lmc.format.workspace import TensorSpec, Workspace, atomic_output, write_workspace
 
 GROUP = 128
@@ -254,45 +253,44 @@ def prompts_for(batch: int, length: int, vocab: int, seed: int = 0) -> list[list
 
 def timed_generate(engine: Engine, prompts: list[list[int]], new_tokens: int, dev: str) -> dict:
     stamps: list[float] = []
-    gen = GenerationConfig(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
+    gen = GenerationConfig(max_new_tokens=new_tokens, ignore_eos=True)
+    outputs: list[list[int]] = [[] for _ in prompts]
     sync(dev)
     t0 = time.perf_counter()
-    out = engine.generate(prompts, gen, on_delta=lambda i, d, t, f: stamps.append(time.perf_counter()))
-    assert all(r.generate_token_len == new_tokens for r in out)
-    first = stamps[len(prompts) - 1]  # the prefill step reports every sequence's first token
+    for i, out in engine.stream(prompts, [gen] * len(prompts)):
+        stamps.append(time.perf_counter())
+        outputs[i] += out.token_ids
+    assert all(len(o) == new_tokens for o in outputs)
+    first = stamps[len(prompts) - 1]  # the prefill step gives every sequence its first token
     decode_s = stamps[-1] - first
     steps = new_tokens - 1
     return {"ttft_ms": (first - t0) * 1e3, "step_ms": decode_s / steps * 1e3, "tok_s": len(prompts) * steps / decode_s,
-            "total_s": time.perf_counter() - t0, "tokens": [r.token_ids for r in out]}
+            "total_s": time.perf_counter() - t0, "tokens": outputs}
 
 
-def decode_ready(engine: Engine, batch: int, kv_len: int, vocab: int) -> list[_Sequence]:
-    """`batch` random prompts of kv_len - 1 tokens, prefilled, each with its first token: ready for
-    Engine._decode at kv len kv_len (release their blocks after)."""
-    gen = GenerationConfig(max_new_tokens=2, temperature=0, ignore_eos=True)
-    seqs = []
-    for i, p in enumerate(prompts_for(batch, kv_len - 1, vocab, seed=7)):
-        s = _Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None)
-        assert engine._reserve(s)
-        seqs.append(s)
-    for s, row in zip(seqs, engine._prefill(seqs)):
-        s.output.append(int(row.argmax()))
-    return seqs
+def decode_ready(engine: Engine, batch: int, kv_len: int, vocab: int, steps: int) -> list:
+    """`batch` random prompts of kv_len - 1 tokens, added and prefilled (one engine step): every further
+    step() is a decode step at kv len about kv_len, for `steps` steps. Abort the handles after."""
+    gen = GenerationConfig(max_new_tokens=steps + 8, ignore_eos=True)
+    handles = [engine.add_request(p, gen) for p in prompts_for(batch, kv_len - 1, vocab, seed=7)]
+    engine.step()
+    assert engine.stats().running == batch
+    return handles
 
 
 def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: str, iters: int) -> float:
-    """ms per Engine._decode call (graph replay or eager forward, inputs and logits copy included)."""
-    seqs = decode_ready(engine, batch, kv_len, vocab)
+    """ms per engine decode step (graph replay or eager forward, sampling and streaming included)."""
+    handles = decode_ready(engine, batch, kv_len, vocab, iters + 3)
     for _ in range(3):
-        engine._decode(seqs)
+        engine.step()
     sync(dev)
     t0 = time.perf_counter()
     for _ in range(iters):
-        engine._decode(seqs)
+        engine.step()
     sync(dev)
     ms = (time.perf_counter() - t0) / iters * 1e3
-    for s in seqs:
-        engine.cache.release(s.blocks)
+    for h in handles:
+        h.abort()
     return ms
 
 
@@ -452,17 +450,15 @@ def e2e_int4(dev: str, work: Path) -> dict:
     # 15 prompt tokens in all: the batched prefill stays within the W4A16 kernels' M <= 16 configs, which
     # also take float32 activations (larger float32 tiles ran out of shared memory on the H100, run 1)
     prompts = [prompts_for(1, n, E2E["vocab_size"], seed=n)[0] for n in (5, 7, 3)]
-    gen = GenerationConfig(max_new_tokens=32, temperature=0, ignore_eos=True)
+    gen = GenerationConfig(max_new_tokens=32, ignore_eos=True)
 
     def run(device: str, dtype: str | None) -> dict:
         engine = Engine(str(ws), EngineConfig(device=device, dtype=dtype, session_len=256, max_batch_size=4,
                                               cache_block_seq_len=16))
         batched = [r.token_ids for r in engine.generate(prompts, gen)]
         single = [engine.generate([p], gen)[0].token_ids for p in prompts]
-        seqs = [_Sequence(i, p, gen, IncrementalDetokenizer(engine.tokenizer, p), None) for i, p in enumerate(prompts)]
-        for s in seqs:
-            assert engine._reserve(s)
-        logits = engine._prefill(seqs).float().cpu()  # [3, V]
+        first = GenerationConfig(max_new_tokens=1, output_logits="generation")
+        logits = torch.cat([r.logits for r in engine.generate(prompts, first)])  # [3, V] after each prompt
         graphs = sorted(engine.decoder.graphs) if engine.decoder is not None else []
         return {"batched": batched, "single": single, "prefill_logits": logits, "graph_buckets": graphs,
                 "compute_dtype": str(engine.dtype).removeprefix("torch.")}
@@ -564,7 +560,7 @@ def main() -> int:
                            "step_ms": "lmc: (last token time - first token time) / (new_tokens - 1) from the engine's "
                                       "stream callbacks, median of repeats; transformers: (t(generate new_tokens) - "
                                       "t(generate 1)) / (new_tokens - 1)",
-                           "step_only_ms": f"Engine._decode alone at kv len prompt + new/2, {args.step_iters} calls",
+                           "step_only_ms": f"engine.step() decode steps at kv len prompt + new/2, {args.step_iters} calls",
                            "roofline": "weight bytes per step (decoder linears incl. int4 scales/zeros, + lm_head) / "
                                        "copy bandwidth; KV-cache reads not counted"},
               "models": {}}

@@ -55,13 +55,15 @@ def main() -> int:
         engine.decoder = None
     vocab = engine.model.cfg.vocab_size
     step_ms = time_decode_step(engine, args.batch, args.kv_len, vocab, "cuda", args.steps)
-    seqs = decode_ready(engine, args.batch, args.kv_len, vocab)
+    handles = decode_ready(engine, args.batch, args.kv_len, vocab, args.steps + 3)
     for _ in range(3):
-        engine._decode(seqs)
+        engine.step()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(args.steps):
-            engine._decode(seqs)
+            engine.step()
         torch.cuda.synchronize()
+    for h in handles:
+        h.abort()
     families: dict[str, list] = defaultdict(lambda: [0.0, 0.0])  # family -> [µs per step, calls per step]
     for e in prof.events():
         if e.device_type == torch.autograd.DeviceType.CUDA:
