@@ -124,31 +124,32 @@ class Source:
                 return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.name in TOKENIZER_FILES}
         files = {name: (self.path / name).read_bytes() for name in TOKENIZER_FILES if (self.path / name).is_file()}
         if "tokenizer.json" not in files:
-            files.update(_tokenizer_json_via_transformers(self.path, files, self.hf_config.get("model_type")))
+            files.update(_tokenizer_json_via_transformers(self.path, files, self.hf_config))
         return files
 
 
-def _tokenizer_json_via_transformers(path: Path, files: dict[str, bytes], model_type) -> dict[str, bytes]:
+def _tokenizer_json_via_transformers(path: Path, files: dict[str, bytes], hf_config: dict) -> dict[str, bytes]:
     """Sources with only a sentencepiece model: let transformers build the fast tokenizer, from a
     folder holding copies of the tokenizer files alone (never the source's Python), remote code off."""
     import tempfile
 
     from transformers import AutoTokenizer
 
+    tok_cfg = {}
     if "tokenizer_config.json" in files:
         try:
             tok_cfg = json.loads(files["tokenizer_config.json"])
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise LmcError(f"{path / 'tokenizer_config.json'} is not valid JSON ({e})") from None
-        if isinstance(tok_cfg, dict) and "auto_map" in tok_cfg:
-            raise LmcError(f"{path} has no tokenizer.json and its tokenizer_config.json names custom tokenizer code "
-                           "(auto_map); lmc never runs a model folder's code: add a tokenizer.json (the tokenizers "
-                           "library's format) to the folder")
+    model_auto_map = hf_config.get("auto_map")
+    if (isinstance(tok_cfg, dict) and "auto_map" in tok_cfg) or (isinstance(model_auto_map, dict) and "AutoTokenizer" in model_auto_map):
+        raise LmcError(f"{path} has no tokenizer.json and its tokenizer needs custom code (auto_map); lmc never "
+                       "runs a model folder's code: add a tokenizer.json (the tokenizers library's format) to the folder")
     with tempfile.TemporaryDirectory() as d:
         for name, data in files.items():
             (Path(d) / name).write_bytes(data)
-        if isinstance(model_type, str):  # lets transformers pick the tokenizer class of the architecture
-            (Path(d) / "config.json").write_text(json.dumps({"model_type": model_type}))
+        if isinstance(hf_config.get("model_type"), str):  # lets transformers pick the architecture's tokenizer class
+            (Path(d) / "config.json").write_text(json.dumps({"model_type": hf_config["model_type"]}))
         try:
             tok = AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False, local_files_only=True)
         except Exception as e:  # transformers raises many types for a tokenizer it cannot build

@@ -255,12 +255,15 @@ def _release(lock: Path, token: str) -> None:
 
 
 def _sweep(out: Path) -> None:
-    """Remove temporary and replaced folders of `out` left by a process that died (SIGKILL, power loss)."""
-    for kind in ("tmp", "old"):
+    """Remove temporary and replaced folders of `out` left by a process that died (SIGKILL, power loss).
+    One that died between the two renames of a replace left `out` missing: its previous folder is put back."""
+    for kind in ("old", "tmp"):
         prefix = f".{out.name}.{kind}-"
         for entry in out.parent.glob(glob.escape(prefix) + "*"):
             owner = entry.name[len(prefix):].rpartition("-")[0]  # `pid-starttime`, then mkdtemp's suffix
             if entry.is_dir() and not entry.is_symlink() and owner and not _alive(owner):
+                if kind == "old" and (entry / "old").exists() and not os.path.lexists(out):
+                    os.replace(entry / "old", out)
                 shutil.rmtree(entry, ignore_errors=True)
 
 
