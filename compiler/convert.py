@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 import lmc
-from lmc.format.archs import Target, arch_spec, model_config_from_hf
+from lmc.format.archs import Target, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.readers import Source, open_source
-from lmc.errors import LmcError
+from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
-from lmc.format.workspace import FORMAT_VERSION, TensorSpec, atomic_output, sha256_file, write_workspace
+from lmc.format.int4 import LAYOUT
+from lmc.format.workspace import (DTYPES, FORMAT_VERSION, TensorSpec, Workspace, atomic_output, copy_workspace,
+                                  expected_index, index_key, index_problems, plain_shape, rank_name, sha256_file,
+                                  verify_workspace, write_workspace)
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 
@@ -26,19 +30,20 @@ def resolve_dtype(choice: str, hf_config: dict) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(str(name), torch.float16)
 
 
-def _rank_name(name: str, rank: int, tp: int, split: bool) -> str:
-    """TurboMind's naming: split tensors carry the rank before the last component."""
-    if tp == 1 or not split:
-        return name
-    base, leaf = name.rsplit(".", 1)
-    return f"{base}.{rank}.{leaf}"
+def warn(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 class Builder:
-    """Makes each workspace tensor from the source, for one rank at a time."""
+    """Makes each workspace tensor from the source, for one rank at a time.
 
-    def __init__(self, source: Source, cfg: ModelConfig, dtype: torch.dtype, tp: int):
+    Every float tensor it makes is checked for NaN/Inf as it streams: refused, or with
+    allow_nonfinite kept after a warning through `say`."""
+
+    def __init__(self, source: Source, cfg: ModelConfig, dtype: torch.dtype, tp: int,
+                 allow_nonfinite: bool = False, say=warn):
         self.source, self.cfg, self.dtype, self.tp = source, cfg, dtype, tp
+        self.allow_nonfinite, self.say = allow_nonfinite, say
         self.reader = source.reader
         self.quant = source.model_format == "awq"
         self.group_size = (source.hf_config.get("quantization_config") or {}).get("group_size")
@@ -70,6 +75,8 @@ class Builder:
         return names
 
     def check_names(self) -> None:
+        """The source's tensor table against the name table: nothing missing, nothing unused, then every
+        used tensor's shape and dtype against the config."""
         have = set(self.reader.names())
         used = self.used_source_names()
         missing = sorted(used - have)
@@ -81,6 +88,60 @@ class Builder:
         unused = sorted(have - used - ignorable)
         if unused:
             raise LmcError(f"source tensor {unused[0]} is not used by the {self.cfg.architecture} name table ({len(unused)} unused); the architecture or config does not match the weights")
+        for t in self.targets:
+            for name, shape in self._source_shapes(t).items():
+                got = tuple(self.reader.shape(name))
+                if got != shape:
+                    raise LmcError(f"source tensor {name} has shape {list(got)}, the config implies {list(shape)}; "
+                                   "the weights do not match config.json")
+                self._check_source_dtype(name)
+
+    def _source_shapes(self, t: Target) -> dict[str, tuple[int, ...]]:
+        """{source tensor: the shape config.json implies}; AWQ GEMM: qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]."""
+        if not t.linear:
+            return {t.sources[0]: plain_shape(self.cfg, t)}
+        rows, k = linear_parts(self.cfg, t.key)
+        if t.fuse == "internlm2_qkv":
+            rows = (sum(rows),)
+        g, out = self.group_size, {}
+        for source, n in zip(t.sources, rows):
+            if self.quant:
+                out.update({source + ".qweight": (k, n // 8), source + ".qzeros": (k // g, n // 8), source + ".scales": (k // g, n)})
+            else:
+                out[source + ".weight"] = (n, k)
+            if self.cfg.qkv_bias and t.key == "w_qkv":
+                out[source + ".bias"] = (n,)
+        return out
+
+    def _check_source_dtype(self, name: str) -> None:
+        dtype = self.reader.dtype(name)
+        packed = self.quant and name.endswith((".qweight", ".qzeros"))
+        if (packed and dtype != torch.int32) or (not packed and not dtype.is_floating_point):
+            raise LmcError(f"source tensor {name} is {str(dtype).removeprefix('torch.')}, expected "
+                           f"{'int32 (AWQ-packed)' if packed else 'a float dtype'}; the checkpoint is not a float or AWQ checkpoint")
+
+    def check_vocabulary(self) -> None:
+        """Every token id of the tokenizer must have an embedding row (more rows than tokens is normal)."""
+        from tokenizers import Tokenizer
+
+        data = self.source.tokenizer_files().get("tokenizer.json")
+        if data is None:
+            raise LmcError(f"{self.source.path} has no tokenizer.json; add the model's tokenizer files")
+        try:
+            vocab = Tokenizer.from_str(data.decode()).get_vocab(with_added_tokens=True)
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise LmcError(f"{self.source.path}'s tokenizer.json is not readable by the tokenizers library ({e})") from None
+        top = max(vocab.values(), default=-1)
+        rows = self.cfg.vocab_size
+        if top >= rows:
+            raise LmcError(f"the tokenizer has token id {top} but tok_embeddings.weight has {rows} rows "
+                           f"[{rows}, {self.cfg.hidden_size}]; the tokenizer does not belong to this model")
+
+    def check_finite_globals(self) -> None:
+        """Build (and so check) the embeddings, final norm and lm_head before anything uses them."""
+        for t in self.targets:
+            if t.key is None:
+                self.build(t, 0)
 
     # --- fusions and splits ---------------------------------------------------------
     def _parts(self, t: Target, leaf: str) -> list[torch.Tensor]:
@@ -107,6 +168,17 @@ class Builder:
         return torch.cat(parts, dim=dim_n) if len(parts) > 1 else parts[0]
 
     def build(self, t: Target, rank: int) -> dict[str, torch.Tensor]:
+        built = self._build(t, rank)
+        for name, tensor in built.items():
+            if tensor.is_floating_point() and not tensor.is_meta and not torch.isfinite(tensor).all():
+                message = (f"tensor {name} (from {', '.join(t.sources)}) has NaN or Inf values as "
+                           f"{str(tensor.dtype).removeprefix('torch.')}")
+                if not self.allow_nonfinite:
+                    raise LmcError(f"{message}; the checkpoint is damaged (--allow-nonfinite keeps it anyway)")
+                self.say(f"WARNING: {message}; kept because of --allow-nonfinite: the model's output may be garbage")
+        return built
+
+    def _build(self, t: Target, rank: int) -> dict[str, torch.Tensor]:
         if not t.linear:
             return {t.name: self.reader.get(t.sources[0]).to(self.dtype)}
         out = {}
@@ -124,7 +196,7 @@ class Builder:
             out[f"{t.name}.weight"] = self._fuse(self._parts(t, ".weight"), t.split, rank, 0).to(self.dtype)
         if self.cfg.qkv_bias and t.name.endswith("w_qkv"):
             out[f"{t.name}.bias"] = self._fuse(self._parts(t, ".bias"), t.split, rank, 0).to(self.dtype)
-        return {_rank_name(k, rank, self.tp, t.split is not None): v for k, v in out.items()}
+        return {rank_name(k, rank, self.tp, t.split is not None): v for k, v in out.items()}
 
     def _awq_sources(self, t: Target) -> list[int]:
         return list(range(3 if t.fuse == "internlm2_qkv" else len(t.sources)))
@@ -168,17 +240,37 @@ def plan(builder: Builder) -> tuple[list[list[TensorSpec]], dict[tuple[int, str]
     return rank_specs, owner
 
 
+QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source_files")  # kept from lmc_provenance.json
+
+
 def provenance(source: Source, command: str, extra: dict | None = None) -> dict:
     files = {}
     for f in source.reader.source_files():
         rel = f.relative_to(source.path).as_posix() if source.path.is_dir() else f.name
         files[rel] = {"size": f.stat().st_size, "sha256": sha256_file(f)}
-    if source.path.is_dir() and (source.path / "config.json").is_file():
-        files["config.json"] = {"size": (source.path / "config.json").stat().st_size, "sha256": sha256_file(source.path / "config.json")}
-    prov = {"lmc_version": lmc.__version__, "command": command, "source_format": source.model_format,
-            "source_files": dict(sorted(files.items()))}
+    prov = {"lmc_version": lmc.__version__, "command": command, "source_format": source.model_format}
+    for name in ("config.json", "lmc_provenance.json") if source.path.is_dir() else ():
+        if (source.path / name).is_file():
+            files[name] = {"size": (source.path / name).stat().st_size, "sha256": sha256_file(source.path / name)}
+    record = _quantized_by(source.path / "lmc_provenance.json") if source.path.is_dir() else None
+    if record is not None:
+        prov["quantized_by"] = record
+    prov["source_files"] = dict(sorted(files.items()))
     prov.update(extra or {})
     return prov
+
+
+def _quantized_by(path: Path) -> dict | None:
+    """The quantization and calibration records `lmc quantize` left in its AWQ output, if any."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LmcError(f"{path} is not valid JSON ({e}); remove it or re-run `lmc quantize`") from None
+    if not isinstance(record, dict):
+        raise LmcError(f"{path} is not a JSON object; remove it or re-run `lmc quantize`")
+    return {key: record[key] for key in QUANTIZED_BY if key in record}
 
 
 def source_key(src: str | Path) -> str:
@@ -196,21 +288,32 @@ def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict |
             "engine": {"session_len": cfg.max_position_embeddings, "cache_block_seq_len": 64}}
 
 
-def convert(src: str | Path, out: str | Path, model_format: str | None = None, dtype: str = "auto", tp: int = 1,
-            force: bool = False, progress: bool | None = None) -> dict:
-    """Convert a checkpoint into a workspace at `out`. Returns the manifest."""
+def convert(src: str | Path, out: str | Path, model_format: str | None = None, dtype: str = "auto",
+            tp: int | None = None, force: bool = False, progress: bool | None = None,
+            allow_nonfinite: bool = False, say=warn) -> dict:
+    """Convert a checkpoint into a workspace at `out` (tp None: 1, or a workspace source's own).
+    Returns the manifest."""
+    if (Path(src) / "lmc.json").is_file():
+        return copy_verified_workspace(Path(src), Path(out), model_format, dtype, tp, force, say)
+    tp = 1 if tp is None else tp
     source = open_source(src, model_format)
     cfg = model_config_from_hf(source.hf_config)
     torch_dtype = resolve_dtype(dtype, source.hf_config)
-    builder = Builder(source, cfg, torch_dtype, tp)
+    builder = Builder(source, cfg, torch_dtype, tp, allow_nonfinite, say)
     builder.check_names()
+    builder.check_vocabulary()
     rank_specs, owner = plan(builder)
     quantization = None
     if source.model_format == "awq":
-        qc = source.hf_config["quantization_config"]
-        quantization = {"method": "awq", "bits": qc.get("bits", 4), "group_size": qc["group_size"],
-                        "layout": "lmc-int4-k8", "zero_point": qc.get("zero_point", True)}
-    command = f"lmc convert <src> -o <workspace> --model-format {source.model_format} --dtype {dtype} --tp {tp}"
+        quantization = {"method": "awq", "bits": 4, "group_size": builder.group_size, "layout": LAYOUT, "zero_point": True}
+    ws_dtype = str(torch_dtype).removeprefix("torch.")
+    built = {index_key(spec.name, rank, tp): (DTYPES[spec.dtype], spec.shape)
+             for rank, specs in enumerate(rank_specs) for spec in specs}
+    problems = index_problems(expected_index(cfg, ws_dtype, quantization, tp), built, cfg.architecture)
+    if problems:
+        raise LmcError(f"the converted model does not fit its config: {problems[0]}")
+    command = (f"lmc convert <src> -o <workspace> --model-format {source.model_format} --dtype {dtype} --tp {tp}"
+               + (" --allow-nonfinite" if allow_nonfinite else ""))
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(sum(len(s) for s in rank_specs), show)
     cache: dict = {}
@@ -223,11 +326,29 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
         bar.update(1)
         return cache["tensors"][name]
 
-    with atomic_output(Path(out), force) as tmp:
+    inputs = [source.path] + list(source.reader.source_files())
+    with atomic_output(Path(out), force, inputs) as tmp:
         manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization), rank_specs, produce,
                                    source.tokenizer_files(), provenance(source, command))
     bar.close()
     return manifest
+
+
+def copy_verified_workspace(src: Path, out: Path, model_format: str | None, dtype: str, tp: int | None,
+                            force: bool, say) -> dict:
+    """`lmc convert` of a workspace: verify it and copy its files unchanged (same dtype and tp only)."""
+    if model_format is not None:
+        raise LmcError(f"{src} is an lmc workspace, not a {model_format} checkpoint; drop --model-format")
+    ws = Workspace(src)
+    if dtype not in ("auto", ws.meta["dtype"]) or tp not in (None, ws.tp):
+        raise LmcError(f"{src} is already a workspace ({ws.meta['dtype']}, tp {ws.tp}); re-splitting or re-casting "
+                       "a workspace is not supported: convert from the original checkpoint")
+    problems = verify_workspace(src)
+    if problems:
+        raise WorkspaceError(f"{src} is a workspace that fails `lmc verify`: {problems[0]}")
+    say(f"{src} is already an lmc workspace: copying it unchanged")
+    with atomic_output(out, force, [src]) as tmp:
+        return copy_workspace(src, tmp)
 
 
 def _progress(total: int, show: bool):

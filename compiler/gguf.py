@@ -244,14 +244,20 @@ class GGUFReader:
 
     def save_tokenizer(self, out_dir: Path) -> None:
         """tokenizer.json, tokenizer_config.json (with the chat template), chat_template.jinja and
-        generation_config.json, built by transformers' GGUF tokenizer converter (offline)."""
+        generation_config.json, built by transformers' GGUF tokenizer converter (offline) from the file
+        alone: it is linked into an empty folder, so no tokenizer file or code beside it is read."""
+        import tempfile
+
         from transformers import AutoTokenizer
 
         out_dir = Path(out_dir)
-        try:
-            tok = AutoTokenizer.from_pretrained(str(self.path.parent), gguf_file=self.path.name, local_files_only=True)
-        except Exception as e:  # transformers raises many types for a tokenizer it cannot build
-            raise LmcError(f"{self.path}: transformers could not build a tokenizer from this GGUF file ({e})") from None
+        with tempfile.TemporaryDirectory() as d:
+            (Path(d) / "model.gguf").symlink_to(self.path.resolve())
+            try:
+                tok = AutoTokenizer.from_pretrained(d, gguf_file="model.gguf", local_files_only=True,
+                                                    trust_remote_code=False)
+            except Exception as e:  # transformers raises many types for a tokenizer it cannot build
+                raise LmcError(f"{self.path}: transformers could not build a tokenizer from this GGUF file ({e})") from None
         out_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out_dir))
         cfg_path = out_dir / "tokenizer_config.json"

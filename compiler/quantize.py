@@ -30,7 +30,7 @@ from lmc.runtime.device import compute_dtype, pick_device
 from lmc.runtime.model import (DenseCausal, attention_block, attention_core, linear,
                                mlp_block, mlp_hidden)
 from lmc.runtime.rope import Rope
-from lmc.format.workspace import TensorSpec, atomic_output, dump_json, write_safetensors, write_workspace
+from lmc.format.workspace import TensorSpec, atomic_output, check_output, dump_json, write_safetensors, write_workspace
 
 
 
@@ -48,6 +48,7 @@ class QuantizeOptions:
     seed: int = 0
     workspace: bool = False
     dtype: str = "auto"
+    allow_nonfinite: bool = False  # keep NaN/Inf source weights (with a warning) instead of refusing
 
     @property
     def method(self) -> str:
@@ -268,10 +269,11 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
     out = Path(out)
-    if out.exists() and not force:
-        raise LmcError(f"{out} already exists; pass --force to replace it")
-    builder = Builder(source, cfg, store_dtype, 1)
+    inputs = [source.path, *source.reader.source_files()]
+    check_output(out, inputs, force)
+    builder = Builder(source, cfg, store_dtype, 1, opts.allow_nonfinite, say)
     builder.check_names()
+    builder.check_finite_globals()
     windows, calib_info = (None, None) if opts.calib_samples == 0 else calibration_windows(source, opts)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -288,7 +290,7 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
         say(f"note: the AWQ GEMM layout cannot hold this model ({fmt}); writing an lmc workspace instead")
         fmt = "workspace"
     quant = {"method": opts.method, "bits": 4, "group_size": opts.w_group_size, "layout": LAYOUT, "zero_point": True}
-    with atomic_output(out, force) as tmp:
+    with atomic_output(out, force, inputs) as tmp:
         if fmt == "workspace":
             _write_workspace(tmp, builder, cfg, layers, store_dtype, quant, source, prov)
         else:

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 
 from lmc.errors import LmcError
+from lmc.format.int4 import GROUP_SIZES
+from lmc.format.workspace import confined
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
               "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
@@ -122,31 +124,63 @@ class Source:
                 return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.name in TOKENIZER_FILES}
         files = {name: (self.path / name).read_bytes() for name in TOKENIZER_FILES if (self.path / name).is_file()}
         if "tokenizer.json" not in files:
-            files.update(_tokenizer_json_via_transformers(self.path))
+            files.update(_tokenizer_json_via_transformers(self.path, files, self.hf_config))
         return files
 
 
-def _tokenizer_json_via_transformers(path: Path) -> dict[str, bytes]:
-    """Sources with only a sentencepiece model: let transformers build the fast tokenizer."""
+def _tokenizer_json_via_transformers(path: Path, files: dict[str, bytes], hf_config: dict) -> dict[str, bytes]:
+    """Sources with only a sentencepiece model: let transformers build the fast tokenizer, from a
+    folder holding copies of the tokenizer files alone (never the source's Python), remote code off."""
     import tempfile
 
     from transformers import AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(path, use_fast=True)
-    except Exception as e:
-        raise LmcError(f"{path} has no tokenizer.json and transformers could not build one ({e})") from None
+    tok_cfg = {}
+    if "tokenizer_config.json" in files:
+        try:
+            tok_cfg = json.loads(files["tokenizer_config.json"])
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise LmcError(f"{path / 'tokenizer_config.json'} is not valid JSON ({e})") from None
+    model_auto_map = hf_config.get("auto_map")
+    if (isinstance(tok_cfg, dict) and "auto_map" in tok_cfg) or (isinstance(model_auto_map, dict) and "AutoTokenizer" in model_auto_map):
+        raise LmcError(f"{path} has no tokenizer.json and its tokenizer needs custom code (auto_map); lmc never "
+                       "runs a model folder's code: add a tokenizer.json (the tokenizers library's format) to the folder")
+    with tempfile.TemporaryDirectory() as d:
+        for name, data in files.items():
+            (Path(d) / name).write_bytes(data)
+        if isinstance(hf_config.get("model_type"), str):  # lets transformers pick the architecture's tokenizer class
+            (Path(d) / "config.json").write_text(json.dumps({"model_type": hf_config["model_type"]}))
+        try:
+            tok = AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False, local_files_only=True)
+        except Exception as e:  # transformers raises many types for a tokenizer it cannot build
+            raise LmcError(f"{path} has no tokenizer.json and transformers could not build one ({e})") from None
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")}
+
+
+def _shards(index: Path) -> list[Path]:
+    """The shard files a *.index.json names; each must be a plain file name path inside its folder."""
+    try:
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
+        weight_map = None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise LmcError(f"{index} is malformed (it needs a weight_map of tensor name -> shard file); re-download it")
+    shards = []
+    for rel in sorted(set(weight_map.values())):
+        shard = confined(index.parent, rel, resolve=False)
+        if shard is None:
+            raise LmcError(f"{index} names shard {rel!r}, outside the model folder; lmc reads shards inside the folder only")
+        shards.append(shard)
+    return shards
 
 
 def _weight_files(folder: Path) -> tuple[str, list[Path]]:
     for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return kind, [folder / f for f in sorted(set(weight_map.values()))]
+            return kind, _shards(index)
     st = sorted(folder.glob("*.safetensors"))
     if st:
         return "st", st
@@ -174,13 +208,43 @@ def open_source(src: str | Path, model_format: str | None = None) -> Source:
     if not cfg_path.is_file():
         raise LmcError(f"{path} has no config.json; pass a Hugging Face model folder")
     try:
-        hf_config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        hf_config = json.loads(cfg_path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise LmcError(f"{cfg_path} is not valid JSON ({e})") from None
-    kind, files = _weight_files(path)
-    reader = SafetensorsReader(files) if kind == "st" else TorchBinReader(files)
-    quant = hf_config.get("quantization_config") or {}
-    detected = "awq" if quant.get("quant_method") == "awq" else "hf"
+    if not isinstance(hf_config, dict):
+        raise LmcError(f"{cfg_path} is not a JSON object")
+    detected = "awq" if quantization_method(hf_config, cfg_path) == "awq" else "hf"
     if model_format == "awq" and detected != "awq":
         raise LmcError(f"{path} has no AWQ quantization_config; drop --model-format awq")
+    kind, files = _weight_files(path)
+    reader = SafetensorsReader(files) if kind == "st" else TorchBinReader(files)
     return Source(reader, hf_config, path, detected)
+
+
+def quantization_method(hf_config: dict, cfg_path: Path) -> str | None:
+    """None for a float checkpoint, "awq" for an AWQ GEMM one lmc reads; any other quantized format is refused."""
+    quant = hf_config.get("quantization_config")
+    if hf_config.get("compression_config") is not None:
+        quant = {"quant_method": "compressed-tensors"}
+    if quant is None or quant == {}:
+        return None
+    if not isinstance(quant, dict):
+        raise LmcError(f"{cfg_path}'s quantization_config is {quant!r}, not an object")
+    method = quant.get("quant_method")
+    if not isinstance(method, str) or method.lower() != "awq":
+        what = f"{method}" if method is not None else "quantized (quantization_config without quant_method)"
+        raise LmcError(f"{what} checkpoints are not read yet; convert the float model or an AWQ checkpoint")
+    check_awq_config(quant, cfg_path)
+    return "awq"
+
+
+def check_awq_config(quant: dict, cfg_path: Path) -> None:
+    """AWQ int4 GEMM with zero points in groups lmc's kernels take; absent keys take AutoAWQ's defaults."""
+    fields = (("bits", quant.get("bits", 4), lambda v: type(v) is int and v == 4),
+              ("version", quant.get("version", "gemm"), lambda v: isinstance(v, str) and v.lower() == "gemm"),
+              ("zero_point", quant.get("zero_point", True), lambda v: v is True),
+              ("group_size", quant.get("group_size"), lambda v: type(v) is int and v in GROUP_SIZES))
+    for key, value, ok in fields:
+        if not ok(value):
+            raise LmcError(f"{cfg_path}'s AWQ quantization_config has {key}={value!r}; lmc reads AWQ int4 GEMM with "
+                           f"zero point (bits 4, version gemm, zero_point true, group_size {'/'.join(map(str, GROUP_SIZES))})")

@@ -4,22 +4,28 @@ docs/workspace-format.md is the normative description of what this module writes
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import mmap
 import os
 import shutil
+import signal
 import struct
 import tempfile
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 import torch
 
-from lmc.errors import WorkspaceError
+from lmc.errors import LmcError, WorkspaceError
+from lmc.format.archs import Target, arch_spec, linear_parts
 from lmc.format.config import ModelConfig
+from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
 
 FORMAT_VERSION = 1
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
@@ -35,6 +41,8 @@ DTYPES = {  # torch dtype <-> safetensors dtype string
     torch.int8: "I8",
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # lmc.json's dtype
+QUANT_METHODS = ("awq", "smooth", "rtn")  # awq: scale + clip search; smooth: fixed 0.5 smoothing; rtn: round-to-nearest
 
 
 @dataclass(frozen=True)
@@ -134,28 +142,187 @@ def shard_name(rank: int | None, index: int, count: int) -> str:
     return f"weights/{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-@contextmanager
-def atomic_output(out: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; rename it into place only when the body succeeds."""
-    out = Path(out)
-    if out.exists() and not force:
+# ----------------------------------------------------------------------------- paths and the output claim
+
+
+def confined(root: Path, rel, resolve: bool = True) -> Path | None:
+    """`root / rel` when `rel` is a canonical relative POSIX path that stays inside `root`, else None.
+
+    With `resolve`, symlinks are followed too (a workspace: a link pointing outside is refused).
+    A source folder passes resolve=False: Hugging Face's cache links every file to ../../blobs."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
+        return None
+    pure = PurePosixPath(rel)
+    if pure.is_absolute() or pure.as_posix() != rel or any(part in (".", "..") for part in pure.parts):
+        return None
+    path = Path(root) / rel
+    if resolve:
+        base, real = Path(root).resolve(), path.resolve()
+        if base not in real.parents:
+            return None
+    return path
+
+
+def check_output(out: Path, inputs=(), force: bool = False) -> None:
+    """Refuse an output that is or contains one of the inputs (symlinks resolved), or that exists without force."""
+    real = Path(out).resolve()
+    for src in inputs:
+        src_real = Path(src).resolve()
+        if src_real == real or real in src_real.parents:
+            raise WorkspaceError(f"output {out} {'is' if src_real == real else 'contains'} the input {src}; "
+                                 "write to a folder outside the input")
+    if os.path.lexists(out) and not force:
         raise WorkspaceError(f"{out} already exists; pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a workspace is an ordinary folder
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process pid (tells its owner from a later process given the same pid)."""
     try:
-        yield tmp
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_token() -> str:
+    """This process as written into lock files and temporary folder names: `pid-starttime`."""
+    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}"
+
+
+def _alive(token: str | None) -> bool:
+    pid, _, start = (token or "").partition("-")
+    if not pid.isdigit():
+        return False
+    if os.path.isdir("/proc/self"):
+        return _start_time(int(pid)) == start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_LOCK_GRACE_S = 10  # an empty lock file this young is being written by its owner
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _claim(lock: Path, out: Path, token: str) -> None:
+    """Create `lock` (O_EXCL) holding our token; take over a lock whose owner is dead."""
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_token(lock)
+            if holder is None:  # removed meanwhile
+                continue
+            fresh = not holder and time.time() - _mtime(lock) < _LOCK_GRACE_S
+            if fresh or _alive(holder):
+                raise WorkspaceError(f"{out} is being written by another lmc (process {holder.partition('-')[0] or '?'}); "
+                                     f"wait for it to finish, or remove {lock} if no lmc is running") from None
+            grave = lock.with_name(f"{lock.name}.stale-{token}")
+            try:
+                os.rename(lock, grave)
+            except FileNotFoundError:
+                continue
+            if _read_token(grave) != holder:  # a live owner replaced the stale lock meanwhile: give it back
+                os.rename(grave, lock)
+            grave.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return
+    raise WorkspaceError(f"could not claim {lock}; remove it if no lmc is running")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _release(lock: Path, token: str) -> None:
+    if _read_token(lock) == token:
+        lock.unlink(missing_ok=True)
+
+
+def _sweep(out: Path) -> None:
+    """Remove temporary and replaced folders of `out` left by a process that died (SIGKILL, power loss).
+    One that died between the two renames of a replace left `out` missing: its previous folder is put back."""
+    for kind in ("old", "tmp"):
+        prefix = f".{out.name}.{kind}-"
+        for entry in out.parent.glob(glob.escape(prefix) + "*"):
+            owner = entry.name[len(prefix):].rpartition("-")[0]  # `pid-starttime`, then mkdtemp's suffix
+            if entry.is_dir() and not entry.is_symlink() and owner and not _alive(owner):
+                if kind == "old" and (entry / "old").exists() and not os.path.lexists(out):
+                    os.replace(entry / "old", out)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) in the main thread, so `finally` blocks clean up; a second
+    SIGTERM during that cleanup is ignored. The previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool, inputs=()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it into place only when the body succeeds.
+
+    Refuses an output that is or contains an input. The claim on `out` is exclusive: a lock file
+    `.NAME.lock` beside it holds the owner's `pid-starttime` for the duration. Temporary folders
+    are named `.NAME.tmp-<pid-starttime>-*`; those of dead owners are removed here. SIGTERM exits
+    through the cleanup."""
+    out = Path(out)
+    check_output(out, inputs, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = _owner_token()
+    lock = out.parent / f".{out.name}.lock"
+    with _sigterm_raises():
+        _claim(lock, out, token)
+        try:
+            _sweep(out)
+            check_output(out, (), force)  # another writer may have finished before we claimed it
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{token}-", dir=out.parent))
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a workspace is an ordinary folder
+                yield tmp
+                if os.path.lexists(out):
+                    if not force:
+                        raise WorkspaceError(f"{out} appeared while it was being written; pass --force to replace it")
+                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{token}-", dir=out.parent))
+                    os.replace(out, trash / "old")
+                    os.replace(tmp, out)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            _release(lock, token)
 
 
 def write_workspace(
@@ -195,24 +362,192 @@ def write_workspace(
     return manifest
 
 
+# ----------------------------------------------------------------------------- the tensor index a config implies
+
+
+def rank_name(name: str, rank: int, tp: int, split: bool) -> str:
+    """TurboMind's naming: with tp > 1, split tensors carry the rank before the last component."""
+    if tp == 1 or not split:
+        return name
+    base, leaf = name.rsplit(".", 1)
+    return f"{base}.{rank}.{leaf}"
+
+
+def index_key(name: str, rank: int, tp: int) -> str:
+    """A tensor's key in manifest.json: its name, prefixed by `rank:` when tp > 1."""
+    return name if tp == 1 else f"{rank}:{name}"
+
+
+def plain_shape(cfg: ModelConfig, target: Target) -> tuple[int, ...]:
+    """Shape of a tensor that is not a linear: embeddings and lm_head [V, H], q/k norms [D], other norms [H]."""
+    if target.key in ("q_norm", "k_norm"):
+        return (cfg.head_dim,)
+    if target.key is not None or target.name == "norm.weight":
+        return (cfg.hidden_size,)
+    return (cfg.vocab_size, cfg.hidden_size)
+
+
+def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int) -> dict[str, tuple[str, tuple]]:
+    """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}."""
+    float_dtype = DTYPES[getattr(torch, dtype)]
+    tensors: dict[str, tuple[str, tuple, bool]] = {}  # name -> (dtype, per-rank shape, split)
+    for t in arch_spec(cfg).targets(cfg):
+        if not t.linear:
+            tensors[t.name] = (float_dtype, plain_shape(cfg, t), False)
+            continue
+        parts, k = linear_parts(cfg, t.key)
+        n = sum(parts) // tp if t.split == "col" else sum(parts)
+        k = k // tp if t.split == "row" else k
+        if quantization:
+            for leaf, shape in int4_shapes(n, k, quantization["group_size"]).items():
+                tensors[t.name + leaf] = ("I32" if leaf == ".qweight" else float_dtype, shape, True)
+        else:
+            tensors[t.name + ".weight"] = (float_dtype, (n, k), True)
+        if cfg.qkv_bias and t.key == "w_qkv":
+            tensors[t.name + ".bias"] = (float_dtype, (n,), True)
+    return {index_key(rank_name(name, r, tp, split), r, tp): (dt, shape)
+            for r in range(tp) for name, (dt, shape, split) in tensors.items()}
+
+
+def index_problems(expected: dict[str, tuple[str, tuple]], have: dict[str, tuple[str, tuple]], arch: str) -> list[str]:
+    """Differences between the tensors a config implies and those an index holds, one line each."""
+    problems = [f"tensor {key}: missing (the {arch} config implies {dt}{list(shape)})"
+                for key, (dt, shape) in expected.items() if key not in have]
+    for key, (dt, shape) in have.items():
+        want = expected.get(key)
+        if want is None:
+            problems.append(f"tensor {key}: not a tensor of this {arch} config")
+        elif (dt, tuple(shape)) != (want[0], tuple(want[1])):
+            problems.append(f"tensor {key}: {dt}{list(shape)}, the {arch} config implies {want[0]}{list(want[1])}")
+    return problems
+
+
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path):
     if not path.is_file():
         raise WorkspaceError(f"{path} is missing: not an lmc workspace (build one with `lmc convert`)")
     try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise WorkspaceError(f"{path} is not valid JSON ({e}); rebuild the workspace") from None
 
 
 def check_version(meta: dict, path: Path) -> None:
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:
         raise WorkspaceError(
             f"{path} has workspace format_version {version!r} but this lmc reads version {FORMAT_VERSION}; "
             "rebuild it with `lmc convert` from this lmc, or use the lmc that wrote it")
+
+
+def _bad(path: Path, what: str) -> WorkspaceError:
+    return WorkspaceError(f"{path}: {what}; rebuild the workspace with `lmc convert`")
+
+
+def _count(value, minimum: int = 0) -> bool:
+    return type(value) is int and value >= minimum
+
+
+def _check_keys(obj, required: tuple[str, ...], optional: tuple[str, ...], path: Path, what: str) -> None:
+    if not isinstance(obj, dict):
+        raise _bad(path, f"{what} is not a JSON object")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise _bad(path, f"{what} lacks {missing[0]!r}")
+    unknown = sorted(set(obj) - set(required) - set(optional))
+    if unknown:
+        raise _bad(path, f"{what} has unknown key {unknown[0]!r}")
+
+
+def check_quantization(q, path: Path) -> None:
+    """lmc.json's quantization entry: null, or 4-bit lmc-int4-k8 with zero points in groups of 32/64/128."""
+    if q is None:
+        return
+    _check_keys(q, ("method", "bits", "group_size", "layout", "zero_point"), (), path, "quantization")
+    if q["method"] not in QUANT_METHODS:
+        raise _bad(path, f"quantization method {q['method']!r} is not one of {', '.join(QUANT_METHODS)}")
+    if type(q["bits"]) is not int or q["bits"] != 4:
+        raise _bad(path, f"quantization bits {q['bits']!r}: lmc reads 4-bit weights only")
+    try:
+        check_group_size(q["group_size"], "quantization group_size")
+    except LmcError as e:
+        raise _bad(path, str(e)) from None
+    if q["layout"] != LAYOUT:
+        raise _bad(path, f"quantization layout {q['layout']!r} is not one this lmc reads ({LAYOUT})")
+    if q["zero_point"] is not True:
+        raise _bad(path, f"quantization zero_point {q['zero_point']!r}: lmc's int4 layout has zero points")
+
+
+def check_meta(meta, path: Path) -> ModelConfig:
+    """Every value of lmc.json, checked; returns its model config."""
+    if not isinstance(meta, dict):
+        raise _bad(path, "not a JSON object")
+    check_version(meta, path)
+    _check_keys(meta, ("format_version", "model", "dtype", "quantization", "tp"), ("engine",), path, "lmc.json")
+    try:
+        cfg = ModelConfig.from_dict(meta["model"])
+    except LmcError as e:
+        raise WorkspaceError(f"{path}: {e}") from None
+    if meta["dtype"] not in FLOAT_DTYPES:
+        raise _bad(path, f"dtype {meta['dtype']!r} is not one of {', '.join(FLOAT_DTYPES)}")
+    check_quantization(meta["quantization"], path)
+    if not _count(meta["tp"], 1):
+        raise _bad(path, f"tp {meta['tp']!r} is not a positive integer")
+    engine = meta.get("engine", {})
+    _check_keys(engine, (), ("session_len", "cache_block_seq_len"), path, "engine")
+    for key, value in engine.items():
+        if not _count(value, 1):
+            raise _bad(path, f"engine {key} {value!r} is not a positive integer")
+    return cfg
+
+
+def check_manifest(manifest, root: Path, path: Path) -> None:
+    """Every value of manifest.json, checked; every path it names must stay inside `root`."""
+    if not isinstance(manifest, dict):
+        raise _bad(path, "not a JSON object")
+    check_version(manifest, path)
+    _check_keys(manifest, ("format_version", "files", "tensors", "provenance"), (), path, "manifest.json")
+    if not isinstance(manifest["files"], dict) or not isinstance(manifest["tensors"], dict):
+        raise _bad(path, "files and tensors must be JSON objects")
+    if not isinstance(manifest["provenance"], dict):
+        raise _bad(path, "provenance is not a JSON object")
+    for rel, record in manifest["files"].items():
+        if rel == "manifest.json" or confined(root, rel) is None:
+            raise _bad(path, f"file {rel!r} is not a path inside the workspace (absolute, `..`, or a link pointing out)")
+        _check_keys(record, ("size", "sha256"), (), path, f"file {rel!r}")
+        sha = record["sha256"]
+        if not _count(record["size"]) or not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+            raise _bad(path, f"file {rel!r} needs a size (bytes) and a sha256 (64 hex digits)")
+    for name, entry in manifest["tensors"].items():
+        _check_keys(entry, ("file", "dtype", "shape", "offset", "nbytes"), (), path, f"tensor {name!r}")
+        if not isinstance(entry["file"], str) or entry["file"] not in manifest["files"]:
+            raise _bad(path, f"tensor {name!r} is in file {entry['file']!r}, which the manifest does not list")
+        if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPE_NAMES:
+            raise _bad(path, f"tensor {name!r} has dtype {entry['dtype']!r}, not one of {', '.join(DTYPE_NAMES)}")
+        shape = entry["shape"]
+        if not isinstance(shape, list) or not all(_count(s) for s in shape):
+            raise _bad(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
+        if not _count(entry["offset"]) or entry["nbytes"] != TensorSpec(name, DTYPE_NAMES[entry["dtype"]], tuple(shape)).nbytes:
+            raise _bad(path, f"tensor {name!r} has offset {entry['offset']!r} and nbytes {entry['nbytes']!r}, "
+                             f"which do not fit its dtype and shape")
+
+
+def _index_of(manifest: dict) -> dict[str, tuple[str, tuple]]:
+    return {name: (e["dtype"], tuple(e["shape"])) for name, e in manifest["tensors"].items()}
+
+
+def open_checked(path: Path) -> tuple[dict, ModelConfig, dict]:
+    """lmc.json and manifest.json, every value checked: (meta, config, manifest) or WorkspaceError."""
+    for name in ("lmc.json", "manifest.json"):
+        if (path / name).is_symlink() and confined(path, name) is None:
+            raise WorkspaceError(f"{path / name} is a link pointing outside the workspace; rebuild the workspace")
+    meta = _read_json(path / "lmc.json")
+    cfg = check_meta(meta, path / "lmc.json")
+    manifest = _read_json(path / "manifest.json")
+    check_manifest(manifest, path, path / "manifest.json")
+    return meta, cfg, manifest
 
 
 class Workspace:
@@ -222,14 +557,14 @@ class Workspace:
         self.path = Path(path)
         if not self.path.is_dir():
             raise WorkspaceError(f"{self.path} is not a folder: pass a workspace made by `lmc convert`")
-        self.meta = _read_json(self.path / "lmc.json")
-        check_version(self.meta, self.path / "lmc.json")
-        self.manifest = _read_json(self.path / "manifest.json")
-        check_version(self.manifest, self.path / "manifest.json")
-        self.config = ModelConfig.from_dict(self.meta["model"])
+        self.meta, self.config, self.manifest = open_checked(self.path)
+        problems = index_problems(expected_index(self.config, self.meta["dtype"], self.meta["quantization"], self.meta["tp"]),
+                                  _index_of(self.manifest), self.config.architecture)
+        if problems:
+            raise WorkspaceError(f"{self.path}/manifest.json: {problems[0]}; rebuild the workspace with `lmc convert`")
         self.dtype = getattr(torch, self.meta["dtype"])
-        self.quantization = self.meta.get("quantization")
-        self.tp = self.meta.get("tp", 1)
+        self.quantization = self.meta["quantization"]
+        self.tp = self.meta["tp"]
         self._maps: dict[str, mmap.mmap] = {}
 
     @property
@@ -241,7 +576,9 @@ class Workspace:
 
     def _map(self, rel: str) -> mmap.mmap:
         if rel not in self._maps:
-            path = self.path / rel
+            path = confined(self.path, rel)
+            if path is None:
+                raise WorkspaceError(f"{self.path}: {rel} leads outside the workspace; run `lmc verify {self.path}`")
             if not path.is_file():
                 raise WorkspaceError(f"{path} is missing; run `lmc verify {self.path}` and rebuild the workspace")
             with open(path, "rb") as f:
@@ -264,18 +601,68 @@ class Workspace:
         return name in self.manifest["tensors"]
 
 
+def copy_workspace(src: Path, dst: Path) -> dict:
+    """Copy a workspace's listed files and manifest byte for byte into the empty folder `dst`,
+    checking each file's size and sha256 as it goes. Returns the manifest."""
+    raw = (src / "manifest.json").read_bytes()
+    manifest = json.loads(raw)
+    check_manifest(manifest, src, src / "manifest.json")
+    for rel, record in manifest["files"].items():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        out = _HashingWriter(target)
+        with open(confined(src, rel), "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                out.write(chunk)
+        if out.close() != record:
+            raise WorkspaceError(f"{src / rel} does not match its manifest entry; run `lmc verify {src}`")
+    (dst / "manifest.json").write_bytes(raw)
+    return manifest
+
+
 # ----------------------------------------------------------------------------- verify
 
 
+def _header(path: Path) -> tuple[int, dict]:
+    """(data section start, header) of a safetensors file; ValueError when it is malformed."""
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) != 8:
+            raise ValueError("shorter than a header")
+        (n,) = struct.unpack("<Q", head)
+        if n > path.stat().st_size:
+            raise ValueError("header length past the end of the file")
+        try:
+            header = json.loads(fh.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return 8 + n, header
+
+
+def _unlisted(path: Path, listed: set[str]) -> list[str]:
+    """Files (and links) anywhere in the workspace that the manifest does not list, but manifest.json."""
+    found = []
+    for folder, dirs, files in os.walk(path):
+        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]  # os.walk does not enter them
+        for name in files + links:
+            rel = Path(folder, name).relative_to(path).as_posix()
+            if rel not in listed and rel != "manifest.json":
+                found.append(rel)
+    return sorted(found)
+
+
 def verify_workspace(path: str | os.PathLike) -> list[str]:
-    """Check format version, every file's size and sha256, and every tensor's header entry.
+    """Check lmc.json and manifest.json (every value, every path inside the folder), every file's size
+    and sha256, that no unlisted file sits anywhere in the folder, that the tensor index is exactly
+    what the config implies, and every tensor's header entry.
     Returns a list of problems, each one line naming the file or tensor; empty when sound."""
     path = Path(path)
     try:
-        ws_meta = _read_json(path / "lmc.json")
-        check_version(ws_meta, path / "lmc.json")
-        manifest = _read_json(path / "manifest.json")
-        check_version(manifest, path / "manifest.json")
+        if not path.is_dir():
+            raise WorkspaceError(f"{path} is not a folder")
+        meta, cfg, manifest = open_checked(path)
     except WorkspaceError as e:
         return [str(e)]
     problems = []
@@ -287,30 +674,38 @@ def verify_workspace(path: str | os.PathLike) -> list[str]:
             problems.append(f"{rel}: size {f.stat().st_size} bytes, manifest says {record['size']} (truncated or altered)")
         elif sha256_file(f) != record["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
-    listed = set(manifest["files"])
-    for f in sorted((path / "weights").glob("*")) if (path / "weights").is_dir() else []:
-        if f"weights/{f.name}" not in listed:
-            problems.append(f"weights/{f.name}: not in the manifest")
+    problems += [f"{rel}: not in the manifest (remove it, or rebuild the workspace)"
+                 for rel in _unlisted(path, set(manifest["files"]))]
+    problems += index_problems(expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"]),
+                               _index_of(manifest), cfg.architecture)
     if problems:
         return problems
-    headers: dict[str, dict] = {}
+    headers: dict[str, tuple[int, dict] | str] = {}
     for name, entry in manifest["tensors"].items():
         rel = entry["file"]
         if rel not in headers:
-            with open(path / rel, "rb") as fh:
-                (n,) = struct.unpack("<Q", fh.read(8))
-                headers[rel] = {"start": 8 + n, "header": json.loads(fh.read(n))}
-        h = headers[rel]
+            try:
+                headers[rel] = _header(path / rel)
+            except ValueError as e:
+                headers[rel] = str(e)
+                problems.append(f"{rel}: not a safetensors file ({e})")
+        if isinstance(headers[rel], str):
+            continue
+        start, header = headers[rel]
         tensor_name = name.split(":", 1)[-1]
-        t = h["header"].get(tensor_name)
+        t = header.get(tensor_name)
         if t is None:
             problems.append(f"tensor {name}: not in {rel}")
             continue
-        begin, end = t["data_offsets"]
-        if t["dtype"] != entry["dtype"] or t["shape"] != entry["shape"]:
-            problems.append(f"tensor {name}: {rel} has {t['dtype']}{t['shape']}, index says {entry['dtype']}{entry['shape']}")
-        elif h["start"] + begin != entry["offset"] or end - begin != entry["nbytes"]:
-            problems.append(f"tensor {name}: offset/size in {rel} disagree with the index")
-        elif TensorSpec(name, DTYPE_NAMES[t["dtype"]], tuple(t["shape"])).nbytes != end - begin:
-            problems.append(f"tensor {name}: byte size does not match its shape and dtype")
+        try:
+            begin, end = t["data_offsets"]
+            dtype, shape = t["dtype"], t["shape"]
+            if dtype != entry["dtype"] or shape != entry["shape"]:
+                problems.append(f"tensor {name}: {rel} has {dtype}{shape}, index says {entry['dtype']}{entry['shape']}")
+            elif start + begin != entry["offset"] or end - begin != entry["nbytes"]:
+                problems.append(f"tensor {name}: offset/size in {rel} disagree with the index")
+            elif start + end > (path / rel).stat().st_size:
+                problems.append(f"tensor {name}: its data runs past the end of {rel}")
+        except (KeyError, TypeError, ValueError):
+            problems.append(f"tensor {name}: malformed entry in the header of {rel}")
     return problems

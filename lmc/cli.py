@@ -44,16 +44,19 @@ def main():
               help="source format (default: detect; a .gguf file is gguf, an AWQ config is awq)")
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
               help="float dtype of the workspace (auto: the source's)")
-@click.option("--tp", type=int, default=1, show_default=True, help="tensor-parallel ranks to split weights for")
+@click.option("--tp", type=int, default=None,
+              help="tensor-parallel ranks to split weights for (default: 1; a workspace SRC keeps its own)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @user_errors
-def convert(src, out, model_format, dtype, tp, force):
-    """Convert an HF, AWQ or GGUF checkpoint SRC into a workspace."""
+def convert(src, out, model_format, dtype, tp, force, allow_nonfinite):
+    """Convert an HF, AWQ or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
     from lmc.compiler.convert import convert as run_convert
 
-    if tp < 1:
+    if tp is not None and tp < 1:
         raise click.BadParameter("--tp must be >= 1")
-    manifest = run_convert(src, out, model_format=model_format, dtype=dtype, tp=tp, force=force)
+    manifest = run_convert(src, out, model_format=model_format, dtype=dtype, tp=tp, force=force,
+                           allow_nonfinite=allow_nonfinite, say=lambda m: click.echo(m, err=True))
     size = sum(f["size"] for f in manifest["files"].values())
     click.echo(f"wrote {out}: {len(manifest['tensors'])} tensors, {size / 1e6:.1f} MB")
 
@@ -127,6 +130,7 @@ def verify(workspace):
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--workspace", is_flag=True, help="write an lmc workspace instead of an HF AWQ checkpoint")
+@click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
 @user_errors
