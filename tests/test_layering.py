@@ -79,3 +79,11 @@ def test_runtime_and_format_load_without_transformers_datasets_or_compiler():
             "print([m for m in ('transformers', 'datasets', 'lmc.compiler', 'lmc.calib') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_architecture_doc_lists_every_module():
+    doc = (ROOT / "docs" / "architecture.md").read_text()
+    folders = [*PACKAGE_DIRS.values(), "bench"]
+    missing = [str(path.relative_to(ROOT)) for folder in folders for path in sorted((ROOT / folder).glob("*.py"))
+               if f"`{path.relative_to(ROOT).as_posix()}`" not in doc]
+    assert missing == []
