@@ -12,10 +12,29 @@ from pathlib import Path
 
 import pytest
 import torch
+from _pytest.mark.expression import Expression
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when triton is first imported: set before any test imports it
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def triton_interpret_for(markexpr: str, cuda: bool) -> str:
+    """TRITON_INTERPRET for a run selecting tests by `markexpr` (pytest -m): "0", compiled kernels, when it
+    selects gpu-marked tests and no unmarked (CPU) ones and CUDA is there; else "1", the interpreter on CPU
+    tensors, which the CPU tests need (a mixed run leaves the gpu tests to skip)."""
+    if not markexpr:  # no -m at all: every test runs, the CPU ones too
+        return "1"
+    expr = Expression.compile(markexpr)
+    only_gpu = expr.evaluate(lambda name, **kw: name == "gpu") and not expr.evaluate(lambda name, **kw: False)
+    return "0" if cuda and only_gpu else "1"
+
+
+def pytest_configure(config):
+    """Runs after the options are parsed and before any test module is imported, so before triton reads
+    TRITON_INTERPRET (at import and as each kernel is decorated). A value set by the caller wins."""
+    if "TRITON_INTERPRET" not in os.environ:
+        os.environ["TRITON_INTERPRET"] = triton_interpret_for(config.option.markexpr, torch.cuda.is_available())
+
 
 CHATML = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}"
