@@ -3,6 +3,11 @@
 Cache layout: k_cache and v_cache are [num_blocks, block_size, Hkv, D]. Position p of sequence b lives in
 block block_tables[b, p // block_size] at offset p % block_size; its flat slot is
 block * block_size + offset. GQA: q head h reads kv head h // (Hq // Hkv). Softmax runs in fp32.
+A quantized cache (quant_policy 8 or 4) is a QuantizedKV per layer for K and for V: uint8 codes plus a
+float16 scale and zero per token and head, same slots (layout: kernels/kv_quant.py, docs/kv-cache.md);
+writes quantize, the kernels dequantize each K/V tile in registers as they read it (to q's dtype, then
+the same dots). With 4 bits a tile's columns interleave the head's two halves (kv_quant.head_dims), so q
+is loaded and the output stored in that column order and the dots need no reshuffle.
 
 Prefill (flash-attention style): one program per (BLOCK_M queries, sequence, q head); query j of a
 sequence with q_len queries and kv_len cached tokens sits at position kv_len - q_len + j.
@@ -16,6 +21,7 @@ import math
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.kv_quant import cache_parts, dequantize_kv_ref, quantize_kv_ref
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
@@ -25,41 +31,52 @@ except ImportError:  # CPU-only install: the torch reference serves
     triton = None
 
 if triton is not None:
+    from lmc.kernels.kv_quant import head_dims, load_dequant
 
     @triton.jit
-    def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, bt_row, offs_n, n_mask, offs_d, d_mask, kvh,
-                     stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                     qk_scale, PAGE: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
+                     kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
+                     stride_sb, stride_st, stride_sh, qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                     PAGE: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One BLOCK_N tile of cached positions offs_n, found through the block table row, folded into the
-        online softmax (log2 units) of q [R, BLOCK_D]; keep [R, BLOCK_N] masks what q may attend to."""
+        online softmax (log2 units) of q [R, BLOCK_D]; keep [R, BLOCK_N] masks what q may attend to.
+        BITS 16: a float cache; 8 or 4: codes at k_ptr / v_ptr, (scale, zero) at ksz_ptr / vsz_ptr."""
         blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         tok = offs_n % PAGE
         k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
         v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
+        s_off = blk * stride_sb + tok * stride_st + kvh * stride_sh  # [BLOCK_N], quantized caches only
         nd_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if BITS == 16:
+            k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        else:
+            k = load_dequant(k_ptr, ksz_ptr, k_off, s_off, n_mask, D, BLOCK_D, BITS).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [R, BLOCK_N]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(qk - m_new[:, None])  # [R, BLOCK_N]
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        if BITS == 16:
+            v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
+        else:
+            v = load_dequant(v_ptr, vsz_ptr, v_off, s_off, n_mask, D, BLOCK_D, BITS).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
 
 
     @triton.jit
     def _prefill_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, kv_lens_ptr,
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, bt_ptr, cu_ptr, kv_lens_ptr,
         qk_scale, group,
         stride_qt, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
+        stride_sb, stride_st, stride_sh,
         stride_ot, stride_oh, stride_bt,
         D: tl.constexpr, PAGE: tl.constexpr,  # PAGE: tokens per cache block (a shift when a power of 2)
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        PDL: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         pid_m = tl.program_id(0)
@@ -73,9 +90,8 @@ if triton is not None:
         kvh = h // group
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d, d_mask = head_dims(D, BLOCK_D, BITS)  # [BLOCK_D]: the head dim in each tile column
         m_mask = offs_m < q_len
-        d_mask = offs_d < D
         rows = (q_start + offs_m).to(tl.int64)
         q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_M, BLOCK_D]
@@ -90,24 +106,27 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < hi
             keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
-                                         kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                         qk_scale, PAGE, DOT_PRECISION)
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n,
+                                         n_mask, offs_d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
+                                         stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
+                                         qk_scale, D, BLOCK_D, PAGE, BITS, DOT_PRECISION)
         out = acc / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
     @triton.jit
     def _decode_kernel(
-        q_ptr, k_ptr, v_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
+        stride_sb, stride_st, stride_sh,
         stride_ob, stride_oh, stride_bt,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         b = tl.program_id(0)
@@ -119,9 +138,8 @@ if triton is not None:
         end = tl.minimum(start + split_len, kv_len)
 
         offs_g = tl.arange(0, BLOCK_G)
-        offs_d = tl.arange(0, BLOCK_D)
+        offs_d, d_mask = head_dims(D, BLOCK_D, BITS)  # [BLOCK_D]: the head dim in each tile column
         g_mask = offs_g < group
-        d_mask = offs_d < D
         heads = kvh * group + offs_g  # [BLOCK_G]
         b64 = b.to(tl.int64)
         q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -135,9 +153,10 @@ if triton is not None:
             offs_n = n0 + tl.arange(0, BLOCK_N)
             n_mask = offs_n < end
             keep = tl.broadcast_to(n_mask[None, :], (BLOCK_G, BLOCK_N))
-            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
-                                         kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                                         qk_scale, PAGE, DOT_PRECISION)
+            acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n,
+                                         n_mask, offs_d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
+                                         stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
+                                         qk_scale, D, BLOCK_D, PAGE, BITS, DOT_PRECISION)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or kv_len 0) gives zeros
         gd_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
@@ -174,25 +193,48 @@ if triton is not None:
                  mask=offs_d < D)
 
 
-def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
-    """Stores k, v [T, Hkv, D] at flat slots slot_mapping [T] of the caches, in place."""
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
+    """Stores k, v [T, Hkv, D] at flat slots slot_mapping [T] of the caches, in place. Caches are float
+    tensors [num_blocks, block_size, Hkv, D] or QuantizedKV (then k and v are quantized, quantize_kv_ref)."""
     _, _, Hkv, D = k_cache.shape
     T = slot_mapping.shape[0]
     assert k.shape == v.shape == (T, Hkv, D), f"k {tuple(k.shape)} / v {tuple(v.shape)} != [{T}, {Hkv}, {D}]"
     slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)  # [T]
-    k_cache.view(-1, Hkv, D).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, Hkv, D).index_copy_(0, slots, v.to(v_cache.dtype))
+    for x, cache in ((k, k_cache), (v, v_cache)):
+        data, scales_zeros, bits = cache_parts(cache)
+        if scales_zeros is None:
+            data.view(-1, Hkv, D).index_copy_(0, slots, x.to(data.dtype))
+        else:
+            codes, x_scales_zeros = quantize_kv_ref(x, bits)  # [T, Hkv, D * bits / 8], [T, Hkv, 2]
+            data.view(-1, Hkv, data.shape[-1]).index_copy_(0, slots, codes)
+            scales_zeros.view(-1, Hkv, 2).index_copy_(0, slots, x_scales_zeros)
 
 
-def _check_caches(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor) -> None:
+def _check_caches(q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor) -> int:
+    """Checks the caches against q; returns their bits (16: float)."""
     Hq, D = q.shape[1:]
-    assert k_cache.shape == v_cache.shape, f"k_cache {tuple(k_cache.shape)} != v_cache {tuple(v_cache.shape)}"
+    k_data, k_sz, bits = cache_parts(k_cache)
+    v_data, v_sz, v_bits = cache_parts(v_cache)
+    assert tuple(k_cache.shape) == tuple(v_cache.shape) and bits == v_bits, \
+        f"k_cache {tuple(k_cache.shape)} ({bits} bits) != v_cache {tuple(v_cache.shape)} ({v_bits} bits)"
     assert k_cache.shape[3] == D, f"cache head_dim {k_cache.shape[3]} != q head_dim {D}"
     assert Hq % k_cache.shape[2] == 0, f"q heads {Hq} not a multiple of kv heads {k_cache.shape[2]}"
-    assert k_cache.dtype == v_cache.dtype == q.dtype, f"dtypes differ: q {q.dtype}, cache {k_cache.dtype}"
+    if bits == 16:
+        assert k_data.dtype == v_data.dtype == q.dtype, f"dtypes differ: q {q.dtype}, cache {k_data.dtype}"
+    else:
+        assert k_sz.stride() == v_sz.stride(), "k and v scales_zeros must share strides"
     assert block_tables.dim() == 2
+    return bits
+
+
+def _quant_args(k_cache, v_cache) -> tuple:
+    """The kernels' (k, v, k scales_zeros, v scales_zeros, their 3 strides): for a float cache the scale
+    pointers are the values (never read) and the strides 0."""
+    k_data, k_sz, _ = cache_parts(k_cache)
+    v_data, v_sz, _ = cache_parts(v_cache)
+    if k_sz is None:
+        return k_data, v_data, k_data, v_data, 0, 0, 0
+    return k_data, v_data, k_sz, v_sz, *k_sz.stride()[:3]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -200,13 +242,14 @@ def _dot_precision(dtype: torch.dtype) -> str:
 
 
 def paged_prefill_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float, block_m: int = 64, block_n: int = 64,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    _check_caches(q, k_cache, v_cache, block_tables)
-    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+    bits = _check_caches(q, k_cache, v_cache, block_tables)
+    k_data, v_data, k_sz, v_sz, stride_sb, stride_st, stride_sh = _quant_args(k_cache, v_cache)
+    assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
     T, Hq, D = q.shape
     B = kv_lens.shape[0]
     assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B
@@ -216,14 +259,15 @@ def paged_prefill_attention_triton(
         return out
     grid = (triton.cdiv(max_q, block_m), B, Hq)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, cu_seqlens_q, kv_lens,
+        q, k_data, v_data, k_sz, v_sz, out, block_tables, cu_seqlens_q, kv_lens,
         scale * math.log2(math.e), Hq // k_cache.shape[2],
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_data.stride(0), k_data.stride(1), k_data.stride(2),
+        v_data.stride(0), v_data.stride(1), v_data.stride(2),
+        stride_sb, stride_st, stride_sh,
         out.stride(0), out.stride(1), block_tables.stride(0),
         D=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(triton.next_power_of_2(D), 16),
-        DOT_PRECISION=_dot_precision(q.dtype),
+        BITS=bits, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     return out
@@ -238,13 +282,14 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_
 
 
 def paged_decode_attention_triton(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int = 64,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    _check_caches(q, k_cache, v_cache, block_tables)
-    assert q.stride(-1) == k_cache.stride(-1) == v_cache.stride(-1) == 1
+    bits = _check_caches(q, k_cache, v_cache, block_tables)
+    k_data, v_data, k_sz, v_sz, stride_sb, stride_st, stride_sh = _quant_args(k_cache, v_cache)
+    assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
     assert kv_lens.shape == (B,) and block_tables.shape[0] == B
@@ -258,15 +303,16 @@ def paged_decode_attention_triton(
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S], log2 units
     BLOCK_D = max(triton.next_power_of_2(D), 16)
     _decode_kernel[(B, Hkv, num_splits)](
-        q, k_cache, v_cache, out, part_o, part_lse, block_tables, kv_lens,
+        q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, block_tables, kv_lens,
         scale * math.log2(math.e), group,
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        k_data.stride(0), k_data.stride(1), k_data.stride(2),
+        v_data.stride(0), v_data.stride(1), v_data.stride(2),
+        stride_sb, stride_st, stride_sh,
         out.stride(0), out.stride(1), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        NUM_SPLITS=num_splits, DOT_PRECISION=_dot_precision(q.dtype),
+        NUM_SPLITS=num_splits, BITS=bits, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     if num_splits > 1:
@@ -280,10 +326,15 @@ def paged_decode_attention_triton(
     return out
 
 
-def _gather_kv(cache: torch.Tensor, block_table: torch.Tensor, n: int) -> torch.Tensor:
-    block_size = cache.shape[1]
-    blocks = block_table[: -(-n // block_size)].to(device=cache.device, dtype=torch.long)  # [ceil(n / bs)]
-    return cache[blocks].flatten(0, 1)[:n]  # [n, Hkv, D]
+def _gather_kv(cache, block_table: torch.Tensor, n: int) -> torch.Tensor:
+    """The first n cached positions of a sequence, [n, Hkv, D] (float32 when dequantized)."""
+    data, scales_zeros, bits = cache_parts(cache)
+    block_size = data.shape[1]
+    blocks = block_table[: -(-n // block_size)].to(device=data.device, dtype=torch.long)  # [ceil(n / bs)]
+    rows = data[blocks].flatten(0, 1)[:n]  # [n, Hkv, D] values or [n, Hkv, D * bits / 8] codes
+    if scales_zeros is None:
+        return rows
+    return dequantize_kv_ref(rows, scales_zeros[blocks].flatten(0, 1)[:n], bits)  # [n, Hkv, D]
 
 
 def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:
@@ -298,7 +349,7 @@ def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.
 
 
 def paged_prefill_attention_ref(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     _check_caches(q, k_cache, v_cache, block_tables)
@@ -319,7 +370,7 @@ def paged_prefill_attention_ref(
 
 
 def paged_decode_attention_ref(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     cu_seqlens_q = torch.arange(q.shape[0] + 1, dtype=torch.int32)  # one query per sequence
@@ -327,17 +378,18 @@ def paged_decode_attention_ref(
 
 
 def paged_prefill_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Causal attention of a ragged batch q [T, Hq, D] (cu_seqlens_q [B+1]) over its cached k/v; [T, Hq, D]."""
+    """Causal attention of a ragged batch q [T, Hq, D] (cu_seqlens_q [B+1]) over its cached k/v (float
+    caches or QuantizedKV); [T, Hq, D]."""
     if q.is_cuda:
         return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
 
 
 def paged_decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
     """Attention of one new token per sequence q [B, Hq, D] over kv positions 0..kv_lens[b]-1; [B, Hq, D]."""

@@ -4,7 +4,9 @@ With x1 = x[..., :D/2] and x2 = x[..., D/2:]: out = cat(x1 * cos - x2 * sin, x2 
 cos and sin hold one row per token (the caller has applied positions and any rope scaling).
 One program per token rotates all of its q heads and then all of its k heads, in fp32.
 `rotary_write_kv` does the same and also stores the rotated k and the untouched v at the token's
-slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes).
+slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes); into a quantized
+cache (kernels/kv_quant.py) it stores each rotated k head and each v head as codes plus scale and zero,
+quantizing in registers.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.kernels.attention import write_kv_cache
+from lmc.kernels.kv_quant import cache_parts
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
@@ -21,6 +24,7 @@ except ImportError:  # CPU-only install: the torch reference serves
     triton = None
 
 if triton is not None:
+    from lmc.kernels.kv_quant import quantize_store
 
     @triton.jit
     def _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
@@ -32,6 +36,17 @@ if triton is not None:
         return cos, sin
 
     @triton.jit
+    def _rotate_tile(x_ptr, x_offs, mask, cos, sin, HALF: tl.constexpr):
+        """The rotated halves of the heads at x_ptr + x_offs [BLOCK_HEADS, BLOCK_HALF], in the input dtype."""
+        x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
+        x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0)
+        x1f = x1.to(tl.float32)
+        x2f = x2.to(tl.float32)
+        o1 = x1f * cos[None, :] - x2f * sin[None, :]
+        o2 = x2f * cos[None, :] + x1f * sin[None, :]
+        return o1.to(x1.dtype), o2.to(x1.dtype)
+
+    @triton.jit
     def _rotate_heads(
         x_ptr, o_ptr, cos, sin, n_heads, stride_xh, stride_oh,
         HALF: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
@@ -41,16 +56,10 @@ if triton is not None:
         for h0 in range(0, n_heads, BLOCK_HEADS):
             hh = h0 + heads
             mask = (hh[:, None] < n_heads) & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
-            x_offs = hh[:, None] * stride_xh + cols[None, :]
+            o1, o2 = _rotate_tile(x_ptr, hh[:, None] * stride_xh + cols[None, :], mask, cos, sin, HALF)
             o_offs = hh[:, None] * stride_oh + cols[None, :]
-            x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
-            x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0)
-            x1f = x1.to(tl.float32)
-            x2f = x2.to(tl.float32)
-            o1 = x1f * cos[None, :] - x2f * sin[None, :]
-            o2 = x2f * cos[None, :] + x1f * sin[None, :]
-            tl.store(o_ptr + o_offs, o1.to(x1.dtype), mask=mask)
-            tl.store(o_ptr + o_offs + HALF, o2.to(x1.dtype), mask=mask)
+            tl.store(o_ptr + o_offs, o1, mask=mask)
+            tl.store(o_ptr + o_offs + HALF, o2, mask=mask)
 
     @triton.jit
     def _rotary_kernel(
@@ -71,30 +80,48 @@ if triton is not None:
 
     @triton.jit
     def _rotary_kv_kernel(
-        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, slot_ptr,
+        q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, slot_ptr,
         Hq, Hkv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-        stride_qot, stride_qoh, stride_cs, stride_ch,
+        stride_qot, stride_qoh, stride_cs, stride_ch, stride_ss, stride_sh,
         HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr,
     ):
         """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
-        Caches are addressed as [slots, Hkv, D] with strides (stride_cs, stride_ch, 1)."""
+        Caches are addressed as [slots, Hkv, D] values (BITS 16) or [slots, Hkv, D * BITS / 8] codes (BITS 8,
+        4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) at ksz / vsz [slots, Hkv, 2]
+        (strides stride_ss, stride_sh, 1)."""
         pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
         slot = tl.load(slot_ptr + t).to(tl.int64)
         _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
                       HALF, BLOCK_HEADS, BLOCK_HALF)
-        _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
-                      HALF, BLOCK_HEADS, BLOCK_HALF)
         heads = tl.arange(0, BLOCK_HEADS)
-        dcols = tl.arange(0, BLOCK_D)
-        for h0 in range(0, Hkv, BLOCK_HEADS):
-            hh = h0 + heads
-            mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
-            v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
-            tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
+        if BITS == 16:
+            _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
+                          HALF, BLOCK_HEADS, BLOCK_HALF)
+            dcols = tl.arange(0, BLOCK_D)
+            for h0 in range(0, Hkv, BLOCK_HEADS):
+                hh = h0 + heads
+                mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
+                v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
+                tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
+        else:
+            cols = tl.arange(0, BLOCK_HALF)
+            for h0 in range(0, Hkv, BLOCK_HEADS):
+                hh = h0 + heads
+                h_mask = hh < Hkv
+                mask = h_mask[:, None] & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
+                k1, k2 = _rotate_tile(k_ptr + t * stride_kt, hh[:, None] * stride_kh + cols[None, :], mask, cos, sin,
+                                      HALF)
+                quantize_store(k1.to(tl.float32), k2.to(tl.float32), mask, kc_ptr + slot * stride_cs + hh * stride_ch,
+                               ksz_ptr + slot * stride_ss + hh * stride_sh, h_mask, cols, HALF, BITS)
+                v_offs = t * stride_vt + hh[:, None] * stride_vh + cols[None, :]
+                v1 = tl.load(v_ptr + v_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_HEADS, BLOCK_HALF]
+                v2 = tl.load(v_ptr + v_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+                quantize_store(v1, v2, mask, vc_ptr + slot * stride_cs + hh * stride_ch,
+                               vsz_ptr + slot * stride_ss + hh * stride_sh, h_mask, cols, HALF, BITS)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -159,10 +186,11 @@ def apply_rotary(
     return apply_rotary_ref(q, k, cos, sin)
 
 
-def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-              slot_mapping: torch.Tensor) -> None:
-    assert k_cache.shape == v_cache.shape and k_cache.stride() == v_cache.stride(), \
-        f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} differ"
+def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
+    (k_data, k_sz, k_bits), (v_data, v_sz, v_bits) = cache_parts(k_cache), cache_parts(v_cache)
+    assert k_data.shape == v_data.shape and k_data.stride() == v_data.stride() and k_bits == v_bits, \
+        f"k_cache {tuple(k_data.shape)} / v_cache {tuple(v_data.shape)} differ"
+    assert k_sz is None or k_sz.stride() == v_sz.stride(), "k and v scales_zeros must share strides"
     assert v.shape == k.shape and tuple(k.shape[1:]) == tuple(k_cache.shape[2:]), \
         f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache's [Hkv, D] {tuple(k_cache.shape[2:])}"
     assert slot_mapping.shape == (k.shape[0],), f"slot_mapping {tuple(slot_mapping.shape)} != [{k.shape[0]}]"
@@ -170,7 +198,7 @@ def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 def rotary_write_kv_ref(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
     q_out, k_out = apply_rotary_ref(q, k, cos, sin)
@@ -180,14 +208,18 @@ def rotary_write_kv_ref(
 
 def rotary_write_kv_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     _check(q, k, cos, sin)
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
-    assert k_cache.stride(-1) == 1 and k_cache.stride(0) == k_cache.shape[1] * k_cache.stride(1), \
-        "the caches must be [num_blocks, block_size, Hkv, D] with contiguous slots"
+    kc, ksz, bits = cache_parts(k_cache)
+    vc, vsz, _ = cache_parts(v_cache)
+    if ksz is None:  # a float cache: the scale pointers are never read
+        ksz, vsz = kc, vc
+    assert all(c.stride(-1) == 1 and c.stride(0) == c.shape[1] * c.stride(1) for c in (kc, ksz)), \
+        "the caches must be [num_blocks, block_size, Hkv, ...] with contiguous slots"
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     slot_mapping = slot_mapping.to(device=q.device).contiguous()  # [T]
     T, Hq, D = q.shape
@@ -197,23 +229,24 @@ def rotary_write_kv_triton(
         BLOCK_HALF = triton.next_power_of_2(D // 2)
         BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
         _rotary_kv_kernel[(T,)](
-            q, k, v, cos, sin, q_out, k_cache, v_cache, slot_mapping,
+            q, k, v, cos, sin, q_out, kc, vc, ksz, vsz, slot_mapping,
             Hq, Hkv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
-            sin.stride(0), q_out.stride(0), q_out.stride(1), k_cache.stride(1), k_cache.stride(2),
-            HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF,
-            **pdl_launch(q.device),
+            sin.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(1), kc.stride(2), ksz.stride(1),
+            ksz.stride(2), HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF,
+            BITS=bits, **pdl_launch(q.device),
         )
     return q_out
 
 
 def rotary_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """Rotates q [T, Hq, D] and k [T, Hkv, D] by cos/sin [T, D/2], stores the rotated k and v [T, Hkv, D]
-    at flat slots slot_mapping [T] of k_cache / v_cache [num_blocks, block_size, Hkv, D] (in place) and
-    returns the rotated q as a new tensor. Same results as apply_rotary followed by write_kv_cache."""
+    at flat slots slot_mapping [T] of k_cache / v_cache [num_blocks, block_size, Hkv, D] or QuantizedKV (in
+    place, quantized) and returns the rotated q as a new tensor. Same results as apply_rotary followed by
+    write_kv_cache."""
     if q.is_cuda:
         return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)

@@ -14,7 +14,7 @@ class EngineConfig:
     max_batch_size: int = 64  # sequences running at once
     cache_max_entry_count: float = 0.8  # fraction of free device memory (CPU: of cpu_cache_budget_gb)
     cache_block_seq_len: int = 64  # tokens per KV block
-    quant_policy: int = 0  # 0: fp KV cache (int8/int4 KV not available yet)
+    quant_policy: int = 0  # KV cache: 0 float, 8 int8, 4 int4 (online, per token and head; docs/kv-cache.md)
     tp: int = 1
     max_prefill_token_num: int = 8192  # tokens computed per step: longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True  # share full KV blocks between requests with a common prefix
@@ -33,8 +33,9 @@ class EngineConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LmcError(f"{name} must be a positive integer, got {value!r}")
 
-        if self.quant_policy != 0:
-            raise LmcError(f"quant_policy={self.quant_policy}: KV-cache quantization (8/4) is not implemented yet; use 0")
+        if self.quant_policy not in (0, 4, 8):
+            raise LmcError(f"quant_policy={self.quant_policy} is not a KV cache policy; "
+                           "use 0 (float), 8 (int8) or 4 (int4)")
         if not 0.0 < self.cache_max_entry_count <= 1.0:
             raise LmcError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}")
         positive_int("max_batch_size", self.max_batch_size)

@@ -179,7 +179,7 @@ class Engine:
         graphs = self.device.type == "cuda" and config.cuda_graph
         num_blocks = plan_num_blocks(self.cfg, config, self.dtype, self.device,
                                      reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
-        self.cache = PagedKVCache(self.cfg, num_blocks, config.cache_block_seq_len, self.dtype, self.device)
+        self.cache = PagedKVCache(self.cfg, num_blocks, config.cache_block_seq_len, self.dtype, self.device, config.quant_policy)
         self.blocks = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num)
         self.decoder = None

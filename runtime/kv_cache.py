@@ -1,17 +1,24 @@
-"""Paged KV cache: fixed-size blocks of `cache_block_seq_len` tokens and a block table per sequence."""
+"""Paged KV cache: fixed-size blocks of `cache_block_seq_len` tokens and a block table per sequence.
+
+quant_policy 0 stores K and V in the compute dtype; 8 and 4 store uint8 codes plus a float16 scale and zero
+per token and head (a QuantizedKV per layer, layout in kernels/kv_quant.py and docs/kv-cache.md).
+"""
 from __future__ import annotations
 
 import torch
 
 from lmc.errors import LmcError
 from lmc.format.config import ModelConfig
+from lmc.kernels.kv_quant import QuantizedKV, vector_bytes
 from lmc.runtime.config import EngineConfig
 
 GRAPH_SCRATCH_BLOCKS = 1  # taken by the CUDA-graph decoder for its padded rows (runtime/cuda_graph.py)
 
 
-def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * dtype.itemsize  # K and V
+def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quant_policy: int = 0) -> int:
+    """K and V of every layer for block_size tokens: codes + scales + zeros when quantized."""
+    per_vector = vector_bytes(cfg.head_dim, quant_policy) if quant_policy else cfg.head_dim * dtype.itemsize
+    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_vector
 
 
 def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
@@ -19,7 +26,7 @@ def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, de
     """Blocks that fit in cache_max_entry_count of free device memory (CPU: of the stated budget),
     capped at what max_batch_size sequences of session_len tokens could ever use plus `reserved_blocks`
     that are never handed to a sequence (the CUDA-graph decoder's scratch block)."""
-    per_block = bytes_per_block(cfg, ecfg.cache_block_seq_len, dtype)
+    per_block = bytes_per_block(cfg, ecfg.cache_block_seq_len, dtype, ecfg.quant_policy)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
     else:
@@ -38,9 +45,17 @@ def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, de
 class PagedKVCache:
     """Per-layer K and V storage of num_blocks blocks; which sequence owns a block is block_manager's business."""
 
-    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device):
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+    def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
+                 quant_policy: int = 0):
+        """k and v: per layer, a [num_blocks, block_size, Hkv, D] tensor of `dtype` (quant_policy 0) or a
+        QuantizedKV of quant_policy bits (8, 4)."""
+        def layer():
+            if quant_policy:
+                return QuantizedKV.empty(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, quant_policy, device)
+            return torch.empty((num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype=dtype, device=device)
+
+        self.k = [layer() for _ in range(cfg.num_layers)]
+        self.v = [layer() for _ in range(cfg.num_layers)]
+        self.quant_policy = quant_policy
         self.block_size = block_size
         self.num_blocks = num_blocks

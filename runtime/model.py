@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from lmc.kernels.kv_quant import QuantizedKV
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
@@ -54,8 +55,8 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
 class PagedBatch:
     """Where this step's tokens sit in the paged KV cache (prefill or decode)."""
 
-    k_cache: list[torch.Tensor]  # per layer [num_blocks, block_size, Hkv, D]
-    v_cache: list[torch.Tensor]
+    k_cache: list[torch.Tensor | QuantizedKV]  # per layer [num_blocks, block_size, Hkv, D] or quantized (8, 4 bits)
+    v_cache: list[torch.Tensor | QuantizedKV]
     slot_mapping: torch.Tensor  # [T] int64
     block_tables: torch.Tensor  # [B, max_blocks] int32
     kv_lens: torch.Tensor  # [B] int32, tokens in cache after this step

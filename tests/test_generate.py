@@ -66,8 +66,8 @@ def test_session_len_and_bad_config(workspace):
     assert r.finish_reason == "length" and r.input_token_len + r.generate_token_len == 40
     with pytest.raises(LmcError, match="session_len is 40"):
         pipe("hello " * 50, GenerationConfig(max_new_tokens=4))
-    with pytest.raises(LmcError, match="quant_policy=8"):
-        pipeline(workspace, backend_config=EngineConfig(device="cpu", quant_policy=8))
+    with pytest.raises(LmcError, match="quant_policy=3"):
+        pipeline(workspace, backend_config=EngineConfig(device="cpu", quant_policy=3))
 
 
 def _lmc(*args, stdin=None, env=None):

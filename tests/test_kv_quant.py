@@ -1,0 +1,382 @@
+"""Quantized KV cache (quant_policy 8 and 4): the codec's error bound and bit layout, the fused rotary +
+quantized cache write and the paged attention kernels against their torch references (Triton interpreter,
+odd shapes), quantized against float attention, the cache's block budget, the config check, and the engine
+end to end (CPU). The gpu-marked tests run compiled kernels and CUDA graphs:
+TRITON_INTERPRET=0 pytest -m gpu tests/test_kv_quant.py
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_cuda_graph import PROMPTS, _engine, _greedy_logits, _rel, _same_prefix_rel, _workspace, gpu, needs_cuda
+from test_kernels import ATTN_TOL, FP32, _cos_sin, _gen, needs_triton, triton_interpreter  # noqa: F401 (fixture)
+
+from lmc.errors import LmcError
+from lmc.kernels import attention, rotary
+from lmc.kernels.kv_quant import QuantizedKV, dequantize_kv_ref, quantize_kv_ref
+
+BITS = [8, 4]
+
+
+# --- the codec ---------------------------------------------------------------------------------------------
+
+
+def _hard_vectors(D: int, g: torch.Generator) -> torch.Tensor:
+    """[10, 3, D] head vectors: plain, wide, tiny, constant, offset far from zero, one outlier, negatives."""
+    base = torch.randn(10, 3, D, generator=g)
+    rows = [base[0], base[1] * 300, base[2] * 1e-6, torch.full((3, D), 0.7), 100 + base[4] * 1e-3,
+            base[5] + 5, -base[6].abs() - 2, base[7] * 4, base[8] / 8, base[9]]
+    rows[5][:, 3] = 60.0  # an outlier channel
+    return torch.stack(rows)  # [10, 3, D]
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D", [24, 80, 128])
+def test_quantize_dequantize_error_at_most_half_a_scale(bits, dtype, D):
+    x = _hard_vectors(D, _gen(D + bits)).to(dtype)
+    codes, scales_zeros = quantize_kv_ref(x, bits)
+    assert codes.dtype == torch.uint8 and codes.shape == (10, 3, D * bits // 8)
+    assert scales_zeros.dtype == torch.float16 and scales_zeros.shape == (10, 3, 2)
+    xf = x.float()
+    scale = scales_zeros[..., 0:1].float()  # [10, 3, 1]
+    err = (dequantize_kv_ref(codes, scales_zeros, bits) - xf).abs()
+    assert (err <= scale / 2 + xf.abs() * 2**-22).all()  # slack: the float32 rounding of c * s + z
+    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
+    exact_zero = scales_zeros[..., 1:2].float() == lo  # [10, 3, 1]
+    if dtype == torch.float16:  # the minimum is a float16 number: it is the zero
+        assert exact_zero.all()
+    # where the zero is the minimum, the scale is LMDeploy's (max - min) / qmax, up to its float16 margin
+    lmdeploy_scale = torch.clamp((hi - lo) / (2**bits - 1), min=2**-14)
+    assert (scale[exact_zero] >= lmdeploy_scale[exact_zero]).all()
+    assert (scale[exact_zero] <= lmdeploy_scale[exact_zero] * 1.002).all()
+
+
+def test_code_layout_bits_8_and_4():
+    """bits 8: byte d holds c[d]; bits 4: byte j holds c[j] in its low and c[j + D/2] in its high nibble."""
+    s = 1 + 2**-10  # float16(qmax * (1 + 2^-10) / qmax): codes below are x rounded
+    codes, sz = quantize_kv_ref(torch.tensor([[0.0, 255.0, 5.0, 10.0]]), 8)
+    assert codes.tolist() == [[0, 255, 5, 10]] and sz.float().tolist() == [[s, 0.0]]
+    codes, sz = quantize_kv_ref(torch.tensor([[-3.0, 12.0, 2.0, 7.0]]), 4)  # codes 0, 15, 5, 10
+    assert codes.tolist() == [[0 | 5 << 4, 15 | 10 << 4]] and sz.float().tolist() == [[s, -3.0]]
+
+
+def test_write_kv_cache_quantizes_into_its_slots_only():
+    g = _gen(20)
+    k_cache, v_cache = (QuantizedKV.empty(4, 5, 2, 16, 4, "cpu") for _ in range(2))
+    for c in (k_cache, v_cache):
+        c.codes.copy_(torch.randint(0, 256, c.codes.shape, generator=g))
+        c.scales_zeros.copy_(torch.randn(c.scales_zeros.shape, generator=g))
+    before = [t.clone() for c in (k_cache, v_cache) for t in (c.codes, c.scales_zeros)]
+    k, v = torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)
+    slots = torch.tensor([17, 3, 9])
+    attention.write_kv_cache(k, v, k_cache, v_cache, slots)
+    for x, c, (codes0, sz0) in ((k, k_cache, before[:2]), (v, v_cache, before[2:])):
+        codes, sz = quantize_kv_ref(x, 4)
+        codes0.view(-1, 2, 8)[slots], sz0.view(-1, 2, 2)[slots] = codes, sz
+        assert torch.equal(c.codes, codes0) and torch.equal(c.scales_zeros, sz0)
+
+
+# --- fused rotary + quantized write ------------------------------------------------------------------------
+
+
+def _noisy_quantized(num_blocks, block_size, Hkv, D, bits, g, nan_scales=False) -> QuantizedKV:
+    c = QuantizedKV.empty(num_blocks, block_size, Hkv, D, bits, "cpu")
+    c.codes.copy_(torch.randint(0, 256, c.codes.shape, generator=g))
+    c.scales_zeros.copy_(torch.full(c.scales_zeros.shape, math.nan) if nan_scales
+                         else torch.randn(c.scales_zeros.shape, generator=g))
+    return c
+
+
+def _clone(c: QuantizedKV) -> QuantizedKV:
+    return QuantizedKV(c.codes.clone(), c.scales_zeros.clone(), c.bits)
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("Hq,Hkv,D", [(6, 2, 64), (3, 3, 24), (8, 1, 80)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rotary_write_kv_quantized_triton_matches_ref(bits, Hq, Hkv, D, dtype):
+    g = _gen(21)
+    T, block_size, num_blocks = 5, 3, 6
+    qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g).to(dtype)  # [T, (Hq + 2 Hkv) D], strided views below
+    q = qkv[:, : Hq * D].view(T, Hq, D)
+    k = qkv[:, Hq * D: (Hq + Hkv) * D].view(T, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
+    cos, sin = _cos_sin(T, D, seed=22)
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T]  # [T]
+    k_ref, v_ref = (_noisy_quantized(num_blocks, block_size, Hkv, D, bits, g) for _ in range(2))
+    k_tri, v_tri = _clone(k_ref), _clone(v_ref)
+    q_ref = rotary.rotary_write_kv_ref(q, k, v, cos, sin, k_ref, v_ref, slots)
+    q_tri = rotary.rotary_write_kv_triton(q, k, v, cos, sin, k_tri, v_tri, slots)
+    assert torch.equal(q_tri, q_ref)
+    for tri, ref in ((k_tri, k_ref), (v_tri, v_ref)):  # same float32 arithmetic: the same codes and scales
+        assert torch.equal(tri.codes, ref.codes) and torch.equal(tri.scales_zeros, ref.scales_zeros)
+
+
+# --- paged attention over quantized caches -----------------------------------------------------------------
+
+
+@dataclass
+class QuantCase:
+    q: torch.Tensor  # [T, Hq, D]
+    float_caches: tuple  # k, v [num_blocks, block_size, Hkv, D] float32 holding the same K/V
+    quant_caches: tuple  # k, v QuantizedKV
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor  # [B + 1] int32
+    kv_lens: torch.Tensor  # [B] int32
+    scale: float
+
+
+def _quant_case(q_lens, kv_lens, Hq, Hkv, D, block_size, dtype, bits, seed=0) -> QuantCase:
+    """K/V per sequence written into shuffled blocks of a float and a quantized cache; the quantized cache's
+    unused slots hold NaN scales, so any read past kv_len shows."""
+    g = _gen(seed)
+    n_blocks = [-(-n // block_size) for n in kv_lens]
+    num_blocks = sum(n_blocks) + 3
+    order = torch.randperm(num_blocks, generator=g)
+    block_tables = torch.zeros(len(kv_lens), max(n_blocks) + 1, dtype=torch.int32)  # a padding column
+    float_caches = (torch.zeros(num_blocks, block_size, Hkv, D), torch.zeros(num_blocks, block_size, Hkv, D))
+    quant_caches = tuple(_noisy_quantized(num_blocks, block_size, Hkv, D, bits, g, nan_scales=True) for _ in range(2))
+    used = 0
+    for b, n in enumerate(kv_lens):
+        block_tables[b, : n_blocks[b]] = order[used: used + n_blocks[b]]
+        used += n_blocks[b]
+        k = torch.randn(n, Hkv, D, generator=g).to(dtype)
+        v = torch.randn(n, Hkv, D, generator=g).to(dtype)
+        pos = torch.arange(n)
+        slots = block_tables[b, pos // block_size].long() * block_size + pos % block_size  # [n]
+        attention.write_kv_cache(k, v, *float_caches, slots)
+        attention.write_kv_cache(k, v, *quant_caches, slots)
+    q = torch.randn(sum(q_lens), Hq, D, generator=g).to(dtype)
+    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    return QuantCase(q, float_caches, quant_caches, block_tables, cu, torch.tensor(kv_lens, dtype=torch.int32),
+                     1.0 / math.sqrt(D))
+
+
+PREFILL_CASES = [  # Hq, Hkv, D, block_size, dtype, block_m, block_n, bits
+    (6, 2, 80, 5, torch.float32, 16, 16, 8),
+    (6, 2, 80, 5, torch.float16, 16, 32, 4),
+    (3, 3, 24, 7, torch.float32, 16, 16, 4),
+    (2, 1, 64, 16, torch.float16, 64, 64, 8),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("Hq,Hkv,D,block_size,dtype,block_m,block_n,bits", PREFILL_CASES)
+def test_prefill_quantized_triton_matches_ref(Hq, Hkv, D, block_size, dtype, block_m, block_n, bits):
+    # a fresh prompt, a one-token chunk, and a chunk after a cached prefix (kv_len > q_len)
+    c = _quant_case((7, 1, 19), (7, 30, 41), Hq, Hkv, D, block_size, dtype, bits, seed=23)
+    args = (c.q, *c.quant_caches, c.block_tables, c.cu_seqlens_q, c.kv_lens, c.scale)
+    out = attention.paged_prefill_attention_triton(*args, block_m=block_m, block_n=block_n)
+    assert out.shape == c.q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, attention.paged_prefill_attention_ref(*args), **ATTN_TOL[dtype])
+
+
+DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits
+    (6, 2, 80, 5, torch.float32, 3, 16, 8),
+    (8, 1, 80, 5, torch.float16, 4, 16, 4),
+    (3, 3, 24, 7, torch.float32, 1, 16, 4),
+    (4, 2, 128, 16, torch.float16, 2, 64, 8),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("Hq,Hkv,D,block_size,dtype,num_splits,block_n,bits", DECODE_CASES)
+def test_decode_quantized_triton_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits):
+    # kv_len 1 leaves splits empty; 16 and 37 and 70 end mid-block for most block sizes
+    c = _quant_case((1, 1, 1, 1), (1, 37, 70, 16), Hq, Hkv, D, block_size, dtype, bits, seed=24)
+    args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n)
+    assert out.shape == c.q.shape and out.dtype == dtype
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **ATTN_TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_quantized_empty_sequence_gives_zeros(bits):
+    c = _quant_case((1, 1), (9, 9), 6, 2, 64, 5, torch.float32, bits, seed=25)
+    kv_lens = torch.tensor([9, 0], dtype=torch.int32)  # a padding row
+    out = attention.paged_decode_attention_triton(c.q, *c.quant_caches, c.block_tables, kv_lens, c.scale,
+                                                  num_splits=2, block_n=16)
+    assert torch.equal(out[1], torch.zeros_like(out[1]))
+    ref = attention.paged_decode_attention_ref(c.q[:1], *c.quant_caches, c.block_tables[:1], kv_lens[:1], c.scale)
+    torch.testing.assert_close(out[:1], ref, **FP32)
+
+
+# measured (torch reference, this case): int8 0.0069 prefill / 0.0071 decode, int4 0.120 / 0.133; rounding noise
+# uniform in +-s/2, s = range / qmax (range ~5.5 for 128 N(0, 1) values), is s / sqrt(12): 0.0062 and 0.106
+QUANT_ERROR_BOUND = {8: 0.015, 4: 0.2}
+
+
+@pytest.mark.parametrize("bits", BITS)
+def test_quantized_attention_close_to_float_attention(bits):
+    """Reference attention over the quantized cache against the same K/V in float32: the relative error
+    (Frobenius norm of the difference over that of the float output) stays within QUANT_ERROR_BOUND."""
+    c = _quant_case((40, 1, 64), (40, 150, 300), 8, 2, 128, 16, torch.float32, bits, seed=26)
+    prefill = [attention.paged_prefill_attention_ref(c.q, *caches, c.block_tables, c.cu_seqlens_q, c.kv_lens, c.scale)
+               for caches in (c.float_caches, c.quant_caches)]
+    last = (c.cu_seqlens_q[1:] - 1).long()  # decode: each sequence's last query
+    decode = [attention.paged_decode_attention_ref(c.q[last], *caches, c.block_tables, c.kv_lens, c.scale)
+              for caches in (c.float_caches, c.quant_caches)]
+    for exact, quantized in (prefill, decode):
+        rel = float((quantized - exact).norm() / exact.norm())
+        assert 0 < rel <= QUANT_ERROR_BOUND[bits], rel
+
+
+# --- storage, budget, config -------------------------------------------------------------------------------
+
+
+def _model_cfg(head_dim: int):
+    return SimpleNamespace(num_layers=4, num_kv_heads=8, head_dim=head_dim, max_position_embeddings=4096)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_quantized_blocks_per_budget(head_dim):
+    """fp16 float cache vs int8 / int4 codes plus a float16 scale and zero per token and head: about 2x and
+    3.5x the blocks for the same budget (D=64: 128 / 68 and 128 / 36 bytes; D=128: 256 / 132 and 256 / 68)."""
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.kv_cache import bytes_per_block, plan_num_blocks
+
+    cfg = _model_cfg(head_dim)
+    vectors = 2 * 4 * 64 * 8  # K and V, layers, tokens per block, kv heads
+    assert bytes_per_block(cfg, 64, torch.float16) == vectors * head_dim * 2
+    assert bytes_per_block(cfg, 64, torch.float16, 8) == vectors * (head_dim + 4)
+    assert bytes_per_block(cfg, 64, torch.float16, 4) == vectors * (head_dim // 2 + 4)
+    blocks = {p: plan_num_blocks(cfg, EngineConfig(quant_policy=p, max_batch_size=10**6), torch.float16,
+                                 torch.device("cpu")) for p in (0, 8, 4)}
+    assert blocks[0] == int(2.0 * 1024**3 * 0.8) // bytes_per_block(cfg, 64, torch.float16)
+    assert 1.85 <= blocks[8] / blocks[0] <= 2.0
+    assert 3.5 <= blocks[4] / blocks[0] <= 4.0
+
+
+@pytest.mark.parametrize("policy", [8, 4])
+def test_paged_kv_cache_allocates_quantized_storage(policy):
+    from lmc.runtime.kv_cache import PagedKVCache, bytes_per_block
+
+    cfg = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=24)
+    cache = PagedKVCache(cfg, 5, 7, torch.float16, torch.device("cpu"), quant_policy=policy)
+    assert cache.quant_policy == policy and len(cache.k) == len(cache.v) == 3
+    for layer in cache.k + cache.v:
+        assert isinstance(layer, QuantizedKV) and layer.bits == policy and layer.shape == (5, 7, 2, 24)
+        assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (5, 7, 2, 24 * policy // 8)
+        assert layer.scales_zeros.dtype == torch.float16 and layer.scales_zeros.shape == (5, 7, 2, 2)
+    stored = sum(t.nbytes for layer in cache.k + cache.v for t in (layer.codes, layer.scales_zeros))
+    assert stored == 5 * bytes_per_block(cfg, 7, torch.float16, policy)
+    assert all(t.dtype == torch.float16 for t in PagedKVCache(cfg, 5, 7, torch.float16, torch.device("cpu")).k)
+
+
+def test_engine_config_quant_policy():
+    from lmc.runtime.config import EngineConfig
+
+    for policy in (0, 4, 8):
+        EngineConfig(quant_policy=policy).check()
+    for policy in (1, 2, 16, -8):
+        with pytest.raises(LmcError, match=f"quant_policy={policy} is not a KV cache policy") as e:
+            EngineConfig(quant_policy=policy).check()
+        assert "\n" not in str(e.value)
+
+
+# --- the engine, end to end (CPU: the torch references) ----------------------------------------------------
+
+
+def test_engine_quantized_cache_close_to_float_cache(checkpoint, tmp_path):
+    """A tiny random llama, greedy through the public API: the first step's logits (the prefill's) with an int8
+    cache within 2% of the float cache's, and every step's while the greedy contexts agree; int4 within 15%
+    (measured: int8 0.51% and 0.43%, int4 6.3% and 6.4%). The first tokens agree with int8; 2 of the 3 texts
+    agree to the end (the third parts at its 4th token: a random model's logits have near ties)."""
+    ws = _workspace(checkpoint, tmp_path)
+    engines = {p: _engine(ws, "cpu", quant_policy=p) for p in (0, 8, 4)}
+    assert isinstance(engines[8].cache.k[0], QuantizedKV) and engines[4].cache.k[0].bits == 4
+    runs = {p: _greedy_logits(e, PROMPTS, 16) for p, e in engines.items()}  # (tokens, [16, V] logits) per prompt
+    first = {p: torch.stack([logits[0] for logits in runs[p][1]]) for p in runs}  # [B, V]
+    assert 0 < _rel(first[8], first[0]) <= 0.02 and 0 < _rel(first[4], first[0]) <= 0.15
+    assert 0 < _same_prefix_rel(runs[8], runs[0]) <= 0.02 and 0 < _same_prefix_rel(runs[4], runs[0]) <= 0.15
+    assert [t[:3] for t in runs[8][0]] == [t[:3] for t in runs[0][0]]
+    assert all(len(t) == 16 for p in runs for t in runs[p][0])
+
+
+@pytest.mark.parametrize("policy", BITS)
+def test_chunked_prefill_reads_earlier_quantized_chunks(checkpoint, tmp_path, policy):
+    """Prompts prefilled 8 tokens a step (later chunks attend to the quantized K/V of earlier ones) give what
+    one-step prefills give: every token reads the same quantized cache either way."""
+    ws = _workspace(checkpoint, tmp_path)
+    whole = _greedy_logits(_engine(ws, "cpu", quant_policy=policy), PROMPTS, 6)
+    chunked = _greedy_logits(_engine(ws, "cpu", quant_policy=policy, max_prefill_token_num=8), PROMPTS, 6)
+    assert chunked[0] == whole[0] and _same_prefix_rel(chunked, whole) <= 1e-5
+
+
+@pytest.mark.parametrize("policy", BITS)
+def test_padded_graph_step_with_quantized_cache_matches_eager_on_cpu(checkpoint, tmp_path, policy):
+    """GraphDecoder's padded step (eager on CPU) over a quantized cache gives the engine's eager decode: the
+    padding rows write and read only the scratch block's quantized slot."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+
+    ws = _workspace(checkpoint, tmp_path)
+    eager = _greedy_logits(_engine(ws, "cpu", quant_policy=policy), PROMPTS, 8)
+    engine = _engine(ws, "cpu", quant_policy=policy)
+    engine.decoder = GraphDecoder(engine)
+    calls = []
+    step = engine.decoder.step
+    engine.decoder.step = lambda seqs: (calls.append(len(seqs)), step(seqs))[1]
+    padded = _greedy_logits(engine, PROMPTS, 8)  # 3 sequences in the bucket of 4
+    assert calls and padded[0] == eager[0] and _same_prefix_rel(padded, eager) <= 1e-5
+
+
+# --- on a GPU ----------------------------------------------------------------------------------------------
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantized_kernels_on_cuda(bits, dtype):
+    """Compiled kernels at model sizes against the references: the fused write's codes within one step of the
+    reference's (GPU float32 may round a tie the other way), attention within the float kernels' tolerance."""
+    g = _gen(27)
+    T, Hq, Hkv, D, block_size, num_blocks = 9, 32, 8, 128, 64, 4
+    q, k, v = (torch.randn(T, h, D, generator=g).to(dtype).cuda() for h in (Hq, Hkv, Hkv))
+    cos, sin = (t.cuda() for t in _cos_sin(T, D, seed=28))
+    slots = torch.randperm(num_blocks * block_size, generator=g)[:T].cuda()
+    caches = [QuantizedKV.empty(num_blocks, block_size, Hkv, D, bits, "cuda") for _ in range(4)]
+    rotary.rotary_write_kv_triton(q, k, v, cos, sin, caches[0], caches[1], slots)
+    rotary.rotary_write_kv_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
+    for tri, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
+        deq = [dequantize_kv_ref(c.codes.flatten(0, 1)[slots], c.scales_zeros.flatten(0, 1)[slots], bits)
+               for c in (tri, ref)]
+        step = ref.scales_zeros.flatten(0, 1)[slots][..., 0:1].float()
+        assert ((deq[0] - deq[1]).abs() <= step * 1.01 + 0.02 * deq[1].abs() + 1e-3).all()
+
+    c = _quant_case((7, 1, 130), (7, 300, 517), Hq, Hkv, D, block_size, dtype, bits, seed=29)
+    qc, caches = c.q.cuda(), [QuantizedKV(x.codes.cuda(), x.scales_zeros.cuda(), bits) for x in c.quant_caches]
+    tables, cu, kv_lens = c.block_tables.cuda(), c.cu_seqlens_q.cuda(), c.kv_lens.cuda()
+    tol = dict(rtol=1e-2, atol=1e-2)
+    out = attention.paged_prefill_attention(qc, *caches, tables, cu, kv_lens, c.scale)
+    torch.testing.assert_close(out.float(), attention.paged_prefill_attention_ref(qc, *caches, tables, cu, kv_lens,
+                                                                                c.scale).float(), **tol)
+    last = (cu[1:] - 1).long()
+    out = attention.paged_decode_attention(qc[last], *caches, tables, kv_lens, c.scale)
+    torch.testing.assert_close(out.float(), attention.paged_decode_attention_ref(qc[last], *caches, tables, kv_lens,
+                                                                               c.scale).float(), **tol)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("policy", BITS)
+def test_graph_decode_with_quantized_cache_on_gpu(checkpoint, tmp_path, policy):
+    """CUDA graphs replay the quantized decode (fp32 workspace): the eager engine's greedy tokens and logits,
+    with no capture falling back."""
+    ws = _workspace(checkpoint, tmp_path)
+    graph_engine = _engine(ws, "cuda", quant_policy=policy)
+    eager_engine = _engine(ws, "cuda", cuda_graph=False, quant_policy=policy)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        graph = _greedy_logits(graph_engine, PROMPTS, 24)
+    assert not [w for w in caught if "lmc:" in str(w.message)] and graph_engine.decoder.graphs
+    eager = _greedy_logits(eager_engine, PROMPTS, 24)
+    assert graph[0] == eager[0] and _same_prefix_rel(graph, eager) <= 1e-4
