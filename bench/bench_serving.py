@@ -106,6 +106,7 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/lmc_bench_serving")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, few requests: checks the script")
     parser.add_argument("--skip", default="", help="comma-separated: fp16, int4, transformers")
+    parser.add_argument("--build-only", action="store_true", help="build the workspaces and stop")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -116,6 +117,8 @@ def main() -> int:
     plan = [(1, 4), (4, 16)] if args.smoke else [(1, 16), (16, 320), (64, 1000), (256, 1000)]
     work = Path(args.work)
     paths = build(TINY if args.smoke else LLAMA3_8B, work, "cuda")
+    if args.build_only:
+        return 0
     report = {"device": torch.cuda.get_device_name(), "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), "host": platform.node(),
               "model": "random Llama-3-8B shape" if not args.smoke else "tiny", "settings": {

@@ -1,0 +1,121 @@
+"""Where a serving step's time goes: `lmc bench`'s load on one engine, every step timed by kind.
+
+Each engine.step() is timed on the host with a device sync after it (this turns the pipelined decode
+off, which only affects pure-decode steps), and classified: "decode" (every running sequence computes
+one token: the CUDA-graph path), "mixed" (decodes plus prompt chunks: the eager ragged path) or
+"prefill" (prompt chunks only). A torch profile of a few steps of each kind gives GPU time per kernel
+family.
+
+    python bench/profile_serving.py WORKSPACE --concurrency 256 --num-prompts 600 --out prof.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).parent))
+from profile_decode import kernel_family  # noqa: E402
+
+from lmc import bench as B  # noqa: E402
+from lmc.runtime.config import EngineConfig  # noqa: E402
+from lmc.runtime.engine import Engine  # noqa: E402
+
+
+def instrument(engine: Engine, log: list, profiled: dict) -> None:
+    step, schedule = engine.step, engine.scheduler.schedule
+    current = {}
+
+    def spy_schedule():
+        batch = schedule()
+        current["batch"] = batch
+        return batch
+
+    def timed_step():
+        current["batch"] = None
+        t0 = time.perf_counter()
+        kind_hint = None
+        prof = None
+        profiled["attempts"] += 1
+        if profiled["attempts"] % 7 == 0 and len(profiled["done"]) < 9 and engine.scheduler.has_work():
+            prof = profile(activities=[ProfilerActivity.CUDA])
+            prof.__enter__()
+        step()
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        batch = current["batch"]
+        if batch is not None:
+            new = sum(batch.num_new)
+            kind_hint = "decode" if batch.is_decode else ("prefill" if new > 0 and all(n > 1 for n in batch.num_new) else "mixed")
+            log.append({"kind": kind_hint, "seqs": len(batch.seqs), "tokens": new, "ms": seconds * 1e3})
+        if prof is not None:
+            prof.__exit__(None, None, None)
+            if kind_hint and profiled["count"][kind_hint] < 3:
+                profiled["count"][kind_hint] += 1
+                families = defaultdict(float)
+                for e in prof.events():
+                    if e.device_type == torch.autograd.DeviceType.CUDA:
+                        families[kernel_family(e.name)] += e.device_time_total
+                profiled["done"].append({"kind": kind_hint, "seqs": len(batch.seqs), "tokens": sum(batch.num_new),
+                                         "wall_ms": seconds * 1e3,
+                                         "gpu_us": dict(sorted(families.items(), key=lambda kv: -kv[1]))})
+
+    engine.scheduler.schedule = spy_schedule
+    engine.step = timed_step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workspace")
+    ap.add_argument("--concurrency", type=int, default=256)
+    ap.add_argument("--num-prompts", type=int, default=600)
+    ap.add_argument("--input-len", type=int, default=224)
+    ap.add_argument("--output-len", type=int, default=200)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    engine = Engine(args.workspace, EngineConfig(max_batch_size=args.concurrency, session_len=1024))
+    vocab = list(range(10, engine.cfg.vocab_size))
+    warm = B.random_requests(2 * args.concurrency, args.input_len, args.output_len, 0.5, vocab, seed=1)
+    engine.start()
+    B.run_bench(warm, args.concurrency, B.engine_sender(engine), False)  # compile kernels, capture graphs
+    engine.stop()
+    log: list = []
+    profiled = {"done": [], "attempts": 0, "count": defaultdict(int)}
+    instrument(engine, log, profiled)
+    engine.start()
+    requests = B.random_requests(args.num_prompts, args.input_len, args.output_len, 0.5, vocab, seed=2)
+    result = B.run_bench(requests, args.concurrency, B.engine_sender(engine), False)
+    engine.stop()
+    by_kind = defaultdict(lambda: {"steps": 0, "ms": 0.0, "tokens": 0, "seqs": 0})
+    for row in log:
+        k = by_kind[row["kind"]]
+        k["steps"] += 1
+        k["ms"] += row["ms"]
+        k["tokens"] += row["tokens"]
+        k["seqs"] += row["seqs"]
+    summary = {k: {**v, "ms_per_step": v["ms"] / v["steps"], "seqs_per_step": v["seqs"] / v["steps"],
+                   "tokens_per_step": v["tokens"] / v["steps"]} for k, v in by_kind.items()}
+    report = {"device": torch.cuda.get_device_name(), "workspace": args.workspace, "concurrency": args.concurrency,
+              "num_prompts": args.num_prompts, "bench": result, "steps": summary,
+              "total_step_ms": sum(r["ms"] for r in log), "profiles": profiled["done"]}
+    for kind, v in summary.items():
+        print(f"{kind:8} {v['steps']:5} steps  {v['ms_per_step']:8.2f} ms/step  {v['seqs_per_step']:6.1f} seqs  "
+              f"{v['tokens_per_step']:7.1f} tokens/step  ({v['ms'] / 1e3:.2f} s)")
+    print(f"bench: {result['output_throughput']:.1f} out tok/s, {result['duration_s']:.1f} s; "
+          f"steps {report['total_step_ms'] / 1e3:.1f} s")
+    for p in profiled["done"]:
+        top = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in list(p["gpu_us"].items())[:6])
+        print(f"  profile {p['kind']:7} seqs {p['seqs']:4} tokens {p['tokens']:5} wall {p['wall_ms']:.2f} ms: {top} (GPU ms)")
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
