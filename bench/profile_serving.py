@@ -35,6 +35,9 @@ def instrument(engine: Engine, log: list, profiled: dict) -> None:
     def spy_schedule():
         batch = schedule()
         current["batch"] = batch
+        if batch is not None:
+            current["kind"] = "decode" if batch.is_decode else \
+                ("prefill" if all(n > 1 for n in batch.num_new) else "mixed")
         return batch
 
     def timed_step():
@@ -51,9 +54,8 @@ def instrument(engine: Engine, log: list, profiled: dict) -> None:
         seconds = time.perf_counter() - t0
         batch = current["batch"]
         if batch is not None:
-            new = sum(batch.num_new)
-            kind_hint = "decode" if batch.is_decode else ("prefill" if new > 0 and all(n > 1 for n in batch.num_new) else "mixed")
-            log.append({"kind": kind_hint, "seqs": len(batch.seqs), "tokens": new, "ms": seconds * 1e3})
+            kind_hint = current["kind"]
+            log.append({"kind": kind_hint, "seqs": len(batch.seqs), "tokens": sum(batch.num_new), "ms": seconds * 1e3})
         if prof is not None:
             prof.__exit__(None, None, None)
             if kind_hint and profiled["count"][kind_hint] < 3:

@@ -18,6 +18,7 @@ class EngineConfig:
     tp: int = 1
     max_prefill_token_num: int = 8192  # tokens computed per step: longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True  # share full KV blocks between requests with a common prefix
+    prefill_interval: int = 16  # while sequences decode, waiting ones are admitted every this many steps
     device: str | None = None  # "cuda", "cpu"; None: cuda when available
     dtype: str | None = None  # compute dtype override; None: the workspace's dtype (float32 on CPU for fp16)
     cpu_cache_budget_gb: float = 2.0
@@ -41,6 +42,7 @@ class EngineConfig:
         positive_int("max_batch_size", self.max_batch_size)
         positive_int("cache_block_seq_len", self.cache_block_seq_len)
         positive_int("max_prefill_token_num", self.max_prefill_token_num)
+        positive_int("prefill_interval", self.prefill_interval)
         if self.session_len is not None:
             positive_int("session_len", self.session_len)
             if self.session_len < 2:

@@ -96,7 +96,7 @@ class RequestHandle:
 
     def _put(self, out: RequestOutput) -> None:  # engine side, any thread
         if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, out)
+            self.engine._outbox.setdefault(self._loop, []).append((self._queue, out))
         else:
             self._queue.put(out)
 
@@ -132,6 +132,12 @@ class RequestHandle:
     def result(self) -> Response:
         """Wait for the end and return the whole generation."""
         return merge_outputs(list(self))
+
+
+def _deliver(items: list) -> None:
+    """On the consumer's asyncio loop: put each output in its handle's queue."""
+    for q, out in items:
+        q.put_nowait(out)
 
 
 def merge_outputs(outputs: list[RequestOutput], index: int = 0) -> Response:
@@ -181,13 +187,14 @@ class Engine:
                                      reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
         self.cache = PagedKVCache(self.cfg, num_blocks, config.cache_block_seq_len, self.dtype, self.device, config.quant_policy)
         self.blocks = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num)
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num, config.prefill_interval)
         self.decoder = None
         if graphs:
             from lmc.runtime.cuda_graph import GraphDecoder
 
             self.decoder = GraphDecoder(self)
         self._requests: dict[str, _Request] = {}
+        self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async outputs of this step, sent once per loop
         self._ahead: tuple[Batch, object] | None = None  # (its sequences, the GreedyStep) of a step run ahead
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()  # ("add", _Request) | ("abort", request_id)
         self._lock = threading.RLock()  # held by whoever steps or drains the inbox
@@ -242,31 +249,44 @@ class Engine:
     def step(self) -> None:
         """One scheduler iteration: admit, compute one forward, sample, stream the outputs."""
         with self._lock:
-            if self._ahead is not None:  # a greedy decode step launched ahead by the previous call
-                batch, launched = self._ahead
-                self._ahead = None
-                self._pipelined_step(batch, launched)
-                return
-            self._drain()
-            batch = self.scheduler.schedule()
-            for seq in self.scheduler.overflowed:  # the KV cache cannot hold it even alone
-                r = self._requests[seq.request_id]
-                r.text += r.detok.flush()
-                self._finish(r, "length", [], r.text[r.sent:], None)
-            self.scheduler.overflowed.clear()
-            if batch is None:
-                return
-            if self._pipelines(batch):
-                with torch.inference_mode():
-                    launched = self.decoder.launch_greedy(batch.seqs)
-                self._pipelined_step(batch, launched)
-                return
-            sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+            try:
+                self._step()
+            finally:
+                self._flush_outbox()
+
+    def _flush_outbox(self) -> None:
+        """Hand this step's outputs to each asyncio loop in one call (a wake-up per loop, not per token).
+        Called with the lock held, as every producer of outputs is."""
+        while self._outbox:
+            loop, items = self._outbox.popitem()
+            loop.call_soon_threadsafe(_deliver, items)
+
+    def _step(self) -> None:
+        if self._ahead is not None:  # a greedy decode step launched ahead by the previous call
+            batch, launched = self._ahead
+            self._ahead = None
+            self._pipelined_step(batch, launched)
+            return
+        self._drain()
+        batch = self.scheduler.schedule()
+        for seq in self.scheduler.overflowed:  # the KV cache cannot hold it even alone
+            r = self._requests[seq.request_id]
+            r.text += r.detok.flush()
+            self._finish(r, "length", [], r.text[r.sent:], None)
+        self.scheduler.overflowed.clear()
+        if batch is None:
+            return
+        if self._pipelines(batch):
             with torch.inference_mode():
-                logits = self._forward(batch)  # [S, V] for the sequences that sample
-                self.scheduler.computed(batch)
-                if sampling:
-                    self._accept(sampling, logits)
+                launched = self.decoder.launch_greedy(batch.seqs)
+            self._pipelined_step(batch, launched)
+            return
+        sampling = [seq for i, seq in enumerate(batch.seqs) if batch.samples(i)]
+        with torch.inference_mode():
+            logits = self._forward(batch)  # [S, V] for the sequences that sample
+            self.scheduler.computed(batch)
+            if sampling:
+                self._accept(sampling, logits)
 
     # ------------------------------------------------------------------ pipelined greedy decode
     def _pipelines(self, batch: Batch) -> bool:
@@ -277,7 +297,7 @@ class Engine:
         for seq in batch.seqs:
             r = self._requests[seq.request_id]
             g = r.gen
-            if not g.greedy or g.repetition_penalty != 1.0 or r.banned or len(seq.output) < r.min_new_tokens \
+            if not g.greedy or g.repetition_penalty != 1.0 or r.banned or seq.num_output < r.min_new_tokens \
                     or g.logprobs is not None or g.output_logits:
                 return False
         return True
@@ -285,7 +305,7 @@ class Engine:
     def _launch_ahead(self, seqs: list[Sequence], launched) -> object | None:
         """Launch the step after `launched` (its device tokens as inputs) when nothing else wants the GPU next:
         no request arriving or admissible, no sequence at its length limit, a KV slot for every next token."""
-        if not self._inbox.empty() or (self.scheduler.waiting and len(self.scheduler.running) < self.config.max_batch_size):
+        if not self._inbox.empty() or self.scheduler.admits_next_step():
             return None  # a request could be admitted next step
         if any(seq.length + 1 >= self._requests[seq.request_id].max_length for seq in seqs):
             return None
@@ -381,6 +401,7 @@ class Engine:
         if self._lock.acquire(blocking=False):  # idle: apply at once (an abort frees its blocks now)
             try:
                 self._drain()
+                self._flush_outbox()
             finally:
                 self._lock.release()
 
@@ -451,7 +472,7 @@ class Engine:
         rows = []
         for r in reqs:
             banned = r.banned
-            if len(r.seq.output) < r.min_new_tokens:
+            if r.seq.num_output < r.min_new_tokens:
                 banned = banned + sorted(r.eos_ids | r.stop_ids)
             seen = r.seq.tokens if r.gen.repetition_penalty != 1.0 else []
             rows.append(SampleRow(r.gen, r.generator, seen, banned))
@@ -489,7 +510,7 @@ class Engine:
             end = len(r.text)
         delta, r.sent = r.text[r.sent:end], max(r.sent, end)
         if reason is None:
-            r.handle._put(RequestOutput(seq.request_id, [token], delta, None, seq.num_prompt, len(seq.output),
+            r.handle._put(RequestOutput(seq.request_id, [token], delta, None, seq.num_prompt, seq.num_output,
                                         [lp] if lp else None, logits))
         else:
             self._finish(r, reason, [token], delta, lp, logits)
@@ -500,5 +521,5 @@ class Engine:
         self.scheduler.free(seq)
         del self._requests[seq.request_id]
         self._counters["finished"] += 1
-        r.handle._put(RequestOutput(seq.request_id, tokens, delta, reason, seq.num_prompt, len(seq.output),
+        r.handle._put(RequestOutput(seq.request_id, tokens, delta, reason, seq.num_prompt, seq.num_output,
                                     [lp] if lp else None, logits))

@@ -45,6 +45,10 @@ class Sequence:
         return self.tokens[self.num_prompt:]
 
     @property
+    def num_output(self) -> int:
+        return len(self.tokens) - self.num_prompt
+
+    @property
     def pending(self) -> int:
         """Tokens to compute before the next token can be sampled."""
         return len(self.tokens) - self.num_computed
@@ -76,10 +80,12 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_batch_size: int, max_step_tokens: int):
+    def __init__(self, blocks: BlockManager, max_batch_size: int, max_step_tokens: int, prefill_interval: int = 1):
         self.blocks = blocks
         self.max_batch_size = max_batch_size
         self.max_step_tokens = max_step_tokens
+        self.prefill_interval = prefill_interval
+        self.steps_since_admission = prefill_interval  # the first request is admitted at once
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # oldest first
         self.preemptions = 0
@@ -150,8 +156,10 @@ class Scheduler:
             seqs.append(seq)
             num_new.append(n)
             budget -= n
-        # waiting sequences in arrival order; a preempted one is first in line again
-        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size:
+        # waiting sequences in arrival order (a preempted one is first in line again); while sequences decode,
+        # only every prefill_interval steps, so most steps stay pure decode steps
+        admitted = 0
+        while self.waiting and budget > 0 and len(self.running) < self.max_batch_size and self._admission_open():
             seq = self.waiting[0]
             self._start(seq)
             n = min(seq.pending, budget)
@@ -170,7 +178,17 @@ class Scheduler:
             seqs.append(seq)
             num_new.append(n)
             budget -= n
+            admitted += 1
+        self.steps_since_admission = 0 if admitted else self.steps_since_admission + 1
         return Batch(seqs, num_new) if seqs else None
+
+    def _admission_open(self) -> bool:
+        return not self.running or self.steps_since_admission >= self.prefill_interval - 1
+
+    def admits_next_step(self) -> bool:
+        """Whether the next schedule() would admit a waiting sequence (so nothing should run ahead of it)."""
+        return bool(self.waiting) and len(self.running) < self.max_batch_size and \
+            (not self.running or self.steps_since_admission + 1 >= self.prefill_interval - 1)
 
     def computed(self, batch: Batch) -> None:
         """After the forward: advance each sequence and make its newly full blocks findable."""

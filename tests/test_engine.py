@@ -91,7 +91,7 @@ def test_chunked_prefill_equals_unchunked(ws):
 
 def test_long_prompt_does_not_stall_running_decodes(ws):
     """A long prompt is prefilled in chunks while the running sequences keep decoding every step."""
-    engine = _engine(ws, max_prefill_token_num=16)
+    engine = _engine(ws, max_prefill_token_num=16, prefill_interval=1)
     short = engine.add_request([5, 6, 7], GenerationConfig(max_new_tokens=40, ignore_eos=True))
     engine.step()  # the short prompt is prefilled and running
     long = engine.add_request(list(range(10, 130)), GenerationConfig(max_new_tokens=2, ignore_eos=True))
@@ -101,6 +101,23 @@ def test_long_prompt_does_not_stall_running_decodes(ws):
         seen.append(engine.stats().running)
     assert len(short.result().token_ids) == 40 and len(long.result().token_ids) == 2
     assert seen[0] == 2
+
+
+def test_waiting_requests_join_every_prefill_interval_steps(ws):
+    """While sequences decode, a new request waits for the next admission step (so most steps stay pure decode
+    steps, which run as CUDA graphs); with nothing running it starts at once."""
+    engine = _engine(ws, prefill_interval=4)
+    first = engine.add_request([5, 6, 7], GenerationConfig(max_new_tokens=30, ignore_eos=True))
+    engine.step()
+    assert engine.stats().running == 1  # admitted at once: nothing was running
+    engine.step()
+    late = engine.add_request([8, 9], GenerationConfig(max_new_tokens=5, ignore_eos=True))
+    running = []
+    for _ in range(4):
+        engine.step()
+        running.append(engine.stats().running)
+    assert running[0] == 1 and 2 in running  # joined within prefill_interval steps, not at the first
+    assert len(late.result().token_ids) == 5 and len(first.result().token_ids) == 30
 
 
 def test_prefix_caching_on_equals_off_and_hits(ws):
