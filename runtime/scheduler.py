@@ -179,19 +179,23 @@ class Scheduler:
             num_new.append(n)
             budget -= n
             admitted += 1
-        self.steps_since_admission = 0 if admitted else self.steps_since_admission + 1
+        if admitted:
+            self.steps_since_admission = 0
         return Batch(seqs, num_new) if seqs else None
 
     def _admission_open(self) -> bool:
-        return not self.running or self.steps_since_admission >= self.prefill_interval - 1
+        return not self.running or self.steps_since_admission >= self.prefill_interval
 
     def admits_next_step(self) -> bool:
-        """Whether the next schedule() would admit a waiting sequence (so nothing should run ahead of it)."""
+        """Whether the next schedule() would admit a waiting sequence, counting the step about to be accepted
+        (so nothing should be launched ahead of it)."""
         return bool(self.waiting) and len(self.running) < self.max_batch_size and \
-            (not self.running or self.steps_since_admission + 1 >= self.prefill_interval - 1)
+            (not self.running or self.steps_since_admission + 1 >= self.prefill_interval)
 
     def computed(self, batch: Batch) -> None:
-        """After the forward: advance each sequence and make its newly full blocks findable."""
+        """After the forward (scheduled here or run ahead by the engine): advance each sequence and make its
+        newly full blocks findable."""
+        self.steps_since_admission += 1
         bs = self.blocks.block_size
         for seq, n in zip(batch.seqs, batch.num_new):
             seq.num_computed += n

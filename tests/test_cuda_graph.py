@@ -285,3 +285,25 @@ def test_pdl_decode_equals_decode_without_it(checkpoint, tmp_path, monkeypatch):
         assert engine.decoder.graphs
     assert logits["1"][0] == logits["0"][0]
     assert all(torch.equal(a, b) for a, b in zip(logits["1"][1], logits["0"][1]))
+
+
+def test_pipelined_decode_lets_waiting_requests_in(checkpoint, tmp_path):
+    """With steps launched ahead (GraphDecoder's padded step, eager on CPU), a request that arrives while one
+    decodes still joins within prefill_interval steps: steps run ahead count towards the interval (an H200 run
+    where they did not kept 16 concurrent clients at one running sequence)."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+    from lmc.runtime.sampling import GenerationConfig
+
+    engine = _engine(_workspace(checkpoint, tmp_path), "cpu", prefill_interval=6)
+    engine.decoder = GraphDecoder(engine)
+    first = engine.add_request([5, 6, 7], GenerationConfig(max_new_tokens=40, ignore_eos=True))
+    for _ in range(4):
+        engine.step()
+    assert engine._ahead is not None  # decoding runs ahead
+    late = engine.add_request([8, 9], GenerationConfig(max_new_tokens=3, ignore_eos=True))
+    running = []
+    for _ in range(9):
+        engine.step()
+        running.append(engine.stats().running)
+    assert 2 in running
+    assert len(late.result().token_ids) == 3 and len(first.result().token_ids) == 40
