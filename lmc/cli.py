@@ -111,7 +111,10 @@ def verify(workspace):
 @click.argument("src")
 @click.option("-o", "--output", "--work-dir", "out", required=True, help="output folder (--work-dir as in lmdeploy lite auto_awq)")
 @click.option("--w-bits", type=int, default=4, show_default=True)
-@click.option("--w-group-size", type=int, default=128, show_default=True, help="32, 64 or 128")
+@click.option("--w-group-size", type=int, default=128, show_default=True,
+              help="32, 64 or 128. The HF AWQ output (AutoAWQ's GEMM layout) needs every linear's K (input features) "
+                   "to be a multiple of it and N of 8; where one is not (SmolLM2's hidden 576 with 128), an lmc "
+                   "workspace is written instead and stderr says which linear")
 @click.option("--calib-dataset", default="ptb", show_default=True, help="ptb, wikitext2, c4, pileval or a .txt/.jsonl/.parquet path")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="0: plain round-to-nearest")
 @click.option("--calib-seqlen", type=int, default=1024, show_default=True)
@@ -122,22 +125,20 @@ def verify(workspace):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
-@click.option("--workspace", is_flag=True, help="write an lmc workspace instead of an HF AWQ checkpoint")
+@click.option("--workspace", is_flag=True,
+              help="write an lmc workspace instead of an HF AWQ checkpoint (also the fallback when AutoAWQ's GEMM "
+                   "layout cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
 @user_errors
 def quantize(src, out, force, as_json, **kw):
     """AWQ W4A16: calibrate on text, search scales and clipping, pack int4 (HF folder or GGUF SRC)."""
-    from lmc.compiler.quantize import QuantizeOptions, quantize as run_quantize, summary_json
+    from lmc.compiler.quantize import QuantizeOptions, command_line, quantize as run_quantize, resolve_options, summary_json
 
-    opts = QuantizeOptions(**kw)
-    command = (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
-               f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
-               f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
-               f"--search-samples {opts.search_samples or 'auto'} --seed {opts.seed} --dtype {opts.dtype}"
-               + (" --workspace" if opts.workspace else ""))
+    opts = resolve_options(QuantizeOptions(**kw))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    summary = run_quantize(src, out, opts, force=force, command=command, say=say)
+    summary = run_quantize(src, out, opts, force=force, command=command_line(opts), say=say,
+                           warn=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(summary_json(summary))
     else:
