@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import sys
 
 import click
@@ -252,17 +253,23 @@ def _text_origin(source: str) -> str:
     return kind if kind in ("hub", "bundled") else "file"
 
 
+CPU_EVAL_TOKENS = 40 * 512  # tokens `eval ppl` scores on the CPU by default: a minute or so for a 135M model
+
+
 @eval_group.command(name="ppl")
 @click.argument("path")
 @click.option("--dataset", default="wikitext2", show_default=True,
               help="wikitext2, ptb, c4, pileval, or a local .txt/.jsonl/.parquet file")
 @click.option("--split", default="test", show_default=True, help="split of a named dataset (a file has none)")
 @click.option("--seqlen", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per window")
-@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="score only the first N windows (default: all)")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None,
+              help=f"score only the first N windows (default: all on a GPU; on the CPU the first {CPU_EVAL_TOKENS:,} "
+                   f"tokens' worth, 40 windows at --seqlen 512)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="windows per forward pass")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
-@click.option("--fail-above", type=float, default=None, metavar="X", help="exit 1 when the perplexity is above X (a CI gate)")
+@click.option("--fail-above", type=float, default=None, metavar="X",
+              help="exit 1 when the perplexity is above X or not finite (a CI gate)")
 @user_errors
 def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_json, fail_above):
     """Perplexity of a model on a text (wikitext2, ptb or a file).
@@ -290,11 +297,13 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     if not named and not Path(dataset).is_file():
         raise LmcError(f"dataset file not found: {dataset}: pass an existing .txt/.jsonl/.parquet file "
                        f"or one of {', '.join(DATASETS)}")
-    text = load_text(dataset, split, purpose="eval")
+    dev = pick_device(device)
+    if max_windows is None and dev.type == "cpu":
+        max_windows = max(1, CPU_EVAL_TOKENS // seqlen)
+    text = load_text(dataset, split, purpose="eval", flag="--dataset")
     ws = Workspace(resolve_workspace(path))
     ids = Tokenizer(ws.tokenizer_dir).encode(text.text)
     windows = torch.from_numpy(eval_windows(ids, seqlen, max_windows))  # [n, seqlen]
-    dev = pick_device(device)
     dtype = compute_dtype(dev, ws.dtype)
     model = Model(ws, dev, dtype)
     bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())
@@ -302,17 +311,34 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     result = perplexity(model, windows, batch_size, progress=bar.update)
     seconds = time.perf_counter() - begin
     bar.close()
+    total = len(ids) // seqlen
+    problem = _ppl_problem(result)
     label = f"{dataset} {split}" if named else dataset
     if as_json:
+        numbers = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.items()}
         click.echo(json.dumps({
-            **result, "dataset": dataset, "split": split if named else None, "source": _text_origin(text.source),
-            "text_source": text.source, "text_sha256": text.sha256, "text_tokens": len(ids),
-            "workspace": str(ws.path), "device": dev.type, "dtype": str(dtype).removeprefix("torch."),
-            "batch_size": batch_size, "seconds": round(seconds, 3),
-            "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True))
+            **numbers, "ppl_error": problem, "windows_total": total, "dataset": dataset, "split": split if named else None,
+            "source": _text_origin(text.source), "text_source": text.source, "text_sha256": text.sha256,
+            "text_tokens": len(ids), "workspace": str(ws.path), "device": dev.type,
+            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "seconds": round(seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True, allow_nan=False))
     else:
-        click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} windows x {result['seqlen']} tokens, "
+        click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} of {total} windows x {result['seqlen']} tokens, "
                    f"{result['tokens']} tokens predicted)")
     if fail_above is not None and not result["ppl"] <= fail_above:
-        click.echo(f"FAILED ppl {result['ppl']:.3f} is above --fail-above {fail_above:g}", err=True)
+        verdict = f"ppl {result['ppl']:.3f} is above" if problem is None else f"ppl {result['ppl']} ({problem}) fails"
+        click.echo(f"FAILED {verdict} --fail-above {fail_above:g}", err=True)
         sys.exit(1)
+
+
+def _ppl_problem(result: dict) -> str | None:
+    """Why a perplexity is not a finite number (None when it is)."""
+    nll = result["nll"]
+    if math.isnan(nll):
+        return "the mean log-likelihood is NaN: the model produced NaN logits"
+    if math.isinf(nll):
+        return "a token had probability 0 under the model (infinite loss)"
+    if math.isinf(result["ppl"]):
+        return f"exp(nll) overflows a float: nll {nll:.1f} > 709"
+    return None
+
