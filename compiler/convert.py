@@ -1,7 +1,6 @@
 """Source checkpoint -> workspace, streaming one target tensor at a time."""
 from __future__ import annotations
 
-import hashlib
 import sys
 from pathlib import Path
 
@@ -179,15 +178,6 @@ def provenance(source: Source, command: str, extra: dict | None = None) -> dict:
             "source_files": dict(sorted(files.items()))}
     prov.update(extra or {})
     return prov
-
-
-def source_key(src: str | Path) -> str:
-    """A short key of a source's bytes (used to cache workspaces converted on the fly)."""
-    source = open_source(src)
-    sha = hashlib.sha256()
-    for name, rec in provenance(source, "")["source_files"].items():
-        sha.update(f"{name}:{rec['sha256']};".encode())
-    return sha.hexdigest()[:16]
 
 
 def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None) -> dict:

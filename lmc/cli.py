@@ -342,3 +342,48 @@ def _ppl_problem(result: dict) -> str | None:
         return f"exp(nll) overflows a float: nll {nll:.1f} > 709"
     return None
 
+
+# ----------------------------------------------------------------------------- lmc cache
+
+
+@main.group(name="cache")
+def cache_group():
+    """The workspaces converted on the fly from HF folders and GGUF files ($LMC_CACHE, default ~/.cache/lmc)."""
+
+
+@cache_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list instead of the table")
+@user_errors
+def cache_list(as_json):
+    """List the cached workspaces: path, source, size and last use (least recently used first)."""
+    from lmc.cache import cache_root, entries, entry_dict
+
+    rows = entries()
+    if as_json:
+        click.echo(json.dumps([entry_dict(e) for e in rows], indent=2))
+        return
+    if not rows:
+        click.echo(f"no cached workspaces in {cache_root()}")
+        return
+    for e in rows:
+        used = entry_dict(e)["last_used"].replace("T", " ")[:16]
+        note = " (stale: its source changed or is gone)" if e.stale else ""
+        click.echo(f"{e.path}  {e.size / 1e6:8.1f} MB  last used {used}  from {e.source or '?'}{note}")
+    click.echo(f"{len(rows)} workspaces, {sum(e.size for e in rows) / 1e6:.1f} MB")
+
+
+@cache_group.command(name="clean")
+@click.option("--all", "everything", is_flag=True, help="remove every cached workspace")
+@click.option("--older-than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+              help="remove the workspaces not used for more than DAYS days")
+@user_errors
+def cache_clean(everything, older_than):
+    """Remove cached workspaces: by default the stale ones (their source changed or is gone)."""
+    from lmc.cache import clean
+
+    if everything and older_than is not None:
+        raise click.UsageError("give --all or --older-than, not both")
+    removed = clean(everything, older_than)
+    for e in removed:
+        click.echo(f"removed {e.path} ({e.size / 1e6:.1f} MB)")
+    click.echo(f"removed {len(removed)} workspaces, {sum(e.size for e in removed) / 1e6:.1f} MB")
