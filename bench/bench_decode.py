@@ -12,8 +12,8 @@ CUDA graphs, lmc eager, and (fp16 models) transformers' `generate`:
     a random model of its exact shape;
   - a Llama-3-8B-shaped random fp16 model (transformers' init on the GPU), written as a workspace by
     lmc's converter (name table, fusions, writer) straight from its state dict;
-  - the same weights quantized round-to-nearest to int4 g128 (lmc.compiler.pack), lm_head kept fp16,
-    written as an "lmc-int4-k8" workspace with quantization method "rtn";
+  - the same weights quantized round-to-nearest to int4 g128 by lmc's quantizer (`quantize_source` with
+    --calib-samples 0), lm_head kept fp16, written as an "lmc-int4-k8" workspace (method "rtn");
 (3) the roofline: weight bytes read per decode step (every linear + lm_head) over the copy bandwidth;
 (4) an end-to-end int4 check: a tiny random int4 Llama (a partial K group) generates the same 32
 greedy tokens on the GPU as on the CPU torch path. Writes JSON and prints a table last.
@@ -27,7 +27,6 @@ import argparse
 import gc
 import json
 import platform
-import re
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,15 @@ from pathlib import Path
 import torch
 
 import lmc
-from lmc.format.archs import model_config_from_hf
+from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan
-from lmc.compiler.pack import quantize_int4
-from lmc.format.int4 import to_lmc_tensors
+from lmc.compiler.quantize import QuantizeOptions, quantize_source
 from lmc.compiler.readers import Source
 from lmc.kernels.pdl import pdl_enabled
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.engine import Engine
 from lmc.runtime.sampling import GenerationConfig
-from lmc.format.workspace import TensorSpec, Workspace, atomic_output, write_workspace
+from lmc.format.workspace import Workspace, atomic_output, write_workspace
 
 GROUP = 128
 LLAMA3_8B = dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -64,7 +62,6 @@ TINY = dict(model_type="llama", hidden_size=128, intermediate_size=344, num_hidd
 E2E = dict(model_type="llama", hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
            num_key_value_heads=2, vocab_size=1000, max_position_embeddings=512, rope_theta=10000.0,
            rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)  # w2: K = 688 = 5 * 128 + 48
-LINEAR = re.compile(r"layers\.\d+\.(attention\.(w_qkv|wo)|feed_forward\.(w13|w2))\.(weight|qweight|scales|zeros)$")
 
 
 def sync(dev: str) -> None:
@@ -150,53 +147,38 @@ class StateDictReader:
         return []
 
 
-def write_from_state(state: dict, hf_config: dict, out: Path, dtype: torch.dtype, tokenizer_files: dict,
-                     what: str, int4_group: int | None = None) -> Path:
-    """A workspace from an in-memory HF state dict through lmc's converter (name table, fusions, writer).
-    int4_group: quantize every decoder linear round-to-nearest (lm_head stays float)."""
-    cfg = model_config_from_hf(hf_config)
-    builder = Builder(Source(StateDictReader(state), hf_config, out, "hf"), cfg, dtype, 1)
+def state_source(state: dict, hf_config: dict, tokenizer_files: dict, what: str) -> Source:
+    """An in-memory HF state dict as a checkpoint the compiler opens (no files behind it)."""
+    return Source(StateDictReader(state), hf_config, Path(f"<{what}>"), "hf", tokenizer_files)
+
+
+def write_float(source: Source, out: Path, dtype: torch.dtype) -> Path:
+    """A float workspace through lmc's converter pieces (name table, fusions, writer), as `lmc convert` writes
+    it; convert() itself opens a path."""
+    cfg = model_config_from_hf(source.hf_config)
+    builder = Builder(source, cfg, dtype, 1)
     builder.check_names()
     (specs,), owner = plan(builder)
-    quantized = {}  # int4 tensor name -> the float weight it comes from
-    if int4_group:
-        new = []
-        for spec in specs:
-            if not (LINEAR.match(spec.name) and spec.name.endswith(".weight")):
-                new.append(spec)
-                continue
-            n, k = spec.shape
-            base = spec.name.removesuffix(".weight")
-            for leaf, dt, rows in ((".qweight", torch.int32, -(-k // 8)), (".scales", dtype, -(-k // int4_group)),
-                                   (".zeros", dtype, -(-k // int4_group))):
-                new.append(TensorSpec(base + leaf, dt, (rows, n)))
-                quantized[base + leaf] = spec.name
-                owner[(0, base + leaf)] = owner[(0, spec.name)]
-        specs = new
     built: dict = {}
-    pending: dict[str, torch.Tensor] = {}  # int4 tensors made but not written yet
 
     def produce(rank: int, name: str) -> torch.Tensor:
-        target = owner[(rank, name)]
-        if name in pending:
-            return pending.pop(name)
-        if built.get("key") != target.name:
-            built.clear()
-            built.update(key=target.name, tensors=builder.build(target, rank))
-        if name not in quantized:
-            return built["tensors"][name]
-        base = quantized[name].removesuffix(".weight")
-        q, s, z = to_lmc_tensors(*quantize_int4(built["tensors"][quantized[name]], int4_group), dtype)
-        made = {base + ".qweight": q.cpu(), base + ".scales": s.cpu(), base + ".zeros": z.cpu()}
-        pending.update({k: v for k, v in made.items() if k != name})
-        return made[name]
+        if built.get("key") != owner[(rank, name)].name:
+            built.update(key=owner[(rank, name)].name, tensors=builder.build(owner[(rank, name)], rank))
+        return built["tensors"][name]
 
-    quant = None if not int4_group else {"method": "rtn", "bits": 4, "group_size": int4_group,
-                                         "layout": "lmc-int4-k8", "zero_point": True}
     prov = {"lmc_version": lmc.__version__, "command": "bench/bench_decode.py", "source_format": "in-memory",
-            "source": what}
+            "source": str(source.path)}
     with atomic_output(out, force=True) as tmp:
-        write_workspace(tmp, lmc_json(cfg, dtype, 1, quant), [specs], produce, tokenizer_files, prov)
+        write_workspace(tmp, lmc_json(cfg, dtype, 1, None), [specs], produce, source.tokenizer_files(), prov)
+    return out
+
+
+def write_int4(source: Source, out: Path, dev: str) -> Path:
+    """An int4 workspace by lmc's quantizer: round-to-nearest (--calib-samples 0), group GROUP, fp16 scales;
+    lm_head and the embedding stay fp16."""
+    opts = QuantizeOptions(w_group_size=GROUP, calib_samples=0, workspace=True, dtype="float16", device=dev)
+    quantize_source(source, out, opts, force=True, progress=False, command="bench/bench_decode.py",
+                    say=lambda m: print(f"  {m}", flush=True))
     return out
 
 
@@ -235,9 +217,11 @@ def weight_bytes(ws_path: Path) -> dict:
     """Bytes of weights one decode step reads: every decoder linear (int4: qweight + scales + zeros) and lm_head."""
     ws = Workspace(ws_path)
     tensors = ws.manifest["tensors"]
-    linear = sum(e["nbytes"] for n, e in tensors.items() if LINEAR.match(n))
-    head = tensors["output.weight" if "output.weight" in tensors else "tok_embeddings.weight"]["nbytes"]
     cfg = ws.config
+    bases = [f"layers.{i}.{LAYER_NAMES[key]}" for i in range(cfg.num_layers) for key in LINEAR_KEYS]
+    linear = sum(tensors[base + leaf]["nbytes"] for base in bases
+                 for leaf in (INT4_LEAVES if base + INT4_LEAVES[0] in tensors else (".weight",)))
+    head = tensors["output.weight" if "output.weight" in tensors else "tok_embeddings.weight"]["nbytes"]
     kv_per_token = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * ws.dtype.itemsize
     return {"linear_bytes": linear, "lm_head_bytes": head, "weight_bytes_per_step": linear + head,
             "kv_bytes_per_token": kv_per_token}
@@ -384,8 +368,8 @@ def smollm2_entry(args, dev: str, work: Path) -> dict:
             entry = {"gguf_error": f"{type(e).__name__}: {e}"}
     if "source" not in entry:
         model, hf_config = random_hf_model(SMOLLM2_135M if not args.smoke else TINY, dev, torch.float16)
-        write_from_state(model.state_dict(), hf_config, ws, torch.float16,
-                         wordlevel_tokenizer(hf_config["vocab_size"], 2), "random SmolLM2-135M shape")
+        write_float(state_source(model.state_dict(), hf_config, wordlevel_tokenizer(hf_config["vocab_size"], 2),
+                                 "random SmolLM2-135M shape"), ws, torch.float16)
         hf = model if not args.no_hf else None
         entry.update(source="random weights of SmolLM2-135M's shape (the GGUF was not available)",
                      weights="random fp16", build_s=time.perf_counter() - t0)
@@ -410,15 +394,15 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
     tok = wordlevel_tokenizer(shape["vocab_size"], shape["eos_token_id"] % shape["vocab_size"])
     state = model.state_dict()
     t0 = time.perf_counter()
-    fp16_ws = write_from_state(state, hf_config, work / "llama3-8b-fp16", torch.float16, tok, "random Llama-3-8B shape")
+    source = state_source(state, hf_config, tok, "random Llama-3-8B shape")
+    fp16_ws = write_float(source, work / "llama3-8b-fp16", torch.float16)
     fp16_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    int4_ws = write_from_state(state, hf_config, work / "llama3-8b-int4", torch.float16, tok,
-                               "random Llama-3-8B shape, RTN int4", int4_group=GROUP)
+    int4_ws = write_int4(source, work / "llama3-8b-int4", dev)
     int4_s = time.perf_counter() - t0
     print(f"  built: random init {made_s:.1f} s, fp16 workspace {fp16_s:.1f} s, int4 workspace {int4_s:.1f} s",
           flush=True)
-    del state
+    del state, source
     vocab = shape["vocab_size"]
     fp16 = {"source": "transformers LlamaForCausalLM init (std 0.02, random norms) on the GPU, written by lmc's "
                       "converter from the state dict", "weights": "random fp16", "build_s": made_s + fp16_s,
@@ -431,8 +415,9 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
     print(" lmc fp16", flush=True)
     fp16["runs"] += bench_lmc(fp16_ws, dev, args, vocab)
     store("llama3-8b-shape fp16", fp16)
-    int4 = {"source": "the fp16 model's weights quantized by lmc.compiler.pack.quantize_int4 (RTN, asymmetric, "
-                      f"g{GROUP}) on the GPU, packed lmc-int4-k8; lm_head fp16", "weights": "int4 g128 + fp16 lm_head",
+    int4 = {"source": "the fp16 model's weights quantized by lmc's quantizer (quantize_source, --calib-samples 0: "
+                      f"RTN, asymmetric, g{GROUP}) on the GPU, packed lmc-int4-k8; lm_head fp16",
+            "weights": "int4 g128 + fp16 lm_head",
             "build_s": int4_s, **weight_bytes(int4_ws), "runs": []}
     print(" lmc int4", flush=True)
     int4["runs"] += bench_lmc(int4_ws, dev, args, vocab)
@@ -445,8 +430,8 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
 def e2e_int4(dev: str, work: Path) -> dict:
     """A tiny random int4 Llama: 32 greedy tokens on `dev` against the CPU torch path."""
     model, hf_config = random_hf_model(E2E, "cpu", torch.float32, seed=1)
-    ws = write_from_state(model.state_dict(), hf_config, work / "e2e-int4", torch.float16,
-                          wordlevel_tokenizer(E2E["vocab_size"], 2), "random tiny Llama, RTN int4", int4_group=GROUP)
+    ws = write_int4(state_source(model.state_dict(), hf_config, wordlevel_tokenizer(E2E["vocab_size"], 2),
+                                 "random tiny Llama"), work / "e2e-int4", "cpu")
     # 15 prompt tokens in all: the batched prefill stays within the W4A16 kernels' M <= 16 configs, which
     # also take float32 activations (larger float32 tiles ran out of shared memory on the H100, run 1)
     prompts = [prompts_for(1, n, E2E["vocab_size"], seed=n)[0] for n in (5, 7, 3)]

@@ -82,7 +82,6 @@ _C4_SHARDS = {
     "validation": "en/c4-validation.00000-of-00008.json.gz",
 }
 _HUB_TIMEOUT_S = 2.0
-_FIX_LOCAL = "pass a local file with --calib-dataset PATH (.txt, .jsonl or .parquet)"
 
 
 @dataclass(frozen=True)
@@ -92,17 +91,18 @@ class LoadedText:
     sha256: str  # of text.encode("utf-8")
 
 
-def load_text(name_or_path: str, split: str, purpose: str = "calib") -> LoadedText:
-    """One string of text: a named set (`DATASETS`) split, or a local file (split ignored)."""
+def load_text(name_or_path: str, split: str, purpose: str = "calib", flag: str = "--calib-dataset") -> LoadedText:
+    """One string of text: a named set (`DATASETS`) split, or a local file (split ignored).
+    `flag` is the caller's command-line option that named the text, for the error messages."""
     if purpose not in PURPOSES:
         raise LmcError(f"unknown text purpose {purpose!r}: use one of {', '.join(PURPOSES)}")
     if name_or_path in DATASETS:
-        return _load_named(name_or_path, _check_split(name_or_path, split), purpose)
+        return _load_named(name_or_path, _check_split(name_or_path, split), purpose, flag)
     path = Path(name_or_path)
     if path.suffix.lower() not in FILE_SUFFIXES:
-        raise LmcError(f"unknown dataset {name_or_path!r}: use one of {', '.join(DATASETS)} "
+        raise LmcError(f"unknown dataset {name_or_path!r} given to {flag}: use one of {', '.join(DATASETS)} "
                        f"or a local {'/'.join(FILE_SUFFIXES)} file")
-    return _load_file(path)
+    return _load_file(path, flag)
 
 
 def bundled_sources() -> dict:
@@ -126,7 +126,11 @@ def _check_split(name: str, split: str) -> str:
     return split
 
 
-def _load_named(name: str, split: str, purpose: str) -> LoadedText:
+def _fix_local(flag: str) -> str:
+    return f"pass a local file with {flag} PATH (.txt, .jsonl or .parquet)"
+
+
+def _load_named(name: str, split: str, purpose: str, flag: str) -> LoadedText:
     bundled = _BUNDLED.get((name, split))
     sep, limit = _JOINS[(name, purpose)]
     mode = _hub_mode()
@@ -137,13 +141,13 @@ def _load_named(name: str, split: str, purpose: str) -> LoadedText:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             if bundled is None:
                 raise LmcError(f"could not load {name} ({split}) from the hub or the datasets "
-                               f"cache ({reason}): {_FIX_LOCAL}") from exc
+                               f"cache ({reason}): {_fix_local(flag)}") from exc
             warnings.warn(f"hub load of {name} ({split}) failed ({reason}); using the bundled copy")
         else:
             return _loaded(sep.join(rows[:limit]), f"hub:{_HUB_IDS[name]}")
     if bundled is None:
         raise LmcError(f"{name} ({split}) needs the Hugging Face hub, which is unreachable or "
-                       f"disabled, and lmc bundles no copy: {_FIX_LOCAL}, or set "
+                       f"disabled, and lmc bundles no copy: {_fix_local(flag)}, or set "
                        f"HF_DATASETS_OFFLINE=1 to use a copy in the datasets cache")
     rows = _bundled_rows(name, read_bundled(bundled))
     return _loaded(sep.join(rows[:limit]), f"bundled:{bundled.removesuffix('.txt.xz')}")
@@ -208,9 +212,9 @@ def _hub_rows(name: str, split: str, limit: int | None) -> list[str]:
     return [row.strip() for row in ds[rows]["text"]]
 
 
-def _load_file(path: Path) -> LoadedText:
+def _load_file(path: Path, flag: str) -> LoadedText:
     if not path.is_file():
-        raise LmcError(f"text file not found: {path}: check the path given to --calib-dataset")
+        raise LmcError(f"text file not found: {path}: check the path given to {flag}")
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":

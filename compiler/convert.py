@@ -1,7 +1,6 @@
 """Source checkpoint -> workspace, streaming one target tensor at a time."""
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -271,15 +270,6 @@ def _quantized_by(path: Path) -> dict | None:
     if not isinstance(record, dict):
         raise LmcError(f"{path} is not a JSON object; remove it or re-run `lmc quantize`")
     return {key: record[key] for key in QUANTIZED_BY if key in record}
-
-
-def source_key(src: str | Path) -> str:
-    """A short key of a source's bytes (used to cache workspaces converted on the fly)."""
-    source = open_source(src)
-    sha = hashlib.sha256()
-    for name, rec in provenance(source, "")["source_files"].items():
-        sha.update(f"{name}:{rec['sha256']};".encode())
-    return sha.hexdigest()[:16]
 
 
 def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None) -> dict:

@@ -11,18 +11,19 @@ import json
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from lmc.compiler import awq
 from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
-from lmc.compiler.memory import predict
+from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap, source_read
 from lmc.compiler.pack import awq_compatible, pack_awq, quantize_int4
 from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
-from lmc.compiler.readers import open_source
+from lmc.compiler.readers import Source, open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError
 from lmc.format.config import ModelConfig
@@ -31,7 +32,6 @@ from lmc.runtime.model import (DenseCausal, attention_block, attention_core, lin
                                mlp_block, mlp_hidden)
 from lmc.runtime.rope import Rope
 from lmc.format.workspace import TensorSpec, atomic_output, check_output, dump_json, write_safetensors, write_workspace
-
 
 
 @dataclass
@@ -60,10 +60,9 @@ class QuantizeOptions:
 # ----------------------------------------------------------------------------- calibration data
 
 
-def calibration_windows(source, opts: QuantizeOptions) -> tuple[torch.Tensor, dict]:
-    """[n, S] token windows drawn LMDeploy's way, and their provenance."""
+def calibration_ids(source, opts: QuantizeOptions) -> tuple[np.ndarray, dict]:
+    """The calibration text tokenized once as a whole (int64 [T]) and its provenance."""
     from lmc.calib.text import load_text
-    from lmc.calib.windows import sample_windows, windows_sha256
     from lmc.runtime.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as d:
@@ -71,10 +70,16 @@ def calibration_windows(source, opts: QuantizeOptions) -> tuple[torch.Tensor, di
             (Path(d) / name).write_bytes(data)
         tokenizer = Tokenizer(Path(d))
     text = load_text(opts.calib_dataset, "train", purpose="calib")
-    ids = tokenizer.encode(text.text)
+    ids = np.asarray(tokenizer.encode(text.text), dtype=np.int64)  # [T]
+    return ids, {"dataset": opts.calib_dataset, "source": text.source, "text_sha256": text.sha256}
+
+
+def calibration_windows(ids: np.ndarray, info: dict, opts: QuantizeOptions) -> tuple[torch.Tensor, dict]:
+    """[n, S] token windows drawn LMDeploy's way, and their provenance."""
+    from lmc.calib.windows import sample_windows, windows_sha256
+
     windows = sample_windows(ids, opts.calib_samples, opts.calib_seqlen, opts.seed)  # [n, S]
-    info = {"dataset": opts.calib_dataset, "source": text.source, "text_sha256": text.sha256,
-            "samples": opts.calib_samples, "seqlen": opts.calib_seqlen, "seed": opts.seed,
+    info = {**info, "samples": opts.calib_samples, "seqlen": opts.calib_seqlen, "seed": opts.seed,
             "windows_sha256": windows_sha256(windows)}
     return torch.from_numpy(windows), info
 
@@ -100,6 +105,7 @@ class LayerCalibrator:
 
     def __init__(self, cfg: ModelConfig, opts: QuantizeOptions, rope: Rope, device, layer: int):
         self.cfg, self.opts, self.layer = cfg, opts, layer
+        self.clip_rows = clip_rows(device)
         s = opts.calib_seqlen
         self.cos, self.sin = rope(torch.arange(s, device=device), s - 1)  # [S, D/2]
 
@@ -177,7 +183,7 @@ def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opt
     if opts.search_scale:  # clipping, skipping q and k rows as llm-awq does
         for consumer, inp, rows in (("w_qkv", "h1", v_rows), ("wo", "o", None), ("w13", "h2", None), ("w2", "m", None)):
             w = lw[consumer] if rows is None else lw[consumer][rows]
-            clipped = awq.apply_clip(w, awq.search_clip(w, kept[inp], g), g)
+            clipped = awq.apply_clip(w, awq.search_clip(w, kept[inp], g, cal.clip_rows), g)
             if rows is None:
                 lw[consumer] = clipped
             else:
@@ -198,7 +204,7 @@ def quantize_layer_linears(lw: dict, group_size: int, dtype: torch.dtype) -> dic
 # ----------------------------------------------------------------------------- driver
 
 
-def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device, calib_dtype,
+def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device, calib_dtype,
                store_dtype, windows: torch.Tensor | None, progress: bool) -> tuple[list[dict], list[dict]]:
     """Calibrate and quantize every layer. Returns per-layer (packed linears + float extras) and logs."""
     from tqdm import tqdm
@@ -243,61 +249,91 @@ def run_layers(source, cfg: ModelConfig, builder: Builder, opts: QuantizeOptions
     return layers, logs
 
 
+def resolve_options(opts: QuantizeOptions) -> QuantizeOptions:
+    """The options with the device and the search subset decided (what the provenance records)."""
+    device = pick_device(opts.device)
+    search = opts.search_samples if opts.search_samples is not None else (32 if device.type == "cuda" else 8)
+    return replace(opts, device=str(device), search_samples=search)
+
+
+def command_line(opts: QuantizeOptions) -> str:
+    """The `lmc quantize` command that repeats a run with these (resolved) options."""
+    return (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
+            f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
+            f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
+            f"--search-samples {opts.search_samples} --device {opts.device} --seed {opts.seed} --dtype {opts.dtype}"
+            + (" --workspace" if opts.workspace else ""))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr)
+
+
 def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: bool | None = None,
-             command: str = "", say=print) -> dict:
-    """Run `lmc quantize`. Returns a summary (timings, memory, per-layer losses)."""
+             command: str = "", say=print, warn=_stderr) -> dict:
+    """Run `lmc quantize` on the checkpoint at `src` (an HF folder or a GGUF file)."""
+    return quantize_source(open_source(src), out, opts, force, progress, command, say, warn)
+
+
+def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = False, progress: bool | None = None,
+                    command: str = "", say=print, warn=_stderr) -> dict:
+    """Quantize an opened checkpoint into `out` (HF AWQ folder, or a workspace). `say` gets the memory
+    prediction, `warn` why the output is a workspace where an AWQ folder was asked for.
+    Returns a summary (timings, memory, per-layer losses)."""
     t0 = time.perf_counter()
     if opts.w_bits != 4:
         raise LmcError(f"--w-bits {opts.w_bits}: only 4-bit weights are supported")
     check_group_size(opts.w_group_size)
     if opts.calib_samples < 0 or opts.calib_seqlen < 2 or opts.batch_size < 1:
         raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
-    source = open_source(src)
     if source.model_format == "awq":
-        raise LmcError(f"{src} is already AWQ-quantized; convert it with `lmc convert`")
+        raise LmcError(f"{source.path} is already AWQ-quantized; convert it with `lmc convert`")
+    opts = resolve_options(opts)
     cfg = model_config_from_hf(source.hf_config)
     store_dtype = resolve_dtype(opts.dtype, source.hf_config)
     if store_dtype == torch.float32:
         store_dtype = torch.float16
-    device = pick_device(opts.device)
-    if opts.search_samples is None:
-        opts.search_samples = 32 if device.type == "cuda" else 8
+    device = torch.device(opts.device)
     calib_dtype = compute_dtype(device, store_dtype)
-    mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, device,
-                  calib_dtype, store_dtype)
-    say(mem.describe())
-    if not mem.fits():
-        raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
     out = Path(out)
     inputs = [source.path, *source.reader.source_files()]
     check_output(out, inputs, force)
+    fmt = "workspace" if opts.workspace else awq_format_or_reason(cfg, opts.w_group_size)
     builder = Builder(source, cfg, store_dtype, 1, opts.allow_nonfinite, say)
     builder.check_names()
     builder.check_finite_globals()
-    windows, calib_info = (None, None) if opts.calib_samples == 0 else calibration_windows(source, opts)
+    ids, text_info = (None, None) if opts.calib_samples == 0 else calibration_ids(source, opts)
+    release_free_heap()  # tokenizing leaves freed blocks in the heap (0.3 GiB for PTB with SmolLM2's tokenizer)
+    mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, opts.w_group_size,
+                  device, calib_dtype, store_dtype, source_read(source))
+    say(mem.describe())
+    if not mem.fits():
+        raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
+    if fmt not in ("awq", "workspace"):
+        warn(f"note: writing an lmc workspace instead of an HF AWQ checkpoint: {fmt}")
+        fmt = "workspace"
+    windows, calib_info = (None, None) if ids is None else calibration_windows(ids, text_info, opts)
+    del ids
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     show = sys.stderr.isatty() if progress is None else progress
     t1 = time.perf_counter()
     with torch.inference_mode():
-        layers, logs = run_layers(source, cfg, builder, opts, device, calib_dtype, store_dtype, windows, show)
+        layers, logs = run_layers(cfg, builder, opts, device, calib_dtype, store_dtype, windows, show)
     t2 = time.perf_counter()
-    prov = provenance(source, command, {"quantization": {**asdict(opts), "method": opts.method}})
+    record = {k: v for k, v in asdict(opts).items() if k != "workspace"}
+    prov = provenance(source, command, {"quantization": {**record, "method": opts.method, "format": fmt}})
     if calib_info:
         prov["calibration"] = calib_info
-    fmt = "workspace" if opts.workspace else awq_format_or_reason(cfg, opts.w_group_size)
-    if fmt != "workspace" and fmt != "awq":
-        say(f"note: the AWQ GEMM layout cannot hold this model ({fmt}); writing an lmc workspace instead")
-        fmt = "workspace"
     quant = {"method": opts.method, "bits": 4, "group_size": opts.w_group_size, "layout": LAYOUT, "zero_point": True}
     with atomic_output(out, force, inputs) as tmp:
         if fmt == "workspace":
             _write_workspace(tmp, builder, cfg, layers, store_dtype, quant, source, prov)
         else:
             _write_awq(tmp, builder, cfg, layers, store_dtype, source, prov, opts.w_group_size)
-    summary = {"output": str(out), "format": fmt, "method": opts.method, "layers": logs,
+    summary = {"output": str(out), "format": fmt, "method": opts.method, "layers": logs, "options": asdict(opts),
                "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2)},
-               "memory_predicted": asdict(mem), "peak_host_rss_bytes": _peak_rss()}
+               "memory_predicted": asdict(mem), "peak_host_rss_bytes": peak_rss()}
     if device.type == "cuda":
         summary["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)
     if calib_info:
@@ -305,24 +341,30 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
     return summary
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
 def awq_format_or_reason(cfg: ModelConfig, g: int) -> str:
-    """"awq" when AutoAWQ's GEMM layout can hold every linear of the model, else why not."""
+    """"awq" when AutoAWQ's GEMM layout can hold every linear of the model (K a multiple of the
+    group size, N of 8), else why not, naming the first linear that does not fit."""
     spec = arch_spec(cfg)
     if not spec.awq_writable:
         return f"{spec.name}'s fused source linears are not written in AWQ form"
     for key in LINEAR_KEYS:
-        parts, k = linear_parts(cfg, key)
-        for n in parts:
-            if not awq_compatible(n, k, g):
-                return (f"{key} has K={k}, not a multiple of group size {g}" if k % g
-                        else f"{key} has a part of N={n} rows, not a multiple of 8")
+        k = linear_parts(cfg, key)[1]
+        for module, n in spec.hf_linear_modules(cfg, 0, key):
+            if awq_compatible(n, k, g):
+                continue
+            name = module.replace(spec.layer_prefix.format(i=0), spec.layer_prefix.format(i="*"))
+            if n % 8:
+                return f"{name} has N={n} output features, not a multiple of 8 (AutoAWQ's GEMM layout needs it)"
+            fits = [size for size in (128, 64, 32) if all(_awq_fits(cfg, key2, size) for key2 in LINEAR_KEYS)]
+            hint = f"; --w-group-size {fits[0]} gives an AWQ checkpoint" if fits else ""
+            return (f"{name} has K={k} input features, not a multiple of --w-group-size {g} "
+                    f"(AutoAWQ's GEMM layout needs every linear's K to be one){hint}")
     return "awq"
+
+
+def _awq_fits(cfg: ModelConfig, key: str, g: int) -> bool:
+    parts, k = linear_parts(cfg, key)
+    return all(awq_compatible(n, k, g) for n in parts)
 
 
 # ----------------------------------------------------------------------------- writers

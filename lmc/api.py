@@ -21,24 +21,17 @@ from lmc.runtime.engine import Engine, Response, merge_outputs
 from lmc.runtime.sampling import GenerationConfig
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("LMC_CACHE", Path.home() / ".cache" / "lmc"))
-
-
 def resolve_workspace(path: str | os.PathLike) -> Path:
-    """A workspace as is; an HF folder or GGUF file converted once into a cached workspace keyed
-    by the source's hashes (as `lmdeploy chat` accepts an HF folder)."""
+    """A workspace as is; an HF folder or GGUF file converted once into a cached workspace (as
+    `lmdeploy chat` accepts an HF folder): see lmc.cache."""
     path = Path(path)
     if (path / "lmc.json").is_file():
         return path
     if not path.exists():
         raise LmcError(f"{path} does not exist; pass a workspace, a Hugging Face model folder or a .gguf file")
-    from lmc.compiler.convert import convert, source_key
+    from lmc.cache import cached_workspace
 
-    target = cache_root() / "workspaces" / f"{path.name}-{source_key(path)}"
-    if not (target / "lmc.json").is_file():
-        convert(path, target, force=True)
-    return target
+    return cached_workspace(path)
 
 
 Prompt = str | list[dict]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -118,7 +119,10 @@ def verify(workspace):
 @click.argument("src")
 @click.option("-o", "--output", "--work-dir", "out", required=True, help="output folder (--work-dir as in lmdeploy lite auto_awq)")
 @click.option("--w-bits", type=int, default=4, show_default=True)
-@click.option("--w-group-size", type=int, default=128, show_default=True, help="32, 64 or 128")
+@click.option("--w-group-size", type=int, default=128, show_default=True,
+              help="32, 64 or 128. The HF AWQ output (AutoAWQ's GEMM layout) needs every linear's K (input features) "
+                   "to be a multiple of it and N of 8; where one is not (SmolLM2's hidden 576 with 128), an lmc "
+                   "workspace is written instead and stderr says which linear")
 @click.option("--calib-dataset", default="ptb", show_default=True, help="ptb, wikitext2, c4, pileval or a .txt/.jsonl/.parquet path")
 @click.option("--calib-samples", type=int, default=128, show_default=True, help="0: plain round-to-nearest")
 @click.option("--calib-seqlen", type=int, default=1024, show_default=True)
@@ -129,23 +133,21 @@ def verify(workspace):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
-@click.option("--workspace", is_flag=True, help="write an lmc workspace instead of an HF AWQ checkpoint")
+@click.option("--workspace", is_flag=True,
+              help="write an lmc workspace instead of an HF AWQ checkpoint (also the fallback when AutoAWQ's GEMM "
+                   "layout cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
 @user_errors
 def quantize(src, out, force, as_json, **kw):
     """AWQ W4A16: calibrate on text, search scales and clipping, pack int4 (HF folder or GGUF SRC)."""
-    from lmc.compiler.quantize import QuantizeOptions, quantize as run_quantize, summary_json
+    from lmc.compiler.quantize import QuantizeOptions, command_line, quantize as run_quantize, resolve_options, summary_json
 
-    opts = QuantizeOptions(**kw)
-    command = (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
-               f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
-               f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
-               f"--search-samples {opts.search_samples or 'auto'} --seed {opts.seed} --dtype {opts.dtype}"
-               + (" --workspace" if opts.workspace else ""))
+    opts = resolve_options(QuantizeOptions(**kw))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    summary = run_quantize(src, out, opts, force=force, command=command, say=say)
+    summary = run_quantize(src, out, opts, force=force, command=command_line(opts), say=say,
+                           warn=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(summary_json(summary))
     else:
@@ -367,17 +369,23 @@ def _text_origin(source: str) -> str:
     return kind if kind in ("hub", "bundled") else "file"
 
 
+CPU_EVAL_TOKENS = 40 * 512  # tokens `eval ppl` scores on the CPU by default: a minute or so for a 135M model
+
+
 @eval_group.command(name="ppl")
 @click.argument("path")
 @click.option("--dataset", default="wikitext2", show_default=True,
               help="wikitext2, ptb, c4, pileval, or a local .txt/.jsonl/.parquet file")
 @click.option("--split", default="test", show_default=True, help="split of a named dataset (a file has none)")
 @click.option("--seqlen", type=click.IntRange(min=2), default=512, show_default=True, help="tokens per window")
-@click.option("--max-windows", type=click.IntRange(min=1), default=None, help="score only the first N windows (default: all)")
+@click.option("--max-windows", type=click.IntRange(min=1), default=None,
+              help=f"score only the first N windows (default: all on a GPU; on the CPU the first {CPU_EVAL_TOKENS:,} "
+                   f"tokens' worth, 40 windows at --seqlen 512)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="windows per forward pass")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
-@click.option("--fail-above", type=float, default=None, metavar="X", help="exit 1 when the perplexity is above X (a CI gate)")
+@click.option("--fail-above", type=float, default=None, metavar="X",
+              help="exit 1 when the perplexity is above X or not finite (a CI gate)")
 @user_errors
 def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_json, fail_above):
     """Perplexity of a model on a text (wikitext2, ptb or a file).
@@ -405,11 +413,13 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     if not named and not Path(dataset).is_file():
         raise LmcError(f"dataset file not found: {dataset}: pass an existing .txt/.jsonl/.parquet file "
                        f"or one of {', '.join(DATASETS)}")
-    text = load_text(dataset, split, purpose="eval")
+    dev = pick_device(device)
+    if max_windows is None and dev.type == "cpu":
+        max_windows = max(1, CPU_EVAL_TOKENS // seqlen)
+    text = load_text(dataset, split, purpose="eval", flag="--dataset")
     ws = Workspace(resolve_workspace(path))
     ids = Tokenizer(ws.tokenizer_dir).encode(text.text)
     windows = torch.from_numpy(eval_windows(ids, seqlen, max_windows))  # [n, seqlen]
-    dev = pick_device(device)
     dtype = compute_dtype(dev, ws.dtype)
     model = Model(ws, dev, dtype)
     bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())
@@ -417,17 +427,79 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     result = perplexity(model, windows, batch_size, progress=bar.update)
     seconds = time.perf_counter() - begin
     bar.close()
+    total = len(ids) // seqlen
+    problem = _ppl_problem(result)
     label = f"{dataset} {split}" if named else dataset
     if as_json:
+        numbers = {k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in result.items()}
         click.echo(json.dumps({
-            **result, "dataset": dataset, "split": split if named else None, "source": _text_origin(text.source),
-            "text_source": text.source, "text_sha256": text.sha256, "text_tokens": len(ids),
-            "workspace": str(ws.path), "device": dev.type, "dtype": str(dtype).removeprefix("torch."),
-            "batch_size": batch_size, "seconds": round(seconds, 3),
-            "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True))
+            **numbers, "ppl_error": problem, "windows_total": total, "dataset": dataset, "split": split if named else None,
+            "source": _text_origin(text.source), "text_source": text.source, "text_sha256": text.sha256,
+            "text_tokens": len(ids), "workspace": str(ws.path), "device": dev.type,
+            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "seconds": round(seconds, 3),
+            "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True, allow_nan=False))
     else:
-        click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} windows x {result['seqlen']} tokens, "
+        click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} of {total} windows x {result['seqlen']} tokens, "
                    f"{result['tokens']} tokens predicted)")
     if fail_above is not None and not result["ppl"] <= fail_above:
-        click.echo(f"FAILED ppl {result['ppl']:.3f} is above --fail-above {fail_above:g}", err=True)
+        verdict = f"ppl {result['ppl']:.3f} is above" if problem is None else f"ppl {result['ppl']} ({problem}) fails"
+        click.echo(f"FAILED {verdict} --fail-above {fail_above:g}", err=True)
         sys.exit(1)
+
+
+def _ppl_problem(result: dict) -> str | None:
+    """Why a perplexity is not a finite number (None when it is)."""
+    nll = result["nll"]
+    if math.isnan(nll):
+        return "the mean log-likelihood is NaN: the model produced NaN logits"
+    if math.isinf(nll):
+        return "a token had probability 0 under the model (infinite loss)"
+    if math.isinf(result["ppl"]):
+        return f"exp(nll) overflows a float: nll {nll:.1f} > 709"
+    return None
+
+
+# ----------------------------------------------------------------------------- lmc cache
+
+
+@main.group(name="cache")
+def cache_group():
+    """The workspaces converted on the fly from HF folders and GGUF files ($LMC_CACHE, default ~/.cache/lmc)."""
+
+
+@cache_group.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list instead of the table")
+@user_errors
+def cache_list(as_json):
+    """List the cached workspaces: path, source, size and last use (least recently used first)."""
+    from lmc.cache import cache_root, entries, entry_dict
+
+    rows = entries()
+    if as_json:
+        click.echo(json.dumps([entry_dict(e) for e in rows], indent=2))
+        return
+    if not rows:
+        click.echo(f"no cached workspaces in {cache_root()}")
+        return
+    for e in rows:
+        used = entry_dict(e)["last_used"].replace("T", " ")[:16]
+        note = " (stale: its source changed or is gone)" if e.stale else ""
+        click.echo(f"{e.path}  {e.size / 1e6:8.1f} MB  last used {used}  from {e.source or '?'}{note}")
+    click.echo(f"{len(rows)} workspaces, {sum(e.size for e in rows) / 1e6:.1f} MB")
+
+
+@cache_group.command(name="clean")
+@click.option("--all", "everything", is_flag=True, help="remove every cached workspace")
+@click.option("--older-than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+              help="remove the workspaces not used for more than DAYS days")
+@user_errors
+def cache_clean(everything, older_than):
+    """Remove cached workspaces: by default the stale ones (their source changed or is gone)."""
+    from lmc.cache import clean
+
+    if everything and older_than is not None:
+        raise click.UsageError("give --all or --older-than, not both")
+    removed = clean(everything, older_than)
+    for e in removed:
+        click.echo(f"removed {e.path} ({e.size / 1e6:.1f} MB)")
+    click.echo(f"removed {len(removed)} workspaces, {sum(e.size for e in removed) / 1e6:.1f} MB")

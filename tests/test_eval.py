@@ -19,8 +19,9 @@ from lmc.runtime.perplexity import perplexity
 from lmc.runtime.tokenizer import Tokenizer
 from lmc.format.workspace import Workspace
 
-JSON_KEYS = {"ppl", "nll", "windows", "seqlen", "tokens", "dataset", "split", "source", "text_source", "text_sha256",
-             "text_tokens", "workspace", "device", "dtype", "batch_size", "seconds", "total_seconds"}
+JSON_KEYS = {"ppl", "nll", "ppl_error", "windows", "windows_total", "seqlen", "tokens", "dataset", "split", "source",
+             "text_source", "text_sha256", "text_tokens", "workspace", "device", "dtype", "batch_size", "seconds",
+             "total_seconds"}
 SEQLEN = 33
 
 
@@ -79,6 +80,7 @@ def test_cli_json_on_hf_folder_matches_transformers(checkpoint, text_file, tmp_p
     assert abs(r["nll"] - ref) <= 1e-4 * ref
     assert abs(r["ppl"] - torch.tensor(ref).exp().item()) <= 1e-4 * r["ppl"]
     assert (r["windows"], r["seqlen"], r["tokens"], r["text_tokens"]) == (6, SEQLEN, 6 * (SEQLEN - 1), len(ids))
+    assert r["windows_total"] == len(ids) // SEQLEN and r["ppl_error"] is None
     assert (r["dataset"], r["split"], r["source"], r["text_source"]) == (str(text_file), None, "file", str(text_file))
     assert r["text_sha256"] == hashlib.sha256(text_file.read_bytes()).hexdigest()
     assert (r["device"], r["dtype"], r["batch_size"]) == ("cpu", "float32", 4)
@@ -95,10 +97,11 @@ def test_fail_above_is_a_ci_gate(checkpoint, text_file, tmp_path):
 
     ok = _lmc(*args, expected * 1.001, cache=tmp_path / "cache")
     assert ok.returncode == 0, ok.stderr
-    line = re.fullmatch(r"ppl (\S+) \((\S+), (\d+) windows x (\d+) tokens, (\d+) tokens predicted\)\n", ok.stdout)
+    line = re.fullmatch(r"ppl (\S+) \((\S+), (\d+) of (\d+) windows x (\d+) tokens, (\d+) tokens predicted\)\n",
+                        ok.stdout)
     assert line, ok.stdout
     n = windows.shape[0]
-    assert line.groups()[1:] == (str(text_file), str(n), str(SEQLEN), str(n * (SEQLEN - 1)))
+    assert line.groups()[1:] == (str(text_file), str(n), str(n), str(SEQLEN), str(n * (SEQLEN - 1)))
     assert float(line.group(1)) == pytest.approx(expected, abs=1e-3)
 
     bad = _lmc(*args, expected * 0.999, cache=tmp_path / "cache")
@@ -154,3 +157,56 @@ def test_cli_reference_lists_every_command_and_option():
                 if opt.startswith("-") and opt != "--help":
                     assert re.search(rf"(?<![\w-]){re.escape(opt)}(?![\w-])", doc), \
                         f"docs/cli.md does not mention {opt} of `{name}`"
+
+
+def test_cpu_default_scores_a_sample_and_says_how_much(checkpoint, tmp_path):
+    words = MIXED_TEXT.split()
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(words[i % len(words)] + str(i % 13) for i in range(12000)), encoding="utf-8")
+    ws = tmp_path / "ws"
+    convert(checkpoint("llama3"), ws)
+    total = len(Tokenizer(ws / "tokenizer").encode(text.read_text(encoding="utf-8"))) // 512
+    assert total > 40
+    out = _lmc(ws, "--dataset", text, "--device", "cpu", cache=tmp_path / "cache")  # --seqlen 512: 40 windows
+    assert out.returncode == 0, out.stderr
+    assert f", 40 of {total} windows x 512 tokens, {40 * 511} tokens predicted)" in out.stdout
+    out = _lmc(ws, "--dataset", text, "--device", "cpu", "--seqlen", 256, "--json", cache=tmp_path / "cache")
+    r = json.loads(out.stdout)
+    assert (r["windows"], r["windows_total"], r["seqlen"]) == (80, r["text_tokens"] // 256, 256)
+    out = _lmc(ws, "--dataset", text, "--device", "cpu", "--max-windows", total + 5, "--json", cache=tmp_path / "cache")
+    assert json.loads(out.stdout)["windows"] == total  # asked for more than there are: all of them
+
+
+def test_text_errors_name_the_dataset_flag(tmp_path):
+    out = _lmc(tmp_path / "no-model", "--dataset", "c4", "--split", "validation", cache=tmp_path / "cache")
+    assert out.returncode == 1 and out.stderr.count("\n") == 1
+    assert "pass a local file with --dataset PATH" in out.stderr and "--calib-dataset" not in out.stderr
+
+
+def _scale_final_norm(ckpt, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    state["model.norm.weight"] = torch.full_like(state["model.norm.weight"], value)
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("norm, reason", [(float("nan"), "NaN logits"), (1e6, "overflows")])
+def test_non_finite_perplexity_is_valid_json_and_fails_the_gate(checkpoint, text_file, tmp_path, norm, reason):
+    from lmc.compiler.convert import convert
+
+    ckpt = checkpoint("llama3")
+    _scale_final_norm(ckpt, norm)
+    convert(ckpt, tmp_path / "ws", allow_nonfinite=True, say=lambda *_: None)  # convert refuses NaN weights otherwise
+    args = (tmp_path / "ws", "--dataset", text_file, "--seqlen", SEQLEN, "--max-windows", 2, "--device", "cpu", "--json")
+
+    def strict(text: str) -> dict:
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON: {text}"))
+
+    out = _lmc(*args, cache=tmp_path / "cache")
+    assert out.returncode == 0, out.stderr
+    r = strict(out.stdout)
+    assert r["ppl"] is None and reason in r["ppl_error"] and set(r) == JSON_KEYS
+    gated = _lmc(*args, "--fail-above", 1e9, cache=tmp_path / "cache")
+    assert gated.returncode == 1 and strict(gated.stdout)["ppl"] is None
+    assert gated.stderr.startswith("FAILED ppl ") and reason in gated.stderr and gated.stderr.count("\n") == 1

@@ -161,3 +161,64 @@ def test_awq_checkpoint_splits_for_tp(checkpoint, tmp_path):
     with pytest.raises(LmcError, match="would split an int4 group of 64"):
         convert(tmp_path / "awq64", tmp_path / "bad", tp=2)  # wo's K per rank: 64 / 2 = 32 < 64
     assert not (tmp_path / "bad").exists()
+
+
+def test_awq_fallback_says_why_on_stderr_and_records_what_was_written(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)  # K = 64 for q/k/v, o and gate/up: not a multiple of the default 128
+    r = _cli("quantize", ckpt, "-o", tmp_path / "q", "--calib-samples", 4, "--calib-seqlen", 32, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    assert ("note: writing an lmc workspace instead of an HF AWQ checkpoint: model.layers.*.self_attn.q_proj has "
+            "K=64 input features, not a multiple of --w-group-size 128") in r.stderr
+    assert "--w-group-size 64 gives an AWQ checkpoint" in r.stderr and "note" not in r.stdout
+    assert "(workspace, awq)" in r.stdout
+    prov = Workspace(tmp_path / "q").manifest["provenance"]
+    quant = prov["quantization"]
+    assert quant["format"] == "workspace" and "workspace" not in quant
+    assert quant["search_samples"] == 8 and quant["device"] == "cpu"  # resolved: 8 on the CPU
+    assert "--search-samples 8 --device cpu " in prov["command"] and "--search-samples auto" not in prov["command"]
+
+
+def test_help_says_when_the_awq_output_falls_back():
+    from lmc.cli import quantize as command
+
+    helps = {p.name: " ".join(p.help.split()) for p in command.params if p.help}
+    for name in ("w_group_size", "workspace"):
+        assert "K" in helps[name] and "multiple of" in helps[name] and "N" in helps[name] and "8" in helps[name], name
+    assert "workspace is written instead" in helps["w_group_size"]
+
+
+def test_predicted_host_memory_bounds_the_measured_peak(checkpoint, tmp_path):
+    """In a fresh process, as a user runs it: the peak RSS stays under the prediction, which is not a wild guess."""
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    text = tmp_path / "calib.txt"
+    text.write_text(" ".join(f"word{i % 97}" for i in range(3000)))  # a short text: tokenizing it sets no peak
+    runs = {"rtn": ("--calib-samples", 0),
+            "awq": ("--calib-dataset", text, "--calib-samples", 8, "--calib-seqlen", 64, "--search-samples", 4)}
+    for name, args in runs.items():
+        r = _cli("quantize", ckpt, "-o", tmp_path / name, "--w-group-size", 32, "--device", "cpu", "--json", *args)
+        assert r.returncode == 0, r.stderr
+        summary = json.loads(r.stdout)
+        mem, peak = summary["memory_predicted"], summary["peak_host_rss_bytes"]
+        assert mem["host_held"] > 100 * 2**20, name  # torch and the rest, loaded before the prediction, count
+        assert peak <= mem["host_bytes"], (name, peak, mem)
+        assert mem["host_bytes"] - mem["host_held"] <= 3 * (peak - mem["host_held"]) + 2**26, (name, peak, mem)
+
+
+def test_memory_prediction_grows_with_calibration_size():
+    from lmc.compiler.memory import SourceRead, predict
+    from lmc.format.archs import model_config_from_hf
+
+    cfg = model_config_from_hf(dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152))
+    read = SourceRead(file_bytes=10**8, itemsize=2, temporaries=0)
+
+    def host(samples: int, seqlen: int) -> int:
+        return predict(cfg, samples, seqlen, 8, 4, 64, torch.device("cpu"), torch.float32, torch.float16, read,
+                       held=(2**28, 2**28)).host_bytes
+
+    assert host(0, 512) < host(8, 512) < host(32, 512) < host(64, 512) < host(64, 1024)
+    # at least the activations (two [n, S, H] float32 buffers) and the int64 windows of the 32 more windows
+    assert host(64, 512) - host(32, 512) >= 32 * 512 * (2 * 576 * 4 + 8)
+    tokenized = predict(cfg, 8, 512, 8, 4, 64, torch.device("cpu"), torch.float32, torch.float16, read,
+                        held=(2**28, 2**33))
+    assert tokenized.host_bytes == 2**33 and tokenized.fits()  # a past peak (tokenizing) is the peak; it needs nothing
