@@ -227,6 +227,10 @@ def test_logprobs_and_stop(server, local):
                                         "logprobs": 2}).json()["choices"][0]
     assert len(r["logprobs"]["tokens"]) == 5 and all(len(t) <= 2 for t in r["logprobs"]["top_logprobs"])
     assert r["logprobs"]["text_offset"][0] == 0
+    penalized = chat(c, "Hello there", max_tokens=12, temperature=0, ignore_eos=True, repetition_penalty=1.5)
+    ref = local([{"role": "user", "content": "Hello there"}],  # (logprobs: the engine's penalty needs them today)
+                GenerationConfig(max_new_tokens=12, ignore_eos=True, repetition_penalty=1.5, logprobs=0))
+    assert penalized["choices"][0]["message"]["content"] == ref.text and penalized["choices"][0]["logprobs"] is None
     full = local("hello", GenerationConfig(max_new_tokens=12, ignore_eos=True), chat_template=False).text
     word = full[3:6]
     r = c.post("/v1/completions", json={"prompt": "hello", "max_tokens": 12, "temperature": 0, "ignore_eos": True,
@@ -253,6 +257,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"top_logprobs": 2}, AUTH, 400, "top_logprobs"),
     ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 50}, AUTH, 400, "top_logprobs"),
     ("/v1/chat/completions", {"frequency_penalty": 0.5}, AUTH, 400, "frequency_penalty"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, AUTH, 400, "tools"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, AUTH, 400, "response_format"),
     ("/v1/chat/completions", {"chat_template": "{{ raise_exception('roles must alternate') }}"}, AUTH, 400, "messages"),
     ("/v1/chat/completions", {"model": "gpt-4o"}, AUTH, 404, "model_not_found"),
     ("/v1/chat/completions", {}, {}, 401, "invalid_api_key"),

@@ -121,13 +121,24 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     chat_template: str | None = None  # lmc extra: a Jinja chat template used instead of the model's
+    tools: list | None = None  # refused: lmc does not call tools
+    response_format: dict | None = None  # refused unless {"type": "text"}
+
+    def check(self) -> None:
+        """Refuse what lmc cannot honour, rather than ignore it."""
+        if not self.messages:
+            raise ApiError(400, "messages is empty: send at least one message", "messages")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        if self.tools:
+            raise ApiError(400, "tools are not supported by lmc", "tools")
+        if self.response_format not in (None, {"type": "text"}):
+            raise ApiError(400, "response_format is not supported by lmc (only {\"type\": \"text\"})", "response_format")
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def logprob_count(self) -> int | None:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
@@ -136,12 +147,14 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = None
     echo: bool | None = None
 
+    def check(self) -> None:
+        if self.echo:
+            raise ApiError(400, "echo is not supported by lmc", "echo")
+
     def requested_max_tokens(self) -> int | None:
         return COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
 
     def logprob_count(self) -> int | None:
-        if self.echo:
-            raise ApiError(400, "echo is not supported by lmc", "echo")
         return self.logprobs
 
     def prompts(self) -> list[str | list[int]]:
