@@ -177,6 +177,7 @@ def test_endpoints_streaming_equals_plain_and_the_local_engine(server, local):
         assert "".join(e["choices"][0]["text"] for e in events[:-2]) == ref.text
         assert events[-2]["usage"] == r["usage"]
     assert c.post("/v1/completions", json={"prompt": "hi"}).json()["usage"]["completion_tokens"] <= 16  # OpenAI's default
+    assert chat(c, "hi", max_tokens=2, user="me", logit_bias=None, some_other_servers_field={"x": 1})["choices"]  # ignored
 
     m = server.metrics()
     assert m["lmc_time_to_first_token_seconds_count"] >= 6 and m["lmc_time_per_output_token_seconds_count"] >= 6
@@ -264,6 +265,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {}, {}, 401, "invalid_api_key"),
     ("/v1/chat/completions", {}, {"Authorization": "Bearer nope"}, 401, "invalid_api_key"),
     ("/v1/models", None, {"Authorization": "k2"}, 401, "invalid_api_key"),
+    ("/v1/models", None, {"Authorization": "Bearer clé".encode("latin-1")}, 401, "invalid_api_key"),
     ("/v1/completions", {"prompt": ""}, AUTH, 400, "prompt"),
     ("/v1/completions", {"prompt": [1, 2, 100000]}, AUTH, 400, None),
     ("/v1/completions", {"prompt": [1.5]}, AUTH, 400, "prompt"),
@@ -403,6 +405,12 @@ def test_serve_refuses_bad_setups_with_one_line(ws, tmp_path):
     assert r.returncode == 1 and "tp=2" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _lmc("serve", tmp_path / "missing")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        r = _lmc("serve", ws, "--device", "cpu", "--server-name", "127.0.0.1", "--server-port", taken.getsockname()[1])
+    assert r.returncode == 1 and "address already in use" in r.stderr, r.stderr
+    assert r.stderr.splitlines()[-1].startswith("error: the server could not start on 127.0.0.1:")
     code = ("import sys; sys.modules['fastapi'] = None\nimport lmc.cli\n"
             "assert 'uvicorn' not in sys.modules and 'prometheus_client' not in sys.modules\n"
             f"lmc.cli.main(['serve', {str(ws)!r}, '--device', 'cpu'])")

@@ -91,8 +91,12 @@ class _Call:
     def completion_tokens(self) -> int:
         return sum(c.num_generated_tokens for c in self.choices)
 
-    async def outputs(self):
-        """(choice index, RequestOutput) as they come, until every choice has finished."""
+    async def _merged(self):
+        """(choice index, RequestOutput) of every handle, in the order they come."""
+        if len(self.handles) == 1:  # the common case: no task and queue between the engine and the response
+            async for out in self.handles[0]:
+                yield 0, out
+            return
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(i: int, handle) -> None:
@@ -100,10 +104,20 @@ class _Call:
                 queue.put_nowait((i, out))
 
         pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
+        try:
+            while True:  # the caller stops once every choice has finished
+                yield await queue.get()
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    async def outputs(self):
+        """(choice index, RequestOutput) as they come, until every choice has finished."""
         left = len(self.handles)
+        merged = self._merged()
         try:
             while left:
-                i, out = await queue.get()
+                i, out = await anext(merged)
                 if self.hide_logprobs:
                     out.logprobs = None
                 c = self.choices[i]
@@ -118,8 +132,7 @@ class _Call:
                 yield i, out
         finally:  # done, or the consumer left (client gone, server stopping): what still runs is aborted
             self._watcher.cancel()
-            for task in pumps:
-                task.cancel()
+            await merged.aclose()
             self.abort()
             for i, c in enumerate(self.choices):
                 if c.finish_reason is None:
@@ -196,7 +209,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         if not keys:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip(), k) for k in keys):
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys):
             raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with a key given to "
                            "`lmc serve --api-keys`", code="invalid_api_key")
 
@@ -351,8 +364,8 @@ def run_server(engine, options: ServeOptions, host: str, port: int, drain_timeou
     previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run()
+    except SystemExit:  # uvicorn's way of saying it could not start (a port in use, ...)
+        raise LmcError(f"the server could not start on {host}:{port}; the log above says why") from None
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-    if not server.started:
-        raise LmcError(f"could not serve on {host}:{port} (see the log above): is the port taken?")
