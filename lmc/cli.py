@@ -173,7 +173,7 @@ def _engine_flags(max_batch_size: int | None = 64) -> list:
     ]
 
 
-_SAMPLING_FLAGS = [
+SAMPLING_FLAGS = [
     click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True),
     click.option("--min-new-tokens", type=click.IntRange(min=0), default=None, help="no EOS before this many tokens"),
     click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0: greedy"),
@@ -185,7 +185,7 @@ _SAMPLING_FLAGS = [
 ]
 
 
-def _apply(options: list, fn):
+def _with_options(options, fn):
     for option in reversed(options):
         fn = option(fn)
     return fn
@@ -194,11 +194,16 @@ def _apply(options: list, fn):
 def engine_options(fn):
     """EngineConfig and sampling flags, spelled as `lmdeploy chat` spells them. Out-of-range values are usage
     errors (exit 2)."""
-    return _apply(_engine_flags() + _SAMPLING_FLAGS, fn)
+    return _with_options(_engine_flags() + SAMPLING_FLAGS, fn)
+
+
+def engine_flags_only(fn):
+    """The EngineConfig flags alone (for `lmc serve`: sampling settings come with each request)."""
+    return _with_options(_engine_flags(), fn)
 
 
 def _engine_flags_for_bench(fn):
-    return _apply(_engine_flags(max_batch_size=None), fn)
+    return _with_options(_engine_flags(max_batch_size=None), fn)
 
 
 def _engine_config(kw: dict):
@@ -208,7 +213,7 @@ def _engine_config(kw: dict):
                         cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
                         max_prefill_token_num=kw["max_prefill_token_num"],
                         enable_prefix_caching=kw["enable_prefix_caching"], quant_policy=int(kw["quant_policy"]),
-                        device=kw["device"], threads=kw["threads"])
+                        device=kw["device"], threads=kw["threads"], tp=kw.get("tp", 1))
 
 
 def _configs(kw: dict):
@@ -216,12 +221,11 @@ def _configs(kw: dict):
     --temperature 0 (the Python GenerationConfig is greedy unless do_sample, as LMDeploy's)."""
     from lmc.runtime.sampling import GenerationConfig
 
-    engine = _engine_config(kw)
     gen = GenerationConfig(max_new_tokens=kw["max_new_tokens"], min_new_tokens=kw["min_new_tokens"],
                            do_sample=kw["temperature"] > 0, temperature=kw["temperature"], top_p=kw["top_p"],
                            top_k=kw["top_k"], repetition_penalty=kw["repetition_penalty"],
                            stop_words=list(kw["stop_words"]), random_seed=kw["seed"])
-    return engine, gen
+    return _engine_config(kw), gen
 
 
 def _echo_stream(pieces) -> str:
@@ -260,48 +264,182 @@ def generate(path, prompt, no_chat_template, as_json, **kw):
     _echo_stream(item.text for item in pipe.stream_infer(prompt, gen, chat_template=not no_chat_template))
 
 
-def _fit_history(pipe, history: list[dict], room: int) -> list[dict]:
-    """Drop the oldest turns until the rendered conversation leaves `room` tokens of the session."""
+def _drop_oldest_turn(history: list[dict]) -> list[dict]:
+    """The history without its oldest turn (a user message and its reply)."""
+    return history[2 if len(history) > 2 and history[0]["role"] == "user" else 1:]
+
+
+def _fit_history(pipe, system: list[dict], history: list[dict], room: int) -> list[dict]:
+    """Drop the oldest turns (never the system prompt) until the rendered conversation leaves `room`
+    tokens of the session."""
     limit = pipe.engine.session_len - room
-    dropped = 0
-    while len(history) > 1 and len(pipe.encode(history)) > limit:
-        cut = 2 if len(history) > 2 and history[0]["role"] == "user" else 1  # a user turn and its reply
-        history = history[cut:]
-        dropped += cut
-    if dropped:
-        click.echo(f"(dropped the {dropped} oldest messages: the conversation passed session_len "
+    before = len(history)
+    while len(history) > 1 and len(pipe.encode(system + history)) > limit:
+        history = _drop_oldest_turn(history)
+    if len(history) < before:
+        click.echo(f"(dropped the {before - len(history)} oldest messages: the conversation passed session_len "
                    f"{pipe.engine.session_len} less {room} tokens for the reply)", err=True)
     return history
 
 
-@main.command()
-@click.argument("path")
-@engine_options
-@user_errors
-def chat(path, **kw):
-    """Chat with the model at PATH. One line is one turn; `exit` (or end of input) quits."""
+def _local_turn(path: str, system: list[dict], template: str | None, kw: dict):
+    """The REPL's turn on a model loaded here."""
     from lmc.api import pipeline
 
     engine_cfg, gen = _configs(kw)
     pipe = pipeline(path, backend_config=engine_cfg)
-    history: list[dict] = []
-    interactive = sys.stdin.isatty()
+    if template is not None:
+        pipe.tokenizer.chat_template = template
+    pipe.tokenizer.on_missing_template = lambda note: click.echo(f"warning: {note}", err=True)
     room = min(gen.max_new_tokens, pipe.engine.session_len // 2)
-    while True:
-        if interactive:
-            click.echo("\n>>> ", nl=False)
-        line = sys.stdin.readline()
-        if not line or line.strip() == "exit":
-            break
-        if not line.strip():
-            continue
-        history = _fit_history(pipe, history + [{"role": "user", "content": line.rstrip("\n")}], room)
-        if len(pipe.encode(history)) >= pipe.engine.session_len:
+
+    def turn(history: list[dict]) -> list[dict]:
+        history = _fit_history(pipe, system, history, room)
+        if len(pipe.encode(system + history)) >= pipe.engine.session_len:
             click.echo(f"error: this message alone passes session_len {pipe.engine.session_len}; shorten it", err=True)
-            history = history[:-1]
-            continue
-        reply = _echo_stream(item.text for item in pipe.stream_infer(history, gen))
-        history.append({"role": "assistant", "content": reply})
+            return history[:-1]
+        reply = _echo_stream(item.text for item in pipe.stream_infer(system + history, gen))
+        return history + [{"role": "assistant", "content": reply}]
+
+    return turn
+
+
+def _remote_turn(url: str, api_key: str | None, system: list[dict], template: str | None, kw: dict):
+    """The REPL's turn through a server's chat completions API, streaming; the oldest turns are dropped
+    while the server answers that the conversation passes its session_len."""
+    from lmc.client import ApiError, Client
+
+    client = Client(url, api_key)
+    card = client.models()[0]
+    if template is None and card.get("has_chat_template") is False:
+        from lmc.runtime.tokenizer import NO_TEMPLATE_NOTE
+
+        click.echo(f"warning: {NO_TEMPLATE_NOTE}", err=True)
+    params = {"model": card["id"], "max_tokens": kw["max_new_tokens"], "min_tokens": kw["min_new_tokens"],
+              "temperature": kw["temperature"], "top_p": kw["top_p"], "top_k": kw["top_k"],
+              "repetition_penalty": kw["repetition_penalty"], "stop": list(kw["stop_words"]) or None,
+              "seed": kw["seed"], "chat_template": template}
+    params = {k: v for k, v in params.items() if v is not None}
+
+    def turn(history: list[dict]) -> list[dict]:
+        before = len(history)
+        while True:
+            try:
+                reply = _echo_stream(client.chat_stream(system + history, **params))
+            except ApiError as e:
+                if e.code == "context_length_exceeded" and len(history) > 1:
+                    history = _drop_oldest_turn(history)
+                    continue
+                click.echo(f"error: {e}", err=True)
+                return history[:-1]
+            if len(history) < before:
+                click.echo(f"(dropped the {before - len(history)} oldest messages: the conversation passed the "
+                           "server's session_len)", err=True)
+            return history + [{"role": "assistant", "content": reply}]
+
+    return turn
+
+
+def _option_names(options) -> set[str]:
+    return {p.name for p in click.command()(_with_options(options, lambda **kw: None)).params}
+
+
+@main.command()
+@click.argument("path")
+@click.option("--system", default=None, help="system prompt: the first message of every conversation")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Jinja chat template FILE to use instead of the model's")
+@click.option("--api-key", default=None, help="with a URL: a key the server was started with (--api-keys)")
+@engine_options
+@click.pass_context
+@user_errors
+def chat(ctx, path, system, chat_template, api_key, **kw):
+    """Chat with the model at PATH, or with a server at PATH = http://host:port.
+
+    One line is one message (three double quotes start and end a multi-line one); /reset forgets
+    the conversation, /help lists the commands, `exit` (or end of input) quits."""
+    from pathlib import Path
+
+    from lmc import repl
+    from lmc.cache import cache_root
+
+    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
+    system_messages = [{"role": "system", "content": system}] if system else []
+    if path.startswith(("http://", "https://")):
+        local_only = [name for name in _option_names(_engine_flags())
+                      if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if local_only:
+            raise click.UsageError(f"--{local_only[0].replace('_', '-')} sets up a local engine; "
+                                   "a server keeps the settings it was started with")
+        turn = _remote_turn(path, api_key, system_messages, template, kw)
+    else:
+        if api_key is not None:
+            raise click.UsageError("--api-key is for a server URL, not a local model")
+        turn = _local_turn(path, system_messages, template, kw)
+    repl.run(turn, cache_root() / "chat_history")
+
+
+def _default_model_name(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path).resolve()
+    return p.stem if p.suffix == ".gguf" else p.name
+
+
+class _ApiKeysCommand(click.Command):
+    """Reads `--api-keys K1 K2 ...` as LMDeploy's argparse does: values up to the next option."""
+
+    def parse_args(self, ctx, args):
+        spread, i = [], 0
+        while i < len(args):
+            spread.append(args[i])
+            i += 1
+            if spread[-1] == "--api-keys":
+                first = True
+                while i < len(args) and not args[i].startswith("-"):
+                    spread += ([] if first else ["--api-keys"]) + [args[i]]
+                    first, i = False, i + 1
+        return super().parse_args(ctx, spread)
+
+
+@main.command(cls=_ApiKeysCommand)
+@click.argument("path")
+@click.option("--server-name", default="0.0.0.0", show_default=True, help="address to listen on (127.0.0.1: this machine only)")
+@click.option("--server-port", type=click.IntRange(1, 65535), default=23333, show_default=True)
+@click.option("--api-keys", multiple=True, metavar="KEY...",
+              help="answer only requests with `Authorization: Bearer KEY` for one of these keys")
+@click.option("--model-name", default=None, help="the model's name in the API (default: PATH's file or folder name)")
+@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="tensor-parallel ranks (1 today)")
+@click.option("--max-queue", type=click.IntRange(min=1), default=None,
+              help="answer 429 while this many requests wait (default: no limit)")
+@click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Jinja chat template FILE to use instead of the model's")
+@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+              help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+              default="info", show_default=True)
+@engine_flags_only
+@user_errors
+def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level, **kw):
+    """Serve the model at PATH over an OpenAI-compatible HTTP API, with a chat page at /.
+
+    PATH is a workspace, an HF folder or a GGUF file. Needs the serve extra: pip install 'lmc[serve]'."""
+    from pathlib import Path
+
+    try:
+        from lmc.serve.app import ServeOptions, run_server
+    except ImportError as e:
+        raise LmcError(f"lmc serve needs {e.name}: pip install 'lmc[serve]' (fastapi, uvicorn, prometheus-client)") from None
+    from lmc.api import resolve_workspace
+    from lmc.runtime.engine import Engine
+
+    engine = Engine(str(resolve_workspace(path)), _engine_config(kw))
+    if chat_template:
+        engine.tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    name = model_name or _default_model_name(path)
+    click.echo(f"serving {name} on http://{server_name}:{server_port} (OpenAI API at /v1, chat page at /)", err=True)
+    run_server(engine, ServeOptions(name, tuple(api_keys), max_queue), server_name, server_port, drain_timeout,
+               log_level.lower())
 
 
 @main.command()

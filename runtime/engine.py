@@ -46,7 +46,7 @@ class RequestOutput:
     request_id: str
     token_ids: list[int]  # new this step (an EOS that ended the request included)
     text: str  # new text this step
-    finish_reason: str | None  # "stop" (EOS, stop token or stop word), "length", "abort", or None: more to come
+    finish_reason: str | None  # "stop" (EOS, stop token, stop word), "length", "abort", "error", or None: more to come
     num_prompt_tokens: int
     num_generated_tokens: int  # so far
     logprobs: list[Logprob] | None = None  # one per new token when the request asked for them
@@ -201,6 +201,7 @@ class Engine:
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.failed: str | None = None  # why the background loop stopped, if a step raised
         self._ids = itertools.count()
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
 
@@ -210,6 +211,8 @@ class Engine:
         """Queue a request; returns its handle. Called from a running asyncio loop, the handle is async.
         `outputs`: deliver this request's outputs to that queue instead of the handle (to stream several
         requests in the order their tokens come; see `stream`)."""
+        if self.failed is not None:
+            raise LmcError(f"the engine stopped after an error ({self.failed}); restart it")
         gen = gen or GenerationConfig()
         gen.check()
         if not prompt_ids:
@@ -422,11 +425,29 @@ class Engine:
                     self._finish(req, "abort", [], req.text[req.sent:], None)
 
     def _loop(self) -> None:
-        while not self._stopping:
-            self._wake.wait()
-            self._wake.clear()
-            while not self._stopping and (self.scheduler.has_work() or not self._inbox.empty()):
-                self.step()
+        try:
+            while not self._stopping:
+                self._wake.wait()
+                self._wake.clear()
+                while not self._stopping and (self.scheduler.has_work() or not self._inbox.empty()):
+                    self.step()
+        except Exception as e:  # a bug or a device error: nobody may wait forever on a dead loop
+            self._fail(e)
+
+    def _fail(self, error: Exception) -> None:
+        """Stop serving after an error in a step: every request ends with finish_reason "error" and new ones
+        are refused, saying why."""
+        self.failed = f"{type(error).__name__}: {error}"
+        with self._lock:
+            self._drain()
+            for r in list(self._requests.values()):
+                self._finish(r, "error", [], r.text[r.sent:], None)
+            self._flush_outbox()
+        self._thread = None
+
+    @property
+    def healthy(self) -> bool:
+        return self.failed is None
 
     # ------------------------------------------------------------------ forward
     def _forward(self, batch: Batch) -> torch.Tensor | None:

@@ -4,14 +4,35 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from lmc.errors import WorkspaceError
+
+NO_TEMPLATE_NOTE = ("the model has no chat template: messages are sent as plain `role: content` lines, "
+                    "which a chat model may not follow (pass --chat-template FILE)")
 
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+def _generation_tag():
+    """transformers' `{% generation %}...{% endgeneration %}` (it marks the assistant's tokens for
+    training masks): the body renders as is."""
+    from jinja2 import nodes
+    from jinja2.ext import Extension
+
+    class GenerationTag(Extension):
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return nodes.Scope(body).set_lineno(lineno)
+
+    return GenerationTag
 
 
 class Tokenizer:
@@ -33,6 +54,8 @@ class Tokenizer:
         self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
+        # called once, with NO_TEMPLATE_NOTE, the first time a chat is rendered without a template (front ends warn)
+        self.on_missing_template: Callable[[str], None] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -60,6 +83,9 @@ class Tokenizer:
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template rendered as transformers' apply_chat_template(tokenize=False) does."""
         if not self.chat_template:
+            if self.on_missing_template is not None:
+                self.on_missing_template(NO_TEMPLATE_NOTE)
+                self.on_missing_template = None
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -67,7 +93,7 @@ class Tokenizer:
         def raise_exception(message):
             raise jinja2.exceptions.TemplateError(message)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_tag()])
         env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -267,3 +267,24 @@ def test_int4_on_cpu_is_dequantized_once_with_the_same_logits(checkpoint, tmp_pa
     a, b = dense.generate([[5, 6, 7, 8]], gen)[0], packed.generate([[5, 6, 7, 8]], gen)[0]
     assert a.token_ids == b.token_ids
     assert float((a.logits - b.logits).abs().max() / b.logits.abs().max()) < 1e-5
+
+
+def test_a_failing_step_ends_every_request_and_says_why(ws):
+    engine = _engine(ws)
+    engine.start()
+    try:
+        ok = engine.add_request([5, 6, 7], GenerationConfig(max_new_tokens=3, ignore_eos=True)).result()
+        assert ok.finish_reason == "length" and engine.healthy
+
+        def broken(*args):
+            raise RuntimeError("device lost")
+
+        engine.model.hidden = broken
+        handles = [engine.add_request([5, 6, 7], GenerationConfig(max_new_tokens=30, ignore_eos=True)) for _ in range(3)]
+        results = [h.result() for h in handles]  # ends, instead of waiting forever on a dead loop
+        assert [r.finish_reason for r in results] == ["error"] * 3
+        assert not engine.healthy and "device lost" in engine.failed
+        with pytest.raises(LmcError, match="engine stopped after an error"):
+            engine.add_request([5], GREEDY)
+    finally:
+        engine.stop()

@@ -1,0 +1,367 @@
+"""lmc's OpenAI-compatible server: FastAPI routes over the engine's public API.
+
+    GET  /v1/models             the served model (with max_model_len, as vLLM reports it)
+    POST /v1/chat/completions   messages through the chat template; server-sent events with `stream`
+    POST /v1/completions        text or token-id prompts
+    GET  /health                200 while serving, 503 once the engine loop stopped after an error
+    GET  /metrics               Prometheus text: queue, KV cache, prefix cache, tokens, TTFT, TPOT
+    GET  /                      the chat page (lmc/serve/static/)
+
+Each choice is one engine request, added from the event loop so its handle is async. A request
+ends early, and its KV blocks are freed at once, when its client disconnects: a task per API
+call waits for ASGI's `http.disconnect` and aborts the call's requests, whether the call streams
+or not, and whether or not a token has been sent yet.
+"""
+from __future__ import annotations
+
+import asyncio
+import copy
+import hmac
+import json
+import logging
+import signal
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import jinja2
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
+
+from lmc.errors import LmcError
+from lmc.runtime.sampling import GenerationConfig
+from lmc.runtime.tokenizer import NO_TEMPLATE_NOTE
+from lmc.serve.metrics import Metrics
+from lmc.serve.protocol import (ApiError, ChatCompletionRequest, Choice, CompletionRequest, SamplingFields, chat_logprobs,
+                                completion_logprobs, usage)
+
+STATIC = Path(__file__).parent / "static"
+log = logging.getLogger("lmc.serve")
+
+
+@dataclass
+class ServeOptions:
+    model_name: str
+    api_keys: tuple[str, ...] = ()  # empty: no authentication
+    max_queue: int | None = None  # waiting requests beyond which a request gets 429; None: no limit
+
+
+class _Call:
+    """The engine requests behind one API call (n choices per prompt), with their usage and timings."""
+
+    def __init__(self, engine, metrics: Metrics, request: Request, call_id: str, prompts: list[list[int]],
+                 gens: list[GenerationConfig]):
+        self.metrics, self.start = metrics, time.perf_counter()
+        self.prompt_tokens = sum(map(len, prompts))
+        self.choices: list[Choice] = []
+        self.handles = []
+        try:
+            for p, (ids, gen) in enumerate(zip(prompts, gens)):
+                for k in range(gen.n):
+                    choice_gen = replace(gen, n=1, random_seed=None if gen.random_seed is None else gen.random_seed + k)
+                    index = len(self.handles)
+                    self.handles.append(engine.add_request(ids, choice_gen, request_id=f"{call_id}-{index}"))
+                    self.choices.append(Choice(index))
+        except LmcError as e:  # checked already; what the engine refuses still gets a 400
+            self.abort()
+            raise ApiError(400, str(e)) from None
+        self.first: list[float | None] = [None] * len(self.handles)
+        self._watcher = asyncio.create_task(self._abort_on_disconnect(request))
+
+    async def _abort_on_disconnect(self, request: Request) -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        self.abort()
+
+    def abort(self) -> None:
+        for h in self.handles:
+            if not h.finished:
+                h.abort()
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(c.num_generated_tokens for c in self.choices)
+
+    async def _merged(self):
+        """(choice index, RequestOutput) of every handle, in the order they come."""
+        if len(self.handles) == 1:  # the common case: no task and queue between the engine and the response
+            async for out in self.handles[0]:
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle) -> None:
+            async for out in handle:
+                queue.put_nowait((i, out))
+
+        pumps = [asyncio.create_task(pump(i, h)) for i, h in enumerate(self.handles)]
+        try:
+            while True:  # the caller stops once every choice has finished
+                yield await queue.get()
+        finally:
+            for task in pumps:
+                task.cancel()
+
+    async def outputs(self):
+        """(choice index, RequestOutput) as they come, until every choice has finished."""
+        left = len(self.handles)
+        merged = self._merged()
+        try:
+            while left:
+                i, out = await anext(merged)
+                c = self.choices[i]
+                c.num_prompt_tokens, c.num_generated_tokens = out.num_prompt_tokens, out.num_generated_tokens
+                now = time.perf_counter()
+                if self.first[i] is None and out.token_ids:
+                    self.first[i] = now
+                if out.finish_reason is not None:
+                    c.finish_reason = out.finish_reason
+                    self.metrics.observe(self.start, self.first[i], now, out.num_generated_tokens, out.finish_reason)
+                    left -= 1
+                yield i, out
+        finally:  # done, or the consumer left (client gone, server stopping): what still runs is aborted
+            self._watcher.cancel()
+            await merged.aclose()
+            self.abort()
+            for i, c in enumerate(self.choices):
+                if c.finish_reason is None:
+                    c.finish_reason = "abort"
+                    self.metrics.observe(self.start, self.first[i], time.perf_counter(), c.num_generated_tokens, "abort")
+
+
+def _param(loc: tuple, body, missing: bool) -> str | None:
+    """The request field a validation error is about: its location, walked through the body (pydantic's
+    locations also name the union member that was tried, which is no field)."""
+    parts, value = [], body
+    for key in loc:
+        if isinstance(value, dict) and key in value or isinstance(value, list) and isinstance(key, int) and key < len(value):
+            parts.append(str(key))
+            value = value[key]
+        else:
+            if missing:
+                parts.append(str(key))
+            break
+    return ".".join(parts) or None
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def create_app(engine, options: ServeOptions) -> FastAPI:
+    """The app over a built engine; the engine's background loop runs while the app does."""
+    metrics = Metrics(engine)
+    keys = tuple(options.api_keys)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if not engine.tokenizer.chat_template:
+            log.warning(NO_TEMPLATE_NOTE)
+        engine.start()
+        try:
+            yield
+        finally:
+            engine.stop()
+
+    app = FastAPI(title="lmc", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # ------------------------------------------------------------------ errors as OpenAI's error object
+    def error_response(err: ApiError) -> JSONResponse:
+        metrics.rejected.labels(str(err.status)).inc()
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request, err: RequestValidationError):
+        first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            return error_response(ApiError(400, "the request body is not valid JSON"))
+        param = _param(first.get("loc", ())[1:], err.body, first.get("type") == "missing")
+        return error_response(ApiError(400, f"{param}: {first.get('msg')}" if param else first.get("msg", "bad request"),
+                                       param))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):
+        return error_response(ApiError(err.status_code, str(err.detail), kind="invalid_request_error"))
+
+    @app.exception_handler(Exception)
+    async def server_error(request, err: Exception):
+        log.exception("request failed")
+        return error_response(ApiError(500, f"internal error: {type(err).__name__}: {err}", kind="server_error"))
+
+    # ------------------------------------------------------------------ checks shared by the generation routes
+    def authorized(request: Request) -> None:
+        if not keys:
+            return
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key.strip().encode(), k.encode()) for k in keys):
+            raise ApiError(401, "missing or wrong API key: send `Authorization: Bearer KEY` with a key given to "
+                           "`lmc serve --api-keys`", code="invalid_api_key")
+
+    def check_model(name: str | None) -> None:
+        if name is not None and name != options.model_name:
+            raise ApiError(404, f"model {name!r} is not served here; this server serves {options.model_name!r}",
+                           "model", "model_not_found")
+
+    def configs(body: SamplingFields, prompts: list[list[int]], what: str) -> list[GenerationConfig]:
+        """One GenerationConfig per prompt, after the length and queue checks."""
+        gens = []
+        for ids in prompts:
+            if len(ids) >= engine.session_len:
+                raise ApiError(400, f"the {what} has {len(ids)} tokens; session_len is {engine.session_len}: shorten it "
+                               "or restart the server with a larger --session-len", what, "context_length_exceeded")
+            max_tokens = body.requested_max_tokens()
+            if max_tokens is None:
+                max_tokens = engine.session_len - len(ids)
+            elif max_tokens < 1:
+                raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
+            gens.append(body.generation(max_tokens, body.logprob_count()))
+        if options.max_queue is not None and engine.stats().waiting + len(prompts) * body.choices > options.max_queue:
+            raise ApiError(429, f"the server's queue is full ({options.max_queue} requests waiting); retry later",
+                           code="queue_full", kind="rate_limit_error")
+        return gens
+
+    def stream(events) -> StreamingResponse:
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+    # ------------------------------------------------------------------ routes
+    @app.get("/health")
+    async def health():
+        if not engine.healthy:  # the engine loop stopped after an error: a load balancer should look elsewhere
+            return JSONResponse({"status": "error", "error": engine.failed}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def page():
+        return FileResponse(STATIC / "index.html")
+
+    def model_card() -> dict:
+        return {"id": options.model_name, "object": "model", "created": 0, "owned_by": "lmc",
+                "max_model_len": engine.session_len, "has_chat_template": bool(engine.tokenizer.chat_template)}
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models():
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}", dependencies=[Depends(authorized)])
+    async def model(name: str):
+        check_model(name)
+        return model_card()
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
+        check_model(body.model)
+        body.check()
+        tokenizer = engine.tokenizer
+        if body.chat_template is not None:
+            tokenizer = copy.copy(tokenizer)
+            tokenizer.chat_template = body.chat_template
+        try:
+            ids = tokenizer.encode_chat([m.as_template_input() for m in body.messages])
+        except jinja2.TemplateError as e:
+            raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
+        call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        call = _Call(engine, metrics, request, call_id, [ids], configs(body, [ids], "messages"))
+        head = {"id": call_id, "created": created, "model": options.model_name}
+        logprobs = (lambda out: chat_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None)
+
+        if body.stream:
+            async def events():
+                extra = {"usage": None} if body.include_usage else {}
+                chunk = {**head, "object": "chat.completion.chunk"}
+                yield _sse({**chunk, "choices": [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                                                  "logprobs": None, "finish_reason": None} for c in call.choices], **extra})
+                async for i, out in call.outputs():
+                    if out.text or out.logprobs or out.finish_reason:
+                        yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": out.text} if out.text else {},
+                                                          "logprobs": logprobs(out), "finish_reason": out.finish_reason}],
+                                    **extra})
+                if body.include_usage:
+                    yield _sse({**chunk, "choices": [], "usage": usage(call.prompt_tokens, call.completion_tokens)})
+                yield "data: [DONE]\n\n"
+
+            return stream(events())
+
+        texts, lps = [[] for _ in call.choices], [[] for _ in call.choices]
+        async for i, out in call.outputs():
+            texts[i].append(out.text)
+            lps[i] += out.logprobs or []
+        return {**head, "object": "chat.completion",
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(texts[c.index])},
+                             "logprobs": chat_logprobs(engine.tokenizer, lps[c.index]) if body.logprobs else None,
+                             "finish_reason": c.finish_reason} for c in call.choices],
+                "usage": usage(call.prompt_tokens, call.completion_tokens)}
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, request: Request):
+        check_model(body.model)
+        body.check()
+        prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
+        call_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        call = _Call(engine, metrics, request, call_id, prompts, configs(body, prompts, "prompt"))
+        head = {"id": call_id, "object": "text_completion", "created": created, "model": options.model_name}
+        offsets = [0] * len(call.choices)
+
+        def logprobs(i: int, out) -> dict | None:
+            if out.logprobs is None:
+                return None
+            lp = completion_logprobs(engine.tokenizer, out.logprobs, offsets[i])
+            offsets[i] += len(out.text)
+            return lp
+
+        if body.stream:
+            async def events():
+                extra = {"usage": None} if body.include_usage else {}
+                async for i, out in call.outputs():
+                    if out.text or out.logprobs or out.finish_reason:
+                        yield _sse({**head, "choices": [{"index": i, "text": out.text, "logprobs": logprobs(i, out),
+                                                         "finish_reason": out.finish_reason}], **extra})
+                if body.include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage(call.prompt_tokens, call.completion_tokens)})
+                yield "data: [DONE]\n\n"
+
+            return stream(events())
+
+        texts, lps = [[] for _ in call.choices], [[] for _ in call.choices]
+        async for i, out in call.outputs():
+            texts[i].append(out.text)
+            lps[i] += out.logprobs or []
+        return {**head, "choices": [{"index": c.index, "text": "".join(texts[c.index]),
+                                     "logprobs": completion_logprobs(engine.tokenizer, lps[c.index], 0)
+                                     if body.logprobs is not None else None,
+                                     "finish_reason": c.finish_reason} for c in call.choices],
+                "usage": usage(call.prompt_tokens, call.completion_tokens)}
+
+    return app
+
+
+def run_server(engine, options: ServeOptions, host: str, port: int, drain_timeout: float, log_level: str) -> None:
+    """Serve until SIGTERM or SIGINT; then stop accepting, let in-flight requests finish (at most
+    drain_timeout seconds, then they are cancelled and aborted), stop the engine and return."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, options), host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=drain_timeout))
+    # uvicorn re-raises the signal it stopped on once it returns; let that land here, so a drained server exits 0
+    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.run()
+    except SystemExit:  # uvicorn's way of saying it could not start (a port in use, ...)
+        raise LmcError(f"the server could not start on {host}:{port}; the log above says why") from None
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
