@@ -6,7 +6,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from lmc.errors import WorkspaceError
+from lmc.errors import LmcError, WorkspaceError
 
 NO_TEMPLATE_NOTE = ("the model has no chat template: messages are sent as plain `role: content` lines, "
                     "which a chat model may not follow (pass --chat-template FILE)")
@@ -16,6 +16,78 @@ def _token_text(value) -> str | None:
     if isinstance(value, dict):
         return value.get("content")
     return value
+
+
+# A template comes from a file anyone may have written: its rendering is bounded in output size, loop
+# iterations and time (an unbounded one once rendered 3.7 GB in 40 s), and runs in jinja2's sandbox.
+RENDER_SECONDS = 5.0
+RANGE_BUDGET = 1_000_000  # loop iterations over range() per rendering
+
+
+def render_limit(input_chars: int) -> int:
+    """Characters a rendering may produce: the messages' size many times over, plus room for a system prompt."""
+    return 16 * input_chars + (1 << 20)
+
+
+def render_bounded(template: str, context: dict, input_chars: int) -> str:
+    """Render a chat template in the sandbox within render_limit(input_chars) characters, RANGE_BUDGET range()
+    iterations and RENDER_SECONDS; anything beyond is one LmcError naming the limit."""
+    import time
+
+    import jinja2
+
+    limit = render_limit(input_chars)
+    env = _sandbox(limit)
+    deadline = time.monotonic() + RENDER_SECONDS
+    out, size = [], 0
+    try:
+        for piece in env.from_string(template).generate(**context):
+            out.append(piece)
+            size += len(piece)
+            if size > limit:
+                raise LmcError(f"the chat template rendered more than {limit} characters; it is broken or hostile: "
+                               "fix the workspace's tokenizer/chat_template.jinja or pass --chat-template")
+            if time.monotonic() > deadline:
+                raise LmcError(f"the chat template took more than {RENDER_SECONDS:g} s to render; it is broken or hostile")
+    except (jinja2.TemplateError, RecursionError, OverflowError, MemoryError) as e:
+        raise LmcError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
+    return "".join(out)
+
+
+def _sandbox(limit: int):
+    """jinja2's immutable sandbox, with range() and the * and ** operators bounded."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    budget = [RANGE_BUDGET]
+
+    class Bounded(ImmutableSandboxedEnvironment):
+        intercepted_binops = frozenset(["*", "**"])
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > limit:
+                        raise jinja2.exceptions.SecurityError(f"a repetition of {len(seq) * n} items is over the limit")
+            if operator == "**" and isinstance(right, int) and abs(right) > 1024:
+                raise jinja2.exceptions.SecurityError("an exponent over 1024 is over the limit")
+            return super().call_binop(context, operator, left, right)
+
+    def bounded_range(*args):
+        r = range(*args)
+        budget[0] -= len(r)
+        if budget[0] < 0:
+            raise jinja2.exceptions.SecurityError(f"the template loops more than {RANGE_BUDGET} times")
+        return r
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_tag()])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals.update(range=bounded_range, raise_exception=raise_exception,
+                       strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env
 
 
 def _generation_tag():
@@ -87,19 +159,10 @@ class Tokenizer:
                 self.on_missing_template(NO_TEMPLATE_NOTE)
                 self.on_missing_template = None
             return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + ("assistant: " if add_generation_prompt else "")
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols", _generation_tag()])
-        env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         specials = {k: _token_text(self.config.get(k)) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                                          **{k: v for k, v in specials.items() if v is not None})
+        context = dict(messages=messages, add_generation_prompt=add_generation_prompt,
+                       **{k: v for k, v in specials.items() if v is not None})
+        return render_bounded(self.chat_template, context, len(json.dumps(messages, ensure_ascii=False)))
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), add_special_tokens=False)

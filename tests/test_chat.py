@@ -141,3 +141,30 @@ def test_terminal_line_editing_and_history(workspace, tmp_path):
     assert recalled.startswith(b"Hello there"), recalled
     history = (tmp_path / "cache" / "chat_history").read_text().splitlines()
     assert history == ["Hello there", "exit"]  # (a repeated line is kept once, as Python's readline does)
+
+
+@pytest.mark.parametrize("template", [
+    "{% for i in range(100000) %}{% for j in range(100000) %}{{ messages }}{% endfor %}{% endfor %}",  # 3.7 GB kind
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",  # spins, prints nothing
+    "{{ 'x' * 10000000000 }}",  # one huge allocation
+    "{{ 7 ** 100000000 }}",  # a number of 84 million digits
+    "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",  # endless recursion
+])
+def test_a_hostile_chat_template_is_refused_in_bounded_time(template):
+    import time
+
+    from lmc.errors import LmcError
+    from lmc.runtime.tokenizer import render_bounded
+
+    start = time.monotonic()
+    with pytest.raises(LmcError, match="chat template"):
+        render_bounded(template, {"messages": [{"role": "user", "content": "hi"}]}, 40)
+    assert time.monotonic() - start < 10
+
+
+def test_a_normal_chat_template_renders_as_before():
+    from lmc.runtime.tokenizer import render_bounded
+
+    template = "{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}{% for i in range(3) %}.{% endfor %}"
+    msgs = [{"role": "user", "content": "hello " * 1000}]
+    assert render_bounded(template, {"messages": msgs}, 6000) == "<|user|>" + "hello " * 1000 + "..."
