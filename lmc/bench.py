@@ -7,7 +7,8 @@ ignores EOS and generates exactly its output length, so runs compare like for li
 
 The `random` dataset draws prompt and output lengths uniformly in [L * (1 - R), L * (1 + R)] (vLLM's
 `--random-range-ratio`) around ShareGPT's means (224 prompt and 200 completion tokens per request
-in LMDeploy's published 10,000-request run); prompt tokens are random ids of the model's vocabulary.
+in LMDeploy's published 10,000-request run); prompt tokens are random ids of the model's vocabulary
+(against a URL, of the vocabulary size the server reports, else ids below 1000).
 A ShareGPT JSON file gives real prompts: the first human turn, with the first reply's token count
 as the output length (vLLM's sampling: pairs shorter than 4 or longer than 1024/2048 tokens dropped).
 """
@@ -48,7 +49,8 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
     def length(mean: int) -> int:
         return max(1, rng.randint(int(mean * (1 - range_ratio)), int(mean * (1 + range_ratio))))
 
-    return [BenchRequest([rng.choice(vocab) for _ in range(length(input_len))], length(output_len)) for _ in range(n)]
+    lengths = [(length(input_len), length(output_len)) for _ in range(n)]  # first: the same for any vocabulary
+    return [BenchRequest([rng.choice(vocab) for _ in range(p)], o) for p, o in lengths]
 
 
 def sharegpt_requests(path: Path, n: int, encode, seed: int) -> list[BenchRequest]:
@@ -126,6 +128,29 @@ def engine_sender(engine):
                 timing.tokens += len(out.token_ids)
             if out.finish_reason == "abort":
                 timing.ok = False
+
+    return send
+
+
+def url_sender(client, model: str, concurrency: int):
+    """Requests to an OpenAI-compatible server's /v1/completions (token-id prompts, EOS ignored, greedy), each
+    streamed on a thread of its own; tokens are counted from the usage the server reports at the end."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+
+    def blocking(req: BenchRequest, timing: RequestTiming) -> None:
+        body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len, "ignore_eos": True,
+                "temperature": 0, "stream_options": {"include_usage": True}}
+        for event in client.stream("/v1/completions", body):
+            if any(c.get("text") for c in event.get("choices", ())):
+                timing.token_times.append(time.perf_counter())
+            if event.get("usage"):
+                timing.tokens = event["usage"]["completion_tokens"]
+        timing.ok = timing.tokens == req.output_len
+
+    async def send(req: BenchRequest, timing: RequestTiming) -> None:
+        await asyncio.get_running_loop().run_in_executor(pool, blocking, req, timing)
 
     return send
 

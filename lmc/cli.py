@@ -454,17 +454,32 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
 @click.option("--seed", type=int, default=0, show_default=True, help="dataset sampling seed")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON result to this file")
+@click.option("--api-key", default=None, help="PATH = a server URL: its API key (sent as a Bearer token)")
 @_engine_flags_for_bench
+@click.pass_context
 @user_errors
-def bench(path, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out, **kw):
-    """Throughput and latency of the model at PATH under C concurrent clients (as LMDeploy's profile_throughput)."""
+def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out, api_key,
+          **kw):
+    """Throughput and latency of the model at PATH under C concurrent clients (as LMDeploy's profile_throughput).
+    PATH = http://host:port benchmarks a running OpenAI-compatible server through its API instead."""
     import platform
 
+    from lmc import bench as B
+
+    if path.startswith(("http://", "https://")):
+        local_only = [name for name in _option_names(_engine_flags())
+                      if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if local_only:
+            raise click.UsageError(f"--{local_only[0].replace('_', '-')} sets up a local engine; "
+                                   "a server keeps the settings it was started with")
+        _bench_url(path, api_key, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out)
+        return
+    if api_key is not None:
+        raise click.UsageError("--api-key is for a server URL, not a local model")
     import torch
 
-    from lmc import bench as B
-    from lmc.runtime.engine import Engine
     from lmc.api import resolve_workspace
+    from lmc.runtime.engine import Engine
 
     if kw["max_batch_size"] is None:
         kw["max_batch_size"] = concurrency
@@ -488,6 +503,27 @@ def bench(path, num_prompts, concurrency, dataset, input_len, output_len, range_
     result.update({"path": str(path), "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
                    "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu",
                    "engine": {k: v for k, v in kw.items()}, "stats": vars(engine.stats())})
+    if out:
+        Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    click.echo(json.dumps(result, sort_keys=True) if as_json else B.table(result))
+
+
+def _bench_url(url, api_key, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out):
+    """`lmc bench URL`: the same clients and result, through the server's /v1/completions."""
+    from lmc import bench as B
+    from lmc.client import Client
+
+    if dataset != "random":
+        raise click.UsageError("against a URL only --dataset random is measured (ShareGPT needs the model's "
+                               "tokenizer: bench the workspace itself)")
+    client = Client(url, api_key)
+    card = client.models()[0]
+    vocab = list(range(10, int(card.get("vocab_size") or 1000)))
+    requests = B.random_requests(num_prompts, input_len, output_len, range_ratio, vocab, seed)
+    result = B.run_bench(requests, concurrency, B.url_sender(client, card["id"], concurrency),
+                         show_progress=not as_json and sys.stderr.isatty())
+    result.update({"path": url, "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
+                   "model": card["id"], "max_model_len": card.get("max_model_len")})
     if out:
         Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     click.echo(json.dumps(result, sort_keys=True) if as_json else B.table(result))

@@ -518,3 +518,26 @@ def test_load_200_requests_64_at_a_time_a_tenth_leaving(ws, tmp_path):
         assert s.rss_kb() <= 1.1 * warm, (warm, s.rss_kb())
     finally:
         assert s.stop() == 0, s.log()
+
+
+def test_bench_url_measures_the_server_like_the_workspace(ws, tmp_path):
+    """`lmc bench URL` sends the same requests as `lmc bench WS` (same seed: same lengths) through the API and
+    reports the same keys; every request completes with exactly its output length."""
+    args = ("--num-prompts", "20", "--concurrency", "4", "--input-len", "12", "--output-len", "6", "--json")
+    s = Server(ws, tmp_path, "--max-batch-size", "8", "--log-level", "warning")
+    try:
+        r = _lmc("bench", s.url, *args)
+        assert r.returncode == 0, r.stderr
+        over_http = json.loads(r.stdout)
+        assert s.wait_idle()["lmc_requests_running"] == 0
+    finally:
+        assert s.stop() == 0, s.log()
+    r = _lmc("bench", ws, *args, "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    local = json.loads(r.stdout)
+    assert over_http["completed"] == local["completed"] == 20 and over_http["failed"] == 0
+    assert over_http["completion_tokens"] == local["completion_tokens"]
+    assert over_http["prompt_tokens"] == local["prompt_tokens"]
+    assert {k for k in local if k.endswith("_ms")} <= set(over_http)
+    r = _lmc("bench", "http://127.0.0.1:9", "--max-batch-size", "4")
+    assert r.returncode == 2 and "--max-batch-size sets up a local engine" in r.stderr

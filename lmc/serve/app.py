@@ -251,7 +251,8 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
 
     def model_card() -> dict:
         return {"id": options.model_name, "object": "model", "created": 0, "owned_by": "lmc",
-                "max_model_len": engine.session_len, "has_chat_template": bool(engine.tokenizer.chat_template)}
+                "max_model_len": engine.session_len, "vocab_size": engine.cfg.vocab_size,
+                "has_chat_template": bool(engine.tokenizer.chat_template)}
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
