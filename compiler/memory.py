@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lmc.runtime.device import host_available
 from lmc.format.archs import LINEAR_KEYS, layer_params, linear_shape
 from lmc.format.config import ModelConfig
 from lmc.format.int4 import int4_shapes
@@ -74,17 +75,6 @@ class MemoryPlan:
         if self.device_available:
             text += f", device memory {self.device_bytes / GIB:.2f} GiB (free {self.device_available / GIB:.2f} GiB)"
         return text
-
-
-def host_available() -> int:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 1 << 62
 
 
 def peak_rss() -> int:

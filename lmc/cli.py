@@ -344,6 +344,15 @@ def _option_names(options) -> set[str]:
     return {p.name for p in click.command()(_with_options(options, lambda **kw: None)).params}
 
 
+def _refuse_engine_flags(ctx) -> None:
+    """Against a server URL, engine flags given on the command line are a usage error."""
+    local_only = [name for name in _option_names(_engine_flags())
+                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if local_only:
+        raise click.UsageError(f"--{local_only[0].replace('_', '-')} sets up a local engine; "
+                               "a server keeps the settings it was started with")
+
+
 @main.command()
 @click.argument("path")
 @click.option("--system", default=None, help="system prompt: the first message of every conversation")
@@ -366,11 +375,7 @@ def chat(ctx, path, system, chat_template, api_key, **kw):
     template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
     system_messages = [{"role": "system", "content": system}] if system else []
     if path.startswith(("http://", "https://")):
-        local_only = [name for name in _option_names(_engine_flags())
-                      if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
-        if local_only:
-            raise click.UsageError(f"--{local_only[0].replace('_', '-')} sets up a local engine; "
-                                   "a server keeps the settings it was started with")
+        _refuse_engine_flags(ctx)
         turn = _remote_turn(path, api_key, system_messages, template, kw)
     else:
         if api_key is not None:
@@ -467,11 +472,7 @@ def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, r
     from lmc import bench as B
 
     if path.startswith(("http://", "https://")):
-        local_only = [name for name in _option_names(_engine_flags())
-                      if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
-        if local_only:
-            raise click.UsageError(f"--{local_only[0].replace('_', '-')} sets up a local engine; "
-                                   "a server keeps the settings it was started with")
+        _refuse_engine_flags(ctx)
         _bench_url(path, api_key, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out)
         return
     if api_key is not None:

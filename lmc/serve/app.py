@@ -26,7 +26,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import jinja2
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
@@ -273,7 +272,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
             tokenizer.chat_template = body.chat_template
         try:
             ids = tokenizer.encode_chat([m.as_template_input() for m in body.messages])
-        except jinja2.TemplateError as e:
+        except LmcError as e:  # the template refused these messages (raise_exception), or ran past its bounds
             raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         call = _Call(engine, metrics, request, call_id, [ids], configs(body, [ids], "messages"))
