@@ -11,7 +11,7 @@ import torch
 import lmc
 from lmc.format.archs import Target, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
-                               regroup, unpack_awq, unpack_compressed, unpack_gptq)
+                               group_labels, unpack_awq, unpack_compressed, unpack_gptq)
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
@@ -93,16 +93,14 @@ class Builder:
         used = self.used_source_names()
         missing = sorted(used - have)
         if missing:
-            self._check_quantized_linears(have)
+            self._check_quantized_parts(missing[0], have)
             raise LmcError(f"the checkpoint lacks tensor {missing[0]} ({len(missing)} missing); it is incomplete or not a {self.cfg.architecture} model")
         ignorable = {n for n in have - used if n.endswith("rotary_emb.inv_freq")}
         if self.cfg.tie_word_embeddings:
             ignorable |= {"lm_head.weight", "output.weight"} & have
         unused = sorted(have - used - ignorable)
         if unused:
-            if self.quant and unused[0].endswith(INT32_LEAVES + INDEX_LEAVES + (".scales", ".weight_scale")):
-                raise LmcError(f"source tensor {unused[0]} is quantized, but lmc keeps embeddings and lm_head in float; "
-                               f"this {self.int4.method} checkpoint quantizes more than the layers' linears: convert the float model")
+            self._check_quantized_parts(unused[0], have)
             raise LmcError(f"source tensor {unused[0]} is not used by the {self.cfg.architecture} name table ({len(unused)} unused); the architecture or config does not match the weights")
         for t in self.targets:
             for name, shape in self._source_shapes(t).items():
@@ -113,11 +111,20 @@ class Builder:
                 self._check_source_dtype(name)
             for name in self.used_source_names() & {s + leaf for s in t.sources for leaf in GROUP_INDEX_LEAF.values()}:
                 self._check_source_dtype(name)
+        for t in self.targets if self.quant else ():  # act-order that cannot fold: refused before anything is written
+            for base in t.sources if t.linear else ():
+                self._group_labels(base, linear_parts(self.cfg, t.key)[1], self._checkpoint_groups(base), "cpu")
 
-    def _check_quantized_linears(self, have: set[str]) -> None:
-        """A quantized checkpoint that leaves a layer linear in float (an ignore list, a skipped module)."""
+    def _check_quantized_parts(self, name: str, have: set[str]) -> None:
+        """Why a quantized checkpoint's tensor `name` is missing or unused, when the reason is what it
+        quantizes: a layer linear left in float (an ignore list, a skipped module), or an embedding or
+        lm_head quantized. Raises; returns when that is not the reason."""
         if not self.quant:
             return
+        base = name.rsplit(".", 1)[0]
+        if any(base + leaf in have for leaf in INT32_LEAVES):
+            raise LmcError(f"{base} is quantized in this {self.int4.method} checkpoint, but lmc keeps embeddings and "
+                           "lm_head in float: convert the float model, or one quantized without them")
         for t in self.targets:
             for s in t.sources if t.linear else ():
                 if s + ".weight" in have:
@@ -257,13 +264,24 @@ class Builder:
                                "the weights do not match config.json")
             zero_point = None if self.int4.symmetric else get(base + ".weight_zero_point")
             codes, scales, zeros = unpack_compressed(get(base + ".weight_packed"), get(base + ".weight_scale"), zero_point, k)
-        index = base + GROUP_INDEX_LEAF.get(method, "")
+        labels = self._group_labels(base, k, scales.shape[1], scales.device)  # [ceil(K/G)]
+        return codes, scales[:, labels].contiguous(), zeros[:, labels].contiguous()
+
+    def _checkpoint_groups(self, base: str) -> int:
+        """How many scale groups a source linear has in the checkpoint."""
+        if self.int4.method == "compressed-tensors":
+            return self.reader.shape(base + ".weight_scale")[1]
+        return self.reader.shape(base + ".scales")[0]
+
+    def _group_labels(self, base: str, k: int, n_groups: int, device) -> torch.Tensor:
+        """The checkpoint group of each of lmc's groups of one source linear (pack.group_labels)."""
+        index = base + GROUP_INDEX_LEAF.get(self.int4.method, "")
         if index in self._names:
-            group_of_column = get(index)  # [K]
+            group_of_column = self.reader.get(index)  # [K]
         else:
-            columns = torch.arange(k, device=scales.device)
-            group_of_column = columns // g if g is not None else torch.zeros_like(columns)
-        return (codes, *regroup(scales, zeros, group_of_column, self.group_size, base))
+            columns = torch.arange(k, device=device)
+            group_of_column = columns // self.int4.group_size if self.int4.group_size is not None else columns * 0
+        return group_labels(group_of_column, self.group_size, n_groups, base)
 
 
 class _MetaReader:

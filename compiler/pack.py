@@ -240,10 +240,9 @@ def fold_group_size(group_size: int | None, where: str) -> int:
                    "columns and must divide the checkpoint's group")
 
 
-def regroup(scales: torch.Tensor, zeros: torch.Tensor, group_of_column: torch.Tensor, group_size: int,
-            where: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zeros [N, ng] of a checkpoint's groups, the group of each input column [K]
-    (GPTQ's g_idx, or k // G) -> [N, ceil(K/G)] in lmc's groups of G consecutive columns.
+def group_labels(group_of_column: torch.Tensor, group_size: int, n_groups: int, where: str) -> torch.Tensor:
+    """The group of each input column [K] (GPTQ's g_idx, or k // G) -> the checkpoint group of each
+    of lmc's groups of G consecutive columns [ceil(K/G)]: scales[:, labels] are then lmc's scales.
 
     Exact when each lmc group's columns share one checkpoint group (a group size that G divides,
     or act-order whose g_idx only relabels whole groups); otherwise refused."""
@@ -260,6 +259,6 @@ def regroup(scales: torch.Tensor, zeros: torch.Tensor, group_of_column: torch.Te
                            f"in different quantization groups; lmc's kernels read {group_size} consecutive columns per "
                            "group and do not permute activations: use a checkpoint quantized without act-order "
                            "(desc_act false or static_groups true) or quantize the float model with `lmc quantize`")
-        if bool((labels < 0).any()) or bool((labels >= scales.shape[1]).any()):
-            raise LmcError(f"{where}: g_idx names a group outside 0..{scales.shape[1] - 1}; the checkpoint is corrupt")
-    return scales[:, labels].contiguous(), zeros[:, labels].contiguous()
+        if bool((labels < 0).any()) or bool((labels >= n_groups).any()):
+            raise LmcError(f"{where}: g_idx names a group outside 0..{n_groups - 1}; the checkpoint is corrupt")
+    return labels

@@ -40,8 +40,9 @@ def main():
 @main.command()
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, help="workspace folder to write")
-@click.option("--model-format", type=click.Choice(["hf", "awq", "gguf"]), default=None,
-              help="source format (default: detect; a .gguf file is gguf, an AWQ config is awq)")
+@click.option("--model-format", type=click.Choice(["hf", "awq", "gptq", "compressed-tensors", "gguf"]), default=None,
+              help="source format (default: detect; a .gguf file is gguf, a quantization_config names awq, gptq or "
+                   "compressed-tensors)")
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
               help="float dtype of the workspace (auto: the source's)")
 @click.option("--tp", type=int, default=None,
@@ -50,7 +51,7 @@ def main():
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @user_errors
 def convert(src, out, model_format, dtype, tp, force, allow_nonfinite):
-    """Convert an HF, AWQ or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
+    """Convert an HF (float, AWQ, GPTQ, compressed-tensors) or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
     from lmc.compiler.convert import convert as run_convert
 
     if tp is not None and tp < 1:
@@ -129,7 +130,9 @@ def verify(workspace):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
-@click.option("--workspace", is_flag=True, help="write an lmc workspace instead of an HF AWQ checkpoint")
+@click.option("--format", "format", type=click.Choice(["awq", "compressed-tensors"]), default="awq", show_default=True,
+              help="HF int4 checkpoint to write: AutoAWQ GEMM or compressed-tensors pack-quantized (llm-compressor's W4A16)")
+@click.option("--workspace", is_flag=True, help="write an lmc workspace instead of an HF checkpoint")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
@@ -139,11 +142,13 @@ def quantize(src, out, force, as_json, **kw):
     from lmc.compiler.quantize import QuantizeOptions, quantize as run_quantize, summary_json
 
     opts = QuantizeOptions(**kw)
+    if opts.workspace and opts.format != "awq":
+        raise click.UsageError(f"--workspace writes an lmc workspace; drop --format {opts.format} or --workspace")
     command = (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
                f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
                f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
                f"--search-samples {opts.search_samples or 'auto'} --seed {opts.seed} --dtype {opts.dtype}"
-               + (" --workspace" if opts.workspace else ""))
+               + (" --workspace" if opts.workspace else "") + (f" --format {opts.format}" if opts.format != "awq" else ""))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     summary = run_quantize(src, out, opts, force=force, command=command, say=say)
     if as_json:

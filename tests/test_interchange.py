@@ -97,10 +97,11 @@ def _gptq_pack(codes: np.ndarray, zeros: np.ndarray, fmt: str) -> tuple[np.ndarr
 
 
 def write_gptq(ckpt: Path, out: Path, group_size: int = 32, sym: bool = False, fmt: str = "gptq",
-               act_order: str | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
-    """A GPTQ checkpoint of the float checkpoint `ckpt`. act_order: None (g_idx = k // G), "groups"
-    (g_idx relabels whole groups: foldable) or "columns" (a column permutation: real act-order).
-    Returns {module: dequantized weight [N, K] float32}, computed from the stored integers."""
+               act_order: str | None = None, seed: int = 0, linears: tuple[str, ...] = LINEARS) -> dict[str, torch.Tensor]:
+    """A GPTQ checkpoint of the float checkpoint `ckpt` (group_size -1: one group per row). act_order:
+    None (g_idx = k // G), "groups" (g_idx relabels whole groups: foldable) or "columns" (a column
+    permutation: real act-order). Returns {module: dequantized weight [N, K] float32}, computed
+    from the stored integers."""
     from safetensors.torch import save_file
 
     rng = np.random.default_rng(seed)
@@ -110,19 +111,20 @@ def write_gptq(ckpt: Path, out: Path, group_size: int = 32, sym: bool = False, f
     tensors, dequant = {}, {}
     for name, w in state.items():
         module = name.removesuffix(".weight")
-        if not module.endswith(LINEARS):
+        if not module.endswith(linears):
             tensors[name] = w.to(torch.float16)
             continue
         n, k = w.shape
-        ng = -(-k // group_size)
-        blocks = np.arange(k) // group_size
+        g = k if group_size == -1 else group_size
+        ng = -(-k // g)
+        blocks = np.arange(k) // g
         if act_order == "groups":
             g_idx = rng.permutation(ng)[blocks]
         elif act_order == "columns":
             g_idx = blocks[np.argsort(rng.permutation(k))]
         else:
             g_idx = blocks
-        codes, scales, zeros = _gptq_quantize(w, group_size, sym, g_idx)
+        codes, scales, zeros = _gptq_quantize(w, g, sym, g_idx)
         qweight, qzeros = _gptq_pack(codes, zeros, fmt)
         tensors.update({module + ".qweight": torch.from_numpy(qweight), module + ".qzeros": torch.from_numpy(qzeros),
                         module + ".scales": torch.from_numpy(scales.T.copy()),
@@ -180,14 +182,17 @@ def _assert_runs_like(ws_path: Path, reference) -> None:
     assert Engine(str(ws_path), EngineConfig(device="cpu")).generate([PROMPTS[0]], gen)[0].token_ids == ref_tokens
 
 
-@pytest.mark.parametrize("sym,fmt,act_order", [(False, "gptq", None), (True, "gptq_v2", "groups"), (False, "gptq_v2", None),
-                                               (True, "gptq", None)])
-def test_gptq_converts_and_runs_like_its_dequantized_weights(sym, fmt, act_order, checkpoint, tmp_path):
+@pytest.mark.parametrize("sym,fmt,act_order,group", [(False, "gptq", None, 32), (True, "gptq_v2", "groups", 32),
+                                                     (False, "gptq_v2", None, 32), (True, "gptq", None, 32),
+                                                     (False, "gptq", "groups", -1)])
+def test_gptq_converts_and_runs_like_its_dequantized_weights(sym, fmt, act_order, group, checkpoint, tmp_path):
     ckpt = checkpoint("llama3", **ODD)
-    dequant = write_gptq(ckpt, tmp_path / "gptq", sym=sym, fmt=fmt, act_order=act_order)
+    dequant = write_gptq(ckpt, tmp_path / "gptq", group, sym=sym, fmt=fmt, act_order=act_order)
     convert(tmp_path / "gptq", tmp_path / "ws")
     ws = Workspace(tmp_path / "ws")
-    assert ws.quantization == {"method": "gptq", "bits": 4, "group_size": 32, "layout": "lmc-int4-k8", "zero_point": True}
+    lmc_group = 32 if group == 32 else 128  # one group per row: any lmc group lies inside it
+    assert ws.quantization == {"method": "gptq", "bits": 4, "group_size": lmc_group, "layout": "lmc-int4-k8",
+                               "zero_point": True}
     assert ws.meta["dtype"] == "float16" and ws.manifest["provenance"]["source_format"] == "gptq"
     _assert_dequantized_equal(tmp_path / "ws", dequant)
     _assert_runs_like(tmp_path / "ws", _reference_model(ckpt, dequant, _float_state(tmp_path / "gptq")))
@@ -288,3 +293,199 @@ def test_compressed_dequant_matches_the_library(checkpoint, tmp_path):
     weights = dict(model.named_parameters())
     for module, w in compressed_dequant(tmp_path / "ct").items():
         assert torch.equal(weights[module + ".weight"], w.to(torch.bfloat16)), module
+
+
+# ----------------------------------------------------------------------------- codecs
+
+
+def test_gptq_v1_zero_of_zero_comes_back_exactly():
+    """v1 stores zero - 1 per nibble as GPTQModel writes it (the word minus 0x11111111, borrows
+    included): zero points 0 and 15 next to each other read back exactly."""
+    from lmc.compiler.pack import unpack_gptq
+
+    zeros = np.array([[0, 15, 0, 0, 7, 8, 15, 1, 0, 3]])  # [N=10, 1 group] as [ng, N]
+    codes = np.zeros((10, 8), np.int64)
+    _, qzeros = _gptq_pack(codes, zeros.T, "gptq")
+    assert qzeros.shape == (1, 2)
+    _, _, got = unpack_gptq(torch.zeros(1, 10, dtype=torch.int32), torch.from_numpy(qzeros), torch.ones(1, 10), 8, 1)
+    assert got[:, 0].tolist() == zeros[0].tolist()
+
+
+def test_compressed_pack_matches_the_library():
+    ct = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    from lmc.compiler.pack import pack_compressed, unpack_compressed
+
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (13, 70), generator=g, dtype=torch.uint8)  # N, K not multiples of 8
+    zeros = torch.randint(0, 16, (13, 3), generator=g).float()
+    scales = torch.rand(13, 3, generator=g)
+    ours = pack_compressed(codes, scales, zeros, torch.bfloat16)
+    assert torch.equal(ours[".weight_packed"], ct.pack_to_int32((codes.to(torch.int16) - 8).to(torch.int8), 4))
+    assert torch.equal(ours[".weight_zero_point"], ct.pack_to_int32((zeros - 8).to(torch.int8), 4, packed_dim=0))
+    assert ours[".weight_shape"].tolist() == [13, 70]
+    back = unpack_compressed(ours[".weight_packed"], ours[".weight_scale"], ours[".weight_zero_point"], 70)
+    assert torch.equal(back[0], codes) and torch.equal(back[2], zeros)
+
+
+# ----------------------------------------------------------------------------- refusals, one line each
+
+
+def _one_line(call) -> str:
+    with pytest.raises(LmcError) as e:
+        call()
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_gptq_act_order_that_cannot_fold_is_refused(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **ODD)
+    write_gptq(ckpt, tmp_path / "gptq", act_order="columns")
+    message = _one_line(lambda: convert(tmp_path / "gptq", tmp_path / "ws"))
+    assert message.startswith("model.layers.0.self_attn.q_proj: act-order (desc_act) g_idx puts input columns 0..31 "
+                              "in different quantization groups"), message
+    assert not (tmp_path / "ws").exists()
+    r = subprocess.run([sys.executable, "-m", "lmc", "convert", str(tmp_path / "gptq"), "-o", str(tmp_path / "ws")],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "act-order" in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("change,field", [({"bits": 8}, "bits=8"), ({"bits": 3}, "bits=3"),
+                                          ({"checkpoint_format": "marlin"}, "checkpoint_format='marlin'"),
+                                          ({"format": "bitblas", "checkpoint_format": None}, "checkpoint_format='bitblas'"),
+                                          ({"dynamic": {"-:.*down_proj": {}}}, "dynamic="),
+                                          ({"lm_head": True}, "lm_head=True"), ({"pack_dtype": "int16"}, "pack_dtype='int16'"),
+                                          ({"group_size": 48}, "group_size 48")])
+def test_gptq_configs_lmc_cannot_represent_are_refused(change, field, checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **ODD)
+    write_gptq(ckpt, tmp_path / "gptq")
+    cfg = json.loads((tmp_path / "gptq" / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    cfg["quantization_config"] = {k: v for k, v in cfg["quantization_config"].items() if v is not None}
+    (tmp_path / "gptq" / "config.json").write_text(json.dumps(cfg))
+    assert field in _one_line(lambda: convert(tmp_path / "gptq", tmp_path / "ws"))
+
+
+@pytest.mark.parametrize("kind", ["8-bit", "layer left in float", "lm_head quantized"])
+def test_compressed_tensors_lmc_cannot_represent_are_refused(kind, checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **CT_GROUPED)
+    write_compressed(ckpt, tmp_path / "ct", **{"8-bit": dict(num_bits=8),
+                                              "layer left in float": dict(ignore=("lm_head", "re:.*layers.1.mlp.down_proj")),
+                                              "lm_head quantized": dict(ignore=())}[kind])
+    message = _one_line(lambda: convert(tmp_path / "ct", tmp_path / "ws"))
+    assert {"8-bit": "weights.num_bits=8; lmc reads W4A16 pack-quantized",
+            "layer left in float": "model.layers.1.mlp.down_proj is not quantized in this compressed-tensors checkpoint",
+            "lm_head quantized": "lm_head is quantized in this compressed-tensors checkpoint, but lmc keeps embeddings and lm_head in float",
+            }[kind] in message, message
+
+
+def test_model_format_must_match_the_checkpoint(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **ODD)
+    assert "has no gptq quantization_config (it reads as hf); drop --model-format gptq" in _one_line(
+        lambda: convert(ckpt, tmp_path / "ws", model_format="gptq"))
+    write_gptq(ckpt, tmp_path / "gptq")
+    assert "(it reads as gptq)" in _one_line(lambda: convert(tmp_path / "gptq", tmp_path / "ws", model_format="awq"))
+    convert(tmp_path / "gptq", tmp_path / "ws", model_format="gptq")
+    assert Workspace(tmp_path / "ws").quantization["method"] == "gptq"
+
+
+def test_gptq_internlm2_fused_wqkv_splits_after_unpacking(checkpoint, tmp_path):
+    """InternLM2 packs q, k, v in one grouped wqkv: unpacked first, then split like the float one."""
+    from safetensors.torch import save_file
+
+    ckpt = checkpoint("internlm2")
+    names = ("attention.wqkv", "attention.wo", "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")
+    dequant = write_gptq(ckpt, tmp_path / "gptq", linears=names)
+    twin = tmp_path / "float"  # the same model with the dequantized weights in float32
+    twin.mkdir()
+    state = {k: v.float() for k, v in _float_state(tmp_path / "gptq").items() if not k.endswith(("qweight", "qzeros", "scales", "g_idx"))}
+    save_file({**state, **{m + ".weight": w for m, w in dequant.items()}}, twin / "model.safetensors")
+    for f in (tmp_path / "gptq").iterdir():
+        if f.suffix == ".json" or f.name.startswith("tokenizer"):
+            (twin / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((twin / "config.json").read_text())
+    del cfg["quantization_config"]
+    (twin / "config.json").write_text(json.dumps(cfg))
+    convert(tmp_path / "gptq", tmp_path / "ws")
+    convert(twin, tmp_path / "ws_float", dtype="float32")
+    q, f = Workspace(tmp_path / "ws"), Workspace(tmp_path / "ws_float")
+    for i in range(2):
+        for name in ("attention.w_qkv", "attention.wo", "feed_forward.w13", "feed_forward.w2"):
+            base = f"layers.{i}.{name}"
+            want = f.get(base + ".weight")  # [N, K]
+            got = dequantize_lmc(q.get(base + ".qweight"), q.get(base + ".scales"), q.get(base + ".zeros"), 32, want.shape[1])
+            assert torch.equal(got.t(), want), base
+
+
+# ----------------------------------------------------------------------------- compressed-tensors out
+
+AWQ_SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)  # K % 32, N % 8
+RTN = dict(calib_samples=0, w_group_size=32, device="cpu")  # the layout is what is tested, not the search
+
+
+def _workspace_tensors(path: Path) -> dict[str, torch.Tensor]:
+    ws = Workspace(path)
+    return {name: ws.get(name) for name in ws.tensor_names()}
+
+
+def test_compressed_tensors_output_round_trips_and_reruns_byte_identical(checkpoint, tmp_path):
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+
+    ckpt = checkpoint("qwen2", **AWQ_SHAPES)  # q/k/v biases and tied embeddings ride along
+    summary = quantize(ckpt, tmp_path / "ct", QuantizeOptions(**RTN, format="compressed-tensors"), say=_quiet)
+    assert summary["format"] == "compressed-tensors"
+    quantize(ckpt, tmp_path / "ct2", QuantizeOptions(**RTN, format="compressed-tensors"), say=_quiet)
+    assert _tree(tmp_path / "ct") == _tree(tmp_path / "ct2")
+    quantize(ckpt, tmp_path / "own", QuantizeOptions(**RTN, workspace=True), say=_quiet)
+    convert(tmp_path / "ct", tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    assert ws.quantization["method"] == "compressed-tensors" and ws.meta["dtype"] == "float16"
+    assert ws.manifest["provenance"]["quantized_by"]["quantization"]["format"] == "compressed-tensors"
+    own, back = _workspace_tensors(tmp_path / "own"), _workspace_tensors(tmp_path / "ws")
+    assert own.keys() == back.keys()
+    for name in own:
+        assert own[name].dtype == back[name].dtype and torch.equal(own[name], back[name]), name
+
+
+def test_compressed_tensors_output_loads_in_transformers(checkpoint, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    quantize(ckpt, tmp_path / "ct", QuantizeOptions(**RTN, format="compressed-tensors"), say=_quiet)
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    QuantizationConfig.model_validate(cfg["quantization_config"])  # the library's own schema accepts it
+    assert json.loads((tmp_path / "ct" / "lmc_provenance.json").read_text())["format"] == "hf-compressed-tensors"
+    convert(tmp_path / "ct", tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    # transformers + compressed-tensors 0.20.1 load asymmetric pack-quantized only with dequantize=True
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    weights = dict(model.named_parameters())
+    for i in range(2):
+        for fused, modules in FUSED.items():
+            base = f"layers.{i}.{fused}"
+            lmc_w = dequantize_lmc(ws.get(base + ".qweight"), ws.get(base + ".scales"), ws.get(base + ".zeros"), 32).t()
+            theirs = torch.cat([weights[f"model.layers.{i}.{m}.weight"] for m in modules])  # fp16 products, as float32
+            assert torch.equal(theirs, lmc_w.to(torch.float16).float()), base
+    with torch.no_grad():
+        ref_tokens = model.generate(torch.tensor([PROMPTS[0]]), max_new_tokens=12, min_new_tokens=12,
+                                    do_sample=False)[0, len(PROMPTS[0]):].tolist()
+    gen = GenerationConfig(max_new_tokens=12, ignore_eos=True)
+    assert Engine(str(tmp_path / "ws"), EngineConfig(device="cpu")).generate([PROMPTS[0]], gen)[0].token_ids == ref_tokens
+
+
+def test_compressed_tensors_output_falls_back_and_flags_conflict(checkpoint, tmp_path):
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+
+    notes = []
+    summary = quantize(checkpoint("qwen3"), tmp_path / "q", QuantizeOptions(**RTN, format="compressed-tensors"),
+                       say=notes.append)  # hidden 72: K not a multiple of 32
+    assert summary["format"] == "workspace"
+    assert any(n.startswith("note: the compressed-tensors pack-quantized layout cannot hold this model (w_qkv has K=72")
+               for n in notes), notes
+    r = subprocess.run([sys.executable, "-m", "lmc", "quantize", "x", "-o", str(tmp_path / "y"), "--workspace",
+                        "--format", "compressed-tensors"], capture_output=True, text=True)
+    assert r.returncode == 2 and "drop --format compressed-tensors or --workspace" in r.stderr
