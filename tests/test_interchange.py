@@ -378,6 +378,35 @@ def test_compressed_tensors_lmc_cannot_represent_are_refused(kind, checkpoint, t
             }[kind] in message, message
 
 
+@pytest.mark.parametrize("change,field", [
+    ({"format": "naive-quantized", "config_groups": {"group_0": {"format": None}}}, "config_groups.group_0.format='naive-quantized'"),
+    ({"config_groups": {"group_0": {"format": "float-quantized"}}}, "config_groups.group_0.format='float-quantized'"),
+    ({"config_groups": {"group_0": {"input_activations": {"num_bits": 8, "type": "int"}}}}, "config_groups.group_0.input_activations="),
+    ({"kv_cache_scheme": {"num_bits": 8, "type": "float"}}, "kv_cache_scheme="),
+    ({"sparsity_config": {"format": "sparse-24-bitmask"}}, "sparsity_config="),
+    ({"transform_config": {"config_groups": {"R1": {}}}}, "transform_config="),
+    ({"quantization_status": "frozen"}, "quantization_status='frozen'"),
+    ({"config_groups": {"group_1": {"targets": ["re:.*down_proj"], "format": "pack-quantized",
+                                    "weights": {"num_bits": 4, "strategy": "group", "group_size": 64}}}},
+     "config_groups.group_1.weights="),
+    ({"config_groups": {"group_0": {"weights": {"strategy": "tensor"}}}}, "weights.strategy='tensor'"),
+    ({"config_groups": {"group_0": {"weights": {"group_size": 48}}}}, "group_size 48"),
+])
+def test_compressed_tensors_configs_lmc_cannot_represent_are_refused(change, field, checkpoint, tmp_path):
+    def merge(into: dict, change: dict) -> None:
+        for key, value in change.items():
+            if isinstance(value, dict) and isinstance(into.get(key), dict):
+                merge(into[key], value)
+            else:
+                into[key] = value
+
+    write_compressed(checkpoint("llama3", **CT_GROUPED), tmp_path / "ct")
+    cfg = json.loads((tmp_path / "ct" / "config.json").read_text())
+    merge(cfg["quantization_config"], change)
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(cfg))
+    assert field in _one_line(lambda: convert(tmp_path / "ct", tmp_path / "ws"))
+
+
 def test_model_format_must_match_the_checkpoint(checkpoint, tmp_path):
     ckpt = checkpoint("llama3", **ODD)
     assert "has no gptq quantization_config (it reads as hf); drop --model-format gptq" in _one_line(
@@ -489,3 +518,47 @@ def test_compressed_tensors_output_falls_back_and_flags_conflict(checkpoint, tmp
     r = subprocess.run([sys.executable, "-m", "lmc", "quantize", "x", "-o", str(tmp_path / "y"), "--workspace",
                         "--format", "compressed-tensors"], capture_output=True, text=True)
     assert r.returncode == 2 and "drop --format compressed-tensors or --workspace" in r.stderr
+
+
+# ----------------------------------------------------------------------------- a real model
+
+
+@pytest.mark.slow
+def test_smollm2_compressed_tensors_output_in_transformers_matches_lmc(smollm2_gguf, tmp_path):
+    """SmolLM2-135M-Instruct quantized by lmc (AWQ, g64) and written as compressed-tensors: transformers
+    on that folder and lmc on the workspace converted from it give the same WikiText-2 perplexity
+    (within 0.1%) and the same greedy text."""
+    pytest.importorskip("compressed_tensors")
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    from lmc.calib.text import load_text
+    from lmc.calib.windows import eval_windows
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+    from lmc.runtime.model import Model
+    from lmc.runtime.perplexity import perplexity
+    from lmc.runtime.tokenizer import Tokenizer
+
+    opts = QuantizeOptions(w_group_size=64, calib_samples=32, calib_seqlen=512, search_samples=4, device="cpu",
+                           format="compressed-tensors")
+    assert quantize(smollm2_gguf, tmp_path / "ct", opts, say=_quiet)["format"] == "compressed-tensors"
+    convert(tmp_path / "ct", tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    windows = torch.from_numpy(eval_windows(Tokenizer(ws.tokenizer_dir).encode(load_text("wikitext2", "test", purpose="eval").text),
+                                            512, 40))  # [40, 512]
+    ours = perplexity(Model(ws, torch.device("cpu"), torch.float32), windows)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ct", dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True)).eval()
+    total = 0.0
+    with torch.no_grad():
+        for batch in windows.split(4):
+            logits = model(batch).logits[:, :-1].float()  # [B, S-1, V]
+            total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"))
+    theirs = float(np.exp(total / (windows.shape[0] * (windows.shape[1] - 1))))
+    print(f"SmolLM2 W4A16 g64 wikitext2 ppl: lmc workspace {ours['ppl']:.4f}, transformers on compressed-tensors {theirs:.4f}")
+    assert abs(theirs / ours["ppl"] - 1) <= 1e-3
+    prompt = Tokenizer(ws.tokenizer_dir).encode("The capital of France is")
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(prompt):]
+    gen = GenerationConfig(max_new_tokens=32, ignore_eos=True)
+    assert Engine(str(tmp_path / "ws"), EngineConfig(device="cpu")).generate([prompt], gen)[0].token_ids == ref.tolist()
