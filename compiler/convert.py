@@ -81,9 +81,6 @@ class Builder:
         names = set()
         for t in self.targets:
             names.update(self._source_shapes(t))
-            if t.linear and self.quant and self.int4.method in GROUP_INDEX_LEAF:
-                names.update(s + GROUP_INDEX_LEAF[self.int4.method] for s in t.sources
-                             if s + GROUP_INDEX_LEAF[self.int4.method] in self._names)
         return names
 
     def check_names(self) -> None:
@@ -108,8 +105,6 @@ class Builder:
                 if got != shape:
                     raise LmcError(f"source tensor {name} has shape {list(got)}, the config implies {list(shape)}; "
                                    "the weights do not match config.json")
-                self._check_source_dtype(name)
-            for name in self.used_source_names() & {s + leaf for s in t.sources for leaf in GROUP_INDEX_LEAF.values()}:
                 self._check_source_dtype(name)
         for t in self.targets if self.quant else ():  # act-order that cannot fold: refused before anything is written
             for base in t.sources if t.linear else ():
@@ -148,8 +143,8 @@ class Builder:
                 out[source + ".weight"] = (n, k)
             if self.cfg.qkv_bias and t.key == "w_qkv":
                 out[source + ".bias"] = (n,)
-        for leaf in GROUP_INDEX_LEAF.values() if self.quant else ():
-            out.update({s + leaf: (k,) for s in t.sources if s + leaf in self._names})
+        index = GROUP_INDEX_LEAF.get(self.int4.method) if self.quant else None  # optional: act-order's g_idx
+        out.update({s + index: (k,) for s in t.sources if index and s + index in self._names})
         return out
 
     def _check_source_dtype(self, name: str) -> None:
@@ -280,7 +275,7 @@ class Builder:
             group_of_column = self.reader.get(index)  # [K]
         else:
             columns = torch.arange(k, device=device)
-            group_of_column = columns // self.int4.group_size if self.int4.group_size is not None else columns * 0
+            group_of_column = columns // self.int4.group_size if self.int4.group_size is not None else torch.zeros_like(columns)
         return group_labels(group_of_column, self.group_size, n_groups, base)
 
 

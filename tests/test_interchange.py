@@ -28,6 +28,7 @@ from lmc.runtime.sampling import GenerationConfig
 # odd shapes: K = 80 and 100 are not multiples of the group (32), N = 10 (k/v) and 100 (gate/up)
 # not multiples of 8, K = 100 not a multiple of 8 (a part-filled qweight word)
 ODD = dict(hidden_size=80, intermediate_size=100, num_attention_heads=8, num_key_value_heads=1)
+AWQ_SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)  # K % 32, N % 8
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 FUSED = {"attention.w_qkv": LINEARS[:3], "attention.wo": LINEARS[3:4], "feed_forward.w13": LINEARS[4:6],
@@ -295,6 +296,26 @@ def test_compressed_dequant_matches_the_library(checkpoint, tmp_path):
         assert torch.equal(weights[module + ".weight"], w.to(torch.bfloat16)), module
 
 
+def test_gptq_reruns_byte_identical_and_splits_for_tp(checkpoint, tmp_path):
+    from lmc.format.int4 import from_lmc_tensors
+
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)  # K per rank (32, 64) holds whole groups of 32
+    write_gptq(ckpt, tmp_path / "gptq", act_order="groups")
+    convert(tmp_path / "gptq", tmp_path / "a")
+    convert(tmp_path / "gptq", tmp_path / "b")
+    assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
+    convert(tmp_path / "gptq", tmp_path / "tp2", tp=2)
+    one, two = Workspace(tmp_path / "a"), Workspace(tmp_path / "tp2")
+
+    def codes(ws, prefix, base, k):
+        return from_lmc_tensors(*(ws.get(f"{prefix}{base}{leaf}") for leaf in (".qweight", ".scales", ".zeros")), k)
+
+    full = codes(one, "", "layers.1.feed_forward.w2", 128)  # row-parallel: each rank holds half of K
+    halves = [codes(two, f"{r}:", f"layers.1.feed_forward.w2.{r}", 64) for r in range(2)]
+    for part in range(3):
+        assert torch.equal(torch.cat([h[part] for h in halves], dim=1), full[part])
+
+
 # ----------------------------------------------------------------------------- codecs
 
 
@@ -447,7 +468,6 @@ def test_gptq_internlm2_fused_wqkv_splits_after_unpacking(checkpoint, tmp_path):
 
 # ----------------------------------------------------------------------------- compressed-tensors out
 
-AWQ_SHAPES = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)  # K % 32, N % 8
 RTN = dict(calib_samples=0, w_group_size=32, device="cpu")  # the layout is what is tested, not the search
 
 
