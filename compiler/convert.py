@@ -9,10 +9,12 @@ import torch
 
 import lmc
 from lmc.format.archs import Target, arch_spec, linear_parts, model_config_from_hf
+from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
+                               group_labels, unpack_awq, unpack_compressed, unpack_gptq)
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
-from lmc.format.int4 import LAYOUT
+from lmc.format.int4 import LAYOUT, to_lmc_tensors
 from lmc.format.workspace import (DTYPES, FORMAT_VERSION, TensorSpec, Workspace, atomic_output, copy_workspace,
                                   expected_index, index_key, index_problems, plain_shape, rank_name, sha256_file,
                                   verify_workspace, write_workspace)
@@ -20,13 +22,25 @@ from lmc.format.workspace import (DTYPES, FORMAT_VERSION, TensorSpec, Workspace,
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 
 
-def resolve_dtype(choice: str, hf_config: dict) -> torch.dtype:
+def resolve_dtype(choice: str, hf_config: dict, scales_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The workspace's float dtype: `choice`, or for "auto" the int4 scales' dtype (so they convert
+    exactly) or else the config's."""
     if choice != "auto":
         return getattr(torch, choice)
+    if scales_dtype is not None:
+        return scales_dtype
     name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float16"
-    if (hf_config.get("quantization_config") or {}).get("quant_method") == "awq":
-        return torch.float16
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(str(name), torch.float16)
+
+
+def int4_scales_dtype(source: Source) -> torch.dtype | None:
+    """The float dtype of an int4 checkpoint's scales (None: a float checkpoint)."""
+    if source.int4 is None:
+        return None
+    leaf = ".weight_scale" if source.int4.method == "compressed-tensors" else ".scales"
+    name = min((n for n in source.reader.names() if n.endswith(leaf)), default=None)
+    dtype = None if name is None else source.reader.dtype(name)
+    return dtype if dtype is not None and dtype.is_floating_point else None
 
 
 def warn(message: str) -> None:
@@ -44,9 +58,12 @@ class Builder:
         self.source, self.cfg, self.dtype, self.tp = source, cfg, dtype, tp
         self.allow_nonfinite, self.say = allow_nonfinite, say
         self.reader = source.reader
-        self.quant = source.model_format == "awq"
-        self.group_size = (source.hf_config.get("quantization_config") or {}).get("group_size")
+        self.int4 = source.int4
+        self.quant = self.int4 is not None
+        self.group_size = (fold_group_size(self.int4.group_size, f"{source.path / 'config.json'}'s {self.int4.method} config")
+                           if self.quant else None)  # lmc's group; the checkpoint's is self.int4.group_size
         self.targets = arch_spec(cfg).targets(cfg)
+        self._names = set(self.reader.names())
         self._check_tp()
 
     def _check_tp(self) -> None:
@@ -55,37 +72,31 @@ class Builder:
             if n % tp:
                 raise LmcError(f"--tp {tp} does not divide {what} ({n}); choose a tp that divides {what}")
         row_parallel_k = (c.q_size // tp, c.intermediate_size // tp)  # K of wo and w2 per rank
-        if self.quant and any(k % self.group_size for k in row_parallel_k):
+        if self.quant and tp > 1 and any(k % self.group_size for k in row_parallel_k):
             raise LmcError(f"--tp {tp} would split an int4 group of {self.group_size}; use a smaller --tp")
 
     # --- source access -------------------------------------------------------------
     def used_source_names(self) -> set[str]:
         names = set()
         for t in self.targets:
-            for s in t.sources:
-                if not t.linear:
-                    names.add(s)
-                elif self.quant:
-                    names.update(s + leaf for leaf in (".qweight", ".qzeros", ".scales"))
-                else:
-                    names.add(s + ".weight")
-                if t.linear and self.cfg.qkv_bias and t.name.endswith("w_qkv"):
-                    names.add(s + ".bias")
+            names.update(self._source_shapes(t))
         return names
 
     def check_names(self) -> None:
         """The source's tensor table against the name table: nothing missing, nothing unused, then every
         used tensor's shape and dtype against the config."""
-        have = set(self.reader.names())
+        have = self._names
         used = self.used_source_names()
         missing = sorted(used - have)
         if missing:
+            self._check_quantized_parts(missing[0], have)
             raise LmcError(f"the checkpoint lacks tensor {missing[0]} ({len(missing)} missing); it is incomplete or not a {self.cfg.architecture} model")
         ignorable = {n for n in have - used if n.endswith("rotary_emb.inv_freq")}
         if self.cfg.tie_word_embeddings:
             ignorable |= {"lm_head.weight", "output.weight"} & have
         unused = sorted(have - used - ignorable)
         if unused:
+            self._check_quantized_parts(unused[0], have)
             raise LmcError(f"source tensor {unused[0]} is not used by the {self.cfg.architecture} name table ({len(unused)} unused); the architecture or config does not match the weights")
         for t in self.targets:
             for name, shape in self._source_shapes(t).items():
@@ -94,30 +105,59 @@ class Builder:
                     raise LmcError(f"source tensor {name} has shape {list(got)}, the config implies {list(shape)}; "
                                    "the weights do not match config.json")
                 self._check_source_dtype(name)
+        for t in self.targets if self.quant else ():  # act-order that cannot fold: refused before anything is written
+            for base in t.sources if t.linear else ():
+                self._group_labels(base, linear_parts(self.cfg, t.key)[1], self._checkpoint_groups(base), "cpu")
+
+    def _check_quantized_parts(self, name: str, have: set[str]) -> None:
+        """Why a quantized checkpoint's tensor `name` is missing or unused, when the reason is what it
+        quantizes: a layer linear left in float (an ignore list, a skipped module), or an embedding or
+        lm_head quantized. Raises; returns when that is not the reason."""
+        if not self.quant:
+            return
+        base = name.rsplit(".", 1)[0]
+        if any(base + leaf in have for leaf in INT32_LEAVES):
+            raise LmcError(f"{base} is quantized in this {self.int4.method} checkpoint, but lmc keeps embeddings and "
+                           "lm_head in float: convert the float model, or one quantized without them")
+        for t in self.targets:
+            for s in t.sources if t.linear else ():
+                if s + ".weight" in have:
+                    raise LmcError(f"{s} is not quantized in this {self.int4.method} checkpoint (its ignore list or "
+                                   "per-module config leaves it in float); an int4 workspace holds every layer linear in "
+                                   "int4: quantize the float model with `lmc quantize`")
 
     def _source_shapes(self, t: Target) -> dict[str, tuple[int, ...]]:
-        """{source tensor: the shape config.json implies}; AWQ GEMM: qweight [K, N/8], qzeros [K/G, N/8], scales [K/G, N]."""
+        """{source tensor: the shape config.json implies} (int4 layouts: pack.checkpoint_int4_shapes)."""
         if not t.linear:
             return {t.sources[0]: plain_shape(self.cfg, t)}
         rows, k = linear_parts(self.cfg, t.key)
         if t.fuse == "internlm2_qkv":
             rows = (sum(rows),)
-        g, out = self.group_size, {}
+        out = {}
         for source, n in zip(t.sources, rows):
             if self.quant:
-                out.update({source + ".qweight": (k, n // 8), source + ".qzeros": (k // g, n // 8), source + ".scales": (k // g, n)})
+                shapes = checkpoint_int4_shapes(self.int4.method, n, k, self.int4.group_size, self.int4.symmetric)
+                out.update({source + leaf: shape for leaf, shape in shapes.items()})
             else:
                 out[source + ".weight"] = (n, k)
             if self.cfg.qkv_bias and t.key == "w_qkv":
                 out[source + ".bias"] = (n,)
+        index = GROUP_INDEX_LEAF.get(self.int4.method) if self.quant else None  # optional: act-order's g_idx
+        out.update({s + index: (k,) for s in t.sources if index and s + index in self._names})
         return out
 
     def _check_source_dtype(self, name: str) -> None:
         dtype = self.reader.dtype(name)
-        packed = self.quant and name.endswith((".qweight", ".qzeros"))
-        if (packed and dtype != torch.int32) or (not packed and not dtype.is_floating_point):
-            raise LmcError(f"source tensor {name} is {str(dtype).removeprefix('torch.')}, expected "
-                           f"{'int32 (AWQ-packed)' if packed else 'a float dtype'}; the checkpoint is not a float or AWQ checkpoint")
+        if self.quant and name.endswith(INT32_LEAVES):
+            ok, expected = dtype == torch.int32, "int32 (packed int4)"
+        elif self.quant and name.endswith(INDEX_LEAVES):
+            ok, expected = not dtype.is_floating_point and dtype != torch.bool, "an integer dtype"
+        else:
+            ok, expected = dtype.is_floating_point, "a float dtype"
+        if not ok:
+            kind = self.int4.method if self.quant else "float"
+            raise LmcError(f"source tensor {name} is {str(dtype).removeprefix('torch.')}, expected {expected}; "
+                           f"the checkpoint is not the {kind} checkpoint its config.json says")
 
     def check_vocabulary(self) -> None:
         """Every token id of the tokenizer must have an embedding row (more rows than tokens is normal)."""
@@ -182,13 +222,10 @@ class Builder:
             return {t.name: self.reader.get(t.sources[0]).to(self.dtype)}
         out = {}
         if self.quant:
-            from lmc.compiler.pack import unpack_awq
-            from lmc.format.int4 import to_lmc_tensors
-
-            unpacked = [unpack_awq(*(self._parts_awq(t, i)), self.group_size) for i in range(len(self._awq_sources(t)))]
-            codes = self._fuse([u[0] for u in unpacked], t.split, rank, 0)  # [N, K]
-            scales = self._fuse([u[1] for u in unpacked], t.split, rank, 0)  # [N, K/G]
-            zeros = self._fuse([u[2] for u in unpacked], t.split, rank, 0)
+            parts = self._int4_parts(t)  # per part: codes [n, K], scales and zeros [n, ceil(K/G)]
+            codes = self._fuse([p[0] for p in parts], t.split, rank, 0)  # [N, K]
+            scales = self._fuse([p[1] for p in parts], t.split, rank, 0)  # [N, K/G]
+            zeros = self._fuse([p[2] for p in parts], t.split, rank, 0)
             q, s, z = to_lmc_tensors(codes, scales, zeros, self.dtype)
             out.update({f"{t.name}.qweight": q, f"{t.name}.scales": s, f"{t.name}.zeros": z})
         else:
@@ -197,16 +234,48 @@ class Builder:
             out[f"{t.name}.bias"] = self._fuse(self._parts(t, ".bias"), t.split, rank, 0).to(self.dtype)
         return {rank_name(k, rank, self.tp, t.split is not None): v for k, v in out.items()}
 
-    def _awq_sources(self, t: Target) -> list[int]:
-        return list(range(3 if t.fuse == "internlm2_qkv" else len(t.sources)))
-
-    def _parts_awq(self, t: Target, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """AWQ tensors of part i. AWQ packs along N (qweight [K, N/8]), so InternLM2's fused
-        wqkv is split after unpacking instead; other architectures read the part directly."""
+    def _int4_parts(self, t: Target) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The int4 parts of a linear, unpacked to codes [n, K] and lmc-grouped scales and zeros
+        [n, ceil(K/G)]; InternLM2's fused wqkv is split after unpacking (its rows are N)."""
+        rows, k = linear_parts(self.cfg, t.key)
         if t.fuse == "internlm2_qkv":
-            raise LmcError("AWQ InternLM2 checkpoints are not supported yet; convert the float model and quantize with lmc")
-        s = t.sources[i]
-        return self.reader.get(s + ".qweight"), self.reader.get(s + ".qzeros"), self.reader.get(s + ".scales")
+            fused = self._read_int4(t.sources[0], sum(rows), k)
+            return list(zip(*(self._split_internlm2(x) for x in fused)))
+        return [self._read_int4(s, n, k) for s, n in zip(t.sources, rows)]
+
+    def _read_int4(self, base: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One int4 source linear W [n, K] in any checkpoint layout -> codes, scales, zeros in lmc's groups."""
+        get, method, g = self.reader.get, self.int4.method, self.int4.group_size
+        if method == "awq":
+            codes, scales, zeros = unpack_awq(get(base + ".qweight"), get(base + ".qzeros"), get(base + ".scales"), g)
+        elif method == "gptq":
+            codes, scales, zeros = unpack_gptq(get(base + ".qweight"), get(base + ".qzeros"), get(base + ".scales"), k,
+                                               self.int4.zero_offset)
+        else:
+            shape = get(base + ".weight_shape")
+            if not shape.is_meta and shape.tolist() != [n, k]:
+                raise LmcError(f"source tensor {base}.weight_shape is {shape.tolist()}, the config implies {[n, k]}; "
+                               "the weights do not match config.json")
+            zero_point = None if self.int4.symmetric else get(base + ".weight_zero_point")
+            codes, scales, zeros = unpack_compressed(get(base + ".weight_packed"), get(base + ".weight_scale"), zero_point, k)
+        labels = self._group_labels(base, k, scales.shape[1], scales.device)  # [ceil(K/G)]
+        return codes, scales[:, labels].contiguous(), zeros[:, labels].contiguous()
+
+    def _checkpoint_groups(self, base: str) -> int:
+        """How many scale groups a source linear has in the checkpoint."""
+        if self.int4.method == "compressed-tensors":
+            return self.reader.shape(base + ".weight_scale")[1]
+        return self.reader.shape(base + ".scales")[0]
+
+    def _group_labels(self, base: str, k: int, n_groups: int, device) -> torch.Tensor:
+        """The checkpoint group of each of lmc's groups of one source linear (pack.group_labels)."""
+        index = base + GROUP_INDEX_LEAF.get(self.int4.method, "")
+        if index in self._names:
+            group_of_column = self.reader.get(index)  # [K]
+        else:
+            columns = torch.arange(k, device=device)
+            group_of_column = columns // self.int4.group_size if self.int4.group_size is not None else torch.zeros_like(columns)
+        return group_labels(group_of_column, self.group_size, n_groups, base)
 
 
 class _MetaReader:
@@ -288,14 +357,15 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     tp = 1 if tp is None else tp
     source = open_source(src, model_format)
     cfg = model_config_from_hf(source.hf_config)
-    torch_dtype = resolve_dtype(dtype, source.hf_config)
+    torch_dtype = resolve_dtype(dtype, source.hf_config, int4_scales_dtype(source))
     builder = Builder(source, cfg, torch_dtype, tp, allow_nonfinite, say)
     builder.check_names()
     builder.check_vocabulary()
     rank_specs, owner = plan(builder)
     quantization = None
-    if source.model_format == "awq":
-        quantization = {"method": "awq", "bits": 4, "group_size": builder.group_size, "layout": LAYOUT, "zero_point": True}
+    if builder.quant:
+        quantization = {"method": source.model_format, "bits": 4, "group_size": builder.group_size, "layout": LAYOUT,
+                        "zero_point": True}
     ws_dtype = str(torch_dtype).removeprefix("torch.")
     built = {index_key(spec.name, rank, tp): (DTYPES[spec.dtype], spec.shape)
              for rank, specs in enumerate(rank_specs) for spec in specs}

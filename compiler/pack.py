@@ -13,15 +13,20 @@ error <= scale / 2, where AutoAWQ would clamp the zero point and saturate the co
 Scales are rounded to w's dtype when that is a 16-bit float (AutoAWQ computes in fp16), so
 storing them in the model dtype loses nothing.
 
-Layouts: lmc's own ("lmc-int4-k8") is defined once in lmc.format.int4; here is AWQ's:
+Layouts: lmc's own ("lmc-int4-k8") is defined once in lmc.format.int4; here are the
+checkpoint layouts lmc reads and writes (docs/interchange.md). Every one computes
+W[n, k] = (code - zero) * scale with 4-bit codes and zero points, so they convert without loss:
 - AWQ GEMM (AutoAWQ's WQLinear_GEMM, read by vLLM and transformers): qweight int32 [K, N/8]
   packs 8 output columns of one K row in the interleaved order [0, 2, 4, 6, 1, 3, 5, 7];
   qzeros int32 [K/G, N/8] the same way; scales fp16 [K/G, N]. Needs K % G == 0 and N % 8 == 0.
+- GPTQ (AutoGPTQ / GPTQModel QuantLinear, 4-bit, int32 words): see unpack_gptq.
+- compressed-tensors pack-quantized (llm-compressor's W4A16, vLLM's int4 format): see
+  unpack_compressed.
 """
 import torch
 
 from lmc.errors import LmcError
-from lmc.format.int4 import to_int32, to_uint32
+from lmc.format.int4 import GROUP_SIZES, pack_lmc, to_int32, to_uint32, unpack_lmc
 
 _SHIFTS = tuple(range(0, 32, 4))  # nibble j lives in bits 4j .. 4j+3
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column 8c + _AWQ_ORDER[j]
@@ -128,3 +133,132 @@ def _unpack_awq_rows(packed: torch.Tensor) -> torch.Tensor:
     nibbles = (to_uint32(packed)[:, :, None] >> shifts) & 0xF  # [R, N/8, 8], nibble j
     inverse = [_AWQ_ORDER.index(col) for col in range(8)]  # column col sits in nibble inverse[col]
     return nibbles[:, :, inverse].reshape(r, n8 * 8)  # [R, N]
+
+
+# ----------------------------------------------------------------------------- GPTQ
+
+
+def unpack_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, in_features: int,
+                zero_offset: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ tensors -> codes uint8 [N, K], scales and zeros float32 [N, ng] (groups as stored).
+
+    Layout (AutoGPTQ / GPTQModel QuantLinear, 4 bits, int32 words):
+      qweight int32 [ceil(K/8), N]   packed along K: word [r, n] holds the codes of W[n, 8r + j]
+                                     in bits 4j .. 4j+3, the same bits as lmc-int4-k8's qweight
+      qzeros  int32 [ng, ceil(N/8)]  packed along N: word [g, c] holds the zero points of group g
+                                     for output columns 8c + j in bits 4j .. 4j+3
+      scales  float [ng, N]          ng = ceil(K/G), 1 for group_size -1
+      g_idx   int32 [K]              the group of input column k (read by the caller)
+    checkpoint_format "gptq" (v1, zero_offset 1) stores zero - 1 in every nibble; it is undone as
+    GPTQModel does, adding 0x11111111 to the whole word (a zero of 0, stored as 15 with a borrow
+    from the next nibble, comes back exactly). "gptq_v2" (zero_offset 0) stores the zero itself.
+    Symmetric checkpoints have zero 8. W = (code - zero) * scale.
+    """
+    n = qweight.shape[1]
+    codes = unpack_lmc(qweight, in_features)  # [N, K]
+    words = to_int32((to_uint32(qzeros) + zero_offset * 0x11111111) & 0xFFFFFFFF)  # [ng, N/8], v2 zero points
+    zeros = unpack_lmc(words.t(), n).t()  # [N, ng]
+    return codes, scales.t().float().contiguous(), zeros.float().contiguous()
+
+
+# ----------------------------------------------------------------------------- compressed-tensors
+
+
+def unpack_compressed(weight_packed: torch.Tensor, weight_scale: torch.Tensor, weight_zero_point: torch.Tensor | None,
+                      in_features: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """compressed-tensors pack-quantized tensors -> codes uint8 [N, K], scales and zeros float32 [N, ng].
+
+    Layout (compressed-tensors' PackedQuantizationCompressor, 4-bit int): values are signed,
+    q in -8..7, stored as the nibble q + 8.
+      weight_packed     int32 [N, ceil(K/8)]   packed along K in each row: word [n, r] holds
+                                               W[n, 8r + j] in bits 4j .. 4j+3, the transpose of
+                                               lmc-int4-k8's qweight; nibbles past K are 0
+      weight_scale      float [N, ng]          ng = ceil(K/G) (strategy group) or 1 (channel)
+      weight_zero_point int32 [ceil(N/8), ng]  asymmetric only; packed along N: word [c, g] holds
+                                               the zero nibbles of rows 8c + j (zp + 8); symmetric: zp 0
+      weight_shape      int   [2]              [N, K]
+      weight_g_idx      int32 [K]              actorder "group" only: the group of input column k
+    compressed-tensors computes (q - zp) * scale, which is (nibble - zero nibble) * scale: the
+    nibbles are lmc's codes and zero points as they are.
+    """
+    n = weight_packed.shape[0]
+    codes = unpack_lmc(weight_packed.t(), in_features)  # [N, K]
+    scales = weight_scale.float()  # [N, ng]
+    if weight_zero_point is None:
+        zeros = torch.full_like(scales, 8.0)
+    else:
+        zeros = unpack_lmc(weight_zero_point, n).t().float()  # [N, ng]
+    return codes, scales.contiguous(), zeros.contiguous()
+
+
+def pack_compressed(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """codes [N, K], scales and zeros [N, ng] -> the asymmetric pack-quantized tensors, by leaf
+    (layout in unpack_compressed)."""
+    n, k = codes.shape
+    return {".weight_packed": pack_lmc(codes).t().contiguous(),  # [N, ceil(K/8)]
+            ".weight_scale": scales.to(dtype).contiguous(),  # [N, ng]
+            ".weight_zero_point": pack_lmc(zeros.round().to(torch.uint8).t()),  # [ceil(N/8), ng]
+            ".weight_shape": torch.tensor([n, k], dtype=torch.int64)}
+
+
+# ----------------------------------------------------------------------------- tensor tables
+
+INT32_LEAVES = (".qweight", ".qzeros", ".weight_packed", ".weight_zero_point")  # packed words, every layout
+INDEX_LEAVES = (".g_idx", ".weight_g_idx", ".weight_shape")  # integer tensors that are not packed
+GROUP_INDEX_LEAF = {"gptq": ".g_idx", "compressed-tensors": ".weight_g_idx"}  # optional: the group of each column
+
+
+def checkpoint_int4_shapes(method: str, n: int, k: int, group_size: int | None,
+                           symmetric: bool = False) -> dict[str, tuple[int, ...]]:
+    """The tensors (by leaf) and shapes of one int4 linear W [N, K] in a checkpoint of `method`
+    ("awq", "gptq", "compressed-tensors") with groups of group_size (None: one per output row);
+    the optional group index (GROUP_INDEX_LEAF) is [K]. Layouts: pack_awq, unpack_gptq, unpack_compressed."""
+    ng = 1 if group_size is None else -(-k // group_size)
+    if method == "awq":
+        return {".qweight": (k, n // 8), ".qzeros": (k // group_size, n // 8), ".scales": (k // group_size, n)}
+    if method == "gptq":
+        return {".qweight": (-(-k // 8), n), ".qzeros": (ng, -(-n // 8)), ".scales": (ng, n)}
+    shapes = {".weight_packed": (n, -(-k // 8)), ".weight_scale": (n, ng), ".weight_shape": (2,)}
+    if not symmetric:
+        shapes[".weight_zero_point"] = (-(-n // 8), ng)
+    return shapes
+
+
+# ----------------------------------------------------------------------------- groups
+
+
+def fold_group_size(group_size: int | None, where: str) -> int:
+    """lmc's group size for a checkpoint's (None: one scale per output row): the largest of
+    GROUP_SIZES that divides it, so that every lmc group lies inside one checkpoint group."""
+    if group_size is None:
+        return max(GROUP_SIZES)
+    for g in sorted(GROUP_SIZES, reverse=True):
+        if group_size % g == 0:
+            return g
+    raise LmcError(f"{where} has group_size {group_size}; lmc's int4 groups are {'/'.join(map(str, GROUP_SIZES))} "
+                   "columns and must divide the checkpoint's group")
+
+
+def group_labels(group_of_column: torch.Tensor, group_size: int, n_groups: int, where: str) -> torch.Tensor:
+    """The group of each input column [K] (GPTQ's g_idx, or k // G) -> the checkpoint group of each
+    of lmc's groups of G consecutive columns [ceil(K/G)]: scales[:, labels] are then lmc's scales.
+
+    Exact when each lmc group's columns share one checkpoint group (a group size that G divides,
+    or act-order whose g_idx only relabels whole groups); otherwise refused."""
+    k = group_of_column.shape[0]
+    pad = -k % group_size
+    padded = torch.cat([group_of_column, group_of_column[-1:].expand(pad)])  # [ceil(K/G)*G]
+    blocks = padded.to(torch.int64).reshape(-1, group_size)  # [ceil(K/G), G]
+    labels = blocks[:, 0]  # [ceil(K/G)]
+    if not blocks.is_meta:
+        mixed = (blocks != labels[:, None]).any(dim=1).nonzero()
+        if mixed.numel():
+            b = int(mixed[0])
+            raise LmcError(f"{where}: act-order (desc_act) g_idx puts input columns {b * group_size}..{min(k, (b + 1) * group_size) - 1} "
+                           f"in different quantization groups; lmc's kernels read {group_size} consecutive columns per "
+                           "group and do not permute activations: use a checkpoint quantized without act-order "
+                           "(desc_act false or static_groups true) or quantize the float model with `lmc quantize`")
+        if bool((labels < 0).any()) or bool((labels >= n_groups).any()):
+            raise LmcError(f"{where}: g_idx names a group outside 0..{n_groups - 1}; the checkpoint is corrupt")
+    return labels

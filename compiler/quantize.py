@@ -21,7 +21,8 @@ from lmc.compiler import awq
 from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
 from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap, source_read
-from lmc.compiler.pack import awq_compatible, pack_awq, quantize_int4
+from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, checkpoint_int4_shapes, pack_awq,
+                               pack_compressed, quantize_int4)
 from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
 from lmc.compiler.readers import Source, open_source
 from lmc.kernels.rmsnorm import rms_norm
@@ -47,6 +48,7 @@ class QuantizeOptions:
     device: str | None = None
     seed: int = 0
     workspace: bool = False
+    format: str = "awq"  # the HF checkpoint written without --workspace: one of HF_FORMATS
     dtype: str = "auto"
     allow_nonfinite: bool = False  # keep NaN/Inf source weights (with a warning) instead of refusing
 
@@ -262,7 +264,7 @@ def command_line(opts: QuantizeOptions) -> str:
             f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
             f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
             f"--search-samples {opts.search_samples} --device {opts.device} --seed {opts.seed} --dtype {opts.dtype}"
-            + (" --workspace" if opts.workspace else ""))
+            + (" --workspace" if opts.workspace else "") + (f" --format {opts.format}" if opts.format != "awq" else ""))
 
 
 def _stderr(message: str) -> None:
@@ -286,8 +288,10 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     check_group_size(opts.w_group_size)
     if opts.calib_samples < 0 or opts.calib_seqlen < 2 or opts.batch_size < 1:
         raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
-    if source.model_format == "awq":
-        raise LmcError(f"{source.path} is already AWQ-quantized; convert it with `lmc convert`")
+    if opts.format not in HF_FORMATS or (opts.workspace and opts.format != "awq"):
+        raise LmcError(f"--format {opts.format!r}: choose one of {', '.join(HF_FORMATS)}, or --workspace alone")
+    if source.int4 is not None:
+        raise LmcError(f"{source.path} is already {source.model_format}-quantized; convert it with `lmc convert`")
     opts = resolve_options(opts)
     cfg = model_config_from_hf(source.hf_config)
     store_dtype = resolve_dtype(opts.dtype, source.hf_config)
@@ -298,7 +302,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     out = Path(out)
     inputs = [source.path, *source.reader.source_files()]
     check_output(out, inputs, force)
-    fmt = "workspace" if opts.workspace else awq_format_or_reason(cfg, opts.w_group_size)
+    fmt = "workspace" if opts.workspace else opts.format
+    reason = None if fmt == "workspace" else hf_layout_problem(cfg, opts.w_group_size)
     builder = Builder(source, cfg, store_dtype, 1, opts.allow_nonfinite, say)
     builder.check_names()
     builder.check_finite_globals()
@@ -309,8 +314,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     say(mem.describe())
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
-    if fmt not in ("awq", "workspace"):
-        warn(f"note: writing an lmc workspace instead of an HF AWQ checkpoint: {fmt}")
+    if reason:
+        warn(f"note: writing an lmc workspace instead of an HF {HF_FORMATS[fmt]} checkpoint: {reason}")
         fmt = "workspace"
     windows, calib_info = (None, None) if ids is None else calibration_windows(ids, text_info, opts)
     del ids
@@ -330,7 +335,7 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         if fmt == "workspace":
             _write_workspace(tmp, builder, cfg, layers, store_dtype, quant, source, prov)
         else:
-            _write_awq(tmp, builder, cfg, layers, store_dtype, source, prov, opts.w_group_size)
+            _write_hf(tmp, fmt, builder, cfg, layers, store_dtype, source, prov, opts.w_group_size)
     summary = {"output": str(out), "format": fmt, "method": opts.method, "layers": logs, "options": asdict(opts),
                "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2)},
                "memory_predicted": asdict(mem), "peak_host_rss_bytes": peak_rss()}
@@ -341,12 +346,16 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     return summary
 
 
-def awq_format_or_reason(cfg: ModelConfig, g: int) -> str:
-    """"awq" when AutoAWQ's GEMM layout can hold every linear of the model (K a multiple of the
-    group size, N of 8), else why not, naming the first linear that does not fit."""
+HF_FORMATS = {"awq": "AWQ GEMM", "compressed-tensors": "compressed-tensors pack-quantized"}  # --format -> its name
+
+
+def hf_layout_problem(cfg: ModelConfig, g: int) -> str | None:
+    """Why the HF int4 layouts (AWQ GEMM, compressed-tensors pack-quantized as vLLM loads it) cannot hold every
+    linear of the model (both need K % G == 0 and N % 8 == 0 per source module), naming the first linear that
+    does not fit; None when they can."""
     spec = arch_spec(cfg)
     if not spec.awq_writable:
-        return f"{spec.name}'s fused source linears are not written in AWQ form"
+        return f"{spec.name}'s fused source linears are not written as separate HF modules"
     for key in LINEAR_KEYS:
         k = linear_parts(cfg, key)[1]
         for module, n in spec.hf_linear_modules(cfg, 0, key):
@@ -354,12 +363,12 @@ def awq_format_or_reason(cfg: ModelConfig, g: int) -> str:
                 continue
             name = module.replace(spec.layer_prefix.format(i=0), spec.layer_prefix.format(i="*"))
             if n % 8:
-                return f"{name} has N={n} output features, not a multiple of 8 (AutoAWQ's GEMM layout needs it)"
+                return f"{name} has N={n} output features, not a multiple of 8 (the HF int4 layouts need it)"
             fits = [size for size in (128, 64, 32) if all(_awq_fits(cfg, key2, size) for key2 in LINEAR_KEYS)]
-            hint = f"; --w-group-size {fits[0]} gives an AWQ checkpoint" if fits else ""
+            hint = f"; --w-group-size {fits[0]} gives an HF checkpoint" if fits else ""
             return (f"{name} has K={k} input features, not a multiple of --w-group-size {g} "
-                    f"(AutoAWQ's GEMM layout needs every linear's K to be one){hint}")
-    return "awq"
+                    f"(the HF int4 layouts need every linear's K to be one){hint}")
+    return None
 
 
 def _awq_fits(cfg: ModelConfig, key: str, g: int) -> bool:
@@ -404,50 +413,75 @@ def _write_workspace(tmp, builder, cfg, layers, dtype, quant, source, prov) -> N
     write_workspace(tmp, lmc_json(cfg, dtype, 1, quant), [specs], produce, source.tokenizer_files(), prov)
 
 
-def _write_awq(tmp, builder, cfg, layers, dtype, source, prov, g) -> None:
-    """An HF checkpoint in AutoAWQ's GEMM layout (vLLM and transformers read it)."""
+def _write_hf(tmp, fmt, builder, cfg, layers, dtype, source, prov, g) -> None:
+    """An HF checkpoint with the linears in AutoAWQ's GEMM layout (fmt "awq", everything float16) or
+    in compressed-tensors' pack-quantized W4A16 (fmt "compressed-tensors", floats in `dtype`), as
+    AutoAWQ and llm-compressor write them; vLLM and transformers read both (docs/interchange.md)."""
+    float_dtype = torch.float16 if fmt == "awq" else dtype
     entries: dict[str, tuple[TensorSpec, object]] = {}  # name -> (spec, producer)
     cache: dict = {}
 
-    def awq_parts(i: int, key: str) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def packed_parts(i: int, key: str) -> list[dict[str, torch.Tensor]]:
         if cache.get("key") != (i, key):
             qweight, scales, zeros = layers[i]["packed"][key]
             rows, k = linear_parts(cfg, key)
             codes, s, z = from_lmc_tensors(qweight, scales, zeros, k)  # [N, K], [N, ng] x2
-            cache.update(key=(i, key), parts=[pack_awq(c, sc, zz, g) for c, sc, zz in zip(codes.split(rows), s.split(rows), z.split(rows))])
+            cache.update(key=(i, key), parts=[_pack_hf(fmt, c, sc, zz, g, float_dtype)
+                                              for c, sc, zz in zip(codes.split(rows), s.split(rows), z.split(rows))])
         return cache["parts"]
 
     spec = arch_spec(cfg)
     globals_ = (spec.embed, spec.final_norm) + (() if cfg.tie_word_embeddings else (spec.lm_head,))
     for name in globals_:
-        entries[name] = (TensorSpec(name, torch.float16, builder.reader.shape(name)),
-                         lambda n=name: builder.reader.get(n).to(torch.float16))
+        entries[name] = (TensorSpec(name, float_dtype, builder.reader.shape(name)),
+                         lambda n=name: builder.reader.get(n).to(float_dtype))
     for i, layer in enumerate(layers):
         for key in LINEAR_KEYS:
             parts, k = spec.hf_linear_modules(cfg, i, key), linear_parts(cfg, key)[1]
             for j, (module, n) in enumerate(parts):
-                shapes = {".qweight": ((k, n // 8), torch.int32), ".qzeros": ((k // g, n // 8), torch.int32),
-                          ".scales": ((k // g, n), torch.float16)}
-                for li, (leaf, (shape, dt)) in enumerate(shapes.items()):
+                for leaf, shape in checkpoint_int4_shapes(fmt, n, k, g).items():
+                    dt = torch.int32 if leaf in INT32_LEAVES else torch.int64 if leaf in INDEX_LEAVES else float_dtype
                     entries[module + leaf] = (TensorSpec(module + leaf, dt, shape),
-                                              lambda i=i, key=key, j=j, li=li: awq_parts(i, key)[j][li])
+                                              lambda i=i, key=key, j=j, leaf=leaf: packed_parts(i, key)[j][leaf])
             if key == "w_qkv" and "w_qkv_bias" in layer["extras"]:
                 for (module, _), part in zip(parts, layer["extras"]["w_qkv_bias"].split([r for _, r in parts])):
-                    entries[module + ".bias"] = (TensorSpec(module + ".bias", torch.float16, tuple(part.shape)),
-                                                 lambda part=part: part.to(torch.float16))
+                    entries[module + ".bias"] = (TensorSpec(module + ".bias", float_dtype, tuple(part.shape)),
+                                                 lambda part=part: part.to(float_dtype))
         for key, leaf in spec.norms.items():
             if key in layer["extras"]:
                 t = layer["extras"][key]
                 name = spec.layer_prefix.format(i=i) + leaf
-                entries[name] = (TensorSpec(name, torch.float16, tuple(t.shape)), lambda t=t: t.to(torch.float16))
+                entries[name] = (TensorSpec(name, float_dtype, tuple(t.shape)), lambda t=t: t.to(float_dtype))
     write_safetensors(tmp / "model.safetensors", [spec for spec, _ in entries.values()], lambda n: entries[n][1]())
     hf = dict(source.hf_config)
-    hf.update({"torch_dtype": "float16", "quantization_config": {"quant_method": "awq", "version": "gemm", "bits": 4,
-                                                                  "group_size": g, "zero_point": True}})
+    dtype_name = str(float_dtype).removeprefix("torch.")
+    hf.update({"torch_dtype": dtype_name} | ({"dtype": dtype_name} if "dtype" in hf else {}))
+    if fmt == "awq":
+        hf["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": g, "zero_point": True}
+    else:
+        hf["quantization_config"] = compressed_tensors_config(g, spec.lm_head.removesuffix(".weight"))
     (tmp / "config.json").write_bytes(dump_json(hf))
     for name, data in source.tokenizer_files().items():
         (tmp / name).write_bytes(data)
-    (tmp / "lmc_provenance.json").write_bytes(dump_json({**prov, "format": "hf-awq-gemm"}))
+    (tmp / "lmc_provenance.json").write_bytes(dump_json({**prov, "format": {"awq": "hf-awq-gemm"}.get(fmt, f"hf-{fmt}")}))
+
+
+def _pack_hf(fmt: str, codes, scales, zeros, g: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One source module's int4 tensors in an HF layout, by leaf (pack.checkpoint_int4_shapes)."""
+    if fmt == "awq":
+        return dict(zip((".qweight", ".qzeros", ".scales"), pack_awq(codes, scales, zeros, g)))
+    return pack_compressed(codes, scales, zeros, dtype)
+
+
+def compressed_tensors_config(g: int, lm_head: str) -> dict:
+    """The quantization_config llm-compressor writes for asymmetric W4A16 in groups of g (the
+    compressed-tensors library's QuantizationConfig), lm_head left in float."""
+    weights = {"dynamic": False, "group_size": g, "num_bits": 4, "strategy": "group", "symmetric": False, "type": "int"}
+    return {"config_groups": {"group_0": {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+                                          "targets": ["Linear"], "weights": weights}},
+            "format": "pack-quantized", "global_compression_ratio": None, "ignore": [lm_head], "kv_cache_scheme": None,
+            "quant_method": "compressed-tensors", "quantization_status": "compressed", "sparsity_config": {},
+            "transform_config": {}}
 
 
 def summary_json(summary: dict) -> str:

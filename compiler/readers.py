@@ -99,6 +99,21 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "tokenizer.model")
 
 
+INT4_FORMATS = ("awq", "gptq", "compressed-tensors")  # quantized checkpoints lmc reads (docs/interchange.md)
+MODEL_FORMATS = ("hf", *INT4_FORMATS, "gguf")
+
+
+@dataclass(frozen=True)
+class Int4Scheme:
+    """How a quantized checkpoint stores its int4 linears, as its config says (the tensors are
+    checked against it by convert; their layouts are in lmc.compiler.pack)."""
+
+    method: str  # one of INT4_FORMATS
+    group_size: int | None  # input columns per scale in the checkpoint; None: one scale per output row
+    zero_offset: int = 0  # GPTQ v1 (checkpoint_format gptq) stores zero - 1
+    symmetric: bool = False  # compressed-tensors: no zero-point tensors (zero 8)
+
+
 @dataclass
 class Source:
     """A checkpoint opened for conversion."""
@@ -106,7 +121,8 @@ class Source:
     reader: object
     hf_config: dict
     path: Path
-    model_format: str  # "hf" | "awq" | "gguf"
+    model_format: str  # one of MODEL_FORMATS
+    int4: Int4Scheme | None = None  # None: float weights
     _tokenizer_files: dict[str, bytes] | None = field(default=None, repr=False)
 
     def tokenizer_files(self) -> dict[str, bytes]:
@@ -191,7 +207,7 @@ def _weight_files(folder: Path) -> tuple[str, list[Path]]:
 
 
 def open_source(src: str | Path, model_format: str | None = None) -> Source:
-    """Open an HF folder (float or AWQ) or a GGUF file. model_format None: detect."""
+    """Open an HF folder (float, AWQ, GPTQ or compressed-tensors) or a GGUF file. model_format None: detect."""
     path = Path(src)
     if not path.exists():
         raise LmcError(f"{path} does not exist; pass a Hugging Face model folder or a .gguf file")
@@ -213,29 +229,39 @@ def open_source(src: str | Path, model_format: str | None = None) -> Source:
         raise LmcError(f"{cfg_path} is not valid JSON ({e})") from None
     if not isinstance(hf_config, dict):
         raise LmcError(f"{cfg_path} is not a JSON object")
-    detected = "awq" if quantization_method(hf_config, cfg_path) == "awq" else "hf"
-    if model_format == "awq" and detected != "awq":
-        raise LmcError(f"{path} has no AWQ quantization_config; drop --model-format awq")
+    int4 = int4_scheme(hf_config, cfg_path)
+    detected = int4.method if int4 else "hf"
+    if model_format != "hf" and model_format != detected:
+        raise LmcError(f"{path} has no {model_format} quantization_config (it reads as {detected}); drop --model-format {model_format}")
     kind, files = _weight_files(path)
     reader = SafetensorsReader(files) if kind == "st" else TorchBinReader(files)
-    return Source(reader, hf_config, path, detected)
+    return Source(reader, hf_config, path, detected, int4)
 
 
-def quantization_method(hf_config: dict, cfg_path: Path) -> str | None:
-    """None for a float checkpoint, "awq" for an AWQ GEMM one lmc reads; any other quantized format is refused."""
+def int4_scheme(hf_config: dict, cfg_path: Path) -> Int4Scheme | None:
+    """None for a float checkpoint; the int4 scheme of an AWQ, GPTQ or compressed-tensors one lmc
+    reads; any other quantized checkpoint is refused with one line naming what."""
     quant = hf_config.get("quantization_config")
-    if hf_config.get("compression_config") is not None:
-        quant = {"quant_method": "compressed-tensors"}
+    if hf_config.get("compression_config") is not None:  # compressed-tensors' name for it before 2024-10
+        quant = hf_config["compression_config"]
+        if isinstance(quant, dict):
+            quant = {"quant_method": "compressed-tensors", **quant}
     if quant is None or quant == {}:
         return None
     if not isinstance(quant, dict):
         raise LmcError(f"{cfg_path}'s quantization_config is {quant!r}, not an object")
     method = quant.get("quant_method")
-    if not isinstance(method, str) or method.lower() != "awq":
-        what = f"{method}" if method is not None else "quantized (quantization_config without quant_method)"
-        raise LmcError(f"{what} checkpoints are not read yet; convert the float model or an AWQ checkpoint")
-    check_awq_config(quant, cfg_path)
-    return "awq"
+    method = method.lower() if isinstance(method, str) else method
+    if method == "awq":
+        check_awq_config(quant, cfg_path)
+        return Int4Scheme("awq", quant["group_size"])
+    if method == "gptq":
+        return gptq_scheme(quant, cfg_path)
+    if method == "compressed-tensors":
+        return compressed_scheme(quant, cfg_path)
+    what = f"{method}" if method is not None else "quantized (quantization_config without quant_method)"
+    raise LmcError(f"{what} checkpoints are not read; lmc reads float, AWQ, GPTQ and compressed-tensors checkpoints "
+                   "(docs/interchange.md): convert the float model")
 
 
 def check_awq_config(quant: dict, cfg_path: Path) -> None:
@@ -248,3 +274,73 @@ def check_awq_config(quant: dict, cfg_path: Path) -> None:
         if not ok(value):
             raise LmcError(f"{cfg_path}'s AWQ quantization_config has {key}={value!r}; lmc reads AWQ int4 GEMM with "
                            f"zero point (bits 4, version gemm, zero_point true, group_size {'/'.join(map(str, GROUP_SIZES))})")
+
+
+_GPTQ_ZERO_OFFSET = {"gptq": 1, "gptq_v2": 0}  # checkpoint_format -> what is subtracted from a zero point before storing
+
+
+def gptq_scheme(quant: dict, cfg_path: Path) -> Int4Scheme:
+    """A GPTQ quantization_config (transformers' GPTQConfig / GPTQModel's QuantizeConfig): 4-bit,
+    int32 words, v1 or v2 zero points, no per-module overrides; absent keys take their defaults."""
+    fmt = quant.get("checkpoint_format", quant.get("format", "gptq"))  # GPTQModel renamed checkpoint_format to format
+    fields = (("bits", quant.get("bits", 4), lambda v: type(v) is int and v == 4),
+              ("group_size", quant.get("group_size", 128), lambda v: type(v) is int and (v == -1 or v > 0)),
+              ("checkpoint_format", fmt, lambda v: isinstance(v, str) and v.lower() in _GPTQ_ZERO_OFFSET),
+              ("desc_act", quant.get("desc_act", False), lambda v: isinstance(v, bool)),
+              ("sym", quant.get("sym", True), lambda v: isinstance(v, bool)),
+              ("pack_dtype", quant.get("pack_dtype", "int32"), lambda v: v in ("int32", "torch.int32")),
+              ("dynamic", quant.get("dynamic"), lambda v: not v),
+              ("lm_head", quant.get("lm_head", False), lambda v: v is False),
+              ("is_marlin_format", quant.get("is_marlin_format", False), lambda v: v is False))
+    for key, value, ok in fields:
+        if not ok(value):
+            raise LmcError(f"{cfg_path}'s GPTQ quantization_config has {key}={value!r}; lmc reads GPTQ with bits 4, "
+                           "checkpoint_format gptq or gptq_v2, int32 packing, no per-module overrides (dynamic) "
+                           "and a float lm_head")
+    group = quant.get("group_size", 128)
+    return Int4Scheme("gptq", None if group == -1 else group, _GPTQ_ZERO_OFFSET[fmt.lower()])
+
+
+def compressed_scheme(quant: dict, cfg_path: Path) -> Int4Scheme:
+    """A compressed-tensors quantization_config lmc reads: W4A16, every config group the same
+    4-bit int weight scheme (group or channel strategy, symmetric or not) in pack-quantized format,
+    nothing else quantized, sparsified or transformed."""
+    groups = quant.get("config_groups")
+    if not isinstance(groups, dict) or not groups or not all(isinstance(g, dict) for g in groups.values()):
+        raise LmcError(f"{cfg_path}'s compressed-tensors quantization_config has config_groups={groups!r}; "
+                       "it needs at least one config group")
+    schemes = [g.get("weights") for g in groups.values()]
+
+    def refuse(key, value):
+        raise LmcError(f"{cfg_path}'s compressed-tensors quantization_config has {key}={value!r}; lmc reads W4A16 "
+                       "pack-quantized checkpoints (4-bit int weights in groups or per channel, no activation or KV "
+                       "cache quantization, no sparsity or transforms)")
+
+    for key in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+        value = quant.get(key)
+        if value and not (key == "sparsity_config" and isinstance(value, dict) and value.get("format") == "dense"):
+            refuse(key, value)
+    if quant.get("quantization_status", "compressed") != "compressed":
+        refuse("quantization_status", quant["quantization_status"])
+    for name, group in groups.items():
+        fmt = group.get("format") or quant.get("format")
+        if fmt != "pack-quantized":
+            refuse(f"config_groups.{name}.format", fmt)
+        for key in ("input_activations", "output_activations"):
+            if group.get(key) is not None:
+                refuse(f"config_groups.{name}.{key}", group[key])
+        if not isinstance(group.get("weights"), dict) or group["weights"] != schemes[0]:
+            refuse(f"config_groups.{name}.weights", group.get("weights"))
+    w = schemes[0]
+    strategy = w.get("strategy")
+    fields = (("num_bits", w.get("num_bits"), lambda v: type(v) is int and v == 4),
+              ("type", w.get("type", "int"), lambda v: v == "int"),
+              ("strategy", strategy, lambda v: v in ("group", "channel")),
+              ("group_size", w.get("group_size"), lambda v: (type(v) is int and v > 0) if strategy == "group" else v in (None, -1)),
+              ("symmetric", w.get("symmetric", True), lambda v: isinstance(v, bool)),
+              ("dynamic", w.get("dynamic", False), lambda v: v is False))
+    for key, value, ok in fields:
+        if not ok(value):
+            refuse(f"weights.{key}", value)
+    return Int4Scheme("compressed-tensors", w.get("group_size") if strategy == "group" else None,
+                      symmetric=w.get("symmetric", True))

@@ -41,8 +41,9 @@ def main():
 @main.command()
 @click.argument("src")
 @click.option("-o", "--output", "out", required=True, help="workspace folder to write")
-@click.option("--model-format", type=click.Choice(["hf", "awq", "gguf"]), default=None,
-              help="source format (default: detect; a .gguf file is gguf, an AWQ config is awq)")
+@click.option("--model-format", type=click.Choice(["hf", "awq", "gptq", "compressed-tensors", "gguf"]), default=None,
+              help="source format (default: detect; a .gguf file is gguf, a quantization_config names awq, gptq or "
+                   "compressed-tensors)")
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16", "float32"]), default="auto",
               help="float dtype of the workspace (auto: the source's)")
 @click.option("--tp", type=int, default=None,
@@ -51,7 +52,7 @@ def main():
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @user_errors
 def convert(src, out, model_format, dtype, tp, force, allow_nonfinite):
-    """Convert an HF, AWQ or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
+    """Convert an HF (float, AWQ, GPTQ, compressed-tensors) or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
     from lmc.compiler.convert import convert as run_convert
 
     if tp is not None and tp < 1:
@@ -133,9 +134,11 @@ def verify(workspace):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option("--format", "format", type=click.Choice(["awq", "compressed-tensors"]), default="awq", show_default=True,
+              help="HF int4 checkpoint to write: AutoAWQ GEMM or compressed-tensors pack-quantized (llm-compressor's W4A16)")
 @click.option("--workspace", is_flag=True,
-              help="write an lmc workspace instead of an HF AWQ checkpoint (also the fallback when AutoAWQ's GEMM "
-                   "layout cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")
+              help="write an lmc workspace instead of an HF checkpoint (also the fallback when the HF int4 layouts "
+                   "cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
@@ -144,7 +147,10 @@ def quantize(src, out, force, as_json, **kw):
     """AWQ W4A16: calibrate on text, search scales and clipping, pack int4 (HF folder or GGUF SRC)."""
     from lmc.compiler.quantize import QuantizeOptions, command_line, quantize as run_quantize, resolve_options, summary_json
 
-    opts = resolve_options(QuantizeOptions(**kw))
+    opts = QuantizeOptions(**kw)
+    if opts.workspace and opts.format != "awq":
+        raise click.UsageError(f"--workspace writes an lmc workspace; drop --format {opts.format} or --workspace")
+    opts = resolve_options(opts)
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
     summary = run_quantize(src, out, opts, force=force, command=command_line(opts), say=say,
                            warn=lambda m: click.echo(m, err=True))

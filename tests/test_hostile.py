@@ -367,7 +367,7 @@ def _meta_cases():
         "bits": (quant(bits=8), "bits 8"),
         "group": (quant(group_size=48), "group_size 48"),
         "layout": (quant(layout="lmc-int4-n8"), "layout 'lmc-int4-n8' is not one this lmc reads"),
-        "method": (quant(method="gptq"), "method 'gptq'"),
+        "method": (quant(method="squeezellm"), "method 'squeezellm'"),
         "zero point": (quant(zero_point=False), "zero_point False"),
         "quant keys": (lambda m: m.__setitem__("quantization", {"method": "awq"}), "lacks 'bits'"),
         "engine": (lambda m: m.__setitem__("engine", "fast"), "engine is not a JSON object"),
@@ -434,17 +434,14 @@ def test_malformed_awq_config_names_the_field(change, field, checkpoint, tmp_pat
 # ----------------------------------------------------------------------------- 10. other quantized formats
 
 
-@pytest.mark.parametrize("change,name", [
-    ({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 128}}, "gptq"),
-    ({"quantization_config": {"quant_method": "compressed-tensors", "config_groups": {}}}, "compressed-tensors"),
-    ({"compression_config": {"config_groups": {}}}, "compressed-tensors"),
+@pytest.mark.parametrize("change,name", [  # GPTQ and compressed-tensors: tests/test_interchange.py
     ({"quantization_config": {"quant_method": "bitsandbytes", "load_in_4bit": True}}, "bitsandbytes"),
     ({"quantization_config": {"load_in_8bit": True}}, "quantized"),
 ])
 def test_other_quantized_checkpoints_are_named(change, name, checkpoint, tmp_path):
     ckpt = checkpoint("llama3")
     _edit_json(ckpt / "config.json", lambda c: c.update(change))
-    with pytest.raises(LmcError, match=f"^{name}.* checkpoints are not read yet; convert the float model or an AWQ checkpoint"):
+    with pytest.raises(LmcError, match=f"^{name}.* checkpoints are not read; lmc reads float, AWQ, GPTQ and compressed-tensors"):
         convert(ckpt, tmp_path / "ws")
 
 

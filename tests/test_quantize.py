@@ -167,9 +167,9 @@ def test_awq_fallback_says_why_on_stderr_and_records_what_was_written(checkpoint
     ckpt = checkpoint("llama3", **AWQ_SHAPES)  # K = 64 for q/k/v, o and gate/up: not a multiple of the default 128
     r = _cli("quantize", ckpt, "-o", tmp_path / "q", "--calib-samples", 4, "--calib-seqlen", 32, "--device", "cpu")
     assert r.returncode == 0, r.stderr
-    assert ("note: writing an lmc workspace instead of an HF AWQ checkpoint: model.layers.*.self_attn.q_proj has "
+    assert ("note: writing an lmc workspace instead of an HF AWQ GEMM checkpoint: model.layers.*.self_attn.q_proj has "
             "K=64 input features, not a multiple of --w-group-size 128") in r.stderr
-    assert "--w-group-size 64 gives an AWQ checkpoint" in r.stderr and "note" not in r.stdout
+    assert "--w-group-size 64 gives an HF checkpoint" in r.stderr and "note" not in r.stdout
     assert "(workspace, awq)" in r.stdout
     prov = Workspace(tmp_path / "q").manifest["provenance"]
     quant = prov["quantization"]
