@@ -564,16 +564,20 @@ CPU_EVAL_TOKENS = 40 * 512  # tokens `eval ppl` scores on the CPU by default: a 
                    f"tokens' worth, 40 windows at --seqlen 512)")
 @click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="windows per forward pass")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
+@click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
+              help="KV cache: 0 dense, no cache; 8 int8 or 4 int4: windows run in 64-token chunks through a "
+                   "quantized paged cache, as decoding reads it")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
 @click.option("--fail-above", type=float, default=None, metavar="X",
               help="exit 1 when the perplexity is above X or not finite (a CI gate)")
 @user_errors
-def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_json, fail_above):
+def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quant_policy, as_json, fail_above):
     """Perplexity of a model on a text (wikitext2, ptb or a file).
 
     PATH is a workspace, an HF or AWQ model folder, or a GGUF file. The text is tokenized once as a whole with the workspace's tokenizer (its own special
     tokens, e.g. Llama's BOS at the very start), cut into consecutive windows of --seqlen
-    tokens (the tail is dropped), and every window is scored on its own."""
+    tokens (the tail is dropped), and every window is scored on its own. With --quant-policy 8 or 4 the
+    windows run through a KV cache of that policy, so attention reads earlier positions as decoding does."""
     import time
     from pathlib import Path
 
@@ -605,7 +609,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
     model = Model(ws, dev, dtype)
     bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())
     begin = time.perf_counter()
-    result = perplexity(model, windows, batch_size, progress=bar.update)
+    result = perplexity(model, windows, batch_size, progress=bar.update, quant_policy=int(quant_policy))
     seconds = time.perf_counter() - begin
     bar.close()
     total = len(ids) // seqlen
@@ -617,7 +621,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, as_j
             **numbers, "ppl_error": problem, "windows_total": total, "dataset": dataset, "split": split if named else None,
             "source": _text_origin(text.source), "text_source": text.source, "text_sha256": text.sha256,
             "text_tokens": len(ids), "workspace": str(ws.path), "device": dev.type,
-            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "seconds": round(seconds, 3),
+            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "quant_policy": int(quant_policy), "seconds": round(seconds, 3),
             "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True, allow_nan=False))
     else:
         click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} of {total} windows x {result['seqlen']} tokens, "

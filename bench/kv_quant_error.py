@@ -1,0 +1,132 @@
+"""Why int4 KV costs what it costs: per-layer relative error of K (after rotary) and V stored as the cache stores
+them (per token and head, quantize_kv_ref), against two layouts the cache does not have.
+
+    python bench/kv_quant_error.py WORKSPACE [--windows 2] > out.json
+
+Runs the model densely over the first windows of 512 tokens of WikiText-2 test, records every layer's K and V,
+and reports ||dequant(quant(x)) - x|| / ||x|| per layer for:
+  k8, k4, v8, v4       the cache's per-token, per-head asymmetric codes
+  k4_per_channel_64    KIVI's layout for K: asymmetric per channel over groups of 64 tokens
+  k4_smoothed          per-token codes after dividing each channel by its absmax over the text (a calibrated
+                       per-channel scale that could be folded into q)
+and k_outlier_ratio: the largest channel's absmax over the median channel's (worst head of the layer).
+With --ppl it also scores those windows (dense, every K and V replaced by its round trip through one layout,
+which is what the cache path reads) for each variant in VARIANTS, to tell K's share of the loss from V's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from lmc.calib.text import load_text
+from lmc.calib.windows import eval_windows
+from lmc.format.workspace import Workspace
+from lmc.kernels.kv_quant import dequantize_kv_ref, quantize_kv_ref
+from lmc.kernels.rotary import apply_rotary
+from lmc.runtime.model import DenseCausal, Model
+from lmc.runtime.tokenizer import Tokenizer
+
+SEQLEN = 512
+
+
+class RecordingCausal(DenseCausal):
+    """Dense causal attention that keeps each layer's rotated K and V [T, Hkv, D]."""
+
+    def __init__(self, batch: int, seqlen: int):
+        super().__init__(batch, seqlen)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
+        q, k = apply_rotary(q, k, cos, sin)
+        self.kv[layer] = (k.clone(), v.clone())
+        return self.attend(layer, q, k, v.contiguous(), scale)
+
+
+class RoundTripCausal(DenseCausal):
+    """Dense causal attention over K and V passed through round-trip functions (None: exact)."""
+
+    def __init__(self, batch: int, seqlen: int, k_fn, v_fn):
+        super().__init__(batch, seqlen)
+        self.k_fn, self.v_fn = k_fn, v_fn
+
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
+        q, k = apply_rotary(q, k, cos, sin)
+        k = self.k_fn(k) if self.k_fn else k
+        v = self.v_fn(v.contiguous()) if self.v_fn else v.contiguous()
+        return self.attend(layer, q, k, v, scale)
+
+
+def rel(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float((y - x).norm() / x.norm())
+
+
+def per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
+    codes, scales_zeros = quantize_kv_ref(x, bits)
+    return dequantize_kv_ref(codes, scales_zeros, bits)
+
+
+def per_channel(x: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
+    """Asymmetric per channel and head over `group` consecutive tokens (T a multiple of group)."""
+    g = x.reshape(-1, group, *x.shape[1:])  # [G, group, Hkv, D]
+    lo, hi = g.amin(1, keepdim=True), g.amax(1, keepdim=True)
+    s = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
+    return (((g - lo) / s).round().clamp(0, 2**bits - 1) * s + lo).reshape(x.shape)
+
+
+def smoothed(x: torch.Tensor, bits: int) -> torch.Tensor:
+    c = x.abs().amax(0).clamp(min=1e-6)  # [Hkv, D]
+    return per_token(x / c, bits) * c
+
+
+VARIANTS = {  # name: (K round trip, V round trip)
+    "float": (None, None),
+    "k8v8 (policy 8)": (lambda x: per_token(x, 8), lambda x: per_token(x, 8)),
+    "k4v4 (policy 4)": (lambda x: per_token(x, 4), lambda x: per_token(x, 4)),
+    "k4v8": (lambda x: per_token(x, 4), lambda x: per_token(x, 8)),
+    "k8v4": (lambda x: per_token(x, 8), lambda x: per_token(x, 4)),
+    "k4 per channel (64 tokens), v4": (lambda x: per_channel(x, 4), lambda x: per_token(x, 4)),
+    "k4 smoothed, v4": (lambda x: smoothed(x, 4), lambda x: per_token(x, 4)),
+}
+
+
+def ppl(model: Model, windows: torch.Tensor, k_fn, v_fn) -> float:
+    n, s = windows.shape
+    with torch.inference_mode():
+        h = model.hidden(windows.reshape(-1), torch.arange(s).repeat(n), RoundTripCausal(n, s, k_fn, v_fn), s - 1)
+        logits = model.logits(h.view(n, s, -1)[:, :-1].reshape(n * (s - 1), -1))  # [n*(S-1), V]
+        return math.exp(float(F.cross_entropy(logits, windows[:, 1:].reshape(-1))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("workspace")
+    ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--ppl", action="store_true", help="also score the windows under each of VARIANTS")
+    args = ap.parse_args()
+    ws = Workspace(args.workspace)
+    ids = Tokenizer(ws.tokenizer_dir).encode(load_text("wikitext2", "test", purpose="eval", flag="--dataset").text)
+    windows = torch.from_numpy(eval_windows(ids, SEQLEN, args.windows))  # [n, 512]
+    model = Model(ws, torch.device("cpu"), torch.float32)
+    ctx = RecordingCausal(windows.shape[0], SEQLEN)
+    with torch.inference_mode():
+        model.hidden(windows.reshape(-1), torch.arange(SEQLEN).repeat(windows.shape[0]), ctx, SEQLEN - 1)
+    layers = []
+    for layer, (k, v) in sorted(ctx.kv.items()):
+        amax = k.abs().amax(0)  # [Hkv, D]
+        layers.append({"layer": layer, "k8": rel(k, per_token(k, 8)), "k4": rel(k, per_token(k, 4)),
+                       "v8": rel(v, per_token(v, 8)), "v4": rel(v, per_token(v, 4)),
+                       "k4_per_channel_64": rel(k, per_channel(k, 4)), "k4_smoothed": rel(k, smoothed(k, 4)),
+                       "k_outlier_ratio": float((amax.amax(-1) / amax.median(-1).values).max())})
+    mean = {key: sum(r[key] for r in layers) / len(layers) for key in layers[0] if key != "layer"}
+    out = {"workspace": args.workspace, "windows": windows.shape[0], "seqlen": SEQLEN, "mean_over_layers": mean}
+    if args.ppl:  # per_channel needs T a multiple of 64: 512-token windows are
+        out["ppl"] = {name: ppl(model, windows, *fns) for name, fns in VARIANTS.items()}
+    print(json.dumps({**out, "layers": layers}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
