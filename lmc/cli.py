@@ -146,7 +146,7 @@ def quantize(src, out, force, as_json, **kw):
 
     opts = resolve_options(QuantizeOptions(**kw))
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    summary = run_quantize(src, out, opts, force=force, command=command_line(opts), say=say,
+    summary = run_quantize(src, out, opts, force=force, progress=False if as_json else None, command=command_line(opts), say=say,
                            warn=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(summary_json(summary))
