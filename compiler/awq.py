@@ -37,28 +37,37 @@ def channel_abs_max(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).abs().float().amax(0)
 
 
+def grid_scales(x_mean: torch.Tensor) -> list[torch.Tensor]:
+    """The candidate scales s = x_mean^r, r on GRID, each normalised to a geometric mean of extremes 1: GRID x [K]."""
+    scales = []
+    for i in range(GRID):
+        s = x_mean.pow(i / GRID).clamp(min=1e-4)  # [K]
+        scales.append(s / (s.max() * s.min()).sqrt())
+    return scales
+
+
 def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable[[list[torch.Tensor]], torch.Tensor],
-                 group_size: int) -> ScaleResult:
+                 group_size: int, chunk: int = 4, step: Callable[[], None] | None = None) -> ScaleResult:
     """Pick s = x_mean^r (r on GRID) minimising MSE(block(Q(W*s)/s), block(W)).
 
     weights: the consumer linears [N_i, K] sharing the input; block(ws) runs the inspected block
-    with those weights substituted and returns its output."""
+    with those weights substituted and returns its output. `chunk` candidates are fake-quantized
+    in one call; `step()` is called after each candidate's block."""
     reference = block(weights).float()
-    best = None
-    identity = None
-    for i in range(GRID):
-        ratio = i / GRID
-        s = x_mean.pow(ratio).clamp(min=1e-4)  # [K]
-        s = s / (s.max() * s.min()).sqrt()
-        s_w = s.to(weights[0].dtype)
-        trial = [fake_quantize_int4(w * s_w, group_size) / s_w for w in weights]
-        loss = float((block(trial).float() - reference).pow(2).mean())
-        if i == 0:
-            identity = loss
-        if best is None or loss < best.loss:
-            best = ScaleResult(ratio, s.float().cpu(), loss, identity)
-    best.loss_identity = identity
-    return best
+    scales = grid_scales(x_mean)
+    losses = []
+    for c0 in range(0, GRID, chunk):
+        s_w = torch.stack(scales[c0:c0 + chunk]).to(weights[0].dtype)[:, None, :]  # [c, 1, K]
+        trials = []
+        for w in weights:
+            ws = w * s_w  # [c, N, K]
+            trials.append(fake_quantize_int4(ws.reshape(-1, w.shape[1]), group_size).reshape(ws.shape) / s_w)
+        for j in range(s_w.shape[0]):
+            losses.append(float((block([t[j] for t in trials]).float() - reference).pow_(2).mean()))
+            if step is not None:
+                step()
+    best = min(range(GRID), key=losses.__getitem__)  # the first of equal minima
+    return ScaleResult(best / GRID, scales[best].float().cpu(), losses[best], losses[0])
 
 
 def smooth_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:
@@ -71,7 +80,10 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, oc_batch: int
     """Per (output row, group) clip value minimising the MSE of the group's partial dot products.
 
     w [N, K], x [T, K] (the linear's input) -> max_val [N, ceil(K/G)] float32: clamp w to
-    [-max_val, max_val] before quantizing."""
+    [-max_val, max_val] before quantizing. The error of a group over the sampled tokens,
+    mean_t (x_g . (q - w))^2, is computed as d C d^T with d = q - w and C = X_g^T X_g / t the
+    group's Gram matrix (once per linear): G x G per group instead of t x G. Every shrink step
+    of a row batch is quantized in one call; the first step with the least error wins."""
     n, k = w.shape
     ng = -(-k // group_size)
     pad = ng * group_size - k
@@ -80,23 +92,20 @@ def search_clip(w: torch.Tensor, x: torch.Tensor, group_size: int, oc_batch: int
     if pad:  # repeat the last column in w (keeps each group's min/max), zeros in x (no contribution)
         w = torch.cat([w, w[:, -1:].expand(n, pad)], dim=1)
         xs = torch.cat([xs, xs.new_zeros(xs.shape[0], pad)], dim=1)
-    xg = xs.reshape(xs.shape[0], ng, group_size)  # [t, ng, G]
+    xg = xs.reshape(xs.shape[0], ng, group_size).transpose(0, 1)  # [ng, t, G]
+    gram = xg.transpose(1, 2) @ xg / xs.shape[0]  # [ng, G, G]
+    shrink = torch.tensor([1 - i / CLIP_GRID for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID))])  # [c]
     best_all = []
     for start in range(0, n, oc_batch):
         wb = w[start:start + oc_batch].float().reshape(-1, ng, group_size)  # [ob, ng, G]
         org_max = wb.abs().amax(dim=-1, keepdim=True)  # [ob, ng, 1]
-        org_out = torch.einsum("tgj,ogj->otg", xg, wb)  # [ob, t, ng] per-group partial dot products
-        best_max = org_max.clone()
-        min_err = torch.full_like(org_max, float("inf"))
-        for i in range(int(CLIP_MAX_SHRINK * CLIP_GRID)):
-            max_val = org_max * (1 - i / CLIP_GRID)
-            clipped = torch.maximum(torch.minimum(wb, max_val), -max_val)  # [ob, ng, G]
-            q = fake_quantize_int4(clipped.reshape(-1, group_size), group_size).reshape(wb.shape)
-            err = (torch.einsum("tgj,ogj->otg", xg, q) - org_out).pow(2).mean(dim=1)[..., None]  # [ob, ng, 1]
-            better = err < min_err
-            min_err = torch.where(better, err, min_err)
-            best_max = torch.where(better, max_val, best_max)
-        best_all.append(best_max.reshape(-1, ng))
+        max_val = torch.stack([org_max * float(r) for r in shrink])  # [c, ob, ng, 1]
+        clipped = torch.maximum(torch.minimum(wb, max_val), -max_val)  # [c, ob, ng, G]
+        q = fake_quantize_int4(clipped.reshape(-1, group_size), group_size).reshape(clipped.shape)
+        d = (q - wb).permute(2, 0, 1, 3).reshape(ng, -1, group_size)  # [ng, c*ob, G]
+        err = ((d @ gram) * d).sum(-1).reshape(ng, len(shrink), -1)  # [ng, c, ob]
+        best = err.argmin(dim=1).t()  # [ob, ng], the first of equal minima
+        best_all.append(max_val.squeeze(-1).gather(0, best[None]).squeeze(0))  # [ob, ng]
     return torch.cat(best_all)  # [N, ng]
 
 

@@ -154,13 +154,22 @@ def _scale_columns(lw: dict, key: str, s: torch.Tensor) -> None:
     lw[key] = lw[key] * s.to(device=lw[key].device, dtype=lw[key].dtype)
 
 
-def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opts: QuantizeOptions) -> list[dict]:
-    """Search and fold scales, then clip, in place on lw; returns per-group results as data."""
+def scales_v_wo(cfg: ModelConfig) -> bool:
+    """Whether the v->wo scale group is searched (multi-head attention with q as wide as the hidden state, as llm-awq)."""
+    return cfg.q_size == cfg.hidden_size and cfg.num_heads == cfg.num_kv_heads
+
+
+def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opts: QuantizeOptions, bar=None) -> list[dict]:
+    """Search and fold scales, then clip, in place on lw; returns per-group results as data.
+    `bar` (a tqdm) advances by one per scale candidate (or smoothed group) and per clipped linear,
+    its postfix naming the group being searched."""
+    from tqdm import tqdm
+
+    bar = tqdm(disable=True) if bar is None else bar
     cfg, g = cal.cfg, opts.w_group_size
-    i, h = cfg.intermediate_size, cfg.hidden_size
+    i = cfg.intermediate_size
     v_rows = slice(cfg.q_size + cfg.kv_size, cfg.q_size + 2 * cfg.kv_size)
     up_rows = slice(i, 2 * i)
-    mha = cfg.q_size == h and cfg.num_heads == cfg.num_kv_heads
     # (name, producer key, producer rows, consumer key, kept input, block over substituted weights)
     groups = [
         ("attention_norm->w_qkv", "attention_norm", None, "w_qkv", "h1", lambda: cal.attention_loss_block(lw, kept["h1"])),
@@ -170,20 +179,23 @@ def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opt
     ]
     results = []
     for name, producer, rows, consumer, inp, make_block in groups:
-        if name == "v->wo" and not mha:
+        if name == "v->wo" and not scales_v_wo(cfg):
             continue
+        bar.set_postfix_str(f"scale {name}")
         if opts.search_scale:
-            r = awq.search_scale(stats[inp + "_mean"], [lw[consumer]], make_block(), g)
+            r = awq.search_scale(stats[inp + "_mean"], [lw[consumer]], make_block(), g, step=bar.update)
             s = r.scales
             results.append({"group": name, "ratio": r.ratio, "loss": r.loss, "loss_rtn": r.loss_identity})
         else:
             s = awq.smooth_scale(stats[inp + "_max"], [lw[consumer]])
             results.append({"group": name, "alpha": 0.5})
+            bar.update()
         _fold(lw, producer, s, rows)
         _scale_columns(lw, consumer, s)
         kept[inp] = kept[inp] / s.to(device=kept[inp].device, dtype=kept[inp].dtype)
     if opts.search_scale:  # clipping, skipping q and k rows as llm-awq does
         for consumer, inp, rows in (("w_qkv", "h1", v_rows), ("wo", "o", None), ("w13", "h2", None), ("w2", "m", None)):
+            bar.set_postfix_str(f"clip {consumer}")
             w = lw[consumer] if rows is None else lw[consumer][rows]
             clipped = awq.apply_clip(w, awq.search_clip(w, kept[inp], g, cal.clip_rows), g)
             if rows is None:
@@ -191,7 +203,15 @@ def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opt
             else:
                 lw[consumer] = lw[consumer].clone()
                 lw[consumer][rows] = clipped
+            bar.update()
     return results
+
+
+def layer_steps(cfg: ModelConfig, opts: QuantizeOptions) -> int:
+    """Progress steps of one calibrated layer: forward batches, scale candidates (or smoothed groups), clipped linears."""
+    groups = 4 if scales_v_wo(cfg) else 3
+    forwards = -(-opts.calib_samples // opts.batch_size)
+    return forwards + (groups * awq.GRID + 4 if opts.search_scale else groups)
 
 
 def quantize_layer_linears(lw: dict, group_size: int, dtype: torch.dtype) -> dict:
@@ -221,6 +241,8 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
     n_search = min(opts.search_samples, opts.calib_samples)
     for i in tqdm(range(cfg.num_layers), desc="quantize", unit="layer", disable=not progress):
         start = time.perf_counter()
+        bar = tqdm(total=layer_steps(cfg, opts) if x is not None else 0, desc=f"layer {i}", unit="step", leave=False,
+                   disable=not progress or x is None)
         lw = load_source_layer(builder, i, device, calib_dtype)
         log = {"layer": i, "groups": []}
         if x is not None:
@@ -228,6 +250,7 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
             out = torch.empty_like(x)
             sums = {}
             kept_parts = []
+            bar.set_postfix_str("forward")
             for b0 in range(0, x.shape[0], opts.batch_size):
                 xb = x[b0:b0 + opts.batch_size]
                 out[b0:b0 + xb.shape[0]], inputs = cal.forward(lw, xb, keep=True)
@@ -237,11 +260,13 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
                     sums[k] = (mean, amax) if prev is None else (prev[0] + mean, torch.maximum(prev[1], amax))
                 if b0 < n_search:
                     kept_parts.append({k: t for k, t in inputs.items()})
+                bar.update()
             tokens = x.shape[0] * x.shape[1]
             stats = {f"{k}_mean": v[0] / tokens for k, v in sums.items()} | {f"{k}_max": v[1] for k, v in sums.items()}
             kept = {k: torch.cat([p[k] for p in kept_parts])[: n_search * opts.calib_seqlen] for k in kept_parts[0]}
-            log["groups"] = calibrate_layer(cal, lw, kept, stats, opts)
+            log["groups"] = calibrate_layer(cal, lw, kept, stats, opts, bar)
             x = out
+        bar.close()
         packed = quantize_layer_linears(lw, opts.w_group_size, store_dtype)
         extras = {k: lw[k].to(device="cpu", dtype=store_dtype) for k in lw if k not in LINEAR_KEYS}
         layers.append({"packed": packed, "extras": extras})

@@ -152,7 +152,7 @@ def quantize(src, out, force, as_json, **kw):
         raise click.UsageError(f"--workspace writes an lmc workspace; drop --format {opts.format} or --workspace")
     opts = resolve_options(opts)
     say = (lambda m: click.echo(m, err=True)) if as_json else click.echo
-    summary = run_quantize(src, out, opts, force=force, command=command_line(opts), say=say,
+    summary = run_quantize(src, out, opts, force=force, progress=False if as_json else None, command=command_line(opts), say=say,
                            warn=lambda m: click.echo(m, err=True))
     if as_json:
         click.echo(summary_json(summary))

@@ -222,3 +222,40 @@ def test_memory_prediction_grows_with_calibration_size():
     tokenized = predict(cfg, 8, 512, 8, 4, 64, torch.device("cpu"), torch.float32, torch.float16, read,
                         held=(2**28, 2**33))
     assert tokenized.host_bytes == 2**33 and tokenized.fits()  # a past peak (tokenizing) is the peak; it needs nothing
+
+
+def _stderr_on_a_terminal(*args) -> str:
+    """Run the CLI with stderr on a pseudo-terminal (so it shows progress unless told not to); what it wrote there."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    main, side = pty.openpty()
+    fcntl.ioctl(side, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 200, 0, 0))  # a new pty is 0 columns wide: no bar fits
+    proc = subprocess.Popen([sys.executable, "-m", "lmc", *map(str, args)], stdout=subprocess.DEVNULL, stderr=side)
+    os.close(side)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the other side closed
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(main)
+    assert proc.wait() == 0
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_names_the_searched_group_on_a_terminal_and_is_quiet_with_json(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    flags = ("--calib-samples", 4, "--calib-seqlen", 32, "--w-group-size", 32, "--search-samples", 2, "--device", "cpu")
+    shown = _stderr_on_a_terminal("quantize", ckpt, "-o", tmp_path / "a", *flags)
+    for stage in ("forward", "scale attention_norm->w_qkv", "scale ffn_norm->w13", "scale up->w2", "clip w_qkv", "clip w2"):
+        assert stage in shown, stage
+    assert "layer 1" in shown and "quantize" in shown
+    quiet = _stderr_on_a_terminal("quantize", ckpt, "-o", tmp_path / "b", *flags, "--json")
+    assert "scale" not in quiet and "layer" not in quiet and "it/s" not in quiet and "step/s" not in quiet
