@@ -1,7 +1,9 @@
 """Tokenizer and chat template from a workspace's tokenizer/ folder (tokenizers + jinja2 only)."""
 from __future__ import annotations
 
+import functools
 import json
+import threading
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -29,6 +31,9 @@ def render_limit(input_chars: int) -> int:
     return 16 * input_chars + (1 << 20)
 
 
+_bounds = threading.local()  # this thread's rendering: .limit (characters), .range_left (range() iterations)
+
+
 def render_bounded(template: str, context: dict, input_chars: int) -> str:
     """Render a chat template in the sandbox within render_limit(input_chars) characters, RANGE_BUDGET range()
     iterations and RENDER_SECONDS; anything beyond is one LmcError naming the limit."""
@@ -37,11 +42,11 @@ def render_bounded(template: str, context: dict, input_chars: int) -> str:
     import jinja2
 
     limit = render_limit(input_chars)
-    env = _sandbox(limit)
+    _bounds.limit, _bounds.range_left = limit, RANGE_BUDGET
     deadline = time.monotonic() + RENDER_SECONDS
     out, size = [], 0
     try:
-        for piece in env.from_string(template).generate(**context):
+        for piece in _compiled(template).generate(**context):
             out.append(piece)
             size += len(piece)
             if size > limit:
@@ -54,12 +59,17 @@ def render_bounded(template: str, context: dict, input_chars: int) -> str:
     return "".join(out)
 
 
-def _sandbox(limit: int):
-    """jinja2's immutable sandbox, with range() and the * and ** operators bounded."""
+@functools.lru_cache(maxsize=16)
+def _compiled(template: str):
+    """A template compiled once (a server renders the same one for every request)."""
+    return _sandbox().from_string(template)
+
+
+@functools.lru_cache(maxsize=1)
+def _sandbox():
+    """jinja2's immutable sandbox, with range() and the * and ** operators bounded by this thread's _bounds."""
     import jinja2
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    budget = [RANGE_BUDGET]
 
     class Bounded(ImmutableSandboxedEnvironment):
         intercepted_binops = frozenset(["*", "**"])
@@ -67,7 +77,7 @@ def _sandbox(limit: int):
         def call_binop(self, context, operator, left, right):
             if operator == "*":
                 for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > limit:
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > _bounds.limit:
                         raise jinja2.exceptions.SecurityError(f"a repetition of {len(seq) * n} items is over the limit")
             if operator == "**" and isinstance(right, int) and abs(right) > 1024:
                 raise jinja2.exceptions.SecurityError("an exponent over 1024 is over the limit")
@@ -75,8 +85,8 @@ def _sandbox(limit: int):
 
     def bounded_range(*args):
         r = range(*args)
-        budget[0] -= len(r)
-        if budget[0] < 0:
+        _bounds.range_left -= len(r)
+        if _bounds.range_left < 0:
             raise jinja2.exceptions.SecurityError(f"the template loops more than {RANGE_BUDGET} times")
         return r
 

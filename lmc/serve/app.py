@@ -72,6 +72,14 @@ class _Call:
         self.first: list[float | None] = [None] * len(self.handles)
         self._watcher = asyncio.create_task(self._abort_on_disconnect(request))
 
+    async def collect(self) -> tuple[list[str], list[list]]:
+        """Every choice's whole text and logprobs (a call that is not streamed)."""
+        texts, lps = [[] for _ in self.choices], [[] for _ in self.choices]
+        async for i, out in self.outputs():
+            texts[i].append(out.text)
+            lps[i] += out.logprobs or []
+        return ["".join(t) for t in texts], lps
+
     async def _abort_on_disconnect(self, request: Request) -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
@@ -296,12 +304,9 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
 
             return stream(events())
 
-        texts, lps = [[] for _ in call.choices], [[] for _ in call.choices]
-        async for i, out in call.outputs():
-            texts[i].append(out.text)
-            lps[i] += out.logprobs or []
+        texts, lps = await call.collect()
         return {**head, "object": "chat.completion",
-                "choices": [{"index": c.index, "message": {"role": "assistant", "content": "".join(texts[c.index])},
+                "choices": [{"index": c.index, "message": {"role": "assistant", "content": texts[c.index]},
                              "logprobs": chat_logprobs(engine.tokenizer, lps[c.index]) if body.logprobs else None,
                              "finish_reason": c.finish_reason} for c in call.choices],
                 "usage": usage(call.prompt_tokens, call.completion_tokens)}
@@ -336,11 +341,8 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
 
             return stream(events())
 
-        texts, lps = [[] for _ in call.choices], [[] for _ in call.choices]
-        async for i, out in call.outputs():
-            texts[i].append(out.text)
-            lps[i] += out.logprobs or []
-        return {**head, "choices": [{"index": c.index, "text": "".join(texts[c.index]),
+        texts, lps = await call.collect()
+        return {**head, "choices": [{"index": c.index, "text": texts[c.index],
                                      "logprobs": completion_logprobs(engine.tokenizer, lps[c.index], 0)
                                      if body.logprobs is not None else None,
                                      "finish_reason": c.finish_reason} for c in call.choices],
