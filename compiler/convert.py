@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 import lmc
-from lmc.format.archs import Target, arch_spec, linear_parts, model_config_from_hf
+from lmc.format.archs import (Target, arch_spec, kv_heads_of_rank, linear_parts, model_config_from_hf, rank_config,
+                              tp_problem)
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
                                group_labels, unpack_awq, unpack_compressed, unpack_gptq)
 from lmc.compiler.readers import Source, open_source
@@ -68,10 +69,11 @@ class Builder:
 
     def _check_tp(self) -> None:
         c, tp = self.cfg, self.tp
-        for what, n in (("attention heads", c.num_heads), ("KV heads", c.num_kv_heads), ("intermediate_size", c.intermediate_size)):
-            if n % tp:
-                raise LmcError(f"--tp {tp} does not divide {what} ({n}); choose a tp that divides {what}")
-        row_parallel_k = (c.q_size // tp, c.intermediate_size // tp)  # K of wo and w2 per rank
+        problem = tp_problem(c, tp)
+        if problem:
+            raise LmcError(problem)
+        local = rank_config(c, tp)
+        row_parallel_k = (local.q_size, local.intermediate_size)  # K of wo and w2 per rank
         if self.quant and tp > 1 and any(k % self.group_size for k in row_parallel_k):
             raise LmcError(f"--tp {tp} would split an int4 group of {self.group_size}; use a smaller --tp")
 
@@ -198,11 +200,15 @@ class Builder:
         v = grouped[:, per_kv + 1].reshape(c.kv_size, *w.shape[1:])
         return [q, k, v]
 
-    def _fuse(self, parts: list[torch.Tensor], split: str | None, rank: int, dim_n: int) -> torch.Tensor:
-        """Cut each part for `rank` (col: along N, row: along K) and concatenate along N."""
-        if split == "col" and self.tp > 1:
-            parts = [p.chunk(self.tp, dim=dim_n)[rank] for p in parts]
-        elif split == "row" and self.tp > 1:
+    def _fuse(self, parts: list[torch.Tensor], t: Target, rank: int, dim_n: int) -> torch.Tensor:
+        """Cut each part for `rank` (col: along N, K and V by KV head; row: along K) and concatenate along N."""
+        if t.split == "col" and self.tp > 1:
+            cut = [p.chunk(self.tp, dim=dim_n)[rank] for p in parts]
+            if t.key == "w_qkv":  # q, k, v: k and v by the rank's KV heads (replicated when fewer than ranks)
+                heads, d = kv_heads_of_rank(self.cfg, self.tp, rank), self.cfg.head_dim
+                cut[1:] = [p.narrow(dim_n, heads.start * d, len(heads) * d) for p in parts[1:]]
+            parts = cut
+        elif t.split == "row" and self.tp > 1:
             parts = [p.chunk(self.tp, dim=1 - dim_n)[rank] for p in parts]
         return torch.cat(parts, dim=dim_n) if len(parts) > 1 else parts[0]
 
@@ -223,15 +229,15 @@ class Builder:
         out = {}
         if self.quant:
             parts = self._int4_parts(t)  # per part: codes [n, K], scales and zeros [n, ceil(K/G)]
-            codes = self._fuse([p[0] for p in parts], t.split, rank, 0)  # [N, K]
-            scales = self._fuse([p[1] for p in parts], t.split, rank, 0)  # [N, K/G]
-            zeros = self._fuse([p[2] for p in parts], t.split, rank, 0)
+            codes = self._fuse([p[0] for p in parts], t, rank, 0)  # [N, K]
+            scales = self._fuse([p[1] for p in parts], t, rank, 0)  # [N, K/G]
+            zeros = self._fuse([p[2] for p in parts], t, rank, 0)
             q, s, z = to_lmc_tensors(codes, scales, zeros, self.dtype)
             out.update({f"{t.name}.qweight": q, f"{t.name}.scales": s, f"{t.name}.zeros": z})
         else:
-            out[f"{t.name}.weight"] = self._fuse(self._parts(t, ".weight"), t.split, rank, 0).to(self.dtype)
+            out[f"{t.name}.weight"] = self._fuse(self._parts(t, ".weight"), t, rank, 0).to(self.dtype)
         if self.cfg.qkv_bias and t.name.endswith("w_qkv"):
-            out[f"{t.name}.bias"] = self._fuse(self._parts(t, ".bias"), t.split, rank, 0).to(self.dtype)
+            out[f"{t.name}.bias"] = self._fuse(self._parts(t, ".bias"), t, rank, 0).to(self.dtype)
         return {rank_name(k, rank, self.tp, t.split is not None): v for k, v in out.items()}
 
     def _int4_parts(self, t: Target) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -400,12 +406,17 @@ def copy_verified_workspace(src: Path, out: Path, model_format: str | None, dtyp
     if model_format is not None:
         raise LmcError(f"{src} is an lmc workspace, not a {model_format} checkpoint; drop --model-format")
     ws = Workspace(src)
-    if dtype not in ("auto", ws.meta["dtype"]) or tp not in (None, ws.tp):
-        raise LmcError(f"{src} is already a workspace ({ws.meta['dtype']}, tp {ws.tp}); re-splitting or re-casting "
-                       "a workspace is not supported: convert from the original checkpoint")
+    resplit = tp not in (None, ws.tp) and ws.tp == 1
+    if dtype not in ("auto", ws.meta["dtype"]) or (tp not in (None, ws.tp) and not resplit):
+        raise LmcError(f"{src} is already a workspace ({ws.meta['dtype']}, tp {ws.tp}); re-casting or re-splitting a "
+                       "split workspace is not supported: convert from the original checkpoint or a tp=1 workspace")
     problems = verify_workspace(src)
     if problems:
         raise WorkspaceError(f"{src} is a workspace that fails `lmc verify`: {problems[0]}")
+    if resplit:
+        from lmc.compiler.resplit import resplit_workspace
+
+        return resplit_workspace(src, out, tp, force, f"lmc convert <workspace> -o <workspace> --tp {tp}", say)
     say(f"{src} is already an lmc workspace: copying it unchanged")
     with atomic_output(out, force, [src]) as tmp:
         return copy_workspace(src, tmp)

@@ -11,10 +11,12 @@ Linears are named by base (no `.weight`/`.qweight`), so one table serves float a
   "internlm2_qkv"  one source, InternLM2's grouped wqkv, split into q, k, v first, then "cat"
 
 `split` says how a tensor is cut for tensor parallelism: "col" (each part's output rows are
-chunked, then fused per rank), "row" (input columns chunked) or None (replicated).
+chunked, then fused per rank; K and V by KV head, replicated when fewer than ranks: `kv_heads_of_rank`),
+"row" (input columns chunked) or None (replicated). `rank_config` is the model one rank computes.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from lmc.errors import LmcError
@@ -44,6 +46,38 @@ def linear_parts(cfg: ModelConfig, key: str) -> tuple[tuple[int, ...], int]:
             "wo": ((h,), cfg.q_size),
             "w13": ((i, i), h),
             "w2": ((h,), i)}[key]
+
+
+def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
+    """Why `tp` ranks cannot split this model, or None. KV heads fewer than ranks are replicated, so tp
+    must then be a multiple of them."""
+    for what, n in (("attention heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)):
+        if n % tp:
+            return f"--tp {tp} does not divide {what} ({n}); choose a tp that divides {what}"
+    kv = cfg.num_kv_heads
+    if (kv % tp if kv >= tp else tp % kv):
+        return f"--tp {tp} neither divides nor is a multiple of the KV heads ({kv}); choose another tp"
+    return None
+
+
+def kv_heads_of_rank(cfg: ModelConfig, tp: int, rank: int) -> range:
+    """The KV heads rank `rank` of `tp` holds: an equal share, or one head replicated on tp / Hkv ranks
+    (a rank's query heads then all read that head)."""
+    kv = cfg.num_kv_heads
+    if kv >= tp:
+        share = kv // tp
+        return range(rank * share, (rank + 1) * share)
+    head = rank // (tp // kv)
+    return range(head, head + 1)
+
+
+def rank_config(cfg: ModelConfig, tp: int) -> ModelConfig:
+    """The slice of the model one of `tp` ranks computes: query heads, KV heads and the MLP width divided
+    (KV heads replicated when there are fewer than ranks); hidden size, vocabulary and norms whole."""
+    if tp == 1:
+        return cfg
+    return dataclasses.replace(cfg, num_heads=cfg.num_heads // tp, num_kv_heads=len(kv_heads_of_rank(cfg, tp, 0)),
+                               intermediate_size=cfg.intermediate_size // tp)
 
 
 def linear_shape(cfg: ModelConfig, key: str) -> tuple[int, int]:

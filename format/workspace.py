@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 import torch
 
 from lmc.errors import LmcError, WorkspaceError
-from lmc.format.archs import Target, arch_spec, linear_parts
+from lmc.format.archs import Target, arch_spec, linear_parts, rank_config
 from lmc.format.config import ModelConfig
 from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
 
@@ -396,9 +396,8 @@ def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: 
         if not t.linear:
             tensors[t.name] = (float_dtype, plain_shape(cfg, t), False)
             continue
-        parts, k = linear_parts(cfg, t.key)
-        n = sum(parts) // tp if t.split == "col" else sum(parts)
-        k = k // tp if t.split == "row" else k
+        n = sum(linear_parts(rank_config(cfg, tp) if t.split == "col" else cfg, t.key)[0])
+        k = linear_parts(rank_config(cfg, tp) if t.split == "row" else cfg, t.key)[1]
         if quantization:
             for leaf, shape in int4_shapes(n, k, quantization["group_size"]).items():
                 tensors[t.name + leaf] = ("I32" if leaf == ".qweight" else float_dtype, shape, True)

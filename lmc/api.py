@@ -122,9 +122,9 @@ class Pipeline:
         return session
 
     def close(self) -> None:
-        """Stop the engine (abort what is running, free the KV cache)."""
+        """Stop the engine (abort what is running, free the KV cache, end the other tensor-parallel ranks)."""
         if self.engine is not None:
-            self.engine.stop()
+            self.engine.close()
             self.engine = None
 
     def __enter__(self) -> "Pipeline":

@@ -176,6 +176,8 @@ def _engine_flags(max_batch_size: int | None = 64) -> list:
         click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
                      help="KV cache quantization: 0 none, 8 int8, 4 int4"),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: lmc picks; see docs/cli.md)"),
+        click.option("--tp", type=click.IntRange(min=1), default=None,
+                     help="tensor-parallel ranks, one GPU each; must match the workspace's split (default: the workspace's)"),
     ]
 
 
@@ -219,7 +221,7 @@ def _engine_config(kw: dict):
                         cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
                         max_prefill_token_num=kw["max_prefill_token_num"],
                         enable_prefix_caching=kw["enable_prefix_caching"], quant_policy=int(kw["quant_policy"]),
-                        device=kw["device"], threads=kw["threads"], tp=kw.get("tp", 1))
+                        device=kw["device"], threads=kw["threads"], tp=kw["tp"])
 
 
 def _configs(kw: dict):
@@ -258,16 +260,16 @@ def generate(path, prompt, no_chat_template, as_json, **kw):
     from lmc.api import pipeline
 
     engine_cfg, gen = _configs(kw)
-    pipe = pipeline(path, backend_config=engine_cfg)
-    start = time.perf_counter()
-    if as_json:
-        r = pipe(prompt, gen, chat_template=not no_chat_template)
-        seconds = time.perf_counter() - start
-        click.echo(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
-                               "input_tokens": r.input_token_len, "generated_tokens": r.generate_token_len,
-                               "seconds": round(seconds, 3)}, ensure_ascii=False))
-        return
-    _echo_stream(item.text for item in pipe.stream_infer(prompt, gen, chat_template=not no_chat_template))
+    with pipeline(path, backend_config=engine_cfg) as pipe:
+        start = time.perf_counter()
+        if as_json:
+            r = pipe(prompt, gen, chat_template=not no_chat_template)
+            seconds = time.perf_counter() - start
+            click.echo(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                                   "input_tokens": r.input_token_len, "generated_tokens": r.generate_token_len,
+                                   "seconds": round(seconds, 3)}, ensure_ascii=False))
+            return
+        _echo_stream(item.text for item in pipe.stream_infer(prompt, gen, chat_template=not no_chat_template))
 
 
 def _drop_oldest_turn(history: list[dict]) -> list[dict]:
@@ -420,7 +422,6 @@ class _ApiKeysCommand(click.Command):
 @click.option("--api-keys", multiple=True, metavar="KEY...",
               help="answer only requests with `Authorization: Bearer KEY` for one of these keys")
 @click.option("--model-name", default=None, help="the model's name in the API (default: PATH's file or folder name)")
-@click.option("--tp", type=click.IntRange(min=1), default=1, show_default=True, help="tensor-parallel ranks (1 today)")
 @click.option("--max-queue", type=click.IntRange(min=1), default=None,
               help="answer 429 while this many requests wait (default: no limit)")
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
@@ -449,8 +450,11 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
         engine.tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     name = model_name or _default_model_name(path)
     click.echo(f"serving {name} on http://{server_name}:{server_port} (OpenAI API at /v1, chat page at /)", err=True)
-    run_server(engine, ServeOptions(name, tuple(api_keys), max_queue), server_name, server_port, drain_timeout,
-               log_level.lower())
+    try:
+        run_server(engine, ServeOptions(name, tuple(api_keys), max_queue), server_name, server_port, drain_timeout,
+                   log_level.lower())
+    finally:
+        engine.close()
 
 
 @main.command()
@@ -506,7 +510,7 @@ def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, r
     try:
         result = B.run_bench(requests, concurrency, B.engine_sender(engine), show_progress=not as_json and sys.stderr.isatty())
     finally:
-        engine.stop()
+        engine.close()
     result.update({"path": str(path), "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
                    "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu",
                    "engine": {k: v for k, v in kw.items()}, "stats": vars(engine.stats())})

@@ -15,7 +15,7 @@ class EngineConfig:
     cache_max_entry_count: float = 0.8  # fraction of free device memory (CPU: of cpu_cache_budget_gb)
     cache_block_seq_len: int = 64  # tokens per KV block
     quant_policy: int = 0  # KV cache: 0 float, 8 int8, 4 int4 (online, per token and head; docs/kv-cache.md)
-    tp: int = 1
+    tp: int | None = None  # tensor-parallel ranks; None: what the workspace is split for (runtime/distributed.py)
     max_prefill_token_num: int = 8192  # tokens computed per step: longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True  # share full KV blocks between requests with a common prefix
     prefill_interval: int = 16  # while sequences decode, waiting ones are admitted every this many steps
@@ -49,8 +49,8 @@ class EngineConfig:
                 raise LmcError(f"session_len must be at least 2, got {self.session_len}")
         if self.threads is not None:
             positive_int("threads", self.threads)
-        if self.tp != 1:
-            raise LmcError(f"tp={self.tp}: the runtime runs one device; convert with --tp 1 to run here")
+        if self.tp is not None:
+            positive_int("tp", self.tp)
         if self.device is None and self.device_type is not None:
             self.device = self.device_type
         if self.eager_mode:

@@ -71,6 +71,7 @@ class GraphDecoder:
     def __init__(self, engine):
         self.model = engine.model
         self.cache = engine.cache
+        self.shard = engine.shard  # tp > 1: rank 0 announces each step; the followers replay it (runtime/distributed.py)
         self.device = engine.device
         self.session_len = engine.session_len
         self.block_size = self.cache.block_size
@@ -101,6 +102,8 @@ class GraphDecoder:
         tables = x[:, TABLE:].to(torch.int32)  # [b, W]
         batch = PagedBatch(self.cache.k, self.cache.v, slots, tables, kv_lens.to(torch.int32), None)
         h = self.model.hidden(ids, positions, batch, self.session_len - 1)  # [b, H]
+        if self.shard is not None and not self.shard.leader:
+            return h  # only rank 0 samples
         return self.model.logits(h)  # [b, V]
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
@@ -139,6 +142,13 @@ class GraphDecoder:
         ahead = 0 if ids is None else 1
         rows = pack_decode_rows([(0 if ahead else s.tokens[-1], s.length + ahead, s.blocks) for s in seqs], bucket,
                                 self.width, self.block_size, self.scratch_block)  # [bucket, 4 + W]
+        if self.shard is not None:
+            self.shard.announce_decode(bucket, b, rows)
+        return self.replay_rows(bucket, b, rows, ids)
+
+    def replay_rows(self, bucket: int, b: int, rows: np.ndarray, ids: torch.Tensor | None) -> torch.Tensor:
+        """Copy packed rows [bucket, 4 + W] to the inputs (ids [b] on the device over column 0 when given) and
+        run the bucket's graph; logits [b, V] (a follower rank: hidden states, unused)."""
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the staging buffer
         self.staging[:bucket].numpy()[:] = rows

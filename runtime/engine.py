@@ -31,7 +31,7 @@ from lmc.errors import LmcError
 from lmc.format.workspace import Workspace
 from lmc.runtime.block_manager import BlockManager
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.device import compute_dtype, pick_device, set_cpu_threads
+from lmc.runtime.device import compute_dtype, default_threads, pick_device, set_cpu_threads
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
@@ -166,33 +166,86 @@ class _Request:
     min_new_tokens: int = 0
 
 
+def check_tp(config: EngineConfig, ws: Workspace) -> int:
+    """The ranks a workspace runs on: its own split; a --tp that differs is refused with what to do."""
+    if config.tp is not None and config.tp != ws.tp:
+        source = "the checkpoint or this workspace" if ws.tp == 1 else "the checkpoint"
+        raise LmcError(f"--tp {config.tp} does not match {ws.path}, which is split for tp={ws.tp}: pass --tp {ws.tp}, "
+                       f"or make a tp={config.tp} workspace (`lmc convert` {source} with --tp {config.tp})")
+    return ws.tp
+
+
+def setup_rank(rank, ws: Workspace, config: EngineConfig, device: torch.device) -> None:
+    """Set a rank's device, dtype, model slice, KV cache, block manager and CUDA-graph decoder on `rank` (the
+    Engine, or a follower's _Rank): the same code on every rank, so every rank plans the same cache."""
+    shard = rank.shard
+    rank.device = device
+    if device.type == "cpu":
+        threads = config.threads or max(1, default_threads() // (shard.tp if shard else 1))
+        rank.threads = set_cpu_threads(threads)
+    rank.dtype = getattr(torch, config.dtype) if config.dtype else compute_dtype(device, ws.dtype)
+    rank.model = Model(ws, device, rank.dtype, shard)
+    graphs = device.type == "cuda" and config.cuda_graph
+    local = rank.model.cfg
+    num_blocks = plan_num_blocks(local, config, rank.dtype, device, reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
+    if shard is not None:
+        num_blocks = shard.agree_min(num_blocks)
+    rank.cache = PagedKVCache(local, num_blocks, config.cache_block_seq_len, rank.dtype, device, config.quant_policy)
+    rank.blocks = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
+    rank.decoder = None
+    if graphs:
+        from lmc.runtime.cuda_graph import GraphDecoder
+
+        rank.decoder = GraphDecoder(rank)  # reserves the same scratch block on every rank (a fresh manager's first)
+
+
+@dataclass
+class _Rank:
+    """What a follower rank holds: setup_rank fills it as it fills the Engine."""
+
+    shard: object
+    config: EngineConfig
+    session_len: int
+
+
+def build_follower(rank: int, tp: int, port: int, workspace: str, config: EngineConfig, device_type: str):
+    """A follower process's shard, model, cache and decoder (runtime/distributed.py runs them)."""
+    from lmc.runtime.distributed import join, rank_device
+
+    device = rank_device(torch.device(device_type), rank)
+    r = _Rank(join(rank, tp, port, device), config, config.session_len)
+    setup_rank(r, Workspace(workspace), config, device)
+    return r.shard, r.model, r.cache, r.decoder
+
+
 class Engine:
     def __init__(self, workspace: str, config: EngineConfig | None = None):
         self.config = config = config or EngineConfig()
         config.check()
         ws = Workspace(workspace)
         self.workspace = ws
-        self.device = pick_device(config.device)
-        if self.device.type == "cpu":
-            self.threads = set_cpu_threads(config.threads)
-        self.dtype = getattr(torch, config.dtype) if config.dtype else compute_dtype(self.device, ws.dtype)
-        self.cfg = ws.config
-        self.model = Model(ws, self.device, self.dtype)
-        self.tokenizer = Tokenizer(ws.tokenizer_dir)
-        self.eos_ids = self.tokenizer.eos_ids(self.cfg.eos_token_ids)
+        tp = check_tp(config, ws)
+        self.cfg = ws.config  # the whole model's (vocabulary, special tokens); self.model.cfg is this rank's slice
         self.session_len = config.session_len or ws.meta.get("engine", {}).get("session_len") or self.cfg.max_position_embeddings
         config.session_len = self.session_len
-        graphs = self.device.type == "cuda" and config.cuda_graph
-        num_blocks = plan_num_blocks(self.cfg, config, self.dtype, self.device,
-                                     reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
-        self.cache = PagedKVCache(self.cfg, num_blocks, config.cache_block_seq_len, self.dtype, self.device, config.quant_policy)
-        self.blocks = BlockManager(num_blocks, config.cache_block_seq_len, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num, config.prefill_interval)
-        self.decoder = None
-        if graphs:
-            from lmc.runtime.cuda_graph import GraphDecoder
+        self.tokenizer = Tokenizer(ws.tokenizer_dir)
+        self.eos_ids = self.tokenizer.eos_ids(self.cfg.eos_token_ids)
+        self.shard, self._ranks = None, []
+        device = pick_device(config.device)
+        if tp > 1:
+            from lmc.runtime.distributed import rank_device, start_ranks
 
-            self.decoder = GraphDecoder(self)
+            self.shard, self._ranks = start_ranks(workspace, config, tp, device)
+            device = rank_device(device, 0)
+        try:
+            setup_rank(self, ws, config, device)
+        except BaseException:
+            for p in self._ranks:  # they wait on a collective rank 0 will never join
+                p.terminate()
+            if self.shard is not None:
+                self.shard.leave()
+            raise
+        self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num, config.prefill_interval)
         self._requests: dict[str, _Request] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async outputs of this step, sent once per loop
         self._ahead: tuple[Batch, object] | None = None  # (its sequences, the GreedyStep) of a step run ahead
@@ -204,6 +257,22 @@ class Engine:
         self.failed: str | None = None  # why the background loop stopped, if a step raised
         self._ids = itertools.count()
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
+
+    def close(self) -> None:
+        """Stop the background loop and the other tensor-parallel ranks (their processes exit)."""
+        self.stop()
+        if self._ranks:
+            if self.shard is not None and self.failed is None:
+                try:
+                    self.shard.stop()
+                except Exception:  # a rank already gone: nothing to tell
+                    pass
+            for p in self._ranks:
+                p.join(timeout=30)
+                if p.is_alive():
+                    p.terminate()
+            self._ranks = []
+            self.shard.leave()
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids: list[int], gen: GenerationConfig | None = None,
@@ -469,10 +538,12 @@ class Engine:
         cu = None
         if not batch.is_decode:
             cu = torch.tensor([0] + batch.num_new, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)  # [B+1]
-        paged = PagedBatch(self.cache.k, self.cache.v, torch.tensor(slots, dtype=torch.int64, device=dev),
-                           tables.to(dev), kv_lens.to(dev), cu)
-        h = self.model.hidden(torch.tensor(ids, dtype=torch.int64, device=dev),
-                              torch.tensor(positions, dtype=torch.int64, device=dev), paged, int(kv_lens.max()) - 1)  # [T, H]
+        slots, positions = torch.tensor(slots, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)  # [T]
+        max_position = int(kv_lens.max()) - 1
+        if self.shard is not None:
+            self.shard.announce_forward(positions, slots, tables, kv_lens, cu.cpu() if cu is not None else None, max_position)
+        paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev), cu)
+        h = self.model.hidden(torch.tensor(ids, dtype=torch.int64, device=dev), positions.to(dev), paged, max_position)  # [T, H]
         rows = [last[i] for i in range(len(batch.seqs)) if batch.samples(i)]
         if not rows:  # every sequence is part-way through its prompt
             return None

@@ -18,12 +18,12 @@ from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import w4a16_matmul, w4a16_silu_matmul
 from lmc.errors import LmcError
-from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape
+from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape, rank_config
 from lmc.format.int4 import dequantize_lmc
 from lmc.format.config import ModelConfig
 from lmc.runtime.device import host_available
 from lmc.runtime.rope import Rope
-from lmc.format.workspace import Workspace
+from lmc.format.workspace import Workspace, index_key, rank_name
 
 
 @dataclass
@@ -135,12 +135,18 @@ def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
 
 
 def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, ctx,
-                  layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer with fused residual adds: returns (mlp output, residual stream before it)."""
+                  layer: int, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer with fused residual adds: returns (mlp output, residual stream before it). `reduce` sums a
+    row-parallel linear's partial output over tensor-parallel ranks in place (None: one rank)."""
     h, residual = rms_norm(x, lw["attention_norm"], cfg.rms_norm_eps, residual)
-    a = attention_block(cfg, lw, h, cos, sin, ctx, layer)
+    a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H], this rank's part of the sum
+    if reduce is not None:
+        reduce(a)
     h, residual = rms_norm(a, lw["ffn_norm"], cfg.rms_norm_eps, residual)
-    return mlp_block(lw, h), residual
+    m = mlp_block(lw, h)  # [T, H], this rank's part of the sum
+    if reduce is not None:
+        reduce(m)
+    return m, residual
 
 
 # ----------------------------------------------------------------------------- weights and model
@@ -173,28 +179,55 @@ def load_layer(ws: Workspace, i: int, device, dtype, dense: bool = False) -> dic
     return lw
 
 
-class Model:
-    """Weights on the device and the forward over a flat batch of tokens."""
+class RankView:
+    """Rank `rank`'s tensors of a workspace split for tp > 1, under their tp = 1 names (split tensors are
+    stored as `rank:base.rank.leaf`, whole ones as `rank:name`: format/workspace.py `rank_name`)."""
 
-    def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype):
-        if ws.tp != 1:
-            raise LmcError(f"{ws.path} is split for tp={ws.tp}; this runtime runs one device: convert with --tp 1")
-        self.cfg, self.device, self.dtype = ws.config, device, dtype
+    def __init__(self, ws: Workspace, rank: int):
+        self.ws, self.rank = ws, rank
+        self.config = rank_config(ws.config, ws.tp)
+        self.quantization = ws.quantization
+
+    def _key(self, name: str) -> str:
+        split = index_key(rank_name(name, self.rank, self.ws.tp, True), self.rank, self.ws.tp)
+        return split if self.ws.has(split) else index_key(name, self.rank, self.ws.tp)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.ws.get(self._key(name))
+
+    def has(self, name: str) -> bool:
+        return self.ws.has(self._key(name))
+
+
+class Model:
+    """Weights on the device and the forward over a flat batch of tokens. With a Shard (tp > 1) this is one
+    rank's slice: `cfg` is that slice's config (runtime/distributed.py)."""
+
+    def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype, shard=None):
+        if ws.tp != (shard.tp if shard is not None else 1):
+            raise LmcError(f"{ws.path} is split for tp={ws.tp}; run it with --tp {ws.tp} on {ws.tp} devices, "
+                           "or convert the checkpoint with --tp 1")
+        self.shard = shard
+        src = RankView(ws, shard.rank) if shard is not None else ws
+        self.cfg, self.device, self.dtype = src.config, device, dtype
+        self.reduce = shard.all_reduce if shard is not None else None
         dense_bytes = self.cfg.num_layers * layer_params(self.cfg) * dtype.itemsize
         self.dense_int4 = bool(ws.quantization) and device.type == "cpu" and dense_bytes < host_available() // 2
-        self.embed = load_tensor(ws, "tok_embeddings.weight", device, dtype)  # [V, H]
-        self.layers = [load_layer(ws, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
-        self.norm = load_tensor(ws, "norm.weight", device, dtype)
+        self.embed = load_tensor(src, "tok_embeddings.weight", device, dtype)  # [V, H]
+        self.layers = [load_layer(src, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
+        self.norm = load_tensor(src, "norm.weight", device, dtype)
         self.lm_head = self.embed if self.cfg.tie_word_embeddings else \
-            load_linear(ws, "output", device, dtype, self.cfg.hidden_size, self.dense_int4)
+            load_linear(src, "output", device, dtype, self.cfg.hidden_size, self.dense_int4)
         self.rope = Rope(self.cfg, device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int) -> torch.Tensor:
         """input_ids, positions [T] -> final normed hidden states [T, H]."""
+        if self.shard is not None:
+            self.shard.broadcast_ids(input_ids)  # the followers' ids are rank 0's
         cos, sin = self.rope(positions, max_position)
         x, residual = self.embed[input_ids], None  # [T, H]
         for i, lw in enumerate(self.layers):
-            x, residual = decoder_layer(self.cfg, lw, x, residual, cos, sin, ctx, i)
+            x, residual = decoder_layer(self.cfg, lw, x, residual, cos, sin, ctx, i, self.reduce)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)[0]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:

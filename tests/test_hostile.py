@@ -572,9 +572,10 @@ def test_convert_of_a_workspace_copies_it(workspace, tmp_path):
     assert _tree(tmp_path / "copy") == _tree(workspace)
     assert said == [f"{workspace} is already an lmc workspace: copying it unchanged"]
     convert(workspace, tmp_path / "same", dtype="float32", tp=1, say=said.append)  # its own values are fine
-    for kw in ({"dtype": "float16"}, {"tp": 2}):
-        with pytest.raises(LmcError, match="re-splitting or re-casting a workspace is not supported"):
-            convert(workspace, tmp_path / "other", **kw)
+    with pytest.raises(LmcError, match="re-casting or re-splitting a split workspace is not supported"):
+        convert(workspace, tmp_path / "other", dtype="float16")
+    with pytest.raises(LmcError, match="does not divide attention heads"):  # a resplit checks tp as convert does
+        convert(workspace, tmp_path / "other", tp=4)
     with pytest.raises(LmcError, match="drop --model-format"):
         convert(workspace, tmp_path / "other", model_format="hf")
     with pytest.raises(WorkspaceError, match="the input"):
@@ -595,7 +596,7 @@ def test_quantize_workspace_fallback_then_convert_cli(checkpoint, tmp_path):
     assert r.returncode == 0 and "already an lmc workspace" in r.stderr, r.stderr
     assert _tree(tmp_path / "ws") == _tree(tmp_path / "q")
     r = _cli("convert", tmp_path / "q", "-o", tmp_path / "tp2", "--tp", "2")
-    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "not supported" in r.stderr
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "would split an int4 group of 32" in r.stderr
 
 
 # ----------------------------------------------------------------------------- 14. provenance through quantize -> convert

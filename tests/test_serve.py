@@ -411,7 +411,7 @@ def test_chat_url_errors(server):
 
 def test_serve_refuses_bad_setups_with_one_line(ws, tmp_path):
     r = _lmc("serve", ws, "--tp", "2", "--device", "cpu")
-    assert r.returncode == 1 and "tp=2" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 1 and "split for tp=1: pass --tp 1" in r.stderr and r.stderr.count("\n") == 1, r.stderr
     r = _lmc("serve", tmp_path / "missing")
     assert r.returncode == 1 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1
     with socket.socket() as taken:

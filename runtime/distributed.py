@@ -1,0 +1,198 @@
+"""Tensor parallelism at runtime: one process per rank, rank 0 leads.
+
+A workspace converted with `--tp N` holds each rank's slice of the weights (format/archs.py `rank_config`:
+query heads, KV heads and the MLP width divided; embeddings, norms and lm_head whole on every rank). Rank 0
+runs the Engine: tokenizer, scheduler, sampling and any server. lmc starts ranks 1..N-1 itself as spawned
+processes (`start_ranks`); each loads its slice and KV cache and then follows rank 0 step by step
+(`follow`). Column-parallel w_qkv / w13, row-parallel wo / w2 with a sum over ranks after each
+(`Shard.all_reduce`); only rank 0 computes logits.
+
+Two process groups: `compute` (NCCL on CUDA, gloo on the CPU) carries the model's collectives, and
+`control` (gloo) carries rank 0's step announcements. Before every forward rank 0 announces it with one
+int64 header and one int64 payload (the layouts below); the followers rebuild the same inputs and run the
+same forward. The token ids travel inside the forward, as a broadcast from rank 0 on the compute group
+(`Shard.broadcast_ids`), so a CUDA-graph step whose ids are the previous step's argmax on the device
+needs no host round trip, and the followers' graphs capture the same collectives as rank 0's.
+
+    header  int64 [8]: op, then per op
+        FORWARD  T tokens, B sequences, W table width, max_position, has cu_seqlens, payload length
+        DECODE   bucket, B rows, W table width, payload length          (a CUDA-graph decoder step)
+        STOP     (nothing)
+    payload FORWARD: positions [T], slots [T], block tables [B * W], kv lens [B], cu_seqlens [B + 1] if any
+            DECODE:  the packed decode rows [bucket, 4 + W] (runtime/cuda_graph.py `pack_decode_rows`)
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from lmc.errors import LmcError
+
+STOP, FORWARD, DECODE = 0, 1, 2
+HEADER = 8
+TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
+IDLE = datetime.timedelta(days=365)  # a follower waits for rank 0's next step this long (a server may idle for days);
+                                     # a rank that dies closes its sockets, which ends the wait at once
+
+
+@dataclass
+class Shard:
+    """This process's place among the ranks and its two process groups."""
+
+    rank: int
+    tp: int
+    compute: object  # dist.ProcessGroup: the model's collectives
+    control: object  # dist.ProcessGroup (gloo): rank 0's announcements
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum x over ranks, in place (the row-parallel linears' partial outputs)."""
+        dist.all_reduce(x, group=self.compute)
+        return x
+
+    def broadcast_ids(self, ids: torch.Tensor) -> None:
+        """Rank 0's token ids into every rank's `ids` (contiguous, same shape everywhere)."""
+        dist.broadcast(ids, src=0, group=self.compute)
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of every rank's value (the KV blocks that fit on every device)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t)
+
+    def share(self, value: int) -> int:
+        """Rank 0's value on every rank."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.broadcast(t, src=0, group=self.control)
+        return int(t)
+
+    # ------------------------------------------------------------------ announcements (rank 0)
+    def _send(self, header: list[int], payload: torch.Tensor | None) -> None:
+        dist.broadcast(torch.tensor(header + [0] * (HEADER - len(header)), dtype=torch.int64), src=0, group=self.control)
+        if payload is not None:
+            dist.broadcast(payload.contiguous(), src=0, group=self.control)
+
+    def announce_forward(self, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                         kv_lens: torch.Tensor, cu: torch.Tensor | None, max_position: int) -> None:
+        """Host tensors: positions, slots [T]; tables [B, W]; kv_lens [B]; cu [B+1] or None."""
+        parts = [positions, slots, tables.reshape(-1), kv_lens] + ([cu] if cu is not None else [])
+        payload = torch.cat([p.to(torch.int64) for p in parts])
+        b, w = tables.shape
+        self._send([FORWARD, positions.numel(), b, w, max_position, cu is not None, payload.numel()], payload)
+
+    def announce_decode(self, bucket: int, rows: int, packed) -> None:
+        """packed: the decode rows [bucket, 4 + W] as rank 0 copies them to its graph inputs."""
+        payload = torch.from_numpy(packed).reshape(-1)
+        self._send([DECODE, bucket, rows, packed.shape[1] - 4, payload.numel()], payload)
+
+    def stop(self) -> None:
+        self._send([STOP], None)
+
+    def leave(self) -> None:
+        """Leave the process group (a later engine in this process may start another)."""
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    # ------------------------------------------------------------------ the followers' side
+    def receive(self) -> tuple[list[int], torch.Tensor | None]:
+        header = torch.empty(HEADER, dtype=torch.int64)
+        dist.broadcast(header, src=0, group=self.control)
+        h = header.tolist()
+        n = {FORWARD: h[6], DECODE: h[4]}.get(h[0], 0)
+        if not n:
+            return h, None
+        payload = torch.empty(n, dtype=torch.int64)
+        dist.broadcast(payload, src=0, group=self.control)
+        return h, payload
+
+
+def rank_device(device: torch.device, rank: int) -> torch.device:
+    """Rank r runs on cuda:r (of the devices this process sees), or on the CPU."""
+    if device.type != "cuda":
+        return device
+    if rank >= torch.cuda.device_count():
+        raise LmcError(f"tp needs {rank + 1} GPUs; this machine shows {torch.cuda.device_count()}: "
+                       "run with a smaller tp or convert with --tp 1")
+    return torch.device("cuda", rank)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def join(rank: int, tp: int, port: int, device: torch.device) -> Shard:
+    """Enter the process group as `rank` (every rank calls this once)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
+                            timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
+    control = dist.new_group(backend="gloo", timeout=IDLE)
+    compute = dist.group.WORLD
+    shard = Shard(rank, tp, compute, control)
+    warm = torch.zeros(1, device=device)
+    shard.all_reduce(warm)  # create the communicators now, outside any CUDA-graph capture
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return shard
+
+
+def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[Shard, list]:
+    """Start ranks 1..tp-1 as processes following this one, and join them as rank 0."""
+    if device.type == "cuda" and torch.cuda.device_count() < tp:
+        raise LmcError(f"the workspace is split for tp={tp}, this machine shows {torch.cuda.device_count()} GPUs: "
+                       f"run on {tp} GPUs, or convert the checkpoint with --tp {torch.cuda.device_count()}")
+    port = _free_port()
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_follower_main, args=(rank, tp, port, workspace, config, device.type),
+                         name=f"lmc-rank{rank}", daemon=True) for rank in range(1, tp)]
+    for p in procs:
+        p.start()
+    return join(0, tp, port, rank_device(device, 0)), procs
+
+
+def _follower_main(rank: int, tp: int, port: int, workspace: str, config, device_type: str) -> None:
+    try:
+        from lmc.runtime.engine import build_follower
+
+        shard, model, cache, decoder = build_follower(rank, tp, port, workspace, config, device_type)
+        follow(shard, model, cache, decoder)
+        shard.leave()
+    except Exception:  # the leader sees its collectives fail; say why here, once
+        traceback.print_exc()
+        os._exit(1)
+
+
+def follow(shard: Shard, model, cache, decoder) -> None:
+    """Run rank 0's announced forwards on this rank's slice until it says stop."""
+    from lmc.runtime.model import PagedBatch
+
+    dev = model.device
+    while True:
+        h, payload = shard.receive()
+        op = h[0]
+        if op == STOP:
+            return
+        with torch.inference_mode():
+            if op == DECODE:
+                bucket, rows, width = h[1:4]
+                decoder.replay_rows(bucket, rows, payload.view(bucket, 4 + width).numpy(), None)
+                continue
+            t, b, w, max_position, has_cu = h[1:6]
+            positions, slots, tables, kv_lens, cu = payload.split([t, t, b * w, b, (b + 1) if has_cu else 0])
+            paged = PagedBatch(cache.k, cache.v, slots.to(dev), tables.view(b, w).to(torch.int32).to(dev),
+                               kv_lens.to(torch.int32).to(dev), cu.to(torch.int32).to(dev) if has_cu else None)
+            ids = torch.zeros(t, dtype=torch.int64, device=dev)  # filled by rank 0's broadcast in the forward
+            model.hidden(ids, positions.to(dev), paged, max_position)

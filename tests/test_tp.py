@@ -1,0 +1,137 @@
+"""Tensor parallel at runtime on the CPU: 2 gloo ranks (lmc starts the second as a process) give the greedy
+tokens of tp = 1 on every tiny family, float and int4; --tp is checked against the workspace; a tp = 1
+workspace re-splits without its checkpoint."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lmc.compiler.convert import convert
+from lmc.compiler.quantize import QuantizeOptions, quantize
+from lmc.errors import LmcError
+from lmc.format.archs import kv_heads_of_rank, rank_config
+from lmc.format.workspace import Workspace, verify_workspace
+from lmc.runtime.config import EngineConfig
+from lmc.runtime.engine import Engine
+from lmc.runtime.sampling import GenerationConfig
+
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [20, 30, 40, 50, 60, 70, 80, 90, 100, 110]]
+GREEDY = GenerationConfig(max_new_tokens=10, ignore_eos=True)
+
+
+def _tokens(ws, **kw) -> list[list[int]]:
+    engine = Engine(str(ws), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1, **kw))
+    try:
+        return [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
+    finally:
+        engine.close()
+
+
+# GQA (6 heads, 2 KV), MHA with tied embeddings, qkv bias with one KV head (replicated on both ranks), q/k norm
+@pytest.mark.parametrize("case,overrides", [("llama3", {}), ("llama-linear-tied-mha", {}), ("qwen2", {}),
+                                            ("qwen3", {"num_key_value_heads": 2}), ("internlm2", {})])
+def test_tp2_greedy_equals_tp1(case, overrides, checkpoint, tmp_path):
+    ckpt = checkpoint(case, **overrides)
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    assert Workspace(tmp_path / "tp2").tp == 2
+    assert _tokens(tmp_path / "tp2") == _tokens(tmp_path / "tp1")
+
+
+def test_int4_with_a_partial_group_resplit_equals_tp1(checkpoint, tmp_path):
+    """hidden 72 with groups of 32: w_qkv and w13 end in a partial group (col-parallel, cut along N); wo and w2
+    (row-parallel) get K = 32 and 64 per rank, whole groups. The tp = 1 int4 workspace is cut without the
+    checkpoint (`lmc convert WS --tp 2`)."""
+    ckpt = checkpoint("llama3", num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=128)
+    opts = QuantizeOptions(calib_samples=0, w_group_size=32, workspace=True, device="cpu")
+    quantize(ckpt, tmp_path / "q1", opts, say=lambda *a: None, warn=lambda *a: None)
+    convert(tmp_path / "q1", tmp_path / "q2", tp=2)
+    assert verify_workspace(tmp_path / "q2") == []
+    ws = Workspace(tmp_path / "q2")
+    assert ws.tp == 2 and ws.quantization["group_size"] == 32
+    assert ws.get("1:layers.0.attention.w_qkv.1.qweight").shape == (9, 64)  # ceil(72 / 8) rows, (4 + 2 + 2) heads / 2 x 16
+    assert _tokens(tmp_path / "q2") == _tokens(tmp_path / "q1")
+
+
+def test_kv_heads_fewer_than_ranks_are_replicated(checkpoint, tmp_path):
+    cfg = Workspace(convert(checkpoint("qwen2"), tmp_path / "w") and tmp_path / "w").config
+    assert cfg.num_kv_heads == 1
+    assert [kv_heads_of_rank(cfg, 2, r) for r in range(2)] == [range(0, 1), range(0, 1)]
+    local = rank_config(cfg, 2)
+    assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (3, 1, 50)
+
+
+def test_tp_flag_is_checked_against_the_workspace(checkpoint, tmp_path):
+    convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
+    with pytest.raises(LmcError, match="split for tp=2: pass --tp 2"):
+        Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu", tp=1))
+    with pytest.raises(LmcError, match="re-casting or re-splitting a split workspace"):
+        convert(tmp_path / "tp2", tmp_path / "again", tp=1)
+    assert not (tmp_path / "again").exists()
+
+
+def test_generate_and_bench_cli_run_tp2(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3")
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    run = lambda *args: subprocess.run([sys.executable, "-m", "lmc", *args], capture_output=True, text=True, timeout=300)
+    outs = [run("generate", str(tmp_path / ws), "hello world", "--max-new-tokens", "8", "--device", "cpu",
+                "--temperature", "0", "--json") for ws in ("tp1", "tp2")]
+    for o in outs:
+        assert o.returncode == 0, o.stderr
+    assert json.loads(outs[0].stdout)["token_ids"] == json.loads(outs[1].stdout)["token_ids"]
+    bad = run("generate", str(tmp_path / "tp2"), "hi", "--tp", "4", "--device", "cpu")
+    assert bad.returncode == 1 and "split for tp=2" in bad.stderr
+    benches = [run("bench", str(tmp_path / ws), "--num-prompts", "6", "--concurrency", "3", "--input-len", "12",
+                   "--output-len", "6", "--device", "cpu", "--json") for ws in ("tp1", "tp2")]
+    results = [json.loads(b.stdout) for b in benches]
+    assert all(b.returncode == 0 for b in benches), benches[1].stderr
+    assert [(r["completed"], r["failed"]) for r in results] == [(6, 0), (6, 0)]
+    assert results[1]["completion_tokens"] == results[0]["completion_tokens"] > 0
+
+
+def test_tp_weights_are_cut_not_copied(checkpoint, tmp_path):
+    """Each rank holds half of every split linear: the two ranks' weight bytes are about half of tp = 1's each,
+    plus the replicated embeddings and norms."""
+    ckpt = checkpoint("llama3")
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    one, two = Workspace(tmp_path / "tp1"), Workspace(tmp_path / "tp2")
+    split = sum(one.get(n).numel() for n in one.tensor_names() if n.startswith("layers.") and "norm" not in n)
+    rank1 = sum(two.get(n).numel() for n in two.tensor_names() if n.startswith("1:layers.") and "norm" not in n)
+    assert rank1 == split // 2
+    assert torch.equal(two.get("1:tok_embeddings.weight"), one.get("tok_embeddings.weight"))
+
+
+def test_server_runs_tp2_with_tp1_answers(checkpoint, tmp_path):
+    """`lmc serve` of a tp = 2 workspace: concurrent greedy chat completions give tp = 1's text, and SIGTERM
+    ends the server and its second rank cleanly."""
+    pytest.importorskip("fastapi")
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import Server
+
+    ckpt = checkpoint("qwen2")
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    answers = {}
+    for ws in ("tp1", "tp2"):
+        server = Server(tmp_path / ws, tmp_path, "--session-len", "128", "--max-batch-size", "4")
+        try:
+            with server.client() as client:
+                def ask(i):
+                    body = {"model": ws, "messages": [{"role": "user", "content": f"question {i}"}], "temperature": 0,
+                            "max_tokens": 12, "ignore_eos": True}
+                    r = client.post("/v1/chat/completions", json=body)
+                    assert r.status_code == 200, r.text
+                    return r.json()["choices"][0]["message"]["content"]
+
+                with ThreadPoolExecutor(3) as pool:
+                    answers[ws] = list(pool.map(ask, range(3)))
+        finally:
+            assert server.stop() == 0, server.log()
+    assert answers["tp2"] == answers["tp1"] and all(answers["tp1"])
