@@ -1,0 +1,155 @@
+"""Tensor parallel on 2 GPUs: the 8B-shaped fp16 and int4 workspaces at tp = 1 and tp = 2, in one run.
+
+For each format: the tp = 2 workspace is cut from the tp = 1 one (`lmc convert WS -o WS_tp2 --tp 2`);
+greedy tokens of 3 short prompts at tp = 1 and tp = 2 computed in float32 (the check: equal tokens) and
+in the stored dtype (recorded: fp16 sums in another order may flip a near-tie); batch-1 and batch-16
+decode (CUDA graphs, pipelined greedy) and `lmc bench` (ShareGPT-like random lengths, 224 / 200 tokens
+mean) at concurrency 256 at both tp. The workspaces are bench_serving.py's (same folder, built if absent).
+
+    python bench/bench_tp.py --out bench/results/tp_h200x2.json                 # on a 2-GPU machine
+    python bench/bench_tp.py --smoke --out /tmp/tp_smoke.json                   # tiny shapes (CPU: gloo ranks)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import LLAMA3_8B, TINY, prompts_for, timed_generate, versions  # noqa: E402
+from bench_serving import build  # noqa: E402
+
+from lmc import bench as B  # noqa: E402
+from lmc.runtime.config import EngineConfig  # noqa: E402
+from lmc.runtime.engine import Engine  # noqa: E402
+from lmc.runtime.sampling import GenerationConfig  # noqa: E402
+
+
+def split(ws: Path, tp: int) -> Path:
+    out = ws.with_name(f"{ws.name}_tp{tp}")
+    if not (out / "lmc.json").is_file():
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lmc", "convert", str(ws), "-o", str(out), "--tp", str(tp), "--force"],
+                       check=True)
+        print(f"split {ws.name} for tp={tp} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return out
+
+
+def greedy(ws: Path, dev: str, dtype: str | None, vocab: int) -> list[list[int]]:
+    """16 greedy tokens after each of 3 short prompts (15 prompt tokens in all: the int4 kernels' float32
+    configs cover M <= 16)."""
+    engine = Engine(str(ws), EngineConfig(device=dev, dtype=dtype, session_len=256, max_batch_size=4,
+                                          cache_max_entry_count=0.3))
+    try:
+        prompts = [prompts_for(1, n, vocab, seed=n)[0] for n in (5, 7, 3)]
+        return [r.token_ids for r in engine.generate(prompts, GenerationConfig(max_new_tokens=16, ignore_eos=True))]
+    finally:
+        engine.close()
+
+
+def speed(ws: Path, dev: str, vocab: int, args) -> dict:
+    """Decode at batch 1 and 16 (median of 3 runs), then lmc bench at each concurrency."""
+    engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len, max_batch_size=max(args.concurrency)))
+    out = {"decode": [], "bench": []}
+    try:
+        for batch in (1, 16):
+            prompts = prompts_for(batch, args.prompt_tokens, vocab)
+            timed_generate(engine, prompts, 4, dev)  # capture this bucket's graph on every rank
+            runs = sorted((timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(3)), key=lambda r: r["step_ms"])
+            best = runs[1]
+            out["decode"].append({"batch": batch, "step_ms": best["step_ms"], "tok_s": best["tok_s"],
+                                  "ttft_ms": best["ttft_ms"], "step_ms_runs": [r["step_ms"] for r in runs]})
+            print(f"  {ws.name} B={batch:<3} {best['step_ms']:8.3f} ms/step {best['tok_s']:9.1f} tok/s", flush=True)
+        engine.start()
+        for c in args.concurrency:
+            requests = B.random_requests(args.num_prompts, args.input_len, args.output_len, 0.5,
+                                         list(range(10, vocab)), seed=c)
+            B.run_bench(requests[: 2 * c], c, B.engine_sender(engine), False)  # warm-up: graphs of every bucket
+            result = B.run_bench(requests, c, B.engine_sender(engine), False)
+            result.update(concurrency=c, num_prompts=args.num_prompts, stats=vars(engine.stats()))
+            out["bench"].append(result)
+            print(f"  {ws.name} bench c={c} {result['output_throughput']:9.1f} out tok/s  TPOT p50 "
+                  f"{result['tpot_ms']['p50']} ms", flush=True)
+    finally:
+        engine.close()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/lmc_bench_serving")
+    ap.add_argument("--formats", default="fp16,int4")
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--skip-check", action="store_true", help="skip the float32 greedy check")
+    ap.add_argument("--skip-speed", action="store_true")
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cuda" and torch.cuda.device_count() < 2 and not args.smoke:
+        ap.error("needs 2 GPUs")
+    shape = TINY if args.smoke else LLAMA3_8B
+    args.prompt_tokens, args.new_tokens = (16, 8) if args.smoke else (128, 64)
+    args.input_len, args.output_len, args.session_len = (24, 16, 128) if args.smoke else (224, 200, 1024)
+    args.concurrency, args.num_prompts = ((4,), 8) if args.smoke else ((256,), 768)
+    work = Path(args.work)
+    if dev == "cuda":
+        paths = build(shape, work, dev)
+    else:  # smoke on the CPU: bench_serving builds on CUDA only
+        from lmc.compiler.convert import convert
+
+        paths = {"fp16": work / "fp16"}
+        if not (work / "fp16" / "lmc.json").is_file():
+            from bench_decode import random_hf_model, wordlevel_tokenizer
+
+            model, _ = random_hf_model(shape, "cpu", torch.float16)
+            model.save_pretrained(work / "hf")
+            for name, data in wordlevel_tokenizer(shape["vocab_size"], shape["eos_token_id"]).items():
+                (work / "hf" / name).write_bytes(data)
+            convert(work / "hf", work / "fp16", dtype="float16")
+    report = {"device": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if dev == "cuda" else "cpu",
+              "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "host": platform.node(),
+              "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "model": "tiny" if args.smoke else "random Llama-3-8B shape", "settings": {
+                  "decode_prompt_tokens": args.prompt_tokens, "decode_new_tokens": args.new_tokens,
+                  "bench_input_len_mean": args.input_len, "bench_output_len_mean": args.output_len,
+                  "num_prompts": args.num_prompts, "concurrency": args.concurrency}, "formats": {}}
+
+    def save():
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+    for fmt in filter(None, args.formats.split(",")):
+        if fmt not in paths:
+            continue
+        one, two = paths[fmt], split(paths[fmt], 2)
+        entry = report["formats"].setdefault(fmt, {})
+        if not args.skip_check:
+            for dtype in ("float32", None):
+                name = dtype or "stored"
+                t1, t2 = greedy(one, dev, dtype, shape["vocab_size"]), greedy(two, dev, dtype, shape["vocab_size"])
+                entry[f"greedy_{name}"] = {"tp1": t1, "tp2": t2, "equal": t1 == t2}
+                print(f"  {fmt} greedy {name}: tp2 == tp1 {t1 == t2}", flush=True)
+                save()
+        if not args.skip_speed:
+            for tp, ws in ((1, one), (2, two)):
+                entry[f"tp{tp}"] = speed(ws, dev, shape["vocab_size"], args)
+                save()
+            d1, d2 = entry["tp1"]["decode"], entry["tp2"]["decode"]
+            entry["speedup"] = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
+            entry["speedup"]["bench_c256"] = (entry["tp2"]["bench"][0]["output_throughput"]
+                                              / entry["tp1"]["bench"][0]["output_throughput"])
+            print(f"  {fmt} speedup tp2/tp1 {entry['speedup']}", flush=True)
+            save()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
