@@ -164,6 +164,13 @@ class GraphDecoder:
         graph.replay()
         return logits[:b]
 
+    def release(self) -> None:
+        """Drop the captured graphs (before a tensor-parallel rank leaves its process group)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.graphs.clear()
+        self.pool = None
+
     def step(self, seqs) -> torch.Tensor:
         """One decode step: each sequence computes its last token; logits [B, V] float32 (a new tensor)."""
         return self._run(seqs, None).clone()

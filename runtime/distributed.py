@@ -27,6 +27,7 @@ import datetime
 import multiprocessing
 import os
 import socket
+import threading
 import traceback
 from dataclasses import dataclass
 
@@ -36,6 +37,7 @@ import torch.distributed as dist
 from lmc.errors import LmcError
 
 STOP, FORWARD, DECODE = 0, 1, 2
+LEAVE_S = 30
 HEADER = 8
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
 IDLE = datetime.timedelta(days=365)  # a follower waits for rank 0's next step this long (a server may idle for days);
@@ -98,10 +100,17 @@ class Shard:
     def stop(self) -> None:
         self._send([STOP], None)
 
-    def leave(self) -> None:
-        """Leave the process group (a later engine in this process may start another)."""
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    def leave(self, decoder=None) -> None:
+        """Leave the process group (a later engine in this process may start another). Every rank leaves at
+        the same time (NCCL's teardown waits for the peers), after dropping the CUDA graphs that captured its
+        collectives; a teardown that has not finished after LEAVE_S seconds (a peer gone) is left behind."""
+        if decoder is not None:
+            decoder.release()
+        if not dist.is_initialized():
+            return
+        done = threading.Thread(target=dist.destroy_process_group, name="lmc-tp-leave", daemon=True)
+        done.start()
+        done.join(LEAVE_S)
 
     # ------------------------------------------------------------------ the followers' side
     def receive(self) -> tuple[list[int], torch.Tensor | None]:
@@ -169,7 +178,7 @@ def _follower_main(rank: int, tp: int, port: int, workspace: str, config, device
 
         shard, model, cache, decoder = build_follower(rank, tp, port, workspace, config, device_type)
         follow(shard, model, cache, decoder)
-        shard.leave()
+        shard.leave(decoder)
     except Exception:  # the leader sees its collectives fail; say why here, once
         traceback.print_exc()
         os._exit(1)

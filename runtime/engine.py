@@ -262,17 +262,17 @@ class Engine:
         """Stop the background loop and the other tensor-parallel ranks (their processes exit)."""
         self.stop()
         if self._ranks:
-            if self.shard is not None and self.failed is None:
+            if self.failed is None:
                 try:
                     self.shard.stop()
                 except Exception:  # a rank already gone: nothing to tell
                     pass
+            self.shard.leave(self.decoder)  # with the followers, which leave on "stop"
             for p in self._ranks:
                 p.join(timeout=30)
                 if p.is_alive():
                     p.terminate()
             self._ranks = []
-            self.shard.leave()
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids: list[int], gen: GenerationConfig | None = None,
