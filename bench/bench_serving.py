@@ -29,8 +29,8 @@ from lmc.runtime.config import EngineConfig  # noqa: E402
 from lmc.runtime.engine import Engine  # noqa: E402
 
 
-def build(shape: dict, work: Path, dev: str) -> dict[str, Path]:
-    """The HF folder, then lmc's fp16 and int4 workspaces of it (skipped when already built)."""
+def build(shape: dict, work: Path, dev: str, formats: tuple[str, ...] = ("fp16", "int4")) -> dict[str, Path]:
+    """The HF folder, then lmc's fp16 and int4 workspaces of it (those in `formats`; skipped when already built)."""
     hf, fp16, int4 = work / "hf", work / "fp16", work / "int4"
     timings = {}
     if not (hf / "config.json").is_file():
@@ -45,7 +45,7 @@ def build(shape: dict, work: Path, dev: str) -> dict[str, Path]:
     for out, cmd in ((fp16, ["convert", str(hf), "-o", str(fp16), "--dtype", "float16", "--force"]),
                      (int4, ["quantize", str(hf), "-o", str(int4), "--calib-samples", "0", "--w-group-size", "128",
                              "--workspace", "--force"])):
-        if not (out / "lmc.json").is_file():
+        if out.name in formats and not (out / "lmc.json").is_file():
             t0 = time.perf_counter()
             subprocess.run([sys.executable, "-m", "lmc", *cmd], check=True)
             timings[f"{out.name}_s"] = time.perf_counter() - t0

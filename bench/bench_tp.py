@@ -67,7 +67,7 @@ def speed(ws: Path, dev: str, vocab: int, args) -> dict:
                                   "ttft_ms": best["ttft_ms"], "step_ms_runs": [r["step_ms"] for r in runs]})
             print(f"  {ws.name} B={batch:<3} {best['step_ms']:8.3f} ms/step {best['tok_s']:9.1f} tok/s", flush=True)
         engine.start()
-        for c in args.concurrency:
+        for c in () if args.skip_bench else args.concurrency:
             requests = B.random_requests(args.num_prompts, args.input_len, args.output_len, 0.5,
                                          list(range(10, vocab)), seed=c)
             B.run_bench(requests[:c], c, B.engine_sender(engine), False)  # warm-up: graphs of every bucket
@@ -91,6 +91,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--skip-check", action="store_true", help="skip the float32 greedy check")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +103,7 @@ def main() -> int:
     args.concurrency, args.num_prompts = ((4,), 8) if args.smoke else ((256,), 512)
     work = Path(args.work)
     if dev == "cuda":
-        paths = build(shape, work, dev)
+        paths = build(shape, work, dev, tuple(args.formats.split(",")))
     else:  # smoke on the CPU: bench_serving builds on CUDA only
         from lmc.compiler.convert import convert
 
@@ -145,8 +146,9 @@ def main() -> int:
                 save()
             d1, d2 = entry["tp1"]["decode"], entry["tp2"]["decode"]
             entry["speedup"] = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
-            entry["speedup"]["bench_c256"] = (entry["tp2"]["bench"][0]["output_throughput"]
-                                              / entry["tp1"]["bench"][0]["output_throughput"])
+            if not args.skip_bench:
+                entry["speedup"]["bench_c256"] = (entry["tp2"]["bench"][0]["output_throughput"]
+                                                  / entry["tp1"]["bench"][0]["output_throughput"])
             print(f"  {fmt} speedup tp2/tp1 {entry['speedup']}", flush=True)
             save()
     return 0
