@@ -52,37 +52,15 @@ class Shard:
     tp: int
     compute: object  # dist.ProcessGroup: the model's collectives
     control: object  # dist.ProcessGroup (gloo): rank 0's announcements
-    symmetric: list | None = None  # two [n] symmetric-memory buffers for decode all-reduces (CUDA)
-    _calls: int = 0
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over ranks, in place (the row-parallel linears' partial outputs). Small sums (decode) go
-        through symmetric memory when `use_symmetric_memory` set it up, large ones (prefill) through NCCL."""
-        if self.symmetric is not None and x.dtype == self.symmetric[0].dtype and x.numel() <= self.symmetric[0].numel():
-            slot = self.symmetric[self._calls % 2][: x.numel()]  # [n] at offset 0 of a symmetric buffer
-            self._calls += 1
-            slot.copy_(x.view(-1))
-            torch.ops.symm_mem.one_shot_all_reduce_out(slot, "sum", self.compute.group_name, x.view(-1))
-            return x
+        """Sum x over ranks, in place (the row-parallel linears' partial outputs)."""
         dist.all_reduce(x, group=self.compute)
         return x
-
-    def use_symmetric_memory(self, max_elements: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Two symmetric buffers of max_elements (every rank calls this together): a one-shot all-reduce reads
-        the peers' buffers over NVLink in one kernel, ~3x faster than NCCL for decode-sized sums. Calls
-        alternate between the buffers, so a rank never overwrites a buffer a slower peer may still read (a
-        call's start waits for every peer to reach it; each forward makes an even number of calls, so a CUDA
-        graph replays the same alternation)."""
-        import torch.distributed._symmetric_memory as symm_mem
-
-        bufs = [symm_mem.empty(max_elements, dtype=dtype, device=device) for _ in range(2)]
-        for b in bufs:
-            symm_mem.rendezvous(b, self.compute.group_name)
-        self.symmetric, self._calls = bufs, 0
 
     def broadcast_ids(self, ids: torch.Tensor) -> None:
         """Rank 0's token ids into every rank's `ids` (contiguous, same shape everywhere)."""

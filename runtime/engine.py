@@ -23,7 +23,6 @@ import itertools
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -167,9 +166,6 @@ class _Request:
     min_new_tokens: int = 0
 
 
-SYMMETRIC_ROWS = 256  # tensor parallel: all-reduces of up to this many rows use symmetric memory, larger ones NCCL
-
-
 def check_tp(config: EngineConfig, ws: Workspace) -> int:
     """The ranks a workspace runs on: its own split; a --tp that differs is refused with what to do."""
     if config.tp is not None and config.tp != ws.tp:
@@ -189,13 +185,6 @@ def setup_rank(rank, ws: Workspace, config: EngineConfig, device: torch.device) 
         rank.threads = set_cpu_threads(threads)
     rank.dtype = getattr(torch, config.dtype) if config.dtype else compute_dtype(device, ws.dtype)
     rank.model = Model(ws, device, rank.dtype, shard)
-    if shard is not None and device.type == "cuda":
-        rows = min(config.max_batch_size, SYMMETRIC_ROWS)  # decode steps up to this batch sum through it
-        try:
-            shard.use_symmetric_memory(rows * ws.config.hidden_size, rank.dtype, device)
-        except Exception as e:  # every rank fails alike (same software, same GPUs): all stay on NCCL
-            warnings.warn(f"lmc: symmetric-memory all-reduce unavailable ({type(e).__name__}: {e}); using NCCL",
-                          stacklevel=2)
     graphs = device.type == "cuda" and config.cuda_graph
     local = rank.model.cfg
     num_blocks = plan_num_blocks(local, config, rank.dtype, device, reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)
