@@ -29,12 +29,15 @@ back to the torch reference (`w4a16_matmul_ref`) off CUDA or without Triton.
 
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
 
+import functools
+
 import torch
 
 from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
+from lmc.kernels.w4a16_tuning import config_for
 
 try:
     import triton
@@ -514,7 +517,8 @@ def _w4a16_gemm_kernel(
 ):
     """Prefill path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
 
-    Each step loads x[BM, BK] and a [BK/8, BN] tile of packed words, dequantizes it in registers to
+    Each step loads x[BM, BK] and a [BK/8, BN] tile of packed words (with the scale and zero vectors of its
+    group when BLOCK_K divides GROUP, else per packed row), dequantizes it in registers to
     W^T[BK, BN] (_dequant_tile) and accumulates tl.dot in float32. Programs walk GROUP_M row blocks
     per column band so that a band of weights is reused from L2. With SPLIT_K > 1, program
     (pid, s) covers the s-th of SPLIT_K runs of whole BLOCK_K tiles along K and writes float32
@@ -546,9 +550,15 @@ def _w4a16_gemm_kernel(
         rows = k0 // 8 + offs_r  # [KP] packed rows
         w_mask = (rows < kp_total)[:, None] & n_mask[None, :]
         packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
-        sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
-        scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-        zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per column, loaded once
+            scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
+                                    (BLOCK_KP, BLOCK_N))  # [KP, BN]
+            zero = tl.broadcast_to(tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
+                                   (BLOCK_KP, BLOCK_N))  # [KP, BN]
+        else:
+            sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
+            scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+            zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
         w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
         if SWAP_AB:  # out^T = W x^T: the weight tile is the MMA's tall operand, the few rows of x the narrow one
             acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
@@ -706,45 +716,17 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
     return torch.matmul(x, w_t, out=out)
 
 
-# (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
-# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel", "GEMV v3",
-# "Programmatic dependent launch" and "Session 4" (preload, swap-AB up to M=256)): each row is the best
-# configuration, or within 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
-_TABLE = (
-    (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2, preload=True)),
-    (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=1, num_warps=1)),
-    (1, None, None, "gemv", dict(block_n=64, rows=1, split_k=1, depth=1, num_warps=2, preload=True)),
-    (2, 8192, None, "gemv", dict(block_n=16, rows=2, split_k=4, depth=1, num_warps=1)),
-    (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=2, depth=1, num_warps=1)),
-    (4, 4096, None, "gemv", dict(block_n=16, rows=4, split_k=8, depth=1, num_warps=1)),
-    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1, preload=True)),
-    (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=2, depth=1, num_warps=1)),
-    (16, 8192, 8192, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=8, num_warps=4,
-                                  num_stages=4, swap_ab=True)),
-    (16, 8192, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=4, num_warps=4,
-                                  num_stages=3, swap_ab=True)),
-    (16, None, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=2, num_warps=4,
-                                  num_stages=3, swap_ab=True)),
-    (64, 8192, None, "gemm", dict(block_m=64, block_n=64, block_k=128, group_m=8, split_k=4, num_warps=4,
-                                  num_stages=3, swap_ab=True)),
-    (64, None, None, "gemm", dict(block_m=64, block_n=128, block_k=128, group_m=8, split_k=2, num_warps=8,
-                                  num_stages=3, swap_ab=True)),
-    (256, 4096, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
-                                   num_stages=3)),
-    (256, 8192, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
-                                   num_stages=3, swap_ab=True)),
-    (256, None, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=1, num_warps=8,
-                                   num_stages=3, swap_ab=True)),
-    (None, None, None, "dequant", dict()),
-)
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
-def w4a16_config(m: int, n: int, k: int) -> tuple[str, dict]:
-    """The path ("gemv", "gemm" or "dequant") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N] product."""
-    for max_m, max_n, min_k, path, kw in _TABLE:
-        if (max_m is None or m <= max_m) and (max_n is None or n <= max_n) and (min_k is None or k >= min_k):
-            return path, dict(kw)
-    raise AssertionError("the last table row has no bounds")
+def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
+    """The path ("gemv", "gemm" or "dequant") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N]
+    product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the default)."""
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device is not None and device.type == "cuda" else None
+    return config_for(name, m, n, k)
 
 
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -754,7 +736,7 @@ def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul."""
     k = x.shape[-1]
     m, n = x.numel() // max(k, 1), qweight.shape[1]
-    path, kw = w4a16_config(m, n, k)
+    path, kw = w4a16_config(m, n, k, x.device)
     if triton is None or not x.is_cuda or path != "gemv":
         return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
     out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True, **kw)
@@ -772,6 +754,6 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = x2.shape[0], qweight.shape[1]
-    path, kw = w4a16_config(m, n, k)
+    path, kw = w4a16_config(m, n, k, x.device)
     launch = {"gemv": w4a16_gemv_triton, "gemm": w4a16_gemm_triton, "dequant": w4a16_dequant_matmul_triton}[path]
     return launch(x2, qweight, scales, zeros, group_size, out=out, **kw).reshape(*x.shape[:-1], n)
