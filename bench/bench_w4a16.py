@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lmc.format.int4 import pack_lmc
+from lmc.format.int4 import pack_lmc, unpack_lmc
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_tuning as T
 from lmc.kernels.pdl import pdl_enabled
@@ -63,6 +63,23 @@ def int4pack_mm(x: torch.Tensor, packed: torch.Tensor, group: int, sz: torch.Ten
     if x.is_cuda:
         return torch._weight_int4pack_mm(x, packed, group, sz)
     return torch._weight_int4pack_mm_for_cpu(x, packed, group, sz)
+
+
+def int4pack_from_lmc(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, k: int, group: int,
+                      high_first: bool | None = None):
+    """An lmc-int4-k8 linear as torch._weight_int4pack_mm operands (packed, sz) and the nibble order used: None
+    tries both on a random x against the float32 reference and keeps the closer (the order is not documented)."""
+    codes = unpack_lmc(qweight, k).to(torch.int32)  # [N, K]
+    if high_first is not None:
+        return (*int4pack_weight(codes, scales, zeros, high_first), high_first)
+    x = torch.randn(4, k, device=qweight.device)
+    ref = W.w4a16_matmul_ref(x, qweight, scales, zeros, group)  # [4, N]
+    tries = []
+    for order in (True, False):
+        packed, sz = int4pack_weight(codes, scales, zeros, order)
+        tries.append((_rel(int4pack_mm(x.bfloat16(), packed, group, sz), ref), order, packed, sz))
+    _, order, packed, sz = min(tries, key=lambda t: t[0])
+    return packed, sz, order
 
 
 def _quant_set(k: int, n: int, dev):
