@@ -1,8 +1,9 @@
-"""Decode throughput of lmc (CUDA graphs and eager) against transformers, with the bandwidth roofline.
+"""Decode throughput of lmc (CUDA graphs and eager) against transformers and a torch.compile peer, with the roofline.
 
     python bench/bench_decode.py --smollm2 SmolLM2-135M-Instruct.Q4_1.gguf \
         [--out bench/results/decode_h100.json] [--e2e-out bench/results/int4_e2e_gpu.json]
     python bench/bench_decode.py --smoke --out /tmp/d.json --e2e-out /tmp/e.json   # tiny shapes, CPU is enough
+    python bench/bench_decode.py --skip smollm2,e2e --no-hf --modes graph   # the 8B shapes: lmc, peer, roofline
 
 In one run: (1) device-to-device copy bandwidth (bytes read + written); (2) three models, each
 decoded greedily (ignore_eos) with 128 prompt tokens + 256 new tokens at batch 1 and 16 by lmc with
@@ -14,8 +15,12 @@ CUDA graphs, lmc eager, and (fp16 models) transformers' `generate`:
     lmc's converter (name table, fusions, writer) straight from its state dict;
   - the same weights quantized round-to-nearest to int4 g128 by lmc's quantizer (`quantize_source` with
     --calib-samples 0), lm_head kept fp16, written as an "lmc-int4-k8" workspace (method "rtn");
-(3) the roofline: weight bytes read per decode step (every linear + lm_head) over the copy bandwidth;
-(4) an end-to-end int4 check: a tiny random int4 Llama (a partial K group) generates the same 32
+(3) a peer on the two 8B-shaped workspaces: a gpt-fast-style decode (`PeerLlama`: static KV cache,
+torch.compile(mode="reduce-overhead") of one greedy step; int4 through torch._weight_int4pack_mm g128 in bf16,
+fp16 through F.linear) of the same weights at the same batches, prompt and token counts; a failure (a compile
+error, say) is recorded in the JSON and the run goes on;
+(4) the roofline: weight bytes read per decode step (every linear + lm_head) over the copy bandwidth;
+(5) an end-to-end int4 check: a tiny random int4 Llama (a partial K group) generates the same 32
 greedy tokens on the GPU as on the CPU torch path. Writes JSON and prints a table last.
 
 Per-step decode time is (last token's time - first token's time) / 255, the engine's own host
@@ -582,23 +587,27 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
     free(dev)
     print(" lmc fp16", flush=True)
     fp16["runs"] += bench_lmc(fp16_ws, dev, args, vocab)
-    add_peer(fp16, fp16_ws, dev, args, vocab)
-    store("llama3-8b-shape fp16", fp16)
+    store("llama3-8b-shape fp16", fp16)  # saved before the peer's compiles, in case the run is cut short
+    if add_peer(fp16, fp16_ws, dev, args, vocab):
+        store("llama3-8b-shape fp16", fp16)
     int4 = {"source": "the fp16 model's weights quantized by lmc's quantizer (quantize_source, --calib-samples 0: "
                       f"RTN, asymmetric, g{GROUP}) on the GPU, packed lmc-int4-k8; lm_head fp16",
             "weights": "int4 g128 + fp16 lm_head",
             "build_s": int4_s, **weight_bytes(int4_ws), "runs": []}
     print(" lmc int4", flush=True)
     int4["runs"] += bench_lmc(int4_ws, dev, args, vocab)
-    add_peer(int4, int4_ws, dev, args, vocab)
     store("llama3-8b-shape int4-g128", int4)
+    if add_peer(int4, int4_ws, dev, args, vocab):
+        store("llama3-8b-shape int4-g128", int4)
 
 
-def add_peer(entry: dict, ws: Path, dev: str, args, vocab: int) -> None:
-    """The torch.compile peer's runs on the same workspace, unless skipped; any failure is recorded in the entry."""
-    if "peer" in args.skip_parts:
-        return
-    print(" torch.compile peer", flush=True)
+def add_peer(entry: dict, ws: Path, dev: str, args, vocab: int) -> bool:
+    """The torch.compile peer's runs on the same workspace, unless skipped ("peer", or "peer-fp16" / "peer-int4");
+    any failure is recorded in the entry. Whether it ran."""
+    kind = "int4" if Workspace(ws).quantization else "fp16"
+    if {"peer", f"peer-{kind}"} & args.skip_parts:
+        return False
+    print(f" torch.compile peer ({kind})", flush=True)
     try:
         rows, entry["peer"] = bench_peer(ws, dev, args, vocab)
         entry["runs"] += rows
@@ -606,6 +615,7 @@ def add_peer(entry: dict, ws: Path, dev: str, args, vocab: int) -> None:
         traceback.print_exc()
         entry["peer"] = {"errors": {"setup": f"{type(e).__name__}: {e}"[:2000]}}
         free(dev)
+    return True
 
 
 # ----------------------------------------------------------------------------- int4 end to end
@@ -720,7 +730,8 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few tokens: checks the script")
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2, llama8b, e2e, peer "
-                                                    "(the torch.compile peer of the 8B-shaped models)")
+                                                    "(the torch.compile peer of the 8B-shaped models), peer-fp16, "
+                                                    "peer-int4")
     parser.add_argument("--modes", default="graph,eager", help="comma-separated lmc modes to time: graph, eager")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"

@@ -23,8 +23,10 @@ Both can split K over several programs (`split_k`); the GEMM sums the float32 pa
 For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
 the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
 (Triton serialises dequant and wgmma inside a CTA), while the extra 2·K·N bytes are small next to M·K·N.
-`w4a16_matmul` picks a path and block shapes from a table by M and N (measured on an H100), and falls
-back to the torch reference (`w4a16_matmul_ref`) off CUDA or without Triton.
+`w4a16_matmul` picks a path and block shapes from the tuning table of the GPU it runs on (lmc.kernels.w4a16_tuning:
+keyed by device name, then M class and nearest (K, N); written by `bench/bench_w4a16.py --sweep --write-table`),
+resolved once per (device, M, N, K), and falls back to the torch reference (`w4a16_matmul_ref`) off CUDA or
+without Triton.
 """
 
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
@@ -454,7 +456,7 @@ def _w4a16_gemv_kernel(
     # With PDL the prologue's weight loads are issued before waiting for the previous kernel (they overlap its
     # tail); x, the output, the partials and the counters are touched only after the wait. PRELOAD (DEPTH 1):
     # the prologue requests two groups, not one, and the loop loads group g + 3 after multiplying g + 1 instead
-    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain, see _TABLE).
+    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain, see w4a16_tuning.json).
     pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
                                       offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pb, sb, zb, xb = pa, sa, za, xa
