@@ -503,8 +503,8 @@ def bench_peer(ws_path: Path, dev: str, args, vocab: int) -> tuple[list[dict], d
         rows.append({"engine": "torch.compile", "batch": batch, "step_ms": elapsed / steps * 1e3,
                      "tok_s": batch * steps / elapsed, "compile_s": compile_s,
                      "first_tokens": torch.cat(tokens, 1)[0, :16].tolist()})
-        print(f"  torch.compile B={batch:<3} {elapsed / steps * 1e3:8.3f} ms/step  {batch * steps / elapsed:9.1f} tok/s  "
-              f"(compile {compile_s:.1f} s)", flush=True)
+        print(f"  torch.compile B={batch:<3} {elapsed / steps * 1e3:8.3f} ms/step  "
+              f"{batch * steps / elapsed:9.1f} tok/s  (compile {compile_s:.1f} s)", flush=True)
     del model, step
     torch._dynamo.reset()
     free(dev)

@@ -268,8 +268,8 @@ def bench_m(shape: Shape, m: int, overrides: dict, do_bench: bool = True) -> dic
 
 def _gemv(options, rows: int) -> list:
     """("gemv", keywords) per (block_n, num_warps, split_k, depth, preload)."""
-    return [("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=d, num_warps=nw, **(dict(preload=True) if p else {})))
-            for bn, nw, sk, d, p in options]
+    return [("gemv", dict(block_n=bn, rows=rows, split_k=sk, depth=d, num_warps=nw,
+                          **(dict(preload=True) if p else {}))) for bn, nw, sk, d, p in options]
 
 
 def _gemm(tiles, group_m: int = 8, **extra) -> list:
@@ -292,7 +292,8 @@ def candidates(m: int) -> list:
     if m <= 16:  # swap-AB: BLOCK_N is wgmma's M side (64 at least), the rows of x its N side; split-K fills the SMs
         return (_gemm(((16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 4, 8), (16, 64, 128, 4, 3, 2), (16, 64, 128, 4, 3, 8),
                        (16, 128, 128, 4, 3, 4), (16, 64, 128, 4, 3, 16), (16, 64, 64, 4, 4, 8), (16, 128, 128, 8, 3, 4),
-                       (16, 64, 256, 4, 3, 4), (16, 128, 64, 4, 4, 8), (16, 128, 128, 4, 3, 2)), group_m=1, swap_ab=True)
+                       (16, 64, 256, 4, 3, 4), (16, 128, 64, 4, 4, 8), (16, 128, 128, 4, 3, 2)),
+                      group_m=1, swap_ab=True)
                 + _gemv(((16, 1, 4, 1, 0), (32, 1, 4, 1, 0), (16, 1, 8, 1, 0)), rows=4)  # CUDA cores, 4 rows a program
                 + _gemm(((16, 32, 256, 4, 3, 2), (16, 64, 128, 4, 4, 4)), group_m=1))
     if m <= 64:
@@ -301,8 +302,8 @@ def candidates(m: int) -> list:
                        (64, 64, 128, 4, 3, 2)), swap_ab=True)
                 + _gemm(((64, 128, 128, 4, 4, 2), (128, 128, 64, 8, 3, 2))))
     if m <= 256:
-        return (_gemm(((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 4), (128, 256, 64, 8, 3, 1),
-                       (128, 128, 128, 8, 3, 2)))
+        return (_gemm(((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (128, 128, 64, 8, 3, 4),
+                       (128, 256, 64, 8, 3, 1), (128, 128, 128, 8, 3, 2)))
                 + _gemm(((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (64, 128, 128, 4, 4, 2)), swap_ab=True)
                 + [("dequant", {})])
     return [("dequant", {})] + _gemm(((128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)))
