@@ -212,8 +212,13 @@ class Shape:
 LAUNCHERS = {"gemv": W.w4a16_gemv_triton, "gemm": W.w4a16_gemm_triton, "dequant": W.w4a16_dequant_matmul_triton}
 
 
-def launcher(path: str, kw: dict):
-    """The launcher of `path` with keywords kw bound: fn(x, q, s, z, group, out=None)."""
+def launcher(path: str, kw: dict, kmajor: dict | None = None):
+    """The launcher of `path` with keywords kw bound: fn(x, q, s, z, group, out=None). kw["kmajor"] (a sweep-only
+    GEMM candidate: the runtime keeps qweight as stored) reads the K-major copy of q from kmajor[q.data_ptr()]."""
+    kw = dict(kw)
+    if kw.pop("kmajor", False):
+        return lambda x, q, s, z, g, out=None: W.w4a16_gemm_triton(x, q, s, z, g, out=out,
+                                                                    qweight_kmajor=kmajor[q.data_ptr()], **kw)
     return lambda x, q, s, z, g, out=None: LAUNCHERS[path](x, q, s, z, g, out=out, **kw)
 
 
@@ -278,9 +283,25 @@ def _gemm(tiles, group_m: int = 8, **extra) -> list:
                           num_stages=ns, **extra)) for bm, bn, bk, nw, ns, sk in tiles]
 
 
+def _kmajor(tiles, group_m: int = 8, **extra) -> list:
+    """GEMM tiles reading the K-major copy of qweight (timed, never written to the table: the loader keeps the
+    stored layout; a win here says what a load-time re-layout would buy)."""
+    return _gemm(tiles, group_m, kmajor=True, **extra)
+
+
 def candidates(m: int) -> list:
     """(path, launcher keywords) to time at M = m, most promising first (the sweep may stop part way):
-    the H100's winners and their neighbours, more split-K where M x N alone leaves SMs idle."""
+    the H100's winners and their neighbours, more split-K where M x N alone leaves SMs idle, and a few
+    K-major tiles (`_kmajor`) after the third candidate."""
+    ranked = _candidates(m)
+    extra = _kmajor(((16, 64, 128, 4, 3, 4), (16, 64, 128, 4, 4, 8)), group_m=1, swap_ab=True) if 1 < m <= 16 else \
+        _kmajor(((64, 64, 128, 4, 3, 4), (64, 128, 128, 8, 3, 2)), swap_ab=True) if 16 < m <= 64 else \
+        _kmajor(((128, 128, 64, 8, 3, 1),)) + _kmajor(((128, 128, 64, 8, 3, 2),), swap_ab=True) if 64 < m <= 256 else \
+        _kmajor(((128, 256, 64, 8, 3, 1),)) if m > 256 else []
+    return ranked[:3] + extra + ranked[3:]
+
+
+def _candidates(m: int) -> list:
     if m == 1:  # (block_n, warps, split_k, depth, preload): words per thread and step (G/8) * BN / (32 * warps)
         return _gemv(((64, 2, 8, 1, 1), (32, 1, 8, 1, 0), (64, 2, 1, 1, 1), (64, 2, 4, 1, 1), (64, 2, 16, 1, 1),
                       (32, 1, 16, 1, 0), (128, 4, 8, 1, 1), (128, 4, 2, 1, 1), (64, 4, 8, 1, 1), (32, 1, 8, 2, 0),
@@ -330,11 +351,13 @@ def sweep(shapes, ms, budget_s: float, dev: str) -> list:
         ref = W.w4a16_matmul_ref(xs[0], q, s, z, GROUP).float()
         table = W.w4a16_config(m, n, k, torch.device(dev) if dev == "cuda" else None)
         todo_c = [table] + [c for c in candidates(m) if c != table]
+        kmajor = {q_.data_ptr(): W.w4a16_kmajor(q_) for q_, _, _ in sets} \
+            if any(kw.get("kmajor") for _, kw in todo_c) else {}  # made before any timing, never inside a graph
         results = []
         for j, (path, kw) in enumerate(todo_c):
             if j >= 2 and time.time() - row_t0 > share:
                 break
-            fn = launcher(path, kw)
+            fn = launcher(path, kw, kmajor)
             try:
                 err = _rel(fn(xs[0], q, s, z, GROUP), ref)
                 us = time_calls(lambda i: fn(xs[i], *sets[i], GROUP), len(sets), dev, replays=7)
@@ -343,14 +366,18 @@ def sweep(shapes, ms, budget_s: float, dev: str) -> list:
                 continue
             results.append({"path": path, "config": kw, "us": us, "rel_err": err, "table": j == 0,
                             "bytes_per_s": (w_bytes + _nbytes(xs[0]) + m * n * 2) / (us * 1e-6)})
+        del kmajor
         ok = sorted((r for r in results if "us" in r and r["rel_err"] < 1e-2), key=lambda r: r["us"])
-        rows.append({"M": m, "K": k, "N": n, "results": results, "best": ok[:3], "tried": len(results),
-                     "of": len(todo_c), "seconds": time.time() - row_t0})
-        b = ok[0] if ok else None
+        usable = [r for r in ok if not r["config"].get("kmajor")]  # what the table can name
+        km = next((r for r in ok if r["config"].get("kmajor")), None)
+        rows.append({"M": m, "K": k, "N": n, "results": results, "best": usable[:3], "best_kmajor": km,
+                     "tried": len(results), "of": len(todo_c), "seconds": time.time() - row_t0})
+        b = usable[0] if usable else None
         old = next((r for r in results if r.get("table") and "us" in r), None)
         print(f"sweep K={k} N={n} M={m}: {len(results)}/{len(todo_c)} tried in {time.time() - row_t0:.0f} s; "
               + (f"{b['path']} {b['config']} {b['us']:.1f} us {b['bytes_per_s'] / 1e12:.2f} TB/s" if b else "no result")
-              + (f" (table's {old['us']:.1f} us)" if old else ""), flush=True)
+              + (f" (table's {old['us']:.1f} us)" if old else "") + (f"; K-major {km['us']:.1f} us" if km else ""),
+              flush=True)
     return rows
 
 

@@ -171,10 +171,11 @@ def _dequant8_f16_asm(packed, zero, scale):
 
 
 @_jit
-def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
+def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr, K_MINOR: tl.constexpr = False):
     """packed [KP, BN] int32 (word [r, n] = codes of W[n, 8r + j] in bits 4j..4j+3), scale and zero
     [KP, BN] -> W^T tile [8 * KP, BN] in DTYPE, row 8r + j. Each thread unpacks the words it loaded;
-    the joins keep the 8 codes of a word in that thread. ASM: float16 only, on the GPU."""
+    the joins keep the 8 codes of a word in that thread. ASM: float16 only, on the GPU.
+    K_MINOR: the three are [BN, KP] (word [n, r]) and W comes back as [BN, 8 * KP], column 8r + j."""
     if ASM:
         w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_f16_asm(packed, zero, scale)
     else:
@@ -189,8 +190,11 @@ def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
         w6 = _code_minus_zero(packed, 6, zero_m) * scale
         w7 = _code_minus_zero(packed, 7, zero_m) * scale
     w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-    w = tl.permute(w.to(DTYPE), (0, 4, 3, 2, 1))  # [r, n, b0, b1, b2] = code b0 + 2 b1 + 4 b2 -> [r, b2, b1, b0, n]
-    return tl.reshape(w, (packed.shape[0] * 8, packed.shape[1]))  # [8 * KP, BN], row 8r + j
+    if K_MINOR:  # [n, r, b0, b1, b2] -> [n, r, b2, b1, b0] -> [BN, 8 * KP], column 8r + j
+        w = tl.reshape(tl.permute(w.to(DTYPE), (0, 1, 4, 3, 2)), (packed.shape[0], packed.shape[1] * 8))
+    else:  # [r, n, b0, b1, b2] = code b0 + 2 b1 + 4 b2 -> [r, b2, b1, b0, n] -> [8 * KP, BN], row 8r + j
+        w = tl.reshape(tl.permute(w.to(DTYPE), (0, 4, 3, 2, 1)), (packed.shape[0] * 8, packed.shape[1]))
+    return w
 
 
 @_jit
@@ -515,7 +519,8 @@ def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
     M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, SWAP_AB: tl.constexpr, KMAJOR: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Prefill path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
 
@@ -524,7 +529,10 @@ def _w4a16_gemm_kernel(
     W^T[BK, BN] (_dequant_tile) and accumulates tl.dot in float32. Programs walk GROUP_M row blocks
     per column band so that a band of weights is reused from L2. With SPLIT_K > 1, program
     (pid, s) covers the s-th of SPLIT_K runs of whole BLOCK_K tiles along K and writes float32
-    partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly."""
+    partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly.
+    KMAJOR: qw_ptr is qweight^T [N, ceil(K/8)] (`w4a16_kmajor`), loaded as [BN, BK/8] tiles whose words run along
+    K in each thread, so the dequantized tile is K-minor and goes to shared memory in 16-byte stores (sm_90 SASS
+    of the M = 16 swap-AB tile: 8 STS.128 a step instead of 64 STS.U16)."""
     pdl_wait(PDL)
     BLOCK_KP: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
@@ -550,22 +558,35 @@ def _w4a16_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)  # [BM, BK]
         rows = k0 // 8 + offs_r  # [KP] packed rows
-        w_mask = (rows < kp_total)[:, None] & n_mask[None, :]
-        packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
-        if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per column, loaded once
-            scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
-                                    (BLOCK_KP, BLOCK_N))  # [KP, BN]
-            zero = tl.broadcast_to(tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
-                                   (BLOCK_KP, BLOCK_N))  # [KP, BN]
+        if KMAJOR:  # qweight^T [N, ceil(K/8)]: each thread's words run along K (16-byte loads along K)
+            w_mask = n_mask[:, None] & (rows < kp_total)[None, :]  # [BN, KP]
+            packed = tl.load(qw_ptr + offs_n[:, None] * kp_total + rows[None, :], mask=w_mask, other=0)
+            scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[:, None],
+                                    (BLOCK_N, BLOCK_KP))  # [BN, KP]: the launcher checked that BLOCK_K divides G
+            zero = tl.broadcast_to(tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[:, None],
+                                   (BLOCK_N, BLOCK_KP))
+            w_t = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM, True)  # [BN, BK]
+            if SWAP_AB:
+                acc = tl.dot(w_t, tl.trans(xt), acc)  # [BN, BM]
+            else:
+                acc = tl.dot(xt, tl.trans(w_t), acc)  # [BM, BN]
         else:
-            sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
-            scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-            zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-        w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
-        if SWAP_AB:  # out^T = W x^T: the weight tile is the MMA's tall operand, the few rows of x the narrow one
-            acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
-        else:
-            acc = tl.dot(xt, w, acc)  # [BM, BN]
+            w_mask = (rows < kp_total)[:, None] & n_mask[None, :]
+            packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
+            if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per column, loaded once
+                scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
+                                        (BLOCK_KP, BLOCK_N))  # [KP, BN]
+                zero = tl.broadcast_to(tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
+                                       (BLOCK_KP, BLOCK_N))  # [KP, BN]
+            else:
+                sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
+                scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+                zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+            w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
+            if SWAP_AB:  # out^T = W x^T: the weight tile is the MMA's tall operand, the few rows of x the narrow one
+                acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
+            else:
+                acc = tl.dot(xt, w, acc)  # [BM, BN]
     dst = dst_ptr + tl.program_id(1) * stride_ds + offs_m[:, None] * stride_dm + offs_n[None, :]  # [BM, BN]
     if SWAP_AB:
         acc = tl.trans(acc)  # [BM, BN]
@@ -652,15 +673,27 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return out
 
 
+def w4a16_kmajor(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [ceil(K/8), N] -> its K-major copy [N, ceil(K/8)] (same words), for w4a16_gemm_triton's
+    qweight_kmajor: made once per weight (at load), never per call."""
+    return qweight.t().contiguous()
+
+
 def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_m: int = 64, block_n: int = 128, block_k: int = 128,
                       group_m: int = 8, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-                      swap_ab: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                      swap_ab: bool = False, qweight_kmajor: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill path: x [M, K] -> [M, N] in x.dtype (tensor cores). split_k > 1 splits K over that
     many programs per output tile (more programs for small M x N) and sums their float32 partials
     in a second kernel. swap_ab: each step computes W_tile x_tile^T (BLOCK_N as the MMA's M side), for
-    small M where BLOCK_M = 16 would leave the MMA mostly idle."""
+    small M where BLOCK_M = 16 would leave the MMA mostly idle. qweight_kmajor: `w4a16_kmajor(qweight)`,
+    read instead of qweight (needs block_k to divide group_size)."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
+    if qweight_kmajor is not None and (qweight_kmajor.shape != qweight.shape[::-1] or group_size % block_k
+                                       or not qweight_kmajor.is_contiguous()):
+        raise LmcError(f"qweight_kmajor must be w4a16_kmajor(qweight) {list(qweight.shape[::-1])} and block_k "
+                       f"({block_k}) must divide the group size ({group_size})")
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
@@ -668,9 +701,11 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (_cdiv(m, block_m) * _cdiv(n, block_n), split_k)
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
+        x, qweight if qweight_kmajor is None else qweight_kmajor, scales, zeros, dst, m, n, k, x.stride(0),
+        dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
-        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, SWAP_AB=swap_ab, num_warps=num_warps, num_stages=num_stages,
+        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, SWAP_AB=swap_ab, KMAJOR=qweight_kmajor is not None,
+        num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(x.device))
     if split_k > 1:
         _splitk_sum(dst, out)

@@ -358,3 +358,25 @@ def test_config_on_a_cuda_device_name(monkeypatch):
         assert got[0] == T.config_for("NVIDIA H200", 16, 6144, 4096) and names == [0]
     finally:
         W._device_name.cache_clear()
+
+
+@pytest.mark.parametrize("m,n,k,group,block_k,split_k,swap_ab", [
+    (5, 75, 203, 64, 64, 3, True),  # partial last group, K % 8 != 0, an empty third split
+    (16, 40, 576, 128, 32, 4, True),  # four tiles per group
+    (33, 75, 203, 32, 32, 1, False),  # the plain GEMM, rows past M
+    (2, 72, 384, 128, 128, 2, False),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemm_kmajor(m, n, k, group, block_k, split_k, swap_ab, dtype):
+    """The GEMM reading the K-major copy of qweight (w4a16_kmajor: [N, ceil(K/8)]) on shapes off every block,
+    swap-AB and split-K included; a wrong copy or a BLOCK_K that does not divide G is refused."""
+    _, q, scales, zeros = _quantized(n, k, group, dtype, seed=m * 1000 + k)  # the weights _triton_check makes
+    qt = W.w4a16_kmajor(q)
+    assert qt.shape == (n, -(-k // 8)) and torch.equal(qt.t(), q)
+    _triton_check(W.w4a16_gemm_triton, m, n, k, group, dtype, block_m=16, block_n=32, block_k=block_k, group_m=2,
+                  split_k=split_k, swap_ab=swap_ab, qweight_kmajor=qt)
+    x = torch.randn(m, k).to(dtype)
+    with pytest.raises(LmcError, match="qweight_kmajor"):
+        W.w4a16_gemm_triton(x, q, scales, zeros, group, block_k=block_k, qweight_kmajor=q.t())
+    with pytest.raises(LmcError, match="divide the group size"):
+        W.w4a16_gemm_triton(x, q, scales, zeros, group, block_k=2 * group, qweight_kmajor=qt)
