@@ -407,8 +407,15 @@ class PeerLlama(torch.nn.Module):
             "mask": torch.ones(max_seq, max_seq, dtype=torch.bool, device=dev).tril()})  # [S, S]
 
     def setup_caches(self, batch: int) -> None:
+        """Empty KV caches for `batch` rows: zeroed in place when the batch is the same, so that the CUDA graphs
+        recorded on them stay valid (a new tensor would make torch.compile record again)."""
         cfg = self.cfg
         shape = (batch, cfg.num_kv_heads, self.max_seq, cfg.head_dim)  # [B, Hkv, S, D]
+        if getattr(self.layers[0], "k_cache", None) is not None and self.layers[0].k_cache.shape == shape:
+            for lw in self.layers:
+                lw.k_cache.zero_()
+                lw.v_cache.zero_()
+            return
         for lw in self.layers:
             lw.register_buffer("k_cache", torch.zeros(shape, dtype=self.dtype, device=self.globals.embed.device),
                                persistent=False)
@@ -471,6 +478,9 @@ def bench_peer(ws_path: Path, dev: str, args, vocab: int) -> tuple[list[dict], d
     info.update(load_s=time.perf_counter() - t0, dtype=str(model.dtype).removeprefix("torch."),
                 int4pack_nibble_order=model.order)
     torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    skips0 = counters["inductor"]["cudagraph_skips"]
     step = torch.compile(peer_step, mode="reduce-overhead", fullgraph=True)
     for batch in args.batches:
         try:
@@ -505,6 +515,7 @@ def bench_peer(ws_path: Path, dev: str, args, vocab: int) -> tuple[list[dict], d
                      "first_tokens": torch.cat(tokens, 1)[0, :16].tolist()})
         print(f"  torch.compile B={batch:<3} {elapsed / steps * 1e3:8.3f} ms/step  "
               f"{batch * steps / elapsed:9.1f} tok/s  (compile {compile_s:.1f} s)", flush=True)
+    info["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips0  # > 0: a step ran without a graph
     del model, step
     torch._dynamo.reset()
     free(dev)

@@ -460,7 +460,8 @@ def _w4a16_gemv_kernel(
     # With PDL the prologue's weight loads are issued before waiting for the previous kernel (they overlap its
     # tail); x, the output, the partials and the counters are touched only after the wait. PRELOAD (DEPTH 1):
     # the prologue requests two groups, not one, and the loop loads group g + 3 after multiplying g + 1 instead
-    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain, see w4a16_tuning.json).
+    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain; the tuning table
+    # says where).
     pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
                                       offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pb, sb, zb, xb = pa, sa, za, xa
@@ -558,7 +559,7 @@ def _w4a16_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)  # [BM, BK]
         rows = k0 // 8 + offs_r  # [KP] packed rows
-        if KMAJOR:  # qweight^T [N, ceil(K/8)]: each thread's words run along K (16-byte loads along K)
+        if KMAJOR:  # qweight^T [N, ceil(K/8)]: each thread's words run along K
             w_mask = n_mask[:, None] & (rows < kp_total)[None, :]  # [BN, KP]
             packed = tl.load(qw_ptr + offs_n[:, None] * kp_total + rows[None, :], mask=w_mask, other=0)
             scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[:, None],
