@@ -15,7 +15,9 @@ gives triton.testing.do_bench's median (L2 flushed before each call, launch incl
 
 --sweep times candidate paths and block shapes per (M, shape), the table's current choice first, within
 --budget-s (split evenly over the rows still to do); --write-table merges each row's fastest correct
-candidate into the tuning table (lmc/kernels/w4a16_tuning.json, or --table) under this GPU's name.
+candidate into the tuning table (kernels/w4a16_tuning.json, or --table) under this GPU's name. K-major
+GEMM tiles (qweight re-laid-out [N, K/8]) are timed and reported, never written: the runtime keeps the
+stored layout.
 --smoke: tiny shapes and host timing, so that every code path runs on a CPU (Triton interpreter).
 """
 
