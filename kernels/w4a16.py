@@ -23,11 +23,15 @@ Both can split K over several programs (`split_k`); the GEMM sums the float32 pa
 For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
 the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
 (Triton serialises dequant and wgmma inside a CTA), while the extra 2·K·N bytes are small next to M·K·N.
-`w4a16_matmul` picks a path and block shapes from a table by M and N (measured on an H100), and falls
-back to the torch reference (`w4a16_matmul_ref`) off CUDA or without Triton.
+`w4a16_matmul` picks a path and block shapes from the tuning table of the GPU it runs on (lmc.kernels.w4a16_tuning:
+keyed by device name, then M class and nearest (K, N); written by `bench/bench_w4a16.py --sweep --write-table`),
+resolved once per (device, M, N, K), and falls back to the torch reference (`w4a16_matmul_ref`) off CUDA or
+without Triton.
 """
 
 from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
+
+import functools
 
 import torch
 
@@ -35,6 +39,7 @@ from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
+from lmc.kernels.w4a16_tuning import config_for
 
 try:
     import triton
@@ -166,10 +171,11 @@ def _dequant8_f16_asm(packed, zero, scale):
 
 
 @_jit
-def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
+def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr, K_MINOR: tl.constexpr = False):
     """packed [KP, BN] int32 (word [r, n] = codes of W[n, 8r + j] in bits 4j..4j+3), scale and zero
     [KP, BN] -> W^T tile [8 * KP, BN] in DTYPE, row 8r + j. Each thread unpacks the words it loaded;
-    the joins keep the 8 codes of a word in that thread. ASM: float16 only, on the GPU."""
+    the joins keep the 8 codes of a word in that thread. ASM: float16 only, on the GPU.
+    K_MINOR: the three are [BN, KP] (word [n, r]) and W comes back as [BN, 8 * KP], column 8r + j."""
     if ASM:
         w0, w1, w2, w3, w4, w5, w6, w7 = _dequant8_f16_asm(packed, zero, scale)
     else:
@@ -184,8 +190,11 @@ def _dequant_tile(packed, scale, zero, DTYPE: tl.constexpr, ASM: tl.constexpr):
         w6 = _code_minus_zero(packed, 6, zero_m) * scale
         w7 = _code_minus_zero(packed, 7, zero_m) * scale
     w = tl.join(tl.join(tl.join(w0, w1), tl.join(w2, w3)), tl.join(tl.join(w4, w5), tl.join(w6, w7)))
-    w = tl.permute(w.to(DTYPE), (0, 4, 3, 2, 1))  # [r, n, b0, b1, b2] = code b0 + 2 b1 + 4 b2 -> [r, b2, b1, b0, n]
-    return tl.reshape(w, (packed.shape[0] * 8, packed.shape[1]))  # [8 * KP, BN], row 8r + j
+    if K_MINOR:  # [n, r, b0, b1, b2] -> [n, r, b2, b1, b0] -> [BN, 8 * KP], column 8r + j
+        w = tl.reshape(tl.permute(w.to(DTYPE), (0, 1, 4, 3, 2)), (packed.shape[0], packed.shape[1] * 8))
+    else:  # [r, n, b0, b1, b2] = code b0 + 2 b1 + 4 b2 -> [r, b2, b1, b0, n] -> [8 * KP, BN], row 8r + j
+        w = tl.reshape(tl.permute(w.to(DTYPE), (0, 4, 3, 2, 1)), (packed.shape[0] * 8, packed.shape[1]))
+    return w
 
 
 @_jit
@@ -451,7 +460,8 @@ def _w4a16_gemv_kernel(
     # With PDL the prologue's weight loads are issued before waiting for the previous kernel (they overlap its
     # tail); x, the output, the partials and the counters are touched only after the wait. PRELOAD (DEPTH 1):
     # the prologue requests two groups, not one, and the loop loads group g + 3 after multiplying g + 1 instead
-    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain, see _TABLE).
+    # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain; the tuning table
+    # says where).
     pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
                                       offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pb, sb, zb, xb = pa, sa, za, xa
@@ -510,15 +520,20 @@ def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
     M, N, K, stride_xm, stride_dm, stride_ds,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, SWAP_AB: tl.constexpr, PDL: tl.constexpr,
+    GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr, DEQ_ASM: tl.constexpr, SWAP_AB: tl.constexpr, KMAJOR: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Prefill path. qweight [ceil(K/8), N] int32: word [r, n] holds W[n, 8r + j] in bits 4j..4j+3.
 
-    Each step loads x[BM, BK] and a [BK/8, BN] tile of packed words, dequantizes it in registers to
+    Each step loads x[BM, BK] and a [BK/8, BN] tile of packed words (with the scale and zero vectors of its
+    group when BLOCK_K divides GROUP, else per packed row), dequantizes it in registers to
     W^T[BK, BN] (_dequant_tile) and accumulates tl.dot in float32. Programs walk GROUP_M row blocks
     per column band so that a band of weights is reused from L2. With SPLIT_K > 1, program
     (pid, s) covers the s-th of SPLIT_K runs of whole BLOCK_K tiles along K and writes float32
-    partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly."""
+    partial sums to dst[s] (reduced by _splitk_sum_kernel); otherwise it writes out directly.
+    KMAJOR: qw_ptr is qweight^T [N, ceil(K/8)] (`w4a16_kmajor`), loaded as [BN, BK/8] tiles whose words run along
+    K in each thread, so the dequantized tile is K-minor and goes to shared memory in 16-byte stores (sm_90 SASS
+    of the M = 16 swap-AB tile: 8 STS.128 a step instead of 64 STS.U16)."""
     pdl_wait(PDL)
     BLOCK_KP: tl.constexpr = BLOCK_K // 8
     pid = tl.program_id(0)
@@ -544,16 +559,35 @@ def _w4a16_gemm_kernel(
         xt = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :],
                      mask=m_mask[:, None] & (k < K)[None, :], other=0.0)  # [BM, BK]
         rows = k0 // 8 + offs_r  # [KP] packed rows
-        w_mask = (rows < kp_total)[:, None] & n_mask[None, :]
-        packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
-        sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
-        scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-        zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
-        w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
-        if SWAP_AB:  # out^T = W x^T: the weight tile is the MMA's tall operand, the few rows of x the narrow one
-            acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
+        if KMAJOR:  # qweight^T [N, ceil(K/8)]: each thread's words run along K
+            w_mask = n_mask[:, None] & (rows < kp_total)[None, :]  # [BN, KP]
+            packed = tl.load(qw_ptr + offs_n[:, None] * kp_total + rows[None, :], mask=w_mask, other=0)
+            scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[:, None],
+                                    (BLOCK_N, BLOCK_KP))  # [BN, KP]: the launcher checked that BLOCK_K divides G
+            zero = tl.broadcast_to(tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[:, None],
+                                   (BLOCK_N, BLOCK_KP))
+            w_t = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM, True)  # [BN, BK]
+            if SWAP_AB:
+                acc = tl.dot(w_t, tl.trans(xt), acc)  # [BN, BM]
+            else:
+                acc = tl.dot(xt, tl.trans(w_t), acc)  # [BM, BN]
         else:
-            acc = tl.dot(xt, w, acc)  # [BM, BN]
+            w_mask = (rows < kp_total)[:, None] & n_mask[None, :]
+            packed = tl.load(qw_ptr + rows[:, None] * N + offs_n[None, :], mask=w_mask, other=0)  # [KP, BN] int32
+            if GROUP % BLOCK_K == 0:  # the tile lies in one group: one scale and zero per column, loaded once
+                scale = tl.broadcast_to(tl.load(s_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
+                                        (BLOCK_KP, BLOCK_N))  # [KP, BN]
+                zero = tl.broadcast_to(tl.load(z_ptr + (k0 // GROUP) * N + offs_n, mask=n_mask, other=0.0)[None, :],
+                                       (BLOCK_KP, BLOCK_N))  # [KP, BN]
+            else:
+                sz_off = ((rows * 8) // GROUP)[:, None] * N + offs_n[None, :]  # [KP, BN]
+                scale = tl.load(s_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+                zero = tl.load(z_ptr + sz_off, mask=w_mask, other=0.0)  # [KP, BN]
+            w = _dequant_tile(packed, scale, zero, xt.dtype, DEQ_ASM)  # [BK, BN]
+            if SWAP_AB:  # out^T = W x^T: the weight tile is the MMA's tall operand, the few rows of x the narrow one
+                acc = tl.dot(tl.trans(w), tl.trans(xt), acc)  # [BN, BM]
+            else:
+                acc = tl.dot(xt, w, acc)  # [BM, BN]
     dst = dst_ptr + tl.program_id(1) * stride_ds + offs_m[:, None] * stride_dm + offs_n[None, :]  # [BM, BN]
     if SWAP_AB:
         acc = tl.trans(acc)  # [BM, BN]
@@ -640,15 +674,27 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return out
 
 
+def w4a16_kmajor(qweight: torch.Tensor) -> torch.Tensor:
+    """qweight [ceil(K/8), N] -> its K-major copy [N, ceil(K/8)] (same words), for w4a16_gemm_triton's
+    qweight_kmajor: made once per weight (at load), never per call."""
+    return qweight.t().contiguous()
+
+
 def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_m: int = 64, block_n: int = 128, block_k: int = 128,
                       group_m: int = 8, split_k: int = 1, num_warps: int = 4, num_stages: int = 3,
-                      swap_ab: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                      swap_ab: bool = False, qweight_kmajor: torch.Tensor | None = None,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
     """Prefill path: x [M, K] -> [M, N] in x.dtype (tensor cores). split_k > 1 splits K over that
     many programs per output tile (more programs for small M x N) and sums their float32 partials
     in a second kernel. swap_ab: each step computes W_tile x_tile^T (BLOCK_N as the MMA's M side), for
-    small M where BLOCK_M = 16 would leave the MMA mostly idle."""
+    small M where BLOCK_M = 16 would leave the MMA mostly idle. qweight_kmajor: `w4a16_kmajor(qweight)`,
+    read instead of qweight (needs block_k to divide group_size)."""
     _check_triton(x, qweight, scales, zeros, group_size, out)
+    if qweight_kmajor is not None and (qweight_kmajor.shape != qweight.shape[::-1] or group_size % block_k
+                                       or not qweight_kmajor.is_contiguous()):
+        raise LmcError(f"qweight_kmajor must be w4a16_kmajor(qweight) {list(qweight.shape[::-1])} and block_k "
+                       f"({block_k}) must divide the group size ({group_size})")
     m, k = x.shape
     n = qweight.shape[1]
     if out is None:
@@ -656,9 +702,11 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
     grid = (_cdiv(m, block_m) * _cdiv(n, block_n), split_k)
     _w4a16_gemm_kernel[grid](
-        x, qweight, scales, zeros, dst, m, n, k, x.stride(0), dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
+        x, qweight if qweight_kmajor is None else qweight_kmajor, scales, zeros, dst, m, n, k, x.stride(0),
+        dst.stride(-2), dst.stride(0) if split_k > 1 else 0,
         GROUP=group_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=group_m, SPLIT_K=split_k,
-        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, SWAP_AB=swap_ab, num_warps=num_warps, num_stages=num_stages,
+        DEQ_ASM=x.is_cuda and x.dtype == torch.float16, SWAP_AB=swap_ab, KMAJOR=qweight_kmajor is not None,
+        num_warps=num_warps, num_stages=num_stages,
         **pdl_launch(x.device))
     if split_k > 1:
         _splitk_sum(dst, out)
@@ -706,45 +754,17 @@ def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: 
     return torch.matmul(x, w_t, out=out)
 
 
-# (largest M, largest N, smallest K, path, launcher keywords); the first row whose bounds hold wins
-# (None: any). Measured at the Llama-3-8B shapes on an H100 (bench/NOTES.md, "W4A16 kernel", "GEMV v3",
-# "Programmatic dependent launch" and "Session 4" (preload, swap-AB up to M=256)): each row is the best
-# configuration, or within 6 % of it, on every swept shape it covers. split_k buys programs (and loads in flight) where M x N alone gives too few for 132 SMs.
-_TABLE = (
-    (1, 4096, None, "gemv", dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2, preload=True)),
-    (1, 8192, None, "gemv", dict(block_n=32, rows=1, split_k=8, depth=1, num_warps=1)),
-    (1, None, None, "gemv", dict(block_n=64, rows=1, split_k=1, depth=1, num_warps=2, preload=True)),
-    (2, 8192, None, "gemv", dict(block_n=16, rows=2, split_k=4, depth=1, num_warps=1)),
-    (2, None, None, "gemv", dict(block_n=16, rows=2, split_k=2, depth=1, num_warps=1)),
-    (4, 4096, None, "gemv", dict(block_n=16, rows=4, split_k=8, depth=1, num_warps=1)),
-    (4, 8192, None, "gemv", dict(block_n=16, rows=4, split_k=4, depth=1, num_warps=1, preload=True)),
-    (4, None, None, "gemv", dict(block_n=16, rows=4, split_k=2, depth=1, num_warps=1)),
-    (16, 8192, 8192, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=8, num_warps=4,
-                                  num_stages=4, swap_ab=True)),
-    (16, 8192, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=4, num_warps=4,
-                                  num_stages=3, swap_ab=True)),
-    (16, None, None, "gemm", dict(block_m=16, block_n=64, block_k=128, group_m=1, split_k=2, num_warps=4,
-                                  num_stages=3, swap_ab=True)),
-    (64, 8192, None, "gemm", dict(block_m=64, block_n=64, block_k=128, group_m=8, split_k=4, num_warps=4,
-                                  num_stages=3, swap_ab=True)),
-    (64, None, None, "gemm", dict(block_m=64, block_n=128, block_k=128, group_m=8, split_k=2, num_warps=8,
-                                  num_stages=3, swap_ab=True)),
-    (256, 4096, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=4, num_warps=8,
-                                   num_stages=3)),
-    (256, 8192, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=2, num_warps=8,
-                                   num_stages=3, swap_ab=True)),
-    (256, None, None, "gemm", dict(block_m=128, block_n=128, block_k=64, group_m=8, split_k=1, num_warps=8,
-                                   num_stages=3, swap_ab=True)),
-    (None, None, None, "dequant", dict()),
-)
+@functools.cache
+def _device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
 
 
-def w4a16_config(m: int, n: int, k: int) -> tuple[str, dict]:
-    """The path ("gemv", "gemm" or "dequant") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N] product."""
-    for max_m, max_n, min_k, path, kw in _TABLE:
-        if (max_m is None or m <= max_m) and (max_n is None or n <= max_n) and (min_k is None or k >= min_k):
-            return path, dict(kw)
-    raise AssertionError("the last table row has no bounds")
+def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
+    """The path ("gemv", "gemm" or "dequant") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N]
+    product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the default)."""
+    name = _device_name(device.index if device.index is not None else torch.cuda.current_device()) \
+        if device is not None and device.type == "cuda" else None
+    return config_for(name, m, n, k)
 
 
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -754,7 +774,7 @@ def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul."""
     k = x.shape[-1]
     m, n = x.numel() // max(k, 1), qweight.shape[1]
-    path, kw = w4a16_config(m, n, k)
+    path, kw = w4a16_config(m, n, k, x.device)
     if triton is None or not x.is_cuda or path != "gemv":
         return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
     out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True, **kw)
@@ -772,6 +792,6 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = x2.shape[0], qweight.shape[1]
-    path, kw = w4a16_config(m, n, k)
+    path, kw = w4a16_config(m, n, k, x.device)
     launch = {"gemv": w4a16_gemv_triton, "gemm": w4a16_gemm_triton, "dequant": w4a16_dequant_matmul_triton}[path]
     return launch(x2, qweight, scales, zeros, group_size, out=out, **kw).reshape(*x.shape[:-1], n)

@@ -241,3 +241,142 @@ def test_dispatch_on_cuda(m, n, dtype):
     got = W.w4a16_matmul(x, q, scales, zeros, group)
     err = ((got.float() - ref).norm() / ref.norm()).item()
     assert got.dtype == dtype and err < (2e-3 if dtype == torch.float16 else 1e-2), err
+
+
+# ----------------------------------------------------------------------------- tuning tables (lmc.kernels.w4a16_tuning)
+
+
+def _entry(m, k, n, split_k):
+    return {"m": m, "k": k, "n": n, "path": "gemv", "config": {"split_k": split_k}}
+
+
+def test_tuning_select_m_class_then_nearest_shape():
+    from lmc.kernels.w4a16_tuning import select
+
+    entries = [_entry(1, 4096, 4096, 1), _entry(1, 4096, 28672, 2), _entry(1, 14336, 4096, 3),
+               _entry(16, 4096, 4096, 4), _entry(2048, 4096, 4096, 5)]
+    pick = lambda m, n, k: select(entries, m, n, k)[1]["split_k"]  # noqa: E731
+    assert pick(1, 4096, 4096) == 1 and pick(1, 28672, 4096) == 2 and pick(1, 4096, 14336) == 3
+    assert pick(1, 576, 576) == 1  # a small model's shapes: the nearest on a log scale
+    assert pick(1, 20000, 4096) == 2 and pick(1, 4096, 11000) == 3
+    assert pick(2, 4096, 4096) == 4 and pick(16, 4096, 4096) == 4  # M class: the smallest entry M >= M
+    assert pick(17, 4096, 4096) == 5 and pick(100000, 4096, 4096) == 5  # past the largest: the largest
+
+
+def test_tuning_table_shipped_for_h100_and_h200():
+    """The shipped JSON reads back; both GPUs have an entry for every swept M class at the four 8B shapes, and the
+    H100's are the configurations measured there (bench/results/w4a16_kernels_v5d_h100.json)."""
+    from lmc.kernels.w4a16_tuning import PATHS, read_tables
+
+    tables = read_tables()
+    assert tables["default"] == "NVIDIA H100 80GB HBM3"
+    for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H200"):
+        entries = tables["devices"][name]["entries"]
+        have = {(e["m"], e["k"], e["n"]) for e in entries}
+        assert have >= {(m, k, n) for m in (1, 2, 4, 16, 64, 256, 2048)
+                        for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))}
+        assert all(e["path"] in PATHS for e in entries)
+    h100 = {(e["m"], e["k"], e["n"]): e for e in tables["devices"]["NVIDIA H100 80GB HBM3"]["entries"]}
+    assert h100[(1, 4096, 4096)]["config"] == dict(block_n=64, rows=1, split_k=8, depth=1, num_warps=2, preload=True)
+    assert h100[(1, 4096, 4096)]["us"] == 6.6
+    assert h100[(16, 14336, 4096)]["config"]["split_k"] == 8 and h100[(16, 14336, 4096)]["config"]["swap_ab"]
+    assert h100[(2048, 4096, 28672)]["path"] == "dequant"
+
+
+def test_tuning_unknown_gpu_gets_default_and_one_hint(capsys):
+    from lmc.kernels import w4a16_tuning as T
+
+    default = T.config_for(None, 16, 6144, 4096)
+    assert T.config_for("NVIDIA H100 80GB HBM3", 16, 6144, 4096) == default
+    assert capsys.readouterr().err == ""
+    for _ in range(3):
+        assert T.config_for("Some Future GPU", 16, 6144, 4096) == default
+        assert T.config_for("Some Future GPU", 1, 6144, 4096)[0] == "gemv"
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'Some Future GPU'" in err and T.TUNE_HINT in err
+
+
+def test_tuning_merge_and_write_round_trip(tmp_path):
+    """A sweep's entries replace the same (m, k, n) of its GPU, keep the rest; a new GPU starts from the default's
+    entries; the file reads back and other GPUs are untouched."""
+    from lmc.kernels import w4a16_tuning as T
+
+    tables = T.read_tables()
+    new = [{"m": 16, "k": 4096, "n": 6144, "path": "gemv", "config": {"block_n": 16, "rows": 4}, "us": 3.5},
+           {"m": 8, "k": 4096, "n": 6144, "path": "gemm", "config": {"block_m": 16}, "us": 3.0}]
+    merged = T.merge(tables, "NVIDIA H200", new, "test sweep")
+    path = tmp_path / "t.json"
+    T.write_tables(merged, path)
+    back = T.read_tables(path)
+    assert back["devices"]["NVIDIA H100 80GB HBM3"] == tables["devices"]["NVIDIA H100 80GB HBM3"]
+    h200 = back["devices"]["NVIDIA H200"]
+    assert len(h200["entries"]) == len(tables["devices"]["NVIDIA H200"]["entries"]) + 1
+    assert T.select(h200["entries"], 16, 6144, 4096) == ("gemv", {"block_n": 16, "rows": 4})
+    assert T.select(h200["entries"], 5, 6144, 4096) == ("gemm", {"block_m": 16})  # the new M class 8
+    assert T.select(h200["entries"], 1, 6144, 4096) == T.select(tables["devices"]["NVIDIA H200"]["entries"], 1,
+                                                                6144, 4096)
+    assert h200["source"].endswith("; test sweep")
+    fresh = T.merge(tables, "New GPU", new[:1], "s")["devices"]["New GPU"]
+    assert len(fresh["entries"]) == len(tables["devices"][tables["default"]]["entries"])
+    assert fresh["source"].startswith("seeded from NVIDIA H100")
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"format": "other", "devices": {}}')
+    with pytest.raises(ValueError, match="lmc-w4a16-tuning-1"):
+        T.read_tables(bad)
+
+
+@pytest.mark.parametrize("m,n,k,group,block_k,split_k,swap_ab", [
+    (5, 75, 203, 64, 64, 3, True),  # one scale/zero vector per tile (BLOCK_K = G), a partial last group, empty split
+    (16, 40, 576, 128, 32, 4, True),  # BLOCK_K < G: four tiles per group
+    (33, 75, 203, 32, 64, 2, False),  # BLOCK_K > G: per-row scales, as before
+    (2, 72, 384, 128, 128, 3, False),  # M = 2 on the tensor-core path, BLOCK_K = G, splits of one tile
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemm_tile_group_vectors(m, n, k, group, block_k, split_k, swap_ab, dtype):
+    """The GEMM's per-tile scale/zero vectors (BLOCK_K divides G) and per-row loads (BLOCK_K > G), swap-AB and split-K,
+    on shapes off every block."""
+    _triton_check(W.w4a16_gemm_triton, m, n, k, group, dtype, block_m=16, block_n=32, block_k=block_k, group_m=2,
+                  split_k=split_k, swap_ab=swap_ab)
+
+
+@pytest.mark.parametrize("m,rows,split_k", [(9, 4, 2), (16, 4, 8), (13, 2, 3)])
+def test_gemv_for_m_up_to_16(m, rows, split_k):
+    """The CUDA-core GEMV as a sweep candidate for M = 5..16: row blocks past the first re-read the weights; rows
+    past M in the last block are not stored; split_k = 8 over 4 groups leaves empty runs."""
+    _triton_check(W.w4a16_gemv_triton, m, 75, 512, 128, torch.float16, block_n=16, rows=rows, split_k=split_k)
+
+
+def test_config_on_a_cuda_device_name(monkeypatch):
+    """w4a16_config with a CUDA device reads that GPU's table (its name resolved once per device index)."""
+    from lmc.kernels import w4a16_tuning as T
+
+    names = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: names.append(i) or "NVIDIA H200")
+    W._device_name.cache_clear()
+    try:
+        got = [W.w4a16_config(16, 6144, 4096, torch.device("cuda", 0)) for _ in range(3)]
+        assert got[0] == T.config_for("NVIDIA H200", 16, 6144, 4096) and names == [0]
+    finally:
+        W._device_name.cache_clear()
+
+
+@pytest.mark.parametrize("m,n,k,group,block_k,split_k,swap_ab", [
+    (5, 75, 203, 64, 64, 3, True),  # partial last group, K % 8 != 0, an empty third split
+    (16, 40, 576, 128, 32, 4, True),  # four tiles per group
+    (33, 75, 203, 32, 32, 1, False),  # the plain GEMM, rows past M
+    (2, 72, 384, 128, 128, 2, False),
+])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gemm_kmajor(m, n, k, group, block_k, split_k, swap_ab, dtype):
+    """The GEMM reading the K-major copy of qweight (w4a16_kmajor: [N, ceil(K/8)]) on shapes off every block,
+    swap-AB and split-K included; a wrong copy or a BLOCK_K that does not divide G is refused."""
+    _, q, scales, zeros = _quantized(n, k, group, dtype, seed=m * 1000 + k)  # the weights _triton_check makes
+    qt = W.w4a16_kmajor(q)
+    assert qt.shape == (n, -(-k // 8)) and torch.equal(qt.t(), q)
+    _triton_check(W.w4a16_gemm_triton, m, n, k, group, dtype, block_m=16, block_n=32, block_k=block_k, group_m=2,
+                  split_k=split_k, swap_ab=swap_ab, qweight_kmajor=qt)
+    x = torch.randn(m, k).to(dtype)
+    with pytest.raises(LmcError, match="qweight_kmajor"):
+        W.w4a16_gemm_triton(x, q, scales, zeros, group, block_k=block_k, qweight_kmajor=q.t())
+    with pytest.raises(LmcError, match="divide the group size"):
+        W.w4a16_gemm_triton(x, q, scales, zeros, group, block_k=2 * group, qweight_kmajor=qt)
