@@ -367,19 +367,20 @@ def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict |
 
 def convert(src: str | Path, out: str | Path, model_format: str | None = None, dtype: str = "auto",
             tp: int | None = None, force: bool = False, progress: bool | None = None,
-            allow_nonfinite: bool = False, say=warn) -> dict:
+            allow_nonfinite: bool = False, say=warn, hashes: BackgroundHashes | None = None) -> dict:
     """Convert a checkpoint into a workspace at `out` (tp None: 1, or a workspace source's own).
     Returns the manifest.
 
-    Three things overlap: the source is read and hashed for the provenance on two threads from
-    the start (source_hashes), the main thread builds each tensor as row blocks of the mapped
-    source (no fusion copy), and each shard is written and hashed on two more threads
+    Three things overlap: the source is read and hashed for the provenance on threads from the
+    start (source_hashes, or `hashes` where the caller started them before loading torch:
+    source_files.early_source_files), the main thread builds each tensor as row blocks of the
+    mapped source (no fusion copy), and each shard is written and hashed on two more threads
     (workspace.write_safetensors). torch runs on one thread meanwhile."""
     if (Path(src) / "lmc.json").is_file():
         return copy_verified_workspace(Path(src), Path(out), model_format, dtype, tp, force, say)
     tp = 1 if tp is None else tp
     source = open_source(src, model_format)
-    hashes = source_hashes(source)
+    hashes = hashes or source_hashes(source)
     cfg = model_config_from_hf(source.hf_config)
     torch_dtype = resolve_dtype(dtype, source.hf_config, int4_scales_dtype(source))
     builder = Builder(source, cfg, torch_dtype, tp, allow_nonfinite, say)

@@ -7,10 +7,12 @@ from __future__ import annotations
 import hashlib
 import mmap
 import os
+import stat
 import threading
 from pathlib import Path
 
 CHUNK = 16 * 1024**2
+WORKERS = min(8, os.cpu_count() or 2)  # files hashed at once
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -29,21 +31,22 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 class BackgroundHashes:
-    """sha256 of `paths`, hashed by `workers` daemon threads from construction on, largest file first.
-    `sha256(path)` waits for that file's result (re-raising its OSError); a path not given is hashed
-    then and there."""
+    """sha256 of the regular files among `paths`, hashed by `workers` daemon threads from construction
+    on, largest file first. `sha256(path)` waits for that file's result (re-raising its OSError); any
+    other path is hashed then and there."""
 
-    def __init__(self, paths, workers: int = 2):
+    def __init__(self, paths, workers: int = WORKERS):
         self._results: dict[Path, tuple[threading.Event, list]] = {}
         sizes = {}
         for p in paths:
             key = Path(p).resolve()
-            if key not in self._results:
+            try:
+                info = key.stat()
+            except OSError:
+                continue  # hashed when asked for, which raises the error
+            if stat.S_ISREG(info.st_mode) and key not in self._results:  # never a FIFO or a device
                 self._results[key] = (threading.Event(), [])
-                try:
-                    sizes[key] = key.stat().st_size
-                except OSError:
-                    sizes[key] = 0  # its hash raises the error, when asked for
+                sizes[key] = info.st_size
         self._todo = sorted(sizes, key=sizes.get, reverse=True)
         self._lock = threading.Lock()
         for _ in range(min(workers, len(self._todo))):
@@ -71,3 +74,11 @@ class BackgroundHashes:
         if isinstance(result[0], OSError):
             raise result[0]
         return result[0]
+
+
+def regular_files(folder: str | os.PathLike) -> list[Path]:
+    """Every regular file under `folder`, links not followed (to files or into folders)."""
+    found = []
+    for root, _, names in os.walk(folder):
+        found += [Path(root, n) for n in names if stat.S_ISREG(os.lstat(os.path.join(root, n)).st_mode)]
+    return found

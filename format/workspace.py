@@ -18,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -27,6 +27,7 @@ from lmc.errors import LmcError, WorkspaceError
 from lmc.format.archs import Target, arch_spec, linear_parts
 from lmc.format.config import ModelConfig
 from lmc.format.hashing import CHUNK, BackgroundHashes, sha256_file
+from lmc.format.paths import confined
 from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
 
 FORMAT_VERSION = 1
@@ -209,24 +210,6 @@ def shard_name(rank: int | None, index: int, count: int) -> str:
 
 
 # ----------------------------------------------------------------------------- paths and the output claim
-
-
-def confined(root: Path, rel, resolve: bool = True) -> Path | None:
-    """`root / rel` when `rel` is a canonical relative POSIX path that stays inside `root`, else None.
-
-    With `resolve`, symlinks are followed too (a workspace: a link pointing outside is refused).
-    A source folder passes resolve=False: Hugging Face's cache links every file to ../../blobs."""
-    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
-        return None
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or pure.as_posix() != rel or any(part in (".", "..") for part in pure.parts):
-        return None
-    path = Path(root) / rel
-    if resolve:
-        base, real = Path(root).resolve(), path.resolve()
-        if base not in real.parents:
-            return None
-    return path
 
 
 def check_output(out: Path, inputs=(), force: bool = False) -> None:
@@ -733,14 +716,11 @@ def _unlisted(path: Path, listed: set[str]) -> list[str]:
     return sorted(found)
 
 
-HASH_WORKERS = min(8, os.cpu_count() or 2)  # files verify hashes at once
-
-
 def verify_workspace(path: str | os.PathLike, hashes: BackgroundHashes | None = None) -> list[str]:
     """Check lmc.json and manifest.json (every value, every path inside the folder), every file's size
     and sha256, that no unlisted file sits anywhere in the folder, that the tensor index is exactly
-    what the config implies, and every tensor's header entry. The files are hashed on HASH_WORKERS
-    threads (or taken from `hashes`, started earlier by the caller, where it has them).
+    what the config implies, and every tensor's header entry. The files are hashed on threads
+    (lmc.format.hashing.WORKERS), or taken from `hashes`, started earlier by the caller, where it has them.
     Returns a list of problems, each one line naming the file or tensor; empty when sound."""
     path = Path(path)
     try:
@@ -752,7 +732,7 @@ def verify_workspace(path: str | os.PathLike, hashes: BackgroundHashes | None = 
     problems = []
     sized = {rel for rel, record in manifest["files"].items()
              if (path / rel).is_file() and (path / rel).stat().st_size == record["size"]}
-    hashes = hashes or BackgroundHashes([path / rel for rel in sized], HASH_WORKERS)
+    hashes = hashes or BackgroundHashes([path / rel for rel in sized])
     for rel, record in manifest["files"].items():
         f = path / rel
         if not f.is_file():
