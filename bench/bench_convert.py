@@ -189,7 +189,7 @@ def run_measured(cmd: list[str], interval_s: float = 0.05) -> dict:
         out, err = open(Path(tmp) / "out", "w+b"), open(Path(tmp) / "err", "w+b")
         start = time.perf_counter()
         launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(pid_file), str(usage_file), *cmd],
-                                    stdout=out, stderr=err)
+                                    stdout=out, stderr=err, cwd=tmp)  # no checkout folder on sys.path
         peaks: dict[str, int] = {}
         done = threading.Event()
 
