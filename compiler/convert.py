@@ -296,8 +296,8 @@ class Builder:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    """No NaN or Inf in t: its min and max are finite (both propagate NaN), one pass over the data
-    (7x faster than isfinite().all() on float16, which makes a bool copy)."""
+    """No NaN or Inf in t: its min and max are finite (both propagate NaN). One pass and no bool copy:
+    a float16 [5632, 2048] in 16 ms, where isfinite().all() took 94 ms (two torch threads, busy CPU)."""
     if not t.numel():
         return True
     low, high = torch.aminmax(t)
@@ -320,8 +320,8 @@ QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source
 
 
 def source_hashes(source: Source) -> BackgroundHashes:
-    """The source's files (weights, config.json, lmc_provenance.json) hashed on two threads from now
-    on: the first read of the source, so the conversion's own reads come from the page cache."""
+    """The source's files (weights, config.json, lmc_provenance.json) hashed on threads from now on:
+    this is the first read of the source, so the conversion's own reads come from the page cache."""
     files = list(source.reader.source_files())
     if source.path.is_dir():
         files += [source.path / name for name in ("config.json", "lmc_provenance.json") if (source.path / name).is_file()]
