@@ -10,6 +10,8 @@ the page cache (posix_fadvise DONTNEED) before the command that reads them, so r
 Linux only (/proc, wait4, posix_fadvise).
 
     python bench/bench_convert.py --out bench/results/convert_2gb.json
+    python bench/bench_convert.py --repeat 3 --reference-python /tmp/lmc-base/.venv/bin/python \
+        --out bench/results/convert_2gb_v2.json     # before and after, alternately, outputs compared
 """
 from __future__ import annotations
 
@@ -187,7 +189,7 @@ def run_measured(cmd: list[str], interval_s: float = 0.05) -> dict:
         out, err = open(Path(tmp) / "out", "w+b"), open(Path(tmp) / "err", "w+b")
         start = time.perf_counter()
         launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, str(pid_file), str(usage_file), *cmd],
-                                    stdout=out, stderr=err)
+                                    stdout=out, stderr=err, cwd=tmp)  # no checkout folder on sys.path
         peaks: dict[str, int] = {}
         done = threading.Event()
 
@@ -232,6 +234,35 @@ def machine_info() -> dict:
             "lmc": lmc.__version__}
 
 
+def convert_and_verify(python: str, src: Path, ws: Path, ckpt_bytes: int) -> dict:
+    """`lmc convert` then `lmc verify` of its output with the interpreter `python`, each from a cold
+    page cache; the load average before each command and the output's manifest.json bytes."""
+    lmc = [python, "-m", "lmc"]
+    shutil.rmtree(ws, ignore_errors=True)
+    drop_page_cache(src)
+    load = os.getloadavg()[0]
+    convert = run_measured(lmc + ["convert", str(src), "-o", str(ws)])
+    if convert["exit_code"] != 0:
+        sys.exit(f"lmc convert failed: {convert['stderr']}")
+    ws_bytes = sum(f.stat().st_size for f in ws.rglob("*") if f.is_file())
+    convert.update(load_average_1m=round(load, 2), workspace_bytes=ws_bytes,
+                   source_gb_per_s=round(ckpt_bytes / 1e9 / convert["seconds"], 3))
+    drop_page_cache(ws)
+    load = os.getloadavg()[0]
+    verify = run_measured(lmc + ["verify", str(ws)])
+    if verify["exit_code"] != 0:
+        sys.exit(f"lmc verify failed: {verify['stderr']}")
+    verify.update(load_average_1m=round(load, 2), workspace_gb_per_s=round(ws_bytes / 1e9 / verify["seconds"], 3))
+    return {"convert": convert, "verify": verify, "manifest": (ws / "manifest.json").read_bytes()}
+
+
+def _line(name: str, run: dict) -> str:
+    c, v = run["convert"], run["verify"]
+    return (f"{name}: convert {c['seconds']} s ({c['source_gb_per_s']} GB/s, CPU {c['user_seconds']} + "
+            f"{c['system_seconds']} s, anon {(c['peak_rss_anon_sampled_bytes'] or 0) / 2**20:.0f} MiB, load "
+            f"{c['load_average_1m']}), verify {v['seconds']} s ({v['workspace_gb_per_s']} GB/s, load {v['load_average_1m']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/convert_2gb.json", help="JSON results file")
@@ -240,13 +271,18 @@ def main() -> None:
     ap.add_argument("--shards", type=int, default=4, help="safetensors shards of the source")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep", action="store_true", help="keep the checkpoint and workspace")
+    ap.add_argument("--repeat", type=int, default=1, help="convert + verify runs (the fastest convert is reported)")
+    ap.add_argument("--reference-python", default=None,
+                    help="the interpreter of another lmc checkout (e.g. an older commit's venv): its convert + verify "
+                         "run alternately with this one's on the same checkpoint, and the outputs are compared byte "
+                         "for byte (manifest.json holds every file's sha256)")
     args = ap.parse_args()
 
     cfg = {**TINYLLAMA, "num_hidden_layers": args.layers}
     work = Path(tempfile.mkdtemp(prefix="lmc-bench-convert-", dir=args.workdir))
-    src, ws = work / "llama-random-fp16", work / "workspace"
-    lmc = [sys.executable, "-m", "lmc"]
+    src = work / "llama-random-fp16"
     load_before = os.getloadavg()
+    runs, reference_runs = [], []
     try:
         t0 = time.perf_counter()
         ckpt = make_checkpoint(src, cfg, args.shards, args.seed)
@@ -255,29 +291,31 @@ def main() -> None:
         imports = run_measured([sys.executable, "-c", "import lmc.cli, lmc.compiler.convert, lmc.format.workspace"])
         disk = cold_read(src)
         print(f"cold read of the source: {disk['gb_per_s']} GB/s", flush=True)
-        drop_page_cache(src)
-        convert = run_measured(lmc + ["convert", str(src), "-o", str(ws)])
-        if convert["exit_code"] != 0:
-            sys.exit(f"lmc convert failed: {convert['stderr']}")
-        ws_bytes = sum(f.stat().st_size for f in ws.rglob("*") if f.is_file())
-        convert.update(workspace_bytes=ws_bytes, source_gb_per_s=round(ckpt["bytes"] / 1e9 / convert["seconds"], 3))
-        print(f"convert: {convert['seconds']} s, peak RSS {convert['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
-        drop_page_cache(ws)
-        verify = run_measured(lmc + ["verify", str(ws)])
-        if verify["exit_code"] != 0:
-            sys.exit(f"lmc verify failed: {verify['stderr']}")
-        verify.update(workspace_gb_per_s=round(ws_bytes / 1e9 / verify["seconds"], 3))
-        print(f"verify: {verify['seconds']} s, peak RSS {verify['peak_rss_bytes'] / 2**20:.0f} MiB", flush=True)
+        for i in range(args.repeat):
+            runs.append(convert_and_verify(sys.executable, src, work / "workspace", ckpt["bytes"]))
+            print(_line(f"run {i + 1}", runs[-1]), flush=True)
+            if args.reference_python:
+                reference_runs.append(convert_and_verify(args.reference_python, src, work / "reference", ckpt["bytes"]))
+                print(_line(f"reference run {i + 1}", reference_runs[-1]), flush=True)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
+    best = min(runs, key=lambda r: r["convert"]["seconds"])
+    manifest = json.loads(best["manifest"])
     result = {"benchmark": "lmc convert + verify, random fp16 Llama (TinyLlama-1.1B shape)",
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python"] + sys.argv), "page_cache": "dropped before each command (cold reads)",
               "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
               "machine": machine_info(), "disk_cold_read": disk,
               "import_baseline": {k: imports[k] for k in ("command", "seconds", "peak_rss_bytes")},
-              "checkpoint": ckpt, "convert": convert, "verify": verify}
+              "checkpoint": ckpt, "convert": best["convert"], "verify": best["verify"],
+              "output_files_sha256": {rel: f["sha256"] for rel, f in manifest["files"].items()},
+              "runs": [{k: r[k] for k in ("convert", "verify")} for r in runs]}
+    if reference_runs:
+        result["reference"] = {"python": args.reference_python,
+                               "output_identical": all(r["manifest"] == best["manifest"] for r in reference_runs + runs),
+                               "runs": [{k: r[k] for k in ("convert", "verify")} for r in reference_runs]}
+        print(f"outputs byte-identical to the reference: {result['reference']['output_identical']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

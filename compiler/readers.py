@@ -13,7 +13,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.format.int4 import GROUP_SIZES
-from lmc.format.workspace import confined
+from lmc.compiler.source_files import weight_files
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
               "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
@@ -175,37 +175,6 @@ def _tokenizer_json_via_transformers(path: Path, files: dict[str, bytes], hf_con
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")}
 
 
-def _shards(index: Path) -> list[Path]:
-    """The shard files a *.index.json names; each must be a plain file name path inside its folder."""
-    try:
-        weight_map = json.loads(index.read_bytes()).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
-        weight_map = None
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise LmcError(f"{index} is malformed (it needs a weight_map of tensor name -> shard file); re-download it")
-    shards = []
-    for rel in sorted(set(weight_map.values())):
-        shard = confined(index.parent, rel, resolve=False)
-        if shard is None:
-            raise LmcError(f"{index} names shard {rel!r}, outside the model folder; lmc reads shards inside the folder only")
-        shards.append(shard)
-    return shards
-
-
-def _weight_files(folder: Path) -> tuple[str, list[Path]]:
-    for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
-        index = folder / index_name
-        if index.is_file():
-            return kind, _shards(index)
-    st = sorted(folder.glob("*.safetensors"))
-    if st:
-        return "st", st
-    bins = sorted(folder.glob("pytorch_model*.bin"))
-    if bins:
-        return "bin", bins
-    raise LmcError(f"{folder} has no *.safetensors or pytorch_model*.bin weights; pass a Hugging Face model folder")
-
-
 def open_source(src: str | Path, model_format: str | None = None) -> Source:
     """Open an HF folder (float, AWQ, GPTQ or compressed-tensors) or a GGUF file. model_format None: detect."""
     path = Path(src)
@@ -233,7 +202,7 @@ def open_source(src: str | Path, model_format: str | None = None) -> Source:
     detected = int4.method if int4 else "hf"
     if model_format != "hf" and model_format != detected:
         raise LmcError(f"{path} has no {model_format} quantization_config (it reads as {detected}); drop --model-format {model_format}")
-    kind, files = _weight_files(path)
+    kind, files = weight_files(path)
     reader = SafetensorsReader(files) if kind == "st" else TorchBinReader(files)
     return Source(reader, hf_config, path, detected, int4)
 

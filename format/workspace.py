@@ -9,6 +9,7 @@ import hashlib
 import json
 import mmap
 import os
+import queue
 import shutil
 import signal
 import struct
@@ -17,7 +18,7 @@ import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -25,6 +26,8 @@ import torch
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.archs import Target, arch_spec, linear_parts, rank_config
 from lmc.format.config import ModelConfig
+from lmc.format.hashing import CHUNK, BackgroundHashes, sha256_file
+from lmc.format.paths import confined
 from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
 
 FORMAT_VERSION = 1
@@ -79,20 +82,75 @@ def _plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpe
     return shards
 
 
-class _HashingWriter:
+MAX_IN_FLIGHT = 256 * 1024**2  # bytes handed to a _PipelinedWriter and not yet both written and hashed
+
+
+class _PipelinedWriter:
+    """Writes a file and hashes it on two threads of its own while the caller makes the next bytes.
+
+    `write(data)` queues `data` (anything with the buffer protocol; kept alive, not copied) in
+    CHUNK slices and returns at once unless MAX_IN_FLIGHT bytes are queued. A thread's error is
+    raised by the next write() or by close(). abort() stops both threads without raising."""
+
     def __init__(self, path: Path):
         self.f = open(path, "wb")
         self.sha = hashlib.sha256()
         self.size = 0
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._error: BaseException | None = None
+        self._queues = (queue.SimpleQueue(), queue.SimpleQueue())
+        self._threads = [threading.Thread(target=self._drain, args=(q, work), daemon=True, name=name)
+                         for q, work, name in zip(self._queues, (self.f.write, self.sha.update), ("write", "sha256"))]
+        for t in self._threads:
+            t.start()
+
+    def _drain(self, q: queue.SimpleQueue, work) -> None:
+        while (item := q.get()) is not None:
+            try:
+                if self._error is None:
+                    work(item[0])
+            except BaseException as e:  # handed to the caller's thread
+                with self._cond:
+                    self._error = self._error or e
+            with self._cond:
+                item[1] -= 1
+                if item[1] == 0:  # the other thread is done with it too
+                    self._in_flight -= len(item[0])
+                    self._cond.notify_all()
 
     def write(self, data) -> None:
-        self.f.write(data)
-        self.sha.update(data)
-        self.size += len(data)
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), CHUNK):
+            piece = view[start:start + CHUNK]
+            with self._cond:
+                self._cond.wait_for(lambda: self._in_flight < MAX_IN_FLIGHT or self._error is not None)
+                if self._error is not None:
+                    raise self._error
+                self._in_flight += len(piece)
+            item = [piece, len(self._queues)]
+            for q in self._queues:
+                q.put(item)
+            self.size += len(piece)
+
+    def _stop(self) -> None:
+        if self._threads:
+            for q in self._queues:
+                q.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+            self.f.close()
 
     def close(self) -> dict:
-        self.f.close()
+        self._stop()
+        if self._error is not None:
+            raise self._error
         return {"size": self.size, "sha256": self.sha.hexdigest()}
+
+    def abort(self) -> None:
+        self._error = self._error or WorkspaceError("writing stopped")
+        self._stop()
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -100,8 +158,22 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).reshape(-1).numpy()) if t.numel() else memoryview(b"")
 
 
-def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[str], torch.Tensor]) -> tuple[dict, dict]:
-    """Write one safetensors file, calling `produce(name)` for each tensor in file order.
+def _row_blocks(made, spec: TensorSpec) -> list[torch.Tensor]:
+    """What a producer made for `spec`, a tensor or its row blocks (concatenated along dim 0 they are
+    the tensor), as row blocks checked against the spec."""
+    blocks = [made] if isinstance(made, torch.Tensor) else list(made)
+    rows = sum(b.shape[0] if b.dim() else 1 for b in blocks)
+    shapes_fit = all(b.dim() == len(spec.shape) and tuple(b.shape[1:]) == spec.shape[1:] for b in blocks)
+    if not blocks or any(b.dtype != spec.dtype for b in blocks) or not shapes_fit or (spec.shape and rows != spec.shape[0]):
+        got = [f"{b.dtype} {tuple(b.shape)}" for b in blocks]
+        raise AssertionError(f"{spec.name}: produced {', '.join(got) or 'nothing'}, planned {spec.dtype} {spec.shape}")
+    return blocks
+
+
+def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[str], object]) -> tuple[dict, dict]:
+    """Write one safetensors file, calling `produce(name)` for each tensor in file order; it returns
+    the tensor or its row blocks (a list of tensors whose concatenation along dim 0 is the tensor).
+    The bytes are written and hashed on two threads while the next tensor is made.
 
     Returns (file record {size, sha256}, {name: absolute data offset}). The header is padded
     with spaces so the data section starts at a multiple of ALIGN.
@@ -114,24 +186,18 @@ def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[st
     raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     raw += b" " * ((-(8 + len(raw))) % ALIGN)
     data_start = 8 + len(raw)
-    out = _HashingWriter(path)
-    out.write(struct.pack("<Q", len(raw)))
-    out.write(raw)
-    for spec in ordered:
-        t = produce(spec.name)
-        if t.dtype != spec.dtype or tuple(t.shape) != spec.shape:
-            raise AssertionError(f"{spec.name}: produced {t.dtype} {tuple(t.shape)}, planned {spec.dtype} {spec.shape}")
-        offsets[spec.name] = data_start + header[spec.name]["data_offsets"][0]
-        out.write(_tensor_bytes(t))
-    return out.close(), offsets
-
-
-def sha256_file(path: Path) -> str:
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            sha.update(chunk)
-    return sha.hexdigest()
+    out = _PipelinedWriter(path)
+    try:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for spec in ordered:
+            blocks = _row_blocks(produce(spec.name), spec)
+            offsets[spec.name] = data_start + header[spec.name]["data_offsets"][0]
+            for block in blocks:
+                out.write(_tensor_bytes(block))
+        return out.close(), offsets
+    finally:
+        out.abort()
 
 
 def dump_json(obj) -> bytes:
@@ -144,24 +210,6 @@ def shard_name(rank: int | None, index: int, count: int) -> str:
 
 
 # ----------------------------------------------------------------------------- paths and the output claim
-
-
-def confined(root: Path, rel, resolve: bool = True) -> Path | None:
-    """`root / rel` when `rel` is a canonical relative POSIX path that stays inside `root`, else None.
-
-    With `resolve`, symlinks are followed too (a workspace: a link pointing outside is refused).
-    A source folder passes resolve=False: Hugging Face's cache links every file to ../../blobs."""
-    if not isinstance(rel, str) or not rel or "\x00" in rel or "\\" in rel:
-        return None
-    pure = PurePosixPath(rel)
-    if pure.is_absolute() or pure.as_posix() != rel or any(part in (".", "..") for part in pure.parts):
-        return None
-    path = Path(root) / rel
-    if resolve:
-        base, real = Path(root).resolve(), path.resolve()
-        if base not in real.parents:
-            return None
-    return path
 
 
 def check_output(out: Path, inputs=(), force: bool = False) -> None:
@@ -332,11 +380,13 @@ def write_workspace(
     rank_specs: list[list[TensorSpec]],
     produce: Callable[[int, str], torch.Tensor],
     tokenizer_files: dict[str, bytes],
-    provenance: dict,
+    provenance: dict | Callable[[], dict],
     shard_bytes: int = SHARD_BYTES,
 ) -> dict:
     """Write a complete workspace into `tmp` (an empty folder). `rank_specs[r]` lists rank r's
-    tensors; `produce(rank, name)` returns one. Returns the manifest."""
+    tensors; `produce(rank, name)` returns one, or its row blocks (write_safetensors). `provenance`
+    is the manifest's record, or a function that returns it, called once the weights are written
+    (the converter's waits for the source hashes). Returns the manifest."""
     (tmp / "weights").mkdir()
     (tmp / "tokenizer").mkdir()
     files, tensors = {}, {}
@@ -358,7 +408,8 @@ def write_workspace(
     (tmp / "lmc.json").write_bytes(cfg_bytes)
     files["lmc.json"] = {"size": len(cfg_bytes), "sha256": hashlib.sha256(cfg_bytes).hexdigest()}
     manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
-                "tensors": dict(sorted(tensors.items())), "provenance": provenance}
+                "tensors": dict(sorted(tensors.items())),
+                "provenance": provenance() if callable(provenance) else provenance}
     (tmp / "manifest.json").write_bytes(dump_json(manifest))
     return manifest
 
@@ -388,25 +439,32 @@ def plain_shape(cfg: ModelConfig, target: Target) -> tuple[int, ...]:
     return (cfg.vocab_size, cfg.hidden_size)
 
 
+def workspace_tensors(cfg: ModelConfig, dtype: str, quantization: dict | None,
+                      tp: int) -> Iterator[tuple[int, Target, str, str, tuple[int, ...]]]:
+    """Every tensor a workspace of this config holds, rank by rank in name-table order (the order
+    the converter writes them in): (rank, target, tensor name, safetensors dtype, shape)."""
+    float_dtype = DTYPES[getattr(torch, dtype)]
+    for r in range(tp):
+        for t in arch_spec(cfg).targets(cfg):
+            if not t.linear:
+                yield r, t, t.name, float_dtype, plain_shape(cfg, t)
+                continue
+            n = sum(linear_parts(rank_config(cfg, tp) if t.split == "col" else cfg, t.key)[0])  # this rank's N
+            k = linear_parts(rank_config(cfg, tp) if t.split == "row" else cfg, t.key)[1]
+            if quantization:
+                tensors = {t.name + leaf: ("I32" if leaf == ".qweight" else float_dtype, shape)
+                           for leaf, shape in int4_shapes(n, k, quantization["group_size"]).items()}
+            else:
+                tensors = {t.name + ".weight": (float_dtype, (n, k))}
+            if cfg.qkv_bias and t.key == "w_qkv":
+                tensors[t.name + ".bias"] = (float_dtype, (n,))
+            for name, (dt, shape) in tensors.items():
+                yield r, t, rank_name(name, r, tp, True), dt, shape
+
+
 def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int) -> dict[str, tuple[str, tuple]]:
     """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}."""
-    float_dtype = DTYPES[getattr(torch, dtype)]
-    tensors: dict[str, tuple[str, tuple, bool]] = {}  # name -> (dtype, per-rank shape, split)
-    for t in arch_spec(cfg).targets(cfg):
-        if not t.linear:
-            tensors[t.name] = (float_dtype, plain_shape(cfg, t), False)
-            continue
-        n = sum(linear_parts(rank_config(cfg, tp) if t.split == "col" else cfg, t.key)[0])
-        k = linear_parts(rank_config(cfg, tp) if t.split == "row" else cfg, t.key)[1]
-        if quantization:
-            for leaf, shape in int4_shapes(n, k, quantization["group_size"]).items():
-                tensors[t.name + leaf] = ("I32" if leaf == ".qweight" else float_dtype, shape, True)
-        else:
-            tensors[t.name + ".weight"] = (float_dtype, (n, k), True)
-        if cfg.qkv_bias and t.key == "w_qkv":
-            tensors[t.name + ".bias"] = (float_dtype, (n,), True)
-    return {index_key(rank_name(name, r, tp, split), r, tp): (dt, shape)
-            for r in range(tp) for name, (dt, shape, split) in tensors.items()}
+    return {index_key(name, r, tp): (dt, shape) for r, _, name, dt, shape in workspace_tensors(cfg, dtype, quantization, tp)}
 
 
 def index_problems(expected: dict[str, tuple[str, tuple]], have: dict[str, tuple[str, tuple]], arch: str) -> list[str]:
@@ -610,11 +668,15 @@ def copy_workspace(src: Path, dst: Path) -> dict:
     for rel, record in manifest["files"].items():
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        out = _HashingWriter(target)
-        with open(confined(src, rel), "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                out.write(chunk)
-        if out.close() != record:
+        out = _PipelinedWriter(target)
+        try:
+            with open(confined(src, rel), "rb") as f:
+                for chunk in iter(lambda: f.read(CHUNK), b""):
+                    out.write(chunk)
+            written = out.close()
+        finally:
+            out.abort()
+        if written != record:
             raise WorkspaceError(f"{src / rel} does not match its manifest entry; run `lmc verify {src}`")
     (dst / "manifest.json").write_bytes(raw)
     return manifest
@@ -653,10 +715,11 @@ def _unlisted(path: Path, listed: set[str]) -> list[str]:
     return sorted(found)
 
 
-def verify_workspace(path: str | os.PathLike) -> list[str]:
+def verify_workspace(path: str | os.PathLike, hashes: BackgroundHashes | None = None) -> list[str]:
     """Check lmc.json and manifest.json (every value, every path inside the folder), every file's size
     and sha256, that no unlisted file sits anywhere in the folder, that the tensor index is exactly
-    what the config implies, and every tensor's header entry.
+    what the config implies, and every tensor's header entry. The files are hashed on threads
+    (lmc.format.hashing.WORKERS), or taken from `hashes`, started earlier by the caller, where it has them.
     Returns a list of problems, each one line naming the file or tensor; empty when sound."""
     path = Path(path)
     try:
@@ -666,13 +729,16 @@ def verify_workspace(path: str | os.PathLike) -> list[str]:
     except WorkspaceError as e:
         return [str(e)]
     problems = []
+    sized = {rel for rel, record in manifest["files"].items()
+             if (path / rel).is_file() and (path / rel).stat().st_size == record["size"]}
+    hashes = hashes or BackgroundHashes([path / rel for rel in sized])
     for rel, record in manifest["files"].items():
         f = path / rel
         if not f.is_file():
             problems.append(f"{rel}: missing")
-        elif f.stat().st_size != record["size"]:
+        elif rel not in sized:
             problems.append(f"{rel}: size {f.stat().st_size} bytes, manifest says {record['size']} (truncated or altered)")
-        elif sha256_file(f) != record["sha256"]:
+        elif hashes.sha256(f) != record["sha256"]:
             problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
     problems += [f"{rel}: not in the manifest (remove it, or rebuild the workspace)"
                  for rel in _unlisted(path, set(manifest["files"]))]

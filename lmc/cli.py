@@ -50,17 +50,31 @@ def main():
               help="tensor-parallel ranks to split weights for (default: 1; a workspace SRC keeps its own)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON summary instead of a line; no progress bar")
 @user_errors
-def convert(src, out, model_format, dtype, tp, force, allow_nonfinite):
+def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, as_json):
     """Convert an HF (float, AWQ, GPTQ, compressed-tensors) or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
-    from lmc.compiler.convert import convert as run_convert
+    import time
+
+    from lmc.compiler.source_files import early_source_files
+    from lmc.format.hashing import BackgroundHashes
 
     if tp is not None and tp < 1:
         raise click.BadParameter("--tp must be >= 1")
+    start = time.perf_counter()
+    files = early_source_files(src)
+    early = BackgroundHashes(files) if files else None  # the source is read and hashed while torch loads
+    from lmc.compiler.convert import convert as run_convert
+
     manifest = run_convert(src, out, model_format=model_format, dtype=dtype, tp=tp, force=force,
-                           allow_nonfinite=allow_nonfinite, say=lambda m: click.echo(m, err=True))
+                           progress=False if as_json else None, allow_nonfinite=allow_nonfinite,
+                           say=lambda m: click.echo(m, err=True), hashes=early)
     size = sum(f["size"] for f in manifest["files"].values())
-    click.echo(f"wrote {out}: {len(manifest['tensors'])} tensors, {size / 1e6:.1f} MB")
+    if as_json:
+        click.echo(json.dumps({"output": str(out), "tensors": len(manifest["tensors"]), "bytes": size,
+                               "seconds": round(time.perf_counter() - start, 2)}, sort_keys=True))
+    else:
+        click.echo(f"wrote {out}: {len(manifest['tensors'])} tensors, {size / 1e6:.1f} MB")
 
 
 def _summary(ws) -> dict:
@@ -107,9 +121,13 @@ def inspect(workspace, as_json):
 @user_errors
 def verify(workspace):
     """Check every checksum, tensor entry and the format version. Exit 1 on the first problem."""
+    from lmc.format.hashing import BackgroundHashes, regular_files
+
+    folder = Path(workspace)  # a workspace's files are read and hashed while torch loads
+    early = BackgroundHashes(regular_files(folder)) if (folder / "manifest.json").is_file() else None
     from lmc.format.workspace import verify_workspace
 
-    problems = verify_workspace(workspace)
+    problems = verify_workspace(workspace, early)
     if problems:
         click.echo(f"FAILED {workspace}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), err=True)
         sys.exit(1)
