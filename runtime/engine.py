@@ -239,12 +239,16 @@ class Engine:
             device = rank_device(device, 0)
         try:
             setup_rank(self, ws, config, device)
-        except BaseException:
+        except BaseException as e:
             for p in self._ranks:  # they wait on a collective rank 0 will never join
                 p.terminate()
-            if self.shard is not None:
-                self.shard.leave()
-            raise
+            if self.shard is None:
+                raise
+            self.shard.leave()
+            if isinstance(e, (LmcError, KeyboardInterrupt)):
+                raise
+            raise LmcError(f"a tensor-parallel rank failed while loading ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); its own error is printed above") from e
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num, config.prefill_interval)
         self._requests: dict[str, _Request] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async outputs of this step, sent once per loop

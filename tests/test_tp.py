@@ -156,3 +156,41 @@ def test_tp2_on_two_gpus_with_cuda_graphs(dtype, checkpoint, tmp_path):
         finally:
             engine.close()
     assert got["tp2"] == got["tp1"]
+
+
+def _children(pid: int) -> list[int]:
+    from pathlib import Path
+
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def test_followers_exit_when_rank0_is_killed(checkpoint, tmp_path):
+    """SIGKILL of `lmc serve --tp 2` leaves no rank behind: the follower's wait for the next step fails as the
+    leader's sockets close, and it exits."""
+    pytest.importorskip("fastapi")
+    import os
+    import signal
+    import time
+
+    from test_serve import Server
+
+    convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
+    server = Server(tmp_path / "tp2", tmp_path, "--session-len", "64")
+    ranks = [p for p in _children(server.proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+    assert len(ranks) == 1, "expected one follower process"
+    os.kill(server.proc.pid, signal.SIGKILL)
+    server.proc.wait(30)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{ranks[0]}") and \
+            open(f"/proc/{ranks[0]}/stat").read().rsplit(")", 1)[1].split()[0] != "Z":
+        time.sleep(0.2)
+    alive = os.path.exists(f"/proc/{ranks[0]}") and open(f"/proc/{ranks[0]}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    assert not alive, "the follower outlived its leader"
