@@ -11,6 +11,7 @@ import lmc
 from lmc.format.archs import Target, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
                                group_labels, unpack_awq, unpack_compressed, unpack_gptq)
+from lmc.compiler.llava import split_vision, vision_specs
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
@@ -341,27 +342,32 @@ def _quantized_by(path: Path) -> dict | None:
     return {key: record[key] for key in QUANTIZED_BY if key in record}
 
 
-def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None) -> dict:
-    return {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."),
+def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None, vision=None) -> dict:
+    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."),
             "quantization": quantization, "tp": tp,
             "engine": {"session_len": cfg.max_position_embeddings, "cache_block_seq_len": 64}}
+    return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
 
 
 def convert(src: str | Path, out: str | Path, model_format: str | None = None, dtype: str = "auto",
             tp: int | None = None, force: bool = False, progress: bool | None = None,
-            allow_nonfinite: bool = False, say=warn) -> dict:
-    """Convert a checkpoint into a workspace at `out` (tp None: 1, or a workspace source's own).
-    Returns the manifest."""
+            allow_nonfinite: bool = False, say=warn, vision_tower: str | Path | None = None) -> dict:
+    """Convert a checkpoint into a workspace at `out` (tp None: 1, or a workspace source's own); a LLaVA
+    checkpoint's vision half goes along (`vision_tower`: the original layout's CLIP folder). Returns the manifest."""
     if (Path(src) / "lmc.json").is_file():
         return copy_verified_workspace(Path(src), Path(out), model_format, dtype, tp, force, say)
     tp = 1 if tp is None else tp
-    source = open_source(src, model_format)
+    source = split_vision(open_source(src, model_format), vision_tower)
+    vision = source.vision
     cfg = model_config_from_hf(source.hf_config)
     torch_dtype = resolve_dtype(dtype, source.hf_config, int4_scales_dtype(source))
     builder = Builder(source, cfg, torch_dtype, tp, allow_nonfinite, say)
     builder.check_names()
     builder.check_vocabulary()
     rank_specs, owner = plan(builder)
+    if vision is not None:
+        vision.check()
+        rank_specs = [specs + vision_specs(vision, torch_dtype) for specs in rank_specs]
     quantization = None
     if builder.quant:
         quantization = {"method": source.model_format, "bits": 4, "group_size": builder.group_size, "layout": LAYOUT,
@@ -369,16 +375,20 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     ws_dtype = str(torch_dtype).removeprefix("torch.")
     built = {index_key(spec.name, rank, tp): (DTYPES[spec.dtype], spec.shape)
              for rank, specs in enumerate(rank_specs) for spec in specs}
-    problems = index_problems(expected_index(cfg, ws_dtype, quantization, tp), built, cfg.architecture)
+    problems = index_problems(expected_index(cfg, ws_dtype, quantization, tp, vision and vision.config), built,
+                              cfg.architecture)
     if problems:
         raise LmcError(f"the converted model does not fit its config: {problems[0]}")
     command = (f"lmc convert <src> -o <workspace> --model-format {source.model_format} --dtype {dtype} --tp {tp}"
-               + (" --allow-nonfinite" if allow_nonfinite else ""))
+               + (" --allow-nonfinite" if allow_nonfinite else "") + (" --vision-tower <dir>" if vision_tower else ""))
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(sum(len(s) for s in rank_specs), show)
     cache: dict = {}
 
     def produce(rank: int, name: str) -> torch.Tensor:
+        if vision is not None and name in vision.sources:
+            bar.update(1)
+            return vision.build(name, torch_dtype)
         key = (rank, owner[(rank, name)].name)
         if cache.get("key") != key:
             cache.clear()
@@ -386,10 +396,11 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
         bar.update(1)
         return cache["tensors"][name]
 
-    inputs = [source.path] + list(source.reader.source_files())
+    inputs = [source.path] + list(source.reader.source_files()) + ([vision.tower] if vision and vision.tower else [])
+    extra = {"vision_tower_files": vision.provenance()} if vision and vision.tower else None
     with atomic_output(Path(out), force, inputs) as tmp:
-        manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization), rank_specs, produce,
-                                   source.tokenizer_files(), provenance(source, command))
+        manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization, vision), rank_specs, produce,
+                                   source.tokenizer_files(), provenance(source, command, extra))
     bar.close()
     return manifest
 

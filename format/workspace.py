@@ -26,6 +26,7 @@ from lmc.errors import LmcError, WorkspaceError
 from lmc.format.archs import Target, arch_spec, linear_parts
 from lmc.format.config import ModelConfig
 from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
+from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
 
 FORMAT_VERSION = 1
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
@@ -388,8 +389,10 @@ def plain_shape(cfg: ModelConfig, target: Target) -> tuple[int, ...]:
     return (cfg.vocab_size, cfg.hidden_size)
 
 
-def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int) -> dict[str, tuple[str, tuple]]:
-    """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}."""
+def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int,
+                   vision: VisionConfig | None = None) -> dict[str, tuple[str, tuple]]:
+    """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}; a vision
+    workspace's vision tensors are float, replicated on every rank."""
     float_dtype = DTYPES[getattr(torch, dtype)]
     tensors: dict[str, tuple[str, tuple, bool]] = {}  # name -> (dtype, per-rank shape, split)
     for t in arch_spec(cfg).targets(cfg):
@@ -406,6 +409,8 @@ def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: 
             tensors[t.name + ".weight"] = (float_dtype, (n, k), True)
         if cfg.qkv_bias and t.key == "w_qkv":
             tensors[t.name + ".bias"] = (float_dtype, (n,), True)
+    for name, shape in (vision_tensors(vision) if vision else {}).items():
+        tensors[name] = (float_dtype, shape, False)
     return {index_key(rank_name(name, r, tp, split), r, tp): (dt, shape)
             for r in range(tp) for name, (dt, shape, split) in tensors.items()}
 
@@ -486,9 +491,13 @@ def check_meta(meta, path: Path) -> ModelConfig:
     if not isinstance(meta, dict):
         raise _bad(path, "not a JSON object")
     check_version(meta, path)
-    _check_keys(meta, ("format_version", "model", "dtype", "quantization", "tp"), ("engine",), path, "lmc.json")
+    _check_keys(meta, ("format_version", "model", "dtype", "quantization", "tp"), ("engine", "vision"), path, "lmc.json")
     try:
         cfg = ModelConfig.from_dict(meta["model"])
+        vision = vision_config_of(meta)
+        if vision and (vision.text_hidden_size != cfg.hidden_size or vision.image_token_id >= cfg.vocab_size):
+            raise LmcError(f"the vision entry does not fit the model (text_hidden_size {vision.text_hidden_size}, "
+                           f"image_token_id {vision.image_token_id})")
     except LmcError as e:
         raise WorkspaceError(f"{path}: {e}") from None
     if meta["dtype"] not in FLOAT_DTYPES:
@@ -559,13 +568,15 @@ class Workspace:
         if not self.path.is_dir():
             raise WorkspaceError(f"{self.path} is not a folder: pass a workspace made by `lmc convert`")
         self.meta, self.config, self.manifest = open_checked(self.path)
-        problems = index_problems(expected_index(self.config, self.meta["dtype"], self.meta["quantization"], self.meta["tp"]),
+        problems = index_problems(expected_index(self.config, self.meta["dtype"], self.meta["quantization"], self.meta["tp"],
+                                                 vision_config_of(self.meta)),
                                   _index_of(self.manifest), self.config.architecture)
         if problems:
             raise WorkspaceError(f"{self.path}/manifest.json: {problems[0]}; rebuild the workspace with `lmc convert`")
         self.dtype = getattr(torch, self.meta["dtype"])
         self.quantization = self.meta["quantization"]
         self.tp = self.meta["tp"]
+        self.vision = vision_config_of(self.meta)  # None: a text-only workspace
         self._maps: dict[str, mmap.mmap] = {}
 
     @property
@@ -677,7 +688,7 @@ def verify_workspace(path: str | os.PathLike) -> list[str]:
             problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
     problems += [f"{rel}: not in the manifest (remove it, or rebuild the workspace)"
                  for rel in _unlisted(path, set(manifest["files"]))]
-    problems += index_problems(expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"]),
+    problems += index_problems(expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"], vision_config_of(meta)),
                                _index_of(manifest), cfg.architecture)
     if problems:
         return problems
