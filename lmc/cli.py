@@ -50,15 +50,17 @@ def main():
               help="tensor-parallel ranks to split weights for (default: 1; a workspace SRC keeps its own)")
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
+@click.option("--vision-tower", type=click.Path(exists=True, file_okay=False), default=None,
+              help="an original-layout LLaVA checkpoint's CLIP vision tower folder (its config names it by hub id)")
 @user_errors
-def convert(src, out, model_format, dtype, tp, force, allow_nonfinite):
+def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, vision_tower):
     """Convert an HF (float, AWQ, GPTQ, compressed-tensors) or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
     from lmc.compiler.convert import convert as run_convert
 
     if tp is not None and tp < 1:
         raise click.BadParameter("--tp must be >= 1")
     manifest = run_convert(src, out, model_format=model_format, dtype=dtype, tp=tp, force=force,
-                           allow_nonfinite=allow_nonfinite, say=lambda m: click.echo(m, err=True))
+                           allow_nonfinite=allow_nonfinite, say=lambda m: click.echo(m, err=True), vision_tower=vision_tower)
     size = sum(f["size"] for f in manifest["files"].values())
     click.echo(f"wrote {out}: {len(manifest['tensors'])} tensors, {size / 1e6:.1f} MB")
 
@@ -249,14 +251,19 @@ def _echo_stream(pieces) -> str:
 @click.argument("prompt")
 @click.option("--no-chat-template", is_flag=True, help="feed PROMPT as raw text (completion), not as a user turn")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object (text, token ids, finish reason, timings)")
+@click.option("--image", "images", multiple=True, metavar="PATH",
+              help="an image for a vision-language workspace (LLaVA), placed before PROMPT; repeat for more")
 @engine_options
 @user_errors
-def generate(path, prompt, no_chat_template, as_json, **kw):
+def generate(path, prompt, no_chat_template, as_json, images, **kw):
     """Generate a reply to PROMPT with the model at PATH (workspace, HF folder or GGUF file)."""
     import time
 
     from lmc.api import pipeline
 
+    if images and no_chat_template:
+        raise click.UsageError("--image goes through the chat template; drop --no-chat-template")
+    prompt = (prompt, list(images)) if images else prompt
     engine_cfg, gen = _configs(kw)
     pipe = pipeline(path, backend_config=engine_cfg)
     start = time.perf_counter()
@@ -429,9 +436,12 @@ class _ApiKeysCommand(click.Command):
               help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True)
+@click.option("--allowed-local-media-path", "media_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="image_url parts may name local files inside this folder (default: no local files)")
 @engine_flags_only
 @user_errors
-def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level, **kw):
+def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level,
+          media_dir, **kw):
     """Serve the model at PATH over an OpenAI-compatible HTTP API, with a chat page at /.
 
     PATH is a workspace, an HF folder or a GGUF file. Needs the serve extra: pip install 'lmc[serve]'."""
@@ -449,7 +459,7 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
         engine.tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     name = model_name or _default_model_name(path)
     click.echo(f"serving {name} on http://{server_name}:{server_port} (OpenAI API at /v1, chat page at /)", err=True)
-    run_server(engine, ServeOptions(name, tuple(api_keys), max_queue), server_name, server_port, drain_timeout,
+    run_server(engine, ServeOptions(name, tuple(api_keys), max_queue, media_dir), server_name, server_port, drain_timeout,
                log_level.lower())
 
 
