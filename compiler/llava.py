@@ -28,6 +28,7 @@ from lmc.format.vision import VISION_GLOBAL_SOURCES, VISION_LAYER_SOURCES, Visio
 HF_TYPES = ("llava", "llava_next")
 ORIGINAL_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
 IMAGE_TOKEN = "<image>"
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 _TEXT = re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(.*)$")  # HF layout -> the Llama name after `model.`
 _HF_HEAD = re.compile(r"^(?:language_model\.)?lm_head\.weight$")
 _PROJECTOR = {"hf": ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),
