@@ -124,6 +124,8 @@ class VisionConfig:
         if self.resample not in RESAMPLES:
             raise LmcError(f"resample {self.resample!r} is not a PIL filter ({RESAMPLES})")
         if self.kind == "llava_next":
+            if self.select != "default":
+                raise LmcError("LLaVA-NeXT workspaces take the default feature select (the CLS feature dropped)")
             if not 0 < len(self.grid_pinpoints) <= MAX_GRID_PINPOINTS or not all(_sizes(p) for p in self.grid_pinpoints):
                 raise LmcError(f"LLaVA-NeXT needs 1..{MAX_GRID_PINPOINTS} grid pinpoints of (height, width), "
                                f"got {self.grid_pinpoints!r}")
