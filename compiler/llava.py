@@ -58,10 +58,11 @@ class VisionSource:
 
     def check(self) -> None:
         """Every vision tensor present with the shape the config implies; nothing of the vision half unused."""
+        present = {key: set(reader.names()) for key, reader in self.readers.items()}
         for name, shape in vision_tensors(self.config).items():
             key, _, names = self.sources[name]
             reader = self.readers[key]
-            missing = [n for n in names if n not in set(reader.names())]
+            missing = [n for n in names if n not in present[key]]
             if missing:
                 raise LmcError(f"the {'vision tower' if key == 'tower' else 'checkpoint'} lacks tensor {missing[0]}; "
                                "it is incomplete or not a LLaVA / CLIP model")
@@ -141,7 +142,8 @@ def split_vision(source: Source, vision_tower: str | Path | None = None) -> Sour
         text_names = {n: n for n in names if not _is_original_vision(n)}
         tower = Path(vision_tower)
         vision_hf = _tower_config(tower)
-    vision_names = [n for n in names if n not in set(text_names.values())]
+    text_sources = set(text_names.values())
+    vision_names = [n for n in names if n not in text_sources]
     text_hf.setdefault("torch_dtype", hf.get("torch_dtype") or hf.get("dtype"))
     vision = _vision_source(source, layout, hf, vision_hf, vision_names, tower, text_hf)
     vision.text_names = text_names
@@ -224,7 +226,7 @@ def _vision_source(source: Source, layout: str, hf: dict, vhf: dict, vision_name
         kind = hf["model_type"]
         select = hf.get("vision_feature_select_strategy", "default")
         projector = (2, hf.get("projector_hidden_act", "gelu"), bool(hf.get("multimodal_projector_bias", True)))
-        token_id = hf.get("image_token_id", hf.get("image_token_index"))
+        token_id = hf.get("image_token_id", hf.get("image_token_index", 32000))  # LlavaConfig's default
         pins = hf.get("image_grid_pinpoints") if kind == "llava_next" else None
         processor_dir = source.path
     else:
@@ -352,8 +354,9 @@ def hf_entries(source: Source, entries: dict, float_dtype: torch.dtype, spec_cls
         else:
             renamed = name
         out[renamed] = (spec_cls(renamed, spec.dtype, spec.shape), produce)
+    text_sources = set(vision.text_names.values())
     for n in reader.names():
-        if n not in set(vision.text_names.values()):
+        if n not in text_sources:
             out[n] = (spec_cls(n, float_dtype, tuple(reader.shape(n))), lambda n=n: reader.get(n).to(float_dtype))
     return out
 

@@ -139,7 +139,10 @@ def _parts(messages: list[dict]) -> list[dict]:
 def render_with_images(tokenizer: Tokenizer, vc: VisionConfig, messages: list[dict], count: int) -> str:
     """The chat rendered with one image token text per image: the template's own rendering of image parts when it
     has one (as transformers' processors do), else LLaVA's `<image>\\n` before the text."""
-    text = tokenizer.render_chat(_parts(messages))
+    try:
+        text = tokenizer.render_chat(_parts(messages))
+    except Exception:  # a template that takes string contents only (jinja2 raises TypeError and others on a list)
+        text = ""
     if text.count(vc.image_token) != count:
         text = tokenizer.render_chat(_flatten(messages, vc.image_token))
     if text.count(vc.image_token) != count:

@@ -385,3 +385,18 @@ def test_server_takes_image_url_data_parts(models, pipes, tmp_path):
             assert client.get("/health").status_code == 200
     finally:
         assert server.stop() == 0, server.log()
+
+
+def test_a_template_of_string_contents_gets_llavas_image_prefix(pipes):
+    """A chat template that concatenates string contents (it fails on a list of parts) renders the image as
+    LLaVA's own `<image>\\n` before the text."""
+    pipe = pipes["llava"]
+    saved = pipe.tokenizer.chat_template
+    pipe.tokenizer.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}A:"
+    try:
+        ids, placed = pipe.encode_with_images(("hello", noise_image()))
+    finally:
+        pipe.tokenizer.chat_template = saved
+    n = placed[0].image.num_tokens
+    assert ids[placed[0].start:placed[0].end] == [IMAGE_TOKEN_ID] * n
+    assert ids == pipe.tokenizer.encode("user: " + "<image>" * n + "\nhello\nA:")
