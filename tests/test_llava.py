@@ -400,3 +400,33 @@ def test_a_template_of_string_contents_gets_llavas_image_prefix(pipes):
     n = placed[0].image.num_tokens
     assert ids[placed[0].start:placed[0].end] == [IMAGE_TOKEN_ID] * n
     assert ids == pipe.tokenizer.encode("user: " + "<image>" * n + "\nhello\nA:")
+
+
+def test_two_images_and_chunked_prefill_equal_transformers(models, pipes):
+    """Two images in one message, as OpenAI image_url parts (data URLs), prefilled in chunks of 16 tokens that
+    cut through both images' tokens: the greedy text equals transformers' for the same images and prompt."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from lmc.api import pipeline
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.sampling import GenerationConfig
+
+    ckpt, ws = models["llava"]
+    pngs = [noise_png(47, 33, seed=11), noise_png(20, 44, seed=12)]
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(p)}} for p in pngs]
+                 + [{"type": "text", "text": "Compare the two images."}]}]
+    processor = AutoProcessor.from_pretrained(ckpt)
+    model = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32).eval()
+    hf_messages = [{"role": "user", "content": [{"type": "image"}, {"type": "image"},
+                                                {"type": "text", "text": "Compare the two images."}]}]
+    inputs = processor(images=[Image.open(io.BytesIO(p)) for p in pngs],
+                       text=processor.apply_chat_template(hf_messages, add_generation_prompt=True), return_tensors="pt")
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=8, do_sample=False)[0, inputs["input_ids"].shape[1]:].tolist()
+    gen = GenerationConfig(max_new_tokens=8, ignore_eos=True)
+    ids, placed = pipes["llava"].encode_with_images(messages)
+    assert ids == inputs["input_ids"][0].tolist() and len(placed) == 2
+    assert pipes["llava"](messages, gen).token_ids == ref
+    with pipeline(ws, backend_config=EngineConfig(device="cpu", session_len=1024, max_prefill_token_num=16,
+                                                  enable_prefix_caching=False)) as chunked:
+        assert chunked(messages, gen).token_ids == ref
