@@ -461,7 +461,8 @@ class Engine:
     # ------------------------------------------------------------------ forward
     def _forward(self, batch: Batch) -> torch.Tensor | None:
         """Run the model over the batch's new tokens; logits [S, V] of the sequences that sample, in order."""
-        pieces = [(self._requests[s.request_id].images, s.num_computed, n) for s, n in zip(batch.seqs, batch.num_new)]
+        pieces = [] if self.vision is None else \
+            [(self._requests[s.request_id].images, s.num_computed, n) for s, n in zip(batch.seqs, batch.num_new)]
         with_images = any(start < p.end and p.start < start + n for images, start, n in pieces for p in images)
         if batch.is_decode and self.decoder is not None and not with_images:
             return self.decoder.step(batch.seqs)

@@ -430,3 +430,22 @@ def test_two_images_and_chunked_prefill_equal_transformers(models, pipes):
     with pipeline(ws, backend_config=EngineConfig(device="cpu", session_len=1024, max_prefill_token_num=16,
                                                   enable_prefix_caching=False)) as chunked:
         assert chunked(messages, gen).token_ids == ref
+
+
+def test_a_bad_vision_entry_is_refused_with_one_line(models, tmp_path):
+    """lmc.json's vision entry is checked where the workspace is opened; text-only workspaces have none."""
+    import shutil
+
+    from lmc.errors import WorkspaceError
+    from lmc.format.workspace import Workspace
+
+    good = json.loads((models["llava"][1] / "lmc.json").read_text())
+    for key, value, words in (("patch_size", 7, "not a multiple of patch_size"), ("image_mean", [0.5], "image_mean"),
+                              ("kind", "llava_x", "vision kind"), ("text_hidden_size", 63, "does not fit the model"),
+                              ("image_token_id", 10**6, "does not fit the model"), ("extra", 1, "unknown keys")):
+        ws = tmp_path / f"ws_{key}"
+        shutil.copytree(models["llava"][1], ws)
+        (ws / "lmc.json").write_text(json.dumps({**good, "vision": {**good["vision"], key: value}}))
+        with pytest.raises(WorkspaceError, match=words) as e:
+            Workspace(ws)
+        assert "\n" not in str(e.value)
