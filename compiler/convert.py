@@ -13,6 +13,7 @@ from lmc.format.archs import (Target, arch_spec, kv_heads_of_rank, linear_parts,
                               tp_problem)
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
                                group_labels, unpack_awq, unpack_compressed, unpack_gptq)
+from lmc.compiler.llava import split_vision, vision_specs
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
@@ -366,17 +367,20 @@ def _quantized_by(path: Path) -> dict | None:
     return {key: record[key] for key in QUANTIZED_BY if key in record}
 
 
-def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None) -> dict:
-    return {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."),
+def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None, vision=None) -> dict:
+    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."),
             "quantization": quantization, "tp": tp,
             "engine": {"session_len": cfg.max_position_embeddings, "cache_block_seq_len": 64}}
+    return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
 
 
 def convert(src: str | Path, out: str | Path, model_format: str | None = None, dtype: str = "auto",
             tp: int | None = None, force: bool = False, progress: bool | None = None,
-            allow_nonfinite: bool = False, say=warn, hashes: BackgroundHashes | None = None) -> dict:
-    """Convert a checkpoint into a workspace at `out` (tp None: 1, or a workspace source's own).
-    Returns the manifest.
+            allow_nonfinite: bool = False, say=warn, hashes: BackgroundHashes | None = None,
+            vision_tower: str | Path | None = None) -> dict:
+    """Convert a checkpoint into a workspace at `out` (tp None: 1, or a workspace source's own); a LLaVA
+    checkpoint's vision half goes along (`vision_tower`: the original layout's CLIP folder). Returns the
+    manifest.
 
     Three things overlap: the source is read and hashed for the provenance on threads from the
     start (source_hashes, or `hashes` where the caller started them before loading torch:
@@ -386,7 +390,10 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     if (Path(src) / "lmc.json").is_file():
         return copy_verified_workspace(Path(src), Path(out), model_format, dtype, tp, force, say)
     tp = 1 if tp is None else tp
-    source = open_source(src, model_format)
+    source = split_vision(open_source(src, model_format), vision_tower)
+    vision = source.vision
+    if vision is not None and tp > 1:
+        raise LmcError(f"--tp {tp}: vision-language checkpoints convert with --tp 1 (lmc runs them on one device)")
     hashes = hashes or source_hashes(source)
     cfg = model_config_from_hf(source.hf_config)
     torch_dtype = resolve_dtype(dtype, source.hf_config, int4_scales_dtype(source))
@@ -394,18 +401,24 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     builder.check_names()
     builder.check_vocabulary()
     rank_specs, owner = plan(builder)
+    if vision is not None:
+        vision.check()
+        rank_specs = [specs + vision_specs(vision, torch_dtype) for specs in rank_specs]
     quantization = None
     if builder.quant:
         quantization = {"method": source.model_format, "bits": 4, "group_size": builder.group_size, "layout": LAYOUT,
                         "zero_point": True}
     command = (f"lmc convert <src> -o <workspace> --model-format {source.model_format} --dtype {dtype} --tp {tp}"
-               + (" --allow-nonfinite" if allow_nonfinite else ""))
+               + (" --allow-nonfinite" if allow_nonfinite else "") + (" --vision-tower <dir>" if vision_tower else ""))
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(sum(spec.nbytes for specs in rank_specs for spec in specs), show)
     sizes = {(rank, spec.name): spec.nbytes for rank, specs in enumerate(rank_specs) for spec in specs}
     cache: dict = {}
 
     def produce(rank: int, name: str) -> list[torch.Tensor]:
+        if vision is not None and name in vision.sources:
+            bar.update(sizes[(rank, name)])
+            return vision.build(name, torch_dtype)
         key = (rank, owner[(rank, name)].name)
         if cache.get("key") != key:
             cache.clear()
@@ -413,10 +426,11 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
         bar.update(sizes[(rank, name)])
         return cache["blocks"][name]
 
-    inputs = [source.path] + list(source.reader.source_files())
+    inputs = [source.path] + list(source.reader.source_files()) + ([vision.tower] if vision and vision.tower else [])
+    extra = {"vision_tower_files": vision.provenance()} if vision and vision.tower else None
     with one_torch_thread(), atomic_output(Path(out), force, inputs) as tmp:
-        manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization), rank_specs, produce,
-                                   source.tokenizer_files(), lambda: provenance(source, command, hashes=hashes))
+        manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization, vision), rank_specs, produce,
+                                   source.tokenizer_files(), lambda: provenance(source, command, extra, hashes=hashes))
     bar.close()
     return manifest
 

@@ -24,6 +24,7 @@ from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap,
 from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, checkpoint_int4_shapes, pack_awq,
                                pack_compressed, quantize_int4)
 from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
+from lmc.compiler.llava import PROCESSOR_FILES, hf_entries, is_llava, split_vision, vision_specs
 from lmc.compiler.readers import Source, open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError
@@ -298,8 +299,13 @@ def _stderr(message: str) -> None:
 
 def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: bool | None = None,
              command: str = "", say=print, warn=_stderr) -> dict:
-    """Run `lmc quantize` on the checkpoint at `src` (an HF folder or a GGUF file)."""
-    return quantize_source(open_source(src), out, opts, force, progress, command, say, warn)
+    """Run `lmc quantize` on the checkpoint at `src` (an HF folder or a GGUF file). A LLaVA checkpoint (HF layout)
+    has its language model quantized; its vision tower and projector stay float."""
+    source = open_source(src)
+    if source.model_format != "gguf" and is_llava(source.hf_config) == "original":
+        raise LmcError(f"{src} is an original-layout LLaVA checkpoint; quantize its Hugging Face layout "
+                       "(LlavaForConditionalGeneration), or convert it with --vision-tower and quantize that")
+    return quantize_source(split_vision(source), out, opts, force, progress, command, say, warn)
 
 
 def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = False, progress: bool | None = None,
@@ -429,13 +435,19 @@ def _write_workspace(tmp, builder, cfg, layers, dtype, quant, source, prov) -> N
         else:
             t = _layer_tensor(layers, spec.name)
             specs.append(TensorSpec(spec.name, t.dtype, tuple(t.shape)))
+    vision = source.vision
+    if vision is not None:  # a LLaVA model's vision tower and projector, float
+        vision.check()
+        specs += vision_specs(vision, dtype)
 
     def produce(rank: int, name: str) -> torch.Tensor:
         if name.startswith("layers."):
             return _layer_tensor(layers, name)
+        if vision is not None and name in vision.sources:
+            return vision.build(name, dtype)
         return builder.build(owner[(0, name)], 0)[name]
 
-    write_workspace(tmp, lmc_json(cfg, dtype, 1, quant), [specs], produce, source.tokenizer_files(), prov)
+    write_workspace(tmp, lmc_json(cfg, dtype, 1, quant, vision), [specs], produce, source.tokenizer_files(), prov)
 
 
 def _write_hf(tmp, fmt, builder, cfg, layers, dtype, source, prov, g) -> None:
@@ -477,17 +489,26 @@ def _write_hf(tmp, fmt, builder, cfg, layers, dtype, source, prov, g) -> None:
                 t = layer["extras"][key]
                 name = spec.layer_prefix.format(i=i) + leaf
                 entries[name] = (TensorSpec(name, float_dtype, tuple(t.shape)), lambda t=t: t.to(float_dtype))
+    if source.vision is not None:  # LLaVA: the checkpoint's own names, its vision half copied in float
+        entries = hf_entries(source, entries, float_dtype, TensorSpec)
     write_safetensors(tmp / "model.safetensors", [spec for spec, _ in entries.values()], lambda n: entries[n][1]())
-    hf = dict(source.hf_config)
+    hf = dict(source.hf_config if source.vision is None else source.vision.hf_config)
     dtype_name = str(float_dtype).removeprefix("torch.")
     hf.update({"torch_dtype": dtype_name} | ({"dtype": dtype_name} if "dtype" in hf else {}))
     if fmt == "awq":
         hf["quantization_config"] = {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": g, "zero_point": True}
     else:
         hf["quantization_config"] = compressed_tensors_config(g, spec.lm_head.removesuffix(".weight"))
+    if source.vision is not None:
+        hf["quantization_config"]["modules_to_not_convert" if fmt == "awq" else "ignore"] = (
+            ["vision_tower", "multi_modal_projector"] if fmt == "awq" else
+            ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"])
     (tmp / "config.json").write_bytes(dump_json(hf))
     for name, data in source.tokenizer_files().items():
         (tmp / name).write_bytes(data)
+    for name in PROCESSOR_FILES if source.vision is not None else ():  # LLaVA's image processor settings
+        if (source.path / name).is_file():
+            (tmp / name).write_bytes((source.path / name).read_bytes())
     (tmp / "lmc_provenance.json").write_bytes(dump_json({**prov, "format": {"awq": "hf-awq-gemm"}.get(fmt, f"hf-{fmt}")}))
 
 

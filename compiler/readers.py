@@ -123,6 +123,7 @@ class Source:
     path: Path
     model_format: str  # one of MODEL_FORMATS
     int4: Int4Scheme | None = None  # None: float weights
+    vision: object | None = None  # a LLaVA checkpoint's vision half (lmc.compiler.llava.VisionSource)
     _tokenizer_files: dict[str, bytes] | None = field(default=None, repr=False)
 
     def tokenizer_files(self) -> dict[str, bytes]:

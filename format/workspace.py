@@ -29,6 +29,7 @@ from lmc.format.config import ModelConfig
 from lmc.format.hashing import CHUNK, BackgroundHashes, sha256_file
 from lmc.format.paths import confined
 from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
+from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
 
 FORMAT_VERSION = 1
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
@@ -462,9 +463,15 @@ def workspace_tensors(cfg: ModelConfig, dtype: str, quantization: dict | None,
                 yield r, t, rank_name(name, r, tp, True), dt, shape
 
 
-def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int) -> dict[str, tuple[str, tuple]]:
-    """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}."""
-    return {index_key(name, r, tp): (dt, shape) for r, _, name, dt, shape in workspace_tensors(cfg, dtype, quantization, tp)}
+def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int,
+                   vision: VisionConfig | None = None) -> dict[str, tuple[str, tuple]]:
+    """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}; a vision
+    workspace's vision tensors are float, after the language model's (tp = 1 only)."""
+    out = {index_key(name, r, tp): (dt, shape) for r, _, name, dt, shape in workspace_tensors(cfg, dtype, quantization, tp)}
+    float_dtype = DTYPES[getattr(torch, dtype)]
+    for name, shape in (vision_tensors(vision) if vision else {}).items():
+        out.update({index_key(name, r, tp): (float_dtype, shape) for r in range(tp)})
+    return out
 
 
 def index_problems(expected: dict[str, tuple[str, tuple]], have: dict[str, tuple[str, tuple]], arch: str) -> list[str]:
@@ -543,9 +550,13 @@ def check_meta(meta, path: Path) -> ModelConfig:
     if not isinstance(meta, dict):
         raise _bad(path, "not a JSON object")
     check_version(meta, path)
-    _check_keys(meta, ("format_version", "model", "dtype", "quantization", "tp"), ("engine",), path, "lmc.json")
+    _check_keys(meta, ("format_version", "model", "dtype", "quantization", "tp"), ("engine", "vision"), path, "lmc.json")
     try:
         cfg = ModelConfig.from_dict(meta["model"])
+        vision = vision_config_of(meta)
+        if vision and (vision.text_hidden_size != cfg.hidden_size or vision.image_token_id >= cfg.vocab_size):
+            raise LmcError(f"the vision entry does not fit the model (text_hidden_size {vision.text_hidden_size}, "
+                           f"image_token_id {vision.image_token_id})")
     except LmcError as e:
         raise WorkspaceError(f"{path}: {e}") from None
     if meta["dtype"] not in FLOAT_DTYPES:
@@ -616,13 +627,15 @@ class Workspace:
         if not self.path.is_dir():
             raise WorkspaceError(f"{self.path} is not a folder: pass a workspace made by `lmc convert`")
         self.meta, self.config, self.manifest = open_checked(self.path)
-        problems = index_problems(expected_index(self.config, self.meta["dtype"], self.meta["quantization"], self.meta["tp"]),
+        problems = index_problems(expected_index(self.config, self.meta["dtype"], self.meta["quantization"], self.meta["tp"],
+                                                 vision_config_of(self.meta)),
                                   _index_of(self.manifest), self.config.architecture)
         if problems:
             raise WorkspaceError(f"{self.path}/manifest.json: {problems[0]}; rebuild the workspace with `lmc convert`")
         self.dtype = getattr(torch, self.meta["dtype"])
         self.quantization = self.meta["quantization"]
         self.tp = self.meta["tp"]
+        self.vision = vision_config_of(self.meta)  # None: a text-only workspace
         self._maps: dict[str, mmap.mmap] = {}
 
     @property
@@ -742,7 +755,7 @@ def verify_workspace(path: str | os.PathLike, hashes: BackgroundHashes | None = 
             problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
     problems += [f"{rel}: not in the manifest (remove it, or rebuild the workspace)"
                  for rel in _unlisted(path, set(manifest["files"]))]
-    problems += index_problems(expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"]),
+    problems += index_problems(expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"], vision_config_of(meta)),
                                _index_of(manifest), cfg.architecture)
     if problems:
         return problems

@@ -6,7 +6,13 @@
             print(item.text, end="")
 
 Prompts are a string (one user turn under the model's chat template), a list of messages
-(`[{"role": ..., "content": ...}]`), or a list of either for a batch.
+(`[{"role": ..., "content": ...}]`), or a list of either for a batch. A vision-language workspace (LLaVA) also
+takes `(text, image)` or `(text, [images])` tuples, as LMDeploy spells them, and messages whose content holds
+`{"type": "image_url", "image_url": {"url": ...}}` parts; an image is a PIL image, a path, a URL or a data URL
+(`lmc.vl.load_image`):
+
+    pipe(("describe this image", load_image("cat.jpg")))
+    pipe([("what is this?", "a.png"), ("and this?", "b.png")])
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ from lmc.errors import LmcError
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.engine import Engine, Response, merge_outputs
 from lmc.runtime.sampling import GenerationConfig
+from lmc.runtime.vision import image_parts, multimodal_prompt
 
 
 def resolve_workspace(path: str | os.PathLike) -> Path:
@@ -34,11 +41,11 @@ def resolve_workspace(path: str | os.PathLike) -> Path:
     return cached_workspace(path)
 
 
-Prompt = str | list[dict]
+Prompt = str | list[dict] | tuple
 
 
 def _is_single(prompts) -> bool:
-    return isinstance(prompts, str) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
+    return isinstance(prompts, (str, tuple)) or (isinstance(prompts, list) and bool(prompts) and isinstance(prompts[0], dict))
 
 
 @dataclass
@@ -64,6 +71,25 @@ class Pipeline:
     def encode(self, prompt: Prompt, chat_template: bool = True) -> list[int]:
         """A string is one user turn under the model's chat template (raw text with chat_template=False);
         a list is the messages."""
+        return self.encode_with_images(prompt, chat_template)[0]
+
+    def encode_with_images(self, prompt: Prompt, chat_template: bool = True) -> tuple[list[int], list]:
+        """Token ids and the placed images (lmc.runtime.vision) of a prompt; a `(text, image or [images])` tuple
+        is one user turn with the images before the text."""
+        if isinstance(prompt, tuple):
+            if len(prompt) != 2 or not isinstance(prompt[0], str):
+                raise LmcError("an image prompt is a (text, image) or (text, [images]) tuple")
+            images = prompt[1] if isinstance(prompt[1], list) else [prompt[1]]
+            prompt = [{"role": "user", "content": [{"type": "image", "image": im} for im in images]
+                       + [{"type": "text", "text": prompt[0]}]}]
+        if isinstance(prompt, list) and any(image_parts(m.get("content")) for m in prompt if isinstance(m, dict)):
+            from lmc.vl import message_images
+
+            images = message_images(prompt)
+            return multimodal_prompt(self.tokenizer, self.engine.workspace.vision, prompt, images)
+        return self._encode_text(prompt, chat_template), []
+
+    def _encode_text(self, prompt: Prompt, chat_template: bool) -> list[int]:
         if isinstance(prompt, str) and not chat_template:
             return self.tokenizer.encode(prompt)
         if not isinstance(prompt, (str, list)):
@@ -81,24 +107,25 @@ class Pipeline:
             gens = gen_config
         else:
             gens = [gen_config or GenerationConfig()] * len(batch)
-        ids, configs, owner = [], [], []
+        ids, configs, owner, images = [], [], [], []
         for i, (p, g) in enumerate(zip(batch, gens)):
             g.check()
-            encoded = self.encode(p, chat_template)
+            encoded, placed = self.encode_with_images(p, chat_template)
             for k in range(g.n):
                 seed = None if g.random_seed is None else g.random_seed + k
                 ids.append(encoded)
                 configs.append(replace(g, random_seed=seed) if g.n > 1 else g)
                 owner.append(i)
-        return ids, configs, owner
+                images.append(placed)
+        return ids, configs, owner, images
 
     # ------------------------------------------------------------------ LMDeploy's pipeline API
     def __call__(self, prompts: Prompt | list[Prompt], gen_config: GenerationConfig | list[GenerationConfig] | None = None,
                  chat_template: bool = True) -> Response | list[Response]:
         """Generate for one prompt (-> Response) or a batch (-> list[Response], n per prompt with n > 1)."""
-        ids, configs, owner = self._batch(prompts, gen_config, chat_template)
+        ids, configs, owner, images = self._batch(prompts, gen_config, chat_template)
         outputs = [[] for _ in ids]
-        for i, out in self.engine.stream(ids, configs):
+        for i, out in self.engine.stream(ids, configs, images):
             outputs[i].append(out)
         responses = [merge_outputs(outs, owner[i]) for i, outs in enumerate(outputs)]
         return responses[0] if _is_single(prompts) and len(responses) == 1 else responses
@@ -107,8 +134,8 @@ class Pipeline:
                      chat_template: bool = True) -> Iterator[Response]:
         """Yield a Response per step and sequence as tokens come: `.text` is the new text, `.index` the
         prompt's position, `.finish_reason` set on the last one. Leaving the loop early aborts the rest."""
-        ids, configs, owner = self._batch(prompts, gen_config, chat_template)
-        for i, out in self.engine.stream(ids, configs):
+        ids, configs, owner, images = self._batch(prompts, gen_config, chat_template)
+        for i, out in self.engine.stream(ids, configs, images):
             yield Response(out.text, out.num_generated_tokens, out.num_prompt_tokens, out.finish_reason, out.token_ids,
                            out.logprobs, owner[i])
 

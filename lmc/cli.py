@@ -51,8 +51,10 @@ def main():
 @click.option("--force", is_flag=True, help="replace an existing output folder")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary instead of a line; no progress bar")
+@click.option("--vision-tower", type=click.Path(exists=True, file_okay=False), default=None,
+              help="an original-layout LLaVA checkpoint's CLIP vision tower folder (its config names it by hub id)")
 @user_errors
-def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, as_json):
+def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, as_json, vision_tower):
     """Convert an HF (float, AWQ, GPTQ, compressed-tensors) or GGUF checkpoint SRC (or copy a workspace SRC) into a workspace."""
     import time
 
@@ -68,7 +70,7 @@ def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, as_json):
 
     manifest = run_convert(src, out, model_format=model_format, dtype=dtype, tp=tp, force=force,
                            progress=False if as_json else None, allow_nonfinite=allow_nonfinite,
-                           say=lambda m: click.echo(m, err=True), hashes=early)
+                           say=lambda m: click.echo(m, err=True), hashes=early, vision_tower=vision_tower)
     size = sum(f["size"] for f in manifest["files"].values())
     if as_json:
         click.echo(json.dumps({"output": str(out), "tensors": len(manifest["tensors"]), "bytes": size,
@@ -269,14 +271,19 @@ def _echo_stream(pieces) -> str:
 @click.argument("prompt")
 @click.option("--no-chat-template", is_flag=True, help="feed PROMPT as raw text (completion), not as a user turn")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON object (text, token ids, finish reason, timings)")
+@click.option("--image", "images", multiple=True, metavar="PATH",
+              help="an image for a vision-language workspace (LLaVA), placed before PROMPT; repeat for more")
 @engine_options
 @user_errors
-def generate(path, prompt, no_chat_template, as_json, **kw):
+def generate(path, prompt, no_chat_template, as_json, images, **kw):
     """Generate a reply to PROMPT with the model at PATH (workspace, HF folder or GGUF file)."""
     import time
 
     from lmc.api import pipeline
 
+    if images and no_chat_template:
+        raise click.UsageError("--image goes through the chat template; drop --no-chat-template")
+    prompt = (prompt, list(images)) if images else prompt
     engine_cfg, gen = _configs(kw)
     with pipeline(path, backend_config=engine_cfg) as pipe:
         start = time.perf_counter()
@@ -448,9 +455,12 @@ class _ApiKeysCommand(click.Command):
               help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True)
+@click.option("--allowed-local-media-path", "media_dir", type=click.Path(exists=True, file_okay=False), default=None,
+              help="image_url parts may name local files inside this folder (default: no local files)")
 @engine_flags_only
 @user_errors
-def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level, **kw):
+def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level,
+          media_dir, **kw):
     """Serve the model at PATH over an OpenAI-compatible HTTP API, with a chat page at /.
 
     PATH is a workspace, an HF folder or a GGUF file. Needs the serve extra: pip install 'lmc[serve]'."""
@@ -469,8 +479,8 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
     name = model_name or _default_model_name(path)
     click.echo(f"serving {name} on http://{server_name}:{server_port} (OpenAI API at /v1, chat page at /)", err=True)
     try:
-        run_server(engine, ServeOptions(name, tuple(api_keys), max_queue), server_name, server_port, drain_timeout,
-                   log_level.lower())
+        run_server(engine, ServeOptions(name, tuple(api_keys), max_queue, media_dir), server_name, server_port,
+                   drain_timeout, log_level.lower())
     finally:
         engine.close()
 

@@ -15,6 +15,7 @@ from typing import Callable
 import click
 
 HELP = ('one line is one message; """ starts a multi-line message that ends at a line ending with """\n'
+        "/image PATH  attach an image to the next message (vision-language models)\n"
         "/reset  forget the conversation (the system prompt stays)\n"
         "/help   this text\n"
         "exit    quit (or Ctrl-D)")
@@ -76,6 +77,7 @@ def run(turn: Turn, history_file: Path | None) -> None:
     """Read messages and answer them with `turn` until `exit` or the end of input."""
     reader = LineReader(history_file)
     history: list[dict] = []
+    images: list[dict] = []  # image parts waiting for the next message
     try:
         while True:
             text = reader.message()
@@ -90,6 +92,34 @@ def run(turn: Turn, history_file: Path | None) -> None:
             if text.strip() == "/help":
                 click.echo(HELP, err=True)
                 continue
-            history = turn(history + [{"role": "user", "content": text}])
+            if text.strip().startswith("/image"):
+                images += _image_part(text.strip()[len("/image"):].strip())
+                continue
+            content = images + [{"type": "text", "text": text}] if images else text
+            images = []
+            history = turn(history + [{"role": "user", "content": content}])
     finally:
         reader.close()
+
+
+def _image_part(path: str) -> list[dict]:
+    """`/image PATH`: the file as an image_url part with a data URL (sent as is to a server); [] after saying
+    why when it is not a readable image."""
+    import base64
+    import mimetypes
+
+    from lmc.errors import LmcError
+    from lmc.vl import load_image
+
+    if not path:
+        click.echo("usage: /image PATH", err=True)
+        return []
+    try:
+        load_image(path)  # decodable, within the bounds
+        data = Path(path).read_bytes()
+    except (LmcError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        return []
+    click.echo(f"(image {path} attached to the next message)", err=True)
+    mime = mimetypes.guess_type(path)[0] or "image/png"
+    return [{"type": "image_url", "image_url": {"url": f"data:{mime};base64," + base64.b64encode(data).decode()}}]

@@ -19,9 +19,10 @@ from lmc.errors import LmcError
 ROOT_HASH = b""
 
 
-def chain_hash(parent: bytes, tokens: list[int]) -> bytes:
-    """Key of a full block: its tokens and the key of the block before it (ROOT_HASH for the first)."""
-    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes(), digest_size=16).digest()
+def chain_hash(parent: bytes, tokens: list[int], extra: bytes = b"") -> bytes:
+    """Key of a full block: its tokens, the key of the block before it (ROOT_HASH for the first) and `extra`, the
+    content digests of the images whose tokens the block holds (image tokens are all the same id)."""
+    return hashlib.blake2b(parent + np.asarray(tokens, dtype=np.int64).tobytes() + extra, digest_size=16).digest()
 
 
 class BlockManager:

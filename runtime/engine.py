@@ -37,6 +37,7 @@ from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
 from lmc.runtime.scheduler import RUNNING, Batch, Scheduler, Sequence
 from lmc.runtime.tokenizer import IncrementalDetokenizer, Tokenizer
+from lmc.runtime.vision import VisionModel, check_placement
 
 
 @dataclass
@@ -162,12 +163,16 @@ class _Request:
     eos_ids: set[int]
     stop_ids: set[int]
     text: str = ""  # generated text so far (cut at a stop word)
+    images: list = field(default_factory=list)  # PlacedImages of the prompt (lmc.runtime.vision)
     sent: int = 0  # characters of text already streamed
     min_new_tokens: int = 0
 
 
 def check_tp(config: EngineConfig, ws: Workspace) -> int:
     """The ranks a workspace runs on: its own split; a --tp that differs is refused with what to do."""
+    if ws.vision and ws.tp > 1:
+        raise LmcError(f"{ws.path} is a vision-language workspace split for tp={ws.tp}; lmc runs those at tp=1: "
+                       "convert with --tp 1")
     if config.tp is not None and config.tp != ws.tp:
         source = "the checkpoint or this workspace" if ws.tp == 1 else "the checkpoint"
         raise LmcError(f"--tp {config.tp} does not match {ws.path}, which is split for tp={ws.tp}: pass --tp {ws.tp}, "
@@ -249,6 +254,7 @@ class Engine:
                 raise
             raise LmcError(f"a tensor-parallel rank failed while loading ({type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}); its own error is printed above") from e
+        self.vision = VisionModel(ws, self.device, self.dtype) if ws.vision else None
         self.scheduler = Scheduler(self.blocks, config.max_batch_size, config.max_prefill_token_num, config.prefill_interval)
         self._requests: dict[str, _Request] = {}
         self._outbox: dict[asyncio.AbstractEventLoop, list] = {}  # async outputs of this step, sent once per loop
@@ -280,10 +286,12 @@ class Engine:
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids: list[int], gen: GenerationConfig | None = None,
-                    request_id: str | None = None, outputs: queue.SimpleQueue | None = None) -> RequestHandle:
+                    request_id: str | None = None, outputs: queue.SimpleQueue | None = None,
+                    images: list | None = None) -> RequestHandle:
         """Queue a request; returns its handle. Called from a running asyncio loop, the handle is async.
         `outputs`: deliver this request's outputs to that queue instead of the handle (to stream several
-        requests in the order their tokens come; see `stream`)."""
+        requests in the order their tokens come; see `stream`). `images`: the PlacedImages of a prompt
+        built by lmc.runtime.vision.multimodal_prompt."""
         if self.failed is not None:
             raise LmcError(f"the engine stopped after an error ({self.failed}); restart it")
         gen = gen or GenerationConfig()
@@ -295,6 +303,7 @@ class Engine:
                            "shorten it or raise --session-len")
         if any(not 0 <= t < self.cfg.vocab_size for t in prompt_ids):
             raise LmcError(f"the prompt holds token ids outside the vocabulary (0..{self.cfg.vocab_size - 1})")
+        check_placement(self.workspace.vision, prompt_ids, images or [])
         if self.blocks.blocks_for(len(prompt_ids) + 1) > self.blocks.num_blocks:
             raise LmcError(f"a prompt of {len(prompt_ids)} tokens does not fit the KV cache "
                            f"({self.blocks.num_blocks} blocks of {self.blocks.block_size}); raise --cache-max-entry-count")
@@ -304,7 +313,8 @@ class Engine:
             loop = None
         request_id = str(next(self._ids)) if request_id is None else str(request_id)
         handle = RequestHandle(self, request_id, None if outputs is not None else loop, outputs)
-        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), arrival=0)
+        seq = Sequence(request_id, list(prompt_ids), len(prompt_ids), arrival=0,
+                       images=tuple((p.start, p.end, p.image.digest) for p in images or ()))
         generator = None
         if gen.random_seed is not None and not gen.greedy:
             generator = torch.Generator(device=self.device).manual_seed(gen.random_seed)
@@ -312,7 +322,7 @@ class Engine:
         req = _Request(seq, gen, handle, IncrementalDetokenizer(self.tokenizer, prompt_ids, gen.skip_special_tokens),
                        generator, min(len(prompt_ids) + gen.max_new_tokens, self.session_len),
                        list(gen.bad_token_ids or ()) + self._bad_word_ids(gen), set() if gen.ignore_eos else self.eos_ids,
-                       stop_ids, min_new_tokens=gen.min_new_tokens or 0)
+                       stop_ids, min_new_tokens=gen.min_new_tokens or 0, images=list(images or ()))
         self._inbox.put(("add", req))
         self._poke()
         return handle
@@ -442,13 +452,15 @@ class Engine:
             outputs[i].append(out)
         return [merge_outputs(outs, i) for i, outs in enumerate(outputs)]
 
-    def stream(self, prompts: list[list[int]], gens: list[GenerationConfig]):
+    def stream(self, prompts: list[list[int]], gens: list[GenerationConfig], images: list[list] | None = None):
         """Run prompts together; yield (prompt index, RequestOutput) as tokens come. Stopping the iteration
-        early aborts what is still running, so nothing keeps generating for a consumer that left."""
+        early aborts what is still running, so nothing keeps generating for a consumer that left.
+        `images`: each prompt's PlacedImages (lmc.runtime.vision.multimodal_prompt)."""
         if len(gens) != len(prompts):
             raise LmcError(f"{len(prompts)} prompts but {len(gens)} generation configs: pass one config, or one per prompt")
         outputs: queue.SimpleQueue = queue.SimpleQueue()
-        handles = [self.add_request(ids, g, outputs=outputs) for ids, g in zip(prompts, gens)]
+        handles = [self.add_request(ids, g, outputs=outputs, images=imgs)
+                   for ids, g, imgs in zip(prompts, gens, images or [None] * len(prompts))]
         index = {h.request_id: i for i, h in enumerate(handles)}
         left = len(handles)
         try:
@@ -525,7 +537,10 @@ class Engine:
     # ------------------------------------------------------------------ forward
     def _forward(self, batch: Batch) -> torch.Tensor | None:
         """Run the model over the batch's new tokens; logits [S, V] of the sequences that sample, in order."""
-        if batch.is_decode and self.decoder is not None:
+        pieces = [] if self.vision is None else \
+            [(self._requests[s.request_id].images, s.num_computed, n) for s, n in zip(batch.seqs, batch.num_new)]
+        with_images = any(start < p.end and p.start < start + n for images, start, n in pieces for p in images)
+        if batch.is_decode and self.decoder is not None and not with_images:
             return self.decoder.step(batch.seqs)
         bs, dev = self.blocks.block_size, self.device
         ids, positions, slots, last = [], [], [], []
@@ -547,7 +562,9 @@ class Engine:
         if self.shard is not None:
             self.shard.announce_forward(positions, slots, tables, kv_lens, cu.cpu() if cu is not None else None, max_position)
         paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev), cu)
-        h = self.model.hidden(torch.tensor(ids, dtype=torch.int64, device=dev), positions.to(dev), paged, max_position)  # [T, H]
+        ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
+        embeds = self.vision.embed(self.model.embed, ids, pieces) if with_images else None  # [T, H]
+        h = self.model.hidden(ids, positions.to(dev), paged, max_position, embeds)  # [T, H]
         rows = [last[i] for i in range(len(batch.seqs)) if batch.samples(i)]
         if not rows:  # every sequence is part-way through its prompt
             return None

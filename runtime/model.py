@@ -220,12 +220,14 @@ class Model:
             load_linear(src, "output", device, dtype, self.cfg.hidden_size, self.dense_int4)
         self.rope = Rope(self.cfg, device)
 
-    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int) -> torch.Tensor:
-        """input_ids, positions [T] -> final normed hidden states [T, H]."""
+    def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,
+               input_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids, positions [T] -> final normed hidden states [T, H]; input_embeds [T, H] replaces the
+        token embeddings (a prompt with images; tp = 1 only)."""
         if self.shard is not None:
             self.shard.broadcast_ids(input_ids)  # the followers' ids are rank 0's
         cos, sin = self.rope(positions, max_position)
-        x, residual = self.embed[input_ids], None  # [T, H]
+        x, residual = self.embed[input_ids] if input_embeds is None else input_embeds, None  # [T, H]
         for i, lw in enumerate(self.layers):
             x, residual = decoder_layer(self.cfg, lw, x, residual, cos, sin, ctx, i, self.reduce)
         return rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)[0]

@@ -35,6 +35,7 @@ class Sequence:
     keys: list[bytes] = field(default_factory=list)  # prefix-cache key of each full block of tokens
     num_registered: int = 0  # leading blocks whose key is in the block manager
     status: str = WAITING
+    images: tuple = ()  # (start, end, content digest) of each image's tokens (lmc.runtime.vision)
 
     @property
     def length(self) -> int:
@@ -58,7 +59,9 @@ class Sequence:
         while len(self.keys) < n_blocks:
             i = len(self.keys)
             parent = self.keys[-1] if self.keys else ROOT_HASH
-            self.keys.append(chain_hash(parent, self.tokens[i * block_size:(i + 1) * block_size]))
+            lo, hi = i * block_size, (i + 1) * block_size
+            extra = b"".join(digest for start, end, digest in self.images if start < hi and end > lo)
+            self.keys.append(chain_hash(parent, self.tokens[lo:hi], extra))
         return self.keys[:n_blocks]
 
 

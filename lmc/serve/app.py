@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException
 from lmc.errors import LmcError
 from lmc.runtime.sampling import GenerationConfig
 from lmc.runtime.tokenizer import NO_TEMPLATE_NOTE
+from lmc.runtime.vision import image_parts, multimodal_prompt
 from lmc.serve.metrics import Metrics
 from lmc.serve.protocol import (ApiError, ChatCompletionRequest, Choice, CompletionRequest, SamplingFields, chat_logprobs,
                                 completion_logprobs, usage)
@@ -48,13 +49,14 @@ class ServeOptions:
     model_name: str
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     max_queue: int | None = None  # waiting requests beyond which a request gets 429; None: no limit
+    media_dir: str | None = None  # image_url parts may name local files under this folder; None: no local files
 
 
 class _Call:
     """The engine requests behind one API call (n choices per prompt), with their usage and timings."""
 
     def __init__(self, engine, metrics: Metrics, request: Request, call_id: str, prompts: list[list[int]],
-                 gens: list[GenerationConfig]):
+                 gens: list[GenerationConfig], images: list | None = None):
         self.metrics, self.start = metrics, time.perf_counter()
         self.prompt_tokens = sum(map(len, prompts))
         self.choices: list[Choice] = []
@@ -64,7 +66,8 @@ class _Call:
                 for k in range(gen.n):
                     choice_gen = replace(gen, n=1, random_seed=None if gen.random_seed is None else gen.random_seed + k)
                     index = len(self.handles)
-                    self.handles.append(engine.add_request(ids, choice_gen, request_id=f"{call_id}-{index}"))
+                    self.handles.append(engine.add_request(ids, choice_gen, request_id=f"{call_id}-{index}",
+                                                           images=images[p] if images else None))
                     self.choices.append(Choice(index))
         except LmcError as e:  # checked already; what the engine refuses still gets a 400
             self.abort()
@@ -278,12 +281,20 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         if body.chat_template is not None:
             tokenizer = copy.copy(tokenizer)
             tokenizer.chat_template = body.chat_template
-        try:
-            ids = tokenizer.encode_chat([m.as_template_input() for m in body.messages])
-        except LmcError as e:  # the template refused these messages (raise_exception), or ran past its bounds
-            raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
+        messages = [m.as_template_input() for m in body.messages]
+        placed = []
+        if any(image_parts(m["content"]) for m in messages):
+            try:  # fetching, decoding and preprocessing off the event loop
+                ids, placed = await asyncio.to_thread(_image_prompt, engine, tokenizer, messages, options.media_dir)
+            except LmcError as e:
+                raise ApiError(400, f"messages: {e}", "messages") from None
+        else:
+            try:
+                ids = tokenizer.encode_chat(messages)
+            except LmcError as e:  # the template refused these messages (raise_exception), or ran past its bounds
+                raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call = _Call(engine, metrics, request, call_id, [ids], configs(body, [ids], "messages"))
+        call = _Call(engine, metrics, request, call_id, [ids], configs(body, [ids], "messages"), [placed])
         head = {"id": call_id, "created": created, "model": options.model_name}
         logprobs = (lambda out: chat_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None)
 
@@ -349,6 +360,15 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
                 "usage": usage(call.prompt_tokens, call.completion_tokens)}
 
     return app
+
+
+def _image_prompt(engine, tokenizer, messages: list[dict], media_dir: str | None):
+    """Token ids and placed images of messages with image_url parts (data URLs; http(s); local files only under
+    media_dir)."""
+    from lmc.vl import message_images
+
+    images = message_images(messages, allowed_dir=media_dir, local_files=media_dir is not None)
+    return multimodal_prompt(tokenizer, engine.workspace.vision, messages, images)
 
 
 def run_server(engine, options: ServeOptions, host: str, port: int, drain_timeout: float, log_level: str) -> None:

@@ -7,9 +7,9 @@ know are ignored, as OpenAI-compatible servers do; `null` means "the default".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from lmc.errors import LmcError
 from lmc.runtime.sampling import GenerationConfig, Logprob
@@ -47,11 +47,24 @@ class TextPart(_Strict):
     text: str
 
 
+class ImageUrl(_Strict):
+    url: str  # a data URL, http(s) when the server can reach it, a local path under --allowed-local-media-path
+    detail: str | None = None  # accepted and ignored
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
 class ChatMessage(_Strict):
     role: str
-    content: str | list[TextPart] | None = None
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]] | None = None
 
     def as_template_input(self) -> dict:
+        """The message for the chat template: text joined; with images, the parts as lmc.runtime.vision takes them."""
+        if isinstance(self.content, list) and any(isinstance(p, ImagePart) for p in self.content):
+            return {"role": self.role, "content": [p.model_dump(exclude_none=True) for p in self.content]}
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         return {"role": self.role, "content": text}
 

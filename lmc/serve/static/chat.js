@@ -5,6 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const settings = ["temperature", "max-tokens", "system", "api-key"];
 const conversation = [];  // {role, content} of finished turns
+let images = [];  // data URLs of the images attached to the next message
 let model = null;
 let controller = null;  // the AbortController of the reply being streamed
 
@@ -84,9 +85,20 @@ function setBusy(busy) {
 async function send(text) {
   $("error").hidden = true;
   const system = $("system").value.trim();
+  const attached = images;
+  images = [];
+  $("attached").textContent = "";
+  const content = attached.length
+    ? attached.map((url) => ({ type: "image_url", image_url: { url: url } })).concat([{ type: "text", text: text }])
+    : text;
   const messages = (system ? [{ role: "system", content: system }] : [])
-    .concat(conversation, [{ role: "user", content: text }]);
+    .concat(conversation, [{ role: "user", content: content }]);
   const userDiv = addMessage("user", text);
+  for (const url of attached) {
+    const img = document.createElement("img");
+    img.src = url;
+    userDiv.prepend(img);
+  }
   const replyDiv = addMessage("assistant", "");
   replyDiv.dataset.state = "streaming";
   controller = new AbortController();
@@ -112,15 +124,17 @@ async function send(text) {
       if (choice && choice.finish_reason) replyDiv.dataset.finishReason = choice.finish_reason;
     }
     replyDiv.dataset.state = "done";
-    conversation.push({ role: "user", content: text }, { role: "assistant", content: reply });
+    conversation.push({ role: "user", content: content }, { role: "assistant", content: reply });
   } catch (err) {
     if (err.name === "AbortError") {  // stopped: keep what came, as the turn's reply
       replyDiv.dataset.state = "stopped";
-      conversation.push({ role: "user", content: text }, { role: "assistant", content: reply });
-    } else {  // refused: show why, and give the message back to edit
+      conversation.push({ role: "user", content: content }, { role: "assistant", content: reply });
+    } else {  // refused: show why, and give the message (and its images) back to edit
       userDiv.remove();
       replyDiv.remove();
       $("input").value = text;
+      images = attached;
+      $("attached").textContent = attached.length ? attached.length + " image(s)" : "";
       showError(err.message);
     }
   } finally {
@@ -143,9 +157,22 @@ $("input").addEventListener("keydown", (event) => {
   }
 });
 $("stop").addEventListener("click", () => controller && controller.abort());
+$("image").addEventListener("change", () => {  // each file read as a data URL, sent with the next message
+  for (const file of $("image").files) {
+    const reader = new FileReader();
+    reader.onload = () => {
+      images.push(reader.result);
+      $("attached").textContent = images.length + " image(s)";
+    };
+    reader.readAsDataURL(file);
+  }
+  $("image").value = "";
+});
 $("reset").addEventListener("click", () => {
   if (controller) controller.abort();
   conversation.length = 0;
+  images = [];
+  $("attached").textContent = "";
   $("messages").replaceChildren();
   $("error").hidden = true;
 });

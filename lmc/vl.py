@@ -1,0 +1,101 @@
+"""Images for vision-language workspaces, as LMDeploy's `lmdeploy.vl.load_image`:
+
+    from lmc.vl import load_image
+    image = load_image("cat.jpg")            # a path, an http(s) URL, a base64 data URL or a PIL image
+    print(pipe(("describe this image", image)).text)
+
+Every image is decoded within bounds (bytes, pixels; lmc.runtime.image_processing) and comes back as an RGB
+PIL image; anything unreadable is one LmcError line.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+from pathlib import Path
+
+from lmc.errors import LmcError
+from lmc.runtime.image_processing import MAX_IMAGE_BYTES, decode_image, to_rgb
+
+FETCH_TIMEOUT_S = 10.0
+
+
+def load_image(image, allowed_dir: str | os.PathLike | None = None, local_files: bool = True):
+    """A PIL image, a path, an http(s) URL or a `data:image/...;base64,` URL -> an RGB PIL image.
+    `local_files=False` refuses paths; `allowed_dir` confines them to that folder (symlinks resolved)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise LmcError("images need Pillow: pip install pillow") from None
+    if isinstance(image, Image.Image):
+        return to_rgb(image)
+    if isinstance(image, bytes):
+        return decode_image(image)
+    if not isinstance(image, (str, os.PathLike)):
+        raise LmcError(f"an image is a path, a URL or a PIL image, got {type(image).__name__}")
+    ref = os.fspath(image)
+    if ref.startswith("data:"):
+        return decode_image(_data_url(ref), "the data URL's image")
+    if ref.startswith(("http://", "https://")):
+        return decode_image(_fetch(ref), ref[:100])
+    ref = ref.removeprefix("file://")
+    if "://" in ref[:16]:
+        raise LmcError(f"image URL {ref[:60]!r}: lmc reads http(s) URLs, data URLs and local paths")
+    return decode_image(_read_local(ref, allowed_dir, local_files), ref)
+
+
+def _data_url(url: str) -> bytes:
+    head, sep, payload = url.partition(",")
+    if not sep or not head.startswith("data:image/") or not head.endswith(";base64"):
+        raise LmcError("a data URL image must be `data:image/<type>;base64,<data>`")
+    if len(payload) > MAX_IMAGE_BYTES * 4 // 3 + 4:
+        raise LmcError(f"the data URL's image is over {MAX_IMAGE_BYTES} bytes")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError):
+        raise LmcError("the data URL's base64 data is malformed") from None
+
+
+def _fetch(url: str) -> bytes:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "lmc"}), timeout=FETCH_TIMEOUT_S) as r:
+            data = r.read(MAX_IMAGE_BYTES + 1)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise LmcError(f"could not fetch the image {url[:100]} ({e}); download it and pass the file") from None
+    if len(data) > MAX_IMAGE_BYTES:
+        raise LmcError(f"the image at {url[:100]} is over {MAX_IMAGE_BYTES} bytes")
+    return data
+
+
+def _read_local(ref: str, allowed_dir, local_files: bool) -> bytes:
+    if not local_files:
+        raise LmcError("local image paths are not accepted here; send a data URL (or start the server with "
+                       "--allowed-local-media-path DIR)")
+    path = Path(ref)
+    if allowed_dir is not None:
+        base, real = Path(allowed_dir).resolve(), path.resolve()
+        if base != real and base not in real.parents:
+            raise LmcError(f"image path {ref[:100]!r} is outside the allowed folder {allowed_dir}")
+    if not path.is_file():
+        raise LmcError(f"image {ref[:100]} is not a file")
+    if path.stat().st_size > MAX_IMAGE_BYTES:
+        raise LmcError(f"image {ref[:100]} is over {MAX_IMAGE_BYTES} bytes")
+    return path.read_bytes()
+
+
+def message_images(messages: list[dict], **rules) -> list:
+    """The images of messages' content parts, in order, loaded: OpenAI's `{"type": "image_url", "image_url":
+    {"url": ...}}` and `{"type": "image", "image": <PIL image or path>}` (rules: load_image's)."""
+    images = []
+    for m in messages:
+        for part in m.get("content") if isinstance(m, dict) and isinstance(m.get("content"), list) else ():
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "image_url":
+                url = part.get("image_url")
+                images.append(load_image(url.get("url") if isinstance(url, dict) else url, **rules))
+            elif kind == "image":
+                images.append(load_image(part.get("image"), **rules))
+    return images
