@@ -65,6 +65,8 @@ def resplit_workspace(src: Path, out: Path, tp: int, force: bool, command: str, 
     ws = Workspace(src)
     if ws.tp != 1:
         raise LmcError(f"{src} is split for tp={ws.tp}; re-splitting starts from a tp=1 workspace or the checkpoint")
+    if ws.vision:
+        raise LmcError(f"--tp {tp}: {src} is a vision-language workspace; lmc runs those at tp=1")
     cfg = ws.config
     problem = tp_problem(cfg, tp)
     if problem:

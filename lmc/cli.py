@@ -85,7 +85,8 @@ def _summary(ws) -> dict:
     size = sum(f["size"] for f in ws.manifest["files"].values())
     return {"path": str(ws.path), "format_version": ws.meta["format_version"], "architecture": cfg.architecture,
             "dtype": ws.meta["dtype"], "quantization": ws.quantization, "tp": ws.tp, "tensors": n_params,
-            "bytes": size, "model": cfg.to_dict(), "provenance": ws.manifest.get("provenance", {})}
+            "bytes": size, "model": cfg.to_dict(), "vision": ws.meta.get("vision"),
+            "provenance": ws.manifest.get("provenance", {})}
 
 
 @main.command()
@@ -104,6 +105,11 @@ def inspect(workspace, as_json):
     click.echo(f"workspace     {info['path']} (format v{info['format_version']})")
     click.echo(f"architecture  {m['architecture']}: {m['num_layers']} layers, hidden {m['hidden_size']}, "
                f"heads {m['num_heads']}/{m['num_kv_heads']} x {m['head_dim']}, ffn {m['intermediate_size']}, vocab {m['vocab_size']}")
+    v = info["vision"]
+    if v:
+        click.echo(f"vision        {v['kind']}: CLIP {v['num_layers']} layers, hidden {v['hidden_size']}, "
+                   f"{v['image_size']} px tiles of {v['patch_size']} px patches, projector {v['projector_layers']} "
+                   f"layer(s), image token {v['image_token']!r} (id {v['image_token_id']})")
     click.echo(f"dtype         {info['dtype']}")
     click.echo("quantization  " + ("none" if not q else f"{q['method']} int{q['bits']} group {q['group_size']} ({q['layout']})"))
     click.echo(f"tp            {info['tp']}")

@@ -54,7 +54,8 @@ def render_bounded(template: str, context: dict, input_chars: int) -> str:
                                "fix the workspace's tokenizer/chat_template.jinja or pass --chat-template")
             if time.monotonic() > deadline:
                 raise LmcError(f"the chat template took more than {RENDER_SECONDS:g} s to render; it is broken or hostile")
-    except (jinja2.TemplateError, RecursionError, OverflowError, MemoryError) as e:
+    except (jinja2.TemplateError, RecursionError, ArithmeticError, MemoryError, TypeError, ValueError, LookupError,
+            AttributeError) as e:  # what a template's own expressions can raise ("a" + 1, x[9], ...)
         raise LmcError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
     return "".join(out)
 

@@ -149,6 +149,9 @@ def test_terminal_line_editing_and_history(workspace, tmp_path):
     "{{ 'x' * 10000000000 }}",  # one huge allocation
     "{{ 7 ** 100000000 }}",  # a number of 84 million digits
     "{% macro f(n) %}{{ f(n) }}{% endmacro %}{{ f(1) }}",  # endless recursion
+    "{{ messages[0]['content'] + 1 }}",  # TypeError from the template's own expression
+    "{{ messages[5] }}{{ 1 // 0 }}",  # ZeroDivisionError
+    "{{ 'a'.zfill('b') }}",  # a method called with a wrong argument
 ])
 def test_a_hostile_chat_template_is_refused_in_bounded_time(template):
     import time

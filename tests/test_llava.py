@@ -296,6 +296,10 @@ def test_quantized_llava_generates_converts_verifies_vision_fp16(models, tmp_pat
     assert g.returncode == 0, g.stderr
     out = json.loads(g.stdout)
     assert out["generated_tokens"] == 5 and out["input_tokens"] > 100  # the image's tokens are in the prompt
+    shown = _lmc("inspect", tmp_path / "ws")
+    assert shown.returncode == 0 and "vision        llava_next: CLIP" in shown.stdout, shown.stdout
+    assert json.loads(_lmc("inspect", tmp_path / "ws", "--json").stdout)["vision"]["kind"] == "llava_next"
+    assert _lmc("convert", tmp_path / "ws", "-o", tmp_path / "tp2", "--tp", "2").returncode == 1  # tp = 1 only
 
 
 def _lmc(*args, stdin=None, timeout=600):
