@@ -149,7 +149,7 @@ class StateDictReader:
 
 def state_source(state: dict, hf_config: dict, tokenizer_files: dict, what: str) -> Source:
     """An in-memory HF state dict as a checkpoint the compiler opens (no files behind it)."""
-    return Source(StateDictReader(state), hf_config, Path(f"<{what}>"), "hf", tokenizer_files)
+    return Source(StateDictReader(state), hf_config, Path(f"<{what}>"), "hf", _tokenizer_files=tokenizer_files)
 
 
 def write_float(source: Source, out: Path, dtype: torch.dtype) -> Path:
