@@ -243,6 +243,7 @@ def _quant_args(k_cache, v_cache) -> tuple[tuple, dict]:
     consts = dict(K_GROUP=k_group, V_GROUP=v_group, BLOCK_D=block_d)
     if k_sz is None:
         return (k_data, v_data, k_data, v_data, 0, 0, 0, 0, 0, 0), consts
+    assert k_sz.stride()[3:] == v_sz.stride()[3:] == (2, 1), "a head's (scale, zero) pairs must be contiguous"
     return (k_data, v_data, k_sz, v_sz, *k_sz.stride()[:3], *v_sz.stride()[:3]), consts
 
 

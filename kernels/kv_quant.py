@@ -12,8 +12,9 @@ A store's `group` says which channels share a (scale, zero): group = D is one pa
 (policy 8's K and V, policy 4's V; g(d) = 0); group < D (policy 4's K: INT4_KEY_GROUP = 16 channels) cuts
 each half of the head into groups of `group` consecutive channels, the last group of a half shorter when
 group does not divide D/2: with n = ceil(D/2 / group) groups per half, g(d) = (d mod D/2) // group + n *
-(d >= D/2), 2n pairs per vector. Grouped stores hold 4 bits only. (Per-vector int4 K costs SmolLM2 +12 %
-perplexity; 16-channel groups cut its round-trip error and the loss to +2-3 %: bench/NOTES.md.)
+(d >= D/2), 2n pairs per vector. Grouped stores hold 4 bits only. (SmolLM2 perplexity through the cache,
+WikiText-2 / PTB: int4 K per vector +12.0 % / +10.9 %, in 16-channel groups +3.5 % / +2.9 %: a few K channels
+are 3-7x the others and set a whole vector's step; docs/benchmarks.md.)
 
 One layer's K (or V) is a QuantizedKV of two tensors, addressed by slot like the float cache
 (position p of sequence b -> block block_tables[b, p // block_size], offset p % block_size):
@@ -53,7 +54,7 @@ except ImportError:  # CPU-only install: the torch reference serves
 SCALE_ZERO_DTYPE = torch.float16
 SCALE_MARGIN = 1 + 2**-10  # covers the float16 rounding of s (relative error <= 2^-11)
 MIN_SCALE = 2**-14  # float16's smallest normal
-INT4_KEY_GROUP = 16  # channels per (scale, zero) of policy 4's keys; SmolLM2 ppl: per vector +12 %, 32: +5 %, 16: +2.5 %
+INT4_KEY_GROUP = 16  # channels per (scale, zero) of policy 4's keys; docs/kv-cache.md, "Why int4 keys are grouped"
 
 
 def store_groups(head_dim: int, bits: int) -> tuple[int, int]:
@@ -258,6 +259,13 @@ if triton is not None:
         return tl.reshape(x, (BLOCK_N, BH))
 
     @triton.jit
+    def _dequant_vector(c, sz_ptr, sz_off, n_mask):
+        """Codes c [BLOCK_N, BLOCK_D] -> float32 values with one (scale, zero) per row at sz_off [BLOCK_N]."""
+        scale = tl.load(sz_ptr + sz_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        zero = tl.load(sz_ptr + sz_off + 1, mask=n_mask, other=0.0).to(tl.float32)
+        return c.to(tl.float32) * scale[:, None] + zero[:, None]
+
+    @triton.jit
     def load_dequant(codes_ptr, sz_ptr, code_off, sz_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr,
                      BITS: tl.constexpr, GROUP: tl.constexpr):
         """Tokens' head vectors [BLOCK_N, BLOCK_D] in float32, columns in head_dims order, from codes at
@@ -268,16 +276,16 @@ if triton is not None:
             cols = tl.arange(0, BLOCK_D // 2)
             b = tl.load(codes_ptr + code_off[:, None] + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < D // 2), other=0)  # [BLOCK_N, BLOCK_D / 2]
-            if GROUP < D:
+            if GROUP < D:  # each half in its own groups; then column 2j = x[j], 2j + 1 = x[j + D/2]
                 x1 = _dequant_half_grouped(b & 15, sz_ptr, sz_off, n_mask, 0, D // 2, GROUP)
                 x2 = _dequant_half_grouped(b >> 4, sz_ptr, sz_off, n_mask, (D // 2 + GROUP - 1) // GROUP, D // 2,
                                            GROUP)
-                return tl.interleave(x1, x2)  # [BLOCK_N, BLOCK_D]: column 2j = x[j], 2j + 1 = x[j + D/2]
-            c = tl.interleave(b & 15, b >> 4)  # [BLOCK_N, BLOCK_D]: column 2j = c[j], 2j + 1 = c[j + D/2]
+                x = tl.interleave(x1, x2)  # [BLOCK_N, BLOCK_D]
+            else:  # column 2j = c[j], 2j + 1 = c[j + D/2]
+                x = _dequant_vector(tl.interleave(b & 15, b >> 4), sz_ptr, sz_off, n_mask)
         else:
             cols = tl.arange(0, BLOCK_D)
             c = tl.load(codes_ptr + code_off[:, None] + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < D), other=0)  # [BLOCK_N, BLOCK_D]
-        scale = tl.load(sz_ptr + sz_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-        zero = tl.load(sz_ptr + sz_off + 1, mask=n_mask, other=0.0).to(tl.float32)
-        return c.to(tl.float32) * scale[:, None] + zero[:, None]
+            x = _dequant_vector(c, sz_ptr, sz_off, n_mask)
+        return x

@@ -220,6 +220,8 @@ def rotary_write_kv_triton(
         ksz, vsz = kc, vc
     assert all(c.stride(-1) == 1 and c.stride(0) == c.shape[1] * c.stride(1) for c in (kc, ksz, vsz)), \
         "the caches must be [num_blocks, block_size, Hkv, ...] with contiguous slots"
+    assert bits == 16 or ksz.stride()[3:] == vsz.stride()[3:] == (2, 1), \
+        "a head's (scale, zero) pairs must be contiguous"
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     slot_mapping = slot_mapping.to(device=q.device).contiguous()  # [T]
     T, Hq, D = q.shape
