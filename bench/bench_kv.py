@@ -13,13 +13,13 @@ Engine on it (max_batch_size 256, session_len 16384, cache_max_entry_count 0.8, 
    fp16 K/V; random codes with plausible scales and zeros for 8 / 4) instead of prefilling: 64 x 16k tokens
    of 8B prefill would take minutes per policy. A step is GraphDecoder.step, the engine's CUDA-graph decode
    (input packing, graph replay, logits copy; no sampling): each sequence writes its token at position
-   L - 1 and attends to L tokens. Median of --iters timed steps after 3 warm-up steps (the first captures
+   L - 1 and attends to L tokens. Median of --iters (20) timed steps after 3 warm-up steps (the first captures
    the bucket's graph). A (B, L) whose blocks exceed the policy's cache is skipped and recorded with the
    blocks it needs and the blocks the cache has (fp16 at 64 x 16k needs 128 GiB).
 2. Serving: `lmc bench`'s client loop (lmc.bench: ShareGPT-like random lengths, 224 prompt / 200 output
    tokens mean, range ratio 0.5, EOS ignored) at concurrency 256 over --requests requests (default 512,
-   capped so the run fits ~5 minutes), after a warm-up of 256 requests cut to 8 output tokens. Every policy
-   gets the same KV budget in bytes, --kv-budget-tokens tokens of fp16 KV (default 49152: 6 GiB on the 8B,
+   capped so the run fits ~5 minutes), after a warm-up of 256 other requests cut to 8 output tokens. Every
+   policy gets the same KV budget in bytes, --kv-budget-tokens tokens of fp16 KV (default 49152: 6 GiB on the 8B,
    less than the ~110k tokens 256 of these requests hold at their longest): the engine's blocks beyond the
    budget are reserved, so the scheduler sees only the budget. Reports output tok/s, the peak number of
    running requests (len(scheduler.running), sampled every millisecond), preemptions.
@@ -118,7 +118,8 @@ def serving(engine: Engine, args) -> dict:
     engine.blocks.reserve(extra)  # the scheduler sees only the budget
     vocab = list(range(10, engine.cfg.vocab_size))
     requests = B.random_requests(args.requests, args.input_len, args.output_len, 0.5, vocab, seed=args.concurrency)
-    warm = [B.BenchRequest(r.prompt_ids, min(r.output_len, 8)) for r in requests[: args.concurrency]]
+    warm = [B.BenchRequest(r.prompt_ids, min(r.output_len, 8))  # other prompts: no prefix-cache hits later
+            for r in B.random_requests(args.concurrency, args.input_len, args.output_len, 0.5, vocab, seed=1)]
     peak = {"running": 0}
     sampling = threading.Event()
 
@@ -174,6 +175,9 @@ def main() -> int:
     parser.add_argument("--work", default="/tmp/lmc_bench_kv")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script")
     parser.add_argument("--requests", type=int, default=None, help="serving requests per policy (default 512)")
+    parser.add_argument("--kv-budget-tokens", type=int, default=None,
+                        help="serving KV budget in tokens of fp16 KV, the same bytes for every policy (default 49152)")
+    parser.add_argument("--iters", type=int, default=None, help="timed decode steps per point (default 20)")
     parser.add_argument("--policies", default="0,8,4")
     cli = parser.parse_args()
     dev = "cpu" if cli.smoke else "cuda"
@@ -181,6 +185,8 @@ def main() -> int:
         parser.error("needs a CUDA GPU (or --smoke)")
     args = SimpleNamespace(**(SMOKE if cli.smoke else FULL))
     args.requests = cli.requests or args.requests
+    args.budget_tokens = cli.kv_budget_tokens or args.budget_tokens
+    args.iters = cli.iters or args.iters
     shape = TINY if cli.smoke else LLAMA3_8B
     t_start = time.perf_counter()
     model, hf_config = random_hf_model(shape, dev, torch.float16)
@@ -191,7 +197,7 @@ def main() -> int:
     free(dev)
     build_s = time.perf_counter() - t_start
     print(f"built {ws} in {build_s:.1f} s", flush=True)
-    report = {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({platform.processor()})",
+    report = {"device": torch.cuda.get_device_name() if dev == "cuda" else f"cpu ({platform.machine()})",
               "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "model": "tiny" if cli.smoke else "random Llama-3-8B shape, fp16 workspace", "build_s": build_s,
