@@ -1,11 +1,13 @@
-"""Why int4 KV costs what it costs: per-layer relative error of K (after rotary) and V stored as the cache stores
-them (per token and head, quantize_kv_ref), against two layouts the cache does not have.
+"""Why int4 KV costs what it costs: per-layer relative error of K (after rotary) and V in the layouts the cache
+has and some it does not, and (--ppl) the perplexity each layout gives.
 
-    python bench/kv_quant_error.py WORKSPACE [--windows 2] > out.json
+    python bench/kv_quant_error.py WORKSPACE [--windows 2] [--dataset ptb] [--ppl] > out.json
 
-Runs the model densely over the first windows of 512 tokens of WikiText-2 test, records every layer's K and V,
-and reports ||dequant(quant(x)) - x|| / ||x|| per layer for:
-  k8, k4, v8, v4       the cache's per-token, per-head asymmetric codes
+Runs the model densely over the first windows of 512 tokens of the dataset's test split (default WikiText-2),
+records every layer's K and V, and reports ||dequant(quant(x)) - x|| / ||x|| per layer for:
+  k8, v8, v4           per token and head, one (scale, zero) per vector (policy 8's K and V, policy 4's V)
+  k4                   the same at 4 bits (policy 4's K before 16-channel groups)
+  k4_g32, k4_g16       per token and head in groups of 32 / 16 channels inside each half (k4_g16: policy 4's K)
   k4_per_channel_64    KIVI's layout for K: asymmetric per channel over groups of 64 tokens
   k4_smoothed          per-token codes after dividing each channel by its absmax over the text (a calibrated
                        per-channel scale that could be folded into q)
@@ -64,9 +66,20 @@ def rel(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((y - x).norm() / x.norm())
 
 
-def per_token(x: torch.Tensor, bits: int) -> torch.Tensor:
-    codes, scales_zeros = quantize_kv_ref(x, bits)
-    return dequantize_kv_ref(codes, scales_zeros, bits)
+def per_token(x: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """The cache's codec: per token and head, `group` channels per (scale, zero) inside each half (None: one
+    pair per vector)."""
+    codes, scales_zeros = quantize_kv_ref(x, bits, group)
+    return dequantize_kv_ref(codes, scales_zeros, bits, group)
+
+
+def rotary_pairs(x: torch.Tensor, bits: int, pairs: int) -> torch.Tensor:
+    """Per token and head in groups of `pairs` rotary pairs: channels [i p, (i + 1) p) and the same + D/2 (the
+    two channels rotary turns together share a pair's frequency)."""
+    *lead, D = x.shape
+    y = x.reshape(*lead, 2, D // 2 // pairs, pairs).transpose(-3, -2)  # [..., D / 2p, 2, p]
+    y = per_token(y.reshape(*lead, D // 2 // pairs, 2 * pairs), bits).reshape(*lead, D // 2 // pairs, 2, pairs)
+    return y.transpose(-3, -2).reshape(x.shape)
 
 
 def per_channel(x: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
@@ -82,12 +95,18 @@ def smoothed(x: torch.Tensor, bits: int) -> torch.Tensor:
     return per_token(x / c, bits) * c
 
 
-VARIANTS = {  # name: (K round trip, V round trip)
+VARIANTS = {  # name: (K round trip, V round trip); v4 / v8: per vector
     "float": (None, None),
     "k8v8 (policy 8)": (lambda x: per_token(x, 8), lambda x: per_token(x, 8)),
-    "k4v4 (policy 4)": (lambda x: per_token(x, 4), lambda x: per_token(x, 4)),
+    "k4v4, K per vector (policy 4 before)": (lambda x: per_token(x, 4), lambda x: per_token(x, 4)),
     "k4v8": (lambda x: per_token(x, 4), lambda x: per_token(x, 8)),
     "k8v4": (lambda x: per_token(x, 8), lambda x: per_token(x, 4)),
+    "k4 groups of 32 channels, v4": (lambda x: per_token(x, 4, 32), lambda x: per_token(x, 4)),
+    "k4 groups of 16 channels, v4 (policy 4)": (lambda x: per_token(x, 4, 16), lambda x: per_token(x, 4)),
+    "k4 groups of 8 channels, v4": (lambda x: per_token(x, 4, 8), lambda x: per_token(x, 4)),
+    "k4 groups of 16, v4 groups of 32": (lambda x: per_token(x, 4, 16), lambda x: per_token(x, 4, 32)),
+    "k4 groups of 16 rotary pairs (32 channels), v4": (lambda x: rotary_pairs(x, 4, 16), lambda x: per_token(x, 4)),
+    "k4 groups of 8 rotary pairs (16 channels), v4": (lambda x: rotary_pairs(x, 4, 8), lambda x: per_token(x, 4)),
     "k4 per channel (64 tokens), v4": (lambda x: per_channel(x, 4), lambda x: per_token(x, 4)),
     "k4 smoothed, v4": (lambda x: smoothed(x, 4), lambda x: per_token(x, 4)),
 }
@@ -105,10 +124,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("workspace")
     ap.add_argument("--windows", type=int, default=2)
+    ap.add_argument("--dataset", default="wikitext2", help="wikitext2 or ptb (the bundled test splits)")
     ap.add_argument("--ppl", action="store_true", help="also score the windows under each of VARIANTS")
     args = ap.parse_args()
     ws = Workspace(args.workspace)
-    ids = Tokenizer(ws.tokenizer_dir).encode(load_text("wikitext2", "test", purpose="eval", flag="--dataset").text)
+    ids = Tokenizer(ws.tokenizer_dir).encode(load_text(args.dataset, "test", purpose="eval", flag="--dataset").text)
     windows = torch.from_numpy(eval_windows(ids, SEQLEN, args.windows))  # [n, 512]
     model = Model(ws, torch.device("cpu"), torch.float32)
     ctx = RecordingCausal(windows.shape[0], SEQLEN)
@@ -118,11 +138,13 @@ def main() -> None:
     for layer, (k, v) in sorted(ctx.kv.items()):
         amax = k.abs().amax(0)  # [Hkv, D]
         layers.append({"layer": layer, "k8": rel(k, per_token(k, 8)), "k4": rel(k, per_token(k, 4)),
+                       "k4_g32": rel(k, per_token(k, 4, 32)), "k4_g16": rel(k, per_token(k, 4, 16)),
                        "v8": rel(v, per_token(v, 8)), "v4": rel(v, per_token(v, 4)),
                        "k4_per_channel_64": rel(k, per_channel(k, 4)), "k4_smoothed": rel(k, smoothed(k, 4)),
                        "k_outlier_ratio": float((amax.amax(-1) / amax.median(-1).values).max())})
     mean = {key: sum(r[key] for r in layers) / len(layers) for key in layers[0] if key != "layer"}
-    out = {"workspace": args.workspace, "windows": windows.shape[0], "seqlen": SEQLEN, "mean_over_layers": mean}
+    out = {"workspace": args.workspace, "dataset": args.dataset, "windows": windows.shape[0], "seqlen": SEQLEN,
+           "mean_over_layers": mean}
     if args.ppl:  # per_channel needs T a multiple of 64: 512-token windows are
         out["ppl"] = {name: ppl(model, windows, *fns) for name, fns in VARIANTS.items()}
     print(json.dumps({**out, "layers": layers}, indent=1))

@@ -3,8 +3,9 @@
 Cache layout: k_cache and v_cache are [num_blocks, block_size, Hkv, D]. Position p of sequence b lives in
 block block_tables[b, p // block_size] at offset p % block_size; its flat slot is
 block * block_size + offset. GQA: q head h reads kv head h // (Hq // Hkv). Softmax runs in fp32.
-A quantized cache (quant_policy 8 or 4) is a QuantizedKV per layer for K and for V: uint8 codes plus a
-float16 scale and zero per token and head, same slots (layout: kernels/kv_quant.py, docs/kv-cache.md);
+A quantized cache (quant_policy 8 or 4) is a QuantizedKV per layer for K and for V: uint8 codes plus
+float16 scales and zeros per token and head (one pair per vector, or per group of channels: policy 4's K),
+same slots (layout: kernels/kv_quant.py, docs/kv-cache.md);
 writes quantize, the kernels dequantize each K/V tile in registers as they read it (to q's dtype, then
 the same dots). With 4 bits a tile's columns interleave the head's two halves (kv_quant.head_dims), so q
 is loaded and the output stored in that column order and the dots need no reshuffle.
@@ -36,21 +37,23 @@ if triton is not None:
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
                      kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
-                     stride_sb, stride_st, stride_sh, qk_scale, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     PAGE: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, qk_scale,
+                     D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BITS: tl.constexpr,
+                     K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
         """One BLOCK_N tile of cached positions offs_n, found through the block table row, folded into the
         online softmax (log2 units) of q [R, BLOCK_D]; keep [R, BLOCK_N] masks what q may attend to.
-        BITS 16: a float cache; 8 or 4: codes at k_ptr / v_ptr, (scale, zero) at ksz_ptr / vsz_ptr."""
+        BITS 16: a float cache; 8 or 4: codes at k_ptr / v_ptr, (scale, zero) pairs at ksz_ptr / vsz_ptr,
+        K_GROUP / V_GROUP channels per pair."""
         blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         tok = offs_n % PAGE
         k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
         v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
-        s_off = blk * stride_sb + tok * stride_st + kvh * stride_sh  # [BLOCK_N], quantized caches only
         nd_mask = n_mask[:, None] & d_mask[None, :]
         if BITS == 16:
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
-            k = load_dequant(k_ptr, ksz_ptr, k_off, s_off, n_mask, D, BLOCK_D, BITS).to(q.dtype)
+            ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh  # [BLOCK_N]
+            k = load_dequant(k_ptr, ksz_ptr, k_off, ks_off, n_mask, D, BLOCK_D, BITS, K_GROUP).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [R, BLOCK_N]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -60,7 +63,8 @@ if triton is not None:
         if BITS == 16:
             v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
-            v = load_dequant(v_ptr, vsz_ptr, v_off, s_off, n_mask, D, BLOCK_D, BITS).to(q.dtype)
+            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh  # [BLOCK_N]
+            v = load_dequant(v_ptr, vsz_ptr, v_off, vs_off, n_mask, D, BLOCK_D, BITS, V_GROUP).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
 
@@ -72,11 +76,11 @@ if triton is not None:
         stride_qt, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
-        stride_sb, stride_st, stride_sh,
+        stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
         stride_ot, stride_oh, stride_bt,
         D: tl.constexpr, PAGE: tl.constexpr,  # PAGE: tokens per cache block (a shift when a power of 2)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         pid_m = tl.program_id(0)
@@ -108,8 +112,9 @@ if triton is not None:
             keep = (offs_n[None, :] <= q_pos[:, None]) & n_mask[None, :]  # causal
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n,
                                          n_mask, offs_d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
-                                         stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
-                                         qk_scale, D, BLOCK_D, PAGE, BITS, DOT_PRECISION)
+                                         stride_vb, stride_vt, stride_vh, stride_ksb, stride_kst, stride_ksh,
+                                         stride_vsb, stride_vst, stride_vsh, qk_scale, D, BLOCK_D, PAGE, BITS,
+                                         K_GROUP, V_GROUP, DOT_PRECISION)
         out = acc / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -121,12 +126,12 @@ if triton is not None:
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
-        stride_sb, stride_st, stride_sh,
+        stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
         stride_ob, stride_oh, stride_bt,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, DOT_PRECISION: tl.constexpr,
-        PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
+        V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
     ):
         pdl_wait(PDL)
         b = tl.program_id(0)
@@ -155,8 +160,9 @@ if triton is not None:
             keep = tl.broadcast_to(n_mask[None, :], (BLOCK_G, BLOCK_N))
             acc, m_i, l_i = _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n,
                                          n_mask, offs_d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
-                                         stride_vb, stride_vt, stride_vh, stride_sb, stride_st, stride_sh,
-                                         qk_scale, D, BLOCK_D, PAGE, BITS, DOT_PRECISION)
+                                         stride_vb, stride_vt, stride_vh, stride_ksb, stride_kst, stride_ksh,
+                                         stride_vsb, stride_vst, stride_vsh, qk_scale, D, BLOCK_D, PAGE, BITS,
+                                         K_GROUP, V_GROUP, DOT_PRECISION)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or kv_len 0) gives zeros
         gd_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
@@ -195,46 +201,50 @@ if triton is not None:
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
     """Stores k, v [T, Hkv, D] at flat slots slot_mapping [T] of the caches, in place. Caches are float
-    tensors [num_blocks, block_size, Hkv, D] or QuantizedKV (then k and v are quantized, quantize_kv_ref)."""
+    tensors [num_blocks, block_size, Hkv, D] or QuantizedKV (then k and v are quantized in their stores'
+    groups, quantize_kv_ref)."""
     _, _, Hkv, D = k_cache.shape
     T = slot_mapping.shape[0]
     assert k.shape == v.shape == (T, Hkv, D), f"k {tuple(k.shape)} / v {tuple(v.shape)} != [{T}, {Hkv}, {D}]"
     slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)  # [T]
     for x, cache in ((k, k_cache), (v, v_cache)):
-        data, scales_zeros, bits = cache_parts(cache)
+        data, scales_zeros, bits, group = cache_parts(cache)
         if scales_zeros is None:
             data.view(-1, Hkv, D).index_copy_(0, slots, x.to(data.dtype))
         else:
-            codes, x_scales_zeros = quantize_kv_ref(x, bits)  # [T, Hkv, D * bits / 8], [T, Hkv, 2]
+            codes, x_scales_zeros = quantize_kv_ref(x, bits, group)  # [T, Hkv, D * bits / 8], [T, Hkv, G, 2]
             data.view(-1, Hkv, data.shape[-1]).index_copy_(0, slots, codes)
-            scales_zeros.view(-1, Hkv, 2).index_copy_(0, slots, x_scales_zeros)
+            scales_zeros.view(-1, *scales_zeros.shape[2:]).index_copy_(0, slots, x_scales_zeros)
 
 
 def _check_caches(q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor) -> int:
     """Checks the caches against q; returns their bits (16: float)."""
     Hq, D = q.shape[1:]
-    k_data, k_sz, bits = cache_parts(k_cache)
-    v_data, v_sz, v_bits = cache_parts(v_cache)
+    k_data, _, bits, _ = cache_parts(k_cache)
+    v_data, _, v_bits, _ = cache_parts(v_cache)
     assert tuple(k_cache.shape) == tuple(v_cache.shape) and bits == v_bits, \
         f"k_cache {tuple(k_cache.shape)} ({bits} bits) != v_cache {tuple(v_cache.shape)} ({v_bits} bits)"
     assert k_cache.shape[3] == D, f"cache head_dim {k_cache.shape[3]} != q head_dim {D}"
     assert Hq % k_cache.shape[2] == 0, f"q heads {Hq} not a multiple of kv heads {k_cache.shape[2]}"
     if bits == 16:
         assert k_data.dtype == v_data.dtype == q.dtype, f"dtypes differ: q {q.dtype}, cache {k_data.dtype}"
-    else:
-        assert k_sz.stride() == v_sz.stride(), "k and v scales_zeros must share strides"
     assert block_tables.dim() == 2
     return bits
 
 
-def _quant_args(k_cache, v_cache) -> tuple:
-    """The kernels' (k, v, k scales_zeros, v scales_zeros, their 3 strides): for a float cache the scale
-    pointers are the values (never read) and the strides 0."""
-    k_data, k_sz, _ = cache_parts(k_cache)
-    v_data, v_sz, _ = cache_parts(v_cache)
+def _quant_args(k_cache, v_cache) -> tuple[tuple, dict]:
+    """The kernels' (k, v, k scales_zeros, v scales_zeros, 3 strides of each scales_zeros) and their K_GROUP,
+    V_GROUP and BLOCK_D (grouped 4-bit loads need BLOCK_D >= 2 * group): for a float cache the scale pointers
+    are the values (never read) and the strides 0."""
+    k_data, k_sz, _, k_group = cache_parts(k_cache)
+    v_data, v_sz, _, v_group = cache_parts(v_cache)
+    D = k_cache.shape[3]
+    block_d = max(triton.next_power_of_2(D), 16, *(2 * g for g in (k_group, v_group) if g < D))
+    consts = dict(K_GROUP=k_group, V_GROUP=v_group, BLOCK_D=block_d)
     if k_sz is None:
-        return k_data, v_data, k_data, v_data, 0, 0, 0
-    return k_data, v_data, k_sz, v_sz, *k_sz.stride()[:3]
+        return (k_data, v_data, k_data, v_data, 0, 0, 0, 0, 0, 0), consts
+    assert k_sz.stride()[3:] == v_sz.stride()[3:] == (2, 1), "a head's (scale, zero) pairs must be contiguous"
+    return (k_data, v_data, k_sz, v_sz, *k_sz.stride()[:3], *v_sz.stride()[:3]), consts
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -248,7 +258,7 @@ def paged_prefill_attention_triton(
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     bits = _check_caches(q, k_cache, v_cache, block_tables)
-    k_data, v_data, k_sz, v_sz, stride_sb, stride_st, stride_sh = _quant_args(k_cache, v_cache)
+    (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
     T, Hq, D = q.shape
     B = kv_lens.shape[0]
@@ -264,10 +274,10 @@ def paged_prefill_attention_triton(
         q.stride(0), q.stride(1),
         k_data.stride(0), k_data.stride(1), k_data.stride(2),
         v_data.stride(0), v_data.stride(1), v_data.stride(2),
-        stride_sb, stride_st, stride_sh,
+        *sz_strides,
         out.stride(0), out.stride(1), block_tables.stride(0),
-        D=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(triton.next_power_of_2(D), 16),
-        BITS=bits, DOT_PRECISION=_dot_precision(q.dtype),
+        D=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BITS=bits, **consts,
+        DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     return out
@@ -288,7 +298,7 @@ def paged_decode_attention_triton(
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     bits = _check_caches(q, k_cache, v_cache, block_tables)
-    k_data, v_data, k_sz, v_sz, stride_sb, stride_st, stride_sh = _quant_args(k_cache, v_cache)
+    (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
     B, Hq, D = q.shape
     _, block_size, Hkv, _ = k_cache.shape
@@ -301,18 +311,18 @@ def paged_decode_attention_triton(
         return out
     part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S], log2 units
-    BLOCK_D = max(triton.next_power_of_2(D), 16)
+    BLOCK_D = consts["BLOCK_D"]
     _decode_kernel[(B, Hkv, num_splits)](
         q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, block_tables, kv_lens,
         scale * math.log2(math.e), group,
         q.stride(0), q.stride(1),
         k_data.stride(0), k_data.stride(1), k_data.stride(2),
         v_data.stride(0), v_data.stride(1), v_data.stride(2),
-        stride_sb, stride_st, stride_sh,
+        *sz_strides,
         out.stride(0), out.stride(1), block_tables.stride(0),
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n, BLOCK_D=BLOCK_D,
-        NUM_SPLITS=num_splits, BITS=bits, DOT_PRECISION=_dot_precision(q.dtype),
+        D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
+        NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     if num_splits > 1:
@@ -328,13 +338,13 @@ def paged_decode_attention_triton(
 
 def _gather_kv(cache, block_table: torch.Tensor, n: int) -> torch.Tensor:
     """The first n cached positions of a sequence, [n, Hkv, D] (float32 when dequantized)."""
-    data, scales_zeros, bits = cache_parts(cache)
+    data, scales_zeros, bits, group = cache_parts(cache)
     block_size = data.shape[1]
     blocks = block_table[: -(-n // block_size)].to(device=data.device, dtype=torch.long)  # [ceil(n / bs)]
     rows = data[blocks].flatten(0, 1)[:n]  # [n, Hkv, D] values or [n, Hkv, D * bits / 8] codes
     if scales_zeros is None:
         return rows
-    return dequantize_kv_ref(rows, scales_zeros[blocks].flatten(0, 1)[:n], bits)  # [n, Hkv, D]
+    return dequantize_kv_ref(rows, scales_zeros[blocks].flatten(0, 1)[:n], bits, group)  # [n, Hkv, D]
 
 
 def _attend_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos: torch.Tensor, scale: float) -> torch.Tensor:

@@ -5,8 +5,8 @@ cos and sin hold one row per token (the caller has applied positions and any rop
 One program per token rotates all of its q heads and then all of its k heads, in fp32.
 `rotary_write_kv` does the same and also stores the rotated k and the untouched v at the token's
 slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes); into a quantized
-cache (kernels/kv_quant.py) it stores each rotated k head and each v head as codes plus scale and zero,
-quantizing in registers.
+cache (kernels/kv_quant.py) it stores each rotated k head and each v head as codes plus scales and zeros
+(per vector, or per group of channels: policy 4's k), quantizing in registers.
 """
 from __future__ import annotations
 
@@ -83,14 +83,15 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, slot_ptr,
         Hq, Hkv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-        stride_qot, stride_qoh, stride_cs, stride_ch, stride_ss, stride_sh,
+        stride_qot, stride_qoh, stride_cs, stride_ch, stride_kss, stride_ksh, stride_vss, stride_vsh,
         HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        BLOCK_D: tl.constexpr, BITS: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, PDL: tl.constexpr,
     ):
         """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
         Caches are addressed as [slots, Hkv, D] values (BITS 16) or [slots, Hkv, D * BITS / 8] codes (BITS 8,
-        4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) at ksz / vsz [slots, Hkv, 2]
-        (strides stride_ss, stride_sh, 1)."""
+        4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) pairs, K_GROUP / V_GROUP
+        channels each, at ksz / vsz [slots, Hkv, G, 2] (strides stride_kss / stride_vss, stride_ksh /
+        stride_vsh, 2, 1)."""
         pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
@@ -116,12 +117,12 @@ if triton is not None:
                 k1, k2 = _rotate_tile(k_ptr + t * stride_kt, hh[:, None] * stride_kh + cols[None, :], mask, cos, sin,
                                       HALF)
                 quantize_store(k1.to(tl.float32), k2.to(tl.float32), mask, kc_ptr + slot * stride_cs + hh * stride_ch,
-                               ksz_ptr + slot * stride_ss + hh * stride_sh, h_mask, cols, HALF, BITS)
+                               ksz_ptr + slot * stride_kss + hh * stride_ksh, h_mask, cols, HALF, BITS, K_GROUP)
                 v_offs = t * stride_vt + hh[:, None] * stride_vh + cols[None, :]
                 v1 = tl.load(v_ptr + v_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_HEADS, BLOCK_HALF]
                 v2 = tl.load(v_ptr + v_offs + HALF, mask=mask, other=0.0).to(tl.float32)
                 quantize_store(v1, v2, mask, vc_ptr + slot * stride_cs + hh * stride_ch,
-                               vsz_ptr + slot * stride_ss + hh * stride_sh, h_mask, cols, HALF, BITS)
+                               vsz_ptr + slot * stride_vss + hh * stride_vsh, h_mask, cols, HALF, BITS, V_GROUP)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -187,10 +188,9 @@ def apply_rotary(
 
 
 def _check_kv(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
-    (k_data, k_sz, k_bits), (v_data, v_sz, v_bits) = cache_parts(k_cache), cache_parts(v_cache)
+    (k_data, _, k_bits, _), (v_data, _, v_bits, _) = cache_parts(k_cache), cache_parts(v_cache)
     assert k_data.shape == v_data.shape and k_data.stride() == v_data.stride() and k_bits == v_bits, \
         f"k_cache {tuple(k_data.shape)} / v_cache {tuple(v_data.shape)} differ"
-    assert k_sz is None or k_sz.stride() == v_sz.stride(), "k and v scales_zeros must share strides"
     assert v.shape == k.shape and tuple(k.shape[1:]) == tuple(k_cache.shape[2:]), \
         f"k {tuple(k.shape)} / v {tuple(v.shape)} do not match the cache's [Hkv, D] {tuple(k_cache.shape[2:])}"
     assert slot_mapping.shape == (k.shape[0],), f"slot_mapping {tuple(slot_mapping.shape)} != [{k.shape[0]}]"
@@ -214,27 +214,30 @@ def rotary_write_kv_triton(
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     _check(q, k, cos, sin)
     _check_kv(k, v, k_cache, v_cache, slot_mapping)
-    kc, ksz, bits = cache_parts(k_cache)
-    vc, vsz, _ = cache_parts(v_cache)
+    kc, ksz, bits, k_group = cache_parts(k_cache)
+    vc, vsz, _, v_group = cache_parts(v_cache)
     if ksz is None:  # a float cache: the scale pointers are never read
         ksz, vsz = kc, vc
-    assert all(c.stride(-1) == 1 and c.stride(0) == c.shape[1] * c.stride(1) for c in (kc, ksz)), \
+    assert all(c.stride(-1) == 1 and c.stride(0) == c.shape[1] * c.stride(1) for c in (kc, ksz, vsz)), \
         "the caches must be [num_blocks, block_size, Hkv, ...] with contiguous slots"
+    assert bits == 16 or ksz.stride()[3:] == vsz.stride()[3:] == (2, 1), \
+        "a head's (scale, zero) pairs must be contiguous"
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     slot_mapping = slot_mapping.to(device=q.device).contiguous()  # [T]
     T, Hq, D = q.shape
     Hkv = k.shape[1]
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # [T, Hq, D]
-    if T > 0:
-        BLOCK_HALF = triton.next_power_of_2(D // 2)
+    if T > 0:  # grouped quantization reshapes each half into groups: BLOCK_HALF >= group
+        BLOCK_HALF = max([triton.next_power_of_2(D // 2), *(g for g in (k_group, v_group) if g < D)])
         BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
         _rotary_kv_kernel[(T,)](
             q, k, v, cos, sin, q_out, kc, vc, ksz, vsz, slot_mapping,
             Hq, Hkv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             sin.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(1), kc.stride(2), ksz.stride(1),
-            ksz.stride(2), HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS, BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF,
-            BITS=bits, **pdl_launch(q.device),
+            ksz.stride(2), vsz.stride(1), vsz.stride(2), HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
+            BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF, BITS=bits, K_GROUP=k_group, V_GROUP=v_group,
+            **pdl_launch(q.device),
         )
     return q_out
 

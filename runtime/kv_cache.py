@@ -1,7 +1,8 @@
 """Paged KV cache: fixed-size blocks of `cache_block_seq_len` tokens and a block table per sequence.
 
-quant_policy 0 stores K and V in the compute dtype; 8 and 4 store uint8 codes plus a float16 scale and zero
-per token and head (a QuantizedKV per layer, layout in kernels/kv_quant.py and docs/kv-cache.md).
+quant_policy 0 stores K and V in the compute dtype; 8 and 4 store uint8 codes plus float16 scales and zeros
+per token and head: one pair per head vector, except policy 4's K, one pair per 16 channels (a QuantizedKV per
+layer, layout in kernels/kv_quant.py and docs/kv-cache.md).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.format.config import ModelConfig
-from lmc.kernels.kv_quant import QuantizedKV, vector_bytes
+from lmc.kernels.kv_quant import QuantizedKV, store_groups, vector_bytes
 from lmc.runtime.config import EngineConfig
 
 GRAPH_SCRATCH_BLOCKS = 1  # taken by the CUDA-graph decoder for its padded rows (runtime/cuda_graph.py)
@@ -17,8 +18,12 @@ GRAPH_SCRATCH_BLOCKS = 1  # taken by the CUDA-graph decoder for its padded rows 
 
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quant_policy: int = 0) -> int:
     """K and V of every layer for block_size tokens: codes + scales + zeros when quantized."""
-    per_vector = vector_bytes(cfg.head_dim, quant_policy) if quant_policy else cfg.head_dim * dtype.itemsize
-    return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * per_vector
+    if quant_policy:
+        k_group, v_group = store_groups(cfg.head_dim, quant_policy)
+        per_pair = vector_bytes(cfg.head_dim, quant_policy, k_group) + vector_bytes(cfg.head_dim, quant_policy, v_group)
+    else:
+        per_pair = 2 * cfg.head_dim * dtype.itemsize
+    return cfg.num_layers * block_size * cfg.num_kv_heads * per_pair
 
 
 def plan_num_blocks(cfg: ModelConfig, ecfg: EngineConfig, dtype: torch.dtype, device: torch.device,
@@ -48,14 +53,16 @@ class PagedKVCache:
     def __init__(self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device,
                  quant_policy: int = 0):
         """k and v: per layer, a [num_blocks, block_size, Hkv, D] tensor of `dtype` (quant_policy 0) or a
-        QuantizedKV of quant_policy bits (8, 4)."""
-        def layer():
+        QuantizedKV of quant_policy bits (8, 4) with store_groups' channels per (scale, zero)."""
+        def layer(group: int):
             if quant_policy:
-                return QuantizedKV.empty(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, quant_policy, device)
+                return QuantizedKV.empty(num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim, quant_policy, group,
+                                         device)
             return torch.empty((num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim), dtype=dtype, device=device)
 
-        self.k = [layer() for _ in range(cfg.num_layers)]
-        self.v = [layer() for _ in range(cfg.num_layers)]
+        k_group, v_group = store_groups(cfg.head_dim, quant_policy)
+        self.k = [layer(k_group) for _ in range(cfg.num_layers)]
+        self.v = [layer(v_group) for _ in range(cfg.num_layers)]
         self.quant_policy = quant_policy
         self.block_size = block_size
         self.num_blocks = num_blocks

@@ -18,9 +18,19 @@ from test_kernels import ATTN_TOL, FP32, _cos_sin, _gen, needs_triton, triton_in
 
 from lmc.errors import LmcError
 from lmc.kernels import attention, rotary
-from lmc.kernels.kv_quant import QuantizedKV, dequantize_kv_ref, quantize_kv_ref
+from lmc.kernels.kv_quant import QuantizedKV, dequantize_kv_ref, quantize_kv_ref, store_groups
 
 BITS = [8, 4]
+LAYOUTS = [(8, None), (4, None), (4, 16), (4, 8)]  # bits, channels per (scale, zero) (None: one per vector)
+
+
+def _groups(D: int, group: int | None) -> list[list[int]]:
+    """The channels of each (scale, zero) pair, written out: the whole vector, or groups of `group`
+    consecutive channels inside each half (a half's last group shorter)."""
+    if group is None or group >= D:
+        return [list(range(D))]
+    half = D // 2
+    return [list(range(h + a, h + min(a + group, half))) for h in (0, half) for a in range(0, half, group)]
 
 
 # --- the codec ---------------------------------------------------------------------------------------------
@@ -35,40 +45,63 @@ def _hard_vectors(D: int, g: torch.Generator) -> torch.Tensor:
     return torch.stack(rows)  # [10, 3, D]
 
 
-@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("bits,group", LAYOUTS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("D", [24, 80, 128])
-def test_quantize_dequantize_error_at_most_half_a_scale(bits, dtype, D):
+def test_quantize_dequantize_error_at_most_half_a_scale(bits, group, dtype, D):
+    """Per vector or per group (D 24 with 16 channels: one shorter group per half; D 80: 16 + 16 + 8)."""
     x = _hard_vectors(D, _gen(D + bits)).to(dtype)
-    codes, scales_zeros = quantize_kv_ref(x, bits)
+    groups = _groups(D, group)
+    codes, scales_zeros = quantize_kv_ref(x, bits, group)
     assert codes.dtype == torch.uint8 and codes.shape == (10, 3, D * bits // 8)
-    assert scales_zeros.dtype == torch.float16 and scales_zeros.shape == (10, 3, 2)
+    assert scales_zeros.dtype == torch.float16 and scales_zeros.shape == (10, 3, len(groups), 2)
     xf = x.float()
-    scale = scales_zeros[..., 0:1].float()  # [10, 3, 1]
-    err = (dequantize_kv_ref(codes, scales_zeros, bits) - xf).abs()
-    assert (err <= scale / 2 + xf.abs() * 2**-22).all()  # slack: the float32 rounding of c * s + z
-    lo, hi = xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)
-    exact_zero = scales_zeros[..., 1:2].float() == lo  # [10, 3, 1]
-    if dtype == torch.float16:  # the minimum is a float16 number: it is the zero
-        assert exact_zero.all()
-    # where the zero is the minimum, the scale is LMDeploy's (max - min) / qmax, up to its float16 margin
-    lmdeploy_scale = torch.clamp((hi - lo) / (2**bits - 1), min=2**-14)
-    assert (scale[exact_zero] >= lmdeploy_scale[exact_zero]).all()
-    assert (scale[exact_zero] <= lmdeploy_scale[exact_zero] * 1.002).all()
+    err = (dequantize_kv_ref(codes, scales_zeros, bits, group) - xf).abs()
+    for g, chans in enumerate(groups):
+        xg = xf[..., chans]
+        scale = scales_zeros[..., g, 0:1].float()  # [10, 3, 1]
+        assert (err[..., chans] <= scale / 2 + xg.abs() * 2**-22).all()  # slack: the float32 rounding of c * s + z
+        lo, hi = xg.amin(-1, keepdim=True), xg.amax(-1, keepdim=True)
+        exact_zero = scales_zeros[..., g, 1:2].float() == lo  # [10, 3, 1]
+        if dtype == torch.float16:  # the minimum is a float16 number: it is the zero
+            assert exact_zero.all()
+        # where the zero is the minimum, the scale is LMDeploy's (max - min) / qmax, up to its float16 margin
+        lmdeploy_scale = torch.clamp((hi - lo) / (2**bits - 1), min=2**-14)
+        assert (scale[exact_zero] >= lmdeploy_scale[exact_zero]).all()
+        assert (scale[exact_zero] <= lmdeploy_scale[exact_zero] * 1.002).all()
 
 
 def test_code_layout_bits_8_and_4():
     """bits 8: byte d holds c[d]; bits 4: byte j holds c[j] in its low and c[j + D/2] in its high nibble."""
     s = 1 + 2**-10  # float16(qmax * (1 + 2^-10) / qmax): codes below are x rounded
     codes, sz = quantize_kv_ref(torch.tensor([[0.0, 255.0, 5.0, 10.0]]), 8)
-    assert codes.tolist() == [[0, 255, 5, 10]] and sz.float().tolist() == [[s, 0.0]]
+    assert codes.tolist() == [[0, 255, 5, 10]] and sz.float().tolist() == [[[s, 0.0]]]
     codes, sz = quantize_kv_ref(torch.tensor([[-3.0, 12.0, 2.0, 7.0]]), 4)  # codes 0, 15, 5, 10
-    assert codes.tolist() == [[0 | 5 << 4, 15 | 10 << 4]] and sz.float().tolist() == [[s, -3.0]]
+    assert codes.tolist() == [[0 | 5 << 4, 15 | 10 << 4]] and sz.float().tolist() == [[[s, -3.0]]]
+    # groups of 2 channels: pairs (0, 1), (2, 3) of the first half, then (4, 5), (6, 7); codes 0, 15 in each
+    codes, sz = quantize_kv_ref(torch.tensor([[-3.0, 12.0, 0.0, 30.0, 1.0, 16.0, 5.0, 35.0]]), 4, 2)
+    assert codes.tolist() == [[0, 255, 0, 255]]
+    assert sz.float().tolist() == [[[s, -3.0], [2 * s, 0.0], [s, 1.0], [2 * s, 5.0]]]
+
+
+@pytest.mark.parametrize("D,group", [(24, 8), (24, 16), (64, 16), (80, 16)])
+def test_grouped_layout_is_per_vector_codes_of_each_group(D, group):
+    """4 bits in groups: pair g holds the (scale, zero) of the g-th group of _groups (first half's groups,
+    then the second half's), and each group's codes are those of its channels quantized as a vector of their
+    own; the bytes still pack c[j] | c[j + D/2] << 4."""
+    x = _hard_vectors(D, _gen(D)).flatten(0, 1)  # [30, D]
+    codes, sz = quantize_kv_ref(x, 4, group)
+    unpack = lambda c: torch.cat((c & 15, c >> 4), dim=-1)  # noqa: E731 (bytes -> codes in channel order)
+    for g, chans in enumerate(_groups(D, group)):  # every group here has an even number of channels
+        alone_codes, alone_sz = quantize_kv_ref(x[:, chans], 4)
+        assert torch.equal(sz[:, g], alone_sz[:, 0])
+        assert torch.equal(unpack(codes)[:, chans], unpack(alone_codes))
 
 
 def test_write_kv_cache_quantizes_into_its_slots_only():
+    """K in groups of 4 channels (4 pairs per vector), V one pair per vector: each store in its own layout."""
     g = _gen(20)
-    k_cache, v_cache = (QuantizedKV.empty(4, 5, 2, 16, 4, "cpu") for _ in range(2))
+    k_cache, v_cache = (QuantizedKV.empty(4, 5, 2, 16, 4, group, "cpu") for group in (4, 16))
     for c in (k_cache, v_cache):
         c.codes.copy_(torch.randint(0, 256, c.codes.shape, generator=g))
         c.scales_zeros.copy_(torch.randn(c.scales_zeros.shape, generator=g))
@@ -76,17 +109,17 @@ def test_write_kv_cache_quantizes_into_its_slots_only():
     k, v = torch.randn(3, 2, 16, generator=g), torch.randn(3, 2, 16, generator=g)
     slots = torch.tensor([17, 3, 9])
     attention.write_kv_cache(k, v, k_cache, v_cache, slots)
-    for x, c, (codes0, sz0) in ((k, k_cache, before[:2]), (v, v_cache, before[2:])):
-        codes, sz = quantize_kv_ref(x, 4)
-        codes0.view(-1, 2, 8)[slots], sz0.view(-1, 2, 2)[slots] = codes, sz
+    for x, c, (codes0, sz0), pairs in ((k, k_cache, before[:2], 4), (v, v_cache, before[2:], 1)):
+        codes, sz = quantize_kv_ref(x, 4, c.group)  # [3, 2, 8], [3, 2, pairs, 2]
+        codes0.view(-1, 2, 8)[slots], sz0.view(-1, 2, pairs, 2)[slots] = codes, sz
         assert torch.equal(c.codes, codes0) and torch.equal(c.scales_zeros, sz0)
 
 
 # --- fused rotary + quantized write ------------------------------------------------------------------------
 
 
-def _noisy_quantized(num_blocks, block_size, Hkv, D, bits, g, nan_scales=False) -> QuantizedKV:
-    c = QuantizedKV.empty(num_blocks, block_size, Hkv, D, bits, "cpu")
+def _noisy_quantized(num_blocks, block_size, Hkv, D, bits, group, g, nan_scales=False) -> QuantizedKV:
+    c = QuantizedKV.empty(num_blocks, block_size, Hkv, D, bits, group, "cpu")
     c.codes.copy_(torch.randint(0, 256, c.codes.shape, generator=g))
     c.scales_zeros.copy_(torch.full(c.scales_zeros.shape, math.nan) if nan_scales
                          else torch.randn(c.scales_zeros.shape, generator=g))
@@ -94,7 +127,7 @@ def _noisy_quantized(num_blocks, block_size, Hkv, D, bits, g, nan_scales=False) 
 
 
 def _clone(c: QuantizedKV) -> QuantizedKV:
-    return QuantizedKV(c.codes.clone(), c.scales_zeros.clone(), c.bits)
+    return QuantizedKV(c.codes.clone(), c.scales_zeros.clone(), c.bits, c.group)
 
 
 @needs_triton
@@ -102,6 +135,8 @@ def _clone(c: QuantizedKV) -> QuantizedKV:
 @pytest.mark.parametrize("Hq,Hkv,D", [(6, 2, 64), (3, 3, 24), (8, 1, 80)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_rotary_write_kv_quantized_triton_matches_ref(bits, Hq, Hkv, D, dtype):
+    """The cache's layouts (store_groups): 4 bits keeps K in 16-channel groups (D 24: one of 12 per half;
+    D 80: 16 + 16 + 8 per half) and V per vector."""
     g = _gen(21)
     T, block_size, num_blocks = 5, 3, 6
     qkv = torch.randn(T, (Hq + 2 * Hkv) * D, generator=g).to(dtype)  # [T, (Hq + 2 Hkv) D], strided views below
@@ -110,7 +145,7 @@ def test_rotary_write_kv_quantized_triton_matches_ref(bits, Hq, Hkv, D, dtype):
     v = qkv[:, (Hq + Hkv) * D:].view(T, Hkv, D)
     cos, sin = _cos_sin(T, D, seed=22)
     slots = torch.randperm(num_blocks * block_size, generator=g)[:T]  # [T]
-    k_ref, v_ref = (_noisy_quantized(num_blocks, block_size, Hkv, D, bits, g) for _ in range(2))
+    k_ref, v_ref = (_noisy_quantized(num_blocks, block_size, Hkv, D, bits, group, g) for group in store_groups(D, bits))
     k_tri, v_tri = _clone(k_ref), _clone(v_ref)
     q_ref = rotary.rotary_write_kv_ref(q, k, v, cos, sin, k_ref, v_ref, slots)
     q_tri = rotary.rotary_write_kv_triton(q, k, v, cos, sin, k_tri, v_tri, slots)
@@ -142,7 +177,8 @@ def _quant_case(q_lens, kv_lens, Hq, Hkv, D, block_size, dtype, bits, seed=0) ->
     order = torch.randperm(num_blocks, generator=g)
     block_tables = torch.zeros(len(kv_lens), max(n_blocks) + 1, dtype=torch.int32)  # a padding column
     float_caches = (torch.zeros(num_blocks, block_size, Hkv, D), torch.zeros(num_blocks, block_size, Hkv, D))
-    quant_caches = tuple(_noisy_quantized(num_blocks, block_size, Hkv, D, bits, g, nan_scales=True) for _ in range(2))
+    quant_caches = tuple(_noisy_quantized(num_blocks, block_size, Hkv, D, bits, group, g, nan_scales=True)
+                         for group in store_groups(D, bits))  # the cache's layouts: 4 bits, K in groups
     used = 0
     for b, n in enumerate(kv_lens):
         block_tables[b, : n_blocks[b]] = order[used: used + n_blocks[b]]
@@ -209,9 +245,10 @@ def test_decode_quantized_empty_sequence_gives_zeros(bits):
     torch.testing.assert_close(out[:1], ref, **FP32)
 
 
-# measured (torch reference, this case): int8 0.0069 prefill / 0.0071 decode, int4 0.120 / 0.133; rounding noise
-# uniform in +-s/2, s = range / qmax (range ~5.5 for 128 N(0, 1) values), is s / sqrt(12): 0.0062 and 0.106
-QUANT_ERROR_BOUND = {8: 0.015, 4: 0.2}
+# measured (torch reference, this case): int8 0.0069 prefill / 0.0071 decode, int4 0.107 / 0.107 (K in 16-channel
+# groups; one pair per vector: 0.120 / 0.133); rounding noise uniform in +-s/2, s = range / qmax (range ~5.5 for
+# 128 N(0, 1) values), is s / sqrt(12): 0.0062 and 0.106, V's share at int4
+QUANT_ERROR_BOUND = {8: 0.015, 4: 0.15}
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -229,6 +266,35 @@ def test_quantized_attention_close_to_float_attention(bits):
         assert 0 < rel <= QUANT_ERROR_BOUND[bits], rel
 
 
+def test_int4_key_groups_contain_outlier_channels():
+    """Keys whose last 8 channels of each half are 8x the others (real keys after rotary have such channels,
+    3-7x the median on SmolLM2): with one (scale, zero) per vector they set every channel's int4 step, and
+    decode attention is off by 38 %; policy 4's 16-channel key groups keep them to their own groups: 16 %
+    (measured; V is int4 per vector in both)."""
+    from lmc.runtime.kv_cache import PagedKVCache
+
+    g = _gen(30)
+    n, Hq, Hkv, D, block_size = 256, 8, 2, 64, 16
+    channel_scale = torch.ones(D)
+    channel_scale[24:32] = channel_scale[56:64] = 8.0
+    k = torch.randn(n, Hkv, D, generator=g) * channel_scale  # [n, Hkv, D]
+    v = torch.randn(n, Hkv, D, generator=g)
+    q = torch.randn(1, Hq, D, generator=g) * 0.5
+    tables = torch.arange(n // block_size, dtype=torch.int32)[None]  # [1, n / block_size]
+    kv_lens = torch.tensor([n], dtype=torch.int32)
+    exact = attention.paged_decode_attention_ref(q, k.view(-1, block_size, Hkv, D), v.view(-1, block_size, Hkv, D),
+                                                 tables, kv_lens, D**-0.5)
+    cache = PagedKVCache(SimpleNamespace(num_layers=1, num_kv_heads=Hkv, head_dim=D), n // block_size, block_size,
+                         torch.float32, torch.device("cpu"), quant_policy=4)
+    per_vector_k = QuantizedKV.empty(n // block_size, block_size, Hkv, D, 4, D, "cpu")
+    rel = {}
+    for name, k_cache in (("groups", cache.k[0]), ("per vector", per_vector_k)):
+        attention.write_kv_cache(k, v, k_cache, cache.v[0], torch.arange(n))
+        out = attention.paged_decode_attention_ref(q, k_cache, cache.v[0], tables, kv_lens, D**-0.5)
+        rel[name] = float((out - exact).norm() / exact.norm())
+    assert cache.k[0].group == 16 and rel["groups"] <= 0.2 and rel["per vector"] >= 0.3, rel
+
+
 # --- storage, budget, config -------------------------------------------------------------------------------
 
 
@@ -238,34 +304,37 @@ def _model_cfg(head_dim: int):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_quantized_blocks_per_budget(head_dim):
-    """fp16 float cache vs int8 / int4 codes plus a float16 scale and zero per token and head: about 2x and
-    3.5x the blocks for the same budget (D=64: 128 / 68 and 128 / 36 bytes; D=128: 256 / 132 and 256 / 68)."""
+    """fp16 float cache vs int8 codes plus a float16 scale and zero per head vector, and int4 codes with
+    one pair per 16 channels of K and one per vector of V: about 1.9x and 3.1x the blocks for the same budget
+    (bytes per K + V pair, D=64: 256 vs 136 and 48 + 36; D=128: 512 vs 264 and 96 + 68)."""
     from lmc.runtime.config import EngineConfig
     from lmc.runtime.kv_cache import bytes_per_block, plan_num_blocks
 
     cfg = _model_cfg(head_dim)
-    vectors = 2 * 4 * 64 * 8  # K and V, layers, tokens per block, kv heads
-    assert bytes_per_block(cfg, 64, torch.float16) == vectors * head_dim * 2
-    assert bytes_per_block(cfg, 64, torch.float16, 8) == vectors * (head_dim + 4)
-    assert bytes_per_block(cfg, 64, torch.float16, 4) == vectors * (head_dim // 2 + 4)
+    pairs = 4 * 64 * 8  # layers, tokens per block, kv heads: K + V vector pairs
+    assert bytes_per_block(cfg, 64, torch.float16) == pairs * 2 * head_dim * 2
+    assert bytes_per_block(cfg, 64, torch.float16, 8) == pairs * 2 * (head_dim + 4)
+    k4 = head_dim // 2 + 4 * (head_dim // 16)  # codes + a scale and zero per 16 channels
+    assert bytes_per_block(cfg, 64, torch.float16, 4) == pairs * (k4 + head_dim // 2 + 4)
     blocks = {p: plan_num_blocks(cfg, EngineConfig(quant_policy=p, max_batch_size=10**6), torch.float16,
                                  torch.device("cpu")) for p in (0, 8, 4)}
     assert blocks[0] == int(2.0 * 1024**3 * 0.8) // bytes_per_block(cfg, 64, torch.float16)
     assert 1.85 <= blocks[8] / blocks[0] <= 2.0
-    assert 3.5 <= blocks[4] / blocks[0] <= 4.0
+    assert 3.0 <= blocks[4] / blocks[0] <= 3.2
 
 
-@pytest.mark.parametrize("policy", [8, 4])
-def test_paged_kv_cache_allocates_quantized_storage(policy):
+@pytest.mark.parametrize("policy,k_pairs", [(8, 1), (4, 2)])
+def test_paged_kv_cache_allocates_quantized_storage(policy, k_pairs):
+    """head_dim 24: policy 4's K has one (scale, zero) per half (12 channels, under the 16 of a group)."""
     from lmc.runtime.kv_cache import PagedKVCache, bytes_per_block
 
     cfg = SimpleNamespace(num_layers=3, num_kv_heads=2, head_dim=24)
     cache = PagedKVCache(cfg, 5, 7, torch.float16, torch.device("cpu"), quant_policy=policy)
     assert cache.quant_policy == policy and len(cache.k) == len(cache.v) == 3
-    for layer in cache.k + cache.v:
+    for layer, pairs in [(k, k_pairs) for k in cache.k] + [(v, 1) for v in cache.v]:
         assert isinstance(layer, QuantizedKV) and layer.bits == policy and layer.shape == (5, 7, 2, 24)
         assert layer.codes.dtype == torch.uint8 and layer.codes.shape == (5, 7, 2, 24 * policy // 8)
-        assert layer.scales_zeros.dtype == torch.float16 and layer.scales_zeros.shape == (5, 7, 2, 2)
+        assert layer.scales_zeros.dtype == torch.float16 and layer.scales_zeros.shape == (5, 7, 2, pairs, 2)
     stored = sum(t.nbytes for layer in cache.k + cache.v for t in (layer.codes, layer.scales_zeros))
     assert stored == 5 * bytes_per_block(cfg, 7, torch.float16, policy)
     assert all(t.dtype == torch.float16 for t in PagedKVCache(cfg, 5, 7, torch.float16, torch.device("cpu")).k)
@@ -343,17 +412,18 @@ def test_quantized_kernels_on_cuda(bits, dtype):
     q, k, v = (torch.randn(T, h, D, generator=g).to(dtype).cuda() for h in (Hq, Hkv, Hkv))
     cos, sin = (t.cuda() for t in _cos_sin(T, D, seed=28))
     slots = torch.randperm(num_blocks * block_size, generator=g)[:T].cuda()
-    caches = [QuantizedKV.empty(num_blocks, block_size, Hkv, D, bits, "cuda") for _ in range(4)]
+    caches = [QuantizedKV.empty(num_blocks, block_size, Hkv, D, bits, group, "cuda")
+              for _ in range(2) for group in store_groups(D, bits)]  # k, v (written by Triton), k, v (torch)
     rotary.rotary_write_kv_triton(q, k, v, cos, sin, caches[0], caches[1], slots)
     rotary.rotary_write_kv_ref(q, k, v, cos, sin, caches[2], caches[3], slots)
     for tri, ref in ((caches[0], caches[2]), (caches[1], caches[3])):
-        deq = [dequantize_kv_ref(c.codes.flatten(0, 1)[slots], c.scales_zeros.flatten(0, 1)[slots], bits)
+        deq = [dequantize_kv_ref(c.codes.flatten(0, 1)[slots], c.scales_zeros.flatten(0, 1)[slots], bits, c.group)
                for c in (tri, ref)]
-        step = ref.scales_zeros.flatten(0, 1)[slots][..., 0:1].float()
+        step = ref.scales_zeros.flatten(0, 1)[slots][..., 0].amax(-1, keepdim=True).float()  # the largest step
         assert ((deq[0] - deq[1]).abs() <= step * 1.01 + 0.02 * deq[1].abs() + 1e-3).all()
 
     c = _quant_case((7, 1, 130), (7, 300, 517), Hq, Hkv, D, block_size, dtype, bits, seed=29)
-    qc, caches = c.q.cuda(), [QuantizedKV(x.codes.cuda(), x.scales_zeros.cuda(), bits) for x in c.quant_caches]
+    qc, caches = c.q.cuda(), [QuantizedKV(x.codes.cuda(), x.scales_zeros.cuda(), bits, x.group) for x in c.quant_caches]
     tables, cu, kv_lens = c.block_tables.cuda(), c.cu_seqlens_q.cuda(), c.kv_lens.cuda()
     tol = dict(rtol=1e-2, atol=1e-2)
     out = attention.paged_prefill_attention(qc, *caches, tables, cu, kv_lens, c.scale)
