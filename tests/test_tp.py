@@ -69,6 +69,9 @@ def test_tp_flag_is_checked_against_the_workspace(checkpoint, tmp_path):
     convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
     with pytest.raises(LmcError, match="split for tp=2: pass --tp 2"):
         Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu", tp=1))
+    bad = subprocess.run([sys.executable, "-m", "lmc", "eval", "ppl", str(tmp_path / "tp2"), "--max-windows", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "lmc eval ppl runs one device" in bad.stderr
     with pytest.raises(LmcError, match="re-casting or re-splitting a split workspace"):
         convert(tmp_path / "tp2", tmp_path / "again", tp=1)
     assert not (tmp_path / "again").exists()
