@@ -12,12 +12,14 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import time
 from pathlib import Path
 
 from lmc.errors import LmcError
 from lmc.runtime.image_processing import MAX_IMAGE_BYTES, decode_image, to_rgb
 
-FETCH_TIMEOUT_S = 10.0
+FETCH_TIMEOUT_S = 10.0  # per socket operation
+FETCH_TOTAL_S = 30.0  # the whole download (a server that drips bytes holds a request no longer)
 
 
 def load_image(image, allowed_dir: str | os.PathLike | None = None, local_files: bool = True):
@@ -60,14 +62,23 @@ def _fetch(url: str) -> bytes:
     import urllib.error
     import urllib.request
 
+    deadline = time.monotonic() + FETCH_TOTAL_S
+    data = bytearray()
     try:
         with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "lmc"}), timeout=FETCH_TIMEOUT_S) as r:
-            data = r.read(MAX_IMAGE_BYTES + 1)
+            while len(data) <= MAX_IMAGE_BYTES:
+                chunk = r.read1(min(1 << 16, MAX_IMAGE_BYTES + 1 - len(data)))  # what has arrived, up to the limit
+                if not chunk:
+                    break
+                data += chunk
+                if time.monotonic() > deadline:
+                    raise LmcError(f"the image at {url[:100]} took more than {FETCH_TOTAL_S:g} s to download; "
+                                   "download it and pass the file")
     except (urllib.error.URLError, OSError, ValueError) as e:
         raise LmcError(f"could not fetch the image {url[:100]} ({e}); download it and pass the file") from None
     if len(data) > MAX_IMAGE_BYTES:
         raise LmcError(f"the image at {url[:100]} is over {MAX_IMAGE_BYTES} bytes")
-    return data
+    return bytes(data)
 
 
 def _read_local(ref: str, allowed_dir, local_files: bool) -> bytes:

@@ -453,3 +453,68 @@ def test_a_bad_vision_entry_is_refused_with_one_line(models, tmp_path):
         with pytest.raises(WorkspaceError, match=words) as e:
             Workspace(ws)
         assert "\n" not in str(e.value)
+
+
+def test_load_image_over_http_is_bounded(tmp_path, monkeypatch):
+    """`load_image("http://...")` reads a served PNG; an oversized body, a 404 and a closed port are one
+    LmcError line each (nothing read past the byte limit)."""
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import lmc.vl as vl
+    from lmc.errors import LmcError
+
+    png = noise_png(31, 17, seed=5)
+    monkeypatch.setattr(vl, "MAX_IMAGE_BYTES", 4096)
+    sent = {}
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path == "/drip.png":  # a byte every 0.2 s: the total deadline ends it
+                self.send_response(200)
+                self.send_header("Content-Length", "1000")
+                self.end_headers()
+                try:
+                    for _ in range(1000):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except OSError:
+                    pass
+                return
+            body = {"/cat.png": png, "/big.png": b"\x89PNG" + b"\0" * 100_000}.get(self.path)
+            if body is None:
+                self.send_error(404)
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            try:
+                self.wfile.write(body)
+            except OSError:  # the client stopped reading at its limit
+                pass
+            sent[self.path] = len(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        image = vl.load_image(base + "/cat.png")
+        assert image.size == (31, 17) and image.mode == "RGB"
+        with pytest.raises(LmcError, match="over 4096 bytes"):
+            vl.load_image(base + "/big.png")
+        with pytest.raises(LmcError, match="could not fetch the image"):
+            vl.load_image(base + "/missing.png")
+        monkeypatch.setattr(vl, "FETCH_TOTAL_S", 1.0)
+        start = time.monotonic()
+        with pytest.raises(LmcError, match="took more than 1 s to download"):
+            vl.load_image(base + "/drip.png")
+        assert time.monotonic() - start < 5
+    finally:
+        server.shutdown()
+    with pytest.raises(LmcError, match="could not fetch the image"):
+        vl.load_image(base + "/cat.png")  # nothing listens any more
