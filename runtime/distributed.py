@@ -72,12 +72,6 @@ class Shard:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t)
 
-    def share(self, value: int) -> int:
-        """Rank 0's value on every rank."""
-        t = torch.tensor([value], dtype=torch.int64)
-        dist.broadcast(t, src=0, group=self.control)
-        return int(t)
-
     # ------------------------------------------------------------------ announcements (rank 0)
     def _send(self, header: list[int], payload: torch.Tensor | None) -> None:
         dist.broadcast(torch.tensor(header + [0] * (HEADER - len(header)), dtype=torch.int64), src=0, group=self.control)
