@@ -362,7 +362,7 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     ids, text_info = (None, None) if opts.calib_samples == 0 else calibration_ids(source, opts)
     release_free_heap()  # tokenizing leaves freed blocks in the heap (0.3 GiB for PTB with SmolLM2's tokenizer)
     mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, opts.w_group_size,
-                  device, calib_dtype, store_dtype, source_read(source))
+                  device, calib_dtype, store_dtype, source_read(source), gptq=opts.mode == "awq-gptq")
     say(mem.describe())
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")

@@ -116,3 +116,15 @@ def test_awq_gptq_needs_the_search(checkpoint, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lmc", "quantize", str(ckpt), "-o", str(tmp_path / "y"), "--method", "gptq"],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and "--method" in proc.stderr
+
+
+def test_memory_prediction_counts_the_hessians():
+    from lmc.compiler.memory import SourceRead, predict
+    from lmc.format.archs import model_config_from_hf
+
+    cfg = model_config_from_hf(dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152))
+    read = SourceRead(file_bytes=10**8, itemsize=2, temporaries=0)
+    awq, gptq_run = (predict(cfg, 128, 512, 8, 4, 128, torch.device("cpu"), torch.float32, torch.float16, read,
+                             held=(2**28, 2**28), gptq=flag).host_bytes for flag in (False, True))
+    assert gptq_run - awq >= 8 * (3 * 576**2 + 1536**2) + 4 * 8 * 1536**2  # float64 X^T X of 4 inputs, one inverse
