@@ -20,7 +20,6 @@ every linear quantized. Methods:
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import tempfile
@@ -33,12 +32,12 @@ from lmc.calib.text import load_text
 from lmc.calib.windows import eval_windows
 from lmc.compiler import awq, gptq
 from lmc.compiler.convert import Builder
-from lmc.compiler.pack import dequantize_int4, fake_quantize_int4, quantize_int4
+from lmc.compiler.pack import dequantize_int4, fake_quantize_int4
 from lmc.compiler.quantize import (LayerCalibrator, QuantizeOptions, calibrate_layer, calibration_ids,
                                    calibration_windows, load_source_layer, resolve_options)
 from lmc.compiler.readers import open_source
 from lmc.format.archs import LINEAR_KEYS, model_config_from_hf
-from lmc.runtime.model import attention_block, linear, mlp_block
+from lmc.runtime.model import linear, mlp_block
 from lmc.runtime.rope import Rope
 from lmc.runtime.tokenizer import Tokenizer
 

@@ -93,15 +93,12 @@ def test_awq_gptq_is_recorded_reproducible_and_evaluable(checkpoint, tmp_path):
     ckpt = checkpoint("llama3")  # K=72: partial groups of 32
     summary = quantize(ckpt, tmp_path / "a", QuantizeOptions(**SMALL, method="awq-gptq", workspace=True), say=_quiet)
     quantize(ckpt, tmp_path / "b", QuantizeOptions(**SMALL, method="awq-gptq", workspace=True), say=_quiet)
-    quantize(ckpt, tmp_path / "awq", QuantizeOptions(**SMALL, workspace=True), say=_quiet)
     assert _tree(tmp_path / "a") == _tree(tmp_path / "b")
     assert summary["method"] == "awq-gptq"
     ws = Workspace(tmp_path / "a")
     assert ws.quantization["method"] == "awq-gptq"
     prov = ws.manifest["provenance"]
     assert prov["quantization"]["method"] == "awq-gptq", prov
-    assert ws.get("layers.0.attention.w_qkv.qweight").shape == Workspace(tmp_path / "awq").get("layers.0.attention.w_qkv.qweight").shape
-    assert not torch.equal(ws.get("layers.0.feed_forward.w2.qweight"), Workspace(tmp_path / "awq").get("layers.0.feed_forward.w2.qweight"))
     proc = subprocess.run([sys.executable, "-m", "lmc", "eval", "ppl", str(tmp_path / "a"), "--dataset", "wikitext2",
                            "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--json"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
