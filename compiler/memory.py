@@ -118,8 +118,9 @@ def source_read(source) -> SourceRead:
 
 def predict(cfg: ModelConfig, samples: int, seqlen: int, search_samples: int, batch_size: int, group_size: int,
             device: torch.device, compute_dtype: torch.dtype, store_dtype: torch.dtype, read: SourceRead,
-            held: tuple[int, int] | None = None) -> MemoryPlan:
+            held: tuple[int, int] | None = None, gptq: bool = False) -> MemoryPlan:
     """Peak bytes on host and device. held: (RSS now, peak RSS so far); default: measured now.
+    gptq: `--method awq-gptq` (float64 X^T X of the four linear inputs, the inverse Hessian of one linear).
 
     Every phase's temporaries are summed: a phase reuses the blocks it freed itself, but malloc keeps
     freed blocks of up to 32 MiB in its heap, where another phase's allocations may not fit (measured:
@@ -146,6 +147,9 @@ def predict(cfg: ModelConfig, samples: int, seqlen: int, search_samples: int, ba
         rows = clip_rows(device)
         steps += max(3 * min(n, rows) * CLIP_TOKENS * -(-k // group_size) * 4 + 8 * min(n, rows) * k * 4
                      for n, k in shapes)  # the clipping search of one linear
+        if gptq:
+            held_by_layer += 8 * sum(k * k for _, k in shapes)  # X^T X of each linear's input, float64
+            steps += max(4 * k * k * 8 + 3 * n * k * 4 for n, k in shapes)  # GPTQ on one linear: H, its factors; W copies
 
     # --- host: reading, results, writing ---
     windows = tokens * 8  # int64 token windows

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmc.compiler import awq
+from lmc.compiler import awq, gptq
 from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
 from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap, source_read
@@ -52,12 +52,18 @@ class QuantizeOptions:
     format: str = "awq"  # the HF checkpoint written without --workspace: one of HF_FORMATS
     dtype: str = "auto"
     allow_nonfinite: bool = False  # keep NaN/Inf source weights (with a warning) instead of refusing
+    method: str = "awq"  # one of METHODS
 
     @property
-    def method(self) -> str:
+    def mode(self) -> str:
+        """What was done, as lmc.json and the provenance record it: rtn, smooth or the --method."""
         if self.calib_samples == 0:
             return "rtn"
-        return "awq" if self.search_scale else "smooth"
+        return self.method if self.search_scale else "smooth"
+
+
+METHODS = {"awq": "AWQ scale and clip search, min-max rounding",
+           "awq-gptq": "AWQ scale search, then GPTQ error feedback (compiler/gptq.py)"}  # --method -> what it does
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -160,8 +166,10 @@ def scales_v_wo(cfg: ModelConfig) -> bool:
     return cfg.q_size == cfg.hidden_size and cfg.num_heads == cfg.num_kv_heads
 
 
-def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opts: QuantizeOptions, bar=None) -> list[dict]:
-    """Search and fold scales, then clip, in place on lw; returns per-group results as data.
+def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opts: QuantizeOptions, bar=None,
+                    folded: dict | None = None) -> list[dict]:
+    """Search and fold scales, then clip (not for awq-gptq: GPTQ rounds the unclipped weights), in place
+    on lw; returns per-group results as data, and the scale folded into each kept input in `folded`.
     `bar` (a tqdm) advances by one per scale candidate (or smoothed group) and per clipped linear,
     its postfix naming the group being searched."""
     from tqdm import tqdm
@@ -194,7 +202,9 @@ def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opt
         _fold(lw, producer, s, rows)
         _scale_columns(lw, consumer, s)
         kept[inp] = kept[inp] / s.to(device=kept[inp].device, dtype=kept[inp].dtype)
-    if opts.search_scale:  # clipping, skipping q and k rows as llm-awq does
+        if folded is not None:
+            folded[inp] = s
+    if opts.search_scale and opts.method == "awq":  # clipping, skipping q and k rows as llm-awq does
         for consumer, inp, rows in (("w_qkv", "h1", v_rows), ("wo", "o", None), ("w13", "h2", None), ("w2", "m", None)):
             bar.set_postfix_str(f"clip {consumer}")
             w = lw[consumer] if rows is None else lw[consumer][rows]
@@ -213,6 +223,9 @@ def layer_steps(cfg: ModelConfig, opts: QuantizeOptions) -> int:
     groups = 4 if scales_v_wo(cfg) else 3
     forwards = -(-opts.calib_samples // opts.batch_size)
     return forwards + (groups * awq.GRID + 4 if opts.search_scale else groups)
+
+
+LINEAR_INPUTS = {"w_qkv": "h1", "wo": "o", "w13": "h2", "w2": "m"}  # each linear's input, as LayerCalibrator.forward names it
 
 
 def quantize_layer_linears(lw: dict, group_size: int, dtype: torch.dtype) -> dict:
@@ -246,6 +259,7 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
                    disable=not progress or x is None)
         lw = load_source_layer(builder, i, device, calib_dtype)
         log = {"layer": i, "groups": []}
+        hessians = {k: gptq.HessianSum() for k in LINEAR_INPUTS.values()} if x is not None and opts.mode == "awq-gptq" else {}
         if x is not None:
             cal = LayerCalibrator(cfg, opts, rope, device, i)
             out = torch.empty_like(x)
@@ -259,16 +273,24 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
                     mean, amax = awq.channel_mean_abs(t) * t.shape[0], awq.channel_abs_max(t)
                     prev = sums.get(k)
                     sums[k] = (mean, amax) if prev is None else (prev[0] + mean, torch.maximum(prev[1], amax))
+                    if k in hessians:
+                        hessians[k].add(t)
                 if b0 < n_search:
                     kept_parts.append({k: t for k, t in inputs.items()})
                 bar.update()
             tokens = x.shape[0] * x.shape[1]
             stats = {f"{k}_mean": v[0] / tokens for k, v in sums.items()} | {f"{k}_max": v[1] for k, v in sums.items()}
             kept = {k: torch.cat([p[k] for p in kept_parts])[: n_search * opts.calib_seqlen] for k in kept_parts[0]}
-            log["groups"] = calibrate_layer(cal, lw, kept, stats, opts, bar)
+            folded = {}
+            log["groups"] = calibrate_layer(cal, lw, kept, stats, opts, bar, folded)
             x = out
+        if hessians:
+            bar.set_postfix_str("gptq")
+            h = {key: hessians[inp].mean(folded.get(inp)) for key, inp in LINEAR_INPUTS.items()}
+            packed = gptq.quantize_linears({key: lw[key] for key in LINEAR_KEYS}, h, opts.w_group_size, store_dtype, bar.update)
+        else:
+            packed = quantize_layer_linears(lw, opts.w_group_size, store_dtype)
         bar.close()
-        packed = quantize_layer_linears(lw, opts.w_group_size, store_dtype)
         extras = {k: lw[k].to(device="cpu", dtype=store_dtype) for k in lw if k not in LINEAR_KEYS}
         layers.append({"packed": packed, "extras": extras})
         log["seconds"] = round(time.perf_counter() - start, 3)
@@ -290,7 +312,8 @@ def command_line(opts: QuantizeOptions) -> str:
             f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
             f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
             f"--search-samples {opts.search_samples} --device {opts.device} --seed {opts.seed} --dtype {opts.dtype}"
-            + (" --workspace" if opts.workspace else "") + (f" --format {opts.format}" if opts.format != "awq" else ""))
+            + (" --workspace" if opts.workspace else "") + (f" --format {opts.format}" if opts.format != "awq" else "")
+            + (f" --method {opts.method}" if opts.method != "awq" else ""))
 
 
 def _stderr(message: str) -> None:
@@ -321,6 +344,10 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
     if opts.format not in HF_FORMATS or (opts.workspace and opts.format != "awq"):
         raise LmcError(f"--format {opts.format!r}: choose one of {', '.join(HF_FORMATS)}, or --workspace alone")
+    if opts.method not in METHODS:
+        raise LmcError(f"--method {opts.method!r}: choose one of {', '.join(METHODS)}")
+    if opts.method != "awq" and (opts.calib_samples == 0 or not opts.search_scale):
+        raise LmcError(f"--method {opts.method} needs calibration and the scale search: drop --calib-samples 0 / --no-search-scale")
     if source.int4 is not None:
         raise LmcError(f"{source.path} is already {source.model_format}-quantized; convert it with `lmc convert`")
     opts = resolve_options(opts)
@@ -341,7 +368,7 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     ids, text_info = (None, None) if opts.calib_samples == 0 else calibration_ids(source, opts)
     release_free_heap()  # tokenizing leaves freed blocks in the heap (0.3 GiB for PTB with SmolLM2's tokenizer)
     mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, opts.w_group_size,
-                  device, calib_dtype, store_dtype, source_read(source))
+                  device, calib_dtype, store_dtype, source_read(source), gptq=opts.mode == "awq-gptq")
     say(mem.describe())
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
@@ -358,16 +385,16 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         layers, logs = run_layers(cfg, builder, opts, device, calib_dtype, store_dtype, windows, show)
     t2 = time.perf_counter()
     record = {k: v for k, v in asdict(opts).items() if k != "workspace"}
-    prov = provenance(source, command, {"quantization": {**record, "method": opts.method, "format": fmt}})
+    prov = provenance(source, command, {"quantization": {**record, "method": opts.mode, "format": fmt}})
     if calib_info:
         prov["calibration"] = calib_info
-    quant = {"method": opts.method, "bits": 4, "group_size": opts.w_group_size, "layout": LAYOUT, "zero_point": True}
+    quant = {"method": opts.mode, "bits": 4, "group_size": opts.w_group_size, "layout": LAYOUT, "zero_point": True}
     with atomic_output(out, force, inputs) as tmp:
         if fmt == "workspace":
             _write_workspace(tmp, builder, cfg, layers, store_dtype, quant, source, prov)
         else:
             _write_hf(tmp, fmt, builder, cfg, layers, store_dtype, source, prov, opts.w_group_size)
-    summary = {"output": str(out), "format": fmt, "method": opts.method, "layers": logs, "options": asdict(opts),
+    summary = {"output": str(out), "format": fmt, "method": opts.mode, "layers": logs, "options": asdict(opts),
                "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2)},
                "memory_predicted": asdict(mem), "peak_host_rss_bytes": peak_rss()}
     if device.type == "cuda":
