@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 import lmc
-from lmc.format.archs import (Target, arch_spec, kv_heads_of_rank, linear_parts, model_config_from_hf, rank_config,
+from lmc.format.archs import (Target, arch_spec, kv_heads_of_rank, linear_parts, model_config_from_hf,
                               tp_problem)
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
                                group_labels, unpack_awq, unpack_compressed, unpack_gptq)
@@ -19,6 +18,7 @@ from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
 from lmc.format.int4 import LAYOUT, to_lmc_tensors
 from lmc.format.hashing import BackgroundHashes
+from lmc.runtime.device import one_torch_thread
 from lmc.format.workspace import (DTYPE_NAMES, FORMAT_VERSION, TensorSpec, Workspace, atomic_output, copy_workspace,
                                   plain_shape, rank_name, verify_workspace, workspace_tensors, write_workspace)
 
@@ -70,14 +70,9 @@ class Builder:
         self._check_tp()
 
     def _check_tp(self) -> None:
-        c, tp = self.cfg, self.tp
-        problem = tp_problem(c, tp)
+        problem = tp_problem(self.cfg, self.tp, self.group_size)
         if problem:
             raise LmcError(problem)
-        local = rank_config(c, tp)
-        row_parallel_k = (local.q_size, local.intermediate_size)  # K of wo and w2 per rank
-        if self.quant and tp > 1 and any(k % self.group_size for k in row_parallel_k):
-            raise LmcError(f"--tp {tp} would split an int4 group of {self.group_size}; use a smaller --tp")
 
     # --- source access -------------------------------------------------------------
     def used_source_names(self) -> set[str]:
@@ -433,19 +428,6 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
                                    source.tokenizer_files(), lambda: provenance(source, command, extra, hashes=hashes))
     bar.close()
     return manifest
-
-
-@contextmanager
-def one_torch_thread():
-    """torch's intra-op threads set to 1 for the duration: the conversion's parallelism is its own
-    threads, and OpenMP threads spin when a core is taken (measured on 2 busy cores: aminmax of a
-    float16 [5632, 2048] in 1.9 ms on one thread, 16 ms on two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def copy_verified_workspace(src: Path, out: Path, model_format: str | None, dtype: str, tp: int | None,

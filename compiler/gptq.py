@@ -10,12 +10,12 @@ and zeros themselves: re-quantizing the dequantized weights by min-max would not
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 
 import torch
 
 from lmc.compiler.pack import quantize_int4
 from lmc.format.int4 import to_lmc_tensors
+from lmc.runtime.device import one_torch_thread
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (GPTQ's percdamp)
 BLOCK = 32  # columns per lazy batch update: divides every group size lmc accepts (32, 64, 128), so a group
@@ -52,18 +52,6 @@ def inverse_cholesky(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     h += torch.eye(h.shape[0], dtype=h.dtype, device=h.device) * (DAMP * torch.diagonal(h).mean())
     hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))  # [K, K]
     return torch.linalg.cholesky(hinv, upper=True), dead
-
-
-@contextmanager
-def one_thread():
-    """Run the column loop on one CPU thread: its ops are small, and intra-op threads only add
-    synchronisation (on the loaded 2-core CPU: 576 x 1536 1.5 s on one thread, 11 s on two; 3072 x 576 0.4 s, 35 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, group_size: int, scale_dtype: torch.dtype,
@@ -113,7 +101,7 @@ def quantize_linears(weights: dict[str, torch.Tensor], hessians: dict[str, torch
     """A layer's linears {key: W [N, K]} with their inputs' X^T X / T -> {key: (qweight, scales, zeros)}
     in lmc's layout (scales and zeros in `dtype`), on the CPU; `step()` after each linear."""
     packed = {}
-    with one_thread():
+    with one_torch_thread():
         for key, w in weights.items():
             codes, scales, zeros = gptq_quantize(w, hessians[key], group_size, dtype)
             packed[key] = tuple(t.cpu() for t in to_lmc_tensors(codes, scales, zeros, dtype))

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from lmc.errors import LmcError
-from lmc.format.archs import LAYER_KEYS, kv_heads_of_rank, linear_parts, rank_config, tp_problem
-from lmc.format.workspace import TensorSpec, Workspace, atomic_output, confined, rank_name, write_workspace
+from lmc.format.archs import LAYER_KEYS, kv_heads_of_rank, linear_parts, tp_problem
+from lmc.format.workspace import (DTYPE_NAMES, TensorSpec, Workspace, atomic_output, confined, rank_name,
+                                  workspace_tensors, write_workspace)
 
 ROW_PARALLEL = ("wo", "w2")
 
@@ -67,22 +68,12 @@ def resplit_workspace(src: Path, out: Path, tp: int, force: bool, command: str, 
         raise LmcError(f"{src} is split for tp={ws.tp}; re-splitting starts from a tp=1 workspace or the checkpoint")
     if ws.vision:
         raise LmcError(f"--tp {tp}: {src} is a vision-language workspace; lmc runs those at tp=1")
-    cfg = ws.config
-    problem = tp_problem(cfg, tp)
+    problem = tp_problem(ws.config, tp, (ws.quantization or {}).get("group_size"))
     if problem:
         raise LmcError(problem)
-    group = (ws.quantization or {}).get("group_size")
-    local = rank_config(cfg, tp)
-    if group and any(k % group for k in (local.q_size, local.intermediate_size)):
-        raise LmcError(f"--tp {tp} would split an int4 group of {group}; use a smaller --tp")
-    rank_specs = []
-    for rank in range(tp):
-        specs = []
-        for name in ws.tensor_names():
-            key, _ = _layer_key(name)
-            t = cut(ws, name, tp, rank)
-            specs.append(TensorSpec(rank_name(name, rank, tp, key is not None), t.dtype, tuple(t.shape)))
-        rank_specs.append(specs)
+    rank_specs = [[] for _ in range(tp)]  # the per-rank shapes the format implies; the writer checks each cut against them
+    for rank, _, name, dt, shape in workspace_tensors(ws.config, ws.meta["dtype"], ws.quantization, tp):
+        rank_specs[rank].append(TensorSpec(name, DTYPE_NAMES[dt], shape))
     names = {rank_name(n, r, tp, _layer_key(n)[0] is not None): n for r in range(tp) for n in ws.tensor_names()}
     meta = dict(ws.meta, tp=tp)
     prov = {**ws.manifest["provenance"], "command": command, "resplit_from": {"tp": 1, "path": str(src)}}

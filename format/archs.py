@@ -48,15 +48,19 @@ def linear_parts(cfg: ModelConfig, key: str) -> tuple[tuple[int, ...], int]:
             "w2": ((h,), i)}[key]
 
 
-def tp_problem(cfg: ModelConfig, tp: int) -> str | None:
-    """Why `tp` ranks cannot split this model, or None. KV heads fewer than ranks are replicated, so tp
-    must then be a multiple of them."""
+def tp_problem(cfg: ModelConfig, tp: int, group_size: int | None = None) -> str | None:
+    """Why `tp` ranks cannot split this model (int4 in groups of `group_size`), or None. KV heads fewer than
+    ranks are replicated, so tp must then be a multiple of them; an int4 row-parallel cut (wo, w2) must fall
+    on a group boundary."""
     for what, n in (("attention heads", cfg.num_heads), ("intermediate_size", cfg.intermediate_size)):
         if n % tp:
             return f"--tp {tp} does not divide {what} ({n}); choose a tp that divides {what}"
     kv = cfg.num_kv_heads
     if (kv % tp if kv >= tp else tp % kv):
         return f"--tp {tp} neither divides nor is a multiple of the KV heads ({kv}); choose another tp"
+    local = rank_config(cfg, tp)
+    if group_size and tp > 1 and any(k % group_size for k in (local.q_size, local.intermediate_size)):
+        return f"--tp {tp} would split an int4 group of {group_size}; use a smaller --tp"
     return None
 
 

@@ -1,11 +1,11 @@
-"""sha256 of files at disk speed: each file is hashed over a read-only memory map in 16 MiB slices
-(no copy into Python buffers; hashlib releases the GIL on each slice), and `BackgroundHashes` hashes
+"""sha256 of files at disk speed: each file is read in 16 MiB chunks into one reused buffer (read and hashlib
+both release the GIL; read, not a memory map, so a file truncated meanwhile by another process gives a short
+hash rather than a SIGBUS that kills the process), and `BackgroundHashes` hashes
 a list of files on worker threads while the caller does other work. Imports no torch, so a command
 can start hashing before torch is loaded."""
 from __future__ import annotations
 
 import hashlib
-import mmap
 import os
 import stat
 import threading
@@ -17,16 +17,13 @@ WORKERS = min(8, os.cpu_count() or 2)  # files hashed at once
 
 def sha256_file(path: str | os.PathLike) -> str:
     sha = hashlib.sha256()
+    buf = bytearray(CHUNK)
+    view = memoryview(buf)
     with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            return sha.hexdigest()
-        with mmap.mmap(f.fileno(), size, access=mmap.ACCESS_READ) as m:
-            if hasattr(m, "madvise"):
-                m.madvise(mmap.MADV_SEQUENTIAL)  # aggressive read-ahead
-            with memoryview(m) as view:
-                for start in range(0, size, CHUNK):
-                    sha.update(view[start:start + CHUNK])
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # aggressive read-ahead
+        while n := f.readinto(buf):
+            sha.update(view[:n])
     return sha.hexdigest()
 
 

@@ -120,13 +120,9 @@ class Shard:
 
 
 def rank_device(device: torch.device, rank: int) -> torch.device:
-    """Rank r runs on cuda:r (of the devices this process sees), or on the CPU."""
-    if device.type != "cuda":
-        return device
-    if rank >= torch.cuda.device_count():
-        raise LmcError(f"tp needs {rank + 1} GPUs; this machine shows {torch.cuda.device_count()}: "
-                       "run with a smaller tp or convert with --tp 1")
-    return torch.device("cuda", rank)
+    """Rank r runs on cuda:r (of the devices this process sees; start_ranks checked there are enough), or on the
+    CPU."""
+    return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
 def _free_port() -> int:

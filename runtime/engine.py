@@ -556,12 +556,13 @@ class Engine:
         kv_lens = torch.tensor([s.num_computed + n for s, n in zip(batch.seqs, batch.num_new)], dtype=torch.int32)  # [B]
         cu = None
         if not batch.is_decode:
-            cu = torch.tensor([0] + batch.num_new, dtype=torch.int32).cumsum(0).to(torch.int32).to(dev)  # [B+1]
+            cu = torch.tensor([0] + batch.num_new, dtype=torch.int32).cumsum(0).to(torch.int32)  # [B+1]
         slots, positions = torch.tensor(slots, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)  # [T]
         max_position = int(kv_lens.max()) - 1
         if self.shard is not None:
-            self.shard.announce_forward(positions, slots, tables, kv_lens, cu.cpu() if cu is not None else None, max_position)
-        paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev), cu)
+            self.shard.announce_forward(positions, slots, tables, kv_lens, cu, max_position)
+        paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev),
+                           cu.to(dev) if cu is not None else None)
         ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
         embeds = self.vision.embed(self.model.embed, ids, pieces) if with_images else None  # [T, H]
         h = self.model.hidden(ids, positions.to(dev), paged, max_position, embeds)  # [T, H]
