@@ -187,8 +187,12 @@ def test_followers_exit_when_rank0_is_killed(checkpoint, tmp_path):
 
     convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
     server = Server(tmp_path / "tp2", tmp_path, "--session-len", "64")
-    ranks = [p for p in _children(server.proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
-    assert len(ranks) == 1, "expected one follower process"
+    try:
+        ranks = [p for p in _children(server.proc.pid) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert len(ranks) == 1, "expected one follower process"
+    except BaseException:
+        server.stop()  # a failed check must not leave the server and its rank running
+        raise
     os.kill(server.proc.pid, signal.SIGKILL)
     server.proc.wait(30)
     deadline = time.monotonic() + 60
