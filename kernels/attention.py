@@ -39,11 +39,12 @@ if triton is not None:
                      kvh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt, stride_vh,
                      stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh, qk_scale,
                      D: tl.constexpr, BLOCK_D: tl.constexpr, PAGE: tl.constexpr, BITS: tl.constexpr,
-                     K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                     K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                     HALF_DEQUANT: tl.constexpr):
         """One BLOCK_N tile of cached positions offs_n, found through the block table row, folded into the
         online softmax (log2 units) of q [R, BLOCK_D]; keep [R, BLOCK_N] masks what q may attend to.
         BITS 16: a float cache; 8 or 4: codes at k_ptr / v_ptr, (scale, zero) pairs at ksz_ptr / vsz_ptr,
-        K_GROUP / V_GROUP channels per pair."""
+        K_GROUP / V_GROUP channels per pair, dequantized in float16 when HALF_DEQUANT (q is float16)."""
         blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
         tok = offs_n % PAGE
         k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
@@ -53,7 +54,8 @@ if triton is not None:
             k = tl.load(k_ptr + k_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
             ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh  # [BLOCK_N]
-            k = load_dequant(k_ptr, ksz_ptr, k_off, ks_off, n_mask, D, BLOCK_D, BITS, K_GROUP).to(q.dtype)
+            k = load_dequant(k_ptr, ksz_ptr, k_off, ks_off, n_mask, D, BLOCK_D, BITS, K_GROUP,
+                             HALF_DEQUANT).to(q.dtype)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [R, BLOCK_N]
         qk = tl.where(keep, qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
@@ -64,7 +66,8 @@ if triton is not None:
             v = tl.load(v_ptr + v_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)  # [BLOCK_N, BLOCK_D]
         else:
             vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh  # [BLOCK_N]
-            v = load_dequant(v_ptr, vsz_ptr, v_off, vs_off, n_mask, D, BLOCK_D, BITS, V_GROUP).to(q.dtype)
+            v = load_dequant(v_ptr, vsz_ptr, v_off, vs_off, n_mask, D, BLOCK_D, BITS, V_GROUP,
+                             HALF_DEQUANT).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         return acc, m_new, l_i
 
@@ -81,6 +84,7 @@ if triton is not None:
         D: tl.constexpr, PAGE: tl.constexpr,  # PAGE: tokens per cache block (a shift when a power of 2)
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BITS: tl.constexpr,
         K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        HALF_DEQUANT: tl.constexpr,
     ):
         pdl_wait(PDL)
         pid_m = tl.program_id(0)
@@ -114,7 +118,7 @@ if triton is not None:
                                          n_mask, offs_d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
                                          stride_vb, stride_vt, stride_vh, stride_ksb, stride_kst, stride_ksh,
                                          stride_vsb, stride_vst, stride_vsh, qk_scale, D, BLOCK_D, PAGE, BITS,
-                                         K_GROUP, V_GROUP, DOT_PRECISION)
+                                         K_GROUP, V_GROUP, DOT_PRECISION, HALF_DEQUANT)
         out = acc / l_i[:, None]
         tl.store(o_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
@@ -132,6 +136,7 @@ if triton is not None:
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
         V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        HALF_DEQUANT: tl.constexpr,
     ):
         pdl_wait(PDL)
         b = tl.program_id(0)
@@ -162,7 +167,7 @@ if triton is not None:
                                          n_mask, offs_d, d_mask, kvh, stride_kb, stride_kt, stride_kh,
                                          stride_vb, stride_vt, stride_vh, stride_ksb, stride_kst, stride_ksh,
                                          stride_vsb, stride_vst, stride_vsh, qk_scale, D, BLOCK_D, PAGE, BITS,
-                                         K_GROUP, V_GROUP, DOT_PRECISION)
+                                         K_GROUP, V_GROUP, DOT_PRECISION, HALF_DEQUANT)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or kv_len 0) gives zeros
         gd_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
@@ -277,7 +282,7 @@ def paged_prefill_attention_triton(
         *sz_strides,
         out.stride(0), out.stride(1), block_tables.stride(0),
         D=D, PAGE=k_cache.shape[1], BLOCK_M=block_m, BLOCK_N=block_n, BITS=bits, **consts,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=_dot_precision(q.dtype), HALF_DEQUANT=q.dtype == torch.float16,
         num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     return out
@@ -323,6 +328,7 @@ def paged_decode_attention_triton(
         part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
         D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
         NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
+        HALF_DEQUANT=q.dtype == torch.float16,
         num_warps=4, num_stages=2, **pdl_launch(q.device),
     )
     if num_splits > 1:

@@ -243,9 +243,27 @@ if triton is not None:
         return cols, cols < D
 
     @triton.jit
-    def _dequant_half_grouped(c, sz_ptr, sz_off, n_mask, g0, HALF: tl.constexpr, GROUP: tl.constexpr):
-        """One half's codes c [BLOCK_N, BH] (uint8) -> float32 values with the pairs g0, g0 + 1, ... at
-        sz_off [BLOCK_N]; groups past the half read (0, 0)."""
+    def _codes_to_float(c, F16: tl.constexpr):
+        """uint8 codes (< 256) as float16 values (F16) or float32 ones, exactly. To float16 without a conversion
+        instruction (Hopper issues those at a quarter of the FMA rate: decode attention spent more time converting
+        than reading): the bits 0x6400 | c are the float16 1024 + c, so one OR and one subtraction give c."""
+        if F16:
+            return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        return c.to(tl.float32)
+
+    @triton.jit
+    def _affine(c, scale, zero, F16: tl.constexpr):
+        """c * scale + zero (the parameters stored as float16): in float16 with one rounding (a fused
+        multiply-add) when F16, else in float32."""
+        if F16:
+            return tl.fma(_codes_to_float(c, F16), scale, zero)
+        return _codes_to_float(c, F16) * scale.to(tl.float32) + zero.to(tl.float32)
+
+    @triton.jit
+    def _dequant_half_grouped(c, sz_ptr, sz_off, n_mask, g0, HALF: tl.constexpr, GROUP: tl.constexpr,
+                              F16: tl.constexpr):
+        """One half's codes c [BLOCK_N, BH] (uint8) -> float16 (F16) or float32 values with the pairs g0, g0 + 1,
+        ... at sz_off [BLOCK_N]; groups past the half read (0, 0)."""
         BLOCK_N: tl.constexpr = c.shape[0]
         BH: tl.constexpr = c.shape[1]
         NGB: tl.constexpr = BH // GROUP
@@ -253,39 +271,41 @@ if triton is not None:
         g = tl.arange(0, NGB)
         g_mask = n_mask[:, None] & (g[None, :] < NGH)  # [BLOCK_N, NGB]
         sz = sz_ptr + sz_off[:, None] + 2 * (g0 + g)[None, :]
-        scale = tl.load(sz, mask=g_mask, other=0.0).to(tl.float32)  # [BLOCK_N, NGB]
-        zero = tl.load(sz + 1, mask=g_mask, other=0.0).to(tl.float32)
-        x = tl.reshape(c, (BLOCK_N, NGB, GROUP)).to(tl.float32) * scale[:, :, None] + zero[:, :, None]
+        scale = tl.load(sz, mask=g_mask, other=0.0)  # [BLOCK_N, NGB] float16
+        zero = tl.load(sz + 1, mask=g_mask, other=0.0)
+        x = _affine(tl.reshape(c, (BLOCK_N, NGB, GROUP)), scale[:, :, None], zero[:, :, None], F16)
         return tl.reshape(x, (BLOCK_N, BH))
 
     @triton.jit
-    def _dequant_vector(c, sz_ptr, sz_off, n_mask):
-        """Codes c [BLOCK_N, BLOCK_D] -> float32 values with one (scale, zero) per row at sz_off [BLOCK_N]."""
-        scale = tl.load(sz_ptr + sz_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-        zero = tl.load(sz_ptr + sz_off + 1, mask=n_mask, other=0.0).to(tl.float32)
-        return c.to(tl.float32) * scale[:, None] + zero[:, None]
+    def _dequant_vector(c, sz_ptr, sz_off, n_mask, F16: tl.constexpr):
+        """Codes c [BLOCK_N, BLOCK_D] -> float16 (F16) or float32 values with one (scale, zero) per row at
+        sz_off [BLOCK_N]."""
+        scale = tl.load(sz_ptr + sz_off, mask=n_mask, other=0.0)  # [BLOCK_N] float16
+        zero = tl.load(sz_ptr + sz_off + 1, mask=n_mask, other=0.0)
+        return _affine(c, scale[:, None], zero[:, None], F16)
 
     @triton.jit
     def load_dequant(codes_ptr, sz_ptr, code_off, sz_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr,
-                     BITS: tl.constexpr, GROUP: tl.constexpr):
-        """Tokens' head vectors [BLOCK_N, BLOCK_D] in float32, columns in head_dims order, from codes at
-        code_off [BLOCK_N] and (scale, zero) pairs at sz_off [BLOCK_N] (GROUP channels per pair; fewer than D:
-        BITS 4 only, BLOCK_D >= 2 * GROUP); rows where n_mask is false are zeros. Columns past D hold a zero z
-        or 0 (q is zero there, and those output columns are never stored)."""
+                     BITS: tl.constexpr, GROUP: tl.constexpr, F16: tl.constexpr):
+        """Tokens' head vectors [BLOCK_N, BLOCK_D] in float16 when F16 (c * s + z rounded once), else float32,
+        columns in head_dims order, from codes at code_off [BLOCK_N] and (scale, zero) pairs at sz_off [BLOCK_N]
+        (GROUP channels per pair; fewer than D: BITS 4 only, BLOCK_D >= 2 * GROUP); rows where n_mask is false
+        are zeros. Columns past D hold a zero z or 0 (q is zero there, and those output columns are never
+        stored)."""
         if BITS == 4:
             cols = tl.arange(0, BLOCK_D // 2)
             b = tl.load(codes_ptr + code_off[:, None] + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < D // 2), other=0)  # [BLOCK_N, BLOCK_D / 2]
             if GROUP < D:  # each half in its own groups; then column 2j = x[j], 2j + 1 = x[j + D/2]
-                x1 = _dequant_half_grouped(b & 15, sz_ptr, sz_off, n_mask, 0, D // 2, GROUP)
+                x1 = _dequant_half_grouped(b & 15, sz_ptr, sz_off, n_mask, 0, D // 2, GROUP, F16)
                 x2 = _dequant_half_grouped(b >> 4, sz_ptr, sz_off, n_mask, (D // 2 + GROUP - 1) // GROUP, D // 2,
-                                           GROUP)
+                                           GROUP, F16)
                 x = tl.interleave(x1, x2)  # [BLOCK_N, BLOCK_D]
             else:  # column 2j = c[j], 2j + 1 = c[j + D/2]
-                x = _dequant_vector(tl.interleave(b & 15, b >> 4), sz_ptr, sz_off, n_mask)
+                x = _dequant_vector(tl.interleave(b & 15, b >> 4), sz_ptr, sz_off, n_mask, F16)
         else:
             cols = tl.arange(0, BLOCK_D)
             c = tl.load(codes_ptr + code_off[:, None] + cols[None, :],
                         mask=n_mask[:, None] & (cols[None, :] < D), other=0)  # [BLOCK_N, BLOCK_D]
-            x = _dequant_vector(c, sz_ptr, sz_off, n_mask)
+            x = _dequant_vector(c, sz_ptr, sz_off, n_mask, F16)
         return x
