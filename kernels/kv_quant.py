@@ -248,16 +248,20 @@ if triton is not None:
         instruction (Hopper issues those at a quarter of the FMA rate: decode attention spent more time converting
         than reading): the bits 0x6400 | c are the float16 1024 + c, so one OR and one subtraction give c."""
         if F16:
-            return (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
-        return c.to(tl.float32)
+            x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True) - 1024.0
+        else:
+            x = c.to(tl.float32)
+        return x
 
     @triton.jit
     def _affine(c, scale, zero, F16: tl.constexpr):
-        """c * scale + zero (the parameters stored as float16): in float16 with one rounding (a fused
-        multiply-add) when F16, else in float32."""
+        """c * scale + zero (the parameters stored as float16): in float16 when F16 (the multiply and add fuse
+        into one fma.rn.f16, one rounding), else in float32."""
         if F16:
-            return tl.fma(_codes_to_float(c, F16), scale, zero)
-        return _codes_to_float(c, F16) * scale.to(tl.float32) + zero.to(tl.float32)
+            x = _codes_to_float(c, F16) * scale + zero
+        else:
+            x = _codes_to_float(c, F16) * scale.to(tl.float32) + zero.to(tl.float32)
+        return x
 
     @triton.jit
     def _dequant_half_grouped(c, sz_ptr, sz_off, n_mask, g0, HALF: tl.constexpr, GROUP: tl.constexpr,
