@@ -299,6 +299,7 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int = 64,
+    num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
@@ -329,7 +330,7 @@ def paged_decode_attention_triton(
         D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
         NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
         HALF_DEQUANT=q.dtype == torch.float16,
-        num_warps=4, num_stages=2, **pdl_launch(q.device),
+        num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device),
     )
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](

@@ -1,0 +1,97 @@
+"""Decode attention alone, one layer of the Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, 64-token
+blocks): the kernel's launch settings (KV splits, BLOCK_N, warps, pipeline stages) per cache policy at long
+context, to pick the quantized caches' defaults. Random caches (fp16 N(0, 1); codes uniform, scale 0.02,
+zero -0.15), blocks in a random order; time = triton.testing.do_bench median.
+
+    python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes
+    python bench/bench_kv_kernel.py --smoke --out /tmp/kv_kernel_smoke.json      # CPU interpreter, tiny
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import versions  # noqa: E402
+
+from lmc.kernels import attention  # noqa: E402
+from lmc.kernels.kv_quant import QuantizedKV, store_groups  # noqa: E402
+
+
+def caches(policy: int, blocks: int, page: int, hkv: int, d: int, dev: str):
+    if policy == 0:
+        return [torch.randn(blocks, page, hkv, d, dtype=torch.float16, device=dev) for _ in range(2)]
+    out = []
+    for group in store_groups(d, policy):
+        store = QuantizedKV.empty(blocks, page, hkv, d, policy, group, dev)
+        store.codes.random_(0, 256)
+        store.scales_zeros[..., 0].fill_(0.02)
+        store.scales_zeros[..., 1].fill_(-0.15)
+        out.append(store)
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
+    points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
+    default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
+    grid = [default, (4, 64, 4, 2)] if args.smoke else \
+        list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3)]
+    from triton.testing import do_bench
+
+    rows = []
+    for policy in (0, 8, 4):
+        for batch, kv_len in points:
+            per_seq = -(-kv_len // page)
+            blocks = batch * per_seq
+            k_cache, v_cache = caches(policy, blocks, page, hkv, d, dev)
+            tables = torch.randperm(blocks, device=dev, dtype=torch.int32).reshape(batch, per_seq)
+            kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=dev)
+            q = torch.randn(batch, hq, d, dtype=torch.float16 if dev == "cuda" else torch.float32, device=dev)
+            kv_bytes = sum(c.codes.numel() + c.scales_zeros.numel() * 2 if isinstance(c, QuantizedKV)
+                           else c.numel() * 2 for c in (k_cache, v_cache))
+            base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
+            for mult, block_n, warps, stages in (grid if policy else [default]):
+                splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
+                fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731
+                    q, k_cache, v_cache, tables, kv_lens, 0.088, num_splits=splits, block_n=block_n,
+                    num_warps=warps, num_stages=stages)
+                try:
+                    ms = do_bench(fn, warmup=5, rep=20) if dev == "cuda" else (fn(), 0.0)[1]
+                except Exception as e:  # a config that does not compile (shared memory) is recorded, not fatal
+                    rows.append(dict(policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n,
+                                     warps=warps, stages=stages, error=str(e).splitlines()[0][:200]))
+                    continue
+                row = dict(policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n, warps=warps,
+                           stages=stages, us=round(ms * 1e3, 1), kv_tb_s=round(kv_bytes / (ms * 1e-3) / 1e12, 3) if ms else None)
+                rows.append(row)
+                print(row, flush=True)
+            del k_cache, v_cache
+    best = {}
+    for r in rows:
+        if "us" in r:
+            key = f"policy {r['policy']} B={r['batch']} L={r['kv_len']}"
+            if key not in best or r["us"] < best[key]["us"]:
+                best[key] = r
+    for k, r in best.items():
+        print("best", k, r, flush=True)
+    result = dict(device=torch.cuda.get_device_name() if dev == "cuda" else "cpu", versions=versions(),
+                  date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), rows=rows, best=best)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
