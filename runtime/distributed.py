@@ -39,6 +39,7 @@ from lmc.errors import LmcError
 STOP, FORWARD, DECODE = 0, 1, 2
 LEAVE_S = 30
 HEADER = 8
+ONE_SHOT_ELEMENTS = 1 << 21  # per slot of the one-shot all-reduce: 4 MiB of float16 (decode batch 512 at hidden 4096)
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
 IDLE = datetime.timedelta(days=365)  # a follower waits for rank 0's next step this long (a server may idle for days);
                                      # a rank that dies closes its sockets, which ends the wait at once
@@ -52,15 +53,29 @@ class Shard:
     tp: int
     compute: object  # dist.ProcessGroup: the model's collectives
     control: object  # dist.ProcessGroup (gloo): rank 0's announcements
+    one_shot: object | None = None  # kernels/allreduce.py OneShotAllReduce: decode-sized sums on CUDA
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum x over ranks, in place (the row-parallel linears' partial outputs)."""
+    def all_reduce(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """Sum x over ranks, in place (the row-parallel linears' partial outputs). On CUDA a sum that fits the
+        one-shot buffer goes through it (slot: 0 for attention, 1 for the MLP, alternating as
+        kernels/allreduce.py requires); larger ones (prefill) and the CPU through the process group."""
+        if self.one_shot is not None and self.one_shot.fits(x):
+            return self.one_shot(x, slot)
         dist.all_reduce(x, group=self.compute)
         return x
+
+    def use_one_shot(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Set up the one-shot all-reduce for the model's dtype (every rank calls this at the same point; CUDA
+        only; LMC_TP_ALLREDUCE=nccl keeps NCCL for every sum)."""
+        if device.type != "cuda" or os.environ.get("LMC_TP_ALLREDUCE", "one-shot") == "nccl":
+            return
+        from lmc.kernels.allreduce import OneShotAllReduce
+
+        self.one_shot = OneShotAllReduce(self.compute, device, dtype, ONE_SHOT_ELEMENTS)
 
     def broadcast_ids(self, ids: torch.Tensor) -> None:
         """Rank 0's token ids into every rank's `ids` (contiguous, same shape everywhere)."""

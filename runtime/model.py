@@ -136,16 +136,17 @@ def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
 
 def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, ctx,
                   layer: int, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer with fused residual adds: returns (mlp output, residual stream before it). `reduce` sums a
-    row-parallel linear's partial output over tensor-parallel ranks in place (None: one rank)."""
+    """One layer with fused residual adds: returns (mlp output, residual stream before it). `reduce(x, slot)`
+    sums a row-parallel linear's partial output over tensor-parallel ranks in place (None: one rank); slot 0
+    after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
     h, residual = rms_norm(x, lw["attention_norm"], cfg.rms_norm_eps, residual)
     a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H], this rank's part of the sum
     if reduce is not None:
-        reduce(a)
+        reduce(a, 0)
     h, residual = rms_norm(a, lw["ffn_norm"], cfg.rms_norm_eps, residual)
     m = mlp_block(lw, h)  # [T, H], this rank's part of the sum
     if reduce is not None:
-        reduce(m)
+        reduce(m, 1)
     return m, residual
 
 
@@ -211,6 +212,8 @@ class Model:
         src = RankView(ws, shard.rank) if shard is not None else ws
         self.cfg, self.device, self.dtype = src.config, device, dtype
         self.reduce = shard.all_reduce if shard is not None else None
+        if shard is not None:
+            shard.use_one_shot(dtype, device)
         dense_bytes = self.cfg.num_layers * layer_params(self.cfg) * dtype.itemsize
         self.dense_int4 = bool(ws.quantization) and device.type == "cpu" and dense_bytes < host_available() // 2
         self.embed = load_tensor(src, "tok_embeddings.weight", device, dtype)  # [V, H]

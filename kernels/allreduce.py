@@ -1,0 +1,123 @@
+"""One-shot all-reduce for tensor-parallel decode: each rank sums every rank's partial output in one kernel,
+reading the peers' copies straight from their memory over NVLink. A decode-sized sum (batch x hidden float16,
+8 KB at batch 1 on the 8B shape) is latency-bound: NCCL's ring took ~17 µs per call inside a CUDA graph on 2 x
+H200 (bench/NOTES.md, "Tensor parallel"), 64 calls per 8B step; one kernel with one cross-GPU handshake needs a
+few µs.
+
+Each rank owns one buffer that every rank has mapped (torch symmetric memory, `OneShotAllReduce`):
+
+    int32  flags [MAX_PROGRAMS, world]   at byte 0; flags[p, r] = 1: rank r's program p has published its chunk
+                                          (rank r sets it in the reader's buffer; the reader sets it back to 0)
+    x.dtype slot 0 [capacity]             at byte DATA_OFFSET: the attention output projection's partial sums
+    x.dtype slot 1 [capacity]             right after slot 0: the MLP down projection's
+
+A call (every rank, same n, same slot, same grid): program p copies its chunks of x into the rank's own slot,
+sets flags[p, rank] in every peer's buffer (waiting until the peer has consumed the previous call's 1), waits
+until each peer has set its flags[p, peer] in this rank's buffer (and clears them), then sums its chunks over
+the ranks in rank order (so every rank computes bit-identical sums) and writes them over x. Programs pair with
+the same program of every peer only: no grid-wide barrier. No end barrier either: a rank overwrites a slot only
+two calls later, and the call in between cannot complete before every peer finished reading that slot (its
+handshake waits for each peer's next kernel, which starts after the peer's previous one ended). That needs the
+calls to alternate between the slots, which the model's attention / MLP order gives (runtime/model.py), also
+across CUDA-graph replays: each step starts with slot 0 and ends with slot 1.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: tensor parallel on the CPU uses gloo
+    triton = None
+
+MAX_PROGRAMS = 32  # programs per call: enough to keep NVLink busy for decode-sized messages
+FLAG_BYTES = 4096  # >= MAX_PROGRAMS * 8 ranks * 4 bytes, and keeps the data 4 KiB-aligned
+DATA_OFFSET = FLAG_BYTES
+BLOCK = 1024  # elements per program per chunk
+
+
+def one_shot_all_reduce_ref(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The sum every rank computes: float32 accumulation in rank order, rounded once to the parts' dtype."""
+    acc = torch.zeros_like(parts[0], dtype=torch.float32)
+    for p in parts:
+        acc += p.float()
+    return acc.to(parts[0].dtype)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _one_shot_kernel(x_ptr, data_ptrs, flag_ptrs, n, slot_elems, RANK: tl.constexpr, WORLD: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        pid = tl.program_id(0)
+        step = tl.num_programs(0) * BLOCK
+        dtype = x_ptr.dtype.element_ty
+        own = tl.load(data_ptrs + RANK).to(tl.pointer_type(dtype)) + slot_elems  # this rank's slot
+        for start in range(pid * BLOCK, n, step):
+            offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+            mask = offs < n
+            tl.store(own + offs, tl.load(x_ptr + offs, mask=mask), mask=mask)
+        tl.debug_barrier()  # every thread's chunk is written before the release below publishes it
+        own_flags = tl.load(flag_ptrs + RANK).to(tl.pointer_type(tl.int32)) + pid * WORLD
+        for r in tl.static_range(WORLD):
+            if r != RANK:
+                peer_flag = tl.load(flag_ptrs + r).to(tl.pointer_type(tl.int32)) + pid * WORLD + RANK
+                while tl.atomic_cas(peer_flag, 0, 1, sem="release", scope="sys") != 0:
+                    pass
+        for r in tl.static_range(WORLD):
+            if r != RANK:
+                while tl.atomic_cas(own_flags + r, 1, 0, sem="acquire", scope="sys") != 1:
+                    pass
+        tl.debug_barrier()  # no thread reads a peer's chunk before the handshake above saw it published
+        for start in range(pid * BLOCK, n, step):
+            offs = tl.multiple_of(start, BLOCK) + tl.arange(0, BLOCK)
+            mask = offs < n
+            acc = tl.zeros([BLOCK], tl.float32)
+            for r in tl.static_range(WORLD):
+                if r == RANK:
+                    part = tl.load(x_ptr + offs, mask=mask, other=0.0)
+                else:
+                    peer = tl.load(data_ptrs + r).to(tl.pointer_type(dtype)) + slot_elems
+                    part = tl.load(peer + offs, mask=mask, other=0.0, cache_modifier=".cg")  # past this SM's L1
+                acc += part.to(tl.float32)
+            tl.store(x_ptr + offs, acc.to(dtype), mask=mask)
+
+
+def one_shot_all_reduce(x: torch.Tensor, data_ptrs: torch.Tensor, flag_ptrs: torch.Tensor, rank: int, world: int,
+                        slot: int, capacity: int) -> torch.Tensor:
+    """Sum x (contiguous) over the ranks in place. data_ptrs / flag_ptrs: int64 [world] on x's device, the
+    addresses of every rank's data region and flags (layout above); capacity: elements per slot."""
+    n = x.numel()
+    assert x.is_contiguous() and n <= capacity and slot in (0, 1)
+    grid = (max(1, min(triton.cdiv(n, BLOCK), MAX_PROGRAMS)),)
+    _one_shot_kernel[grid](x, data_ptrs, flag_ptrs, n, slot * capacity, RANK=rank, WORLD=world, BLOCK=BLOCK,
+                           num_warps=4)
+    return x
+
+
+class OneShotAllReduce:
+    """The symmetric buffer of one process group and the one-shot sum over it (CUDA ranks, NVLink or PCIe
+    peer access). Every rank constructs it at the same point (a collective)."""
+
+    def __init__(self, group, device: torch.device, dtype: torch.dtype, capacity: int):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        self.dtype, self.capacity = dtype, capacity
+        nbytes = DATA_OFFSET + 2 * capacity * dtype.itemsize
+        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)  # [nbytes], layout above
+        self.buffer[:FLAG_BYTES].zero_()
+        handle = symm_mem.rendezvous(self.buffer, group.group_name)
+        self.rank, self.world = handle.rank, handle.world_size
+        assert self.world * MAX_PROGRAMS * 4 <= FLAG_BYTES
+        bases = torch.tensor(handle.buffer_ptrs, dtype=torch.int64)
+        self.flag_ptrs = bases.to(device)  # [world]
+        self.data_ptrs = (bases + DATA_OFFSET).to(device)  # [world]
+        handle.barrier()  # every rank's flags are zero before anyone signals
+        torch.cuda.synchronize(device)
+
+    def fits(self, x: torch.Tensor) -> bool:
+        return x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.capacity
+
+    def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
+        return one_shot_all_reduce(x, self.data_ptrs, self.flag_ptrs, self.rank, self.world, slot, self.capacity)
