@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -93,6 +94,8 @@ def main() -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
+    ap.add_argument("--allreduce", default="nccl", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: nccl, "
+                    "one-shot (kernels/allreduce.py); the greedy check runs under the first")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and torch.cuda.device_count() < 2 and not args.smoke:
@@ -133,6 +136,8 @@ def main() -> int:
             continue
         one, two = paths[fmt], split(paths[fmt], 2)
         entry = report["formats"].setdefault(fmt, {})
+        modes = args.allreduce.split(",")
+        os.environ["LMC_TP_ALLREDUCE"] = modes[0]  # the followers are spawned: they inherit it
         if not args.skip_check:
             for dtype in ("float32", None) if args.stored_check else ("float32",):
                 name = dtype or "stored"
@@ -141,16 +146,20 @@ def main() -> int:
                 print(f"  {fmt} greedy {name}: tp2 == tp1 {t1 == t2}", flush=True)
                 save()
         if not args.skip_speed:
-            for tp, ws in ((1, one), (2, two)):
-                entry[f"tp{tp}"] = speed(ws, dev, shape["vocab_size"], args)
-                save()
-            d1, d2 = entry["tp1"]["decode"], entry["tp2"]["decode"]
-            entry["speedup"] = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
-            if not args.skip_bench:
-                entry["speedup"]["bench_c256"] = (entry["tp2"]["bench"][0]["output_throughput"]
-                                                  / entry["tp1"]["bench"][0]["output_throughput"])
-            print(f"  {fmt} speedup tp2/tp1 {entry['speedup']}", flush=True)
+            entry["tp1"] = speed(one, dev, shape["vocab_size"], args)
             save()
+            for mode in modes:
+                os.environ["LMC_TP_ALLREDUCE"] = mode
+                key = "tp2" if mode == "nccl" else f"tp2_{mode}"
+                entry[key] = speed(two, dev, shape["vocab_size"], args)
+                d1, d2 = entry["tp1"]["decode"], entry[key]["decode"]
+                speedup = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
+                if not args.skip_bench:
+                    speedup["bench_c256"] = (entry[key]["bench"][0]["output_throughput"]
+                                             / entry["tp1"]["bench"][0]["output_throughput"])
+                entry["speedup" if mode == "nccl" else f"speedup_{mode}"] = speedup
+                print(f"  {fmt} speedup tp2/tp1 ({mode}) {speedup}", flush=True)
+                save()
     return 0
 
 

@@ -69,9 +69,9 @@ class Shard:
         return x
 
     def use_one_shot(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Set up the one-shot all-reduce for the model's dtype (every rank calls this at the same point; CUDA
-        only; LMC_TP_ALLREDUCE=nccl keeps NCCL for every sum)."""
-        if device.type != "cuda" or os.environ.get("LMC_TP_ALLREDUCE", "one-shot") == "nccl":
+        """Set up the one-shot all-reduce for the model's dtype when LMC_TP_ALLREDUCE=one-shot (every rank calls
+        this at the same point; CUDA only). NCCL stays the default until the kernel has run on 2 GPUs."""
+        if device.type != "cuda" or os.environ.get("LMC_TP_ALLREDUCE", "nccl") != "one-shot":
             return
         from lmc.kernels.allreduce import OneShotAllReduce
 
