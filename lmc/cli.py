@@ -465,10 +465,12 @@ class _ApiKeysCommand(click.Command):
               default="info", show_default=True)
 @click.option("--allowed-local-media-path", "media_dir", type=click.Path(exists=True, file_okay=False), default=None,
               help="image_url parts may name local files inside this folder (default: no local files)")
+@click.option("--allowed-media-domains", "media_domains", multiple=True, metavar="HOST...",
+              help="image URLs only from these hosts (default: any host with a public address)")
 @engine_flags_only
 @user_errors
 def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level,
-          media_dir, **kw):
+          media_dir, media_domains, **kw):
     """Serve the model at PATH over an OpenAI-compatible HTTP API, with a chat page at /.
 
     PATH is a workspace, an HF folder or a GGUF file. Needs the serve extra: pip install 'lmc[serve]'."""
@@ -487,8 +489,8 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
     name = model_name or _default_model_name(path)
     click.echo(f"serving {name} on http://{server_name}:{server_port} (OpenAI API at /v1, chat page at /)", err=True)
     try:
-        run_server(engine, ServeOptions(name, tuple(api_keys), max_queue, media_dir), server_name, server_port,
-                   drain_timeout, log_level.lower())
+        options = ServeOptions(name, tuple(api_keys), max_queue, media_dir, tuple(media_domains) or None)
+        run_server(engine, options, server_name, server_port, drain_timeout, log_level.lower())
     finally:
         engine.close()
 

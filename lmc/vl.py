@@ -22,9 +22,13 @@ FETCH_TIMEOUT_S = 10.0  # per socket operation
 FETCH_TOTAL_S = 30.0  # the whole download (a server that drips bytes holds a request no longer)
 
 
-def load_image(image, allowed_dir: str | os.PathLike | None = None, local_files: bool = True):
+def load_image(image, allowed_dir: str | os.PathLike | None = None, local_files: bool = True,
+               media_domains: tuple[str, ...] | None = None, public_only: bool = False):
     """A PIL image, a path, an http(s) URL or a `data:image/...;base64,` URL -> an RGB PIL image.
-    `local_files=False` refuses paths; `allowed_dir` confines them to that folder (symlinks resolved)."""
+    `local_files=False` refuses paths; `allowed_dir` confines them to that folder (symlinks resolved).
+    URLs (and every redirect they take): `media_domains` limits them to those hosts; else `public_only` refuses
+    hosts that resolve to a loopback, private, link-local or otherwise non-global address (a server's guard
+    against requests that make it fetch from its own network)."""
     try:
         from PIL import Image
     except ImportError:
@@ -39,7 +43,7 @@ def load_image(image, allowed_dir: str | os.PathLike | None = None, local_files:
     if ref.startswith("data:"):
         return decode_image(_data_url(ref), "the data URL's image")
     if ref.startswith(("http://", "https://")):
-        return decode_image(_fetch(ref), ref[:100])
+        return decode_image(_fetch(ref, media_domains, public_only), ref[:100])
     ref = ref.removeprefix("file://")
     if "://" in ref[:16]:
         raise LmcError(f"image URL {ref[:60]!r}: lmc reads http(s) URLs, data URLs and local paths")
@@ -58,14 +62,47 @@ def _data_url(url: str) -> bytes:
         raise LmcError("the data URL's base64 data is malformed") from None
 
 
-def _fetch(url: str) -> bytes:
+def _check_url(url: str, media_domains: tuple[str, ...] | None, public_only: bool) -> None:
+    import ipaddress
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host:
+        raise LmcError(f"image URL {url[:100]!r}: lmc fetches http(s) URLs with a host")
+    if media_domains is not None:
+        if host not in {d.lower() for d in media_domains}:
+            raise LmcError(f"image URL host {host!r} is not one of --allowed-media-domains; send a data URL")
+        return
+    if not public_only:
+        return
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
+    except OSError as e:
+        raise LmcError(f"could not resolve the image host {host!r} ({e})") from None
+    for address in addresses:
+        if not ipaddress.ip_address(address.split("%")[0]).is_global:
+            raise LmcError(f"image URL host {host!r} is a non-public address ({address}); this server fetches "
+                           "public hosts only (start it with --allowed-media-domains HOST to allow one), or send "
+                           "a data URL")
+
+
+def _fetch(url: str, media_domains: tuple[str, ...] | None = None, public_only: bool = False) -> bytes:
     import urllib.error
     import urllib.request
 
+    class CheckedRedirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req, fp, code, msg, headers, newurl):
+            _check_url(newurl, media_domains, public_only)  # a redirect gets the first URL's rules
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    _check_url(url, media_domains, public_only)
+    opener = urllib.request.build_opener(CheckedRedirects)
     deadline = time.monotonic() + FETCH_TOTAL_S
     data = bytearray()
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "lmc"}), timeout=FETCH_TIMEOUT_S) as r:
+        with opener.open(urllib.request.Request(url, headers={"User-Agent": "lmc"}), timeout=FETCH_TIMEOUT_S) as r:
             while len(data) <= MAX_IMAGE_BYTES:
                 chunk = r.read1(min(1 << 16, MAX_IMAGE_BYTES + 1 - len(data)))  # what has arrived, up to the limit
                 if not chunk:

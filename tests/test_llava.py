@@ -383,7 +383,8 @@ def test_server_takes_image_url_data_parts(models, pipes, tmp_path):
                 assert r.status_code == 200, r.text
                 assert r.json()["choices"][0]["message"]["content"] == want
             for url, words in ((str(tmp_path / "outside.png"), "outside the allowed folder"),
-                               ("data:image/png;base64,AAAA", "not a readable image")):
+                               ("data:image/png;base64,AAAA", "not a readable image"),
+                               ("http://127.0.0.1:9/a.png", "non-public address")):
                 r = ask(url)
                 assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
             assert client.get("/health").status_code == 200
@@ -518,3 +519,52 @@ def test_load_image_over_http_is_bounded(tmp_path, monkeypatch):
         server.shutdown()
     with pytest.raises(LmcError, match="could not fetch the image"):
         vl.load_image(base + "/cat.png")  # nothing listens any more
+
+
+def test_server_rules_for_image_urls(tmp_path):
+    """As the server loads them (public_only): a URL whose host is loopback, private or link-local is refused
+    before any connection, and so is a public URL's redirect to one; --allowed-media-domains admits exactly the
+    hosts it names (private ones included) and refuses all others."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import lmc.vl as vl
+    from lmc.errors import LmcError
+
+    png = noise_png(9, 7, seed=6)
+    hits = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path == "/hop":  # a redirect to a host the rules refuse
+                self.send_response(302)
+                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    try:
+        for host in ("127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]"):
+            with pytest.raises(LmcError, match="non-public address"):
+                vl.load_image(f"http://{host}:{port}/cat.png", public_only=True)
+        assert hits == []  # refused before connecting
+        image = vl.load_image(f"http://127.0.0.1:{port}/cat.png", media_domains=("127.0.0.1",), public_only=True)
+        assert image.size == (9, 7)
+        with pytest.raises(LmcError, match="not one of --allowed-media-domains"):
+            vl.load_image(f"http://localhost:{port}/cat.png", media_domains=("127.0.0.1",), public_only=True)
+        with pytest.raises(LmcError, match="not one of --allowed-media-domains"):
+            vl.load_image(f"http://127.0.0.1:{port}/hop", media_domains=("127.0.0.1",), public_only=True)
+        assert hits == ["/cat.png", "/hop"]  # the redirect's target was never fetched
+        assert vl.load_image(f"http://127.0.0.1:{port}/cat.png").size == (9, 7)  # the library's own default
+    finally:
+        server.shutdown()

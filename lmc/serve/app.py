@@ -50,6 +50,7 @@ class ServeOptions:
     api_keys: tuple[str, ...] = ()  # empty: no authentication
     max_queue: int | None = None  # waiting requests beyond which a request gets 429; None: no limit
     media_dir: str | None = None  # image_url parts may name local files under this folder; None: no local files
+    media_domains: tuple[str, ...] | None = None  # image URLs only from these hosts; None: public hosts only
 
 
 class _Call:
@@ -285,7 +286,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         placed = []
         if any(image_parts(m["content"]) for m in messages):
             try:  # fetching, decoding and preprocessing off the event loop
-                ids, placed = await asyncio.to_thread(_image_prompt, engine, tokenizer, messages, options.media_dir)
+                ids, placed = await asyncio.to_thread(_image_prompt, engine, tokenizer, messages, options)
             except LmcError as e:
                 raise ApiError(400, f"messages: {e}", "messages") from None
         else:
@@ -362,12 +363,13 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
     return app
 
 
-def _image_prompt(engine, tokenizer, messages: list[dict], media_dir: str | None):
-    """Token ids and placed images of messages with image_url parts (data URLs; http(s); local files only under
-    media_dir)."""
+def _image_prompt(engine, tokenizer, messages: list[dict], options: ServeOptions):
+    """Token ids and placed images of messages with image_url parts (data URLs; http(s) URLs from public hosts or
+    from options.media_domains; local files only under options.media_dir)."""
     from lmc.vl import message_images
 
-    images = message_images(messages, allowed_dir=media_dir, local_files=media_dir is not None)
+    images = message_images(messages, allowed_dir=options.media_dir, local_files=options.media_dir is not None,
+                            media_domains=options.media_domains, public_only=True)
     return multimodal_prompt(tokenizer, engine.workspace.vision, messages, images)
 
 
