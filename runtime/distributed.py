@@ -38,6 +38,7 @@ from lmc.errors import LmcError
 
 STOP, FORWARD, DECODE = 0, 1, 2
 LEAVE_S = 30
+JOIN_POLL_S = 0.2  # how often rank 0 looks at its followers while they join
 HEADER = 8
 ONE_SHOT_ELEMENTS = 1 << 21  # per slot of the one-shot all-reduce: 4 MiB of float16 (decode batch 512 at hidden 4096)
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
@@ -174,7 +175,35 @@ def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[
                          name=f"lmc-rank{rank}", daemon=True) for rank in range(1, tp)]
     for p in procs:
         p.start()
-    return join(0, tp, port, rank_device(device, 0)), procs
+    return _join_watching(procs, tp, port, rank_device(device, 0)), procs
+
+
+def _join_watching(procs: list, tp: int, port: int, device: torch.device) -> Shard:
+    """join() as rank 0 while watching the followers: one that exits before everyone has joined (killed, out of
+    memory, a failed import) ends the wait at once instead of after the 10-minute join timeout."""
+    done: dict = {}
+
+    def run() -> None:
+        try:
+            done["shard"] = join(0, tp, port, device)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            done["error"] = e
+
+    joiner = threading.Thread(target=run, name="lmc-tp-join", daemon=True)
+    joiner.start()
+    while joiner.is_alive():
+        joiner.join(JOIN_POLL_S)
+        gone = [p for p in procs if p.exitcode is not None]
+        if gone and joiner.is_alive():
+            for p in procs:
+                p.kill()
+            raise LmcError(f"tensor-parallel rank {gone[0].name.removeprefix('lmc-rank')} exited (code "
+                           f"{gone[0].exitcode}) before joining; its error, if any, is printed above")
+    if "error" in done:
+        raise done["error"]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # join ran on another thread; the current device is per thread
+    return done["shard"]
 
 
 def _follower_main(rank: int, tp: int, port: int, workspace: str, config, device_type: str) -> None:

@@ -201,3 +201,29 @@ def test_followers_exit_when_rank0_is_killed(checkpoint, tmp_path):
         time.sleep(0.2)
     alive = os.path.exists(f"/proc/{ranks[0]}") and open(f"/proc/{ranks[0]}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
     assert not alive, "the follower outlived its leader"
+
+
+def test_a_follower_that_dies_before_joining_ends_the_wait(checkpoint, tmp_path):
+    """Rank 1 killed while it starts (before it joins the process group): rank 0 says so at once instead of
+    waiting out the 10-minute join timeout, and the Engine is not built."""
+    import multiprocessing
+    import threading
+    import time
+
+    convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
+    killed = []
+
+    def kill_the_follower() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not killed:
+            for p in multiprocessing.active_children():
+                if p.name == "lmc-rank1":
+                    p.kill()  # a spawned interpreter needs seconds to import torch: it has not joined yet
+                    killed.append(p.name)
+            time.sleep(0.01)
+
+    threading.Thread(target=kill_the_follower, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(LmcError, match="tensor-parallel rank 1 exited .* before joining"):
+        Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1))
+    assert killed and time.monotonic() - start < 60
