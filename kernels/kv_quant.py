@@ -321,14 +321,15 @@ if triton is not None:
         return (c.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def load_code_halves(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_H: tl.constexpr, BITS: tl.constexpr):
-        """Codes of tokens' head vectors as their two halves [BLOCK_N, BLOCK_H] uint8: c[:, j] and c[:, j + D/2]
-        for j < D/2 (0 past it and where n_mask is false), from codes at code_off [BLOCK_N]. 4 bits: the low and
-        high nibbles of byte j, no interleave; 8 bits: bytes j and j + D/2."""
-        j = tl.arange(0, BLOCK_H)
-        ptrs = codes_ptr + code_off[:, None] + j[None, :]  # [BLOCK_N, BLOCK_H]
-        mask = n_mask[:, None] & (j[None, :] < D // 2)
-        if BITS == 4:
-            b = tl.load(ptrs, mask=mask, other=0)
-            return b & 15, b >> 4
-        return tl.load(ptrs, mask=mask, other=0), tl.load(ptrs + D // 2, mask=mask, other=0)
+    def load_codes(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """8-bit codes c[j] of tokens' head vectors, uint8 [..., BLOCK_D] (code_off and n_mask [..., 1]: each
+        vector's first code byte, and which are read; 0 past D and where n_mask is false)."""
+        j = tl.arange(0, BLOCK_D)
+        return tl.load(codes_ptr + code_off + j, mask=n_mask & (j < D), other=0)
+
+    @triton.jit
+    def load_nibble_halves(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """4-bit codes of tokens' head vectors as the head's two halves without an interleave, c[j] and c[j + D/2]
+        ([..., BLOCK_H] uint8 each, j < D/2): the low and high nibbles of byte j. As load_codes otherwise."""
+        b = load_codes(codes_ptr, code_off, n_mask, D // 2, BLOCK_H)
+        return b & 15, b >> 4
