@@ -2,7 +2,7 @@
 thread executes: registers, spills, and the SASS instructions of the tile loop by kind (nvdisasm), for the "mma" and the
 "fma" kernel at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
 
-    python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
+    TRITON_DEFAULT_FP_FUSION=1 python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
 """
 from __future__ import annotations
 
@@ -79,7 +79,9 @@ def registers(ptx: str) -> str:
     """ptxas -v's line for the kernel: registers, spill stores and loads."""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "k.ptx").write_text(ptx)
-        log = subprocess.run([str(BIN / "ptxas-blackwell"), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", "k.ptx", "-o", "k.cubin"], cwd=tmp,
+        cmd = [str(BIN / "ptxas-blackwell"), "-lineinfo", "-v", "--regAllocOptLevel=2", "--gpu-name=sm_90a", "k.ptx",
+               "-o", "k.cubin"]  # Triton's own ptxas command for sm_90
+        log = subprocess.run(cmd, cwd=tmp,
                              capture_output=True, text=True, check=True).stderr
     regs = re.search(r"Used (\d+) registers", log).group(1)
     spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log).groups()
@@ -133,8 +135,9 @@ def main() -> int:
         k = compile_kernel(kernel, args.bits, args.block_n, args.warps, args.stages, args.splits)
         ptx = k.asm["ptx"]
         if args.ptx_dir:
-            Path(args.ptx_dir, f"decode_{kernel}_{args.bits}_{args.block_n}_{args.warps}.ptx").write_text(ptx)
-            Path(args.ptx_dir, f"decode_{kernel}_{args.bits}_{args.block_n}_{args.warps}.ttgir").write_text(k.asm["ttgir"])
+            stem = Path(args.ptx_dir, f"decode_{kernel}_{args.bits}_{args.block_n}_{args.warps}")
+            stem.with_suffix(".ptx").write_text(ptx)
+            stem.with_suffix(".ttgir").write_text(k.asm["ttgir"])
         c = count(loop_body(k.asm["cubin"]))
         per_thread = 2 * args.block_n * 128 / (32 * args.warps)  # K and V elements of one tile, per thread
         print(f"{kernel} bits={args.bits} BLOCK_N={args.block_n} warps={args.warps}: {registers(ptx)}, shared "

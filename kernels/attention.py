@@ -467,7 +467,8 @@ def paged_decode_attention_triton(
         assert bits != 16 and consts["V_GROUP"] == D, "the fma decode kernel reads quantized caches, V per vector"
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
-            BLOCK_H=BLOCK_D // 2 if bits == 4 else BLOCK_D, NUM_SPLITS=num_splits, BITS=bits, K_GROUP=consts["K_GROUP"], **launch)
+            BLOCK_H=BLOCK_D // 2 if bits == 4 else BLOCK_D, NUM_SPLITS=num_splits, BITS=bits,
+            K_GROUP=consts["K_GROUP"], **launch)
     else:
         _decode_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
