@@ -1,10 +1,12 @@
 """Decode attention alone, one layer of the Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, 64-token
 blocks): the kernel's launch settings (KV splits, BLOCK_N, warps, pipeline stages) per cache policy at long
-context, to pick the quantized caches' defaults. Random caches (fp16 N(0, 1); codes uniform, scale 0.02,
-zero -0.15), blocks in a random order; time = triton.testing.do_bench median.
+context, to pick the quantized caches' defaults, for each decode kernel of --kernels (mma: tl.dot on dequantized
+tiles; fma: CUDA-core dots on the codes, quantized caches only). Random caches (fp16 N(0, 1); codes uniform,
+scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_bench median.
 
-    python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes
-    python bench/bench_kv_kernel.py --smoke --out /tmp/kv_kernel_smoke.json      # CPU interpreter, tiny
+    python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes per kernel
+    python bench/bench_kv_kernel.py --kernels mma,fma --out bench/results/kv_kernel_fma_h200.json
+    python bench/bench_kv_kernel.py --smoke --kernels mma,fma --out /tmp/kv_kernel_smoke.json  # CPU interpreter
 """
 from __future__ import annotations
 
@@ -41,13 +43,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--kernels", default="mma", help="comma-separated decode kernels to time: mma, fma")
     args = ap.parse_args()
+    kernels = args.kernels.split(",")
+    if not set(kernels) <= {"mma", "fma"}:
+        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma")
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
     points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
         list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3)]
+    fma_grid = [(1, 16, 1, 2), (4, 32, 2, 2)] if args.smoke else \
+        list(itertools.product((1, 4, 8), (16, 32, 64), (1, 2, 4), (2,)))  # the fma kernel: small tiles, few warps
     from triton.testing import do_bench
 
     rows = []
@@ -62,26 +70,29 @@ def main() -> int:
             kv_bytes = sum(c.codes.numel() + c.scales_zeros.numel() * 2 if isinstance(c, QuantizedKV)
                            else c.numel() * 2 for c in (k_cache, v_cache))
             base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
-            for mult, block_n, warps, stages in (grid if policy else [default]):
+            runs = [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
+                [("fma", c) for c in fma_grid if policy and "fma" in kernels]
+            for kernel, (mult, block_n, warps, stages) in runs:
                 splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731
                     q, k_cache, v_cache, tables, kv_lens, 0.088, num_splits=splits, block_n=block_n,
-                    num_warps=warps, num_stages=stages)
+                    num_warps=warps, num_stages=stages, kernel=kernel)
+                config = dict(kernel=kernel, policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n,
+                              warps=warps, stages=stages)
                 try:
                     ms = do_bench(fn, warmup=5, rep=20) if dev == "cuda" else (fn(), 0.0)[1]
                 except Exception as e:  # a config that does not compile (shared memory) is recorded, not fatal
-                    rows.append(dict(policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n,
-                                     warps=warps, stages=stages, error=str(e).splitlines()[0][:200]))
+                    rows.append(dict(config, error=str(e).splitlines()[0][:200]))
                     continue
-                row = dict(policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n, warps=warps,
-                           stages=stages, us=round(ms * 1e3, 1), kv_tb_s=round(kv_bytes / (ms * 1e-3) / 1e12, 3) if ms else None)
+                row = dict(config, us=round(ms * 1e3, 1),
+                           kv_tb_s=round(kv_bytes / (ms * 1e-3) / 1e12, 3) if ms else None)
                 rows.append(row)
                 print(row, flush=True)
             del k_cache, v_cache
     best = {}
     for r in rows:
         if "us" in r:
-            key = f"policy {r['policy']} B={r['batch']} L={r['kv_len']}"
+            key = f"{r['kernel']} policy {r['policy']} B={r['batch']} L={r['kv_len']}"
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     for k, r in best.items():

@@ -32,7 +32,7 @@ except ImportError:  # CPU-only install: the torch reference serves
     triton = None
 
 if triton is not None:
-    from lmc.kernels.kv_quant import head_dims, load_dequant
+    from lmc.kernels.kv_quant import codes_to_float32, head_dims, load_codes, load_dequant, load_nibble_halves
 
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
@@ -180,6 +180,139 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
+    def _half_dot(q, c):
+        """q [1, BLOCK_G, BLOCK_H] . codes c [BLOCK_N, 1, BLOCK_H] over the last dim, on CUDA cores in float32:
+        [BLOCK_N, BLOCK_G]."""
+        return tl.sum(q * codes_to_float32(c), axis=2)
+
+    @triton.jit
+    def _grouped_half_score(q, c, sz_ptr, sz_off, n_mask, g0, HALF: tl.constexpr, GROUP: tl.constexpr):
+        """sum over one half's groups of s * (q . c over the group) + z * sum(q over the group), for q
+        [1, BLOCK_G, BLOCK_H] and codes c [BLOCK_N, 1, BLOCK_H] with the pairs g0, g0 + 1, ... at sz_off
+        [BLOCK_N]; groups past the half read (0, 0): [BLOCK_N, BLOCK_G]."""
+        BLOCK_G: tl.constexpr = q.shape[1]
+        BLOCK_N: tl.constexpr = c.shape[0]
+        NGB: tl.constexpr = q.shape[2] // GROUP
+        NGH: tl.constexpr = (HALF + GROUP - 1) // GROUP
+        grp = tl.arange(0, NGB)
+        sz = sz_ptr + sz_off[:, None] + 2 * (g0 + grp)[None, :]  # [BLOCK_N, NGB]
+        g_mask = n_mask[:, None] & (grp[None, :] < NGH)
+        scale = tl.load(sz, mask=g_mask, other=0.0).to(tl.float32)
+        zero = tl.load(sz + 1, mask=g_mask, other=0.0).to(tl.float32)
+        qg = tl.reshape(q, (1, BLOCK_G, NGB, GROUP))
+        dots = tl.sum(qg * codes_to_float32(tl.reshape(c, (BLOCK_N, 1, NGB, GROUP))), axis=3)  # [BLOCK_N, BLOCK_G, NGB]
+        q_sums = tl.sum(qg, axis=3)  # [1, BLOCK_G, NGB]
+        return tl.sum(dots * scale[:, None, :] + q_sums * zero[:, None, :], axis=2)
+
+    @triton.jit
+    def _decode_fma_kernel(
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        qk_scale, group,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
+        stride_ob, stride_oh, stride_bt,
+        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) without the MMA:
+        the group's q rows dot each K/V code tile on CUDA cores in float32, the tile [BLOCK_N, 1, BLOCK_H] kept in
+        the layout it was loaded in and broadcast against q [1, BLOCK_G, BLOCK_H] (no shared-memory round trip).
+        8 bits: a tile holds whole vectors (BLOCK_H >= D); 4 bits: the head as its two halves, the two nibbles
+        of a byte (BLOCK_H >= D/2), each dotted with its half of q, no interleave. Per-vector scales
+        stay out of the element loop: q . k_n = s_n (q . c_n) + z_n sum(q), and sum_n p_n v_n = sum_n (p_n s_n)
+        c_n + sum_n p_n z_n; grouped keys (K_GROUP < D) take one partial dot per group, scaled per token."""
+        pdl_wait(PDL)
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_len = tl.load(kv_lens_ptr + b)
+        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        HALVES: tl.constexpr = BITS == 4
+        PART: tl.constexpr = D // 2 if HALVES else D  # channels per tile: channel j (and j + D/2 with 4 bits)
+        j = tl.arange(0, BLOCK_H)
+        g_mask = offs_g < group
+        heads = kvh * group + offs_g  # [BLOCK_G]
+        b64 = b.to(tl.int64)
+        q_rows = q_ptr + b64 * stride_qb + heads[None, :, None] * stride_qh + j  # [1, BLOCK_G, BLOCK_H]
+        q_mask = g_mask[None, :, None] & (j < PART)
+        q1 = tl.load(q_rows, mask=q_mask, other=0.0).to(tl.float32) * qk_scale  # [1, BLOCK_G, BLOCK_H]
+        q_sum = tl.sum(tl.sum(q1, axis=2), axis=0)  # [BLOCK_G]
+        if HALVES:
+            q2 = tl.load(q_rows + PART, mask=q_mask, other=0.0).to(tl.float32) * qk_scale
+            q_sum += tl.sum(tl.sum(q2, axis=2), axis=0)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)  # sum_n p_n s_n c_n (4 bits: first half)
+        if HALVES:
+            acc2 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)  # second half
+        acc_z = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n z_n, every channel's
+        bt_row = bt_ptr + b64 * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            tok = offs_n % PAGE
+            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
+            if HALVES:
+                c1, c2 = load_nibble_halves(k_ptr, k_off[:, None, None], n_mask[:, None, None], D,
+                                            BLOCK_H)  # [BLOCK_N, 1, BLOCK_H] each
+                if K_GROUP < D:
+                    qk = _grouped_half_score(q1, c1, ksz_ptr, ks_off, n_mask, 0, PART, K_GROUP) \
+                        + _grouped_half_score(q2, c2, ksz_ptr, ks_off, n_mask, (PART + K_GROUP - 1) // K_GROUP,
+                                              PART, K_GROUP)  # [BLOCK_N, BLOCK_G]
+                else:
+                    dot = _half_dot(q1, c1) + _half_dot(q2, c2)
+            else:
+                dot = _half_dot(q1, load_codes(k_ptr, k_off[:, None, None], n_mask[:, None, None], D, BLOCK_H))
+            if K_GROUP >= D:
+                k_scale = tl.load(ksz_ptr + ks_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+                k_zero = tl.load(ksz_ptr + ks_off + 1, mask=n_mask, other=0.0).to(tl.float32)
+                qk = dot * k_scale[:, None] + k_zero[:, None] * q_sum[None, :]  # [BLOCK_N, BLOCK_G]
+            qk = tl.where(n_mask[:, None], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[None, :])  # [BLOCK_N, BLOCK_G]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+
+            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
+            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh
+            v_scale = tl.load(vsz_ptr + vs_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+            v_zero = tl.load(vsz_ptr + vs_off + 1, mask=n_mask, other=0.0).to(tl.float32)
+            ps = (p * v_scale[:, None])[:, :, None]  # [BLOCK_N, BLOCK_G, 1]
+            if HALVES:
+                c1, c2 = load_nibble_halves(v_ptr, v_off[:, None, None], n_mask[:, None, None], D, BLOCK_H)
+                acc2 = acc2 * alpha[:, None] + tl.sum(ps * codes_to_float32(c2), axis=0)
+            else:
+                c1 = load_codes(v_ptr, v_off[:, None, None], n_mask[:, None, None], D, BLOCK_H)
+            acc1 = acc1 * alpha[:, None] + tl.sum(ps * codes_to_float32(c1), axis=0)  # [BLOCK_G, BLOCK_H]
+            acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None], axis=0)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
+        gj_mask = g_mask[:, None] & (j[None, :] < PART)
+        if NUM_SPLITS == 1:
+            rows = o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + j[None, :]
+        else:
+            rows = part_o_ptr + b64 * stride_pob + heads[:, None] * stride_poh + split * stride_pos + j[None, :]
+        out1 = (acc1 + acc_z[:, None]) / l_safe[:, None]  # [BLOCK_G, BLOCK_H]
+        tl.store(rows, out1.to(rows.dtype.element_ty), mask=gj_mask)
+        if HALVES:
+            out2 = (acc2 + acc_z[:, None]) / l_safe[:, None]
+            tl.store(rows + PART, out2.to(rows.dtype.element_ty), mask=gj_mask)
+        if NUM_SPLITS > 1:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
+
+    @triton.jit
     def _merge_splits_kernel(
         part_o_ptr, part_lse_ptr, o_ptr,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
@@ -299,10 +432,13 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int = 64,
-    num_warps: int = 4, num_stages: int = 2,
+    num_warps: int = 4, num_stages: int = 2, kernel: str = "mma",
 ) -> torch.Tensor:
+    """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
+    (CUDA-core dots on the codes; quantized caches with V one (scale, zero) per vector, as the runtime's)."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
+    assert kernel in ("mma", "fma"), f"decode kernel {kernel!r}: 'mma' or 'fma'"
     bits = _check_caches(q, k_cache, v_cache, block_tables)
     (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
@@ -318,20 +454,26 @@ def paged_decode_attention_triton(
     part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S], log2 units
     BLOCK_D = consts["BLOCK_D"]
-    _decode_kernel[(B, Hkv, num_splits)](
-        q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, block_tables, kv_lens,
-        scale * math.log2(math.e), group,
-        q.stride(0), q.stride(1),
-        k_data.stride(0), k_data.stride(1), k_data.stride(2),
-        v_data.stride(0), v_data.stride(1), v_data.stride(2),
-        *sz_strides,
-        out.stride(0), out.stride(1), block_tables.stride(0),
-        part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-        D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
-        NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
-        HALF_DEQUANT=q.dtype == torch.float16,
-        num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device),
-    )
+    args = (q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, block_tables, kv_lens,
+            scale * math.log2(math.e), group,
+            q.stride(0), q.stride(1),
+            k_data.stride(0), k_data.stride(1), k_data.stride(2),
+            v_data.stride(0), v_data.stride(1), v_data.stride(2),
+            *sz_strides,
+            out.stride(0), out.stride(1), block_tables.stride(0),
+            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
+    launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
+    if kernel == "fma":
+        assert bits != 16 and consts["V_GROUP"] == D, "the fma decode kernel reads quantized caches, V per vector"
+        _decode_fma_kernel[(B, Hkv, num_splits)](
+            *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
+            BLOCK_H=BLOCK_D // 2 if bits == 4 else BLOCK_D, NUM_SPLITS=num_splits, BITS=bits,
+            K_GROUP=consts["K_GROUP"], **launch)
+    else:
+        _decode_kernel[(B, Hkv, num_splits)](
+            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
+            NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
+            HALF_DEQUANT=q.dtype == torch.float16, **launch)
     if num_splits > 1:
         _merge_splits_kernel[(B, Hq)](
             part_o, part_lse, out,

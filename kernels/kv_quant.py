@@ -313,3 +313,23 @@ if triton is not None:
                         mask=n_mask[:, None] & (cols[None, :] < D), other=0)  # [BLOCK_N, BLOCK_D]
             x = _dequant_vector(c, sz_ptr, sz_off, n_mask, F16)
         return x
+
+    @triton.jit
+    def codes_to_float32(c):
+        """uint8 codes as float32 values, exactly, without a conversion instruction (a quarter-rate I2F on
+        Hopper): the bits 0x4B000000 | c are the float32 2^23 + c, so one OR and one subtraction give c."""
+        return (c.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+
+    @triton.jit
+    def load_codes(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
+        """8-bit codes c[j] of tokens' head vectors, uint8 [..., BLOCK_D] (code_off and n_mask [..., 1]: each
+        vector's first code byte, and which are read; 0 past D and where n_mask is false)."""
+        j = tl.arange(0, BLOCK_D)
+        return tl.load(codes_ptr + code_off + j, mask=n_mask & (j < D), other=0)
+
+    @triton.jit
+    def load_nibble_halves(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_H: tl.constexpr):
+        """4-bit codes of tokens' head vectors as the head's two halves without an interleave, c[j] and c[j + D/2]
+        ([..., BLOCK_H] uint8 each, j < D/2): the low and high nibbles of byte j. As load_codes otherwise."""
+        b = load_codes(codes_ptr, code_off, n_mask, D // 2, BLOCK_H)
+        return b & 15, b >> 4

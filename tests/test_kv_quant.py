@@ -450,3 +450,48 @@ def test_graph_decode_with_quantized_cache_on_gpu(checkpoint, tmp_path, policy):
     assert not [w for w in caught if "lmc:" in str(w.message)] and graph_engine.decoder.graphs
     eager = _greedy_logits(eager_engine, PROMPTS, 24)
     assert graph[0] == eager[0] and _same_prefix_rel(graph, eager) <= 1e-4
+
+
+# --- the fma decode kernel (CUDA-core dots on the codes) ---------------------------------------------------
+
+FMA_DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits: GQA groups 1/3/4/8, odd D and pages
+    (6, 2, 80, 5, torch.float32, 3, 16, 8),
+    (6, 2, 80, 5, torch.float16, 2, 16, 4),
+    (3, 3, 24, 7, torch.float32, 1, 16, 4),
+    (3, 3, 24, 7, torch.float16, 4, 32, 8),
+    (8, 1, 128, 16, torch.float16, 4, 16, 4),
+    (8, 1, 80, 16, torch.float32, 1, 32, 4),
+    (8, 2, 128, 16, torch.float16, 2, 64, 8),
+    (8, 2, 128, 5, torch.float32, 3, 16, 4),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("Hq,Hkv,D,block_size,dtype,num_splits,block_n,bits", FMA_DECODE_CASES)
+def test_decode_fma_kernel_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits):
+    """kernel="fma" against the reference on the cache's layouts (4 bits: K in 16-channel groups, D 24: one group
+    of 12 per half, D 80: 16 + 16 + 8), kv lengths ending mid-block, splits left empty (kv_len 1), and an empty
+    sequence (kv_len 0: zeros)."""
+    c = _quant_case((1, 1, 1, 1, 1), (1, 37, 70, 16, 5), Hq, Hkv, D, block_size, dtype, bits, seed=31)
+    kv_lens = c.kv_lens.clone()
+    kv_lens[4] = 0
+    args = (c.q, *c.quant_caches, c.block_tables, kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n, kernel="fma")
+    assert out.shape == c.q.shape and out.dtype == dtype
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+    ref = attention.paged_decode_attention_ref(c.q[:4], *c.quant_caches, c.block_tables[:4], kv_lens[:4], c.scale)
+    torch.testing.assert_close(out[:4], ref, **ATTN_TOL[dtype])
+
+
+@needs_triton
+def test_decode_fma_kernel_per_vector_int4_keys():
+    """One (scale, zero) per K vector with 4 bits (the pre-group layout, still a valid QuantizedKV): the scale
+    folded out of the two nibble halves' dots."""
+    c = _quant_case((1, 1), (45, 9), 4, 2, 64, 16, torch.float32, 4, seed=32)
+    k = c.quant_caches[0]
+    per_vector = QuantizedKV.empty(*k.shape, 4, 64, "cpu")
+    rows = torch.randn(k.shape[0] * k.shape[1], 2, 64, generator=_gen(33))  # [slots, Hkv, D]
+    per_vector.codes.view(-1, 2, 32)[:], per_vector.scales_zeros.view(-1, 2, 1, 2)[:] = quantize_kv_ref(rows, 4)
+    args = (c.q, per_vector, c.quant_caches[1], c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fma")
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **FP32)
