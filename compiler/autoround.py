@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-ITERS = 100  # SignSGD steps per layer
+ITERS = 50  # SignSGD steps per layer
 BATCH = 4  # calibration windows per step
 FACTOR_MIN = 0.0  # the min/max factors' lower bound (AutoRound's)
 
