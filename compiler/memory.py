@@ -118,9 +118,10 @@ def source_read(source) -> SourceRead:
 
 def predict(cfg: ModelConfig, samples: int, seqlen: int, search_samples: int, batch_size: int, group_size: int,
             device: torch.device, compute_dtype: torch.dtype, store_dtype: torch.dtype, read: SourceRead,
-            held: tuple[int, int] | None = None, gptq: bool = False) -> MemoryPlan:
+            held: tuple[int, int] | None = None, gptq: bool = False, tune_batch: int = 0) -> MemoryPlan:
     """Peak bytes on host and device. held: (RSS now, peak RSS so far); default: measured now.
     gptq: `--method awq-gptq` (float64 X^T X of the four linear inputs, the inverse Hessian of one linear).
+    tune_batch: `--method awq-autoround`'s windows per tuning step (0: no tuning).
 
     Every phase's temporaries are summed: a phase reuses the blocks it freed itself, but malloc keeps
     freed blocks of up to 32 MiB in its heap, where another phase's allocations may not fit (measured:
@@ -150,6 +151,11 @@ def predict(cfg: ModelConfig, samples: int, seqlen: int, search_samples: int, ba
         if gptq:
             held_by_layer += 8 * sum(k * k for _, k in shapes)  # X^T X of each linear's input, float64
             steps += max(4 * k * k * 8 + 3 * n * k * 4 for n, k in shapes)  # GPTQ on one linear: H, its factors; W copies
+        if tune_batch:
+            held_by_layer += 2 * tokens * h * c  # the quantized layers' output: this layer's input and output
+            params = layer_params(cfg)  # the int4 linears' weights
+            steps += (5 * tune_batch * seqlen * (6 * h + 2 * q + 4 * kv + 3 * i) * c  # a step's saved activations
+                      + 8 * params * 4)  # offsets (tuned, best, gradient), fake-quantized weights and their temporaries
 
     # --- host: reading, results, writing ---
     windows = tokens * 8  # int64 token windows

@@ -17,12 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmc.compiler import awq, gptq
+from lmc.compiler import autoround, awq, gptq
 from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
 from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap, source_read
-from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, checkpoint_int4_shapes, pack_awq,
-                               pack_compressed, quantize_int4)
+from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, checkpoint_int4_shapes, dequantize_int4,
+                               pack_awq, pack_compressed, quantize_int4)
 from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
 from lmc.compiler.llava import PROCESSOR_FILES, hf_entries, is_llava, split_vision, vision_specs
 from lmc.compiler.readers import Source, open_source
@@ -63,7 +63,9 @@ class QuantizeOptions:
 
 
 METHODS = {"awq": "AWQ scale and clip search, min-max rounding",
-           "awq-gptq": "AWQ scale search, then GPTQ error feedback (compiler/gptq.py)"}  # --method -> what it does
+           "awq-gptq": "AWQ scale search, then GPTQ error feedback (compiler/gptq.py)",
+           "awq-autoround": "AWQ scale search, then rounding and clipping tuned per layer (compiler/autoround.py)"}
+# --method -> what it does
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -222,7 +224,8 @@ def layer_steps(cfg: ModelConfig, opts: QuantizeOptions) -> int:
     """Progress steps of one calibrated layer: forward batches, scale candidates (or smoothed groups), clipped linears."""
     groups = 4 if scales_v_wo(cfg) else 3
     forwards = -(-opts.calib_samples // opts.batch_size)
-    return forwards + (groups * awq.GRID + 4 if opts.search_scale else groups)
+    tuning = autoround.ITERS if opts.mode == "awq-autoround" else 0
+    return forwards + tuning + (groups * awq.GRID + 4 if opts.search_scale else groups)
 
 
 LINEAR_INPUTS = {"w_qkv": "h1", "wo": "o", "w13": "h2", "w2": "m"}  # each linear's input, as LayerCalibrator.forward names it
@@ -235,6 +238,26 @@ def quantize_layer_linears(lw: dict, group_size: int, dtype: torch.dtype) -> dic
         codes, scales, zeros = quantize_int4(lw[key], group_size)
         packed[key] = tuple(t.cpu() for t in to_lmc_tensors(codes, scales, zeros, dtype))
     return packed
+
+
+def tune_layer(cal: LayerCalibrator, lw: dict, x_quant: torch.Tensor, target: torch.Tensor, opts: QuantizeOptions,
+               store_dtype: torch.dtype, step=None) -> tuple[dict, torch.Tensor, dict]:
+    """`--method awq-autoround`: tune the rounding of the (scaled) layer lw so that its output from the quantized
+    layers' output x_quant [n, S, H] matches the float layer's output `target` [n, S, H]. Returns the packed
+    linears, this quantized layer's output of x_quant (the next layer's x_quant) and the tuning log."""
+    forward = lambda ws, xb: cal.forward({**lw, **ws}, xb, keep=False)[0]  # noqa: E731
+    weights = {key: lw[key] for key in LINEAR_KEYS}
+    g = opts.w_group_size
+    rounding, log = autoround.tune(forward, weights, x_quant, target, g, store_dtype, seed=opts.seed + cal.layer, step=step)
+    packed, dequantized = {}, {}
+    for key, w in weights.items():
+        codes, scales, zeros = autoround.final_codes(w, rounding[key], g, store_dtype)
+        packed[key] = tuple(t.cpu() for t in to_lmc_tensors(codes, scales, zeros, store_dtype))
+        dequantized[key] = dequantize_int4(codes, scales, zeros, g).to(w.dtype)
+    out = torch.empty_like(x_quant)
+    for b0 in range(0, x_quant.shape[0], opts.batch_size):
+        out[b0:b0 + opts.batch_size] = forward(dequantized, x_quant[b0:b0 + opts.batch_size])
+    return packed, out, log
 
 
 # ----------------------------------------------------------------------------- driver
@@ -253,6 +276,7 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
         x = embed[windows].to(device=device, dtype=calib_dtype)  # [n, S, H]
         del embed
     n_search = min(opts.search_samples, opts.calib_samples)
+    x_quant = x if opts.mode == "awq-autoround" else None  # the quantized layers' output: the tuned layer's input
     for i in tqdm(range(cfg.num_layers), desc="quantize", unit="layer", disable=not progress):
         start = time.perf_counter()
         bar = tqdm(total=layer_steps(cfg, opts) if x is not None else 0, desc=f"layer {i}", unit="step", leave=False,
@@ -283,12 +307,16 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
             kept = {k: torch.cat([p[k] for p in kept_parts])[: n_search * opts.calib_seqlen] for k in kept_parts[0]}
             folded = {}
             log["groups"] = calibrate_layer(cal, lw, kept, stats, opts, bar, folded)
+            del kept, kept_parts
+            if x_quant is not None:
+                bar.set_postfix_str("tune")
+                packed, x_quant, log["tuning"] = tune_layer(cal, lw, x_quant, out, opts, store_dtype, bar.update)
             x = out
         if hessians:
             bar.set_postfix_str("gptq")
             h = {key: hessians[inp].mean(folded.get(inp)) for key, inp in LINEAR_INPUTS.items()}
             packed = gptq.quantize_linears({key: lw[key] for key in LINEAR_KEYS}, h, opts.w_group_size, store_dtype, bar.update)
-        else:
+        elif x_quant is None:
             packed = quantize_layer_linears(lw, opts.w_group_size, store_dtype)
         bar.close()
         extras = {k: lw[k].to(device="cpu", dtype=store_dtype) for k in lw if k not in LINEAR_KEYS}
@@ -351,6 +379,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     if source.int4 is not None:
         raise LmcError(f"{source.path} is already {source.model_format}-quantized; convert it with `lmc convert`")
     opts = resolve_options(opts)
+    if opts.method == "awq-autoround" and opts.device != "cpu":
+        raise LmcError("--method awq-autoround tunes with torch autograd through the CPU layer code: add --device cpu")
     cfg = model_config_from_hf(source.hf_config)
     store_dtype = resolve_dtype(opts.dtype, source.hf_config)
     if store_dtype == torch.float32:
@@ -368,7 +398,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     ids, text_info = (None, None) if opts.calib_samples == 0 else calibration_ids(source, opts)
     release_free_heap()  # tokenizing leaves freed blocks in the heap (0.3 GiB for PTB with SmolLM2's tokenizer)
     mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, opts.w_group_size,
-                  device, calib_dtype, store_dtype, source_read(source), gptq=opts.mode == "awq-gptq")
+                  device, calib_dtype, store_dtype, source_read(source), gptq=opts.mode == "awq-gptq",
+                  tune_batch=autoround.BATCH if opts.mode == "awq-autoround" else 0)
     say(mem.describe())
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
@@ -381,7 +412,7 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         torch.cuda.reset_peak_memory_stats(device)
     show = sys.stderr.isatty() if progress is None else progress
     t1 = time.perf_counter()
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: awq-autoround's tuning takes gradients of the layer
         layers, logs = run_layers(cfg, builder, opts, device, calib_dtype, store_dtype, windows, show)
     t2 = time.perf_counter()
     record = {k: v for k, v in asdict(opts).items() if k != "workspace"}

@@ -46,9 +46,9 @@ DTYPES = {  # torch dtype <-> safetensors dtype string
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # lmc.json's dtype
-QUANT_METHODS = ("awq", "smooth", "rtn", "gptq", "compressed-tensors", "awq-gptq")  # awq: scale + clip search (lmc or AutoAWQ);
+QUANT_METHODS = ("awq", "smooth", "rtn", "gptq", "compressed-tensors", "awq-gptq", "awq-autoround")  # awq: scale + clip search (lmc or AutoAWQ);
 # smooth: fixed 0.5 smoothing; rtn: round-to-nearest; gptq / compressed-tensors: converted from such a checkpoint;
-# awq-gptq: lmc's scale search then GPTQ rounding
+# awq-gptq: lmc's scale search then GPTQ rounding; awq-autoround: lmc's scale search then tuned rounding
 
 
 @dataclass(frozen=True)

@@ -162,8 +162,9 @@ def verify(workspace):
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
 @click.option("--format", "format", type=click.Choice(["awq", "compressed-tensors"]), default="awq", show_default=True,
               help="HF int4 checkpoint to write: AutoAWQ GEMM or compressed-tensors pack-quantized (llm-compressor's W4A16)")
-@click.option("--method", type=click.Choice(["awq", "awq-gptq"]), default="awq", show_default=True,
-              help="awq: scale and clip search, min-max rounding; awq-gptq: the scale search, then GPTQ error feedback")
+@click.option("--method", type=click.Choice(["awq", "awq-gptq", "awq-autoround"]), default="awq", show_default=True,
+              help="awq: scale and clip search, min-max rounding; awq-gptq: the scale search, then GPTQ error feedback; "
+                   "awq-autoround: the scale search, then rounding and clipping tuned per layer (CPU)")
 @click.option("--workspace", is_flag=True,
               help="write an lmc workspace instead of an HF checkpoint (also the fallback when the HF int4 layouts "
                    "cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")
