@@ -18,9 +18,16 @@ def long_ws(checkpoint, tmp_path):
     return tmp_path / "ws"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal gives it, also when pytest runs in the background
+
+
 def _start(*args) -> subprocess.Popen:
+    # A test run started in the background of a shell inherits SIGINT ignored, and so would lmc (Python installs
+    # its KeyboardInterrupt handler only where SIGINT is at its default): give the child the terminal's default.
     return subprocess.Popen([sys.executable, "-m", "lmc", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_default_sigint)
 
 
 ENDLESS = ("--device", "cpu", "--temperature", "0", "--max-new-tokens", "150000", "--min-new-tokens", "150000",
