@@ -62,10 +62,11 @@ class QuantizeOptions:
         return self.method if self.search_scale else "smooth"
 
 
-METHODS = {"awq": "AWQ scale and clip search, min-max rounding",
-           "awq-gptq": "AWQ scale search, then GPTQ error feedback (compiler/gptq.py)",
-           "awq-autoround": "AWQ scale search, then rounding and clipping tuned per layer (compiler/autoround.py)"}
-# --method -> what it does
+METHODS = {  # --method -> what it does
+    "awq": "AWQ scale and clip search, min-max rounding",
+    "awq-gptq": "AWQ scale search, then GPTQ error feedback (compiler/gptq.py)",
+    "awq-autoround": "AWQ scale search, then rounding and clipping tuned per layer (compiler/autoround.py)",
+}
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -412,7 +413,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         torch.cuda.reset_peak_memory_stats(device)
     show = sys.stderr.isatty() if progress is None else progress
     t1 = time.perf_counter()
-    with torch.no_grad():  # not inference_mode: awq-autoround's tuning takes gradients of the layer
+    # awq-autoround's tuning takes gradients of the layer, which inference_mode's tensors cannot give
+    with torch.no_grad() if opts.mode == "awq-autoround" else torch.inference_mode():
         layers, logs = run_layers(cfg, builder, opts, device, calib_dtype, store_dtype, windows, show)
     t2 = time.perf_counter()
     record = {k: v for k, v in asdict(opts).items() if k != "workspace"}
