@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-SIZES = (4096, 16 * 4096, 64 * 4096, 256 * 4096)  # batch 1, 16, 64, 256 at hidden 4096
+SIZES = (4096, 4 * 4096, 16 * 4096, 32 * 4096, 64 * 4096, 128 * 4096, 256 * 4096)  # batch 1 .. 256 at hidden 4096
 CALLS = 64
 
 
@@ -52,7 +52,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=dev)
     from lmc.kernels.allreduce import OneShotAllReduce
 
-    one_shot = OneShotAllReduce(dist.group.WORLD, dev, torch.float16, max(SIZES))
+    one_shot = OneShotAllReduce(dist.new_group(backend="gloo"), dev, torch.float16, max(SIZES))
     rows = []
     for n in SIZES:
         g = torch.Generator(device=dev).manual_seed(rank * 1000 + n)

@@ -90,7 +90,10 @@ def main() -> int:
     ap.add_argument("--work", default="/tmp/lmc_bench_serving")
     ap.add_argument("--formats", default="fp16,int4")
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--skip-check", action="store_true", help="skip the float32 greedy check")
+    ap.add_argument("--skip-check", nargs="?", const="fp16,int4", default="",
+                    help="skip the float32 greedy check (of these formats; all without a value)")
+    ap.add_argument("--tp1-from", help="take the tp = 1 speed from this earlier result file (same device) instead "
+                    "of measuring it again")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
@@ -138,7 +141,7 @@ def main() -> int:
         entry = report["formats"].setdefault(fmt, {})
         modes = args.allreduce.split(",")
         os.environ["LMC_TP_ALLREDUCE"] = modes[0]  # the followers are spawned: they inherit it
-        if not args.skip_check:
+        if fmt not in args.skip_check.split(","):
             for dtype in ("float32", None) if args.stored_check else ("float32",):
                 name = dtype or "stored"
                 t1, t2 = greedy(one, dev, dtype, shape["vocab_size"]), greedy(two, dev, dtype, shape["vocab_size"])
@@ -146,7 +149,11 @@ def main() -> int:
                 print(f"  {fmt} greedy {name}: tp2 == tp1 {t1 == t2}", flush=True)
                 save()
         if not args.skip_speed:
-            entry["tp1"] = speed(one, dev, shape["vocab_size"], args)
+            if args.tp1_from:
+                entry["tp1"] = json.loads(Path(args.tp1_from).read_text())["formats"][fmt]["tp1"]
+                entry["tp1_from"] = args.tp1_from
+            else:
+                entry["tp1"] = speed(one, dev, shape["vocab_size"], args)
             save()
             for mode in modes:
                 os.environ["LMC_TP_ALLREDUCE"] = mode

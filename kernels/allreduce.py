@@ -4,7 +4,7 @@ reading the peers' copies straight from their memory over NVLink. A decode-sized
 H200 (bench/NOTES.md, "Tensor parallel"), 64 calls per 8B step; one kernel with one cross-GPU handshake needs a
 few µs.
 
-Each rank owns one buffer that every rank has mapped (torch symmetric memory, `OneShotAllReduce`):
+Each rank owns one buffer that every rank has mapped (CUDA IPC, kernels/peer_memory.py; `OneShotAllReduce`):
 
     int32  flags [MAX_PROGRAMS, world]   at byte 0; flags[p, r] = 1: rank r's program p has published its chunk
                                           (rank r sets it in the reader's buffer; the reader sets it back to 0)
@@ -31,8 +31,8 @@ try:
 except ImportError:  # CPU-only install: tensor parallel on the CPU uses gloo
     triton = None
 
-MAX_PROGRAMS = 32  # programs per call: enough to keep NVLink busy for decode-sized messages
-FLAG_BYTES = 4096  # >= MAX_PROGRAMS * 8 ranks * 4 bytes, and keeps the data 4 KiB-aligned
+MAX_PROGRAMS = 128  # programs per call (at most one per SM); FLAG_BYTES holds their flags for up to 8 ranks
+FLAG_BYTES = 4096  # = MAX_PROGRAMS * 8 ranks * 4 bytes, and keeps the data 4 KiB-aligned
 DATA_OFFSET = FLAG_BYTES
 BLOCK = 1024  # elements per program per chunk
 
@@ -97,27 +97,26 @@ def one_shot_all_reduce(x: torch.Tensor, data_ptrs: torch.Tensor, flag_ptrs: tor
 
 
 class OneShotAllReduce:
-    """The symmetric buffer of one process group and the one-shot sum over it (CUDA ranks, NVLink or PCIe
-    peer access). Every rank constructs it at the same point (a collective)."""
+    """The peer buffers of one group of CUDA ranks (NVLink or PCIe peer access) and the one-shot sum over them.
+    Every rank constructs it at the same point (a collective over `group`, a gloo group: the buffers' handles
+    travel over it; kernels/peer_memory.py). Raises PeerMemoryError on every rank if any rank cannot share."""
 
     def __init__(self, group, device: torch.device, dtype: torch.dtype, capacity: int):
-        import torch.distributed._symmetric_memory as symm_mem
+        from lmc.kernels.peer_memory import PeerBuffers
 
         self.dtype, self.capacity = dtype, capacity
-        nbytes = DATA_OFFSET + 2 * capacity * dtype.itemsize
-        self.buffer = symm_mem.empty(nbytes, dtype=torch.uint8, device=device)  # [nbytes], layout above
-        self.buffer[:FLAG_BYTES].zero_()
-        handle = symm_mem.rendezvous(self.buffer, group.group_name)
-        self.rank, self.world = handle.rank, handle.world_size
+        self.peers = PeerBuffers(group, device, DATA_OFFSET + 2 * capacity * dtype.itemsize)  # layout above
+        self.rank, self.world = self.peers.rank, self.peers.world
         assert self.world * MAX_PROGRAMS * 4 <= FLAG_BYTES
-        bases = torch.tensor(handle.buffer_ptrs, dtype=torch.int64)
+        bases = torch.tensor(self.peers.ptrs, dtype=torch.int64)
         self.flag_ptrs = bases.to(device)  # [world]
         self.data_ptrs = (bases + DATA_OFFSET).to(device)  # [world]
-        handle.barrier()  # every rank's flags are zero before anyone signals
-        torch.cuda.synchronize(device)
 
     def fits(self, x: torch.Tensor) -> bool:
         return x.dtype == self.dtype and x.is_contiguous() and x.numel() <= self.capacity
 
     def __call__(self, x: torch.Tensor, slot: int) -> torch.Tensor:
         return one_shot_all_reduce(x, self.data_ptrs, self.flag_ptrs, self.rank, self.world, slot, self.capacity)
+
+    def close(self) -> None:
+        self.peers.close()

@@ -27,6 +27,7 @@ import datetime
 import multiprocessing
 import os
 import socket
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
@@ -40,7 +41,8 @@ STOP, FORWARD, DECODE = 0, 1, 2
 LEAVE_S = 30
 JOIN_POLL_S = 0.2  # how often rank 0 looks at its followers while they join
 HEADER = 8
-ONE_SHOT_ELEMENTS = 1 << 21  # per slot of the one-shot all-reduce: 4 MiB of float16 (decode batch 512 at hidden 4096)
+ONE_SHOT_ELEMENTS = 1 << 17  # per slot of the one-shot all-reduce (decode batch 32 at hidden 4096); larger sums go
+                             # through NCCL, faster there (bench/results/allreduce_h200x2*.json)
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
 IDLE = datetime.timedelta(days=365)  # a follower waits for rank 0's next step this long (a server may idle for days);
                                      # a rank that dies closes its sockets, which ends the wait at once
@@ -70,13 +72,19 @@ class Shard:
         return x
 
     def use_one_shot(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Set up the one-shot all-reduce for the model's dtype when LMC_TP_ALLREDUCE=one-shot (every rank calls
-        this at the same point; CUDA only). NCCL stays the default until the kernel has run on 2 GPUs."""
-        if device.type != "cuda" or os.environ.get("LMC_TP_ALLREDUCE", "nccl") != "one-shot":
+        """Set up the one-shot all-reduce for the model's dtype unless LMC_TP_ALLREDUCE=nccl (every rank calls
+        this at the same point; CUDA only). Where the GPUs cannot share memory every rank stays on NCCL, with
+        one line saying why."""
+        if device.type != "cuda" or os.environ.get("LMC_TP_ALLREDUCE", "one-shot") != "one-shot":
             return
         from lmc.kernels.allreduce import OneShotAllReduce
+        from lmc.kernels.peer_memory import PeerMemoryError
 
-        self.one_shot = OneShotAllReduce(self.compute, device, dtype, ONE_SHOT_ELEMENTS)
+        try:
+            self.one_shot = OneShotAllReduce(self.control, device, dtype, ONE_SHOT_ELEMENTS)
+        except PeerMemoryError as e:
+            if self.leader:
+                print(f"lmc: tensor parallel sums through NCCL only: {e}", file=sys.stderr)
 
     def broadcast_ids(self, ids: torch.Tensor) -> None:
         """Rank 0's token ids into every rank's `ids` (contiguous, same shape everywhere)."""
@@ -116,6 +124,10 @@ class Shard:
         collectives; a teardown that has not finished after LEAVE_S seconds (a peer gone) is left behind."""
         if decoder is not None:
             decoder.release()
+        if self.one_shot is not None:
+            torch.cuda.synchronize()
+            self.one_shot.close()
+            self.one_shot = None
         if not dist.is_initialized():
             return
         done = threading.Thread(target=dist.destroy_process_group, name="lmc-tp-leave", daemon=True)
