@@ -14,7 +14,7 @@ install:
 
 demo: install
 	mkdir -p $(DEMO)
-	$(PYTHON) -m lmc quantize $(SMOLLM2_GGUF) -o $(DEMO)/smollm2-awq --w-group-size 64 --calib-samples 32 --calib-seqlen 512 --search-samples 4 --force
+	$(PYTHON) -m lmc quantize $(SMOLLM2_GGUF) -o $(DEMO)/smollm2-awq --method awq --w-group-size 64 --calib-samples 32 --calib-seqlen 512 --search-samples 4 --force
 	$(PYTHON) -m lmc convert $(DEMO)/smollm2-awq -o $(DEMO)/smollm2-ws --force
 	$(PYTHON) -m lmc verify $(DEMO)/smollm2-ws
 	$(PYTHON) -m lmc inspect $(DEMO)/smollm2-ws

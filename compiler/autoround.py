@@ -21,8 +21,9 @@ from typing import Callable
 
 import torch
 
-ITERS = 50  # SignSGD steps per layer
+ITERS = 36  # SignSGD steps per layer
 BATCH = 4  # calibration windows per step
+SCALE_GRID = 10  # AWQ scale ratios searched before the tuning (awq.GRID = 20 for awq): the tuning refines the rest
 FACTOR_MIN = 0.0  # the min/max factors' lower bound (AutoRound's)
 
 
@@ -62,13 +63,31 @@ def _round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
-def quantize(w: torch.Tensor, r: Rounding, group_size: int, scale_dtype: torch.dtype | None = None):
+@dataclass
+class Grouped:
+    """A weight [N, K] in groups, with what the tuning never changes: wg [N, ng, G] (the last group padded by its
+    last column), the groups' max (>= 0) and min (<= 0) [N, ng]."""
+
+    wg: torch.Tensor
+    top: torch.Tensor
+    bottom: torch.Tensor
+
+    @classmethod
+    def of(cls, w: torch.Tensor, group_size: int) -> "Grouped":
+        wg = _groups(w, group_size, fill_last=True)  # [N, ng, G]
+        return cls(wg, wg.amax(dim=2).clamp(min=0), wg.amin(dim=2).clamp(max=0))
+
+
+def quantize(w: torch.Tensor, r: Rounding, group_size: int, scale_dtype: torch.dtype | None = None,
+             grouped: Grouped | None = None):
     """w [N, K] float32 with its Rounding -> (codes float [N, ng, G], scales [N, ng], zeros [N, ng]),
     differentiable in r (straight-through rounding). scale_dtype: scales rounded to the stored dtype
-    (no gradient through that rounding) before the codes are computed."""
-    wg = _groups(w, group_size, fill_last=True)  # [N, ng, G]
-    w_max = wg.amax(dim=2).clamp(min=0) * r.high  # [N, ng]
-    w_min = wg.amin(dim=2).clamp(max=0) * r.low  # [N, ng]
+    (no gradient through that rounding) before the codes are computed. grouped: Grouped.of(w), when the
+    caller keeps it across steps."""
+    g = grouped if grouped is not None else Grouped.of(w, group_size)
+    wg = g.wg  # [N, ng, G]
+    w_max = g.top * r.high  # [N, ng]
+    w_min = g.bottom * r.low  # [N, ng]
     scales = (w_max - w_min).clamp(min=1e-5) / 15  # [N, ng]
     if scale_dtype is not None:
         scales = scales + (scales.to(scale_dtype).float() - scales).detach()
@@ -78,9 +97,10 @@ def quantize(w: torch.Tensor, r: Rounding, group_size: int, scale_dtype: torch.d
     return codes, scales, zeros
 
 
-def fake_quantize(w: torch.Tensor, r: Rounding, group_size: int, scale_dtype: torch.dtype | None = None) -> torch.Tensor:
+def fake_quantize(w: torch.Tensor, r: Rounding, group_size: int, scale_dtype: torch.dtype | None = None,
+                  grouped: Grouped | None = None) -> torch.Tensor:
     """The dequantized weights [N, K] float32, differentiable in r."""
-    codes, scales, zeros = quantize(w, r, group_size, scale_dtype)
+    codes, scales, zeros = quantize(w, r, group_size, scale_dtype, grouped)
     n, k = w.shape
     return ((codes - zeros[:, :, None]) * scales[:, :, None]).reshape(n, -1)[:, :k]
 
@@ -100,6 +120,7 @@ def tune(forward: Callable[[dict, torch.Tensor], torch.Tensor], weights: dict[st
     matches target[idx] (x, target [n, S, H]). Returns the best step's Roundings and a log (loss of the
     identity rounding on the first batch, the best loss, its step). `step()` after each step."""
     ws = {key: w.detach().float() for key, w in weights.items()}
+    grouped = {key: Grouped.of(w, group_size) for key, w in ws.items()}
     params = {key: Rounding.identity(w, group_size) for key, w in ws.items()}
     for r in params.values():
         for t in r.tensors():
@@ -110,7 +131,8 @@ def tune(forward: Callable[[dict, torch.Tensor], torch.Tensor], weights: dict[st
     with torch.enable_grad():
         for t in range(iters + 1):  # the last pass only measures the final parameters
             idx = torch.randperm(x.shape[0], generator=gen)[:batch]  # [b]
-            out = forward({key: fake_quantize(ws[key], params[key], group_size, scale_dtype) for key in ws}, x[idx])
+            out = forward({key: fake_quantize(ws[key], params[key], group_size, scale_dtype, grouped[key]) for key in ws},
+                          x[idx])
             loss = (out.float() - target[idx].float()).pow(2).mean()
             value = float(loss.detach())
             first = value if first is None else first

@@ -29,34 +29,37 @@ class ScaleResult:
 
 def channel_mean_abs(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> mean |x| per input channel [K] float32."""
-    return x.reshape(-1, x.shape[-1]).abs().float().mean(0)
+    flat = x.reshape(-1, x.shape[-1])  # [T, K]
+    return flat.abs().sum(0, dtype=torch.float32) / max(flat.shape[0], 1)  # no float32 copy of a bf16 x
 
 
 def channel_abs_max(x: torch.Tensor) -> torch.Tensor:
     """x [..., K] -> max |x| per input channel [K] float32."""
-    return x.reshape(-1, x.shape[-1]).abs().float().amax(0)
+    return x.reshape(-1, x.shape[-1]).abs().amax(0).float()  # exact in any dtype
 
 
-def grid_scales(x_mean: torch.Tensor) -> list[torch.Tensor]:
-    """The candidate scales s = x_mean^r, r on GRID, each normalised to a geometric mean of extremes 1: GRID x [K]."""
+def grid_scales(x_mean: torch.Tensor, grid: int = GRID) -> list[torch.Tensor]:
+    """The candidate scales s = x_mean^r, r = 0, 1/grid, ..., each normalised to a geometric mean of extremes 1:
+    grid x [K]."""
     scales = []
-    for i in range(GRID):
-        s = x_mean.pow(i / GRID).clamp(min=1e-4)  # [K]
+    for i in range(grid):
+        s = x_mean.pow(i / grid).clamp(min=1e-4)  # [K]
         scales.append(s / (s.max() * s.min()).sqrt())
     return scales
 
 
 def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], block: Callable[[list[torch.Tensor]], torch.Tensor],
-                 group_size: int, chunk: int = 4, step: Callable[[], None] | None = None) -> ScaleResult:
-    """Pick s = x_mean^r (r on GRID) minimising MSE(block(Q(W*s)/s), block(W)).
+                 group_size: int, chunk: int = 4, step: Callable[[], None] | None = None,
+                 grid: int = GRID) -> ScaleResult:
+    """Pick s = x_mean^r (r = 0, 1/grid, ...) minimising MSE(block(Q(W*s)/s), block(W)).
 
     weights: the consumer linears [N_i, K] sharing the input; block(ws) runs the inspected block
     with those weights substituted and returns its output. `chunk` candidates are fake-quantized
     in one call; `step()` is called after each candidate's block."""
     reference = block(weights).float()
-    scales = grid_scales(x_mean)
+    scales = grid_scales(x_mean, grid)
     losses = []
-    for c0 in range(0, GRID, chunk):
+    for c0 in range(0, grid, chunk):
         s_w = torch.stack(scales[c0:c0 + chunk]).to(weights[0].dtype)[:, None, :]  # [c, 1, K]
         trials = []
         for w in weights:
@@ -66,8 +69,8 @@ def search_scale(x_mean: torch.Tensor, weights: list[torch.Tensor], block: Calla
             losses.append(float((block([t[j] for t in trials]).float() - reference).pow_(2).mean()))
             if step is not None:
                 step()
-    best = min(range(GRID), key=losses.__getitem__)  # the first of equal minima
-    return ScaleResult(best / GRID, scales[best].float().cpu(), losses[best], losses[0])
+    best = min(range(grid), key=losses.__getitem__)  # the first of equal minima
+    return ScaleResult(best / grid, scales[best].float().cpu(), losses[best], losses[0])
 
 
 def smooth_scale(act_max: torch.Tensor, weights: list[torch.Tensor], alpha: float = 0.5) -> torch.Tensor:

@@ -29,7 +29,7 @@ from lmc.compiler.readers import Source, open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError
 from lmc.format.config import ModelConfig
-from lmc.runtime.device import compute_dtype, pick_device
+from lmc.runtime.device import pick_device
 from lmc.runtime.model import (DenseCausal, attention_block, attention_core, linear,
                                mlp_block, mlp_hidden)
 from lmc.runtime.rope import Rope
@@ -52,7 +52,8 @@ class QuantizeOptions:
     format: str = "awq"  # the HF checkpoint written without --workspace: one of HF_FORMATS
     dtype: str = "auto"
     allow_nonfinite: bool = False  # keep NaN/Inf source weights (with a warning) instead of refusing
-    method: str = "awq"  # one of METHODS
+    method: str = "auto"  # one of METHODS
+    calib_dtype: str = "auto"  # what calibration computes in: one of CALIB_DTYPES (auto: resolve_options)
 
     @property
     def mode(self) -> str:
@@ -63,10 +64,17 @@ class QuantizeOptions:
 
 
 METHODS = {  # --method -> what it does
+    "auto": "awq-autoround on the CPU, awq on a GPU or without calibration / the scale search",
     "awq": "AWQ scale and clip search, min-max rounding",
     "awq-gptq": "AWQ scale search, then GPTQ error feedback (compiler/gptq.py)",
     "awq-autoround": "AWQ scale search, then rounding and clipping tuned per layer (compiler/autoround.py)",
 }
+
+
+# --calib-dtype. stored: weights and activations in the output's float dtype (the GPU's default); float32: in
+# float32; bfloat16: float32 weights and activations, the matmuls and attention under bfloat16 autocast (the
+# default on CPUs with bf16 instructions). The weights are quantized from their float32 or stored values either way.
+CALIB_DTYPES = ("auto", "stored", "float32", "bfloat16")
 
 
 # ----------------------------------------------------------------------------- calibration data
@@ -118,11 +126,17 @@ class LayerCalibrator:
     def __init__(self, cfg: ModelConfig, opts: QuantizeOptions, rope: Rope, device, layer: int):
         self.cfg, self.opts, self.layer = cfg, opts, layer
         self.clip_rows = clip_rows(device)
+        self.device_type = torch.device(device).type
         s = opts.calib_seqlen
         self.cos, self.sin = rope(torch.arange(s, device=device), s - 1)  # [S, D/2]
 
     def _rope(self, b: int):
         return self.cos.repeat(b, 1), self.sin.repeat(b, 1)  # [b*S, D/2]
+
+    def autocast(self):
+        """The context the layer's forwards run in: bfloat16 autocast under --calib-dtype bfloat16 (the matmuls
+        and attention only: weights are loaded, quantized and GPTQ's Hessians summed outside it)."""
+        return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.opts.calib_dtype == "bfloat16")
 
     def forward(self, lw: dict, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, dict]:
         """x [b, S, H] -> layer output [b, S, H]; with keep, the inputs of every linear."""
@@ -195,7 +209,9 @@ def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opt
             continue
         bar.set_postfix_str(f"scale {name}")
         if opts.search_scale:
-            r = awq.search_scale(stats[inp + "_mean"], [lw[consumer]], make_block(), g, step=bar.update)
+            with cal.autocast():
+                r = awq.search_scale(stats[inp + "_mean"], [lw[consumer]], make_block(), g, step=bar.update,
+                                     grid=scale_grid(opts))
             s = r.scales
             results.append({"group": name, "ratio": r.ratio, "loss": r.loss, "loss_rtn": r.loss_identity})
         else:
@@ -211,7 +227,9 @@ def calibrate_layer(cal: LayerCalibrator, lw: dict, kept: dict, stats: dict, opt
         for consumer, inp, rows in (("w_qkv", "h1", v_rows), ("wo", "o", None), ("w13", "h2", None), ("w2", "m", None)):
             bar.set_postfix_str(f"clip {consumer}")
             w = lw[consumer] if rows is None else lw[consumer][rows]
-            clipped = awq.apply_clip(w, awq.search_clip(w, kept[inp], g, cal.clip_rows), g)
+            with cal.autocast():
+                ranges = awq.search_clip(w, kept[inp], g, cal.clip_rows)
+            clipped = awq.apply_clip(w, ranges, g)
             if rows is None:
                 lw[consumer] = clipped
             else:
@@ -226,7 +244,12 @@ def layer_steps(cfg: ModelConfig, opts: QuantizeOptions) -> int:
     groups = 4 if scales_v_wo(cfg) else 3
     forwards = -(-opts.calib_samples // opts.batch_size)
     tuning = autoround.ITERS if opts.mode == "awq-autoround" else 0
-    return forwards + tuning + (groups * awq.GRID + 4 if opts.search_scale else groups)
+    return forwards + tuning + (groups * scale_grid(opts) + 4 if opts.search_scale else groups)
+
+
+def scale_grid(opts: QuantizeOptions) -> int:
+    """Scale ratios searched per group: awq-autoround's tuning refines what a coarser grid leaves."""
+    return autoround.SCALE_GRID if opts.mode == "awq-autoround" else awq.GRID
 
 
 LINEAR_INPUTS = {"w_qkv": "h1", "wo": "o", "w13": "h2", "w2": "m"}  # each linear's input, as LayerCalibrator.forward names it
@@ -246,10 +269,14 @@ def tune_layer(cal: LayerCalibrator, lw: dict, x_quant: torch.Tensor, target: to
     """`--method awq-autoround`: tune the rounding of the (scaled) layer lw so that its output from the quantized
     layers' output x_quant [n, S, H] matches the float layer's output `target` [n, S, H]. Returns the packed
     linears, this quantized layer's output of x_quant (the next layer's x_quant) and the tuning log."""
-    forward = lambda ws, xb: cal.forward({**lw, **ws}, xb, keep=False)[0]  # noqa: E731
+    def forward(ws: dict, xb: torch.Tensor) -> torch.Tensor:  # the tuned weights come in float32
+        return cal.forward({**lw, **{k: w.to(lw[k].dtype) for k, w in ws.items()}}, xb, keep=False)[0]
+
     weights = {key: lw[key] for key in LINEAR_KEYS}
     g = opts.w_group_size
-    rounding, log = autoround.tune(forward, weights, x_quant, target, g, store_dtype, seed=opts.seed + cal.layer, step=step)
+    with cal.autocast():
+        rounding, log = autoround.tune(forward, weights, x_quant, target, g, store_dtype, seed=opts.seed + cal.layer,
+                                       step=step)
     packed, dequantized = {}, {}
     for key, w in weights.items():
         codes, scales, zeros = autoround.final_codes(w, rounding[key], g, store_dtype)
@@ -257,7 +284,8 @@ def tune_layer(cal: LayerCalibrator, lw: dict, x_quant: torch.Tensor, target: to
         dequantized[key] = dequantize_int4(codes, scales, zeros, g).to(w.dtype)
     out = torch.empty_like(x_quant)
     for b0 in range(0, x_quant.shape[0], opts.batch_size):
-        out[b0:b0 + opts.batch_size] = forward(dequantized, x_quant[b0:b0 + opts.batch_size])
+        with cal.autocast():
+            out[b0:b0 + opts.batch_size] = forward(dequantized, x_quant[b0:b0 + opts.batch_size])
     return packed, out, log
 
 
@@ -293,7 +321,8 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
             bar.set_postfix_str("forward")
             for b0 in range(0, x.shape[0], opts.batch_size):
                 xb = x[b0:b0 + opts.batch_size]
-                out[b0:b0 + xb.shape[0]], inputs = cal.forward(lw, xb, keep=True)
+                with cal.autocast():
+                    out[b0:b0 + xb.shape[0]], inputs = cal.forward(lw, xb, keep=True)
                 for k, t in inputs.items():
                     mean, amax = awq.channel_mean_abs(t) * t.shape[0], awq.channel_abs_max(t)
                     prev = sums.get(k)
@@ -332,7 +361,25 @@ def resolve_options(opts: QuantizeOptions) -> QuantizeOptions:
     """The options with the device and the search subset decided (what the provenance records)."""
     device = pick_device(opts.device)
     search = opts.search_samples if opts.search_samples is not None else (32 if device.type == "cuda" else 8)
-    return replace(opts, device=str(device), search_samples=search)
+    calib = opts.calib_dtype if opts.calib_dtype != "auto" else auto_calib_dtype(device)
+    method = opts.method
+    if method == "auto":  # the best method this device runs (awq-autoround's tuning is CPU-only for now)
+        tunable = device.type == "cpu" and opts.calib_samples > 0 and opts.search_scale
+        method = "awq-autoround" if tunable else "awq"
+    return replace(opts, device=str(device), search_samples=search, calib_dtype=calib, method=method)
+
+
+def auto_calib_dtype(device: torch.device, cpuinfo: str = "/proc/cpuinfo") -> str:
+    """bfloat16 on a CPU with bf16 dot-product instructions (avx512_bf16 or AMX: 4.6x float32's matmul rate on
+    this project's EPYC, bench/NOTES.md); float32 on other CPUs; on a GPU, "stored" (the stored dtype)."""
+    if device.type != "cpu":
+        return "stored"
+    try:
+        with open(cpuinfo) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return "bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
 
 
 def command_line(opts: QuantizeOptions) -> str:
@@ -340,9 +387,10 @@ def command_line(opts: QuantizeOptions) -> str:
     return (f"lmc quantize <src> -o <output> --w-bits {opts.w_bits} --w-group-size {opts.w_group_size} "
             f"--calib-dataset {opts.calib_dataset} --calib-samples {opts.calib_samples} --calib-seqlen {opts.calib_seqlen} "
             f"--batch-size {opts.batch_size} --{'' if opts.search_scale else 'no-'}search-scale "
-            f"--search-samples {opts.search_samples} --device {opts.device} --seed {opts.seed} --dtype {opts.dtype}"
+            f"--search-samples {opts.search_samples} --device {opts.device} --seed {opts.seed} --dtype {opts.dtype} "
+            f"--calib-dtype {opts.calib_dtype}"
             + (" --workspace" if opts.workspace else "") + (f" --format {opts.format}" if opts.format != "awq" else "")
-            + (f" --method {opts.method}" if opts.method != "awq" else ""))
+            + f" --method {opts.method}")
 
 
 def _stderr(message: str) -> None:
@@ -373,13 +421,15 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
     if opts.format not in HF_FORMATS or (opts.workspace and opts.format != "awq"):
         raise LmcError(f"--format {opts.format!r}: choose one of {', '.join(HF_FORMATS)}, or --workspace alone")
+    if opts.calib_dtype not in CALIB_DTYPES:
+        raise LmcError(f"--calib-dtype {opts.calib_dtype!r}: choose one of {', '.join(CALIB_DTYPES)}")
     if opts.method not in METHODS:
         raise LmcError(f"--method {opts.method!r}: choose one of {', '.join(METHODS)}")
-    if opts.method != "awq" and (opts.calib_samples == 0 or not opts.search_scale):
-        raise LmcError(f"--method {opts.method} needs calibration and the scale search: drop --calib-samples 0 / --no-search-scale")
     if source.int4 is not None:
         raise LmcError(f"{source.path} is already {source.model_format}-quantized; convert it with `lmc convert`")
     opts = resolve_options(opts)
+    if opts.method != "awq" and (opts.calib_samples == 0 or not opts.search_scale):
+        raise LmcError(f"--method {opts.method} needs calibration and the scale search: drop --calib-samples 0 / --no-search-scale")
     if opts.method == "awq-autoround" and opts.device != "cpu":
         raise LmcError("--method awq-autoround tunes with torch autograd through the CPU layer code: add --device cpu")
     cfg = model_config_from_hf(source.hf_config)
@@ -387,7 +437,7 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     if store_dtype == torch.float32:
         store_dtype = torch.float16
     device = torch.device(opts.device)
-    calib_dtype = compute_dtype(device, store_dtype)
+    calib_dtype = store_dtype if opts.calib_dtype == "stored" else torch.float32  # weights and activations
     out = Path(out)
     inputs = [source.path, *source.reader.source_files()]
     check_output(out, inputs, force)

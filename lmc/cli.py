@@ -160,11 +160,17 @@ def verify(workspace):
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
+@click.option("--calib-dtype", type=click.Choice(["auto", "stored", "float32", "bfloat16"]), default="auto",
+              show_default=True, help="what calibration computes in (bfloat16: float32 weights, bf16 autocast "
+              "matmuls); auto: the stored dtype on a GPU, bfloat16 on a CPU with bf16 instructions (avx512_bf16 / "
+              "AMX), else float32")
 @click.option("--format", "format", type=click.Choice(["awq", "compressed-tensors"]), default="awq", show_default=True,
               help="HF int4 checkpoint to write: AutoAWQ GEMM or compressed-tensors pack-quantized (llm-compressor's W4A16)")
-@click.option("--method", type=click.Choice(["awq", "awq-gptq", "awq-autoround"]), default="awq", show_default=True,
+@click.option("--method", type=click.Choice(["auto", "awq", "awq-gptq", "awq-autoround"]), default="auto",
+              show_default=True,
               help="awq: scale and clip search, min-max rounding; awq-gptq: the scale search, then GPTQ error feedback; "
-                   "awq-autoround: the scale search, then rounding and clipping tuned per layer (CPU)")
+                   "awq-autoround: the scale search, then rounding and clipping tuned per layer (CPU); auto: "
+                   "awq-autoround on the CPU, awq on a GPU")
 @click.option("--workspace", is_flag=True,
               help="write an lmc workspace instead of an HF checkpoint (also the fallback when the HF int4 layouts "
                    "cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")

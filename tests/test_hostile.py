@@ -612,7 +612,7 @@ def test_quantize_then_convert_keeps_the_calibration_record(checkpoint, tmp_path
     convert(tmp_path / "awq", tmp_path / "ws")
     prov = Workspace(tmp_path / "ws").manifest["provenance"]
     assert prov["quantized_by"]["calibration"]["windows_sha256"] == summary["calibration"]["windows_sha256"]
-    assert prov["quantized_by"]["quantization"]["method"] == "awq"
+    assert prov["quantized_by"]["quantization"]["method"] == summary["method"]
     assert "lmc_provenance.json" in prov["source_files"]
     (tmp_path / "awq" / "lmc_provenance.json").write_text("[1, 2]")
     with pytest.raises(LmcError, match="lmc_provenance.json is not a JSON object"):

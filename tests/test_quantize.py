@@ -70,7 +70,7 @@ def _dequantized_reference(awq_dir: Path, twin: Path):
 
 def test_awq_checkpoint_converts_and_runs_like_its_dequantized_weights(checkpoint, tmp_path):
     ckpt = checkpoint("llama3", **AWQ_SHAPES)
-    summary = quantize(ckpt, tmp_path / "awq", QuantizeOptions(**SMALL), say=_quiet)
+    summary = quantize(ckpt, tmp_path / "awq", QuantizeOptions(**SMALL, method="awq"), say=_quiet)
     assert summary["format"] == "awq" and summary["method"] == "awq"
     cfg = json.loads((tmp_path / "awq" / "config.json").read_text())
     assert cfg["quantization_config"] == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": 32, "zero_point": True}
@@ -170,12 +170,13 @@ def test_awq_fallback_says_why_on_stderr_and_records_what_was_written(checkpoint
     assert ("note: writing an lmc workspace instead of an HF AWQ GEMM checkpoint: model.layers.*.self_attn.q_proj has "
             "K=64 input features, not a multiple of --w-group-size 128") in r.stderr
     assert "--w-group-size 64 gives an HF checkpoint" in r.stderr and "note" not in r.stdout
-    assert "(workspace, awq)" in r.stdout
+    assert "(workspace, awq-autoround)" in r.stdout  # --method auto on the CPU
     prov = Workspace(tmp_path / "q").manifest["provenance"]
     quant = prov["quantization"]
     assert quant["format"] == "workspace" and "workspace" not in quant
     assert quant["search_samples"] == 8 and quant["device"] == "cpu"  # resolved: 8 on the CPU
     assert "--search-samples 8 --device cpu " in prov["command"] and "--search-samples auto" not in prov["command"]
+    assert prov["command"].endswith("--method awq-autoround") and quant["method"] == "awq-autoround"
 
 
 def test_help_says_when_the_awq_output_falls_back():
@@ -252,10 +253,43 @@ def _stderr_on_a_terminal(*args) -> str:
 
 def test_progress_names_the_searched_group_on_a_terminal_and_is_quiet_with_json(checkpoint, tmp_path):
     ckpt = checkpoint("llama3", **AWQ_SHAPES)
-    flags = ("--calib-samples", 4, "--calib-seqlen", 32, "--w-group-size", 32, "--search-samples", 2, "--device", "cpu")
+    flags = ("--calib-samples", 4, "--calib-seqlen", 32, "--w-group-size", 32, "--search-samples", 2, "--device", "cpu",
+             "--method", "awq")
     shown = _stderr_on_a_terminal("quantize", ckpt, "-o", tmp_path / "a", *flags)
     for stage in ("forward", "scale attention_norm->w_qkv", "scale ffn_norm->w13", "scale up->w2", "clip w_qkv", "clip w2"):
         assert stage in shown, stage
     assert "layer 1" in shown and "quantize" in shown
     quiet = _stderr_on_a_terminal("quantize", ckpt, "-o", tmp_path / "b", *flags, "--json")
     assert "scale" not in quiet and "layer" not in quiet and "it/s" not in quiet and "step/s" not in quiet
+
+
+def test_calib_dtype_auto_follows_the_cpu_flags(tmp_path):
+    from lmc.compiler.quantize import auto_calib_dtype, resolve_options
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16\n")
+    assert auto_calib_dtype(torch.device("cpu"), str(info)) == "bfloat16"
+    info.write_text("processor : 0\nflags : fpu sse2 avx2 fma\n")
+    assert auto_calib_dtype(torch.device("cpu"), str(info)) == "float32"
+    assert auto_calib_dtype(torch.device("cpu"), str(tmp_path / "absent")) == "float32"
+    assert auto_calib_dtype(torch.device("cuda")) == "stored"
+    assert resolve_options(QuantizeOptions(device="cpu")).calib_dtype == auto_calib_dtype(torch.device("cpu"))
+    assert resolve_options(QuantizeOptions(device="cpu", calib_dtype="float32")).calib_dtype == "float32"
+
+
+def test_bfloat16_calibration_quantizes_the_float_weights(checkpoint, tmp_path):
+    """Under --calib-dtype bfloat16 only the forwards run in bf16: a tensor no scale touches (GQA: the qkv bias
+    is not folded) is written with the source's fp16 bytes, not bf16-rounded; the provenance records the dtype;
+    an unknown dtype is one clear error. (Quality: bench/bench_quality.py, docs/benchmarks.md.)"""
+    ckpt = checkpoint("qwen2", dtype=torch.float16)
+    convert(ckpt, tmp_path / "fp")
+    fp = Workspace(tmp_path / "fp")
+    for dtype in ("bfloat16", "float32"):
+        quantize(ckpt, tmp_path / dtype, QuantizeOptions(**SMALL, workspace=True, calib_dtype=dtype), say=_quiet)
+        ws = Workspace(tmp_path / dtype)
+        assert torch.equal(ws.get("layers.0.attention.w_qkv.bias"), fp.get("layers.0.attention.w_qkv.bias"))
+        assert ws.manifest["provenance"]["quantization"]["calib_dtype"] == dtype
+    from lmc.errors import LmcError
+
+    with pytest.raises(LmcError, match="--calib-dtype"):
+        quantize(ckpt, tmp_path / "bad", QuantizeOptions(**SMALL, workspace=True, calib_dtype="float8"), say=_quiet)
