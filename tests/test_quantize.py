@@ -275,6 +275,11 @@ def test_calib_dtype_auto_follows_the_cpu_flags(tmp_path):
     assert auto_calib_dtype(torch.device("cuda")) == "stored"
     assert resolve_options(QuantizeOptions(device="cpu")).calib_dtype == auto_calib_dtype(torch.device("cpu"))
     assert resolve_options(QuantizeOptions(device="cpu", calib_dtype="float32")).calib_dtype == "float32"
+    # --method auto: awq-autoround on the CPU, awq where there is nothing to tune
+    assert resolve_options(QuantizeOptions(device="cpu")).method == "awq-autoround"
+    assert resolve_options(QuantizeOptions(device="cpu", calib_samples=0)).method == "awq"
+    assert resolve_options(QuantizeOptions(device="cpu", search_scale=False)).method == "awq"
+    assert resolve_options(QuantizeOptions(device="cpu", method="awq-gptq")).method == "awq-gptq"
 
 
 def test_bfloat16_calibration_quantizes_the_float_weights(checkpoint, tmp_path):
