@@ -97,8 +97,8 @@ def main() -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
-    ap.add_argument("--allreduce", default="nccl", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: nccl, "
-                    "one-shot (kernels/allreduce.py); the greedy check runs under the first")
+    ap.add_argument("--allreduce", default="one-shot", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: one-shot "
+                    "(kernels/allreduce.py, the runtime's default), nccl; the greedy check runs under the first")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and torch.cuda.device_count() < 2 and not args.smoke:

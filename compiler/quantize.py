@@ -134,12 +134,17 @@ class LayerCalibrator:
         return self.cos.repeat(b, 1), self.sin.repeat(b, 1)  # [b*S, D/2]
 
     def autocast(self):
-        """The context the layer's forwards run in: bfloat16 autocast under --calib-dtype bfloat16 (the matmuls
-        and attention only: weights are loaded, quantized and GPTQ's Hessians summed outside it)."""
+        """The context the layer's forwards and the search losses run in: bfloat16 autocast under --calib-dtype
+        bfloat16 (the matmuls and attention only: weights are loaded, quantized and GPTQ's Hessians summed
+        outside it)."""
         return torch.autocast(self.device_type, dtype=torch.bfloat16, enabled=self.opts.calib_dtype == "bfloat16")
 
     def forward(self, lw: dict, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, dict]:
         """x [b, S, H] -> layer output [b, S, H]; with keep, the inputs of every linear."""
+        with self.autocast():
+            return self._forward(lw, x, keep)
+
+    def _forward(self, lw: dict, x: torch.Tensor, keep: bool) -> tuple[torch.Tensor, dict]:
         cfg, (b, s, h) = self.cfg, x.shape
         cos, sin = self._rope(b)
         ctx = DenseCausal(b, s)
@@ -274,9 +279,7 @@ def tune_layer(cal: LayerCalibrator, lw: dict, x_quant: torch.Tensor, target: to
 
     weights = {key: lw[key] for key in LINEAR_KEYS}
     g = opts.w_group_size
-    with cal.autocast():
-        rounding, log = autoround.tune(forward, weights, x_quant, target, g, store_dtype, seed=opts.seed + cal.layer,
-                                       step=step)
+    rounding, log = autoround.tune(forward, weights, x_quant, target, g, store_dtype, seed=opts.seed + cal.layer, step=step)
     packed, dequantized = {}, {}
     for key, w in weights.items():
         codes, scales, zeros = autoround.final_codes(w, rounding[key], g, store_dtype)
@@ -284,8 +287,7 @@ def tune_layer(cal: LayerCalibrator, lw: dict, x_quant: torch.Tensor, target: to
         dequantized[key] = dequantize_int4(codes, scales, zeros, g).to(w.dtype)
     out = torch.empty_like(x_quant)
     for b0 in range(0, x_quant.shape[0], opts.batch_size):
-        with cal.autocast():
-            out[b0:b0 + opts.batch_size] = forward(dequantized, x_quant[b0:b0 + opts.batch_size])
+        out[b0:b0 + opts.batch_size] = forward(dequantized, x_quant[b0:b0 + opts.batch_size])
     return packed, out, log
 
 
@@ -321,8 +323,7 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
             bar.set_postfix_str("forward")
             for b0 in range(0, x.shape[0], opts.batch_size):
                 xb = x[b0:b0 + opts.batch_size]
-                with cal.autocast():
-                    out[b0:b0 + xb.shape[0]], inputs = cal.forward(lw, xb, keep=True)
+                out[b0:b0 + xb.shape[0]], inputs = cal.forward(lw, xb, keep=True)
                 for k, t in inputs.items():
                     mean, amax = awq.channel_mean_abs(t) * t.shape[0], awq.channel_abs_max(t)
                     prev = sums.get(k)

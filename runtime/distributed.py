@@ -43,6 +43,7 @@ JOIN_POLL_S = 0.2  # how often rank 0 looks at its followers while they join
 HEADER = 8
 ONE_SHOT_ELEMENTS = 1 << 17  # per slot of the one-shot all-reduce (decode batch 32 at hidden 4096); larger sums go
                              # through NCCL, faster there (bench/results/allreduce_h200x2*.json)
+ALLREDUCE_MODES = ("one-shot", "nccl")  # LMC_TP_ALLREDUCE
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
 IDLE = datetime.timedelta(days=365)  # a follower waits for rank 0's next step this long (a server may idle for days);
                                      # a rank that dies closes its sockets, which ends the wait at once
@@ -75,7 +76,7 @@ class Shard:
         """Set up the one-shot all-reduce for the model's dtype unless LMC_TP_ALLREDUCE=nccl (every rank calls
         this at the same point; CUDA only). Where the GPUs cannot share memory every rank stays on NCCL, with
         one line saying why."""
-        if device.type != "cuda" or os.environ.get("LMC_TP_ALLREDUCE", "one-shot") != "one-shot":
+        if device.type != "cuda" or allreduce_mode() != "one-shot":
             return
         from lmc.kernels.allreduce import OneShotAllReduce
         from lmc.kernels.peer_memory import PeerMemoryError
@@ -176,8 +177,17 @@ def join(rank: int, tp: int, port: int, device: torch.device) -> Shard:
     return shard
 
 
+def allreduce_mode() -> str:
+    """LMC_TP_ALLREDUCE: one-shot (the default; kernels/allreduce.py for decode-sized sums on CUDA) or nccl."""
+    mode = os.environ.get("LMC_TP_ALLREDUCE", "one-shot")
+    if mode not in ALLREDUCE_MODES:
+        raise LmcError(f"LMC_TP_ALLREDUCE={mode!r}: set it to one of {', '.join(ALLREDUCE_MODES)}, or unset it")
+    return mode
+
+
 def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[Shard, list]:
     """Start ranks 1..tp-1 as processes following this one, and join them as rank 0."""
+    allreduce_mode()  # a bad value is one line here, before any rank starts
     if device.type == "cuda" and torch.cuda.device_count() < tp:
         raise LmcError(f"the workspace is split for tp={tp}, this machine shows {torch.cuda.device_count()} GPUs: "
                        f"run on {tp} GPUs, or convert the checkpoint with --tp {torch.cuda.device_count()}")

@@ -201,3 +201,12 @@ def smollm2_gguf(request) -> Path:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest == SMOLLM2_SHA256, f"{path} has sha256 {digest}"
     return path
+
+
+def cli_ppl(workspace: Path) -> float:
+    """`lmc eval ppl` of a workspace on 2 short WikiText-2 windows on the CPU (exit 0 asserted): the CLI reads
+    what a quantizer wrote."""
+    proc = subprocess.run([sys.executable, "-m", "lmc", "eval", "ppl", str(workspace), "--dataset", "wikitext2",
+                           "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["ppl"]

@@ -2,13 +2,12 @@
 recorded, reproducible, evaluable."""
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import cli_ppl
 
 from lmc.compiler import autoround
 from lmc.compiler.pack import dequantize_int4, quantize_int4
@@ -88,10 +87,7 @@ def test_awq_autoround_is_recorded_reproducible_and_evaluable(checkpoint, tmp_pa
     ws = Workspace(tmp_path / "a")
     assert ws.quantization["method"] == "awq-autoround"
     assert ws.manifest["provenance"]["quantization"]["method"] == "awq-autoround"
-    proc = subprocess.run([sys.executable, "-m", "lmc", "eval", "ppl", str(tmp_path / "a"), "--dataset", "wikitext2",
-                           "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--json"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["ppl"] > 1
+    assert cli_ppl(tmp_path / "a") > 1
 
 
 def test_awq_autoround_needs_the_search_and_the_cpu(checkpoint, tmp_path):

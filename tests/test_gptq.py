@@ -1,13 +1,14 @@
 """`lmc quantize --method awq-gptq`: GPTQ rounding against RTN and brute force, recorded, reproducible, evaluable."""
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+from conftest import cli_ppl
 
 from lmc.compiler import gptq
 from lmc.compiler.pack import dequantize_int4, quantize_int4
@@ -99,10 +100,7 @@ def test_awq_gptq_is_recorded_reproducible_and_evaluable(checkpoint, tmp_path):
     assert ws.quantization["method"] == "awq-gptq"
     prov = ws.manifest["provenance"]
     assert prov["quantization"]["method"] == "awq-gptq", prov
-    proc = subprocess.run([sys.executable, "-m", "lmc", "eval", "ppl", str(tmp_path / "a"), "--dataset", "wikitext2",
-                           "--seqlen", "32", "--max-windows", "2", "--device", "cpu", "--json"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["ppl"] > 1
+    assert cli_ppl(tmp_path / "a") > 1
 
 
 def test_awq_gptq_needs_the_search(checkpoint, tmp_path):

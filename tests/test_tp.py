@@ -227,3 +227,13 @@ def test_a_follower_that_dies_before_joining_ends_the_wait(checkpoint, tmp_path)
     with pytest.raises(LmcError, match="tensor-parallel rank 1 exited .* before joining"):
         Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1))
     assert killed and time.monotonic() - start < 60
+
+
+def test_a_bad_allreduce_mode_is_one_line_before_any_rank_starts(checkpoint, tmp_path, monkeypatch):
+    import os
+
+    convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
+    monkeypatch.setenv("LMC_TP_ALLREDUCE", "ring")
+    with pytest.raises(LmcError, match="LMC_TP_ALLREDUCE='ring': set it to one of one-shot, nccl"):
+        Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu"))
+    assert not [p for p in _children(os.getpid()) if b"spawn_main" in open(f"/proc/{p}/cmdline", "rb").read()]
