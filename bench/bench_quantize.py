@@ -55,6 +55,19 @@ def make_checkpoint(shape: str, out: Path) -> float:
     return time.perf_counter() - start
 
 
+def write_profile(stats_file: Path, out: Path) -> None:
+    """The profile's top 60 functions by cumulative and by own time, as text."""
+    import io
+    import pstats
+
+    text = io.StringIO()
+    stats = pstats.Stats(str(stats_file), stream=text)
+    stats.sort_stats("cumulative").print_stats(60)
+    stats.sort_stats("tottime").print_stats(40)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text.getvalue())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=list(SHAPES), default="llama3-8b")
@@ -64,11 +77,13 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--work", default="/tmp/lmc-bench-quantize")
     ap.add_argument("--out", default="bench/results/quantize.json")
+    ap.add_argument("--profile", default=None, help="run the quantize under cProfile; write its top functions here")
     args = ap.parse_args()
     work = Path(args.work)
     src, dst = work / "src", work / "awq"
     build_s = make_checkpoint(args.shape, src)
-    cmd = [sys.executable, "-m", "lmc", "quantize", str(src), "-o", str(dst), "--calib-samples", str(args.samples),
+    profiler = ["-m", "cProfile", "-o", str(work / "quantize.prof")] if args.profile else []
+    cmd = [sys.executable, *profiler, "-m", "lmc", "quantize", str(src), "-o", str(dst), "--calib-samples", str(args.samples),
            "--calib-seqlen", str(args.seqlen), "--w-group-size", str(args.group_size), "--batch-size", str(args.batch_size),
            "--json", "--force"]
     start = time.perf_counter()
@@ -86,11 +101,14 @@ def main() -> None:
         "quantize_wall_seconds": round(wall, 1), "quantize_minutes": round(wall / 60, 2),
         "peak_host_rss_gib": round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2),
         "peak_device_gib": round(summary.get("peak_device_bytes", 0) / 2**30, 2),
+        "stage_seconds": summary.get("seconds"), "profiled": bool(args.profile),
         "predicted": summary["memory_predicted"], "format": summary["format"], "method": summary["method"],
         "per_layer_seconds": [layer["seconds"] for layer in summary["layers"]],
         "ratios": [[g.get("ratio") for g in layer["groups"]] for layer in summary["layers"]],
         "command": " ".join(cmd[1:]).replace(str(work), "<work>"), "stderr_tail": proc.stderr[-500:],
     }
+    if args.profile:
+        write_profile(work / "quantize.prof", Path(args.profile))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("shape", "device", "quantize_minutes", "peak_host_rss_gib", "peak_device_gib")}))

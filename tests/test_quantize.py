@@ -298,3 +298,26 @@ def test_bfloat16_calibration_quantizes_the_float_weights(checkpoint, tmp_path):
 
     with pytest.raises(LmcError, match="--calib-dtype"):
         quantize(ckpt, tmp_path / "bad", QuantizeOptions(**SMALL, workspace=True, calib_dtype="float8"), say=_quiet)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fmt", ["awq", "compressed-tensors"])
+def test_hf_repack_on_the_gpu_gives_the_cpu_bits(fmt):
+    """quantize's HF writer repacks on the quantize device: the packed words must not depend on it."""
+    from lmc.compiler.quantize import _pack_hf
+    from lmc.format.int4 import from_lmc_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    n, k, g = 264, 384, 128
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)  # [N, K]
+    scales = torch.rand(n, k // g, generator=gen) + 0.01  # [N, K/G]
+    zeros = torch.randint(0, 16, (n, k // g), generator=gen).float()  # [N, K/G]
+    triplet = to_lmc_tensors(codes, scales, zeros, torch.float16)
+    packed = {}
+    for device in ("cpu", "cuda"):
+        c, s, z = from_lmc_tensors(*(t.to(device) for t in triplet), k)
+        packed[device] = {leaf: t.cpu() for leaf, t in _pack_hf(fmt, c, s, z, g, torch.float16).items()}
+    assert packed["cpu"].keys() == packed["cuda"].keys()
+    for leaf, t in packed["cpu"].items():
+        assert t.dtype == packed["cuda"][leaf].dtype and torch.equal(t, packed["cuda"][leaf]), leaf
