@@ -5,7 +5,7 @@ query heads, KV heads and the MLP width divided; embeddings, norms and lm_head w
 runs the Engine: tokenizer, scheduler, sampling and any server. lmc starts ranks 1..N-1 itself as spawned
 processes (`start_ranks`); each loads its slice and KV cache and then follows rank 0 step by step
 (`follow`). Column-parallel w_qkv / w13, row-parallel wo / w2 with a sum over ranks after each
-(`Shard.all_reduce`); only rank 0 computes logits.
+(`Shard.all_reduce_add_norm`, fused with the next RMSNorm); only rank 0 computes logits.
 
 Two process groups: `compute` (NCCL on CUDA, gloo on the CPU) carries the model's collectives, and
 `control` (gloo) carries rank 0's step announcements. Before every forward rank 0 announces it with one
@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from lmc.errors import LmcError
+from lmc.kernels.rmsnorm import rms_norm
 
 STOP, FORWARD, DECODE = 0, 1, 2
 LEAVE_S = 30
@@ -63,14 +64,16 @@ class Shard:
     def leader(self) -> bool:
         return self.rank == 0
 
-    def all_reduce(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
-        """Sum x over ranks, in place (the row-parallel linears' partial outputs). On CUDA a sum that fits the
-        one-shot buffer goes through it (slot: 0 for attention, 1 for the MLP, alternating as
-        kernels/allreduce.py requires); larger ones (prefill) and the CPU through the process group."""
+    def all_reduce_add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                            slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] (a row-parallel linear's partial output) summed over the ranks, + residual, RMSNorm by weight:
+        (normed, new residual). On CUDA a sum that fits the one-shot buffer is one fused kernel (slot: 0 after
+        attention, 1 after the MLP, alternating as kernels/allreduce.py requires); larger ones (prefill) and the
+        CPU sum through the process group, then norm."""
         if self.one_shot is not None and self.one_shot.fits(x):
-            return self.one_shot(x, slot)
+            return self.one_shot.add_rms_norm(x, residual, weight, eps, slot)
         dist.all_reduce(x, group=self.compute)
-        return x
+        return rms_norm(x, weight, eps, residual)
 
     def use_one_shot(self, dtype: torch.dtype, device: torch.device) -> None:
         """Set up the one-shot all-reduce for the model's dtype unless LMC_TP_ALLREDUCE=nccl (every rank calls
@@ -171,7 +174,7 @@ def join(rank: int, tp: int, port: int, device: torch.device) -> Shard:
     compute = dist.group.WORLD
     shard = Shard(rank, tp, compute, control)
     warm = torch.zeros(1, device=device)
-    shard.all_reduce(warm)  # create the communicators now, outside any CUDA-graph capture
+    dist.all_reduce(warm, group=compute)  # create the communicators now, outside any CUDA-graph capture
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return shard

@@ -134,20 +134,17 @@ def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
     return linear(mlp_hidden(lw, h), lw["w2"])
 
 
-def decoder_layer(cfg: ModelConfig, lw: dict, x: torch.Tensor, residual: torch.Tensor | None, cos, sin, ctx,
-                  layer: int, reduce=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer with fused residual adds: returns (mlp output, residual stream before it). `reduce(x, slot)`
-    sums a row-parallel linear's partial output over tensor-parallel ranks in place (None: one rank); slot 0
-    after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
-    h, residual = rms_norm(x, lw["attention_norm"], cfg.rms_norm_eps, residual)
-    a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H], this rank's part of the sum
-    if reduce is not None:
-        reduce(a, 0)
-    h, residual = rms_norm(a, lw["ffn_norm"], cfg.rms_norm_eps, residual)
-    m = mlp_block(lw, h)  # [T, H], this rank's part of the sum
-    if reduce is not None:
-        reduce(m, 1)
-    return m, residual
+def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.Tensor, next_norm: torch.Tensor,
+                  cos, sin, ctx, layer: int, add_norm) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer from its normed input h [T, H]: returns the output normed by `next_norm` (the next layer's
+    attention_norm, or the final norm) and the residual stream [T, H]. `add_norm(x, residual, weight, slot)` adds
+    a block's output to the residual stream and norms the sum: (normed, new residual). Under tensor parallelism
+    it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA: kernels/allreduce.py);
+    slot 0 after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
+    a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H] (this rank's part of the sum)
+    h, residual = add_norm(a, residual, lw["ffn_norm"], 0)
+    m = mlp_block(lw, h)  # [T, H] (this rank's part of the sum)
+    return add_norm(m, residual, next_norm, 1)
 
 
 # ----------------------------------------------------------------------------- weights and model
@@ -211,7 +208,6 @@ class Model:
         self.shard = shard
         src = RankView(ws, shard.rank) if shard is not None else ws
         self.cfg, self.device, self.dtype = src.config, device, dtype
-        self.reduce = shard.all_reduce if shard is not None else None
         if shard is not None:
             shard.use_one_shot(dtype, device)
         dense_bytes = self.cfg.num_layers * layer_params(self.cfg) * dtype.itemsize
@@ -230,10 +226,19 @@ class Model:
         if self.shard is not None:
             self.shard.broadcast_ids(input_ids)  # the followers' ids are rank 0's
         cos, sin = self.rope(positions, max_position)
-        x, residual = self.embed[input_ids] if input_embeds is None else input_embeds, None  # [T, H]
-        for i, lw in enumerate(self.layers):
-            x, residual = decoder_layer(self.cfg, lw, x, residual, cos, sin, ctx, i, self.reduce)
-        return rms_norm(x, self.norm, self.cfg.rms_norm_eps, residual)[0]
+        x = self.embed[input_ids] if input_embeds is None else input_embeds  # [T, H]
+        h, residual = rms_norm(x, self.layers[0]["attention_norm"], self.cfg.rms_norm_eps)  # residual: x
+        next_norms = [lw["attention_norm"] for lw in self.layers[1:]] + [self.norm]
+        for i, (lw, next_norm) in enumerate(zip(self.layers, next_norms)):
+            h, residual = decoder_layer(self.cfg, lw, h, residual, next_norm, cos, sin, ctx, i, self.add_norm)
+        return h
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """decoder_layer's add_norm: x [T, H] (summed over the ranks first) + residual, normed by weight."""
+        if self.shard is not None:
+            return self.shard.all_reduce_add_norm(x, residual, weight, self.cfg.rms_norm_eps, slot)
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, residual)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] -> [B, V] float32."""
