@@ -1,0 +1,90 @@
+"""Where a tensor-parallel decode step's time goes on rank 0: host work, the control-plane announcement, and
+waiting for the GPU (GreedyStep.tokens), at tp = 1 and tp = 2, batch 1, greedy (pipelined) decode.
+
+If rank 0 spends most of a step waiting for tokens, the GPUs (or a follower rank) set the pace; if it waits
+little, its own host loop does. Uses bench_tp's workspaces (built if absent).
+
+    python bench/profile_tp.py --format int4 --out bench/results/profile_tp_h200x2.json     # 2 GPUs
+    python bench/profile_tp.py --smoke --out /tmp/profile_tp.json                           # CPU, tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_decode import LLAMA3_8B, TINY, prompts_for, timed_generate, versions  # noqa: E402
+from bench_serving import build  # noqa: E402
+from bench_tp import split  # noqa: E402
+
+from lmc.runtime import cuda_graph, distributed  # noqa: E402
+from lmc.runtime.config import EngineConfig  # noqa: E402
+from lmc.runtime.engine import Engine  # noqa: E402
+
+SPENT = {"tokens_wait": 0.0, "announce": 0.0, "replay": 0.0}
+
+
+def timed(owner, name: str, key: str) -> None:
+    """Wrap owner.name so that its wall time adds to SPENT[key]."""
+    inner = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            SPENT[key] += time.perf_counter() - t0
+
+    setattr(owner, name, wrapper)
+
+
+def profile(ws: Path, dev: str, vocab: int, batch: int, new_tokens: int) -> dict:
+    engine = Engine(str(ws), EngineConfig(device=dev, session_len=1024, max_batch_size=16))
+    try:
+        prompts = prompts_for(batch, 128, vocab)
+        timed_generate(engine, prompts, 8, dev)  # graphs captured
+        for key in SPENT:
+            SPENT[key] = 0.0
+        run = timed_generate(engine, prompts, new_tokens, dev)
+    finally:
+        engine.close()
+    steps = new_tokens  # every step (prefill included) waits once and replays at most once
+    per_step = {k + "_ms": round(v / steps * 1e3, 4) for k, v in SPENT.items()}
+    total_ms = run["total_s"] / steps * 1e3
+    return {"batch": batch, "step_ms": round(run["step_ms"], 4), "loop_ms_per_step": round(total_ms, 4), **per_step,
+            "host_ms_per_step": round(total_ms - SPENT["tokens_wait"] / steps * 1e3, 4)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--work", default="/tmp/lmc_bench_serving")
+    ap.add_argument("--format", default="int4", choices=("fp16", "int4"))
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--smoke", action="store_true")
+    args = ap.parse_args()
+    dev = "cpu" if args.smoke else "cuda"
+    shape = TINY if args.smoke else LLAMA3_8B
+    timed(cuda_graph.GreedyStep, "tokens", "tokens_wait")
+    timed(distributed.Shard, "announce_decode", "announce")
+    timed(cuda_graph.GraphDecoder, "replay_rows", "replay")
+    ws = build(shape, Path(args.work), dev, (args.format,))[args.format]
+    result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "versions": versions(),
+              "format": args.format, "command": " ".join(sys.argv), "runs": {}}
+    for tp, path in ((1, ws), (2, split(ws, 2))):
+        for batch in (1, 16):
+            row = profile(path, dev, shape["vocab_size"], batch, args.new_tokens)
+            result["runs"][f"tp{tp}_b{batch}"] = row
+            print(f"tp={tp} {row}", flush=True)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
