@@ -12,30 +12,18 @@ A linear W [N, K] quantized to 4 bits, asymmetric, in groups of G consecutive in
   W[n, k] = (code[n, k] - zeros[k // G, n]) * scales[k // G, n]
 
 The compiler packs with `to_lmc_tensors`, the kernels' torch references and the tests decode
-with `dequantize_lmc`; the Triton kernels read the same bits (kernels/w4a16.py).
+with `dequantize_lmc`; the Triton kernels read the same bits (kernels/w4a16.py). The layout's facts
+that need no torch (its name, group sizes, PACK, tensor shapes) live in lmc.format.int4_layout and are
+re-exported here.
 """
 from __future__ import annotations
 
 import torch
 
 from lmc.errors import LmcError
+from lmc.format.int4_layout import GROUP_SIZES, LAYOUT, PACK, check_group_size, int4_shapes  # noqa: F401 - re-exported
 
-LAYOUT = "lmc-int4-k8"
-GROUP_SIZES = (32, 64, 128)
-PACK = 8  # codes per int32 word
 _SHIFTS = tuple(range(0, 32, 4))  # nibble j lives in bits 4j .. 4j+3
-
-
-def check_group_size(group_size, where: str = "--w-group-size") -> int:
-    """The one check of an int4 group size; returns it."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in GROUP_SIZES:
-        raise LmcError(f"{where} {group_size!r}: choose one of {', '.join(map(str, GROUP_SIZES))}")
-    return group_size
-
-
-def int4_shapes(n: int, k: int, group_size: int) -> dict[str, tuple[int, int]]:
-    """Shapes of a linear's three workspace tensors, by leaf."""
-    return {".qweight": (-(-k // PACK), n), ".scales": (-(-k // group_size), n), ".zeros": (-(-k // group_size), n)}
 
 
 def pack_lmc(codes: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Workspace format v1: write (streaming, atomic, deterministic), read (mmap), verify.
 
-docs/workspace-format.md is the normative description of what this module writes.
+docs/workspace-format.md is the normative description of what this module writes. The rules that need no
+torch (lmc.json and manifest.json checks, the tensor index a config implies, `verify_workspace`) live in
+lmc.format.manifest and are re-exported here.
 """
 from __future__ import annotations
 
@@ -23,32 +25,20 @@ from typing import Callable, Iterator
 
 import torch
 
-from lmc.errors import LmcError, WorkspaceError
-from lmc.format.archs import Target, arch_spec, linear_parts, rank_config
-from lmc.format.config import ModelConfig
-from lmc.format.hashing import CHUNK, BackgroundHashes, sha256_file
+from lmc.errors import WorkspaceError
+from lmc.format.hashing import CHUNK, sha256_file  # noqa: F401 - sha256_file re-exported
+from lmc.format.manifest import (FLOAT_DTYPES, FORMAT_VERSION, QUANT_METHODS, SAFETENSORS_DTYPES,  # noqa: F401 - re-exported
+                                 check_manifest, check_meta, check_quantization, check_version, expected_index,
+                                 index_key, index_problems, index_problems_of, open_checked, plain_shape, rank_name,
+                                 verify_workspace, workspace_tensors)
 from lmc.format.paths import confined
-from lmc.format.int4 import LAYOUT, check_group_size, int4_shapes
-from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
+from lmc.format.vision import vision_config_of
 
-FORMAT_VERSION = 1
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
 SHARD_BYTES = 2 * 1024**3
 
-DTYPES = {  # torch dtype <-> safetensors dtype string
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int32: "I32",
-    torch.int64: "I64",
-    torch.uint8: "U8",
-    torch.int8: "I8",
-}
+DTYPES = {getattr(torch, name): st for name, (st, _) in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors dtype string
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-FLOAT_DTYPES = ("float16", "bfloat16", "float32")  # lmc.json's dtype
-QUANT_METHODS = ("awq", "smooth", "rtn", "gptq", "compressed-tensors", "awq-gptq", "awq-autoround")  # awq: scale + clip search (lmc or AutoAWQ);
-# smooth: fixed 0.5 smoothing; rtn: round-to-nearest; gptq / compressed-tensors: converted from such a checkpoint;
-# awq-gptq: lmc's scale search then GPTQ rounding; awq-autoround: lmc's scale search then tuned rounding
 
 
 @dataclass(frozen=True)
@@ -416,208 +406,7 @@ def write_workspace(
     return manifest
 
 
-# ----------------------------------------------------------------------------- the tensor index a config implies
-
-
-def rank_name(name: str, rank: int, tp: int, split: bool) -> str:
-    """TurboMind's naming: with tp > 1, split tensors carry the rank before the last component."""
-    if tp == 1 or not split:
-        return name
-    base, leaf = name.rsplit(".", 1)
-    return f"{base}.{rank}.{leaf}"
-
-
-def index_key(name: str, rank: int, tp: int) -> str:
-    """A tensor's key in manifest.json: its name, prefixed by `rank:` when tp > 1."""
-    return name if tp == 1 else f"{rank}:{name}"
-
-
-def plain_shape(cfg: ModelConfig, target: Target) -> tuple[int, ...]:
-    """Shape of a tensor that is not a linear: embeddings and lm_head [V, H], q/k norms [D], other norms [H]."""
-    if target.key in ("q_norm", "k_norm"):
-        return (cfg.head_dim,)
-    if target.key is not None or target.name == "norm.weight":
-        return (cfg.hidden_size,)
-    return (cfg.vocab_size, cfg.hidden_size)
-
-
-def workspace_tensors(cfg: ModelConfig, dtype: str, quantization: dict | None,
-                      tp: int) -> Iterator[tuple[int, Target, str, str, tuple[int, ...]]]:
-    """Every tensor a workspace of this config holds, rank by rank in name-table order (the order
-    the converter writes them in): (rank, target, tensor name, safetensors dtype, shape)."""
-    float_dtype = DTYPES[getattr(torch, dtype)]
-    for r in range(tp):
-        for t in arch_spec(cfg).targets(cfg):
-            if not t.linear:
-                yield r, t, t.name, float_dtype, plain_shape(cfg, t)
-                continue
-            n = sum(linear_parts(rank_config(cfg, tp) if t.split == "col" else cfg, t.key)[0])  # this rank's N
-            k = linear_parts(rank_config(cfg, tp) if t.split == "row" else cfg, t.key)[1]
-            if quantization:
-                tensors = {t.name + leaf: ("I32" if leaf == ".qweight" else float_dtype, shape)
-                           for leaf, shape in int4_shapes(n, k, quantization["group_size"]).items()}
-            else:
-                tensors = {t.name + ".weight": (float_dtype, (n, k))}
-            if cfg.qkv_bias and t.key == "w_qkv":
-                tensors[t.name + ".bias"] = (float_dtype, (n,))
-            for name, (dt, shape) in tensors.items():
-                yield r, t, rank_name(name, r, tp, True), dt, shape
-
-
-def expected_index(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int,
-                   vision: VisionConfig | None = None) -> dict[str, tuple[str, tuple]]:
-    """Every tensor a workspace of this config holds: {index key: (safetensors dtype, shape)}; a vision
-    workspace's vision tensors are float, after the language model's (tp = 1 only)."""
-    out = {index_key(name, r, tp): (dt, shape) for r, _, name, dt, shape in workspace_tensors(cfg, dtype, quantization, tp)}
-    float_dtype = DTYPES[getattr(torch, dtype)]
-    for name, shape in (vision_tensors(vision) if vision else {}).items():
-        out.update({index_key(name, r, tp): (float_dtype, shape) for r in range(tp)})
-    return out
-
-
-def index_problems(expected: dict[str, tuple[str, tuple]], have: dict[str, tuple[str, tuple]], arch: str) -> list[str]:
-    """Differences between the tensors a config implies and those an index holds, one line each."""
-    problems = [f"tensor {key}: missing (the {arch} config implies {dt}{list(shape)})"
-                for key, (dt, shape) in expected.items() if key not in have]
-    for key, (dt, shape) in have.items():
-        want = expected.get(key)
-        if want is None:
-            problems.append(f"tensor {key}: not a tensor of this {arch} config")
-        elif (dt, tuple(shape)) != (want[0], tuple(want[1])):
-            problems.append(f"tensor {key}: {dt}{list(shape)}, the {arch} config implies {want[0]}{list(want[1])}")
-    return problems
-
-
 # ----------------------------------------------------------------------------- reading
-
-
-def _read_json(path: Path):
-    if not path.is_file():
-        raise WorkspaceError(f"{path} is missing: not an lmc workspace (build one with `lmc convert`)")
-    try:
-        return json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise WorkspaceError(f"{path} is not valid JSON ({e}); rebuild the workspace") from None
-
-
-def check_version(meta: dict, path: Path) -> None:
-    version = meta.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
-        raise WorkspaceError(
-            f"{path} has workspace format_version {version!r} but this lmc reads version {FORMAT_VERSION}; "
-            "rebuild it with `lmc convert` from this lmc, or use the lmc that wrote it")
-
-
-def _bad(path: Path, what: str) -> WorkspaceError:
-    return WorkspaceError(f"{path}: {what}; rebuild the workspace with `lmc convert`")
-
-
-def _count(value, minimum: int = 0) -> bool:
-    return type(value) is int and value >= minimum
-
-
-def _check_keys(obj, required: tuple[str, ...], optional: tuple[str, ...], path: Path, what: str) -> None:
-    if not isinstance(obj, dict):
-        raise _bad(path, f"{what} is not a JSON object")
-    missing = [k for k in required if k not in obj]
-    if missing:
-        raise _bad(path, f"{what} lacks {missing[0]!r}")
-    unknown = sorted(set(obj) - set(required) - set(optional))
-    if unknown:
-        raise _bad(path, f"{what} has unknown key {unknown[0]!r}")
-
-
-def check_quantization(q, path: Path) -> None:
-    """lmc.json's quantization entry: null, or 4-bit lmc-int4-k8 with zero points in groups of 32/64/128."""
-    if q is None:
-        return
-    _check_keys(q, ("method", "bits", "group_size", "layout", "zero_point"), (), path, "quantization")
-    if q["method"] not in QUANT_METHODS:
-        raise _bad(path, f"quantization method {q['method']!r} is not one of {', '.join(QUANT_METHODS)}")
-    if type(q["bits"]) is not int or q["bits"] != 4:
-        raise _bad(path, f"quantization bits {q['bits']!r}: lmc reads 4-bit weights only")
-    try:
-        check_group_size(q["group_size"], "quantization group_size")
-    except LmcError as e:
-        raise _bad(path, str(e)) from None
-    if q["layout"] != LAYOUT:
-        raise _bad(path, f"quantization layout {q['layout']!r} is not one this lmc reads ({LAYOUT})")
-    if q["zero_point"] is not True:
-        raise _bad(path, f"quantization zero_point {q['zero_point']!r}: lmc's int4 layout has zero points")
-
-
-def check_meta(meta, path: Path) -> ModelConfig:
-    """Every value of lmc.json, checked; returns its model config."""
-    if not isinstance(meta, dict):
-        raise _bad(path, "not a JSON object")
-    check_version(meta, path)
-    _check_keys(meta, ("format_version", "model", "dtype", "quantization", "tp"), ("engine", "vision"), path, "lmc.json")
-    try:
-        cfg = ModelConfig.from_dict(meta["model"])
-        vision = vision_config_of(meta)
-        if vision and (vision.text_hidden_size != cfg.hidden_size or vision.image_token_id >= cfg.vocab_size):
-            raise LmcError(f"the vision entry does not fit the model (text_hidden_size {vision.text_hidden_size}, "
-                           f"image_token_id {vision.image_token_id})")
-    except LmcError as e:
-        raise WorkspaceError(f"{path}: {e}") from None
-    if meta["dtype"] not in FLOAT_DTYPES:
-        raise _bad(path, f"dtype {meta['dtype']!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    check_quantization(meta["quantization"], path)
-    if not _count(meta["tp"], 1):
-        raise _bad(path, f"tp {meta['tp']!r} is not a positive integer")
-    engine = meta.get("engine", {})
-    _check_keys(engine, (), ("session_len", "cache_block_seq_len"), path, "engine")
-    for key, value in engine.items():
-        if not _count(value, 1):
-            raise _bad(path, f"engine {key} {value!r} is not a positive integer")
-    return cfg
-
-
-def check_manifest(manifest, root: Path, path: Path) -> None:
-    """Every value of manifest.json, checked; every path it names must stay inside `root`."""
-    if not isinstance(manifest, dict):
-        raise _bad(path, "not a JSON object")
-    check_version(manifest, path)
-    _check_keys(manifest, ("format_version", "files", "tensors", "provenance"), (), path, "manifest.json")
-    if not isinstance(manifest["files"], dict) or not isinstance(manifest["tensors"], dict):
-        raise _bad(path, "files and tensors must be JSON objects")
-    if not isinstance(manifest["provenance"], dict):
-        raise _bad(path, "provenance is not a JSON object")
-    for rel, record in manifest["files"].items():
-        if rel == "manifest.json" or confined(root, rel) is None:
-            raise _bad(path, f"file {rel!r} is not a path inside the workspace (absolute, `..`, or a link pointing out)")
-        _check_keys(record, ("size", "sha256"), (), path, f"file {rel!r}")
-        sha = record["sha256"]
-        if not _count(record["size"]) or not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
-            raise _bad(path, f"file {rel!r} needs a size (bytes) and a sha256 (64 hex digits)")
-    for name, entry in manifest["tensors"].items():
-        _check_keys(entry, ("file", "dtype", "shape", "offset", "nbytes"), (), path, f"tensor {name!r}")
-        if not isinstance(entry["file"], str) or entry["file"] not in manifest["files"]:
-            raise _bad(path, f"tensor {name!r} is in file {entry['file']!r}, which the manifest does not list")
-        if not isinstance(entry["dtype"], str) or entry["dtype"] not in DTYPE_NAMES:
-            raise _bad(path, f"tensor {name!r} has dtype {entry['dtype']!r}, not one of {', '.join(DTYPE_NAMES)}")
-        shape = entry["shape"]
-        if not isinstance(shape, list) or not all(_count(s) for s in shape):
-            raise _bad(path, f"tensor {name!r} has shape {shape!r}, not a list of sizes")
-        if not _count(entry["offset"]) or entry["nbytes"] != TensorSpec(name, DTYPE_NAMES[entry["dtype"]], tuple(shape)).nbytes:
-            raise _bad(path, f"tensor {name!r} has offset {entry['offset']!r} and nbytes {entry['nbytes']!r}, "
-                             f"which do not fit its dtype and shape")
-
-
-def _index_of(manifest: dict) -> dict[str, tuple[str, tuple]]:
-    return {name: (e["dtype"], tuple(e["shape"])) for name, e in manifest["tensors"].items()}
-
-
-def open_checked(path: Path) -> tuple[dict, ModelConfig, dict]:
-    """lmc.json and manifest.json, every value checked: (meta, config, manifest) or WorkspaceError."""
-    for name in ("lmc.json", "manifest.json"):
-        if (path / name).is_symlink() and confined(path, name) is None:
-            raise WorkspaceError(f"{path / name} is a link pointing outside the workspace; rebuild the workspace")
-    meta = _read_json(path / "lmc.json")
-    cfg = check_meta(meta, path / "lmc.json")
-    manifest = _read_json(path / "manifest.json")
-    check_manifest(manifest, path, path / "manifest.json")
-    return meta, cfg, manifest
 
 
 class Workspace:
@@ -628,9 +417,7 @@ class Workspace:
         if not self.path.is_dir():
             raise WorkspaceError(f"{self.path} is not a folder: pass a workspace made by `lmc convert`")
         self.meta, self.config, self.manifest = open_checked(self.path)
-        problems = index_problems(expected_index(self.config, self.meta["dtype"], self.meta["quantization"], self.meta["tp"],
-                                                 vision_config_of(self.meta)),
-                                  _index_of(self.manifest), self.config.architecture)
+        problems = index_problems_of(self.meta, self.config, self.manifest)
         if problems:
             raise WorkspaceError(f"{self.path}/manifest.json: {problems[0]}; rebuild the workspace with `lmc convert`")
         self.dtype = getattr(torch, self.meta["dtype"])
@@ -694,98 +481,3 @@ def copy_workspace(src: Path, dst: Path) -> dict:
             raise WorkspaceError(f"{src / rel} does not match its manifest entry; run `lmc verify {src}`")
     (dst / "manifest.json").write_bytes(raw)
     return manifest
-
-
-# ----------------------------------------------------------------------------- verify
-
-
-def _header(path: Path) -> tuple[int, dict]:
-    """(data section start, header) of a safetensors file; ValueError when it is malformed."""
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        if len(head) != 8:
-            raise ValueError("shorter than a header")
-        (n,) = struct.unpack("<Q", head)
-        if n > path.stat().st_size:
-            raise ValueError("header length past the end of the file")
-        try:
-            header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"header is not JSON ({e})") from None
-    if not isinstance(header, dict):
-        raise ValueError("header is not a JSON object")
-    return 8 + n, header
-
-
-def _unlisted(path: Path, listed: set[str]) -> list[str]:
-    """Files (and links) anywhere in the workspace that the manifest does not list, but manifest.json."""
-    found = []
-    for folder, dirs, files in os.walk(path):
-        links = [d for d in dirs if os.path.islink(os.path.join(folder, d))]  # os.walk does not enter them
-        for name in files + links:
-            rel = Path(folder, name).relative_to(path).as_posix()
-            if rel not in listed and rel != "manifest.json":
-                found.append(rel)
-    return sorted(found)
-
-
-def verify_workspace(path: str | os.PathLike, hashes: BackgroundHashes | None = None) -> list[str]:
-    """Check lmc.json and manifest.json (every value, every path inside the folder), every file's size
-    and sha256, that no unlisted file sits anywhere in the folder, that the tensor index is exactly
-    what the config implies, and every tensor's header entry. The files are hashed on threads
-    (lmc.format.hashing.WORKERS), or taken from `hashes`, started earlier by the caller, where it has them.
-    Returns a list of problems, each one line naming the file or tensor; empty when sound."""
-    path = Path(path)
-    try:
-        if not path.is_dir():
-            raise WorkspaceError(f"{path} is not a folder")
-        meta, cfg, manifest = open_checked(path)
-    except WorkspaceError as e:
-        return [str(e)]
-    problems = []
-    sized = {rel for rel, record in manifest["files"].items()
-             if (path / rel).is_file() and (path / rel).stat().st_size == record["size"]}
-    hashes = hashes or BackgroundHashes([path / rel for rel in sized])
-    for rel, record in manifest["files"].items():
-        f = path / rel
-        if not f.is_file():
-            problems.append(f"{rel}: missing")
-        elif rel not in sized:
-            problems.append(f"{rel}: size {f.stat().st_size} bytes, manifest says {record['size']} (truncated or altered)")
-        elif hashes.sha256(f) != record["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
-    problems += [f"{rel}: not in the manifest (remove it, or rebuild the workspace)"
-                 for rel in _unlisted(path, set(manifest["files"]))]
-    problems += index_problems(expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"], vision_config_of(meta)),
-                               _index_of(manifest), cfg.architecture)
-    if problems:
-        return problems
-    headers: dict[str, tuple[int, dict] | str] = {}
-    for name, entry in manifest["tensors"].items():
-        rel = entry["file"]
-        if rel not in headers:
-            try:
-                headers[rel] = _header(path / rel)
-            except ValueError as e:
-                headers[rel] = str(e)
-                problems.append(f"{rel}: not a safetensors file ({e})")
-        if isinstance(headers[rel], str):
-            continue
-        start, header = headers[rel]
-        tensor_name = name.split(":", 1)[-1]
-        t = header.get(tensor_name)
-        if t is None:
-            problems.append(f"tensor {name}: not in {rel}")
-            continue
-        try:
-            begin, end = t["data_offsets"]
-            dtype, shape = t["dtype"], t["shape"]
-            if dtype != entry["dtype"] or shape != entry["shape"]:
-                problems.append(f"tensor {name}: {rel} has {dtype}{shape}, index says {entry['dtype']}{entry['shape']}")
-            elif start + begin != entry["offset"] or end - begin != entry["nbytes"]:
-                problems.append(f"tensor {name}: offset/size in {rel} disagree with the index")
-            elif start + end > (path / rel).stat().st_size:
-                problems.append(f"tensor {name}: its data runs past the end of {rel}")
-        except (KeyError, TypeError, ValueError):
-            problems.append(f"tensor {name}: malformed entry in the header of {rel}")
-    return problems

@@ -129,13 +129,9 @@ def inspect(workspace, as_json):
 @user_errors
 def verify(workspace):
     """Check every checksum, tensor entry and the format version. Exit 1 on the first problem."""
-    from lmc.format.hashing import BackgroundHashes, regular_files
+    from lmc.format.manifest import verify_workspace  # no torch: verify takes the time of hashing the files
 
-    folder = Path(workspace)  # a workspace's files are read and hashed while torch loads
-    early = BackgroundHashes(regular_files(folder)) if (folder / "manifest.json").is_file() else None
-    from lmc.format.workspace import verify_workspace
-
-    problems = verify_workspace(workspace, early)
+    problems = verify_workspace(workspace)
     if problems:
         click.echo(f"FAILED {workspace}: {problems[0]}" + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""), err=True)
         sys.exit(1)

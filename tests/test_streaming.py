@@ -38,6 +38,73 @@ def test_plan_and_convert_do_not_import_dynamo(checkpoint, tmp_path):
     assert out.stdout.strip() == "False"
 
 
+VERIFY_WITHOUT_TORCH = """
+import json, sys
+from lmc.cli import main
+codes = {}
+for ws in sys.argv[1:]:
+    try:
+        main(["verify", ws], standalone_mode=False)
+        codes[ws] = 0
+    except SystemExit as e:
+        codes[ws] = e.code
+print(json.dumps({"codes": codes, "torch": "torch" in sys.modules}))
+"""
+
+
+def test_verify_does_not_import_torch(checkpoint, tmp_path):
+    """`lmc verify` takes the time of hashing the files: no torch import competing with the hash threads
+    (on 2 cores a 2 GB shard hashed in 1.12 s alone, 1.52 s while torch imported). Sound workspaces
+    (float and int4) pass, and each kind of damage is one line, all without torch."""
+    import shutil
+
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+
+    ckpt = checkpoint("qwen2", dtype=torch.float16)
+    convert(ckpt, tmp_path / "fp")
+    quantize(ckpt, tmp_path / "int4", QuantizeOptions(calib_samples=0, w_group_size=32, workspace=True, device="cpu"),
+             say=lambda *a, **k: None)
+    shard = "weights/model-00001-of-00001.safetensors"
+
+    def damaged(name, harm):
+        ws = tmp_path / name
+        shutil.copytree(tmp_path / "int4", ws)
+        harm(ws)
+        return ws
+
+    def flip(ws):
+        data = bytearray((ws / shard).read_bytes())
+        data[-7] ^= 1
+        (ws / shard).write_bytes(bytes(data))
+
+    cases = {
+        damaged("flip", flip): f"{shard}: sha256 mismatch",
+        damaged("missing", lambda ws: (ws / "tokenizer" / "tokenizer.json").unlink()): "tokenizer/tokenizer.json: missing",
+        damaged("unlisted", lambda ws: (ws / "weights" / "extra.bin").write_bytes(b"x")):
+            "weights/extra.bin: not in the manifest",
+        damaged("version", lambda ws: (ws / "manifest.json").write_text(
+            (ws / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 2'))): "format_version 2",
+    }
+    sound = [tmp_path / "fp", tmp_path / "int4"]
+    out = subprocess.run([sys.executable, "-c", VERIFY_WITHOUT_TORCH, *map(str, sound + list(cases))],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["torch"] is False
+    assert result["codes"] == {**{str(ws): 0 for ws in sound}, **{str(ws): 1 for ws in cases}}
+    failed = out.stderr.splitlines()
+    assert len(failed) == len(cases), out.stderr
+    for line, (ws, message) in zip(failed, cases.items()):
+        assert line.startswith(f"FAILED {ws}: ") and message in line and "(+" not in line, line
+
+
+def test_torch_free_dtype_table_matches_torch():
+    """lmc.format.manifest's safetensors dtype sizes (verify's nbytes check, no torch) are torch's item sizes."""
+    from lmc.format.manifest import ITEM_BYTES
+
+    assert {name: dtype.itemsize for dtype, name in wsmod.DTYPES.items()} == ITEM_BYTES
+
+
 def test_plan_matches_the_built_tensors(checkpoint):
     source = open_source(checkpoint("qwen2", num_key_value_heads=2))  # q/k/v bias, tied embeddings
     builder = Builder(source, model_config_from_hf(source.hf_config), torch.float16, 2)
