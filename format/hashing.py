@@ -71,11 +71,3 @@ class BackgroundHashes:
         if isinstance(result[0], OSError):
             raise result[0]
         return result[0]
-
-
-def regular_files(folder: str | os.PathLike) -> list[Path]:
-    """Every regular file under `folder`, links not followed (to files or into folders)."""
-    found = []
-    for root, _, names in os.walk(folder):
-        found += [Path(root, n) for n in names if stat.S_ISREG(os.lstat(os.path.join(root, n)).st_mode)]
-    return found
