@@ -8,8 +8,9 @@ processes (`start_ranks`); each loads its slice and KV cache and then follows ra
 (`Shard.all_reduce_add_norm`, fused with the next RMSNorm); only rank 0 computes logits.
 
 Two process groups: `compute` (NCCL on CUDA, gloo on the CPU) carries the model's collectives, and
-`control` (gloo) carries rank 0's step announcements. Before every forward rank 0 announces it with one
-int64 header and one int64 payload (the layouts below); the followers rebuild the same inputs and run the
+`control` (gloo) the set-up's. Rank 0's step announcements go through shared memory (runtime/shm_channel.py):
+before every forward rank 0 sends one message, an int64 header and its int64 payload (the layouts below; a
+payload too long for a channel slot follows over `control`); the followers rebuild the same inputs and run the
 same forward. The token ids travel inside the forward, as a broadcast from rank 0 on the compute group
 (`Shard.broadcast_ids`), so a CUDA-graph step whose ids are the previous step's argmax on the device
 needs no host round trip, and the followers' graphs capture the same collectives as rank 0's.
@@ -32,11 +33,13 @@ import threading
 import traceback
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from lmc.errors import LmcError
 from lmc.kernels.rmsnorm import rms_norm
+from lmc.runtime.shm_channel import SLOT_WORDS, ChannelReader, ChannelWriter
 
 STOP, FORWARD, DECODE = 0, 1, 2
 LEAVE_S = 30
@@ -58,6 +61,7 @@ class Shard:
     tp: int
     compute: object  # dist.ProcessGroup: the model's collectives
     control: object  # dist.ProcessGroup (gloo): rank 0's announcements
+    channel: object  # runtime/shm_channel.py: ChannelWriter on rank 0, ChannelReader on the followers
     one_shot: object | None = None  # kernels/allreduce.py OneShotAllReduce: decode-sized sums on CUDA
 
     @property
@@ -102,8 +106,14 @@ class Shard:
 
     # ------------------------------------------------------------------ announcements (rank 0)
     def _send(self, header: list[int], payload: torch.Tensor | None) -> None:
-        dist.broadcast(torch.tensor(header + [0] * (HEADER - len(header)), dtype=torch.int64), src=0, group=self.control)
-        if payload is not None:
+        """One message: the header padded to HEADER words, then the payload unless it does not fit a channel slot
+        (then it follows over the control group; the header's payload length tells the followers)."""
+        words = np.array(header + [0] * (HEADER - len(header)), dtype=np.int64)  # [HEADER]
+        inline = payload is not None and HEADER + payload.numel() <= SLOT_WORDS
+        if inline:
+            words = np.concatenate([words, payload.reshape(-1).numpy()])  # [HEADER + n]
+        self.channel.send(words, TIMEOUT.total_seconds())
+        if payload is not None and not inline:
             dist.broadcast(payload.contiguous(), src=0, group=self.control)
 
     def announce_forward(self, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
@@ -132,6 +142,7 @@ class Shard:
             torch.cuda.synchronize()
             self.one_shot.close()
             self.one_shot = None
+        self.channel.close()
         if not dist.is_initialized():
             return
         done = threading.Thread(target=dist.destroy_process_group, name="lmc-tp-leave", daemon=True)
@@ -140,12 +151,14 @@ class Shard:
 
     # ------------------------------------------------------------------ the followers' side
     def receive(self) -> tuple[list[int], torch.Tensor | None]:
-        header = torch.empty(HEADER, dtype=torch.int64)
-        dist.broadcast(header, src=0, group=self.control)
-        h = header.tolist()
+        """rank 0's next message: (header, payload or None)."""
+        words = self.channel.receive()
+        h = words[:HEADER].tolist()
         n = {FORWARD: h[6], DECODE: h[4]}.get(h[0], 0)
         if not n:
             return h, None
+        if words.shape[0] == HEADER + n:
+            return h, torch.from_numpy(words[HEADER:])
         payload = torch.empty(n, dtype=torch.int64)
         dist.broadcast(payload, src=0, group=self.control)
         return h, payload
@@ -163,8 +176,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def join(rank: int, tp: int, port: int, device: torch.device) -> Shard:
-    """Enter the process group as `rank` (every rank calls this once)."""
+def join(rank: int, tp: int, port: int, device: torch.device, channel) -> Shard:
+    """Enter the process group as `rank` (every rank calls this once) with its end of the announcement channel:
+    rank 0 its ChannelWriter, a follower the writer's file path (it attaches here)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -172,7 +186,10 @@ def join(rank: int, tp: int, port: int, device: torch.device) -> Shard:
                             timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=IDLE)
     compute = dist.group.WORLD
-    shard = Shard(rank, tp, compute, control)
+    if rank > 0:
+        leader = os.getppid()  # lmc spawned this follower from rank 0
+        channel = ChannelReader(channel, rank - 1, lambda: os.getppid() == leader)
+    shard = Shard(rank, tp, compute, control, channel)
     warm = torch.zeros(1, device=device)
     dist.all_reduce(warm, group=compute)  # create the communicators now, outside any CUDA-graph capture
     if device.type == "cuda":
@@ -196,21 +213,29 @@ def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[
                        f"run on {tp} GPUs, or convert the checkpoint with --tp {torch.cuda.device_count()}")
     port = _free_port()
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_follower_main, args=(rank, tp, port, workspace, config, device.type),
-                         name=f"lmc-rank{rank}", daemon=True) for rank in range(1, tp)]
-    for p in procs:
-        p.start()
-    return _join_watching(procs, tp, port, rank_device(device, 0)), procs
+    procs = []
+    channel = ChannelWriter(tp - 1, lambda: all(p.is_alive() for p in procs))
+    try:
+        procs += [ctx.Process(target=_follower_main, args=(rank, tp, port, channel.path, workspace, config, device.type),
+                              name=f"lmc-rank{rank}", daemon=True) for rank in range(1, tp)]
+        for p in procs:
+            p.start()
+        shard = _join_watching(procs, tp, port, rank_device(device, 0), channel)
+    except BaseException:
+        channel.close()
+        raise
+    channel.unlink()  # every follower has attached: no name is left in /dev/shm
+    return shard, procs
 
 
-def _join_watching(procs: list, tp: int, port: int, device: torch.device) -> Shard:
+def _join_watching(procs: list, tp: int, port: int, device: torch.device, channel) -> Shard:
     """join() as rank 0 while watching the followers: one that exits before everyone has joined (killed, out of
     memory, a failed import) ends the wait at once instead of after the 10-minute join timeout."""
     done: dict = {}
 
     def run() -> None:
         try:
-            done["shard"] = join(0, tp, port, device)
+            done["shard"] = join(0, tp, port, device, channel)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             done["error"] = e
 
@@ -231,11 +256,11 @@ def _join_watching(procs: list, tp: int, port: int, device: torch.device) -> Sha
     return done["shard"]
 
 
-def _follower_main(rank: int, tp: int, port: int, workspace: str, config, device_type: str) -> None:
+def _follower_main(rank: int, tp: int, port: int, channel: str, workspace: str, config, device_type: str) -> None:
     try:
         from lmc.runtime.engine import build_follower
 
-        shard, model, cache, decoder = build_follower(rank, tp, port, workspace, config, device_type)
+        shard, model, cache, decoder = build_follower(rank, tp, port, channel, workspace, config, device_type)
         follow(shard, model, cache, decoder)
         shard.leave(decoder)
     except Exception:  # the leader sees its collectives fail; say why here, once
