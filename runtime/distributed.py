@@ -60,7 +60,7 @@ class Shard:
     rank: int
     tp: int
     compute: object  # dist.ProcessGroup: the model's collectives
-    control: object  # dist.ProcessGroup (gloo): rank 0's announcements
+    control: object  # dist.ProcessGroup (gloo): set-up exchanges, and announcement payloads too long for the channel
     channel: object  # runtime/shm_channel.py: ChannelWriter on rank 0, ChannelReader on the followers
     one_shot: object | None = None  # kernels/allreduce.py OneShotAllReduce: decode-sized sums on CUDA
 
