@@ -27,8 +27,9 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
+import shutil
 import sys
+import tempfile
 import threading
 import traceback
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ class Shard:
     compute: object  # dist.ProcessGroup: the model's collectives
     control: object  # dist.ProcessGroup (gloo): set-up exchanges, and announcement payloads too long for the channel
     channel: object  # runtime/shm_channel.py: ChannelWriter on rank 0, ChannelReader on the followers
+    store: str  # the rendezvous file (in a private folder rank 0 removes when it leaves)
     one_shot: object | None = None  # kernels/allreduce.py OneShotAllReduce: decode-sized sums on CUDA
 
     @property
@@ -148,6 +150,8 @@ class Shard:
         done = threading.Thread(target=dist.destroy_process_group, name="lmc-tp-leave", daemon=True)
         done.start()
         done.join(LEAVE_S)
+        if self.leader:
+            shutil.rmtree(os.path.dirname(self.store), ignore_errors=True)
 
     # ------------------------------------------------------------------ the followers' side
     def receive(self) -> tuple[list[int], torch.Tensor | None]:
@@ -170,26 +174,27 @@ def rank_device(device: torch.device, rank: int) -> torch.device:
     return torch.device("cuda", rank) if device.type == "cuda" else device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous() -> str:
+    """The path of the ranks' rendezvous store: a file in a fresh private folder (mode 0700), so that no other
+    user's process can read or write the keys the ranks exchange (a TCP store on 127.0.0.1 took anyone's)."""
+    return os.path.join(tempfile.mkdtemp(prefix="lmc-tp-"), "store")
 
 
-def join(rank: int, tp: int, port: int, device: torch.device, channel) -> Shard:
-    """Enter the process group as `rank` (every rank calls this once) with its end of the announcement channel:
-    rank 0 its ChannelWriter, a follower the writer's file path (it attaches here)."""
+def join(rank: int, tp: int, store: str, device: torch.device, channel) -> Shard:
+    """Enter the process group as `rank` (every rank calls this once) through the rendezvous file `store`, with
+    its end of the announcement channel: rank 0 its ChannelWriter, a follower the writer's file path (it attaches
+    here)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=tp,
+    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=tp,
                             timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=IDLE)
     compute = dist.group.WORLD
     if rank > 0:
         leader = os.getppid()  # lmc spawned this follower from rank 0
         channel = ChannelReader(channel, rank - 1, lambda: os.getppid() == leader)
-    shard = Shard(rank, tp, compute, control, channel)
+    shard = Shard(rank, tp, compute, control, channel, store)
     warm = torch.zeros(1, device=device)
     dist.all_reduce(warm, group=compute)  # create the communicators now, outside any CUDA-graph capture
     if device.type == "cuda":
@@ -211,31 +216,32 @@ def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[
     if device.type == "cuda" and torch.cuda.device_count() < tp:
         raise LmcError(f"the workspace is split for tp={tp}, this machine shows {torch.cuda.device_count()} GPUs: "
                        f"run on {tp} GPUs, or convert the checkpoint with --tp {torch.cuda.device_count()}")
-    port = _free_port()
+    store = _rendezvous()
     ctx = multiprocessing.get_context("spawn")
     procs = []
     channel = ChannelWriter(tp - 1, lambda: all(p.is_alive() for p in procs))
     try:
-        procs += [ctx.Process(target=_follower_main, args=(rank, tp, port, channel.path, workspace, config, device.type),
+        procs += [ctx.Process(target=_follower_main, args=(rank, tp, store, channel.path, workspace, config, device.type),
                               name=f"lmc-rank{rank}", daemon=True) for rank in range(1, tp)]
         for p in procs:
             p.start()
-        shard = _join_watching(procs, tp, port, rank_device(device, 0), channel)
+        shard = _join_watching(procs, tp, store, rank_device(device, 0), channel)
     except BaseException:
         channel.close()
+        shutil.rmtree(os.path.dirname(store), ignore_errors=True)
         raise
     channel.unlink()  # every follower has attached: no name is left in /dev/shm
     return shard, procs
 
 
-def _join_watching(procs: list, tp: int, port: int, device: torch.device, channel) -> Shard:
+def _join_watching(procs: list, tp: int, store: str, device: torch.device, channel) -> Shard:
     """join() as rank 0 while watching the followers: one that exits before everyone has joined (killed, out of
     memory, a failed import) ends the wait at once instead of after the 10-minute join timeout."""
     done: dict = {}
 
     def run() -> None:
         try:
-            done["shard"] = join(0, tp, port, device, channel)
+            done["shard"] = join(0, tp, store, device, channel)
         except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
             done["error"] = e
 
@@ -256,11 +262,11 @@ def _join_watching(procs: list, tp: int, port: int, device: torch.device, channe
     return done["shard"]
 
 
-def _follower_main(rank: int, tp: int, port: int, channel: str, workspace: str, config, device_type: str) -> None:
+def _follower_main(rank: int, tp: int, store: str, channel: str, workspace: str, config, device_type: str) -> None:
     try:
         from lmc.runtime.engine import build_follower
 
-        shard, model, cache, decoder = build_follower(rank, tp, port, channel, workspace, config, device_type)
+        shard, model, cache, decoder = build_follower(rank, tp, store, channel, workspace, config, device_type)
         follow(shard, model, cache, decoder)
         shard.leave(decoder)
     except Exception:  # the leader sees its collectives fail; say why here, once

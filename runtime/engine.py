@@ -213,12 +213,12 @@ class _Rank:
     session_len: int
 
 
-def build_follower(rank: int, tp: int, port: int, channel: str, workspace: str, config: EngineConfig, device_type: str):
+def build_follower(rank: int, tp: int, store: str, channel: str, workspace: str, config: EngineConfig, device_type: str):
     """A follower process's shard, model, cache and decoder (runtime/distributed.py runs them)."""
     from lmc.runtime.distributed import join, rank_device
 
     device = rank_device(torch.device(device_type), rank)
-    r = _Rank(join(rank, tp, port, device, channel), config, config.session_len)
+    r = _Rank(join(rank, tp, store, device, channel), config, config.session_len)
     setup_rank(r, Workspace(workspace), config, device)
     return r.shard, r.model, r.cache, r.decoder
 

@@ -65,6 +65,24 @@ def test_kv_heads_fewer_than_ranks_are_replicated(checkpoint, tmp_path):
     assert (local.num_heads, local.num_kv_heads, local.intermediate_size) == (3, 1, 50)
 
 
+def test_rendezvous_and_channel_are_private_and_gone_after_close(checkpoint, tmp_path):
+    """The ranks meet through a store file in a 0700 folder (not a TCP port) and talk through a 0600 /dev/shm file
+    that is unlinked once the followers joined; closing the engine removes the folder."""
+    import os
+    import stat
+
+    convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
+    engine = Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1))
+    try:
+        folder = os.path.dirname(engine.shard.store)
+        assert stat.S_IMODE(os.stat(folder).st_mode) == 0o700 and os.stat(folder).st_uid == os.getuid()
+        assert not os.path.exists(engine.shard.channel.path)  # unlinked: nothing left behind in /dev/shm
+        assert engine.generate([PROMPTS[0]], GREEDY)[0].token_ids  # the followers still hear rank 0
+    finally:
+        engine.close()
+    assert not os.path.exists(folder)
+
+
 def test_tp_flag_is_checked_against_the_workspace(checkpoint, tmp_path):
     convert(checkpoint("llama3"), tmp_path / "tp2", tp=2)
     with pytest.raises(LmcError, match="split for tp=2: pass --tp 2"):
