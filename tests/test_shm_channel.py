@@ -101,8 +101,8 @@ def test_shard_messages_inline_or_with_the_payload_over_the_control_group(tmp_pa
     monkeypatch.setattr(distributed.dist, "broadcast", fake.broadcast)
     monkeypatch.setattr(distributed, "SLOT_WORDS", slot_words)  # 12: a payload past 4 words goes over the group
     writer = ChannelWriter(1, lambda: True, folder=str(tmp_path))
-    leader = distributed.Shard(0, 2, None, "leader", writer)
-    follower = distributed.Shard(1, 2, None, "follower", ChannelReader(writer.path, 0, lambda: True))
+    leader = distributed.Shard(0, 2, None, "leader", writer, store="")
+    follower = distributed.Shard(1, 2, None, "follower", ChannelReader(writer.path, 0, lambda: True), store="")
     positions, slots = torch.arange(5), torch.arange(10, 15)
     tables, kv_lens = torch.arange(6).reshape(2, 3), torch.tensor([3, 4])
     leader.announce_forward(positions, slots, tables, kv_lens, None, 99)
