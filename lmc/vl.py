@@ -62,30 +62,71 @@ def _data_url(url: str) -> bytes:
         raise LmcError("the data URL's base64 data is malformed") from None
 
 
-def _check_url(url: str, media_domains: tuple[str, ...] | None, public_only: bool) -> None:
-    import ipaddress
-    import socket
+def _check_url(url: str, media_domains: tuple[str, ...] | None) -> None:
     from urllib.parse import urlsplit
 
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not host:
         raise LmcError(f"image URL {url[:100]!r}: lmc fetches http(s) URLs with a host")
-    if media_domains is not None:
-        if host not in {d.lower() for d in media_domains}:
-            raise LmcError(f"image URL host {host!r} is not one of --allowed-media-domains; send a data URL")
-        return
-    if not public_only:
-        return
+    if media_domains is not None and host not in {d.lower() for d in media_domains}:
+        raise LmcError(f"image URL host {host!r} is not one of --allowed-media-domains; send a data URL")
+
+
+def _connect_public(host: str, port: int, timeout) -> "socket.socket":
+    """A TCP connection to `host`, resolved once here, after every address it resolves to was found public:
+    the connection goes to an address that was checked, so a name that resolves to a public address for a check
+    and to a private one for the connection (DNS rebinding) cannot reach this server's own network."""
+    import ipaddress
+    import socket
+
     try:
-        addresses = {info[4][0] for info in socket.getaddrinfo(host, parts.port or 80, proto=socket.IPPROTO_TCP)}
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as e:
         raise LmcError(f"could not resolve the image host {host!r} ({e})") from None
-    for address in addresses:
-        if not ipaddress.ip_address(address.split("%")[0]).is_global:
-            raise LmcError(f"image URL host {host!r} is a non-public address ({address}); this server fetches "
+    for *_, sockaddr in infos:
+        if not ipaddress.ip_address(sockaddr[0].split("%")[0]).is_global:
+            raise LmcError(f"image URL host {host!r} is a non-public address ({sockaddr[0]}); this server fetches "
                            "public hosts only (start it with --allowed-media-domains HOST to allow one), or send "
                            "a data URL")
+    error: OSError = OSError(f"no address for {host!r}")
+    for family, kind, proto, _, sockaddr in infos:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as e:
+            sock.close()
+            error = e
+    raise error
+
+
+def _public_only_handlers() -> list:
+    """urllib handlers whose connections go through _connect_public (plain and TLS; no proxy, whose address is
+    not the one to check)."""
+    import http.client
+    import ssl
+    import urllib.request
+
+    class PublicHTTP(http.client.HTTPConnection):
+        def connect(self):
+            self.sock = _connect_public(self.host, self.port, self.timeout)
+
+    class PublicHTTPS(http.client.HTTPSConnection):
+        def connect(self):
+            self.sock = self._context.wrap_socket(_connect_public(self.host, self.port, self.timeout),
+                                                  server_hostname=self.host)
+
+    class HTTPHandler(urllib.request.HTTPHandler):
+        def http_open(self, req):
+            return self.do_open(PublicHTTP, req)
+
+    class HTTPSHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req):
+            return self.do_open(PublicHTTPS, req, context=ssl.create_default_context())
+
+    return [urllib.request.ProxyHandler({}), HTTPHandler(), HTTPSHandler()]
 
 
 def _fetch(url: str, media_domains: tuple[str, ...] | None = None, public_only: bool = False) -> bytes:
@@ -94,11 +135,12 @@ def _fetch(url: str, media_domains: tuple[str, ...] | None = None, public_only: 
 
     class CheckedRedirects(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req, fp, code, msg, headers, newurl):
-            _check_url(newurl, media_domains, public_only)  # a redirect gets the first URL's rules
+            _check_url(newurl, media_domains)  # a redirect gets the first URL's rules
             return super().redirect_request(req, fp, code, msg, headers, newurl)
 
-    _check_url(url, media_domains, public_only)
-    opener = urllib.request.build_opener(CheckedRedirects)
+    _check_url(url, media_domains)
+    pinned = public_only and media_domains is None  # every connection's address is checked as it is made
+    opener = urllib.request.build_opener(CheckedRedirects, *(_public_only_handlers() if pinned else ()))
     deadline = time.monotonic() + FETCH_TOTAL_S
     data = bytearray()
     try:

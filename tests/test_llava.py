@@ -521,6 +521,56 @@ def test_load_image_over_http_is_bounded(tmp_path, monkeypatch):
         vl.load_image(base + "/cat.png")  # nothing listens any more
 
 
+def test_a_host_that_rebinds_to_a_private_address_is_not_reached(monkeypatch):
+    """DNS rebinding: a name that resolves to a public address for the check and to this machine for the
+    connection. The server's fetch connects to the address it checked (which refuses here), never to the one a
+    second lookup gives."""
+    import socket
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import lmc.vl as vl
+    from lmc.errors import LmcError
+
+    png, hits = noise_png(5, 4, seed=2), []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    port = server.server_address[1]
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    answers = iter(["93.184.216.34"] + ["127.0.0.1"] * 10)  # public first, this machine after
+
+    def rebinding(host, *args, **kwargs):
+        if host != "rebind.example":
+            return real_getaddrinfo(host, *args, **kwargs)
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (next(answers), port))]
+
+    def connect(sock, address):
+        if address[0] == "93.184.216.34":
+            raise ConnectionRefusedError("the test's public address refuses")
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    try:
+        with pytest.raises(LmcError, match="could not fetch the image"):
+            vl.load_image(f"http://rebind.example:{port}/cat.png", public_only=True)
+        assert hits == []  # the private address was never reached
+    finally:
+        server.shutdown()
+
+
 def test_server_rules_for_image_urls(tmp_path):
     """As the server loads them (public_only): a URL whose host is loopback, private or link-local is refused
     before any connection, and so is a public URL's redirect to one; --allowed-media-domains admits exactly the
