@@ -3,6 +3,7 @@ against transformers, prefix caching keyed by image content, quantize, the front
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import subprocess
@@ -521,75 +522,21 @@ def test_load_image_over_http_is_bounded(tmp_path, monkeypatch):
         vl.load_image(base + "/cat.png")  # nothing listens any more
 
 
-def test_a_host_that_rebinds_to_a_private_address_is_not_reached(monkeypatch):
-    """DNS rebinding: a name that resolves to a public address for the check and to this machine for the
-    connection. The server's fetch connects to the address it checked (which refuses here), never to the one a
-    second lookup gives."""
-    import socket
+@contextlib.contextmanager
+def png_server(png: bytes, redirects: dict[str, str] | None = None):
+    """A local HTTP server on 127.0.0.1: every path answers `png`, those in `redirects` a 302 to the URL given;
+    yields (port, the paths asked for, in order)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    import lmc.vl as vl
-    from lmc.errors import LmcError
-
-    png, hits = noise_png(5, 4, seed=2), []
+    hits: list[str] = []
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self):
             hits.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(png)))
-            self.end_headers()
-            self.wfile.write(png)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
-    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
-    answers = iter(["93.184.216.34"] + ["127.0.0.1"] * 10)  # public first, this machine after
-
-    def rebinding(host, *args, **kwargs):
-        if host != "rebind.example":
-            return real_getaddrinfo(host, *args, **kwargs)
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (next(answers), port))]
-
-    def connect(sock, address):
-        if address[0] == "93.184.216.34":
-            raise ConnectionRefusedError("the test's public address refuses")
-        return real_connect(sock, address)
-
-    monkeypatch.setattr(socket, "getaddrinfo", rebinding)
-    monkeypatch.setattr(socket.socket, "connect", connect)
-    try:
-        with pytest.raises(LmcError, match="could not fetch the image"):
-            vl.load_image(f"http://rebind.example:{port}/cat.png", public_only=True)
-        assert hits == []  # the private address was never reached
-    finally:
-        server.shutdown()
-
-
-def test_server_rules_for_image_urls(tmp_path):
-    """As the server loads them (public_only): a URL whose host is loopback, private or link-local is refused
-    before any connection, and so is a public URL's redirect to one; --allowed-media-domains admits exactly the
-    hosts it names (private ones included) and refuses all others."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    import lmc.vl as vl
-    from lmc.errors import LmcError
-
-    png = noise_png(9, 7, seed=6)
-    hits = []
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            hits.append(self.path)
-            if self.path == "/hop":  # a redirect to a host the rules refuse
+            if self.path in (redirects or {}):
                 self.send_response(302)
-                self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                self.send_header("Location", redirects[self.path])
                 self.end_headers()
                 return
             self.send_response(200)
@@ -602,8 +549,49 @@ def test_server_rules_for_image_urls(tmp_path):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    port = server.server_address[1]
     try:
+        yield server.server_address[1], hits
+    finally:
+        server.shutdown()
+
+
+def test_a_host_that_rebinds_to_a_private_address_is_not_reached(monkeypatch):
+    """DNS rebinding: a name that resolves to a public address for the check and to this machine for the
+    connection. The server's fetch connects to the address it checked (which refuses here), never to the one a
+    second lookup gives."""
+    import socket
+
+    import lmc.vl as vl
+    from lmc.errors import LmcError
+
+    real_getaddrinfo, real_connect = socket.getaddrinfo, socket.socket.connect
+    answers = iter(["93.184.216.34"] + ["127.0.0.1"] * 10)  # public first, this machine after
+    with png_server(noise_png(5, 4, seed=2)) as (port, hits):
+        def rebinding(host, *args, **kwargs):
+            if host != "rebind.example":
+                return real_getaddrinfo(host, *args, **kwargs)
+            return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (next(answers), port))]
+
+        def connect(sock, address):
+            if address[0] == "93.184.216.34":
+                raise ConnectionRefusedError("the test's public address refuses")
+            return real_connect(sock, address)
+
+        monkeypatch.setattr(socket, "getaddrinfo", rebinding)
+        monkeypatch.setattr(socket.socket, "connect", connect)
+        with pytest.raises(LmcError, match="could not fetch the image"):
+            vl.load_image(f"http://rebind.example:{port}/cat.png", public_only=True)
+        assert hits == []  # the private address was never reached
+
+
+def test_server_rules_for_image_urls(tmp_path):
+    """As the server loads them (public_only): a URL whose host is loopback, private or link-local is refused
+    before any connection, and so is a public URL's redirect to one; --allowed-media-domains admits exactly the
+    hosts it names (private ones included) and refuses all others."""
+    import lmc.vl as vl
+    from lmc.errors import LmcError
+
+    with png_server(noise_png(9, 7, seed=6), {"/hop": "http://169.254.169.254/latest/meta-data/"}) as (port, hits):
         for host in ("127.0.0.1", "localhost", "10.1.2.3", "169.254.169.254", "[::1]"):
             with pytest.raises(LmcError, match="non-public address"):
                 vl.load_image(f"http://{host}:{port}/cat.png", public_only=True)
@@ -616,5 +604,4 @@ def test_server_rules_for_image_urls(tmp_path):
             vl.load_image(f"http://127.0.0.1:{port}/hop", media_domains=("127.0.0.1",), public_only=True)
         assert hits == ["/cat.png", "/hop"]  # the redirect's target was never fetched
         assert vl.load_image(f"http://127.0.0.1:{port}/cat.png").size == (9, 7)  # the library's own default
-    finally:
-        server.shutdown()
+

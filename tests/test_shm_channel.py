@@ -54,30 +54,34 @@ def test_messages_arrive_in_order_to_every_reader_while_the_writer_waits_for_fre
         reader.close()
 
 
-def test_a_dead_peer_ends_the_wait(tmp_path, monkeypatch):
+@pytest.fixture
+def pair(tmp_path, monkeypatch):
+    """A writer and its one reader whose peers are alive or not as `alive[0]` says, liveness checked every 50 ms."""
     monkeypatch.setattr(shm_channel, "LIVENESS_S", 0.05)
     monkeypatch.setattr(shm_channel, "SPIN_S", 0.01)
-    writer = ChannelWriter(1, lambda: False, folder=str(tmp_path))
-    reader = ChannelReader(writer.path, 0, lambda: False)
+    alive = [True]
+    writer = ChannelWriter(1, lambda: alive[0], folder=str(tmp_path))
+    reader = ChannelReader(writer.path, 0, lambda: alive[0])
+    yield writer, reader, alive
+    writer.close()
+    reader.close()
+
+
+def test_a_dead_peer_ends_the_wait(pair):
+    writer, reader, alive = pair
+    alive[0] = False
     with pytest.raises(ChannelClosed, match="rank 0 exited"):
         reader.receive()  # nothing sent, and the writer is gone
     for i in range(SLOTS):
         writer.send(_message(i))  # free slots need no reader
     with pytest.raises(ChannelClosed, match="follower rank exited"):
         writer.send(_message(SLOTS))  # the ring is full and the reader is gone
-    writer.close()
-    reader.close()
 
 
-def test_a_silent_live_peer_times_out(tmp_path, monkeypatch):
-    monkeypatch.setattr(shm_channel, "LIVENESS_S", 0.05)
-    monkeypatch.setattr(shm_channel, "SPIN_S", 0.01)
-    writer = ChannelWriter(1, lambda: True, folder=str(tmp_path))
-    reader = ChannelReader(writer.path, 0, lambda: True)
+def test_a_silent_live_peer_times_out(pair):
+    writer, reader, _ = pair
     with pytest.raises(shm_channel.LmcError, match="did not answer within"):
         reader.receive(timeout_s=0.2)
-    writer.close()
-    reader.close()
 
 
 class FakeControl:
