@@ -105,12 +105,13 @@ class ChannelWriter:
         base = folder or ("/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir())
         self.path = str(Path(base) / f"lmc-tp-{os.getpid()}-{secrets.token_hex(8)}")
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.ftruncate(fd, FILE_WORDS * 8)
-        except OSError:
+        try:  # the pages are reserved now: a full /dev/shm is this error, not a SIGBUS at the first message
+            os.posix_fallocate(fd, 0, FILE_WORDS * 8)
+        except OSError as e:
             os.close(fd)
             os.unlink(self.path)
-            raise
+            raise LmcError(f"cannot make the tensor-parallel channel in {base} ({e}); free space there "
+                           "(a container's /dev/shm is often 64 MB: docker run --shm-size 1g)") from None
         self._m = _Mapped(fd)
         self.readers, self.alive = readers, alive
         self.sent = 0

@@ -121,3 +121,13 @@ def test_shard_messages_inline_or_with_the_payload_over_the_control_group(tmp_pa
     assert follower.receive() == ([distributed.STOP] + [0] * 7, None)
     assert fake.count == (0 if slot_words == SLOT_WORDS else 2) and not fake.sent  # each one sent was received
     writer.close()
+
+
+def test_no_room_for_the_channel_is_one_error_and_no_file(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shm_channel.os, "posix_fallocate", full)
+    with pytest.raises(shm_channel.LmcError, match="cannot make the tensor-parallel channel.*shm-size"):
+        ChannelWriter(1, lambda: True, folder=str(tmp_path))
+    assert not list(tmp_path.iterdir())
