@@ -23,6 +23,7 @@ from lmc.format.paths import confined
 from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
 
 FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 100_000_000  # a safetensors header's limit in the safetensors library itself
 SAFETENSORS_DTYPES = {  # torch dtype name -> (safetensors dtype string, bytes per element)
     "float32": ("F32", 4),
     "float16": ("F16", 2),
@@ -258,6 +259,8 @@ def _header(path: Path) -> tuple[int, dict]:
         (n,) = struct.unpack("<Q", head)
         if n > path.stat().st_size:
             raise ValueError("header length past the end of the file")
+        if n > MAX_HEADER_BYTES:
+            raise ValueError(f"header of {n} bytes, over the {MAX_HEADER_BYTES} the safetensors library reads")
         try:
             header = json.loads(fh.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

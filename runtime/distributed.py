@@ -50,8 +50,8 @@ ONE_SHOT_ELEMENTS = 1 << 17  # per slot of the one-shot all-reduce (decode batch
                              # through NCCL, faster there (bench/results/allreduce_h200x2*.json)
 ALLREDUCE_MODES = ("one-shot", "nccl")  # LMC_TP_ALLREDUCE
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
-IDLE = datetime.timedelta(days=365)  # a follower waits for rank 0's next step this long (a server may idle for days);
-                                     # a rank that dies closes its sockets, which ends the wait at once
+IDLE = datetime.timedelta(days=365)  # the control group's timeout: a follower may wait this long for a long payload
+                                     # that follows a channel message (the channel's own wait checks that rank 0 lives)
 
 
 @dataclass

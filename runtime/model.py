@@ -215,6 +215,7 @@ class Model:
         self.embed = load_tensor(src, "tok_embeddings.weight", device, dtype)  # [V, H]
         self.layers = [load_layer(src, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
         self.norm = load_tensor(src, "norm.weight", device, dtype)
+        self.next_norms = [lw["attention_norm"] for lw in self.layers[1:]] + [self.norm]  # the norm after layer i
         self.lm_head = self.embed if self.cfg.tie_word_embeddings else \
             load_linear(src, "output", device, dtype, self.cfg.hidden_size, self.dense_int4)
         self.rope = Rope(self.cfg, device)
@@ -228,8 +229,7 @@ class Model:
         cos, sin = self.rope(positions, max_position)
         x = self.embed[input_ids] if input_embeds is None else input_embeds  # [T, H]
         h, residual = rms_norm(x, self.layers[0]["attention_norm"], self.cfg.rms_norm_eps)  # residual: x
-        next_norms = [lw["attention_norm"] for lw in self.layers[1:]] + [self.norm]
-        for i, (lw, next_norm) in enumerate(zip(self.layers, next_norms)):
+        for i, (lw, next_norm) in enumerate(zip(self.layers, self.next_norms)):
             h, residual = decoder_layer(self.cfg, lw, h, residual, next_norm, cos, sin, ctx, i, self.add_norm)
         return h
 

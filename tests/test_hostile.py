@@ -202,6 +202,26 @@ def test_symlink_inside_the_workspace_is_fine(workspace):
     assert Workspace(workspace).get("norm.weight").shape == (72,)
 
 
+def test_verify_refuses_a_huge_safetensors_header_without_reading_it(workspace):
+    """A shard whose checksums fit the manifest but whose header claims over 100 MB (safetensors' own limit) is
+    refused from its 8-byte length, not read into memory and parsed."""
+    import hashlib
+    import struct
+
+    from lmc.format.manifest import MAX_HEADER_BYTES
+
+    shard = workspace / SHARD
+    with open(shard, "wb") as f:  # sparse: the length word, then MAX_HEADER_BYTES + 1 bytes of nothing
+        f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
+        f.truncate(8 + MAX_HEADER_BYTES + 1)
+    manifest = json.loads((workspace / "manifest.json").read_text())
+    manifest["files"][SHARD] = {"size": shard.stat().st_size, "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    (workspace / "manifest.json").write_text(json.dumps(manifest))
+    problems = verify_workspace(workspace)
+    assert problems == [f"{SHARD}: not a safetensors file (header of {MAX_HEADER_BYTES + 1} bytes, over the "
+                        f"{MAX_HEADER_BYTES} the safetensors library reads)"]
+
+
 # ----------------------------------------------------------------------------- 4. unlisted files
 
 
