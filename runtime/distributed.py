@@ -81,18 +81,22 @@ class Shard:
         return range(min(self.rank * per, vocab), min((self.rank + 1) * per, vocab))
 
     def gather_vocab(self, part: torch.Tensor, vocab: int) -> torch.Tensor | None:
-        """part [B, len(vocab_rows)] (this rank's logits) -> every rank's, [B, V] in vocabulary order, on rank 0
-        (None on the others). Every rank calls it at the same point: one all-gather into a fresh buffer (capturable
-        in a CUDA graph), the short last rank padded to ceil(V / tp) columns."""
+        """part [B, len(vocab_rows)] (this rank's logits) -> every rank's, [B, V] float32 in vocabulary order, on
+        rank 0 (None on the others). Every rank calls it at the same point: one all-gather in the compute dtype into
+        a fresh buffer (capturable in a CUDA graph), the short last rank padded to ceil(V / tp) columns; rank 0
+        reorders and widens in one copy."""
         b, per = part.shape[0], -(-vocab // self.tp)
         if part.shape[1] < per:
             part = F.pad(part, (0, per - part.shape[1]))  # [B, per]
-        out = torch.empty((self.tp * b, per), dtype=part.dtype, device=part.device)  # [tp * B, per]
+        out = torch.empty((self.tp * b, per), dtype=part.dtype, device=part.device)  # [tp * B, per]: rank-major
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13: the old name
         all_gather(out, part.contiguous(), group=self.compute)
         if not self.leader:
             return None
-        return out.view(self.tp, b, per).transpose(0, 1).reshape(b, self.tp * per)[:, :vocab]  # [B, V]
+        whole = torch.empty((b, self.tp, per), dtype=torch.float32, device=part.device)
+        whole.copy_(out.view(self.tp, b, per).transpose(0, 1))  # [B, tp, per]: row-major
+        whole = whole.view(b, self.tp * per)
+        return whole if self.tp * per == vocab else whole[:, :vocab].contiguous()  # [B, V]
 
     @property
     def leader(self) -> bool:

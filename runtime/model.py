@@ -221,10 +221,10 @@ class Model:
         self.layers = [load_layer(src, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
         self.norm = load_tensor(src, "norm.weight", device, dtype)
         self.next_norms = [lw["attention_norm"] for lw in self.layers[1:]] + [self.norm]  # the norm after layer i
-        self.vocab_rows = shard.vocab_rows(self.cfg.vocab_size) if shard is not None else range(self.cfg.vocab_size)
+        rows = shard.vocab_rows(self.cfg.vocab_size) if shard is not None else range(self.cfg.vocab_size)
         self.split_lm_head = shard is not None and shard.split_lm_head  # logits() is then a collective
-        self.lm_head = self.embed[self.vocab_rows.start:self.vocab_rows.stop] if self.cfg.tie_word_embeddings else \
-            load_tensor(src, "output.weight", device, dtype, self.vocab_rows)  # [rows, H], float in every workspace
+        self.lm_head = self.embed[rows.start:rows.stop] if self.cfg.tie_word_embeddings else \
+            load_tensor(src, "output.weight", device, dtype, rows)  # [rows, H], float in every workspace
         self.rope = Rope(self.cfg, device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,
@@ -249,9 +249,10 @@ class Model:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] -> [B, V] float32. With a split lm_head every rank calls this at the same point (a collective):
-        each multiplies its vocab_rows and rank 0 gets all of them; a follower gets its own part [B, rows], unused."""
+        each multiplies its shard's vocab_rows and rank 0 gets all of them; a follower gets its own part [B, rows],
+        unused."""
         part = linear(h, self.lm_head)  # [B, rows]
         if not self.split_lm_head:
             return part.float()
-        whole = self.shard.gather_vocab(part, self.cfg.vocab_size)  # [B, V] on rank 0
-        return part if whole is None else whole.float()
+        whole = self.shard.gather_vocab(part, self.cfg.vocab_size)  # [B, V] float32 on rank 0
+        return part if whole is None else whole

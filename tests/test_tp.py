@@ -79,7 +79,7 @@ def _gather_on_rank(rank: int, tp: int, store: str, cases: list, queue) -> None:
     try:
         for vocab, batch in cases:
             shard = Shard(rank, tp, dist.group.WORLD, None, None, store)
-            full = torch.arange(batch * vocab, dtype=torch.float32).view(batch, vocab)  # [B, V]: logit = its index
+            full = torch.arange(batch * vocab, dtype=torch.float16).view(batch, vocab)  # [B, V]: logit = its index
             rows = shard.vocab_rows(vocab)
             got = shard.gather_vocab(full[:, rows.start:rows.stop].contiguous(), vocab)
             if rank == 0:
@@ -91,8 +91,8 @@ def _gather_on_rank(rank: int, tp: int, store: str, cases: list, queue) -> None:
 
 
 def test_gather_vocab_puts_every_ranks_rows_in_vocabulary_order(tmp_path):
-    """3 gloo ranks: V = 9 (3 rows each), 7 (3, 3, 1), 2 (1, 1, 0: the last rank holds none): rank 0 gets the
-    whole [B, V] in order, the other ranks None."""
+    """3 gloo ranks, float16 logits: V = 9 (3 rows each), 7 (3, 3, 1), 2 (1, 1, 0: the last rank holds none):
+    rank 0 gets the whole [B, V] in order in float32, the other ranks None."""
     import multiprocessing
 
     cases = [(9, 2), (7, 3), (2, 1)]
@@ -113,6 +113,7 @@ def test_gather_vocab_puts_every_ranks_rows_in_vocabulary_order(tmp_path):
     leader = sorted(r for r in results if len(r) == 3)
     assert [(v, b) for v, b, _ in leader] == sorted(cases)
     for vocab, batch, got in leader:
+        assert got.dtype == torch.float32 and got.is_contiguous()
         assert torch.equal(got, torch.arange(batch * vocab, dtype=torch.float32).view(batch, vocab))
     followers = sorted((v, rank, n, got) for v, rank, n, got in (r for r in results if len(r) == 4))
     assert [(v, rank, n) for v, rank, n, _ in followers] == [(2, 1, 1), (2, 2, 0), (7, 1, 3), (7, 2, 1), (9, 1, 3),
