@@ -5,9 +5,13 @@ greedy tokens of 3 short prompts at tp = 1 and tp = 2 computed in float32 (the c
 in the stored dtype (recorded: fp16 sums in another order may flip a near-tie); batch-1 and batch-16
 decode (CUDA graphs, pipelined greedy) and `lmc bench` (ShareGPT-like random lengths, 224 / 200 tokens
 mean) at concurrency 256 at both tp. The workspaces are bench_serving.py's (same folder, built if absent).
+tp = 2 runs once per LMC_TP_ALLREDUCE mode (--allreduce) and LMC_TP_LM_HEAD mode (--lm-head): result keys
+`tp2[_MODE]_lm_head_LM` (`tp2` alone: NCCL; files before the split lm_head have no `_lm_head_` part: replicated).
 
     python bench/bench_tp.py --out bench/results/tp_h200x2.json                 # on a 2-GPU machine
     python bench/bench_tp.py --smoke --out /tmp/tp_smoke.json                   # tiny shapes (CPU: gloo ranks)
+    python bench/bench_tp.py --allreduce one-shot --lm-head split,replicated --skip-bench --formats fp16,int4 \
+        --tp1-from bench/results/tp_h200x2_v1.json --out bench/results/tp_h200x2_v5.json   # split vs replicated
 """
 from __future__ import annotations
 
@@ -99,6 +103,9 @@ def main() -> int:
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
     ap.add_argument("--allreduce", default="one-shot", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: one-shot "
                     "(kernels/allreduce.py, the runtime's default), nccl; the greedy check runs under the first")
+    ap.add_argument("--lm-head", default="split", help="comma-separated LMC_TP_LM_HEAD modes for tp 2: split (each "
+                    "rank computes V / 2 of the logits, the runtime's default), replicated (rank 0 all of them); the "
+                    "greedy check runs under the first")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cuda" and torch.cuda.device_count() < 2 and not args.smoke:
@@ -139,8 +146,9 @@ def main() -> int:
             continue
         one, two = paths[fmt], split(paths[fmt], 2)
         entry = report["formats"].setdefault(fmt, {})
-        modes = args.allreduce.split(",")
+        modes, heads = args.allreduce.split(","), args.lm_head.split(",")
         os.environ["LMC_TP_ALLREDUCE"] = modes[0]  # the followers are spawned: they inherit it
+        os.environ["LMC_TP_LM_HEAD"] = heads[0]
         if fmt not in args.skip_check.split(","):
             for dtype in ("float32", None) if args.stored_check else ("float32",):
                 name = dtype or "stored"
@@ -156,17 +164,19 @@ def main() -> int:
                 entry["tp1"] = speed(one, dev, shape["vocab_size"], args)
             save()
             for mode in modes:
-                os.environ["LMC_TP_ALLREDUCE"] = mode
-                key = "tp2" if mode == "nccl" else f"tp2_{mode}"
-                entry[key] = speed(two, dev, shape["vocab_size"], args)
-                d1, d2 = entry["tp1"]["decode"], entry[key]["decode"]
-                speedup = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
-                if not args.skip_bench:
-                    speedup["bench_c256"] = (entry[key]["bench"][0]["output_throughput"]
-                                             / entry["tp1"]["bench"][0]["output_throughput"])
-                entry["speedup" if mode == "nccl" else f"speedup_{mode}"] = speedup
-                print(f"  {fmt} speedup tp2/tp1 ({mode}) {speedup}", flush=True)
-                save()
+                for head in heads:
+                    os.environ["LMC_TP_ALLREDUCE"], os.environ["LMC_TP_LM_HEAD"] = mode, head
+                    suffix = ("" if mode == "nccl" else f"_{mode}") + f"_lm_head_{head}"
+                    key = "tp2" + suffix
+                    entry[key] = speed(two, dev, shape["vocab_size"], args)
+                    d1, d2 = entry["tp1"]["decode"], entry[key]["decode"]
+                    speedup = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
+                    if not args.skip_bench:
+                        speedup["bench_c256"] = (entry[key]["bench"][0]["output_throughput"]
+                                                 / entry["tp1"]["bench"][0]["output_throughput"])
+                    entry["speedup" + suffix] = speedup
+                    print(f"  {fmt} speedup tp2/tp1 ({mode}, lm_head {head}) {speedup}", flush=True)
+                    save()
     return 0
 
 

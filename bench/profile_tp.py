@@ -6,6 +6,8 @@ little, its own host loop does. Uses bench_tp's workspaces (built if absent).
 
     python bench/profile_tp.py --format int4 --out bench/results/profile_tp_h200x2.json     # 2 GPUs
     python bench/profile_tp.py --smoke --out /tmp/profile_tp.json                           # CPU, tiny
+
+tp = 2 runs with the lm_head that LMC_TP_LM_HEAD says (split by default; recorded in the result).
 """
 from __future__ import annotations
 
@@ -75,7 +77,7 @@ def main() -> int:
     timed(cuda_graph.GraphDecoder, "replay_rows", "replay")
     ws = build(shape, Path(args.work), dev, (args.format,))[args.format]
     result = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "versions": versions(),
-              "format": args.format, "command": " ".join(sys.argv), "runs": {}}
+              "format": args.format, "command": " ".join(sys.argv), "lm_head": distributed.lm_head_mode(), "runs": {}}
     for tp, path in ((1, ws), (2, split(ws, 2))):
         for batch in (1, 16):
             row = profile(path, dev, shape["vocab_size"], batch, args.new_tokens)

@@ -102,9 +102,9 @@ class GraphDecoder:
         tables = x[:, TABLE:].to(torch.int32)  # [b, W]
         batch = PagedBatch(self.cache.k, self.cache.v, slots, tables, kv_lens.to(torch.int32), None)
         h = self.model.hidden(ids, positions, batch, self.session_len - 1)  # [b, H]
-        if self.shard is not None and not self.shard.leader:
-            return h  # only rank 0 samples
-        return self.model.logits(h)  # [b, V]
+        if self.shard is not None and not self.shard.leader and not self.model.split_lm_head:
+            return h  # only rank 0 computes logits
+        return self.model.logits(h)  # [b, V]; a follower: its part of the gather, unused
 
     def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream(self.device)
@@ -148,7 +148,7 @@ class GraphDecoder:
 
     def replay_rows(self, bucket: int, b: int, rows: np.ndarray, ids: torch.Tensor | None) -> torch.Tensor:
         """Copy packed rows [bucket, 4 + W] to the inputs (ids [b] on the device over column 0 when given) and
-        run the bucket's graph; logits [b, V] (a follower rank: hidden states, unused)."""
+        run the bucket's graph; logits [b, V] (a follower rank: its part of them or hidden states, unused)."""
         if self.copied is not None:
             self.copied.synchronize()  # the previous step's copy has left the staging buffer
         self.staging[:bucket].numpy()[:] = rows

@@ -5,7 +5,9 @@ query heads, KV heads and the MLP width divided; embeddings, norms and lm_head w
 runs the Engine: tokenizer, scheduler, sampling and any server. lmc starts ranks 1..N-1 itself as spawned
 processes (`start_ranks`); each loads its slice and KV cache and then follows rank 0 step by step
 (`follow`). Column-parallel w_qkv / w13, row-parallel wo / w2 with a sum over ranks after each
-(`Shard.all_reduce_add_norm`, fused with the next RMSNorm); only rank 0 computes logits.
+(`Shard.all_reduce_add_norm`, fused with the next RMSNorm). The lm_head is vocabulary-parallel: each rank
+loads and multiplies its `Shard.vocab_rows` of the workspace's whole lm_head and rank 0 gathers the logits
+(`Shard.gather_vocab`; LMC_TP_LM_HEAD=replicated: every rank loads it whole and rank 0 alone computes logits).
 
 Two process groups: `compute` (NCCL on CUDA, gloo on the CPU) carries the model's collectives, and
 `control` (gloo) the set-up's. Rank 0's step announcements go through shared memory (runtime/shm_channel.py):
@@ -16,10 +18,11 @@ same forward. The token ids travel inside the forward, as a broadcast from rank 
 needs no host round trip, and the followers' graphs capture the same collectives as rank 0's.
 
     header  int64 [8]: op, then per op
-        FORWARD  T tokens, B sequences, W table width, max_position, has cu_seqlens, payload length
+        FORWARD  T tokens, B sequences, W table width, max_position, has cu_seqlens, payload length, S logit rows
         DECODE   bucket, B rows, W table width, payload length          (a CUDA-graph decoder step)
         STOP     (nothing)
-    payload FORWARD: positions [T], slots [T], block tables [B * W], kv lens [B], cu_seqlens [B + 1] if any
+    payload FORWARD: positions [T], slots [T], block tables [B * W], kv lens [B], cu_seqlens [B + 1] if any,
+                     the token rows whose logits rank 0 samples [S] (a split lm_head computes them on every rank)
             DECODE:  the packed decode rows [bucket, 4 + W] (runtime/cuda_graph.py `pack_decode_rows`)
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 from lmc.errors import LmcError
 from lmc.kernels.rmsnorm import rms_norm
@@ -49,6 +53,7 @@ HEADER = 8
 ONE_SHOT_ELEMENTS = 1 << 17  # per slot of the one-shot all-reduce (decode batch 32 at hidden 4096); larger sums go
                              # through NCCL, faster there (bench/results/allreduce_h200x2*.json)
 ALLREDUCE_MODES = ("one-shot", "nccl")  # LMC_TP_ALLREDUCE
+LM_HEAD_MODES = ("split", "replicated")  # LMC_TP_LM_HEAD
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step
 IDLE = datetime.timedelta(days=365)  # the control group's timeout: a follower may wait this long for a long payload
                                      # that follows a channel message (the channel's own wait checks that rank 0 lives)
@@ -65,6 +70,33 @@ class Shard:
     channel: object  # runtime/shm_channel.py: ChannelWriter on rank 0, ChannelReader on the followers
     store: str  # the rendezvous file (in a private folder rank 0 removes when it leaves)
     one_shot: object | None = None  # kernels/allreduce.py OneShotAllReduce: decode-sized sums on CUDA
+    split_lm_head: bool = True  # LMC_TP_LM_HEAD: each rank computes the logits of its vocab_rows
+
+    def vocab_rows(self, vocab: int) -> range:
+        """The lm_head rows (vocabulary ids) this rank computes logits for: ceil(V / tp) per rank in rank order, the
+        last rank fewer when tp does not divide V; all V when the lm_head is replicated."""
+        if not self.split_lm_head:
+            return range(vocab)
+        per = -(-vocab // self.tp)
+        return range(min(self.rank * per, vocab), min((self.rank + 1) * per, vocab))
+
+    def gather_vocab(self, part: torch.Tensor, vocab: int) -> torch.Tensor | None:
+        """part [B, len(vocab_rows)] (this rank's logits) -> every rank's, [B, V] float32 in vocabulary order, on
+        rank 0 (None on the others). Every rank calls it at the same point: one all-gather in the compute dtype into
+        a fresh buffer (capturable in a CUDA graph), the short last rank padded to ceil(V / tp) columns; rank 0
+        reorders and widens in one copy."""
+        b, per = part.shape[0], -(-vocab // self.tp)
+        if part.shape[1] < per:
+            part = F.pad(part, (0, per - part.shape[1]))  # [B, per]
+        out = torch.empty((self.tp * b, per), dtype=part.dtype, device=part.device)  # [tp * B, per]: rank-major
+        all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13: the old name
+        all_gather(out, part.contiguous(), group=self.compute)
+        if not self.leader:
+            return None
+        whole = torch.empty((b, self.tp, per), dtype=torch.float32, device=part.device)
+        whole.copy_(out.view(self.tp, b, per).transpose(0, 1))  # [B, tp, per]: row-major
+        whole = whole.view(b, self.tp * per)
+        return whole if self.tp * per == vocab else whole[:, :vocab].contiguous()  # [B, V]
 
     @property
     def leader(self) -> bool:
@@ -119,12 +151,14 @@ class Shard:
             dist.broadcast(payload.contiguous(), src=0, group=self.control)
 
     def announce_forward(self, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
-                         kv_lens: torch.Tensor, cu: torch.Tensor | None, max_position: int) -> None:
-        """Host tensors: positions, slots [T]; tables [B, W]; kv_lens [B]; cu [B+1] or None."""
-        parts = [positions, slots, tables.reshape(-1), kv_lens] + ([cu] if cu is not None else [])
+                         kv_lens: torch.Tensor, cu: torch.Tensor | None, max_position: int, rows: torch.Tensor) -> None:
+        """Host tensors: positions, slots [T]; tables [B, W]; kv_lens [B]; cu [B+1] or None; rows [S], the tokens
+        whose logits rank 0 takes."""
+        parts = [positions, slots, tables.reshape(-1), kv_lens] + ([cu] if cu is not None else []) + [rows]
         payload = torch.cat([p.to(torch.int64) for p in parts])
         b, w = tables.shape
-        self._send([FORWARD, positions.numel(), b, w, max_position, cu is not None, payload.numel()], payload)
+        self._send([FORWARD, positions.numel(), b, w, max_position, cu is not None, payload.numel(), rows.numel()],
+                   payload)
 
     def announce_decode(self, bucket: int, rows: int, packed) -> None:
         """packed: the decode rows [bucket, 4 + W] as rank 0 copies them to its graph inputs."""
@@ -194,7 +228,7 @@ def join(rank: int, tp: int, store: str, device: torch.device, channel) -> Shard
     if rank > 0:
         leader = os.getppid()  # lmc spawned this follower from rank 0
         channel = ChannelReader(channel, rank - 1, lambda: os.getppid() == leader)
-    shard = Shard(rank, tp, compute, control, channel, store)
+    shard = Shard(rank, tp, compute, control, channel, store, split_lm_head=lm_head_mode() == "split")
     warm = torch.zeros(1, device=device)
     dist.all_reduce(warm, group=compute)  # create the communicators now, outside any CUDA-graph capture
     if device.type == "cuda":
@@ -210,9 +244,19 @@ def allreduce_mode() -> str:
     return mode
 
 
+def lm_head_mode() -> str:
+    """LMC_TP_LM_HEAD: split (the default; each rank computes V / tp of the logits, rank 0 gathers them) or
+    replicated (every rank holds the whole lm_head, rank 0 alone computes the logits)."""
+    mode = os.environ.get("LMC_TP_LM_HEAD", "split")
+    if mode not in LM_HEAD_MODES:
+        raise LmcError(f"LMC_TP_LM_HEAD={mode!r}: set it to one of {', '.join(LM_HEAD_MODES)}, or unset it")
+    return mode
+
+
 def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[Shard, list]:
     """Start ranks 1..tp-1 as processes following this one, and join them as rank 0."""
     allreduce_mode()  # a bad value is one line here, before any rank starts
+    lm_head_mode()
     if device.type == "cuda" and torch.cuda.device_count() < tp:
         raise LmcError(f"the workspace is split for tp={tp}, this machine shows {torch.cuda.device_count()} GPUs: "
                        f"run on {tp} GPUs, or convert the checkpoint with --tp {torch.cuda.device_count()}")
@@ -290,8 +334,11 @@ def follow(shard: Shard, model, cache, decoder) -> None:
                 decoder.replay_rows(bucket, rows, payload.view(bucket, 4 + width).numpy(), None)
                 continue
             t, b, w, max_position, has_cu = h[1:6]
-            positions, slots, tables, kv_lens, cu = payload.split([t, t, b * w, b, (b + 1) if has_cu else 0])
+            s = h[7]
+            positions, slots, tables, kv_lens, cu, rows = payload.split([t, t, b * w, b, (b + 1) if has_cu else 0, s])
             paged = PagedBatch(cache.k, cache.v, slots.to(dev), tables.view(b, w).to(torch.int32).to(dev),
                                kv_lens.to(torch.int32).to(dev), cu.to(torch.int32).to(dev) if has_cu else None)
             ids = torch.zeros(t, dtype=torch.int64, device=dev)  # filled by rank 0's broadcast in the forward
-            model.hidden(ids, positions.to(dev), paged, max_position)
+            hidden = model.hidden(ids, positions.to(dev), paged, max_position)  # [T, H]
+            if s and model.split_lm_head:
+                model.logits(hidden[rows.to(dev)])  # this rank's part of the gather rank 0 samples from

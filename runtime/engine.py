@@ -559,17 +559,17 @@ class Engine:
             cu = torch.tensor([0] + batch.num_new, dtype=torch.int32).cumsum(0).to(torch.int32)  # [B+1]
         slots, positions = torch.tensor(slots, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)  # [T]
         max_position = int(kv_lens.max()) - 1
+        rows = torch.tensor([last[i] for i in range(len(batch.seqs)) if batch.samples(i)], dtype=torch.int64)  # [S]
         if self.shard is not None:
-            self.shard.announce_forward(positions, slots, tables, kv_lens, cu, max_position)
+            self.shard.announce_forward(positions, slots, tables, kv_lens, cu, max_position, rows)
         paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev),
                            cu.to(dev) if cu is not None else None)
         ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
         embeds = self.vision.embed(self.model.embed, ids, pieces) if with_images else None  # [T, H]
         h = self.model.hidden(ids, positions.to(dev), paged, max_position, embeds)  # [T, H]
-        rows = [last[i] for i in range(len(batch.seqs)) if batch.samples(i)]
-        if not rows:  # every sequence is part-way through its prompt
+        if not rows.numel():  # every sequence is part-way through its prompt
             return None
-        return self.model.logits(h[torch.tensor(rows, dtype=torch.int64, device=dev)])  # [S, V]
+        return self.model.logits(h[rows.to(dev)])  # [S, V] (with a split lm_head the followers compute these rows too)
 
     # ------------------------------------------------------------------ outputs
     def _bad_word_ids(self, gen: GenerationConfig) -> list[int]:

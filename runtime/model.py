@@ -149,8 +149,12 @@ def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.T
 
 # ----------------------------------------------------------------------------- weights and model
 
-def load_tensor(ws: Workspace, name: str, device, dtype) -> torch.Tensor:
+def load_tensor(ws: Workspace, name: str, device, dtype, rows: range | None = None) -> torch.Tensor:
+    """A workspace tensor on `device` (floats in `dtype`); `rows`: only those rows of its first dimension, cut from
+    the mapped file before the copy (on the CPU in the stored dtype, a view of the file)."""
     t = ws.get(name)
+    if rows is not None:
+        t = t[rows.start:rows.stop]
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
@@ -199,7 +203,8 @@ class RankView:
 
 class Model:
     """Weights on the device and the forward over a flat batch of tokens. With a Shard (tp > 1) this is one
-    rank's slice: `cfg` is that slice's config (runtime/distributed.py)."""
+    rank's slice: `cfg` is that slice's config (runtime/distributed.py), and the lm_head is the shard's
+    `vocab_rows` of the workspace's (a view of the embedding when tied; the embedding itself stays whole)."""
 
     def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype, shard=None):
         if ws.tp != (shard.tp if shard is not None else 1):
@@ -216,8 +221,10 @@ class Model:
         self.layers = [load_layer(src, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
         self.norm = load_tensor(src, "norm.weight", device, dtype)
         self.next_norms = [lw["attention_norm"] for lw in self.layers[1:]] + [self.norm]  # the norm after layer i
-        self.lm_head = self.embed if self.cfg.tie_word_embeddings else \
-            load_linear(src, "output", device, dtype, self.cfg.hidden_size, self.dense_int4)
+        rows = shard.vocab_rows(self.cfg.vocab_size) if shard is not None else range(self.cfg.vocab_size)
+        self.split_lm_head = shard is not None and shard.split_lm_head  # logits() is then a collective
+        self.lm_head = self.embed[rows.start:rows.stop] if self.cfg.tie_word_embeddings else \
+            load_tensor(src, "output.weight", device, dtype, rows)  # [rows, H], float in every workspace
         self.rope = Rope(self.cfg, device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,
@@ -241,5 +248,11 @@ class Model:
         return rms_norm(x, weight, self.cfg.rms_norm_eps, residual)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h [B, H] -> [B, V] float32."""
-        return linear(h, self.lm_head).float()
+        """h [B, H] -> [B, V] float32. With a split lm_head every rank calls this at the same point (a collective):
+        each multiplies its shard's vocab_rows and rank 0 gets all of them; a follower gets its own part [B, rows],
+        unused."""
+        part = linear(h, self.lm_head)  # [B, rows]
+        if not self.split_lm_head:
+            return part.float()
+        whole = self.shard.gather_vocab(part, self.cfg.vocab_size)  # [B, V] float32 on rank 0
+        return part if whole is None else whole

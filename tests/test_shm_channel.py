@@ -109,13 +109,13 @@ def test_shard_messages_inline_or_with_the_payload_over_the_control_group(tmp_pa
     follower = distributed.Shard(1, 2, None, "follower", ChannelReader(writer.path, 0, lambda: True), store="")
     positions, slots = torch.arange(5), torch.arange(10, 15)
     tables, kv_lens = torch.arange(6).reshape(2, 3), torch.tensor([3, 4])
-    leader.announce_forward(positions, slots, tables, kv_lens, None, 99)
+    leader.announce_forward(positions, slots, tables, kv_lens, None, 99, torch.tensor([1, 4]))
     rows = np.arange(2 * 6, dtype=np.int64).reshape(2, 6)
     leader.announce_decode(2, 1, rows)
     leader.stop()
     h, payload = follower.receive()
-    assert h[:7] == [distributed.FORWARD, 5, 2, 3, 99, 0, 18]
-    assert payload.tolist() == positions.tolist() + slots.tolist() + list(range(6)) + [3, 4]
+    assert h == [distributed.FORWARD, 5, 2, 3, 99, 0, 20, 2]
+    assert payload.tolist() == positions.tolist() + slots.tolist() + list(range(6)) + [3, 4] + [1, 4]
     h, payload = follower.receive()
     assert h[:5] == [distributed.DECODE, 2, 1, 2, 12] and payload.tolist() == rows.reshape(-1).tolist()
     assert follower.receive() == ([distributed.STOP] + [0] * 7, None)

@@ -1,6 +1,7 @@
 """Tensor parallel at runtime on the CPU: 2 gloo ranks (lmc starts the second as a process) give the greedy
-tokens of tp = 1 on every tiny family, float and int4; --tp is checked against the workspace; a tp = 1
-workspace re-splits without its checkpoint."""
+tokens of tp = 1 on every tiny family, float and int4, with the lm_head split over the ranks (vocabulary sizes
+that 2 does not divide, tied embeddings) or replicated; the gathered logits are tp = 1's; --tp is checked
+against the workspace; a tp = 1 workspace re-splits without its checkpoint."""
 from __future__ import annotations
 
 import json
@@ -31,15 +32,204 @@ def _tokens(ws, **kw) -> list[list[int]]:
         engine.close()
 
 
-# GQA (6 heads, 2 KV), MHA with tied embeddings, qkv bias with one KV head (replicated on both ranks), q/k norm
+# GQA (6 heads, 2 KV), MHA with tied embeddings, qkv bias with one KV head (replicated on both ranks), q/k norm;
+# vocabularies of 417 and 415: rank 1 holds one lm_head row fewer than rank 0 (tied and not)
 @pytest.mark.parametrize("case,overrides", [("llama3", {}), ("llama-linear-tied-mha", {}), ("qwen2", {}),
-                                            ("qwen3", {"num_key_value_heads": 2}), ("internlm2", {})])
+                                            ("qwen3", {"num_key_value_heads": 2}), ("internlm2", {}),
+                                            ("llama3", {"vocab_size": 417}), ("qwen2", {"vocab_size": 415})])
 def test_tp2_greedy_equals_tp1(case, overrides, checkpoint, tmp_path):
     ckpt = checkpoint(case, **overrides)
     convert(ckpt, tmp_path / "tp1")
     convert(ckpt, tmp_path / "tp2", tp=2)
     assert Workspace(tmp_path / "tp2").tp == 2
     assert _tokens(tmp_path / "tp2") == _tokens(tmp_path / "tp1")
+
+
+def _logits(ws, gen: GenerationConfig) -> list[torch.Tensor]:
+    """Prefill in chunks of 6 tokens: some forwards sample no row, some a prompt's last token beside decodes."""
+    engine = Engine(str(ws), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1, max_prefill_token_num=6))
+    try:
+        return [r.logits for r in engine.generate(PROMPTS, gen)]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("case,overrides", [("llama3", {"vocab_size": 417}), ("llama-linear-tied-mha", {})])
+def test_split_lm_head_gathers_the_logits_of_tp1(case, overrides, checkpoint, tmp_path):
+    """Every generated position's float32 logits (prefill's last token, then decode steps, several sequences in
+    a batch) at tp = 2 with the lm_head cut by vocabulary equal tp = 1's in vocabulary order."""
+    ckpt = checkpoint(case, **overrides)
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True, output_logits="generation")
+    one, two = _logits(tmp_path / "tp1", gen), _logits(tmp_path / "tp2", gen)
+    vocab = Workspace(tmp_path / "tp1").config.vocab_size
+    for a, b in zip(one, two):
+        assert a.shape == b.shape == (4, vocab) and a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert torch.equal(b.argmax(-1), a.argmax(-1))
+
+
+def _gather_on_rank(rank: int, tp: int, store: str, cases: list, queue) -> None:
+    import torch.distributed as dist
+
+    from lmc.runtime.distributed import Shard
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
+    try:
+        for vocab, batch in cases:
+            shard = Shard(rank, tp, dist.group.WORLD, None, None, store)
+            full = torch.arange(batch * vocab, dtype=torch.float16).view(batch, vocab)  # [B, V]: logit = its index
+            rows = shard.vocab_rows(vocab)
+            got = shard.gather_vocab(full[:, rows.start:rows.stop].contiguous(), vocab)
+            if rank == 0:
+                queue.put((vocab, batch, got))
+            else:
+                queue.put((vocab, rank, len(rows), got))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_vocab_puts_every_ranks_rows_in_vocabulary_order(tmp_path):
+    """3 gloo ranks, float16 logits: V = 9 (3 rows each), 7 (3, 3, 1), 2 (1, 1, 0: the last rank holds none):
+    rank 0 gets the whole [B, V] in order in float32, the other ranks None."""
+    import multiprocessing
+
+    cases = [(9, 2), (7, 3), (2, 1)]
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_gather_on_rank, args=(r, 3, str(tmp_path / "store"), cases, queue), daemon=True)
+             for r in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        results = [queue.get(timeout=120) for _ in range(3 * len(cases))]
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    leader = sorted(r for r in results if len(r) == 3)
+    assert [(v, b) for v, b, _ in leader] == sorted(cases)
+    for vocab, batch, got in leader:
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, torch.arange(batch * vocab, dtype=torch.float32).view(batch, vocab))
+    followers = sorted((v, rank, n, got) for v, rank, n, got in (r for r in results if len(r) == 4))
+    assert [(v, rank, n) for v, rank, n, _ in followers] == [(2, 1, 1), (2, 2, 0), (7, 1, 3), (7, 2, 1), (9, 1, 3),
+                                                           (9, 2, 3)]
+    assert all(got is None for *_, got in followers)
+
+
+def _graph_decoder_steps(rank: int, tp: int, store: str, workspace: str, queue, steps: int = 4) -> None:
+    """Prefill PROMPTS, then greedy decode steps through GraphDecoder.replay_rows (its padded step, eager on the
+    CPU: the code a CUDA graph captures) on this rank; rank 0 puts every step's logits [B, V] on the queue.
+    Ranks 1.. know the lengths but not the tokens (rank 0 broadcasts them in the forward), as in `follow`."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+
+    from lmc.runtime.block_manager import BlockManager
+    from lmc.runtime.cuda_graph import GraphDecoder, pack_decode_rows
+    from lmc.runtime.distributed import Shard
+    from lmc.runtime.kv_cache import PagedKVCache
+    from lmc.runtime.model import Model, PagedBatch
+
+    cpu, block = torch.device("cpu"), 16
+    shard = None
+    if tp > 1:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=tp)
+        shard = Shard(rank, tp, dist.group.WORLD, None, None, store)
+    try:
+        model = Model(Workspace(workspace), cpu, torch.float32, shard)
+        blocks = BlockManager(8, block, False)
+        engine = SimpleNamespace(model=model, cache=PagedKVCache(model.cfg, 8, block, torch.float32, cpu), shard=shard,
+                                 device=cpu, session_len=32, blocks=blocks, config=SimpleNamespace(max_batch_size=4))
+        decoder = GraphDecoder(engine)
+        tables = [blocks.allocate(2) for _ in PROMPTS]
+        ids = torch.tensor([t for p in PROMPTS for t in p] if rank == 0 else [0] * sum(map(len, PROMPTS)))  # [T]
+        positions = torch.tensor([i for p in PROMPTS for i in range(len(p))])  # [T]
+        slots = torch.tensor([b[i // block] * block + i % block for p, b in zip(PROMPTS, tables) for i in range(len(p))])
+        lens = torch.tensor([len(p) for p in PROMPTS], dtype=torch.int32)  # [B]
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lens.cumsum(0).to(torch.int32)])  # [B+1]
+        paged = PagedBatch(engine.cache.k, engine.cache.v, slots, torch.tensor(tables, dtype=torch.int32), lens, cu)
+        h = model.hidden(ids, positions, paged, int(lens.max()) - 1)  # [T, H]
+        logits = model.logits(h[cu[1:].long() - 1])  # [B, V] on rank 0
+        out, lengths = [], [len(p) for p in PROMPTS]
+        for _ in range(steps):
+            tokens = logits.argmax(-1).tolist() if rank == 0 else [0] * len(PROMPTS)
+            lengths = [n + 1 for n in lengths]
+            rows = pack_decode_rows(list(zip(tokens, lengths, tables)), 4, decoder.width, block, decoder.scratch_block)
+            logits = decoder.replay_rows(4, len(PROMPTS), rows, None).clone()  # [B, V] (bucket 4: a padding row)
+            out.append(logits)
+        if rank == 0:
+            queue.put(out)
+    finally:
+        if tp > 1:
+            dist.destroy_process_group()
+
+
+def test_graph_decoders_padded_step_gathers_tp1_logits(checkpoint, tmp_path):
+    """The CUDA-graph decoder's step (run eagerly on 2 gloo ranks: the same collectives in the same order on both,
+    the follower given no tokens) gives tp = 1's logits with the lm_head split (vocabulary 417: uneven)."""
+    import multiprocessing
+    import queue as queues
+
+    ckpt = checkpoint("llama3", vocab_size=417)
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    reference: queues.SimpleQueue = queues.SimpleQueue()
+    _graph_decoder_steps(0, 1, "", str(tmp_path / "tp1"), reference)
+    ctx = multiprocessing.get_context("spawn")
+    got = ctx.Queue()
+    procs = [ctx.Process(target=_graph_decoder_steps, args=(r, 2, str(tmp_path / "store"), str(tmp_path / "tp2"), got),
+                         daemon=True) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        steps = got.get(timeout=120)  # ranks that run different collectives wait for each other: no result
+    finally:
+        for p in procs:
+            p.join(60)
+            if p.exitcode is None:
+                p.kill()
+    assert [p.exitcode for p in procs] == [0, 0]
+    for a, b in zip(reference.get(), steps, strict=True):
+        assert b.shape == (len(PROMPTS), 417)
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+def test_each_rank_holds_its_share_of_the_lm_head(checkpoint, tmp_path, monkeypatch):
+    """Rank 0 holds ceil(V / 2) rows of the lm_head (a view of the mapped file, or of the embedding when tied:
+    no copy), the embedding whole; LMC_TP_LM_HEAD=replicated holds it whole and gives the same tokens; a bad
+    value is one line before any rank starts."""
+    ckpt = checkpoint("llama3", vocab_size=417)
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    convert(checkpoint("qwen2", vocab_size=415), tmp_path / "tied", tp=2)
+    config = EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1)
+    engine = Engine(str(tmp_path / "tp2"), config)
+    try:
+        assert engine.model.lm_head.shape == (209, 72) and engine.model.embed.shape == (417, 72)
+        mapped = engine.workspace.get("0:output.weight")  # [417, 72] float32, the compute dtype on the CPU
+        assert engine.model.lm_head.data_ptr() == mapped.data_ptr() and torch.equal(engine.model.lm_head, mapped[:209])
+        split = [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
+    finally:
+        engine.close()
+    tied = Engine(str(tmp_path / "tied"), config)
+    try:
+        assert tied.model.lm_head.shape == (208, 72) and tied.model.lm_head.data_ptr() == tied.model.embed.data_ptr()
+    finally:
+        tied.close()
+    monkeypatch.setenv("LMC_TP_LM_HEAD", "replicated")
+    engine = Engine(str(tmp_path / "tp2"), config)
+    try:
+        assert engine.model.lm_head.shape == (417, 72) and not engine.model.split_lm_head
+        assert [r.token_ids for r in engine.generate(PROMPTS, GREEDY)] == split
+    finally:
+        engine.close()
+    monkeypatch.setenv("LMC_TP_LM_HEAD", "vocab")
+    with pytest.raises(LmcError, match="LMC_TP_LM_HEAD='vocab': set it to one of split, replicated"):
+        Engine(str(tmp_path / "tp2"), config)
 
 
 def test_int4_with_a_partial_group_resplit_equals_tp1(checkpoint, tmp_path):
