@@ -32,7 +32,8 @@ except ImportError:  # CPU-only install: the torch reference serves
     triton = None
 
 if triton is not None:
-    from lmc.kernels.kv_quant import codes_to_float32, head_dims, load_codes, load_dequant, load_nibble_halves
+    from lmc.kernels.kv_quant import (code_offset, code_operand, codes_to_float32, head_dims, load_codes, load_dequant,
+                                      load_nibble_halves)
 
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
@@ -313,6 +314,142 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
+    def _fold_key_scores(q, q_sum, c, scale, zero, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr):
+        """Scores [BLOCK_G, BLOCK_N] of q [BLOCK_G, W] against one (scale, zero) group of the tokens' key codes
+        c [BLOCK_N, W] (uint8): s_n (q . (OFFSET + c_n)) + (z_n - OFFSET s_n) sum(q), the codes fed to the dot
+        raw (code_operand) and the per-token scale [BLOCK_N] and zero applied to the score tile."""
+        dot = tl.dot(q, tl.trans(code_operand(c, q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+        return dot * scale[None, :] + q_sum[:, None] * (zero - OFFSET * scale)[None, :]
+
+    @triton.jit
+    def _decode_fold_kernel(
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        qk_scale, group,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
+        stride_ob, stride_oh, stride_bt,
+        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
+        zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
+        (code_operand: 1024 + c for float16 q, one OR per element), and each token's (scale, zero) is applied to
+        the [BLOCK_G, BLOCK_N] score tile: q . k_n = s_n (q . (1024 + c_n)) + (z_n - 1024 s_n) sum(q), per
+        16-channel group for grouped keys (K_GROUP < D: one dot per group, its partial score scaled per token);
+        sum_n p_n v_n = (p s) @ (1024 + C) + sum_n (p_n z_n - 1024 (p s)_n), the last a per-row running sum added
+        to every channel at the end. 4 bits: the two nibble halves are separate dots (q's and the output's two
+        halves, no interleave). A tile spans BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels."""
+        pdl_wait(PDL)
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_len = tl.load(kv_lens_ptr + b)
+        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        HALVES: tl.constexpr = BITS == 4
+        PART: tl.constexpr = D // 2 if HALVES else D  # channels per tile: channel j (and j + D/2 with 4 bits)
+        GROUPED: tl.constexpr = K_GROUP < D
+        NGH: tl.constexpr = (PART + K_GROUP - 1) // K_GROUP  # key groups per half (grouped keys)
+        BLOCK_KG: tl.constexpr = max(K_GROUP, 16)  # a group's dot width (tl.dot's K >= 16)
+        OFFSET: tl.constexpr = code_offset(q_ptr.dtype.element_ty)
+        j = tl.arange(0, BLOCK_H)
+        g_mask = offs_g < group
+        heads = kvh * group + offs_g  # [BLOCK_G]
+        b64 = b.to(tl.int64)
+        q_rows = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh  # [BLOCK_G, 1]
+        q1 = tl.load(q_rows + j[None, :], mask=g_mask[:, None] & (j[None, :] < PART), other=0.0)  # [BLOCK_G, BLOCK_H]
+        q_sum = tl.sum(q1.to(tl.float32), axis=1)  # [BLOCK_G]
+        if HALVES:
+            q2 = tl.load(q_rows + PART + j[None, :], mask=g_mask[:, None] & (j[None, :] < PART), other=0.0)
+            q_sum += tl.sum(q2.to(tl.float32), axis=1)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc1 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)  # sum_n (p_n s_n) (1024 + c_n) (4 bits: first half)
+        if HALVES:
+            acc2 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)  # second half
+        acc_z = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n z_n - 1024 (p_n s_n), every channel's
+        bt_row = bt_ptr + b64 * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            tok = offs_n % PAGE
+            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
+            if GROUPED:  # 4 bits: byte group gi holds key group gi (low nibbles) and NGH + gi (high nibbles)
+                qk = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
+                for gi in tl.static_range(NGH):
+                    cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
+                    cg_mask = (cg < gi * K_GROUP + K_GROUP) & (cg < PART)
+                    qg_mask = g_mask[:, None] & cg_mask[None, :]
+                    qg1 = tl.load(q_rows + cg[None, :], mask=qg_mask, other=0.0)  # [BLOCK_G, BLOCK_KG]
+                    qg2 = tl.load(q_rows + PART + cg[None, :], mask=qg_mask, other=0.0)
+                    c = tl.load(k_ptr + k_off[:, None] + cg[None, :], mask=n_mask[:, None] & cg_mask[None, :],
+                                other=0)  # [BLOCK_N, BLOCK_KG] bytes
+                    sz1 = ksz_ptr + ks_off + 2 * gi  # [BLOCK_N]
+                    sz2 = ksz_ptr + ks_off + 2 * (NGH + gi)
+                    qk += _fold_key_scores(qg1, tl.sum(qg1.to(tl.float32), axis=1), c & 15,
+                                           tl.load(sz1, mask=n_mask, other=0.0).to(tl.float32),
+                                           tl.load(sz1 + 1, mask=n_mask, other=0.0).to(tl.float32),
+                                           OFFSET, DOT_PRECISION)
+                    qk += _fold_key_scores(qg2, tl.sum(qg2.to(tl.float32), axis=1), c >> 4,
+                                           tl.load(sz2, mask=n_mask, other=0.0).to(tl.float32),
+                                           tl.load(sz2 + 1, mask=n_mask, other=0.0).to(tl.float32),
+                                           OFFSET, DOT_PRECISION)
+            else:
+                k_scale = tl.load(ksz_ptr + ks_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+                k_zero = tl.load(ksz_ptr + ks_off + 1, mask=n_mask, other=0.0).to(tl.float32)
+                if HALVES:
+                    c1, c2 = load_nibble_halves(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H)
+                    dot = tl.dot(q1, tl.trans(code_operand(c1, q1.dtype)), input_precision=DOT_PRECISION) \
+                        + tl.dot(q2, tl.trans(code_operand(c2, q1.dtype)), input_precision=DOT_PRECISION)
+                else:
+                    c1 = load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H)  # [BLOCK_N, BLOCK_H]
+                    dot = tl.dot(q1, tl.trans(code_operand(c1, q1.dtype)), input_precision=DOT_PRECISION)
+                qk = dot * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
+            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_G, BLOCK_N]
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+
+            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
+            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh
+            v_scale = tl.load(vsz_ptr + vs_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+            v_zero = tl.load(vsz_ptr + vs_off + 1, mask=n_mask, other=0.0).to(tl.float32)
+            ps = (p * v_scale[None, :]).to(q1.dtype)  # [BLOCK_G, BLOCK_N]: the dot's weights, rounded once
+            acc_z = acc_z * alpha + tl.sum(p * v_zero[None, :] - OFFSET * ps.to(tl.float32), axis=1)
+            if HALVES:
+                c1, c2 = load_nibble_halves(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H)
+                acc2 = acc2 * alpha[:, None] + tl.dot(ps, code_operand(c2, q1.dtype), input_precision=DOT_PRECISION)
+            else:
+                c1 = load_codes(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H)  # [BLOCK_N, BLOCK_H]
+            acc1 = acc1 * alpha[:, None] + tl.dot(ps, code_operand(c1, q1.dtype), input_precision=DOT_PRECISION)
+        l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
+        gj_mask = g_mask[:, None] & (j[None, :] < PART)
+        if NUM_SPLITS == 1:
+            rows = o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + j[None, :]
+        else:
+            rows = part_o_ptr + b64 * stride_pob + heads[:, None] * stride_poh + split * stride_pos + j[None, :]
+        out1 = (acc1 + acc_z[:, None]) / l_safe[:, None]  # [BLOCK_G, BLOCK_H]
+        tl.store(rows, out1.to(rows.dtype.element_ty), mask=gj_mask)
+        if HALVES:
+            out2 = (acc2 + acc_z[:, None]) / l_safe[:, None]
+            tl.store(rows + PART, out2.to(rows.dtype.element_ty), mask=gj_mask)
+        if NUM_SPLITS > 1:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
+
+    @triton.jit
     def _merge_splits_kernel(
         part_o_ptr, part_lse_ptr, o_ptr,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
@@ -435,10 +572,12 @@ def paged_decode_attention_triton(
     num_warps: int = 4, num_stages: int = 2, kernel: str = "mma",
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
-    (CUDA-core dots on the codes; quantized caches with V one (scale, zero) per vector, as the runtime's)."""
+    (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
+    to the score tiles). fma and fold read quantized caches with V one (scale, zero) per vector, as the
+    runtime's."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    assert kernel in ("mma", "fma"), f"decode kernel {kernel!r}: 'mma' or 'fma'"
+    assert kernel in ("mma", "fma", "fold"), f"decode kernel {kernel!r}: 'mma', 'fma' or 'fold'"
     bits = _check_caches(q, k_cache, v_cache, block_tables)
     (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
@@ -463,8 +602,14 @@ def paged_decode_attention_triton(
             out.stride(0), out.stride(1), block_tables.stride(0),
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
-    if kernel == "fma":
-        assert bits != 16 and consts["V_GROUP"] == D, "the fma decode kernel reads quantized caches, V per vector"
+    if kernel != "mma":
+        assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
+    if kernel == "fold":
+        _decode_fold_kernel[(B, Hkv, num_splits)](
+            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
+            BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
+            K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype), **launch)
+    elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
             BLOCK_H=BLOCK_D // 2 if bits == 4 else BLOCK_D, NUM_SPLITS=num_splits, BITS=bits,

@@ -321,6 +321,24 @@ if triton is not None:
         return (c.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def code_operand(c, DTYPE: tl.constexpr):
+        """uint8 codes (< 256) as a dot operand of DTYPE, exactly, as cheaply as the dtype allows: float16 gives
+        1024 + c (the bits 0x6400 | c; the caller folds the 1024 into its zero term, see code_offset), float32
+        gives c (codes_to_float32), bfloat16 c (converted: 1024 + c does not fit its 8-bit significand)."""
+        if DTYPE == tl.float16:
+            x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        elif DTYPE == tl.float32:
+            x = codes_to_float32(c)
+        else:
+            x = codes_to_float32(c).to(DTYPE)
+        return x
+
+    @triton.jit
+    def code_offset(DTYPE: tl.constexpr):
+        """What code_operand adds to every code of a DTYPE operand: 1024 for float16, else 0."""
+        return 1024.0 if DTYPE == tl.float16 else 0.0
+
+    @triton.jit
     def load_codes(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
         """8-bit codes c[j] of tokens' head vectors, uint8 [..., BLOCK_D] (code_off and n_mask [..., 1]: each
         vector's first code byte, and which are read; 0 past D and where n_mask is false)."""
