@@ -62,6 +62,8 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
         attention._merge_splits_kernel = merge
     (args, kwargs), = capture.launches
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
+    if "ASM" in kwargs:  # the inline-PTX code conversion a CUDA launch with float16 q takes (q is on the CPU here)
+        kwargs["ASM"] = True
     signature, constexprs, attrs = {}, dict(kwargs), {}
     for i, (arg_name, arg) in enumerate(zip(fn.arg_names, args)):
         ty, key = native_specialize_impl(BaseBackend, arg, False, True, True)

@@ -33,7 +33,7 @@ except ImportError:  # CPU-only install: the torch reference serves
 
 if triton is not None:
     from lmc.kernels.kv_quant import (code_offset, code_operand, codes_to_float32, head_dims, load_codes, load_dequant,
-                                      load_nibble_halves)
+                                      load_nibble_halves, nibble_operands)
 
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
@@ -314,11 +314,12 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
-    def _fold_key_scores(q, q_sum, c, scale, zero, OFFSET: tl.constexpr, DOT_PRECISION: tl.constexpr):
-        """Scores [BLOCK_G, BLOCK_N] of q [BLOCK_G, W] against one (scale, zero) group of the tokens' key codes
-        c [BLOCK_N, W] (uint8): s_n (q . (OFFSET + c_n)) + (z_n - OFFSET s_n) sum(q), the codes fed to the dot
-        raw (code_operand) and the per-token scale [BLOCK_N] and zero applied to the score tile."""
-        dot = tl.dot(q, tl.trans(code_operand(c, q.dtype)), input_precision=DOT_PRECISION)  # [BLOCK_G, BLOCK_N]
+    def _fold_key_scores(dot, q_sum, sz, n_mask, OFFSET: tl.constexpr):
+        """Scores [BLOCK_G, BLOCK_N] against one (scale, zero) group of the tokens' keys from dot = q . x_n
+        [BLOCK_G, BLOCK_N], x_n = OFFSET + c_n the codes as dot operands (code_operand), q_sum = sum(q) [BLOCK_G] and
+        the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, applied to the score tile."""
+        scale = tl.load(sz, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
+        zero = tl.load(sz + 1, mask=n_mask, other=0.0).to(tl.float32)
         return dot * scale[None, :] + q_sum[:, None] * (zero - OFFSET * scale)[None, :]
 
     @triton.jit
@@ -333,7 +334,7 @@ if triton is not None:
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
@@ -342,7 +343,8 @@ if triton is not None:
         16-channel group for grouped keys (K_GROUP < D: one dot per group, its partial score scaled per token);
         sum_n p_n v_n = (p s) @ (1024 + C) + sum_n (p_n z_n - 1024 (p s)_n), the last a per-row running sum added
         to every channel at the end. 4 bits: the two nibble halves are separate dots (q's and the output's two
-        halves, no interleave). A tile spans BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels."""
+        halves, no interleave). A tile spans BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes
+        become float16 operands by inline PTX (GPU only, float16 q; kv_quant._codes_f16_asm)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -369,6 +371,15 @@ if triton is not None:
         if HALVES:
             q2 = tl.load(q_rows + PART + j[None, :], mask=g_mask[:, None] & (j[None, :] < PART), other=0.0)
             q_sum += tl.sum(q2.to(tl.float32), axis=1)
+        if GROUPED:  # each half's group slices of q [BLOCK_G, BLOCK_KG] and their sums, loaded once
+            q_groups = ()
+            for gi in tl.static_range(NGH):
+                cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
+                qg_mask = g_mask[:, None] & ((cg < gi * K_GROUP + K_GROUP) & (cg < PART))[None, :]
+                qg1 = tl.load(q_rows + cg[None, :], mask=qg_mask, other=0.0)
+                qg2 = tl.load(q_rows + PART + cg[None, :], mask=qg_mask, other=0.0)
+                q_groups = q_groups + ((qg1, tl.sum(qg1.to(tl.float32), axis=1), qg2,
+                                        tl.sum(qg2.to(tl.float32), axis=1)),)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -387,34 +398,26 @@ if triton is not None:
             if GROUPED:  # 4 bits: byte group gi holds key group gi (low nibbles) and NGH + gi (high nibbles)
                 qk = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
                 for gi in tl.static_range(NGH):
-                    cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
+                    qg1, qs1, qg2, qs2 = q_groups[gi]
+                    cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)
                     cg_mask = (cg < gi * K_GROUP + K_GROUP) & (cg < PART)
-                    qg_mask = g_mask[:, None] & cg_mask[None, :]
-                    qg1 = tl.load(q_rows + cg[None, :], mask=qg_mask, other=0.0)  # [BLOCK_G, BLOCK_KG]
-                    qg2 = tl.load(q_rows + PART + cg[None, :], mask=qg_mask, other=0.0)
                     c = tl.load(k_ptr + k_off[:, None] + cg[None, :], mask=n_mask[:, None] & cg_mask[None, :],
                                 other=0)  # [BLOCK_N, BLOCK_KG] bytes
-                    sz1 = ksz_ptr + ks_off + 2 * gi  # [BLOCK_N]
-                    sz2 = ksz_ptr + ks_off + 2 * (NGH + gi)
-                    qk += _fold_key_scores(qg1, tl.sum(qg1.to(tl.float32), axis=1), c & 15,
-                                           tl.load(sz1, mask=n_mask, other=0.0).to(tl.float32),
-                                           tl.load(sz1 + 1, mask=n_mask, other=0.0).to(tl.float32),
-                                           OFFSET, DOT_PRECISION)
-                    qk += _fold_key_scores(qg2, tl.sum(qg2.to(tl.float32), axis=1), c >> 4,
-                                           tl.load(sz2, mask=n_mask, other=0.0).to(tl.float32),
-                                           tl.load(sz2 + 1, mask=n_mask, other=0.0).to(tl.float32),
-                                           OFFSET, DOT_PRECISION)
+                    x1, x2 = nibble_operands(c, qg1.dtype, ASM)
+                    qk += _fold_key_scores(tl.dot(qg1, tl.trans(x1), input_precision=DOT_PRECISION), qs1,
+                                           ksz_ptr + ks_off + 2 * gi, n_mask, OFFSET)
+                    qk += _fold_key_scores(tl.dot(qg2, tl.trans(x2), input_precision=DOT_PRECISION), qs2,
+                                           ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, OFFSET)
+            elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
+                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
+                dot = tl.dot(q1, tl.trans(x1), input_precision=DOT_PRECISION)
+                qk = _fold_key_scores(tl.dot(q2, tl.trans(x2), dot, input_precision=DOT_PRECISION), q_sum,
+                                      ksz_ptr + ks_off, n_mask, OFFSET)
             else:
-                k_scale = tl.load(ksz_ptr + ks_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-                k_zero = tl.load(ksz_ptr + ks_off + 1, mask=n_mask, other=0.0).to(tl.float32)
-                if HALVES:
-                    c1, c2 = load_nibble_halves(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H)
-                    dot = tl.dot(q1, tl.trans(code_operand(c1, q1.dtype)), input_precision=DOT_PRECISION) \
-                        + tl.dot(q2, tl.trans(code_operand(c2, q1.dtype)), input_precision=DOT_PRECISION)
-                else:
-                    c1 = load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H)  # [BLOCK_N, BLOCK_H]
-                    dot = tl.dot(q1, tl.trans(code_operand(c1, q1.dtype)), input_precision=DOT_PRECISION)
-                qk = dot * k_scale[None, :] + q_sum[:, None] * (k_zero - OFFSET * k_scale)[None, :]
+                x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
+                qk = _fold_key_scores(tl.dot(q1, tl.trans(x1), input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
+                                      n_mask, OFFSET)
             qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
             m_new = tl.maximum(m_i, tl.max(qk, axis=1))
             alpha = tl.exp2(m_i - m_new)
@@ -429,11 +432,12 @@ if triton is not None:
             ps = (p * v_scale[None, :]).to(q1.dtype)  # [BLOCK_G, BLOCK_N]: the dot's weights, rounded once
             acc_z = acc_z * alpha + tl.sum(p * v_zero[None, :] - OFFSET * ps.to(tl.float32), axis=1)
             if HALVES:
-                c1, c2 = load_nibble_halves(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H)
-                acc2 = acc2 * alpha[:, None] + tl.dot(ps, code_operand(c2, q1.dtype), input_precision=DOT_PRECISION)
+                x1, x2 = nibble_operands(load_codes(v_ptr, v_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
+                acc2 = acc2 * alpha[:, None] + tl.dot(ps, x2, input_precision=DOT_PRECISION)
             else:
-                c1 = load_codes(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H)  # [BLOCK_N, BLOCK_H]
-            acc1 = acc1 * alpha[:, None] + tl.dot(ps, code_operand(c1, q1.dtype), input_precision=DOT_PRECISION)
+                x1 = code_operand(load_codes(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
+            acc1 = acc1 * alpha[:, None] + tl.dot(ps, x1, input_precision=DOT_PRECISION)
         l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
         gj_mask = g_mask[:, None] & (j[None, :] < PART)
         if NUM_SPLITS == 1:
@@ -608,7 +612,8 @@ def paged_decode_attention_triton(
         _decode_fold_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
-            K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype), **launch)
+            K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
+            ASM=q.is_cuda and q.dtype == torch.float16, **launch)
     elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,

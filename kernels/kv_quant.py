@@ -321,17 +321,57 @@ if triton is not None:
         return (c.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
-    def code_operand(c, DTYPE: tl.constexpr):
+    def _codes_f16_asm(c):
+        """uint8 codes as float16 1024 + c (GPU only): one PRMT per two codes, the four codes of a register
+        interleaved with 0x64 bytes. Not pure on purpose: Triton then keeps the conversion where the tile was
+        loaded (16 bytes per thread, then float16 to shared memory and ldmatrix into the MMA) instead of moving it
+        after the shared-memory read of the byte tile in the MMA's operand layout, which for a V tile (the dot
+        reduces over its rows) reads one byte per load (SASS per tile and thread: 97 shared loads -> 12)."""
+        return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+                                         "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
+
+    @triton.jit
+    def _nibbles_f16_asm(b):
+        """Bytes b (uint8) as their low and high nibbles in float16, 1024 + c each (GPU only; as _codes_f16_asm)."""
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            and.b32 t, $4, 0x0f0f0f0f;
+            prmt.b32 $0, t, 0x64646464, 0x4140;
+            prmt.b32 $1, t, 0x64646464, 0x4342;
+            shr.u32 t, $4, 4;
+            and.b32 t, t, 0x0f0f0f0f;
+            prmt.b32 $2, t, 0x64646464, 0x4140;
+            prmt.b32 $3, t, 0x64646464, 0x4342;
+            }""", "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
+
+    @triton.jit
+    def code_operand(c, DTYPE: tl.constexpr, ASM: tl.constexpr):
         """uint8 codes (< 256) as a dot operand of DTYPE, exactly, as cheaply as the dtype allows: float16 gives
-        1024 + c (the bits 0x6400 | c; the caller folds the 1024 into its zero term, see code_offset), float32
-        gives c (codes_to_float32), bfloat16 c (converted: 1024 + c does not fit its 8-bit significand)."""
+        1024 + c (the bits 0x6400 | c; the caller folds the 1024 into its zero term, see code_offset; ASM: by
+        _codes_f16_asm, GPU only), float32 gives c (codes_to_float32), bfloat16 c (converted: 1024 + c does not
+        fit its 8-bit significand)."""
         if DTYPE == tl.float16:
-            x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+            if ASM:
+                x = _codes_f16_asm(c)
+            else:
+                x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
         elif DTYPE == tl.float32:
             x = codes_to_float32(c)
         else:
             x = codes_to_float32(c).to(DTYPE)
         return x
+
+    @triton.jit
+    def nibble_operands(b, DTYPE: tl.constexpr, ASM: tl.constexpr):
+        """4-bit codes in bytes b (uint8: c[j] low, c[j + D/2] high) as the two halves' dot operands of DTYPE
+        (code_operand of each nibble)."""
+        if DTYPE == tl.float16 and ASM:
+            x1, x2 = _nibbles_f16_asm(b)
+        else:
+            x1 = code_operand(b & 15, DTYPE, ASM)
+            x2 = code_operand(b >> 4, DTYPE, ASM)
+        return x1, x2
 
     @triton.jit
     def code_offset(DTYPE: tl.constexpr):
