@@ -33,7 +33,7 @@ except ImportError:  # CPU-only install: the torch reference serves
 
 if triton is not None:
     from lmc.kernels.kv_quant import (code_offset, code_operand, codes_to_float32, head_dims, load_codes, load_dequant,
-                                      load_nibble_halves, nibble_operands)
+                                      load_nibble_halves, load_scale_zero, nibble_operands)
 
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
@@ -318,8 +318,7 @@ if triton is not None:
         """Scores [BLOCK_G, BLOCK_N] against one (scale, zero) group of the tokens' keys from dot = q . x_n
         [BLOCK_G, BLOCK_N], x_n = OFFSET + c_n the codes as dot operands (code_operand), q_sum = sum(q) [BLOCK_G] and
         the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, applied to the score tile."""
-        scale = tl.load(sz, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-        zero = tl.load(sz + 1, mask=n_mask, other=0.0).to(tl.float32)
+        scale, zero = load_scale_zero(sz, n_mask)  # [BLOCK_N] each
         return dot * scale[None, :] + q_sum[:, None] * (zero - OFFSET * scale)[None, :]
 
     @triton.jit
@@ -427,8 +426,7 @@ if triton is not None:
 
             v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
             vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh
-            v_scale = tl.load(vsz_ptr + vs_off, mask=n_mask, other=0.0).to(tl.float32)  # [BLOCK_N]
-            v_zero = tl.load(vsz_ptr + vs_off + 1, mask=n_mask, other=0.0).to(tl.float32)
+            v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
             ps = (p * v_scale[None, :]).to(q1.dtype)  # [BLOCK_G, BLOCK_N]: the dot's weights, rounded once
             acc_z = acc_z * alpha + tl.sum(p * v_zero[None, :] - OFFSET * ps.to(tl.float32), axis=1)
             if HALVES:
@@ -608,7 +606,9 @@ def paged_decode_attention_triton(
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     if kernel != "mma":
         assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
-    if kernel == "fold":
+    if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
+        assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
+            "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
         _decode_fold_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,

@@ -379,6 +379,15 @@ if triton is not None:
         return 1024.0 if DTYPE == tl.float16 else 0.0
 
     @triton.jit
+    def load_scale_zero(sz, mask):
+        """The (scale, zero) pairs at sz (float16 pointers to each pair's scale; pairs are 4-byte aligned) as
+        float32, one 32-bit load per pair; (0, 0) where mask is false."""
+        w = tl.load(sz.to(tl.pointer_type(tl.uint32)), mask=mask, other=0)
+        scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        zero = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return scale, zero
+
+    @triton.jit
     def load_codes(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
         """8-bit codes c[j] of tokens' head vectors, uint8 [..., BLOCK_D] (code_off and n_mask [..., 1]: each
         vector's first code byte, and which are read; 0 past D and where n_mask is false)."""
