@@ -314,12 +314,14 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
-    def _fold_key_scores(dot, q_sum, sz, n_mask, OFFSET: tl.constexpr):
-        """Scores [BLOCK_G, BLOCK_N] against one (scale, zero) group of the tokens' keys from dot = q . x_n
-        [BLOCK_G, BLOCK_N], x_n = OFFSET + c_n the codes as dot operands (code_operand), q_sum = sum(q) [BLOCK_G] and
-        the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, applied to the score tile."""
+    def _fold_key_scores(qk, dot, q_sum, sz, n_mask, qk_scale, OFFSET: tl.constexpr):
+        """qk [BLOCK_N, BLOCK_G] plus the scores (times qk_scale) against one (scale, zero) group of the tokens'
+        keys, from dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = OFFSET + c_n, the codes as dot operands: code_operand),
+        q_sum = sum(q) [BLOCK_G] and the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, the scale and
+        zero applied to the score tile (qk_scale folded into them per token; two FMAs per score)."""
         scale, zero = load_scale_zero(sz, n_mask)  # [BLOCK_N] each
-        return dot * scale[None, :] + q_sum[:, None] * (zero - OFFSET * scale)[None, :]
+        qk = qk + dot * (scale * qk_scale)[:, None]
+        return qk + q_sum[None, :] * ((zero - OFFSET * scale) * qk_scale)[:, None]
 
     @triton.jit
     def _decode_fold_kernel(
@@ -337,13 +339,16 @@ if triton is not None:
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
-        (code_operand: 1024 + c for float16 q, one OR per element), and each token's (scale, zero) is applied to
-        the [BLOCK_G, BLOCK_N] score tile: q . k_n = s_n (q . (1024 + c_n)) + (z_n - 1024 s_n) sum(q), per
-        16-channel group for grouped keys (K_GROUP < D: one dot per group, its partial score scaled per token);
-        sum_n p_n v_n = (p s) @ (1024 + C) + sum_n (p_n z_n - 1024 (p s)_n), the last a per-row running sum added
-        to every channel at the end. 4 bits: the two nibble halves are separate dots (q's and the output's two
-        halves, no interleave). A tile spans BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes
-        become float16 operands by inline PTX (GPU only, float16 q; kv_quant._codes_f16_asm)."""
+        (code_operand: 1024 + c for float16 q), and each token's (scale, zero) is applied to the score tile:
+        q . k_n = s_n (q . (1024 + c_n)) + (z_n - 1024 s_n) sum(q), per group for grouped keys (K_GROUP < D: one
+        dot per group and half, its partial scores scaled per token); sum_n p_n v_n = (p s) @ (1024 + C) +
+        sum_n (p_n z_n - 1024 (p s)_n), the last a per-row running sum added to every channel at the end. The
+        tiles are transposed against _decode_kernel's, tokens as the MMA's M and the group's q rows as its N
+        (BLOCK_G >= 8, the MMA's n, where _decode_kernel pads them to 16 as M): the score tile is
+        [BLOCK_N, BLOCK_G] and the output is built as [BLOCK_H, BLOCK_G] = (1024 + C)^T @ (p s). 4 bits: the two
+        nibble halves are separate dots (q's and the output's two halves, no interleave). A tile spans
+        BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes become float16 operands by inline PTX
+        (GPU only, float16 q; kv_quant._codes_f16_asm)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -364,27 +369,28 @@ if triton is not None:
         g_mask = offs_g < group
         heads = kvh * group + offs_g  # [BLOCK_G]
         b64 = b.to(tl.int64)
-        q_rows = q_ptr + b64 * stride_qb + heads[:, None] * stride_qh  # [BLOCK_G, 1]
-        q1 = tl.load(q_rows + j[None, :], mask=g_mask[:, None] & (j[None, :] < PART), other=0.0)  # [BLOCK_G, BLOCK_H]
-        q_sum = tl.sum(q1.to(tl.float32), axis=1)  # [BLOCK_G]
+        q_cols = q_ptr + b64 * stride_qb + heads[None, :] * stride_qh  # [1, BLOCK_G]: q^T's columns
+        jg_mask = (j[:, None] < PART) & g_mask[None, :]
+        q1 = tl.load(q_cols + j[:, None], mask=jg_mask, other=0.0)  # [BLOCK_H, BLOCK_G]
+        q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
         if HALVES:
-            q2 = tl.load(q_rows + PART + j[None, :], mask=g_mask[:, None] & (j[None, :] < PART), other=0.0)
-            q_sum += tl.sum(q2.to(tl.float32), axis=1)
-        if GROUPED:  # each half's group slices of q [BLOCK_G, BLOCK_KG] and their sums, loaded once
+            q2 = tl.load(q_cols + PART + j[:, None], mask=jg_mask, other=0.0)
+            q_sum += tl.sum(q2.to(tl.float32), axis=0)
+        if GROUPED:  # each half's group slices of q^T [BLOCK_KG, BLOCK_G] and their sums, loaded once
             q_groups = ()
             for gi in tl.static_range(NGH):
                 cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
-                qg_mask = g_mask[:, None] & ((cg < gi * K_GROUP + K_GROUP) & (cg < PART))[None, :]
-                qg1 = tl.load(q_rows + cg[None, :], mask=qg_mask, other=0.0)
-                qg2 = tl.load(q_rows + PART + cg[None, :], mask=qg_mask, other=0.0)
-                q_groups = q_groups + ((qg1, tl.sum(qg1.to(tl.float32), axis=1), qg2,
-                                        tl.sum(qg2.to(tl.float32), axis=1)),)
+                qg_mask = ((cg < gi * K_GROUP + K_GROUP) & (cg < PART))[:, None] & g_mask[None, :]
+                qg1 = tl.load(q_cols + cg[:, None], mask=qg_mask, other=0.0)
+                qg2 = tl.load(q_cols + PART + cg[:, None], mask=qg_mask, other=0.0)
+                q_groups = q_groups + ((qg1, tl.sum(qg1.to(tl.float32), axis=0), qg2,
+                                        tl.sum(qg2.to(tl.float32), axis=0)),)
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc1 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)  # sum_n (p_n s_n) (1024 + c_n) (4 bits: first half)
+        acc1 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
         if HALVES:
-            acc2 = tl.zeros([BLOCK_G, BLOCK_H], tl.float32)  # second half
+            acc2 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # second half
         acc_z = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n z_n - 1024 (p_n s_n), every channel's
         bt_row = bt_ptr + b64 * stride_bt
         for n0 in range(start, end, BLOCK_N):
@@ -394,8 +400,8 @@ if triton is not None:
             tok = offs_n % PAGE
             k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
             ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
+            qk = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
             if GROUPED:  # 4 bits: byte group gi holds key group gi (low nibbles) and NGH + gi (high nibbles)
-                qk = tl.zeros([BLOCK_G, BLOCK_N], tl.float32)
                 for gi in tl.static_range(NGH):
                     qg1, qs1, qg2, qs2 = q_groups[gi]
                     cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)
@@ -403,50 +409,48 @@ if triton is not None:
                     c = tl.load(k_ptr + k_off[:, None] + cg[None, :], mask=n_mask[:, None] & cg_mask[None, :],
                                 other=0)  # [BLOCK_N, BLOCK_KG] bytes
                     x1, x2 = nibble_operands(c, qg1.dtype, ASM)
-                    qk += _fold_key_scores(tl.dot(qg1, tl.trans(x1), input_precision=DOT_PRECISION), qs1,
-                                           ksz_ptr + ks_off + 2 * gi, n_mask, OFFSET)
-                    qk += _fold_key_scores(tl.dot(qg2, tl.trans(x2), input_precision=DOT_PRECISION), qs2,
-                                           ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, OFFSET)
+                    qk = _fold_key_scores(qk, tl.dot(x1, qg1, input_precision=DOT_PRECISION), qs1,
+                                          ksz_ptr + ks_off + 2 * gi, n_mask, qk_scale, OFFSET)
+                    qk = _fold_key_scores(qk, tl.dot(x2, qg2, input_precision=DOT_PRECISION), qs2,
+                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, qk_scale, OFFSET)
             elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
-                dot = tl.dot(q1, tl.trans(x1), input_precision=DOT_PRECISION)
-                qk = _fold_key_scores(tl.dot(q2, tl.trans(x2), dot, input_precision=DOT_PRECISION), q_sum,
-                                      ksz_ptr + ks_off, n_mask, OFFSET)
+                dot = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
+                qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, qk_scale, OFFSET)
             else:
                 x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
-                qk = _fold_key_scores(tl.dot(q1, tl.trans(x1), input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
-                                      n_mask, OFFSET)
-            qk = tl.where(n_mask[None, :], qk * qk_scale, float("-inf"))  # [BLOCK_G, BLOCK_N]
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+                qk = _fold_key_scores(qk, tl.dot(x1, q1, input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
+                                      n_mask, qk_scale, OFFSET)
+            qk = tl.where(n_mask[:, None], qk, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
+            m_new = tl.maximum(m_i, tl.max(qk, axis=0))
             alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])  # [BLOCK_G, BLOCK_N]
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            p = tl.exp2(qk - m_new[None, :])  # [BLOCK_N, BLOCK_G]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
 
             v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
             vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh
             v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
-            ps = (p * v_scale[None, :]).to(q1.dtype)  # [BLOCK_G, BLOCK_N]: the dot's weights, rounded once
-            acc_z = acc_z * alpha + tl.sum(p * v_zero[None, :] - OFFSET * ps.to(tl.float32), axis=1)
+            ps = (p * v_scale[:, None]).to(q1.dtype)  # [BLOCK_N, BLOCK_G]: the dot's weights, rounded once
+            acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None] - OFFSET * ps.to(tl.float32), axis=0)
             if HALVES:
                 x1, x2 = nibble_operands(load_codes(v_ptr, v_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
-                acc2 = acc2 * alpha[:, None] + tl.dot(ps, x2, input_precision=DOT_PRECISION)
+                acc2 = acc2 * alpha[None, :] + tl.dot(tl.trans(x2), ps, input_precision=DOT_PRECISION)
             else:
                 x1 = code_operand(load_codes(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
-            acc1 = acc1 * alpha[:, None] + tl.dot(ps, x1, input_precision=DOT_PRECISION)
+            acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(x1), ps, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_G]
         l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
-        gj_mask = g_mask[:, None] & (j[None, :] < PART)
         if NUM_SPLITS == 1:
-            rows = o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + j[None, :]
+            cols = o_ptr + b64 * stride_ob + heads[None, :] * stride_oh + j[:, None]
         else:
-            rows = part_o_ptr + b64 * stride_pob + heads[:, None] * stride_poh + split * stride_pos + j[None, :]
-        out1 = (acc1 + acc_z[:, None]) / l_safe[:, None]  # [BLOCK_G, BLOCK_H]
-        tl.store(rows, out1.to(rows.dtype.element_ty), mask=gj_mask)
+            cols = part_o_ptr + b64 * stride_pob + heads[None, :] * stride_poh + split * stride_pos + j[:, None]
+        out1 = (acc1 + acc_z[None, :]) / l_safe[None, :]  # [BLOCK_H, BLOCK_G]
+        tl.store(cols, out1.to(cols.dtype.element_ty), mask=jg_mask)
         if HALVES:
-            out2 = (acc2 + acc_z[:, None]) / l_safe[:, None]
-            tl.store(rows + PART, out2.to(rows.dtype.element_ty), mask=gj_mask)
+            out2 = (acc2 + acc_z[None, :]) / l_safe[None, :]
+            tl.store(cols + PART, out2.to(cols.dtype.element_ty), mask=jg_mask)
         if NUM_SPLITS > 1:
             lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
@@ -610,7 +614,7 @@ def paged_decode_attention_triton(
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
         _decode_fold_kernel[(B, Hkv, num_splits)](
-            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
+            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
             K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
             ASM=q.is_cuda and q.dtype == torch.float16, **launch)
