@@ -314,14 +314,14 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
-    def _fold_key_scores(qk, dot, q_sum, sz, n_mask, qk_scale, OFFSET: tl.constexpr):
-        """qk [BLOCK_N, BLOCK_G] plus the scores (times qk_scale) against one (scale, zero) group of the tokens'
-        keys, from dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = OFFSET + c_n, the codes as dot operands: code_operand),
+    def _fold_key_scores(qk, dot, q_sum, sz, n_mask, OFFSET: tl.constexpr):
+        """qk [BLOCK_N, BLOCK_G] plus the scores against one (scale, zero) group of the tokens' keys, from
+        dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = OFFSET + c_n, the codes as dot operands: code_operand),
         q_sum = sum(q) [BLOCK_G] and the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, the scale and
-        zero applied to the score tile (qk_scale folded into them per token; two FMAs per score)."""
+        zero applied to the score tile (two FMAs per score)."""
         scale, zero = load_scale_zero(sz, n_mask)  # [BLOCK_N] each
-        qk = qk + dot * (scale * qk_scale)[:, None]
-        return qk + q_sum[None, :] * ((zero - OFFSET * scale) * qk_scale)[:, None]
+        qk = qk + dot * scale[:, None]
+        return qk + q_sum[None, :] * (zero - OFFSET * scale)[:, None]
 
     @triton.jit
     def _decode_fold_kernel(
@@ -348,7 +348,8 @@ if triton is not None:
         [BLOCK_N, BLOCK_G] and the output is built as [BLOCK_H, BLOCK_G] = (1024 + C)^T @ (p s). 4 bits: the two
         nibble halves are separate dots (q's and the output's two halves, no interleave). A tile spans
         BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes become float16 operands by inline PTX
-        (GPU only, float16 q; kv_quant._codes_f16_asm)."""
+        (GPU only, float16 q; kv_quant._codes_f16_asm). V's codes are addressed with K's strides (same shapes,
+        asserted by the caller: one address computation for both tiles; stride_v* are unused)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -410,36 +411,35 @@ if triton is not None:
                                 other=0)  # [BLOCK_N, BLOCK_KG] bytes
                     x1, x2 = nibble_operands(c, qg1.dtype, ASM)
                     qk = _fold_key_scores(qk, tl.dot(x1, qg1, input_precision=DOT_PRECISION), qs1,
-                                          ksz_ptr + ks_off + 2 * gi, n_mask, qk_scale, OFFSET)
+                                          ksz_ptr + ks_off + 2 * gi, n_mask, OFFSET)
                     qk = _fold_key_scores(qk, tl.dot(x2, qg2, input_precision=DOT_PRECISION), qs2,
-                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, qk_scale, OFFSET)
+                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, OFFSET)
             elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
                 dot = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-                qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, qk_scale, OFFSET)
+                qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, OFFSET)
             else:
                 x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
                 qk = _fold_key_scores(qk, tl.dot(x1, q1, input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
-                                      n_mask, qk_scale, OFFSET)
-            qk = tl.where(n_mask[:, None], qk, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
+                                      n_mask, OFFSET)
+            qk = tl.where(n_mask[:, None], qk * qk_scale, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
             m_new = tl.maximum(m_i, tl.max(qk, axis=0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[None, :])  # [BLOCK_N, BLOCK_G]
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
 
-            v_off = blk * stride_vb + tok * stride_vt + kvh * stride_vh  # [BLOCK_N]
-            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh
+            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh  # [BLOCK_N] (4 bits: K has more pairs)
             v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
             ps = (p * v_scale[:, None]).to(q1.dtype)  # [BLOCK_N, BLOCK_G]: the dot's weights, rounded once
             acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None] - OFFSET * ps.to(tl.float32), axis=0)
             if HALVES:
-                x1, x2 = nibble_operands(load_codes(v_ptr, v_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                x1, x2 = nibble_operands(load_codes(v_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
                 acc2 = acc2 * alpha[None, :] + tl.dot(tl.trans(x2), ps, input_precision=DOT_PRECISION)
             else:
-                x1 = code_operand(load_codes(v_ptr, v_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
+                x1 = code_operand(load_codes(v_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
             acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(x1), ps, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_G]
         l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
         if NUM_SPLITS == 1:
@@ -613,6 +613,7 @@ def paged_decode_attention_triton(
     if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
+        assert k_data.stride() == v_data.stride(), "the fold decode kernel addresses V's codes with K's strides"
         _decode_fold_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
