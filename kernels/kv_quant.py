@@ -326,7 +326,7 @@ if triton is not None:
         interleaved with 0x64 bytes. Not pure on purpose: Triton then keeps the conversion where the tile was
         loaded (16 bytes per thread, then float16 to shared memory and ldmatrix into the MMA) instead of moving it
         after the shared-memory read of the byte tile in the MMA's operand layout, which for a V tile (the dot
-        reduces over its rows) reads one byte per load (SASS per tile and thread: 97 shared loads -> 12)."""
+        reduces over its rows) reads one byte per load (int8 tile loop, per thread: 97 shared loads -> 11)."""
         return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
                                          "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
 
