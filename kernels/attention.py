@@ -314,6 +314,16 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
+    def _q_operand(ptrs, mask, qk_scale):
+        """q at ptrs as the fold kernel's dot operand: float16 and float32 q as stored; bfloat16 q times qk_scale,
+        rounded to float16 (more significand bits than bfloat16; the codes' operand is then the exact 1024 + c,
+        for which bfloat16 has too few; the scale, ~0.13 at D = 128, keeps |q| up to ~5e5 finite)."""
+        q = tl.load(ptrs, mask=mask, other=0.0)
+        if q.dtype == tl.bfloat16:
+            q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        return q
+
+    @triton.jit
     def _fold_key_scores(qk, dot, q_sum, sz, n_mask, OFFSET: tl.constexpr):
         """qk [BLOCK_N, BLOCK_G] plus the scores against one (scale, zero) group of the tokens' keys, from
         dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = OFFSET + c_n, the codes as dot operands: code_operand),
@@ -348,7 +358,7 @@ if triton is not None:
         [BLOCK_N, BLOCK_G] and the output is built as [BLOCK_H, BLOCK_G] = (1024 + C)^T @ (p s). 4 bits: the two
         nibble halves are separate dots (q's and the output's two halves, no interleave). A tile spans
         BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes become float16 operands by inline PTX
-        (GPU only, float16 q; kv_quant._codes_f16_asm). V's codes are addressed with K's strides (same shapes,
+        (GPU only; kv_quant._codes_f16_asm). bfloat16 q runs as float16 (_q_operand). V's codes are addressed with K's strides (same shapes,
         asserted by the caller: one address computation for both tiles; stride_v* are unused)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
@@ -365,25 +375,26 @@ if triton is not None:
         GROUPED: tl.constexpr = K_GROUP < D
         NGH: tl.constexpr = (PART + K_GROUP - 1) // K_GROUP  # key groups per half (grouped keys)
         BLOCK_KG: tl.constexpr = max(K_GROUP, 16)  # a group's dot width (tl.dot's K >= 16)
-        OFFSET: tl.constexpr = code_offset(q_ptr.dtype.element_ty)
+        PRESCALED: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16  # _q_operand scaled q by qk_scale
         j = tl.arange(0, BLOCK_H)
         g_mask = offs_g < group
         heads = kvh * group + offs_g  # [BLOCK_G]
         b64 = b.to(tl.int64)
         q_cols = q_ptr + b64 * stride_qb + heads[None, :] * stride_qh  # [1, BLOCK_G]: q^T's columns
         jg_mask = (j[:, None] < PART) & g_mask[None, :]
-        q1 = tl.load(q_cols + j[:, None], mask=jg_mask, other=0.0)  # [BLOCK_H, BLOCK_G]
+        q1 = _q_operand(q_cols + j[:, None], jg_mask, qk_scale)  # [BLOCK_H, BLOCK_G]
+        OFFSET: tl.constexpr = code_offset(q1.dtype)
         q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
         if HALVES:
-            q2 = tl.load(q_cols + PART + j[:, None], mask=jg_mask, other=0.0)
+            q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
             q_sum += tl.sum(q2.to(tl.float32), axis=0)
         if GROUPED:  # each half's group slices of q^T [BLOCK_KG, BLOCK_G] and their sums, loaded once
             q_groups = ()
             for gi in tl.static_range(NGH):
                 cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
                 qg_mask = ((cg < gi * K_GROUP + K_GROUP) & (cg < PART))[:, None] & g_mask[None, :]
-                qg1 = tl.load(q_cols + cg[:, None], mask=qg_mask, other=0.0)
-                qg2 = tl.load(q_cols + PART + cg[:, None], mask=qg_mask, other=0.0)
+                qg1 = _q_operand(q_cols + cg[:, None], qg_mask, qk_scale)
+                qg2 = _q_operand(q_cols + PART + cg[:, None], qg_mask, qk_scale)
                 q_groups = q_groups + ((qg1, tl.sum(qg1.to(tl.float32), axis=0), qg2,
                                         tl.sum(qg2.to(tl.float32), axis=0)),)
 
@@ -423,7 +434,9 @@ if triton is not None:
                 x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
                 qk = _fold_key_scores(qk, tl.dot(x1, q1, input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
                                       n_mask, OFFSET)
-            qk = tl.where(n_mask[:, None], qk * qk_scale, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
+            if not PRESCALED:
+                qk = qk * qk_scale
+            qk = tl.where(n_mask[:, None], qk, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
             m_new = tl.maximum(m_i, tl.max(qk, axis=0))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(qk - m_new[None, :])  # [BLOCK_N, BLOCK_G]
@@ -618,7 +631,7 @@ def paged_decode_attention_triton(
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
             K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
-            ASM=q.is_cuda and q.dtype == torch.float16, **launch)
+            ASM=q.is_cuda and q.dtype != torch.float32, **launch)
     elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,

@@ -347,19 +347,16 @@ if triton is not None:
 
     @triton.jit
     def code_operand(c, DTYPE: tl.constexpr, ASM: tl.constexpr):
-        """uint8 codes (< 256) as a dot operand of DTYPE, exactly, as cheaply as the dtype allows: float16 gives
-        1024 + c (the bits 0x6400 | c; the caller folds the 1024 into its zero term, see code_offset; ASM: by
-        _codes_f16_asm, GPU only), float32 gives c (codes_to_float32), bfloat16 c (converted: 1024 + c does not
-        fit its 8-bit significand)."""
+        """uint8 codes (< 256) as a dot operand of DTYPE (float16 or float32), exactly and without a conversion
+        instruction: float16 gives 1024 + c (the bits 0x6400 | c; the caller folds the 1024 into its zero term,
+        see code_offset; ASM: by _codes_f16_asm, GPU only), float32 gives c (codes_to_float32)."""
         if DTYPE == tl.float16:
             if ASM:
                 x = _codes_f16_asm(c)
             else:
                 x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
-        elif DTYPE == tl.float32:
-            x = codes_to_float32(c)
         else:
-            x = codes_to_float32(c).to(DTYPE)
+            x = codes_to_float32(c)
         return x
 
     @triton.jit

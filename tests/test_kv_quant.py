@@ -529,6 +529,18 @@ def test_decode_fold_kernel_matches_ref(Hq, Hkv, D, block_size, dtype, num_split
 
 
 @needs_triton
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_fold_kernel_bfloat16(bits):
+    """bfloat16 q runs the float16 path (q times the softmax scale, rounded to float16: the codes' operand 1024 + c
+    is exact in float16 only): within one bfloat16 step of the reference."""
+    c = _quant_case((1, 1, 1), (1, 37, 70), 8, 2, 80, 5, torch.bfloat16, bits, seed=46)
+    args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fold")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), rtol=1.6e-2, atol=1.6e-2)
+
+
+@needs_triton
 def test_decode_fold_kernel_offset_cancels_at_large_codes():
     """The folded 1024: keys and values whose codes sit near 255 with large zeros (|z| >> s), float16 q: the dot
     sums q (1024 + c) and the zero term takes 1024 s back out in float32; the result stays within float16
