@@ -1,12 +1,14 @@
 """Decode attention alone, one layer of the Llama-3-8B shape (32 q heads, 8 KV heads, head_dim 128, 64-token
 blocks): the kernel's launch settings (KV splits, BLOCK_N, warps, pipeline stages) per cache policy at long
 context, to pick the quantized caches' defaults, for each decode kernel of --kernels (mma: tl.dot on dequantized
-tiles; fma: CUDA-core dots on the codes, quantized caches only). Random caches (fp16 N(0, 1); codes uniform,
+tiles; fma: CUDA-core dots on the codes; fold: tl.dot on the raw codes, scales and zeros applied to the score
+tiles; fma and fold read quantized caches only, the fp16 cache is timed with mma). Random caches (fp16 N(0, 1); codes uniform,
 scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_bench median.
 
     python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes per kernel
     python bench/bench_kv_kernel.py --kernels mma,fma --out bench/results/kv_kernel_fma_h200.json
-    python bench/bench_kv_kernel.py --smoke --kernels mma,fma --out /tmp/kv_kernel_smoke.json  # CPU interpreter
+    python bench/bench_kv_kernel.py --kernels mma,fold --out bench/results/kv_kernel_fold_h200.json
+    python bench/bench_kv_kernel.py --smoke --kernels mma,fma,fold --out /tmp/kv_kernel_smoke.json  # CPU interpreter
 """
 from __future__ import annotations
 
@@ -40,14 +42,15 @@ def caches(policy: int, blocks: int, page: int, hkv: int, d: int, dev: str):
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--kernels", default="mma", help="comma-separated decode kernels to time: mma, fma")
+    ap.add_argument("--kernels", default="mma",
+                    help="comma-separated decode kernels to time: mma, fma, fold (e.g. --kernels mma,fold)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
-    if not set(kernels) <= {"mma", "fma"}:
-        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma")
+    if not set(kernels) <= {"mma", "fma", "fold"}:
+        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma, fold")
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
     points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
@@ -71,7 +74,8 @@ def main() -> int:
                            else c.numel() * 2 for c in (k_cache, v_cache))
             base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
             runs = [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
-                [("fma", c) for c in fma_grid if policy and "fma" in kernels]
+                [("fma", c) for c in fma_grid if policy and "fma" in kernels] + \
+                [("fold", c) for c in grid if policy and "fold" in kernels]  # the mma kernel's launch settings
             for kernel, (mult, block_n, warps, stages) in runs:
                 splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731

@@ -1,6 +1,6 @@
 """Compiles the decode attention kernels for sm_90 without a GPU (Triton front end + ptxas) and counts what one
 thread executes: registers, spills, and the SASS instructions of the tile loop by kind (nvdisasm), for the "mma" and the
-"fma" kernel at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
+"fma" and "fold" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
 
     TRITON_DEFAULT_FP_FUSION=1 python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
 """
@@ -24,7 +24,7 @@ from lmc.kernels.kv_quant import QuantizedKV, store_groups
 
 BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KINDS = {  # SASS opcodes counted per tile (the opcode before its first '.')
-    "FFMA": "FFMA", "FMUL/FADD": "FMUL FADD", "HFMA2/HADD2/HMUL2": "HFMA2 HADD2 HMUL2", "HMMA": "HMMA",
+    "FFMA": "FFMA", "FMUL/FADD": "FMUL FADD", "HFMA2/HADD2/HMUL2": "HFMA2 HADD2 HMUL2", "HMMA/HGMMA": "HMMA HGMMA",
     "LDSM": "LDSM", "STS": "STS", "LDS": "LDS", "LDGSTS": "LDGSTS", "BAR": "BAR", "SHFL": "SHFL", "MUFU": "MUFU",
     "I2F/F2F": "I2F F2F I2FP F2FP", "LOP3/PRMT/SHF/IADD": "LOP3 PRMT SHF IADD3 IMAD LEA SEL ISETP", "LDG": "LDG",
     "FMNMX": "FMNMX", "FSETP/FSEL": "FSETP FSEL",
@@ -50,7 +50,7 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     q = torch.zeros(B, Hq, D, dtype=torch.float16)
     tables = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
     kv_lens = torch.full((B,), 4 * page, dtype=torch.int32)
-    name = "_decode_fma_kernel" if kernel == "fma" else "_decode_kernel"
+    name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
     fn, capture, merge = getattr(attention, name), _Capture(), attention._merge_splits_kernel
     setattr(attention, name, capture)
     attention._merge_splits_kernel = _Capture()
@@ -62,6 +62,8 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
         attention._merge_splits_kernel = merge
     (args, kwargs), = capture.launches
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
+    if "ASM" in kwargs:  # the inline-PTX code conversion a CUDA launch with float16 q takes (q is on the CPU here)
+        kwargs["ASM"] = True
     signature, constexprs, attrs = {}, dict(kwargs), {}
     for i, (arg_name, arg) in enumerate(zip(fn.arg_names, args)):
         ty, key = native_specialize_impl(BaseBackend, arg, False, True, True)
@@ -128,7 +130,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--splits", type=int, default=4)
-    ap.add_argument("--kernels", default="mma,fma")
+    ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold")
     ap.add_argument("--ptx-dir")
     args = ap.parse_args()
     for kernel in args.kernels.split(","):

@@ -32,7 +32,8 @@ except ImportError:  # CPU-only install: the torch reference serves
     triton = None
 
 if triton is not None:
-    from lmc.kernels.kv_quant import codes_to_float32, head_dims, load_codes, load_dequant, load_nibble_halves
+    from lmc.kernels.kv_quant import (code_offset, code_operand, codes_to_float32, head_dims, load_codes, load_dequant,
+                                      load_nibble_halves, load_scale_zero, nibble_operands)
 
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
@@ -313,6 +314,161 @@ if triton is not None:
             tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
 
     @triton.jit
+    def _q_operand(ptrs, mask, qk_scale):
+        """q at ptrs as the fold kernel's dot operand: float16 and float32 q as stored; bfloat16 q times qk_scale,
+        rounded to float16 (more significand bits than bfloat16; the codes' operand is then the exact 1024 + c,
+        for which bfloat16 has too few; the scale, ~0.13 at D = 128, keeps |q| up to ~5e5 finite)."""
+        q = tl.load(ptrs, mask=mask, other=0.0)
+        if q.dtype == tl.bfloat16:
+            q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        return q
+
+    @triton.jit
+    def _fold_key_scores(qk, dot, q_sum, sz, n_mask, OFFSET: tl.constexpr):
+        """qk [BLOCK_N, BLOCK_G] plus the scores against one (scale, zero) group of the tokens' keys, from
+        dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = OFFSET + c_n, the codes as dot operands: code_operand),
+        q_sum = sum(q) [BLOCK_G] and the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, the scale and
+        zero applied to the score tile (two FMAs per score)."""
+        scale, zero = load_scale_zero(sz, n_mask)  # [BLOCK_N] each
+        qk = qk + dot * scale[:, None]
+        return qk + q_sum[None, :] * (zero - OFFSET * scale)[:, None]
+
+    @triton.jit
+    def _decode_fold_kernel(
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        qk_scale, group,
+        stride_qb, stride_qh,
+        stride_kb, stride_kt, stride_kh,
+        stride_vb, stride_vt, stride_vh,
+        stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
+        stride_ob, stride_oh, stride_bt,
+        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
+        zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
+        (code_operand: 1024 + c for float16 q), and each token's (scale, zero) is applied to the score tile:
+        q . k_n = s_n (q . (1024 + c_n)) + (z_n - 1024 s_n) sum(q), per group for grouped keys (K_GROUP < D: one
+        dot per group and half, its partial scores scaled per token); sum_n p_n v_n = (p s) @ (1024 + C) +
+        sum_n (p_n z_n - 1024 (p s)_n), the last a per-row running sum added to every channel at the end. The
+        tiles are transposed against _decode_kernel's, tokens as the MMA's M and the group's q rows as its N
+        (BLOCK_G >= 8, the MMA's n, where _decode_kernel pads them to 16 as M): the score tile is
+        [BLOCK_N, BLOCK_G] and the output is built as [BLOCK_H, BLOCK_G] = (1024 + C)^T @ (p s). 4 bits: the two
+        nibble halves are separate dots (q's and the output's two halves, no interleave). A tile spans
+        BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes become float16 operands by inline PTX
+        (GPU only; kv_quant._codes_f16_asm). bfloat16 q runs as float16 (_q_operand). V's codes are addressed with K's strides (same shapes,
+        asserted by the caller: one address computation for both tiles; stride_v* are unused)."""
+        pdl_wait(PDL)
+        b = tl.program_id(0)
+        kvh = tl.program_id(1)
+        split = tl.program_id(2)
+        kv_len = tl.load(kv_lens_ptr + b)
+        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        end = tl.minimum(start + split_len, kv_len)
+
+        offs_g = tl.arange(0, BLOCK_G)
+        HALVES: tl.constexpr = BITS == 4
+        PART: tl.constexpr = D // 2 if HALVES else D  # channels per tile: channel j (and j + D/2 with 4 bits)
+        GROUPED: tl.constexpr = K_GROUP < D
+        NGH: tl.constexpr = (PART + K_GROUP - 1) // K_GROUP  # key groups per half (grouped keys)
+        BLOCK_KG: tl.constexpr = max(K_GROUP, 16)  # a group's dot width (tl.dot's K >= 16)
+        PRESCALED: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16  # _q_operand scaled q by qk_scale
+        j = tl.arange(0, BLOCK_H)
+        g_mask = offs_g < group
+        heads = kvh * group + offs_g  # [BLOCK_G]
+        b64 = b.to(tl.int64)
+        q_cols = q_ptr + b64 * stride_qb + heads[None, :] * stride_qh  # [1, BLOCK_G]: q^T's columns
+        jg_mask = (j[:, None] < PART) & g_mask[None, :]
+        q1 = _q_operand(q_cols + j[:, None], jg_mask, qk_scale)  # [BLOCK_H, BLOCK_G]
+        OFFSET: tl.constexpr = code_offset(q1.dtype)
+        q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
+        if HALVES:
+            q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
+            q_sum += tl.sum(q2.to(tl.float32), axis=0)
+        if GROUPED:  # each half's group slices of q^T [BLOCK_KG, BLOCK_G] and their sums, loaded once
+            q_groups = ()
+            for gi in tl.static_range(NGH):
+                cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
+                qg_mask = ((cg < gi * K_GROUP + K_GROUP) & (cg < PART))[:, None] & g_mask[None, :]
+                qg1 = _q_operand(q_cols + cg[:, None], qg_mask, qk_scale)
+                qg2 = _q_operand(q_cols + PART + cg[:, None], qg_mask, qk_scale)
+                q_groups = q_groups + ((qg1, tl.sum(qg1.to(tl.float32), axis=0), qg2,
+                                        tl.sum(qg2.to(tl.float32), axis=0)),)
+
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc1 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
+        if HALVES:
+            acc2 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # second half
+        acc_z = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n z_n - 1024 (p_n s_n), every channel's
+        bt_row = bt_ptr + b64 * stride_bt
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            tok = offs_n % PAGE
+            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
+            qk = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
+            if GROUPED:  # 4 bits: byte group gi holds key group gi (low nibbles) and NGH + gi (high nibbles)
+                for gi in tl.static_range(NGH):
+                    qg1, qs1, qg2, qs2 = q_groups[gi]
+                    cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)
+                    cg_mask = (cg < gi * K_GROUP + K_GROUP) & (cg < PART)
+                    c = tl.load(k_ptr + k_off[:, None] + cg[None, :], mask=n_mask[:, None] & cg_mask[None, :],
+                                other=0)  # [BLOCK_N, BLOCK_KG] bytes
+                    x1, x2 = nibble_operands(c, qg1.dtype, ASM)
+                    qk = _fold_key_scores(qk, tl.dot(x1, qg1, input_precision=DOT_PRECISION), qs1,
+                                          ksz_ptr + ks_off + 2 * gi, n_mask, OFFSET)
+                    qk = _fold_key_scores(qk, tl.dot(x2, qg2, input_precision=DOT_PRECISION), qs2,
+                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, OFFSET)
+            elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
+                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
+                dot = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
+                qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, OFFSET)
+            else:
+                x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
+                qk = _fold_key_scores(qk, tl.dot(x1, q1, input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
+                                      n_mask, OFFSET)
+            if not PRESCALED:
+                qk = qk * qk_scale
+            qk = tl.where(n_mask[:, None], qk, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
+            m_new = tl.maximum(m_i, tl.max(qk, axis=0))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[None, :])  # [BLOCK_N, BLOCK_G]
+            l_i = l_i * alpha + tl.sum(p, axis=0)
+            m_i = m_new
+
+            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh  # [BLOCK_N] (4 bits: K has more pairs)
+            v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
+            ps = (p * v_scale[:, None]).to(q1.dtype)  # [BLOCK_N, BLOCK_G]: the dot's weights, rounded once
+            acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None] - OFFSET * ps.to(tl.float32), axis=0)
+            if HALVES:
+                x1, x2 = nibble_operands(load_codes(v_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
+                acc2 = acc2 * alpha[None, :] + tl.dot(tl.trans(x2), ps, input_precision=DOT_PRECISION)
+            else:
+                x1 = code_operand(load_codes(v_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
+            acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(x1), ps, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_G]
+        l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
+        if NUM_SPLITS == 1:
+            cols = o_ptr + b64 * stride_ob + heads[None, :] * stride_oh + j[:, None]
+        else:
+            cols = part_o_ptr + b64 * stride_pob + heads[None, :] * stride_poh + split * stride_pos + j[:, None]
+        out1 = (acc1 + acc_z[None, :]) / l_safe[None, :]  # [BLOCK_H, BLOCK_G]
+        tl.store(cols, out1.to(cols.dtype.element_ty), mask=jg_mask)
+        if HALVES:
+            out2 = (acc2 + acc_z[None, :]) / l_safe[None, :]
+            tl.store(cols + PART, out2.to(cols.dtype.element_ty), mask=jg_mask)
+        if NUM_SPLITS > 1:
+            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
+
+    @triton.jit
     def _merge_splits_kernel(
         part_o_ptr, part_lse_ptr, o_ptr,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
@@ -435,10 +591,12 @@ def paged_decode_attention_triton(
     num_warps: int = 4, num_stages: int = 2, kernel: str = "mma",
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
-    (CUDA-core dots on the codes; quantized caches with V one (scale, zero) per vector, as the runtime's)."""
+    (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
+    to the score tiles). fma and fold read quantized caches with V one (scale, zero) per vector, as the
+    runtime's."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    assert kernel in ("mma", "fma"), f"decode kernel {kernel!r}: 'mma' or 'fma'"
+    assert kernel in ("mma", "fma", "fold"), f"decode kernel {kernel!r}: 'mma', 'fma' or 'fold'"
     bits = _check_caches(q, k_cache, v_cache, block_tables)
     (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
@@ -463,8 +621,18 @@ def paged_decode_attention_triton(
             out.stride(0), out.stride(1), block_tables.stride(0),
             part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1))
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
-    if kernel == "fma":
-        assert bits != 16 and consts["V_GROUP"] == D, "the fma decode kernel reads quantized caches, V per vector"
+    if kernel != "mma":
+        assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
+    if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
+        assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
+            "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
+        assert k_data.stride() == v_data.stride(), "the fold decode kernel addresses V's codes with K's strides"
+        _decode_fold_kernel[(B, Hkv, num_splits)](
+            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
+            BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
+            K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
+            ASM=q.is_cuda and q.dtype != torch.float32, **launch)
+    elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
             BLOCK_H=BLOCK_D // 2 if bits == 4 else BLOCK_D, NUM_SPLITS=num_splits, BITS=bits,

@@ -321,6 +321,70 @@ if triton is not None:
         return (c.to(tl.uint32) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
 
     @triton.jit
+    def _codes_f16_asm(c):
+        """uint8 codes as float16 1024 + c (GPU only): one PRMT per two codes, the four codes of a register
+        interleaved with 0x64 bytes. Not pure on purpose: Triton then keeps the conversion where the tile was
+        loaded (16 bytes per thread, then float16 to shared memory and ldmatrix into the MMA) instead of moving it
+        after the shared-memory read of the byte tile in the MMA's operand layout, which for a V tile (the dot
+        reduces over its rows) reads one byte per load (int8 tile loop, per thread: 97 shared loads -> 11)."""
+        return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
+                                         "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
+
+    @triton.jit
+    def _nibbles_f16_asm(b):
+        """Bytes b (uint8) as their low and high nibbles in float16, 1024 + c each (GPU only; as _codes_f16_asm)."""
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 t;
+            and.b32 t, $4, 0x0f0f0f0f;
+            prmt.b32 $0, t, 0x64646464, 0x4140;
+            prmt.b32 $1, t, 0x64646464, 0x4342;
+            shr.u32 t, $4, 4;
+            and.b32 t, t, 0x0f0f0f0f;
+            prmt.b32 $2, t, 0x64646464, 0x4140;
+            prmt.b32 $3, t, 0x64646464, 0x4342;
+            }""", "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
+
+    @triton.jit
+    def code_operand(c, DTYPE: tl.constexpr, ASM: tl.constexpr):
+        """uint8 codes (< 256) as a dot operand of DTYPE (float16 or float32), exactly and without a conversion
+        instruction: float16 gives 1024 + c (the bits 0x6400 | c; the caller folds the 1024 into its zero term,
+        see code_offset; ASM: by _codes_f16_asm, GPU only), float32 gives c (codes_to_float32)."""
+        if DTYPE == tl.float16:
+            if ASM:
+                x = _codes_f16_asm(c)
+            else:
+                x = (c.to(tl.uint16) | 0x6400).to(tl.float16, bitcast=True)
+        else:
+            x = codes_to_float32(c)
+        return x
+
+    @triton.jit
+    def nibble_operands(b, DTYPE: tl.constexpr, ASM: tl.constexpr):
+        """4-bit codes in bytes b (uint8: c[j] low, c[j + D/2] high) as the two halves' dot operands of DTYPE
+        (code_operand of each nibble)."""
+        if DTYPE == tl.float16 and ASM:
+            x1, x2 = _nibbles_f16_asm(b)
+        else:
+            x1 = code_operand(b & 15, DTYPE, ASM)
+            x2 = code_operand(b >> 4, DTYPE, ASM)
+        return x1, x2
+
+    @triton.jit
+    def code_offset(DTYPE: tl.constexpr):
+        """What code_operand adds to every code of a DTYPE operand: 1024 for float16, else 0."""
+        return 1024.0 if DTYPE == tl.float16 else 0.0
+
+    @triton.jit
+    def load_scale_zero(sz, mask):
+        """The (scale, zero) pairs at sz (float16 pointers to each pair's scale; pairs are 4-byte aligned) as
+        float32, one 32-bit load per pair; (0, 0) where mask is false."""
+        w = tl.load(sz.to(tl.pointer_type(tl.uint32)), mask=mask, other=0)
+        scale = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        zero = (w >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return scale, zero
+
+    @triton.jit
     def load_codes(codes_ptr, code_off, n_mask, D: tl.constexpr, BLOCK_D: tl.constexpr):
         """8-bit codes c[j] of tokens' head vectors, uint8 [..., BLOCK_D] (code_off and n_mask [..., 1]: each
         vector's first code byte, and which are read; 0 past D and where n_mask is false)."""

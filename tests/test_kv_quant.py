@@ -495,3 +495,90 @@ def test_decode_fma_kernel_per_vector_int4_keys():
     args = (c.q, per_vector, c.quant_caches[1], c.block_tables, c.kv_lens, c.scale)
     out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fma")
     torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **FP32)
+
+
+# --- the fold decode kernel (tl.dot on the raw codes, scales and zeros on the score tiles) ------------------
+
+FOLD_DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits: GQA groups 1/3/4/8, odd D and pages
+    (6, 2, 80, 5, torch.float32, 3, 16, 8),
+    (6, 2, 80, 5, torch.float16, 2, 16, 4),  # 4 bits, D/2 = 40: key groups of 16, 16 and 8 per half
+    (3, 3, 24, 7, torch.float32, 1, 16, 4),  # D/2 = 12: one key group of 12 per half
+    (3, 3, 24, 7, torch.float16, 4, 32, 8),
+    (8, 1, 128, 16, torch.float16, 4, 16, 4),
+    (8, 1, 80, 16, torch.float32, 1, 32, 4),
+    (8, 2, 128, 16, torch.float16, 2, 64, 8),
+    (4, 1, 128, 7, torch.float16, 3, 32, 4),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("Hq,Hkv,D,block_size,dtype,num_splits,block_n,bits", FOLD_DECODE_CASES)
+def test_decode_fold_kernel_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits):
+    """kernel="fold" against the reference on the cache's layouts, kv lengths ending mid-block and mid-tile,
+    splits left empty (kv_len 1) and an empty sequence (kv_len 0: zeros). float16 q takes the folded 1024 offset
+    (codes fed to the dot as 1024 + c), float32 q the codes themselves."""
+    c = _quant_case((1, 1, 1, 1, 1), (1, 37, 70, 16, 5), Hq, Hkv, D, block_size, dtype, bits, seed=41)
+    kv_lens = c.kv_lens.clone()
+    kv_lens[4] = 0
+    args = (c.q, *c.quant_caches, c.block_tables, kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n, kernel="fold")
+    assert out.shape == c.q.shape and out.dtype == dtype
+    assert torch.equal(out[4], torch.zeros_like(out[4]))
+    ref = attention.paged_decode_attention_ref(c.q[:4], *c.quant_caches, c.block_tables[:4], kv_lens[:4], c.scale)
+    torch.testing.assert_close(out[:4], ref, **ATTN_TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("bits", BITS)
+def test_decode_fold_kernel_bfloat16(bits):
+    """bfloat16 q runs the float16 path (q times the softmax scale, rounded to float16: the codes' operand 1024 + c
+    is exact in float16 only): within one bfloat16 step of the reference."""
+    c = _quant_case((1, 1, 1), (1, 37, 70), 8, 2, 80, 5, torch.bfloat16, bits, seed=46)
+    args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fold")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), rtol=1.6e-2, atol=1.6e-2)
+
+
+@needs_triton
+def test_decode_fold_kernel_offset_cancels_at_large_codes():
+    """The folded 1024: keys and values whose codes sit near 255 with large zeros (|z| >> s), float16 q: the dot
+    sums q (1024 + c) and the zero term takes 1024 s back out in float32; the result stays within float16
+    attention's tolerance of the reference (an fp16 1024 * s rounding would be off by up to half a step)."""
+    c = _quant_case((1, 1), (45, 9), 8, 2, 64, 16, torch.float16, 8, seed=42)
+    for store in c.quant_caches:
+        store.codes.clamp_(min=200)
+        store.scales_zeros[..., 1] = torch.where(store.scales_zeros[..., 1].isnan(), store.scales_zeros[..., 1],
+                                                 store.scales_zeros[..., 1] - 30.0)
+    args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fold")
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **ATTN_TOL[torch.float16])
+
+
+@needs_triton
+def test_decode_fold_kernel_per_vector_int4_keys():
+    """One (scale, zero) per K vector with 4 bits (the pre-group layout, still a valid QuantizedKV): the two
+    nibble halves' dots summed, then scaled."""
+    c = _quant_case((1, 1), (45, 9), 4, 2, 64, 16, torch.float32, 4, seed=43)
+    k = c.quant_caches[0]
+    per_vector = QuantizedKV.empty(*k.shape, 4, 64, "cpu")
+    rows = torch.randn(k.shape[0] * k.shape[1], 2, 64, generator=_gen(44))  # [slots, Hkv, D]
+    per_vector.codes.view(-1, 2, 32)[:], per_vector.scales_zeros.view(-1, 2, 1, 2)[:] = quantize_kv_ref(rows, 4)
+    args = (c.q, per_vector, c.quant_caches[1], c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fold")
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **FP32)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_fold_kernel_on_cuda(bits, dtype):
+    """The compiled fold kernel (float16: the inline-PTX code conversion) at the 8B shape against the reference."""
+    c = _quant_case((1,) * 4, (1, 300, 517, 64), 32, 8, 128, 64, dtype, bits, seed=45)
+    caches = [QuantizedKV(x.codes.cuda(), x.scales_zeros.cuda(), bits, x.group) for x in c.quant_caches]
+    args = (c.q.cuda(), *caches, c.block_tables.cuda(), c.kv_lens.cuda(), c.scale)
+    ref = attention.paged_decode_attention_ref(*args).float()
+    for splits in (1, 4):
+        out = attention.paged_decode_attention_triton(*args, num_splits=splits, kernel="fold")
+        torch.testing.assert_close(out.float(), ref, rtol=1e-2, atol=1e-2)
