@@ -45,6 +45,7 @@ from bench_decode import (LLAMA3_8B, TINY, free, random_hf_model, state_source, 
                           wordlevel_tokenizer, write_float)
 
 from lmc import bench as B  # noqa: E402
+from lmc.kernels import attention  # noqa: E402
 from lmc.kernels.kv_quant import QuantizedKV  # noqa: E402
 from lmc.runtime.config import EngineConfig  # noqa: E402
 from lmc.runtime.cuda_graph import GraphDecoder  # noqa: E402
@@ -162,7 +163,7 @@ def bench_policy(ws: Path, policy: int, args, dev: str) -> dict:
     print(f" policy {policy}: {entry['cache_blocks']} blocks ({entry['cache_gib']:.1f} GiB, "
           f"{entry['cache_tokens']} tokens)", flush=True)
     entry["decode"] = decode_rows(engine, decoder, args, dev)
-    entry["serving"] = serving(engine, args)
+    entry["serving"] = None if args.skip_serving else serving(engine, args)
     entry["graph_buckets"] = sorted(decoder.graphs)
     del engine, decoder, cache
     free(dev)
@@ -179,7 +180,13 @@ def main() -> int:
                         help="serving KV budget in tokens of fp16 KV, the same bytes for every policy (default 49152)")
     parser.add_argument("--iters", type=int, default=None, help="timed decode steps per point (default 20)")
     parser.add_argument("--policies", default="0,8,4")
+    parser.add_argument("--decode-kernel", choices=("mma", "fold"), default=None,
+                        help="decode attention kernel for the quantized caches (default: the runtime's, "
+                             "kernels.attention.QUANTIZED_DECODE_KERNEL)")
+    parser.add_argument("--skip-serving", action="store_true", help="decode step times only")
     cli = parser.parse_args()
+    if cli.decode_kernel:
+        attention.QUANTIZED_DECODE_KERNEL = cli.decode_kernel
     dev = "cpu" if cli.smoke else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
         parser.error("needs a CUDA GPU (or --smoke)")
@@ -187,6 +194,7 @@ def main() -> int:
     args.requests = cli.requests or args.requests
     args.budget_tokens = cli.kv_budget_tokens or args.budget_tokens
     args.iters = cli.iters or args.iters
+    args.skip_serving = cli.skip_serving
     shape = TINY if cli.smoke else LLAMA3_8B
     t_start = time.perf_counter()
     model, hf_config = random_hf_model(shape, dev, torch.float16)
@@ -201,7 +209,7 @@ def main() -> int:
               "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
               "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "model": "tiny" if cli.smoke else "random Llama-3-8B shape, fp16 workspace", "build_s": build_s,
-              "settings": {**vars(args), "block_size": 64, "cache_max_entry_count": 0.8, "range_ratio": 0.5,
+              "settings": {**vars(args), "decode_kernel": attention.QUANTIZED_DECODE_KERNEL, "block_size": 64, "cache_max_entry_count": 0.8, "range_ratio": 0.5,
                            "decode": "GraphDecoder.step over directly written cache blocks (module docstring)"},
               "policies": {}}
     out = Path(cli.out)

@@ -324,14 +324,14 @@ if triton is not None:
         return q
 
     @triton.jit
-    def _fold_key_scores(qk, dot, q_sum, sz, n_mask, OFFSET: tl.constexpr):
+    def _fold_key_scores(qk, dot, q_sum, sz, n_mask, offset):
         """qk [BLOCK_N, BLOCK_G] plus the scores against one (scale, zero) group of the tokens' keys, from
-        dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = OFFSET + c_n, the codes as dot operands: code_operand),
-        q_sum = sum(q) [BLOCK_G] and the pairs at sz [BLOCK_N]: s_n dot + (z_n - OFFSET s_n) q_sum, the scale and
+        dot = x_n . q [BLOCK_N, BLOCK_G] (x_n = offset + c_n, the codes as dot operands: code_operand),
+        q_sum = sum(q) [BLOCK_G] and the pairs at sz [BLOCK_N]: s_n dot + (z_n - offset s_n) q_sum, the scale and
         zero applied to the score tile (two FMAs per score)."""
         scale, zero = load_scale_zero(sz, n_mask)  # [BLOCK_N] each
         qk = qk + dot * scale[:, None]
-        return qk + q_sum[None, :] * (zero - OFFSET * scale)[:, None]
+        return qk + q_sum[None, :] * (zero - offset * scale)[:, None]
 
     @triton.jit
     def _decode_fold_kernel(
@@ -383,7 +383,7 @@ if triton is not None:
         q_cols = q_ptr + b64 * stride_qb + heads[None, :] * stride_qh  # [1, BLOCK_G]: q^T's columns
         jg_mask = (j[:, None] < PART) & g_mask[None, :]
         q1 = _q_operand(q_cols + j[:, None], jg_mask, qk_scale)  # [BLOCK_H, BLOCK_G]
-        OFFSET: tl.constexpr = code_offset(q1.dtype)
+        offset = code_offset(q1.dtype)  # a value, not a constexpr: Triton 3.6 cannot pass a jit result as one
         q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
         if HALVES:
             q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
@@ -422,18 +422,18 @@ if triton is not None:
                                 other=0)  # [BLOCK_N, BLOCK_KG] bytes
                     x1, x2 = nibble_operands(c, qg1.dtype, ASM)
                     qk = _fold_key_scores(qk, tl.dot(x1, qg1, input_precision=DOT_PRECISION), qs1,
-                                          ksz_ptr + ks_off + 2 * gi, n_mask, OFFSET)
+                                          ksz_ptr + ks_off + 2 * gi, n_mask, offset)
                     qk = _fold_key_scores(qk, tl.dot(x2, qg2, input_precision=DOT_PRECISION), qs2,
-                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, OFFSET)
+                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, offset)
             elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
                 dot = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-                qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, OFFSET)
+                qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, offset)
             else:
                 x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
                 qk = _fold_key_scores(qk, tl.dot(x1, q1, input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
-                                      n_mask, OFFSET)
+                                      n_mask, offset)
             if not PRESCALED:
                 qk = qk * qk_scale
             qk = tl.where(n_mask[:, None], qk, float("-inf"))  # [BLOCK_N, BLOCK_G], log2 units
@@ -446,7 +446,7 @@ if triton is not None:
             vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh  # [BLOCK_N] (4 bits: K has more pairs)
             v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
             ps = (p * v_scale[:, None]).to(q1.dtype)  # [BLOCK_N, BLOCK_G]: the dot's weights, rounded once
-            acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None] - OFFSET * ps.to(tl.float32), axis=0)
+            acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None] - offset * ps.to(tl.float32), axis=0)
             if HALVES:
                 x1, x2 = nibble_operands(load_codes(v_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
@@ -587,7 +587,7 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_
 
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
-    kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int = 64,
+    kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int | None = None,
     num_warps: int = 4, num_stages: int = 2, kernel: str = "mma",
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
@@ -605,7 +605,10 @@ def paged_decode_attention_triton(
     assert kv_lens.shape == (B,) and block_tables.shape[0] == B
     group = Hq // Hkv
     if num_splits is None:
-        num_splits = _default_num_splits(q, B * Hkv, block_tables.shape[1] * block_size, block_n)
+        num_splits = _default_num_splits(q, B * Hkv, block_tables.shape[1] * block_size, block_n or 64)
+    if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 / int4 µs at BLOCK_N 128 vs 64): 16 x 16k,
+        # 3 splits, 230 / 308 vs 287 / 368; 64 x 4k, 1 split, 330 / 384 vs 256 / 335
+        block_n = 128 if kernel == "fold" and num_splits > 1 else 64
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
         return out
@@ -715,11 +718,16 @@ def paged_prefill_attention(
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
 
 
+QUANTIZED_DECODE_KERNEL = "fold"  # the runtime's decode kernel for quant_policy 8 / 4 (bench_kv.py --decode-kernel sets it)
+
+
 def paged_decode_attention(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float,
 ) -> torch.Tensor:
-    """Attention of one new token per sequence q [B, Hq, D] over kv positions 0..kv_lens[b]-1; [B, Hq, D]."""
+    """Attention of one new token per sequence q [B, Hq, D] over kv positions 0..kv_lens[b]-1; [B, Hq, D].
+    A quantized cache is read by QUANTIZED_DECODE_KERNEL, a float cache by the mma kernel."""
     if q.is_cuda:
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale)
+        kernel = "mma" if isinstance(k_cache, torch.Tensor) else QUANTIZED_DECODE_KERNEL
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale, kernel=kernel)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_tables, kv_lens, scale)

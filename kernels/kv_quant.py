@@ -327,22 +327,28 @@ if triton is not None:
         loaded (16 bytes per thread, then float16 to shared memory and ldmatrix into the MMA) instead of moving it
         after the shared-memory read of the byte tile in the MMA's operand layout, which for a V tile (the dot
         reduces over its rows) reads one byte per load (int8 tile loop, per thread: 97 shared loads -> 11)."""
-        return tl.inline_asm_elementwise("prmt.b32 $0, $2, 0x64646464, 0x4140; prmt.b32 $1, $2, 0x64646464, 0x4342;",
-                                         "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
+        return tl.inline_asm_elementwise(
+            """{
+            .reg .b32 magic;
+            mov.b32 magic, 0x64646464;
+            prmt.b32 $0, $2, magic, 0x4140;
+            prmt.b32 $1, $2, magic, 0x4342;
+            }""", "=r,=r,r", [c], dtype=tl.float16, is_pure=False, pack=4)
 
     @triton.jit
     def _nibbles_f16_asm(b):
         """Bytes b (uint8) as their low and high nibbles in float16, 1024 + c each (GPU only; as _codes_f16_asm)."""
         return tl.inline_asm_elementwise(
             """{
-            .reg .b32 t;
+            .reg .b32 t, magic;
+            mov.b32 magic, 0x64646464;
             and.b32 t, $4, 0x0f0f0f0f;
-            prmt.b32 $0, t, 0x64646464, 0x4140;
-            prmt.b32 $1, t, 0x64646464, 0x4342;
+            prmt.b32 $0, t, magic, 0x4140;
+            prmt.b32 $1, t, magic, 0x4342;
             shr.u32 t, $4, 4;
             and.b32 t, t, 0x0f0f0f0f;
-            prmt.b32 $2, t, 0x64646464, 0x4140;
-            prmt.b32 $3, t, 0x64646464, 0x4342;
+            prmt.b32 $2, t, magic, 0x4140;
+            prmt.b32 $3, t, magic, 0x4342;
             }""", "=r,=r,=r,=r,r", [b], dtype=(tl.float16, tl.float16), is_pure=False, pack=4)
 
     @triton.jit
