@@ -5,7 +5,7 @@ tensor bytes under a new header. This script does only the work any such convert
 with nothing else around it: the source files hashed (sha256, two threads, as the provenance
 needs), every tensor's bytes read from a memory map, checked for NaN/Inf on their integer bits
 (numpy) and written to one output file that is hashed as it is written (two threads, as
-lmc's writer does). No torch, no header, no plan, no tokenizer: so its time is a lower bound for
+lmc's writer does; `--output-hash blake3` asks what a faster checksum than the format's sha256 would give). No torch, no header, no plan, no tokenizer: so its time is a lower bound for
 `lmc convert` of the same checkpoint. The source is dropped from the page cache before each run
 (cold, as bench_convert.py measures); `--warm` keeps it.
 
@@ -39,13 +39,34 @@ EXPONENT_MASKS = {"F16": (np.uint16, 0x7FFF, 0x7C00), "BF16": (np.uint16, 0x7FFF
                   "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}  # |bits| >= mask's exponent: Inf or NaN
 
 
-def sha256_file(path: Path) -> str:
+class ReadProgress:
+    """How far each source file's hasher has read: the copy follows it, so that the disk is read once,
+    sequentially, by the hashers, and the copy's memory-map reads find the pages in the page cache."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.done: dict[Path, int] = {}
+
+    def advance(self, path: Path, offset: int) -> None:
+        with self.cond:
+            self.done[path] = offset
+            self.cond.notify_all()
+
+    def wait(self, path: Path, offset: int) -> None:
+        with self.cond:
+            self.cond.wait_for(lambda: self.done.get(path, 0) >= offset)
+
+
+def sha256_file(path: Path, progress: ReadProgress) -> str:
     sha, buf = hashlib.sha256(), bytearray(CHUNK)
-    view = memoryview(buf)
+    view, offset = memoryview(buf), 0
     with open(path, "rb") as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
         while n := f.readinto(buf):
             sha.update(view[:n])
+            offset += n
+            progress.advance(path, offset)
+    progress.advance(path, 1 << 62)
     return sha.hexdigest()
 
 
@@ -77,15 +98,16 @@ class DirectFile:
         os.close(self.fd)
 
 
-def pass_through(src: Path, out: Path, direct: bool) -> dict:
+def pass_through(src: Path, out: Path, direct: bool, follow: bool, output_hash: str) -> dict:
     """Hash the source, copy every tensor's bytes into `out` (checked, hashed): returns what it found."""
     start = time.perf_counter()
     files = sorted(src.glob("*.safetensors"))
     source_sha: dict[str, str] = {}
+    progress = ReadProgress()
 
     def hash_some(some: list[Path]) -> None:
         for f in some:
-            source_sha[f.name] = sha256_file(f)
+            source_sha[f.name] = sha256_file(f, progress)
 
     hashers = [threading.Thread(target=hash_some, args=(files[i::2],)) for i in range(2)]
     for t in hashers:
@@ -100,9 +122,13 @@ def pass_through(src: Path, out: Path, direct: bool) -> dict:
         for name, entry in header.items():
             if name != "__metadata__":
                 a, b = entry["data_offsets"]
-                pieces.append((entry["dtype"], view[8 + n + a:8 + n + b]))
+                pieces.append((f, 8 + n + a, entry["dtype"], view[8 + n + a:8 + n + b]))
     sink = DirectFile(out) if direct else open(out, "wb")
-    out_sha = hashlib.sha256()
+    if output_hash == "blake3":
+        from blake3 import blake3  # pip install blake3: the question is what a faster output checksum would give
+        out_sha = blake3()
+    else:
+        out_sha = hashlib.sha256()
     queues = (queue.SimpleQueue(), queue.SimpleQueue())
 
     def drain(q: queue.SimpleQueue, work) -> None:
@@ -113,10 +139,12 @@ def pass_through(src: Path, out: Path, direct: bool) -> dict:
     for t in workers:
         t.start()
     nonfinite = 0
-    for dtype, data in pieces:
+    for path, first, dtype, data in pieces:
         kind, magnitude, exponent = EXPONENT_MASKS[dtype]
         for s in range(0, len(data), CHUNK):
             piece = data[s:s + CHUNK]
+            if follow:
+                progress.wait(path, first + s + len(piece))
             for q in queues:
                 q.put(piece)
             nonfinite += int((np.frombuffer(piece, kind) & magnitude).max(initial=0) >= exponent)
@@ -135,6 +163,9 @@ def main() -> None:
     ap.add_argument("src", type=Path, help="an HF float safetensors folder (bench_convert.py --keep makes one)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--direct", action="store_true", help="write with O_DIRECT (else buffered)")
+    ap.add_argument("--follow", action="store_true", help="the copy reads behind the source hashers (ReadProgress)")
+    ap.add_argument("--output-hash", choices=("sha256", "blake3"), default="sha256",
+                    help="the output file's checksum (lmc's format: sha256; blake3 needs pip install blake3)")
     ap.add_argument("--warm", action="store_true", help="leave the source in the page cache")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args()
@@ -146,7 +177,7 @@ def main() -> None:
             if not args.warm:
                 drop_page_cache(args.src)
             before = os.times()
-            run = pass_through(args.src, work / "out.safetensors", args.direct)
+            run = pass_through(args.src, work / "out.safetensors", args.direct, args.follow, args.output_hash)
             after = os.times()
             run.update(user_seconds=round(after.user - before.user, 2), system_seconds=round(after.system - before.system, 2),
                        gb_per_s=round(nbytes / 1e9 / run["seconds"], 3))
@@ -155,7 +186,7 @@ def main() -> None:
         finally:
             shutil.rmtree(work)
         runs[-1]["cold_read_after"] = cold_read(args.src)
-    result = {"machine": machine_info(), "command": " ".join(sys.argv), "source_bytes": nbytes, "direct": args.direct,
+    result = {"machine": machine_info(), "command": " ".join(sys.argv), "source_bytes": nbytes, "direct": args.direct, "follow": args.follow, "output_hash": args.output_hash,
               "warm": args.warm, "runs": runs}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
