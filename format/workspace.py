@@ -2,26 +2,18 @@
 
 docs/workspace-format.md is the normative description of what this module writes. The rules that need no
 torch (lmc.json and manifest.json checks, the tensor index a config implies, `verify_workspace`) live in
-lmc.format.manifest and are re-exported here.
+lmc.format.manifest, the torch-free half of writing (shard layout, pipelined write and hash, manifest, the
+atomic output claim) in lmc.format.writing; both are re-exported here.
 """
 from __future__ import annotations
 
-import glob
-import hashlib
 import json
 import mmap
 import os
-import queue
-import shutil
-import signal
 import struct
-import tempfile
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 
@@ -33,9 +25,10 @@ from lmc.format.manifest import (FLOAT_DTYPES, FORMAT_VERSION, QUANT_METHODS, SA
                                  verify_workspace, workspace_tensors)
 from lmc.format.paths import confined
 from lmc.format.vision import vision_config_of
-
-ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
-SHARD_BYTES = 2 * 1024**3
+from lmc.format.writing import (ALIGN, SHARD_BYTES, PipelinedWriter, atomic_output, check_output, dump_json,  # noqa: F401 - re-exported
+                                file_order, finish_workspace, plan_shards, safetensors_header, shard_name,
+                                tensor_record)
+from lmc.format.writing import _start_time  # noqa: F401 - tests read a process's start time through here
 
 DTYPES = {getattr(torch, name): st for name, (st, _) in SAFETENSORS_DTYPES.items()}  # torch dtype -> safetensors dtype string
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -48,101 +41,19 @@ class TensorSpec:
     shape: tuple[int, ...]
 
     @property
+    def st_dtype(self) -> str:
+        return DTYPES[self.dtype]
+
+    @property
+    def itemsize(self) -> int:
+        return self.dtype.itemsize
+
+    @property
     def nbytes(self) -> int:
         n = 1
         for s in self.shape:
             n *= s
         return n * self.dtype.itemsize
-
-
-def _file_order(specs: list[TensorSpec]) -> list[TensorSpec]:
-    """Order tensors in a file so that each starts aligned: those whose size keeps the next one
-    64-byte aligned first, then the rest by decreasing item size (each stays element-aligned)."""
-    return sorted(specs, key=lambda s: (s.nbytes % ALIGN != 0, -s.dtype.itemsize))
-
-
-def _plan_shards(specs: list[TensorSpec], max_bytes: int) -> list[list[TensorSpec]]:
-    shards, current, size = [], [], 0
-    for spec in specs:
-        if current and size + spec.nbytes > max_bytes:
-            shards.append(current)
-            current, size = [], 0
-        current.append(spec)
-        size += spec.nbytes
-    if current:
-        shards.append(current)
-    return shards
-
-
-MAX_IN_FLIGHT = 256 * 1024**2  # bytes handed to a _PipelinedWriter and not yet both written and hashed
-
-
-class _PipelinedWriter:
-    """Writes a file and hashes it on two threads of its own while the caller makes the next bytes.
-
-    `write(data)` queues `data` (anything with the buffer protocol; kept alive, not copied) in
-    CHUNK slices and returns at once unless MAX_IN_FLIGHT bytes are queued. A thread's error is
-    raised by the next write() or by close(). abort() stops both threads without raising."""
-
-    def __init__(self, path: Path):
-        self.f = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.size = 0
-        self._cond = threading.Condition()
-        self._in_flight = 0
-        self._error: BaseException | None = None
-        self._queues = (queue.SimpleQueue(), queue.SimpleQueue())
-        self._threads = [threading.Thread(target=self._drain, args=(q, work), daemon=True, name=name)
-                         for q, work, name in zip(self._queues, (self.f.write, self.sha.update), ("write", "sha256"))]
-        for t in self._threads:
-            t.start()
-
-    def _drain(self, q: queue.SimpleQueue, work) -> None:
-        while (item := q.get()) is not None:
-            try:
-                if self._error is None:
-                    work(item[0])
-            except BaseException as e:  # handed to the caller's thread
-                with self._cond:
-                    self._error = self._error or e
-            with self._cond:
-                item[1] -= 1
-                if item[1] == 0:  # the other thread is done with it too
-                    self._in_flight -= len(item[0])
-                    self._cond.notify_all()
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        for start in range(0, len(view), CHUNK):
-            piece = view[start:start + CHUNK]
-            with self._cond:
-                self._cond.wait_for(lambda: self._in_flight < MAX_IN_FLIGHT or self._error is not None)
-                if self._error is not None:
-                    raise self._error
-                self._in_flight += len(piece)
-            item = [piece, len(self._queues)]
-            for q in self._queues:
-                q.put(item)
-            self.size += len(piece)
-
-    def _stop(self) -> None:
-        if self._threads:
-            for q in self._queues:
-                q.put(None)
-            for t in self._threads:
-                t.join()
-            self._threads = []
-            self.f.close()
-
-    def close(self) -> dict:
-        self._stop()
-        if self._error is not None:
-            raise self._error
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
-
-    def abort(self) -> None:
-        self._error = self._error or WorkspaceError("writing stopped")
-        self._stop()
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
@@ -170,200 +81,18 @@ def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[st
     Returns (file record {size, sha256}, {name: absolute data offset}). The header is padded
     with spaces so the data section starts at a multiple of ALIGN.
     """
-    ordered = _file_order(specs)
-    header, offsets, pos = {"__metadata__": {"format": "pt"}}, {}, 0
-    for spec in ordered:
-        header[spec.name] = {"dtype": DTYPES[spec.dtype], "shape": list(spec.shape), "data_offsets": [pos, pos + spec.nbytes]}
-        pos += spec.nbytes
-    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
-    raw += b" " * ((-(8 + len(raw))) % ALIGN)
-    data_start = 8 + len(raw)
-    out = _PipelinedWriter(path)
+    ordered = file_order(specs)
+    raw, offsets = safetensors_header(ordered)
+    out = PipelinedWriter(path)
     try:
         out.write(struct.pack("<Q", len(raw)))
         out.write(raw)
         for spec in ordered:
-            blocks = _row_blocks(produce(spec.name), spec)
-            offsets[spec.name] = data_start + header[spec.name]["data_offsets"][0]
-            for block in blocks:
+            for block in _row_blocks(produce(spec.name), spec):
                 out.write(_tensor_bytes(block))
         return out.close(), offsets
     finally:
         out.abort()
-
-
-def dump_json(obj) -> bytes:
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
-
-
-def shard_name(rank: int | None, index: int, count: int) -> str:
-    stem = "model" if rank is None else f"rank{rank}"
-    return f"weights/{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
-
-
-# ----------------------------------------------------------------------------- paths and the output claim
-
-
-def check_output(out: Path, inputs=(), force: bool = False) -> None:
-    """Refuse an output that is or contains one of the inputs (symlinks resolved), or that exists without force."""
-    real = Path(out).resolve()
-    for src in inputs:
-        src_real = Path(src).resolve()
-        if src_real == real or real in src_real.parents:
-            raise WorkspaceError(f"output {out} {'is' if src_real == real else 'contains'} the input {src}; "
-                                 "write to a folder outside the input")
-    if os.path.lexists(out) and not force:
-        raise WorkspaceError(f"{out} already exists; pass --force to replace it")
-
-
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of process pid (tells its owner from a later process given the same pid)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return stat.rsplit(")", 1)[1].split()[19]
-
-
-def _owner_token() -> str:
-    """This process as written into lock files and temporary folder names: `pid-starttime`."""
-    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}"
-
-
-def _alive(token: str | None) -> bool:
-    pid, _, start = (token or "").partition("-")
-    if not pid.isdigit():
-        return False
-    if os.path.isdir("/proc/self"):
-        return _start_time(int(pid)) == start
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-_LOCK_GRACE_S = 10  # an empty lock file this young is being written by its owner
-
-
-def _read_token(path: Path) -> str | None:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return None
-
-
-def _claim(lock: Path, out: Path, token: str) -> None:
-    """Create `lock` (O_EXCL) holding our token; take over a lock whose owner is dead."""
-    for _ in range(5):
-        try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            holder = _read_token(lock)
-            if holder is None:  # removed meanwhile
-                continue
-            fresh = not holder and time.time() - _mtime(lock) < _LOCK_GRACE_S
-            if fresh or _alive(holder):
-                raise WorkspaceError(f"{out} is being written by another lmc (process {holder.partition('-')[0] or '?'}); "
-                                     f"wait for it to finish, or remove {lock} if no lmc is running") from None
-            grave = lock.with_name(f"{lock.name}.stale-{token}")
-            try:
-                os.rename(lock, grave)
-            except FileNotFoundError:
-                continue
-            if _read_token(grave) != holder:  # a live owner replaced the stale lock meanwhile: give it back
-                os.rename(grave, lock)
-            grave.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(token + "\n")
-        return
-    raise WorkspaceError(f"could not claim {lock}; remove it if no lmc is running")
-
-
-def _mtime(path: Path) -> float:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return 0.0
-
-
-def _release(lock: Path, token: str) -> None:
-    if _read_token(lock) == token:
-        lock.unlink(missing_ok=True)
-
-
-def _sweep(out: Path) -> None:
-    """Remove temporary and replaced folders of `out` left by a process that died (SIGKILL, power loss).
-    One that died between the two renames of a replace left `out` missing: its previous folder is put back."""
-    for kind in ("old", "tmp"):
-        prefix = f".{out.name}.{kind}-"
-        for entry in out.parent.glob(glob.escape(prefix) + "*"):
-            owner = entry.name[len(prefix):].rpartition("-")[0]  # `pid-starttime`, then mkdtemp's suffix
-            if entry.is_dir() and not entry.is_symlink() and owner and not _alive(owner):
-                if kind == "old" and (entry / "old").exists() and not os.path.lexists(out):
-                    os.replace(entry / "old", out)
-                shutil.rmtree(entry, ignore_errors=True)
-
-
-@contextmanager
-def _sigterm_raises() -> Iterator[None]:
-    """Turn SIGTERM into SystemExit(143) in the main thread, so `finally` blocks clean up; a second
-    SIGTERM during that cleanup is ignored. The previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def terminate(signum, frame):
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        raise SystemExit(128 + signum)
-
-    previous = signal.signal(signal.SIGTERM, terminate)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextmanager
-def atomic_output(out: Path, force: bool, inputs=()) -> Iterator[Path]:
-    """Yield a temporary folder beside `out`; rename it into place only when the body succeeds.
-
-    Refuses an output that is or contains an input. The claim on `out` is exclusive: a lock file
-    `.NAME.lock` beside it holds the owner's `pid-starttime` for the duration. Temporary folders
-    are named `.NAME.tmp-<pid-starttime>-*`; those of dead owners are removed here. SIGTERM exits
-    through the cleanup."""
-    out = Path(out)
-    check_output(out, inputs, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    token = _owner_token()
-    lock = out.parent / f".{out.name}.lock"
-    with _sigterm_raises():
-        _claim(lock, out, token)
-        try:
-            _sweep(out)
-            check_output(out, (), force)  # another writer may have finished before we claimed it
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{token}-", dir=out.parent))
-            try:
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a workspace is an ordinary folder
-                yield tmp
-                if os.path.lexists(out):
-                    if not force:
-                        raise WorkspaceError(f"{out} appeared while it was being written; pass --force to replace it")
-                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{token}-", dir=out.parent))
-                    os.replace(out, trash / "old")
-                    os.replace(tmp, out)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
-        finally:
-            _release(lock, token)
 
 
 def write_workspace(
@@ -384,26 +113,14 @@ def write_workspace(
     files, tensors = {}, {}
     tp = len(rank_specs)
     for rank, specs in enumerate(rank_specs):
-        shards = _plan_shards(specs, shard_bytes)
+        shards = plan_shards(specs, shard_bytes)
         for i, shard in enumerate(shards):
             rel = shard_name(None if tp == 1 else rank, i, len(shards))
             record, offsets = write_safetensors(tmp / rel, shard, lambda name, r=rank: produce(r, name))
             files[rel] = record
             for spec in shard:
-                key = spec.name if tp == 1 else f"{rank}:{spec.name}"
-                tensors[key] = {"file": rel, "dtype": DTYPES[spec.dtype], "shape": list(spec.shape),
-                                "offset": offsets[spec.name], "nbytes": spec.nbytes}
-    for name, data in sorted(tokenizer_files.items()):
-        (tmp / "tokenizer" / name).write_bytes(data)
-        files[f"tokenizer/{name}"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    cfg_bytes = dump_json(lmc_json)
-    (tmp / "lmc.json").write_bytes(cfg_bytes)
-    files["lmc.json"] = {"size": len(cfg_bytes), "sha256": hashlib.sha256(cfg_bytes).hexdigest()}
-    manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
-                "tensors": dict(sorted(tensors.items())),
-                "provenance": provenance() if callable(provenance) else provenance}
-    (tmp / "manifest.json").write_bytes(dump_json(manifest))
-    return manifest
+                tensors[index_key(spec.name, rank, tp)] = tensor_record(spec, rel, offsets[spec.name])
+    return finish_workspace(tmp, files, tensors, lmc_json, tokenizer_files, provenance)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -469,7 +186,7 @@ def copy_workspace(src: Path, dst: Path) -> dict:
     for rel, record in manifest["files"].items():
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        out = _PipelinedWriter(target)
+        out = PipelinedWriter(target)
         try:
             with open(confined(src, rel), "rb") as f:
                 for chunk in iter(lambda: f.read(CHUNK), b""):

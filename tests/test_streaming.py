@@ -15,6 +15,7 @@ import torch
 from test_convert_bytes import DIGESTS, tree_digest
 
 import lmc.format.workspace as wsmod
+import lmc.format.writing as writing
 from lmc.compiler.convert import Builder, _finite, convert, plan
 from lmc.compiler.readers import open_source
 from lmc.compiler.source_files import early_source_files
@@ -186,8 +187,8 @@ def test_row_blocks_are_checked_against_the_plan(tmp_path):
 
 def test_small_chunks_and_little_in_flight_give_the_same_bytes(checkpoint, tmp_path, monkeypatch):
     """Many slices per tensor and a writer that keeps blocking the producer: still the pinned bytes."""
-    monkeypatch.setattr(wsmod, "CHUNK", 1000)
-    monkeypatch.setattr(wsmod, "MAX_IN_FLIGHT", 3000)
+    monkeypatch.setattr(writing, "CHUNK", 1000)
+    monkeypatch.setattr(writing, "MAX_IN_FLIGHT", 3000)
     convert(checkpoint("llama3"), tmp_path / "ws")
     assert tree_digest(tmp_path / "ws") == DIGESTS["llama3-fp32"]
 

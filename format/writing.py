@@ -1,0 +1,350 @@
+"""Writing a workspace without torch: the safetensors layout of a shard, the pipelined write + sha256 of
+each file, the manifest, and the atomic, exclusive claim on the output folder.
+
+lmc.format.workspace writes tensors made by torch through these; lmc.compiler.passthrough writes byte
+ranges of a source checkpoint through them, before torch is loaded. docs/workspace-format.md is the
+normative description of the bytes.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import queue
+import shutil
+import signal
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from lmc.errors import WorkspaceError
+from lmc.format.hashing import CHUNK
+from lmc.format.manifest import FORMAT_VERSION, SAFETENSORS_DTYPES
+
+ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
+SHARD_BYTES = 2 * 1024**3
+
+ITEMSIZE = {st: size for st, size in SAFETENSORS_DTYPES.values()}  # safetensors dtype string -> bytes per element
+
+
+@dataclass(frozen=True)
+class StSpec:
+    """A tensor to write, by its safetensors dtype string (lmc.format.workspace.TensorSpec is the torch twin)."""
+    name: str
+    st_dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def itemsize(self) -> int:
+        return ITEMSIZE[self.st_dtype]
+
+    @property
+    def nbytes(self) -> int:
+        n = self.itemsize
+        for s in self.shape:
+            n *= s
+        return n
+
+
+def file_order(specs: list) -> list:
+    """Order tensors in a file so that each starts aligned: those whose size keeps the next one
+    64-byte aligned first, then the rest by decreasing item size (each stays element-aligned)."""
+    return sorted(specs, key=lambda s: (s.nbytes % ALIGN != 0, -s.itemsize))
+
+
+def plan_shards(specs: list, max_bytes: int) -> list[list]:
+    shards, current, size = [], [], 0
+    for spec in specs:
+        if current and size + spec.nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(spec)
+        size += spec.nbytes
+    if current:
+        shards.append(current)
+    return shards
+
+
+MAX_IN_FLIGHT = 256 * 1024**2  # bytes handed to a PipelinedWriter and not yet both written and hashed
+
+
+class PipelinedWriter:
+    """Writes a file and hashes it on two threads of its own while the caller makes the next bytes.
+
+    `write(data)` queues `data` (anything with the buffer protocol; kept alive, not copied) in
+    CHUNK slices and returns at once unless MAX_IN_FLIGHT bytes are queued. A thread's error is
+    raised by the next write() or by close(). abort() stops both threads without raising."""
+
+    def __init__(self, path: Path):
+        self.f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.size = 0
+        self._cond = threading.Condition()
+        self._in_flight = 0
+        self._error: BaseException | None = None
+        self._queues = (queue.SimpleQueue(), queue.SimpleQueue())
+        self._threads = [threading.Thread(target=self._drain, args=(q, work), daemon=True, name=name)
+                         for q, work, name in zip(self._queues, (self.f.write, self.sha.update), ("write", "sha256"))]
+        for t in self._threads:
+            t.start()
+
+    def _drain(self, q: queue.SimpleQueue, work) -> None:
+        while (item := q.get()) is not None:
+            try:
+                if self._error is None:
+                    work(item[0])
+            except BaseException as e:  # handed to the caller's thread
+                with self._cond:
+                    self._error = self._error or e
+            with self._cond:
+                item[1] -= 1
+                if item[1] == 0:  # the other thread is done with it too
+                    self._in_flight -= len(item[0])
+                    self._cond.notify_all()
+
+    def write(self, data) -> None:
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), CHUNK):
+            piece = view[start:start + CHUNK]
+            with self._cond:
+                self._cond.wait_for(lambda: self._in_flight < MAX_IN_FLIGHT or self._error is not None)
+                if self._error is not None:
+                    raise self._error
+                self._in_flight += len(piece)
+            item = [piece, len(self._queues)]
+            for q in self._queues:
+                q.put(item)
+            self.size += len(piece)
+
+    def _stop(self) -> None:
+        if self._threads:
+            for q in self._queues:
+                q.put(None)
+            for t in self._threads:
+                t.join()
+            self._threads = []
+            self.f.close()
+
+    def close(self) -> dict:
+        self._stop()
+        if self._error is not None:
+            raise self._error
+        return {"size": self.size, "sha256": self.sha.hexdigest()}
+
+    def abort(self) -> None:
+        self._error = self._error or WorkspaceError("writing stopped")
+        self._stop()
+
+def safetensors_header(ordered: list) -> tuple[bytes, dict[str, int]]:
+    """The header of a safetensors file holding `ordered` specs in that order (the length word's payload,
+    padded with spaces so the data section starts at a multiple of ALIGN), and each tensor's absolute data
+    offset in the file."""
+    header, starts, pos = {"__metadata__": {"format": "pt"}}, {}, 0
+    for spec in ordered:
+        header[spec.name] = {"dtype": spec.st_dtype, "shape": list(spec.shape), "data_offsets": [pos, pos + spec.nbytes]}
+        starts[spec.name] = pos
+        pos += spec.nbytes
+    raw = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    raw += b" " * ((-(8 + len(raw))) % ALIGN)
+    return raw, {name: 8 + len(raw) + start for name, start in starts.items()}
+
+
+def tensor_record(spec, rel: str, offset: int) -> dict:
+    """A tensor's entry in manifest.json."""
+    return {"file": rel, "dtype": spec.st_dtype, "shape": list(spec.shape), "offset": offset, "nbytes": spec.nbytes}
+
+
+def finish_workspace(tmp: Path, files: dict, tensors: dict, lmc_json: dict, tokenizer_files: dict[str, bytes],
+                     provenance: dict | Callable[[], dict]) -> dict:
+    """Write the tokenizer files, lmc.json and manifest.json beside the weights already in `tmp` (`files`: their
+    records, `tensors`: the tensor index). `provenance` may be a function, called now. Returns the manifest."""
+    for name, data in sorted(tokenizer_files.items()):
+        (tmp / "tokenizer" / name).write_bytes(data)
+        files[f"tokenizer/{name}"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    cfg_bytes = dump_json(lmc_json)
+    (tmp / "lmc.json").write_bytes(cfg_bytes)
+    files["lmc.json"] = {"size": len(cfg_bytes), "sha256": hashlib.sha256(cfg_bytes).hexdigest()}
+    manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
+                "tensors": dict(sorted(tensors.items())),
+                "provenance": provenance() if callable(provenance) else provenance}
+    (tmp / "manifest.json").write_bytes(dump_json(manifest))
+    return manifest
+
+
+def dump_json(obj) -> bytes:
+    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode()
+
+
+def shard_name(rank: int | None, index: int, count: int) -> str:
+    stem = "model" if rank is None else f"rank{rank}"
+    return f"weights/{stem}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+# ----------------------------------------------------------------------------- paths and the output claim
+
+
+def check_output(out: Path, inputs=(), force: bool = False) -> None:
+    """Refuse an output that is or contains one of the inputs (symlinks resolved), or that exists without force."""
+    real = Path(out).resolve()
+    for src in inputs:
+        src_real = Path(src).resolve()
+        if src_real == real or real in src_real.parents:
+            raise WorkspaceError(f"output {out} {'is' if src_real == real else 'contains'} the input {src}; "
+                                 "write to a folder outside the input")
+    if os.path.lexists(out) and not force:
+        raise WorkspaceError(f"{out} already exists; pass --force to replace it")
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process pid (tells its owner from a later process given the same pid)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _owner_token() -> str:
+    """This process as written into lock files and temporary folder names: `pid-starttime`."""
+    return f"{os.getpid()}-{_start_time(os.getpid()) or 0}"
+
+
+def _alive(token: str | None) -> bool:
+    pid, _, start = (token or "").partition("-")
+    if not pid.isdigit():
+        return False
+    if os.path.isdir("/proc/self"):
+        return _start_time(int(pid)) == start
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+_LOCK_GRACE_S = 10  # an empty lock file this young is being written by its owner
+
+
+def _read_token(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _claim(lock: Path, out: Path, token: str) -> None:
+    """Create `lock` (O_EXCL) holding our token; take over a lock whose owner is dead."""
+    for _ in range(5):
+        try:
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _read_token(lock)
+            if holder is None:  # removed meanwhile
+                continue
+            fresh = not holder and time.time() - _mtime(lock) < _LOCK_GRACE_S
+            if fresh or _alive(holder):
+                raise WorkspaceError(f"{out} is being written by another lmc (process {holder.partition('-')[0] or '?'}); "
+                                     f"wait for it to finish, or remove {lock} if no lmc is running") from None
+            grave = lock.with_name(f"{lock.name}.stale-{token}")
+            try:
+                os.rename(lock, grave)
+            except FileNotFoundError:
+                continue
+            if _read_token(grave) != holder:  # a live owner replaced the stale lock meanwhile: give it back
+                os.rename(grave, lock)
+            grave.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(token + "\n")
+        return
+    raise WorkspaceError(f"could not claim {lock}; remove it if no lmc is running")
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _release(lock: Path, token: str) -> None:
+    if _read_token(lock) == token:
+        lock.unlink(missing_ok=True)
+
+
+def _sweep(out: Path) -> None:
+    """Remove temporary and replaced folders of `out` left by a process that died (SIGKILL, power loss).
+    One that died between the two renames of a replace left `out` missing: its previous folder is put back."""
+    for kind in ("old", "tmp"):
+        prefix = f".{out.name}.{kind}-"
+        for entry in out.parent.glob(glob.escape(prefix) + "*"):
+            owner = entry.name[len(prefix):].rpartition("-")[0]  # `pid-starttime`, then mkdtemp's suffix
+            if entry.is_dir() and not entry.is_symlink() and owner and not _alive(owner):
+                if kind == "old" and (entry / "old").exists() and not os.path.lexists(out):
+                    os.replace(entry / "old", out)
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+@contextmanager
+def _sigterm_raises() -> Iterator[None]:
+    """Turn SIGTERM into SystemExit(143) in the main thread, so `finally` blocks clean up; a second
+    SIGTERM during that cleanup is ignored. The previous handler is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def atomic_output(out: Path, force: bool, inputs=()) -> Iterator[Path]:
+    """Yield a temporary folder beside `out`; rename it into place only when the body succeeds.
+
+    Refuses an output that is or contains an input. The claim on `out` is exclusive: a lock file
+    `.NAME.lock` beside it holds the owner's `pid-starttime` for the duration. Temporary folders
+    are named `.NAME.tmp-<pid-starttime>-*`; those of dead owners are removed here. SIGTERM exits
+    through the cleanup."""
+    out = Path(out)
+    check_output(out, inputs, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    token = _owner_token()
+    lock = out.parent / f".{out.name}.lock"
+    with _sigterm_raises():
+        _claim(lock, out, token)
+        try:
+            _sweep(out)
+            check_output(out, (), force)  # another writer may have finished before we claimed it
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{token}-", dir=out.parent))
+            try:
+                umask = os.umask(0)
+                os.umask(umask)
+                os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a workspace is an ordinary folder
+                yield tmp
+                if os.path.lexists(out):
+                    if not force:
+                        raise WorkspaceError(f"{out} appeared while it was being written; pass --force to replace it")
+                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{token}-", dir=out.parent))
+                    os.replace(out, trash / "old")
+                    os.replace(tmp, out)
+                    shutil.rmtree(trash, ignore_errors=True)
+                else:
+                    os.replace(tmp, out)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        finally:
+            _release(lock, token)
