@@ -1,26 +1,28 @@
 """Source checkpoint -> workspace, streaming one target tensor at a time."""
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import torch
 
-import lmc
 from lmc.format.archs import (Target, arch_spec, kv_heads_of_rank, linear_parts, model_config_from_hf,
                               tp_problem)
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
                                group_labels, unpack_awq, unpack_compressed, unpack_gptq)
 from lmc.compiler.llava import split_vision, vision_specs
+from lmc.compiler import records
 from lmc.compiler.readers import Source, open_source
+from lmc.compiler.records import convert_command, lmc_json  # noqa: F401 - lmc_json re-exported
+from lmc.compiler.source_checks import (check_vocabulary, dtype_name, float_source_shapes, ignorable_names,
+                                        nonfinite)
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
 from lmc.format.int4 import LAYOUT, to_lmc_tensors
 from lmc.format.hashing import BackgroundHashes
 from lmc.runtime.device import one_torch_thread
-from lmc.format.workspace import (DTYPE_NAMES, FORMAT_VERSION, TensorSpec, Workspace, atomic_output, copy_workspace,
-                                  plain_shape, rank_name, verify_workspace, workspace_tensors, write_workspace)
+from lmc.format.workspace import (DTYPE_NAMES, TensorSpec, Workspace, atomic_output, copy_workspace,
+                                  rank_name, verify_workspace, workspace_tensors, write_workspace)
 
 DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 
@@ -28,12 +30,9 @@ DTYPE_CHOICES = ("auto", "float16", "bfloat16", "float32")
 def resolve_dtype(choice: str, hf_config: dict, scales_dtype: torch.dtype | None = None) -> torch.dtype:
     """The workspace's float dtype: `choice`, or for "auto" the int4 scales' dtype (so they convert
     exactly) or else the config's."""
-    if choice != "auto":
-        return getattr(torch, choice)
-    if scales_dtype is not None:
+    if choice == "auto" and scales_dtype is not None:
         return scales_dtype
-    name = hf_config.get("torch_dtype") or hf_config.get("dtype") or "float16"
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}.get(str(name), torch.float16)
+    return getattr(torch, dtype_name(choice, hf_config))
 
 
 def int4_scales_dtype(source: Source) -> torch.dtype | None:
@@ -90,10 +89,7 @@ class Builder:
         if missing:
             self._check_quantized_parts(missing[0], have)
             raise LmcError(f"the checkpoint lacks tensor {missing[0]} ({len(missing)} missing); it is incomplete or not a {self.cfg.architecture} model")
-        ignorable = {n for n in have - used if n.endswith("rotary_emb.inv_freq")}
-        if self.cfg.tie_word_embeddings:
-            ignorable |= {"lm_head.weight", "output.weight"} & have
-        unused = sorted(have - used - ignorable)
+        unused = sorted(have - used - ignorable_names(self.cfg, have))
         if unused:
             self._check_quantized_parts(unused[0], have)
             raise LmcError(f"source tensor {unused[0]} is not used by the {self.cfg.architecture} name table ({len(unused)} unused); the architecture or config does not match the weights")
@@ -127,21 +123,18 @@ class Builder:
 
     def _source_shapes(self, t: Target) -> dict[str, tuple[int, ...]]:
         """{source tensor: the shape config.json implies} (int4 layouts: pack.checkpoint_int4_shapes)."""
-        if not t.linear:
-            return {t.sources[0]: plain_shape(self.cfg, t)}
+        if not self.quant or not t.linear:
+            return float_source_shapes(self.cfg, t)
         rows, k = linear_parts(self.cfg, t.key)
         if t.fuse == "internlm2_qkv":
             rows = (sum(rows),)
         out = {}
         for source, n in zip(t.sources, rows):
-            if self.quant:
-                shapes = checkpoint_int4_shapes(self.int4.method, n, k, self.int4.group_size, self.int4.symmetric)
-                out.update({source + leaf: shape for leaf, shape in shapes.items()})
-            else:
-                out[source + ".weight"] = (n, k)
+            shapes = checkpoint_int4_shapes(self.int4.method, n, k, self.int4.group_size, self.int4.symmetric)
+            out.update({source + leaf: shape for leaf, shape in shapes.items()})
             if self.cfg.qkv_bias and t.key == "w_qkv":
                 out[source + ".bias"] = (n,)
-        index = GROUP_INDEX_LEAF.get(self.int4.method) if self.quant else None  # optional: act-order's g_idx
+        index = GROUP_INDEX_LEAF.get(self.int4.method)  # optional: act-order's g_idx
         out.update({s + index: (k,) for s in t.sources if index and s + index in self._names})
         return out
 
@@ -159,21 +152,7 @@ class Builder:
                            f"the checkpoint is not the {kind} checkpoint its config.json says")
 
     def check_vocabulary(self) -> None:
-        """Every token id of the tokenizer must have an embedding row (more rows than tokens is normal)."""
-        from tokenizers import Tokenizer
-
-        data = self.source.tokenizer_files().get("tokenizer.json")
-        if data is None:
-            raise LmcError(f"{self.source.path} has no tokenizer.json; add the model's tokenizer files")
-        try:
-            vocab = Tokenizer.from_str(data.decode()).get_vocab(with_added_tokens=True)
-        except Exception as e:  # tokenizers raises its own exception type for a malformed file
-            raise LmcError(f"{self.source.path}'s tokenizer.json is not readable by the tokenizers library ({e})") from None
-        top = max(vocab.values(), default=-1)
-        rows = self.cfg.vocab_size
-        if top >= rows:
-            raise LmcError(f"the tokenizer has token id {top} but tok_embeddings.weight has {rows} rows "
-                           f"[{rows}, {self.cfg.hidden_size}]; the tokenizer does not belong to this model")
+        check_vocabulary(self.source.tokenizer_files().get("tokenizer.json"), self.source.path, self.cfg)
 
     def check_finite_globals(self) -> None:
         """Build (and so check) the embeddings, final norm and lm_head before anything uses them."""
@@ -230,11 +209,7 @@ class Builder:
         built = self._build(t, rank)
         for name, blocks in built.items():
             if blocks[0].is_floating_point() and not all(_finite(b) for b in blocks):
-                message = (f"tensor {name} (from {', '.join(t.sources)}) has NaN or Inf values as "
-                           f"{str(blocks[0].dtype).removeprefix('torch.')}")
-                if not self.allow_nonfinite:
-                    raise LmcError(f"{message}; the checkpoint is damaged (--allow-nonfinite keeps it anyway)")
-                self.say(f"WARNING: {message}; kept because of --allow-nonfinite: the model's output may be garbage")
+                nonfinite(name, t.sources, str(blocks[0].dtype).removeprefix("torch."), self.allow_nonfinite, self.say)
         return built
 
     def _build(self, t: Target, rank: int) -> dict[str, list[torch.Tensor]]:
@@ -319,9 +294,6 @@ def plan(builder: Builder) -> tuple[list[list[TensorSpec]], dict[tuple[int, str]
     return rank_specs, owner
 
 
-QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source_files")  # kept from lmc_provenance.json
-
-
 def source_hashes(source: Source) -> BackgroundHashes:
     """The source's files (weights, config.json, lmc_provenance.json) hashed on threads from now on:
     this is the first read of the source, so the conversion's own reads come from the page cache."""
@@ -332,41 +304,8 @@ def source_hashes(source: Source) -> BackgroundHashes:
 
 
 def provenance(source: Source, command: str, extra: dict | None = None, hashes: BackgroundHashes | None = None) -> dict:
-    hashes = hashes or source_hashes(source)
-    files = {}
-    for f in source.reader.source_files():
-        rel = f.relative_to(source.path).as_posix() if source.path.is_dir() else f.name
-        files[rel] = {"size": f.stat().st_size, "sha256": hashes.sha256(f)}
-    prov = {"lmc_version": lmc.__version__, "command": command, "source_format": source.model_format}
-    for name in ("config.json", "lmc_provenance.json") if source.path.is_dir() else ():
-        if (source.path / name).is_file():
-            files[name] = {"size": (source.path / name).stat().st_size, "sha256": hashes.sha256(source.path / name)}
-    record = _quantized_by(source.path / "lmc_provenance.json") if source.path.is_dir() else None
-    if record is not None:
-        prov["quantized_by"] = record
-    prov["source_files"] = dict(sorted(files.items()))
-    prov.update(extra or {})
-    return prov
-
-
-def _quantized_by(path: Path) -> dict | None:
-    """The quantization and calibration records `lmc quantize` left in its AWQ output, if any."""
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise LmcError(f"{path} is not valid JSON ({e}); remove it or re-run `lmc quantize`") from None
-    if not isinstance(record, dict):
-        raise LmcError(f"{path} is not a JSON object; remove it or re-run `lmc quantize`")
-    return {key: record[key] for key in QUANTIZED_BY if key in record}
-
-
-def lmc_json(cfg: ModelConfig, dtype: torch.dtype, tp: int, quantization: dict | None, vision=None) -> dict:
-    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": str(dtype).removeprefix("torch."),
-            "quantization": quantization, "tp": tp,
-            "engine": {"session_len": cfg.max_position_embeddings, "cache_block_seq_len": 64}}
-    return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
+    return records.provenance(source.path, source.reader.source_files(), source.model_format, command,
+                              hashes or source_hashes(source), extra)
 
 
 def convert(src: str | Path, out: str | Path, model_format: str | None = None, dtype: str = "auto",
@@ -403,8 +342,7 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     if builder.quant:
         quantization = {"method": source.model_format, "bits": 4, "group_size": builder.group_size, "layout": LAYOUT,
                         "zero_point": True}
-    command = (f"lmc convert <src> -o <workspace> --model-format {source.model_format} --dtype {dtype} --tp {tp}"
-               + (" --allow-nonfinite" if allow_nonfinite else "") + (" --vision-tower <dir>" if vision_tower else ""))
+    command = convert_command(source.model_format, dtype, tp, allow_nonfinite, vision_tower is not None)
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(sum(spec.nbytes for specs in rank_specs for spec in specs), show)
     sizes = {(rank, spec.name): spec.nbytes for rank, specs in enumerate(rank_specs) for spec in specs}

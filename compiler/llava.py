@@ -23,10 +23,8 @@ import torch
 
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError
-from lmc.format.vision import VISION_GLOBAL_SOURCES, VISION_LAYER_SOURCES, VisionConfig, vision_tensors
+from lmc.format.vision import VISION_GLOBAL_SOURCES, VISION_LAYER_SOURCES, VisionConfig, is_llava, vision_tensors
 
-HF_TYPES = ("llava", "llava_next")
-ORIGINAL_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
 IMAGE_TOKEN = "<image>"
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 _TEXT = re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(.*)$")  # HF layout -> the Llama name after `model.`
@@ -101,16 +99,6 @@ class _TextReader:
 
     def source_files(self):
         return self.reader.source_files()
-
-
-def is_llava(hf: dict) -> str | None:
-    """"hf" or "original" for a LLaVA config.json, else None."""
-    archs = hf.get("architectures") or []
-    if hf.get("model_type") in HF_TYPES and isinstance(hf.get("text_config"), dict):
-        return "hf"
-    if any(a in ORIGINAL_ARCHS for a in archs if isinstance(a, str)) or "mm_projector_type" in hf:
-        return "original"
-    return None
 
 
 def split_vision(source: Source, vision_tower: str | Path | None = None) -> Source:

@@ -24,7 +24,8 @@ from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap,
 from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, checkpoint_int4_shapes, dequantize_int4,
                                pack_awq, pack_compressed, quantize_int4)
 from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
-from lmc.compiler.llava import PROCESSOR_FILES, hf_entries, is_llava, split_vision, vision_specs
+from lmc.compiler.llava import PROCESSOR_FILES, hf_entries, split_vision, vision_specs
+from lmc.format.vision import is_llava
 from lmc.compiler.readers import Source, open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError

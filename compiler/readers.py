@@ -13,7 +13,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.format.int4 import GROUP_SIZES
-from lmc.compiler.source_files import weight_files
+from lmc.compiler.source_files import TOKENIZER_FILES, weight_files  # noqa: F401 - TOKENIZER_FILES re-exported
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
               "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
@@ -95,8 +95,6 @@ class TorchBinReader:
         return list(self.files)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "tokenizer.model")
 
 
 INT4_FORMATS = ("awq", "gptq", "compressed-tensors")  # quantized checkpoints lmc reads (docs/interchange.md)

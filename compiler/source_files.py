@@ -8,6 +8,9 @@ from pathlib import Path
 from lmc.errors import LmcError
 from lmc.format.paths import confined
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "tokenizer.model")  # what a workspace's tokenizer/ folder may hold
+
 
 def _shards(index: Path) -> list[Path]:
     """The shard files a *.index.json names; each must be a plain file name path inside its folder."""

@@ -205,3 +205,15 @@ def vision_tensors(vc: VisionConfig) -> dict[str, tuple[int, ...]]:
     if vc.kind == "llava_next":
         out["image_newline"] = (h,)
     return out
+HF_TYPES = ("llava", "llava_next")
+ORIGINAL_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
+
+
+def is_llava(hf: dict) -> str | None:
+    """"hf" or "original" for a LLaVA config.json, else None."""
+    archs = hf.get("architectures") or []
+    if hf.get("model_type") in HF_TYPES and isinstance(hf.get("text_config"), dict):
+        return "hf"
+    if any(a in ORIGINAL_ARCHS for a in archs if isinstance(a, str)) or "mm_projector_type" in hf:
+        return "original"
+    return None

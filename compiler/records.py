@@ -1,0 +1,63 @@
+"""What a workspace records about itself and where it came from: lmc.json's contents, and the manifest's
+provenance (the source files' sizes and sha256, the command, the quantization record an `lmc quantize`
+output carries). Imports no torch, so the torch-free converter (compiler/passthrough.py) writes the same
+records as the others."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lmc
+from lmc.errors import LmcError
+from lmc.format.config import ModelConfig
+from lmc.format.hashing import BackgroundHashes
+from lmc.format.manifest import FORMAT_VERSION
+
+QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source_files")  # kept from lmc_provenance.json
+
+
+def lmc_json(cfg: ModelConfig, dtype, tp: int, quantization: dict | None, vision=None) -> dict:
+    """lmc.json of a workspace; dtype: a torch dtype or its name ("float16")."""
+    name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": name,
+            "quantization": quantization, "tp": tp,
+            "engine": {"session_len": cfg.max_position_embeddings, "cache_block_seq_len": 64}}
+    return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
+
+
+def convert_command(model_format: str, dtype: str, tp: int, allow_nonfinite: bool, vision_tower: bool) -> str:
+    """`lmc convert`'s command line as the provenance records it (paths elided)."""
+    return (f"lmc convert <src> -o <workspace> --model-format {model_format} --dtype {dtype} --tp {tp}"
+            + (" --allow-nonfinite" if allow_nonfinite else "") + (" --vision-tower <dir>" if vision_tower else ""))
+
+
+def provenance(path: Path, weight_files: list[Path], model_format: str, command: str, hashes: BackgroundHashes,
+               extra: dict | None = None) -> dict:
+    """The manifest's provenance of a workspace made from the checkpoint at `path` (a folder, or a GGUF file)."""
+    files = {}
+    for f in weight_files:
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        files[rel] = {"size": f.stat().st_size, "sha256": hashes.sha256(f)}
+    prov = {"lmc_version": lmc.__version__, "command": command, "source_format": model_format}
+    for name in ("config.json", "lmc_provenance.json") if path.is_dir() else ():
+        if (path / name).is_file():
+            files[name] = {"size": (path / name).stat().st_size, "sha256": hashes.sha256(path / name)}
+    record = _quantized_by(path / "lmc_provenance.json") if path.is_dir() else None
+    if record is not None:
+        prov["quantized_by"] = record
+    prov["source_files"] = dict(sorted(files.items()))
+    prov.update(extra or {})
+    return prov
+
+
+def _quantized_by(path: Path) -> dict | None:
+    """The quantization and calibration records `lmc quantize` left in its AWQ output, if any."""
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise LmcError(f"{path} is not valid JSON ({e}); remove it or re-run `lmc quantize`") from None
+    if not isinstance(record, dict):
+        raise LmcError(f"{path} is not a JSON object; remove it or re-run `lmc quantize`")
+    return {key: record[key] for key in QUANTIZED_BY if key in record}
