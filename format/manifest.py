@@ -250,7 +250,7 @@ def open_checked(path: Path) -> tuple[dict, ModelConfig, dict]:
 # ----------------------------------------------------------------------------- verify
 
 
-def _header(path: Path) -> tuple[int, dict]:
+def safetensors_header_of(path: Path) -> tuple[int, dict]:
     """(data section start, header) of a safetensors file; ValueError when it is malformed."""
     with open(path, "rb") as fh:
         head = fh.read(8)
@@ -317,7 +317,7 @@ def verify_workspace(path: str | os.PathLike) -> list[str]:
         rel = entry["file"]
         if rel not in headers:
             try:
-                headers[rel] = _header(path / rel)
+                headers[rel] = safetensors_header_of(path / rel)
             except ValueError as e:
                 headers[rel] = str(e)
                 problems.append(f"{rel}: not a safetensors file ({e})")

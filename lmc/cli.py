@@ -66,11 +66,15 @@ def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, as_json, 
     start = time.perf_counter()
     files = early_source_files(src)
     early = BackgroundHashes(files) if files else None  # the source is read and hashed while torch loads
-    from lmc.compiler.convert import convert as run_convert
+    from lmc.compiler.passthrough import convert_passthrough
 
-    manifest = run_convert(src, out, model_format=model_format, dtype=dtype, tp=tp, force=force,
-                           progress=False if as_json else None, allow_nonfinite=allow_nonfinite,
-                           say=lambda m: click.echo(m, err=True), hashes=early, vision_tower=vision_tower)
+    options = dict(dtype=dtype, tp=tp, force=force, progress=False if as_json else None, allow_nonfinite=allow_nonfinite,
+                   say=lambda m: click.echo(m, err=True), hashes=early, model_format=model_format, vision_tower=vision_tower)
+    manifest = convert_passthrough(src, out, **options)  # a float safetensors checkpoint kept as it is: no torch
+    if manifest is None:
+        from lmc.compiler.convert import convert as run_convert
+
+        manifest = run_convert(src, out, **options)
     size = sum(f["size"] for f in manifest["files"].values())
     if as_json:
         click.echo(json.dumps({"output": str(out), "tensors": len(manifest["tensors"]), "bytes": size,
