@@ -125,6 +125,15 @@ if triton is not None:
                  out.to(o_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
     @triton.jit
+    def _split_range(kv_lens_ptr, b, split, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr):
+        """The cached positions [start, end) of sequence b that KV split `split` of a decode kernel covers: the
+        sequence cut into NUM_SPLITS runs of whole BLOCK_N tiles (the last runs may be short or empty)."""
+        kv_len = tl.load(kv_lens_ptr + b)
+        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+        start = split * split_len
+        return start, tl.minimum(start + split_len, kv_len)
+
+    @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
@@ -143,10 +152,7 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        kv_len = tl.load(kv_lens_ptr + b)
-        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * split_len
-        end = tl.minimum(start + split_len, kv_len)
+        start, end = _split_range(kv_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
         offs_g = tl.arange(0, BLOCK_G)
         offs_d, d_mask = head_dims(D, BLOCK_D, BITS)  # [BLOCK_D]: the head dim in each tile column
@@ -230,10 +236,7 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        kv_len = tl.load(kv_lens_ptr + b)
-        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * split_len
-        end = tl.minimum(start + split_len, kv_len)
+        start, end = _split_range(kv_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
         offs_g = tl.arange(0, BLOCK_G)
         HALVES: tl.constexpr = BITS == 4
@@ -364,10 +367,7 @@ if triton is not None:
         b = tl.program_id(0)
         kvh = tl.program_id(1)
         split = tl.program_id(2)
-        kv_len = tl.load(kv_lens_ptr + b)
-        split_len = tl.cdiv(tl.cdiv(kv_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-        start = split * split_len
-        end = tl.minimum(start + split_len, kv_len)
+        start, end = _split_range(kv_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
         offs_g = tl.arange(0, BLOCK_G)
         HALVES: tl.constexpr = BITS == 4

@@ -466,37 +466,6 @@ FMA_DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits
 ]
 
 
-@needs_triton
-@pytest.mark.parametrize("Hq,Hkv,D,block_size,dtype,num_splits,block_n,bits", FMA_DECODE_CASES)
-def test_decode_fma_kernel_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits):
-    """kernel="fma" against the reference on the cache's layouts (4 bits: K in 16-channel groups, D 24: one group
-    of 12 per half, D 80: 16 + 16 + 8), kv lengths ending mid-block, splits left empty (kv_len 1), and an empty
-    sequence (kv_len 0: zeros)."""
-    c = _quant_case((1, 1, 1, 1, 1), (1, 37, 70, 16, 5), Hq, Hkv, D, block_size, dtype, bits, seed=31)
-    kv_lens = c.kv_lens.clone()
-    kv_lens[4] = 0
-    args = (c.q, *c.quant_caches, c.block_tables, kv_lens, c.scale)
-    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n, kernel="fma")
-    assert out.shape == c.q.shape and out.dtype == dtype
-    assert torch.equal(out[4], torch.zeros_like(out[4]))
-    ref = attention.paged_decode_attention_ref(c.q[:4], *c.quant_caches, c.block_tables[:4], kv_lens[:4], c.scale)
-    torch.testing.assert_close(out[:4], ref, **ATTN_TOL[dtype])
-
-
-@needs_triton
-def test_decode_fma_kernel_per_vector_int4_keys():
-    """One (scale, zero) per K vector with 4 bits (the pre-group layout, still a valid QuantizedKV): the scale
-    folded out of the two nibble halves' dots."""
-    c = _quant_case((1, 1), (45, 9), 4, 2, 64, 16, torch.float32, 4, seed=32)
-    k = c.quant_caches[0]
-    per_vector = QuantizedKV.empty(*k.shape, 4, 64, "cpu")
-    rows = torch.randn(k.shape[0] * k.shape[1], 2, 64, generator=_gen(33))  # [slots, Hkv, D]
-    per_vector.codes.view(-1, 2, 32)[:], per_vector.scales_zeros.view(-1, 2, 1, 2)[:] = quantize_kv_ref(rows, 4)
-    args = (c.q, per_vector, c.quant_caches[1], c.block_tables, c.kv_lens, c.scale)
-    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fma")
-    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **FP32)
-
-
 # --- the fold decode kernel (tl.dot on the raw codes, scales and zeros on the score tiles) ------------------
 
 FOLD_DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits: GQA groups 1/3/4/8, odd D and pages
@@ -512,16 +481,19 @@ FOLD_DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bit
 
 
 @needs_triton
-@pytest.mark.parametrize("Hq,Hkv,D,block_size,dtype,num_splits,block_n,bits", FOLD_DECODE_CASES)
-def test_decode_fold_kernel_matches_ref(Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits):
-    """kernel="fold" against the reference on the cache's layouts, kv lengths ending mid-block and mid-tile,
-    splits left empty (kv_len 1) and an empty sequence (kv_len 0: zeros). float16 q takes the folded 1024 offset
-    (codes fed to the dot as 1024 + c), float32 q the codes themselves."""
-    c = _quant_case((1, 1, 1, 1, 1), (1, 37, 70, 16, 5), Hq, Hkv, D, block_size, dtype, bits, seed=41)
+@pytest.mark.parametrize("kernel,Hq,Hkv,D,block_size,dtype,num_splits,block_n,bits",
+                         [("fma", *case) for case in FMA_DECODE_CASES] + [("fold", *case) for case in FOLD_DECODE_CASES])
+def test_decode_codes_kernels_match_ref(kernel, Hq, Hkv, D, block_size, dtype, num_splits, block_n, bits):
+    """kernel="fma" and "fold" (the kernels that compute on the codes) against the reference on the cache's
+    layouts (4 bits: K in 16-channel groups, D 24: one group of 12 per half, D 80: 16 + 16 + 8), kv lengths
+    ending mid-block and mid-tile, splits left empty (kv_len 1) and an empty sequence (kv_len 0: zeros).
+    fold: float16 q takes the folded 1024 offset (codes fed to the dot as 1024 + c), float32 q the codes."""
+    c = _quant_case((1, 1, 1, 1, 1), (1, 37, 70, 16, 5), Hq, Hkv, D, block_size, dtype, bits,
+                    seed={"fma": 31, "fold": 41}[kernel])
     kv_lens = c.kv_lens.clone()
     kv_lens[4] = 0
     args = (c.q, *c.quant_caches, c.block_tables, kv_lens, c.scale)
-    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n, kernel="fold")
+    out = attention.paged_decode_attention_triton(*args, num_splits=num_splits, block_n=block_n, kernel=kernel)
     assert out.shape == c.q.shape and out.dtype == dtype
     assert torch.equal(out[4], torch.zeros_like(out[4]))
     ref = attention.paged_decode_attention_ref(c.q[:4], *c.quant_caches, c.block_tables[:4], kv_lens[:4], c.scale)
@@ -556,16 +528,17 @@ def test_decode_fold_kernel_offset_cancels_at_large_codes():
 
 
 @needs_triton
-def test_decode_fold_kernel_per_vector_int4_keys():
-    """One (scale, zero) per K vector with 4 bits (the pre-group layout, still a valid QuantizedKV): the two
-    nibble halves' dots summed, then scaled."""
-    c = _quant_case((1, 1), (45, 9), 4, 2, 64, 16, torch.float32, 4, seed=43)
+@pytest.mark.parametrize("kernel,seeds", [("fma", (32, 33)), ("fold", (43, 44))])
+def test_decode_codes_kernels_per_vector_int4_keys(kernel, seeds):
+    """One (scale, zero) per K vector with 4 bits (the pre-group layout, still a valid QuantizedKV): the scale
+    folded out of the two nibble halves' dots."""
+    c = _quant_case((1, 1), (45, 9), 4, 2, 64, 16, torch.float32, 4, seed=seeds[0])
     k = c.quant_caches[0]
     per_vector = QuantizedKV.empty(*k.shape, 4, 64, "cpu")
-    rows = torch.randn(k.shape[0] * k.shape[1], 2, 64, generator=_gen(44))  # [slots, Hkv, D]
+    rows = torch.randn(k.shape[0] * k.shape[1], 2, 64, generator=_gen(seeds[1]))  # [slots, Hkv, D]
     per_vector.codes.view(-1, 2, 32)[:], per_vector.scales_zeros.view(-1, 2, 1, 2)[:] = quantize_kv_ref(rows, 4)
     args = (c.q, per_vector, c.quant_caches[1], c.block_tables, c.kv_lens, c.scale)
-    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fold")
+    out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel=kernel)
     torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **FP32)
 
 
