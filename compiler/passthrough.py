@@ -64,11 +64,13 @@ def _tensor_table(files: list[Path]) -> dict[str, _Range] | None:
                 dtype = entry["dtype"]
             except (TypeError, KeyError, ValueError):
                 return None
+            if not (isinstance(dtype, str) and dtype in ITEMSIZE and all(type(d) is int and d >= 0 for d in shape)
+                    and type(start) is int and type(end) is int and 0 <= start <= end and data_start + end <= size):
+                return None
             numel = 1
             for d in shape:
-                numel *= d if isinstance(d, int) and d >= 0 else -1
-            ok = (isinstance(start, int) and isinstance(end, int) and 0 <= start <= end and data_start + end <= size
-                  and dtype in ITEMSIZE and numel >= 0 and end - start == numel * ITEMSIZE[dtype])
+                numel *= d
+            ok = end - start == numel * ITEMSIZE[dtype]
             if not ok or name in table:
                 return None
             table[name] = _Range(f, data_start + start, data_start + end, dtype, shape)

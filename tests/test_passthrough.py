@@ -110,3 +110,25 @@ def test_lmc_convert_takes_it_without_torch(checkpoint, tmp_path):
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "False"
     assert tree_digest(tmp_path / "ws") == DIGESTS["llama3-fp32"]
+
+
+@pytest.mark.parametrize("entry", [{"dtype": ["F32"], "shape": [2], "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": "ab", "data_offsets": [0, 8]},
+                                   {"dtype": "F32", "shape": [2], "data_offsets": [0, 1 << 40]},
+                                   {"dtype": "F32", "shape": [True, 2], "data_offsets": [0.0, 8]},
+                                   [1, 2]])
+def test_hostile_header_entries_fall_back(entry, checkpoint, tmp_path):
+    """A safetensors header entry of the wrong types or past its file: the torch-free path declines (no traceback,
+    nothing written) and the torch converter says what is wrong in one line."""
+    ckpt = checkpoint("llama3")
+    shard = _shards(ckpt)[0]
+    raw = shard.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    header["model.layers.0.input_layernorm.weight"] = entry
+    new = json.dumps(header).encode()
+    shard.write_bytes(len(new).to_bytes(8, "little") + new + raw[8 + n:])
+    assert convert_passthrough(ckpt, tmp_path / "ws") is None
+    assert not (tmp_path / "ws").exists()
+    with pytest.raises(LmcError):
+        convert(ckpt, tmp_path / "ws")
