@@ -279,6 +279,8 @@ def main() -> None:
     args = ap.parse_args()
 
     cfg = {**TINYLLAMA, "num_hidden_layers": args.layers}
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="lmc-bench-convert-", dir=args.workdir))
     src = work / "llama-random-fp16"
     load_before = os.getloadavg()

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-import torch
+if "--smoke" in sys.argv:  # the CPU runs the kernels in Triton's interpreter, chosen before triton is imported
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import versions  # noqa: E402
@@ -28,9 +31,9 @@ from lmc.kernels import attention  # noqa: E402
 from lmc.kernels.kv_quant import QuantizedKV, store_groups  # noqa: E402
 
 
-def caches(policy: int, blocks: int, page: int, hkv: int, d: int, dev: str):
+def caches(policy: int, blocks: int, page: int, hkv: int, d: int, dev: str, dtype: torch.dtype):
     if policy == 0:
-        return [torch.randn(blocks, page, hkv, d, dtype=torch.float16, device=dev) for _ in range(2)]
+        return [torch.randn(blocks, page, hkv, d, dtype=dtype, device=dev) for _ in range(2)]
     out = []
     for group in store_groups(d, policy):
         store = QuantizedKV.empty(blocks, page, hkv, d, policy, group, dev)
@@ -66,10 +69,11 @@ def main() -> int:
         for batch, kv_len in points:
             per_seq = -(-kv_len // page)
             blocks = batch * per_seq
-            k_cache, v_cache = caches(policy, blocks, page, hkv, d, dev)
+            dtype = torch.float16 if dev == "cuda" else torch.float32  # the interpreter's dots: float32
+            k_cache, v_cache = caches(policy, blocks, page, hkv, d, dev, dtype)
             tables = torch.randperm(blocks, device=dev, dtype=torch.int32).reshape(batch, per_seq)
             kv_lens = torch.full((batch,), kv_len, dtype=torch.int32, device=dev)
-            q = torch.randn(batch, hq, d, dtype=torch.float16 if dev == "cuda" else torch.float32, device=dev)
+            q = torch.randn(batch, hq, d, dtype=dtype, device=dev)
             kv_bytes = sum(c.codes.numel() + c.scales_zeros.numel() * 2 if isinstance(c, QuantizedKV)
                            else c.numel() * 2 for c in (k_cache, v_cache))
             base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
@@ -105,6 +109,10 @@ def main() -> int:
                   date=time.strftime("%Y-%m-%d"), command=" ".join(sys.argv), rows=rows, best=best)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    failed = [r for r in rows if "error" in r]
+    if args.smoke and failed:  # every smoke setting runs in the interpreter: an error is a broken script or kernel
+        print(f"{len(failed)} of {len(rows)} smoke settings failed, the first: {failed[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -9,8 +9,8 @@ lmc's writer does; `--output-hash blake3` asks what a faster checksum than the f
 `lmc convert` of the same checkpoint. The source is dropped from the page cache before each run
 (cold, as bench_convert.py measures); `--warm` keeps it.
 
-    python bench/bench_convert.py --keep --workdir /tmp/cb        # makes /tmp/cb/src (2.2 GB)
-    python bench/convert_ceiling.py /tmp/cb/src --repeat 3 --direct --out bench/results/convert_ceiling.json
+    python bench/bench_convert.py --keep --workdir /tmp/cb --repeat 1   # leaves /tmp/cb/lmc-bench-convert-*/llama-random-fp16
+    python bench/convert_ceiling.py /tmp/cb/lmc-bench-convert-*/llama-random-fp16 --repeat 3 --out bench/results/convert_ceiling_sha256.json
 """
 from __future__ import annotations
 

@@ -94,12 +94,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--work", default="/tmp/lmc_bench_serving")
-    ap.add_argument("--format", default="int4", choices=("fp16", "int4"))
+    ap.add_argument("--format", default=None, choices=("fp16", "int4"),
+                    help="workspace format (default int4; fp16 with --smoke: the tiny shape cannot split int4 groups)")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--kernels", action="store_true", help="also rank 0's GPU kernels per step (torch.profiler)")
     ap.add_argument("--batches", default="1,16", help="comma-separated batch sizes")
     args = ap.parse_args()
+    args.format = args.format or ("fp16" if args.smoke else "int4")
     dev = "cpu" if args.smoke else "cuda"
     shape = TINY if args.smoke else LLAMA3_8B
     timed(cuda_graph.GreedyStep, "tokens", "tokens_wait")

@@ -15,6 +15,7 @@ config, a malformed header): compiler/convert.py then converts it, and says what
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 import sys
@@ -67,10 +68,7 @@ def _tensor_table(files: list[Path]) -> dict[str, _Range] | None:
             if not (isinstance(dtype, str) and dtype in ITEMSIZE and all(type(d) is int and d >= 0 for d in shape)
                     and type(start) is int and type(end) is int and 0 <= start <= end and data_start + end <= size):
                 return None
-            numel = 1
-            for d in shape:
-                numel *= d
-            ok = end - start == numel * ITEMSIZE[dtype]
+            ok = end - start == math.prod(shape) * ITEMSIZE[dtype]
             if not ok or name in table:
                 return None
             table[name] = _Range(f, data_start + start, data_start + end, dtype, shape)

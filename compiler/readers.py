@@ -95,8 +95,6 @@ class TorchBinReader:
         return list(self.files)
 
 
-
-
 INT4_FORMATS = ("awq", "gptq", "compressed-tensors")  # quantized checkpoints lmc reads (docs/interchange.md)
 MODEL_FORMATS = ("hf", *INT4_FORMATS, "gguf")
 

@@ -205,7 +205,9 @@ def vision_tensors(vc: VisionConfig) -> dict[str, tuple[int, ...]]:
     if vc.kind == "llava_next":
         out["image_newline"] = (h,)
     return out
-HF_TYPES = ("llava", "llava_next")
+
+
+HF_TYPES = ("llava", "llava_next")  # the LLaVA config.json kinds is_llava recognises
 ORIGINAL_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
 
 

@@ -8,6 +8,7 @@ atomic output claim) in lmc.format.writing; both are re-exported here.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import os
 import struct
@@ -50,10 +51,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:

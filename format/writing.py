@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import math
 import os
 import queue
 import shutil
@@ -45,10 +46,7 @@ class StSpec:
 
     @property
     def nbytes(self) -> int:
-        n = self.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape) * self.itemsize
 
 
 def file_order(specs: list) -> list:

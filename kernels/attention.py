@@ -6,9 +6,12 @@ block * block_size + offset. GQA: q head h reads kv head h // (Hq // Hkv). Softm
 A quantized cache (quant_policy 8 or 4) is a QuantizedKV per layer for K and for V: uint8 codes plus
 float16 scales and zeros per token and head (one pair per vector, or per group of channels: policy 4's K),
 same slots (layout: kernels/kv_quant.py, docs/kv-cache.md);
-writes quantize, the kernels dequantize each K/V tile in registers as they read it (to q's dtype, then
-the same dots). With 4 bits a tile's columns interleave the head's two halves (kv_quant.head_dims), so q
-is loaded and the output stored in that column order and the dots need no reshuffle.
+writes quantize; prefill (and the opt-in mma decode) dequantizes each K/V tile in registers as it reads it
+(to q's dtype, then the same dots), while the runtime's decode over a quantized cache
+(QUANTIZED_DECODE_KERNEL, "fold") feeds the raw codes to the dots and applies each token's scale and zero
+to the score tiles. With 4 bits the dequantizing kernels' tiles a tile's columns interleave the head's two halves (kv_quant.head_dims), so q
+is loaded and the output stored in that column order and the dots need no reshuffle; the fold kernel dots
+the two nibble halves separately.
 
 Prefill (flash-attention style): one program per (BLOCK_M queries, sequence, q head); query j of a
 sequence with q_len queries and kv_len cached tokens sits at position kv_len - q_len + j.
