@@ -50,10 +50,14 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--kernels", default="mma",
                     help="comma-separated decode kernels to time: mma, fma, fold (e.g. --kernels mma,fold)")
+    ap.add_argument("--policies", default="0,8,4", help="comma-separated cache policies (0: the fp16 reference)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
     if not set(kernels) <= {"mma", "fma", "fold"}:
         ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma, fold")
+    policies = [int(p) for p in args.policies.split(",")]
+    if not set(policies) <= {0, 8, 4}:
+        ap.error(f"--policies {args.policies}: a comma-separated list of 0, 8, 4")
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
     points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
@@ -65,7 +69,7 @@ def main() -> int:
     from triton.testing import do_bench
 
     rows = []
-    for policy in (0, 8, 4):
+    for policy in policies:
         for batch, kv_len in points:
             per_seq = -(-kv_len // page)
             blocks = batch * per_seq

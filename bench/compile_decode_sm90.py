@@ -27,7 +27,7 @@ KINDS = {  # SASS opcodes counted per tile (the opcode before its first '.')
     "FFMA": "FFMA", "FMUL/FADD": "FMUL FADD", "HFMA2/HADD2/HMUL2": "HFMA2 HADD2 HMUL2", "HMMA/HGMMA": "HMMA HGMMA",
     "LDSM": "LDSM", "STS": "STS", "LDS": "LDS", "LDGSTS": "LDGSTS", "BAR": "BAR", "SHFL": "SHFL", "MUFU": "MUFU",
     "I2F/F2F": "I2F F2F I2FP F2FP", "LOP3/PRMT/SHF/IADD": "LOP3 PRMT SHF IADD3 IMAD LEA SEL ISETP", "LDG": "LDG",
-    "FMNMX": "FMNMX", "FSETP/FSEL": "FSETP FSEL",
+    "FMNMX": "FMNMX", "FSETP/FSEL": "FSETP FSEL", "WARPGROUP": "WARPGROUP",
 }
 
 

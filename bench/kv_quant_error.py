@@ -90,6 +90,21 @@ def per_channel(x: torch.Tensor, bits: int, group: int = 64) -> torch.Tensor:
     return (((g - lo) / s).round().clamp(0, 2**bits - 1) * s + lo).reshape(x.shape)
 
 
+def hadamard(d: int) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix [d, d] (d a power of two): symmetric, H @ H = I."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < d:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(d)
+
+
+def rotated(x: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """The codec on x @ H (a Hadamard rotation of each head vector, spreading outlier channels over all), rotated
+    back: q . k = (q H) . (k H), so a cache could keep the rotated codes and rotate q instead."""
+    h = hadamard(x.shape[-1]).to(x.dtype)
+    return per_token(x @ h, bits, group) @ h
+
+
 def smoothed(x: torch.Tensor, bits: int) -> torch.Tensor:
     c = x.abs().amax(0).clamp(min=1e-6)  # [Hkv, D]
     return per_token(x / c, bits) * c
@@ -109,6 +124,9 @@ VARIANTS = {  # name: (K round trip, V round trip); v4 / v8: per vector
     "k4 groups of 8 rotary pairs (16 channels), v4": (lambda x: rotary_pairs(x, 4, 8), lambda x: per_token(x, 4)),
     "k4 per channel (64 tokens), v4": (lambda x: per_channel(x, 4), lambda x: per_token(x, 4)),
     "k4 smoothed, v4": (lambda x: smoothed(x, 4), lambda x: per_token(x, 4)),
+    "k4 Hadamard-rotated per vector, v4": (lambda x: rotated(x, 4), lambda x: per_token(x, 4)),
+    "k4 Hadamard-rotated per vector, v4 rotated": (lambda x: rotated(x, 4), lambda x: rotated(x, 4)),
+    "k4 Hadamard-rotated groups of 32, v4": (lambda x: rotated(x, 4, 32), lambda x: per_token(x, 4)),
 }
 
 
@@ -141,6 +159,7 @@ def main() -> None:
                        "k4_g32": rel(k, per_token(k, 4, 32)), "k4_g16": rel(k, per_token(k, 4, 16)),
                        "v8": rel(v, per_token(v, 8)), "v4": rel(v, per_token(v, 4)),
                        "k4_per_channel_64": rel(k, per_channel(k, 4)), "k4_smoothed": rel(k, smoothed(k, 4)),
+                       "k4_hadamard": rel(k, rotated(k, 4)), "v4_hadamard": rel(v, rotated(v, 4)),
                        "k_outlier_ratio": float((amax.amax(-1) / amax.median(-1).values).max())})
     mean = {key: sum(r[key] for r in layers) / len(layers) for key in layers[0] if key != "layer"}
     out = {"workspace": args.workspace, "dataset": args.dataset, "windows": windows.shape[0], "seqlen": SEQLEN,

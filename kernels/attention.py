@@ -351,13 +351,13 @@ if triton is not None:
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_GG: tl.constexpr,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
         (code_operand: 1024 + c for float16 q), and each token's (scale, zero) is applied to the score tile:
-        q . k_n = s_n (q . (1024 + c_n)) + (z_n - 1024 s_n) sum(q), per group for grouped keys (K_GROUP < D: one
-        dot per group and half, its partial scores scaled per token); sum_n p_n v_n = (p s) @ (1024 + C) +
+        q . k_n = s_n (q . (1024 + c_n)) + (z_n - 1024 s_n) sum(q), per group for grouped keys (K_GROUP < D: see
+        below); sum_n p_n v_n = (p s) @ (1024 + C) +
         sum_n (p_n z_n - 1024 (p s)_n), the last a per-row running sum added to every channel at the end. The
         tiles are transposed against _decode_kernel's, tokens as the MMA's M and the group's q rows as its N
         (BLOCK_G >= 8, the MMA's n, where _decode_kernel pads them to 16 as M): the score tile is
@@ -365,7 +365,15 @@ if triton is not None:
         nibble halves are separate dots (q's and the output's two halves, no interleave). A tile spans
         BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes become float16 operands by inline PTX
         (GPU only; kv_quant._codes_f16_asm). bfloat16 q runs as float16 (_q_operand). V's codes are addressed with K's strides (same shapes,
-        asserted by the caller: one address computation for both tiles; stride_v* are unused)."""
+        asserted by the caller: one address computation for both tiles; stride_v* are unused).
+        Grouped keys (4 bits, NG = 2 NGH groups per vector, BLOCK_GG = next_power_of_2(NG)): one chained pair of dots
+        per tile (a single wgmma wait) against a block-diagonal q^T [BLOCK_H, BLOCK_GG * BLOCK_G] per half, column
+        gg * BLOCK_G + r = q row r on key group gg's channels, zero elsewhere (built once), gives every group's
+        partial scores at once as [BLOCK_N, BLOCK_GG, BLOCK_G]; each is scaled by its token's pair and summed over
+        the groups in-thread (the wgmma accumulator holds a row's 8-column chunks, one per group, in one thread).
+        The dots do BLOCK_GG x the multiply-adds one dot per group would, on tensor cores that are idle here;
+        one K = 16 dot per group and half took 310 µs against this form's 284 at 16 x 16k on an H200 (10 wgmma
+        waits per tile instead of 4; bench/NOTES.md)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -377,7 +385,6 @@ if triton is not None:
         PART: tl.constexpr = D // 2 if HALVES else D  # channels per tile: channel j (and j + D/2 with 4 bits)
         GROUPED: tl.constexpr = K_GROUP < D
         NGH: tl.constexpr = (PART + K_GROUP - 1) // K_GROUP  # key groups per half (grouped keys)
-        BLOCK_KG: tl.constexpr = max(K_GROUP, 16)  # a group's dot width (tl.dot's K >= 16)
         PRESCALED: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16  # _q_operand scaled q by qk_scale
         j = tl.arange(0, BLOCK_H)
         g_mask = offs_g < group
@@ -391,16 +398,19 @@ if triton is not None:
         if HALVES:
             q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
             q_sum += tl.sum(q2.to(tl.float32), axis=0)
-        if GROUPED:  # each half's group slices of q^T [BLOCK_KG, BLOCK_G] and their sums, loaded once
-            q_groups = ()
-            for gi in tl.static_range(NGH):
-                cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)  # [BLOCK_KG]: the group's channels of a half
-                qg_mask = ((cg < gi * K_GROUP + K_GROUP) & (cg < PART))[:, None] & g_mask[None, :]
-                qg1 = _q_operand(q_cols + cg[:, None], qg_mask, qk_scale)
-                qg2 = _q_operand(q_cols + PART + cg[:, None], qg_mask, qk_scale)
-                q_groups = q_groups + ((qg1, tl.sum(qg1.to(tl.float32), axis=0), qg2,
-                                        tl.sum(qg2.to(tl.float32), axis=0)),)
-
+        NG: tl.constexpr = 2 * NGH  # key groups per vector (grouped keys)
+        if GROUPED:  # q^T block-diagonal per half [BLOCK_H, BLOCK_GG * BLOCK_G], loaded once
+            col = tl.arange(0, BLOCK_GG * BLOCK_G)
+            col_g = col // BLOCK_G  # the column's key group
+            col_r = col % BLOCK_G  # the column's q row
+            jc_mask = (j[:, None] < PART) & (col_r < group)[None, :]
+            q_rows = q_ptr + b64 * stride_qb + (kvh * group + col_r)[None, :] * stride_qh  # [1, BLOCK_GG * BLOCK_G]
+            qb1 = _q_operand(q_rows + j[:, None], jc_mask & (col_g[None, :] == (j // K_GROUP)[:, None]), qk_scale)
+            qb2 = _q_operand(q_rows + PART + j[:, None], jc_mask & (col_g[None, :] == (NGH + j // K_GROUP)[:, None]),
+                             qk_scale)  # [BLOCK_H, BLOCK_GG * BLOCK_G] each
+            qb_sum = tl.reshape(tl.sum(qb1.to(tl.float32) + qb2.to(tl.float32), axis=0),
+                                [BLOCK_GG, BLOCK_G])  # [BLOCK_GG, BLOCK_G]: each group's sum of q
+            gg = tl.arange(0, BLOCK_GG)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc1 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
@@ -416,18 +426,15 @@ if triton is not None:
             k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
             ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
             qk = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
-            if GROUPED:  # 4 bits: byte group gi holds key group gi (low nibbles) and NGH + gi (high nibbles)
-                for gi in tl.static_range(NGH):
-                    qg1, qs1, qg2, qs2 = q_groups[gi]
-                    cg = gi * K_GROUP + tl.arange(0, BLOCK_KG)
-                    cg_mask = (cg < gi * K_GROUP + K_GROUP) & (cg < PART)
-                    c = tl.load(k_ptr + k_off[:, None] + cg[None, :], mask=n_mask[:, None] & cg_mask[None, :],
-                                other=0)  # [BLOCK_N, BLOCK_KG] bytes
-                    x1, x2 = nibble_operands(c, qg1.dtype, ASM)
-                    qk = _fold_key_scores(qk, tl.dot(x1, qg1, input_precision=DOT_PRECISION), qs1,
-                                          ksz_ptr + ks_off + 2 * gi, n_mask, offset)
-                    qk = _fold_key_scores(qk, tl.dot(x2, qg2, input_precision=DOT_PRECISION), qs2,
-                                          ksz_ptr + ks_off + 2 * (NGH + gi), n_mask, offset)
+            if GROUPED:
+                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
+                part = tl.dot(x2, qb2, tl.dot(x1, qb1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
+                part = tl.reshape(part, [BLOCK_N, BLOCK_GG, BLOCK_G])  # every group's partial scores
+                scale, zero = load_scale_zero(ksz_ptr + ks_off[:, None] + 2 * gg[None, :],
+                                              n_mask[:, None] & (gg < NG)[None, :])  # [BLOCK_N, BLOCK_GG] each
+                qk = tl.sum(part * scale[:, :, None] + qb_sum[None, :, :] * (zero - offset * scale)[:, :, None],
+                            axis=1)  # [BLOCK_N, BLOCK_G]
             elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
@@ -607,10 +614,14 @@ def paged_decode_attention_triton(
     _, block_size, Hkv, _ = k_cache.shape
     assert kv_lens.shape == (B,) and block_tables.shape[0] == B
     group = Hq // Hkv
+    max_context = block_tables.shape[1] * block_size
     if num_splits is None:
-        num_splits = _default_num_splits(q, B * Hkv, block_tables.shape[1] * block_size, block_n or 64)
-    if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 / int4 µs at BLOCK_N 128 vs 64): 16 x 16k,
-        # 3 splits, 230 / 308 vs 287 / 368; 64 x 4k, 1 split, 330 / 384 vs 256 / 335
+        num_splits = _default_num_splits(q, B * Hkv, max_context, block_n or 64)
+        if kernel == "fold" and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4 at 64 x 4k: 1
+            num_splits = max(1, min(4, max_context // 256))  # split 408 µs, 4 splits 292 (fp16 cache: 258)
+            block_n = block_n or 64
+    if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 µs at BLOCK_N 128 vs 64): 16 x 16k, 3 splits,
+        # 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_foldbd_h200.json) at 16 x 16k 284 vs 313
         block_n = 128 if kernel == "fold" and num_splits > 1 else 64
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
@@ -637,7 +648,8 @@ def paged_decode_attention_triton(
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
             K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
-            ASM=q.is_cuda and q.dtype != torch.float32, **launch)
+            ASM=q.is_cuda and q.dtype != torch.float32,
+            BLOCK_GG=triton.next_power_of_2(2 * triton.cdiv(D // 2 if bits == 4 else D, consts["K_GROUP"])), **launch)
     elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
