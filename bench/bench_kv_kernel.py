@@ -84,16 +84,13 @@ def main() -> int:
             runs = [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
                 [("fma", c) for c in fma_grid if policy and "fma" in kernels] + \
                 [("fold", c) for c in grid if policy and "fold" in kernels]  # the mma kernel's launch settings
-            runs = [(kernel, c, hp) for kernel, c in runs
-                    for hp in ((1, 2) if kernel == "fold" and policy == 4 else (None,))]
-            for kernel, (mult, block_n, warps, stages), hp in runs:
-                base = attention._default_num_splits(q, batch * -(-hkv // hp), per_seq * page, 64) if hp else base_splits
-                splits = max(1, min(base * mult, -(-kv_len // block_n)))
+            for kernel, (mult, block_n, warps, stages) in runs:
+                splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731
                     q, k_cache, v_cache, tables, kv_lens, 0.088, num_splits=splits, block_n=block_n,
-                    num_warps=warps, num_stages=stages, kernel=kernel, heads_per_program=hp)
+                    num_warps=warps, num_stages=stages, kernel=kernel)
                 config = dict(kernel=kernel, policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n,
-                              warps=warps, stages=stages, heads_per_program=hp)
+                              warps=warps, stages=stages)
                 try:
                     ms = do_bench(fn, warmup=5, rep=20) if dev == "cuda" else (fn(), 0.0)[1]
                 except Exception as e:  # a config that does not compile (shared memory) is recorded, not fatal
@@ -107,7 +104,7 @@ def main() -> int:
     best = {}
     for r in rows:
         if "us" in r:
-            key = f"{r['kernel']} policy {r['policy']} B={r['batch']} L={r['kv_len']} hp={r['heads_per_program']}"
+            key = f"{r['kernel']} policy {r['policy']} B={r['batch']} L={r['kv_len']}"
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     for k, r in best.items():

@@ -139,7 +139,7 @@ if triton is not None:
     @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
-        qk_scale, group, num_kv_heads,
+        qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -217,7 +217,7 @@ if triton is not None:
     @triton.jit
     def _decode_fma_kernel(
         q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
-        qk_scale, group, num_kv_heads,
+        qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -342,7 +342,7 @@ if triton is not None:
     @triton.jit
     def _decode_fold_kernel(
         q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
-        qk_scale, group, num_kv_heads,
+        qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
         stride_vb, stride_vt, stride_vh,
@@ -352,7 +352,6 @@ if triton is not None:
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
         DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_GG: tl.constexpr,
-        HP: tl.constexpr,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
@@ -374,16 +373,10 @@ if triton is not None:
         the groups in-thread (the wgmma accumulator holds a row's 8-column chunks, one per group, in one thread).
         The dots do BLOCK_GG x the multiply-adds one dot per group would, on tensor cores that are idle here;
         one K = 16 dot per group and half took 310 µs against this form's 284 at 16 x 16k on an H200 (10 wgmma
-        waits per tile instead of 4; bench/NOTES.md).
-        HP KV heads per program (grouped keys only; 2 when a GQA group has 3-4 q rows, so that the score tile's 8
-        rows are two heads' real rows instead of one head's 4 and 4 of padding): row r belongs to KV head
-        kvh0 + r // GP (GP = BLOCK_G // HP rows each); the code tiles hold the HP heads' codes side by side
-        ([BLOCK_N, HP * BLOCK_H], column c: head c // BLOCK_H, byte c % BLOCK_H), q^T is block-diagonal over the
-        heads too (a row's column is zero on the other head's channels), each score takes its own head's pair, and
-        the V accumulator's other-head blocks are dropped at the end."""
+        waits per tile instead of 4; bench/NOTES.md)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
-        kvh0 = tl.program_id(1) * HP  # the program's first KV head
+        kvh = tl.program_id(1)
         split = tl.program_id(2)
         start, end = _split_range(kv_lens_ptr, b, split, NUM_SPLITS, BLOCK_N)
 
@@ -393,45 +386,36 @@ if triton is not None:
         GROUPED: tl.constexpr = K_GROUP < D
         NGH: tl.constexpr = (PART + K_GROUP - 1) // K_GROUP  # key groups per half (grouped keys)
         PRESCALED: tl.constexpr = q_ptr.dtype.element_ty == tl.bfloat16  # _q_operand scaled q by qk_scale
-        GP: tl.constexpr = BLOCK_G // HP  # score rows per KV head
         j = tl.arange(0, BLOCK_H)
-        row_head = offs_g // GP  # [BLOCK_G]: the row's KV head, relative to kvh0
-        g_mask = (offs_g % GP < group) & (kvh0 + row_head < num_kv_heads)
-        heads = (kvh0 + row_head) * group + offs_g % GP  # [BLOCK_G]: the rows' q heads
+        g_mask = offs_g < group
+        heads = kvh * group + offs_g  # [BLOCK_G]
         b64 = b.to(tl.int64)
-        c = tl.arange(0, HP * BLOCK_H)  # code tile columns: KV head c // BLOCK_H, byte (channel) c % BLOCK_H
-        c_head = c // BLOCK_H
-        cj = c % BLOCK_H
-        c_mask = (cj < PART) & (kvh0 + c_head < num_kv_heads)
-        c_off = c_head * stride_kh + cj  # [HP * BLOCK_H]: from the tokens' first head's codes
         q_cols = q_ptr + b64 * stride_qb + heads[None, :] * stride_qh  # [1, BLOCK_G]: q^T's columns
-        cg_mask = c_mask[:, None] & g_mask[None, :] & (c_head[:, None] == row_head[None, :])
-        q1 = _q_operand(q_cols + cj[:, None], cg_mask, qk_scale)  # [HP * BLOCK_H, BLOCK_G]
+        jg_mask = (j[:, None] < PART) & g_mask[None, :]
+        q1 = _q_operand(q_cols + j[:, None], jg_mask, qk_scale)  # [BLOCK_H, BLOCK_G]
         offset = code_offset(q1.dtype)  # a value, not a constexpr: Triton 3.6 cannot pass a jit result as one
         q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
         if HALVES:
-            q2 = _q_operand(q_cols + PART + cj[:, None], cg_mask, qk_scale)
+            q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
             q_sum += tl.sum(q2.to(tl.float32), axis=0)
         NG: tl.constexpr = 2 * NGH  # key groups per vector (grouped keys)
-        if GROUPED:  # q^T block-diagonal per half [HP * BLOCK_H, BLOCK_GG * BLOCK_G], loaded once
+        if GROUPED:  # q^T block-diagonal per half [BLOCK_H, BLOCK_GG * BLOCK_G], loaded once
             col = tl.arange(0, BLOCK_GG * BLOCK_G)
             col_g = col // BLOCK_G  # the column's key group
             col_r = col % BLOCK_G  # the column's q row
-            col_head = col_r // GP
-            cc_mask = c_mask[:, None] & ((col_r % GP < group) & (kvh0 + col_head < num_kv_heads))[None, :] & \
-                (c_head[:, None] == col_head[None, :])
-            q_rows = q_ptr + b64 * stride_qb + ((kvh0 + col_head) * group + col_r % GP)[None, :] * stride_qh
-            qb1 = _q_operand(q_rows + cj[:, None], cc_mask & (col_g[None, :] == (cj // K_GROUP)[:, None]), qk_scale)
-            qb2 = _q_operand(q_rows + PART + cj[:, None], cc_mask & (col_g[None, :] == (NGH + cj // K_GROUP)[:, None]),
-                             qk_scale)  # [HP * BLOCK_H, BLOCK_GG * BLOCK_G] each
+            jc_mask = (j[:, None] < PART) & (col_r < group)[None, :]
+            q_rows = q_ptr + b64 * stride_qb + (kvh * group + col_r)[None, :] * stride_qh  # [1, BLOCK_GG * BLOCK_G]
+            qb1 = _q_operand(q_rows + j[:, None], jc_mask & (col_g[None, :] == (j // K_GROUP)[:, None]), qk_scale)
+            qb2 = _q_operand(q_rows + PART + j[:, None], jc_mask & (col_g[None, :] == (NGH + j // K_GROUP)[:, None]),
+                             qk_scale)  # [BLOCK_H, BLOCK_GG * BLOCK_G] each
             qb_sum = tl.reshape(tl.sum(qb1.to(tl.float32) + qb2.to(tl.float32), axis=0),
                                 [BLOCK_GG, BLOCK_G])  # [BLOCK_GG, BLOCK_G]: each group's sum of q
             gg = tl.arange(0, BLOCK_GG)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc1 = tl.zeros([HP * BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
+        acc1 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
         if HALVES:
-            acc2 = tl.zeros([HP * BLOCK_H, BLOCK_G], tl.float32)  # second half
+            acc2 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # second half
         acc_z = tl.zeros([BLOCK_G], tl.float32)  # sum_n p_n z_n - 1024 (p_n s_n), every channel's
         bt_row = bt_ptr + b64 * stride_bt
         for n0 in range(start, end, BLOCK_N):
@@ -439,35 +423,25 @@ if triton is not None:
             n_mask = offs_n < end
             blk = tl.load(bt_row + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
             tok = offs_n % PAGE
-            k_off = blk * stride_kb + tok * stride_kt + kvh0 * stride_kh  # [BLOCK_N]
-            ks_off = blk * stride_ksb + tok * stride_kst + kvh0 * stride_ksh
-            code_mask = n_mask[:, None] & c_mask[None, :]
-            codes = tl.load(k_ptr + k_off[:, None] + c_off[None, :], mask=code_mask, other=0)  # [BLOCK_N, HP * BLOCK_H]
+            k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
+            ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
             qk = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
             if GROUPED:
-                x1, x2 = nibble_operands(codes, q1.dtype, ASM)  # [BLOCK_N, HP * BLOCK_H] each
+                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
                 part = tl.dot(x2, qb2, tl.dot(x1, qb1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
                 part = tl.reshape(part, [BLOCK_N, BLOCK_GG, BLOCK_G])  # every group's partial scores
-                if HP == 1:
-                    scale, zero = load_scale_zero(ksz_ptr + ks_off[:, None] + 2 * gg[None, :],
-                                                  n_mask[:, None] & (gg < NG)[None, :])  # [BLOCK_N, BLOCK_GG] each
-                    scale, zero = scale[:, :, None], zero[:, :, None]
-                else:  # each head's pairs, then each row its head's: [BLOCK_N, BLOCK_GG, BLOCK_G]
-                    hh = tl.arange(0, HP)
-                    scale, zero = load_scale_zero(
-                        ksz_ptr + ks_off[:, None, None] + 2 * gg[None, :, None] + hh[None, None, :] * stride_ksh,
-                        n_mask[:, None, None] & (gg < NG)[None, :, None] & (kvh0 + hh < num_kv_heads)[None, None, :])
-                    scale = tl.reshape(tl.broadcast_to(scale[:, :, :, None], [BLOCK_N, BLOCK_GG, HP, GP]),
-                                       [BLOCK_N, BLOCK_GG, BLOCK_G])
-                    zero = tl.reshape(tl.broadcast_to(zero[:, :, :, None], [BLOCK_N, BLOCK_GG, HP, GP]),
-                                      [BLOCK_N, BLOCK_GG, BLOCK_G])
-                qk = tl.sum(part * scale + qb_sum[None, :, :] * (zero - offset * scale), axis=1)  # [BLOCK_N, BLOCK_G]
-            elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled (HP = 1)
-                x1, x2 = nibble_operands(codes, q1.dtype, ASM)  # [BLOCK_N, BLOCK_H] each
+                scale, zero = load_scale_zero(ksz_ptr + ks_off[:, None] + 2 * gg[None, :],
+                                              n_mask[:, None] & (gg < NG)[None, :])  # [BLOCK_N, BLOCK_GG] each
+                qk = tl.sum(part * scale[:, :, None] + qb_sum[None, :, :] * (zero - offset * scale)[:, :, None],
+                            axis=1)  # [BLOCK_N, BLOCK_G]
+            elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
+                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
                 dot = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
                 qk = _fold_key_scores(qk, dot, q_sum, ksz_ptr + ks_off, n_mask, offset)
-            else:  # (HP = 1)
-                x1 = code_operand(codes, q1.dtype, ASM)
+            else:
+                x1 = code_operand(load_codes(k_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
                 qk = _fold_key_scores(qk, tl.dot(x1, q1, input_precision=DOT_PRECISION), q_sum, ksz_ptr + ks_off,
                                       n_mask, offset)
             if not PRESCALED:
@@ -479,32 +453,18 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, axis=0)
             m_i = m_new
 
-            vs_off = blk * stride_vsb + tok * stride_vst + kvh0 * stride_vsh  # [BLOCK_N] (4 bits: K has more pairs)
-            if HP == 1:
-                v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
-                v_scale, v_zero = v_scale[:, None], v_zero[:, None]
-            else:  # [BLOCK_N, BLOCK_G]: each row its head's pair
-                hh = tl.arange(0, HP)
-                v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off[:, None] + hh[None, :] * stride_vsh,
-                                                  n_mask[:, None] & (kvh0 + hh < num_kv_heads)[None, :])
-                v_scale = tl.reshape(tl.broadcast_to(v_scale[:, :, None], [BLOCK_N, HP, GP]), [BLOCK_N, BLOCK_G])
-                v_zero = tl.reshape(tl.broadcast_to(v_zero[:, :, None], [BLOCK_N, HP, GP]), [BLOCK_N, BLOCK_G])
-            ps = (p * v_scale).to(q1.dtype)  # [BLOCK_N, BLOCK_G]: the dot's weights, rounded once
-            acc_z = acc_z * alpha + tl.sum(p * v_zero - offset * ps.to(tl.float32), axis=0)
-            codes = tl.load(v_ptr + k_off[:, None] + c_off[None, :], mask=code_mask, other=0)  # [BLOCK_N, HP * BLOCK_H]
+            vs_off = blk * stride_vsb + tok * stride_vst + kvh * stride_vsh  # [BLOCK_N] (4 bits: K has more pairs)
+            v_scale, v_zero = load_scale_zero(vsz_ptr + vs_off, n_mask)  # [BLOCK_N] each
+            ps = (p * v_scale[:, None]).to(q1.dtype)  # [BLOCK_N, BLOCK_G]: the dot's weights, rounded once
+            acc_z = acc_z * alpha + tl.sum(p * v_zero[:, None] - offset * ps.to(tl.float32), axis=0)
             if HALVES:
-                x1, x2 = nibble_operands(codes, q1.dtype, ASM)  # [BLOCK_N, HP * BLOCK_H] each
+                x1, x2 = nibble_operands(load_codes(v_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each
                 acc2 = acc2 * alpha[None, :] + tl.dot(tl.trans(x2), ps, input_precision=DOT_PRECISION)
             else:
-                x1 = code_operand(codes, q1.dtype, ASM)
-            acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(x1), ps, input_precision=DOT_PRECISION)  # [HP * BLOCK_H, BLOCK_G]
+                x1 = code_operand(load_codes(v_ptr, k_off[:, None], n_mask[:, None], D, BLOCK_H), q1.dtype, ASM)
+            acc1 = acc1 * alpha[None, :] + tl.dot(tl.trans(x1), ps, input_precision=DOT_PRECISION)  # [BLOCK_H, BLOCK_G]
         l_safe = tl.where(l_i > 0, l_i, 1.0)  # an empty split (or kv_len 0) gives zeros
-        jg_mask = (j[:, None] < PART) & g_mask[None, :]
-        if HP > 1:  # each row's own head's block of channels: [BLOCK_H, BLOCK_G]
-            own = tl.arange(0, HP)[:, None, None] == row_head[None, None, :]  # [HP, 1, BLOCK_G]
-            acc1 = tl.sum(tl.where(own, tl.reshape(acc1, [HP, BLOCK_H, BLOCK_G]), 0.0), axis=0)
-            if HALVES:
-                acc2 = tl.sum(tl.where(own, tl.reshape(acc2, [HP, BLOCK_H, BLOCK_G]), 0.0), axis=0)
         if NUM_SPLITS == 1:
             cols = o_ptr + b64 * stride_ob + heads[None, :] * stride_oh + j[:, None]
         else:
@@ -638,12 +598,12 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int = 4, num_stages: int = 2, kernel: str = "mma", heads_per_program: int | None = None,
+    num_warps: int = 4, num_stages: int = 2, kernel: str = "mma",
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
     (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
     to the score tiles). fma and fold read quantized caches with V one (scale, zero) per vector, as the
-    runtime's. heads_per_program: fold with grouped int4 keys only (None: 2 when a GQA group pads to 4 rows)."""
+    runtime's."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     assert kernel in ("mma", "fma", "fold"), f"decode kernel {kernel!r}: 'mma', 'fma' or 'fold'"
@@ -655,21 +615,14 @@ def paged_decode_attention_triton(
     assert kv_lens.shape == (B,) and block_tables.shape[0] == B
     group = Hq // Hkv
     max_context = block_tables.shape[1] * block_size
-    grouped = bits == 4 and consts["K_GROUP"] < D
-    # fold, grouped keys: two KV heads per program when a GQA group pads to 4 rows (_decode_fold_kernel's HP)
-    if heads_per_program is None:
-        heads_per_program = 2 if kernel == "fold" and grouped and triton.next_power_of_2(group) == 4 and Hkv > 1 else 1
-    assert heads_per_program == 1 or (kernel == "fold" and grouped and heads_per_program * triton.next_power_of_2(
-        group) <= 8), "two KV heads per program: the fold kernel with grouped int4 keys and GQA groups of 3-4 rows"
-    programs = B * triton.cdiv(Hkv, heads_per_program)
     if num_splits is None:
-        num_splits = _default_num_splits(q, programs, max_context, block_n or 64)
+        num_splits = _default_num_splits(q, B * Hkv, max_context, block_n or 64)
         if kernel == "fold" and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4 at 64 x 4k: 1
             num_splits = max(1, min(4, max_context // 256))  # split 408 µs, 4 splits 292 (fp16 cache: 258)
             block_n = block_n or 64
     if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 µs at BLOCK_N 128 vs 64): 16 x 16k, 3 splits,
         # 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_foldbd_h200.json) at 16 x 16k 284 vs 313
-        block_n = 128 if kernel == "fold" and num_splits > 1 and heads_per_program == 1 else 64
+        block_n = 128 if kernel == "fold" and num_splits > 1 else 64
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
         return out
@@ -677,7 +630,7 @@ def paged_decode_attention_triton(
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S], log2 units
     BLOCK_D = consts["BLOCK_D"]
     args = (q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, block_tables, kv_lens,
-            scale * math.log2(math.e), group, Hkv,
+            scale * math.log2(math.e), group,
             q.stride(0), q.stride(1),
             k_data.stride(0), k_data.stride(1), k_data.stride(2),
             v_data.stride(0), v_data.stride(1), v_data.stride(2),
@@ -691,9 +644,8 @@ def paged_decode_attention_triton(
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
         assert k_data.stride() == v_data.stride(), "the fold decode kernel addresses V's codes with K's strides"
-        _decode_fold_kernel[(B, triton.cdiv(Hkv, heads_per_program), num_splits)](
-            *args, D=D, PAGE=block_size, BLOCK_G=max(heads_per_program * triton.next_power_of_2(group), 8),
-            BLOCK_N=block_n, HP=heads_per_program,
+        _decode_fold_kernel[(B, Hkv, num_splits)](
+            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
             K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
             ASM=q.is_cuda and q.dtype != torch.float32,

@@ -477,8 +477,6 @@ FOLD_DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n, bit
     (8, 1, 80, 16, torch.float32, 1, 32, 4),
     (8, 2, 128, 16, torch.float16, 2, 64, 8),
     (4, 1, 128, 7, torch.float16, 3, 32, 4),
-    (12, 3, 64, 7, torch.float16, 2, 16, 4),  # two KV heads per program, the last program's second head absent
-    (9, 3, 48, 5, torch.float32, 1, 32, 4),  # group 3 (padded to 4 rows per head), D/2 = 24: groups of 16 and 8
 ]
 
 
