@@ -501,6 +501,22 @@ def test_decode_codes_kernels_match_ref(kernel, Hq, Hkv, D, block_size, dtype, n
 
 
 @needs_triton
+def test_decode_fold_kernel_int4_default_splits(monkeypatch):
+    """int4 launches that the default heuristic gives one KV split run INT4_FOLD_SPLITS splits (here 4: the table
+    spans 70 blocks of 16 tokens, 1,120 >= 4 x 256) at BLOCK_N 64: the split ranges and their merge match the reference, short
+    sequences leaving splits empty included."""
+    c = _quant_case((1,) * 4, (1100, 1, 63, 517), 8, 4, 64, 16, torch.float16, 4, seed=48)
+    launches = []
+    kernel = attention._decode_fold_kernel
+    monkeypatch.setattr(attention, "_decode_fold_kernel", type("Spy", (), {"__getitem__": lambda self, grid: (
+        lambda *a, **kw: (launches.append((grid, kw["BLOCK_N"])), kernel[grid](*a, **kw)))})())
+    args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
+    out = attention.paged_decode_attention_triton(*args, kernel="fold")
+    assert launches == [((4, 4, 4), 64)]  # 16 programs fill the (CPU's 4) SMs: the heuristic alone gives 1 split
+    torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **ATTN_TOL[torch.float16])
+
+
+@needs_triton
 @pytest.mark.parametrize("bits", BITS)
 def test_decode_fold_kernel_bfloat16(bits):
     """bfloat16 q runs the float16 path (q times the softmax scale, rounded to float16: the codes' operand 1024 + c
