@@ -41,7 +41,8 @@ class _Capture:
         return lambda *args, **kwargs: self.launches.append((args, kwargs))
 
 
-def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int, splits: int):
+def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int, splits: int,
+                   maxnreg: int | None = None):
     """The decode kernel as paged_decode_attention_triton launches it at the 8B shape (16 sequences, 4 blocks
     each: the same strides and alignments as any cache of that shape), compiled for sm_90 with the
     specialization Triton's launcher would pick (16-divisible integers and pointers, integers equal to 1)."""
@@ -62,6 +63,8 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
         attention._merge_splits_kernel = merge
     (args, kwargs), = capture.launches
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
+    if maxnreg:
+        options["maxnreg"] = maxnreg
     if "ASM" in kwargs:  # the inline-PTX code conversion a CUDA launch with float16 q takes (q is on the CPU here)
         kwargs["ASM"] = True
     signature, constexprs, attrs = {}, dict(kwargs), {}
@@ -131,10 +134,11 @@ def main() -> int:
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold")
+    ap.add_argument("--maxnreg", type=int, help="a register cap per thread (Triton's maxnreg launch option)")
     ap.add_argument("--ptx-dir")
     args = ap.parse_args()
     for kernel in args.kernels.split(","):
-        k = compile_kernel(kernel, args.bits, args.block_n, args.warps, args.stages, args.splits)
+        k = compile_kernel(kernel, args.bits, args.block_n, args.warps, args.stages, args.splits, args.maxnreg)
         ptx = k.asm["ptx"]
         if args.ptx_dir:
             stem = Path(args.ptx_dir, f"decode_{kernel}_{args.bits}_{args.block_n}_{args.warps}")
