@@ -3,6 +3,7 @@
     python bench/bench_w4a16.py [--ms 1,16,64,256,2048] [--out bench/results/w4a16_kernels.json]
     python bench/bench_w4a16.py --sweep [--sweep-ms 1,16,64,256,2048] [--budget-s 240] [--write-table]
     python bench/bench_w4a16.py --configs SWEEP.json    # time each (M, shape) with its best sweep config
+    python bench/bench_w4a16.py --sweep --shapes tp2 --sweep-ms 1 --write-table   # one rank's shapes at --tp 2
     TRITON_INTERPRET=1 python bench/bench_w4a16.py --smoke [--sweep --write-table --table /tmp/t.json]  # CPU
 
 Per Llama-3-8B linear shape (K x N) and M, it (a) checks lmc against the float32 reference
@@ -40,6 +41,7 @@ from lmc.kernels import w4a16_tuning as T
 from lmc.kernels.pdl import pdl_enabled
 
 SHAPES = ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))  # (K, N): qkv, o, gate+up, down
+TP2_SHAPES = ((4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096))  # one rank's share at tp 2 (--shapes tp2)
 SMOKE_SHAPES = ((256, 96), (384, 64))  # --smoke: the interpreter runs these in seconds
 MS = (1, 4, 16, 64, 256, 2048)
 GROUP = 128
@@ -417,12 +419,14 @@ def main() -> int:
     ap.add_argument("--ms", type=_ints, default=MS, help="the M values of the default run, comma-separated")
     ap.add_argument("--no-do-bench", action="store_true", help="skip the do_bench column (faster)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU with TRITON_INTERPRET=1")
+    ap.add_argument("--shapes", choices=("8b", "tp2"), default="8b",
+                    help="the Llama-3-8B linears, or one rank's share of them at tensor parallel 2")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not (args.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
         print("needs a CUDA GPU (or --smoke with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
-    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    shapes = SMOKE_SHAPES if args.smoke else TP2_SHAPES if args.shapes == "tp2" else SHAPES
     torch.manual_seed(0)
     command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
     report = {"env": environment(dev), "group_size": GROUP, "command": command}
