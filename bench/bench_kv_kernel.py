@@ -49,12 +49,12 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--kernels", default="mma",
-                    help="comma-separated decode kernels to time: mma, fma, fold (e.g. --kernels mma,fold)")
+                    help="comma-separated decode kernels to time: mma, fma, fold, folddq (e.g. --kernels mma,fold)")
     ap.add_argument("--policies", default="0,8,4", help="comma-separated cache policies (0: the fp16 reference)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
-    if not set(kernels) <= {"mma", "fma", "fold"}:
-        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma, fold")
+    if not set(kernels) <= {"mma", "fma", "fold", "folddq"}:
+        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma, fold, folddq")
     policies = [int(p) for p in args.policies.split(",")]
     if not set(policies) <= {0, 8, 4}:
         ap.error(f"--policies {args.policies}: a comma-separated list of 0, 8, 4")
@@ -63,7 +63,7 @@ def main() -> int:
     points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
-        list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3)]
+        list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3)]
     fma_grid = [(1, 16, 1, 2), (4, 32, 2, 2)] if args.smoke else \
         list(itertools.product((1, 4, 8), (16, 32, 64), (1, 2, 4), (2,)))  # the fma kernel: small tiles, few warps
     from triton.testing import do_bench
@@ -83,7 +83,7 @@ def main() -> int:
             base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
             runs = [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
                 [("fma", c) for c in fma_grid if policy and "fma" in kernels] + \
-                [("fold", c) for c in grid if policy and "fold" in kernels]  # the mma kernel's launch settings
+                [(k, c) for k in ("fold", "folddq") for c in grid if policy and k in kernels]  # mma's launch grid
             for kernel, (mult, block_n, warps, stages) in runs:
                 splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731

@@ -51,7 +51,8 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     q = torch.zeros(B, Hq, D, dtype=torch.float16)
     tables = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
     kv_lens = torch.full((B,), 4 * page, dtype=torch.int32)
-    name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
+    name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel",
+            "folddq": "_decode_fold_kernel"}[kernel]
     fn, capture, merge = getattr(attention, name), _Capture(), attention._merge_splits_kernel
     setattr(attention, name, capture)
     attention._merge_splits_kernel = _Capture()

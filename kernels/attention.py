@@ -340,6 +340,21 @@ if triton is not None:
         return qk + q_sum[None, :] * (zero - offset * scale)[:, None]
 
     @triton.jit
+    def _dequant_group_operand(x, sz, n_mask, g0, offset, NGH: tl.constexpr, BLOCK_N: tl.constexpr,
+                               BLOCK_H: tl.constexpr, K_GROUP: tl.constexpr):
+        """A half's key codes as dot operands x = offset + c [BLOCK_N, BLOCK_H] (code_operand) dequantized in
+        x's dtype: (x - offset) s + z with each token's (scale, zero) of the channel's group (pairs g0 + j //
+        K_GROUP at sz [BLOCK_N]; K_GROUP a power of two dividing BLOCK_H). x - offset is exact (the float16 1024 + c
+        or the float32 c), so the only rounding is the final one, as an fp16 cache stores its keys."""
+        NB: tl.constexpr = BLOCK_H // K_GROUP  # group slots per tile row (the ones past the half's NGH are zeros)
+        gb = tl.arange(0, NB)
+        scale, zero = load_scale_zero(sz[:, None] + 2 * (g0 + gb)[None, :],
+                                      n_mask[:, None] & (gb < NGH)[None, :])  # [BLOCK_N, NB] each
+        scale = tl.reshape(tl.broadcast_to(scale.to(x.dtype)[:, :, None], [BLOCK_N, NB, K_GROUP]), [BLOCK_N, BLOCK_H])
+        zero = tl.reshape(tl.broadcast_to(zero.to(x.dtype)[:, :, None], [BLOCK_N, NB, K_GROUP]), [BLOCK_N, BLOCK_H])
+        return (x - offset.to(x.dtype)) * scale + zero
+
+    @triton.jit
     def _decode_fold_kernel(
         q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
@@ -352,6 +367,7 @@ if triton is not None:
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
         DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_GG: tl.constexpr,
+        K_DEQUANT: tl.constexpr = False,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
@@ -373,7 +389,12 @@ if triton is not None:
         the groups in-thread (the wgmma accumulator holds a row's 8-column chunks, one per group, in one thread).
         The dots do BLOCK_GG x the multiply-adds one dot per group would, on tensor cores that are idle here;
         one K = 16 dot per group and half took 310 µs against this form's 284 at 16 x 16k on an H200 (10 wgmma
-        waits per tile instead of 4; bench/NOTES.md)."""
+        waits per tile instead of 4; bench/NOTES.md).
+        K_DEQUANT (kernel "folddq", opt-in until timed on a GPU): grouped keys dequantized instead, in the tile as
+        loaded ((1024 + c - 1024) s + z in float16 with each token's group pair broadcast over its 16 channels,
+        _dequant_group_operand), then the plain chained pair of dots against q's halves (N = BLOCK_G, no
+        block-diagonal q^T, no per-group scaling of scores): on sm_90 (Triton 3.6, BLOCK_N 128) 865 SASS per tile
+        and thread against 1008, 96 registers against 168, 58 KB shared against 72."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -399,7 +420,7 @@ if triton is not None:
             q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
             q_sum += tl.sum(q2.to(tl.float32), axis=0)
         NG: tl.constexpr = 2 * NGH  # key groups per vector (grouped keys)
-        if GROUPED:  # q^T block-diagonal per half [BLOCK_H, BLOCK_GG * BLOCK_G], loaded once
+        if GROUPED and not K_DEQUANT:  # q^T block-diagonal per half [BLOCK_H, BLOCK_GG * BLOCK_G], loaded once
             col = tl.arange(0, BLOCK_GG * BLOCK_G)
             col_g = col // BLOCK_G  # the column's key group
             col_r = col % BLOCK_G  # the column's q row
@@ -426,7 +447,13 @@ if triton is not None:
             k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
             ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
             qk = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
-            if GROUPED:
+            if GROUPED and K_DEQUANT:  # each half's codes dequantized in the tile as loaded, then plain dots
+                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
+                                         ASM)  # [BLOCK_N, BLOCK_H] each: offset + c
+                x1 = _dequant_group_operand(x1, ksz_ptr + ks_off, n_mask, 0, offset, NGH, BLOCK_N, BLOCK_H, K_GROUP)
+                x2 = _dequant_group_operand(x2, ksz_ptr + ks_off, n_mask, NGH, offset, NGH, BLOCK_N, BLOCK_H, K_GROUP)
+                qk = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
+            elif GROUPED:
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
                 part = tl.dot(x2, qb2, tl.dot(x1, qb1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
@@ -605,11 +632,11 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
     (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
-    to the score tiles). fma and fold read quantized caches with V one (scale, zero) per vector, as the
+    to the score tiles); "folddq": fold with grouped int4 keys dequantized in the tile (its K_DEQUANT). fma and fold read quantized caches with V one (scale, zero) per vector, as the
     runtime's."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    assert kernel in ("mma", "fma", "fold"), f"decode kernel {kernel!r}: 'mma', 'fma' or 'fold'"
+    assert kernel in ("mma", "fma", "fold", "folddq"), f"decode kernel {kernel!r}: 'mma', 'fma', 'fold' or 'folddq'"
     bits = _check_caches(q, k_cache, v_cache, block_tables)
     (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
@@ -620,12 +647,12 @@ def paged_decode_attention_triton(
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _default_num_splits(q, B * Hkv, max_context, block_n or 64)
-        if kernel == "fold" and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4 at 64 x 4k: 1
+        if kernel in ("fold", "folddq") and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4 at 64 x 4k: 1
             num_splits = max(1, min(INT4_FOLD_SPLITS, max_context // 256))  # split 408 µs, 4 splits 292 (fp16: 258)
             block_n = block_n or 64
     if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 µs at BLOCK_N 128 vs 64): 16 x 16k, 3 splits,
         # 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_foldbd_h200.json) at 16 x 16k 284 vs 313
-        block_n = 128 if kernel == "fold" and num_splits > 1 else 64
+        block_n = 128 if kernel in ("fold", "folddq") and num_splits > 1 else 64
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
         return out
@@ -643,7 +670,7 @@ def paged_decode_attention_triton(
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     if kernel != "mma":
         assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
-    if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
+    if kernel in ("fold", "folddq"):  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
         assert k_data.stride() == v_data.stride(), "the fold decode kernel addresses V's codes with K's strides"
@@ -651,7 +678,7 @@ def paged_decode_attention_triton(
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
             K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
-            ASM=q.is_cuda and q.dtype != torch.float32,
+            ASM=q.is_cuda and q.dtype != torch.float32, K_DEQUANT=kernel == "folddq",
             BLOCK_GG=triton.next_power_of_2(2 * triton.cdiv(D // 2 if bits == 4 else D, consts["K_GROUP"])), **launch)
     elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
