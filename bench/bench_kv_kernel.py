@@ -63,7 +63,8 @@ def main() -> int:
     points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
-        list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3)]
+        list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3),
+                                                                    (1, 256, 4, 2)]
     fma_grid = [(1, 16, 1, 2), (4, 32, 2, 2)] if args.smoke else \
         list(itertools.product((1, 4, 8), (16, 32, 64), (1, 2, 4), (2,)))  # the fma kernel: small tiles, few warps
     from triton.testing import do_bench
