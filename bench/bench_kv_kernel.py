@@ -2,12 +2,14 @@
 blocks): the kernel's launch settings (KV splits, BLOCK_N, warps, pipeline stages) per cache policy at long
 context, to pick the quantized caches' defaults, for each decode kernel of --kernels (mma: tl.dot on dequantized
 tiles; fma: CUDA-core dots on the codes; fold: tl.dot on the raw codes, scales and zeros applied to the score
-tiles; fma and fold read quantized caches only, the fp16 cache is timed with mma). Random caches (fp16 N(0, 1); codes uniform,
+tiles; folddq: fold with grouped int4 keys dequantized in the tile; fma and fold read quantized caches only, the
+fp16 cache is timed with mma), for the cache policies of --policies. Random caches (fp16 N(0, 1); codes uniform,
 scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_bench median.
 
     python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes per kernel
     python bench/bench_kv_kernel.py --kernels mma,fma --out bench/results/kv_kernel_fma_h200.json
     python bench/bench_kv_kernel.py --kernels mma,fold --out bench/results/kv_kernel_fold_h200.json
+    python bench/bench_kv_kernel.py --kernels fold,folddq --policies 0,4 --out bench/results/kv_kernel_folddq_h200.json
     python bench/bench_kv_kernel.py --smoke --kernels mma,fma,fold --out /tmp/kv_kernel_smoke.json  # CPU interpreter
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compiles the decode attention kernels for sm_90 without a GPU (Triton front end + ptxas) and counts what one
 thread executes: registers, spills, and the SASS instructions of the tile loop by kind (nvdisasm), for the "mma" and the
-"fma" and "fold" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
+"fma", "fold" and "folddq" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
 
     TRITON_DEFAULT_FP_FUSION=1 python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
 """
@@ -134,7 +134,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--splits", type=int, default=4)
-    ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold")
+    ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold, folddq")
     ap.add_argument("--maxnreg", type=int, help="a register cap per thread (Triton's maxnreg launch option)")
     ap.add_argument("--ptx-dir")
     args = ap.parse_args()

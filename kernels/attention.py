@@ -9,9 +9,9 @@ same slots (layout: kernels/kv_quant.py, docs/kv-cache.md);
 writes quantize; prefill (and the opt-in mma decode) dequantizes each K/V tile in registers as it reads it
 (to q's dtype, then the same dots), while the runtime's decode over a quantized cache
 (QUANTIZED_DECODE_KERNEL, "fold") feeds the raw codes to the dots and applies each token's scale and zero
-to the score tiles. With 4 bits the dequantizing kernels' tiles a tile's columns interleave the head's two halves (kv_quant.head_dims), so q
-is loaded and the output stored in that column order and the dots need no reshuffle; the fold kernel dots
-the two nibble halves separately.
+to the score tiles. With 4 bits the dequantizing kernels' tile columns interleave the head's two halves
+(kv_quant.head_dims), so q is loaded and the output stored in that column order and the dots need no
+reshuffle; the fold kernel dots the two nibble halves separately.
 
 Prefill (flash-attention style): one program per (BLOCK_M queries, sequence, q head); query j of a
 sequence with q_len queries and kv_len cached tokens sits at position kv_len - q_len + j.
@@ -380,8 +380,9 @@ if triton is not None:
         [BLOCK_N, BLOCK_G] and the output is built as [BLOCK_H, BLOCK_G] = (1024 + C)^T @ (p s). 4 bits: the two
         nibble halves are separate dots (q's and the output's two halves, no interleave). A tile spans
         BLOCK_H >= D (8 bits) or >= D/2 (4 bits) channels. ASM: the codes become float16 operands by inline PTX
-        (GPU only; kv_quant._codes_f16_asm). bfloat16 q runs as float16 (_q_operand). V's codes are addressed with K's strides (same shapes,
-        asserted by the caller: one address computation for both tiles; stride_v* are unused).
+        (GPU only; kv_quant._codes_f16_asm). bfloat16 q runs as float16 (_q_operand). V's codes are addressed
+        with K's strides (same shapes, asserted by the caller: one address computation for both tiles; stride_v*
+        are unused).
         Grouped keys (4 bits, NG = 2 NGH groups per vector, BLOCK_GG = next_power_of_2(NG)): one chained pair of dots
         per tile (a single wgmma wait) against a block-diagonal q^T [BLOCK_H, BLOCK_GG * BLOCK_G] per half, column
         gg * BLOCK_G + r = q row r on key group gg's channels, zero elsewhere (built once), gives every group's
@@ -632,8 +633,8 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
     (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
-    to the score tiles); "folddq": fold with grouped int4 keys dequantized in the tile (its K_DEQUANT). fma and fold read quantized caches with V one (scale, zero) per vector, as the
-    runtime's."""
+    to the score tiles); "folddq": fold with grouped int4 keys dequantized in the tile (its K_DEQUANT). fma,
+    fold and folddq read quantized caches with V one (scale, zero) per vector, as the runtime's."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     assert kernel in ("mma", "fma", "fold", "folddq"), f"decode kernel {kernel!r}: 'mma', 'fma', 'fold' or 'folddq'"
@@ -647,11 +648,11 @@ def paged_decode_attention_triton(
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _default_num_splits(q, B * Hkv, max_context, block_n or 64)
-        if kernel in ("fold", "folddq") and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4 at 64 x 4k: 1
-            num_splits = max(1, min(INT4_FOLD_SPLITS, max_context // 256))  # split 408 µs, 4 splits 292 (fp16: 258)
+        if kernel in ("fold", "folddq") and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4
+            num_splits = max(1, min(INT4_FOLD_SPLITS, max_context // 256))  # at 64 x 4k: 1 split 408 µs, 4 292
             block_n = block_n or 64
-    if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 µs at BLOCK_N 128 vs 64): 16 x 16k, 3 splits,
-        # 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_foldbd_h200.json) at 16 x 16k 284 vs 313
+    if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 µs at BLOCK_N 128 vs 64): 16 x 16k,
+        # 3 splits, 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_foldbd_h200.json) at 16 x 16k 284 vs 313
         block_n = 128 if kernel in ("fold", "folddq") and num_splits > 1 else 64
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
@@ -763,7 +764,7 @@ def paged_prefill_attention(
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
 
 
-QUANTIZED_DECODE_KERNEL = "fold"  # the runtime's decode kernel for quant_policy 8 / 4 (bench_kv.py --decode-kernel sets it)
+QUANTIZED_DECODE_KERNEL = "fold"  # the runtime's decode kernel for quant_policy 8 / 4 (bench_kv.py --decode-kernel)
 
 
 def paged_decode_attention(

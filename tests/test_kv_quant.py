@@ -505,8 +505,8 @@ def test_decode_codes_kernels_match_ref(kernel, Hq, Hkv, D, block_size, dtype, n
 @needs_triton
 def test_decode_fold_kernel_int4_default_splits(monkeypatch):
     """int4 launches that the default heuristic gives one KV split run INT4_FOLD_SPLITS splits (here 4: the table
-    spans 70 blocks of 16 tokens, 1,120 >= 4 x 256) at BLOCK_N 64: the split ranges and their merge match the reference, short
-    sequences leaving splits empty included."""
+    spans 70 blocks of 16 tokens, 1,120 >= 4 x 256) at BLOCK_N 64: the split ranges and their merge match the
+    reference, short sequences leaving splits empty included."""
     c = _quant_case((1,) * 4, (1100, 1, 63, 517), 8, 4, 64, 16, torch.float16, 4, seed=48)
     launches = []
     kernel = attention._decode_fold_kernel
