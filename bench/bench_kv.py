@@ -180,7 +180,7 @@ def main() -> int:
                         help="serving KV budget in tokens of fp16 KV, the same bytes for every policy (default 49152)")
     parser.add_argument("--iters", type=int, default=None, help="timed decode steps per point (default 20)")
     parser.add_argument("--policies", default="0,8,4")
-    parser.add_argument("--decode-kernel", choices=("mma", "fold", "folddq"), default=None,
+    parser.add_argument("--decode-kernel", choices=("mma", "fold"), default=None,
                         help="decode attention kernel for the quantized caches (default: the runtime's, "
                              "kernels.attention.QUANTIZED_DECODE_KERNEL)")
     parser.add_argument("--skip-serving", action="store_true", help="decode step times only")

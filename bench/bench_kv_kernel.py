@@ -2,14 +2,14 @@
 blocks): the kernel's launch settings (KV splits, BLOCK_N, warps, pipeline stages) per cache policy at long
 context, to pick the quantized caches' defaults, for each decode kernel of --kernels (mma: tl.dot on dequantized
 tiles; fma: CUDA-core dots on the codes; fold: tl.dot on the raw codes, scales and zeros applied to the score
-tiles; folddq: fold with grouped int4 keys dequantized in the tile; fma and fold read quantized caches only, the
-fp16 cache is timed with mma), for the cache policies of --policies. Random caches (fp16 N(0, 1); codes uniform,
+tiles, grouped int4 keys dequantized in the tile; fma and fold read quantized caches only, the fp16 cache is timed
+with mma), for the cache policies of --policies. Random caches (fp16 N(0, 1); codes uniform,
 scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_bench median.
 
     python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes per kernel
     python bench/bench_kv_kernel.py --kernels mma,fma --out bench/results/kv_kernel_fma_h200.json
     python bench/bench_kv_kernel.py --kernels mma,fold --out bench/results/kv_kernel_fold_h200.json
-    python bench/bench_kv_kernel.py --kernels fold,folddq --policies 0,4 --out bench/results/kv_kernel_folddq_h200.json
+    python bench/bench_kv_kernel.py --kernels fold --policies 0,4 --out bench/results/kv_kernel_int4_h200.json
     python bench/bench_kv_kernel.py --smoke --kernels mma,fma,fold --out /tmp/kv_kernel_smoke.json  # CPU interpreter
 """
 from __future__ import annotations
@@ -51,12 +51,12 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--kernels", default="mma",
-                    help="comma-separated decode kernels to time: mma, fma, fold, folddq (e.g. --kernels mma,fold)")
+                    help="comma-separated decode kernels to time: mma, fma, fold (e.g. --kernels mma,fold)")
     ap.add_argument("--policies", default="0,8,4", help="comma-separated cache policies (0: the fp16 reference)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
-    if not set(kernels) <= {"mma", "fma", "fold", "folddq"}:
-        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma, fold, folddq")
+    if not set(kernels) <= {"mma", "fma", "fold"}:
+        ap.error(f"--kernels {args.kernels}: a comma-separated list of mma, fma, fold")
     policies = [int(p) for p in args.policies.split(",")]
     if not set(policies) <= {0, 8, 4}:
         ap.error(f"--policies {args.policies}: a comma-separated list of 0, 8, 4")
@@ -86,7 +86,7 @@ def main() -> int:
             base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
             runs = [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
                 [("fma", c) for c in fma_grid if policy and "fma" in kernels] + \
-                [(k, c) for k in ("fold", "folddq") for c in grid if policy and k in kernels]  # mma's launch grid
+                [("fold", c) for c in grid if policy and "fold" in kernels]  # mma's launch grid
             for kernel, (mult, block_n, warps, stages) in runs:
                 splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731

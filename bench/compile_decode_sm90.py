@@ -1,6 +1,6 @@
 """Compiles the decode attention kernels for sm_90 without a GPU (Triton front end + ptxas) and counts what one
 thread executes: registers, spills, and the SASS instructions of the tile loop by kind (nvdisasm), for the "mma" and the
-"fma", "fold" and "folddq" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
+"fma" and "fold" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
 
     TRITON_DEFAULT_FP_FUSION=1 python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
 """
@@ -51,8 +51,7 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     q = torch.zeros(B, Hq, D, dtype=torch.float16)
     tables = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
     kv_lens = torch.full((B,), 4 * page, dtype=torch.int32)
-    name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel",
-            "folddq": "_decode_fold_kernel"}[kernel]
+    name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
     fn, capture, merge = getattr(attention, name), _Capture(), attention._merge_splits_kernel
     setattr(attention, name, capture)
     attention._merge_splits_kernel = _Capture()
@@ -134,7 +133,7 @@ def main() -> int:
     ap.add_argument("--warps", type=int, default=4)
     ap.add_argument("--stages", type=int, default=2)
     ap.add_argument("--splits", type=int, default=4)
-    ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold, folddq")
+    ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold")
     ap.add_argument("--maxnreg", type=int, help="a register cap per thread (Triton's maxnreg launch option)")
     ap.add_argument("--ptx-dir")
     args = ap.parse_args()

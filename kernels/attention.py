@@ -366,8 +366,7 @@ if triton is not None:
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, BLOCK_GG: tl.constexpr,
-        K_DEQUANT: tl.constexpr = False,
+        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
@@ -383,19 +382,12 @@ if triton is not None:
         (GPU only; kv_quant._codes_f16_asm). bfloat16 q runs as float16 (_q_operand). V's codes are addressed
         with K's strides (same shapes, asserted by the caller: one address computation for both tiles; stride_v*
         are unused).
-        Grouped keys (4 bits, NG = 2 NGH groups per vector, BLOCK_GG = next_power_of_2(NG)): one chained pair of dots
-        per tile (a single wgmma wait) against a block-diagonal q^T [BLOCK_H, BLOCK_GG * BLOCK_G] per half, column
-        gg * BLOCK_G + r = q row r on key group gg's channels, zero elsewhere (built once), gives every group's
-        partial scores at once as [BLOCK_N, BLOCK_GG, BLOCK_G]; each is scaled by its token's pair and summed over
-        the groups in-thread (the wgmma accumulator holds a row's 8-column chunks, one per group, in one thread).
-        The dots do BLOCK_GG x the multiply-adds one dot per group would, on tensor cores that are idle here;
-        one K = 16 dot per group and half took 310 µs against this form's 284 at 16 x 16k on an H200 (10 wgmma
-        waits per tile instead of 4; bench/NOTES.md).
-        K_DEQUANT (kernel "folddq", opt-in until timed on a GPU): grouped keys dequantized instead, in the tile as
-        loaded ((1024 + c - 1024) s + z in float16 with each token's group pair broadcast over its 16 channels,
-        _dequant_group_operand), then the plain chained pair of dots against q's halves (N = BLOCK_G, no
-        block-diagonal q^T, no per-group scaling of scores): on sm_90 (Triton 3.6, BLOCK_N 128) 865 SASS per tile
-        and thread against 1008, 96 registers against 168, 58 KB shared against 72."""
+        Grouped keys (4 bits, K_GROUP < D): each half's codes are dequantized in the tile as loaded
+        ((1024 + c - 1024) s + z in float16, each token's group pair broadcast over its K_GROUP channels:
+        _dequant_group_operand), then the plain chained pair of dots against q's halves. On an H200 at 16 x 16k
+        254 µs (fp16 cache 269), against 284 for one block-diagonal q^T dot giving every group's partial scores
+        and 310 for one K = 16 dot per group (bench/results/kv_kernel_folddq_h200.json, bench/NOTES.md): 865 SASS
+        per tile and thread against 1008 for the block-diagonal form (sm_90, Triton 3.6, BLOCK_N 128)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -416,23 +408,10 @@ if triton is not None:
         jg_mask = (j[:, None] < PART) & g_mask[None, :]
         q1 = _q_operand(q_cols + j[:, None], jg_mask, qk_scale)  # [BLOCK_H, BLOCK_G]
         offset = code_offset(q1.dtype)  # a value, not a constexpr: Triton 3.6 cannot pass a jit result as one
-        q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
+        q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G] (ungrouped keys: _fold_key_scores)
         if HALVES:
             q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
             q_sum += tl.sum(q2.to(tl.float32), axis=0)
-        NG: tl.constexpr = 2 * NGH  # key groups per vector (grouped keys)
-        if GROUPED and not K_DEQUANT:  # q^T block-diagonal per half [BLOCK_H, BLOCK_GG * BLOCK_G], loaded once
-            col = tl.arange(0, BLOCK_GG * BLOCK_G)
-            col_g = col // BLOCK_G  # the column's key group
-            col_r = col % BLOCK_G  # the column's q row
-            jc_mask = (j[:, None] < PART) & (col_r < group)[None, :]
-            q_rows = q_ptr + b64 * stride_qb + (kvh * group + col_r)[None, :] * stride_qh  # [1, BLOCK_GG * BLOCK_G]
-            qb1 = _q_operand(q_rows + j[:, None], jc_mask & (col_g[None, :] == (j // K_GROUP)[:, None]), qk_scale)
-            qb2 = _q_operand(q_rows + PART + j[:, None], jc_mask & (col_g[None, :] == (NGH + j // K_GROUP)[:, None]),
-                             qk_scale)  # [BLOCK_H, BLOCK_GG * BLOCK_G] each
-            qb_sum = tl.reshape(tl.sum(qb1.to(tl.float32) + qb2.to(tl.float32), axis=0),
-                                [BLOCK_GG, BLOCK_G])  # [BLOCK_GG, BLOCK_G]: each group's sum of q
-            gg = tl.arange(0, BLOCK_GG)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc1 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
@@ -448,21 +427,12 @@ if triton is not None:
             k_off = blk * stride_kb + tok * stride_kt + kvh * stride_kh  # [BLOCK_N]
             ks_off = blk * stride_ksb + tok * stride_kst + kvh * stride_ksh
             qk = tl.zeros([BLOCK_N, BLOCK_G], tl.float32)
-            if GROUPED and K_DEQUANT:  # each half's codes dequantized in the tile as loaded, then plain dots
+            if GROUPED:  # each half's codes dequantized in the tile as loaded, then plain dots
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each: offset + c
                 x1 = _dequant_group_operand(x1, ksz_ptr + ks_off, n_mask, 0, offset, NGH, BLOCK_N, BLOCK_H, K_GROUP)
                 x2 = _dequant_group_operand(x2, ksz_ptr + ks_off, n_mask, NGH, offset, NGH, BLOCK_N, BLOCK_H, K_GROUP)
                 qk = tl.dot(x2, q2, tl.dot(x1, q1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-            elif GROUPED:
-                x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
-                                         ASM)  # [BLOCK_N, BLOCK_H] each
-                part = tl.dot(x2, qb2, tl.dot(x1, qb1, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
-                part = tl.reshape(part, [BLOCK_N, BLOCK_GG, BLOCK_G])  # every group's partial scores
-                scale, zero = load_scale_zero(ksz_ptr + ks_off[:, None] + 2 * gg[None, :],
-                                              n_mask[:, None] & (gg < NG)[None, :])  # [BLOCK_N, BLOCK_GG] each
-                qk = tl.sum(part * scale[:, :, None] + qb_sum[None, :, :] * (zero - offset * scale)[:, :, None],
-                            axis=1)  # [BLOCK_N, BLOCK_G]
             elif HALVES:  # one (scale, zero) for both halves: the two dots summed, then scaled
                 x1, x2 = nibble_operands(load_codes(k_ptr, k_off[:, None], n_mask[:, None], PART, BLOCK_H), q1.dtype,
                                          ASM)  # [BLOCK_N, BLOCK_H] each
@@ -615,9 +585,6 @@ def paged_prefill_attention_triton(
     return out
 
 
-INT4_FOLD_SPLITS = 4  # KV splits for int4 fold launches the default heuristic gives one (1: the heuristic's)
-
-
 def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_n: int) -> int:
     """Enough splits to fill the GPU about twice, none shorter than one BLOCK_N tile; needs no host sync.
     Short contexts at batch 1 gain most: each split is a chain of dependent loads (block table, K, V) per
@@ -633,11 +600,11 @@ def paged_decode_attention_triton(
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
     (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
-    to the score tiles); "folddq": fold with grouped int4 keys dequantized in the tile (its K_DEQUANT). fma,
-    fold and folddq read quantized caches with V one (scale, zero) per vector, as the runtime's."""
+    to the score tiles; grouped int4 keys dequantized in the tile). fma and fold read quantized caches with V one
+    (scale, zero) per vector, as the runtime's."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    assert kernel in ("mma", "fma", "fold", "folddq"), f"decode kernel {kernel!r}: 'mma', 'fma', 'fold' or 'folddq'"
+    assert kernel in ("mma", "fma", "fold"), f"decode kernel {kernel!r}: 'mma', 'fma' or 'fold'"
     bits = _check_caches(q, k_cache, v_cache, block_tables)
     (k_data, v_data, k_sz, v_sz, *sz_strides), consts = _quant_args(k_cache, v_cache)
     assert q.stride(-1) == k_data.stride(-1) == v_data.stride(-1) == 1
@@ -648,12 +615,9 @@ def paged_decode_attention_triton(
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _default_num_splits(q, B * Hkv, max_context, block_n or 64)
-        if kernel in ("fold", "folddq") and bits == 4 and num_splits == 1:  # kv_kernel_foldbd_h200.json, int4
-            num_splits = max(1, min(INT4_FOLD_SPLITS, max_context // 256))  # at 64 x 4k: 1 split 408 µs, 4 292
-            block_n = block_n or 64
-    if block_n is None:  # fold on an H200 (kv_kernel_fold_h200.json, int8 µs at BLOCK_N 128 vs 64): 16 x 16k,
-        # 3 splits, 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_foldbd_h200.json) at 16 x 16k 284 vs 313
-        block_n = 128 if kernel in ("fold", "folddq") and num_splits > 1 else 64
+    if block_n is None:  # fold on an H200 (µs at BLOCK_N 128 vs 64): int8 (kv_kernel_fold_h200.json) 16 x 16k,
+        # 3 splits, 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_folddq_h200.json) 254 vs 304; 328 vs 273
+        block_n = 128 if kernel == "fold" and num_splits > 1 else 64
     out = torch.empty_like(q)  # [B, Hq, D]
     if B == 0:
         return out
@@ -671,7 +635,7 @@ def paged_decode_attention_triton(
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     if kernel != "mma":
         assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
-    if kernel in ("fold", "folddq"):  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
+    if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
         assert k_data.stride() == v_data.stride(), "the fold decode kernel addresses V's codes with K's strides"
@@ -679,8 +643,7 @@ def paged_decode_attention_triton(
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
             K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
-            ASM=q.is_cuda and q.dtype != torch.float32, K_DEQUANT=kernel == "folddq",
-            BLOCK_GG=triton.next_power_of_2(2 * triton.cdiv(D // 2 if bits == 4 else D, consts["K_GROUP"])), **launch)
+            ASM=q.is_cuda and q.dtype != torch.float32, **launch)
     elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
