@@ -53,6 +53,7 @@ def main() -> int:
     ap.add_argument("--kernels", default="mma",
                     help="comma-separated decode kernels to time: mma, fma, fold (e.g. --kernels mma,fold)")
     ap.add_argument("--policies", default="0,8,4", help="comma-separated cache policies (0: the fp16 reference)")
+    ap.add_argument("--points", default="16x16384,64x4096", help="comma-separated BATCHxKV_LEN points (GPU runs)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
     if not set(kernels) <= {"mma", "fma", "fold"}:
@@ -62,7 +63,7 @@ def main() -> int:
         ap.error(f"--policies {args.policies}: a comma-separated list of 0, 8, 4")
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
-    points = [(2, 64)] if args.smoke else [(16, 16384), (64, 4096)]
+    points = [(2, 64)] if args.smoke else [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
         list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3),

@@ -502,10 +502,10 @@ def test_decode_codes_kernels_match_ref(kernel, Hq, Hkv, D, block_size, dtype, n
 
 
 @needs_triton
-def test_decode_fold_kernel_int4_default_launch(monkeypatch):
-    """An int4 launch with many programs keeps the default heuristic's one KV split at BLOCK_N 64 (on an H200 at
-    64 x 4k: 273 µs, against 280 with 4 splits; kv_kernel_folddq_h200.json) and matches the reference over a
-    table of 70 blocks of 16 tokens, sequences of 1 to 1,100 tokens."""
+def test_decode_fold_kernel_int4_default_splits(monkeypatch):
+    """int4 launches that the default heuristic gives one KV split run INT4_FOLD_SPLITS splits (here 4: the table
+    spans 70 blocks of 16 tokens, 1,120 >= 4 x 256) at BLOCK_N 64: the split ranges and their merge match the
+    reference, short sequences leaving splits empty included."""
     c = _quant_case((1,) * 4, (1100, 1, 63, 517), 8, 4, 64, 16, torch.float16, 4, seed=48)
     launches = []
     kernel = attention._decode_fold_kernel
@@ -513,7 +513,7 @@ def test_decode_fold_kernel_int4_default_launch(monkeypatch):
         lambda *a, **kw: (launches.append((grid, kw["BLOCK_N"])), kernel[grid](*a, **kw)))})())
     args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
     out = attention.paged_decode_attention_triton(*args, kernel="fold")
-    assert launches == [((4, 4, 1), 64)]  # 16 programs fill the (CPU's 4) SMs twice over: the heuristic gives 1 split
+    assert launches == [((4, 4, 4), 64)]  # 16 programs fill the (CPU's 4) SMs: the heuristic alone gives 1 split
     torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **ATTN_TOL[torch.float16])
 
 
