@@ -37,6 +37,9 @@ from lmc.format.writing import (SHARD_BYTES, ITEMSIZE, PipelinedWriter, StSpec, 
 # |bits| at or above an exponent of all ones is Inf or NaN: (integer view, magnitude mask, exponent mask)
 NONFINITE_BITS = {"F16": (np.uint16, 0x7FFF, 0x7C00), "BF16": (np.uint16, 0x7FFF, 0x7F80),
                   "F32": (np.uint32, 0x7FFFFFFF, 0x7F800000)}
+# Source bytes asked for ahead of use (madvise WILLNEED): a cold memory map read page fault by page fault ran at
+# 0.7-0.95 GB/s on this project's CI disk, 3.2 GB/s with the kernel reading ahead (bench/NOTES.md, session 12)
+PREFETCH_BYTES = 512 * 1024**2
 
 
 class _Range:
@@ -124,6 +127,25 @@ def _finite(data: memoryview, dtype: str, scratch: np.ndarray) -> bool:
     return True
 
 
+class _Prefetch:
+    """Asks the kernel to read the source ranges of the next PREFETCH_BYTES of tensors, in the order they will be
+    used (madvise WILLNEED on their pages; a no-op where mmap has no madvise)."""
+
+    def __init__(self, maps: dict, ranges: list[_Range]):
+        self.maps, self.ranges, self.next, self.ahead = maps, ranges, 0, 0
+
+    def used(self, nbytes: int) -> None:
+        """`nbytes` more of the ranges were consumed: keep PREFETCH_BYTES asked for beyond them."""
+        self.ahead -= nbytes
+        while self.ahead < PREFETCH_BYTES and self.next < len(self.ranges):
+            r = self.ranges[self.next]
+            self.next += 1
+            self.ahead += r.end - r.start
+            start = r.start - r.start % mmap.PAGESIZE
+            if hasattr(mmap, "MADV_WILLNEED") and r.end > start:
+                self.maps[r.file].madvise(mmap.MADV_WILLNEED, start, r.end - start)
+
+
 def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, force: bool = False,
                         progress: bool | None = None, allow_nonfinite: bool = False, say=None,
                         hashes: BackgroundHashes | None = None, model_format: str | None = None,
@@ -150,16 +172,20 @@ def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, fo
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(total=sum(s.nbytes for s in specs), disable=not show, desc="convert", unit="B", unit_scale=True,
                unit_divisor=1024)
-    maps = {}
+    mapped = {}
     for f in files:  # each holds a header, so none is empty
         with open(f, "rb") as fh:
-            maps[f] = memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+            mapped[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+    maps = {f: memoryview(m) for f, m in mapped.items()}
     scratch = np.empty(CHUNK, np.uint8)
     with atomic_output(Path(out), force, [path, *files]) as tmp:
         (tmp / "weights").mkdir()
         (tmp / "tokenizer").mkdir()
         records, tensors = {}, {}
         shards = plan_shards(specs, SHARD_BYTES)
+        prefetch = _Prefetch(mapped, [table[s] for shard in shards for spec in file_order(shard)
+                                      for s in sources[spec.name][0]])
+        prefetch.used(0)
         for i, shard in enumerate(shards):
             rel = shard_name(None, i, len(shards))
             ordered = file_order(shard)
@@ -172,6 +198,7 @@ def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, fo
                     names, origin = sources[spec.name]
                     parts = [table[s] for s in names]
                     views = [maps[p.file][p.start:p.end] for p in parts]
+                    prefetch.used(sum(p.end - p.start for p in parts))
                     if not all(_finite(v, p.dtype, scratch) for v, p in zip(views, parts)):
                         nonfinite(spec.name, origin, name, allow_nonfinite, say)
                     for view in views:
