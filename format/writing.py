@@ -7,12 +7,10 @@ normative description of the bytes.
 """
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import json
 import math
-import mmap
 import os
 import queue
 import shutil
@@ -24,8 +22,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
-
-import numpy as np
 
 from lmc.errors import WorkspaceError
 from lmc.format.hashing import CHUNK
@@ -72,101 +68,6 @@ def plan_shards(specs: list, max_bytes: int) -> list[list]:
     return shards
 
 
-DIRECT_ALIGN = 4096  # O_DIRECT: buffer address, file offset and length in multiples of the logical block (<= 4096)
-
-
-class DirectFile:
-    """A new file written with O_DIRECT where the file system takes it: the bytes go from an aligned staging
-    buffer to the disk, with no copy into the page cache and no dirty-page writeback competing for the CPU
-    (a buffered 2.3 GB write took 0.4-3.4 s of system time on this project's CI machine, O_DIRECT 0.06-0.09 s;
-    bench/NOTES.md, session 12). Bytes are staged in CHUNK blocks (rounded up to DIRECT_ALIGN); close() writes the last one padded to
-    DIRECT_ALIGN and truncates the file to its size. Where O_DIRECT is missing or refused (tmpfs, some FUSE
-    file systems: EINVAL at open or at the first write) it writes through the page cache instead."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.size = 0
-        self._flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
-        direct = getattr(os, "O_DIRECT", 0)
-        self.fd = -1
-        if direct:
-            try:
-                self.fd = os.open(path, self._flags | direct, 0o666)
-            except OSError as e:
-                if e.errno != errno.EINVAL:
-                    raise
-        self.direct = self.fd >= 0
-        if not self.direct:
-            self.fd = os.open(path, self._flags, 0o666)
-        self._cap = -(-CHUNK // DIRECT_ALIGN) * DIRECT_ALIGN  # staging bytes
-        self._stage = mmap.mmap(-1, self._cap) if self.direct else None  # page-aligned
-        self._staged = np.frombuffer(self._stage, np.uint8) if self.direct else None  # [cap]
-        self._fill = 0
-        self._written = 0  # bytes on disk (a multiple of DIRECT_ALIGN until close)
-
-    def write(self, data) -> None:
-        view = memoryview(data).cast("B")
-        self.size += len(view)
-        while len(view) and self.direct:
-            n = min(len(view), self._cap - self._fill)
-            self._staged[self._fill:self._fill + n] = np.frombuffer(view[:n], np.uint8)  # numpy drops the GIL
-            self._fill += n
-            view = view[n:]
-            if self._fill == self._cap:
-                self._flush(self._cap)
-        if len(view):  # buffered, or O_DIRECT refused at the first write just now
-            self._write_all(view)
-
-    def _flush(self, length: int) -> None:
-        """The staged bytes, `length` of them (a multiple of DIRECT_ALIGN), to the file."""
-        block = memoryview(self._stage)[:length]
-        try:
-            self._write_all(block)
-        except OSError as e:
-            if e.errno != errno.EINVAL or self._written:
-                raise
-            self._fall_back()  # O_DIRECT taken at open, refused at the first write: nothing is on disk yet
-            self._write_all(block[:self._fill])
-            self._fill = 0
-            return
-        finally:
-            block.release()
-        self._written += length
-        self._fill = 0
-
-    def _fall_back(self) -> None:
-        os.close(self.fd)
-        self.fd = os.open(self.path, self._flags, 0o666)
-        self.direct = False
-
-    def _write_all(self, view: memoryview) -> None:
-        while len(view):
-            n = os.write(self.fd, view)
-            if self.direct and n % DIRECT_ALIGN and n != len(view):
-                raise OSError(errno.EIO, f"{self.path}: a partial O_DIRECT write of {n} bytes")
-            view = view[n:]
-
-    def close(self, keep: bool = True) -> None:
-        """Writes what is staged (unless not `keep`: the file is being given up) and closes the file, at exactly
-        `size` bytes."""
-        if self.fd < 0:
-            return
-        try:
-            if keep and self._fill:  # (only O_DIRECT stages bytes)
-                padded = -(-self._fill // DIRECT_ALIGN) * DIRECT_ALIGN
-                self._staged[self._fill:padded] = 0
-                self._flush(padded)
-                if self.direct:
-                    os.ftruncate(self.fd, self.size)
-        finally:
-            os.close(self.fd)
-            self.fd = -1
-            if self._stage is not None:
-                self._staged = None
-                self._stage.close()
-                self._stage = None
-
-
 MAX_IN_FLIGHT = 256 * 1024**2  # bytes handed to a PipelinedWriter and not yet both written and hashed
 
 
@@ -178,7 +79,7 @@ class PipelinedWriter:
     raised by the next write() or by close(). abort() stops both threads without raising."""
 
     def __init__(self, path: Path):
-        self.f = DirectFile(path)
+        self.f = open(path, "wb")
         self.sha = hashlib.sha256()
         self.size = 0
         self._cond = threading.Condition()
@@ -225,7 +126,7 @@ class PipelinedWriter:
             for t in self._threads:
                 t.join()
             self._threads = []
-            self.f.close(keep=self._error is None)
+            self.f.close()
 
     def close(self) -> dict:
         self._stop()
@@ -340,7 +241,7 @@ def _claim(lock: Path, out: Path, token: str) -> None:
     """Create `lock` (O_EXCL) holding our token; take over a lock whose owner is dead."""
     for _ in range(5):
         try:
-            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
             holder = _read_token(lock)
             if holder is None:  # removed meanwhile
