@@ -142,8 +142,9 @@ class _Prefetch:
             self.next += 1
             self.ahead += r.end - r.start
             start = r.start - r.start % mmap.PAGESIZE
-            if hasattr(mmap, "MADV_WILLNEED") and r.end > start:
-                self.maps[r.file].madvise(mmap.MADV_WILLNEED, start, r.end - start)
+            end = min(r.end, len(self.maps[r.file]))  # a file that shrank since it was planned: only advice lost
+            if hasattr(mmap, "MADV_WILLNEED") and end > start:
+                self.maps[r.file].madvise(mmap.MADV_WILLNEED, start, end - start)
 
 
 def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, force: bool = False,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,37 @@ def test_hostile_header_entries_fall_back(entry, checkpoint, tmp_path):
     assert not (tmp_path / "ws").exists()
     with pytest.raises(LmcError):
         convert(ckpt, tmp_path / "ws")
+
+
+def test_prefetch_asks_for_the_next_ranges_in_order(tmp_path, monkeypatch):
+    """_Prefetch keeps PREFETCH_BYTES of the upcoming source ranges asked for (madvise WILLNEED from each range's
+    page start), in the order they are used, and clamps a range to its file's map (a file that shrank)."""
+    import mmap
+
+    from lmc.compiler import passthrough as pt
+
+    class Map:
+        def __init__(self, size):
+            self.size, self.calls = size, []
+
+        def __len__(self):
+            return self.size
+
+        def madvise(self, option, start, length):
+            assert option == mmap.MADV_WILLNEED and start % mmap.PAGESIZE == 0 and start + length <= self.size
+            self.calls.append((start, length))
+
+    page = mmap.PAGESIZE
+    monkeypatch.setattr(pt, "PREFETCH_BYTES", 3 * page)
+    a, b = Path("a"), Path("b")
+    maps = {a: Map(10 * page), b: Map(2 * page + 5)}
+    ranges = [pt._Range(a, 8, 8 + 2 * page, "F16", ()), pt._Range(b, page + 3, 2 * page + 3, "F16", ()),
+              pt._Range(a, 5 * page, 6 * page, "F16", ()), pt._Range(b, 2 * page, 3 * page, "F16", ())]
+    prefetch = pt._Prefetch(maps, ranges)
+    prefetch.used(0)  # the first 3 pages' worth: ranges 0 and 1
+    assert maps[a].calls == [(0, 2 * page + 8)] and maps[b].calls == [(page, page + 3)]
+    prefetch.used(2 * page)  # range 0 consumed: 1 page ahead, so ranges 2 and 3 are asked for
+    assert maps[a].calls[1:] == [(5 * page, page)]
+    assert maps[b].calls[1:] == [(2 * page, 5)]  # clamped to the map's 2 pages + 5 bytes
+    prefetch.used(page)
+    assert len(maps[a].calls) == 2 and len(maps[b].calls) == 2  # nothing left to ask for
