@@ -9,7 +9,10 @@ scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_benc
     python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes per kernel
     python bench/bench_kv_kernel.py --kernels mma,fma --out bench/results/kv_kernel_fma_h200.json
     python bench/bench_kv_kernel.py --kernels mma,fold --out bench/results/kv_kernel_fold_h200.json
-    python bench/bench_kv_kernel.py --kernels fold --policies 0,4 --out bench/results/kv_kernel_int4_h200.json
+    python bench/bench_kv_kernel.py --kernels fold,folddq --policies 0,4 --out bench/results/kv_kernel_folddq_h200.json
+        # (session 12; folddq, since then fold's only int4-key path, is no longer a --kernels value)
+    python bench/bench_kv_kernel.py --kernels fold --policies 4 --points 64x4096,64x16384,16x16384 \
+        --out bench/results/kv_kernel_int4_splits_h200.json
     python bench/bench_kv_kernel.py --smoke --kernels mma,fma,fold --out /tmp/kv_kernel_smoke.json  # CPU interpreter
 """
 from __future__ import annotations
@@ -63,7 +66,10 @@ def main() -> int:
         ap.error(f"--policies {args.policies}: a comma-separated list of 0, 8, 4")
     dev = "cpu" if args.smoke else "cuda"
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
-    points = [(2, 64)] if args.smoke else [tuple(int(x) for x in p.split("x")) for p in args.points.split(",")]
+    try:
+        points = [(2, 64)] if args.smoke else [tuple(int(x) for x in p.split("x", 1)) for p in args.points.split(",")]
+    except ValueError:
+        ap.error(f"--points {args.points}: comma-separated BATCHxKV_LEN, e.g. 16x16384,64x4096")
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
         list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3),

@@ -618,8 +618,8 @@ def paged_decode_attention_triton(
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = _default_num_splits(q, B * Hkv, max_context, block_n or 64)
-        if kernel == "fold" and bits == 4 and num_splits == 1:  # 8B step at 64 x 16k (kv_quant_h200_v7.json): 1
-            num_splits = max(1, min(INT4_FOLD_SPLITS, max_context // 256))  # split 46.1 ms, v5 with 4: 41.2
+        if kernel == "fold" and bits == 4 and num_splits == 1:  # 8B step at 64 x 16k, H200: 1 split 46.1 ms
+            num_splits = max(1, min(INT4_FOLD_SPLITS, max_context // 256))  # (kv_quant_h200_v7.json), 4: 38.9 (v8)
             block_n = block_n or 64
     if block_n is None:  # fold on an H200 (µs at BLOCK_N 128 vs 64): int8 (kv_kernel_fold_h200.json) 16 x 16k,
         # 3 splits, 230 vs 287; 64 x 4k, 1 split, 330 vs 256; int4 (kv_kernel_folddq_h200.json) 254 vs 304; 328 vs 273
