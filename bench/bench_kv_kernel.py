@@ -68,7 +68,8 @@ def main() -> int:
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
     try:
         points = [(2, 64)] if args.smoke else [tuple(int(x) for x in p.split("x", 1)) for p in args.points.split(",")]
-    except ValueError:
+        assert all(len(p) == 2 and min(p) > 0 for p in points)
+    except (ValueError, AssertionError):
         ap.error(f"--points {args.points}: comma-separated BATCHxKV_LEN, e.g. 16x16384,64x4096")
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
