@@ -13,10 +13,6 @@ from pathlib import Path
 
 CHUNK = 16 * 1024**2
 WORKERS = min(8, os.cpu_count() or 2)  # files hashed at once
-# BackgroundHashes' threads yield the CPU to the command's own work (nice 19, Linux): a convert's output stream
-# (read, check, write, hash: one file after another) is its critical path, the source files' hashes are not;
-# on 2 cores the 2.2 GB convert took 2.58-2.86 s against 3.20-3.57 at equal priority (bench/NOTES.md, session 12)
-HASH_NICE = 19
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -32,8 +28,8 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 class BackgroundHashes:
-    """sha256 of the regular files among `paths`, hashed by `workers` daemon threads (at HASH_NICE) from
-    construction on, largest file first. `sha256(path)` waits for that file's result (re-raising its OSError); any
+    """sha256 of the regular files among `paths`, hashed by `workers` daemon threads from construction
+    on, largest file first. `sha256(path)` waits for that file's result (re-raising its OSError); any
     other path is hashed then and there."""
 
     def __init__(self, paths, workers: int = WORKERS):
@@ -54,10 +50,6 @@ class BackgroundHashes:
             threading.Thread(target=self._work, daemon=True, name="sha256").start()
 
     def _work(self) -> None:
-        try:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), HASH_NICE)  # this thread only (Linux)
-        except (AttributeError, OSError):
-            pass  # no per-thread priority here (macOS, Windows): hashed at the command's priority
         while True:
             with self._lock:
                 if not self._todo:

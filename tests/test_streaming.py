@@ -210,23 +210,6 @@ def test_background_hashes_equal_hashlib(tmp_path, monkeypatch):
     assert hashes.sha256(tmp_path / "link") == hashes.sha256(files[-1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread priorities are a Linux feature")
-def test_background_hashes_run_at_a_lower_priority(tmp_path, monkeypatch):
-    """The hashing threads yield the CPU (nice HASH_NICE, their own threads only); the caller's stays as it was."""
-    import lmc.format.hashing as hashing
-
-    seen = []
-    monkeypatch.setattr(hashing, "sha256_file", lambda p: seen.append(
-        os.getpriority(os.PRIO_PROCESS, threading.get_native_id())) or "0" * 64)
-    before = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-    (tmp_path / "a").write_bytes(b"a")
-    (tmp_path / "b").write_bytes(b"bb")
-    hashes = BackgroundHashes([tmp_path / "a", tmp_path / "b"], workers=2)
-    hashes.sha256(tmp_path / "a"), hashes.sha256(tmp_path / "b")
-    assert seen == [hashing.HASH_NICE] * 2
-    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == before
-
-
 def test_early_source_files_are_the_readers_files(checkpoint, tmp_path):
     ckpt = checkpoint("llama3")
     assert early_source_files(ckpt) == open_source(ckpt).reader.source_files() == [ckpt / "model.safetensors"]
