@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from lmc.kernels.gemv import gemv_config, gemv_triton
 from lmc.kernels.kv_quant import QuantizedKV
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_write_kv
@@ -41,9 +42,14 @@ class Int4Weight:
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight."""
+    """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight. One token with a float weight
+    takes lmc's GEMV where this GPU's table has the shape (kernels/gemv.py), cuBLAS otherwise."""
     if isinstance(w, Int4Weight):
         y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size)
+        return y + bias if bias is not None else y
+    config = gemv_config(x, w)
+    if config is not None:
+        y = gemv_triton(x.contiguous(), w, *config)
         return y + bias if bias is not None else y
     return F.linear(x, w, bias)
 
