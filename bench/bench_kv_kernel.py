@@ -9,8 +9,7 @@ scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_benc
     python bench/bench_kv_kernel.py --out bench/results/kv_kernel_h200.json     # GPU, ~2 minutes per kernel
     python bench/bench_kv_kernel.py --kernels mma,fma --out bench/results/kv_kernel_fma_h200.json
     python bench/bench_kv_kernel.py --kernels mma,fold --out bench/results/kv_kernel_fold_h200.json
-    python bench/bench_kv_kernel.py --kernels fold,folddq --policies 0,4 --out bench/results/kv_kernel_folddq_h200.json
-        # (session 12; folddq, since then fold's only int4-key path, is no longer a --kernels value)
+    python bench/bench_kv_kernel.py --kernels fold --policies 0,4 --out /tmp/kv_kernel_int4.json  # int4 vs fp16
     python bench/bench_kv_kernel.py --kernels fold --policies 4 --points 64x4096,64x16384,16x16384 \
         --out bench/results/kv_kernel_int4_splits_h200.json
     python bench/bench_kv_kernel.py --smoke --kernels mma,fma,fold --out /tmp/kv_kernel_smoke.json  # CPU interpreter
@@ -68,8 +67,9 @@ def main() -> int:
     hq, hkv, d, page = (4, 2, 32, 16) if args.smoke else (32, 8, 128, 64)
     try:
         points = [(2, 64)] if args.smoke else [tuple(int(x) for x in p.split("x", 1)) for p in args.points.split(",")]
-        assert all(len(p) == 2 and min(p) > 0 for p in points)
-    except (ValueError, AssertionError):
+    except ValueError:
+        points = []
+    if not points or any(len(p) != 2 or min(p) <= 0 for p in points):
         ap.error(f"--points {args.points}: comma-separated BATCHxKV_LEN, e.g. 16x16384,64x4096")
     default = (1, 64, 4, 2)  # split multiplier, BLOCK_N, warps, stages: today's settings
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
