@@ -50,8 +50,8 @@ STOP, FORWARD, DECODE = 0, 1, 2
 LEAVE_S = 30
 JOIN_POLL_S = 0.2  # how often rank 0 looks at its followers while they join
 HEADER = 8
-ONE_SHOT_ELEMENTS = 1 << 17  # per slot of the one-shot all-reduce (decode batch 32 at hidden 4096); larger sums go
-                             # through NCCL, faster there (bench/results/allreduce_h200x2*.json)
+ONE_SHOT_ELEMENTS = 1 << 20  # per rank per slot of the one-shot all-reduce (decode batch 256 at hidden 4096): 3x
+                             # faster than NCCL up to there on 2 x H200 (allreduce_h200x2_v3.json); prefill goes to NCCL
 ALLREDUCE_MODES = ("one-shot", "nccl")  # LMC_TP_ALLREDUCE
 LM_HEAD_MODES = ("split", "replicated")  # LMC_TP_LM_HEAD
 TIMEOUT = datetime.timedelta(minutes=10)  # joining, and a collective inside a step

@@ -1,7 +1,7 @@
 """The one-shot all-reduce kernel (kernels/allreduce.py) under the interpreter: the ranks' kernels run one after
-another in this process over plain CPU buffers laid out as the symmetric buffers are, with the handshakes of the
-ranks that have not run yet set beforehand (as if they had published already); on 2 GPUs the real thing runs
-inside tensor parallel (tests/test_tp.py's GPU test)."""
+another in this process over plain CPU buffers laid out as the peer buffers are, with the pushes of the ranks that
+have not run yet put in place beforehand (as if they had pushed already); on 2 GPUs the real thing runs inside
+tensor parallel (tests/test_tp.py's GPU test)."""
 import pytest
 import torch
 
@@ -11,53 +11,52 @@ needs_triton = pytest.mark.skipif(AR.triton is None, reason="needs triton (TRITO
 
 
 class FakeGroup:
-    """world ranks' buffers in one process: flags [MAX_PROGRAMS, world] int32 at byte 0, then two slots."""
+    """world ranks' receive buffers in one process, laid out as kernels/allreduce.py's: [2 slots, world, capacity]."""
 
     def __init__(self, world: int, capacity: int, dtype: torch.dtype):
-        nbytes = AR.DATA_OFFSET + 2 * capacity * dtype.itemsize
-        self.buffers = [torch.zeros(nbytes, dtype=torch.uint8) for _ in range(world)]
-        bases = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
-        self.flag_ptrs, self.data_ptrs = bases, bases + AR.DATA_OFFSET
+        self.buffers = [torch.empty(2, world, capacity, dtype=dtype) for _ in range(world)]
+        for b in self.buffers:
+            AR.fill_empty(b)
+        self.recv_ptrs = torch.tensor([b.data_ptr() for b in self.buffers], dtype=torch.int64)
         self.world, self.capacity, self.dtype = world, capacity, dtype
 
-    def flags(self, rank: int) -> torch.Tensor:
-        return self.buffers[rank][: AR.MAX_PROGRAMS * self.world * 4].view(torch.int32).view(AR.MAX_PROGRAMS,
-                                                                                            self.world)
-
-    def slot(self, rank: int, slot: int) -> torch.Tensor:
-        data = self.buffers[rank][AR.DATA_OFFSET:].view(self.dtype)
-        return data[slot * self.capacity: (slot + 1) * self.capacity]
+    def all_empty(self) -> bool:
+        int_type = torch.int16 if self.dtype.itemsize == 2 else torch.int32
+        return all(b.view(int_type).eq(torch.iinfo(int_type).min).all() for b in self.buffers)
 
     def call(self, parts: list[torch.Tensor], slot: int) -> list[torch.Tensor]:
         """One plain all-reduce: every rank's sum, in place on a copy of its part."""
         outs = [p.clone() for p in parts]
-        self._run(parts, slot, self._programs(parts[0].numel()), lambda r: AR.one_shot_all_reduce(
-            outs[r], self.data_ptrs, self.flag_ptrs, r, self.world, slot, self.capacity))
+        self._run(parts, slot, lambda r: AR.one_shot_all_reduce(
+            outs[r], self.recv_ptrs, r, self.world, slot, self.capacity))
         return outs
 
     def call_add_norm(self, parts, residuals, weight, eps: float, slot: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """One fused all-reduce + residual add + RMSNorm over parts [T, H]: every rank's (normed, residual)."""
-        return self._run(parts, slot, min(parts[0].shape[0], AR.MAX_PROGRAMS), lambda r: AR.one_shot_add_rms_norm(
-            parts[r], residuals[r], weight, eps, self.data_ptrs, self.flag_ptrs, r, self.world, slot, self.capacity))
+        return self._run(parts, slot, lambda r: AR.one_shot_add_rms_norm(
+            parts[r], residuals[r], weight, eps, self.recv_ptrs, r, self.world, slot, self.capacity))
 
-    def _run(self, parts: list[torch.Tensor], slot: int, programs: int, launch) -> list:
-        """Every rank's kernel in rank order; later ranks' signals to earlier ones are set first (each kernel sets
-        them again for the next call), later ranks' chunks published first."""
+    def _run(self, parts: list[torch.Tensor], slot: int, launch) -> list:
+        """Every rank's kernel in rank order. The ranks that have not run yet have pushed already (their parts are
+        put into this rank's buffer, -0.0 sent as +0.0 as the kernel sends it); after each kernel every later
+        rank must hold all of this rank's push, so a push that left an element empty fails here, not by hanging."""
         n = parts[0].numel()
+        results = []
         for r in range(self.world):
-            self.slot(r, slot)[:n] = parts[r].reshape(-1)
             for q in range(r + 1, self.world):
-                self.flags(r)[:, q] = 1
-        results = [launch(r) for r in range(self.world)]
-        for r in range(self.world):  # undo the early signals the later ranks' kernels repeated
+                self.buffers[r][slot, q, :n] = parts[q].reshape(-1) + 0.0  # -0.0 + 0.0 = +0.0
+            results.append(launch(r))
             for q in range(r + 1, self.world):
-                assert self.flags(r)[:programs, q].eq(1).all()
-                self.flags(r)[:, q] = 0
+                assert not _is_empty(self.buffers[q][slot, r, :n]).any(), f"rank {r} left an element empty"
+        for r in range(self.world):  # the later ranks' kernels pushed again what was put in place: undo that
+            for q in range(r + 1, self.world):
+                assert torch.equal(self.buffers[r][slot, q, :n], parts[q].reshape(-1) + 0.0)
+                AR.fill_empty(self.buffers[r][slot, q])
         return results
 
-    @staticmethod
-    def _programs(n: int) -> int:
-        return max(1, min(-(-n // AR.BLOCK), AR.MAX_PROGRAMS))
+
+def _is_empty(x: torch.Tensor) -> torch.Tensor:
+    return (x == 0) & torch.signbit(x)
 
 
 @needs_triton
@@ -72,14 +71,14 @@ def test_one_shot_sum_equals_reference_on_every_rank(world, n, dtype):
         want = AR.one_shot_all_reduce_ref(parts)
         for out in outs:
             assert torch.equal(out, want)  # bit-identical on every rank: same order, same rounding
-        assert not any(group.flags(r).any() for r in range(world))  # every handshake consumed
+        assert group.all_empty()  # every push consumed and the buffers emptied again
 
 
 @needs_triton
 def test_one_shot_reads_each_peer_from_its_own_slot():
     # rank 1 publishes into slot 1 only: rank 0 must read slot 1, not stale data left in slot 0
     group = FakeGroup(2, capacity=64, dtype=torch.float32)
-    group.slot(1, 0)[:] = 1000.0
+    group.buffers[0][0, 1] = 1000.0  # as if rank 1 had pushed into slot 0
     parts = [torch.arange(64, dtype=torch.float32), torch.ones(64)]
     outs = group.call(parts, slot=1)
     assert torch.equal(outs[0], parts[0] + 1) and torch.equal(outs[1], parts[0] + 1)
@@ -105,4 +104,24 @@ def test_fused_add_norm_equals_sum_then_rms_norm(world, t, h, dtype):
         for y, new_residual in outs:
             assert torch.equal(new_residual, want_h) and torch.equal(y, want_y)
         assert all(torch.equal(p, k) for p, k in zip(parts, kept))
-        assert not any(group.flags(r).any() for r in range(world))
+        assert group.all_empty()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_negative_zero_is_sent_as_positive_zero(dtype):
+    """-0.0 marks an element not yet arrived: a part holding -0.0 must still arrive (the harness fails if a push
+    leaves an element empty) and sum to the reference, and the buffers end empty."""
+    group = FakeGroup(2, capacity=300, dtype=dtype)
+    for slot in (0, 1):
+        parts = [torch.randn(257).to(dtype), torch.randn(257).to(dtype)]
+        parts[0][::7], parts[1][::5] = -0.0, -0.0
+        parts[1][::3] = 0.0
+        outs = group.call(parts, slot)
+        want = AR.one_shot_all_reduce_ref(parts)
+        assert torch.equal(outs[0], outs[1])
+        if dtype == torch.bfloat16:  # the interpreter rounds float32 -> bfloat16 toward zero, torch to nearest
+            assert torch.allclose(outs[0].float(), want.float(), rtol=2 ** -7, atol=0)
+        else:
+            assert torch.equal(outs[0], want)
+        assert group.all_empty()
