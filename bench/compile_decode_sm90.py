@@ -52,15 +52,13 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     tables = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
     kv_lens = torch.full((B,), 4 * page, dtype=torch.int32)
     name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
-    fn, capture, merge = getattr(attention, name), _Capture(), attention._merge_splits_kernel
+    fn, capture = getattr(attention, name), _Capture()
     setattr(attention, name, capture)
-    attention._merge_splits_kernel = _Capture()
     try:
         attention.paged_decode_attention_triton(q, *caches, tables, kv_lens, 0.088, num_splits=splits,
                                                 block_n=block_n, num_warps=warps, num_stages=stages, kernel=kernel)
     finally:
         setattr(attention, name, fn)
-        attention._merge_splits_kernel = merge
     (args, kwargs), = capture.launches
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
     if maxnreg:

@@ -27,7 +27,7 @@ from lmc.runtime.engine import Engine
 def kernel_family(name: str) -> str:
     """A short label for a kernel name (Triton names are their Python function names)."""
     for key in ("_w4a16_gemv", "_w4a16_gemm", "_splitk_sum", "_rms_norm", "_rotary_kv", "_decode_kernel",
-                "_merge_splits", "_silu_mul", "gemm", "gemv", "index", "copy", "argmax", "reduce", "elementwise"):
+                "_silu_mul", "gemm", "gemv", "index", "copy", "argmax", "reduce", "elementwise"):
         if key in name.lower():
             return key
     return name[:60]

@@ -16,7 +16,9 @@ reshuffle; the fold kernel dots the two nibble halves separately.
 Prefill (flash-attention style): one program per (BLOCK_M queries, sequence, q head); query j of a
 sequence with q_len queries and kv_len cached tokens sits at position kv_len - q_len + j.
 Decode: one program per (sequence, kv head, kv split) computes all Hq // Hkv q heads of the group
-at once, so each K/V tile is read once per group; a second pass merges the splits by log-sum-exp.
+at once, so each K/V tile is read once per group. With several splits each program stores float32 partials
+and counts itself in an arrival counter per (sequence, kv head) (kernels/split_counters.py); the last split to
+arrive merges the group's splits by log-sum-exp in the same launch (_split_done) and resets the counter.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from lmc.errors import LmcError
 from lmc.kernels.kv_quant import cache_parts, dequantize_kv_ref, quantize_kv_ref
 from lmc.kernels.pdl import pdl_launch, pdl_wait
+from lmc.kernels.split_counters import split_counters
 
 try:
     import triton
@@ -137,8 +140,50 @@ if triton is not None:
         return start, tl.minimum(start + split_len, kv_len)
 
     @triton.jit
+    def _merge_splits(o_row, part_o_row, lse_rows, heads, g_mask, stride_oh, stride_poh, stride_pos,
+                      D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """o[heads] = the splits' partial outputs weighted by exp2 of their log2-sum-exp (lse_rows [BLOCK_G] + split)
+        less its maximum, over the weights' sum, both summed in split order in float32; empty splits (-inf) weigh
+        0 and a head whose splits are all empty gets zeros. The partials are read past L1 (.cg): the other splits
+        wrote them from other SMs."""
+        offs_d = tl.arange(0, BLOCK_D)
+        gd_mask = g_mask[:, None] & (offs_d < D)[None, :]
+        m = tl.full(heads.shape, float("-inf"), tl.float32)
+        for s in tl.static_range(NUM_SPLITS):
+            m = tl.maximum(m, tl.load(lse_rows + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg"))
+        m = tl.where(m == float("-inf"), 0.0, m)  # [BLOCK_G]
+        w_sum = tl.zeros(heads.shape, tl.float32)
+        acc = tl.zeros([heads.shape[0], BLOCK_D], tl.float32)
+        parts = part_o_row + heads[:, None] * stride_poh + offs_d[None, :]  # [BLOCK_G, BLOCK_D]
+        for s in tl.static_range(NUM_SPLITS):
+            w = tl.exp2(tl.load(lse_rows + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - m)
+            w_sum += w
+            acc += tl.load(parts + s * stride_pos, mask=gd_mask, other=0.0, cache_modifier=".cg") * w[:, None]
+        out = acc / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
+        tl.store(o_row + heads[:, None] * stride_oh + offs_d[None, :], out.to(o_row.dtype.element_ty), mask=gd_mask)
+
+    @triton.jit
+    def _split_done(l_i, m_i, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, b64, kvh, split, heads, g_mask,
+                    stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+                    D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_D: tl.constexpr):
+        """The end of decode program (b, kvh, split) of a split launch, after it stored its partial outputs of the
+        group's q heads `heads` [BLOCK_G]: stores their log2-sum-exp (from the online softmax's l_i, m_i
+        [BLOCK_G]), then counts the split in (b, kvh)'s counter, an acq_rel atomic after a barrier (every
+        thread's partials are stored before it); the last split of the group to arrive merges all NUM_SPLITS
+        partials into o (_merge_splits) and sets the counter back to 0 for the next call."""
+        lse_rows = part_lse_ptr + b64 * stride_plb + heads * stride_plh  # [BLOCK_G]
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))  # empty: -inf
+        tl.store(lse_rows + split, lse, mask=g_mask)
+        tl.debug_barrier()  # every thread's partials are stored before the counter says so
+        counter = count_ptr + b64 * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1, sem="acq_rel") == NUM_SPLITS - 1:
+            _merge_splits(o_ptr + b64 * stride_ob, part_o_ptr + b64 * stride_pob, lse_rows, heads, g_mask,
+                          stride_oh, stride_poh, stride_pos, D, NUM_SPLITS, BLOCK_D)
+            tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
+
+    @triton.jit
     def _decode_kernel(
-        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -186,8 +231,9 @@ if triton is not None:
         else:
             tl.store(part_o_ptr + b64 * stride_pob + heads[:, None] * stride_poh + split * stride_pos
                      + offs_d[None, :], out, mask=gd_mask)
-            lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
+            _split_done(l_i, m_i, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, b64, kvh, split, heads, g_mask,
+                        stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+                        D, NUM_SPLITS, BLOCK_D)
 
     @triton.jit
     def _half_dot(q, c):
@@ -216,7 +262,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_fma_kernel(
-        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -226,7 +272,7 @@ if triton is not None:
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
-        PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, PDL: tl.constexpr,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) without the MMA:
         the group's q rows dot each K/V code tile on CUDA cores in float32, the tile [BLOCK_N, 1, BLOCK_H] kept in
@@ -234,7 +280,8 @@ if triton is not None:
         8 bits: a tile holds whole vectors (BLOCK_H >= D); 4 bits: the head as its two halves, the two nibbles
         of a byte (BLOCK_H >= D/2), each dotted with its half of q, no interleave. Per-vector scales
         stay out of the element loop: q . k_n = s_n (q . c_n) + z_n sum(q), and sum_n p_n v_n = sum_n (p_n s_n)
-        c_n + sum_n p_n z_n; grouped keys (K_GROUP < D) take one partial dot per group, scaled per token."""
+        c_n + sum_n p_n z_n; grouped keys (K_GROUP < D) take one partial dot per group, scaled per token.
+        BLOCK_D (>= D): the width of the split merge's tiles (_merge_splits)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -316,8 +363,9 @@ if triton is not None:
             out2 = (acc2 + acc_z[:, None]) / l_safe[:, None]
             tl.store(rows + PART, out2.to(rows.dtype.element_ty), mask=gj_mask)
         if NUM_SPLITS > 1:
-            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
+            _split_done(l_i, m_i, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, b64, kvh, split, heads, g_mask,
+                        stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+                        D, NUM_SPLITS, BLOCK_D)
 
     @triton.jit
     def _q_operand(ptrs, mask, qk_scale):
@@ -356,7 +404,7 @@ if triton is not None:
 
     @triton.jit
     def _decode_fold_kernel(
-        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, bt_ptr, kv_lens_ptr,
+        q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
         stride_qb, stride_qh,
         stride_kb, stride_kt, stride_kh,
@@ -366,7 +414,7 @@ if triton is not None:
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_H: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
-        DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr,
     ):
         """_decode_kernel for quantized caches (BITS 8 or 4, V one (scale, zero) per vector) with the scales and
         zeros folded out of the element loop, tensor-core dots kept: the K/V code tiles go to tl.dot as raw codes
@@ -387,7 +435,8 @@ if triton is not None:
         _dequant_group_operand), then the plain chained pair of dots against q's halves. On an H200 at 16 x 16k
         254 µs (fp16 cache 269), against 284 for one block-diagonal q^T dot giving every group's partial scores
         and 310 for one K = 16 dot per group (bench/results/kv_kernel_folddq_h200.json, bench/NOTES.md): 865 SASS
-        per tile and thread against 1008 for the block-diagonal form (sm_90, Triton 3.6, BLOCK_N 128)."""
+        per tile and thread against 1008 for the block-diagonal form (sm_90, Triton 3.6, BLOCK_N 128).
+        BLOCK_D (>= D): the width of the split merge's tiles (_merge_splits)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -473,32 +522,9 @@ if triton is not None:
             out2 = (acc2 + acc_z[None, :]) / l_safe[None, :]
             tl.store(cols + PART, out2.to(cols.dtype.element_ty), mask=jg_mask)
         if NUM_SPLITS > 1:
-            lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-            tl.store(part_lse_ptr + b64 * stride_plb + heads * stride_plh + split, lse, mask=g_mask)
-
-    @triton.jit
-    def _merge_splits_kernel(
-        part_o_ptr, part_lse_ptr, o_ptr,
-        stride_pob, stride_poh, stride_pos, stride_plb, stride_plh, stride_ob, stride_oh,
-        D: tl.constexpr, NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
-        PDL: tl.constexpr,
-    ):
-        pdl_wait(PDL)
-        b = tl.program_id(0).to(tl.int64)
-        h = tl.program_id(1)
-        offs_s = tl.arange(0, BLOCK_S)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < NUM_SPLITS
-        lse = tl.load(part_lse_ptr + b * stride_plb + h * stride_plh + offs_s,
-                      mask=s_mask, other=float("-inf"))  # [BLOCK_S], log2 units
-        m = tl.max(lse, axis=0)
-        w = tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m))  # empty splits weigh 0
-        parts = tl.load(part_o_ptr + b * stride_pob + h * stride_poh + offs_s[:, None] * stride_pos
-                        + offs_d[None, :], mask=s_mask[:, None] & (offs_d[None, :] < D), other=0.0)
-        w_sum = tl.sum(w, axis=0)
-        out = tl.sum(parts * w[:, None], axis=0) / tl.where(w_sum > 0, w_sum, 1.0)  # [BLOCK_D]
-        tl.store(o_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(o_ptr.dtype.element_ty),
-                 mask=offs_d < D)
+            _split_done(l_i, m_i, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, b64, kvh, split, heads, g_mask,
+                        stride_ob, stride_oh, stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+                        D, NUM_SPLITS, BLOCK_D)
 
 
 def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache, v_cache, slot_mapping: torch.Tensor) -> None:
@@ -629,8 +655,9 @@ def paged_decode_attention_triton(
         return out
     part_o = torch.empty((B, Hq, num_splits, D), dtype=torch.float32, device=q.device)  # [B, Hq, S, D]
     part_lse = torch.empty((B, Hq, num_splits), dtype=torch.float32, device=q.device)  # [B, Hq, S], log2 units
+    counters = split_counters(q.device, B * Hkv) if num_splits > 1 else part_lse  # one per (b, kv head)
     BLOCK_D = consts["BLOCK_D"]
-    args = (q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, block_tables, kv_lens,
+    args = (q, k_data, v_data, k_sz, v_sz, out, part_o, part_lse, counters, block_tables, kv_lens,
             scale * math.log2(math.e), group,
             q.stride(0), q.stride(1),
             k_data.stride(0), k_data.stride(1), k_data.stride(2),
@@ -648,26 +675,18 @@ def paged_decode_attention_triton(
         _decode_fold_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 8), BLOCK_N=block_n,
             BLOCK_H=max(triton.next_power_of_2(D // 2 if bits == 4 else D), 16), NUM_SPLITS=num_splits, BITS=bits,
-            K_GROUP=consts["K_GROUP"], DOT_PRECISION=_dot_precision(q.dtype),
+            K_GROUP=consts["K_GROUP"], BLOCK_D=BLOCK_D, DOT_PRECISION=_dot_precision(q.dtype),
             ASM=q.is_cuda and q.dtype != torch.float32, **launch)
     elif kernel == "fma":
         _decode_fma_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=triton.next_power_of_2(group), BLOCK_N=block_n,
             BLOCK_H=BLOCK_D // 2 if bits == 4 else BLOCK_D, NUM_SPLITS=num_splits, BITS=bits,
-            K_GROUP=consts["K_GROUP"], **launch)
+            K_GROUP=consts["K_GROUP"], BLOCK_D=BLOCK_D, **launch)
     else:
         _decode_kernel[(B, Hkv, num_splits)](
             *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
             NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
             HALF_DEQUANT=q.dtype == torch.float16, **launch)
-    if num_splits > 1:
-        _merge_splits_kernel[(B, Hq)](
-            part_o, part_lse, out,
-            part_o.stride(0), part_o.stride(1), part_o.stride(2), part_lse.stride(0), part_lse.stride(1),
-            out.stride(0), out.stride(1),
-            D=D, NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), BLOCK_D=BLOCK_D,
-            **pdl_launch(q.device),
-        )
     return out
 
 

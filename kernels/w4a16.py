@@ -39,6 +39,7 @@ from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
+from lmc.kernels.split_counters import split_counters
 from lmc.kernels.w4a16_tuning import config_for
 
 try:
@@ -616,19 +617,6 @@ def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
                                               num_warps=4, **pdl_launch(out.device))
 
 
-_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
-
-
-def _split_counters(device: torch.device, size: int) -> torch.Tensor:
-    """int32 zeros, one per column block, shared by every split-K GEMV call on the device (each call leaves
-    them at zero again). Grown outside CUDA-graph capture: the engine runs every shape once before capturing."""
-    counters = _SPLIT_COUNTERS.get(device)
-    if counters is None or counters.numel() < size:
-        counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
-        _SPLIT_COUNTERS[device] = counters
-    return counters
-
-
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 1,
                       num_warps: int = 1, preload: bool = False, dot_asm: bool | None = None,
@@ -664,7 +652,7 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     cols_per_program = block_n // 2 if silu_mul else block_n  # output columns
     grid = (_cdiv(m, rows), _cdiv(n_out, cols_per_program), split_k)
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    counters = _split_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
+    counters = split_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
     _w4a16_gemv_kernel[grid](
         x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,

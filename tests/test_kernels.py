@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from lmc.kernels import attention, rmsnorm, rotary, silu_mul
+from lmc.kernels.split_counters import split_counters
 
 
 FP32 = dict(rtol=1e-5, atol=1e-5)
@@ -338,6 +339,46 @@ def test_decode_triton_empty_sequence_gives_zeros(num_splits):
     ref = attention.paged_decode_attention_ref(c.q[:1], c.k_cache, c.v_cache, c.block_tables[:1], kv_lens[:1],
                                                c.scale)
     torch.testing.assert_close(out[:1], ref, **FP32)
+
+
+class _LaunchSpy:
+    """Stands in for one of attention's Triton kernels: records its name at each launch, then launches it."""
+
+    def __init__(self, name, kernel, launches):
+        self.name, self.kernel, self.launches = name, kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(self.name)
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def check_split_decode_merges_in_kernel(monkeypatch, args, kv_lens_2, kernel, num_splits, block_n, tol):
+    """A split decode (args: q, caches, block tables, kv_lens, scale) launches one kernel, `kernel`'s: the last
+    split of each (sequence, kv head) merges the splits, and leaves its counter at 0 (all counters are zero after
+    the call), so a second call over other kv lengths kv_lens_2 (splits full, partial and empty elsewhere)
+    reusing the counters matches the reference too."""
+    launches = []
+    for name in [n for n in vars(attention) if n.endswith("_kernel")]:
+        monkeypatch.setattr(attention, name, _LaunchSpy(name, getattr(attention, name), launches))
+    q, k_cache, v_cache, block_tables, kv_lens, scale = args
+    for lens in (kv_lens, kv_lens_2):
+        call = (q, k_cache, v_cache, block_tables, lens, scale)
+        out = attention.paged_decode_attention_triton(*call, num_splits=num_splits, block_n=block_n, kernel=kernel)
+        torch.testing.assert_close(out, attention.paged_decode_attention_ref(*call), **tol)
+        assert not split_counters(q.device, 1).any()
+    name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
+    assert launches == [name, name]
+
+
+@needs_triton
+def test_decode_triton_last_split_merges(monkeypatch):
+    # 3 splits of 16-token tiles: kv_len 1, 9, 11 and 16 leave two splits empty, 37, 43 and 70 end the last one early
+    c = _paged_case((1, 1, 1, 1), (1, 37, 70, 16), 6, 2, 64, 5, torch.float16, seed=14)
+    args = (c.q, c.k_cache, c.v_cache, c.block_tables, c.kv_lens, c.scale)
+    check_split_decode_merges_in_kernel(monkeypatch, args, torch.tensor([1, 9, 43, 11], dtype=torch.int32), "mma", 3,
+                                        16, ATTN_TOL[torch.float16])
 
 
 # --- CPU path without triton -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 from test_cuda_graph import PROMPTS, _engine, _greedy_logits, _rel, _same_prefix_rel, _workspace, gpu, needs_cuda
-from test_kernels import ATTN_TOL, FP32, _cos_sin, _gen, needs_triton, triton_interpreter  # noqa: F401 (fixture)
+from test_kernels import ATTN_TOL, FP32, _cos_sin, _gen, check_split_decode_merges_in_kernel, needs_triton
+from test_kernels import triton_interpreter  # noqa: F401 (fixture)
 
 from lmc.errors import LmcError
 from lmc.kernels import attention, rotary
@@ -557,6 +558,16 @@ def test_decode_codes_kernels_per_vector_int4_keys(kernel, seeds):
     args = (c.q, per_vector, c.quant_caches[1], c.block_tables, c.kv_lens, c.scale)
     out = attention.paged_decode_attention_triton(*args, num_splits=2, block_n=16, kernel="fold")
     torch.testing.assert_close(out, attention.paged_decode_attention_ref(*args), **FP32)
+
+
+@needs_triton
+@pytest.mark.parametrize("kernel,bits", [("mma", 8), ("fma", 4), ("fold", 8), ("fold", 4)])
+def test_decode_quantized_last_split_merges(monkeypatch, kernel, bits):
+    # 3 splits of 16-token tiles: kv_len 1, 9, 11 and 16 leave two splits empty, 37, 43 and 70 end the last one early
+    c = _quant_case((1, 1, 1, 1), (1, 37, 70, 16), 8, 2, 64, 5, torch.float16, bits, seed=49)
+    args = (c.q, *c.quant_caches, c.block_tables, c.kv_lens, c.scale)
+    check_split_decode_merges_in_kernel(monkeypatch, args, torch.tensor([1, 9, 43, 11], dtype=torch.int32), kernel,
+                                        3, 16, ATTN_TOL[torch.float16])
 
 
 @gpu
