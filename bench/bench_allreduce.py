@@ -2,8 +2,9 @@
 (kernels/allreduce.py), float16 sums of decode sizes (batch x 4096), each timed as 64 calls captured in one CUDA
 graph (as a decode step makes them: 2 per layer x 32 layers), median of 20 replays; and the decode step's form,
 the sum fused with the residual add and RMSNorm (`add_rms_norm`, rows of 4096) against NCCL then lmc's RMSNorm.
-Also checks that the one-shot sums equal NCCL's within float16 rounding. --module times another implementation of
-the same interface beside it (e.g. the previous commit's kernels/allreduce.py copied to a file), in the same run.
+Also checks that the one-shot sums equal NCCL's within float16 rounding. --module times other implementations of
+the same interface beside it (e.g. the previous commit's kernels/allreduce.py copied to a file), in the same run,
+under keys prefixed with each file's stem.
 
     python bench/bench_allreduce.py --out bench/results/allreduce_h200x2.json     # 2+ GPUs
 """
@@ -89,15 +90,15 @@ def time_impl(one_shot, n: int, rank: int, dev: torch.device) -> dict:
                 max_abs_diff_vs_nccl=err, fused_max_abs_diff=norm_err)
 
 
-def worker(rank: int, world: int, port: int, out: str, other: str | None) -> None:
+def worker(rank: int, world: int, port: int, out: str, others: list[str]) -> None:
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     torch.cuda.set_device(rank)
     dev = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, device_id=dev)
     gloo = dist.new_group(backend="gloo")
     impls = {"lmc": load_module(None).OneShotAllReduce(gloo, dev, torch.float16, max(SIZES))}
-    if other is not None:
-        impls["other"] = load_module(other).OneShotAllReduce(gloo, dev, torch.float16, max(SIZES))
+    for path in others:
+        impls[Path(path).stem] = load_module(path).OneShotAllReduce(gloo, dev, torch.float16, max(SIZES))
     rows = []
     for n in SIZES:
         x = torch.randn(n, device=dev, dtype=torch.float16)
@@ -116,7 +117,7 @@ def worker(rank: int, world: int, port: int, out: str, other: str | None) -> Non
     if rank == 0:
         result = dict(device=f"{world} x {torch.cuda.get_device_name()}", torch=torch.__version__,
                       nccl=".".join(map(str, torch.cuda.nccl.version())), calls_per_graph=CALLS,
-                      date=time.strftime("%Y-%m-%d"), other_module=other, rows=rows)
+                      date=time.strftime("%Y-%m-%d"), other_modules=others, rows=rows)
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=1) + "\n")
     dist.barrier()
@@ -127,7 +128,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
     ap.add_argument("--world", type=int, default=2)
-    ap.add_argument("--module", help="a file with another OneShotAllReduce to time beside lmc's (keys other_*)")
+    ap.add_argument("--module", action="append", default=[],
+                    help="a file with another OneShotAllReduce to time beside lmc's (keys <file stem>_*); repeatable")
     args = ap.parse_args()
     if torch.cuda.device_count() < args.world:
         print(f"needs {args.world} GPUs, this machine shows {torch.cuda.device_count()}", file=sys.stderr)

@@ -147,8 +147,8 @@ if triton is not None:
         for row in range(pid, T, progs):
             offs = row * H + cols
             mine = _sendable(tl.load(x_ptr + offs, mask=mask, other=0.0), BITS)
+            r = tl.load(res_ptr + offs, mask=mask, other=0.0)  # issued before the polling: its latency overlaps it
             s = _sum_over_ranks(mine, recv_ptrs, slot_off, capacity, offs, mask, RANK, WORLD, BITS).to(dtype)
-            r = tl.load(res_ptr + offs, mask=mask, other=0.0)
             h_low = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(h_ptr + offs, h_low, mask=mask)
             h = h_low.to(tl.float32)
