@@ -29,7 +29,7 @@ def triton_way(block_n: int, block_k: int, warps: int, pdl: bool):
         y = torch.empty((1, w.shape[0]), dtype=x.dtype, device=x.device)
         launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
         gemv._gemv_kernel[(-(-w.shape[0] // block_n),)](x[0], w, y, w.shape[0], w.shape[1], w.stride(0),
-                                                       BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps,
+                                                       BLOCK_N=block_n, BLOCK_K=block_k, SILU=False, num_warps=warps,
                                                        num_stages=1, **launch)
         return y
     return fn

@@ -132,6 +132,9 @@ def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
         return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size)  # [T, I]
+    config = gemv_config(h, w13)
+    if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue
+        return gemv_triton(h.contiguous(), w13, *config, silu_mul=True)  # [1, I]
     return silu_mul(linear(h, w13))  # [T, 2I] -> [T, I]
 
 
