@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from lmc.kernels import attention, rmsnorm, rotary, silu_mul
+from lmc.kernels import argmax, attention, rmsnorm, rotary, silu_mul
 
 TOLERANCE = 1e-2
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -39,9 +39,12 @@ class Case:
 
 
 def max_rel_err(out, ref) -> float:
-    """max |out - ref| / max |ref| (over every tensor of a tuple): stays meaningful where ref is near 0."""
+    """max |out - ref| / max |ref| (over every tensor of a tuple): stays meaningful where ref is near 0; integer
+    tensors (indices) must be equal."""
     if isinstance(out, tuple):
         return max(max_rel_err(o, r) for o, r in zip(out, ref))
+    if not out.is_floating_point():  # indices: equal (0) or wrong (inf)
+        return 0.0 if torch.equal(out, ref) else math.inf
     out, ref = out.float(), ref.float()
     return ((out - ref).abs().max() / ref.abs().max().clamp_min(1e-6)).item()
 
@@ -102,6 +105,20 @@ def silu_cases(dtype, dev, n: Sizes, g) -> list[Case]:
             lambda gu=gu: silu_mul.silu_mul_triton(gu),
             lambda gu=gu: silu_mul.silu_mul_ref(gu),
             bytes_read=gu.numel() * gu.element_size(),
+        ))
+    return cases
+
+
+def argmax_cases(dtype, dev, n: Sizes, g) -> list[Case]:
+    """Greedy decode's argmax over Llama-3's and Qwen2's vocabularies (indices: equal or failed)."""
+    cases = []
+    for B, V in [(1, 128256), (16, 128256), (1, 151936)]:
+        x = (torch.randn(B, V, generator=g, device=dev) * 4).to(dtype)  # [B, V]
+        cases.append(Case(
+            "argmax_rows", f"B={B} V={V}",
+            lambda x=x: argmax.argmax_rows_triton(x),
+            lambda x=x: x.argmax(dim=-1),
+            bytes_read=x.numel() * x.element_size(),
         ))
     return cases
 
@@ -224,7 +241,8 @@ def main() -> int:
           f"{'ref ms':>9} {'GB/s':>7}")
     for dtype in dtypes:
         g = torch.Generator(device=dev).manual_seed(0)
-        builders = (norm_cases, rotary_cases, silu_cases, write_cache_case, prefill_cases, decode_cases)
+        builders = (norm_cases, rotary_cases, silu_cases, argmax_cases, write_cache_case, prefill_cases,
+                    decode_cases)
         for case in (c for build in builders for c in build(dtype, dev, sizes, g)):
             err = max_rel_err(case.run_triton(), case.run_ref())
             timed = not args.no_timing

@@ -1,6 +1,7 @@
-"""Arrival counters of the kernels whose last split finishes the job (the split-K GEMV, the split-KV decode).
+"""Arrival counters of the kernels whose last split finishes the job (the split-K GEMV, the split-KV decode,
+the row argmax).
 
-Each split program of an output tile stores its float32 partials, then increments the tile's counter (an acq_rel
+Each split program of an output tile stores its partials, then increments the tile's counter (an acq_rel
 atomic after a barrier); the program that sees SPLITS - 1 reduces the partials and sets the counter back to 0, so
 every call (and every CUDA-graph replay) starts from zeros. One buffer per device serves all such kernels: they
 run one after another on the decode stream, and a PDL kernel touches the counters only after pdl_wait.

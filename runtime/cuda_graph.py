@@ -23,6 +23,7 @@ import warnings
 import numpy as np
 import torch
 
+from lmc.kernels.argmax import argmax_rows
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS
 from lmc.runtime.model import PagedBatch
 
@@ -178,7 +179,7 @@ class GraphDecoder:
     def launch_greedy(self, seqs, ids: torch.Tensor | None = None) -> "GreedyStep":
         """Start a greedy decode step and return without waiting for it (see Engine._pipelined_step); ids as
         in _run."""
-        return GreedyStep(self._run(seqs, ids).argmax(-1))
+        return GreedyStep(argmax_rows(self._run(seqs, ids)))  # one Triton launch on CUDA
 
 
 class GreedyStep:
