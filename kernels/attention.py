@@ -158,7 +158,8 @@ if triton is not None:
         for s in tl.static_range(NUM_SPLITS):
             w = tl.exp2(tl.load(lse_rows + s, mask=g_mask, other=float("-inf"), cache_modifier=".cg") - m)
             w_sum += w
-            acc += tl.load(parts + s * stride_pos, mask=gd_mask, other=0.0, cache_modifier=".cg") * w[:, None]
+            used = gd_mask & (w > 0)[:, None]  # a split of weight 0 (empty) is not read: at batch 1 most are
+            acc += tl.load(parts + s * stride_pos, mask=used, other=0.0, cache_modifier=".cg") * w[:, None]
         out = acc / tl.where(w_sum > 0, w_sum, 1.0)[:, None]
         tl.store(o_row + heads[:, None] * stride_oh + offs_d[None, :], out.to(o_row.dtype.element_ty), mask=gd_mask)
 

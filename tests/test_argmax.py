@@ -17,8 +17,10 @@ from lmc.kernels.split_counters import split_counters
 SMALL = dict(chunk=128, block=64)  # V 1000: 8 programs per row, 2 loop steps each
 
 
-@pytest.fixture(scope="module")
-def interpreter():
+@pytest.fixture
+def interpreter(request):
+    if request.node.get_closest_marker("gpu"):  # the compiled kernel: TRITON_INTERPRET=0 pytest -m gpu
+        return
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed")
     import triton.language as tl
