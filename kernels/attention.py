@@ -458,10 +458,12 @@ if triton is not None:
         jg_mask = (j[:, None] < PART) & g_mask[None, :]
         q1 = _q_operand(q_cols + j[:, None], jg_mask, qk_scale)  # [BLOCK_H, BLOCK_G]
         offset = code_offset(q1.dtype)  # a value, not a constexpr: Triton 3.6 cannot pass a jit result as one
-        q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G] (ungrouped keys: _fold_key_scores)
         if HALVES:
             q2 = _q_operand(q_cols + PART + j[:, None], jg_mask, qk_scale)
-            q_sum += tl.sum(q2.to(tl.float32), axis=0)
+        if not GROUPED:  # the zero term of ungrouped keys (_fold_key_scores) needs sum(q) per head
+            q_sum = tl.sum(q1.to(tl.float32), axis=0)  # [BLOCK_G]
+            if HALVES:
+                q_sum += tl.sum(q2.to(tl.float32), axis=0)
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
         acc1 = tl.zeros([BLOCK_H, BLOCK_G], tl.float32)  # sum_n (1024 + c_n) (p_n s_n) (4 bits: first half)
