@@ -6,6 +6,7 @@ it) and without. Each is timed as a CUDA graph of back-to-back calls rotating ov
 L2; µs per call and GB/s of weight read. GPU only.
 
     python bench/probe_fp16_gemv.py --out bench/results/probe_fp16_gemv_h200.json
+    python bench/probe_fp16_gemv.py --groups lm_head --out bench/results/probe_fp16_gemv_lm_head_h200.json
 """
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ import torch.nn.functional as F
 from lmc.kernels import gemv
 
 SHAPES = {"tp1": [(4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096)],  # (K, N): qkv, wo, w13, w2
-          "tp2": [(4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096)]}
+          "tp2": [(4096, 3072), (2048, 4096), (4096, 14336), (7168, 4096)],
+          "lm_head": [(4096, 128256), (4096, 64128)]}  # the 8B lm_head whole (tp 1) and split over 2 ranks
 L2_BYTES = 60 * 1024**2
 GRID = [(bn, bk, warps) for bn in (2, 4, 8, 16) for bk in (256, 512, 1024) for warps in (2, 4, 8)]  # candidate
 
@@ -59,7 +61,11 @@ def time_graph(fn, weights, x, calls: int = 64, reps: int = 20) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True)
+    ap.add_argument("--groups", default="tp1,tp2", help=f"comma-separated shape groups: {', '.join(SHAPES)}")
     args = ap.parse_args()
+    groups = args.groups.split(",")
+    if not set(groups) <= set(SHAPES):
+        ap.error(f"--groups: {args.groups!r}; the groups are {', '.join(SHAPES)}")
     if not torch.cuda.is_available():
         raise SystemExit("probe_fp16_gemv.py needs a CUDA GPU")
     ways = {
@@ -67,8 +73,8 @@ def main() -> None:
         "mv": lambda x, w: torch.mv(w, x[0]),
     }
     rows = []
-    for tp, shapes in SHAPES.items():
-        for k, n in shapes:
+    for tp in groups:
+        for k, n in SHAPES[tp]:
             copies = max(2, -(-2 * L2_BYTES // (k * n * 2)))
             weights = [torch.randn(n, k, dtype=torch.float16, device="cuda") for _ in range(copies)]
             x = torch.randn(1, k, dtype=torch.float16, device="cuda")
@@ -98,7 +104,7 @@ def main() -> None:
             del weights
     out = dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                date=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-               command="python bench/probe_fp16_gemv.py --out " + args.out, rows=rows)
+               command=f"python bench/probe_fp16_gemv.py --groups {args.groups} --out {args.out}", rows=rows)
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
         f.write("\n")
