@@ -84,13 +84,12 @@ if triton is not None:
     @triton.jit
     def _push(x_ptr, recv_ptrs, slot_off, capacity, offs, mask, RANK: tl.constexpr, WORLD: tl.constexpr,
               BITS: tl.constexpr):
-        """Load x at offs and store it (-0.0 as +0.0) into recv[slot, RANK] of every peer; returns it as sent."""
+        """Load x at offs and store it (-0.0 as +0.0) into recv[slot, RANK] of every peer."""
         x = _sendable(tl.load(x_ptr + offs, mask=mask, other=0.0), BITS)
         for r in tl.static_range(WORLD):
             if r != RANK:
                 peer = tl.load(recv_ptrs + r).to(tl.pointer_type(x_ptr.dtype.element_ty))
                 tl.store(peer + slot_off + RANK * capacity + offs, x, mask=mask)
-        return x
 
     @triton.jit
     def _sum_over_ranks(mine, recv_ptrs, slot_off, capacity, offs, mask, RANK: tl.constexpr, WORLD: tl.constexpr,

@@ -20,8 +20,10 @@ def split_counters(device: torch.device, size: int) -> torch.Tensor:
     predecessor is kept alive for the graphs captured while it was current."""
     counters = _COUNTERS.get(device)
     if counters is None or counters.numel() < size:
+        grown = 4096
         if counters is not None:
             _OUTGROWN.append(counters)
-        counters = torch.zeros(max(size, 4096), dtype=torch.int32, device=device)
+            grown = 2 * counters.numel()  # doubling: the buffers kept alive stay few (log of the largest request)
+        counters = torch.zeros(max(size, grown), dtype=torch.int32, device=device)
         _COUNTERS[device] = counters
     return counters
