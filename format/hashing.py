@@ -5,17 +5,26 @@ a list of files on worker threads while the caller does other work. Imports no t
 can start hashing before torch is loaded."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import mmap
 import os
+import queue
 import stat
 import threading
 from pathlib import Path
 
 CHUNK = 16 * 1024**2
 WORKERS = min(8, os.cpu_count() or 2)  # files hashed at once
+DIRECT_BLOCK = 4096  # O_DIRECT reads whole blocks: an unaligned count is a file's last read
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike, direct: bool = False) -> str:
+    """sha256 of a file; `direct`: read with O_DIRECT where the filesystem allows it (_sha256_direct)."""
+    if direct:
+        digest = _sha256_direct(path)
+        if digest is not None:
+            return digest
     sha = hashlib.sha256()
     buf = bytearray(CHUNK)
     view = memoryview(buf)
@@ -27,12 +36,62 @@ def sha256_file(path: str | os.PathLike) -> str:
     return sha.hexdigest()
 
 
+def _sha256_direct(path: str | os.PathLike) -> str | None:
+    """sha256 of a file read with O_DIRECT (None where it is refused: EINVAL on the open or the first read):
+    the disk DMAs into three page-aligned buffers, read here and hashed on a thread of its own, so no page
+    cache is filled. For files nobody reads next (`lmc verify`): on this project's VM a fresh page-cache page
+    costs a host fault, and a buffered cold read of a 2 GB file took 4-5 s against 1.5 s this way
+    (docs/benchmarks.md, "Conversion")."""
+    if not hasattr(os, "O_DIRECT"):
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError as e:
+        if e.errno == errno.EINVAL:
+            return None
+        raise
+    sha = hashlib.sha256()
+    free, full = queue.SimpleQueue(), queue.SimpleQueue()
+    for _ in range(3):
+        free.put(mmap.mmap(-1, CHUNK))  # anonymous maps are page-aligned
+
+    def hash_full() -> None:
+        while (item := full.get()) is not None:
+            buf, n = item
+            sha.update(memoryview(buf)[:n])
+            free.put(buf)
+
+    hasher = threading.Thread(target=hash_full, daemon=True, name="sha256")
+    hasher.start()
+    offset = 0
+    try:
+        while True:
+            buf = free.get()
+            try:
+                n = os.preadv(fd, [buf], offset)
+            except OSError as e:
+                if e.errno == errno.EINVAL and offset == 0:
+                    return None
+                raise
+            if n:
+                full.put((buf, n))
+                offset += n
+            if n == 0 or n % DIRECT_BLOCK:  # end of file: nothing more, or its unaligned tail
+                break
+    finally:
+        full.put(None)
+        hasher.join()
+        os.close(fd)
+    return sha.hexdigest()
+
+
 class BackgroundHashes:
     """sha256 of the regular files among `paths`, hashed by `workers` daemon threads from construction
     on, largest file first. `sha256(path)` waits for that file's result (re-raising its OSError); any
-    other path is hashed then and there."""
+    other path is hashed then and there. `direct`: read with O_DIRECT where allowed (sha256_file)."""
 
-    def __init__(self, paths, workers: int = WORKERS):
+    def __init__(self, paths, workers: int = WORKERS, direct: bool = False):
+        self._direct = direct
         self._results: dict[Path, tuple[threading.Event, list]] = {}
         sizes = {}
         for p in paths:
@@ -57,7 +116,7 @@ class BackgroundHashes:
                 key = self._todo.pop(0)
             done, result = self._results[key]
             try:
-                result.append(sha256_file(key))
+                result.append(sha256_file(key, self._direct))
             except OSError as e:
                 result.append(e)
             done.set()
@@ -65,7 +124,7 @@ class BackgroundHashes:
     def sha256(self, path: str | os.PathLike) -> str:
         entry = self._results.get(Path(path).resolve())
         if entry is None:
-            return sha256_file(path)
+            return sha256_file(path, self._direct)
         done, result = entry
         done.wait()
         if isinstance(result[0], OSError):
