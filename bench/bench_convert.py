@@ -31,6 +31,9 @@ from pathlib import Path
 
 import torch
 
+from lmc.format.hashing import file_digest
+from lmc.format.manifest import DIGEST
+
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000)
 ALIGN = 8  # the safetensors reference writer pads the header to 8 bytes
@@ -253,7 +256,9 @@ def convert_and_verify(python: str, src: Path, ws: Path, ckpt_bytes: int) -> dic
     if verify["exit_code"] != 0:
         sys.exit(f"lmc verify failed: {verify['stderr']}")
     verify.update(load_average_1m=round(load, 2), workspace_gb_per_s=round(ws_bytes / 1e9 / verify["seconds"], 3))
-    return {"convert": convert, "verify": verify, "manifest": (ws / "manifest.json").read_bytes()}
+    data_files = sorted(rel for rel in json.loads((ws / "manifest.json").read_bytes())["files"] if rel != "lmc.json")
+    return {"convert": convert, "verify": verify, "manifest": (ws / "manifest.json").read_bytes(),
+            "data": {rel: file_digest(ws / rel, DIGEST) for rel in data_files}}  # every file but the two JSON ones
 
 
 def _line(name: str, run: dict) -> str:
@@ -275,7 +280,8 @@ def main() -> None:
     ap.add_argument("--reference-python", default=None,
                     help="the interpreter of another lmc checkout (e.g. an older commit's venv): its convert + verify "
                          "run alternately with this one's on the same checkpoint, and the outputs are compared byte "
-                         "for byte (manifest.json holds every file's sha256)")
+                         "for byte (the weights and tokenizer files by their BLAKE3 digests, taken by this script, so "
+                         "that the two may write different format versions)")
     args = ap.parse_args()
 
     cfg = {**TINYLLAMA, "num_hidden_layers": args.layers}
@@ -311,13 +317,15 @@ def main() -> None:
               "machine": machine_info(), "disk_cold_read": disk,
               "import_baseline": {k: imports[k] for k in ("command", "seconds", "peak_rss_bytes")},
               "checkpoint": ckpt, "convert": best["convert"], "verify": best["verify"],
-              "output_files_sha256": {rel: f["sha256"] for rel, f in manifest["files"].items()},
+              "output_files": manifest["files"],
               "runs": [{k: r[k] for k in ("convert", "verify")} for r in runs]}
     if reference_runs:
         result["reference"] = {"python": args.reference_python,
-                               "output_identical": all(r["manifest"] == best["manifest"] for r in reference_runs + runs),
+                               "output_identical": all(r["data"] == best["data"] for r in reference_runs + runs),
+                               "manifest_identical": all(r["manifest"] == best["manifest"] for r in reference_runs + runs),
                                "runs": [{k: r[k] for k in ("convert", "verify")} for r in reference_runs]}
-        print(f"outputs byte-identical to the reference: {result['reference']['output_identical']}")
+        print(f"weights and tokenizer files byte-identical to the reference: {result['reference']['output_identical']}; "
+              f"manifest.json too: {result['reference']['manifest_identical']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

@@ -1,4 +1,4 @@
-"""Writing a workspace without torch: the safetensors layout of a shard, the pipelined write + sha256 of
+"""Writing a workspace without torch: the safetensors layout of a shard, the pipelined write + digest of
 each file, the manifest, and the atomic, exclusive claim on the output folder.
 
 lmc.format.workspace writes tensors made by torch through these; lmc.compiler.passthrough writes byte
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import glob
-import hashlib
 import json
 import math
 import mmap
@@ -28,8 +27,8 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lmc.errors import WorkspaceError
-from lmc.format.hashing import CHUNK
-from lmc.format.manifest import FORMAT_VERSION, SAFETENSORS_DTYPES
+from lmc.format.hashing import CHUNK, hasher
+from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES
 
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
 SHARD_BYTES = 2 * 1024**3
@@ -155,16 +154,17 @@ class PipelinedWriter:
     O_DIRECT (DirectFile) where the filesystem allows it, else buffered. A thread's error is raised by
     the next write() or by close(). abort() stops both threads without raising."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, digest: str = DIGEST):
         self.f = DirectFile.open(path) or open(path, "wb")
-        self.sha = hashlib.sha256()
+        self.digest = digest
+        self.hash = hasher(digest)
         self.size = 0
         self._cond = threading.Condition()
         self._in_flight = 0
         self._error: BaseException | None = None
         self._queues = (queue.SimpleQueue(), queue.SimpleQueue())
         self._threads = [threading.Thread(target=self._drain, args=(q, work), daemon=True, name=name)
-                         for q, work, name in zip(self._queues, (self.f.write, self.sha.update), ("write", "sha256"))]
+                         for q, work, name in zip(self._queues, (self.f.write, self.hash.update), ("write", "digest"))]
         for t in self._threads:
             t.start()
 
@@ -212,7 +212,7 @@ class PipelinedWriter:
         self._stop()
         if self._error is not None:
             raise self._error
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
+        return {"size": self.size, self.digest: self.hash.hexdigest()}
 
     def abort(self) -> None:
         self._error = self._error or WorkspaceError("writing stopped")
@@ -237,16 +237,23 @@ def tensor_record(spec, rel: str, offset: int) -> dict:
     return {"file": rel, "dtype": spec.st_dtype, "shape": list(spec.shape), "offset": offset, "nbytes": spec.nbytes}
 
 
+def bytes_record(data: bytes) -> dict:
+    """A manifest `files` entry of a file holding `data`."""
+    h = hasher(DIGEST)
+    h.update(data)
+    return {"size": len(data), DIGEST: h.hexdigest()}
+
+
 def finish_workspace(tmp: Path, files: dict, tensors: dict, lmc_json: dict, tokenizer_files: dict[str, bytes],
                      provenance: dict | Callable[[], dict]) -> dict:
     """Write the tokenizer files, lmc.json and manifest.json beside the weights already in `tmp` (`files`: their
     records, `tensors`: the tensor index). `provenance` may be a function, called now. Returns the manifest."""
     for name, data in sorted(tokenizer_files.items()):
         (tmp / "tokenizer" / name).write_bytes(data)
-        files[f"tokenizer/{name}"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files[f"tokenizer/{name}"] = bytes_record(data)
     cfg_bytes = dump_json(lmc_json)
     (tmp / "lmc.json").write_bytes(cfg_bytes)
-    files["lmc.json"] = {"size": len(cfg_bytes), "sha256": hashlib.sha256(cfg_bytes).hexdigest()}
+    files["lmc.json"] = bytes_record(cfg_bytes)
     manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
                 "tensors": dict(sorted(tensors.items())),
                 "provenance": provenance() if callable(provenance) else provenance}
