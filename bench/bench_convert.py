@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import mmap
 import os
 import platform
+import queue
 import shutil
 import struct
 import subprocess
@@ -30,6 +32,9 @@ import time
 from pathlib import Path
 
 import torch
+
+from lmc.format.hashing import file_digest
+from lmc.format.manifest import DIGEST
 
 TINYLLAMA = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
                  num_key_value_heads=4, vocab_size=32000)
@@ -167,6 +172,51 @@ def cold_read(folder: Path) -> dict:
     return {"bytes": total, "seconds": round(seconds, 2), "gb_per_s": round(total / 1e9 / seconds, 3)}
 
 
+def disk_copy(folder: Path, dst: Path) -> dict:
+    """Copy every file under `folder` into `dst` from a dropped page cache with O_DIRECT reads and writes (16 MiB
+    blocks, the write of one overlapping the read of the next): the least time any converter needs to read the
+    source and write as many bytes, on this disk, at this moment."""
+    drop_page_cache(folder)
+    dst.mkdir(parents=True)
+    total, start = 0, time.perf_counter()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file()):
+        size = f.stat().st_size
+        src_fd = os.open(f, os.O_RDONLY | os.O_DIRECT)
+        dst_fd = os.open(dst / f.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+        free, full = queue.SimpleQueue(), queue.SimpleQueue()
+        for _ in range(3):
+            free.put(mmap.mmap(-1, 1 << 24))  # page-aligned
+
+        def write() -> None:
+            offset = 0
+            while (item := full.get()) is not None:
+                buf, n = item
+                os.pwrite(dst_fd, memoryview(buf)[:-(-n // 4096) * 4096], offset)  # the last block padded
+                offset += n
+                free.put(buf)
+
+        writer = threading.Thread(target=write)
+        writer.start()
+        offset = 0
+        while True:
+            buf = free.get()
+            n = os.preadv(src_fd, [buf], offset)
+            if n:
+                full.put((buf, n))
+                offset += n
+            if n < len(buf):
+                break
+        full.put(None)
+        writer.join()
+        os.ftruncate(dst_fd, size)
+        os.close(src_fd)
+        os.close(dst_fd)
+        total += size
+    seconds = time.perf_counter() - start
+    shutil.rmtree(dst)
+    return {"bytes": total, "seconds": round(seconds, 2), "gb_per_s": round(total / 1e9 / seconds, 3)}
+
+
 def _proc_rss(pid: int) -> dict[str, int]:
     """VmHWM / RssAnon / RssFile of a live process in bytes ({} once it is gone)."""
     try:
@@ -253,7 +303,9 @@ def convert_and_verify(python: str, src: Path, ws: Path, ckpt_bytes: int) -> dic
     if verify["exit_code"] != 0:
         sys.exit(f"lmc verify failed: {verify['stderr']}")
     verify.update(load_average_1m=round(load, 2), workspace_gb_per_s=round(ws_bytes / 1e9 / verify["seconds"], 3))
-    return {"convert": convert, "verify": verify, "manifest": (ws / "manifest.json").read_bytes()}
+    data_files = sorted(rel for rel in json.loads((ws / "manifest.json").read_bytes())["files"] if rel != "lmc.json")
+    return {"convert": convert, "verify": verify, "manifest": (ws / "manifest.json").read_bytes(),
+            "data": {rel: file_digest(ws / rel, DIGEST) for rel in data_files}}  # every file but the two JSON ones
 
 
 def _line(name: str, run: dict) -> str:
@@ -275,7 +327,8 @@ def main() -> None:
     ap.add_argument("--reference-python", default=None,
                     help="the interpreter of another lmc checkout (e.g. an older commit's venv): its convert + verify "
                          "run alternately with this one's on the same checkpoint, and the outputs are compared byte "
-                         "for byte (manifest.json holds every file's sha256)")
+                         "for byte (the weights and tokenizer files by their BLAKE3 digests, taken by this script, so "
+                         "that the two may write different format versions)")
     args = ap.parse_args()
 
     cfg = {**TINYLLAMA, "num_hidden_layers": args.layers}
@@ -284,7 +337,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="lmc-bench-convert-", dir=args.workdir))
     src = work / "llama-random-fp16"
     load_before = os.getloadavg()
-    runs, reference_runs = [], []
+    runs, reference_runs, copies = [], [], []
     try:
         t0 = time.perf_counter()
         ckpt = make_checkpoint(src, cfg, args.shards, args.seed)
@@ -294,6 +347,8 @@ def main() -> None:
         disk = cold_read(src)
         print(f"cold read of the source: {disk['gb_per_s']} GB/s", flush=True)
         for i in range(args.repeat):
+            copies.append(disk_copy(src, work / "copy"))
+            print(f"disk copy {i + 1}: {copies[-1]['seconds']} s ({copies[-1]['gb_per_s']} GB/s of source)", flush=True)
             runs.append(convert_and_verify(sys.executable, src, work / "workspace", ckpt["bytes"]))
             print(_line(f"run {i + 1}", runs[-1]), flush=True)
             if args.reference_python:
@@ -308,16 +363,18 @@ def main() -> None:
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "command": " ".join(["python"] + sys.argv), "page_cache": "dropped before each command (cold reads)",
               "load_average_1m": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
-              "machine": machine_info(), "disk_cold_read": disk,
+              "machine": machine_info(), "disk_cold_read": disk, "disk_copies": copies,
               "import_baseline": {k: imports[k] for k in ("command", "seconds", "peak_rss_bytes")},
               "checkpoint": ckpt, "convert": best["convert"], "verify": best["verify"],
-              "output_files_sha256": {rel: f["sha256"] for rel, f in manifest["files"].items()},
+              "output_files": manifest["files"],
               "runs": [{k: r[k] for k in ("convert", "verify")} for r in runs]}
     if reference_runs:
         result["reference"] = {"python": args.reference_python,
-                               "output_identical": all(r["manifest"] == best["manifest"] for r in reference_runs + runs),
+                               "output_identical": all(r["data"] == best["data"] for r in reference_runs + runs),
+                               "manifest_identical": all(r["manifest"] == best["manifest"] for r in reference_runs + runs),
                                "runs": [{k: r[k] for k in ("convert", "verify")} for r in reference_runs]}
-        print(f"outputs byte-identical to the reference: {result['reference']['output_identical']}")
+        print(f"weights and tokenizer files byte-identical to the reference: {result['reference']['output_identical']}; "
+              f"manifest.json too: {result['reference']['manifest_identical']}")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")

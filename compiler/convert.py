@@ -20,6 +20,7 @@ from lmc.errors import LmcError, WorkspaceError
 from lmc.format.config import ModelConfig
 from lmc.format.int4 import LAYOUT, to_lmc_tensors
 from lmc.format.hashing import BackgroundHashes
+from lmc.format.manifest import DIGEST
 from lmc.runtime.device import one_torch_thread
 from lmc.format.workspace import (DTYPE_NAMES, TensorSpec, Workspace, atomic_output, copy_workspace,
                                   rank_name, verify_workspace, workspace_tensors, write_workspace)
@@ -300,7 +301,7 @@ def source_hashes(source: Source) -> BackgroundHashes:
     files = list(source.reader.source_files())
     if source.path.is_dir():
         files += [source.path / name for name in ("config.json", "lmc_provenance.json") if (source.path / name).is_file()]
-    return BackgroundHashes(files)
+    return BackgroundHashes(files, DIGEST)
 
 
 def provenance(source: Source, command: str, extra: dict | None = None, hashes: BackgroundHashes | None = None) -> dict:

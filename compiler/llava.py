@@ -73,9 +73,9 @@ class VisionSource:
                     raise LmcError(f"source tensor {n} is {reader.dtype(n)}, expected a float dtype")
 
     def provenance(self) -> dict:
-        from lmc.format.workspace import sha256_file
+        from lmc.format.workspace import DIGEST, file_digest
 
-        return {p.relative_to(self.tower).as_posix(): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        return {p.relative_to(self.tower).as_posix(): {"size": p.stat().st_size, DIGEST: file_digest(p, DIGEST)}
                 for p in sorted(self.tower_files) if p.is_file()}
 
 

@@ -29,7 +29,7 @@ from lmc.compiler.source_files import TOKENIZER_FILES, weight_files
 from lmc.errors import LmcError
 from lmc.format.archs import arch_spec, model_config_from_hf
 from lmc.format.hashing import CHUNK, BackgroundHashes
-from lmc.format.manifest import SAFETENSORS_DTYPES, safetensors_header_of, workspace_tensors
+from lmc.format.manifest import DIGEST, SAFETENSORS_DTYPES, safetensors_header_of, workspace_tensors
 from lmc.format.vision import is_llava
 from lmc.format.writing import (SHARD_BYTES, ITEMSIZE, PipelinedWriter, StSpec, atomic_output, file_order,
                                 finish_workspace, plan_shards, safetensors_header, shard_name, tensor_record)
@@ -165,7 +165,7 @@ def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, fo
     if "tokenizer.json" not in tokenizer:  # the torch converter builds one with transformers
         return None
     check_vocabulary(tokenizer["tokenizer.json"], path, cfg)
-    hashes = hashes or BackgroundHashes(files + [path / n for n in ("config.json", "lmc_provenance.json")])
+    hashes = hashes or BackgroundHashes(files + [path / n for n in ("config.json", "lmc_provenance.json")], DIGEST)
     specs = [StSpec(tensor, st, shape) for _, _, tensor, st, shape in workspace_tensors(cfg, name, None, 1)]
     command = convert_command("hf", dtype, 1, allow_nonfinite, False)
     from tqdm import tqdm

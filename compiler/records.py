@@ -37,11 +37,11 @@ def provenance(path: Path, weight_files: list[Path], model_format: str, command:
     files = {}
     for f in weight_files:
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
-        files[rel] = {"size": f.stat().st_size, "sha256": hashes.sha256(f)}
+        files[rel] = {"size": f.stat().st_size, hashes.algorithm: hashes.digest(f)}
     prov = {"lmc_version": lmc.__version__, "command": command, "source_format": model_format}
     for name in ("config.json", "lmc_provenance.json") if path.is_dir() else ():
         if (path / name).is_file():
-            files[name] = {"size": (path / name).stat().st_size, "sha256": hashes.sha256(path / name)}
+            files[name] = {"size": (path / name).stat().st_size, hashes.algorithm: hashes.digest(path / name)}
     record = _quantized_by(path / "lmc_provenance.json") if path.is_dir() else None
     if record is not None:
         prov["quantized_by"] = record

@@ -22,7 +22,9 @@ from lmc.format.int4_layout import LAYOUT, check_group_size, int4_shapes
 from lmc.format.paths import confined
 from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this lmc writes
+DIGESTS = {1: "sha256", 2: "blake3"}  # format version -> the digest of each file (manifest `files`, `source_files`)
+DIGEST = DIGESTS[FORMAT_VERSION]
 MAX_HEADER_BYTES = 100_000_000  # a safetensors header's limit in the safetensors library itself
 SAFETENSORS_DTYPES = {  # torch dtype name -> (safetensors dtype string, bytes per element)
     "float32": ("F32", 4),
@@ -124,12 +126,15 @@ def _read_json(path: Path):
         raise WorkspaceError(f"{path} is not valid JSON ({e}); rebuild the workspace") from None
 
 
-def check_version(meta: dict, path: Path) -> None:
+def check_version(meta: dict, path: Path) -> int:
+    """The file's format_version, one this lmc reads (every version in DIGESTS)."""
     version = meta.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in DIGESTS:
+        readable = " and ".join(str(v) for v in DIGESTS)
         raise WorkspaceError(
-            f"{path} has workspace format_version {version!r} but this lmc reads version {FORMAT_VERSION}; "
+            f"{path} has workspace format_version {version!r} but this lmc reads versions {readable}; "
             "rebuild it with `lmc convert` from this lmc, or use the lmc that wrote it")
+    return version
 
 
 def _bad(path: Path, what: str) -> WorkspaceError:
@@ -201,7 +206,7 @@ def check_manifest(manifest, root: Path, path: Path) -> None:
     """Every value of manifest.json, checked; every path it names must stay inside `root`."""
     if not isinstance(manifest, dict):
         raise _bad(path, "not a JSON object")
-    check_version(manifest, path)
+    digest = DIGESTS[check_version(manifest, path)]
     _check_keys(manifest, ("format_version", "files", "tensors", "provenance"), (), path, "manifest.json")
     if not isinstance(manifest["files"], dict) or not isinstance(manifest["tensors"], dict):
         raise _bad(path, "files and tensors must be JSON objects")
@@ -210,10 +215,11 @@ def check_manifest(manifest, root: Path, path: Path) -> None:
     for rel, record in manifest["files"].items():
         if rel == "manifest.json" or confined(root, rel) is None:
             raise _bad(path, f"file {rel!r} is not a path inside the workspace (absolute, `..`, or a link pointing out)")
-        _check_keys(record, ("size", "sha256"), (), path, f"file {rel!r}")
-        sha = record["sha256"]
-        if not _count(record["size"]) or not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
-            raise _bad(path, f"file {rel!r} needs a size (bytes) and a sha256 (64 hex digits)")
+        _check_keys(record, ("size", digest), (), path, f"file {rel!r}")
+        hexdigest = record[digest]
+        if not _count(record["size"]) or not (isinstance(hexdigest, str) and len(hexdigest) == 64
+                                              and set(hexdigest) <= set("0123456789abcdef")):
+            raise _bad(path, f"file {rel!r} needs a size (bytes) and a {digest} (64 hex digits)")
     for name, entry in manifest["tensors"].items():
         _check_keys(entry, ("file", "dtype", "shape", "offset", "nbytes"), (), path, f"tensor {name!r}")
         if not isinstance(entry["file"], str) or entry["file"] not in manifest["files"]:
@@ -244,6 +250,9 @@ def open_checked(path: Path) -> tuple[dict, ModelConfig, dict]:
     cfg = check_meta(meta, path / "lmc.json")
     manifest = _read_json(path / "manifest.json")
     check_manifest(manifest, path, path / "manifest.json")
+    if manifest["format_version"] != meta["format_version"]:
+        raise _bad(path, f"lmc.json is format version {meta['format_version']} but manifest.json is "
+                         f"{manifest['format_version']}")
     return meta, cfg, manifest
 
 
@@ -284,7 +293,7 @@ def _unlisted(path: Path, listed: set[str]) -> list[str]:
 
 def verify_workspace(path: str | os.PathLike) -> list[str]:
     """Check lmc.json and manifest.json (every value, every path inside the folder), every file's size
-    and sha256, that no unlisted file sits anywhere in the folder, that the tensor index is exactly
+    and digest, that no unlisted file sits anywhere in the folder, that the tensor index is exactly
     what the config implies, and every tensor's header entry. The files are hashed on threads
     (lmc.format.hashing.WORKERS). Imports no torch: `lmc verify` takes the time of reading and hashing.
     Returns a list of problems, each one line naming the file or tensor; empty when sound."""
@@ -298,15 +307,16 @@ def verify_workspace(path: str | os.PathLike) -> list[str]:
     problems = []
     sized = {rel for rel, record in manifest["files"].items()
              if (path / rel).is_file() and (path / rel).stat().st_size == record["size"]}
-    hashes = BackgroundHashes([path / rel for rel in sized])
+    digest = DIGESTS[manifest["format_version"]]
+    hashes = BackgroundHashes([path / rel for rel in sized], digest, direct=True)  # no page cache for what nobody reads next
     for rel, record in manifest["files"].items():
         f = path / rel
         if not f.is_file():
             problems.append(f"{rel}: missing")
         elif rel not in sized:
             problems.append(f"{rel}: size {f.stat().st_size} bytes, manifest says {record['size']} (truncated or altered)")
-        elif hashes.sha256(f) != record["sha256"]:
-            problems.append(f"{rel}: sha256 mismatch (file altered or corrupt)")
+        elif hashes.digest(f) != record[digest]:
+            problems.append(f"{rel}: {digest} mismatch (file altered or corrupt)")
     problems += [f"{rel}: not in the manifest (remove it, or rebuild the workspace)"
                  for rel in _unlisted(path, set(manifest["files"]))]
     problems += index_problems_of(meta, cfg, manifest)

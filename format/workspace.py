@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 
 from lmc.errors import WorkspaceError
-from lmc.format.hashing import CHUNK, sha256_file  # noqa: F401 - sha256_file re-exported
-from lmc.format.manifest import (FLOAT_DTYPES, FORMAT_VERSION, QUANT_METHODS, SAFETENSORS_DTYPES,  # noqa: F401 - re-exported
+from lmc.format.hashing import CHUNK, file_digest  # noqa: F401 - file_digest re-exported
+from lmc.format.manifest import (DIGEST, DIGESTS, FLOAT_DTYPES, FORMAT_VERSION, QUANT_METHODS, SAFETENSORS_DTYPES,  # noqa: F401 - re-exported
                                  check_manifest, check_meta, check_quantization, check_version, expected_index,
                                  index_key, index_problems, index_problems_of, open_checked, plain_shape, rank_name,
                                  verify_workspace, workspace_tensors)
@@ -76,7 +76,7 @@ def write_safetensors(path: Path, specs: list[TensorSpec], produce: Callable[[st
     the tensor or its row blocks (a list of tensors whose concatenation along dim 0 is the tensor).
     The bytes are written and hashed on two threads while the next tensor is made.
 
-    Returns (file record {size, sha256}, {name: absolute data offset}). The header is padded
+    Returns (file record {size, digest}, {name: absolute data offset}). The header is padded
     with spaces so the data section starts at a multiple of ALIGN.
     """
     ordered = file_order(specs)
@@ -177,14 +177,15 @@ class Workspace:
 
 def copy_workspace(src: Path, dst: Path) -> dict:
     """Copy a workspace's listed files and manifest byte for byte into the empty folder `dst`,
-    checking each file's size and sha256 as it goes. Returns the manifest."""
+    checking each file's size and digest as it goes (a workspace of format version 1 stays one). Returns the
+    manifest."""
     raw = (src / "manifest.json").read_bytes()
     manifest = json.loads(raw)
     check_manifest(manifest, src, src / "manifest.json")
     for rel, record in manifest["files"].items():
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        out = PipelinedWriter(target)
+        out = PipelinedWriter(target, DIGESTS[manifest["format_version"]])
         try:
             with open(confined(src, rel), "rb") as f:
                 for chunk in iter(lambda: f.read(CHUNK), b""):

@@ -1,4 +1,4 @@
-"""Writing a workspace without torch: the safetensors layout of a shard, the pipelined write + sha256 of
+"""Writing a workspace without torch: the safetensors layout of a shard, the pipelined write + digest of
 each file, the manifest, and the atomic, exclusive claim on the output folder.
 
 lmc.format.workspace writes tensors made by torch through these; lmc.compiler.passthrough writes byte
@@ -7,10 +7,11 @@ normative description of the bytes.
 """
 from __future__ import annotations
 
+import errno
 import glob
-import hashlib
 import json
 import math
+import mmap
 import os
 import queue
 import shutil
@@ -23,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
+
 from lmc.errors import WorkspaceError
-from lmc.format.hashing import CHUNK
-from lmc.format.manifest import FORMAT_VERSION, SAFETENSORS_DTYPES
+from lmc.format.hashing import CHUNK, hasher
+from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES
 
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
 SHARD_BYTES = 2 * 1024**3
@@ -71,23 +74,97 @@ def plan_shards(specs: list, max_bytes: int) -> list[list]:
 MAX_IN_FLIGHT = 256 * 1024**2  # bytes handed to a PipelinedWriter and not yet both written and hashed
 
 
+DIRECT_BLOCK = 4096  # O_DIRECT wants file offsets, lengths and buffer addresses aligned to this (or less)
+STAGING = 8 * 1024**2  # bytes per O_DIRECT write; a multiple of DIRECT_BLOCK
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class DirectFile:
+    """A file written with O_DIRECT: its bytes go to the disk by DMA instead of through fresh page-cache pages
+    (on a VM with free page reporting a fresh page costs a host fault: 1-4 s of system time per 2 GB here,
+    docs/benchmarks.md "Conversion"; a multi-GB artifact also stays out of the cache). write() copies into one
+    reused page-aligned staging buffer and writes each full buffer whole; close() pads the last block with zeros,
+    writes it and truncates the file to its size."""
+
+    @classmethod
+    def open(cls, path: Path) -> DirectFile | None:
+        """`path` created or truncated for O_DIRECT writing (mode 0o666 & ~umask, as open(path, "wb") gives), or
+        None where the OS or the filesystem refuses O_DIRECT (EINVAL on the open or on a first aligned write)."""
+        if not hasattr(os, "O_DIRECT"):
+            return None
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o666)
+        except OSError as e:
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        try:
+            staging = mmap.mmap(-1, STAGING)  # anonymous maps are page-aligned
+            os.pwrite(fd, memoryview(staging)[:DIRECT_BLOCK], 0)  # zeros, overwritten by the first block
+        except OSError as e:
+            os.close(fd)
+            if e.errno == errno.EINVAL:
+                return None
+            raise
+        return cls(fd, staging)
+
+    def __init__(self, fd: int, staging: mmap.mmap):
+        self.fd = fd
+        self.size = 0
+        self._view = memoryview(staging)
+        self._staging = np.frombuffer(staging, dtype=np.uint8)
+        self._fill = 0
+
+    def _flush(self, n: int) -> None:
+        _pwrite_all(self.fd, self._view[:n], self.size - self._fill)
+        self._fill = 0
+
+    def write(self, data) -> None:
+        src = np.frombuffer(data, dtype=np.uint8)
+        while len(src):
+            n = min(len(src), STAGING - self._fill)
+            np.copyto(self._staging[self._fill:self._fill + n], src[:n])
+            self._fill += n
+            self.size += n
+            src = src[n:]
+            if self._fill == STAGING:
+                self._flush(STAGING)
+
+    def close(self) -> None:
+        try:
+            if self._fill:
+                padded = -(-self._fill // DIRECT_BLOCK) * DIRECT_BLOCK
+                self._staging[self._fill:padded] = 0
+                self._flush(padded)
+            os.ftruncate(self.fd, self.size)
+        finally:
+            os.close(self.fd)
+
+
 class PipelinedWriter:
     """Writes a file and hashes it on two threads of its own while the caller makes the next bytes.
 
     `write(data)` queues `data` (anything with the buffer protocol; kept alive, not copied) in
-    CHUNK slices and returns at once unless MAX_IN_FLIGHT bytes are queued. A thread's error is
-    raised by the next write() or by close(). abort() stops both threads without raising."""
+    CHUNK slices and returns at once unless MAX_IN_FLIGHT bytes are queued. The file is written with
+    O_DIRECT (DirectFile) where the filesystem allows it, else buffered. A thread's error is raised by
+    the next write() or by close(). abort() stops both threads without raising."""
 
-    def __init__(self, path: Path):
-        self.f = open(path, "wb")
-        self.sha = hashlib.sha256()
+    def __init__(self, path: Path, digest: str = DIGEST):
+        self.f = DirectFile.open(path) or open(path, "wb")
+        self.digest = digest
+        self.hash = hasher(digest)
         self.size = 0
         self._cond = threading.Condition()
         self._in_flight = 0
         self._error: BaseException | None = None
         self._queues = (queue.SimpleQueue(), queue.SimpleQueue())
         self._threads = [threading.Thread(target=self._drain, args=(q, work), daemon=True, name=name)
-                         for q, work, name in zip(self._queues, (self.f.write, self.sha.update), ("write", "sha256"))]
+                         for q, work, name in zip(self._queues, (self.f.write, self.hash.update), ("write", "digest"))]
         for t in self._threads:
             t.start()
 
@@ -126,13 +203,16 @@ class PipelinedWriter:
             for t in self._threads:
                 t.join()
             self._threads = []
-            self.f.close()
+            try:
+                self.f.close()
+            except BaseException as e:  # raised by close(), not by abort()
+                self._error = self._error or e
 
     def close(self) -> dict:
         self._stop()
         if self._error is not None:
             raise self._error
-        return {"size": self.size, "sha256": self.sha.hexdigest()}
+        return {"size": self.size, self.digest: self.hash.hexdigest()}
 
     def abort(self) -> None:
         self._error = self._error or WorkspaceError("writing stopped")
@@ -157,16 +237,23 @@ def tensor_record(spec, rel: str, offset: int) -> dict:
     return {"file": rel, "dtype": spec.st_dtype, "shape": list(spec.shape), "offset": offset, "nbytes": spec.nbytes}
 
 
+def bytes_record(data: bytes) -> dict:
+    """A manifest `files` entry of a file holding `data`."""
+    h = hasher(DIGEST)
+    h.update(data)
+    return {"size": len(data), DIGEST: h.hexdigest()}
+
+
 def finish_workspace(tmp: Path, files: dict, tensors: dict, lmc_json: dict, tokenizer_files: dict[str, bytes],
                      provenance: dict | Callable[[], dict]) -> dict:
     """Write the tokenizer files, lmc.json and manifest.json beside the weights already in `tmp` (`files`: their
     records, `tensors`: the tensor index). `provenance` may be a function, called now. Returns the manifest."""
     for name, data in sorted(tokenizer_files.items()):
         (tmp / "tokenizer" / name).write_bytes(data)
-        files[f"tokenizer/{name}"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+        files[f"tokenizer/{name}"] = bytes_record(data)
     cfg_bytes = dump_json(lmc_json)
     (tmp / "lmc.json").write_bytes(cfg_bytes)
-    files["lmc.json"] = {"size": len(cfg_bytes), "sha256": hashlib.sha256(cfg_bytes).hexdigest()}
+    files["lmc.json"] = bytes_record(cfg_bytes)
     manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
                 "tensors": dict(sorted(tensors.items())),
                 "provenance": provenance() if callable(provenance) else provenance}

@@ -55,14 +55,14 @@ def content_key(src: Path) -> str:
     """A short sha256 over the bytes conversion reads from `src`, and the lmc version."""
     from lmc.compiler.llava import PROCESSOR_FILES
     from lmc.compiler.readers import TOKENIZER_FILES, open_source
-    from lmc.format.workspace import FORMAT_VERSION, sha256_file
+    from lmc.format.workspace import DIGEST, FORMAT_VERSION, file_digest
 
     files = list(open_source(src).reader.source_files())
     if src.is_dir():
         files += [src / name for name in ("config.json", *TOKENIZER_FILES, *PROCESSOR_FILES) if (src / name).is_file()]
     sha = hashlib.sha256(f"lmc {lmc.__version__} format {FORMAT_VERSION};".encode())
     for f in sorted(set(files)):
-        sha.update(f"{f.name}:{sha256_file(f)};".encode())
+        sha.update(f"{f.name}:{file_digest(f, DIGEST)};".encode())
     return sha.hexdigest()[:16]
 
 

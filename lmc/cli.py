@@ -60,12 +60,13 @@ def convert(src, out, model_format, dtype, tp, force, allow_nonfinite, as_json, 
 
     from lmc.compiler.source_files import early_source_files
     from lmc.format.hashing import BackgroundHashes
+    from lmc.format.manifest import DIGEST
 
     if tp is not None and tp < 1:
         raise click.BadParameter("--tp must be >= 1")
     start = time.perf_counter()
     files = early_source_files(src)
-    early = BackgroundHashes(files) if files else None  # the source is read and hashed while torch loads
+    early = BackgroundHashes(files, DIGEST) if files else None  # the source is read and hashed while torch loads
     from lmc.compiler.passthrough import convert_passthrough
 
     options = dict(dtype=dtype, tp=tp, force=force, progress=False if as_json else None, allow_nonfinite=allow_nonfinite,
@@ -121,7 +122,8 @@ def inspect(workspace, as_json):
     prov = info["provenance"]
     click.echo(f"built by      lmc {prov.get('lmc_version')}: {prov.get('command')}")
     for name, rec in prov.get("source_files", {}).items():
-        click.echo(f"source        {name} sha256 {rec['sha256'][:16]}…")
+        digest = next((k for k in rec if k != "size"), "digest")
+        click.echo(f"source        {name} {digest} {str(rec.get(digest))[:16]}…")
     if "calibration" in prov:
         c = prov["calibration"]
         click.echo(f"calibration   {c.get('dataset')} ({c.get('source')}), {c.get('samples')} x {c.get('seqlen')}, "

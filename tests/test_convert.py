@@ -273,10 +273,10 @@ def test_verify_catches_damage(checkpoint, tmp_path):
         return _cli("verify", ws)
 
     cases = {
-        "flip": (lambda ws: _flip_byte(ws / shard, (ws / shard).stat().st_size - 7), f"{shard}: sha256 mismatch"),
+        "flip": (lambda ws: _flip_byte(ws / shard, (ws / shard).stat().st_size - 7), f"{shard}: blake3 mismatch"),
         "truncate": (lambda ws: (ws / shard).write_bytes((ws / shard).read_bytes()[:-100]), f"{shard}: size"),
         "missing": (lambda ws: (ws / "tokenizer" / "tokenizer.json").unlink(), "tokenizer/tokenizer.json: missing"),
-        "version": (lambda ws: (ws / "lmc.json").write_text((ws / "lmc.json").read_text().replace('"format_version": 1', '"format_version": 7')),
+        "version": (lambda ws: (ws / "lmc.json").write_text((ws / "lmc.json").read_text().replace('"format_version": 2', '"format_version": 7')),
                     "format_version 7"),
         "config": (lambda ws: _flip_byte(ws / "lmc.json", 40), "lmc.json"),
     }

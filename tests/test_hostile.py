@@ -42,11 +42,9 @@ def _edit_json(path: Path, change) -> None:
 
 def _refresh_lmc_json_record(ws: Path) -> None:
     """After editing lmc.json, make its manifest record match again (so only the edit is wrong)."""
-    import hashlib
+    from lmc.format.writing import bytes_record
 
-    data = (ws / "lmc.json").read_bytes()
-    _edit_json(ws / "manifest.json", lambda m: m["files"].__setitem__(
-        "lmc.json", {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}))
+    _edit_json(ws / "manifest.json", lambda m: m["files"].__setitem__("lmc.json", bytes_record((ws / "lmc.json").read_bytes())))
 
 
 @pytest.fixture
@@ -205,17 +203,17 @@ def test_symlink_inside_the_workspace_is_fine(workspace):
 def test_verify_refuses_a_huge_safetensors_header_without_reading_it(workspace):
     """A shard whose checksums fit the manifest but whose header claims over 100 MB (safetensors' own limit) is
     refused from its 8-byte length, not read into memory and parsed."""
-    import hashlib
     import struct
 
     from lmc.format.manifest import MAX_HEADER_BYTES
+    from lmc.format.writing import bytes_record
 
     shard = workspace / SHARD
     with open(shard, "wb") as f:  # sparse: the length word, then MAX_HEADER_BYTES + 1 bytes of nothing
         f.write(struct.pack("<Q", MAX_HEADER_BYTES + 1))
         f.truncate(8 + MAX_HEADER_BYTES + 1)
     manifest = json.loads((workspace / "manifest.json").read_text())
-    manifest["files"][SHARD] = {"size": shard.stat().st_size, "sha256": hashlib.sha256(shard.read_bytes()).hexdigest()}
+    manifest["files"][SHARD] = bytes_record(shard.read_bytes())
     (workspace / "manifest.json").write_text(json.dumps(manifest))
     problems = verify_workspace(workspace)
     assert problems == [f"{SHARD}: not a safetensors file (header of {MAX_HEADER_BYTES + 1} bytes, over the "
@@ -413,7 +411,7 @@ def _manifest_cases():
         "file unlisted": (tensor("file", "weights/other.safetensors"), "which the manifest does not list"),
         "entry": (lambda m: m["tensors"].__setitem__("norm.weight", 3), "tensor 'norm.weight' is not a JSON object"),
         "no size": (lambda m: m["files"]["lmc.json"].pop("size"), "lacks 'size'"),
-        "sha": (lambda m: m["files"]["lmc.json"].__setitem__("sha256", "xyz"), "64 hex digits"),
+        "digest": (lambda m: m["files"]["lmc.json"].__setitem__("blake3", "xyz"), "64 hex digits"),
         "lists itself": (lambda m: m["files"].__setitem__("manifest.json", m["files"]["lmc.json"]), "'manifest.json'"),
         "null byte": (lambda m: m["files"].__setitem__("a\x00b", m["files"]["lmc.json"]), "not a path inside"),
     }

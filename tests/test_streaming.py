@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from blake3 import blake3
 import torch
 from test_convert_bytes import DIGESTS, tree_digest
 
@@ -21,12 +22,12 @@ from lmc.compiler.readers import open_source
 from lmc.compiler.source_files import early_source_files
 from lmc.errors import LmcError
 from lmc.format.archs import model_config_from_hf
-from lmc.format.hashing import BackgroundHashes, sha256_file
+from lmc.format.hashing import BackgroundHashes, file_digest
 from lmc.format.workspace import TensorSpec, write_safetensors
 
 
 def _writer_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t.name in ("write", "sha256") and t.is_alive()]
+    return [t for t in threading.enumerate() if t.name in ("write", "digest") and t.is_alive()]
 
 
 def test_plan_and_convert_do_not_import_dynamo(checkpoint, tmp_path):
@@ -79,12 +80,12 @@ def test_verify_does_not_import_torch(checkpoint, tmp_path):
         (ws / shard).write_bytes(bytes(data))
 
     cases = {
-        damaged("flip", flip): f"{shard}: sha256 mismatch",
+        damaged("flip", flip): f"{shard}: blake3 mismatch",
         damaged("missing", lambda ws: (ws / "tokenizer" / "tokenizer.json").unlink()): "tokenizer/tokenizer.json: missing",
         damaged("unlisted", lambda ws: (ws / "weights" / "extra.bin").write_bytes(b"x")):
             "weights/extra.bin: not in the manifest",
         damaged("version", lambda ws: (ws / "manifest.json").write_text(
-            (ws / "manifest.json").read_text().replace('"format_version": 1', '"format_version": 2'))): "format_version 2",
+            (ws / "manifest.json").read_text().replace('"format_version": 2', '"format_version": 3'))): "format_version 3",
     }
     sound = [tmp_path / "fp", tmp_path / "int4"]
     out = subprocess.run([sys.executable, "-c", VERIFY_WITHOUT_TORCH, *map(str, sound + list(cases))],
@@ -204,10 +205,11 @@ def test_background_hashes_equal_hashlib(tmp_path, monkeypatch):
         files.append(f)
     os.mkfifo(tmp_path / "fifo")  # never opened: a FIFO would block the reader
     (tmp_path / "link").symlink_to(files[-1])
-    hashes = BackgroundHashes(files + [tmp_path / "fifo"], workers=3)
-    for f in files:
-        assert hashes.sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest() == sha256_file(f)
-    assert hashes.sha256(tmp_path / "link") == hashes.sha256(files[-1])
+    for algorithm, reference in (("blake3", blake3), ("sha256", hashlib.sha256)):
+        hashes = BackgroundHashes(files + [tmp_path / "fifo"], algorithm, workers=3)
+        for f in files:
+            assert hashes.digest(f) == reference(f.read_bytes()).hexdigest() == file_digest(f, algorithm)
+        assert hashes.digest(tmp_path / "link") == hashes.digest(files[-1])
 
 
 def test_early_source_files_are_the_readers_files(checkpoint, tmp_path):
