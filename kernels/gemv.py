@@ -23,7 +23,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import PendingNorm, add_residual, add_rms_row, rms_apply
+from lmc.kernels.rmsnorm import PendingNorm, add_residual_at, add_rms_row, norm_chunk, rms_apply
 
 try:
     import triton
@@ -37,12 +37,13 @@ if triton is not None:
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr,
                      res_ptr=None, nw_ptr=None, h_ptr=None, eps=0.0, NORM: tl.constexpr = False,
-                     BLOCK_H: tl.constexpr = 1):
+                     CHUNK: tl.constexpr = 1):
         """SILU: N is I, the outputs; program p reads gate rows p * BLOCK_N/2 + [0, BLOCK_N/2) and the matching
         up rows (I further on) as one [BLOCK_N, BLOCK_K] tile, and writes silu(gate) * up to y [1, I].
         NORM: x is a PendingNorm's row, the input is rms_norm(x, nw, eps, residual): every program takes the
-        row's statistics (kernels/rmsnorm.py `add_rms_row`, BLOCK_H >= K), program 0 stores the new residual
-        stream to h, and each chunk of x is normed as it is loaded (elementwise: the same bits as the whole row)."""
+        row's statistics (kernels/rmsnorm.py `add_rms_row`, read CHUNK at a time), program 0 stores
+        the new residual stream to h, and each step's x is normed as it is loaded (elementwise: the same bits as
+        the whole row)."""
         HALF: tl.constexpr = BLOCK_N // 2
         if SILU:
             lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -57,14 +58,15 @@ if triton is not None:
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
         pdl_wait(PDL)  # x (and with NORM the residual) is the previous kernels' output
         if NORM:
-            _, scale = add_rms_row(x_ptr, res_ptr, h_ptr, K, eps, tl.program_id(0) == 0, BLOCK_H)
+            scale = add_rms_row(x_ptr, res_ptr, h_ptr, K, eps, tl.program_id(0) == 0, CHUNK)
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)  # [BLOCK_K]
             if NORM:
-                r = tl.load(res_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)
                 g = tl.load(nw_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)
-                x = rms_apply(add_residual(x, r).to(tl.float32), scale, g, x.dtype)
+                h = add_residual_at(x_ptr, res_ptr, k0 + cols, K)  # [BLOCK_K]
+                x = rms_apply(h.to(tl.float32), scale, g, h.dtype)
+            else:
+                x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)  # [BLOCK_K]
             nxt = k0 + BLOCK_K + cols
             w_next = tl.load(w_rows + nxt[None, :], mask=row_mask[:, None] & (nxt < K)[None, :], other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -126,7 +128,7 @@ def gemv_triton(x: torch.Tensor | PendingNorm, w: torch.Tensor, block_n: int = 8
     grid = (triton.cdiv(N, block_n // 2 if silu_mul else block_n),)
     prologue = {} if norm is None else dict(
         res_ptr=norm.residual, nw_ptr=norm.weight, h_ptr=norm.new_residual, eps=norm.eps, NORM=True,
-        BLOCK_H=triton.next_power_of_2(K))
+        CHUNK=norm_chunk(K, num_warps))
     _gemv_kernel[grid](x, w, y, N, K, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, SILU=silu_mul,
                        num_warps=num_warps, num_stages=num_stages, **prologue, **pdl_launch(x.device))
     return y

@@ -28,20 +28,34 @@ except ImportError:  # CPU-only install: the torch reference serves
 if triton is not None:
 
     @triton.jit
+    def _power_scales(amax):
+        """(2^(127 - e), 2^(e - 127)) for amax's biased exponent e (at most 253): amax times the first is below 4.
+        The second is 0 for a zero (or subnormal) amax."""
+        e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)  # amax < 2^(e - 126)
+        return ((254 - e) << 23).to(tl.float32, bitcast=True), (e << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fixed_squares(h, down):
+        """sum over h float32 [BLOCK] of (h * down)^2 as int64 fixed point with 40 fraction bits (each term < 2^44:
+        8192 of them fit)."""
+        u = h * down
+        return tl.sum((u * u * 1099511627776.0).to(tl.int64), axis=0)
+
+    @triton.jit
+    def _float_of_fixed(fixed, up):
+        return fixed.to(tl.float32) * 9.094947017729282e-13 * up * up  # * 2^-40, then the power of two back
+
+    @triton.jit
     def sum_of_squares(h):
         """sum(h * h) over h float32 [BLOCK] (zeros past the row), with bits independent of the order of the sum.
         Each square is taken relative to the row's largest magnitude (scaled by a power of two, exact), as a fixed
         point number with 40 fraction bits (exact for float16 and bfloat16 values; what lies below 2^-40 of the
         largest square is dropped) and summed in int64, which is associative; one rounding to float32 at the end.
         A float32 tl.sum would add in an order set by the layout, so two kernels with different warps could differ
-        in the last bit of the mean and so in the normed row."""
-        amax = tl.max(tl.abs(h), axis=0)
-        e = tl.minimum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 253)  # biased exponent: amax < 2^(e - 126)
-        down = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e): |h| * down < 4
-        u = h * down
-        fixed = tl.sum((u * u * 1099511627776.0).to(tl.int64), axis=0)  # 2^40: each term < 2^44, 8192 of them fit
-        up = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127); 0 for a zero (or subnormal) row
-        return fixed.to(tl.float32) * 9.094947017729282e-13 * up * up  # * 2^-40
+        in the last bit of the mean and so in the normed row; and any split of the row into chunks gives the same
+        bits as the whole row at once (`add_rms_row`)."""
+        down, up = _power_scales(tl.max(tl.abs(h), axis=0))
+        return _float_of_fixed(_fixed_squares(h, down), up)
 
     @triton.jit
     def add_residual(x, r):
@@ -61,16 +75,29 @@ if triton is not None:
         return (n.to(tl.float32) * w.to(tl.float32)).to(dtype)
 
     @triton.jit
-    def add_rms_row(x_ptr, res_ptr, h_ptr, H, eps, store_h, BLOCK_H: tl.constexpr):
-        """The prologue of a GEMV fed a PendingNorm: loads the row x [H] and the residual [H], stores the new residual
-        stream h = add_residual(x, residual) to h_ptr where store_h (one program of the grid), and returns h [BLOCK_H]
-        in x's dtype (zeros past H) and its rms_scale."""
-        cols = tl.arange(0, BLOCK_H)
+    def add_residual_at(x_ptr, res_ptr, cols, H):
+        """add_residual of the row's elements at cols (zeros past H)."""
         mask = cols < H
-        h = add_residual(tl.load(x_ptr + cols, mask=mask, other=0.0), tl.load(res_ptr + cols, mask=mask, other=0.0))
-        if store_h:
-            tl.store(h_ptr + cols, h, mask=mask)
-        return h, rms_scale(h.to(tl.float32), H, eps)
+        return add_residual(tl.load(x_ptr + cols, mask=mask, other=0.0), tl.load(res_ptr + cols, mask=mask, other=0.0))
+
+    @triton.jit
+    def add_rms_row(x_ptr, res_ptr, h_ptr, H, eps, store_h, CHUNK: tl.constexpr):
+        """The prologue of a GEMV fed a PendingNorm: the rms_scale of the row h = add_residual(x [H], residual [H]),
+        with h stored to h_ptr where store_h (one program of the grid). The row is read CHUNK elements at a time,
+        twice (its largest magnitude, then the fixed-point sum of squares): the same bits as sum_of_squares of the
+        whole row, with a chunk's registers instead of the row's."""
+        amax = 0.0
+        for c in range(0, H, CHUNK):
+            cols = c + tl.arange(0, CHUNK)
+            h = add_residual_at(x_ptr, res_ptr, cols, H)
+            if store_h:
+                tl.store(h_ptr + cols, h, mask=cols < H)
+            amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), axis=0))
+        down, up = _power_scales(amax)
+        fixed = tl.zeros([], tl.int64)
+        for c in range(0, H, CHUNK):
+            fixed += _fixed_squares(add_residual_at(x_ptr, res_ptr, c + tl.arange(0, CHUNK), H).to(tl.float32), down)
+        return tl.math.rsqrt(_float_of_fixed(fixed, up) / H + eps)
 
     @triton.jit
     def _rms_norm_kernel(
@@ -92,7 +119,18 @@ if triton is not None:
         h = x.to(tl.float32)
         tl.store(y_ptr + row * stride_y + cols, rms_apply(h, rms_scale(h, H, eps), w, x.dtype), mask=mask)
 else:  # the kernels that call them are not compiled without triton
-    sum_of_squares = add_residual = rms_scale = rms_apply = add_rms_row = None
+    sum_of_squares = add_residual = rms_scale = rms_apply = add_residual_at = add_rms_row = None
+
+
+# Elements of the row per warp that a GEMV prologue reads at a time (`add_rms_row`). At 512 the 8B's GEMVs compile
+# for sm_90 with their registers as without the prologue (bench/compile_decode_sm90.py --gemvs: 164-168 against
+# 161-166 for int4, 168 / 75 against 167 / 70 for float); the whole row at once took up to 255 (1- and 2-warp int4).
+NORM_CHUNK_PER_WARP = 512
+
+
+def norm_chunk(h: int, num_warps: int) -> int:
+    """add_rms_row's CHUNK for a row of h elements in a kernel of num_warps warps."""
+    return min(triton.next_power_of_2(h), NORM_CHUNK_PER_WARP * num_warps)
 
 
 @dataclass

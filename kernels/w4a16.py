@@ -40,7 +40,7 @@ import torch
 from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import PendingNorm, add_rms_row, rms_apply
+from lmc.kernels.rmsnorm import PendingNorm, add_residual_at, add_rms_row, norm_chunk, rms_apply
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
 from lmc.kernels.w4a16_tuning import config_for
@@ -414,7 +414,7 @@ def _w4a16_gemv_kernel(
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
     MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
     src_ptr=None, res_ptr=None, nw_ptr=None, h_ptr=None, eps=0.0, NORM: tl.constexpr = False,
-    BLOCK_H: tl.constexpr = 1,
+    CHUNK: tl.constexpr = 1,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -431,10 +431,10 @@ def _w4a16_gemv_kernel(
     columns pid_n * BLOCK_N/2 + [0, BLOCK_N/2) and the matching up columns, and writes silu(gate) * up to
     out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory.
     NORM (M = 1, a PendingNorm's add + RMSNorm in the prologue): the input row is rms_norm(src, nw, eps, residual);
-    after the PDL wait every program takes the row's statistics (kernels/rmsnorm.py `add_rms_row`, BLOCK_H >= K
-    rounded up to 8), the first program of the grid stores the new residual stream to h, and each program stores
-    the normed row over the groups it reads (its split's) into x (a [ceil(K/8) * 8] scratch row, zeros past K),
-    then reads x there as without NORM. Programs of one split store the same bits at the same places, so a
+    after the PDL wait every program takes the row's statistics (kernels/rmsnorm.py `add_rms_row`, CHUNK elements
+    at a time), the first program of the grid stores the new residual stream to h, and each program stores the
+    normed row over the groups it reads (its split's) into x (a [ceil(K/8) * 8] scratch row, zeros past K), then
+    reads x there as without NORM. Programs of one split store the same bits at the same places, so a
     program's reads after its barrier see the row whichever program's store lands last."""
     if ASM:  # the launcher checked N % 4 == 0 (SILU: N % 8); saying so lets every [GP, BN] tile load 16 bytes
         N = (N // 4) * 4  # per thread, which the pack=4 products rely on (four columns of one row per call)
@@ -481,13 +481,15 @@ def _w4a16_gemv_kernel(
         pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first + 1, g_last), N, K,
                                           offs_g, offs_n, n_ok, GROUP, MASKED, ASM, not (PDL or NORM))
     pdl_wait(PDL)
-    if NORM:  # the normed row over this split's groups into the scratch row x, zeros past K
-        h, scale = add_rms_row(src_ptr, res_ptr, h_ptr, K, eps, (pid_n == 0) & (split == 0), BLOCK_H)
-        cols = tl.arange(0, BLOCK_H)
-        nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
-        first = tl.minimum(g_first, g_last) * GROUP  # an empty split (past the groups) reads group g_last
-        mine = (cols >= first) & (cols < (g_last + 1) * GROUP) & (cols < tl.cdiv(K, 8) * 8)
-        tl.store(x_ptr + cols, rms_apply(h.to(tl.float32), scale, nw, h.dtype), mask=mine)
+    if NORM:  # the normed row over the groups this program reads into the scratch row x, zeros past K
+        scale = add_rms_row(src_ptr, res_ptr, h_ptr, K, eps, (pid_n == 0) & (split == 0), CHUNK)
+        k_first = tl.minimum(g_first, g_last) * GROUP  # an empty split (past the groups) reads group g_last
+        k_end = tl.minimum((g_last + 1) * GROUP, tl.cdiv(K, 8) * 8)
+        for c in range(k_first, k_end, CHUNK):
+            cols = c + tl.arange(0, CHUNK)
+            h = add_residual_at(src_ptr, res_ptr, cols, K)
+            nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
+            tl.store(x_ptr + cols, rms_apply(h.to(tl.float32), scale, nw, h.dtype), mask=cols < k_end)
         tl.debug_barrier()  # every thread's part of the row is stored before any thread reads it
     if (PDL or NORM) and ASM:
         xa = _gemv_load_x(x32_row, tl.minimum(g_first, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
@@ -671,7 +673,7 @@ def w4a16_gemv_triton(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scal
     if norm is not None:  # x becomes the scratch row the prologue norms into (rounded up to 8, 16-byte aligned)
         assert m == 1 and norm.weight.shape == (k,) and norm.weight.is_contiguous()
         prologue = dict(src_ptr=x, res_ptr=norm.residual, nw_ptr=norm.weight, h_ptr=norm.new_residual, eps=norm.eps,
-                        NORM=True, BLOCK_H=triton.next_power_of_2(_cdiv(k, PACK) * PACK))
+                        NORM=True, CHUNK=norm_chunk(k, num_warps))
         x = torch.empty((1, _cdiv(k, PACK) * PACK), dtype=x.dtype, device=x.device)  # [1, ceil(K/8)*8]
     elif dot_asm and (k % PACK or x.stride(0) % PACK or x.data_ptr() % 16):  # x is read as 16-byte rows of pairs
         padded = torch.zeros((m, _cdiv(k, PACK) * PACK), dtype=x.dtype, device=x.device)  # [M, ceil(K/8)*8]

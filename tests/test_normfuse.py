@@ -90,6 +90,7 @@ def test_pending_norm_materializes_into_its_residual():
     (300, 37, 4, 64, 2),  # H not a multiple of the step, N odd (silu: 37 outputs), the last block partial
     (576, 33, 8, 128, 4),  # SmolLM2's hidden size
     (72, 5, 2, 128, 1),  # H shorter than one step
+    (1100, 9, 4, 256, 1),  # the statistics over 3 chunks (512 per warp), the last one partial
 ])
 def test_float_gemv_prologue_equals_rms_norm_then_gemv(dtype, silu, h, n, block_n, block_k, warps):
     p = _pending(h, dtype, h + n)
@@ -123,6 +124,7 @@ INT4_CASES = [  # (N, K, group, launcher keywords)
     (40, 200, 32, dict(block_n=8, split_k=4, depth=2)),  # 7 groups over 4 splits, two groups ahead
     (40, 96, 32, dict(block_n=8, split_k=4, preload=True)),  # 3 groups over 4 splits: the last split is empty
     (24, 576, 128, dict(block_n=8, split_k=2, num_warps=2)),
+    (24, 1100, 128, dict(block_n=8, split_k=3)),  # 3 chunks of 512, 9 groups over 3 splits (the last partial)
 ]
 
 
