@@ -85,9 +85,10 @@ if triton is not None:
         """The prologue of a GEMV fed a PendingNorm: the rms_scale of the row h = add_residual(x [H], residual [H]),
         with h stored to h_ptr where store_h (one program of the grid). The row is read CHUNK elements at a time,
         twice (its largest magnitude, then the fixed-point sum of squares): the same bits as sum_of_squares of the
-        whole row, with a chunk's registers instead of the row's."""
+        whole row, with a chunk's registers instead of the row's. Unrolled by 4, so that loads of several chunks are in
+        flight at once (sm_90 SASS of the 1-warp int4 GEMV: two chunks' per round trip)."""
         amax = 0.0
-        for c in range(0, H, CHUNK):
+        for c in tl.range(0, H, CHUNK, loop_unroll_factor=4):
             cols = c + tl.arange(0, CHUNK)
             h = add_residual_at(x_ptr, res_ptr, cols, H)
             if store_h:
@@ -95,7 +96,7 @@ if triton is not None:
             amax = tl.maximum(amax, tl.max(tl.abs(h.to(tl.float32)), axis=0))
         down, up = _power_scales(amax)
         fixed = tl.zeros([], tl.int64)
-        for c in range(0, H, CHUNK):
+        for c in tl.range(0, H, CHUNK, loop_unroll_factor=4):
             fixed += _fixed_squares(add_residual_at(x_ptr, res_ptr, c + tl.arange(0, CHUNK), H).to(tl.float32), down)
         return tl.math.rsqrt(_float_of_fixed(fixed, up) / H + eps)
 
@@ -122,9 +123,9 @@ else:  # the kernels that call them are not compiled without triton
     sum_of_squares = add_residual = rms_scale = rms_apply = add_residual_at = add_rms_row = None
 
 
-# Elements of the row per warp that a GEMV prologue reads at a time (`add_rms_row`). At 512 the 8B's GEMVs compile
-# for sm_90 with their registers as without the prologue (bench/compile_decode_sm90.py --gemvs: 164-168 against
-# 161-166 for int4, 168 / 75 against 167 / 70 for float); the whole row at once took up to 255 (1- and 2-warp int4).
+# Elements of the row per warp that a GEMV prologue reads at a time (`add_rms_row`). At 512 the 8B's int4 GEMVs
+# compile for sm_90 with about their registers without the prologue (bench/compile_decode_sm90.py --gemvs: 167 / 163
+# against 161 / 166; the whole row at once took 255 / 243), the float ones with 168 / 96 against 167 / 70.
 NORM_CHUNK_PER_WARP = 512
 
 
