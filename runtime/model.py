@@ -6,6 +6,7 @@ weights so that AWQ calibration runs exactly this code with modified weights.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -74,8 +75,10 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
 
 
 def fuses_norm(x: torch.Tensor) -> bool:
-    """Whether add_rms_norm leaves the norm of x [T, H] to the next linear: one token on CUDA, with Triton."""
-    return rmsnorm.triton is not None and x.is_cuda and x.shape[0] == 1
+    """Whether add_rms_norm leaves the norm of x [T, H] to the next linear: one token on CUDA, with Triton, unless
+    LMC_NORM_PROLOGUE=0 (the RMSNorm kernel between the linears, as before: for A/B timing)."""
+    return (rmsnorm.triton is not None and x.is_cuda and x.shape[0] == 1
+            and os.environ.get("LMC_NORM_PROLOGUE", "1") != "0")
 
 
 # ----------------------------------------------------------------------------- attention contexts

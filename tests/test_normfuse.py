@@ -175,7 +175,11 @@ def test_int4_matmul_materializes_a_pending_norm_off_the_gemv():
 # ----------------------------------------------------------------------------- the decode step
 
 
-def test_add_rms_norm_runs_the_norm_off_cuda_and_for_batches():
+def test_add_rms_norm_runs_the_norm_off_cuda_and_for_batches(monkeypatch):
+    """Only one token on CUDA leaves the norm pending (and not under LMC_NORM_PROLOGUE=0); on the CPU add_rms_norm
+    is rms_norm."""
+    from types import SimpleNamespace
+
     from lmc.runtime import model
 
     g = torch.Generator().manual_seed(4)
@@ -184,6 +188,11 @@ def test_add_rms_norm_runs_the_norm_off_cuda_and_for_batches():
     y, h = model.add_rms_norm(x, res, w, EPS)
     want = rmsnorm.rms_norm(x, w, EPS, res)
     assert torch.equal(y, want[0]) and torch.equal(h, want[1])
+    if rmsnorm.triton is not None:
+        assert model.fuses_norm(SimpleNamespace(is_cuda=True, shape=(1, 64)))
+        assert not model.fuses_norm(SimpleNamespace(is_cuda=True, shape=(2, 64)))
+        monkeypatch.setenv("LMC_NORM_PROLOGUE", "0")
+        assert not model.fuses_norm(SimpleNamespace(is_cuda=True, shape=(1, 64)))
 
 
 def _decode_logits(model, prompt: list[int], steps: int) -> tuple[list[torch.Tensor], list[int]]:
