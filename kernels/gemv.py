@@ -118,6 +118,7 @@ def gemv_triton(x: torch.Tensor | PendingNorm, w: torch.Tensor, block_n: int = 8
     N, K = w.shape
     x = x.reshape(-1)
     assert x.shape == (K,) and x.is_contiguous() and w.stride(1) == 1, (tuple(x.shape), tuple(w.shape), w.stride())
+    assert norm is None or (norm.weight.shape == (K,) and norm.weight.is_contiguous())
     if silu_mul:
         # The (K, 2I) settings were tuned for the plain GEMV over 2I rows: with block_n // 2 gate rows and as many
         # up rows per program, each program reads the same bytes as the tuned launch and the grid is as large.
