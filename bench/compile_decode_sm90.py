@@ -3,9 +3,6 @@ thread executes: registers, spills, and the SASS instructions of the tile loop b
 "fma" and "fold" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
 
     TRITON_DEFAULT_FP_FUSION=1 python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
-
-With --gemvs it compiles the one-token GEMVs instead, each with and without the add + RMSNorm prologue (a check
-that the prologue compiles for sm_90, and what it costs in registers).
 """
 from __future__ import annotations
 
@@ -55,72 +52,30 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     tables = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
     kv_lens = torch.full((B,), 4 * page, dtype=torch.int32)
     name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
-    return compile_launch(attention, name, lambda: attention.paged_decode_attention_triton(
-        q, *caches, tables, kv_lens, 0.088, num_splits=splits, block_n=block_n, num_warps=warps, num_stages=stages,
-        kernel=kernel), maxnreg)
-
-
-def compile_launch(module, name: str, launch, maxnreg: int | None = None):
-    """The kernel `module.name` as `launch()` launches it (on CPU tensors: nothing runs), compiled for sm_90 with
-    PDL on, the inline-PTX float16 path where the kernel has one (a CUDA launch with float16 takes it), and the
-    specialization Triton's launcher would pick (16-divisible integers and pointers, integers equal to 1)."""
-    fn, capture = getattr(module, name), _Capture()
-    setattr(module, name, capture)
+    fn, capture = getattr(attention, name), _Capture()
+    setattr(attention, name, capture)
     try:
-        launch()
+        attention.paged_decode_attention_triton(q, *caches, tables, kv_lens, 0.088, num_splits=splits,
+                                                block_n=block_n, num_warps=warps, num_stages=stages, kernel=kernel)
     finally:
-        setattr(module, name, fn)
+        setattr(attention, name, fn)
     (args, kwargs), = capture.launches
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
     if maxnreg:
         options["maxnreg"] = maxnreg
-    for flag in ("ASM", "PDL"):  # what a CUDA launch with float16 sets (the tensors are on the CPU here)
-        if flag in kwargs:
-            kwargs[flag] = True
-    bound = fn.signature.bind(*args, **kwargs)
-    bound.apply_defaults()
-    signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(fn.params):
-        arg = bound.arguments[param.name]
-        if param.is_constexpr:
-            signature[param.name], constexprs[param.name] = "constexpr", arg
-            continue
+    if "ASM" in kwargs:  # the inline-PTX code conversion a CUDA launch with float16 q takes (q is on the CPU here)
+        kwargs["ASM"] = True
+    signature, constexprs, attrs = {}, dict(kwargs), {}
+    for i, (arg_name, arg) in enumerate(zip(fn.arg_names, args)):
         ty, key = native_specialize_impl(BaseBackend, arg, False, True, True)
-        signature[param.name] = ty
+        signature[arg_name] = ty
         if ty == "constexpr":
-            constexprs[param.name] = key
+            constexprs[arg_name] = key
         elif key:
             attrs[(i,)] = BaseBackend.parse_attr(key)
+    signature.update({k: "constexpr" for k in kwargs})
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def compile_gemvs() -> list[str]:
-    """The one-token GEMVs of the 8B decode step at the H200's settings, each without and with the add + RMSNorm
-    prologue (a PendingNorm input), plain and with the SiLU-mul epilogue: float16 float GEMV (kernels/gemv.py) at
-    qkv 4096 x 6144 and w13 4096 x 28672, int4 GEMV (kernels/w4a16.py, inline PTX) at qkv and w13; compiled for
-    sm_90, one line each (registers, spills)."""
-    from lmc.kernels import gemv, w4a16
-    from lmc.kernels.rmsnorm import PendingNorm
-
-    H = 4096
-    x = torch.zeros(1, H, dtype=torch.float16)
-    pending = PendingNorm.of(x, torch.zeros_like(x), torch.ones(H, dtype=torch.float16), 1e-5)
-    lines = []
-    for n, silu in ((6144, False), (28672, True)):
-        config = gemv.TUNED["NVIDIA H200"][(H, n)]
-        w = torch.zeros(n, H, dtype=torch.float16)
-        for src in (x, pending):
-            k = compile_launch(gemv, "_gemv_kernel", lambda: gemv.gemv_triton(src, w, *config, silu_mul=silu))
-            lines.append(f"float GEMV {H} x {n} silu={silu} norm={src is pending}: {registers(k.asm['ptx'])}")
-        _, kw = w4a16.config_for("NVIDIA H200", 1, n, H)
-        q = torch.zeros(H // 8, n, dtype=torch.int32)
-        s = torch.zeros(H // 128, n, dtype=torch.float16)
-        for src in (x, pending):
-            k = compile_launch(w4a16, "_w4a16_gemv_kernel", lambda: w4a16.w4a16_gemv_triton(
-                src, q, s, s, 128, silu_mul=silu, **kw))
-            lines.append(f"int4 GEMV {H} x {n} silu={silu} norm={src is pending} {kw}: {registers(k.asm['ptx'])}")
-    return lines
 
 
 def registers(ptx: str) -> str:
@@ -179,12 +134,7 @@ def main() -> int:
     ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold")
     ap.add_argument("--maxnreg", type=int, help="a register cap per thread (Triton's maxnreg launch option)")
     ap.add_argument("--ptx-dir")
-    ap.add_argument("--gemvs", action="store_true", help="compile the one-token GEMVs (with and without the "
-                    "add + RMSNorm prologue) instead of the decode kernels")
     args = ap.parse_args()
-    if args.gemvs:
-        print("\n".join(compile_gemvs()))
-        return 0
     for kernel in args.kernels.split(","):
         k = compile_kernel(kernel, args.bits, args.block_n, args.warps, args.stages, args.splits, args.maxnreg)
         ptx = k.asm["ptx"]

@@ -30,7 +30,6 @@ from __future__ import annotations
 import torch
 
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import add_residual, rms_apply, rms_scale
 
 try:
     import triton
@@ -134,13 +133,13 @@ if triton is not None:
                                   PDL: tl.constexpr):
         """The one-shot sum of x [T, H] fused with the next residual add and RMSNorm (kernels/rmsnorm.py's math:
         s = sum rounded to x.dtype, h = (s + residual) rounded, y = weight * (h * rsqrt(mean(h^2) + eps)) rounded
-        twice, by its row helpers). Program p owns rows p, p + P, ... (P programs)."""
+        twice as there). Program p owns rows p, p + P, ... (P programs)."""
         pid = tl.program_id(0)
         progs = tl.num_programs(0)
         dtype = x_ptr.dtype.element_ty
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: before the wait
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # a weight: before the wait
         pdl_wait(PDL)
         for row in range(pid, T, progs):  # T * H <= the slot capacity: int32 offsets suffice
             _push(x_ptr, recv_ptrs, slot_off, capacity, row * H + cols, mask, RANK, WORLD, BITS)
@@ -149,10 +148,12 @@ if triton is not None:
             mine = _sendable(tl.load(x_ptr + offs, mask=mask, other=0.0), BITS)
             r = tl.load(res_ptr + offs, mask=mask, other=0.0)  # issued before the polling: its latency overlaps it
             s = _sum_over_ranks(mine, recv_ptrs, slot_off, capacity, offs, mask, RANK, WORLD, BITS).to(dtype)
-            h_low = add_residual(s, r)
+            h_low = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
             tl.store(h_ptr + offs, h_low, mask=mask)
             h = h_low.to(tl.float32)
-            tl.store(y_ptr + offs, rms_apply(h, rms_scale(h, H, eps), w, dtype), mask=mask)
+            var = tl.sum(h * h, axis=0) / H
+            normed = (h * tl.math.rsqrt(var + eps)).to(dtype)
+            tl.store(y_ptr + offs, (normed.to(tl.float32) * w).to(dtype), mask=mask)
 
 
 def _bits(dtype: torch.dtype) -> int:

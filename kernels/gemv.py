@@ -11,11 +11,6 @@ PDL the first weight tile is requested before the wait for the kernel that wrote
 With `silu_mul=True` the weight is an MLP's fused gate/up w13 [2I, K] (gate rows [0, I), up rows [I, 2I), the
 layout kernels/silu_mul.py reads) and the GEMV writes silu(gate) * up [1, I] itself: the one-token float MLP is
 one kernel instead of GEMV + silu_mul, bit-identical to the two (the same roundings in the same order).
-
-Given a `PendingNorm` (kernels/rmsnorm.py: one decode token's residual add + RMSNorm, not yet run) instead of x,
-both forms run the norm in their prologue, after the PDL wait: every program loads the whole row and its residual
-(8 KB each at hidden 4096) for the statistics, program 0 stores the new residual stream, and each chunk of x is
-normed as the loop loads it; no RMSNorm kernel runs between the two linears.
 """
 from __future__ import annotations
 
@@ -23,7 +18,6 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import PendingNorm, add_residual_at, add_rms_row, norm_chunk, rms_apply
 
 try:
     import triton
@@ -35,15 +29,9 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr,
-                     res_ptr=None, nw_ptr=None, h_ptr=None, eps=0.0, NORM: tl.constexpr = False,
-                     CHUNK: tl.constexpr = 1):
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
         """SILU: N is I, the outputs; program p reads gate rows p * BLOCK_N/2 + [0, BLOCK_N/2) and the matching
-        up rows (I further on) as one [BLOCK_N, BLOCK_K] tile, and writes silu(gate) * up to y [1, I].
-        NORM: x is a PendingNorm's row, the input is rms_norm(x, nw, eps, residual): every program takes the
-        row's statistics (kernels/rmsnorm.py `add_rms_row`, read CHUNK at a time), program 0 stores
-        the new residual stream to h, and each step's x is normed as it is loaded (elementwise: the same bits as
-        the whole row)."""
+        up rows (I further on) as one [BLOCK_N, BLOCK_K] tile, and writes silu(gate) * up to y [1, I]."""
         HALF: tl.constexpr = BLOCK_N // 2
         if SILU:
             lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -56,17 +44,10 @@ if triton is not None:
         cols = tl.arange(0, BLOCK_K)  # [BLOCK_K]
         w_rows = w_ptr + rows.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
         w = tl.load(w_rows + cols[None, :], mask=row_mask[:, None] & (cols < K)[None, :], other=0.0)
-        pdl_wait(PDL)  # x (and with NORM the residual) is the previous kernels' output
-        if NORM:
-            scale = add_rms_row(x_ptr, res_ptr, h_ptr, K, eps, tl.program_id(0) == 0, CHUNK)
+        pdl_wait(PDL)  # x is the previous kernel's output
         acc = tl.zeros([BLOCK_N, BLOCK_K], tl.float32)
         for k0 in range(0, K, BLOCK_K):
-            if NORM:
-                g = tl.load(nw_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)
-                h = add_residual_at(x_ptr, res_ptr, k0 + cols, K)  # [BLOCK_K]
-                x = rms_apply(h.to(tl.float32), scale, g, h.dtype)
-            else:
-                x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)  # [BLOCK_K]
+            x = tl.load(x_ptr + k0 + cols, mask=k0 + cols < K, other=0.0)  # [BLOCK_K]
             nxt = k0 + BLOCK_K + cols
             w_next = tl.load(w_rows + nxt[None, :], mask=row_mask[:, None] & (nxt < K)[None, :], other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
@@ -106,19 +87,15 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (x.reshape(1, -1).float() @ w.float().t()).to(x.dtype)
 
 
-def gemv_triton(x: torch.Tensor | PendingNorm, w: torch.Tensor, block_n: int = 8, block_k: int = 512,
-                num_warps: int = 4, num_stages: int = 1, silu_mul: bool = False) -> torch.Tensor:
+def gemv_triton(x: torch.Tensor, w: torch.Tensor, block_n: int = 8, block_k: int = 512, num_warps: int = 4,
+                num_stages: int = 1, silu_mul: bool = False) -> torch.Tensor:
     """y [1, N] = x [1, K] w^T for w [N, K] with unit stride along K. silu_mul: w is w13 [2I, K] (gate rows,
-    then up rows) and y [1, I] = silu(x gate^T) * (x up^T), exactly silu_mul(gemv_triton(x, w13)).
-    x a PendingNorm: the add + RMSNorm in the prologue, y equal bit for bit to gemv_triton(x.materialize(), ...)
-    and x.new_residual written as materialize writes it."""
+    then up rows) and y [1, I] = silu(x gate^T) * (x up^T), exactly silu_mul(gemv_triton(x, w13))."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
-    norm, x = (x, x.x) if isinstance(x, PendingNorm) else (None, x)
     N, K = w.shape
     x = x.reshape(-1)
     assert x.shape == (K,) and x.is_contiguous() and w.stride(1) == 1, (tuple(x.shape), tuple(w.shape), w.stride())
-    assert norm is None or (norm.weight.shape == (K,) and norm.weight.is_contiguous())
     if silu_mul:
         # The (K, 2I) settings were tuned for the plain GEMV over 2I rows: with block_n // 2 gate rows and as many
         # up rows per program, each program reads the same bytes as the tuned launch and the grid is as large.
@@ -127,9 +104,6 @@ def gemv_triton(x: torch.Tensor | PendingNorm, w: torch.Tensor, block_n: int = 8
         block_n = 2 * max(block_n // 2, 1)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, block_n // 2 if silu_mul else block_n),)
-    prologue = {} if norm is None else dict(
-        res_ptr=norm.residual, nw_ptr=norm.weight, h_ptr=norm.new_residual, eps=norm.eps, NORM=True,
-        CHUNK=norm_chunk(K, num_warps))
     _gemv_kernel[grid](x, w, y, N, K, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, SILU=silu_mul,
-                       num_warps=num_warps, num_stages=num_stages, **prologue, **pdl_launch(x.device))
+                       num_warps=num_warps, num_stages=num_stages, **pdl_launch(x.device))
     return y

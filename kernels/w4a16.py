@@ -20,8 +20,6 @@ Two Triton paths, both accumulating in float32:
     tile in registers (inline PTX for float16 on the GPU, float32 bit tricks otherwise) and feeds tl.dot;
     for small M it multiplies W_tile x_tile^T instead (`swap_ab`), so the weight tile is the MMA's tall side.
 Both can split K over several programs (`split_k`); the GEMM sums the float32 partials in a second kernel.
-At one token the GEMV also takes a `PendingNorm` (kernels/rmsnorm.py) for x: the residual add and RMSNorm before
-the linear run in its prologue, so no RMSNorm kernel runs between two decode linears.
 For large M (prefill of long prompts) a third path, `w4a16_dequant_matmul_triton`, writes W^T once in
 the activation dtype and calls the library GEMM: the in-register-dequant GEMM runs 1.6-2x cuBLAS there
 (Triton serialises dequant and wgmma inside a CTA), while the extra 2·K·N bytes are small next to M·K·N.
@@ -40,7 +38,6 @@ import torch
 from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import PendingNorm, add_residual_at, add_rms_row, norm_chunk, rms_apply
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
 from lmc.kernels.w4a16_tuning import config_for
@@ -413,8 +410,6 @@ def _w4a16_gemv_kernel(
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
     MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
-    src_ptr=None, res_ptr=None, nw_ptr=None, h_ptr=None, eps=0.0, NORM: tl.constexpr = False,
-    CHUNK: tl.constexpr = 1,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -429,13 +424,7 @@ def _w4a16_gemv_kernel(
     MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load). PDL: see lmc.kernels.pdl.
     SILU (the fused gate/up weight of an MLP, gate in columns [0, N/2), up in [N/2, N)): program pid_n owns gate
     columns pid_n * BLOCK_N/2 + [0, BLOCK_N/2) and the matching up columns, and writes silu(gate) * up to
-    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory.
-    NORM (M = 1, a PendingNorm's add + RMSNorm in the prologue): the input row is rms_norm(src, nw, eps, residual);
-    after the PDL wait every program takes the row's statistics (kernels/rmsnorm.py `add_rms_row`, CHUNK elements
-    at a time), the first program of the grid stores the new residual stream to h, and each program stores the
-    normed row over the groups it reads (its split's) into x (a [ceil(K/8) * 8] scratch row, zeros past K), then
-    reads x there as without NORM. Programs of one split store the same bits at the same places, so a
-    program's reads after its barrier see the row whichever program's store lands last."""
+    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory."""
     if ASM:  # the launcher checked N % 4 == 0 (SILU: N % 8); saying so lets every [GP, BN] tile load 16 bytes
         N = (N // 4) * 4  # per thread, which the pack=4 products rely on (four columns of one row per call)
     half_n = (N // 8) * 4 if ASM else N // 2  # SILU: gate (and up) columns, a multiple of 4 with ASM
@@ -475,23 +464,13 @@ def _w4a16_gemv_kernel(
     # of g + 1 before multiplying g (same loads in flight, a larger head start: short runs gain; the tuning table
     # says where).
     pa, sa, za, xa = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first, g_last), N, K, offs_g,
-                                      offs_n, n_ok, GROUP, MASKED, ASM, not (PDL or NORM))
+                                      offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pb, sb, zb, xb = pa, sa, za, xa
     if DEPTH == 2 or PRELOAD:
         pb, sb, zb, xb = _gemv_load_group(qw_ptr, s_ptr, z_ptr, x32_row, tl.minimum(g_first + 1, g_last), N, K,
-                                          offs_g, offs_n, n_ok, GROUP, MASKED, ASM, not (PDL or NORM))
+                                          offs_g, offs_n, n_ok, GROUP, MASKED, ASM, not PDL)
     pdl_wait(PDL)
-    if NORM:  # the normed row over the groups this program reads into the scratch row x, zeros past K
-        scale = add_rms_row(src_ptr, res_ptr, h_ptr, K, eps, (pid_n == 0) & (split == 0), CHUNK)
-        k_first = tl.minimum(g_first, g_last) * GROUP  # an empty split (past the groups) reads group g_last
-        k_end = tl.minimum((g_last + 1) * GROUP, tl.cdiv(K, 8) * 8)
-        for c in range(k_first, k_end, CHUNK):
-            cols = c + tl.arange(0, CHUNK)
-            h = add_residual_at(src_ptr, res_ptr, cols, K)
-            nw = tl.load(nw_ptr + cols, mask=cols < K, other=0.0)
-            tl.store(x_ptr + cols, rms_apply(h.to(tl.float32), scale, nw, h.dtype), mask=cols < k_end)
-        tl.debug_barrier()  # every thread's part of the row is stored before any thread reads it
-    if (PDL or NORM) and ASM:
+    if PDL and ASM:
         xa = _gemv_load_x(x32_row, tl.minimum(g_first, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
         if DEPTH == 2 or PRELOAD:
             xb = _gemv_load_x(x32_row, tl.minimum(g_first + 1, g_last), K, offs_g, offs_n, n_ok, GROUP, MASKED)
@@ -638,7 +617,7 @@ def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
                                               num_warps=4, **pdl_launch(out.device))
 
 
-def w4a16_gemv_triton(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 1,
                       num_warps: int = 1, preload: bool = False, dot_asm: bool | None = None,
                       silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -648,10 +627,7 @@ def w4a16_gemv_triton(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scal
     groups loaded ahead of the one being multiplied; preload (depth 1): two groups requested before the PDL wait,
     not one. dot_asm: packed-float16 dequant and products (inline PTX;
     needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0 (N % 8 with silu_mul).
-    silu_mul: W is an MLP's fused gate/up weight (gate in columns [0, N/2)); returns silu(gate) * up [M, N/2].
-    x a PendingNorm (one token): the add + RMSNorm in the prologue, the result equal bit for bit to the call on
-    x.materialize(), and x.new_residual written as materialize writes it."""
-    norm, x = (x, x.x) if isinstance(x, PendingNorm) else (None, x)
+    silu_mul: W is an MLP's fused gate/up weight (gate in columns [0, N/2)); returns silu(gate) * up [M, N/2]."""
     n = qweight.shape[1]
     if silu_mul and n % 2:
         raise LmcError(f"silu_mul needs the fused gate/up weight (an even N), got N={n}")
@@ -669,13 +645,7 @@ def w4a16_gemv_triton(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scal
         raise LmcError("dot_asm needs float16 activations on CUDA and N % 4 == 0; pass dot_asm=None")
     if dot_asm:  # the pack=4 products need a tile of at least four words per thread: no replicated elements
         block_n = max(block_n, 1024 * num_warps // group_size)  # (G/8) * BN >= 4 * 32 * num_warps
-    prologue = {}
-    if norm is not None:  # x becomes the scratch row the prologue norms into (rounded up to 8, 16-byte aligned)
-        assert m == 1 and norm.weight.shape == (k,) and norm.weight.is_contiguous()
-        prologue = dict(src_ptr=x, res_ptr=norm.residual, nw_ptr=norm.weight, h_ptr=norm.new_residual, eps=norm.eps,
-                        NORM=True, CHUNK=norm_chunk(k, num_warps))
-        x = torch.empty((1, _cdiv(k, PACK) * PACK), dtype=x.dtype, device=x.device)  # [1, ceil(K/8)*8]
-    elif dot_asm and (k % PACK or x.stride(0) % PACK or x.data_ptr() % 16):  # x is read as 16-byte rows of pairs
+    if dot_asm and (k % PACK or x.stride(0) % PACK or x.data_ptr() % 16):  # x is read as 16-byte rows of pairs
         padded = torch.zeros((m, _cdiv(k, PACK) * PACK), dtype=x.dtype, device=x.device)  # [M, ceil(K/8)*8]
         padded[:, :k] = x
         x = padded
@@ -688,7 +658,7 @@ def w4a16_gemv_triton(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scal
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
         MASKED=bool(n_out % cols_per_program or k % group_size), ASM=dot_asm, SILU=silu_mul, PRELOAD=preload,
         num_warps=num_warps,
-        num_stages=1, **prologue, **pdl_launch(x.device))
+        num_stages=1, **pdl_launch(x.device))
     return out
 
 
@@ -785,24 +755,11 @@ def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None) -> 
     return config_for(name, m, n, k)
 
 
-def _prologue_config(x: PendingNorm, n: int) -> dict | None:
-    """The GEMV's launch keywords for a PendingNorm input where the product takes the GEMV path; None elsewhere
-    (the caller materializes the norm first)."""
-    path, kw = w4a16_config(1, n, x.x.shape[-1], x.x.device)
-    return kw if triton is not None and x.x.is_cuda and path == "gemv" else None
-
-
-def w4a16_silu_matmul(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scales: torch.Tensor,
-                      zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                      group_size: int) -> torch.Tensor:
     """An MLP's gate/up product and activation: x [..., K] -> silu(gate) * up [..., N/2] in x.dtype, where W is the
     fused gate/up weight (gate in columns [0, N/2), the w13 layout). On the GEMV path (decode) one kernel does
-    both (the activation in its epilogue; a PendingNorm's add + RMSNorm in its prologue); elsewhere w4a16_matmul,
-    then silu_mul."""
-    if isinstance(x, PendingNorm):
-        kw = _prologue_config(x, qweight.shape[1])
-        if kw is not None:
-            return w4a16_gemv_triton(x, qweight, scales, zeros, group_size, silu_mul=True, **kw)  # [1, N/2]
-        x = x.materialize()
+    both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul."""
     k = x.shape[-1]
     m, n = x.numel() // max(k, 1), qweight.shape[1]
     path, kw = w4a16_config(m, n, k, x.device)
@@ -812,17 +769,11 @@ def w4a16_silu_matmul(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scal
     return out.reshape(*x.shape[:-1], n // 2)
 
 
-def w4a16_matmul(x: torch.Tensor | PendingNorm, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] -> [..., N] in x.dtype: Triton on CUDA, the torch reference elsewhere. A PendingNorm x: its
-    add + RMSNorm in the GEMV's prologue where the GEMV path runs, materialized first elsewhere.
+    """x [..., K] -> [..., N] in x.dtype: Triton on CUDA, the torch reference elsewhere.
 
     out, if given, is a [M, N] tensor (M = rows of x) that the Triton paths write into (CUDA graphs)."""
-    if isinstance(x, PendingNorm):
-        kw = _prologue_config(x, qweight.shape[1])
-        if kw is not None:
-            return w4a16_gemv_triton(x, qweight, scales, zeros, group_size, out=out, **kw)  # [1, N]
-        x = x.materialize()
     if triton is None or not x.is_cuda:
         ref = w4a16_matmul_ref(x, qweight, scales, zeros, group_size)
         return ref if out is None else out.copy_(ref.reshape(out.shape))

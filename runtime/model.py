@@ -6,17 +6,15 @@ weights so that AWQ calibration runs exactly this code with modified weights.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
-from lmc.kernels import rmsnorm
 from lmc.kernels.gemv import gemv_config, gemv_triton
 from lmc.kernels.kv_quant import QuantizedKV
-from lmc.kernels.rmsnorm import PendingNorm, materialized, rms_norm
+from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import w4a16_matmul, w4a16_silu_matmul
@@ -43,42 +41,17 @@ class Int4Weight:
         return self.qweight.shape[1]
 
 
-def linear(x: torch.Tensor | PendingNorm, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight. One token with a float weight
-    takes lmc's GEMV where this GPU's table has the shape (kernels/gemv.py), cuBLAS otherwise. A PendingNorm x
-    (`add_rms_norm`) is normed in the GEMV's prologue, or materialized first where no GEMV runs."""
+    takes lmc's GEMV where this GPU's table has the shape (kernels/gemv.py), cuBLAS otherwise."""
     if isinstance(w, Int4Weight):
         y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size)
         return y + bias if bias is not None else y
-    config = gemv_config(_unnormed(x), w)
+    config = gemv_config(x, w)
     if config is not None:
-        y = gemv_triton(x if isinstance(x, PendingNorm) else x.contiguous(), w, *config)
+        y = gemv_triton(x.contiguous(), w, *config)
         return y + bias if bias is not None else y
-    return F.linear(materialized(x), w, bias)
-
-
-def _unnormed(x: torch.Tensor | PendingNorm) -> torch.Tensor:
-    """What decides a linear's kernel: x, or a PendingNorm's row (its shape, dtype and device are the normed one's)."""
-    return x.x if isinstance(x, PendingNorm) else x
-
-
-def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 eps: float) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
-    """rms_norm(x, weight, eps, residual): (normed, the new residual stream). One token on CUDA: the norm is left
-    pending (a PendingNorm, run in the next linear's GEMV prologue, or by the RMSNorm kernel where that linear
-    has no GEMV), and the new residual is the tensor it will be written to. Everything else (prefill, batches,
-    the CPU) runs rms_norm now."""
-    if fuses_norm(x):
-        pending = PendingNorm.of(x, residual, weight, eps)
-        return pending, pending.new_residual
-    return rms_norm(x, weight, eps, residual)
-
-
-def fuses_norm(x: torch.Tensor) -> bool:
-    """Whether add_rms_norm leaves the norm of x [T, H] to the next linear: one token on CUDA, with Triton, unless
-    LMC_NORM_PROLOGUE=0 (the RMSNorm kernel between the linears, as before: for A/B timing)."""
-    return (rmsnorm.triton is not None and x.is_cuda and x.shape[0] == 1
-            and os.environ.get("LMC_NORM_PROLOGUE", "1") != "0")
+    return F.linear(x, w, bias)
 
 
 # ----------------------------------------------------------------------------- attention contexts
@@ -135,9 +108,9 @@ class DenseCausal:
 
 
 def attention_core(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, layer: int) -> torch.Tensor:
-    """h [T, H] (already normed, or a PendingNorm) -> attention heads [T, Hq*D], the input of wo."""
+    """h [T, H] (already normed) -> attention heads [T, Hq*D], the input of wo."""
+    t = h.shape[0]
     qkv = linear(h, lw["w_qkv"], lw.get("w_qkv_bias"))  # [T, (Hq + 2 Hkv) D]
-    t = qkv.shape[0]
     q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
     q = q.reshape(t, cfg.num_heads, cfg.head_dim)  # [T, Hq, D]
     k = k.reshape(t, cfg.num_kv_heads, cfg.head_dim)  # [T, Hkv, D]
@@ -150,23 +123,23 @@ def attention_core(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, l
 
 
 def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, layer: int) -> torch.Tensor:
-    """h [T, H] (already normed, or a PendingNorm) -> attention output [T, H] (before the residual add)."""
+    """h [T, H] (already normed) -> attention output [T, H] (before the residual add)."""
     return linear(attention_core(cfg, lw, h, cos, sin, ctx, layer), lw["wo"])
 
 
-def mlp_hidden(lw: dict, h: torch.Tensor | PendingNorm) -> torch.Tensor:
-    """h [T, H] (already normed, or a PendingNorm) -> silu(gate) * up [T, I], the input of w2."""
+def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
+    """h [T, H] (already normed) -> silu(gate) * up [T, I], the input of w2."""
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
         return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size)  # [T, I]
-    config = gemv_config(_unnormed(h), w13)
+    config = gemv_config(h, w13)
     if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue
-        return gemv_triton(h if isinstance(h, PendingNorm) else h.contiguous(), w13, *config, silu_mul=True)  # [1, I]
+        return gemv_triton(h.contiguous(), w13, *config, silu_mul=True)  # [1, I]
     return silu_mul(linear(h, w13))  # [T, 2I] -> [T, I]
 
 
-def mlp_block(lw: dict, h: torch.Tensor | PendingNorm) -> torch.Tensor:
-    """h [T, H] (already normed, or a PendingNorm) -> [T, H]."""
+def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
+    """h [T, H] (already normed) -> [T, H]."""
     return linear(mlp_hidden(lw, h), lw["w2"])
 
 
@@ -174,11 +147,9 @@ def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.T
                   cos, sin, ctx, layer: int, add_norm) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer from its normed input h [T, H]: returns the output normed by `next_norm` (the next layer's
     attention_norm, or the final norm) and the residual stream [T, H]. `add_norm(x, residual, weight, slot)` adds
-    a block's output to the residual stream and norms the sum: (normed, new residual); at one decode token the
-    normed value may be a PendingNorm that the next block's first linear runs (`add_rms_norm`). Under tensor
-    parallelism it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA:
-    kernels/allreduce.py); slot 0 after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers
-    by it)."""
+    a block's output to the residual stream and norms the sum: (normed, new residual). Under tensor parallelism
+    it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA: kernels/allreduce.py);
+    slot 0 after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
     a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H] (this rank's part of the sum)
     h, residual = add_norm(a, residual, lw["ffn_norm"], 0)
     m = mlp_block(lw, h)  # [T, H] (this rank's part of the sum)
@@ -276,14 +247,14 @@ class Model:
         h, residual = rms_norm(x, self.layers[0]["attention_norm"], self.cfg.rms_norm_eps)  # residual: x
         for i, (lw, next_norm) in enumerate(zip(self.layers, self.next_norms)):
             h, residual = decoder_layer(self.cfg, lw, h, residual, next_norm, cos, sin, ctx, i, self.add_norm)
-        return materialized(h)  # the final norm: the lm_head reads a plain tensor
+        return h
 
     def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 slot: int) -> tuple[torch.Tensor | PendingNorm, torch.Tensor]:
+                 slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """decoder_layer's add_norm: x [T, H] (summed over the ranks first) + residual, normed by weight."""
         if self.shard is not None:
             return self.shard.all_reduce_add_norm(x, residual, weight, self.cfg.rms_norm_eps, slot)
-        return add_rms_norm(x, residual, weight, self.cfg.rms_norm_eps)
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, residual)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] -> [B, V] float32. With a split lm_head every rank calls this at the same point (a collective):
