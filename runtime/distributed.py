@@ -13,9 +13,9 @@ Two process groups: `compute` (NCCL on CUDA, gloo on the CPU) carries the model'
 `control` (gloo) the set-up's. Rank 0's step announcements go through shared memory (runtime/shm_channel.py):
 before every forward rank 0 sends one message, an int64 header and its int64 payload (the layouts below; a
 payload too long for a channel slot follows over `control`); the followers rebuild the same inputs and run the
-same forward. The token ids travel inside the forward, as a broadcast from rank 0 on the compute group
-(`Shard.broadcast_ids`), so a CUDA-graph step whose ids are the previous step's argmax on the device
-needs no host round trip, and the followers' graphs capture the same collectives as rank 0's.
+same forward. The token ids travel inside the forward, as a broadcast from rank 0 (`Shard.broadcast_ids`: a
+peer-memory kernel on CUDA, kernels/tp_exchange.py, else the compute group), so a CUDA-graph step whose ids are
+the previous step's argmax on the device needs no host round trip, and the followers' graphs capture the same collectives as rank 0's.
 
     header  int64 [8]: op, then per op
         FORWARD  T tokens, B sequences, W table width, max_position, has cu_seqlens, payload length, S logit rows
@@ -70,6 +70,7 @@ class Shard:
     channel: object  # runtime/shm_channel.py: ChannelWriter on rank 0, ChannelReader on the followers
     store: str  # the rendezvous file (in a private folder rank 0 removes when it leaves)
     one_shot: object | None = None  # kernels/allreduce.py OneShotAllReduce: decode-sized sums on CUDA
+    exchange: object | None = None  # kernels/tp_exchange.py LeaderExchange: decode-sized ids and logits on CUDA
     split_lm_head: bool = True  # LMC_TP_LM_HEAD: each rank computes the logits of its vocab_rows
 
     def vocab_rows(self, vocab: int) -> range:
@@ -82,12 +83,15 @@ class Shard:
 
     def gather_vocab(self, part: torch.Tensor, vocab: int) -> torch.Tensor | None:
         """part [B, len(vocab_rows)] (this rank's logits) -> every rank's, [B, V] float32 in vocabulary order, on
-        rank 0 (None on the others). Every rank calls it at the same point: one all-gather in the compute dtype into
-        a fresh buffer (capturable in a CUDA graph), the short last rank padded to ceil(V / tp) columns; rank 0
-        reorders and widens in one copy."""
+        rank 0 (None on the others). Every rank calls it at the same point. The short last rank is padded to
+        ceil(V / tp) columns; then one peer-memory kernel where it fits (kernels/tp_exchange.py), else one
+        all-gather in the compute dtype into a fresh buffer (capturable in a CUDA graph) and on rank 0 a copy that
+        reorders and widens."""
         b, per = part.shape[0], -(-vocab // self.tp)
         if part.shape[1] < per:
             part = F.pad(part, (0, per - part.shape[1]))  # [B, per]
+        if self.exchange is not None and self.exchange.fits_logits(part):
+            return self.exchange.gather(part, vocab)
         out = torch.empty((self.tp * b, per), dtype=part.dtype, device=part.device)  # [tp * B, per]: rank-major
         all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # torch < 2.13: the old name
         all_gather(out, part.contiguous(), group=self.compute)
@@ -114,23 +118,34 @@ class Shard:
         return rms_norm(x, weight, eps, residual)
 
     def use_one_shot(self, dtype: torch.dtype, device: torch.device) -> None:
-        """Set up the one-shot all-reduce for the model's dtype unless LMC_TP_ALLREDUCE=nccl (every rank calls
-        this at the same point; CUDA only). Where the GPUs cannot share memory every rank stays on NCCL, with
-        one line saying why."""
+        """Set up the one-shot all-reduce and the ids / logits exchange for the model's dtype unless
+        LMC_TP_ALLREDUCE=nccl (every rank calls this at the same point; CUDA only). Where the GPUs cannot share
+        memory every rank stays on NCCL, with one line saying why."""
         if device.type != "cuda" or allreduce_mode() != "one-shot":
             return
         from lmc.kernels.allreduce import OneShotAllReduce
         from lmc.kernels.peer_memory import PeerMemoryError
+        from lmc.kernels.tp_exchange import LeaderExchange
 
         try:
             self.one_shot = OneShotAllReduce(self.control, device, dtype, ONE_SHOT_ELEMENTS)
+            self.exchange = LeaderExchange(self.control, device, dtype)
         except PeerMemoryError as e:
+            self._close_peer_memory()
             if self.leader:
                 print(f"lmc: tensor parallel sums through NCCL only: {e}", file=sys.stderr)
 
+    def _close_peer_memory(self) -> None:
+        for user in (self.one_shot, self.exchange):
+            if user is not None:
+                user.close()
+        self.one_shot = self.exchange = None
+
     def broadcast_ids(self, ids: torch.Tensor) -> None:
-        """Rank 0's token ids into every rank's `ids` (contiguous, same shape everywhere)."""
-        dist.broadcast(ids, src=0, group=self.compute)
+        """Rank 0's token ids into every rank's `ids` (contiguous, same shape everywhere): one peer-memory kernel
+        where they fit (kernels/tp_exchange.py), else a broadcast over the compute group."""
+        if self.exchange is None or not self.exchange.broadcast_ids(ids):
+            dist.broadcast(ids, src=0, group=self.compute)
 
     def agree_min(self, value: int) -> int:
         """The smallest of every rank's value (the KV blocks that fit on every device)."""
@@ -174,10 +189,9 @@ class Shard:
         collectives; a teardown that has not finished after LEAVE_S seconds (a peer gone) is left behind."""
         if decoder is not None:
             decoder.release()
-        if self.one_shot is not None:
+        if self.one_shot is not None or self.exchange is not None:
             torch.cuda.synchronize()
-            self.one_shot.close()
-            self.one_shot = None
+            self._close_peer_memory()
         self.channel.close()
         if not dist.is_initialized():
             return
