@@ -20,7 +20,7 @@ from lmc.errors import LmcError
 
 CHUNK = 16 * 1024**2
 WORKERS = min(8, os.cpu_count() or 2)  # files hashed at once
-DIRECT_BLOCK = 4096  # O_DIRECT reads whole blocks: an unaligned count is a file's last read
+DIRECT_BLOCK = 4096  # O_DIRECT's alignment of offsets, lengths and buffers; a short read is a file's last
 
 
 def hasher(algorithm: str):
@@ -40,18 +40,18 @@ def hasher(algorithm: str):
 def file_digest(path: str | os.PathLike, algorithm: str, direct: bool = False) -> str:
     """Hex digest of a file; `direct`: read with O_DIRECT where the filesystem allows it (_digest_direct)."""
     if direct:
-        digest = _digest_direct(path, algorithm)
-        if digest is not None:
-            return digest
-    sha = hasher(algorithm)
+        hexdigest = _digest_direct(path, algorithm)
+        if hexdigest is not None:
+            return hexdigest
+    digest = hasher(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     with open(path, "rb") as f:
         if hasattr(os, "posix_fadvise"):
             os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)  # aggressive read-ahead
         while n := f.readinto(buf):
-            sha.update(view[:n])
-    return sha.hexdigest()
+            digest.update(view[:n])
+    return digest.hexdigest()
 
 
 def _digest_direct(path: str | os.PathLike, algorithm: str) -> str | None:
@@ -68,7 +68,7 @@ def _digest_direct(path: str | os.PathLike, algorithm: str) -> str | None:
         if e.errno == errno.EINVAL:
             return None
         raise
-    sha = hasher(algorithm)
+    digest = hasher(algorithm)
     free, full = queue.SimpleQueue(), queue.SimpleQueue()
     for _ in range(3):
         free.put(mmap.mmap(-1, CHUNK))  # anonymous maps are page-aligned
@@ -76,7 +76,7 @@ def _digest_direct(path: str | os.PathLike, algorithm: str) -> str | None:
     def hash_full() -> None:
         while (item := full.get()) is not None:
             buf, n = item
-            sha.update(memoryview(buf)[:n])
+            digest.update(memoryview(buf)[:n])
             free.put(buf)
 
     worker = threading.Thread(target=hash_full, daemon=True, name="digest")
@@ -100,7 +100,7 @@ def _digest_direct(path: str | os.PathLike, algorithm: str) -> str | None:
         full.put(None)
         worker.join()
         os.close(fd)
-    return sha.hexdigest()
+    return digest.hexdigest()
 
 
 class BackgroundHashes:

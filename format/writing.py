@@ -27,7 +27,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from lmc.errors import WorkspaceError
-from lmc.format.hashing import CHUNK, hasher
+from lmc.format.hashing import CHUNK, DIRECT_BLOCK, hasher
 from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES
 
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
@@ -74,7 +74,6 @@ def plan_shards(specs: list, max_bytes: int) -> list[list]:
 MAX_IN_FLIGHT = 256 * 1024**2  # bytes handed to a PipelinedWriter and not yet both written and hashed
 
 
-DIRECT_BLOCK = 4096  # O_DIRECT wants file offsets, lengths and buffer addresses aligned to this (or less)
 STAGING = 8 * 1024**2  # bytes per O_DIRECT write; a multiple of DIRECT_BLOCK
 
 
