@@ -21,8 +21,8 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.format.archs import LAYER_KEYS, kv_heads_of_rank, linear_parts, tp_problem
-from lmc.format.workspace import (DTYPE_NAMES, TensorSpec, Workspace, atomic_output, confined, rank_name,
-                                  workspace_tensors, write_workspace)
+from lmc.format.workspace import (DTYPE_NAMES, FORMAT_VERSION, TensorSpec, Workspace, atomic_output, confined,
+                                  rank_name, workspace_tensors, write_workspace)
 
 ROW_PARALLEL = ("wo", "w2")
 
@@ -75,7 +75,7 @@ def resplit_workspace(src: Path, out: Path, tp: int, force: bool, command: str, 
     for rank, _, name, dt, shape in workspace_tensors(ws.config, ws.meta["dtype"], ws.quantization, tp):
         rank_specs[rank].append(TensorSpec(name, DTYPE_NAMES[dt], shape))
     names = {rank_name(n, r, tp, _layer_key(n)[0] is not None): n for r in range(tp) for n in ws.tensor_names()}
-    meta = dict(ws.meta, tp=tp)
+    meta = dict(ws.meta, tp=tp, format_version=FORMAT_VERSION)  # written by this lmc, whatever version src is
     prov = {**ws.manifest["provenance"], "command": command, "resplit_from": {"tp": 1, "path": str(src)}}
     say(f"{src} is a tp=1 workspace: cutting its tensors for tp={tp}")
     with atomic_output(out, force, [src]) as tmp:

@@ -15,7 +15,8 @@ before every forward rank 0 sends one message, an int64 header and its int64 pay
 payload too long for a channel slot follows over `control`); the followers rebuild the same inputs and run the
 same forward. The token ids travel inside the forward, as a broadcast from rank 0 (`Shard.broadcast_ids`: a
 peer-memory kernel on CUDA, kernels/tp_exchange.py, else the compute group), so a CUDA-graph step whose ids are
-the previous step's argmax on the device needs no host round trip, and the followers' graphs capture the same collectives as rank 0's.
+the previous step's argmax on the device needs no host round trip, and the followers' graphs capture the same
+collectives as rank 0's.
 
     header  int64 [8]: op, then per op
         FORWARD  T tokens, B sequences, W table width, max_position, has cu_seqlens, payload length, S logit rows

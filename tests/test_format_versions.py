@@ -60,6 +60,14 @@ def test_version_1_is_read_verified_and_copied_byte_for_byte(workspace, tmp_path
     assert verify_workspace(workspace) == [f"{SHARD}: sha256 mismatch (file altered or corrupt)"]
 
 
+def test_a_version_1_workspace_resplit_is_written_as_version_2(workspace, tmp_path):
+    as_version_1(workspace)
+    convert(workspace, tmp_path / "tp2", tp=2)
+    assert verify_workspace(tmp_path / "tp2") == []
+    for name in ("lmc.json", "manifest.json"):
+        assert json.loads((tmp_path / "tp2" / name).read_bytes())["format_version"] == 2
+
+
 def test_a_version_2_manifest_with_sha256_records_is_refused(workspace):
     manifest = json.loads((workspace / "manifest.json").read_bytes())
     record = manifest["files"][SHARD]
