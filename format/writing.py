@@ -154,9 +154,9 @@ class PipelinedWriter:
     the next write() or by close(). abort() stops both threads without raising."""
 
     def __init__(self, path: Path, digest: str = DIGEST):
-        self.f = DirectFile.open(path) or open(path, "wb")
         self.digest = digest
-        self.hash = hasher(digest)
+        self.hash = hasher(digest)  # a missing package fails before the file is opened
+        self.f = DirectFile.open(path) or open(path, "wb")
         self.size = 0
         self._cond = threading.Condition()
         self._in_flight = 0

@@ -121,10 +121,12 @@ def inspect(workspace, as_json):
     click.echo(f"size          {info['bytes'] / 1e6:.1f} MB in {info['tensors']} tensors")
     prov = info["provenance"]
     click.echo(f"built by      lmc {prov.get('lmc_version')}: {prov.get('command')}")
-    for name, rec in prov.get("source_files", {}).items():
-        digest = next((k for k in rec if k != "size"), "digest")
-        click.echo(f"source        {name} {digest} {str(rec.get(digest))[:16]}…")
-    if "calibration" in prov:
+    sources = prov.get("source_files")  # informational: the reader checks only that provenance is an object
+    for name, rec in sources.items() if isinstance(sources, dict) else ():
+        if isinstance(rec, dict):  # sha256 in version 1 and in a workspace re-split from one, else blake3
+            digest = next((k for k in rec if k != "size"), "digest")
+            click.echo(f"source        {name} {digest} {str(rec.get(digest))[:16]}…")
+    if isinstance(prov.get("calibration"), dict):
         c = prov["calibration"]
         click.echo(f"calibration   {c.get('dataset')} ({c.get('source')}), {c.get('samples')} x {c.get('seqlen')}, "
                    f"seed {c.get('seed')}, windows sha256 {str(c.get('windows_sha256'))[:16]}…")

@@ -200,6 +200,18 @@ def test_symlink_inside_the_workspace_is_fine(workspace):
     assert Workspace(workspace).get("norm.weight").shape == (72,)
 
 
+def test_inspect_shows_a_workspace_whose_provenance_records_are_odd(workspace):
+    """The provenance is informational (a reader checks only that it is an object): `lmc inspect` prints what it can
+    of odd records instead of a traceback."""
+    _edit_json(workspace / "manifest.json", lambda m: m["provenance"].update(
+        source_files={"a": 5, "b": {"size": 1, "sha256": "ab" * 32}}, calibration="x"))
+    r = _cli("inspect", workspace)
+    assert r.returncode == 0, r.stderr
+    assert "source        b sha256 abababab" in r.stdout and "Traceback" not in r.stderr
+    _edit_json(workspace / "manifest.json", lambda m: m["provenance"].update(source_files=[1]))
+    assert _cli("inspect", workspace).returncode == 0
+
+
 def test_verify_refuses_a_huge_safetensors_header_without_reading_it(workspace):
     """A shard whose checksums fit the manifest but whose header claims over 100 MB (safetensors' own limit) is
     refused from its 8-byte length, not read into memory and parsed."""
