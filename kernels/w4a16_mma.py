@@ -209,6 +209,13 @@ def _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chu
 
 
 @_jit
+def _prefetch_l2(ptrs):
+    """prefetch.global.L2 of every address (GPU only; a hint: no register, no wait)."""
+    tl.inline_asm_elementwise(asm="prefetch.global.L2 [$1]; mov.u32 $0, 0;", constraints="=r,l",
+                              args=[ptrs.to(tl.int64, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
+
+
+@_jit
 def _pair_half(word, hi):
     """float16 half hi (0 or 1, per element) of int32 words, as float32."""
     bits = tl.where(hi == 1, (word >> 16) & 0xFFFF, word & 0xFFFF)
@@ -218,7 +225,7 @@ def _pair_half(word, hi):
 @_jit
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
-                      ASM: tl.constexpr, PDL: tl.constexpr):
+                      STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): blocks pid * WARPS + w (one per warp) over the split-th run of groups. Per group one
     _mma_group call per lane; the next group's words and sz are in flight meanwhile (two buffers, the loop
     unrolled twice so that no register holding a load in flight is copied); x (an L1 hit after the first warp)
@@ -248,6 +255,20 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     sz_base = (b * n_groups * 8 + g) * 2 + e % 2  # [L]: (zz, ss, zz, ss)
 
     acc = tl.zeros((L,), dtype=tl.float32)
+    if STAGES > 1:  # Triton's software pipeliner: every load of a group through shared memory (cp.async), STAGES deep
+        if PDL:  # the first groups' words into L2 while the previous kernel finishes (the pipeline loads after the wait)
+            for p in tl.static_range(STAGES - 1):
+                _prefetch_l2(qf_ptr + word_base + (tl.minimum(g_first + p, g_last) * CHUNKS) * 128)
+                _prefetch_l2(qf_ptr + word_base + (tl.minimum(g_first + p, g_last) * CHUNKS + CHUNKS - 1) * 128)
+        pdl_wait(PDL)
+        for grp in tl.range(g_first, g_last + 1, num_stages=STAGES):
+            w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128)
+            w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128)
+            sz = tl.load(sz_ptr + sz_base + grp * 16)
+            acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, grp, g_last, b, g, e, out_row, x_base,
+                              stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+        _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU)
+        return
     grp_a = tl.minimum(g_first, g_last)
     grp_b = tl.minimum(g_first + 1, g_last)
     wa0 = tl.load(qf_ptr + word_base + (grp_a * CHUNKS) * 128)
@@ -270,11 +291,19 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
         wb0 = tl.load(qf_ptr + word_base + (grp_b * CHUNKS) * 128)
         wb1 = tl.load(qf_ptr + word_base + (grp_b * CHUNKS + CHUNKS - 1) * 128)
         sb = tl.load(sz_ptr + sz_base + grp_b * 16)
+    _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU)
+
+
+@_jit
+def _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
+                SPLIT_K: tl.constexpr, SILU: tl.constexpr):
+    """Writes out (SPLIT_K == 1), or this split's fragments to ws and, in the last split to arrive, their sum in
+    split order (lmc.kernels.split_counters)."""
+    L: tl.constexpr = 128 * WARPS
     if SPLIT_K == 1:
         _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS, SILU)
     else:
-        ws = ws_ptr + (split * tl.num_programs(0) + pid) * L + idx
-        tl.store(ws, acc)
+        tl.store(ws_ptr + (split * tl.num_programs(0) + pid) * L + idx, acc)
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
@@ -331,7 +360,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: t
 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
-                     split_k: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
+                     split_k: int = 1, stages: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     One warp per 16-column block, `warps` blocks a program; split_k splits the groups of K over that many
@@ -358,6 +387,6 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     ws = torch.empty((split_k, grid[0], 128 * warps), dtype=torch.float32, device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, ASM=asm,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, STAGES=stages, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out
