@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _rel, _sets, copy_bandwidth, \
     environment, time_calls  # noqa: E402
 
-GRID = tuple((w, s, st) for w in (4, 8) for s in (1, 2, 4, 8, 16) for st in (1, 3, 5))  # (warps, split_k, stages)
-SMOKE_GRID = ((1, 1, 1), (2, 3, 3))
+GRID = tuple((w, s, bu) for w in (4, 8) for s in (1, 2, 4, 8, 16) for bu in (2, 4))  # (warps, split_k, buffers)
+SMOKE_GRID = ((1, 1, 2), (2, 3, 4))
 SMOKE_SHAPES = ((256, 96), (384, 64))
 
 
@@ -58,17 +58,17 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         us = time_calls(lambda i: gemv(xs[i], *sets[i]), len(sets), dev)
         row["gemv"] = {"us": us, "rel_err": err, "bytes_per_s": w_bytes / (us * 1e-6)}
         row["mma"] = []
-        for warps, split, stages in grid:
-            fn = (lambda i, w=warps, sp=split, st=stages: MM.w4a16_mma_triton(
-                xs[i], *frags[i], GROUP, warps=w, split_k=sp, stages=st, silu_mul=silu))
+        for warps, split, buffers in grid:
+            fn = (lambda i, w=warps, sp=split, bu=buffers: MM.w4a16_mma_triton(
+                xs[i], *frags[i], GROUP, warps=w, split_k=sp, buffers=bu, silu_mul=silu))
             try:
                 err = _rel(fn(0).float(), ref)
                 us = time_calls(fn, len(sets), dev)
             except Exception as e:  # noqa: BLE001 -- a configuration the compiler rejects is reported, not fatal
-                row["mma"].append({"warps": warps, "split_k": split, "stages": stages,
+                row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers,
                                    "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            row["mma"].append({"warps": warps, "split_k": split, "stages": stages, "us": us, "rel_err": err,
+            row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "us": us, "rel_err": err,
                                "bytes_per_s": w_bytes / (us * 1e-6)})
         ok = [r for r in row["mma"] if "us" in r and r["rel_err"] < 1e-2]
         row["best_mma"] = min(ok, key=lambda r: r["us"]) if ok else None
@@ -76,7 +76,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         print(f"M={m} K={k} N={n}{' silu' if silu else ''}: gemv {row['gemv']['us']:.2f} us "
               f"({row['gemv']['bytes_per_s'] / 1e12:.2f} TB/s, err {row['gemv']['rel_err']:.1e}); mma "
               + (f"{b['us']:.2f} us ({b['bytes_per_s'] / 1e12:.2f} TB/s, err {b['rel_err']:.1e}) warps {b['warps']} "
-                 f"split {b['split_k']} stages {b['stages']}" if b else "no correct result"), flush=True)
+                 f"split {b['split_k']} buffers {b['buffers']}" if b else "no correct result"), flush=True)
         rows.append(row)
     return rows
 

@@ -209,13 +209,6 @@ def _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chu
 
 
 @_jit
-def _prefetch_l2(ptrs):
-    """prefetch.global.L2 of every address (GPU only; a hint: no register, no wait)."""
-    tl.inline_asm_elementwise(asm="prefetch.global.L2 [$1]; mov.u32 $0, 0;", constraints="=r,l",
-                              args=[ptrs.to(tl.int64, bitcast=True)], dtype=tl.int32, is_pure=False, pack=1)
-
-
-@_jit
 def _pair_half(word, hi):
     """float16 half hi (0 or 1, per element) of int32 words, as float32."""
     bits = tl.where(hi == 1, (word >> 16) & 0xFFFF, word & 0xFFFF)
@@ -225,7 +218,7 @@ def _pair_half(word, hi):
 @_jit
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
-                      STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                      BUFFERS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): blocks pid * WARPS + w (one per warp) over the split-th run of groups. Per group one
     _mma_group call per lane; the next group's words and sz are in flight meanwhile (two buffers, the loop
     unrolled twice so that no register holding a load in flight is copied); x (an L1 hit after the first warp)
@@ -255,42 +248,32 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     sz_base = (b * n_groups * 8 + g) * 2 + e % 2  # [L]: (zz, ss, zz, ss)
 
     acc = tl.zeros((L,), dtype=tl.float32)
-    if STAGES > 1:  # Triton's software pipeliner: every load of a group through shared memory (cp.async), STAGES deep
-        if PDL:  # the first groups' words into L2 while the previous kernel finishes (the pipeline loads after the wait)
-            for p in tl.static_range(STAGES - 1):
-                _prefetch_l2(qf_ptr + word_base + (tl.minimum(g_first + p, g_last) * CHUNKS) * 128)
-                _prefetch_l2(qf_ptr + word_base + (tl.minimum(g_first + p, g_last) * CHUNKS + CHUNKS - 1) * 128)
-        pdl_wait(PDL)
-        for grp in tl.range(g_first, g_last + 1, num_stages=STAGES):
-            w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128)
-            w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128)
-            sz = tl.load(sz_ptr + sz_base + grp * 16)
-            acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, grp, g_last, b, g, e, out_row, x_base,
-                              stride_xm, n_chunks, n_groups, CHUNKS, ASM)
-        _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU)
-        return
-    grp_a = tl.minimum(g_first, g_last)
-    grp_b = tl.minimum(g_first + 1, g_last)
-    wa0 = tl.load(qf_ptr + word_base + (grp_a * CHUNKS) * 128)
-    wa1 = tl.load(qf_ptr + word_base + (grp_a * CHUNKS + CHUNKS - 1) * 128)
-    sa = tl.load(sz_ptr + sz_base + grp_a * 16)
-    wb0 = tl.load(qf_ptr + word_base + (grp_b * CHUNKS) * 128)
-    wb1 = tl.load(qf_ptr + word_base + (grp_b * CHUNKS + CHUNKS - 1) * 128)
-    sb = tl.load(sz_ptr + sz_base + grp_b * 16)
+    # BUFFERS groups' words in flight: loaded before the PDL wait (weights only), then each loop step multiplies
+    # them in order, reloading every buffer with the group BUFFERS ahead right after it is used (ptxas tends to sink
+    # those loads to the end of the step: then all BUFFERS groups are in flight during the wait that follows)
+    wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first, g_last), CHUNKS)
+    wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 1, g_last), CHUNKS)
+    wc0, wc1, sc = wa0, wa1, sa
+    wd0, wd1, sd = wa0, wa1, sa
+    if BUFFERS == 4:
+        wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 2, g_last), CHUNKS)
+        wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 3, g_last), CHUNKS)
     pdl_wait(PDL)
-    for grp in range(g_first, g_last + 1, 2):
-        acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wa0, wa1, sa, grp, g_last, b, g, e, out_row, x_base,
+    for grp in range(g_first, g_last + 1, BUFFERS):
+        acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wa0, wa1, sa, x_base, grp, g_last, b, g, e, out_row,
                           stride_xm, n_chunks, n_groups, CHUNKS, ASM)
-        grp_a = tl.minimum(grp + 2, g_last)
-        wa0 = tl.load(qf_ptr + word_base + (grp_a * CHUNKS) * 128)
-        wa1 = tl.load(qf_ptr + word_base + (grp_a * CHUNKS + CHUNKS - 1) * 128)
-        sa = tl.load(sz_ptr + sz_base + grp_a * 16)
-        acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wb0, wb1, sb, grp + 1, g_last, b, g, e, out_row,
-                          x_base, stride_xm, n_chunks, n_groups, CHUNKS, ASM)
-        grp_b = tl.minimum(grp + 3, g_last)
-        wb0 = tl.load(qf_ptr + word_base + (grp_b * CHUNKS) * 128)
-        wb1 = tl.load(qf_ptr + word_base + (grp_b * CHUNKS + CHUNKS - 1) * 128)
-        sb = tl.load(sz_ptr + sz_base + grp_b * 16)
+        wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS, g_last), CHUNKS)
+        acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wb0, wb1, sb, x_base, grp + 1, g_last, b, g, e, out_row,
+                          stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+        wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS + 1, g_last),
+                                   CHUNKS)
+        if BUFFERS == 4:
+            acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wc0, wc1, sc, x_base, grp + 2, g_last, b, g, e,
+                              out_row, stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+            wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 6, g_last), CHUNKS)
+            acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wd0, wd1, sd, x_base, grp + 3, g_last, b, g, e,
+                              out_row, stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+            wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 7, g_last), CHUNKS)
     _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU)
 
 
@@ -315,19 +298,31 @@ def _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, i
 
 
 @_jit
-def _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, grp, g_last, b, g, e, out_row, x_base, stride_xm,
+def _load_words(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr):
+    """Group grp's words (a 16-byte load per lane and chunk; streamed once, so marked evict-first to leave L1 to x)
+    and its (zz, ss, zz, ss)."""
+    w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128, eviction_policy="evict_first")
+    w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128, eviction_policy="evict_first")
+    sz = tl.load(sz_ptr + sz_base + grp * 16)
+    return w0, w1, sz
+
+
+@_jit
+def _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, x_base, grp, g_last, b, g, e, out_row, stride_xm,
                 n_chunks, n_groups, CHUNKS: tl.constexpr, ASM: tl.constexpr):
     """acc plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
-    x_base: the lane's x pairs (B fragment column g); out_row: the x row of each accumulator element."""
+    x_base: the lane's x pairs (B fragment column g; loaded here, an L1 hit after the first warp: holding them in
+    flight would take twice the registers of the words); out_row: the x row of each accumulator element."""
     valid = grp <= g_last
     grp = tl.minimum(grp, g_last)
     if ASM:
         sz = tl.where(valid | (e % 2 == 0), sz, 0)  # a zero scale (ss) for the overhang
         c0 = grp * CHUNKS
-        xa0 = tl.load(x32 + x_base + c0 * 32)
-        xb0 = tl.load(x32 + x_base + c0 * 32 + 4)
-        xa1 = tl.load(x32 + x_base + (c0 + CHUNKS - 1) * 32)
-        xb1 = tl.load(x32 + x_base + (c0 + CHUNKS - 1) * 32 + 4)
+        c1 = c0 + CHUNKS - 1
+        xa0 = tl.load(x32 + x_base + c0 * 32)  # pairs 8t .. 8t + 3 of chunk c0
+        xb0 = tl.load(x32 + x_base + c0 * 32 + 4)  # pairs 8t + 4 .. 8t + 7
+        xa1 = tl.load(x32 + x_base + c1 * 32)
+        xb1 = tl.load(x32 + x_base + c1 * 32 + 4)
         return _mma_group(acc, w0, xa0, xb0, w1, xa1, xb1, sz, CHUNKS)
     part = _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chunks, n_groups, CHUNKS)
     return acc + tl.where(valid, part, 0.0)
@@ -360,7 +355,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: t
 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
-                     split_k: int = 1, stages: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
+                     split_k: int = 1, buffers: int = 2, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 8) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     One warp per 16-column block, `warps` blocks a program; split_k splits the groups of K over that many
@@ -387,6 +382,6 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     ws = torch.empty((split_k, grid[0], 128 * warps), dtype=torch.float32, device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, STAGES=stages, ASM=asm,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out
