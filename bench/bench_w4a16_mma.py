@@ -1,13 +1,16 @@
 """The tensor-core W4A16 path for 1-8 rows (kernels/w4a16_mma.py) against lmc's tuned CUDA-core GEMV, per 8B
 linear shape (tp 1 and one rank's share at tp 2; the gate/up weight with its SiLU epilogue as the runtime calls it).
 
-    python bench/bench_w4a16_mma.py [--ms 1,4,8] [--out bench/results/w4a16_mma.json]
+    python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
     TRITON_INTERPRET=1 python bench/bench_w4a16_mma.py --smoke     # CPU: every path runs, nothing is timed well
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
 GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k), medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
-µs and the weight bytes per second against a device-to-device copy.
+µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
+this GPU's tuning table (kernels/w4a16_tuning.json) for every (M, K, N) where the best mma configuration beat the
+table's own choice, with that choice as its fallback (lmc.kernels.w4a16_tuning); the runtime builds the mma layout
+only on a GPU whose table has such entries.
 """
 
 import argparse
@@ -20,6 +23,7 @@ import torch
 
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
+from lmc.kernels import w4a16_tuning as T
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _rel, _sets, copy_bandwidth, \
@@ -81,12 +85,27 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
     return rows
 
 
+def table_entries(rows: list) -> list:
+    """Tuning-table entries: the best mma configuration of each row where it beat the table's choice."""
+    out = []
+    for r in rows:
+        b = r["best_mma"]
+        if b and b["us"] < r["gemv"]["us"]:
+            path, config = r["table"]
+            out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma",
+                        "config": {"warps": b["warps"], "split_k": b["split_k"], "buffers": b["buffers"]},
+                        "us": round(b["us"], 2), "fallback": {"path": path, "config": config}})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", type=_ints, default=(1, 4, 8))
     ap.add_argument("--shapes", choices=("8b", "tp2", "both"), default="both")
     ap.add_argument("--out", default="bench/results/w4a16_mma.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU with TRITON_INTERPRET=1")
+    ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
+    ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     if dev == "cpu" and not args.smoke:
@@ -104,6 +123,13 @@ def main() -> int:
         report["rows"] += bench_shape(k, n, silu, args.ms, SMOKE_GRID if args.smoke else GRID, dev)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
+    if args.write_table:
+        entries = table_entries(report["rows"])
+        source = f"{report['command']} ({report['env']['time'][:10]}): mma for {len(entries)} (M, K, N)"
+        T.write_tables(T.merge(T.read_tables(args.table), report["env"]["device"], entries, source), args.table)
+        report["table_entries"] = entries
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"merged {len(entries)} mma entries for {report['env']['device']!r} into {args.table}")
     print(f"wrote {args.out} ({time.time() - t0:.0f} s)")
     return 0
 

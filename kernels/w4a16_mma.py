@@ -73,23 +73,23 @@ def mma_eligible(k: int, n: int, group_size: int, silu: bool = False) -> bool:
 def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(qfrag, sz) of the module docstring from lmc-int4-k8 qweight [K/8, N] int32, scales and zeros [K/G, N]
-    (float16). Runs where the tensors are (the GPU at load time); transient memory ~2 bytes per weight."""
+    (float16). Runs where the tensors are (the GPU at load time); transient memory ~2.5 bytes per weight."""
     kp, n = qweight.shape
     k = kp * 8
     if not mma_eligible(k, n, group_size, silu):
         raise LmcError(f"the mma layout needs G in (64, 128), K % G == 0 and N % 16 == 0, got K={k} N={n} G={group_size}")
     shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
-    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).reshape(k, n)  # [K, N] int32, row k
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).to(torch.uint8).reshape(k, n)  # [K, N], row k
     cols = block_columns(n, silu).to(qweight.device)  # [NB, 16]
     nb, chunks = n // 16, k // CHUNK
-    w = codes[:, cols.reshape(-1)].reshape(k, nb, 2, 8)  # [K, NB, h, g]: row g + 8h of block b
-    w = w.reshape(chunks, 4, 4, 4, nb, 2, 8)  # [c, t, j, s, b, h, g]
-    w = w.permute(4, 0, 6, 1, 2, 5, 3)  # [b, c, g, t, j, h, s]
-    h = torch.arange(2, device=qweight.device, dtype=torch.int32)[:, None]
-    s = torch.arange(4, device=qweight.device, dtype=torch.int32)[None, :]
-    nibble = h + 2 * (s // 2) + 4 * (s % 2)  # [h, s]
-    qfrag = (w << (4 * nibble)).sum(dim=(-2, -1), dtype=torch.int64)  # [b, c, g, t, j]: < 2**32
-    qfrag = torch.where(qfrag >= 2 ** 31, qfrag - 2 ** 32, qfrag).to(torch.int32).reshape(nb, chunks, LANE_WORDS)
+    w = codes[:, cols.reshape(-1)].reshape(chunks, 4, 4, 4, nb, 2, 8)  # [c, t, j, s, b, h, g]: row g + 8h of block b
+    del codes
+    qfrag = torch.zeros((nb, chunks, 8, 4, 4), dtype=torch.int32, device=qweight.device)  # [b, c, g, t, j]
+    for h in range(2):
+        for s in range(4):
+            plane = w[:, :, :, s, :, h, :].permute(3, 0, 4, 1, 2).to(torch.int32)  # [b, c, g, t, j]
+            qfrag |= plane << (4 * (h + 2 * (s // 2) + 4 * (s % 2)))  # nibble 7 wraps into the sign bit
+    qfrag = qfrag.reshape(nb, chunks, LANE_WORDS)
 
     def halves(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # float16 [..] x2 -> int32 (lo | hi << 16)
         lo = lo.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
@@ -101,7 +101,7 @@ def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     zz = halves(1024.0 + z[:, :, 0], -(64.0 + z[:, :, 1]))  # [groups, NB, g]
     ss = halves(sc[:, :, 0], sc[:, :, 1])
     sz = torch.stack((zz, ss), dim=-1).permute(1, 0, 2, 3).contiguous()  # [NB, groups, 8, 2]
-    return qfrag.contiguous(), sz
+    return qfrag, sz
 
 
 def mma_reference(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int,

@@ -167,3 +167,58 @@ def test_mma_path_on_cuda(m, n, k, group, silu, warps, split_k, buffers):
     again = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers,
                                 silu_mul=silu)
     assert torch.equal(got, again)  # deterministic: split partials summed in split order
+
+
+def test_tuning_mma_entries_fall_back_without_the_layout(monkeypatch):
+    from lmc.kernels import w4a16_tuning as T
+
+    gemv = {"m": 1, "k": 4096, "n": 4096, "path": "gemv", "config": {"block_n": 64}}
+    mma = {"m": 1, "k": 4096, "n": 28672, "path": "mma", "config": {"warps": 8, "split_k": 2, "buffers": 2},
+           "fallback": {"path": "gemv", "config": {"block_n": 32}}}
+    entries = [gemv, mma]
+    assert T.select(entries, 1, 28672, 4096, mma=True) == ("mma", {"warps": 8, "split_k": 2, "buffers": 2})
+    assert T.select(entries, 1, 28672, 4096) == ("gemv", {"block_n": 32})  # no mma layout: the fallback
+    assert T.select(entries, 1, 4096, 4096, mma=True) == ("gemv", {"block_n": 64})  # mma lost on this shape
+    tables = {"format": T.FORMAT, "default": "A", "devices": {"A": {"source": "", "entries": [gemv]},
+                                                              "B": {"source": "", "entries": entries}}}
+    monkeypatch.setattr(T, "_tables", lambda: tables)
+    assert T.has_mma("B") and not T.has_mma("A") and not T.has_mma("unknown GPU") and not T.has_mma(None)
+
+
+def test_shipped_h200_table_has_mma_entries_with_fallbacks():
+    from lmc.kernels import w4a16_tuning as T
+
+    entries = T.read_tables()["devices"]["NVIDIA H200"]["entries"]
+    mma = [e for e in entries if e["path"] == "mma"]
+    assert mma and all(e["m"] <= MM.MAX_ROWS and e["fallback"]["path"] in ("gemv", "gemm") for e in mma)
+
+
+def test_loader_builds_the_layout_only_where_it_runs(monkeypatch):
+    from lmc.runtime import model
+
+    monkeypatch.setattr(model, "has_mma", lambda name: True)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(model, "device_name", lambda device: "NVIDIA H200")
+    assert model.mma_wanted(cuda, torch.float16, 4096, 28672, 128, silu=True)
+    assert not model.mma_wanted(torch.device("cpu"), torch.float16, 4096, 28672, 128, silu=True)
+    assert not model.mma_wanted(cuda, torch.bfloat16, 4096, 4096, 128, silu=False)  # the PTX takes float16 x
+    assert not model.mma_wanted(cuda, torch.float16, 4096, 4096, 32, silu=False)  # groups of 32
+    monkeypatch.setenv("LMC_INT4_MMA", "0")
+    assert not model.mma_wanted(cuda, torch.float16, 4096, 4096, 128, silu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+def test_dispatch_with_the_mma_layout_on_cuda(m):
+    """w4a16_matmul / w4a16_silu_matmul with the layout: this GPU's table picks mma or its fallback."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    k, n, group = 4096, 28672, 128
+    q, s, z = _quantized(n, k, group, seed=m, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    plain = MM.mma_layout(q, s, z, group)
+    silu = MM.mma_layout(q, s, z, group, silu=True)
+    for got, want in ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
+                      (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
+        err = (got.float() - want).abs().max().item() / want.abs().max().item()
+        assert err < 2e-3, err
