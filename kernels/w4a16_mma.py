@@ -1,4 +1,4 @@
-"""W4A16 for 1-8 rows of x on the tensor cores: int4 words re-laid at load time so that each lane's loaded word
+"""W4A16 for 1-16 rows of x on the tensor cores: int4 words re-laid at load time so that each lane's loaded word
 dequantizes straight into its mma.sync fragment (the Marlin idea: no shared-memory round trip, no layout change).
 
 Why: the CUDA-core GEMV (kernels/w4a16.py) spends ~24 instructions per packed word (dequant, packed-float16
@@ -24,7 +24,7 @@ r >= 8, so that silu(gate) * up is one lane's business). K goes in chunks of 64;
         (s_g, s_{g+8}), where z_r, s_r are the zero and scale of column col(b, r) in that group.
 
 The B fragment's column is the lane's g, so x row min(g, M - 1) rides in column g: up to 8 rows of x at the price
-of one. The accumulator lane l = 4g + t holds out[m, col(b, g + 8 (e // 2))] for m = 2t + e % 2, e = 0..3.
+of one; past 8 rows each dequantized A fragment meets a second B fragment (rows 8 + g, TILES = 2). The accumulator lane l = 4g + t holds out[m, col(b, g + 8 (e // 2))] for m = 2t + e % 2, e = 0..3.
 Off the GPU (TRITON_INTERPRET) the kernel takes an index-arithmetic path (`ASM=False`) that gathers the same codes
 from the same layout and sums in float32, so the layout, the split-K and the epilogues are checked on a CPU; the
 fragment path itself is checked by the GPU tests.
@@ -46,7 +46,7 @@ except ImportError:  # CPU-only install: nothing here is called (mma_eligible sa
 
 CHUNK = 64  # K per word column of a lane (4 words x 16)
 LANE_WORDS = 128  # words per (block, chunk): 32 lanes x 4
-MAX_ROWS = 8  # rows of x per call (the B fragment's 8 columns)
+MAX_ROWS = 16  # rows of x per call: the B fragment's 8 columns, twice (TILES = 2) past 8 rows
 
 
 def _jit(fn):
@@ -133,53 +133,78 @@ def mma_reference(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _group_ptx(chunks: int) -> str:
-    """PTX of `_mma_group`: $0..$3 the new accumulators, $4..$7 the old, then per chunk the 4 words and the
-    x pairs (4 for words 0-1, 4 for words 2-3), then the 4 sz elements (zz, ss, zz, ss)."""
-    words = [8 + 12 * c for c in range(chunks)]
-    sz = 8 + 12 * chunks
-    lines = [".reg .b32 w, lo, hi, a0, a1, a2, a3, zl, zh, s16;", ".reg .f32 d0, d1, d2, d3, zero, fs0, fs1;",
-             ".reg .b16 sl, sh;",
+def _group_ptx(chunks: int, tiles: int) -> str:
+    """PTX of `_mma_group`: $0 .. $(4T - 1) the new accumulators (tile-major, T = tiles), then the old ones, then
+    per chunk its 4 words and per tile the 8 x pairs of that tile's row (4 for words 0-1, 4 for words 2-3), then
+    the 4 sz elements (zz, ss, zz, ss). Each word is dequantized once and multiplied by every tile's B fragment."""
+    per_chunk = 4 + 8 * tiles
+    words = [8 * tiles + per_chunk * c for c in range(chunks)]
+    sz = 8 * tiles + per_chunk * chunks
+    d = [[f"d{u}_{i}" for i in range(4)] for u in range(tiles)]
+    lines = [".reg .b32 w, lo, hi, a0, a1, a2, a3, zl, zh, s16;", ".reg .f32 zero, fs0, fs1;",
+             ".reg .f32 " + ", ".join(r for regs in d for r in regs) + ";", ".reg .b16 sl, sh;",
              f"prmt.b32 zl, ${sz}, ${sz}, 0x1010;", f"prmt.b32 zh, ${sz}, ${sz}, 0x3232;",
              "mov.b32 s16, 0x2C002C00;", "mov.f32 zero, 0f00000000;"]
     first = True
     for c in range(chunks):
         for j in range(4):
             word = f"${words[c] + j}"
-            xq = words[c] + 4 + 2 * j  # the pairs (s = 0, 1) and (s = 2, 3) of word j
             for i, src in ((0, word), (1, "w")):
                 if i == 1:
                     lines.append(f"shr.u32 w, {word}, 8;")
                 lines += [f"lop3.b32 lo, {src}, 0x000f000f, 0x64006400, 0xea;",
                           f"lop3.b32 hi, {src}, 0x00f000f0, 0x64006400, 0xea;",
                           f"sub.f16x2 a{2 * i}, lo, zl;", f"fma.rn.f16x2 a{2 * i + 1}, hi, s16, zh;"]
-            acc = "{zero, zero, zero, zero}" if first else "{d0, d1, d2, d3}"
-            lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{d0, d1, d2, d3}}, "
-                         f"{{a0, a1, a2, a3}}, {{${xq}, ${xq + 1}}}, {acc};")
+            for u in range(tiles):
+                xq = words[c] + 4 + 8 * u + 2 * j  # the pairs (s = 0, 1) and (s = 2, 3) of word j, tile u
+                acc = "{zero, zero, zero, zero}" if first else "{" + ", ".join(d[u]) + "}"
+                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{', '.join(d[u])}}}, "
+                             f"{{a0, a1, a2, a3}}, {{${xq}, ${xq + 1}}}, {acc};")
             first = False
-    lines += [f"mov.b32 {{sl, sh}}, ${sz + 1};", "cvt.f32.f16 fs0, sl;", "cvt.f32.f16 fs1, sh;",
-              "fma.rn.f32 $0, d0, fs0, $4;", "fma.rn.f32 $1, d1, fs0, $5;",
-              "fma.rn.f32 $2, d2, fs1, $6;", "fma.rn.f32 $3, d3, fs1, $7;"]
+    lines += [f"mov.b32 {{sl, sh}}, ${sz + 1};", "cvt.f32.f16 fs0, sl;", "cvt.f32.f16 fs1, sh;"]
+    for u in range(tiles):
+        for i in range(4):
+            out = 4 * u + i
+            lines.append(f"fma.rn.f32 ${out}, {d[u][i]}, {'fs0' if i < 2 else 'fs1'}, ${4 * tiles + out};")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-_GROUP_PTX_1 = tl.constexpr(_group_ptx(1)) if tl is not None else None
-_GROUP_PTX_2 = tl.constexpr(_group_ptx(2)) if tl is not None else None
-_GROUP_IO_1 = tl.constexpr("=f,=f,=f,=f,f,f,f,f," + ",".join(["r"] * 16)) if tl is not None else None
-_GROUP_IO_2 = tl.constexpr("=f,=f,=f,=f,f,f,f,f," + ",".join(["r"] * 28)) if tl is not None else None
+def _group_io(chunks: int, tiles: int) -> str:
+    return ",".join(["=f"] * 4 * tiles + ["f"] * 4 * tiles + ["r"] * ((4 + 8 * tiles) * chunks + 4))
+
+
+_GROUP_PTX = {(c, u): tl.constexpr(_group_ptx(c, u)) for c in (1, 2) for u in (1, 2)} if tl is not None else {}
+_GROUP_IO = {(c, u): tl.constexpr(_group_io(c, u)) for c in (1, 2) for u in (1, 2)} if tl is not None else {}
+_PTX_1_1, _PTX_1_2, _PTX_2_1, _PTX_2_2 = (_GROUP_PTX.get(k) for k in ((1, 1), (1, 2), (2, 1), (2, 2)))
+_IO_1_1, _IO_1_2, _IO_2_1, _IO_2_2 = (_GROUP_IO.get(k) for k in ((1, 1), (1, 2), (2, 1), (2, 2)))
 
 
 @_jit
-def _mma_group(acc, w0, xa0, xb0, w1, xa1, xb1, sz, CHUNKS: tl.constexpr):
-    """acc + scale * (codes - zero) @ x over one group, per accumulator element (GPU only; pack=4: each call is
-    one lane's 4 accumulators, 4 words per chunk, 8 x pairs per chunk and its (zz, ss))."""
+def _mma_group(acc0, acc1, w0, x0, w1, x1, sz, CHUNKS: tl.constexpr, TILES: tl.constexpr):
+    """(acc0, acc1) + scale * (codes - zero) @ x over one group, per accumulator element (GPU only; pack=4: each
+    call is one lane's 4 accumulators per tile, 4 words per chunk, per chunk and tile 8 x pairs (x0, x1: tuples
+    (xa, xb, ya, yb), tile 1's ya, yb unused with TILES == 1) and its (zz, ss)). acc1 comes back as is with
+    TILES == 1."""
     if CHUNKS == 2:
-        return tl.inline_asm_elementwise(
-            asm=_GROUP_PTX_2, constraints=_GROUP_IO_2,
-            args=[acc, w0, xa0, xb0, w1, xa1, xb1, sz], dtype=tl.float32, is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(
-        asm=_GROUP_PTX_1, constraints=_GROUP_IO_1,
-        args=[acc, w0, xa0, xb0, sz], dtype=tl.float32, is_pure=True, pack=4)
+        if TILES == 2:
+            acc0, acc1 = tl.inline_asm_elementwise(
+                asm=_PTX_2_2, constraints=_IO_2_2, args=[acc0, acc1, w0, x0[0], x0[1], x0[2], x0[3], w1, x1[0],
+                                                         x1[1], x1[2], x1[3], sz],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            acc0 = tl.inline_asm_elementwise(
+                asm=_PTX_2_1, constraints=_IO_2_1, args=[acc0, w0, x0[0], x0[1], w1, x1[0], x1[1], sz],
+                dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        if TILES == 2:
+            acc0, acc1 = tl.inline_asm_elementwise(
+                asm=_PTX_1_2, constraints=_IO_1_2, args=[acc0, acc1, w0, x0[0], x0[1], x0[2], x0[3], sz],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            acc0 = tl.inline_asm_elementwise(
+                asm=_PTX_1_1, constraints=_IO_1_1, args=[acc0, w0, x0[0], x0[1], sz], dtype=tl.float32,
+                is_pure=True, pack=4)
+    return acc0, acc1
 
 
 @_jit
@@ -218,7 +243,7 @@ def _pair_half(word, hi):
 @_jit
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
-                      BUFFERS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                      BUFFERS: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): blocks pid * WARPS + w (one per warp) over the split-th run of groups. Per group one
     _mma_group call per lane; the next group's words and sz are in flight meanwhile (two buffers, the loop
     unrolled twice so that no register holding a load in flight is copied); x (an L1 hit after the first warp)
@@ -240,14 +265,17 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     run = tl.cdiv(n_groups, SPLIT_K)
     g_first = split * run
     g_last = tl.minimum(n_groups, g_first + run) - 1
-    x_row = tl.minimum(g, M - 1)  # [L]: B fragment column g carries x row g
-    out_row = tl.minimum(2 * t + e % 2, M - 1)  # [L]: accumulator element e of lane (g, t) is column 2t + e % 2
+    # B fragment column g of tile u carries x row 8u + g; accumulator element e of lane (g, t) is column 2t + e % 2
+    out_row0 = tl.minimum(2 * t + e % 2, M - 1)  # [L]
+    out_row1 = tl.minimum(8 + 2 * t + e % 2, M - 1)
     x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
     word_base = b * n_chunks * 128 + idx % 128  # [L]
-    x_base = x_row * (stride_xm // 2) + 8 * t + e  # [L] int32 pairs: lane's 16 bytes of x per chunk (xa; xb +4)
+    x_base0 = tl.minimum(g, M - 1) * (stride_xm // 2) + 8 * t + e  # [L] int32 pairs: lane's 16 bytes of x per chunk
+    x_base1 = tl.minimum(8 + g, M - 1) * (stride_xm // 2) + 8 * t + e  # (xa; xb at +4)
     sz_base = (b * n_groups * 8 + g) * 2 + e % 2  # [L]: (zz, ss, zz, ss)
 
-    acc = tl.zeros((L,), dtype=tl.float32)
+    acc0 = tl.zeros((L,), dtype=tl.float32)
+    acc1 = tl.zeros((L,), dtype=tl.float32)  # rows 8-15 (TILES == 2)
     # BUFFERS groups' words in flight: loaded before the PDL wait (weights only), then each loop step multiplies
     # them in order, reloading every buffer with the group BUFFERS ahead right after it is used (ptxas tends to sink
     # those loads to the end of the step: then all BUFFERS groups are in flight during the wait that follows)
@@ -260,40 +288,56 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
         wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 3, g_last), CHUNKS)
     pdl_wait(PDL)
     for grp in range(g_first, g_last + 1, BUFFERS):
-        acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wa0, wa1, sa, x_base, grp, g_last, b, g, e, out_row,
-                          stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+        acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wa0, wa1, sa, x_base0, x_base1,
+                                  grp, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
         wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS, g_last), CHUNKS)
-        acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wb0, wb1, sb, x_base, grp + 1, g_last, b, g, e, out_row,
-                          stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+        acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wb0, wb1, sb, x_base0, x_base1,
+                                  grp + 1, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
         wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS + 1, g_last),
                                    CHUNKS)
         if BUFFERS == 4:
-            acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wc0, wc1, sc, x_base, grp + 2, g_last, b, g, e,
-                              out_row, stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+            acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wc0, wc1, sc, x_base0, x_base1,
+                                  grp + 2, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
             wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 6, g_last), CHUNKS)
-            acc = _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, wd0, wd1, sd, x_base, grp + 3, g_last, b, g, e,
-                              out_row, stride_xm, n_chunks, n_groups, CHUNKS, ASM)
+            acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wd0, wd1, sd, x_base0, x_base1,
+                                  grp + 3, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
             wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 7, g_last), CHUNKS)
-    _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU)
+    _mma_finish(acc0, acc1, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU,
+                TILES)
 
 
 @_jit
-def _mma_finish(acc, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
-                SPLIT_K: tl.constexpr, SILU: tl.constexpr):
-    """Writes out (SPLIT_K == 1), or this split's fragments to ws and, in the last split to arrive, their sum in
-    split order (lmc.kernels.split_counters)."""
+def _mma_finish(acc0, acc1, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
+                SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr):
+    """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, tile, L] and, in the last split
+    to arrive, their sum in split order (lmc.kernels.split_counters)."""
     L: tl.constexpr = 128 * WARPS
     if SPLIT_K == 1:
-        _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS, SILU)
+        _mma_store(acc0, out_ptr, M, stride_om, NB, pid, 0, WARPS, SILU)
+        if TILES == 2:
+            _mma_store(acc1, out_ptr, M, stride_om, NB, pid, 8, WARPS, SILU)
     else:
-        tl.store(ws_ptr + (split * tl.num_programs(0) + pid) * L + idx, acc)
+        mine = ws_ptr + ((split * tl.num_programs(0) + pid) * TILES) * L + idx
+        tl.store(mine, acc0)
+        if TILES == 2:
+            tl.store(mine + L, acc1)
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = tl.zeros((L,), dtype=tl.float32)
+            total0 = tl.zeros((L,), dtype=tl.float32)
+            total1 = tl.zeros((L,), dtype=tl.float32)
             for s in tl.static_range(SPLIT_K):
-                total += tl.load(ws_ptr + (s * tl.num_programs(0) + pid) * L + idx, cache_modifier=".cg")
-            _mma_store(total, out_ptr, M, stride_om, NB, pid, WARPS, SILU)
+                theirs = ws_ptr + ((s * tl.num_programs(0) + pid) * TILES) * L + idx
+                total0 += tl.load(theirs, cache_modifier=".cg")
+                if TILES == 2:
+                    total1 += tl.load(theirs + L, cache_modifier=".cg")
+            _mma_store(total0, out_ptr, M, stride_om, NB, pid, 0, WARPS, SILU)
+            if TILES == 2:
+                _mma_store(total1, out_ptr, M, stride_om, NB, pid, 8, WARPS, SILU)
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
@@ -308,29 +352,46 @@ def _load_words(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr):
 
 
 @_jit
-def _group_step(acc, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, x_base, grp, g_last, b, g, e, out_row, stride_xm,
-                n_chunks, n_groups, CHUNKS: tl.constexpr, ASM: tl.constexpr):
-    """acc plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
-    x_base: the lane's x pairs (B fragment column g; loaded here, an L1 hit after the first warp: holding them in
-    flight would take twice the registers of the words); out_row: the x row of each accumulator element."""
+def _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, x_base0, x_base1, grp, g_last, b, g, e,
+                out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr,
+                ASM: tl.constexpr):
+    """(acc0, acc1) plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
+    x_base0/1: the lane's x pairs of tile 0/1 (B fragment column g; loaded here, an L1 hit after the first warp:
+    holding them in flight would take more registers than the words); out_row0/1: the x row of each accumulator
+    element of tile 0/1."""
     valid = grp <= g_last
     grp = tl.minimum(grp, g_last)
     if ASM:
         sz = tl.where(valid | (e % 2 == 0), sz, 0)  # a zero scale (ss) for the overhang
         c0 = grp * CHUNKS
         c1 = c0 + CHUNKS - 1
-        xa0 = tl.load(x32 + x_base + c0 * 32)  # pairs 8t .. 8t + 3 of chunk c0
-        xb0 = tl.load(x32 + x_base + c0 * 32 + 4)  # pairs 8t + 4 .. 8t + 7
-        xa1 = tl.load(x32 + x_base + c1 * 32)
-        xb1 = tl.load(x32 + x_base + c1 * 32 + 4)
-        return _mma_group(acc, w0, xa0, xb0, w1, xa1, xb1, sz, CHUNKS)
-    part = _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chunks, n_groups, CHUNKS)
-    return acc + tl.where(valid, part, 0.0)
+        x0 = _load_x(x32, x_base0, x_base1, c0, TILES)
+        x1 = _load_x(x32, x_base0, x_base1, c1, TILES)
+        return _mma_group(acc0, acc1, w0, x0, w1, x1, sz, CHUNKS, TILES)
+    acc0 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row0, stride_xm, n_chunks,
+                                          n_groups, CHUNKS), 0.0)
+    if TILES == 2:
+        acc1 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row1, stride_xm, n_chunks,
+                                              n_groups, CHUNKS), 0.0)
+    return acc0, acc1
 
 
 @_jit
-def _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: tl.constexpr):
-    """Accumulator element e of lane (g, t) of warp w is out[m = 2t + e % 2, col(b, g + 8 (e // 2))], b the
+def _load_x(x32, x_base0, x_base1, c, TILES: tl.constexpr):
+    """The lane's x pairs of chunk c: (xa, xb) of tile 0 (pairs 8t .. 8t + 3 and 8t + 4 .. 8t + 7), then tile 1's
+    (tile 0's again with TILES == 1, unused)."""
+    xa = tl.load(x32 + x_base0 + c * 32)
+    xb = tl.load(x32 + x_base0 + c * 32 + 4)
+    ya, yb = xa, xb
+    if TILES == 2:
+        ya = tl.load(x32 + x_base1 + c * 32)
+        yb = tl.load(x32 + x_base1 + c * 32 + 4)
+    return xa, xb, ya, yb
+
+
+@_jit
+def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, WARPS: tl.constexpr, SILU: tl.constexpr):
+    """Accumulator element e of lane (g, t) of warp w is out[m = ROW0 + 2t + e % 2, col(b, g + 8 (e // 2))], b the
     warp's block. SILU: elements 0, 1 are gate columns 8b + g, elements 2, 3 the matching up columns (same lane):
     out[m, 8b + g] = silu(gate) * up, both rounded to out's dtype first (what the unfused silu_mul reads)."""
     dtype = out_ptr.dtype.element_ty
@@ -341,7 +402,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: t
         i = tl.arange(0, 2)[None, :]  # [1, 2]: e % 2
         lane = q % 32
         b = pid * WARPS + q // 32
-        m = 2 * (lane % 4) + i  # [lanes, 2]
+        m = ROW0 + 2 * (lane % 4) + i  # [lanes, 2]
         tl.store(out_ptr + m * stride_om + 8 * b + lane // 4, (gate * tl.sigmoid(gate) * up).to(dtype),
                  mask=(b < NB) & (m < M))
     else:
@@ -349,7 +410,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: t
         e = idx % 4
         lane = (idx // 4) % 32
         b = pid * WARPS + idx // 128
-        m = 2 * (lane % 4) + e % 2
+        m = ROW0 + 2 * (lane % 4) + e % 2
         tl.store(out_ptr + m * stride_om + 16 * b + lane // 4 + 8 * (e // 2), acc.to(dtype),
                  mask=(b < NB) & (m < M))
 
@@ -357,7 +418,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: t
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
                      split_k: int = 1, buffers: int = 2, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
-    """x [M, K] (M <= 8) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
+    """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     One warp per 16-column block, `warps` blocks a program; split_k splits the groups of K over that many
     programs per block set (the last to finish sums in split order). asm: the mma.sync path (float16 x on CUDA);
     None = on where it can run."""
@@ -378,10 +439,12 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
         raise LmcError("the mma.sync path needs float16 x on CUDA")
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte rows of pairs
         x = x.contiguous().clone()
+    tiles = 1 if m <= 8 else 2
     grid = (triton.cdiv(nb, warps), split_k)
-    ws = torch.empty((split_k, grid[0], 128 * warps), dtype=torch.float32, device=x.device) if split_k > 1 else out
+    ws = torch.empty((split_k, grid[0], tiles, 128 * warps), dtype=torch.float32, device=x.device) \
+        if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, ASM=asm,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out

@@ -57,17 +57,18 @@ def simulate_ptx(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group: 
     words = qfrag.reshape(nb, chunks, 8, 4, 4)  # [b, c, g, t, j]
     x32 = x.half().contiguous().view(torch.int32)  # [M, K/2] pairs
     zz, ss = _f16_pair(sz[..., 0]), _f16_pair(sz[..., 1])  # [b, groups, g, 2]
-    out = torch.zeros(nb, 16, 8)  # [b, A row, C column]
+    tiles = 1 if m <= 8 else 2  # B fragments per A fragment: x rows 8u + g in tile u
+    out = torch.zeros(nb, 16, 8 * tiles)  # [b, A row, C column of tile u at 8u + column]
     sixteenth = torch.tensor(1 / 16, dtype=torch.float16)
     per_group = group // MM.CHUNK
     for grp in range(chunks // per_group):
-        d = torch.zeros(nb, 16, 8)
+        d = torch.zeros(nb, 16, 8 * tiles)
         zl = zz[:, grp, :, 0]  # [b, g]
         zh = zz[:, grp, :, 1]
         for c in range(grp * per_group, (grp + 1) * per_group):
             for j in range(4):
                 a = torch.zeros(nb, 16, 16, dtype=torch.float16)
-                bm = torch.zeros(16, 8, dtype=torch.float16)
+                bm = torch.zeros(16, 8 * tiles, dtype=torch.float16)
                 for g in range(8):
                     for t in range(4):
                         w = words[:, c, g, t, j]  # [b]
@@ -81,12 +82,12 @@ def simulate_ptx(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group: 
                         a[:, g + 8, 2 * t:2 * t + 2] = regs[1]
                         a[:, g, 2 * t + 8:2 * t + 10] = regs[2]
                         a[:, g + 8, 2 * t + 8:2 * t + 10] = regs[3]
-                        row = min(g, m - 1)
-                        pairs = x32[row, 32 * c + 8 * t:32 * c + 8 * t + 8]  # xa ++ xb
-                        b0, b1 = _f16_pair(pairs[2 * j]), _f16_pair(pairs[2 * j + 1])
-                        bm[2 * t:2 * t + 2, g] = b0
-                        bm[2 * t + 8:2 * t + 10, g] = b1
-                d += a.float() @ bm.float()
+                        for u in range(tiles):
+                            row = min(8 * u + g, m - 1)
+                            pairs = x32[row, 32 * c + 8 * t:32 * c + 8 * t + 8]  # xa ++ xb
+                            bm[2 * t:2 * t + 2, 8 * u + g] = _f16_pair(pairs[2 * j])
+                            bm[2 * t + 8:2 * t + 10, 8 * u + g] = _f16_pair(pairs[2 * j + 1])
+                d += a.float() @ bm.float()  # one mma per tile: the same A, its own B
         scale = torch.cat((ss[:, grp, :, 0], ss[:, grp, :, 1]), dim=1).float()  # [b, 16]: rows g, then g + 8
         out += d * scale[:, :, None]
     cols = MM.block_columns(nb * 16, silu)  # [b, 16]
@@ -113,7 +114,7 @@ def test_layout_decodes_to_the_stored_weight(m, n, k, group, silu):
 
 
 @pytest.mark.parametrize("m,n,k,group,silu", [(1, 32, 128, 128, False), (3, 32, 128, 64, True),
-                                              (8, 16, 192, 64, False)])
+                                              (8, 16, 192, 64, False), (13, 32, 128, 64, True)])
 def test_ptx_fragments_simulated(m, n, k, group, silu):
     q, s, z = _quantized(n, k, group, seed=7 * n + k)
     x = torch.randn(m, k).half()
@@ -125,7 +126,8 @@ def test_ptx_fragments_simulated(m, n, k, group, silu):
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers", [
     (1, 48, 256, 128, False, 1, 1, 2), (1, 80, 384, 128, False, 4, 3, 4), (3, 32, 192, 64, True, 2, 2, 2),
     (8, 96, 384, 128, True, 4, 1, 4), (5, 112, 320, 64, False, 2, 4, 2), (2, 64, 640, 128, True, 1, 5, 4),
-    (1, 64, 640, 128, True, 2, 2, 2)])
+    (1, 64, 640, 128, True, 2, 2, 2), (9, 48, 256, 128, False, 2, 2, 2), (16, 64, 384, 64, True, 1, 3, 4),
+    (13, 80, 640, 128, False, 4, 1, 2)])
 def test_kernel_interpreter(m, n, k, group, silu, warps, split_k, buffers):
     """The kernel's index path (blocks past N masked, split-K with the last split summing, both epilogues)."""
     q, s, z = _quantized(n, k, group, seed=n * k)
@@ -144,8 +146,8 @@ def test_eligibility_and_errors():
     with pytest.raises(LmcError, match="mma layout"):
         MM.mma_layout(q, s, z, 128, silu=True)
     qfrag, sz = MM.mma_layout(q, s, z, 128)
-    with pytest.raises(LmcError, match="M <= 8"):
-        MM.w4a16_mma_triton(torch.zeros(9, 256).half(), qfrag, sz, 128)
+    with pytest.raises(LmcError, match="M <= 16"):
+        MM.w4a16_mma_triton(torch.zeros(17, 256).half(), qfrag, sz, 128)
     with pytest.raises(LmcError, match="needs float16 x on CUDA"):
         MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, asm=True)
 
@@ -153,7 +155,8 @@ def test_eligibility_and_errors():
 @pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers", [
     (1, 4096, 4096, 128, False, 4, 4, 2), (1, 28672, 4096, 128, True, 4, 1, 4), (1, 4096, 14336, 128, False, 4, 8, 4),
-    (3, 96, 384, 64, True, 2, 2, 2), (8, 6144, 4096, 128, False, 4, 2, 4), (5, 112, 320, 64, False, 1, 3, 2)])
+    (3, 96, 384, 64, True, 2, 2, 2), (8, 6144, 4096, 128, False, 4, 2, 4), (5, 112, 320, 64, False, 1, 3, 2),
+    (16, 28672, 4096, 128, True, 4, 4, 2), (11, 4096, 14336, 128, False, 8, 16, 2), (9, 96, 384, 64, True, 1, 3, 4)])
 def test_mma_path_on_cuda(m, n, k, group, silu, warps, split_k, buffers):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
@@ -208,7 +211,7 @@ def test_loader_builds_the_layout_only_where_it_runs(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 16])
 def test_dispatch_with_the_mma_layout_on_cuda(m):
     """w4a16_matmul / w4a16_silu_matmul with the layout: this GPU's table picks mma or its fallback."""
     if not torch.cuda.is_available():
