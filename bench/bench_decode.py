@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -591,16 +592,17 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
     fp16 = {"source": "transformers LlamaForCausalLM init (std 0.02, random norms) on the GPU, written by lmc's "
                       "converter from the state dict", "weights": "random fp16", "build_s": made_s + fp16_s,
             **weight_bytes(fp16_ws), "runs": []}
-    if not args.no_hf:
+    if not args.no_hf and "fp16" not in args.skip_parts:
         fp16["transformers_cache"] = hf_setup(model)
         fp16["runs"] += bench_hf(model, dev, args, vocab)
     del model
     free(dev)
-    print(" lmc fp16", flush=True)
-    fp16["runs"] += bench_lmc(fp16_ws, dev, args, vocab)
-    store("llama3-8b-shape fp16", fp16)  # saved before the peer's compiles, in case the run is cut short
-    if add_peer(fp16, fp16_ws, dev, args, vocab):
-        store("llama3-8b-shape fp16", fp16)
+    if "fp16" not in args.skip_parts:
+        print(" lmc fp16", flush=True)
+        fp16["runs"] += bench_lmc(fp16_ws, dev, args, vocab)
+        store("llama3-8b-shape fp16", fp16)  # saved before the peer's compiles, in case the run is cut short
+        if add_peer(fp16, fp16_ws, dev, args, vocab):
+            store("llama3-8b-shape fp16", fp16)
     int4 = {"source": "the fp16 model's weights quantized by lmc's quantizer (quantize_source, --calib-samples 0: "
                       f"RTN, asymmetric, g{GROUP}) on the GPU, packed lmc-int4-k8; lm_head fp16",
             "weights": "int4 g128 + fp16 lm_head",
@@ -608,6 +610,17 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
     print(" lmc int4", flush=True)
     int4["runs"] += bench_lmc(int4_ws, dev, args, vocab)
     store("llama3-8b-shape int4-g128", int4)
+    if "mma-ab" in args.skip_parts or os.environ.get("LMC_INT4_MMA") == "0":
+        pass
+    else:  # the same int4 workspace without the mma layout (LMC_INT4_MMA=0: the CUDA-core GEMV path for 1-8 rows)
+        print(" lmc int4, LMC_INT4_MMA=0", flush=True)
+        os.environ["LMC_INT4_MMA"] = "0"
+        try:
+            rows = bench_lmc(int4_ws, dev, args, vocab)
+        finally:
+            del os.environ["LMC_INT4_MMA"]
+        int4["runs"] += [{**r, "engine": r["engine"] + " LMC_INT4_MMA=0"} for r in rows]
+        store("llama3-8b-shape int4-g128", int4)
     if add_peer(int4, int4_ws, dev, args, vocab):
         store("llama3-8b-shape int4-g128", int4)
 
@@ -742,11 +755,13 @@ def main() -> int:
     parser.add_argument("--no-hf", action="store_true", help="skip transformers")
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2, llama8b, e2e, peer "
                                                     "(the torch.compile peer of the 8B-shaped models), peer-fp16, "
-                                                    "peer-int4")
+                                                    "peer-int4, fp16 (the 8B fp16 runs), mma-ab (the int4 re-run "
+                                                    "with LMC_INT4_MMA=0)")
     parser.add_argument("--modes", default="graph,eager", help="comma-separated lmc modes to time: graph, eager")
+    parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,16; smoke 1,2)")
     args = parser.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    args.batches = (1, 2) if args.smoke else (1, 16)
+    args.batches = tuple(int(b) for b in args.batches.split(",")) if args.batches else (1, 2) if args.smoke else (1, 16)
     args.prompt_tokens, args.new_tokens = (8, 6) if args.smoke else (128, 256)
     args.session_len = 128 if args.smoke else 512
     args.repeats, args.step_iters = (1, 3) if args.smoke else (3, 50)

@@ -40,6 +40,7 @@ from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
+from lmc.kernels.w4a16_mma import w4a16_mma_triton
 from lmc.kernels.w4a16_tuning import config_for
 
 try:
@@ -747,39 +748,54 @@ def _device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
 
-def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None) -> tuple[str, dict]:
-    """The path ("gemv", "gemm" or "dequant") and launcher keywords that w4a16_matmul uses for an [M, K] x [K, N]
-    product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the default)."""
-    name = _device_name(device.index if device.index is not None else torch.cuda.current_device()) \
-        if device is not None and device.type == "cuda" else None
-    return config_for(name, m, n, k)
+def device_name(device: torch.device | None) -> str | None:
+    """The GPU model the tuning tables are keyed by (None off CUDA)."""
+    if device is None or device.type != "cuda":
+        return None
+    return _device_name(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None, mma: bool = False) -> tuple[str, dict]:
+    """The path ("gemv", "gemm", "dequant" or "mma") and launcher keywords that w4a16_matmul uses for an [M, K] x
+    [K, N] product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the
+    default); mma: the weight has the mma layout (kernels/w4a16_mma.py), which "mma" entries need."""
+    return config_for(device_name(device), m, n, k, mma)
 
 
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int) -> torch.Tensor:
+                      group_size: int, mma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """An MLP's gate/up product and activation: x [..., K] -> silu(gate) * up [..., N/2] in x.dtype, where W is the
-    fused gate/up weight (gate in columns [0, N/2), the w13 layout). On the GEMV path (decode) one kernel does
-    both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul."""
+    fused gate/up weight (gate in columns [0, N/2), the w13 layout). On the GEMV and mma paths (decode) one kernel
+    does both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul. mma: the weight's
+    (qfrag, sz) in the gate/up mma layout (`mma_layout(..., silu=True)`), or None."""
     k = x.shape[-1]
     m, n = x.numel() // max(k, 1), qweight.shape[1]
-    path, kw = w4a16_config(m, n, k, x.device)
-    if triton is None or not x.is_cuda or path != "gemv":
+    path, kw = w4a16_config(m, n, k, x.device, mma is not None)
+    if triton is None or not x.is_cuda or path not in ("gemv", "mma"):
         return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
-    out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True, **kw)
+    if path == "mma":
+        out = w4a16_mma_triton(x.reshape(m, k).contiguous(), *mma, group_size, silu_mul=True, **kw)
+    else:
+        out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True,
+                                **kw)
     return out.reshape(*x.shape[:-1], n // 2)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                 group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+                 group_size: int, out: torch.Tensor | None = None,
+                 mma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """x [..., K] -> [..., N] in x.dtype: Triton on CUDA, the torch reference elsewhere.
 
-    out, if given, is a [M, N] tensor (M = rows of x) that the Triton paths write into (CUDA graphs)."""
+    out, if given, is a [M, N] tensor (M = rows of x) that the Triton paths write into (CUDA graphs).
+    mma: the weight's (qfrag, sz) in the plain mma layout (kernels/w4a16_mma.py), or None."""
     if triton is None or not x.is_cuda:
         ref = w4a16_matmul_ref(x, qweight, scales, zeros, group_size)
         return ref if out is None else out.copy_(ref.reshape(out.shape))
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = x2.shape[0], qweight.shape[1]
-    path, kw = w4a16_config(m, n, k, x.device)
+    path, kw = w4a16_config(m, n, k, x.device, mma is not None)
+    if path == "mma":
+        return w4a16_mma_triton(x2, *mma, group_size, out=out, **kw).reshape(*x.shape[:-1], n)
     launch = {"gemv": w4a16_gemv_triton, "gemm": w4a16_gemm_triton, "dequant": w4a16_dequant_matmul_triton}[path]
     return launch(x2, qweight, scales, zeros, group_size, out=out, **kw).reshape(*x.shape[:-1], n)

@@ -9,7 +9,8 @@ The tables live in `w4a16_tuning.json` next to this module:
                                                                  "us": 16.5}, ...]}}}
 
 An entry is the configuration measured best for M rows at one (K, N) shape ("us": its time there, for the
-record). A product [M, K] x [K, N] takes its M class, the smallest entry M >= M (the largest if none), and
+record). An entry of path "mma" (kernels/w4a16_mma.py, 1-8 rows from the load-time mma layout) carries a
+"fallback": {"path", "config"}, what the same product takes where a weight has no mma layout. A product [M, K] x [K, N] takes its M class, the smallest entry M >= M (the largest if none), and
 within it the entry whose (K, N) is nearest on a log scale. A GPU without a table gets the "default"
 device's table and a one-line hint, once, to run the sweep that writes its own
 (`python bench/bench_w4a16.py --sweep --write-table`). The choice is made once per (device, M, N, K) and
@@ -26,7 +27,7 @@ from pathlib import Path
 
 TABLE_PATH = Path(__file__).with_name("w4a16_tuning.json")
 FORMAT = "lmc-w4a16-tuning-1"
-PATHS = ("gemv", "gemm", "dequant")
+PATHS = ("gemv", "gemm", "dequant", "mma")
 TUNE_HINT = "python bench/bench_w4a16.py --sweep --write-table"
 
 
@@ -42,8 +43,9 @@ def _tables() -> dict:
     return read_tables()
 
 
-def select(entries: list[dict], m: int, n: int, k: int) -> tuple[str, dict]:
-    """The entry for an [M, K] x [K, N] product: M class first, then the nearest (K, N) (log scale)."""
+def select(entries: list[dict], m: int, n: int, k: int, mma: bool = False) -> tuple[str, dict]:
+    """The entry for an [M, K] x [K, N] product: M class first, then the nearest (K, N) (log scale); an "mma"
+    entry gives its fallback unless `mma` (the weight has the mma layout)."""
     classes = sorted({e["m"] for e in entries})
     m_class = next((c for c in classes if c >= m), classes[-1])
 
@@ -51,7 +53,16 @@ def select(entries: list[dict], m: int, n: int, k: int) -> tuple[str, dict]:
         return abs(math.log(e["n"] / max(n, 1))) + abs(math.log(e["k"] / max(k, 1)))
 
     best = min((e for e in entries if e["m"] == m_class), key=distance)
+    if best["path"] == "mma" and not mma:
+        best = best["fallback"]
     return best["path"], dict(best["config"])
+
+
+def has_mma(device_name: str | None) -> bool:
+    """Whether this GPU's own table has mma entries (the loader builds the mma layout only then: an untuned GPU
+    keeps one copy of each weight)."""
+    devices = _tables()["devices"]
+    return device_name in devices and any(e["path"] == "mma" for e in devices[device_name]["entries"])
 
 
 @functools.cache
@@ -61,18 +72,19 @@ def _hint(device_name: str, default: str) -> None:
 
 
 @functools.cache
-def _config(device_name: str | None, m: int, n: int, k: int) -> tuple[str, tuple]:
+def _config(device_name: str | None, m: int, n: int, k: int, mma: bool) -> tuple[str, tuple]:
     tables = _tables()
     device = device_name if device_name in tables["devices"] else tables["default"]
     if device_name is not None and device != device_name:
         _hint(device_name, device)
-    path, kw = select(tables["devices"][device]["entries"], m, n, k)
+    path, kw = select(tables["devices"][device]["entries"], m, n, k, mma)
     return path, tuple(kw.items())
 
 
-def config_for(device_name: str | None, m: int, n: int, k: int) -> tuple[str, dict]:
-    """(path, launcher keywords) for `device_name` (None: the default table, no hint)."""
-    path, items = _config(device_name, m, n, k)
+def config_for(device_name: str | None, m: int, n: int, k: int, mma: bool = False) -> tuple[str, dict]:
+    """(path, launcher keywords) for `device_name` (None: the default table, no hint); mma: the weight has the
+    mma layout (else an "mma" entry's fallback)."""
+    path, items = _config(device_name, m, n, k, mma)
     return path, dict(items)
 
 

@@ -6,6 +6,8 @@ weights so that AWQ calibration runs exactly this code with modified weights.
 """
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +19,9 @@ from lmc.kernels.kv_quant import QuantizedKV
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
-from lmc.kernels.w4a16 import w4a16_matmul, w4a16_silu_matmul
+from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul
+from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
+from lmc.kernels.w4a16_tuning import has_mma
 from lmc.errors import LmcError
 from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape, rank_config
 from lmc.format.int4 import dequantize_lmc
@@ -35,6 +39,8 @@ class Int4Weight:
     scales: torch.Tensor  # [ceil(K/G), N]
     zeros: torch.Tensor  # [ceil(K/G), N]
     group_size: int
+    mma: tuple[torch.Tensor, torch.Tensor] | None = None  # (qfrag, sz): kernels/w4a16_mma.py's copy for 1-8 rows
+    mma_silu: bool = False  # mma is the gate/up layout (mlp_hidden's), not a plain one
 
     @property
     def out_features(self) -> int:
@@ -45,7 +51,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight. One token with a float weight
     takes lmc's GEMV where this GPU's table has the shape (kernels/gemv.py), cuBLAS otherwise."""
     if isinstance(w, Int4Weight):
-        y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size)
+        y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size, mma=None if w.mma_silu else w.mma)
         return y + bias if bias is not None else y
     config = gemv_config(x, w)
     if config is not None:
@@ -131,7 +137,8 @@ def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
     """h [T, H] (already normed) -> silu(gate) * up [T, I], the input of w2."""
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
-        return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size)  # [T, I]
+        mma = w13.mma if w13.mma_silu else None
+        return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size, mma)  # [T, I]
     config = gemv_config(h, w13)
     if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue
         return gemv_triton(h.contiguous(), w13, *config, silu_mul=True)  # [1, I]
@@ -167,15 +174,28 @@ def load_tensor(ws: Workspace, name: str, device, dtype, rows: range | None = No
     return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
 
 
-def load_linear(ws: Workspace, base: str, device, dtype, in_features: int, dense: bool = False):
+def mma_wanted(device: torch.device, dtype: torch.dtype, k: int, n: int, group: int, silu: bool) -> bool:
+    """Whether an int4 linear also gets the mma layout (kernels/w4a16_mma.py: the tensor-core path for 1-8 rows,
+    one more copy of its words): float16 on a GPU whose tuning table has mma entries, a shape the layout takes,
+    and not LMC_INT4_MMA=0."""
+    return (device.type == "cuda" and dtype == torch.float16 and os.environ.get("LMC_INT4_MMA", "1") != "0"
+            and mma_eligible(k, n, group, silu) and has_mma(device_name(device)))
+
+
+def load_linear(ws: Workspace, base: str, device, dtype, in_features: int, dense: bool = False,
+                silu: bool = False):
     """A float [N, K] weight, or an Int4Weight; `dense`: int4 dequantized once here (the CPU path, where a
-    dequantize per call would dominate the step)."""
+    dequantize per call would dominate the step); silu: the MLP's fused gate/up weight (its mma layout pairs gate
+    and up columns)."""
     if ws.has(base + ".weight"):
         return load_tensor(ws, base + ".weight", device, dtype)
     qweight, scales, zeros = (load_tensor(ws, base + leaf, device, dtype) for leaf in INT4_LEAVES)
     group = ws.quantization["group_size"]
     if dense:
         return dequantize_lmc(qweight, scales, zeros, group, in_features).t().to(dtype).contiguous()  # [N, K]
+    device = torch.device(device)
+    if mma_wanted(device, dtype, qweight.shape[0] * 8, qweight.shape[1], group, silu):
+        return Int4Weight(qweight, scales, zeros, group, mma_layout(qweight, scales, zeros, group, silu), silu)
     return Int4Weight(qweight, scales, zeros, group)
 
 
@@ -184,7 +204,7 @@ def load_layer(ws: Workspace, i: int, device, dtype, dense: bool = False) -> dic
     for key, suffix in LAYER_NAMES.items():
         name = f"layers.{i}.{suffix}"
         if key in LINEAR_KEYS:
-            lw[key] = load_linear(ws, name, device, dtype, linear_shape(ws.config, key)[1], dense)
+            lw[key] = load_linear(ws, name, device, dtype, linear_shape(ws.config, key)[1], dense, key == "w13")
         elif ws.has(name):
             lw[key] = load_tensor(ws, name, device, dtype)
     return lw

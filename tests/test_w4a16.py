@@ -304,7 +304,7 @@ def test_tuning_merge_and_write_round_trip(tmp_path):
 
     tables = T.read_tables()
     new = [{"m": 16, "k": 4096, "n": 6144, "path": "gemv", "config": {"block_n": 16, "rows": 4}, "us": 3.5},
-           {"m": 8, "k": 4096, "n": 6144, "path": "gemm", "config": {"block_m": 16}, "us": 3.0}]
+           {"m": 3, "k": 4096, "n": 6144, "path": "gemm", "config": {"block_m": 16}, "us": 3.0}]
     merged = T.merge(tables, "NVIDIA H200", new, "test sweep")
     path = tmp_path / "t.json"
     T.write_tables(merged, path)
@@ -313,7 +313,7 @@ def test_tuning_merge_and_write_round_trip(tmp_path):
     h200 = back["devices"]["NVIDIA H200"]
     assert len(h200["entries"]) == len(tables["devices"]["NVIDIA H200"]["entries"]) + 1
     assert T.select(h200["entries"], 16, 6144, 4096) == ("gemv", {"block_n": 16, "rows": 4})
-    assert T.select(h200["entries"], 5, 6144, 4096) == ("gemm", {"block_m": 16})  # the new M class 8
+    assert T.select(h200["entries"], 3, 6144, 4096) == ("gemm", {"block_m": 16})  # the new M class 3
     assert T.select(h200["entries"], 1, 6144, 4096) == T.select(tables["devices"]["NVIDIA H200"]["entries"], 1,
                                                                 6144, 4096)
     assert h200["source"].endswith("; test sweep")

@@ -1,0 +1,450 @@
+"""W4A16 for 1-16 rows of x on the tensor cores: int4 words re-laid at load time so that each lane's loaded word
+dequantizes straight into its mma.sync fragment (the Marlin idea: no shared-memory round trip, no layout change).
+
+Why: the CUDA-core GEMV (kernels/w4a16.py) spends ~24 instructions per packed word (dequant, packed-float16
+products, float32 sums, scale) and tops out at 60-65 % of the copy bandwidth on an H200. Here a word costs
+4 LOP3 + 1 SHF + 4 HSUB2/HFMA2 (the codes minus the zero, exact) + one HMMA.16816 for 32 lanes' words, and the
+group scale is one float32 FMA per output per group.
+
+The "mma fragment" layout (runtime only, made by `mma_layout` from the stored lmc-int4-k8 tensors; not a
+workspace format). Output columns go in blocks of 16 (`block_columns`: plain 16b + r, or for a fused gate/up
+weight the 8 gate columns 8b + r of block b in rows r < 8 and the matching up columns N/2 + 8b + r - 8 in rows
+r >= 8, so that silu(gate) * up is one lane's business). K goes in chunks of 64; inside a chunk
+
+    k = 64c + 16t + 4j + s      t = 0..3 (the lane's place in its quad), j = 0..3 (the word), s = 0..3
+
+  qfrag int32 [N/16, K/64, 128]: element (b, c, 4l + j), lane l = 4g + t (g = 0..7), packs the 8 codes
+        W[col(b, g + 8h), 64c + 16t + 4j + s]   (h = 0, 1; s = 0..3)   in nibble h + 2 (s // 2) + 4 (s % 2)
+  so that LOP3 (word >> 8i) & 0x000F000F | 0x64006400 gives float16 1024 + code for (h = 0, s = 2i, 2i + 1) and
+  the mask 0x00F000F0 gives 1024 + 16 code for h = 1: the four registers of the m16n8k16 A fragment of lane l
+  (rows g, g + 8; mma columns 2t, 2t + 1, 2t + 8, 2t + 9 standing for s = 0, 1, 2, 3), and the B fragment of
+  lane l is x[row, 64c + 16t + 4j + s] -- for word j the two pairs (s = 0, 1), (s = 2, 3): 16 bytes of x per
+  lane and two words.
+  sz int32 [N/16, K/G, 8, 2]: (b, group, g, 0) = float16 bits of (1024 + z_g, -(64 + z_{g+8})), (.., 1) =
+        (s_g, s_{g+8}), where z_r, s_r are the zero and scale of column col(b, r) in that group.
+
+The B fragment's column is the lane's g, so x row min(g, M - 1) rides in column g: up to 8 rows of x at the price
+of one; past 8 rows each dequantized A fragment meets a second B fragment (rows 8 + g, TILES = 2). The accumulator lane l = 4g + t holds out[m, col(b, g + 8 (e // 2))] for m = 2t + e % 2, e = 0..3.
+Off the GPU (TRITON_INTERPRET) the kernel takes an index-arithmetic path (`ASM=False`) that gathers the same codes
+from the same layout and sums in float32, so the layout, the split-K and the epilogues are checked on a CPU; the
+fragment path itself is checked by the GPU tests.
+"""
+from __future__ import annotations  # kernel annotations stay strings: the module imports without triton
+
+import torch
+
+from lmc.errors import LmcError
+from lmc.kernels.pdl import pdl_launch, pdl_wait
+from lmc.kernels.split_counters import split_counters
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: nothing here is called (mma_eligible says no)
+    triton = None
+    tl = None
+
+CHUNK = 64  # K per word column of a lane (4 words x 16)
+LANE_WORDS = 128  # words per (block, chunk): 32 lanes x 4
+MAX_ROWS = 16  # rows of x per call: the B fragment's 8 columns, twice (TILES = 2) past 8 rows
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+# ----------------------------------------------------------------------------- the layout (torch, load time)
+
+
+def block_columns(n: int, silu: bool) -> torch.Tensor:
+    """col(b, r) as a [N/16, 16] int64 tensor: the stored column behind row r of block b."""
+    b = torch.arange(n // 16)[:, None]
+    r = torch.arange(16)[None, :]
+    if not silu:
+        return 16 * b + r
+    return torch.where(r < 8, 8 * b + r, n // 2 + 8 * b + (r - 8))
+
+
+def mma_eligible(k: int, n: int, group_size: int, silu: bool = False) -> bool:
+    """Whether a [K, N] int4 weight can take this path: whole 64-wide chunks inside whole groups, whole blocks."""
+    return group_size in (64, 128) and k % group_size == 0 and n % (32 if silu else 16) == 0
+
+
+def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
+               silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(qfrag, sz) of the module docstring from lmc-int4-k8 qweight [K/8, N] int32, scales and zeros [K/G, N]
+    (float16). Runs where the tensors are (the GPU at load time); transient memory ~2.5 bytes per weight."""
+    kp, n = qweight.shape
+    k = kp * 8
+    if not mma_eligible(k, n, group_size, silu):
+        raise LmcError(f"the mma layout needs G in (64, 128), K % G == 0 and N % 16 == 0, got K={k} N={n} G={group_size}")
+    shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
+    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).to(torch.uint8).reshape(k, n)  # [K, N], row k
+    cols = block_columns(n, silu).to(qweight.device)  # [NB, 16]
+    nb, chunks = n // 16, k // CHUNK
+    w = codes[:, cols.reshape(-1)].reshape(chunks, 4, 4, 4, nb, 2, 8)  # [c, t, j, s, b, h, g]: row g + 8h of block b
+    del codes
+    qfrag = torch.zeros((nb, chunks, 8, 4, 4), dtype=torch.int32, device=qweight.device)  # [b, c, g, t, j]
+    for h in range(2):
+        for s in range(4):
+            plane = w[:, :, :, s, :, h, :].permute(3, 0, 4, 1, 2).to(torch.int32)  # [b, c, g, t, j]
+            qfrag |= plane << (4 * (h + 2 * (s // 2) + 4 * (s % 2)))  # nibble 7 wraps into the sign bit
+    qfrag = qfrag.reshape(nb, chunks, LANE_WORDS)
+
+    def halves(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # float16 [..] x2 -> int32 (lo | hi << 16)
+        lo = lo.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+        hi = hi.to(torch.float16).view(torch.int16).to(torch.int32) & 0xFFFF
+        return lo | (hi << 16)
+
+    z = zeros.float()[:, cols].reshape(-1, nb, 2, 8)  # [groups, NB, h, g]
+    sc = scales.float()[:, cols].reshape(-1, nb, 2, 8)
+    zz = halves(1024.0 + z[:, :, 0], -(64.0 + z[:, :, 1]))  # [groups, NB, g]
+    ss = halves(sc[:, :, 0], sc[:, :, 1])
+    sz = torch.stack((zz, ss), dim=-1).permute(1, 0, 2, 3).contiguous()  # [NB, groups, 8, 2]
+    return qfrag, sz
+
+
+def mma_reference(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int,
+                  silu: bool = False) -> torch.Tensor:
+    """x [M, K] -> [M, N] (or silu(gate) * up [M, N/2]) in float32, decoded from the mma layout alone (the
+    layout's test oracle: it reads nothing of the stored tensors)."""
+    nb, chunks, _ = qfrag.shape
+    k, n = chunks * CHUNK, nb * 16
+    nib = torch.arange(8, device=qfrag.device, dtype=torch.int32)
+    q = (qfrag.reshape(nb, chunks, 8, 4, 4)[..., None] >> (4 * nib)) & 0xF  # [b, c, g, t, j, nibble]
+    h = torch.arange(2)[:, None]
+    s = torch.arange(4)[None, :]
+    q = q[..., (h + 2 * (s // 2) + 4 * (s % 2)).reshape(-1)].reshape(nb, chunks, 8, 4, 4, 2, 4)  # [.., j, h, s]
+    codes = q.permute(0, 5, 2, 1, 3, 4, 6).reshape(nb, 2, 8, k).float()  # [b, h, g, k]
+    halves = sz.view(torch.int16).view(torch.float16).float().reshape(nb, -1, 8, 2, 2)  # [b, grp, g, (zz, ss), lo/hi]
+    zero = torch.stack((halves[..., 0, 0] - 1024.0, -halves[..., 0, 1] - 64.0), dim=1)  # [b, h, grp, g]
+    scale = torch.stack((halves[..., 1, 0], halves[..., 1, 1]), dim=1)
+    zero = zero.permute(0, 1, 3, 2).repeat_interleave(group_size, dim=-1)  # [b, h, g, K]
+    scale = scale.permute(0, 1, 3, 2).repeat_interleave(group_size, dim=-1)
+    w = ((codes - zero) * scale).reshape(n, k)  # [N', K], rows in block order (b, h, g)
+    y = x.float() @ w.t()  # [M, N'], column (b, h, g)
+    if not silu:
+        return y
+    y = y.reshape(-1, nb, 2, 8)
+    gate, up = y[:, :, 0].reshape(-1, n // 2), y[:, :, 1].reshape(-1, n // 2)
+    return gate * torch.sigmoid(gate) * up
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+
+def _group_ptx(chunks: int, tiles: int) -> str:
+    """PTX of `_mma_group`: $0 .. $(4T - 1) the new accumulators (tile-major, T = tiles), then the old ones, then
+    per chunk its 4 words and per tile the 8 x pairs of that tile's row (4 for words 0-1, 4 for words 2-3), then
+    the 4 sz elements (zz, ss, zz, ss). Each word is dequantized once and multiplied by every tile's B fragment."""
+    per_chunk = 4 + 8 * tiles
+    words = [8 * tiles + per_chunk * c for c in range(chunks)]
+    sz = 8 * tiles + per_chunk * chunks
+    d = [[f"d{u}_{i}" for i in range(4)] for u in range(tiles)]
+    lines = [".reg .b32 w, lo, hi, a0, a1, a2, a3, zl, zh, s16;", ".reg .f32 zero, fs0, fs1;",
+             ".reg .f32 " + ", ".join(r for regs in d for r in regs) + ";", ".reg .b16 sl, sh;",
+             f"prmt.b32 zl, ${sz}, ${sz}, 0x1010;", f"prmt.b32 zh, ${sz}, ${sz}, 0x3232;",
+             "mov.b32 s16, 0x2C002C00;", "mov.f32 zero, 0f00000000;"]
+    first = True
+    for c in range(chunks):
+        for j in range(4):
+            word = f"${words[c] + j}"
+            for i, src in ((0, word), (1, "w")):
+                if i == 1:
+                    lines.append(f"shr.u32 w, {word}, 8;")
+                lines += [f"lop3.b32 lo, {src}, 0x000f000f, 0x64006400, 0xea;",
+                          f"lop3.b32 hi, {src}, 0x00f000f0, 0x64006400, 0xea;",
+                          f"sub.f16x2 a{2 * i}, lo, zl;", f"fma.rn.f16x2 a{2 * i + 1}, hi, s16, zh;"]
+            for u in range(tiles):
+                xq = words[c] + 4 + 8 * u + 2 * j  # the pairs (s = 0, 1) and (s = 2, 3) of word j, tile u
+                acc = "{zero, zero, zero, zero}" if first else "{" + ", ".join(d[u]) + "}"
+                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{', '.join(d[u])}}}, "
+                             f"{{a0, a1, a2, a3}}, {{${xq}, ${xq + 1}}}, {acc};")
+            first = False
+    lines += [f"mov.b32 {{sl, sh}}, ${sz + 1};", "cvt.f32.f16 fs0, sl;", "cvt.f32.f16 fs1, sh;"]
+    for u in range(tiles):
+        for i in range(4):
+            out = 4 * u + i
+            lines.append(f"fma.rn.f32 ${out}, {d[u][i]}, {'fs0' if i < 2 else 'fs1'}, ${4 * tiles + out};")
+    return "{\n" + "\n".join(lines) + "\n}"
+
+
+def _group_io(chunks: int, tiles: int) -> str:
+    return ",".join(["=f"] * 4 * tiles + ["f"] * 4 * tiles + ["r"] * ((4 + 8 * tiles) * chunks + 4))
+
+
+_GROUP_PTX = {(c, u): tl.constexpr(_group_ptx(c, u)) for c in (1, 2) for u in (1, 2)} if tl is not None else {}
+_GROUP_IO = {(c, u): tl.constexpr(_group_io(c, u)) for c in (1, 2) for u in (1, 2)} if tl is not None else {}
+_PTX_1_1, _PTX_1_2, _PTX_2_1, _PTX_2_2 = (_GROUP_PTX.get(k) for k in ((1, 1), (1, 2), (2, 1), (2, 2)))
+_IO_1_1, _IO_1_2, _IO_2_1, _IO_2_2 = (_GROUP_IO.get(k) for k in ((1, 1), (1, 2), (2, 1), (2, 2)))
+
+
+@_jit
+def _mma_group(acc0, acc1, w0, x0, w1, x1, sz, CHUNKS: tl.constexpr, TILES: tl.constexpr):
+    """(acc0, acc1) + scale * (codes - zero) @ x over one group, per accumulator element (GPU only; pack=4: each
+    call is one lane's 4 accumulators per tile, 4 words per chunk, per chunk and tile 8 x pairs (x0, x1: tuples
+    (xa, xb, ya, yb), tile 1's ya, yb unused with TILES == 1) and its (zz, ss)). acc1 comes back as is with
+    TILES == 1."""
+    if CHUNKS == 2:
+        if TILES == 2:
+            acc0, acc1 = tl.inline_asm_elementwise(
+                asm=_PTX_2_2, constraints=_IO_2_2, args=[acc0, acc1, w0, x0[0], x0[1], x0[2], x0[3], w1, x1[0],
+                                                         x1[1], x1[2], x1[3], sz],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            acc0 = tl.inline_asm_elementwise(
+                asm=_PTX_2_1, constraints=_IO_2_1, args=[acc0, w0, x0[0], x0[1], w1, x1[0], x1[1], sz],
+                dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        if TILES == 2:
+            acc0, acc1 = tl.inline_asm_elementwise(
+                asm=_PTX_1_2, constraints=_IO_1_2, args=[acc0, acc1, w0, x0[0], x0[1], x0[2], x0[3], sz],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            acc0 = tl.inline_asm_elementwise(
+                asm=_PTX_1_1, constraints=_IO_1_1, args=[acc0, w0, x0[0], x0[1], sz], dtype=tl.float32,
+                is_pure=True, pack=4)
+    return acc0, acc1
+
+
+@_jit
+def _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chunks, n_groups,
+                  CHUNKS: tl.constexpr):
+    """The interpreter's path: each accumulator element (row g + 8h, h = e // 2) gathers its row's codes of group
+    grp from the layout, subtracts the zero and multiplies by its x row in float32: sum_k (code - z) x, and the
+    row's scale."""
+    h = e // 2
+    kk = tl.arange(0, 64)  # [64] k inside a chunk: 16t + 4j + s
+    s = kk % 4
+    nib = h[:, None] + 2 * (s // 2)[None, :] + 4 * (s % 2)[None, :]  # [L, 64]
+    sz_off = (b * n_groups + grp) * 16 + 2 * g  # [L]: the (zz, ss) of row g's lane quad
+    zz = tl.load(sz_ptr + sz_off)
+    ss = tl.load(sz_ptr + sz_off + 1)
+    zero = tl.where(h == 0, _pair_half(zz, h) - 1024.0, -_pair_half(zz, h) - 64.0)  # [L]
+    scale = _pair_half(ss, h)  # [L]
+    part = tl.zeros(e.shape, dtype=tl.float32)
+    for cc in tl.static_range(CHUNKS):
+        c = grp * CHUNKS + cc
+        word_off = (b * n_chunks + c)[:, None] * 128 + 4 * (4 * g[:, None] + (kk // 16)[None, :]) \
+            + ((kk // 4) % 4)[None, :]  # [L, 64]: word j of lane 4g + t, k = 16t + 4j + s
+        code = ((tl.load(qf_ptr + word_off) >> (4 * nib)) & 0xF).to(tl.float32)  # [L, 64]
+        xk = tl.load(x_ptr + out_row[:, None] * stride_xm + c * 64 + kk[None, :]).to(tl.float32)  # [L, 64]
+        part += tl.sum((code - zero[:, None]) * xk, axis=1)
+    return part * scale
+
+
+@_jit
+def _pair_half(word, hi):
+    """float16 half hi (0 or 1, per element) of int32 words, as float32."""
+    bits = tl.where(hi == 1, (word >> 16) & 0xFFFF, word & 0xFFFF)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@_jit
+def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
+                      GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
+                      BUFFERS: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """Program (pid, split): blocks pid * WARPS + w (one per warp) over the split-th run of groups. Per group one
+    _mma_group call per lane; the next group's words and sz are in flight meanwhile (two buffers, the loop
+    unrolled twice so that no register holding a load in flight is copied); x (an L1 hit after the first warp)
+    is loaded one group ahead. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split
+    order (deterministic) and writes out (lmc.kernels.split_counters)."""
+    L: tl.constexpr = 128 * WARPS
+    CHUNKS: tl.constexpr = GROUP // 64
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    idx = tl.arange(0, L)  # [L] accumulator / word element of this program
+    e = idx % 4
+    lane = (idx // 4) % 32
+    g = lane // 4
+    t = lane % 4
+    b = tl.minimum(pid * WARPS + idx // 128, NB - 1)  # [L] the warp's block (a missing one reads the last one;
+    # nothing of it is stored)
+    n_chunks = K // 64
+    n_groups = K // GROUP
+    run = tl.cdiv(n_groups, SPLIT_K)
+    g_first = split * run
+    g_last = tl.minimum(n_groups, g_first + run) - 1
+    # B fragment column g of tile u carries x row 8u + g; accumulator element e of lane (g, t) is column 2t + e % 2
+    out_row0 = tl.minimum(2 * t + e % 2, M - 1)  # [L]
+    out_row1 = tl.minimum(8 + 2 * t + e % 2, M - 1)
+    x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    word_base = b * n_chunks * 128 + idx % 128  # [L]
+    x_base0 = tl.minimum(g, M - 1) * (stride_xm // 2) + 8 * t + e  # [L] int32 pairs: lane's 16 bytes of x per chunk
+    x_base1 = tl.minimum(8 + g, M - 1) * (stride_xm // 2) + 8 * t + e  # (xa; xb at +4)
+    sz_base = (b * n_groups * 8 + g) * 2 + e % 2  # [L]: (zz, ss, zz, ss)
+
+    acc0 = tl.zeros((L,), dtype=tl.float32)
+    acc1 = tl.zeros((L,), dtype=tl.float32)  # rows 8-15 (TILES == 2)
+    # BUFFERS groups' words in flight: loaded before the PDL wait (weights only), then each loop step multiplies
+    # them in order, reloading every buffer with the group BUFFERS ahead right after it is used (ptxas tends to sink
+    # those loads to the end of the step: then all BUFFERS groups are in flight during the wait that follows)
+    wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first, g_last), CHUNKS)
+    wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 1, g_last), CHUNKS)
+    wc0, wc1, sc = wa0, wa1, sa
+    wd0, wd1, sd = wa0, wa1, sa
+    if BUFFERS == 4:
+        wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 2, g_last), CHUNKS)
+        wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 3, g_last), CHUNKS)
+    pdl_wait(PDL)
+    for grp in range(g_first, g_last + 1, BUFFERS):
+        acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wa0, wa1, sa, x_base0, x_base1,
+                                  grp, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
+        wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS, g_last), CHUNKS)
+        acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wb0, wb1, sb, x_base0, x_base1,
+                                  grp + 1, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
+        wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS + 1, g_last),
+                                   CHUNKS)
+        if BUFFERS == 4:
+            acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wc0, wc1, sc, x_base0, x_base1,
+                                  grp + 2, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
+            wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 6, g_last), CHUNKS)
+            acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wd0, wd1, sd, x_base0, x_base1,
+                                  grp + 3, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
+                                  TILES, ASM)
+            wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 7, g_last), CHUNKS)
+    _mma_finish(acc0, acc1, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU,
+                TILES)
+
+
+@_jit
+def _mma_finish(acc0, acc1, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
+                SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr):
+    """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, tile, L] and, in the last split
+    to arrive, their sum in split order (lmc.kernels.split_counters)."""
+    L: tl.constexpr = 128 * WARPS
+    if SPLIT_K == 1:
+        _mma_store(acc0, out_ptr, M, stride_om, NB, pid, 0, WARPS, SILU)
+        if TILES == 2:
+            _mma_store(acc1, out_ptr, M, stride_om, NB, pid, 8, WARPS, SILU)
+    else:
+        mine = ws_ptr + ((split * tl.num_programs(0) + pid) * TILES) * L + idx
+        tl.store(mine, acc0)
+        if TILES == 2:
+            tl.store(mine + L, acc1)
+        tl.debug_barrier()  # every thread's partials are written before the counter says so
+        counter = count_ptr + pid
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
+            total0 = tl.zeros((L,), dtype=tl.float32)
+            total1 = tl.zeros((L,), dtype=tl.float32)
+            for s in tl.static_range(SPLIT_K):
+                theirs = ws_ptr + ((s * tl.num_programs(0) + pid) * TILES) * L + idx
+                total0 += tl.load(theirs, cache_modifier=".cg")
+                if TILES == 2:
+                    total1 += tl.load(theirs + L, cache_modifier=".cg")
+            _mma_store(total0, out_ptr, M, stride_om, NB, pid, 0, WARPS, SILU)
+            if TILES == 2:
+                _mma_store(total1, out_ptr, M, stride_om, NB, pid, 8, WARPS, SILU)
+            tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
+
+
+@_jit
+def _load_words(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr):
+    """Group grp's words (a 16-byte load per lane and chunk; streamed once, so marked evict-first to leave L1 to x)
+    and its (zz, ss, zz, ss)."""
+    w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128, eviction_policy="evict_first")
+    w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128, eviction_policy="evict_first")
+    sz = tl.load(sz_ptr + sz_base + grp * 16)
+    return w0, w1, sz
+
+
+@_jit
+def _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, x_base0, x_base1, grp, g_last, b, g, e,
+                out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr,
+                ASM: tl.constexpr):
+    """(acc0, acc1) plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
+    x_base0/1: the lane's x pairs of tile 0/1 (B fragment column g; loaded here, an L1 hit after the first warp:
+    holding them in flight would take more registers than the words); out_row0/1: the x row of each accumulator
+    element of tile 0/1."""
+    valid = grp <= g_last
+    grp = tl.minimum(grp, g_last)
+    if ASM:
+        sz = tl.where(valid | (e % 2 == 0), sz, 0)  # a zero scale (ss) for the overhang
+        c0 = grp * CHUNKS
+        c1 = c0 + CHUNKS - 1
+        x0 = _load_x(x32, x_base0, x_base1, c0, TILES)
+        x1 = _load_x(x32, x_base0, x_base1, c1, TILES)
+        return _mma_group(acc0, acc1, w0, x0, w1, x1, sz, CHUNKS, TILES)
+    acc0 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row0, stride_xm, n_chunks,
+                                          n_groups, CHUNKS), 0.0)
+    if TILES == 2:
+        acc1 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row1, stride_xm, n_chunks,
+                                              n_groups, CHUNKS), 0.0)
+    return acc0, acc1
+
+
+@_jit
+def _load_x(x32, x_base0, x_base1, c, TILES: tl.constexpr):
+    """The lane's x pairs of chunk c: (xa, xb) of tile 0 (pairs 8t .. 8t + 3 and 8t + 4 .. 8t + 7), then tile 1's
+    (tile 0's again with TILES == 1, unused)."""
+    xa = tl.load(x32 + x_base0 + c * 32)
+    xb = tl.load(x32 + x_base0 + c * 32 + 4)
+    ya, yb = xa, xb
+    if TILES == 2:
+        ya = tl.load(x32 + x_base1 + c * 32)
+        yb = tl.load(x32 + x_base1 + c * 32 + 4)
+    return xa, xb, ya, yb
+
+
+@_jit
+def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, WARPS: tl.constexpr, SILU: tl.constexpr):
+    """Accumulator element e of lane (g, t) of warp w is out[m = ROW0 + 2t + e % 2, col(b, g + 8 (e // 2))], b the
+    warp's block. SILU: elements 0, 1 are gate columns 8b + g, elements 2, 3 the matching up columns (same lane):
+    out[m, 8b + g] = silu(gate) * up, both rounded to out's dtype first (what the unfused silu_mul reads)."""
+    dtype = out_ptr.dtype.element_ty
+    if SILU:
+        v = tl.reshape(acc.to(dtype).to(tl.float32), (acc.shape[0] // 4, 2, 2))  # [lanes, e // 2, e % 2]
+        gate, up = tl.split(tl.permute(v, (0, 2, 1)))  # [lanes, e % 2] each
+        q = tl.arange(0, acc.shape[0] // 4)[:, None]  # [lanes, 1]: warp * 32 + lane
+        i = tl.arange(0, 2)[None, :]  # [1, 2]: e % 2
+        lane = q % 32
+        b = pid * WARPS + q // 32
+        m = ROW0 + 2 * (lane % 4) + i  # [lanes, 2]
+        tl.store(out_ptr + m * stride_om + 8 * b + lane // 4, (gate * tl.sigmoid(gate) * up).to(dtype),
+                 mask=(b < NB) & (m < M))
+    else:
+        idx = tl.arange(0, acc.shape[0])
+        e = idx % 4
+        lane = (idx // 4) % 32
+        b = pid * WARPS + idx // 128
+        m = ROW0 + 2 * (lane % 4) + e % 2
+        tl.store(out_ptr + m * stride_om + 16 * b + lane // 4 + 8 * (e // 2), acc.to(dtype),
+                 mask=(b < NB) & (m < M))
+
+
+def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
+                     split_k: int = 1, buffers: int = 2, silu_mul: bool = False, out: torch.Tensor | None = None,
+                     asm: bool | None = None) -> torch.Tensor:
+    """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
+    One warp per 16-column block, `warps` blocks a program; split_k splits the groups of K over that many
+    programs per block set (the last to finish sums in split order). asm: the mma.sync path (float16 x on CUDA);
+    None = on where it can run."""
+    nb, chunks, lane_words = qfrag.shape
+    k, n = chunks * CHUNK, nb * 16
+    m = x.shape[0]
+    if x.dim() != 2 or x.shape[1] != k or lane_words != LANE_WORDS or not 1 <= m <= MAX_ROWS:
+        raise LmcError(f"w4a16_mma_triton needs x [M <= {MAX_ROWS}, {k}], got {tuple(x.shape)}")
+    if sz.shape != (nb, k // group_size, 8, 2) or not mma_eligible(k, n, group_size, silu_mul):
+        raise LmcError(f"w4a16_mma_triton: sz {tuple(sz.shape)} does not fit qfrag {tuple(qfrag.shape)} with "
+                       f"G={group_size}")
+    n_out = n // 2 if silu_mul else n
+    if out is None:
+        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
+    can_asm = x.is_cuda and x.dtype == torch.float16
+    asm = can_asm if asm is None else asm
+    if asm and not can_asm:
+        raise LmcError("the mma.sync path needs float16 x on CUDA")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte rows of pairs
+        x = x.contiguous().clone()
+    tiles = 1 if m <= 8 else 2
+    grid = (triton.cdiv(nb, warps), split_k)
+    ws = torch.empty((split_k, grid[0], tiles, 128 * warps), dtype=torch.float32, device=x.device) \
+        if split_k > 1 else out
+    counters = split_counters(x.device, grid[0]) if split_k > 1 else out
+    _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, ASM=asm,
+                            num_warps=warps, num_stages=1, **pdl_launch(x.device))
+    return out

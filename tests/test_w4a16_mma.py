@@ -1,0 +1,227 @@
+"""The tensor-core W4A16 path for 1-8 rows (kernels/w4a16_mma.py): the mma fragment layout against the stored
+format, a lane-by-lane simulation of its PTX (the m16n8k16 fragment rules of the PTX ISA) against the reference,
+the kernel's interpreter path on odd shapes, and on a GPU the mma.sync path itself."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import numpy as np
+import pytest
+import torch
+
+from lmc.errors import LmcError
+from lmc.kernels import w4a16 as W
+from lmc.kernels import w4a16_mma as MM
+
+
+def _quantized(n: int, k: int, group: int, seed: int, device="cpu"):
+    """lmc-int4-k8 tensors with random codes, scales and zeros (float16), and the float32 reference weight."""
+    rng = np.random.default_rng(seed)
+    codes = torch.from_numpy(rng.integers(0, 16, size=(k, n)).astype(np.int64))  # [K, N]
+    packed = torch.zeros(k // 8, n, dtype=torch.int64)
+    for j in range(8):
+        packed |= codes[j::8] << (4 * j)
+    q = torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)
+    scales = torch.from_numpy(rng.uniform(0.002, 0.02, size=(k // group, n))).half()
+    zeros = torch.from_numpy(rng.integers(0, 16, size=(k // group, n)).astype(np.float32)).half()
+    return q.to(device), scales.to(device), zeros.to(device)
+
+
+def _reference(x, q, s, z, group, silu):
+    ref = W.w4a16_matmul_ref(x.float(), q, s.float(), z.float(), group)  # [M, N]
+    if silu:
+        n = ref.shape[1] // 2
+        gate, up = ref[:, :n].half().float(), ref[:, n:].half().float()
+        return gate * torch.sigmoid(gate) * up
+    return ref
+
+
+def _f16_pair(words: torch.Tensor) -> torch.Tensor:
+    """int32 [...] -> float16 [..., 2] (low half first)."""
+    return words.contiguous().reshape(-1).view(torch.int16).view(torch.float16).reshape(*words.shape, 2)
+
+
+def _lop3(words: torch.Tensor, mask: int) -> torch.Tensor:
+    return _f16_pair((words & mask) | 0x64006400)
+
+
+def simulate_ptx(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group: int, silu: bool) -> torch.Tensor:
+    """What `_mma_group`'s PTX computes, lane by lane: the A fragment from each lane's words (LOP3, float16
+    subtract / FMA), the B fragment from the x pairs the kernel loads, D = A B in float32 per the PTX ISA's
+    m16n8k16 rules (A: a0,a1 row g cols 2t,2t+1; a2,a3 row g+8; a4..a7 cols + 8; B: b0,b1 rows 2t,2t+1 col g,
+    b2,b3 rows + 8; C: c0,c1 row g cols 2t,2t+1; c2,c3 row g+8), then the group scale; returns out like the
+    kernel (silu: silu(gate) * up)."""
+    nb, chunks, _ = qfrag.shape
+    m = x.shape[0]
+    words = qfrag.reshape(nb, chunks, 8, 4, 4)  # [b, c, g, t, j]
+    x32 = x.half().contiguous().view(torch.int32)  # [M, K/2] pairs
+    zz, ss = _f16_pair(sz[..., 0]), _f16_pair(sz[..., 1])  # [b, groups, g, 2]
+    tiles = 1 if m <= 8 else 2  # B fragments per A fragment: x rows 8u + g in tile u
+    out = torch.zeros(nb, 16, 8 * tiles)  # [b, A row, C column of tile u at 8u + column]
+    sixteenth = torch.tensor(1 / 16, dtype=torch.float16)
+    per_group = group // MM.CHUNK
+    for grp in range(chunks // per_group):
+        d = torch.zeros(nb, 16, 8 * tiles)
+        zl = zz[:, grp, :, 0]  # [b, g]
+        zh = zz[:, grp, :, 1]
+        for c in range(grp * per_group, (grp + 1) * per_group):
+            for j in range(4):
+                a = torch.zeros(nb, 16, 16, dtype=torch.float16)
+                bm = torch.zeros(16, 8 * tiles, dtype=torch.float16)
+                for g in range(8):
+                    for t in range(4):
+                        w = words[:, c, g, t, j]  # [b]
+                        regs = []
+                        for src in (w, w >> 8):
+                            lo = _lop3(src, 0x000F000F) - zl[:, g, None]  # [b, 2]
+                            hi = (_lop3(src, 0x00F000F0).float() * sixteenth.float()
+                                  + zh[:, g, None].float()).half()  # exact: small integers
+                            regs += [lo, hi]
+                        a[:, g, 2 * t:2 * t + 2] = regs[0]
+                        a[:, g + 8, 2 * t:2 * t + 2] = regs[1]
+                        a[:, g, 2 * t + 8:2 * t + 10] = regs[2]
+                        a[:, g + 8, 2 * t + 8:2 * t + 10] = regs[3]
+                        for u in range(tiles):
+                            row = min(8 * u + g, m - 1)
+                            pairs = x32[row, 32 * c + 8 * t:32 * c + 8 * t + 8]  # xa ++ xb
+                            bm[2 * t:2 * t + 2, 8 * u + g] = _f16_pair(pairs[2 * j])
+                            bm[2 * t + 8:2 * t + 10, 8 * u + g] = _f16_pair(pairs[2 * j + 1])
+                d += a.float() @ bm.float()  # one mma per tile: the same A, its own B
+        scale = torch.cat((ss[:, grp, :, 0], ss[:, grp, :, 1]), dim=1).float()  # [b, 16]: rows g, then g + 8
+        out += d * scale[:, :, None]
+    cols = MM.block_columns(nb * 16, silu)  # [b, 16]
+    y = torch.zeros(m, nb * 16)
+    for mm in range(m):
+        y[mm, cols.reshape(-1)] = out[:, :, mm].reshape(-1)
+    if silu:
+        n = nb * 8
+        gate, up = y[:, :n].half().float(), y[:, n:].half().float()
+        return gate * torch.sigmoid(gate) * up
+    return y
+
+
+@pytest.mark.parametrize("m,n,k,group,silu", [(1, 48, 256, 128, False), (3, 32, 192, 64, True),
+                                              (8, 64, 384, 128, True), (5, 80, 128, 64, False)])
+def test_layout_decodes_to_the_stored_weight(m, n, k, group, silu):
+    q, s, z = _quantized(n, k, group, seed=n + k)
+    x = torch.randn(m, k)
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    assert qfrag.shape == (n // 16, k // 64, 128) and qfrag.dtype == torch.int32
+    assert sz.shape == (n // 16, k // group, 8, 2)
+    torch.testing.assert_close(MM.mma_reference(x, qfrag, sz, group, silu), _reference(x, q, s, z, group, silu),
+                               rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("m,n,k,group,silu", [(1, 32, 128, 128, False), (3, 32, 128, 64, True),
+                                              (8, 16, 192, 64, False), (13, 32, 128, 64, True)])
+def test_ptx_fragments_simulated(m, n, k, group, silu):
+    q, s, z = _quantized(n, k, group, seed=7 * n + k)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = simulate_ptx(x, qfrag, sz, group, silu)
+    torch.testing.assert_close(got, _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers", [
+    (1, 48, 256, 128, False, 1, 1, 2), (1, 80, 384, 128, False, 4, 3, 4), (3, 32, 192, 64, True, 2, 2, 2),
+    (8, 96, 384, 128, True, 4, 1, 4), (5, 112, 320, 64, False, 2, 4, 2), (2, 64, 640, 128, True, 1, 5, 4),
+    (1, 64, 640, 128, True, 2, 2, 2), (9, 48, 256, 128, False, 2, 2, 2), (16, 64, 384, 64, True, 1, 3, 4),
+    (13, 80, 640, 128, False, 4, 1, 2)])
+def test_kernel_interpreter(m, n, k, group, silu, warps, split_k, buffers):
+    """The kernel's index path (blocks past N masked, split-K with the last split summing, both epilogues)."""
+    q, s, z = _quantized(n, k, group, seed=n * k)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, silu_mul=silu)
+    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
+def test_eligibility_and_errors():
+    assert MM.mma_eligible(4096, 6144, 128) and MM.mma_eligible(14336, 4096, 128)
+    assert not MM.mma_eligible(4096, 6144, 32) and not MM.mma_eligible(4000, 4096, 128)
+    assert not MM.mma_eligible(4096, 40, 128) and not MM.mma_eligible(4096, 48, 128, silu=True)
+    q, s, z = _quantized(48, 256, 128, seed=1)
+    with pytest.raises(LmcError, match="mma layout"):
+        MM.mma_layout(q, s, z, 128, silu=True)
+    qfrag, sz = MM.mma_layout(q, s, z, 128)
+    with pytest.raises(LmcError, match="M <= 16"):
+        MM.w4a16_mma_triton(torch.zeros(17, 256).half(), qfrag, sz, 128)
+    with pytest.raises(LmcError, match="needs float16 x on CUDA"):
+        MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, asm=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers", [
+    (1, 4096, 4096, 128, False, 4, 4, 2), (1, 28672, 4096, 128, True, 4, 1, 4), (1, 4096, 14336, 128, False, 4, 8, 4),
+    (3, 96, 384, 64, True, 2, 2, 2), (8, 6144, 4096, 128, False, 4, 2, 4), (5, 112, 320, 64, False, 1, 3, 2),
+    (16, 28672, 4096, 128, True, 4, 4, 2), (11, 4096, 14336, 128, False, 8, 16, 2), (9, 96, 384, 64, True, 1, 3, 4)])
+def test_mma_path_on_cuda(m, n, k, group, silu, warps, split_k, buffers):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
+    q, s, z = _quantized(n, k, group, seed=n + k, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, silu_mul=silu)
+    want = _reference(x, q, s, z, group, silu)
+    err = (got.float() - want).abs().max().item() / want.abs().max().item()
+    assert err < 2e-3, err
+    again = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers,
+                                silu_mul=silu)
+    assert torch.equal(got, again)  # deterministic: split partials summed in split order
+
+
+def test_tuning_mma_entries_fall_back_without_the_layout(monkeypatch):
+    from lmc.kernels import w4a16_tuning as T
+
+    gemv = {"m": 1, "k": 4096, "n": 4096, "path": "gemv", "config": {"block_n": 64}}
+    mma = {"m": 1, "k": 4096, "n": 28672, "path": "mma", "config": {"warps": 8, "split_k": 2, "buffers": 2},
+           "fallback": {"path": "gemv", "config": {"block_n": 32}}}
+    entries = [gemv, mma]
+    assert T.select(entries, 1, 28672, 4096, mma=True) == ("mma", {"warps": 8, "split_k": 2, "buffers": 2})
+    assert T.select(entries, 1, 28672, 4096) == ("gemv", {"block_n": 32})  # no mma layout: the fallback
+    assert T.select(entries, 1, 4096, 4096, mma=True) == ("gemv", {"block_n": 64})  # mma lost on this shape
+    tables = {"format": T.FORMAT, "default": "A", "devices": {"A": {"source": "", "entries": [gemv]},
+                                                              "B": {"source": "", "entries": entries}}}
+    monkeypatch.setattr(T, "_tables", lambda: tables)
+    assert T.has_mma("B") and not T.has_mma("A") and not T.has_mma("unknown GPU") and not T.has_mma(None)
+
+
+def test_shipped_h200_table_has_mma_entries_with_fallbacks():
+    from lmc.kernels import w4a16_tuning as T
+
+    entries = T.read_tables()["devices"]["NVIDIA H200"]["entries"]
+    mma = [e for e in entries if e["path"] == "mma"]
+    assert mma and all(e["m"] <= MM.MAX_ROWS and e["fallback"]["path"] in ("gemv", "gemm") for e in mma)
+
+
+def test_loader_builds_the_layout_only_where_it_runs(monkeypatch):
+    from lmc.runtime import model
+
+    monkeypatch.setattr(model, "has_mma", lambda name: True)
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(model, "device_name", lambda device: "NVIDIA H200")
+    assert model.mma_wanted(cuda, torch.float16, 4096, 28672, 128, silu=True)
+    assert not model.mma_wanted(torch.device("cpu"), torch.float16, 4096, 28672, 128, silu=True)
+    assert not model.mma_wanted(cuda, torch.bfloat16, 4096, 4096, 128, silu=False)  # the PTX takes float16 x
+    assert not model.mma_wanted(cuda, torch.float16, 4096, 4096, 32, silu=False)  # groups of 32
+    monkeypatch.setenv("LMC_INT4_MMA", "0")
+    assert not model.mma_wanted(cuda, torch.float16, 4096, 4096, 128, silu=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 12, 16])
+def test_dispatch_with_the_mma_layout_on_cuda(m):
+    """w4a16_matmul / w4a16_silu_matmul with the layout: this GPU's table picks mma or its fallback."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    k, n, group = 4096, 28672, 128
+    q, s, z = _quantized(n, k, group, seed=m, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    plain = MM.mma_layout(q, s, z, group)
+    silu = MM.mma_layout(q, s, z, group, silu=True)
+    for got, want in ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
+                      (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
+        err = (got.float() - want).abs().max().item() / want.abs().max().item()
+        assert err < 2e-3, err
