@@ -1,5 +1,6 @@
 """The tensor-core W4A16 path for 1-8 rows (kernels/w4a16_mma.py) against lmc's tuned CUDA-core GEMV, per 8B
 linear shape (tp 1 and one rank's share at tp 2; the gate/up weight with its SiLU epilogue as the runtime calls it).
+The "gemv" column is whatever this GPU's table picks for the shape (the mma path itself where it has an entry).
 
     python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
     TRITON_INTERPRET=1 python bench/bench_w4a16_mma.py --smoke     # CPU: every path runs, nothing is timed well
@@ -29,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _rel, _sets, copy_bandwidth, \
     environment, time_calls  # noqa: E402
 
-GRID = tuple((w, s, bu) for w in (4, 8) for s in (1, 2, 4, 8, 16) for bu in (2, 4))  # (warps, split_k, buffers)
-SMOKE_GRID = ((1, 1, 2), (2, 3, 4))
+SPLITS = (1, 2, 4, 8, 16)
+SMOKE_GRID = ((1, 1, 2, 1), (2, 3, 4, 2))  # (warps, split_k, buffers, blocks)
 SMOKE_SHAPES = ((256, 96), (384, 64))
 
 
@@ -50,29 +51,32 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         q, s, z = sets[0]
         ref = W.w4a16_matmul_ref(xs[0].float(), q, s.float(), z.float(), GROUP)
         ref = _silu_ref(ref) if silu else ref
-        gemv = (lambda x, q_, s_, z_: W.w4a16_silu_matmul(x, q_, s_, z_, GROUP)) if silu else \
-            (lambda x, q_, s_, z_: W.w4a16_matmul(x, q_, s_, z_, GROUP))
-        if dev != "cuda":  # the CPU reference path has no kernel: time the table's GEMV launcher instead
-            path, kw = W.w4a16_config(m, n, k)
-            gemv = (lambda x, q_, s_, z_: W.w4a16_gemv_triton(x, q_, s_, z_, GROUP, silu_mul=silu, **kw)) \
-                if path == "gemv" else gemv
+        device = torch.device(dev) if dev == "cuda" else None
         row = {"M": m, "K": k, "N": n, "silu": silu, "weight_bytes": w_bytes,
-               "table": list(W.w4a16_config(m, n, k, torch.device(dev) if dev == "cuda" else None))}
-        err = _rel(gemv(xs[0], *sets[0]).float(), ref)
-        us = time_calls(lambda i: gemv(xs[i], *sets[i]), len(sets), dev)
+               "table": list(W.w4a16_config(m, n, k, device, mma=True)),  # what the table picks (may be mma)
+               "fallback": list(W.w4a16_config(m, n, k, device))}  # what a weight without the layout takes
+        if silu:  # the runtime's call: the table's choice, on the mma layout where it has an entry
+            table = lambda i: W.w4a16_silu_matmul(xs[i], *sets[i], GROUP, mma=frags[i])  # noqa: E731
+        else:
+            table = lambda i: W.w4a16_matmul(xs[i], *sets[i], GROUP, mma=frags[i])  # noqa: E731
+        path, kw = row["fallback"]
+        if dev != "cuda" and path == "gemv":  # the CPU reference path has no kernel: time the GEMV launcher
+            table = lambda i: W.w4a16_gemv_triton(xs[i], *sets[i], GROUP, silu_mul=silu, **kw)  # noqa: E731
+        err = _rel(table(0).float(), ref)
+        us = time_calls(table, len(sets), dev)
         row["gemv"] = {"us": us, "rel_err": err, "bytes_per_s": w_bytes / (us * 1e-6)}
         row["mma"] = []
-        for warps, split, buffers in grid:
-            fn = (lambda i, w=warps, sp=split, bu=buffers: MM.w4a16_mma_triton(
-                xs[i], *frags[i], GROUP, warps=w, split_k=sp, buffers=bu, silu_mul=silu))
+        for warps, split, buffers, blocks in grid:
+            fn = (lambda i, w=warps, sp=split, bu=buffers, bl=blocks: MM.w4a16_mma_triton(
+                xs[i], *frags[i], GROUP, warps=w, split_k=sp, buffers=bu, blocks=bl, silu_mul=silu))
             try:
                 err = _rel(fn(0).float(), ref)
                 us = time_calls(fn, len(sets), dev)
             except Exception as e:  # noqa: BLE001 -- a configuration the compiler rejects is reported, not fatal
-                row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers,
+                row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks,
                                    "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "us": us, "rel_err": err,
+            row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks, "us": us, "rel_err": err,
                                "bytes_per_s": w_bytes / (us * 1e-6)})
         ok = [r for r in row["mma"] if "us" in r and r["rel_err"] < 1e-2]
         row["best_mma"] = min(ok, key=lambda r: r["us"]) if ok else None
@@ -80,20 +84,22 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         print(f"M={m} K={k} N={n}{' silu' if silu else ''}: gemv {row['gemv']['us']:.2f} us "
               f"({row['gemv']['bytes_per_s'] / 1e12:.2f} TB/s, err {row['gemv']['rel_err']:.1e}); mma "
               + (f"{b['us']:.2f} us ({b['bytes_per_s'] / 1e12:.2f} TB/s, err {b['rel_err']:.1e}) warps {b['warps']} "
-                 f"split {b['split_k']} buffers {b['buffers']}" if b else "no correct result"), flush=True)
+                 f"split {b['split_k']} buffers {b['buffers']} blocks {b['blocks']}" if b else "no correct result"), flush=True)
         rows.append(row)
     return rows
 
 
 def table_entries(rows: list) -> list:
-    """Tuning-table entries: the best mma configuration of each row where it beat the table's choice."""
+    """Tuning-table entries: the best mma configuration of each row where it beat the table's choice, with what a
+    weight without the layout takes as its fallback."""
     out = []
     for r in rows:
         b = r["best_mma"]
         if b and b["us"] < r["gemv"]["us"]:
-            path, config = r["table"]
+            path, config = r["fallback"]
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma",
-                        "config": {"warps": b["warps"], "split_k": b["split_k"], "buffers": b["buffers"]},
+                        "config": {"warps": b["warps"], "split_k": b["split_k"], "buffers": b["buffers"],
+                                   **({"blocks": 2} if b["blocks"] == 2 else {})},
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": config}})
     return out
 
@@ -104,6 +110,9 @@ def main() -> int:
     ap.add_argument("--shapes", choices=("8b", "tp2", "both"), default="both")
     ap.add_argument("--out", default="bench/results/w4a16_mma.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU with TRITON_INTERPRET=1")
+    ap.add_argument("--warps", type=_ints, default=(4, 8))
+    ap.add_argument("--buffers", type=_ints, default=(2, 4), help="groups of words in flight")
+    ap.add_argument("--blocks", type=_ints, default=(1, 2), help="16-column blocks a warp")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
     args = ap.parse_args()
@@ -120,7 +129,9 @@ def main() -> int:
     t0 = time.time()
     for k, n in shapes:
         silu = n in (28672, 14336) or (args.smoke and n == 64)  # the gate/up weights (their SiLU epilogue)
-        report["rows"] += bench_shape(k, n, silu, args.ms, SMOKE_GRID if args.smoke else GRID, dev)
+        grid = SMOKE_GRID if args.smoke else tuple((w, sp, bu, bl) for w in args.warps for sp in SPLITS
+                                                   for bu in args.buffers for bl in args.blocks)
+        report["rows"] += bench_shape(k, n, silu, args.ms, grid, dev)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.write_table:

@@ -133,78 +133,98 @@ def mma_reference(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_
 # ----------------------------------------------------------------------------- the kernel
 
 
-def _group_ptx(chunks: int, tiles: int) -> str:
-    """PTX of `_mma_group`: $0 .. $(4T - 1) the new accumulators (tile-major, T = tiles), then the old ones, then
-    per chunk its 4 words and per tile the 8 x pairs of that tile's row (4 for words 0-1, 4 for words 2-3), then
-    the 4 sz elements (zz, ss, zz, ss). Each word is dequantized once and multiplied by every tile's B fragment."""
-    per_chunk = 4 + 8 * tiles
-    words = [8 * tiles + per_chunk * c for c in range(chunks)]
-    sz = 8 * tiles + per_chunk * chunks
-    d = [[f"d{u}_{i}" for i in range(4)] for u in range(tiles)]
-    lines = [".reg .b32 w, lo, hi, a0, a1, a2, a3, zl, zh, s16;", ".reg .f32 zero, fs0, fs1;",
-             ".reg .f32 " + ", ".join(r for regs in d for r in regs) + ";", ".reg .b16 sl, sh;",
-             f"prmt.b32 zl, ${sz}, ${sz}, 0x1010;", f"prmt.b32 zh, ${sz}, ${sz}, 0x3232;",
+def _group_ptx(chunks: int, tiles: int, blocks: int) -> str:
+    """PTX of `_mma_group`: $0 .. $(4BT - 1) the new accumulators (block-major, then tile: B = blocks, T = tiles),
+    then the old ones, then per chunk each block's 4 words and each tile's 8 x pairs (4 for words 0-1, 4 for words
+    2-3), then each block's 4 sz elements (zz, ss, zz, ss). Each word is dequantized once and multiplied by every
+    tile's B fragment; with two blocks both share the x registers."""
+    per_chunk = 4 * blocks + 8 * tiles
+    base = 8 * blocks * tiles
+    chunk0 = [base + per_chunk * c for c in range(chunks)]
+    sz = [base + per_chunk * chunks + 4 * u for u in range(blocks)]
+    d = [[[f"d{u}{v}_{i}" for i in range(4)] for v in range(tiles)] for u in range(blocks)]
+    lines = [".reg .b32 w, lo, hi, a0, a1, a2, a3, s16;", ".reg .f32 zero, fs0, fs1;",
+             ".reg .b32 " + ", ".join(f"zl{u}, zh{u}" for u in range(blocks)) + ";",
+             ".reg .f32 " + ", ".join(r for blk in d for regs in blk for r in regs) + ";", ".reg .b16 sl, sh;",
              "mov.b32 s16, 0x2C002C00;", "mov.f32 zero, 0f00000000;"]
-    first = True
+    for u in range(blocks):
+        lines += [f"prmt.b32 zl{u}, ${sz[u]}, ${sz[u]}, 0x1010;", f"prmt.b32 zh{u}, ${sz[u]}, ${sz[u]}, 0x3232;"]
     for c in range(chunks):
         for j in range(4):
-            word = f"${words[c] + j}"
-            for i, src in ((0, word), (1, "w")):
-                if i == 1:
-                    lines.append(f"shr.u32 w, {word}, 8;")
-                lines += [f"lop3.b32 lo, {src}, 0x000f000f, 0x64006400, 0xea;",
-                          f"lop3.b32 hi, {src}, 0x00f000f0, 0x64006400, 0xea;",
-                          f"sub.f16x2 a{2 * i}, lo, zl;", f"fma.rn.f16x2 a{2 * i + 1}, hi, s16, zh;"]
-            for u in range(tiles):
-                xq = words[c] + 4 + 8 * u + 2 * j  # the pairs (s = 0, 1) and (s = 2, 3) of word j, tile u
-                acc = "{zero, zero, zero, zero}" if first else "{" + ", ".join(d[u]) + "}"
-                lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{', '.join(d[u])}}}, "
-                             f"{{a0, a1, a2, a3}}, {{${xq}, ${xq + 1}}}, {acc};")
-            first = False
-    lines += [f"mov.b32 {{sl, sh}}, ${sz + 1};", "cvt.f32.f16 fs0, sl;", "cvt.f32.f16 fs1, sh;"]
-    for u in range(tiles):
-        for i in range(4):
-            out = 4 * u + i
-            lines.append(f"fma.rn.f32 ${out}, {d[u][i]}, {'fs0' if i < 2 else 'fs1'}, ${4 * tiles + out};")
+            for u in range(blocks):
+                word = f"${chunk0[c] + 4 * u + j}"
+                for i, src in ((0, word), (1, "w")):
+                    if i == 1:
+                        lines.append(f"shr.u32 w, {word}, 8;")
+                    lines += [f"lop3.b32 lo, {src}, 0x000f000f, 0x64006400, 0xea;",
+                              f"lop3.b32 hi, {src}, 0x00f000f0, 0x64006400, 0xea;",
+                              f"sub.f16x2 a{2 * i}, lo, zl{u};", f"fma.rn.f16x2 a{2 * i + 1}, hi, s16, zh{u};"]
+                for v in range(tiles):
+                    xq = chunk0[c] + 4 * blocks + 8 * v + 2 * j  # pairs (s = 0, 1) and (s = 2, 3) of word j, tile v
+                    acc = "{zero, zero, zero, zero}" if c == 0 and j == 0 else "{" + ", ".join(d[u][v]) + "}"
+                    lines.append(f"mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {{{', '.join(d[u][v])}}}, "
+                                 f"{{a0, a1, a2, a3}}, {{${xq}, ${xq + 1}}}, {acc};")
+    for u in range(blocks):
+        lines += [f"mov.b32 {{sl, sh}}, ${sz[u] + 1};", "cvt.f32.f16 fs0, sl;", "cvt.f32.f16 fs1, sh;"]
+        for v in range(tiles):
+            for i in range(4):
+                out = 4 * (u * tiles + v) + i
+                lines.append(f"fma.rn.f32 ${out}, {d[u][v][i]}, {'fs0' if i < 2 else 'fs1'}, "
+                             f"${4 * blocks * tiles + out};")
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-def _group_io(chunks: int, tiles: int) -> str:
-    return ",".join(["=f"] * 4 * tiles + ["f"] * 4 * tiles + ["r"] * ((4 + 8 * tiles) * chunks + 4))
+def _group_io(chunks: int, tiles: int, blocks: int) -> str:
+    n_acc = 4 * blocks * tiles
+    return ",".join(["=f"] * n_acc + ["f"] * n_acc + ["r"] * ((4 * blocks + 8 * tiles) * chunks + 4 * blocks))
 
 
-_GROUP_PTX = {(c, u): tl.constexpr(_group_ptx(c, u)) for c in (1, 2) for u in (1, 2)} if tl is not None else {}
-_GROUP_IO = {(c, u): tl.constexpr(_group_io(c, u)) for c in (1, 2) for u in (1, 2)} if tl is not None else {}
-_PTX_1_1, _PTX_1_2, _PTX_2_1, _PTX_2_2 = (_GROUP_PTX.get(k) for k in ((1, 1), (1, 2), (2, 1), (2, 2)))
-_IO_1_1, _IO_1_2, _IO_2_1, _IO_2_2 = (_GROUP_IO.get(k) for k in ((1, 1), (1, 2), (2, 1), (2, 2)))
+_COMBOS = ((1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 2, 1), (2, 1, 2), (2, 2, 2))  # (chunks, tiles, blocks)
+_GROUP_PTX = {c: tl.constexpr(_group_ptx(*c)) for c in _COMBOS} if tl is not None else {}
+_GROUP_IO = {c: tl.constexpr(_group_io(*c)) for c in _COMBOS} if tl is not None else {}
+_PTX_111, _PTX_121, _PTX_211, _PTX_221, _PTX_212, _PTX_222 = (_GROUP_PTX.get(c) for c in _COMBOS)
+_IO_111, _IO_121, _IO_211, _IO_221, _IO_212, _IO_222 = (_GROUP_IO.get(c) for c in _COMBOS)
 
 
 @_jit
-def _mma_group(acc0, acc1, w0, x0, w1, x1, sz, CHUNKS: tl.constexpr, TILES: tl.constexpr):
-    """(acc0, acc1) + scale * (codes - zero) @ x over one group, per accumulator element (GPU only; pack=4: each
-    call is one lane's 4 accumulators per tile, 4 words per chunk, per chunk and tile 8 x pairs (x0, x1: tuples
-    (xa, xb, ya, yb), tile 1's ya, yb unused with TILES == 1) and its (zz, ss)). acc1 comes back as is with
-    TILES == 1."""
-    if CHUNKS == 2:
+def _mma_group(accs, wa, wb, x0, x1, CHUNKS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr):
+    """accs + scale * (codes - zero) @ x over one group, per accumulator element (GPU only; pack=4: each call is one
+    lane's 4 accumulators per (block, tile)). accs = (block 0 tile 0, block 0 tile 1, block 1 tile 0, block 1
+    tile 1); wa, wb = (words of chunk 0, words of chunk 1, sz) of block 0 and 1; x0, x1 = (xa, xb, ya, yb) of
+    chunk 0 and 1 (ya, yb: tile 1's). Entries a configuration does not use come back as they went in."""
+    a00, a01, a10, a11 = accs
+    if BLOCKS == 2:
         if TILES == 2:
-            acc0, acc1 = tl.inline_asm_elementwise(
-                asm=_PTX_2_2, constraints=_IO_2_2, args=[acc0, acc1, w0, x0[0], x0[1], x0[2], x0[3], w1, x1[0],
-                                                         x1[1], x1[2], x1[3], sz],
+            a00, a01, a10, a11 = tl.inline_asm_elementwise(
+                asm=_PTX_222, constraints=_IO_222,
+                args=[a00, a01, a10, a11, wa[0], wb[0], x0[0], x0[1], x0[2], x0[3], wa[1], wb[1], x1[0], x1[1],
+                      x1[2], x1[3], wa[2], wb[2]],
+                dtype=(tl.float32, tl.float32, tl.float32, tl.float32), is_pure=True, pack=4)
+        else:
+            a00, a10 = tl.inline_asm_elementwise(
+                asm=_PTX_212, constraints=_IO_212,
+                args=[a00, a10, wa[0], wb[0], x0[0], x0[1], wa[1], wb[1], x1[0], x1[1], wa[2], wb[2]],
+                dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
+    elif CHUNKS == 2:
+        if TILES == 2:
+            a00, a01 = tl.inline_asm_elementwise(
+                asm=_PTX_221, constraints=_IO_221,
+                args=[a00, a01, wa[0], x0[0], x0[1], x0[2], x0[3], wa[1], x1[0], x1[1], x1[2], x1[3], wa[2]],
                 dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
         else:
-            acc0 = tl.inline_asm_elementwise(
-                asm=_PTX_2_1, constraints=_IO_2_1, args=[acc0, w0, x0[0], x0[1], w1, x1[0], x1[1], sz],
+            a00 = tl.inline_asm_elementwise(
+                asm=_PTX_211, constraints=_IO_211, args=[a00, wa[0], x0[0], x0[1], wa[1], x1[0], x1[1], wa[2]],
                 dtype=tl.float32, is_pure=True, pack=4)
     else:
         if TILES == 2:
-            acc0, acc1 = tl.inline_asm_elementwise(
-                asm=_PTX_1_2, constraints=_IO_1_2, args=[acc0, acc1, w0, x0[0], x0[1], x0[2], x0[3], sz],
+            a00, a01 = tl.inline_asm_elementwise(
+                asm=_PTX_121, constraints=_IO_121, args=[a00, a01, wa[0], x0[0], x0[1], x0[2], x0[3], wa[2]],
                 dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
         else:
-            acc0 = tl.inline_asm_elementwise(
-                asm=_PTX_1_1, constraints=_IO_1_1, args=[acc0, w0, x0[0], x0[1], sz], dtype=tl.float32,
+            a00 = tl.inline_asm_elementwise(
+                asm=_PTX_111, constraints=_IO_111, args=[a00, wa[0], x0[0], x0[1], wa[2]], dtype=tl.float32,
                 is_pure=True, pack=4)
-    return acc0, acc1
+    return a00, a01, a10, a11
 
 
 @_jit
@@ -243,12 +263,13 @@ def _pair_half(word, hi):
 @_jit
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
-                      BUFFERS: tl.constexpr, TILES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """Program (pid, split): blocks pid * WARPS + w (one per warp) over the split-th run of groups. Per group one
-    _mma_group call per lane; the next group's words and sz are in flight meanwhile (two buffers, the loop
-    unrolled twice so that no register holding a load in flight is copied); x (an L1 hit after the first warp)
-    is loaded one group ahead. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split
-    order (deterministic) and writes out (lmc.kernels.split_counters)."""
+                      BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
+                      PDL: tl.constexpr):
+    """Program (pid, split): BLOCKS column blocks per warp, (pid * WARPS + w) * BLOCKS + u, over the split-th run of
+    groups. Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
+    buffer, so that no register holding a load in flight is copied); x, an L1 hit after the first warp, is
+    loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
+    (deterministic) and writes out (lmc.kernels.split_counters)."""
     L: tl.constexpr = 128 * WARPS
     CHUNKS: tl.constexpr = GROUP // 64
     pid = tl.program_id(0)
@@ -258,142 +279,167 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     lane = (idx // 4) % 32
     g = lane // 4
     t = lane % 4
-    b = tl.minimum(pid * WARPS + idx // 128, NB - 1)  # [L] the warp's block (a missing one reads the last one;
-    # nothing of it is stored)
+    b0 = (pid * WARPS + idx // 128) * BLOCKS  # [L] the warp's first block
+    ba = tl.minimum(b0, NB - 1)  # a missing block reads the last one; nothing of it is stored
+    bb = tl.minimum(b0 + BLOCKS - 1, NB - 1)  # the warp's second block (its first again with BLOCKS == 1)
     n_chunks = K // 64
     n_groups = K // GROUP
     run = tl.cdiv(n_groups, SPLIT_K)
     g_first = split * run
     g_last = tl.minimum(n_groups, g_first + run) - 1
-    # B fragment column g of tile u carries x row 8u + g; accumulator element e of lane (g, t) is column 2t + e % 2
-    out_row0 = tl.minimum(2 * t + e % 2, M - 1)  # [L]
-    out_row1 = tl.minimum(8 + 2 * t + e % 2, M - 1)
+    # B fragment column g of tile v carries x row 8v + g; accumulator element e of lane (g, t) is column 2t + e % 2
+    rows = (tl.minimum(2 * t + e % 2, M - 1), tl.minimum(8 + 2 * t + e % 2, M - 1))  # [L] x2: per tile
     x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    word_base = b * n_chunks * 128 + idx % 128  # [L]
-    x_base0 = tl.minimum(g, M - 1) * (stride_xm // 2) + 8 * t + e  # [L] int32 pairs: lane's 16 bytes of x per chunk
-    x_base1 = tl.minimum(8 + g, M - 1) * (stride_xm // 2) + 8 * t + e  # (xa; xb at +4)
-    sz_base = (b * n_groups * 8 + g) * 2 + e % 2  # [L]: (zz, ss, zz, ss)
-
-    acc0 = tl.zeros((L,), dtype=tl.float32)
-    acc1 = tl.zeros((L,), dtype=tl.float32)  # rows 8-15 (TILES == 2)
-    # BUFFERS groups' words in flight: loaded before the PDL wait (weights only), then each loop step multiplies
-    # them in order, reloading every buffer with the group BUFFERS ahead right after it is used (ptxas tends to sink
-    # those loads to the end of the step: then all BUFFERS groups are in flight during the wait that follows)
-    wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first, g_last), CHUNKS)
-    wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 1, g_last), CHUNKS)
-    wc0, wc1, sc = wa0, wa1, sa
-    wd0, wd1, sd = wa0, wa1, sa
+    x_bases = (tl.minimum(g, M - 1) * (stride_xm // 2) + 8 * t + e,  # [L] int32 pairs: the lane's 16 bytes of x
+               tl.minimum(8 + g, M - 1) * (stride_xm // 2) + 8 * t + e)  # per chunk (xa; xb at +4), per tile
+    bases = (ba * n_chunks * 128 + idx % 128, (ba * n_groups * 8 + g) * 2 + e % 2,  # block 0: words, (zz, ss)
+             bb * n_chunks * 128 + idx % 128, (bb * n_groups * 8 + g) * 2 + e % 2)  # block 1
+    zero = tl.zeros((L,), dtype=tl.float32)
+    accs = (zero, zero, zero, zero)  # (block, tile): (0, 0), (0, 1), (1, 0), (1, 1)
+    bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first, g_last), CHUNKS, BLOCKS)
+    bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 1, g_last), CHUNKS, BLOCKS)
+    bufc, bufd = bufa, bufa
     if BUFFERS == 4:
-        wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 2, g_last), CHUNKS)
-        wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(g_first + 3, g_last), CHUNKS)
+        bufc = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 2, g_last), CHUNKS, BLOCKS)
+        bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 3, g_last), CHUNKS, BLOCKS)
     pdl_wait(PDL)
     for grp in range(g_first, g_last + 1, BUFFERS):
-        acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wa0, wa1, sa, x_base0, x_base1,
-                                  grp, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
-                                  TILES, ASM)
-        wa0, wa1, sa = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS, g_last), CHUNKS)
-        acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wb0, wb1, sb, x_base0, x_base1,
-                                  grp + 1, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
-                                  TILES, ASM)
-        wb0, wb1, sb = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + BUFFERS + 1, g_last),
-                                   CHUNKS)
+        accs = _group_step(accs, bufa, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e,
+                           stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
+        bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + BUFFERS, g_last), CHUNKS, BLOCKS)
+        accs = _group_step(accs, bufb, grp + 1, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e,
+                           stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
+        bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + BUFFERS + 1, g_last), CHUNKS, BLOCKS)
         if BUFFERS == 4:
-            acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wc0, wc1, sc, x_base0, x_base1,
-                                  grp + 2, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
-                                  TILES, ASM)
-            wc0, wc1, sc = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 6, g_last), CHUNKS)
-            acc0, acc1 = _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, wd0, wd1, sd, x_base0, x_base1,
-                                  grp + 3, g_last, b, g, e, out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS,
-                                  TILES, ASM)
-            wd0, wd1, sd = _load_words(qf_ptr, sz_ptr, word_base, sz_base, tl.minimum(grp + 7, g_last), CHUNKS)
-    _mma_finish(acc0, acc1, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU,
-                TILES)
+            accs = _group_step(accs, bufc, grp + 2, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g,
+                               e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
+            bufc = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 6, g_last), CHUNKS, BLOCKS)
+            accs = _group_step(accs, bufd, grp + 3, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g,
+                               e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
+            bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 7, g_last), CHUNKS, BLOCKS)
+    _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU, TILES,
+                BLOCKS)
 
 
 @_jit
-def _mma_finish(acc0, acc1, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
-                SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr):
-    """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, tile, L] and, in the last split
-    to arrive, their sum in split order (lmc.kernels.split_counters)."""
+def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
+                SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr):
+    """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, block, tile, L] and, in the
+    last split to arrive, their sum in split order (lmc.kernels.split_counters)."""
     L: tl.constexpr = 128 * WARPS
+    PARTS: tl.constexpr = BLOCKS * TILES
     if SPLIT_K == 1:
-        _mma_store(acc0, out_ptr, M, stride_om, NB, pid, 0, WARPS, SILU)
-        if TILES == 2:
-            _mma_store(acc1, out_ptr, M, stride_om, NB, pid, 8, WARPS, SILU)
+        _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS)
     else:
-        mine = ws_ptr + ((split * tl.num_programs(0) + pid) * TILES) * L + idx
-        tl.store(mine, acc0)
+        mine = ws_ptr + ((split * tl.num_programs(0) + pid) * PARTS) * L + idx
+        tl.store(mine, accs[0])
         if TILES == 2:
-            tl.store(mine + L, acc1)
+            tl.store(mine + L, accs[1])
+        if BLOCKS == 2:
+            tl.store(mine + TILES * L, accs[2])
+            if TILES == 2:
+                tl.store(mine + 3 * L, accs[3])
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid
         if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-            total0 = tl.zeros((L,), dtype=tl.float32)
-            total1 = tl.zeros((L,), dtype=tl.float32)
+            z = tl.zeros((L,), dtype=tl.float32)
+            t00, t01, t10, t11 = z, z, z, z
             for s in tl.static_range(SPLIT_K):
-                theirs = ws_ptr + ((s * tl.num_programs(0) + pid) * TILES) * L + idx
-                total0 += tl.load(theirs, cache_modifier=".cg")
+                theirs = ws_ptr + ((s * tl.num_programs(0) + pid) * PARTS) * L + idx
+                t00 += tl.load(theirs, cache_modifier=".cg")
                 if TILES == 2:
-                    total1 += tl.load(theirs + L, cache_modifier=".cg")
-            _mma_store(total0, out_ptr, M, stride_om, NB, pid, 0, WARPS, SILU)
-            if TILES == 2:
-                _mma_store(total1, out_ptr, M, stride_om, NB, pid, 8, WARPS, SILU)
+                    t01 += tl.load(theirs + L, cache_modifier=".cg")
+                if BLOCKS == 2:
+                    t10 += tl.load(theirs + TILES * L, cache_modifier=".cg")
+                    if TILES == 2:
+                        t11 += tl.load(theirs + 3 * L, cache_modifier=".cg")
+            _mma_store_all((t00, t01, t10, t11), out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS)
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
 @_jit
-def _load_words(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr):
-    """Group grp's words (a 16-byte load per lane and chunk; streamed once, so marked evict-first to leave L1 to x)
-    and its (zz, ss, zz, ss)."""
-    w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128, eviction_policy="evict_first")
-    w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128, eviction_policy="evict_first")
-    sz = tl.load(sz_ptr + sz_base + grp * 16)
-    return w0, w1, sz
+def _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: tl.constexpr,
+                   TILES: tl.constexpr, BLOCKS: tl.constexpr):
+    _mma_store(accs[0], out_ptr, M, stride_om, NB, pid, 0, 0, WARPS, BLOCKS, SILU)
+    if TILES == 2:
+        _mma_store(accs[1], out_ptr, M, stride_om, NB, pid, 8, 0, WARPS, BLOCKS, SILU)
+    if BLOCKS == 2:
+        _mma_store(accs[2], out_ptr, M, stride_om, NB, pid, 0, 1, WARPS, BLOCKS, SILU)
+        if TILES == 2:
+            _mma_store(accs[3], out_ptr, M, stride_om, NB, pid, 8, 1, WARPS, BLOCKS, SILU)
 
 
 @_jit
-def _group_step(acc0, acc1, qf_ptr, x_ptr, x32, sz_ptr, w0, w1, sz, x_base0, x_base1, grp, g_last, b, g, e,
-                out_row0, out_row1, stride_xm, n_chunks, n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr,
-                ASM: tl.constexpr):
-    """(acc0, acc1) plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
-    x_base0/1: the lane's x pairs of tile 0/1 (B fragment column g; loaded here, an L1 hit after the first warp:
-    holding them in flight would take more registers than the words); out_row0/1: the x row of each accumulator
-    element of tile 0/1."""
+def _load_group(qf_ptr, sz_ptr, bases, grp, CHUNKS: tl.constexpr, BLOCKS: tl.constexpr):
+    """Group grp's words (a 16-byte load per lane and chunk; streamed once, so marked evict-first to leave L1 to x)
+    and (zz, ss, zz, ss), per block: ((chunk 0, chunk 1, sz) of block 0, the same of block 1 (block 0's again with
+    BLOCKS == 1))."""
+    wa = _load_block(qf_ptr, sz_ptr, bases[0], bases[1], grp, CHUNKS)
+    wb = wa
+    if BLOCKS == 2:
+        wb = _load_block(qf_ptr, sz_ptr, bases[2], bases[3], grp, CHUNKS)
+    return wa, wb
+
+
+@_jit
+def _load_block(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr):
+    w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128, eviction_policy="evict_first")
+    w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128, eviction_policy="evict_first")
+    return w0, w1, tl.load(sz_ptr + sz_base + grp * 16)
+
+
+@_jit
+def _group_step(accs, buf, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e, stride_xm, n_chunks,
+                n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr):
+    """accs plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
+    x_bases: the lane's x pairs per tile (B fragment column g); rows: the x row of each accumulator element per
+    tile (the interpreter's path)."""
     valid = grp <= g_last
     grp = tl.minimum(grp, g_last)
     if ASM:
-        sz = tl.where(valid | (e % 2 == 0), sz, 0)  # a zero scale (ss) for the overhang
+        wa, wb = buf
+        keep = valid | (e % 2 == 0)  # a zero scale (ss) for the overhang
+        wa = (wa[0], wa[1], tl.where(keep, wa[2], 0))
+        wb = (wb[0], wb[1], tl.where(keep, wb[2], 0))
         c0 = grp * CHUNKS
-        c1 = c0 + CHUNKS - 1
-        x0 = _load_x(x32, x_base0, x_base1, c0, TILES)
-        x1 = _load_x(x32, x_base0, x_base1, c1, TILES)
-        return _mma_group(acc0, acc1, w0, x0, w1, x1, sz, CHUNKS, TILES)
-    acc0 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row0, stride_xm, n_chunks,
-                                          n_groups, CHUNKS), 0.0)
+        x0 = _load_x(x32, x_bases, c0, TILES)
+        x1 = _load_x(x32, x_bases, c0 + CHUNKS - 1, TILES)
+        return _mma_group(accs, wa, wb, x0, x1, CHUNKS, TILES, BLOCKS)
+    a00, a01, a10, a11 = accs
+    a00 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, ba, grp, g, e, rows[0], stride_xm, n_chunks,
+                                         n_groups, CHUNKS), 0.0)
     if TILES == 2:
-        acc1 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row1, stride_xm, n_chunks,
-                                              n_groups, CHUNKS), 0.0)
-    return acc0, acc1
+        a01 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, ba, grp, g, e, rows[1], stride_xm, n_chunks,
+                                             n_groups, CHUNKS), 0.0)
+    if BLOCKS == 2:
+        a10 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, bb, grp, g, e, rows[0], stride_xm, n_chunks,
+                                             n_groups, CHUNKS), 0.0)
+        if TILES == 2:
+            a11 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, bb, grp, g, e, rows[1], stride_xm,
+                                                 n_chunks, n_groups, CHUNKS), 0.0)
+    return a00, a01, a10, a11
 
 
 @_jit
-def _load_x(x32, x_base0, x_base1, c, TILES: tl.constexpr):
+def _load_x(x32, x_bases, c, TILES: tl.constexpr):
     """The lane's x pairs of chunk c: (xa, xb) of tile 0 (pairs 8t .. 8t + 3 and 8t + 4 .. 8t + 7), then tile 1's
     (tile 0's again with TILES == 1, unused)."""
-    xa = tl.load(x32 + x_base0 + c * 32)
-    xb = tl.load(x32 + x_base0 + c * 32 + 4)
+    xa = tl.load(x32 + x_bases[0] + c * 32)
+    xb = tl.load(x32 + x_bases[0] + c * 32 + 4)
     ya, yb = xa, xb
     if TILES == 2:
-        ya = tl.load(x32 + x_base1 + c * 32)
-        yb = tl.load(x32 + x_base1 + c * 32 + 4)
+        ya = tl.load(x32 + x_bases[1] + c * 32)
+        yb = tl.load(x32 + x_bases[1] + c * 32 + 4)
     return xa, xb, ya, yb
 
 
 @_jit
-def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, WARPS: tl.constexpr, SILU: tl.constexpr):
+def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, U: tl.constexpr, WARPS: tl.constexpr,
+               BLOCKS: tl.constexpr, SILU: tl.constexpr):
     """Accumulator element e of lane (g, t) of warp w is out[m = ROW0 + 2t + e % 2, col(b, g + 8 (e // 2))], b the
-    warp's block. SILU: elements 0, 1 are gate columns 8b + g, elements 2, 3 the matching up columns (same lane):
-    out[m, 8b + g] = silu(gate) * up, both rounded to out's dtype first (what the unfused silu_mul reads)."""
+    warp's block U, (pid * WARPS + w) * BLOCKS + U. SILU: elements 0, 1 are gate columns 8b + g, elements 2, 3 the
+    matching up columns (same lane): out[m, 8b + g] = silu(gate) * up, both rounded to out's dtype first (what the
+    unfused silu_mul reads)."""
     dtype = out_ptr.dtype.element_ty
     if SILU:
         v = tl.reshape(acc.to(dtype).to(tl.float32), (acc.shape[0] // 4, 2, 2))  # [lanes, e // 2, e % 2]
@@ -401,7 +447,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, WARPS: t
         q = tl.arange(0, acc.shape[0] // 4)[:, None]  # [lanes, 1]: warp * 32 + lane
         i = tl.arange(0, 2)[None, :]  # [1, 2]: e % 2
         lane = q % 32
-        b = pid * WARPS + q // 32
+        b = (pid * WARPS + q // 32) * BLOCKS + U
         m = ROW0 + 2 * (lane % 4) + i  # [lanes, 2]
         tl.store(out_ptr + m * stride_om + 8 * b + lane // 4, (gate * tl.sigmoid(gate) * up).to(dtype),
                  mask=(b < NB) & (m < M))
@@ -409,17 +455,18 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, WARPS: t
         idx = tl.arange(0, acc.shape[0])
         e = idx % 4
         lane = (idx // 4) % 32
-        b = pid * WARPS + idx // 128
+        b = (pid * WARPS + idx // 128) * BLOCKS + U
         m = ROW0 + 2 * (lane % 4) + e % 2
         tl.store(out_ptr + m * stride_om + 16 * b + lane // 4 + 8 * (e // 2), acc.to(dtype),
                  mask=(b < NB) & (m < M))
 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
-                     split_k: int = 1, buffers: int = 2, silu_mul: bool = False, out: torch.Tensor | None = None,
+                     split_k: int = 1, buffers: int = 2, blocks: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
-    One warp per 16-column block, `warps` blocks a program; split_k splits the groups of K over that many
+    `blocks` (1 or 2; 1 with G = 64) 16-column blocks a warp (two share the x registers), `warps` warps a
+    program; split_k splits the groups of K over that many
     programs per block set (the last to finish sums in split order). asm: the mma.sync path (float16 x on CUDA);
     None = on where it can run."""
     nb, chunks, lane_words = qfrag.shape
@@ -440,11 +487,12 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte rows of pairs
         x = x.contiguous().clone()
     tiles = 1 if m <= 8 else 2
-    grid = (triton.cdiv(nb, warps), split_k)
-    ws = torch.empty((split_k, grid[0], tiles, 128 * warps), dtype=torch.float32, device=x.device) \
+    blocks = blocks if group_size == 128 else 1  # two blocks a warp: written for two chunks a group
+    grid = (triton.cdiv(nb, warps * blocks), split_k)
+    ws = torch.empty((split_k, grid[0], blocks * tiles, 128 * warps), dtype=torch.float32, device=x.device) \
         if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, ASM=asm,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out

@@ -123,17 +123,19 @@ def test_ptx_fragments_simulated(m, n, k, group, silu):
     torch.testing.assert_close(got, _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers", [
-    (1, 48, 256, 128, False, 1, 1, 2), (1, 80, 384, 128, False, 4, 3, 4), (3, 32, 192, 64, True, 2, 2, 2),
-    (8, 96, 384, 128, True, 4, 1, 4), (5, 112, 320, 64, False, 2, 4, 2), (2, 64, 640, 128, True, 1, 5, 4),
-    (1, 64, 640, 128, True, 2, 2, 2), (9, 48, 256, 128, False, 2, 2, 2), (16, 64, 384, 64, True, 1, 3, 4),
-    (13, 80, 640, 128, False, 4, 1, 2)])
-def test_kernel_interpreter(m, n, k, group, silu, warps, split_k, buffers):
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers,blocks", [
+    (1, 48, 256, 128, False, 1, 1, 2, 1), (1, 80, 384, 128, False, 4, 3, 4, 1), (3, 32, 192, 64, True, 2, 2, 2, 1),
+    (8, 96, 384, 128, True, 4, 1, 4, 1), (5, 112, 320, 64, False, 2, 4, 2, 1), (2, 64, 640, 128, True, 1, 5, 4, 1),
+    (1, 64, 640, 128, True, 2, 2, 2, 1), (9, 48, 256, 128, False, 2, 2, 2, 1), (16, 64, 384, 64, True, 1, 3, 4, 1),
+    (13, 80, 640, 128, False, 4, 1, 2, 1), (1, 80, 384, 128, False, 2, 3, 2, 2), (12, 96, 640, 128, True, 1, 2, 4, 2),
+    (5, 32, 256, 128, True, 4, 1, 2, 2), (16, 112, 384, 64, False, 2, 2, 2, 2)])
+def test_kernel_interpreter(m, n, k, group, silu, warps, split_k, buffers, blocks):
     """The kernel's index path (blocks past N masked, split-K with the last split summing, both epilogues)."""
     q, s, z = _quantized(n, k, group, seed=n * k)
     x = torch.randn(m, k).half()
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, silu_mul=silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, blocks=blocks,
+                              silu_mul=silu)
     assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
     torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
 
@@ -153,22 +155,26 @@ def test_eligibility_and_errors():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers", [
-    (1, 4096, 4096, 128, False, 4, 4, 2), (1, 28672, 4096, 128, True, 4, 1, 4), (1, 4096, 14336, 128, False, 4, 8, 4),
-    (3, 96, 384, 64, True, 2, 2, 2), (8, 6144, 4096, 128, False, 4, 2, 4), (5, 112, 320, 64, False, 1, 3, 2),
-    (16, 28672, 4096, 128, True, 4, 4, 2), (11, 4096, 14336, 128, False, 8, 16, 2), (9, 96, 384, 64, True, 1, 3, 4)])
-def test_mma_path_on_cuda(m, n, k, group, silu, warps, split_k, buffers):
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers,blocks", [
+    (1, 4096, 4096, 128, False, 4, 4, 2, 1), (1, 28672, 4096, 128, True, 4, 1, 4, 1),
+    (1, 4096, 14336, 128, False, 4, 8, 4, 1), (3, 96, 384, 64, True, 2, 2, 2, 1), (8, 6144, 4096, 128, False, 4, 2, 4, 1),
+    (5, 112, 320, 64, False, 1, 3, 2, 1), (16, 28672, 4096, 128, True, 4, 4, 2, 1),
+    (11, 4096, 14336, 128, False, 8, 16, 2, 1), (9, 96, 384, 64, True, 1, 3, 4, 1),
+    (1, 28672, 4096, 128, True, 4, 2, 2, 2), (16, 4096, 14336, 128, False, 4, 8, 4, 2), (7, 80, 384, 128, False, 2, 3, 2, 2),
+    (13, 96, 640, 128, True, 1, 2, 4, 2)])
+def test_mma_path_on_cuda(m, n, k, group, silu, warps, split_k, buffers, blocks):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
     q, s, z = _quantized(n, k, group, seed=n + k, device="cuda")
     x = torch.randn(m, k, device="cuda").half()
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, silu_mul=silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, blocks=blocks,
+                              silu_mul=silu)
     want = _reference(x, q, s, z, group, silu)
     err = (got.float() - want).abs().max().item() / want.abs().max().item()
     assert err < 2e-3, err
     again = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers,
-                                silu_mul=silu)
+                                blocks=blocks, silu_mul=silu)
     assert torch.equal(got, again)  # deterministic: split partials summed in split order
 
 
