@@ -40,6 +40,7 @@ from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
+from lmc.kernels.w4a16_mma import MAX_ROWS as MMA_MAX_ROWS
 from lmc.kernels.w4a16_mma import w4a16_mma_triton
 from lmc.kernels.w4a16_tuning import config_for
 
@@ -758,8 +759,8 @@ def device_name(device: torch.device | None) -> str | None:
 def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None, mma: bool = False) -> tuple[str, dict]:
     """The path ("gemv", "gemm", "dequant" or "mma") and launcher keywords that w4a16_matmul uses for an [M, K] x
     [K, N] product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the
-    default); mma: the weight has the mma layout (kernels/w4a16_mma.py), which "mma" entries need."""
-    return config_for(device_name(device), m, n, k, mma)
+    default); mma: the weight has the mma layout (kernels/w4a16_mma.py), which "mma" entries need (and M <= 16)."""
+    return config_for(device_name(device), m, n, k, mma and m <= MMA_MAX_ROWS)
 
 
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -194,6 +194,21 @@ def test_tuning_mma_entries_fall_back_without_the_layout(monkeypatch):
     assert T.has_mma("B") and not T.has_mma("A") and not T.has_mma("unknown GPU") and not T.has_mma(None)
 
 
+def test_rows_past_the_mma_kernel_take_the_fallback(monkeypatch):
+    from lmc.kernels import w4a16_tuning as T
+
+    entry = {"m": 16, "k": 4096, "n": 4096, "path": "mma", "config": {"warps": 4},
+             "fallback": {"path": "gemm", "config": {"block_m": 16}}}
+    tables = {"format": T.FORMAT, "default": "A", "devices": {"A": {"source": "", "entries": [entry]}}}
+    monkeypatch.setattr(T, "_tables", lambda: tables)
+    T._config.cache_clear()
+    try:  # a table whose largest M class is mma: M = 17 would select it, but the kernel takes 16 rows
+        assert W.w4a16_config(16, 4096, 4096, mma=True) == ("mma", {"warps": 4})
+        assert W.w4a16_config(17, 4096, 4096, mma=True) == ("gemm", {"block_m": 16})
+    finally:
+        T._config.cache_clear()
+
+
 def test_shipped_h200_table_has_mma_entries_with_fallbacks():
     from lmc.kernels import w4a16_tuning as T
 
