@@ -1,10 +1,11 @@
 """W4A16 for 1-16 rows of x on the tensor cores: int4 words re-laid at load time so that each lane's loaded word
 dequantizes straight into its mma.sync fragment (the Marlin idea: no shared-memory round trip, no layout change).
 
-Why: the CUDA-core GEMV (kernels/w4a16.py) spends ~24 instructions per packed word (dequant, packed-float16
-products, float32 sums, scale) and tops out at 60-65 % of the copy bandwidth on an H200. Here a word costs
-4 LOP3 + 1 SHF + 4 HSUB2/HFMA2 (the codes minus the zero, exact) + one HMMA.16816 for 32 lanes' words, and the
-group scale is one float32 FMA per output per group.
+Why: the CUDA-core GEMV (kernels/w4a16.py) spends ~24 SASS instructions per packed word (dequant, packed-float16
+products, float32 sums, scale) and re-reads the weights for every 1-4 rows of x. Here a word costs 4 LOP3 + 1 SHF
++ 4 HSUB2/HFMA2 (the codes minus the zero, exact) + one HMMA.16816 per 8 rows of x (~14 instructions a word in
+the loop on sm_90), and the group scale is one float32 FMA per output per group. Measured on an H200 (bench/NOTES.md,
+session 15): 1.25-2.3x the GEMV at 2-8 rows, about even at 1 row, where both are bound by the bytes in flight.
 
 The "mma fragment" layout (runtime only, made by `mma_layout` from the stored lmc-int4-k8 tensors; not a
 workspace format). Output columns go in blocks of 16 (`block_columns`: plain 16b + r, or for a fused gate/up
@@ -24,7 +25,9 @@ r >= 8, so that silu(gate) * up is one lane's business). K goes in chunks of 64;
         (s_g, s_{g+8}), where z_r, s_r are the zero and scale of column col(b, r) in that group.
 
 The B fragment's column is the lane's g, so x row min(g, M - 1) rides in column g: up to 8 rows of x at the price
-of one; past 8 rows each dequantized A fragment meets a second B fragment (rows 8 + g, TILES = 2). The accumulator lane l = 4g + t holds out[m, col(b, g + 8 (e // 2))] for m = 2t + e % 2, e = 0..3.
+of one; past 8 rows each dequantized A fragment meets a second B fragment (rows 8 + g, TILES = 2). Element e of
+the accumulator of lane l = 4g + t holds out[m, col(b, g + 8 (e // 2))] for m = 2t + e % 2 (+ 8 in tile 1). A warp
+owns one block, or two (BLOCKS = 2), whose A fragments then share the lane's x registers.
 Off the GPU (TRITON_INTERPRET) the kernel takes an index-arithmetic path (`ASM=False`) that gathers the same codes
 from the same layout and sums in float32, so the layout, the split-K and the epilogues are checked on a CPU; the
 fragment path itself is checked by the GPU tests.
