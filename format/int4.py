@@ -42,9 +42,10 @@ def unpack_lmc(qweight: torch.Tensor, in_features: int) -> torch.Tensor:
     rows, n = qweight.shape
     if rows != -(-in_features // PACK):
         raise LmcError(f"qweight has {rows} packed rows, expected ceil({in_features} / 8)")
-    shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=qweight.device)[None, :, None]  # [1, 8, 1]
-    c = (to_uint32(qweight)[:, None, :] >> shifts) & 0xF  # [K8/8, 8, N]
-    return c.reshape(rows * PACK, n)[:in_features].t().to(torch.uint8).contiguous()  # [N, K]
+    shifts = torch.tensor(_SHIFTS, dtype=torch.int32, device=qweight.device)[None, :, None]  # [1, 8, 1]
+    # int32 throughout (4 bytes a code, not 8): the arithmetic shift's sign bits are masked off with the nibble
+    c = ((qweight.to(torch.int32)[:, None, :] >> shifts) & 0xF).to(torch.uint8)  # [K8/8, 8, N]
+    return c.reshape(rows * PACK, n)[:in_features].t().contiguous()  # [N, K]
 
 
 def to_lmc_tensors(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

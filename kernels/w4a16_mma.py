@@ -37,6 +37,7 @@ from __future__ import annotations  # kernel annotations stay strings: the modul
 import torch
 
 from lmc.errors import LmcError
+from lmc.format.int4 import unpack_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.split_counters import split_counters
 
@@ -68,6 +69,11 @@ def block_columns(n: int, silu: bool) -> torch.Tensor:
     return torch.where(r < 8, 8 * b + r, n // 2 + 8 * b + (r - 8))
 
 
+def nibble(h, s):
+    """The nibble of a word that holds the code of row g + 8h, k = 16t + 4j + s (the module docstring)."""
+    return h + 2 * (s // 2) + 4 * (s % 2)
+
+
 def mma_eligible(k: int, n: int, group_size: int, silu: bool = False) -> bool:
     """Whether a [K, N] int4 weight can take this path: whole 64-wide chunks inside whole groups, whole blocks."""
     return group_size in (64, 128) and k % group_size == 0 and n % (32 if silu else 16) == 0
@@ -76,13 +82,14 @@ def mma_eligible(k: int, n: int, group_size: int, silu: bool = False) -> bool:
 def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
                silu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(qfrag, sz) of the module docstring from lmc-int4-k8 qweight [K/8, N] int32, scales and zeros [K/G, N]
-    (float16). Runs where the tensors are (the GPU at load time); transient memory ~2.5 bytes per weight."""
+    (float16). Runs where the tensors are (the GPU at load time); transient memory ~4 bytes per weight (the
+    codec's int32 unpack)."""
     kp, n = qweight.shape
     k = kp * 8
     if not mma_eligible(k, n, group_size, silu):
-        raise LmcError(f"the mma layout needs G in (64, 128), K % G == 0 and N % 16 == 0, got K={k} N={n} G={group_size}")
-    shifts = 4 * torch.arange(8, device=qweight.device, dtype=torch.int32)
-    codes = ((qweight[:, None, :] >> shifts[None, :, None]) & 0xF).to(torch.uint8).reshape(k, n)  # [K, N], row k
+        raise LmcError(f"the mma layout needs G in (64, 128), K % G == 0 and N % {32 if silu else 16} == 0, got "
+                       f"K={k} N={n} G={group_size}")
+    codes = unpack_lmc(qweight, k).t()  # [K, N] uint8 (a view of the codec's [N, K])
     cols = block_columns(n, silu).to(qweight.device)  # [NB, 16]
     nb, chunks = n // 16, k // CHUNK
     w = codes[:, cols.reshape(-1)].reshape(chunks, 4, 4, 4, nb, 2, 8)  # [c, t, j, s, b, h, g]: row g + 8h of block b
@@ -91,7 +98,7 @@ def mma_layout(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
     for h in range(2):
         for s in range(4):
             plane = w[:, :, :, s, :, h, :].permute(3, 0, 4, 1, 2).to(torch.int32)  # [b, c, g, t, j]
-            qfrag |= plane << (4 * (h + 2 * (s // 2) + 4 * (s % 2)))  # nibble 7 wraps into the sign bit
+            qfrag |= plane << (4 * nibble(h, s))  # nibble 7 wraps into the sign bit
     qfrag = qfrag.reshape(nb, chunks, LANE_WORDS)
 
     def halves(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:  # float16 [..] x2 -> int32 (lo | hi << 16)
@@ -117,7 +124,7 @@ def mma_reference(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_
     q = (qfrag.reshape(nb, chunks, 8, 4, 4)[..., None] >> (4 * nib)) & 0xF  # [b, c, g, t, j, nibble]
     h = torch.arange(2)[:, None]
     s = torch.arange(4)[None, :]
-    q = q[..., (h + 2 * (s // 2) + 4 * (s % 2)).reshape(-1)].reshape(nb, chunks, 8, 4, 4, 2, 4)  # [.., j, h, s]
+    q = q[..., nibble(h, s).reshape(-1)].reshape(nb, chunks, 8, 4, 4, 2, 4)  # [.., j, h, s]
     codes = q.permute(0, 5, 2, 1, 3, 4, 6).reshape(nb, 2, 8, k).float()  # [b, h, g, k]
     halves = sz.view(torch.int16).view(torch.float16).float().reshape(nb, -1, 8, 2, 2)  # [b, grp, g, (zz, ss), lo/hi]
     zero = torch.stack((halves[..., 0, 0] - 1024.0, -halves[..., 0, 1] - 64.0), dim=1)  # [b, h, grp, g]
@@ -239,7 +246,7 @@ def _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chu
     h = e // 2
     kk = tl.arange(0, 64)  # [64] k inside a chunk: 16t + 4j + s
     s = kk % 4
-    nib = h[:, None] + 2 * (s // 2)[None, :] + 4 * (s % 2)[None, :]  # [L, 64]
+    nib = h[:, None] + 2 * (s // 2)[None, :] + 4 * (s % 2)[None, :]  # [L, 64]: nibble(h, s)
     sz_off = (b * n_groups + grp) * 16 + 2 * g  # [L]: the (zz, ss) of row g's lane quad
     zz = tl.load(sz_ptr + sz_off)
     ss = tl.load(sz_ptr + sz_off + 1)
