@@ -31,7 +31,7 @@ from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _
     environment, time_calls  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
-SMOKE_GRID = ((1, 1, 2, 1), (2, 3, 4, 2))  # (warps, split_k, buffers, blocks)
+SMOKE_GRID = ((1, 1, 2, 1, 1), (2, 3, 4, 2, 2))  # (warps, split_k, buffers, blocks, kw)
 SMOKE_SHAPES = ((256, 96), (384, 64))
 
 
@@ -66,17 +66,17 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         us = time_calls(table, len(sets), dev)
         row["gemv"] = {"us": us, "rel_err": err, "bytes_per_s": w_bytes / (us * 1e-6)}
         row["mma"] = []
-        for warps, split, buffers, blocks in grid:
-            fn = (lambda i, w=warps, sp=split, bu=buffers, bl=blocks: MM.w4a16_mma_triton(
-                xs[i], *frags[i], GROUP, warps=w, split_k=sp, buffers=bu, blocks=bl, silu_mul=silu))
+        for warps, split, buffers, blocks, kw in grid:
+            fn = (lambda i, w=warps, sp=split, bu=buffers, bl=blocks, kw_=kw: MM.w4a16_mma_triton(
+                xs[i], *frags[i], GROUP, warps=w, split_k=sp, buffers=bu, blocks=bl, kw=kw_, silu_mul=silu))
             try:
                 err = _rel(fn(0).float(), ref)
                 us = time_calls(fn, len(sets), dev)
             except Exception as e:  # noqa: BLE001 -- a configuration the compiler rejects is reported, not fatal
-                row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks,
+                row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks, "kw": kw,
                                    "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks, "us": us, "rel_err": err,
+            row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks, "kw": kw, "us": us, "rel_err": err,
                                "bytes_per_s": w_bytes / (us * 1e-6)})
         ok = [r for r in row["mma"] if "us" in r and r["rel_err"] < 1e-2]
         row["best_mma"] = min(ok, key=lambda r: r["us"]) if ok else None
@@ -84,7 +84,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         print(f"M={m} K={k} N={n}{' silu' if silu else ''}: gemv {row['gemv']['us']:.2f} us "
               f"({row['gemv']['bytes_per_s'] / 1e12:.2f} TB/s, err {row['gemv']['rel_err']:.1e}); mma "
               + (f"{b['us']:.2f} us ({b['bytes_per_s'] / 1e12:.2f} TB/s, err {b['rel_err']:.1e}) warps {b['warps']} "
-                 f"split {b['split_k']} buffers {b['buffers']} blocks {b['blocks']}" if b else "no correct result"), flush=True)
+                 f"split {b['split_k']} buffers {b['buffers']} blocks {b['blocks']} kw {b['kw']}" if b else "no correct result"), flush=True)
         rows.append(row)
     return rows
 
@@ -99,7 +99,8 @@ def table_entries(rows: list) -> list:
             path, config = r["fallback"]
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma",
                         "config": {"warps": b["warps"], "split_k": b["split_k"], "buffers": b["buffers"],
-                                   **({"blocks": 2} if b["blocks"] == 2 else {})},
+                                   **({"blocks": 2} if b["blocks"] == 2 else {}),
+                                   **({"kw": b["kw"]} if b["kw"] > 1 else {})},
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": config}})
     return out
 
@@ -113,6 +114,7 @@ def main() -> int:
     ap.add_argument("--warps", type=_ints, default=(4, 8))
     ap.add_argument("--buffers", type=_ints, default=(2, 4), help="groups of words in flight")
     ap.add_argument("--blocks", type=_ints, default=(1, 2), help="16-column blocks a warp")
+    ap.add_argument("--kw", type=_ints, default=(1,), help="warps of a program splitting each block's K (1, 2, 4)")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
     args = ap.parse_args()
@@ -129,8 +131,9 @@ def main() -> int:
     t0 = time.time()
     for k, n in shapes:
         silu = n in (28672, 14336) or (args.smoke and n == 64)  # the gate/up weights (their SiLU epilogue)
-        grid = SMOKE_GRID if args.smoke else tuple((w, sp, bu, bl) for w in args.warps for sp in SPLITS
-                                                   for bu in args.buffers for bl in args.blocks)
+        grid = SMOKE_GRID if args.smoke else tuple((w, sp, bu, bl, kw) for w in args.warps for sp in SPLITS
+                                                   for bu in args.buffers for bl in args.blocks for kw in args.kw
+                                                   if w % kw == 0)
         report["rows"] += bench_shape(k, n, silu, args.ms, grid, dev)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))

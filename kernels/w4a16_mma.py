@@ -254,11 +254,11 @@ def _gather_group(qf_ptr, x_ptr, sz_ptr, b, grp, g, e, out_row, stride_xm, n_chu
     scale = _pair_half(ss, h)  # [L]
     part = tl.zeros(e.shape, dtype=tl.float32)
     for cc in tl.static_range(CHUNKS):
-        c = grp * CHUNKS + cc
+        c = grp * CHUNKS + cc + 0 * e  # [L] (grp may be per element)
         word_off = (b * n_chunks + c)[:, None] * 128 + 4 * (4 * g[:, None] + (kk // 16)[None, :]) \
             + ((kk // 4) % 4)[None, :]  # [L, 64]: word j of lane 4g + t, k = 16t + 4j + s
         code = ((tl.load(qf_ptr + word_off) >> (4 * nib)) & 0xF).to(tl.float32)  # [L, 64]
-        xk = tl.load(x_ptr + out_row[:, None] * stride_xm + c * 64 + kk[None, :]).to(tl.float32)  # [L, 64]
+        xk = tl.load(x_ptr + out_row[:, None] * stride_xm + (c * 64)[:, None] + kk[None, :]).to(tl.float32)  # [L, 64]
         part += tl.sum((code - zero[:, None]) * xk, axis=1)
     return part * scale
 
@@ -273,10 +273,11 @@ def _pair_half(word, hi):
 @_jit
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
-                      BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
-                      PDL: tl.constexpr):
-    """Program (pid, split): BLOCKS column blocks per warp, (pid * WARPS + w) * BLOCKS + u, over the split-th run of
-    groups. Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
+                      BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, KW: tl.constexpr,
+                      ASM: tl.constexpr, PDL: tl.constexpr):
+    """Program (pid, split): BLOCKS column blocks per KW warps, (pid * WARPS / KW + w // KW) * BLOCKS + u, over the
+    split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the warps' sums meet in
+    shared memory at the end, a split-K with no counter and no partials in global memory). Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
     buffer, so that no register holding a load in flight is copied); x, an L1 hit after the first warp, is
     loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
     (deterministic) and writes out (lmc.kernels.split_counters)."""
@@ -289,7 +290,8 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     lane = (idx // 4) % 32
     g = lane // 4
     t = lane % 4
-    b0 = (pid * WARPS + idx // 128) * BLOCKS  # [L] the warp's first block
+    kp = (idx // 128) % KW  # [L] the warp's place among the KW warps of its blocks
+    b0 = (pid * (WARPS // KW) + idx // (128 * KW)) * BLOCKS  # [L] the warp's first block
     ba = tl.minimum(b0, NB - 1)  # a missing block reads the last one; nothing of it is stored
     bb = tl.minimum(b0 + BLOCKS - 1, NB - 1)  # the warp's second block (its first again with BLOCKS == 1)
     n_chunks = K // 64
@@ -306,36 +308,49 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
              bb * n_chunks * 128 + idx % 128, (bb * n_groups * 8 + g) * 2 + e % 2)  # block 1
     zero = tl.zeros((L,), dtype=tl.float32)
     accs = (zero, zero, zero, zero)  # (block, tile): (0, 0), (0, 1), (1, 0), (1, 1)
-    bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first, g_last), CHUNKS, BLOCKS)
-    bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 1, g_last), CHUNKS, BLOCKS)
+    first = g_first + kp  # [L] the warp's first group; its i-th is first + KW i
+    bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(first, g_last), CHUNKS, BLOCKS)
+    bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(first + KW, g_last), CHUNKS, BLOCKS)
     bufc, bufd = bufa, bufa
     if BUFFERS == 4:
-        bufc = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 2, g_last), CHUNKS, BLOCKS)
-        bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 3, g_last), CHUNKS, BLOCKS)
+        bufc = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(first + 2 * KW, g_last), CHUNKS, BLOCKS)
+        bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(first + 3 * KW, g_last), CHUNKS, BLOCKS)
     pdl_wait(PDL)
-    for grp in range(g_first, g_last + 1, BUFFERS):
+    for step in range(g_first, g_last + 1, BUFFERS * KW):
+        grp = step - g_first + first  # [L]
         accs = _group_step(accs, bufa, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e,
                            stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
-        bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + BUFFERS, g_last), CHUNKS, BLOCKS)
-        accs = _group_step(accs, bufb, grp + 1, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e,
+        bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + BUFFERS * KW, g_last), CHUNKS, BLOCKS)
+        accs = _group_step(accs, bufb, grp + KW, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e,
                            stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
-        bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + BUFFERS + 1, g_last), CHUNKS, BLOCKS)
+        bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + (BUFFERS + 1) * KW, g_last), CHUNKS, BLOCKS)
         if BUFFERS == 4:
-            accs = _group_step(accs, bufc, grp + 2, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g,
-                               e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
-            bufc = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 6, g_last), CHUNKS, BLOCKS)
-            accs = _group_step(accs, bufd, grp + 3, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g,
-                               e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
-            bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 7, g_last), CHUNKS, BLOCKS)
-    _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS, SPLIT_K, SILU, TILES,
-                BLOCKS)
+            accs = _group_step(accs, bufc, grp + 2 * KW, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb,
+                               g, e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
+            bufc = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 6 * KW, g_last), CHUNKS, BLOCKS)
+            accs = _group_step(accs, bufd, grp + 3 * KW, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb,
+                               g, e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
+            bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 7 * KW, g_last), CHUNKS, BLOCKS)
+    accs = (_warp_sum(accs[0], WARPS, KW), _warp_sum(accs[1], WARPS, KW), _warp_sum(accs[2], WARPS, KW),
+            _warp_sum(accs[3], WARPS, KW))
+    _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, tl.arange(0, L // KW), WARPS // KW,
+                SPLIT_K, SILU, TILES, BLOCKS)
+
+
+@_jit
+def _warp_sum(acc, WARPS: tl.constexpr, KW: tl.constexpr):
+    """[128 WARPS] -> [128 WARPS / KW]: the sum over each run of KW warps (one block's K parts)."""
+    if KW == 1:
+        return acc
+    return tl.reshape(tl.sum(tl.reshape(acc, (WARPS // KW, KW, 128)), axis=1), (128 * (WARPS // KW),))
 
 
 @_jit
 def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
                 SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr):
     """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, block, tile, L] and, in the
-    last split to arrive, their sum in split order (lmc.kernels.split_counters)."""
+    last split to arrive, their sum in split order (lmc.kernels.split_counters). WARPS: the program's warps of
+    distinct blocks (its warps / KW)."""
     L: tl.constexpr = 128 * WARPS
     PARTS: tl.constexpr = BLOCKS * TILES
     if SPLIT_K == 1:
@@ -472,7 +487,7 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, U: tl.co
 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
-                     split_k: int = 1, buffers: int = 2, blocks: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
+                     split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     `blocks` (1 or 2; 1 with G = 64) 16-column blocks a warp (two share the x registers), `warps` warps a
@@ -498,11 +513,13 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
         x = x.contiguous().clone()
     tiles = 1 if m <= 8 else 2
     blocks = blocks if group_size == 128 else 1  # two blocks a warp: written for two chunks a group
-    grid = (triton.cdiv(nb, warps * blocks), split_k)
-    ws = torch.empty((split_k, grid[0], blocks * tiles, 128 * warps), dtype=torch.float32, device=x.device) \
-        if split_k > 1 else out
+    if kw not in (1, 2, 4) or warps % kw:
+        raise LmcError(f"w4a16_mma_triton: kw (warps splitting K) must be 1, 2 or 4 and divide warps={warps}, got {kw}")
+    grid = (triton.cdiv(nb, warps // kw * blocks), split_k)
+    ws = torch.empty((split_k, grid[0], blocks * tiles, 128 * (warps // kw)), dtype=torch.float32,
+                     device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, ASM=asm,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, KW=kw, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out

@@ -140,6 +140,20 @@ def test_kernel_interpreter(m, n, k, group, silu, warps, split_k, buffers, block
     torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers,blocks,kw", [
+    (1, 48, 640, 128, False, 2, 1, 2, 1, 2), (3, 64, 384, 64, True, 4, 1, 4, 1, 4), (9, 80, 896, 128, False, 4, 2, 2, 2, 2),
+    (16, 96, 640, 128, True, 4, 3, 2, 2, 4), (1, 32, 128, 128, True, 2, 1, 2, 1, 2)])
+def test_kernel_interpreter_warps_split_k(m, n, k, group, silu, warps, split_k, buffers, blocks, kw):
+    """kw warps of a program split each block's groups (group counts not a multiple of kw, a warp with no group)
+    and sum in shared memory, with and without the global split-K on top."""
+    q, s, z = _quantized(n, k, group, seed=n * k + kw)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, blocks=blocks,
+                              kw=kw, silu_mul=silu)
+    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
 def test_eligibility_and_errors():
     assert MM.mma_eligible(4096, 6144, 128) and MM.mma_eligible(14336, 4096, 128)
     assert not MM.mma_eligible(4096, 6144, 32) and not MM.mma_eligible(4000, 4096, 128)
@@ -150,6 +164,8 @@ def test_eligibility_and_errors():
     qfrag, sz = MM.mma_layout(q, s, z, 128)
     with pytest.raises(LmcError, match="M <= 16"):
         MM.w4a16_mma_triton(torch.zeros(17, 256).half(), qfrag, sz, 128)
+    with pytest.raises(LmcError, match="kw"):
+        MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, warps=2, kw=4)
     with pytest.raises(LmcError, match="needs float16 x on CUDA"):
         MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, asm=True)
 
@@ -246,3 +262,18 @@ def test_dispatch_with_the_mma_layout_on_cuda(m):
                       (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
         err = (got.float() - want).abs().max().item() / want.abs().max().item()
         assert err < 2e-3, err
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw", [
+    (1, 4096, 4096, False, 8, 2, 1, 4), (1, 6144, 4096, False, 8, 4, 1, 2), (16, 28672, 4096, True, 8, 1, 2, 2),
+    (5, 96, 640, True, 4, 1, 1, 4)])
+def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
+    q, s, z = _quantized(n, k, 128, seed=n + kw, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, silu_mul=silu)
+    want = _reference(x, q, s, z, 128, silu)
+    assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
