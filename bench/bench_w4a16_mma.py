@@ -1,12 +1,15 @@
-"""The tensor-core W4A16 path for 1-8 rows (kernels/w4a16_mma.py) against lmc's tuned CUDA-core GEMV, per 8B
-linear shape (tp 1 and one rank's share at tp 2; the gate/up weight with its SiLU epilogue as the runtime calls it).
-The "gemv" column is whatever this GPU's table picks for the shape (the mma path itself where it has an entry).
+"""The tensor-core W4A16 paths (kernels/w4a16_mma.py for 1-16 rows, kernels/w4a16_mma_wide.py past 16) against
+what lmc's tuning table picks, per 8B linear shape (tp 1 and one rank's share at tp 2; the gate/up weight with its
+SiLU epilogue as the runtime calls it). The "gemv" column is whatever this GPU's table picks for the shape (the
+mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no epilogue) on the same shape.
 
     python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
+    python bench/bench_w4a16_mma.py --ms 64,256 --tiles 4,8 --fp16 --write-table   # the wide kernel
     TRITON_INTERPRET=1 python bench/bench_w4a16_mma.py --smoke     # CPU: every path runs, nothing is timed well
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
-GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k), medians of CUDA-graph
+GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k, ...; M > 16: the wide
+kernel's tiles and blocks), medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
 µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
 this GPU's tuning table (kernels/w4a16_tuning.json) for every (M, K, N) where the best mma configuration beat the
@@ -21,9 +24,11 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
+from lmc.kernels import w4a16_mma_wide as MW
 from lmc.kernels import w4a16_tuning as T
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -31,7 +36,9 @@ from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _
     environment, time_calls  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
-SMOKE_GRID = ((1, 1, 2, 1, 1), (2, 3, 4, 2, 2))  # (warps, split_k, buffers, blocks, kw)
+SMOKE_GRID = ({"warps": 1, "split_k": 1, "buffers": 2, "blocks": 1, "kw": 1},
+              {"warps": 2, "split_k": 3, "buffers": 4, "blocks": 2, "kw": 2})
+SMOKE_WIDE = ({"warps": 1, "split_k": 2, "blocks": 2, "tiles": 4}, {"warps": 2, "split_k": 1, "blocks": 1, "tiles": 8})
 SMOKE_SHAPES = ((256, 96), (384, 64))
 
 
@@ -41,7 +48,13 @@ def _silu_ref(y: torch.Tensor) -> torch.Tensor:
     return gate * torch.sigmoid(gate) * up
 
 
-def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
+def mma_call(x, frag, silu: bool, config: dict):
+    """One launch of the mma kernel a configuration names (the wide one where it has "tiles")."""
+    launch = MW.w4a16_mma_wide_triton if "tiles" in config else MM.w4a16_mma_triton
+    return launch(x, *frag, GROUP, silu_mul=silu, **config)
+
+
+def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> list:
     sets = [_quant_set(k, n, dev)[1:] for _ in range(_sets(k * n // 2, dev))]
     frags = [MM.mma_layout(q, s, z, GROUP, silu) for q, s, z in sets]
     w_bytes = _nbytes(*sets[0])
@@ -65,28 +78,36 @@ def bench_shape(k: int, n: int, silu: bool, ms, grid, dev: str) -> list:
         err = _rel(table(0).float(), ref)
         us = time_calls(table, len(sets), dev)
         row["gemv"] = {"us": us, "rel_err": err, "bytes_per_s": w_bytes / (us * 1e-6)}
+        if fp16:
+            dense = [torch.randn(n, k, device=dev, dtype=torch.float16)
+                     for _ in range(_sets(k * n * 2, dev))]  # [N, K], as many copies as miss L2
+            dense_us = time_calls(lambda i: F.linear(xs[i % len(xs)], dense[i]), len(dense), dev)
+            row["fp16_linear"] = {"us": dense_us}
+            del dense
         row["mma"] = []
-        for warps, split, buffers, blocks, kw in grid:
-            fn = (lambda i, w=warps, sp=split, bu=buffers, bl=blocks, kw_=kw: MM.w4a16_mma_triton(
-                xs[i], *frags[i], GROUP, warps=w, split_k=sp, buffers=bu, blocks=bl, kw=kw_, silu_mul=silu))
+        for config in grids(m):
+            fn = (lambda i, c=config: mma_call(xs[i], frags[i], silu, c))
             try:
                 err = _rel(fn(0).float(), ref)
                 us = time_calls(fn, len(sets), dev)
             except Exception as e:  # noqa: BLE001 -- a configuration the compiler rejects is reported, not fatal
-                row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks, "kw": kw,
-                                   "error": f"{type(e).__name__}: {e}"[:200]})
+                row["mma"].append({**config, "error": f"{type(e).__name__}: {e}"[:200]})
                 continue
-            row["mma"].append({"warps": warps, "split_k": split, "buffers": buffers, "blocks": blocks, "kw": kw, "us": us, "rel_err": err,
-                               "bytes_per_s": w_bytes / (us * 1e-6)})
+            row["mma"].append({**config, "us": us, "rel_err": err, "bytes_per_s": w_bytes / (us * 1e-6)})
         ok = [r for r in row["mma"] if "us" in r and r["rel_err"] < 1e-2]
         row["best_mma"] = min(ok, key=lambda r: r["us"]) if ok else None
         b = row["best_mma"]
-        print(f"M={m} K={k} N={n}{' silu' if silu else ''}: gemv {row['gemv']['us']:.2f} us "
+        fp = f"; fp16 {row['fp16_linear']['us']:.2f} us" if fp16 else ""
+        print(f"M={m} K={k} N={n}{' silu' if silu else ''}: table {row['gemv']['us']:.2f} us "
               f"({row['gemv']['bytes_per_s'] / 1e12:.2f} TB/s, err {row['gemv']['rel_err']:.1e}); mma "
-              + (f"{b['us']:.2f} us ({b['bytes_per_s'] / 1e12:.2f} TB/s, err {b['rel_err']:.1e}) warps {b['warps']} "
-                 f"split {b['split_k']} buffers {b['buffers']} blocks {b['blocks']} kw {b['kw']}" if b else "no correct result"), flush=True)
+              + (f"{b['us']:.2f} us ({b['bytes_per_s'] / 1e12:.2f} TB/s, err {b['rel_err']:.1e}) "
+                 + " ".join(f"{key} {b[key]}" for key in CONFIG_KEYS if key in b) if b else "no correct result")
+              + fp, flush=True)
         rows.append(row)
     return rows
+
+
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles")
 
 
 def table_entries(rows: list) -> list:
@@ -97,12 +118,26 @@ def table_entries(rows: list) -> list:
         b = r["best_mma"]
         if b and b["us"] < r["gemv"]["us"]:
             path, config = r["fallback"]
-            out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma",
-                        "config": {"warps": b["warps"], "split_k": b["split_k"], "buffers": b["buffers"],
-                                   **({"blocks": 2} if b["blocks"] == 2 else {}),
-                                   **({"kw": b["kw"]} if b["kw"] > 1 else {})},
+            config = {key: b[key] for key in CONFIG_KEYS if key in b}
+            if "tiles" not in config:  # the 1-16 row kernel: its defaults left out
+                config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1))}
+            out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma", "config": config,
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": config}})
     return out
+
+
+def grid(m: int, args) -> list[dict]:
+    """The configurations tried at M rows: the 1-16 row kernel's up to 16 rows, the wide kernel's past that."""
+    if m <= MM.MAX_ROWS:
+        if args.smoke:
+            return list(SMOKE_GRID)
+        return [{"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
+                for sp in SPLITS for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
+    if args.smoke:
+        return list(SMOKE_WIDE)
+    tiles = [t for t in args.tiles if t <= max(1, -(-m // 8))]
+    return [{"warps": w, "split_k": sp, "blocks": bl, "tiles": t} for w in args.warps for sp in SPLITS
+            for bl in args.wide_blocks for t in tiles]
 
 
 def main() -> int:
@@ -115,6 +150,10 @@ def main() -> int:
     ap.add_argument("--buffers", type=_ints, default=(2, 4), help="groups of words in flight")
     ap.add_argument("--blocks", type=_ints, default=(1, 2), help="16-column blocks a warp")
     ap.add_argument("--kw", type=_ints, default=(1,), help="warps of a program splitting each block's K (1, 2, 4)")
+    ap.add_argument("--tiles", type=_ints, default=(2, 4, 8),
+                    help="the wide kernel (M > 16): 8-row tiles a program (those up to M / 8 are tried)")
+    ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")
+    ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
     args = ap.parse_args()
@@ -131,10 +170,7 @@ def main() -> int:
     t0 = time.time()
     for k, n in shapes:
         silu = n in (28672, 14336) or (args.smoke and n == 64)  # the gate/up weights (their SiLU epilogue)
-        grid = SMOKE_GRID if args.smoke else tuple((w, sp, bu, bl, kw) for w in args.warps for sp in SPLITS
-                                                   for bu in args.buffers for bl in args.blocks for kw in args.kw
-                                                   if w % kw == 0)
-        report["rows"] += bench_shape(k, n, silu, args.ms, grid, dev)
+        report["rows"] += bench_shape(k, n, silu, args.ms, lambda m: grid(m, args), dev, args.fp16)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.write_table:

@@ -42,6 +42,7 @@ from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
 from lmc.kernels.w4a16_mma import MAX_ROWS as MMA_MAX_ROWS
 from lmc.kernels.w4a16_mma import w4a16_mma_triton
+from lmc.kernels.w4a16_mma_wide import w4a16_mma_wide_triton
 from lmc.kernels.w4a16_tuning import config_for
 
 try:
@@ -759,8 +760,19 @@ def device_name(device: torch.device | None) -> str | None:
 def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None, mma: bool = False) -> tuple[str, dict]:
     """The path ("gemv", "gemm", "dequant" or "mma") and launcher keywords that w4a16_matmul uses for an [M, K] x
     [K, N] product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the
-    default); mma: the weight has the mma layout (kernels/w4a16_mma.py), which "mma" entries need (and M <= 16)."""
-    return config_for(device_name(device), m, n, k, mma and m <= MMA_MAX_ROWS)
+    default); mma: the weight has the mma layout (kernels/w4a16_mma.py), which "mma" entries need. An mma entry
+    with "tiles" runs the wide kernel (any M, kernels/w4a16_mma_wide.py); one without, the 1-16 row kernel, so
+    past 16 rows it gives its fallback."""
+    name = device_name(device)
+    path, kw = config_for(name, m, n, k, mma)
+    if path == "mma" and m > MMA_MAX_ROWS and "tiles" not in kw:
+        return config_for(name, m, n, k, False)
+    return path, kw
+
+
+def _mma_launch(kw: dict):
+    """The mma kernel an entry's keywords name: the wide one where they give "tiles"."""
+    return w4a16_mma_wide_triton if "tiles" in kw else w4a16_mma_triton
 
 
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -775,7 +787,7 @@ def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     if triton is None or not x.is_cuda or path not in ("gemv", "mma"):
         return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
     if path == "mma":
-        out = w4a16_mma_triton(x.reshape(m, k).contiguous(), *mma, group_size, silu_mul=True, **kw)
+        out = _mma_launch(kw)(x.reshape(m, k).contiguous(), *mma, group_size, silu_mul=True, **kw)
     else:
         out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True,
                                 **kw)
@@ -797,6 +809,6 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     m, n = x2.shape[0], qweight.shape[1]
     path, kw = w4a16_config(m, n, k, x.device, mma is not None)
     if path == "mma":
-        return w4a16_mma_triton(x2, *mma, group_size, out=out, **kw).reshape(*x.shape[:-1], n)
+        return _mma_launch(kw)(x2, *mma, group_size, out=out, **kw).reshape(*x.shape[:-1], n)
     launch = {"gemv": w4a16_gemv_triton, "gemm": w4a16_gemm_triton, "dequant": w4a16_dequant_matmul_triton}[path]
     return launch(x2, qweight, scales, zeros, group_size, out=out, **kw).reshape(*x.shape[:-1], n)

@@ -1,6 +1,7 @@
-"""The tensor-core W4A16 path for 1-8 rows (kernels/w4a16_mma.py): the mma fragment layout against the stored
-format, a lane-by-lane simulation of its PTX (the m16n8k16 fragment rules of the PTX ISA) against the reference,
-the kernel's interpreter path on odd shapes, and on a GPU the mma.sync path itself."""
+"""The tensor-core W4A16 paths (kernels/w4a16_mma.py for 1-16 rows, kernels/w4a16_mma_wide.py past 16): the mma
+fragment layout against the stored format, a lane-by-lane simulation of both kernels' PTX (the m16n8k16 fragment
+rules of the PTX ISA) against the reference, the kernels' interpreter paths on odd shapes, the table routing, and
+on a GPU the mma.sync paths themselves."""
 
 import os
 
@@ -13,6 +14,7 @@ import torch
 from lmc.errors import LmcError
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
+from lmc.kernels import w4a16_mma_wide as MW
 
 
 def _quantized(n: int, k: int, group: int, seed: int, device="cpu"):
@@ -46,54 +48,63 @@ def _lop3(words: torch.Tensor, mask: int) -> torch.Tensor:
     return _f16_pair((words & mask) | 0x64006400)
 
 
-def simulate_ptx(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group: int, silu: bool) -> torch.Tensor:
-    """What `_mma_group`'s PTX computes, lane by lane: the A fragment from each lane's words (LOP3, float16
+def simulate_ptx(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group: int, silu: bool,
+                 wide_tiles: int | None = None) -> torch.Tensor:
+    """What the kernels' PTX computes, lane by lane: the A fragment from each lane's words (LOP3, float16
     subtract / FMA), the B fragment from the x pairs the kernel loads, D = A B in float32 per the PTX ISA's
     m16n8k16 rules (A: a0,a1 row g cols 2t,2t+1; a2,a3 row g+8; a4..a7 cols + 8; B: b0,b1 rows 2t,2t+1 col g,
-    b2,b3 rows + 8; C: c0,c1 row g cols 2t,2t+1; c2,c3 row g+8), then the group scale; returns out like the
-    kernel (silu: silu(gate) * up)."""
+    b2,b3 rows + 8; C: c0,c1 row g cols 2t,2t+1; c2,c3 row g+8); returns out like the kernel (silu: silu(gate) *
+    up). `_mma_group` (wide_tiles None): one row block of 1 or 2 tiles, the group scale on each group's float32
+    sum. The wide kernel (wide_tiles = T): row blocks of 8T rows, the scale multiplied into A in float16
+    (HMUL2) and every product summed straight into the accumulators."""
     nb, chunks, _ = qfrag.shape
     m = x.shape[0]
     words = qfrag.reshape(nb, chunks, 8, 4, 4)  # [b, c, g, t, j]
     x32 = x.half().contiguous().view(torch.int32)  # [M, K/2] pairs
     zz, ss = _f16_pair(sz[..., 0]), _f16_pair(sz[..., 1])  # [b, groups, g, 2]
-    tiles = 1 if m <= 8 else 2  # B fragments per A fragment: x rows 8u + g in tile u
-    out = torch.zeros(nb, 16, 8 * tiles)  # [b, A row, C column of tile u at 8u + column]
+    tiles = wide_tiles or (1 if m <= 8 else 2)  # B fragments per A fragment: x rows row0 + 8u + g in tile u
     sixteenth = torch.tensor(1 / 16, dtype=torch.float16)
     per_group = group // MM.CHUNK
-    for grp in range(chunks // per_group):
-        d = torch.zeros(nb, 16, 8 * tiles)
-        zl = zz[:, grp, :, 0]  # [b, g]
-        zh = zz[:, grp, :, 1]
-        for c in range(grp * per_group, (grp + 1) * per_group):
-            for j in range(4):
-                a = torch.zeros(nb, 16, 16, dtype=torch.float16)
-                bm = torch.zeros(16, 8 * tiles, dtype=torch.float16)
-                for g in range(8):
-                    for t in range(4):
-                        w = words[:, c, g, t, j]  # [b]
-                        regs = []
-                        for src in (w, w >> 8):
-                            lo = _lop3(src, 0x000F000F) - zl[:, g, None]  # [b, 2]
-                            hi = (_lop3(src, 0x00F000F0).float() * sixteenth.float()
-                                  + zh[:, g, None].float()).half()  # exact: small integers
-                            regs += [lo, hi]
-                        a[:, g, 2 * t:2 * t + 2] = regs[0]
-                        a[:, g + 8, 2 * t:2 * t + 2] = regs[1]
-                        a[:, g, 2 * t + 8:2 * t + 10] = regs[2]
-                        a[:, g + 8, 2 * t + 8:2 * t + 10] = regs[3]
-                        for u in range(tiles):
-                            row = min(8 * u + g, m - 1)
-                            pairs = x32[row, 32 * c + 8 * t:32 * c + 8 * t + 8]  # xa ++ xb
-                            bm[2 * t:2 * t + 2, 8 * u + g] = _f16_pair(pairs[2 * j])
-                            bm[2 * t + 8:2 * t + 10, 8 * u + g] = _f16_pair(pairs[2 * j + 1])
-                d += a.float() @ bm.float()  # one mma per tile: the same A, its own B
-        scale = torch.cat((ss[:, grp, :, 0], ss[:, grp, :, 1]), dim=1).float()  # [b, 16]: rows g, then g + 8
-        out += d * scale[:, :, None]
-    cols = MM.block_columns(nb * 16, silu)  # [b, 16]
     y = torch.zeros(m, nb * 16)
-    for mm in range(m):
-        y[mm, cols.reshape(-1)] = out[:, :, mm].reshape(-1)
+    cols = MM.block_columns(nb * 16, silu)  # [b, 16]
+    for row0 in range(0, m, 8 * tiles):
+        out = torch.zeros(nb, 16, 8 * tiles)  # [b, A row, C column of tile u at 8u + column]
+        for grp in range(chunks // per_group):
+            d = torch.zeros(nb, 16, 8 * tiles)
+            zl, zh = zz[:, grp, :, 0], zz[:, grp, :, 1]  # [b, g]
+            sl, sh = ss[:, grp, :, 0], ss[:, grp, :, 1]
+            for c in range(grp * per_group, (grp + 1) * per_group):
+                for j in range(4):
+                    a = torch.zeros(nb, 16, 16, dtype=torch.float16)
+                    bm = torch.zeros(16, 8 * tiles, dtype=torch.float16)
+                    for g in range(8):
+                        for t in range(4):
+                            w = words[:, c, g, t, j]  # [b]
+                            regs = []
+                            for src in (w, w >> 8):
+                                lo = _lop3(src, 0x000F000F) - zl[:, g, None]  # [b, 2]
+                                hi = (_lop3(src, 0x00F000F0).float() * sixteenth.float()
+                                      + zh[:, g, None].float()).half()  # exact: small integers
+                                if wide_tiles:  # HMUL2: one float16 rounding
+                                    lo, hi = lo * sl[:, g, None], hi * sh[:, g, None]
+                                regs += [lo, hi]
+                            a[:, g, 2 * t:2 * t + 2] = regs[0]
+                            a[:, g + 8, 2 * t:2 * t + 2] = regs[1]
+                            a[:, g, 2 * t + 8:2 * t + 10] = regs[2]
+                            a[:, g + 8, 2 * t + 8:2 * t + 10] = regs[3]
+                            for u in range(tiles):
+                                row = min(row0 + 8 * u + g, m - 1)
+                                pairs = x32[row, 32 * c + 8 * t:32 * c + 8 * t + 8]  # xa ++ xb
+                                bm[2 * t:2 * t + 2, 8 * u + g] = _f16_pair(pairs[2 * j])
+                                bm[2 * t + 8:2 * t + 10, 8 * u + g] = _f16_pair(pairs[2 * j + 1])
+                    d += a.float() @ bm.float()  # one mma per tile: the same A, its own B
+            if wide_tiles:
+                out += d
+            else:
+                scale = torch.cat((sl, sh), dim=1).float()  # [b, 16]: rows g, then g + 8
+                out += d * scale[:, :, None]
+        for mm in range(row0, min(m, row0 + 8 * tiles)):
+            y[mm, cols.reshape(-1)] = out[:, :, mm - row0].reshape(-1)
     if silu:
         n = nb * 8
         gate, up = y[:, :n].half().float(), y[:, n:].half().float()
@@ -121,6 +132,50 @@ def test_ptx_fragments_simulated(m, n, k, group, silu):
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
     got = simulate_ptx(x, qfrag, sz, group, silu)
     torch.testing.assert_close(got, _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("m,n,k,group,silu,tiles", [(19, 32, 128, 128, False, 2), (37, 32, 128, 64, True, 4),
+                                                    (9, 16, 192, 64, False, 8)])
+def test_wide_ptx_fragments_simulated(m, n, k, group, silu, tiles):
+    """The wide kernel's PTX (the scale in the A fragment, float16) over row blocks, against the reference: its
+    generated text has the instructions the simulation models."""
+    q, s, z = _quantized(n, k, group, seed=3 * n + k + m)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = simulate_ptx(x, qfrag, sz, group, silu, wide_tiles=tiles)
+    torch.testing.assert_close(got, _reference(x, q, s, z, group, silu), rtol=3e-3, atol=3e-3)
+    dequant, mma4 = MW._dequant_ptx(), MW._mma4_ptx()
+    assert dequant.count("lop3.b32") == 16 and dequant.count("mul.rn.f16x2") == 16  # 4 words x (lo, hi) x 2
+    assert mma4.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 4
+    assert "{$24, $25}" in mma4 and "{$30, $31}" in mma4  # word j's B fragment: x pairs 2j, 2j + 1
+
+
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,tiles", [
+    (17, 48, 256, 128, False, 1, 1, 2, 2), (23, 96, 384, 128, True, 2, 3, 1, 4), (64, 32, 192, 64, False, 1, 2, 2, 8),
+    (70, 128, 320, 64, True, 2, 1, 4, 4), (33, 96, 640, 128, False, 4, 5, 2, 1), (5, 64, 256, 128, True, 1, 2, 2, 8)])
+def test_wide_kernel_interpreter(m, n, k, group, silu, warps, split_k, blocks, tiles):
+    """The wide kernel's index path: row blocks (M not a multiple of 8 x tiles), blocks past N masked, split-K
+    with the last split summing, both epilogues."""
+    q, s, z = _quantized(n, k, group, seed=n * k + m)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = MW.w4a16_mma_wide_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, blocks=blocks, tiles=tiles,
+                                   silu_mul=silu)
+    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
+def test_wide_kernel_errors():
+    q, s, z = _quantized(32, 128, 64, seed=1)
+    qfrag, sz = MM.mma_layout(q, s, z, 64)
+    with pytest.raises(LmcError, match="tiles in"):
+        MW.w4a16_mma_wide_triton(torch.randn(20, 128).half(), qfrag, sz, 64, tiles=3)
+    with pytest.raises(LmcError, match=r"needs x \[M, 128\]"):
+        MW.w4a16_mma_wide_triton(torch.randn(20, 64).half(), qfrag, sz, 64)
+    with pytest.raises(LmcError, match="does not fit"):
+        MW.w4a16_mma_wide_triton(torch.randn(20, 128).half(), qfrag, sz, 128)
+    with pytest.raises(LmcError, match="float16 x on CUDA"):
+        MW.w4a16_mma_wide_triton(torch.randn(20, 128).half(), qfrag, sz, 64, asm=True)
 
 
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers,blocks", [
@@ -221,6 +276,15 @@ def test_rows_past_the_mma_kernel_take_the_fallback(monkeypatch):
     try:  # a table whose largest M class is mma: M = 17 would select it, but the kernel takes 16 rows
         assert W.w4a16_config(16, 4096, 4096, mma=True) == ("mma", {"warps": 4})
         assert W.w4a16_config(17, 4096, 4096, mma=True) == ("gemm", {"block_m": 16})
+        wide = {"m": 64, "k": 4096, "n": 4096, "path": "mma", "config": {"warps": 4, "tiles": 8},
+                "fallback": {"path": "dequant", "config": {"block_m": 64}}}
+        tables["devices"]["A"]["entries"].append(wide)
+        T._config.cache_clear()  # an entry with tiles: the wide kernel, at any M of its class
+        assert W.w4a16_config(17, 4096, 4096, mma=True) == ("mma", {"warps": 4, "tiles": 8})
+        assert W.w4a16_config(200, 4096, 4096, mma=True) == ("mma", {"warps": 4, "tiles": 8})
+        assert W.w4a16_config(64, 4096, 4096) == ("dequant", {"block_m": 64})  # no layout: the fallback
+        assert W._mma_launch({"tiles": 8}) is MW.w4a16_mma_wide_triton
+        assert W._mma_launch({"warps": 4}) is MM.w4a16_mma_triton
     finally:
         T._config.cache_clear()
 
@@ -230,7 +294,8 @@ def test_shipped_h200_table_has_mma_entries_with_fallbacks():
 
     entries = T.read_tables()["devices"]["NVIDIA H200"]["entries"]
     mma = [e for e in entries if e["path"] == "mma"]
-    assert mma and all(e["m"] <= MM.MAX_ROWS and e["fallback"]["path"] in ("gemv", "gemm") for e in mma)
+    assert mma and all(e["fallback"]["path"] in ("gemv", "gemm", "dequant") for e in mma)
+    assert all(e["m"] <= MM.MAX_ROWS or e["config"].get("tiles") in MW.TILES for e in mma)  # past 16: the wide one
 
 
 def test_loader_builds_the_layout_only_where_it_runs(monkeypatch):
@@ -277,3 +342,39 @@ def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
     got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, silu_mul=silu)
     want = _reference(x, q, s, z, 128, silu)
     assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,tiles", [
+    (64, 4096, 4096, 128, False, 4, 4, 2, 8), (256, 28672, 4096, 128, True, 4, 1, 2, 8),
+    (100, 4096, 14336, 128, False, 8, 2, 1, 4), (17, 96, 384, 64, True, 2, 3, 2, 2), (40, 112, 640, 128, False, 1, 2, 4, 4),
+    (9, 6144, 4096, 128, False, 4, 1, 2, 1), (129, 96, 320, 64, True, 2, 1, 1, 8)])
+def test_wide_path_on_cuda(m, n, k, group, silu, warps, split_k, blocks, tiles):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
+    q, s, z = _quantized(n, k, group, seed=n + k + m, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    kw = dict(warps=warps, split_k=split_k, blocks=blocks, tiles=tiles, silu_mul=silu)
+    got = MW.w4a16_mma_wide_triton(x, qfrag, sz, group, **kw)
+    want = _reference(x, q, s, z, group, silu)
+    err = (got.float() - want).abs().max().item() / want.abs().max().item()
+    assert err < 3e-3, err
+    assert torch.equal(got, MW.w4a16_mma_wide_triton(x, qfrag, sz, group, **kw))  # deterministic split-K sum
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 24, 64, 100, 256])
+def test_dispatch_past_16_rows_on_cuda(m):
+    """w4a16_matmul / w4a16_silu_matmul with the layout past 16 rows: this GPU's table picks the wide kernel or
+    its fallback."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    k, n, group = 4096, 14336, 128
+    q, s, z = _quantized(n, k, group, seed=m, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    plain, silu = MM.mma_layout(q, s, z, group), MM.mma_layout(q, s, z, group, silu=True)
+    for got, want in ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
+                      (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
+        err = (got.float() - want).abs().max().item() / want.abs().max().item()
+        assert err < 3e-3, err
