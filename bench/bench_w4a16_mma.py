@@ -132,11 +132,11 @@ def grid(m: int, args) -> list[dict]:
         if args.smoke:
             return list(SMOKE_GRID)
         return [{"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
-                for sp in SPLITS for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
+                for sp in args.splits for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
     if args.smoke:
         return list(SMOKE_WIDE)
     tiles = [t for t in args.tiles if t <= max(1, -(-m // 8))]
-    return [{"warps": w, "split_k": sp, "blocks": bl, "tiles": t} for w in args.warps for sp in SPLITS
+    return [{"warps": w, "split_k": sp, "blocks": bl, "tiles": t} for w in args.warps for sp in args.splits
             for bl in args.wide_blocks for t in tiles]
 
 
@@ -153,6 +153,7 @@ def main() -> int:
     ap.add_argument("--tiles", type=_ints, default=(2, 4, 8),
                     help="the wide kernel (M > 16): 8-row tiles a program (those up to M / 8 are tried)")
     ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")
+    ap.add_argument("--splits", type=_ints, default=SPLITS, help="split-K values tried")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
