@@ -107,7 +107,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> 
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles")
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch")
 
 
 def table_entries(rows: list) -> list:
@@ -136,8 +136,8 @@ def grid(m: int, args) -> list[dict]:
     if args.smoke:
         return list(SMOKE_WIDE)
     tiles = [t for t in args.tiles if t <= max(1, -(-m // 8))]
-    return [{"warps": w, "split_k": sp, "blocks": bl, "tiles": t} for w in args.warps for sp in args.splits
-            for bl in args.wide_blocks for t in tiles]
+    return [{"warps": w, "split_k": sp, "blocks": bl, "tiles": t, **({"prefetch": True} if pf else {})}
+            for w in args.warps for sp in args.splits for bl in args.wide_blocks for t in tiles for pf in args.prefetch]
 
 
 def main() -> int:
@@ -153,6 +153,7 @@ def main() -> int:
     ap.add_argument("--tiles", type=_ints, default=(2, 4, 8),
                     help="the wide kernel (M > 16): 8-row tiles a program (those up to M / 8 are tried)")
     ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")
+    ap.add_argument("--prefetch", type=_ints, default=(0,), help="the wide kernel: 1 = prefetch x a group ahead")
     ap.add_argument("--splits", type=_ints, default=SPLITS, help="split-K values tried")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")

@@ -59,24 +59,18 @@ def _dequant_ptx() -> str:
     return "{\n" + "\n".join(lines) + "\n}"
 
 
-def _mma4_ptx() -> str:
-    """$0 .. $3 the new accumulators, $4 .. $7 the old; $8 .. $23 the A fragments of words 0-3; $24 .. $27 (xa)
-    and $28 .. $31 (xb) the lane's x pairs of the chunk: word j's B fragment is pairs 2j, 2j + 1."""
-    mma = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"
-    lines = [".reg .f32 d0, d1, d2, d3;"]
-    for j in range(4):
-        a = ", ".join(f"${8 + 4 * j + r}" for r in range(4))
-        b = f"${24 + 2 * j}, ${25 + 2 * j}"
-        c = "$4, $5, $6, $7" if j == 0 else "d0, d1, d2, d3"
-        lines.append(f"{mma} {{d0, d1, d2, d3}}, {{{a}}}, {{{b}}}, {{{c}}};")
-    lines += [f"mov.f32 ${i}, d{i};" for i in range(4)]
-    return "{\n" + "\n".join(lines) + "\n}"
+def _mma1_ptx(pair: int) -> str:
+    """One HMMA.16816: $0 .. $3 the new accumulators, $4 .. $7 the old, $8 .. $11 a word's A fragment, $12 .. $15
+    the lane's x pairs (xa or xb): pair 0 takes $12, $13 (word 2h), pair 1 $14, $15 (word 2h + 1)."""
+    return ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {$0, $1, $2, $3}, {$8, $9, $10, $11}, "
+            f"{{${12 + 2 * pair}, ${13 + 2 * pair}}}, {{$4, $5, $6, $7}};")
 
 
 _DEQUANT_PTX = tl.constexpr(_dequant_ptx()) if tl is not None else None
 _DEQUANT_IO = tl.constexpr(",".join(["=r"] * 16 + ["r"] * 8)) if tl is not None else None
-_MMA4_PTX = tl.constexpr(_mma4_ptx()) if tl is not None else None
-_MMA4_IO = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 4 + ["r"] * 24)) if tl is not None else None
+_MMA1_PTX = tuple(tl.constexpr(_mma1_ptx(p)) for p in range(2)) if tl is not None else ()
+_MMA1_PTX_0, _MMA1_PTX_1 = _MMA1_PTX or (None, None)
+_MMA1_IO = tl.constexpr(",".join(["=f"] * 4 + ["f"] * 4 + ["r"] * 8)) if tl is not None else None
 
 
 @_jit
@@ -88,17 +82,33 @@ def _dequant(words, sz):
 
 
 @_jit
-def _mma4(acc, frag, xa, xb):
-    """acc + the chunk's 4 words (frag) times the tile's x pairs: 4 chained HMMA.16816."""
-    return tl.inline_asm_elementwise(asm=_MMA4_PTX, constraints=_MMA4_IO,
-                                     args=[acc, frag[0], frag[1], frag[2], frag[3], xa, xb], dtype=tl.float32,
-                                     is_pure=True, pack=4)
+def _mma1(acc, frag, xq, PAIR: tl.constexpr):
+    """acc + one word's A fragment times pair PAIR of the x pairs xq (xa: words 0, 1; xb: words 2, 3)."""
+    if PAIR == 0:
+        return tl.inline_asm_elementwise(asm=_MMA1_PTX_0, constraints=_MMA1_IO, args=[acc, frag, xq],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(asm=_MMA1_PTX_1, constraints=_MMA1_IO, args=[acc, frag, xq],
+                                     dtype=tl.float32, is_pure=True, pack=4)
+
+
+@_jit
+def _prefetch_x(x_ptr, row0, grp, M, stride_xm, idx, GROUP: tl.constexpr, TILES: tl.constexpr):
+    """Asks L1 for group grp's x lines of this program's rows (one 128-byte line per lane slot: 8 TILES rows x
+    GROUP / 64 lines), so that the group's x loads, issued at use, do not wait on L2 (GPU only)."""
+    slot = idx // 4  # pack=4: one prefetch a lane
+    row = tl.minimum(row0 + slot % (8 * TILES), M - 1)
+    line = (slot // (8 * TILES)) % (GROUP // 64)
+    ptrs = x_ptr + row * stride_xm + grp * GROUP + line * 64  # [L] 64 float16 = one line
+    tl.inline_asm_elementwise(asm="prefetch.global.L1 [$4];\nmov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\n"
+                                  "mov.b32 $3, 0;", constraints="=r,=r,=r,=r,l,l,l,l", args=[ptrs], dtype=tl.int32,
+                              is_pure=False, pack=4)
 
 
 @_jit
 def _wide_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om, ROW_BLOCKS,
                  GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
-                 TILES: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+                 TILES: tl.constexpr, BLOCKS: tl.constexpr, PREFETCH: tl.constexpr, ASM: tl.constexpr,
+                 PDL: tl.constexpr):
     """Program (pid, split): column set pid // ROW_BLOCKS (BLOCKS blocks a warp: (set * WARPS + w) * BLOCKS + u),
     rows 8 TILES (pid % ROW_BLOCKS) .. + 8 TILES, over the split-th run of groups. Accumulator p = v * BLOCKS + u
     (tile v, block u); the next group's words and sz are loaded before this group's products (two in flight)."""
@@ -139,9 +149,13 @@ def _wide_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, st
     buf_b = _load_blocks(qf_ptr, sz_ptr, bases, tl.minimum(g_first + 1, g_last), CHUNKS, BLOCKS)
     pdl_wait(PDL)
     for grp in range(g_first, g_last + 1, 2):
+        if PREFETCH and ASM:
+            _prefetch_x(x_ptr, row0, tl.minimum(grp + 1, g_last), M, stride_xm, idx, GROUP, TILES)
         accs = _wide_step(accs, buf_a, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, blocks, g, e,
                           stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
         buf_a = _load_blocks(qf_ptr, sz_ptr, bases, tl.minimum(grp + 2, g_last), CHUNKS, BLOCKS)
+        if PREFETCH and ASM:
+            _prefetch_x(x_ptr, row0, tl.minimum(grp + 2, g_last), M, stride_xm, idx, GROUP, TILES)
         accs = _wide_step(accs, buf_b, grp + 1, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, blocks, g, e,
                           stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
         buf_b = _load_blocks(qf_ptr, sz_ptr, bases, tl.minimum(grp + 3, g_last), CHUNKS, BLOCKS)
@@ -190,13 +204,16 @@ def _wide_step(accs, buf, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows
             for u in tl.static_range(BLOCKS):
                 frags = frags + (_dequant(buf[u][cc], tl.where(keep, buf[u][2], 0)),)
             c = grp * CHUNKS + cc
-            new = ()
-            for v in tl.static_range(TILES):
-                xa = tl.load(x32 + x_bases[v] + c * 32)
-                xb = tl.load(x32 + x_bases[v] + c * 32 + 4)
-                for u in tl.static_range(BLOCKS):
-                    new = new + (_mma4(accs[v * BLOCKS + u], frags[u], xa, xb),)
-            accs = new
+            for half in tl.static_range(2):  # words 0, 1 (x pairs xa), then 2, 3 (xb)
+                xs = ()
+                for v in tl.static_range(TILES):
+                    xs = xs + (tl.load(x32 + x_bases[v] + c * 32 + 4 * half),)
+                for pair in tl.static_range(2):  # word 2 half + pair: one HMMA per (tile, block), each its own
+                    new = ()  # accumulator, so that consecutive HMMAs do not wait on each other
+                    for v in tl.static_range(TILES):
+                        for u in tl.static_range(BLOCKS):
+                            new = new + (_mma1(accs[v * BLOCKS + u], frags[u][2 * half + pair], xs[v], pair),)
+                    accs = new
         return accs
     new = ()
     for v in tl.static_range(TILES):
@@ -217,11 +234,11 @@ def _store_parts(accs, out_ptr, M, stride_om, NB, col_set, WARPS: tl.constexpr, 
 
 def w4a16_mma_wide_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *,
                           warps: int = 4, split_k: int = 1, blocks: int = 2, tiles: int = 8,
-                          silu_mul: bool = False, out: torch.Tensor | None = None,
+                          prefetch: bool = False, silu_mul: bool = False, out: torch.Tensor | None = None,
                           asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (any M) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout: `tiles`
     8-row tiles (1, 2, 4, 8) and `blocks` 16-column blocks a warp, `warps` warps a program, split_k programs per
-    (column set, row block) over the groups of K. asm: the mma.sync path (float16 x on CUDA); None = on where it
+    (column set, row block) over the groups of K; prefetch: ask L1 for the next group's x a group ahead. asm: the mma.sync path (float16 x on CUDA); None = on where it
     can run."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
@@ -249,5 +266,5 @@ def w4a16_mma_wide_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _wide_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), row_blocks,
                        GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, TILES=tiles, BLOCKS=blocks,
-                       ASM=asm, num_warps=warps, num_stages=1, **pdl_launch(x.device))
+                       PREFETCH=prefetch, ASM=asm, num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out

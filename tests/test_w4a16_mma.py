@@ -144,10 +144,9 @@ def test_wide_ptx_fragments_simulated(m, n, k, group, silu, tiles):
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
     got = simulate_ptx(x, qfrag, sz, group, silu, wide_tiles=tiles)
     torch.testing.assert_close(got, _reference(x, q, s, z, group, silu), rtol=3e-3, atol=3e-3)
-    dequant, mma4 = MW._dequant_ptx(), MW._mma4_ptx()
+    dequant = MW._dequant_ptx()
     assert dequant.count("lop3.b32") == 16 and dequant.count("mul.rn.f16x2") == 16  # 4 words x (lo, hi) x 2
-    assert mma4.count("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32") == 4
-    assert "{$24, $25}" in mma4 and "{$30, $31}" in mma4  # word j's B fragment: x pairs 2j, 2j + 1
+    assert "{$12, $13}" in MW._mma1_ptx(0) and "{$14, $15}" in MW._mma1_ptx(1)  # word 2h + p: x pairs 2p, 2p + 1
 
 
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,tiles", [
