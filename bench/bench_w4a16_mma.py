@@ -127,17 +127,19 @@ def table_entries(rows: list) -> list:
 
 
 def grid(m: int, args) -> list[dict]:
-    """The configurations tried at M rows: the 1-16 row kernel's up to 16 rows, the wide kernel's past that."""
+    """The configurations tried at M rows: the 1-16 row kernel's up to 16 rows; the wide kernel's from 9 rows
+    (its tiles up to M / 8)."""
+    small, wide = [], []
     if m <= MM.MAX_ROWS:
-        if args.smoke:
-            return list(SMOKE_GRID)
-        return [{"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
-                for sp in args.splits for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
-    if args.smoke:
-        return list(SMOKE_WIDE)
-    tiles = [t for t in args.tiles if t <= max(1, -(-m // 8))]
-    return [{"warps": w, "split_k": sp, "blocks": bl, "tiles": t, **({"prefetch": True} if pf else {})}
+        small = list(SMOKE_GRID) if args.smoke else [
+            {"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
+            for sp in args.splits for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
+    if m > 8:
+        tiles = [t for t in args.tiles if t <= -(-m // 8)]
+        wide = list(SMOKE_WIDE) if args.smoke else [
+            {"warps": w, "split_k": sp, "blocks": bl, "tiles": t, **({"prefetch": True} if pf else {})}
             for w in args.warps for sp in args.splits for bl in args.wide_blocks for t in tiles for pf in args.prefetch]
+    return small + wide
 
 
 def main() -> int:
