@@ -117,12 +117,12 @@ def table_entries(rows: list) -> list:
     for r in rows:
         b = r["best_mma"]
         if b and b["us"] < r["gemv"]["us"]:
-            path, config = r["fallback"]
+            path, fallback = r["fallback"]
             config = {key: b[key] for key in CONFIG_KEYS if key in b}
             if "tiles" not in config:  # the 1-16 row kernel: its defaults left out
                 config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1))}
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma", "config": config,
-                        "us": round(b["us"], 2), "fallback": {"path": path, "config": config}})
+                        "us": round(b["us"], 2), "fallback": {"path": path, "config": fallback}})
     return out
 
 

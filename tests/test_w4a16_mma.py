@@ -297,6 +297,23 @@ def test_shipped_h200_table_has_mma_entries_with_fallbacks():
     assert all(e["m"] <= MM.MAX_ROWS or e["config"].get("tiles") in MW.TILES for e in mma)  # past 16: the wide one
 
 
+def test_shipped_table_entries_fit_their_launchers():
+    """Every entry's keywords are parameters of the launcher its path names (an mma entry's own and its
+    fallback's), so that no table row can reach a kernel with another kernel's configuration."""
+    import inspect
+
+    from lmc.kernels import w4a16_tuning as T
+
+    launchers = {"gemv": W.w4a16_gemv_triton, "gemm": W.w4a16_gemm_triton, "dequant": W.w4a16_dequant_matmul_triton}
+    for device, table in T.read_tables()["devices"].items():
+        for e in table["entries"]:
+            pairs = [(e["path"], e["config"])] + ([(e["fallback"]["path"], e["fallback"]["config"])]
+                                                  if e["path"] == "mma" else [])
+            for path, config in pairs:
+                launch = W._mma_launch(config) if path == "mma" else launchers[path]
+                assert set(config) <= set(inspect.signature(launch).parameters), (device, e)
+
+
 def test_loader_builds_the_layout_only_where_it_runs(monkeypatch):
     from lmc.runtime import model
 
