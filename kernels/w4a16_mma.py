@@ -486,6 +486,21 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, U: tl.co
                  mask=(b < NB) & (m < M))
 
 
+def prepare_launch(x: torch.Tensor, n: int, silu_mul: bool, out: torch.Tensor | None,
+                   asm: bool | None) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """The mma launchers' common part: (x with 16-byte aligned rows of pairs, out [M, N] or [M, N/2] (silu_mul),
+    allocated if None, whether the mma.sync path runs: float16 x on CUDA; None = where it can)."""
+    if out is None:
+        out = torch.empty((x.shape[0], n // 2 if silu_mul else n), dtype=x.dtype, device=x.device)
+    can_asm = x.is_cuda and x.dtype == torch.float16
+    asm = can_asm if asm is None else asm
+    if asm and not can_asm:
+        raise LmcError("the mma.sync path needs float16 x on CUDA")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte rows of pairs
+        x = x.contiguous().clone()
+    return x, out, asm
+
+
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
                      split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
@@ -502,15 +517,7 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     if sz.shape != (nb, k // group_size, 8, 2) or not mma_eligible(k, n, group_size, silu_mul):
         raise LmcError(f"w4a16_mma_triton: sz {tuple(sz.shape)} does not fit qfrag {tuple(qfrag.shape)} with "
                        f"G={group_size}")
-    n_out = n // 2 if silu_mul else n
-    if out is None:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    can_asm = x.is_cuda and x.dtype == torch.float16
-    asm = can_asm if asm is None else asm
-    if asm and not can_asm:
-        raise LmcError("the mma.sync path needs float16 x on CUDA")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte rows of pairs
-        x = x.contiguous().clone()
+    x, out, asm = prepare_launch(x, n, silu_mul, out, asm)
     tiles = 1 if m <= 8 else 2
     blocks = blocks if group_size == 128 else 1  # two blocks a warp: written for two chunks a group
     if kw not in (1, 2, 4) or warps % kw:

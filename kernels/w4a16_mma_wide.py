@@ -23,7 +23,8 @@ import torch
 from lmc.errors import LmcError
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.split_counters import split_counters
-from lmc.kernels.w4a16_mma import CHUNK, LANE_WORDS, _gather_group, _jit, _load_block, _mma_store, mma_eligible
+from lmc.kernels.w4a16_mma import (CHUNK, LANE_WORDS, _gather_group, _jit, _load_block, _mma_store, mma_eligible,
+                                   prepare_launch)
 
 try:
     import triton
@@ -250,15 +251,7 @@ def w4a16_mma_wide_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor
                        f"with G={group_size}")
     if tiles not in TILES or blocks not in (1, 2, 4):
         raise LmcError(f"w4a16_mma_wide_triton: tiles in {TILES} and blocks in (1, 2, 4), got {tiles}, {blocks}")
-    n_out = n // 2 if silu_mul else n
-    if out is None:
-        out = torch.empty((m, n_out), dtype=x.dtype, device=x.device)
-    can_asm = x.is_cuda and x.dtype == torch.float16
-    asm = can_asm if asm is None else asm
-    if asm and not can_asm:
-        raise LmcError("the mma.sync path needs float16 x on CUDA")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:  # 16-byte rows of pairs
-        x = x.contiguous().clone()
+    x, out, asm = prepare_launch(x, n, silu_mul, out, asm)
     row_blocks = triton.cdiv(m, 8 * tiles)
     grid = (triton.cdiv(nb, warps * blocks) * row_blocks, split_k)
     ws = torch.empty((split_k, grid[0], tiles * blocks, 128 * warps), dtype=torch.float32, device=x.device) \

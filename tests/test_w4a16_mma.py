@@ -112,6 +112,17 @@ def simulate_ptx(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group: 
     return y
 
 
+def _check_launch(launch, m, n, k, group, silu, seed, **kw):
+    """One launcher on random codes, odd shapes: the output's shape and dtype, and its values against the
+    float32 reference."""
+    q, s, z = _quantized(n, k, group, seed=seed)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = launch(x, qfrag, sz, group, silu_mul=silu, **kw)
+    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("m,n,k,group,silu", [(1, 48, 256, 128, False), (3, 32, 192, 64, True),
                                               (8, 64, 384, 128, True), (5, 80, 128, 64, False)])
 def test_layout_decodes_to_the_stored_weight(m, n, k, group, silu):
@@ -155,13 +166,8 @@ def test_wide_ptx_fragments_simulated(m, n, k, group, silu, tiles):
 def test_wide_kernel_interpreter(m, n, k, group, silu, warps, split_k, blocks, tiles):
     """The wide kernel's index path: row blocks (M not a multiple of 8 x tiles), blocks past N masked, split-K
     with the last split summing, both epilogues."""
-    q, s, z = _quantized(n, k, group, seed=n * k + m)
-    x = torch.randn(m, k).half()
-    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    got = MW.w4a16_mma_wide_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, blocks=blocks, tiles=tiles,
-                                   silu_mul=silu)
-    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
-    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+    _check_launch(MW.w4a16_mma_wide_triton, m, n, k, group, silu, n * k + m, warps=warps, split_k=split_k,
+                  blocks=blocks, tiles=tiles)
 
 
 def test_wide_kernel_errors():
@@ -185,13 +191,8 @@ def test_wide_kernel_errors():
     (5, 32, 256, 128, True, 4, 1, 2, 2), (16, 112, 384, 64, False, 2, 2, 2, 2)])
 def test_kernel_interpreter(m, n, k, group, silu, warps, split_k, buffers, blocks):
     """The kernel's index path (blocks past N masked, split-K with the last split summing, both epilogues)."""
-    q, s, z = _quantized(n, k, group, seed=n * k)
-    x = torch.randn(m, k).half()
-    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, blocks=blocks,
-                              silu_mul=silu)
-    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
-    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+    _check_launch(MM.w4a16_mma_triton, m, n, k, group, silu, n * k, warps=warps, split_k=split_k, buffers=buffers,
+                  blocks=blocks)
 
 
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers,blocks,kw", [
