@@ -1,5 +1,6 @@
-"""W4A16 for 17 rows of x and more on the tensor cores, from the same load-time "mma fragment" layout as
-kernels/w4a16_mma.py (its docstring has the layout): the weight words are read once per 8 x TILES rows of x.
+"""W4A16 for any number of rows of x on the tensor cores (the table takes it from 16 rows), from the same load-time
+"mma fragment" layout as kernels/w4a16_mma.py (its docstring has the layout): the weight words are read once per
+8 x TILES rows of x.
 
 Why a second kernel: the 1-16 row kernel keeps per-group float32 partials (fresh HMMA accumulators, scaled once
 per group), which costs 4 registers per (block, tile) on top of the running sums; at 4-8 tiles and two blocks a
@@ -7,10 +8,12 @@ warp that does not fit. Here the group scale goes into the A fragment instead, a
 dequantizes to float16 (code - zero) * scale (LOP3 into 1024 + code, one exact HSUB2 / HFMA2 for the zero, one
 HMUL2 for the scale: one rounding, the same value the dequant GEMM makes) and multiplies every tile's B fragment
 straight into the running float32 accumulators. A warp owns BLOCKS 16-column blocks x TILES 8-row tiles of the
-output: BLOCKS x TILES x 4 accumulator registers a lane; each dequantized word feeds BLOCKS x TILES HMMA.16816
-... per 4 LOP3 + 1 SHF + 4 HSUB2/HFMA2 + 4 HMUL2, so past ~4 tiles the tensor pipe, not the dequant, is the
-limit. A program covers 8 x TILES rows (`ROW_BLOCKS` programs per column set, adjacent in launch order so that
-they share the words in L2); split-K as in the small kernel (the last split sums in split order).
+output: BLOCKS x TILES x 4 accumulator registers a lane; each dequantized word (4 LOP3 + 1 SHF + 4 HSUB2/HFMA2 +
+4 HMUL2) feeds TILES HMMA.16816, one asm statement each, so that consecutive HMMAs use different accumulators. A
+program covers 8 x TILES rows (`ROW_BLOCKS` programs per column set, adjacent in launch order so that they share
+the words in L2); split-K as in the small kernel (the last split sums in split order). Measured on an H200
+(bench/NOTES.md, session 16): 229-274 TFLOP/s at 64-256 rows, half of fp16 cuBLAS's wgmma; the table takes it for
+the gate/up weight at 16 and 64 rows.
 
 Off the GPU (TRITON_INTERPRET) the kernel gathers the same codes by index arithmetic (w4a16_mma._gather_group,
 float32, the scale after the sum), so the layout, the row blocks, the split-K and both epilogues are checked on a
