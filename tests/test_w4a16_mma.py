@@ -298,6 +298,30 @@ def test_shipped_h200_table_has_mma_entries_with_fallbacks():
     assert all(e["m"] <= MM.MAX_ROWS or e["config"].get("tiles") in MW.TILES for e in mma)  # past 16: the wide one
 
 
+def test_bench_table_entries_keep_the_fallback():
+    """bench_w4a16_mma --write-table: an entry only where mma beat the table's choice, the mma configuration as
+    its config (the 1-16 row kernel's defaults left out) and what a weight without the layout takes as its
+    fallback (once written with the mma configuration in both places)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_w4a16_mma.py"
+    spec = importlib.util.spec_from_file_location("bench_w4a16_mma_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    gemm = ["gemm", {"block_m": 16, "split_k": 4}]
+    rows = [{"M": 16, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": gemm,
+             "best_mma": {"warps": 2, "split_k": 4, "blocks": 2, "tiles": 2, "us": 9.0}},
+            {"M": 8, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": gemm,
+             "best_mma": {"warps": 4, "split_k": 8, "buffers": 2, "blocks": 1, "kw": 1, "us": 7.0}},
+            {"M": 64, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": gemm,
+             "best_mma": {"warps": 4, "split_k": 1, "blocks": 2, "tiles": 8, "us": 12.0}}]  # lost: no entry
+    entries = bench.table_entries(rows)
+    assert [(e["m"], e["config"]) for e in entries] == [
+        (16, {"warps": 2, "split_k": 4, "blocks": 2, "tiles": 2}), (8, {"warps": 4, "split_k": 8, "buffers": 2})]
+    assert all(e["fallback"] == {"path": "gemm", "config": {"block_m": 16, "split_k": 4}} for e in entries)
+
+
 def test_shipped_table_entries_fit_their_launchers():
     """Every entry's keywords are parameters of the launcher its path names (an mma entry's own and its
     fallback's), so that no table row can reach a kernel with another kernel's configuration."""
