@@ -611,7 +611,7 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
     int4["runs"] += bench_lmc(int4_ws, dev, args, vocab)
     store("llama3-8b-shape int4-g128", int4)
     if "mma-ab" not in args.skip_parts and os.environ.get("LMC_INT4_MMA") != "0":
-        # the same int4 workspace without the mma layout (LMC_INT4_MMA=0: the table's fallbacks for 1-16 rows)
+        # the same int4 workspace without the mma layout (LMC_INT4_MMA=0: the table's fallbacks for its mma entries)
         print(" lmc int4, LMC_INT4_MMA=0", flush=True)
         os.environ["LMC_INT4_MMA"] = "0"
         try:

@@ -1,4 +1,4 @@
-"""The tensor-core W4A16 paths (kernels/w4a16_mma.py for 1-16 rows, kernels/w4a16_mma_wide.py past 16) against
+"""The tensor-core W4A16 paths (kernels/w4a16_mma.py for 1-16 rows, kernels/w4a16_mma_wide.py from 9) against
 what lmc's tuning table picks, per 8B linear shape (tp 1 and one rank's share at tp 2; the gate/up weight with its
 SiLU epilogue as the runtime calls it). The "gemv" column is whatever this GPU's table picks for the shape (the
 mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no epilogue) on the same shape.

@@ -88,11 +88,8 @@ def _dequant(words, sz):
 @_jit
 def _mma1(acc, frag, xq, PAIR: tl.constexpr):
     """acc + one word's A fragment times pair PAIR of the x pairs xq (xa: words 0, 1; xb: words 2, 3)."""
-    if PAIR == 0:
-        return tl.inline_asm_elementwise(asm=_MMA1_PTX_0, constraints=_MMA1_IO, args=[acc, frag, xq],
-                                         dtype=tl.float32, is_pure=True, pack=4)
-    return tl.inline_asm_elementwise(asm=_MMA1_PTX_1, constraints=_MMA1_IO, args=[acc, frag, xq],
-                                     dtype=tl.float32, is_pure=True, pack=4)
+    return tl.inline_asm_elementwise(asm=_MMA1_PTX_0 if PAIR == 0 else _MMA1_PTX_1, constraints=_MMA1_IO,
+                                     args=[acc, frag, xq], dtype=tl.float32, is_pure=True, pack=4)
 
 
 @_jit
@@ -240,10 +237,10 @@ def w4a16_mma_wide_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor
                           warps: int = 4, split_k: int = 1, blocks: int = 2, tiles: int = 8,
                           prefetch: bool = False, silu_mul: bool = False, out: torch.Tensor | None = None,
                           asm: bool | None = None) -> torch.Tensor:
-    """x [M, K] (any M) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout: `tiles`
-    8-row tiles (1, 2, 4, 8) and `blocks` 16-column blocks a warp, `warps` warps a program, split_k programs per
-    (column set, row block) over the groups of K; prefetch: ask L1 for the next group's x a group ahead. asm: the mma.sync path (float16 x on CUDA); None = on where it
-    can run."""
+    """x [M, K] (any M) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout: `tiles` 8-row
+    tiles (1, 2, 4, 8) and `blocks` 16-column blocks a warp, `warps` warps a program, split_k programs per (column
+    set, row block) over the groups of K; prefetch: ask L1 for the next group's x a group ahead. asm: the mma.sync
+    path (float16 x on CUDA); None = on where it can run."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
     m = x.shape[0]

@@ -39,7 +39,7 @@ class Int4Weight:
     scales: torch.Tensor  # [ceil(K/G), N]
     zeros: torch.Tensor  # [ceil(K/G), N]
     group_size: int
-    mma: tuple[torch.Tensor, torch.Tensor] | None = None  # (qfrag, sz): kernels/w4a16_mma.py's copy for 1-8 rows
+    mma: tuple[torch.Tensor, torch.Tensor] | None = None  # (qfrag, sz): the mma layout (kernels/w4a16_mma.py)
     mma_silu: bool = False  # mma is the gate/up layout (mlp_hidden's), not a plain one
 
     @property
@@ -175,9 +175,9 @@ def load_tensor(ws: Workspace, name: str, device, dtype, rows: range | None = No
 
 
 def mma_wanted(device: torch.device, dtype: torch.dtype, k: int, n: int, group: int, silu: bool) -> bool:
-    """Whether an int4 linear also gets the mma layout (kernels/w4a16_mma.py: the tensor-core path for 1-8 rows,
-    one more copy of its words): float16 on a GPU whose tuning table has mma entries, a shape the layout takes,
-    and not LMC_INT4_MMA=0."""
+    """Whether an int4 linear also gets the mma layout (kernels/w4a16_mma.py and _wide.py: the tensor-core paths the
+    table names, one more copy of its words): float16 on a GPU whose tuning table has mma entries, a shape the
+    layout takes, and not LMC_INT4_MMA=0."""
     return (device.type == "cuda" and dtype == torch.float16 and os.environ.get("LMC_INT4_MMA", "1") != "0"
             and mma_eligible(k, n, group, silu) and has_mma(device_name(device)))
 
