@@ -60,11 +60,19 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     finally:
         setattr(attention, name, fn)
     (args, kwargs), = capture.launches
+    if "ASM" in kwargs:  # the inline-PTX code conversion a CUDA launch with float16 q takes (q is on the CPU here)
+        kwargs["ASM"] = True
+    return compile_launch(fn, args, kwargs, maxnreg)
+
+
+def compile_launch(fn, args, kwargs: dict, maxnreg: int | None = None):
+    """A captured launch of `fn` compiled for sm_90 with the specialization Triton's launcher would pick
+    (16-divisible integers and pointers, integers equal to 1)."""
+    kwargs = dict(kwargs)
+    kwargs.pop("launch_pdl", None)
     options = {k: kwargs.pop(k) for k in ("num_warps", "num_stages")}
     if maxnreg:
         options["maxnreg"] = maxnreg
-    if "ASM" in kwargs:  # the inline-PTX code conversion a CUDA launch with float16 q takes (q is on the CPU here)
-        kwargs["ASM"] = True
     signature, constexprs, attrs = {}, dict(kwargs), {}
     for i, (arg_name, arg) in enumerate(zip(fn.arg_names, args)):
         ty, key = native_specialize_impl(BaseBackend, arg, False, True, True)

@@ -30,9 +30,9 @@ def triton_way(block_n: int, block_k: int, warps: int, pdl: bool):
     def fn(x, w):
         y = torch.empty((1, w.shape[0]), dtype=x.dtype, device=x.device)
         launch = {"PDL": True, "launch_pdl": True} if pdl else {"PDL": False}
-        gemv._gemv_kernel[(-(-w.shape[0] // block_n),)](x[0], w, y, w.shape[0], w.shape[1], w.stride(0),
-                                                       BLOCK_N=block_n, BLOCK_K=block_k, SILU=False, num_warps=warps,
-                                                       num_stages=1, **launch)
+        gemv._gemv_kernel[(-(-w.shape[0] // block_n),)](x[0], w, y, w.shape[0], w.shape[1], w.stride(0), 0,
+                                                       BLOCK_N=block_n, BLOCK_K=block_k, SILU=False, PREFETCH=False,
+                                                       num_warps=warps, num_stages=1, **launch)
         return y
     return fn
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from lmc.errors import LmcError
+from lmc.kernels.l2_prefetch import l2_prefetch, prefetch_pieces
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
@@ -28,10 +29,15 @@ except ImportError:  # CPU-only install: the torch reference serves
 if triton is not None:
 
     @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn,
-                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_wn, w_bytes,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SILU: tl.constexpr, PREFETCH: tl.constexpr,
+                     PDL: tl.constexpr):
         """SILU: N is I, the outputs; program p reads gate rows p * BLOCK_N/2 + [0, BLOCK_N/2) and the matching
-        up rows (I further on) as one [BLOCK_N, BLOCK_K] tile, and writes silu(gate) * up to y [1, I]."""
+        up rows (I further on) as one [BLOCK_N, BLOCK_K] tile, and writes silu(gate) * up to y [1, I].
+        PREFETCH (0 = off): the program's share of the w_bytes of W into L2 first, in PREFETCH pieces
+        (lmc.kernels.l2_prefetch)."""
+        if PREFETCH:
+            l2_prefetch(w_ptr, w_bytes, tl.program_id(0), tl.num_programs(0), PREFETCH)
         HALF: tl.constexpr = BLOCK_N // 2
         if SILU:
             lane = tl.arange(0, BLOCK_N)  # [BLOCK_N]
@@ -104,6 +110,7 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, block_n: int = 8, block_k: int
         block_n = 2 * max(block_n // 2, 1)
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, block_n // 2 if silu_mul else block_n),)
-    _gemv_kernel[grid](x, w, y, N, K, w.stride(0), BLOCK_N=block_n, BLOCK_K=block_k, SILU=silu_mul,
-                       num_warps=num_warps, num_stages=num_stages, **pdl_launch(x.device))
+    _gemv_kernel[grid](x, w, y, N, K, w.stride(0), w.numel() * w.element_size(), BLOCK_N=block_n, BLOCK_K=block_k,
+                       SILU=silu_mul, PREFETCH=prefetch_pieces(w, num_warps), num_warps=num_warps, num_stages=num_stages,
+                       **pdl_launch(x.device))
     return y

@@ -1,0 +1,60 @@
+"""An L2 prefetch of a small weight before the PDL wait: a batch-1 decode GEMV of a few MB is bound by latency,
+not bandwidth (bench/NOTES.md, session 17), and under PDL its programs start while the kernel before them (the
+attention, the all-reduce + RMSNorm) still runs. Each program asks L2 for its own slice of the weight with
+`cp.async.bulk.prefetch.L2` (fire and forget, no registers held) before it waits, so that the slice streams in
+during the previous kernel and the GEMV's own loads hit L2.
+
+Only weights of at most LMC_L2_PREFETCH_MB MiB are prefetched (read once; 0 = never): session 13 prefetched
+every GEMV's whole weight and the 235 MB gate/up flooded the memory queues (tp 1 batch 1 +1.03 ms).
+Off the GPU, under TRITON_INTERPRET, without PDL or before sm_90 nothing is prefetched.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from lmc.kernels.pdl import pdl_enabled
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: nothing here is called
+    triton = None
+
+PREFETCH_MIB = float(os.environ.get("LMC_L2_PREFETCH_MB", "0"))  # the largest weight prefetched, MiB; 0 = off
+
+
+def prefetch_pieces(weight: torch.Tensor, num_warps: int) -> int:
+    """A decode kernel's PREFETCH constexpr for this (constant) weight: 0 = no prefetch, else one piece a thread
+    (a program's share of the weight in that many prefetch instructions, none repeated by another warp)."""
+    nbytes = weight.numel() * weight.element_size()
+    wanted = (0 < nbytes <= PREFETCH_MIB * 2**20 and nbytes % 16 == 0 and weight.data_ptr() % 16 == 0
+              and weight.is_contiguous() and pdl_enabled(weight.device))
+    return 32 * num_warps if wanted else 0
+
+
+if triton is not None:
+
+    @triton.jit
+    def prefetch_parts(total_bytes, share, shares, PARTS: tl.constexpr):
+        """(start, size) in bytes, [PARTS] each: the share-th of `shares` equal parts of [0, total_bytes), cut
+        into PARTS pieces of whole 16-byte units (size 0 for an empty piece)."""
+        units = total_bytes.to(tl.int64) // 16
+        lo = share.to(tl.int64) * units // shares  # this program's share, in 16-byte units
+        hi = (share.to(tl.int64) + 1) * units // shares
+        q = tl.arange(0, PARTS).to(tl.int64)  # [PARTS]
+        start = lo + q * (hi - lo) // PARTS
+        end = lo + (q + 1) * (hi - lo) // PARTS
+        return start * 16, (end - start) * 16
+
+    @triton.jit
+    def l2_prefetch(base_ptr, total_bytes, share, shares, PARTS: tl.constexpr):
+        """Ask L2 for this program's share of the total_bytes bytes at base_ptr (16-byte aligned, whole 16-byte
+        units): the programs of a grid, each with its own share, prefetch the weight once, PARTS instructions a
+        program."""
+        start, size = prefetch_parts(total_bytes, share, shares, PARTS)
+        addr = base_ptr.to(tl.pointer_type(tl.int8), bitcast=True) + start  # [PARTS]
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.b32 $0, 0; }",
+            "=r,l,r", [addr, size.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)

@@ -1,0 +1,158 @@
+"""The L2 prefetch before the PDL wait (kernels/l2_prefetch.py): the programs' pieces cover a weight exactly once,
+the launchers ask for it only for small contiguous weights with PDL on, the compiled decode kernels issue it before
+griddepcontrol.wait, and on a GPU it changes no output bit."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmc.kernels import gemv, l2_prefetch, w4a16, w4a16_mma
+
+triton = pytest.importorskip("triton")
+tl = triton.language
+
+
+@triton.jit
+def _pieces_kernel(start_ptr, size_ptr, total_bytes, PARTS: tl.constexpr):
+    share = tl.program_id(0)
+    start, size = l2_prefetch.prefetch_parts(total_bytes, share, tl.num_programs(0), PARTS)
+    offs = share * PARTS + tl.arange(0, PARTS)  # [PARTS]
+    tl.store(start_ptr + offs, start)
+    tl.store(size_ptr + offs, size)
+
+
+@pytest.mark.parametrize("units,shares,parts", [(12345, 7, 32), (50, 132, 32), (1_000_003, 5, 64), (3, 1, 128)])
+def test_pieces_cover_the_weight_once(units, shares, parts):
+    """Sorted by start, the non-empty pieces of all programs tile [0, total) with whole 16-byte units, and each
+    program's pieces lie inside its own share."""
+    total = 16 * units
+    start = torch.full((shares * parts,), -1, dtype=torch.int64)
+    size = torch.full((shares * parts,), -1, dtype=torch.int64)
+    _pieces_kernel[(shares,)](start, size, total, PARTS=parts)
+    assert bool((start % 16 == 0).all()) and bool((size % 16 == 0).all()) and bool((size >= 0).all())
+    owner = torch.arange(shares).repeat_interleave(parts)  # [shares * parts]
+    share_lo, share_hi = owner * units // shares * 16, (owner + 1) * units // shares * 16
+    assert bool((start >= share_lo).all()) and bool((start + size <= share_hi).all())
+    keep = size > 0
+    order = torch.argsort(start[keep])
+    s, n = start[keep][order], size[keep][order]
+    assert s[0].item() == 0 and (s + n)[-1].item() == total
+    assert torch.equal(s[1:], (s + n)[:-1])  # no gap, no overlap
+
+
+def test_pieces_only_for_small_contiguous_weights_with_pdl(monkeypatch):
+    w = torch.empty(64, 1024, dtype=torch.float16)  # 128 KiB
+    monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 1.0)
+    assert l2_prefetch.prefetch_pieces(w, 4) == 0  # on the CPU: no PDL
+    monkeypatch.setattr(l2_prefetch, "pdl_enabled", lambda device: True)
+    assert l2_prefetch.prefetch_pieces(w, 4) == 128 and l2_prefetch.prefetch_pieces(w, 1) == 32
+    assert l2_prefetch.prefetch_pieces(w[:, :1000], 4) == 0  # not contiguous
+    assert l2_prefetch.prefetch_pieces(torch.empty(2**20, dtype=torch.float16), 4) == 0  # 2 MiB > the cap
+    monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 0.0)
+    assert l2_prefetch.prefetch_pieces(w, 4) == 0  # LMC_L2_PREFETCH_MB=0: off
+
+
+def _compile_sm90():
+    path = Path(__file__).resolve().parents[1] / "bench" / "compile_decode_sm90.py"
+    spec = importlib.util.spec_from_file_location("compile_decode_sm90_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _captured(module, name: str, call):
+    """The (args, kwargs) of the one launch of module.name that call() makes, with PDL on."""
+    compiler = _compile_sm90()
+    fn, capture = getattr(module, name), compiler._Capture()
+    setattr(module, name, capture)
+    try:
+        call()
+    finally:
+        setattr(module, name, fn)
+    (args, kwargs), = capture.launches
+    kwargs["PDL"] = True
+    return compiler, fn, args, kwargs
+
+
+def prefetch_in_ptx(kernel: str) -> dict:
+    """sm_90 PTX facts of one decode kernel compiled with PREFETCH (one piece a thread) and without (run with
+    TRITON_INTERPRET=0: the compiler needs the kernels as JIT functions)."""
+    q, s, z = (torch.zeros(512, 4096, dtype=torch.int32), torch.ones(32, 4096, dtype=torch.float16),
+               torch.zeros(32, 4096, dtype=torch.float16))
+    x = torch.zeros(1, 4096, dtype=torch.float16)
+    if kernel == "float gemv":
+        w = torch.zeros(4096, 4096, dtype=torch.float16)
+        compiler, fn, args, kwargs = _captured(gemv, "_gemv_kernel", lambda: gemv.gemv_triton(x, w))
+    elif kernel == "int4 gemv":
+        compiler, fn, args, kwargs = _captured(w4a16, "_w4a16_gemv_kernel", lambda: w4a16.w4a16_gemv_triton(
+            x, q, s, z, 128, block_n=64, split_k=8, num_warps=2, dot_asm=False))
+        kwargs["ASM"] = True
+    else:
+        qfrag, sz = torch.zeros(256, 64, 128, dtype=torch.int32), torch.zeros(256, 32, 8, 2, dtype=torch.int32)
+        compiler, fn, args, kwargs = _captured(w4a16_mma, "_w4a16_mma_kernel", lambda: w4a16_mma.w4a16_mma_triton(
+            x, qfrag, sz, 128, warps=4, split_k=2, asm=False))
+        kwargs["ASM"] = True
+    facts = {}
+    for pieces in (32 * kwargs["num_warps"], 0):
+        ptx = compiler.compile_launch(fn, args, {**kwargs, "PREFETCH": pieces}).asm["ptx"]
+        facts[str(pieces)] = {"prefetches": ptx.count("cp.async.bulk.prefetch.L2.global"),
+                              "before_wait": ptx.find("cp.async.bulk.prefetch") < ptx.index("griddepcontrol.wait")}
+    return facts
+
+
+@pytest.mark.parametrize("kernel", ["float gemv", "int4 gemv", "int4 mma"])
+def test_compiled_kernels_prefetch_before_the_pdl_wait(kernel):
+    """sm_90 PTX of each decode kernel with PREFETCH: one predicated bulk L2 prefetch, ahead of griddepcontrol.wait;
+    with PREFETCH 0 none."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
+    run = subprocess.run([sys.executable, __file__, kernel], env=env, capture_output=True, text=True)
+    if run.returncode == 3:
+        pytest.skip(f"cannot compile for sm_90 here: {run.stdout.strip()}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    (on_key, on), (_, off) = sorted(facts.items(), key=lambda kv: -int(kv[0]))
+    assert int(on_key) > 0 and on == {"prefetches": 1, "before_wait": True}, facts
+    assert off["prefetches"] == 0, facts
+
+
+@pytest.mark.gpu
+def test_prefetch_changes_no_output_bit_on_cuda(monkeypatch):
+    """The three decode kernels at 8B shapes, prefetch on and off: the same bits."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs sm_90 (PDL, cp.async.bulk.prefetch)")
+    torch.manual_seed(0)
+    x = torch.randn(1, 4096, device="cuda").half()
+    w = torch.randn(3072, 4096, device="cuda").half()
+    q = torch.randint(-2**31, 2**31 - 1, (512, 3072), dtype=torch.int32, device="cuda")
+    s = torch.rand(32, 3072, device="cuda").half() / 64
+    z = torch.randint(0, 16, (32, 3072), device="cuda").half()
+    qfrag, sz = w4a16_mma.mma_layout(q, s, z, 128)
+    runs = {
+        "float gemv": lambda: gemv.gemv_triton(x, w, 8, 1024, 4),
+        "int4 gemv": lambda: w4a16.w4a16_gemv_triton(x, q, s, z, 128, block_n=32, split_k=16),
+        "int4 mma": lambda: w4a16_mma.w4a16_mma_triton(x, qfrag, sz, 128, warps=4, split_k=2),
+    }
+    for name, run in runs.items():
+        monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 0.0)
+        off = run()
+        monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 64.0)
+        assert l2_prefetch.prefetch_pieces(w if name == "float gemv" else q, 4) > 0
+        on = run()
+        torch.cuda.synchronize()
+        assert torch.equal(on, off), name
+
+
+if __name__ == "__main__":  # the compile test's subprocess: python tests/test_l2_prefetch.py KERNEL
+    try:
+        facts = prefetch_in_ptx(sys.argv[1])
+    except FileNotFoundError as exc:  # a Triton without the CUDA back end's ptxas
+        print(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        sys.exit(3)
+    print(json.dumps(facts))
