@@ -91,6 +91,7 @@ def versions() -> dict:
         props = torch.cuda.get_device_properties(0)
         out.update(sms=props.multi_processor_count, gpu_memory_gib=round(props.total_memory / 2**30, 1),
                    pdl=pdl_enabled(torch.device("cuda")))
+    out["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("LMC_")}  # the runtime's switches
     return out
 
 

@@ -1,12 +1,17 @@
-"""An L2 prefetch of a small weight before the PDL wait: a batch-1 decode GEMV of a few MB is bound by latency,
-not bandwidth (bench/NOTES.md, session 17), and under PDL its programs start while the kernel before them (the
-attention, the all-reduce + RMSNorm) still runs. Each program asks L2 for its own slice of the weight with
-`cp.async.bulk.prefetch.L2` (fire and forget, no registers held) before it waits, so that the slice streams in
+"""An L2 prefetch of a small float weight before the PDL wait: a batch-1 decode GEMV of a few MB is bound by
+latency, not bandwidth, and under PDL its programs start while the kernel before them (the attention, the
+all-reduce + RMSNorm) still runs. Each program asks L2 for its own share of the weight with
+`cp.async.bulk.prefetch.L2` (fire and forget, no registers held) before it waits, so that the weight streams in
 during the previous kernel and the GEMV's own loads hit L2.
 
-Only weights of at most LMC_L2_PREFETCH_MB MiB are prefetched (read once; 0 = never): session 13 prefetched
-every GEMV's whole weight and the 235 MB gate/up flooded the memory queues (tp 1 batch 1 +1.03 ms).
-Off the GPU, under TRITON_INTERPRET, without PDL or before sm_90 nothing is prefetched.
+Measured on 2 x H200 (bench/NOTES.md, session 17, the 8B shape): with a cap of 16 MiB only tp 2's float wo
+(2048 x 4096, 16 MiB) is prefetched, and the fp16 tp 2 step is 16 µs shorter; a cap of 48 MiB (qkv and wo at
+tp 1 and tp 2) made the fp16 tp 1 step 0.14 ms longer, and the int4 GEMVs (which already load their first groups
+before the wait) lost 9-38 µs at 16 MiB, so they do not prefetch. Session 13 prefetched every float GEMV's whole
+weight and lost 1 ms at tp 1 (the 235 MB gate/up flooded the memory queues).
+
+LMC_L2_PREFETCH_MB (read once; default 16, 0 = never): the largest weight prefetched. Off the GPU, under
+TRITON_INTERPRET, without PDL or before sm_90 nothing is prefetched.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ try:
 except ImportError:  # CPU-only install: nothing here is called
     triton = None
 
-PREFETCH_MIB = float(os.environ.get("LMC_L2_PREFETCH_MB", "0"))  # the largest weight prefetched, MiB; 0 = off
+PREFETCH_MIB = float(os.environ.get("LMC_L2_PREFETCH_MB", "16"))  # the largest weight prefetched, MiB; 0 = off
 
 
 def prefetch_pieces(weight: torch.Tensor, num_warps: int) -> int:

@@ -37,7 +37,6 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
-from lmc.kernels.l2_prefetch import l2_prefetch, prefetch_pieces
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
@@ -413,8 +412,7 @@ def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
     M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
-    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, PREFETCH: tl.constexpr,
-    PDL: tl.constexpr,
+    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -429,13 +427,7 @@ def _w4a16_gemv_kernel(
     MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load). PDL: see lmc.kernels.pdl.
     SILU (the fused gate/up weight of an MLP, gate in columns [0, N/2), up in [N/2, N)): program pid_n owns gate
     columns pid_n * BLOCK_N/2 + [0, BLOCK_N/2) and the matching up columns, and writes silu(gate) * up to
-    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory.
-    PREFETCH (0 = off): the program's share of qweight's ceil(K/8) * N words into L2 first, in PREFETCH
-    pieces (lmc.kernels.l2_prefetch)."""
-    if PREFETCH:
-        share = (tl.program_id(2) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(0) + tl.program_id(0)
-        l2_prefetch(qw_ptr, tl.cdiv(K, 8) * N * 4, share,
-                    tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2), PREFETCH)
+    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory."""
     if ASM:  # the launcher checked N % 4 == 0 (SILU: N % 8); saying so lets every [GP, BN] tile load 16 bytes
         N = (N // 4) * 4  # per thread, which the pack=4 products rely on (four columns of one row per call)
     half_n = (N // 8) * 4 if ASM else N // 2  # SILU: gate (and up) columns, a multiple of 4 with ASM
@@ -668,7 +660,7 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
         MASKED=bool(n_out % cols_per_program or k % group_size), ASM=dot_asm, SILU=silu_mul, PRELOAD=preload,
-        PREFETCH=prefetch_pieces(qweight, num_warps), num_warps=num_warps,
+        num_warps=num_warps,
         num_stages=1, **pdl_launch(x.device))
     return out
 

@@ -38,7 +38,6 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.format.int4 import unpack_lmc
-from lmc.kernels.l2_prefetch import l2_prefetch, prefetch_pieces
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 from lmc.kernels.split_counters import split_counters
 
@@ -275,17 +274,13 @@ def _pair_half(word, hi):
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
                       BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, KW: tl.constexpr,
-                      ASM: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+                      ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): BLOCKS column blocks per KW warps, (pid * WARPS / KW + w // KW) * BLOCKS + u, over the
     split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the warps' sums meet in
     shared memory at the end, a split-K with no counter and no partials in global memory). Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
     buffer, so that no register holding a load in flight is copied); x, an L1 hit after the first warp, is
     loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
-    (deterministic) and writes out (lmc.kernels.split_counters). PREFETCH (0 = off): the program's share of qfrag
-    into L2 first, in PREFETCH pieces (lmc.kernels.l2_prefetch)."""
-    if PREFETCH:
-        l2_prefetch(qf_ptr, NB * (K // 64) * 512, tl.program_id(1) * tl.num_programs(0) + tl.program_id(0),
-                    tl.num_programs(0) * tl.num_programs(1), PREFETCH)
+    (deterministic) and writes out (lmc.kernels.split_counters)."""
     L: tl.constexpr = 128 * WARPS
     CHUNKS: tl.constexpr = GROUP // 64
     pid = tl.program_id(0)
@@ -532,7 +527,6 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
                      device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers,
-                            TILES=tiles, BLOCKS=blocks, KW=kw, ASM=asm, PREFETCH=prefetch_pieces(qfrag, warps) if asm else 0,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, KW=kw, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out

@@ -1,5 +1,5 @@
 """The L2 prefetch before the PDL wait (kernels/l2_prefetch.py): the programs' pieces cover a weight exactly once,
-the launchers ask for it only for small contiguous weights with PDL on, the compiled decode kernels issue it before
+the float GEMV asks for it only for small contiguous weights with PDL on, the compiled kernel issues it before
 griddepcontrol.wait, and on a GPU it changes no output bit."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmc.kernels import gemv, l2_prefetch, w4a16, w4a16_mma
+from lmc.kernels import gemv, l2_prefetch
 
 triton = pytest.importorskip("triton")
 tl = triton.language
@@ -81,24 +81,11 @@ def _captured(module, name: str, call):
     return compiler, fn, args, kwargs
 
 
-def prefetch_in_ptx(kernel: str) -> dict:
-    """sm_90 PTX facts of one decode kernel compiled with PREFETCH (one piece a thread) and without (run with
+def prefetch_in_ptx() -> dict:
+    """sm_90 PTX facts of the float GEMV compiled with PREFETCH (one piece a thread) and without (run with
     TRITON_INTERPRET=0: the compiler needs the kernels as JIT functions)."""
-    q, s, z = (torch.zeros(512, 4096, dtype=torch.int32), torch.ones(32, 4096, dtype=torch.float16),
-               torch.zeros(32, 4096, dtype=torch.float16))
-    x = torch.zeros(1, 4096, dtype=torch.float16)
-    if kernel == "float gemv":
-        w = torch.zeros(4096, 4096, dtype=torch.float16)
-        compiler, fn, args, kwargs = _captured(gemv, "_gemv_kernel", lambda: gemv.gemv_triton(x, w))
-    elif kernel == "int4 gemv":
-        compiler, fn, args, kwargs = _captured(w4a16, "_w4a16_gemv_kernel", lambda: w4a16.w4a16_gemv_triton(
-            x, q, s, z, 128, block_n=64, split_k=8, num_warps=2, dot_asm=False))
-        kwargs["ASM"] = True
-    else:
-        qfrag, sz = torch.zeros(256, 64, 128, dtype=torch.int32), torch.zeros(256, 32, 8, 2, dtype=torch.int32)
-        compiler, fn, args, kwargs = _captured(w4a16_mma, "_w4a16_mma_kernel", lambda: w4a16_mma.w4a16_mma_triton(
-            x, qfrag, sz, 128, warps=4, split_k=2, asm=False))
-        kwargs["ASM"] = True
+    x, w = torch.zeros(1, 4096, dtype=torch.float16), torch.zeros(4096, 4096, dtype=torch.float16)
+    compiler, fn, args, kwargs = _captured(gemv, "_gemv_kernel", lambda: gemv.gemv_triton(x, w))
     facts = {}
     for pieces in (32 * kwargs["num_warps"], 0):
         ptx = compiler.compile_launch(fn, args, {**kwargs, "PREFETCH": pieces}).asm["ptx"]
@@ -107,12 +94,11 @@ def prefetch_in_ptx(kernel: str) -> dict:
     return facts
 
 
-@pytest.mark.parametrize("kernel", ["float gemv", "int4 gemv", "int4 mma"])
-def test_compiled_kernels_prefetch_before_the_pdl_wait(kernel):
-    """sm_90 PTX of each decode kernel with PREFETCH: one predicated bulk L2 prefetch, ahead of griddepcontrol.wait;
+def test_compiled_gemv_prefetches_before_the_pdl_wait():
+    """sm_90 PTX of the float GEMV with PREFETCH: one predicated bulk L2 prefetch, ahead of griddepcontrol.wait;
     with PREFETCH 0 none."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
-    run = subprocess.run([sys.executable, __file__, kernel], env=env, capture_output=True, text=True)
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     if run.returncode == 3:
         pytest.skip(f"cannot compile for sm_90 here: {run.stdout.strip()}")
     assert run.returncode == 0, run.stderr[-3000:]
@@ -124,34 +110,25 @@ def test_compiled_kernels_prefetch_before_the_pdl_wait(kernel):
 
 @pytest.mark.gpu
 def test_prefetch_changes_no_output_bit_on_cuda(monkeypatch):
-    """The three decode kernels at 8B shapes, prefetch on and off: the same bits."""
+    """The float GEMV at tp 2's wo shape and a plain one, prefetch on and off: the same bits."""
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
         pytest.skip("needs sm_90 (PDL, cp.async.bulk.prefetch)")
     torch.manual_seed(0)
-    x = torch.randn(1, 4096, device="cuda").half()
-    w = torch.randn(3072, 4096, device="cuda").half()
-    q = torch.randint(-2**31, 2**31 - 1, (512, 3072), dtype=torch.int32, device="cuda")
-    s = torch.rand(32, 3072, device="cuda").half() / 64
-    z = torch.randint(0, 16, (32, 3072), device="cuda").half()
-    qfrag, sz = w4a16_mma.mma_layout(q, s, z, 128)
-    runs = {
-        "float gemv": lambda: gemv.gemv_triton(x, w, 8, 1024, 4),
-        "int4 gemv": lambda: w4a16.w4a16_gemv_triton(x, q, s, z, 128, block_n=32, split_k=16),
-        "int4 mma": lambda: w4a16_mma.w4a16_mma_triton(x, qfrag, sz, 128, warps=4, split_k=2),
-    }
-    for name, run in runs.items():
+    for n, k, silu in ((4096, 2048, False), (2 * 1000, 4096, True)):
+        x = torch.randn(1, k, device="cuda").half()
+        w = torch.randn(n, k, device="cuda").half()
         monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 0.0)
-        off = run()
+        off = gemv.gemv_triton(x, w, 8, 512, 8, silu_mul=silu)
         monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 64.0)
-        assert l2_prefetch.prefetch_pieces(w if name == "float gemv" else q, 4) > 0
-        on = run()
+        assert l2_prefetch.prefetch_pieces(w, 8) == 256
+        on = gemv.gemv_triton(x, w, 8, 512, 8, silu_mul=silu)
         torch.cuda.synchronize()
-        assert torch.equal(on, off), name
+        assert torch.equal(on, off), (n, k, silu)
 
 
-if __name__ == "__main__":  # the compile test's subprocess: python tests/test_l2_prefetch.py KERNEL
+if __name__ == "__main__":  # the compile test's subprocess: python tests/test_l2_prefetch.py
     try:
-        facts = prefetch_in_ptx(sys.argv[1])
+        facts = prefetch_in_ptx()
     except FileNotFoundError as exc:  # a Triton without the CUDA back end's ptxas
         print(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         sys.exit(3)
