@@ -59,11 +59,11 @@ def greedy(ws: Path, dev: str, dtype: str | None, vocab: int) -> list[list[int]]
 
 
 def speed(ws: Path, dev: str, vocab: int, args) -> dict:
-    """Decode at batch 1 and 16 (median of 3 runs), then lmc bench at each concurrency."""
+    """Decode at each of --batches (median of 3 runs), then lmc bench at each concurrency."""
     engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len, max_batch_size=max(args.concurrency)))
     out = {"decode": [], "bench": []}
     try:
-        for batch in (1, 16):
+        for batch in map(int, args.batches.split(",")):
             prompts = prompts_for(batch, args.prompt_tokens, vocab)
             timed_generate(engine, prompts, 4, dev)  # capture this bucket's graph on every rank
             runs = sorted((timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(3)), key=lambda r: r["step_ms"])
@@ -100,6 +100,7 @@ def main() -> int:
                     "of measuring it again")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
+    ap.add_argument("--batches", default="1,16", help="comma-separated decode batch sizes")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
     ap.add_argument("--allreduce", default="one-shot", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: one-shot "
                     "(kernels/allreduce.py, the runtime's default), nccl; the greedy check runs under the first")
