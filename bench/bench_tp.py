@@ -101,6 +101,7 @@ def main() -> int:
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
     ap.add_argument("--batches", default="1,16", help="comma-separated decode batch sizes")
+    ap.add_argument("--tp1-only", action="store_true", help="tp = 1 alone (one GPU): A/Bs of single-GPU changes")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
     ap.add_argument("--allreduce", default="one-shot", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: one-shot "
                     "(kernels/allreduce.py, the runtime's default), nccl; the greedy check runs under the first")
@@ -109,7 +110,7 @@ def main() -> int:
                     "greedy check runs under the first")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    if dev == "cuda" and torch.cuda.device_count() < 2 and not args.smoke:
+    if dev == "cuda" and torch.cuda.device_count() < 2 and not args.smoke and not args.tp1_only:
         ap.error("needs 2 GPUs")
     shape = TINY if args.smoke else LLAMA3_8B
     args.prompt_tokens, args.new_tokens = (16, 8) if args.smoke else (128, 64)
@@ -145,12 +146,13 @@ def main() -> int:
     for fmt in filter(None, args.formats.split(",")):
         if fmt not in paths:
             continue
-        one, two = paths[fmt], split(paths[fmt], 2)
+        one = paths[fmt]
+        two = None if args.tp1_only else split(one, 2)
         entry = report["formats"].setdefault(fmt, {})
         modes, heads = args.allreduce.split(","), args.lm_head.split(",")
         os.environ["LMC_TP_ALLREDUCE"] = modes[0]  # the followers are spawned: they inherit it
         os.environ["LMC_TP_LM_HEAD"] = heads[0]
-        if fmt not in args.skip_check.split(","):
+        if fmt not in args.skip_check.split(",") and two is not None:
             for dtype in ("float32", None) if args.stored_check else ("float32",):
                 name = dtype or "stored"
                 t1, t2 = greedy(one, dev, dtype, shape["vocab_size"]), greedy(two, dev, dtype, shape["vocab_size"])
@@ -164,7 +166,7 @@ def main() -> int:
             else:
                 entry["tp1"] = speed(one, dev, shape["vocab_size"], args)
             save()
-            for mode in modes:
+            for mode in modes if two is not None else ():
                 for head in heads:
                     os.environ["LMC_TP_ALLREDUCE"], os.environ["LMC_TP_LM_HEAD"] = mode, head
                     suffix = ("" if mode == "nccl" else f"_{mode}") + f"_lm_head_{head}"
