@@ -6,7 +6,8 @@ One program per token rotates all of its q heads and then all of its k heads, in
 `rotary_write_kv` does the same and also stores the rotated k and the untouched v at the token's
 slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes); into a quantized
 cache (kernels/kv_quant.py) it stores each rotated k head and each v head as codes plus scales and zeros
-(per vector, or per group of channels: policy 4's k), quantizing in registers.
+(per vector, or per group of channels: policy 4's k), quantizing in registers. The formula itself:
+kernels/rotary_tiles.py.
 """
 from __future__ import annotations
 
@@ -25,26 +26,20 @@ except ImportError:  # CPU-only install: the torch reference serves
 
 if triton is not None:
     from lmc.kernels.kv_quant import quantize_store
+    from lmc.kernels.rotary_tiles import cos_sin_at, rotate_halves
 
     @triton.jit
     def _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
         """Token t's cos and sin rows [BLOCK_HALF] in fp32 (zeros past HALF)."""
         cols = tl.arange(0, BLOCK_HALF)
-        cmask = cols < HALF
-        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
-        return cos, sin
+        return cos_sin_at(cos_ptr, sin_ptr, t, stride_cos, stride_sin, cols, cols < HALF)
 
     @triton.jit
     def _rotate_tile(x_ptr, x_offs, mask, cos, sin, HALF: tl.constexpr):
         """The rotated halves of the heads at x_ptr + x_offs [BLOCK_HEADS, BLOCK_HALF], in the input dtype."""
         x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
         x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0)
-        x1f = x1.to(tl.float32)
-        x2f = x2.to(tl.float32)
-        o1 = x1f * cos[None, :] - x2f * sin[None, :]
-        o2 = x2f * cos[None, :] + x1f * sin[None, :]
-        return o1.to(x1.dtype), o2.to(x1.dtype)
+        return rotate_halves(x1, x2, cos[None, :], sin[None, :])
 
     @triton.jit
     def _rotate_heads(
