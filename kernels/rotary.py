@@ -6,15 +6,19 @@ One program per token rotates all of its q heads and then all of its k heads, in
 `rotary_write_kv` does the same and also stores the rotated k and the untouched v at the token's
 slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes); into a quantized
 cache (kernels/kv_quant.py) it stores each rotated k head and each v head as codes plus scales and zeros
-(per vector, or per group of channels: policy 4's k), quantizing in registers. The formula itself:
-kernels/rotary_tiles.py.
+(per vector, or per group of channels: policy 4's k), quantizing in registers. `rotary_decode_attention` is
+rotary_write_kv followed by decode attention; on CUDA over a float cache the decode kernel does both (one launch).
+The formula itself, shared by all of them: kernels/rotary_tiles.py.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 from lmc.errors import LmcError
-from lmc.kernels.attention import write_kv_cache
+from lmc.kernels.attention import paged_decode_attention, paged_decode_attention_triton, write_kv_cache
 from lmc.kernels.kv_quant import cache_parts
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
@@ -248,3 +252,28 @@ def rotary_write_kv(
     if q.is_cuda:
         return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+@functools.cache
+def _fused_rope_on() -> bool:
+    """LMC_FUSED_ROPE=0 (read once) keeps rotary_write_kv and the decode attention two launches (an A/B switch)."""
+    return os.environ.get("LMC_FUSED_ROPE", "1") != "0"
+
+
+def decode_fuses_rope(device: torch.device, k_cache) -> bool:
+    """Whether rotary_decode_attention is one launch: on CUDA, over a float cache, unless LMC_FUSED_ROPE=0."""
+    return device.type == "cuda" and isinstance(k_cache, torch.Tensor) and _fused_rope_on()
+
+
+def rotary_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """A decode step's attention from un-rotated q [B, Hq, D]: rotary_write_kv (the new token of sequence b at
+    position kv_lens[b] - 1, slot slot_mapping[b]), then paged_decode_attention; [B, Hq, D]. Where
+    decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits."""
+    if decode_fuses_rope(q.device, k_cache):
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale,
+                                             rope=(k, v, cos, sin, slot_mapping))
+    q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)

@@ -1,4 +1,5 @@
-"""The rotary formula as Triton helpers, inlined by the rotary kernels (kernels/rotary.py). HF's "rotate half": with
+"""The rotary formula as Triton helpers, inlined by the rotary kernels (kernels/rotary.py) and by the decode
+attention kernel that rotates q and the step's k itself (kernels/attention.py). HF's "rotate half": with
 x1 = x[..., :D/2] and x2 = x[..., D/2:], out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), in float32, rounded
 to x's dtype. Every kernel computes it with `rotate_halves`, the same operations in the same order, so a fused
 kernel and the separate ones produce the same bits.
@@ -29,3 +30,21 @@ if triton is not None:
         o1 = x1f * cos - x2f * sin
         o2 = x2f * cos + x1f * sin
         return o1.to(x1.dtype), o2.to(x1.dtype)
+
+    @triton.jit
+    def pair_cols(dims, HALF: tl.constexpr):
+        """For head dims `dims` (< 2 * HALF): the pair index j (dim j of the first half pairs with j + HALF of the
+        second, both rotated by cos[j], sin[j]) and whether each dim is in the first half."""
+        first = dims < HALF
+        return tl.where(first, dims, dims - HALF), first
+
+    @triton.jit
+    def rotate_whole(x_ptrs, mask, cos, sin, first, HALF: tl.constexpr):
+        """Whole heads rotated in one tile: x_ptrs [..., BLOCK_D] point at x[j] for each column's pair index j
+        (pair_cols), cos and sin [BLOCK_D] are the pair's, `first` [BLOCK_D] marks the columns of first-half dims.
+        Each column computes both halves with rotate_halves and keeps its own: [..., BLOCK_D] in x's dtype, zeros
+        where not mask."""
+        x1 = tl.load(x_ptrs, mask=mask, other=0.0)
+        x2 = tl.load(x_ptrs + HALF, mask=mask, other=0.0)
+        o1, o2 = rotate_halves(x1, x2, cos, sin)
+        return tl.where(first, o1, o2)
