@@ -1,8 +1,9 @@
 """The rotary formula as Triton helpers, inlined by the rotary kernels (kernels/rotary.py) and by the decode
 attention kernel that rotates q and the step's k itself (kernels/attention.py). HF's "rotate half": with
 x1 = x[..., :D/2] and x2 = x[..., D/2:], out = cat(x1 * cos - x2 * sin, x2 * cos + x1 * sin), in float32, rounded
-to x's dtype. Every kernel computes it with `rotate_halves`, the same operations in the same order, so a fused
-kernel and the separate ones produce the same bits.
+to x's dtype (the GPU's roundings: fused multiply-adds; the torch references round each product, within one
+float32 ulp). Every kernel computes it with `rotate_halves`, the same operations and roundings, so a fused kernel
+and the separate ones produce the same bits.
 """
 from __future__ import annotations
 
@@ -24,11 +25,14 @@ if triton is not None:
     @triton.jit
     def rotate_halves(x1, x2, cos, sin):
         """The rotated halves (x1 * cos - x2 * sin, x2 * cos + x1 * sin) of x1, x2 (x's dtype) by float32 cos, sin
-        (broadcast against them), computed in float32 and rounded to x's dtype."""
+        (broadcast against them), computed in float32 and rounded to x's dtype. The multiply-adds are written out
+        (x2 * sin and x1 * sin rounded, x1 * cos and x2 * cos fused): left to the compiler, which product it fuses
+        depends on the code around it (sm_90: the rotary kernel fused x1 * sin into o2, the decode kernel x2 * cos),
+        and a kernel that inlines this must give the same bits as the others."""
         x1f = x1.to(tl.float32)
         x2f = x2.to(tl.float32)
-        o1 = x1f * cos - x2f * sin
-        o2 = x2f * cos + x1f * sin
+        o1 = tl.fma(x1f, cos, -(x2f * sin))
+        o2 = tl.fma(x2f, cos, x1f * sin)
         return o1.to(x1.dtype), o2.to(x1.dtype)
 
     @triton.jit
