@@ -260,9 +260,18 @@ def _fused_rope_on() -> bool:
     return os.environ.get("LMC_FUSED_ROPE", "1") != "0"
 
 
-def decode_fuses_rope(device: torch.device, k_cache) -> bool:
-    """Whether rotary_decode_attention is one launch: on CUDA, over a float cache, unless LMC_FUSED_ROPE=0."""
-    return device.type == "cuda" and isinstance(k_cache, torch.Tensor) and _fused_rope_on()
+# The smallest decode batch that takes the fused kernel. 2 x H200, 8B shape (bench/NOTES.md, session 17,
+# tp_h200x2_v16_rope*.json): at batch 16 one launch a layer fewer saved 38-50 µs a step (fp16 tp 1 and 2, int4
+# tp 1); at batch 1 the fused prologue (q rotated in every split program, k and v stored and a barrier in the
+# last one) sat on the critical path and cost 17-52 µs.
+FUSED_ROPE_MIN_BATCH = 16
+
+
+def decode_fuses_rope(device: torch.device, k_cache, batch: int) -> bool:
+    """Whether rotary_decode_attention is one launch: on CUDA, over a float cache, from FUSED_ROPE_MIN_BATCH
+    sequences, unless LMC_FUSED_ROPE=0."""
+    return (device.type == "cuda" and isinstance(k_cache, torch.Tensor) and batch >= FUSED_ROPE_MIN_BATCH
+            and _fused_rope_on())
 
 
 def rotary_decode_attention(
@@ -272,7 +281,7 @@ def rotary_decode_attention(
     """A decode step's attention from un-rotated q [B, Hq, D]: rotary_write_kv (the new token of sequence b at
     position kv_lens[b] - 1, slot slot_mapping[b]), then paged_decode_attention; [B, Hq, D]. Where
     decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits."""
-    if decode_fuses_rope(q.device, k_cache):
+    if decode_fuses_rope(q.device, k_cache, q.shape[0]):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale,
                                              rope=(k, v, cos, sin, slot_mapping))
     q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)

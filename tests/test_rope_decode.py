@@ -121,8 +121,9 @@ def test_rope_decode_refuses_quantized_caches():
 
 
 def test_decode_fuses_rope_on_cuda_over_a_float_cache(monkeypatch):
-    """The routing of rotary_decode_attention: one launch on CUDA over a float cache, two with a quantized cache,
-    on the CPU (the torch references) or with LMC_FUSED_ROPE=0 (read once per process)."""
+    """The routing of rotary_decode_attention: one launch on CUDA over a float cache from FUSED_ROPE_MIN_BATCH
+    sequences, two below it, with a quantized cache, on the CPU (the torch references) or with LMC_FUSED_ROPE=0
+    (read once per process)."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     float_cache = torch.zeros(1, 16, 2, 64, dtype=torch.float16)
     quantized = QuantizedKV.empty(1, 16, 2, 64, 8, 64, "cpu")
@@ -132,8 +133,10 @@ def test_decode_fuses_rope_on_cuda_over_a_float_cache(monkeypatch):
         else:
             monkeypatch.setenv("LMC_FUSED_ROPE", value)
         rotary._fused_rope_on.cache_clear()
-        assert rotary.decode_fuses_rope(cuda, float_cache) is fused
-        assert not rotary.decode_fuses_rope(cuda, quantized) and not rotary.decode_fuses_rope(cpu, float_cache)
+        big, small = rotary.FUSED_ROPE_MIN_BATCH, rotary.FUSED_ROPE_MIN_BATCH - 1
+        assert rotary.decode_fuses_rope(cuda, float_cache, big) is fused
+        assert not rotary.decode_fuses_rope(cuda, float_cache, small)
+        assert not rotary.decode_fuses_rope(cuda, quantized, big) and not rotary.decode_fuses_rope(cpu, float_cache, big)
     rotary._fused_rope_on.cache_clear()
 
 
@@ -145,7 +148,7 @@ def test_paged_batch_decode_routes_through_the_fused_kernel(monkeypatch, fused):
     CPU), within rounding. Prefill never takes it."""
     s = _decode_step(6, 2, 48, torch.float32)
     ref, k_ref, v_ref = _two_launches(s)
-    monkeypatch.setattr(rotary, "decode_fuses_rope", lambda device, k_cache: fused)
+    monkeypatch.setattr(rotary, "decode_fuses_rope", lambda device, k_cache, batch: fused)
     launches, ropes = [], []
     monkeypatch.setattr(attention, "_decode_kernel", _LaunchSpy("_decode_kernel", attention._decode_kernel, launches))
     triton_launch = attention.paged_decode_attention_triton
@@ -197,8 +200,10 @@ def test_rope_decode_equals_rotary_write_then_decode_on_cuda(Hq, Hkv, D, block_s
 @needs_cuda
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_fused_rope_engine_equals_two_launches_on_gpu(checkpoint, tmp_path, monkeypatch, dtype):
-    """CUDA-graph decode with the fused kernel and with LMC_FUSED_ROPE=0: the same tokens and logits, bit for bit."""
+    """CUDA-graph decode with the fused kernel (at every batch size here) and with LMC_FUSED_ROPE=0: the same
+    tokens and logits, bit for bit."""
     ws = _workspace(checkpoint, tmp_path, dtype)
+    monkeypatch.setattr(rotary, "FUSED_ROPE_MIN_BATCH", 1)
     runs = []
     for value in ("0", "1"):
         monkeypatch.setenv("LMC_FUSED_ROPE", value)
