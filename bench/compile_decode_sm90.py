@@ -1,8 +1,10 @@
 """Compiles the decode attention kernels for sm_90 without a GPU (Triton front end + ptxas) and counts what one
 thread executes: registers, spills, and the SASS instructions of the tile loop by kind (nvdisasm), for the "mma" and the
-"fma" and "fold" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages).
+"fma" and "fold" kernels at the Llama-3-8B shape (GQA group 4, head_dim 128, 64-token pages). --bits 16: a float16 cache (the
+mma kernel only), --rope: the mma kernel that also rotates q and stores the step's k and v (rotary_decode_attention).
 
     TRITON_DEFAULT_FP_FUSION=1 python bench/compile_decode_sm90.py --bits 8 --block-n 64 --warps 4 [--ptx-dir /tmp]
+    python bench/compile_decode_sm90.py --bits 16 --kernels mma [--rope]
 """
 from __future__ import annotations
 
@@ -41,14 +43,32 @@ class _Capture:
         return lambda *args, **kwargs: self.launches.append((args, kwargs))
 
 
+def _caches(B: int, Hkv: int, D: int, page: int, bits: int) -> list:
+    """K and V caches of 4 blocks per sequence: float16 (bits 16) or quantized."""
+    if bits == 16:
+        return [torch.zeros(B * 4, page, Hkv, D, dtype=torch.float16) for _ in "kv"]
+    return [QuantizedKV.empty(B * 4, page, Hkv, D, bits, group, "cpu") for group in store_groups(D, bits)]
+
+
+def _rope(B: int, Hq: int, Hkv: int, D: int) -> tuple:
+    """rope's tensors as the runtime passes them: k and v views of a fused qkv row, float32 cos/sin, int64 slots."""
+    qkv = torch.zeros(B, (Hq + 2 * Hkv) * D, dtype=torch.float16)  # [B, (Hq + 2 Hkv) D]
+    k = qkv[:, Hq * D:(Hq + Hkv) * D].view(B, Hkv, D)
+    v = qkv[:, (Hq + Hkv) * D:].view(B, Hkv, D)
+    cos = torch.zeros(B, D // 2)  # [B, D/2]
+    return k, v, cos, cos.clone(), torch.zeros(B, dtype=torch.int64)
+
+
 def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int, splits: int,
-                   maxnreg: int | None = None):
+                   maxnreg: int | None = None, rope: bool = False):
     """The decode kernel as paged_decode_attention_triton launches it at the 8B shape (16 sequences, 4 blocks
     each: the same strides and alignments as any cache of that shape), compiled for sm_90 with the
-    specialization Triton's launcher would pick (16-divisible integers and pointers, integers equal to 1)."""
+    specialization Triton's launcher would pick (16-divisible integers and pointers, integers equal to 1).
+    rope: the launch of rotary_decode_attention (q a view of the fused qkv row, as the runtime's)."""
     B, Hq, Hkv, D, page = 16, 32, 8, 128, 64
-    caches = [QuantizedKV.empty(B * 4, page, Hkv, D, bits, group, "cpu") for group in store_groups(D, bits)]
-    q = torch.zeros(B, Hq, D, dtype=torch.float16)
+    caches = _caches(B, Hkv, D, page, bits)
+    q = torch.zeros(B, (Hq + 2 * Hkv) * D, dtype=torch.float16)[:, :Hq * D].view(B, Hq, D) if rope else \
+        torch.zeros(B, Hq, D, dtype=torch.float16)
     tables = torch.arange(B * 4, dtype=torch.int32).reshape(B, 4)
     kv_lens = torch.full((B,), 4 * page, dtype=torch.int32)
     name = {"mma": "_decode_kernel", "fma": "_decode_fma_kernel", "fold": "_decode_fold_kernel"}[kernel]
@@ -56,7 +76,8 @@ def compile_kernel(kernel: str, bits: int, block_n: int, warps: int, stages: int
     setattr(attention, name, capture)
     try:
         attention.paged_decode_attention_triton(q, *caches, tables, kv_lens, 0.088, num_splits=splits,
-                                                block_n=block_n, num_warps=warps, num_stages=stages, kernel=kernel)
+                                                block_n=block_n, num_warps=warps, num_stages=stages, kernel=kernel,
+                                                rope=_rope(B, Hq, Hkv, D) if rope else None)
     finally:
         setattr(attention, name, fn)
     (args, kwargs), = capture.launches
@@ -99,8 +120,9 @@ def registers(ptx: str) -> str:
     return f"{regs} registers, spills {spills[0]} B stored / {spills[1]} B loaded"
 
 
-def loop_body(cubin: bytes) -> list[str]:
-    """SASS opcodes of the tile loop: the longest span from a label to a backward branch to it."""
+def loop_body(cubin: bytes) -> tuple[list[str], list[str]]:
+    """SASS opcodes of the whole kernel and of its tile loop: the longest span from a label to a backward branch to
+    it."""
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "k.cubin").write_bytes(cubin)
         sass = subprocess.run([str(BIN / "nvdisasm"), "-c", "k.cubin"], cwd=tmp, capture_output=True, text=True,
@@ -119,7 +141,7 @@ def loop_body(cubin: bytes) -> list[str]:
         target = re.search(r"\bBRA\b.*\((\.L_x_\d+)\)", text)
         if target and target.group(1) in labels and len(ops) - labels[target.group(1)] > len(best):
             best = ops[labels[target.group(1)]:]
-    return best
+    return ops, best
 
 
 def count(ops: list[str]) -> Counter:
@@ -141,19 +163,22 @@ def main() -> int:
     ap.add_argument("--splits", type=int, default=4)
     ap.add_argument("--kernels", default="mma,fma", help="comma-separated: mma, fma, fold")
     ap.add_argument("--maxnreg", type=int, help="a register cap per thread (Triton's maxnreg launch option)")
+    ap.add_argument("--rope", action="store_true", help="the mma kernel that also rotates q and writes k, v (--bits 16)")
     ap.add_argument("--ptx-dir")
     args = ap.parse_args()
     for kernel in args.kernels.split(","):
-        k = compile_kernel(kernel, args.bits, args.block_n, args.warps, args.stages, args.splits, args.maxnreg)
+        k = compile_kernel(kernel, args.bits, args.block_n, args.warps, args.stages, args.splits, args.maxnreg,
+                           args.rope)
         ptx = k.asm["ptx"]
         if args.ptx_dir:
             stem = Path(args.ptx_dir, f"decode_{kernel}_{args.bits}_{args.block_n}_{args.warps}")
             stem.with_suffix(".ptx").write_text(ptx)
             stem.with_suffix(".ttgir").write_text(k.asm["ttgir"])
-        c = count(loop_body(k.asm["cubin"]))
+        kernel_ops, loop_ops = loop_body(k.asm["cubin"])
+        c = count(loop_ops)
         per_thread = 2 * args.block_n * 128 / (32 * args.warps)  # K and V elements of one tile, per thread
         print(f"{kernel} bits={args.bits} BLOCK_N={args.block_n} warps={args.warps}: {registers(ptx)}, shared "
-              f"{k.metadata.shared} B; tile loop: {c['all']} SASS instructions/thread for {per_thread:g} K+V "
+              f"{k.metadata.shared} B; {len(kernel_ops)} SASS instructions in all; tile loop: {c['all']} SASS instructions/thread for {per_thread:g} K+V "
               f"elements/thread = {c['all'] / per_thread:.2f} per element")
         print("   ", ", ".join(f"{kind} {c[kind]}" for kind in KINDS if c[kind]))
     return 0

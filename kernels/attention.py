@@ -40,6 +40,7 @@ except ImportError:  # CPU-only install: the torch reference serves
 if triton is not None:
     from lmc.kernels.kv_quant import (code_offset, code_operand, codes_to_float32, head_dims, load_codes, load_dequant,
                                       load_nibble_halves, load_scale_zero, nibble_operands)
+    from lmc.kernels.rotary_tiles import cos_sin_at, pair_cols, rotate_whole
 
     @triton.jit
     def _attend_tile(q, acc, m_i, l_i, keep, k_ptr, v_ptr, ksz_ptr, vsz_ptr, bt_row, offs_n, n_mask, offs_d, d_mask,
@@ -183,6 +184,20 @@ if triton is not None:
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
     @triton.jit
+    def _store_new_kv(k_new_ptr, v_new_ptr, k_ptr, v_ptr, slot_ptr, cos, sin, j, first, b64, kvh, offs_d, d_mask,
+                      stride_knb, stride_knh, stride_vnb, stride_vnh, stride_kb, stride_kt, stride_kh,
+                      stride_vb, stride_vt, stride_vh, PAGE: tl.constexpr, HALF: tl.constexpr):
+        """Sequence b's new token, kv head kvh, into the cache at its flat slot slot_ptr[b]: its k rotated by its
+        cos, sin [BLOCK_D] (at the pair indices j of the tile columns, first: the first-half columns) and its v."""
+        slot = tl.load(slot_ptr + b64).to(tl.int64)
+        blk = slot // PAGE
+        tok = slot % PAGE
+        k = rotate_whole(k_new_ptr + b64 * stride_knb + kvh * stride_knh + j, d_mask, cos, sin, first, HALF)  # [BLOCK_D]
+        tl.store(k_ptr + blk * stride_kb + tok * stride_kt + kvh * stride_kh + offs_d, k, mask=d_mask)
+        v = tl.load(v_new_ptr + b64 * stride_vnb + kvh * stride_vnh + offs_d, mask=d_mask)  # [BLOCK_D]
+        tl.store(v_ptr + blk * stride_vb + tok * stride_vt + kvh * stride_vh + offs_d, v, mask=d_mask)
+
+    @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr, ksz_ptr, vsz_ptr, o_ptr, part_o_ptr, part_lse_ptr, count_ptr, bt_ptr, kv_lens_ptr,
         qk_scale, group,
@@ -192,11 +207,17 @@ if triton is not None:
         stride_ksb, stride_kst, stride_ksh, stride_vsb, stride_vst, stride_vsh,
         stride_ob, stride_oh, stride_bt,
         stride_pob, stride_poh, stride_pos, stride_plb, stride_plh,
+        k_new_ptr, v_new_ptr, cos_ptr, sin_ptr, slot_ptr, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_cos,
+        stride_sin,
         D: tl.constexpr, PAGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr,
         V_GROUP: tl.constexpr, DOT_PRECISION: tl.constexpr, PDL: tl.constexpr,
-        HALF_DEQUANT: tl.constexpr,
+        HALF_DEQUANT: tl.constexpr, ROPE: tl.constexpr,
     ):
+        """ROPE (a float cache): q is not rotated yet; each program rotates its group's q heads by sequence b's
+        cos, sin rows, and the program whose split holds the new token (position kv_len - 1, in the last non-empty
+        split; no other split reads it) first stores that token's rotated k (k_new) and its v (v_new) at its slot
+        slot_ptr[b]: what rotary_write_kv does before a plain launch, with the same formula (rotary_tiles.py)."""
         pdl_wait(PDL)
         b = tl.program_id(0)
         kvh = tl.program_id(1)
@@ -208,8 +229,20 @@ if triton is not None:
         g_mask = offs_g < group
         heads = kvh * group + offs_g  # [BLOCK_G]
         b64 = b.to(tl.int64)
-        q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
-                    mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BLOCK_G, BLOCK_D]
+        gd_mask = g_mask[:, None] & d_mask[None, :]
+        if ROPE:
+            j, first = pair_cols(offs_d, D // 2)  # [BLOCK_D]
+            cos, sin = cos_sin_at(cos_ptr, sin_ptr, b64, stride_cos, stride_sin, j, d_mask)  # [BLOCK_D] each
+            q = rotate_whole(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + j[None, :], gd_mask, cos, sin,
+                             first, D // 2)  # [BLOCK_G, BLOCK_D]
+            if (start < end) & (end == tl.load(kv_lens_ptr + b)):  # this split holds the new token
+                _store_new_kv(k_new_ptr, v_new_ptr, k_ptr, v_ptr, slot_ptr, cos, sin, j, first, b64, kvh, offs_d,
+                              d_mask, stride_knb, stride_knh, stride_vnb, stride_vnh, stride_kb, stride_kt, stride_kh,
+                              stride_vb, stride_vt, stride_vh, PAGE, D // 2)
+                tl.debug_barrier()  # every thread's stores are visible to the program's own tile loads
+        else:
+            q = tl.load(q_ptr + b64 * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask,
+                        other=0.0)  # [BLOCK_G, BLOCK_D]
 
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
@@ -225,7 +258,6 @@ if triton is not None:
                                          stride_vsb, stride_vst, stride_vsh, qk_scale, D, BLOCK_D, PAGE, BITS,
                                          K_GROUP, V_GROUP, DOT_PRECISION, HALF_DEQUANT)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty split (or kv_len 0) gives zeros
-        gd_mask = g_mask[:, None] & d_mask[None, :]
         if NUM_SPLITS == 1:
             tl.store(o_ptr + b64 * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
                      out.to(o_ptr.dtype.element_ty), mask=gd_mask)
@@ -625,15 +657,33 @@ def _default_num_splits(q: torch.Tensor, programs: int, max_context: int, block_
     return max(1, min(triton.cdiv(2 * sms, programs), triton.cdiv(max_context, block_n), 32))
 
 
+def _rope_args(q: torch.Tensor, k_cache, rope: tuple | None) -> tuple:
+    """The mma decode kernel's last positional arguments: the step's k, v [B, Hkv, D], cos, sin [B, D/2], flat slots
+    [B] and the strides of k, v, cos and sin; without rope, q's pointer in their place (never read) and strides 0."""
+    if rope is None:
+        return (q,) * 5 + (0,) * 6
+    k, v, cos, sin, slot_mapping = (t if t.stride(-1) == 1 else t.contiguous() for t in rope)
+    B, _, D = q.shape
+    assert k.shape == v.shape == (B, *k_cache.shape[2:]) and k.dtype == v.dtype == q.dtype, \
+        f"k {tuple(k.shape)} {k.dtype} / v {tuple(v.shape)} {v.dtype} do not match the cache's [Hkv, D] and q's dtype"
+    assert cos.shape == sin.shape == (B, D // 2) and D % 2 == 0, f"cos/sin {tuple(cos.shape)} must be [{B}, {D // 2}]"
+    assert slot_mapping.shape == (B,), f"slot_mapping {tuple(slot_mapping.shape)} != [{B}]"
+    slots = slot_mapping.to(device=q.device).contiguous()  # [B]
+    return (k, v, cos, sin, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0))
+
+
 def paged_decode_attention_triton(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     kv_lens: torch.Tensor, scale: float, num_splits: int | None = None, block_n: int | None = None,
-    num_warps: int = 4, num_stages: int = 2, kernel: str = "mma",
+    num_warps: int = 4, num_stages: int = 2, kernel: str = "mma", rope: tuple | None = None,
 ) -> torch.Tensor:
     """kernel "mma": _decode_kernel (tl.dot on dequantized tiles; every cache); "fma": _decode_fma_kernel
     (CUDA-core dots on the codes); "fold": _decode_fold_kernel (tl.dot on the raw codes, scales and zeros applied
     to the score tiles; grouped int4 keys dequantized in the tile). fma and fold read quantized caches with V one
-    (scale, zero) per vector, as the runtime's."""
+    (scale, zero) per vector, as the runtime's. rope (k, v, cos, sin, slot_mapping; mma over a float cache): q is
+    not rotated yet, and the kernel also does what rotary_write_kv(q, k, v, cos, sin, caches, slot_mapping) would
+    before it (kernels/rotary.py rotary_decode_attention), the new token being each sequence's position
+    kv_lens[b] - 1 (slot_mapping[b]), kv_lens[b] >= 1."""
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     assert kernel in ("mma", "fma", "fold"), f"decode kernel {kernel!r}: 'mma', 'fma' or 'fold'"
@@ -671,6 +721,7 @@ def paged_decode_attention_triton(
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     if kernel != "mma":
         assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
+    assert rope is None or (kernel == "mma" and bits == 16), "the decode kernel rotates q and writes k, v: mma, float cache"
     if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"
@@ -687,9 +738,9 @@ def paged_decode_attention_triton(
             K_GROUP=consts["K_GROUP"], BLOCK_D=BLOCK_D, **launch)
     else:
         _decode_kernel[(B, Hkv, num_splits)](
-            *args, D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16), BLOCK_N=block_n,
-            NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
-            HALF_DEQUANT=q.dtype == torch.float16, **launch)
+            *args, *_rope_args(q, k_cache, rope), D=D, PAGE=block_size, BLOCK_G=max(triton.next_power_of_2(group), 16),
+            BLOCK_N=block_n, NUM_SPLITS=num_splits, BITS=bits, **consts, DOT_PRECISION=_dot_precision(q.dtype),
+            HALF_DEQUANT=q.dtype == torch.float16, ROPE=rope is not None, **launch)
     return out
 
 

@@ -6,14 +6,19 @@ One program per token rotates all of its q heads and then all of its k heads, in
 `rotary_write_kv` does the same and also stores the rotated k and the untouched v at the token's
 slot of a paged KV cache (one launch instead of rotary, a v copy and two cache writes); into a quantized
 cache (kernels/kv_quant.py) it stores each rotated k head and each v head as codes plus scales and zeros
-(per vector, or per group of channels: policy 4's k), quantizing in registers.
+(per vector, or per group of channels: policy 4's k), quantizing in registers. `rotary_decode_attention` is
+rotary_write_kv followed by decode attention; on CUDA over a float cache the decode kernel does both (one launch).
+The formula itself, shared by all of them: kernels/rotary_tiles.py.
 """
 from __future__ import annotations
+
+import functools
+import os
 
 import torch
 
 from lmc.errors import LmcError
-from lmc.kernels.attention import write_kv_cache
+from lmc.kernels.attention import paged_decode_attention, paged_decode_attention_triton, write_kv_cache
 from lmc.kernels.kv_quant import cache_parts
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
@@ -25,26 +30,20 @@ except ImportError:  # CPU-only install: the torch reference serves
 
 if triton is not None:
     from lmc.kernels.kv_quant import quantize_store
+    from lmc.kernels.rotary_tiles import cos_sin_at, rotate_halves
 
     @triton.jit
     def _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF: tl.constexpr, BLOCK_HALF: tl.constexpr):
         """Token t's cos and sin rows [BLOCK_HALF] in fp32 (zeros past HALF)."""
         cols = tl.arange(0, BLOCK_HALF)
-        cmask = cols < HALF
-        cos = tl.load(cos_ptr + t * stride_cos + cols, mask=cmask, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + t * stride_sin + cols, mask=cmask, other=0.0).to(tl.float32)
-        return cos, sin
+        return cos_sin_at(cos_ptr, sin_ptr, t, stride_cos, stride_sin, cols, cols < HALF)
 
     @triton.jit
     def _rotate_tile(x_ptr, x_offs, mask, cos, sin, HALF: tl.constexpr):
         """The rotated halves of the heads at x_ptr + x_offs [BLOCK_HEADS, BLOCK_HALF], in the input dtype."""
         x1 = tl.load(x_ptr + x_offs, mask=mask, other=0.0)
         x2 = tl.load(x_ptr + x_offs + HALF, mask=mask, other=0.0)
-        x1f = x1.to(tl.float32)
-        x2f = x2.to(tl.float32)
-        o1 = x1f * cos[None, :] - x2f * sin[None, :]
-        o2 = x2f * cos[None, :] + x1f * sin[None, :]
-        return o1.to(x1.dtype), o2.to(x1.dtype)
+        return rotate_halves(x1, x2, cos[None, :], sin[None, :])
 
     @triton.jit
     def _rotate_heads(
@@ -253,3 +252,37 @@ def rotary_write_kv(
     if q.is_cuda:
         return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+
+
+@functools.cache
+def _fused_rope_on() -> bool:
+    """LMC_FUSED_ROPE=0 (read once) keeps rotary_write_kv and the decode attention two launches (an A/B switch)."""
+    return os.environ.get("LMC_FUSED_ROPE", "1") != "0"
+
+
+# The smallest decode batch that takes the fused kernel. 2 x H200, 8B shape (bench/NOTES.md, session 17,
+# tp_h200x2_v16_rope*.json): at batch 16 one launch a layer fewer saved 38-50 µs a step (fp16 tp 1 and 2, int4
+# tp 1); at batch 1 the fused prologue (q rotated in every split program, k and v stored and a barrier in the
+# last one) sat on the critical path and cost 17-52 µs.
+FUSED_ROPE_MIN_BATCH = 16
+
+
+def decode_fuses_rope(device: torch.device, k_cache, batch: int) -> bool:
+    """Whether rotary_decode_attention is one launch: on CUDA, over a float cache, from FUSED_ROPE_MIN_BATCH
+    sequences, unless LMC_FUSED_ROPE=0."""
+    return (device.type == "cuda" and isinstance(k_cache, torch.Tensor) and batch >= FUSED_ROPE_MIN_BATCH
+            and _fused_rope_on())
+
+
+def rotary_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+) -> torch.Tensor:
+    """A decode step's attention from un-rotated q [B, Hq, D]: rotary_write_kv (the new token of sequence b at
+    position kv_lens[b] - 1, slot slot_mapping[b]), then paged_decode_attention; [B, Hq, D]. Where
+    decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits."""
+    if decode_fuses_rope(q.device, k_cache, q.shape[0]):
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale,
+                                             rope=(k, v, cos, sin, slot_mapping))
+    q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    return paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)

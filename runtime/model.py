@@ -17,7 +17,7 @@ from lmc.kernels.attention import paged_decode_attention, paged_prefill_attentio
 from lmc.kernels.gemv import gemv_config, gemv_triton
 from lmc.kernels.kv_quant import QuantizedKV
 from lmc.kernels.rmsnorm import rms_norm
-from lmc.kernels.rotary import apply_rotary, rotary_write_kv
+from lmc.kernels.rotary import apply_rotary, rotary_decode_attention, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul
 from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
@@ -79,7 +79,11 @@ class PagedBatch:
         return self._attend_cached(layer, q, scale)
 
     def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
-        """Rotary on q and k, k and v into the cache (one kernel on CUDA), then attention."""
+        """Rotary on q and k, k and v into the cache (one kernel on CUDA), then attention; at decode on CUDA over
+        a float cache all of it is one kernel (rotary_decode_attention)."""
+        if self.cu_seqlens_q is None:
+            return rotary_decode_attention(q, k, v, cos, sin, self.k_cache[layer], self.v_cache[layer],
+                                           self.slot_mapping, self.block_tables, self.kv_lens, scale)
         q = rotary_write_kv(q, k, v, cos, sin, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
         return self._attend_cached(layer, q, scale)
 

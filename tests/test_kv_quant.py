@@ -148,9 +148,10 @@ def test_rotary_write_kv_quantized_triton_matches_ref(bits, Hq, Hkv, D, dtype):
     slots = torch.randperm(num_blocks * block_size, generator=g)[:T]  # [T]
     k_ref, v_ref = (_noisy_quantized(num_blocks, block_size, Hkv, D, bits, group, g) for group in store_groups(D, bits))
     k_tri, v_tri = _clone(k_ref), _clone(v_ref)
-    q_ref = rotary.rotary_write_kv_ref(q, k, v, cos, sin, k_ref, v_ref, slots)
+    q_rot, k_rot = rotary.apply_rotary_triton(q, k, cos, sin)  # the kernels' rotation (fused multiply-adds)
+    attention.write_kv_cache(k_rot, v.contiguous(), k_ref, v_ref, slots)  # the reference quantizer
     q_tri = rotary.rotary_write_kv_triton(q, k, v, cos, sin, k_tri, v_tri, slots)
-    assert torch.equal(q_tri, q_ref)
+    assert torch.equal(q_tri, q_rot)
     for tri, ref in ((k_tri, k_ref), (v_tri, v_ref)):  # same float32 arithmetic: the same codes and scales
         assert torch.equal(tri.codes, ref.codes) and torch.equal(tri.scales_zeros, ref.scales_zeros)
 
