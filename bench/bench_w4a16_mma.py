@@ -5,11 +5,12 @@ mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no ep
 
     python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
     python bench/bench_w4a16_mma.py --ms 64,256 --tiles 4,8 --fp16 --write-table   # the wide kernel
+    python bench/bench_w4a16_mma.py --shapes 8b --ms 16,64,256 --fp16 --wgmma-rows 16,64,128   # + wgmma (sm_90)
     TRITON_INTERPRET=1 python bench/bench_w4a16_mma.py --smoke     # CPU: every path runs, nothing is timed well
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
 GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k, ...; M > 16: the wide
-kernel's tiles and blocks), medians of CUDA-graph
+kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline on sm_90), medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
 µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
 this GPU's tuning table (kernels/w4a16_tuning.json) for every (M, K, N) where the best mma configuration beat the
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
 from lmc.kernels import w4a16_mma_wide as MW
+from lmc.kernels import w4a16_wgmma as WG
 from lmc.kernels import w4a16_tuning as T
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,8 +51,10 @@ def _silu_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 def mma_call(x, frag, silu: bool, config: dict):
-    """One launch of the mma kernel a configuration names (the wide one where it has "tiles")."""
-    launch = MW.w4a16_mma_wide_triton if "tiles" in config else MM.w4a16_mma_triton
+    """One launch of the mma kernel a configuration names (the wgmma one where it has "rows", the wide one where
+    it has "tiles")."""
+    launch = WG.w4a16_wgmma_triton if "rows" in config else \
+        MW.w4a16_mma_wide_triton if "tiles" in config else MM.w4a16_mma_triton
     return launch(x, *frag, GROUP, silu_mul=silu, **config)
 
 
@@ -107,7 +111,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> 
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch")
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline")
 
 
 def table_entries(rows: list) -> list:
@@ -119,7 +123,7 @@ def table_entries(rows: list) -> list:
         if b and b["us"] < r["gemv"]["us"]:
             path, fallback = r["fallback"]
             config = {key: b[key] for key in CONFIG_KEYS if key in b}
-            if "tiles" not in config:  # the 1-16 row kernel: its defaults left out
+            if "tiles" not in config and "rows" not in config:  # the 1-16 row kernel: its defaults left out
                 config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1))}
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma", "config": config,
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": fallback}})
@@ -139,7 +143,12 @@ def grid(m: int, args) -> list[dict]:
         wide = list(SMOKE_WIDE) if args.smoke else [
             {"warps": w, "split_k": sp, "blocks": bl, "tiles": t, **({"prefetch": True} if pf else {})}
             for w in args.warps for sp in args.splits for bl in args.wide_blocks for t in tiles for pf in args.prefetch]
-    return small + wide
+    wgmma = []
+    if args.wgmma_rows and not args.smoke and WG.wgmma_available(torch.device("cuda")):
+        rows = sorted({r for r in args.wgmma_rows if r < 2 * m} | {min(args.wgmma_rows)})  # no row block mostly empty
+        wgmma = [{"rows": r, "split_k": sp, "pipeline": bool(p)} for r in rows
+                 for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline]
+    return small + wide + wgmma
 
 
 def main() -> int:
@@ -157,6 +166,10 @@ def main() -> int:
     ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")
     ap.add_argument("--prefetch", type=_ints, default=(0,), help="the wide kernel: 1 = prefetch x a group ahead")
     ap.add_argument("--splits", type=_ints, default=SPLITS, help="split-K values tried")
+    ap.add_argument("--wgmma-rows", type=_ints, default=(),
+                    help="the wgmma kernel (Hopper): rows of x a program tried (8-256; those past 2M left out)")
+    ap.add_argument("--wgmma-splits", type=_ints, default=(), help="the wgmma kernel's split-K values (default --splits)")
+    ap.add_argument("--wgmma-pipeline", type=_ints, default=(1,), help="the wgmma kernel: 1 = async wgmma, 0 = sync")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")

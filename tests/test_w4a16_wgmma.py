@@ -1,0 +1,196 @@
+"""The W4A16 wgmma kernel (kernels/w4a16_wgmma.py, Gluon, sm_90a): a torch replay of its index arithmetic (the
+same tables, the dequant PTX's bit operations, the epilogue mapping) against the mma layout's reference on odd
+shapes, wrong tables caught, the sm_90a compile (which proves the register-A layout: a trivial convert_layout),
+the launcher's errors and routing, and on a Hopper GPU the kernel itself."""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmc.errors import LmcError
+from lmc.kernels import w4a16 as W
+from lmc.kernels import w4a16_mma as MM
+from lmc.kernels import w4a16_wgmma as WG
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_w4a16_mma import _quantized, _reference  # noqa: E402
+
+
+def _case(m, n, k, group, silu, seed):
+    q, s, z = _quantized(n, k, group, seed=seed)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    return x, qfrag, sz, (q, s, z)
+
+
+def _err(got, want):
+    return (got.float() - want).abs().max().item() / want.abs().max().item()
+
+
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k", [
+    (5, 192, 384, 128, False, 16, 1), (5, 192, 384, 128, True, 8, 2), (37, 192, 320, 64, False, 32, 3),
+    (37, 160, 384, 128, True, 64, 1), (130, 192, 384, 128, False, 128, 2), (130, 160, 320, 64, True, 16, 3),
+    (37, 96, 320, 64, False, 256, 2), (130, 64, 384, 128, True, 64, 3)])
+def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k):
+    """Row blocks past M, column sets past N (N not a multiple of 64: a partial warpgroup), splits with an odd
+    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues."""
+    x, qfrag, sz, stored = _case(m, n, k, group, silu, seed=m + n + k)
+    got = WG.emulate(x, qfrag, sz, group, rows=rows, split_k=split_k, silu_mul=silu)
+    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
+    assert _err(got, MM.mma_reference(x, qfrag, sz, group, silu)) < 2e-3
+    assert _err(got, _reference(x, *stored, group, silu)) < 2e-3
+
+
+@pytest.mark.parametrize("tables", [
+    {"x_perm": (0, 1, 3, 2)},  # j and s2 swapped in the x gather
+    {"x_perm": (0, 3, 2, 1)},  # t and s2
+    {"a_perm": (0, 5, 1, 3, 2, 4, 6)},  # t and s2 swapped in the A tile's columns
+    {"a_perm": (0, 2, 1, 3, 4, 5, 6)},  # g and h in its rows (only a swap of 8-row halves)
+    {"a_perm": (0, 5, 1, 4, 3, 2, 6)},  # j and s2
+    {"a_view": (4, 8, 4, 4, 2, 2, 2), "a_perm": (0, 5, 1, 3, 4, 6, 2)}])  # s1 and t
+def test_a_swapped_table_is_caught(tables):
+    m, n, k, group = 19, 128, 256, 128
+    x, qfrag, sz, _ = _case(m, n, k, group, False, seed=3)
+    want = MM.mma_reference(x, qfrag, sz, group)
+    assert _err(WG.emulate(x, qfrag, sz, group, rows=32), want) < 2e-3
+    assert _err(WG.emulate(x, qfrag, sz, group, rows=32, **tables), want) > 0.05
+
+
+def test_dequant_emulation_is_the_ptx():
+    """The emulated dequant models the instructions the PTX has (and its output order), and a swapped output
+    order is caught against the layout."""
+    ptx = WG._dequant_ptx()
+    assert ptx.count("lop3.b32") == 4 and ptx.count("shr.u32") == 1 and ptx.count("mul.rn.f16x2") == 4
+    assert ptx.count("sub.f16x2") == 2 and ptx.count("fma.rn.f16x2") == 2
+    assert "0x000f000f" in ptx and "0x00f000f0" in ptx and "0x2C002C00" in ptx
+    assert [f"mov.b32 {{${2 * r}, ${2 * r + 1}}}, a{r};" in ptx for r in range(4)] == [True] * 4
+    x, qfrag, sz, _ = _case(3, 64, 128, 128, False, seed=5)
+    words = qfrag[0, 0].reshape(8, 16)  # block 0, chunk 0: row g, column 4t + j
+    zz, ss = sz[0, 0, :, 0:1], sz[0, 0, :, 1:2]
+    q = WG.dequant_emulated(words, zz, ss)
+    a = WG.a_tile_emulated([v[None].expand(4, 8, 16).reshape(32, 16) for v in q])[:16]  # warp 0's 16 rows
+    codes = (qfrag[0, 0].reshape(8, 4, 4)[..., None] >> (4 * torch.arange(8))) & 0xF  # [g, t, j, nibble]
+    halves = sz[0, 0].view(torch.int16).view(torch.float16).float().reshape(8, 2, 2)  # [g, (zz, ss), lo/hi]
+    for h in range(2):
+        zero = halves[:, 0, 0] - 1024.0 if h == 0 else -halves[:, 0, 1] - 64.0
+        scale = halves[:, 1, h]
+        for s in range(4):
+            col = 16 * torch.arange(4)[None, :] + 8 * (s // 2) + 2 * torch.arange(4)[:, None] + s % 2  # [t, j] -> kk
+            want = ((codes[:, :, :, MM.nibble(h, s)].float() - zero[:, None, None]) * scale[:, None, None]).half()
+            assert torch.equal(a[8 * h:8 * h + 8][:, col], want)  # row g + 8h, kk = 16j + 8 s2 + 2t + s1
+
+
+def test_launcher_errors_and_availability():
+    x, qfrag, sz, _ = _case(3, 64, 128, 128, False, seed=1)
+    with pytest.raises(LmcError, match="rows"):
+        WG.w4a16_wgmma_triton(x, qfrag, sz, 128, rows=24)
+    with pytest.raises(LmcError, match="needs x"):
+        WG.w4a16_wgmma_triton(x[:, :64], qfrag, sz, 128)
+    with pytest.raises(LmcError, match="does not fit"):
+        WG.w4a16_wgmma_triton(x, qfrag, sz, 64)
+    with pytest.raises(LmcError, match="split_k"):
+        WG.w4a16_wgmma_triton(x, qfrag, sz, 128, split_k=0)
+    if not torch.cuda.is_available():
+        with pytest.raises(LmcError, match="Hopper"):
+            WG.w4a16_wgmma_triton(x, qfrag, sz, 128)
+    assert not WG.wgmma_available(torch.device("cpu")) and not WG.wgmma_available(None)
+
+
+def test_rows_entries_route_to_the_wgmma_kernel(monkeypatch):
+    from lmc.kernels import w4a16_tuning as T
+
+    entry = {"m": 64, "k": 4096, "n": 4096, "path": "mma", "config": {"rows": 64, "split_k": 2},
+             "fallback": {"path": "gemm", "config": {"block_m": 64}}}
+    monkeypatch.setattr(T, "_tables", lambda: {"format": T.FORMAT, "default": "GPU", "devices": {
+        "GPU": {"source": "test", "entries": [entry]}}})
+    T._config.cache_clear()
+    try:
+        assert W._mma_launch({"rows": 64}) is WG.w4a16_wgmma_triton
+        monkeypatch.setattr(W, "wgmma_available", lambda device: True)
+        assert W.w4a16_config(200, 4096, 4096, mma=True) == ("mma", {"rows": 64, "split_k": 2})  # any M
+        assert W.w4a16_config(17, 4096, 4096) == ("gemm", {"block_m": 64})  # no layout: the fallback
+        monkeypatch.setattr(W, "wgmma_available", lambda device: False)  # not a Hopper / no Gluon: the fallback
+        assert W.w4a16_config(64, 4096, 4096, mma=True) == ("gemm", {"block_m": 64})
+    finally:
+        T._config.cache_clear()
+
+
+def _ptxas() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        return Path(get_ptxas(90).path).exists()
+    except Exception:  # noqa: BLE001 -- no NVIDIA backend or no ptxas: the compile test skips
+        return False
+
+
+@pytest.mark.parametrize("rows", [16, 64, 128])
+@pytest.mark.parametrize("pipeline,silu,split_k", [(False, False, 1), (True, False, 1), (False, True, 2),
+                                                   (True, True, 2), (True, False, 2), (False, True, 1)])
+def test_compiles_for_sm90a(rows, pipeline, silu, split_k):
+    """The kernel builds for sm_90a with the installed Triton (no GPU): tracing it checks the register-A layout
+    (convert_layout(..., assert_trivial=True)); the main loop has 4 HGMMA a chunk and no spills."""
+    if WG.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    if not _ptxas():
+        pytest.skip("no ptxas")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import compile_wgmma_sm90 as C
+
+    r = C.report(rows, pipeline, silu, split_k)
+    assert r["per_chunk"]["HGMMA"] == 4, r
+    assert r["spill_bytes"] == 0, r
+    assert r["per_chunk"]["dequant (LOP3/SHF/PRMT/HADD2/HFMA2/HMUL2)"] <= 64, r  # ~14 a word, 4 words a lane
+
+
+def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, seed):
+    q, s, z = _quantized(n, k, group, seed=seed, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    kw = dict(rows=rows, split_k=split_k, pipeline=pipeline, silu_mul=silu)
+    got = WG.w4a16_wgmma_triton(x, qfrag, sz, group, **kw)
+    assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
+    want = MM.mma_reference(x, qfrag, sz, group, silu)
+    assert _err(got, want) < 3e-3
+    assert _err(got, _reference(x, q, s, z, group, silu)) < 3e-3
+    if not silu:  # against fp16 cuBLAS on the dequantized weight
+        w = W.dequantize_int4_ref(q, s.float(), z.float(), group, k).half()  # [K, N]
+        assert _err(got, (x @ w).float()) < 3e-3
+    assert torch.equal(got, WG.w4a16_wgmma_triton(x, qfrag, sz, group, **kw))  # deterministic split-K sum
+    return got
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,pipeline", [
+    (64, 4096, 4096, 128, False, 64, 1, True), (64, 4096, 4096, 128, False, 64, 4, False),
+    (256, 4096, 4096, 128, False, 128, 1, True), (256, 28672, 4096, 128, True, 128, 2, True),
+    (16, 4096, 14336, 128, False, 16, 4, True), (16, 6144, 4096, 128, False, 16, 1, False),
+    (37, 192, 384, 128, True, 16, 3, True), (130, 160, 320, 64, False, 64, 2, True),
+    (130, 160, 320, 64, True, 128, 1, False), (5, 96, 640, 128, False, 8, 2, True),
+    (200, 96, 640, 64, False, 256, 3, True), (17, 28672, 4096, 128, True, 32, 1, True)])
+def test_wgmma_kernel_on_hopper(m, n, k, group, silu, rows, split_k, pipeline):
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, seed=m + n + k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [17, 64, 256])
+def test_dispatch_to_wgmma_on_hopper(m, monkeypatch):
+    """w4a16_matmul / w4a16_silu_matmul through a "rows" table entry."""
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    monkeypatch.setattr(W, "config_for", lambda name, m_, n_, k_, mma: (
+        ("mma", {"rows": 64, "split_k": 2}) if mma else ("gemm", {})))
+    k, n, group = 4096, 14336, 128
+    q, s, z = _quantized(n, k, group, seed=m, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    plain, silu = MM.mma_layout(q, s, z, group), MM.mma_layout(q, s, z, group, silu=True)
+    for got, want in ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
+                      (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
+        assert _err(got, want) < 3e-3
