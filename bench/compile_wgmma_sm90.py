@@ -18,8 +18,8 @@ from pathlib import Path
 from lmc.kernels import w4a16_wgmma as WG
 
 KINDS = {  # SASS opcodes counted per chunk (the opcode before its first '.')
-    "HGMMA": "HGMMA", "dequant (LOP3/SHF/PRMT/HADD2/HFMA2/HMUL2)": "LOP3 SHF PRMT HADD2 HFMA2 HMUL2",
-    "LDG": "LDG", "STS": "STS", "BAR": "BAR", "WARPGROUP": "WARPGROUP", "FENCE/MEMBAR": "FENCE MEMBAR",
+    "HGMMA": "HGMMA", "HADD2/HFMA2/HMUL2": "HADD2 HFMA2 HMUL2", "LOP3/SHF/PRMT": "LOP3 SHF PRMT",
+    "LDG": "LDG", "STS/STSM": "STS STSM", "BAR": "BAR", "WARPGROUP": "WARPGROUP", "FENCE/MEMBAR": "FENCE MEMBAR",
     "IMAD/IADD/LEA/MOV": "IMAD IADD3 LEA MOV SEL ISETP UIADD3 UMOV ULEA USHF ULOP3 ISETP VIMNMX",
 }
 

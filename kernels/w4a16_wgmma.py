@@ -99,7 +99,7 @@ _WARPS = _cx(4)
 if gl is not None:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6: thread_barrier; later: barrier
     WORDS_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0]))  # [32, 16]: row 8w + g, col 4t + j
-    X_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 4], [4, 8], [4, 1], [1, 0]))  # [BM, 32] pairs: 16-byte loads
+    X_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # [BM, 32] pairs: 16-byte loads
     X_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
     X_SMEM32 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))  # same bytes
     OUT_LAYOUT = gl.constexpr(gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1]))  # [64, BM]: 8 columns a thread
@@ -126,23 +126,46 @@ else:
 
 
 @_gluon_jit
-def _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, c, CHUNKS: gl.constexpr):
-    """Chunk c's words [32, 16], (zz, ss) [32] of its group, and x [BM, 32] (float16 pairs) in k order."""
+def _load_x(x32, x_rows, c):
+    """x [R, 32] (float16 pairs) of chunk c in k order, x_rows [R] the rows' offsets in pairs."""
+    ks = c * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, X_LAYOUT))
+    return gl.load(x32 + x_rows[:, None] + ks[None, :])
+
+
+@_gluon_jit
+def _x_rows(row0, M, stride_x2, R: gl.constexpr):
+    """The pair offsets of rows row0 .. row0 + R - 1 of x; rows past M read row M - 1 (their columns are not
+    stored)."""
+    m = row0 + gl.arange(0, R, layout=gl.SliceLayout(1, X_LAYOUT))
+    return gl.minimum(m, M - 1) * stride_x2
+
+
+@_gluon_jit
+def _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, c, CHUNKS: gl.constexpr, X_AHEAD: gl.constexpr):
+    """Chunk c's words [32, 16], (zz, ss) [32] of its group, and its x (X_AHEAD; else c: x is loaded at use)."""
     words = gl.load(qf_ptr + word_base + c * 128, eviction_policy="evict_first")
     grp = c // CHUNKS
     zz = gl.load(sz_ptr + sz_base + grp * 16)
     ss = gl.load(sz_ptr + sz_base + grp * 16 + 1)
-    ks = c * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, X_LAYOUT))
-    xv = gl.load(x32 + x_rows[:, None] + ks[None, :])  # rows past M read row M - 1: their columns are not stored
-    return words, zz, ss, xv
+    if X_AHEAD:
+        return words, zz, ss, _load_x(x32, x_rows, c)
+    else:
+        return words, zz, ss, c
 
 
 @_gluon_jit
-def _chunk_step(acc, buf, x_buf, valid, A_LAYOUT: gl.constexpr, BM: gl.constexpr, PIPELINE: gl.constexpr):
+def _chunk_step(acc, buf, x_buf, valid, x32, x_rows, A_LAYOUT: gl.constexpr, BM: gl.constexpr,
+                PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr):
     """acc + one chunk: x to shared memory (kk order), the A tile from the words, one [64, 64] x [64, BM] wgmma
     (4 k16 steps). valid False: the A tile is zero (its scale zeroed), the chunk adds nothing."""
     words, zz, ss, xv = buf
-    x_buf.store(_x_tile(xv, BM))  # int32 pairs; wgmma reads the same bytes as float16
+    if X_AHEAD:
+        x_buf.store(_x_tile(xv, BM))  # int32 pairs; wgmma reads the same bytes as float16
+    else:  # loaded now, 128 rows at a time (registers)
+        row0, M, stride_x2 = x_rows
+        for p in gl.static_range(BM // 128):
+            part = _load_x(x32, _x_rows(row0 + 128 * p, M, stride_x2, 128), xv)
+            x_buf.slice(128 * p, 128).store(_x_tile(part, 128))
     fence_async_shared()
     _barrier()  # every warp's part of the x tile is written before the wgmma reads it
     a = _a_tile(words, zz, gl.where(valid, ss, 0), A_LAYOUT)
@@ -192,6 +215,7 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
                                                          instr_shape=[16, BM, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_LAYOUT, k_width=2)
     CHUNKS: gl.constexpr = GROUP // 64
+    X_AHEAD: gl.constexpr = BM <= 128  # x loaded a chunk ahead (BM / 4 registers a thread); 256 rows: at use
     pid = gl.program_id(0)
     split = gl.program_id(1)
     col_set = pid // ROW_BLOCKS
@@ -208,22 +232,34 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
     g = r % 8
     word_base = (blk * n_chunks * 128 + 16 * g)[:, None] + col[None, :]  # + c * 128: word 16g + 4t + j
     sz_base = (blk * n_groups * 8 + g) * 2  # + grp * 16: (zz, ss) of rows (g, g + 8)
-    m = row0 + gl.arange(0, BM, layout=gl.SliceLayout(1, X_LAYOUT))
-    x_rows = gl.minimum(m, M - 1) * (stride_xm // 2)
+    if X_AHEAD:
+        x_rows = _x_rows(row0, M, stride_xm // 2, BM)
+    else:
+        x_rows = (row0, M, stride_xm // 2)
     x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
 
     x_smem = gl.allocate_shared_memory(gl.int32, [2, BM, 32], X_SMEM32)
     acc = gl.zeros([64, BM], gl.float32, ACC_LAYOUT)
     last = gl.maximum(c_hi - 1, 0)
-    buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo, last), CHUNKS)
-    buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 1, last), CHUNKS)
-    for c in range(c_lo, c_hi, 2):  # two chunks a pass, one per x buffer (a chunk past c_hi adds nothing)
-        acc = _chunk_step(acc, buf_a, x_smem.index(0), True, A_LAYOUT, BM, PIPELINE)
+    buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo, last), CHUNKS,
+                        X_AHEAD)
+    buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 1, last), CHUNKS,
+                        X_AHEAD)
+    # the first pass peeled off: every path to the loop's end has issued a wgmma (an empty split adds zeros), which
+    # keeps ptxas from serializing the async wgmmas (C7515: accumulators defined by other instructions)
+    acc = _chunk_step(acc, buf_a, x_smem.index(0), c_lo < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
+    buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 2, last), CHUNKS,
+                        X_AHEAD)
+    acc = _chunk_step(acc, buf_b, x_smem.index(1), c_lo + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
+    buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 3, last), CHUNKS,
+                        X_AHEAD)
+    for c in range(c_lo + 2, c_hi, 2):  # two chunks a pass, one per x buffer (a chunk past c_hi adds nothing)
+        acc = _chunk_step(acc, buf_a, x_smem.index(0), True, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
         buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c + 2, last),
-                            CHUNKS)
-        acc = _chunk_step(acc, buf_b, x_smem.index(1), c + 1 < c_hi, A_LAYOUT, BM, PIPELINE)
+                            CHUNKS, X_AHEAD)
+        acc = _chunk_step(acc, buf_b, x_smem.index(1), c + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
         buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c + 3, last),
-                            CHUNKS)
+                            CHUNKS, X_AHEAD)
     if PIPELINE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
