@@ -132,13 +132,15 @@ def table_entries(rows: list) -> list:
 
 def grid(m: int, args) -> list[dict]:
     """The configurations tried at M rows: the 1-16 row kernel's up to 16 rows; the wide kernel's from 9 rows
-    (its tiles up to M / 8)."""
+    (its tiles up to M / 8); the wgmma kernel's (--wgmma-rows, on sm_90) at any M, its rows up to 2M (and the
+    smallest); --wgmma-only: the wgmma kernel's alone."""
     small, wide = [], []
-    if m <= MM.MAX_ROWS:
+    mma_sync = args.smoke or not args.wgmma_only
+    if mma_sync and m <= MM.MAX_ROWS:
         small = list(SMOKE_GRID) if args.smoke else [
             {"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
             for sp in args.splits for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
-    if m > 8:
+    if mma_sync and m > 8:
         tiles = [t for t in args.tiles if t <= -(-m // 8)]
         wide = list(SMOKE_WIDE) if args.smoke else [
             {"warps": w, "split_k": sp, "blocks": bl, "tiles": t, **({"prefetch": True} if pf else {})}
@@ -170,6 +172,8 @@ def main() -> int:
                     help="the wgmma kernel (Hopper): rows of x a program tried (8-256; those past 2M left out)")
     ap.add_argument("--wgmma-splits", type=_ints, default=(), help="the wgmma kernel's split-K values (default --splits)")
     ap.add_argument("--wgmma-pipeline", type=_ints, default=(1,), help="the wgmma kernel: 1 = async wgmma, 0 = sync")
+    ap.add_argument("--wgmma-only", action="store_true",
+                    help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
@@ -184,6 +188,8 @@ def main() -> int:
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "group_size": GROUP, "copy": copy_bandwidth(dev), "rows": []}
     print(f"{report['env']['device']}: copy {report['copy']['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    if args.wgmma_rows and not args.smoke and not WG.wgmma_available(torch.device("cuda")):
+        print("--wgmma-rows: the wgmma kernel needs sm_90 and a Triton with Gluon; not timed here", flush=True)
     t0 = time.time()
     for k, n in shapes:
         silu = n in (28672, 14336) or (args.smoke and n == 64)  # the gate/up weights (their SiLU epilogue)

@@ -196,3 +196,27 @@ def test_dispatch_to_wgmma_on_hopper(m, monkeypatch):
     for got, want in ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
                       (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
         assert _err(got, want) < 3e-3
+
+
+def test_bench_grid_and_table_entries_carry_the_wgmma_keys(monkeypatch):
+    """bench_w4a16_mma --wgmma-rows: the grid times the wgmma kernel where it runs (rows up to 2M), --wgmma-only
+    leaves the mma.sync grids out, and a winning configuration becomes a "rows" entry."""
+    import argparse
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import bench_w4a16_mma as B
+
+    args = argparse.Namespace(smoke=False, wgmma_only=True, wgmma_rows=(16, 64, 128), wgmma_splits=(1, 2),
+                              wgmma_pipeline=(1,), splits=(1,), warps=(4,), buffers=(2,), blocks=(1,), kw=(1,),
+                              tiles=(8,), wide_blocks=(2,), prefetch=(0,))
+    monkeypatch.setattr(B.WG, "wgmma_available", lambda device: True)
+    assert [(c["rows"], c["split_k"]) for c in B.grid(64, args)] == [(16, 1), (16, 2), (64, 1), (64, 2)]
+    assert {c["rows"] for c in B.grid(16, args)} == {16} and {c["rows"] for c in B.grid(256, args)} == {16, 64, 128}
+    args.wgmma_only = False
+    assert any("tiles" in c for c in B.grid(64, args)) and any("rows" in c for c in B.grid(64, args))
+    assert B.mma_call.__doc__ and "rows" in B.CONFIG_KEYS and "pipeline" in B.CONFIG_KEYS
+    rows = [{"M": 64, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": ["gemm", {"block_m": 64}],
+             "best_mma": {"rows": 64, "split_k": 2, "pipeline": True, "us": 6.0, "rel_err": 1e-3}}]
+    (entry,) = B.table_entries(rows)
+    assert entry["config"] == {"split_k": 2, "rows": 64, "pipeline": True} and entry["path"] == "mma"
+    assert W._mma_launch(entry["config"]) is WG.w4a16_wgmma_triton
