@@ -10,7 +10,8 @@ mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no ep
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
 GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k, ...; M > 16: the wide
-kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline on sm_90), medians of CUDA-graph
+kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline x warpgroups on sm_90),
+medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
 µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
 this GPU's tuning table (kernels/w4a16_tuning.json) for every (M, K, N) where the best mma configuration beat the
@@ -111,7 +112,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> 
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline")
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline", "warpgroups")
 
 
 def table_entries(rows: list) -> list:
@@ -148,8 +149,9 @@ def grid(m: int, args) -> list[dict]:
     wgmma = []
     if args.wgmma_rows and not args.smoke and WG.wgmma_available(torch.device("cuda")):
         rows = sorted({r for r in args.wgmma_rows if r < 2 * m} | {min(args.wgmma_rows)})  # no row block mostly empty
-        wgmma = [{"rows": r, "split_k": sp, "pipeline": bool(p)} for r in rows
-                 for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline]
+        wgmma = [{"rows": r, "split_k": sp, "pipeline": bool(p), "warpgroups": wg} for r in rows
+                 for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline
+                 for wg in args.wgmma_warpgroups]
     return small + wide + wgmma
 
 
@@ -172,6 +174,8 @@ def main() -> int:
                     help="the wgmma kernel (Hopper): rows of x a program tried (8-256; those past 2M left out)")
     ap.add_argument("--wgmma-splits", type=_ints, default=(), help="the wgmma kernel's split-K values (default --splits)")
     ap.add_argument("--wgmma-pipeline", type=_ints, default=(1,), help="the wgmma kernel: 1 = async wgmma, 0 = sync")
+    ap.add_argument("--wgmma-warpgroups", type=_ints, default=(1,),
+                    help="the wgmma kernel: warpgroups a program (1, 2; 64 output columns each, sharing the x tile)")
     ap.add_argument("--wgmma-only", action="store_true",
                     help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")

@@ -3,11 +3,12 @@ ptxas) and counts what one thread executes per 64-wide K chunk: registers, spill
 main loop (two chunks a pass) by kind (nvdisasm). The compile itself checks the register-A layout (the kernel's
 convert_layout(..., assert_trivial=True) fails to trace otherwise).
 
-    python bench/compile_wgmma_sm90.py --rows 16,64,128 --pipeline 0,1 --silu 0,1 --splits 1,2
+    python bench/compile_wgmma_sm90.py --rows 16,64,128 --pipeline 0,1 --silu 0,1 --splits 1,2 --warpgroups 1,2
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import re
 import subprocess
 import sys
@@ -24,7 +25,7 @@ KINDS = {  # SASS opcodes counted per chunk (the opcode before its first '.')
 }
 
 
-def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128):
+def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1):
     """The kernel as w4a16_wgmma_triton launches it, compiled for sm_90a (pointers, K and the strides
     16-divisible, as Triton's launcher would specialize them for a [*, 4096] float16 x)."""
     import triton
@@ -35,13 +36,14 @@ def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: in
     ints = ("M", "NB", "K", "stride_xm", "stride_om", "ROW_BLOCKS")
     ptrs = {"x_ptr": "*fp16", "qf_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32",
             "count_ptr": "*i32"}
-    constexprs = {"GROUP": group, "BM": rows, "SPLIT_K": split_k, "SILU": silu, "PIPELINE": pipeline}
+    constexprs = {"GROUP": group, "BM": rows, "SPLIT_K": split_k, "SILU": silu, "PIPELINE": pipeline,
+                  "WARPGROUPS": warpgroups}
     signature = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
     assert list(signature) == fn.arg_names, fn.arg_names
     divisible = [i for i, name in enumerate(fn.arg_names) if name in ptrs or name in ("K", "stride_xm", "stride_om")]
     attrs = {(i,): BaseBackend.parse_attr("D") for i in divisible}
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * warpgroups})
 
 
 def _bin(name: str) -> Path:
@@ -109,12 +111,13 @@ def loop_counts(kernel) -> tuple[Counter, int]:
     return ops, len(best)
 
 
-def report(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128) -> dict:
-    kernel = compile_wgmma(rows, pipeline, silu, split_k, group)
+def report(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1) -> dict:
+    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups)
     ops, n = loop_counts(kernel)
     chunks = 2  # the loop does two chunks a pass
     kinds = {kind: sum(ops[o] for o in names.split()) / chunks for kind, names in KINDS.items()}
-    return {"rows": rows, "pipeline": pipeline, "silu": silu, "split_k": split_k, **ptxas_info(kernel),
+    return {"rows": rows, "pipeline": pipeline, "silu": silu, "split_k": split_k, "warpgroups": warpgroups,
+            **ptxas_info(kernel),
             "loop_instructions_per_chunk": n / chunks, "per_chunk": kinds, "shared_bytes": kernel.metadata.shared}
 
 
@@ -126,17 +129,16 @@ def main() -> int:
     ap.add_argument("--silu", type=ints, default=[0])
     ap.add_argument("--splits", type=ints, default=[1])
     ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--warpgroups", type=ints, default=[1])
     args = ap.parse_args()
-    for rows in args.rows:
-        for pipe in args.pipeline:
-            for silu in args.silu:
-                for split in args.splits:
-                    r = report(rows, bool(pipe), bool(silu), split, args.group)
-                    per = ", ".join(f"{k} {v:g}" for k, v in r["per_chunk"].items())
-                    print(f"BM={rows} pipeline={pipe} silu={silu} split={split}: {r['registers']} registers, "
-                          f"{r['spill_bytes']} B spills, smem {r['shared_bytes']} B, "
-                          f"{r['loop_instructions_per_chunk']:g} loop instructions a chunk ({per})"
-                          + (f"; ptxas: {r['warnings']}" if r["warnings"] else ""), flush=True)
+    for rows, wg, pipe, silu, split in itertools.product(args.rows, args.warpgroups, args.pipeline, args.silu,
+                                                         args.splits):
+        r = report(rows, bool(pipe), bool(silu), split, args.group, wg)
+        per = ", ".join(f"{k} {v:g}" for k, v in r["per_chunk"].items())
+        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split}: {r['registers']} registers, "
+              f"{r['spill_bytes']} B spills, smem {r['shared_bytes']} B, "
+              f"{r['loop_instructions_per_chunk']:g} loop instructions a chunk ({per})"
+              + (f"; ptxas: {r['warnings']}" if r["warnings"] else ""), flush=True)
     return 0
 
 

@@ -5,32 +5,36 @@ Why: the mma.sync kernels (w4a16_mma.py, w4a16_mma_wide.py) reach about half of 
 (bench/NOTES.md, session 16); cuBLAS runs wgmma. wgmma's A operand may live in registers, and its register
 fragment per warp is mma.sync's m16n8k16 A fragment, so the mma layout's words dequantize straight into it.
 
-One program = one warpgroup (4 warps) = 64 output columns (the wgmma M) x BM rows of x (the wgmma N, 8-256),
-over a run of K in 64-wide chunks (one [64, 64] A tile = 4 wgmma k16 steps):
-  - warp w owns mma block 4 pid_n + w (rows 16w .. 16w + 15 of A); lane l = 4g + t loads the 4 words
-    (block, chunk, 4l + j), j = 0..3, as one 16-byte load: the words tensor is [32, 16] with row 8w + g and
-    column 4t + j (`WORDS_LAYOUT`);
-  - one inline-asm statement a word (`_DEQUANT_PTX`: 4 LOP3 + 1 SHF + 2 HSUB2/HFMA2 + 4 HFMA2/HMUL2 and 4 PRMT
+One program = WARPGROUPS (1 or 2) warpgroups = 64 output columns each (the wgmma M) x BM rows of x (the wgmma N,
+8-256; the warpgroups share the x tile), over a run of K in 64-wide chunks (one [64, 64] A tile a warpgroup = 4
+wgmma k16 steps):
+  - warp w owns mma block 4 WARPGROUPS pid_n + w (rows 16w .. 16w + 15 of A); lane l = 4g + t loads the 4 words
+    (block, chunk, 4l + j), j = 0..3, as one 16-byte load: the words tensor is [8 warps, 16] with row 8w + g and
+    column 4t + j;
+  - one inline-asm statement a word (`_dequant_ptx`: 4 LOP3 + 1 SHF + 2 HSUB2/HFMA2 + 4 HMUL2, and 4 PRMT
     shared by the lane's words) gives 8 float16 (code - zero) * scale, output o = 4 s2 + 2 h + s1 the code of row
     g + 8h at k = 16t + 4j + 2 s2 + s1 of the chunk (the group scale folded into A, as the wide kernel does: one
     float16 rounding, float32 running sums in the accumulator);
   - three joins (s2, then h, then s1: the last join is the fastest register) and a view/permute (`A_VIEW`,
-    `A_PERM`) give the [64, 64] A tile: row 16w + 8h + g, column kk = 16j + 8 s2 + 2t + s1; its layout is wgmma's
+    `A_PERM`) give the A tile: row 16w + 8h + g, column kk = 16j + 8 s2 + 2t + s1; its layout is wgmma's
     register-A layout (DotOperandLayout(0, NVMMADistributedLayout v3, k_width 2)) register for register, which
     `convert_layout(..., assert_trivial=True)` proves at compile time;
   - x: column kk of the A tile stands for k = 16t + 4j + 2 s2 + s1, so the B tile's row kk must hold x^T row k:
-    the chunk of x [BM, 64] is loaded in k order (16-byte loads), viewed as [BM, t, j, s2, s1] and permuted
-    (`X_VIEW`, `X_PERM`) into kk order, stored to shared memory [BM, 64] (NVMMASharedLayout, 128-byte swizzle) and
-    read by wgmma as the K-major B [64, BM] (its permuted view). Rows of x past M load zeros.
-PIPELINE: two x buffers and asynchronous wgmma (warpgroup_mma_wait(1)): the next chunk's loads, x store and
-dequant overlap the current wgmma; else one buffer and synchronous wgmma. The next chunk's words, sz and x are
-loaded a chunk ahead in both forms.
-Epilogue: the float32 accumulator [64, BM] is out^T: element (r, i) is out[row0 + i, col(4 pid_n + r // 16,
-r % 16)] (w4a16_mma.block_columns), stored through a blocked layout (output columns contiguous), rows past M and
-blocks past N/16 not stored. SILU (the gate/up layout): rows r % 16 < 8 are gate columns, r % 16 >= 8 the
-matching up columns, both in one lane's registers (h is a register bit): split, silu(gate) * up (each rounded to
-float16 first, as the unfused path reads them). SPLIT_K: float32 partials to a workspace and the last split to
-arrive sums them in split order (lmc.kernels.split_counters), as the wide kernel does.
+    the chunk of x is loaded in k order as float16 pairs [BM, 32] (8 pairs, two 16-byte loads, a lane), viewed
+    as [BM, t, j, s2] and permuted (`X_VIEW`, `X_PERM`; the pairs move whole) into kk order, stored (STSM) to
+    shared memory as int32 [BM, 32] (NVMMASharedLayout, 128-byte swizzle) and read by wgmma as the float16
+    K-major B [64, BM] (a reinterpret of the same bytes, transposed view). Rows of x past M read row M - 1 (their
+    output columns are never stored).
+PIPELINE: asynchronous wgmma (warpgroup_mma_wait(1)), so that the next chunk's x store and dequant overlap the
+current wgmma; else synchronous wgmma. Two x buffers, and the next chunk's words, sz and x loaded a chunk ahead
+(at 256 rows x is loaded at use, 128 rows at a time, for registers), in both forms.
+Epilogue: the float32 accumulator [64 WARPGROUPS, BM] is out^T: element (r, i) is out[row0 + i, col(4 WARPGROUPS
+pid_n + r // 16, r % 16)] (w4a16_mma.block_columns), stored through a blocked layout (output columns
+contiguous), rows past M and blocks past N/16 not stored. SILU (the gate/up layout): rows r % 16 < 8 are gate
+columns, r % 16 >= 8 the matching up columns, both in one lane's registers (h is a register bit): split,
+silu(gate) * up (each rounded to float16 first, as the unfused path reads them). SPLIT_K: float32 partials to a
+workspace and the last split to arrive sums them in split order (lmc.kernels.split_counters), as the wide kernel
+does.
 
 Off the GPU nothing here runs: `emulate` (torch) replays the kernel's index arithmetic (the same tables, the
 dequant's bit operations, the epilogue mapping) and the tests compare it with w4a16_mma.mma_reference; the compile
@@ -58,7 +62,7 @@ except (ImportError, AttributeError):  # no triton, or one without Gluon: wgmma_
     gl = None
 
 ROWS = (8, 16, 32, 64, 128, 256)  # BM: rows of x a program (the wgmma N)
-COLUMNS = 64  # output columns a program (the wgmma M: 4 warps x one 16-column block)
+COLUMNS = 64  # output columns a warpgroup (the wgmma M: 4 warps x one 16-column block)
 
 # The tables the kernel and `emulate` share. Dequant output o of a word: (s1, h, s2) = (o % 2, o // 2 % 2, o // 4).
 A_VIEW = (4, 8, 4, 4, 2, 2, 2)  # the joined [32, 16, s2, h, s1] words tensor as [w, g, t, j, s2, h, s1]
@@ -95,15 +99,10 @@ def _cx(value):
 _DEQUANT = _cx(_dequant_ptx())
 _DEQUANT_IO = _cx(",".join(["=h"] * 8 + ["r"] * 3))
 _A_VIEW, _A_PERM, _X_VIEW, _X_PERM = _cx(A_VIEW), _cx(A_PERM), _cx(X_VIEW), _cx(X_PERM)
-_WARPS = _cx(4)
 if gl is not None:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6: thread_barrier; later: barrier
-    WORDS_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 4], [8, 4], [4, 1], [1, 0]))  # [32, 16]: row 8w + g, col 4t + j
-    X_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 8], [8, 4], [4, 1], [1, 0]))  # [BM, 32] pairs: 16-byte loads
     X_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
     X_SMEM32 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))  # same bytes
-    OUT_LAYOUT = gl.constexpr(gl.BlockedLayout([8, 1], [8, 4], [1, 4], [0, 1]))  # [64, BM]: 8 columns a thread
-    SILU_LAYOUT = gl.constexpr(gl.BlockedLayout([4, 1], [8, 4], [1, 4], [0, 1]))  # [32, BM]
 
 
 def _gluon_jit(fn):
@@ -126,49 +125,54 @@ else:
 
 
 @_gluon_jit
-def _load_x(x32, x_rows, c):
+def _load_x(x32, x_rows, c, WARPS: gl.constexpr):
     """x [R, 32] (float16 pairs) of chunk c in k order, x_rows [R] the rows' offsets in pairs."""
+    X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])  # 8 pairs (2 x 16 bytes) a lane
     ks = c * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, X_LAYOUT))
     return gl.load(x32 + x_rows[:, None] + ks[None, :])
 
 
 @_gluon_jit
-def _x_rows(row0, M, stride_x2, R: gl.constexpr):
+def _x_rows(row0, M, stride_x2, R: gl.constexpr, WARPS: gl.constexpr):
     """The pair offsets of rows row0 .. row0 + R - 1 of x; rows past M read row M - 1 (their columns are not
     stored)."""
+    X_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 8], [8, 4], [WARPS, 1], [1, 0])
     m = row0 + gl.arange(0, R, layout=gl.SliceLayout(1, X_LAYOUT))
     return gl.minimum(m, M - 1) * stride_x2
 
 
 @_gluon_jit
-def _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, c, CHUNKS: gl.constexpr, X_AHEAD: gl.constexpr):
-    """Chunk c's words [32, 16], (zz, ss) [32] of its group, and its x (X_AHEAD; else c: x is loaded at use)."""
+def _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, c, CHUNKS: gl.constexpr, X_AHEAD: gl.constexpr,
+                WARPS: gl.constexpr):
+    """Chunk c's words [8 WARPS, 16], (zz, ss) [8 WARPS] of its group, and its x (X_AHEAD; else c: x is loaded at
+    use)."""
     words = gl.load(qf_ptr + word_base + c * 128, eviction_policy="evict_first")
     grp = c // CHUNKS
     zz = gl.load(sz_ptr + sz_base + grp * 16)
     ss = gl.load(sz_ptr + sz_base + grp * 16 + 1)
     if X_AHEAD:
-        return words, zz, ss, _load_x(x32, x_rows, c)
+        return words, zz, ss, _load_x(x32, x_rows, c, WARPS)
     else:
         return words, zz, ss, c
 
 
 @_gluon_jit
 def _chunk_step(acc, buf, x_buf, valid, x32, x_rows, A_LAYOUT: gl.constexpr, BM: gl.constexpr,
-                PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr):
-    """acc + one chunk: x to shared memory (kk order), the A tile from the words, one [64, 64] x [64, BM] wgmma
-    (4 k16 steps). valid False: the A tile is zero (its scale zeroed), the chunk adds nothing."""
+                PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr, WARPS: gl.constexpr):
+    """acc + one chunk: x to shared memory (kk order), the A tile from the words, one [16 WARPS, 64] x [64, BM]
+    wgmma (4 k16 steps, each warpgroup its 64 rows). valid False: the A tile is zero (its scale zeroed), the chunk
+    adds nothing."""
     words, zz, ss, xv = buf
     if X_AHEAD:
         x_buf.store(_x_tile(xv, BM))  # int32 pairs; wgmma reads the same bytes as float16
     else:  # loaded now, 128 rows at a time (registers)
         row0, M, stride_x2 = x_rows
         for p in gl.static_range(BM // 128):
-            part = _load_x(x32, _x_rows(row0 + 128 * p, M, stride_x2, 128), xv)
+            part = _load_x(x32, _x_rows(row0 + 128 * p, M, stride_x2, 128, WARPS), xv, WARPS)
             x_buf.slice(128 * p, 128).store(_x_tile(part, 128))
     fence_async_shared()
     _barrier()  # every warp's part of the x tile is written before the wgmma reads it
-    a = _a_tile(words, zz, gl.where(valid, ss, 0), A_LAYOUT)
+    a = _a_tile(words, zz, gl.where(valid, ss, 0), A_LAYOUT, WARPS)
     b = _as_f16(x_buf, BM).permute((1, 0))
     if PIPELINE:
         acc = warpgroup_mma(a, b, acc, is_async=True)
@@ -179,8 +183,8 @@ def _chunk_step(acc, buf, x_buf, valid, x32, x_rows, A_LAYOUT: gl.constexpr, BM:
 
 
 @_gluon_jit
-def _a_tile(words, zz, ss, A_LAYOUT: gl.constexpr):
-    """The [64, 64] float16 A tile of a chunk in wgmma's register-A layout (module docstring)."""
+def _a_tile(words, zz, ss, A_LAYOUT: gl.constexpr, WARPS: gl.constexpr):
+    """The [16 WARPS, 64] float16 A tile of a chunk in wgmma's register-A layout (module docstring)."""
     zz2, _ = gl.broadcast(zz[:, None], words)
     ss2, _ = gl.broadcast(ss[:, None], words)
     q0, q1, q2, q3, q4, q5, q6, q7 = gl.inline_asm_elementwise(
@@ -192,9 +196,10 @@ def _a_tile(words, zz, ss, A_LAYOUT: gl.constexpr):
     t01 = gl.join(q1, q5)  # (h 0, s1 1)
     t10 = gl.join(q2, q6)  # (h 1, s1 0)
     t11 = gl.join(q3, q7)  # (h 1, s1 1)
-    v = gl.join(gl.join(t00, t10), gl.join(t01, t11))  # [32, 16, s2, h, s1]
-    a = gl.reshape(gl.permute(gl.reshape(v, _A_VIEW), (_A_PERM[0], _A_PERM[1], _A_PERM[2], _A_PERM[3], _A_PERM[4],
-                                                           _A_PERM[5], _A_PERM[6])), [64, 64])
+    v = gl.join(gl.join(t00, t10), gl.join(t01, t11))  # [8 WARPS, 16, s2, h, s1]
+    a = gl.reshape(gl.permute(gl.reshape(v, [WARPS, _A_VIEW[1], _A_VIEW[2], _A_VIEW[3], _A_VIEW[4], _A_VIEW[5],
+                                             _A_VIEW[6]]), (_A_PERM[0], _A_PERM[1], _A_PERM[2], _A_PERM[3], _A_PERM[4],
+                                                           _A_PERM[5], _A_PERM[6])), [16 * WARPS, 64])
     return gl.convert_layout(a, A_LAYOUT, assert_trivial=True)
 
 
@@ -208,14 +213,18 @@ def _x_tile(xv, BM: gl.constexpr):
 @_gluon_jit
 def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om, ROW_BLOCKS,
                   GROUP: gl.constexpr, BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr,
-                  PIPELINE: gl.constexpr):
-    """Program (pid, split): column set pid // ROW_BLOCKS (blocks 4 set + w), rows BM (pid % ROW_BLOCKS) .. + BM,
-    over the split-th run of groups."""
-    ACC_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                  PIPELINE: gl.constexpr, WARPGROUPS: gl.constexpr):
+    """Program (pid, split): column set pid // ROW_BLOCKS (blocks 4 WARPGROUPS set + w, w the warp), rows BM
+    (pid % ROW_BLOCKS) .. + BM, over the split-th run of groups. WARPGROUPS (1 or 2) warpgroups share the x tile,
+    each its own 64 output columns."""
+    WARPS: gl.constexpr = 4 * WARPGROUPS
+    COLS: gl.constexpr = 64 * WARPGROUPS
+    ACC_LAYOUT: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[WARPS, 1],
                                                          instr_shape=[16, BM, 16])
     A_LAYOUT: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=ACC_LAYOUT, k_width=2)
+    WORDS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [WARPS, 1], [1, 0])  # row 8w + g, col 4t + j
     CHUNKS: gl.constexpr = GROUP // 64
-    X_AHEAD: gl.constexpr = BM <= 128  # x loaded a chunk ahead (BM / 4 registers a thread); 256 rows: at use
+    X_AHEAD: gl.constexpr = BM <= 128  # x loaded a chunk ahead (BM / WARPS registers a thread); 256 rows: at use
     pid = gl.program_id(0)
     split = gl.program_id(1)
     col_set = pid // ROW_BLOCKS
@@ -226,75 +235,81 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
     c_lo = gl.minimum(split * run, n_groups) * CHUNKS
     c_hi = gl.minimum(split * run + run, n_groups) * CHUNKS  # this split's chunks: c_lo .. c_hi - 1 (maybe none)
 
-    r = gl.arange(0, 32, layout=gl.SliceLayout(1, WORDS_LAYOUT))  # 8w + g
+    r = gl.arange(0, 8 * WARPS, layout=gl.SliceLayout(1, WORDS_LAYOUT))  # 8w + g
     col = gl.arange(0, 16, layout=gl.SliceLayout(0, WORDS_LAYOUT))  # 4t + j
-    blk = gl.minimum(col_set * 4 + r // 8, NB - 1)  # a missing block reads the last one; nothing of it is stored
+    blk = gl.minimum(col_set * WARPS + r // 8, NB - 1)  # a missing block reads the last one; nothing of it is stored
     g = r % 8
     word_base = (blk * n_chunks * 128 + 16 * g)[:, None] + col[None, :]  # + c * 128: word 16g + 4t + j
     sz_base = (blk * n_groups * 8 + g) * 2  # + grp * 16: (zz, ss) of rows (g, g + 8)
     if X_AHEAD:
-        x_rows = _x_rows(row0, M, stride_xm // 2, BM)
+        x_rows = _x_rows(row0, M, stride_xm // 2, BM, WARPS)
     else:
         x_rows = (row0, M, stride_xm // 2)
     x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
 
     x_smem = gl.allocate_shared_memory(gl.int32, [2, BM, 32], X_SMEM32)
-    acc = gl.zeros([64, BM], gl.float32, ACC_LAYOUT)
+    acc = gl.zeros([COLS, BM], gl.float32, ACC_LAYOUT)
     last = gl.maximum(c_hi - 1, 0)
     buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo, last), CHUNKS,
-                        X_AHEAD)
+                        X_AHEAD, WARPS)
     buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 1, last), CHUNKS,
-                        X_AHEAD)
+                        X_AHEAD, WARPS)
     # the first pass peeled off: every path to the loop's end has issued a wgmma (an empty split adds zeros), which
     # keeps ptxas from serializing the async wgmmas (C7515: accumulators defined by other instructions)
-    acc = _chunk_step(acc, buf_a, x_smem.index(0), c_lo < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
+    acc = _chunk_step(acc, buf_a, x_smem.index(0), c_lo < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD,
+                      WARPS)
     buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 2, last), CHUNKS,
-                        X_AHEAD)
-    acc = _chunk_step(acc, buf_b, x_smem.index(1), c_lo + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
+                        X_AHEAD, WARPS)
+    acc = _chunk_step(acc, buf_b, x_smem.index(1), c_lo + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD,
+                      WARPS)
     buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 3, last), CHUNKS,
-                        X_AHEAD)
+                        X_AHEAD, WARPS)
     for c in range(c_lo + 2, c_hi, 2):  # two chunks a pass, one per x buffer (a chunk past c_hi adds nothing)
-        acc = _chunk_step(acc, buf_a, x_smem.index(0), True, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
+        acc = _chunk_step(acc, buf_a, x_smem.index(0), True, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS)
         buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c + 2, last),
-                            CHUNKS, X_AHEAD)
-        acc = _chunk_step(acc, buf_b, x_smem.index(1), c + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD)
+                            CHUNKS, X_AHEAD, WARPS)
+        acc = _chunk_step(acc, buf_b, x_smem.index(1), c + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD,
+                          WARPS)
         buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c + 3, last),
-                            CHUNKS, X_AHEAD)
+                            CHUNKS, X_AHEAD, WARPS)
     if PIPELINE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
     if SPLIT_K == 1:
-        _store_out(acc, out_ptr, M, stride_om, NB, col_set, row0, BM, SILU)
+        _store_out(acc, out_ptr, M, stride_om, NB, col_set, row0, BM, SILU, WARPS)
     else:
-        ri = gl.arange(0, 64, layout=gl.SliceLayout(1, ACC_LAYOUT))
+        ri = gl.arange(0, COLS, layout=gl.SliceLayout(1, ACC_LAYOUT))
         ci = gl.arange(0, BM, layout=gl.SliceLayout(0, ACC_LAYOUT))
         idx = ri[:, None] * BM + ci[None, :]
-        gl.store(ws_ptr + (split * gl.num_programs(0) + pid) * (64 * BM) + idx, acc)
+        gl.store(ws_ptr + (split * gl.num_programs(0) + pid) * (COLS * BM) + idx, acc)
         _barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid
         if gl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
-            total = gl.zeros([64, BM], gl.float32, ACC_LAYOUT)
+            total = gl.zeros([COLS, BM], gl.float32, ACC_LAYOUT)
             for s in gl.static_range(SPLIT_K):
-                total += gl.load(ws_ptr + (s * gl.num_programs(0) + pid) * (64 * BM) + idx, cache_modifier=".cg")
-            _store_out(total, out_ptr, M, stride_om, NB, col_set, row0, BM, SILU)
+                total += gl.load(ws_ptr + (s * gl.num_programs(0) + pid) * (COLS * BM) + idx, cache_modifier=".cg")
+            _store_out(total, out_ptr, M, stride_om, NB, col_set, row0, BM, SILU, WARPS)
             gl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
 @_gluon_jit
-def _store_out(acc, out_ptr, M, stride_om, NB, col_set, row0, BM: gl.constexpr, SILU: gl.constexpr):
-    """acc [64, BM] (out^T of this program) -> out, rows past M and blocks past NB left alone."""
+def _store_out(acc, out_ptr, M, stride_om, NB, col_set, row0, BM: gl.constexpr, SILU: gl.constexpr,
+               WARPS: gl.constexpr):
+    """acc [16 WARPS, BM] (out^T of this program) -> out, rows past M and blocks past NB left alone."""
     if SILU:
-        v = gl.reshape(acc.to(gl.float16).to(gl.float32), [4, 2, 8, BM])  # [w, h, g, i]
+        SILU_LAYOUT: gl.constexpr = gl.BlockedLayout([4, 1], [8, 4], [1, WARPS], [0, 1])  # [8 WARPS, BM]
+        v = gl.reshape(acc.to(gl.float16).to(gl.float32), [WARPS, 2, 8, BM])  # [w, h, g, i]
         gate, up = gl.split(gl.permute(v, (0, 2, 3, 1)))  # [w, g, i] each
-        y = gl.reshape(gate / (1.0 + gl.exp(-gate)) * up, [32, BM])  # row 8w + g: column 8 (4 set + w) + g
+        y = gl.reshape(gate / (1.0 + gl.exp(-gate)) * up, [8 * WARPS, BM])  # row 8w + g: column 8 (W set + w) + g
         y = gl.convert_layout(y.to(gl.float16), SILU_LAYOUT)
-        cols = col_set * 32 + gl.arange(0, 32, layout=gl.SliceLayout(1, SILU_LAYOUT))
+        cols = col_set * (8 * WARPS) + gl.arange(0, 8 * WARPS, layout=gl.SliceLayout(1, SILU_LAYOUT))
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(0, SILU_LAYOUT))
         ok = (cols < NB * 8)[:, None] & (rows < M)[None, :]
         gl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], y, mask=ok)
     else:
+        OUT_LAYOUT: gl.constexpr = gl.BlockedLayout([8, 1], [8, 4], [1, WARPS], [0, 1])  # 8 columns a thread
         y = gl.convert_layout(acc.to(gl.float16), OUT_LAYOUT)
-        cols = col_set * 64 + gl.arange(0, 64, layout=gl.SliceLayout(1, OUT_LAYOUT))
+        cols = col_set * (16 * WARPS) + gl.arange(0, 16 * WARPS, layout=gl.SliceLayout(1, OUT_LAYOUT))
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ok = (cols < NB * 16)[:, None] & (rows < M)[None, :]
         gl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], y, mask=ok)
@@ -328,13 +343,14 @@ def dequant_emulated(words: torch.Tensor, zz: torch.Tensor, ss: torch.Tensor) ->
 
 
 def a_tile_emulated(q: list[torch.Tensor], a_view=A_VIEW, a_perm=A_PERM) -> torch.Tensor:
-    """`_a_tile`'s joins and view/permute on the 8 dequant outputs ([..., 32, 16] each) -> [..., 64, 64]."""
+    """`_a_tile`'s joins and view/permute on the 8 dequant outputs ([..., 8 W, 16] each, W warps) -> [..., 16 W,
+    64]."""
     join = lambda a, b: torch.stack((a, b), dim=-1)  # noqa: E731 -- gl.join: a new last dimension
     t00, t01, t10, t11 = join(q[0], q[4]), join(q[1], q[5]), join(q[2], q[6]), join(q[3], q[7])
     v = join(join(t00, t10), join(t01, t11))  # [..., 32, 16, s2, h, s1]
-    lead = v.shape[:-5]
-    v = v.reshape(*lead, *a_view).permute(*range(len(lead)), *(len(lead) + p for p in a_perm))
-    return v.reshape(*lead, 64, 64)
+    lead, warps = v.shape[:-5], v.shape[-5] // 8
+    v = v.reshape(*lead, warps, *a_view[1:]).permute(*range(len(lead)), *(len(lead) + p for p in a_perm))
+    return v.reshape(*lead, 16 * warps, 64)
 
 
 def x_tile_emulated(xv: torch.Tensor, x_view=X_VIEW, x_perm=X_PERM) -> torch.Tensor:
@@ -345,46 +361,47 @@ def x_tile_emulated(xv: torch.Tensor, x_view=X_VIEW, x_perm=X_PERM) -> torch.Ten
 
 
 def emulate(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, rows: int = 64,
-            split_k: int = 1, silu_mul: bool = False, a_view=A_VIEW, a_perm=A_PERM, x_view=X_VIEW,
-            x_perm=X_PERM) -> torch.Tensor:
+            split_k: int = 1, silu_mul: bool = False, warpgroups: int = 1, a_view=A_VIEW, a_perm=A_PERM,
+            x_view=X_VIEW, x_perm=X_PERM) -> torch.Tensor:
     """What `w4a16_wgmma_triton` computes, replayed in torch from the kernel's own index arithmetic: per program
     (column set, row block, split) the words gathered as [32, 16] (row 8w + g, column 4t + j), the dequant's bit
     operations, the joins and tables into the A tile, x permuted into kk order, A @ B in float32 per chunk, the
     split partials summed in split order, the epilogue's row -> column mapping. The tables can be swapped (the
     tests check that a wrong one fails)."""
-    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul)
+    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups)
     nb, n_chunks, _ = qfrag.shape
     m, k = x.shape
     n_groups, chunks_per_group = k // group_size, group_size // CHUNK
-    sets = -(-nb // 4)
+    warps = 4 * warpgroups
+    sets = -(-nb // warps)
     out = torch.zeros(m, nb * (8 if silu_mul else 16), dtype=torch.float16)
-    r = torch.arange(32)
-    blk = torch.clamp(torch.arange(sets)[:, None] * 4 + r // 8, max=nb - 1)  # [sets, 32]
+    r = torch.arange(8 * warps)
+    blk = torch.clamp(torch.arange(sets)[:, None] * warps + r // 8, max=nb - 1)  # [sets, 8 W]
     g = r % 8
     flat_q, flat_sz = qfrag.reshape(-1), sz.reshape(-1)
     run = -(-n_groups // split_k)
     for row0 in range(0, m, rows):
         xr = x[torch.clamp(torch.arange(row0, row0 + rows), max=m - 1)].half()  # rows past M: row M - 1
-        total = torch.zeros(sets, 64, rows)
+        total = torch.zeros(sets, 16 * warps, rows)
         for split in range(split_k):
-            acc = torch.zeros(sets, 64, rows)
+            acc = torch.zeros(sets, 16 * warps, rows)
             c_lo = min(split * run, n_groups) * chunks_per_group
             c_hi = min(split * run + run, n_groups) * chunks_per_group
             for c in range(c_lo, c_hi):
-                word_idx = (blk * n_chunks * 128 + 16 * g)[..., None] + torch.arange(16) + c * 128  # [sets, 32, 16]
+                word_idx = (blk * n_chunks * 128 + 16 * g)[..., None] + torch.arange(16) + c * 128  # [sets, 8W, 16]
                 words = flat_q[word_idx]
-                sz_idx = (blk * n_groups * 8 + g) * 2 + (c // chunks_per_group) * 16  # [sets, 32]
+                sz_idx = (blk * n_groups * 8 + g) * 2 + (c // chunks_per_group) * 16  # [sets, 8 W]
                 zz, ss = flat_sz[sz_idx][..., None], flat_sz[sz_idx + 1][..., None]
-                a = a_tile_emulated(dequant_emulated(words, zz, ss), a_view, a_perm)  # [sets, 64, 64]
+                a = a_tile_emulated(dequant_emulated(words, zz, ss), a_view, a_perm)  # [sets, 16 W, 64]
                 b = x_tile_emulated(xr[:, 64 * c:64 * c + 64], x_view, x_perm)  # [BM, 64]
                 acc += a.float() @ b.float().t()
             total += acc  # the last split sums the partials in split order
         if silu_mul:
-            v = total.half().float().reshape(sets, 4, 2, 8, rows).permute(0, 1, 3, 4, 2)  # [set, w, g, i, h]
+            v = total.half().float().reshape(sets, warps, 2, 8, rows).permute(0, 1, 3, 4, 2)  # [set, w, g, i, h]
             gate, up = v[..., 0], v[..., 1]
-            y = (gate * torch.sigmoid(gate) * up).reshape(sets * 32, rows)  # row 32 set + 8w + g
+            y = (gate * torch.sigmoid(gate) * up).reshape(sets * 8 * warps, rows)  # row 8 (W set + w) + g
         else:
-            y = total.reshape(sets * 64, rows)  # row 64 set + r
+            y = total.reshape(sets * 16 * warps, rows)  # row 16 W set + r
         y = y[:out.shape[1], :min(rows, m - row0)]
         out[row0:row0 + y.shape[1]] = y.t().half()
     return out
@@ -406,7 +423,7 @@ def wgmma_available(device: torch.device | None) -> bool:
 
 
 def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, rows: int, split_k: int,
-               silu_mul: bool) -> None:
+               silu_mul: bool, warpgroups: int = 1) -> None:
     """The launcher's one-line errors (shared with `emulate`)."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
@@ -419,25 +436,29 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
         raise LmcError(f"w4a16_wgmma_triton: rows (x rows a program) must be one of {ROWS}, got {rows}")
     if split_k < 1:
         raise LmcError(f"w4a16_wgmma_triton: split_k must be >= 1, got {split_k}")
+    if warpgroups not in (1, 2):
+        raise LmcError(f"w4a16_wgmma_triton: warpgroups (of 64 columns a program) must be 1 or 2, got {warpgroups}")
 
 
 def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, rows: int = 64,
-                       split_k: int = 1, pipeline: bool = True, silu_mul: bool = False,
+                       split_k: int = 1, pipeline: bool = True, warpgroups: int = 1, silu_mul: bool = False,
                        out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float16 -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) float16 from the mma layout on wgmma:
-    programs of 64 output columns x `rows` rows of x, split_k programs over the groups of K (the last to finish
-    sums in split order); pipeline: asynchronous wgmma over two x buffers. Hopper (sm_90) only."""
-    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul)
+    programs of 64 x `warpgroups` output columns (the warpgroups share the x tile) x `rows` rows of x, split_k
+    programs over the groups of K (the last to finish sums in split order); pipeline: asynchronous wgmma over two
+    x buffers. Hopper (sm_90) only."""
+    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups)
     if not (x.is_cuda and x.dtype == torch.float16 and wgmma_available(x.device)):
         raise LmcError("w4a16_wgmma_triton needs float16 x on a Hopper GPU (sm_90) and a Triton with Gluon")
     nb = qfrag.shape[0]
     m, k = x.shape
     x, out, _ = prepare_launch(x, nb * 16, silu_mul, out, True)
     row_blocks = triton.cdiv(m, rows)
-    grid = (triton.cdiv(nb, 4) * row_blocks, split_k)
-    ws = torch.empty((split_k, grid[0], COLUMNS * rows), dtype=torch.float32, device=x.device) \
+    grid = (triton.cdiv(nb, 4 * warpgroups) * row_blocks, split_k)
+    ws = torch.empty((split_k, grid[0], COLUMNS * warpgroups * rows), dtype=torch.float32, device=x.device) \
         if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _wgmma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), row_blocks,
-                        GROUP=group_size, BM=rows, SPLIT_K=split_k, SILU=silu_mul, PIPELINE=pipeline, num_warps=4)
+                        GROUP=group_size, BM=rows, SPLIT_K=split_k, SILU=silu_mul, PIPELINE=pipeline,
+                        WARPGROUPS=warpgroups, num_warps=4 * warpgroups)
     return out

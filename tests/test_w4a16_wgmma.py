@@ -33,15 +33,15 @@ def _err(got, want):
     return (got.float() - want).abs().max().item() / want.abs().max().item()
 
 
-@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k", [
-    (5, 192, 384, 128, False, 16, 1), (5, 192, 384, 128, True, 8, 2), (37, 192, 320, 64, False, 32, 3),
-    (37, 160, 384, 128, True, 64, 1), (130, 192, 384, 128, False, 128, 2), (130, 160, 320, 64, True, 16, 3),
-    (37, 96, 320, 64, False, 256, 2), (130, 64, 384, 128, True, 64, 3)])
-def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k):
-    """Row blocks past M, column sets past N (N not a multiple of 64: a partial warpgroup), splits with an odd
-    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues."""
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,warpgroups", [
+    (5, 192, 384, 128, False, 16, 1, 1), (5, 192, 384, 128, True, 8, 2, 2), (37, 192, 320, 64, False, 32, 3, 1),
+    (37, 160, 384, 128, True, 64, 1, 2), (130, 192, 384, 128, False, 128, 2, 1), (130, 160, 320, 64, True, 16, 3, 1),
+    (37, 96, 320, 64, False, 256, 2, 2), (130, 64, 384, 128, True, 64, 3, 1), (130, 160, 320, 64, False, 128, 3, 2)])
+def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k, warpgroups):
+    """Row blocks past M, column sets past N (N not a multiple of 64 or 128: a partial set), splits with an odd
+    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues, 1 and 2 warpgroups."""
     x, qfrag, sz, stored = _case(m, n, k, group, silu, seed=m + n + k)
-    got = WG.emulate(x, qfrag, sz, group, rows=rows, split_k=split_k, silu_mul=silu)
+    got = WG.emulate(x, qfrag, sz, group, rows=rows, split_k=split_k, silu_mul=silu, warpgroups=warpgroups)
     assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
     assert _err(got, MM.mma_reference(x, qfrag, sz, group, silu)) < 2e-3
     assert _err(got, _reference(x, *stored, group, silu)) < 2e-3
@@ -96,6 +96,8 @@ def test_launcher_errors_and_availability():
         WG.w4a16_wgmma_triton(x, qfrag, sz, 64)
     with pytest.raises(LmcError, match="split_k"):
         WG.w4a16_wgmma_triton(x, qfrag, sz, 128, split_k=0)
+    with pytest.raises(LmcError, match="warpgroups"):
+        WG.w4a16_wgmma_triton(x, qfrag, sz, 128, warpgroups=3)
     if not torch.cuda.is_available():
         with pytest.raises(LmcError, match="Hopper"):
             WG.w4a16_wgmma_triton(x, qfrag, sz, 128)
@@ -129,10 +131,10 @@ def _ptxas() -> bool:
         return False
 
 
-@pytest.mark.parametrize("rows", [16, 64, 128])
+@pytest.mark.parametrize("rows,warpgroups", [(16, 1), (64, 1), (128, 1), (128, 2), (256, 2)])
 @pytest.mark.parametrize("pipeline,silu,split_k", [(False, False, 1), (True, False, 1), (False, True, 2),
                                                    (True, True, 2), (True, False, 2), (False, True, 1)])
-def test_compiles_for_sm90a(rows, pipeline, silu, split_k):
+def test_compiles_for_sm90a(rows, warpgroups, pipeline, silu, split_k):
     """The kernel builds for sm_90a with the installed Triton (no GPU): tracing it checks the register-A layout
     (convert_layout(..., assert_trivial=True)); the main loop has 4 HGMMA a chunk and no spills."""
     if WG.gluon is None:
@@ -142,7 +144,7 @@ def test_compiles_for_sm90a(rows, pipeline, silu, split_k):
     sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
     import compile_wgmma_sm90 as C
 
-    r = C.report(rows, pipeline, silu, split_k)
+    r = C.report(rows, pipeline, silu, split_k, warpgroups=warpgroups)
     assert r["per_chunk"]["HGMMA"] == 4, r
     assert r["spill_bytes"] == 0, r
     assert r["per_chunk"]["HADD2/HFMA2/HMUL2"] == 32, r  # the dequant: 4 words a lane, 2 + 2 + 4 each
@@ -150,11 +152,11 @@ def test_compiles_for_sm90a(rows, pipeline, silu, split_k):
     assert not any("C7515" in w for w in r["warnings"]), r  # ptxas did not serialize the wgmmas
 
 
-def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, seed):
+def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed):
     q, s, z = _quantized(n, k, group, seed=seed, device="cuda")
     x = torch.randn(m, k, device="cuda").half()
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    kw = dict(rows=rows, split_k=split_k, pipeline=pipeline, silu_mul=silu)
+    kw = dict(rows=rows, split_k=split_k, pipeline=pipeline, warpgroups=warpgroups, silu_mul=silu)
     got = WG.w4a16_wgmma_triton(x, qfrag, sz, group, **kw)
     assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
     want = MM.mma_reference(x, qfrag, sz, group, silu)
@@ -168,17 +170,19 @@ def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, seed):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,pipeline", [
-    (64, 4096, 4096, 128, False, 64, 1, True), (64, 4096, 4096, 128, False, 64, 4, False),
-    (256, 4096, 4096, 128, False, 128, 1, True), (256, 28672, 4096, 128, True, 128, 2, True),
-    (16, 4096, 14336, 128, False, 16, 4, True), (16, 6144, 4096, 128, False, 16, 1, False),
-    (37, 192, 384, 128, True, 16, 3, True), (130, 160, 320, 64, False, 64, 2, True),
-    (130, 160, 320, 64, True, 128, 1, False), (5, 96, 640, 128, False, 8, 2, True),
-    (200, 96, 640, 64, False, 256, 3, True), (17, 28672, 4096, 128, True, 32, 1, True)])
-def test_wgmma_kernel_on_hopper(m, n, k, group, silu, rows, split_k, pipeline):
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,pipeline,warpgroups", [
+    (64, 4096, 4096, 128, False, 64, 1, True, 1), (64, 4096, 4096, 128, False, 64, 4, False, 1),
+    (256, 4096, 4096, 128, False, 128, 1, True, 1), (256, 28672, 4096, 128, True, 128, 2, True, 1),
+    (16, 4096, 14336, 128, False, 16, 4, True, 1), (16, 6144, 4096, 128, False, 16, 1, False, 1),
+    (37, 192, 384, 128, True, 16, 3, True, 1), (130, 160, 320, 64, False, 64, 2, True, 1),
+    (130, 160, 320, 64, True, 128, 1, False, 1), (5, 96, 640, 128, False, 8, 2, True, 1),
+    (200, 96, 640, 64, False, 256, 3, True, 1), (17, 28672, 4096, 128, True, 32, 1, True, 1),
+    (256, 4096, 4096, 128, False, 128, 2, True, 2), (256, 4096, 4096, 128, False, 256, 1, True, 2),
+    (100, 28672, 4096, 128, True, 128, 1, False, 2), (37, 160, 640, 64, False, 64, 3, True, 2)])
+def test_wgmma_kernel_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, warpgroups):
     if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
         pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
-    _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, seed=m + n + k)
+    _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed=m + n + k)
 
 
 @pytest.mark.gpu
@@ -207,16 +211,20 @@ def test_bench_grid_and_table_entries_carry_the_wgmma_keys(monkeypatch):
     import bench_w4a16_mma as B
 
     args = argparse.Namespace(smoke=False, wgmma_only=True, wgmma_rows=(16, 64, 128), wgmma_splits=(1, 2),
-                              wgmma_pipeline=(1,), splits=(1,), warps=(4,), buffers=(2,), blocks=(1,), kw=(1,),
+                              wgmma_pipeline=(1,), wgmma_warpgroups=(1,), splits=(1,), warps=(4,), buffers=(2,), blocks=(1,), kw=(1,),
                               tiles=(8,), wide_blocks=(2,), prefetch=(0,))
     monkeypatch.setattr(B.WG, "wgmma_available", lambda device: True)
     assert [(c["rows"], c["split_k"]) for c in B.grid(64, args)] == [(16, 1), (16, 2), (64, 1), (64, 2)]
     assert {c["rows"] for c in B.grid(16, args)} == {16} and {c["rows"] for c in B.grid(256, args)} == {16, 64, 128}
     args.wgmma_only = False
     assert any("tiles" in c for c in B.grid(64, args)) and any("rows" in c for c in B.grid(64, args))
-    assert B.mma_call.__doc__ and "rows" in B.CONFIG_KEYS and "pipeline" in B.CONFIG_KEYS
+    assert all(key in B.CONFIG_KEYS for key in ("rows", "pipeline", "warpgroups"))
+    args.wgmma_warpgroups = (1, 2)
+    assert {c.get("warpgroups") for c in B.grid(64, args) if "rows" in c} == {1, 2}
     rows = [{"M": 64, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": ["gemm", {"block_m": 64}],
-             "best_mma": {"rows": 64, "split_k": 2, "pipeline": True, "us": 6.0, "rel_err": 1e-3}}]
+             "best_mma": {"rows": 64, "split_k": 2, "pipeline": True, "warpgroups": 2, "us": 6.0,
+                          "rel_err": 1e-3}}]
     (entry,) = B.table_entries(rows)
-    assert entry["config"] == {"split_k": 2, "rows": 64, "pipeline": True} and entry["path"] == "mma"
+    assert entry["config"] == {"split_k": 2, "rows": 64, "pipeline": True, "warpgroups": 2}
+    assert entry["path"] == "mma"
     assert W._mma_launch(entry["config"]) is WG.w4a16_wgmma_triton
