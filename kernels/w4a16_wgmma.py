@@ -65,8 +65,9 @@ ROWS = (8, 16, 32, 64, 128, 256)  # BM: rows of x a program (the wgmma N)
 COLUMNS = 64  # output columns a warpgroup (the wgmma M: 4 warps x one 16-column block)
 
 # The tables the kernel and `emulate` share. Dequant output o of a word: (s1, h, s2) = (o % 2, o // 2 % 2, o // 4).
-A_VIEW = (4, 8, 4, 4, 2, 2, 2)  # the joined [32, 16, s2, h, s1] words tensor as [w, g, t, j, s2, h, s1]
-A_PERM = (0, 5, 1, 3, 4, 2, 6)  # -> [w, h, g, j, s2, t, s1] = [64 rows 16w + 8h + g, 64 kk = 16j + 8 s2 + 2t + s1]
+A_VIEW = (4, 8, 4, 4, 2, 2, 2)  # the joined [8 W, 16, s2, h, s1] words tensor as [w, g, t, j, s2, h, s1] (W = 4 a
+#                                 warpgroup: the kernel and `emulate` put the number of warps first)
+A_PERM = (0, 5, 1, 3, 4, 2, 6)  # -> [w, h, g, j, s2, t, s1] = [16 W rows 16w + 8h + g, 64 kk = 16j + 8 s2 + 2t + s1]
 X_VIEW = (4, 4, 2)  # a row of the x chunk in float16 pairs, k // 2 = 8t + 2j + s2, as [t, j, s2]
 X_PERM = (0, 2, 3, 1)  # [BM, t, j, s2] -> [BM, j, s2, t]: pairs in kk order (kk // 2 = 8j + 4 s2 + t)
 
@@ -163,6 +164,8 @@ def _chunk_step(acc, buf, x_buf, valid, x32, x_rows, A_LAYOUT: gl.constexpr, BM:
     wgmma (4 k16 steps, each warpgroup its 64 rows). valid False: the A tile is zero (its scale zeroed), the chunk
     adds nothing."""
     words, zz, ss, xv = buf
+    if PIPELINE and WARPS > 4:  # x_buf was read by the wgmma two chunks back: each warpgroup waited for its own
+        _barrier()  # (warpgroup_mma_wait(1) after the last one), this waits for the other warpgroup's wait
     if X_AHEAD:
         x_buf.store(_x_tile(xv, BM))  # int32 pairs; wgmma reads the same bytes as float16
     else:  # loaded now, 128 rows at a time (registers)

@@ -51,7 +51,7 @@ def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k, wa
     {"x_perm": (0, 1, 3, 2)},  # j and s2 swapped in the x gather
     {"x_perm": (0, 3, 2, 1)},  # t and s2
     {"a_perm": (0, 5, 1, 3, 2, 4, 6)},  # t and s2 swapped in the A tile's columns
-    {"a_perm": (0, 2, 1, 3, 4, 5, 6)},  # g and h in its rows (only a swap of 8-row halves)
+    {"a_perm": (0, 2, 1, 3, 4, 5, 6)},  # g and h in its rows (rows 16w + 2g + h)
     {"a_perm": (0, 5, 1, 4, 3, 2, 6)},  # j and s2
     {"a_view": (4, 8, 4, 4, 2, 2, 2), "a_perm": (0, 5, 1, 3, 4, 6, 2)}])  # s1 and t
 def test_a_swapped_table_is_caught(tables):
