@@ -10,7 +10,8 @@ mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no ep
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
 GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k, ...; M > 16: the wide
-kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline x warpgroups on sm_90),
+kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline x warpgroups x ahead x
+x_chunks on sm_90),
 medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
 µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
@@ -112,7 +113,8 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> 
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline", "warpgroups")
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline", "warpgroups",
+               "ahead", "x_chunks")
 
 
 def table_entries(rows: list) -> list:
@@ -128,6 +130,15 @@ def table_entries(rows: list) -> list:
                 config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1))}
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma", "config": config,
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": fallback}})
+    return out
+
+
+def _pairs(value: str) -> dict[int, tuple[int, ...]]:
+    """"16:1,64:2" -> {16: (1,), 64: (2,)} (rows -> the warpgroups tried there)."""
+    out = {}
+    for item in value.split(","):
+        rows, *wgs = (int(v) for v in item.split(":"))
+        out[rows] = tuple(wgs)
     return out
 
 
@@ -149,9 +160,11 @@ def grid(m: int, args) -> list[dict]:
     wgmma = []
     if args.wgmma_rows and not args.smoke and WG.wgmma_available(torch.device("cuda")):
         rows = sorted({r for r in args.wgmma_rows if r < 2 * m} | {min(args.wgmma_rows)})  # no row block mostly empty
-        wgmma = [{"rows": r, "split_k": sp, "pipeline": bool(p), "warpgroups": wg} for r in rows
-                 for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline
-                 for wg in args.wgmma_warpgroups]
+        pairs = getattr(args, "wgmma_pairs", None) or {}  # rows -> warpgroups (else every --wgmma-warpgroups)
+        wgmma = [{"rows": r, "split_k": sp, "pipeline": bool(p), "warpgroups": wg, "ahead": ah, "x_chunks": xc}
+                 for r in rows for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline
+                 for wg in pairs.get(r, args.wgmma_warpgroups) for ah in getattr(args, "wgmma_ahead", (2,))
+                 for xc in getattr(args, "wgmma_x_chunks", (1,)) if ah % (2 * xc) == 0]
     return small + wide + wgmma
 
 
@@ -176,6 +189,13 @@ def main() -> int:
     ap.add_argument("--wgmma-pipeline", type=_ints, default=(1,), help="the wgmma kernel: 1 = async wgmma, 0 = sync")
     ap.add_argument("--wgmma-warpgroups", type=_ints, default=(1,),
                     help="the wgmma kernel: warpgroups a program (1, 2; 64 output columns each, sharing the x tile)")
+    ap.add_argument("--wgmma-ahead", type=_ints, default=(2,),
+                    help="the wgmma kernel: 64-wide chunks of words and scales in flight a warp (2, 4, 8)")
+    ap.add_argument("--wgmma-x-chunks", type=_ints, default=(1,),
+                    help="the wgmma kernel: chunks of x stored a barrier (1, 2; ahead a multiple of 2 x_chunks)")
+    ap.add_argument("--wgmma-pairs", type=_pairs, default=None,
+                    help="rows:warpgroups[:warpgroups..],... : the warpgroups tried at those rows (e.g. 16:1,64:2; "
+                         "rows not named: --wgmma-warpgroups)")
     ap.add_argument("--wgmma-only", action="store_true",
                     help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")

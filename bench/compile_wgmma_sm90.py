@@ -1,9 +1,10 @@
 """Compiles the W4A16 wgmma kernel (kernels/w4a16_wgmma.py, Gluon) for sm_90a without a GPU (Triton front end +
 ptxas) and counts what one thread executes per 64-wide K chunk: registers, spills, and the SASS instructions of the
-main loop (two chunks a pass) by kind (nvdisasm). The compile itself checks the register-A layout (the kernel's
+main loop (AHEAD chunks a pass) by kind (nvdisasm). The compile itself checks the register-A layout (the kernel's
 convert_layout(..., assert_trivial=True) fails to trace otherwise).
 
-    python bench/compile_wgmma_sm90.py --rows 16,64,128 --pipeline 0,1 --silu 0,1 --splits 1,2 --warpgroups 1,2
+    python bench/compile_wgmma_sm90.py --rows 16,64,128 --pipeline 0,1 --silu 0,1 --splits 1,2 --warpgroups 1,2 \
+        --ahead 2,4,8 --x-chunks 1,2
 """
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ KINDS = {  # SASS opcodes counted per chunk (the opcode before its first '.')
 }
 
 
-def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1):
+def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1,
+                  ahead: int = 2, x_chunks: int = 1):
     """The kernel as w4a16_wgmma_triton launches it, compiled for sm_90a (pointers, K and the strides
     16-divisible, as Triton's launcher would specialize them for a [*, 4096] float16 x)."""
     import triton
@@ -37,7 +39,7 @@ def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: in
     ptrs = {"x_ptr": "*fp16", "qf_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32",
             "count_ptr": "*i32"}
     constexprs = {"GROUP": group, "BM": rows, "SPLIT_K": split_k, "SILU": silu, "PIPELINE": pipeline,
-                  "WARPGROUPS": warpgroups}
+                  "WARPGROUPS": warpgroups, "AHEAD": ahead, "X_CHUNKS": x_chunks}
     signature = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
     assert list(signature) == fn.arg_names, fn.arg_names
     divisible = [i for i, name in enumerate(fn.arg_names) if name in ptrs or name in ("K", "stride_xm", "stride_om")]
@@ -111,13 +113,14 @@ def loop_counts(kernel) -> tuple[Counter, int]:
     return ops, len(best)
 
 
-def report(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1) -> dict:
-    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups)
+def report(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1,
+           ahead: int = 2, x_chunks: int = 1) -> dict:
+    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups, ahead, x_chunks)
     ops, n = loop_counts(kernel)
-    chunks = 2  # the loop does two chunks a pass
+    chunks = ahead  # the loop does AHEAD chunks a pass
     kinds = {kind: sum(ops[o] for o in names.split()) / chunks for kind, names in KINDS.items()}
     return {"rows": rows, "pipeline": pipeline, "silu": silu, "split_k": split_k, "warpgroups": warpgroups,
-            **ptxas_info(kernel),
+            "ahead": ahead, "x_chunks": x_chunks, **ptxas_info(kernel),
             "loop_instructions_per_chunk": n / chunks, "per_chunk": kinds, "shared_bytes": kernel.metadata.shared}
 
 
@@ -130,12 +133,16 @@ def main() -> int:
     ap.add_argument("--splits", type=ints, default=[1])
     ap.add_argument("--group", type=int, default=128)
     ap.add_argument("--warpgroups", type=ints, default=[1])
+    ap.add_argument("--ahead", type=ints, default=[2])
+    ap.add_argument("--x-chunks", type=ints, default=[1])
     args = ap.parse_args()
-    for rows, wg, pipe, silu, split in itertools.product(args.rows, args.warpgroups, args.pipeline, args.silu,
-                                                         args.splits):
-        r = report(rows, bool(pipe), bool(silu), split, args.group, wg)
+    for rows, wg, pipe, silu, split, ahead, xc in itertools.product(args.rows, args.warpgroups, args.pipeline,
+                                                                    args.silu, args.splits, args.ahead,
+                                                                    args.x_chunks):
+        r = report(rows, bool(pipe), bool(silu), split, args.group, wg, ahead, xc)
         per = ", ".join(f"{k} {v:g}" for k, v in r["per_chunk"].items())
-        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split}: {r['registers']} registers, "
+        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split} ahead={ahead} x_chunks={xc}: "
+              f"{r['registers']} registers, "
               f"{r['spill_bytes']} B spills, smem {r['shared_bytes']} B, "
               f"{r['loop_instructions_per_chunk']:g} loop instructions a chunk ({per})"
               + (f"; ptxas: {r['warnings']}" if r["warnings"] else ""), flush=True)

@@ -26,8 +26,15 @@ wgmma k16 steps):
     K-major B [64, BM] (a reinterpret of the same bytes, transposed view). Rows of x past M read row M - 1 (their
     output columns are never stored).
 PIPELINE: asynchronous wgmma (warpgroup_mma_wait(1)), so that the next chunk's x store and dequant overlap the
-current wgmma; else synchronous wgmma. Two x buffers, and the next chunk's words, sz and x loaded a chunk ahead
-(at 256 rows x is loaded at use, 128 rows at a time, for registers), in both forms.
+current wgmma; else synchronous wgmma. AHEAD (2, 4, 8): a ring of AHEAD chunks' words and sz in registers, the
+loop unrolled AHEAD times (`_pass`) so that each entry is reloaded in place, AHEAD chunks on, right after its
+chunk's wgmma is issued (no register with a load in flight is copied); a pass runs whole (chunks from the
+split's end on read its last chunk, their scales zeroed: they add nothing). x is loaded two chunks ahead (at 256
+rows at use, 128 rows at a time, for registers) and stored X_CHUNKS (1, 2) chunks at a time, one barrier a
+store, into two slots of X_CHUNKS buffers, each buffer an allocation of its own (Triton 3.6's membar pass puts a
+barrier before every store into an allocation a wgmma read; per buffer it sees none). Two asynchronous
+warpgroups add a barrier before a store (the slot was read two stores back; each warpgroup's wait covers only its
+own wgmmas).
 Epilogue: the float32 accumulator [64 WARPGROUPS, BM] is out^T: element (r, i) is out[row0 + i, col(4 WARPGROUPS
 pid_n + r // 16, r % 16)] (w4a16_mma.block_columns), stored through a blocked layout (output columns
 contiguous), rows past M and blocks past N/16 not stored. SILU (the gate/up layout): rows r % 16 < 8 are gate
@@ -63,6 +70,7 @@ except (ImportError, AttributeError):  # no triton, or one without Gluon: wgmma_
 
 ROWS = (8, 16, 32, 64, 128, 256)  # BM: rows of x a program (the wgmma N)
 COLUMNS = 64  # output columns a warpgroup (the wgmma M: 4 warps x one 16-column block)
+AHEADS = (2, 4, 8)  # chunks of words and scales in flight a warp (the register ring, unrolled)
 
 # The tables the kernel and `emulate` share. Dequant output o of a word: (s1, h, s2) = (o % 2, o // 2 % 2, o // 4).
 A_VIEW = (4, 8, 4, 4, 2, 2, 2)  # the joined [8 W, 16, s2, h, s1] words tensor as [w, g, t, j, s2, h, s1] (W = 4 a
@@ -143,29 +151,27 @@ def _x_rows(row0, M, stride_x2, R: gl.constexpr, WARPS: gl.constexpr):
 
 
 @_gluon_jit
-def _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, c, CHUNKS: gl.constexpr, X_AHEAD: gl.constexpr,
-                WARPS: gl.constexpr):
-    """Chunk c's words [8 WARPS, 16], (zz, ss) [8 WARPS] of its group, and its x (X_AHEAD; else c: x is loaded at
-    use)."""
+def _load_words(qf_ptr, sz_ptr, word_base, sz_base, c, CHUNKS: gl.constexpr):
+    """Chunk c's words [8 WARPS, 16] and (zz, ss) [8 WARPS] of its group (the ring's entry)."""
     words = gl.load(qf_ptr + word_base + c * 128, eviction_policy="evict_first")
     grp = c // CHUNKS
     zz = gl.load(sz_ptr + sz_base + grp * 16)
     ss = gl.load(sz_ptr + sz_base + grp * 16 + 1)
-    if X_AHEAD:
-        return words, zz, ss, _load_x(x32, x_rows, c, WARPS)
-    else:
-        return words, zz, ss, c
+    return words, zz, ss
 
 
 @_gluon_jit
-def _chunk_step(acc, buf, x_buf, valid, x32, x_rows, A_LAYOUT: gl.constexpr, BM: gl.constexpr,
-                PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr, WARPS: gl.constexpr):
-    """acc + one chunk: x to shared memory (kk order), the A tile from the words, one [16 WARPS, 64] x [64, BM]
-    wgmma (4 k16 steps, each warpgroup its 64 rows). valid False: the A tile is zero (its scale zeroed), the chunk
-    adds nothing."""
-    words, zz, ss, xv = buf
-    if PIPELINE and WARPS > 4:  # x_buf was read by the wgmma two chunks back: each warpgroup waited for its own
-        _barrier()  # (warpgroup_mma_wait(1) after the last one), this waits for the other warpgroup's wait
+def _x_get(x32, x_rows, c, X_AHEAD: gl.constexpr, WARPS: gl.constexpr):
+    """Chunk c's x [BM, 32] pairs (X_AHEAD), else c itself (x is loaded at use, 128 rows at a time)."""
+    if X_AHEAD:
+        return _load_x(x32, x_rows, c, WARPS)
+    else:
+        return c
+
+
+@_gluon_jit
+def _x_store(x_buf, xv, x32, x_rows, BM: gl.constexpr, X_AHEAD: gl.constexpr, WARPS: gl.constexpr):
+    """x of one chunk (registers, or loaded now from chunk xv) to shared memory in kk order."""
     if X_AHEAD:
         x_buf.store(_x_tile(xv, BM))  # int32 pairs; wgmma reads the same bytes as float16
     else:  # loaded now, 128 rows at a time (registers)
@@ -173,16 +179,43 @@ def _chunk_step(acc, buf, x_buf, valid, x32, x_rows, A_LAYOUT: gl.constexpr, BM:
         for p in gl.static_range(BM // 128):
             part = _load_x(x32, _x_rows(row0 + 128 * p, M, stride_x2, 128, WARPS), xv, WARPS)
             x_buf.slice(128 * p, 128).store(_x_tile(part, 128))
-    fence_async_shared()
-    _barrier()  # every warp's part of the x tile is written before the wgmma reads it
-    a = _a_tile(words, zz, gl.where(valid, ss, 0), A_LAYOUT, WARPS)
-    b = _as_f16(x_buf, BM).permute((1, 0))
-    if PIPELINE:
-        acc = warpgroup_mma(a, b, acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
-    else:
-        acc = warpgroup_mma(a, b, acc)
-    return acc
+
+
+@_gluon_jit
+def _pass(acc, ring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base, sz_base,
+          A_LAYOUT: gl.constexpr, BM: gl.constexpr, PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr,
+          WARPS: gl.constexpr, CHUNKS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr):
+    """Chunks c .. c + AHEAD - 1 (those from c_hi on add nothing: their scales zeroed). ring: the AHEAD chunks'
+    (words, zz, ss), entry i chunk c + i; each entry is reloaded (chunk + AHEAD) right after its chunk's wgmma is
+    issued, in place (the pass is unrolled AHEAD times, so no register with a load in flight is copied). xr: x of
+    the next two chunks (registers, or their chunk numbers at 256 rows). Per X_CHUNKS chunks one x store into a
+    slot of X_CHUNKS buffers and one barrier, the two slots in turn (AHEAD / X_CHUNKS is even: the same turn every
+    pass). x_bufs: 2 X_CHUNKS allocations of their own (not one indexed: Triton 3.6's membar pass would see every
+    wgmma read conflict with the next store and put a barrier before each store)."""
+    for i in gl.static_range(0, AHEAD, X_CHUNKS):
+        if PIPELINE and WARPS > 4:  # the slot was read by the wgmmas two stores back: each warpgroup waited for
+            _barrier()  # its own (warpgroup_mma_wait(1) since), this waits for the other warpgroup's wait
+        for j in gl.static_range(X_CHUNKS):
+            _x_store(x_bufs[(i // X_CHUNKS) % 2 * X_CHUNKS + j], xr[(i + j) % 2], x32, x_rows, BM, X_AHEAD, WARPS)
+            nxt = _x_get(x32, x_rows, gl.minimum(c + i + j + 2, last), X_AHEAD, WARPS)
+            if (i + j) % 2 == 0:
+                xr = (nxt, xr[1])
+            else:
+                xr = (xr[0], nxt)
+        fence_async_shared()
+        _barrier()  # every warp's part of the x tiles is written before the wgmmas read them
+        for j in gl.static_range(X_CHUNKS):
+            words, zz, ss = ring[i + j]
+            a = _a_tile(words, zz, gl.where(c + i + j < c_hi, ss, 0), A_LAYOUT, WARPS)
+            b = _as_f16(x_bufs[(i // X_CHUNKS) % 2 * X_CHUNKS + j], BM).permute((1, 0))
+            if PIPELINE:
+                acc = warpgroup_mma(a, b, acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+            else:
+                acc = warpgroup_mma(a, b, acc)
+            ring = ring[:i + j] + (_load_words(qf_ptr, sz_ptr, word_base, sz_base,
+                                               gl.minimum(c + i + j + AHEAD, last), CHUNKS),) + ring[i + j + 1:]
+    return acc, ring, xr
 
 
 @_gluon_jit
@@ -216,7 +249,7 @@ def _x_tile(xv, BM: gl.constexpr):
 @_gluon_jit
 def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om, ROW_BLOCKS,
                   GROUP: gl.constexpr, BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr,
-                  PIPELINE: gl.constexpr, WARPGROUPS: gl.constexpr):
+                  PIPELINE: gl.constexpr, WARPGROUPS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr):
     """Program (pid, split): column set pid // ROW_BLOCKS (blocks 4 WARPGROUPS set + w, w the warp), rows BM
     (pid % ROW_BLOCKS) .. + BM, over the split-th run of groups. WARPGROUPS (1 or 2) warpgroups share the x tile,
     each its own 64 output columns."""
@@ -250,31 +283,23 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
         x_rows = (row0, M, stride_xm // 2)
     x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
 
-    x_smem = gl.allocate_shared_memory(gl.int32, [2, BM, 32], X_SMEM32)
+    x_bufs = ()
+    for i in gl.static_range(2 * X_CHUNKS):  # two slots of X_CHUNKS chunks of x
+        x_bufs = x_bufs + (gl.allocate_shared_memory(gl.int32, [BM, 32], X_SMEM32),)
     acc = gl.zeros([COLS, BM], gl.float32, ACC_LAYOUT)
     last = gl.maximum(c_hi - 1, 0)
-    buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo, last), CHUNKS,
-                        X_AHEAD, WARPS)
-    buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 1, last), CHUNKS,
-                        X_AHEAD, WARPS)
+    ring = ()
+    for i in gl.static_range(AHEAD):
+        ring = ring + (_load_words(qf_ptr, sz_ptr, word_base, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
+    xr = (_x_get(x32, x_rows, gl.minimum(c_lo, last), X_AHEAD, WARPS),
+          _x_get(x32, x_rows, gl.minimum(c_lo + 1, last), X_AHEAD, WARPS))
     # the first pass peeled off: every path to the loop's end has issued a wgmma (an empty split adds zeros), which
     # keeps ptxas from serializing the async wgmmas (C7515: accumulators defined by other instructions)
-    acc = _chunk_step(acc, buf_a, x_smem.index(0), c_lo < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD,
-                      WARPS)
-    buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 2, last), CHUNKS,
-                        X_AHEAD, WARPS)
-    acc = _chunk_step(acc, buf_b, x_smem.index(1), c_lo + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD,
-                      WARPS)
-    buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c_lo + 3, last), CHUNKS,
-                        X_AHEAD, WARPS)
-    for c in range(c_lo + 2, c_hi, 2):  # two chunks a pass, one per x buffer (a chunk past c_hi adds nothing)
-        acc = _chunk_step(acc, buf_a, x_smem.index(0), True, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS)
-        buf_a = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c + 2, last),
-                            CHUNKS, X_AHEAD, WARPS)
-        acc = _chunk_step(acc, buf_b, x_smem.index(1), c + 1 < c_hi, x32, x_rows, A_LAYOUT, BM, PIPELINE, X_AHEAD,
-                          WARPS)
-        buf_b = _load_chunk(x32, qf_ptr, sz_ptr, word_base, sz_base, x_rows, gl.minimum(c + 3, last),
-                            CHUNKS, X_AHEAD, WARPS)
+    acc, ring, xr = _pass(acc, ring, xr, c_lo, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base,
+                          sz_base, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD, X_CHUNKS)
+    for c in range(c_lo + AHEAD, c_hi, AHEAD):  # AHEAD chunks a pass (those past c_hi add nothing)
+        acc, ring, xr = _pass(acc, ring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base,
+                              sz_base, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD, X_CHUNKS)
     if PIPELINE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
@@ -364,14 +389,15 @@ def x_tile_emulated(xv: torch.Tensor, x_view=X_VIEW, x_perm=X_PERM) -> torch.Ten
 
 
 def emulate(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, rows: int = 64,
-            split_k: int = 1, silu_mul: bool = False, warpgroups: int = 1, a_view=A_VIEW, a_perm=A_PERM,
-            x_view=X_VIEW, x_perm=X_PERM) -> torch.Tensor:
+            split_k: int = 1, silu_mul: bool = False, warpgroups: int = 1, ahead: int = 2, x_chunks: int = 1,
+            a_view=A_VIEW, a_perm=A_PERM, x_view=X_VIEW, x_perm=X_PERM) -> torch.Tensor:
     """What `w4a16_wgmma_triton` computes, replayed in torch from the kernel's own index arithmetic: per program
     (column set, row block, split) the words gathered as [32, 16] (row 8w + g, column 4t + j), the dequant's bit
     operations, the joins and tables into the A tile, x permuted into kk order, A @ B in float32 per chunk, the
-    split partials summed in split order, the epilogue's row -> column mapping. The tables can be swapped (the
-    tests check that a wrong one fails)."""
-    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups)
+    split partials summed in split order, the epilogue's row -> column mapping; a split runs whole passes of
+    `ahead` chunks (at least one), a chunk from c_hi on reading chunk c_hi - 1 with its scale zeroed. The tables
+    can be swapped (the tests check that a wrong one fails)."""
+    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups, ahead, x_chunks)
     nb, n_chunks, _ = qfrag.shape
     m, k = x.shape
     n_groups, chunks_per_group = k // group_size, group_size // CHUNK
@@ -390,11 +416,15 @@ def emulate(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: 
             acc = torch.zeros(sets, 16 * warps, rows)
             c_lo = min(split * run, n_groups) * chunks_per_group
             c_hi = min(split * run + run, n_groups) * chunks_per_group
-            for c in range(c_lo, c_hi):
+            last = max(c_hi - 1, 0)
+            passes = max(-(-(c_hi - c_lo) // ahead), 1)  # the first pass peeled: it runs even when empty
+            for c_run in range(c_lo, c_lo + passes * ahead):
+                c = min(c_run, last)
                 word_idx = (blk * n_chunks * 128 + 16 * g)[..., None] + torch.arange(16) + c * 128  # [sets, 8W, 16]
                 words = flat_q[word_idx]
                 sz_idx = (blk * n_groups * 8 + g) * 2 + (c // chunks_per_group) * 16  # [sets, 8 W]
                 zz, ss = flat_sz[sz_idx][..., None], flat_sz[sz_idx + 1][..., None]
+                ss = ss if c_run < c_hi else torch.zeros_like(ss)  # gl.where(valid, ss, 0)
                 a = a_tile_emulated(dequant_emulated(words, zz, ss), a_view, a_perm)  # [sets, 16 W, 64]
                 b = x_tile_emulated(xr[:, 64 * c:64 * c + 64], x_view, x_perm)  # [BM, 64]
                 acc += a.float() @ b.float().t()
@@ -426,7 +456,7 @@ def wgmma_available(device: torch.device | None) -> bool:
 
 
 def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, rows: int, split_k: int,
-               silu_mul: bool, warpgroups: int = 1) -> None:
+               silu_mul: bool, warpgroups: int = 1, ahead: int = 2, x_chunks: int = 1) -> None:
     """The launcher's one-line errors (shared with `emulate`)."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
@@ -441,16 +471,20 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
         raise LmcError(f"w4a16_wgmma_triton: split_k must be >= 1, got {split_k}")
     if warpgroups not in (1, 2):
         raise LmcError(f"w4a16_wgmma_triton: warpgroups (of 64 columns a program) must be 1 or 2, got {warpgroups}")
+    if ahead not in AHEADS or x_chunks not in (1, 2) or ahead % (2 * x_chunks):
+        raise LmcError(f"w4a16_wgmma_triton: ahead (chunks of words in flight) must be one of {AHEADS} and x_chunks "
+                       f"(chunks of x a barrier) 1 or 2 with ahead a multiple of 2 x_chunks, got {ahead}, {x_chunks}")
 
 
 def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, rows: int = 64,
-                       split_k: int = 1, pipeline: bool = True, warpgroups: int = 1, silu_mul: bool = False,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       split_k: int = 1, pipeline: bool = True, warpgroups: int = 1, ahead: int = 2,
+                       x_chunks: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float16 -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) float16 from the mma layout on wgmma:
     programs of 64 x `warpgroups` output columns (the warpgroups share the x tile) x `rows` rows of x, split_k
     programs over the groups of K (the last to finish sums in split order); pipeline: asynchronous wgmma over two
-    x buffers. Hopper (sm_90) only."""
-    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups)
+    x buffers; ahead: chunks of words and scales in flight a warp (2, 4, 8); x_chunks: chunks of x stored to shared
+    memory a barrier (1, 2). Hopper (sm_90) only."""
+    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups, ahead, x_chunks)
     if not (x.is_cuda and x.dtype == torch.float16 and wgmma_available(x.device)):
         raise LmcError("w4a16_wgmma_triton needs float16 x on a Hopper GPU (sm_90) and a Triton with Gluon")
     nb = qfrag.shape[0]
@@ -463,5 +497,5 @@ def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, g
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _wgmma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), row_blocks,
                         GROUP=group_size, BM=rows, SPLIT_K=split_k, SILU=silu_mul, PIPELINE=pipeline,
-                        WARPGROUPS=warpgroups, num_warps=4 * warpgroups)
+                        WARPGROUPS=warpgroups, AHEAD=ahead, X_CHUNKS=x_chunks, num_warps=4 * warpgroups)
     return out

@@ -33,15 +33,19 @@ def _err(got, want):
     return (got.float() - want).abs().max().item() / want.abs().max().item()
 
 
-@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,warpgroups", [
-    (5, 192, 384, 128, False, 16, 1, 1), (5, 192, 384, 128, True, 8, 2, 2), (37, 192, 320, 64, False, 32, 3, 1),
-    (37, 160, 384, 128, True, 64, 1, 2), (130, 192, 384, 128, False, 128, 2, 1), (130, 160, 320, 64, True, 16, 3, 1),
-    (37, 96, 320, 64, False, 256, 2, 2), (130, 64, 384, 128, True, 64, 3, 1), (130, 160, 320, 64, False, 128, 3, 2)])
-def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k, warpgroups):
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,warpgroups,ahead", [
+    (5, 192, 384, 128, False, 16, 1, 1, 2), (5, 192, 384, 128, True, 8, 2, 2, 4),
+    (37, 192, 320, 64, False, 32, 3, 1, 8), (37, 160, 384, 128, True, 64, 1, 2, 4),
+    (130, 192, 384, 128, False, 128, 2, 1, 2), (130, 160, 320, 64, True, 16, 3, 1, 4),
+    (37, 96, 320, 64, False, 256, 2, 2, 8), (130, 64, 384, 128, True, 64, 3, 1, 2),
+    (130, 160, 320, 64, False, 128, 3, 2, 2), (37, 160, 640, 64, False, 64, 3, 2, 8)])
+def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k, warpgroups, ahead):
     """Row blocks past M, column sets past N (N not a multiple of 64 or 128: a partial set), splits with an odd
-    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues, 1 and 2 warpgroups."""
+    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues, 1 and 2 warpgroups,
+    passes of `ahead` chunks running past a split's end (those chunks add nothing)."""
     x, qfrag, sz, stored = _case(m, n, k, group, silu, seed=m + n + k)
-    got = WG.emulate(x, qfrag, sz, group, rows=rows, split_k=split_k, silu_mul=silu, warpgroups=warpgroups)
+    got = WG.emulate(x, qfrag, sz, group, rows=rows, split_k=split_k, silu_mul=silu, warpgroups=warpgroups,
+                     ahead=ahead)
     assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
     assert _err(got, MM.mma_reference(x, qfrag, sz, group, silu)) < 2e-3
     assert _err(got, _reference(x, *stored, group, silu)) < 2e-3
@@ -98,6 +102,9 @@ def test_launcher_errors_and_availability():
         WG.w4a16_wgmma_triton(x, qfrag, sz, 128, split_k=0)
     with pytest.raises(LmcError, match="warpgroups"):
         WG.w4a16_wgmma_triton(x, qfrag, sz, 128, warpgroups=3)
+    for ahead, x_chunks in ((3, 1), (16, 1), (2, 2), (4, 3), (6, 2)):
+        with pytest.raises(LmcError, match="ahead"):
+            WG.w4a16_wgmma_triton(x, qfrag, sz, 128, ahead=ahead, x_chunks=x_chunks)
     if not torch.cuda.is_available():
         with pytest.raises(LmcError, match="Hopper"):
             WG.w4a16_wgmma_triton(x, qfrag, sz, 128)
@@ -152,11 +159,40 @@ def test_compiles_for_sm90a(rows, warpgroups, pipeline, silu, split_k):
     assert not any("C7515" in w for w in r["warnings"]), r  # ptxas did not serialize the wgmmas
 
 
-def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed):
+@pytest.mark.parametrize("rows,warpgroups,ahead,x_chunks", [
+    (16, 1, 4, 1), (16, 1, 8, 2), (16, 2, 4, 2), (64, 1, 8, 1), (64, 2, 4, 2), (64, 2, 8, 1), (64, 2, 8, 2),
+    (128, 2, 4, 2), (128, 2, 8, 2), (256, 2, 4, 1)])
+@pytest.mark.parametrize("pipeline,silu,split_k", [(True, False, 1), (True, True, 2), (False, False, 2)])
+def test_compiles_ahead_and_x_chunks_for_sm90a(rows, warpgroups, ahead, x_chunks, pipeline, silu, split_k):
+    """The register ring (AHEAD chunks of words and scales in flight, the pass unrolled AHEAD times) and x stored
+    X_CHUNKS chunks a barrier: 4 HGMMA and 32 dequant float16 ops a chunk, no spills, no C7515, and at most one
+    barrier a store a warpgroup (x buffers of their own: Triton 3.6's membar pass adds none; at 256 rows it orders
+    the 128-row halves of x stored into one buffer). (AHEAD 8 spills at 128 rows and one warpgroup, 256 any.)"""
+    if WG.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    if not _ptxas():
+        pytest.skip("no ptxas")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import compile_wgmma_sm90 as C
+
+    r = C.report(rows, pipeline, silu, split_k, warpgroups=warpgroups, ahead=ahead, x_chunks=x_chunks)
+    assert r["per_chunk"]["HGMMA"] == 4, r
+    assert r["spill_bytes"] == 0, r
+    assert r["per_chunk"]["HADD2/HFMA2/HMUL2"] == 32, r
+    assert r["per_chunk"]["LOP3/SHF/PRMT"] <= 40, r
+    import triton
+    if triton.__version__.startswith("3.6"):  # the GPU machine's Triton (later ones' membar pass adds barriers
+        #  around the asynchronous wgmmas, up to 3 a chunk)
+        assert r["per_chunk"]["BAR"] <= (2 / x_chunks if rows < 256 else 3), r  # 256 rows: x in 128-row halves
+    assert not any("C7515" in w for w in r["warnings"]), r
+
+
+def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed, ahead=2, x_chunks=1):
     q, s, z = _quantized(n, k, group, seed=seed, device="cuda")
     x = torch.randn(m, k, device="cuda").half()
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    kw = dict(rows=rows, split_k=split_k, pipeline=pipeline, warpgroups=warpgroups, silu_mul=silu)
+    kw = dict(rows=rows, split_k=split_k, pipeline=pipeline, warpgroups=warpgroups, silu_mul=silu, ahead=ahead,
+              x_chunks=x_chunks)
     got = WG.w4a16_wgmma_triton(x, qfrag, sz, group, **kw)
     assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
     want = MM.mma_reference(x, qfrag, sz, group, silu)
@@ -186,6 +222,24 @@ def test_wgmma_kernel_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, w
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,pipeline,warpgroups,ahead,x_chunks", [
+    (16, 4096, 4096, 128, False, 16, 8, True, 1, 4, 1), (16, 4096, 14336, 128, False, 16, 4, True, 1, 8, 2),
+    (17, 28672, 4096, 128, True, 16, 4, True, 1, 8, 1), (64, 4096, 4096, 128, False, 64, 4, True, 2, 4, 2),
+    (64, 28672, 4096, 128, True, 64, 1, True, 2, 8, 2), (256, 4096, 14336, 128, False, 64, 2, True, 2, 8, 1),
+    (256, 4096, 4096, 128, False, 128, 1, True, 2, 4, 2), (200, 96, 640, 64, False, 256, 3, True, 2, 4, 1),
+    (37, 192, 384, 128, True, 16, 3, True, 1, 4, 2), (130, 160, 320, 64, False, 64, 2, True, 2, 8, 2),
+    (130, 160, 640, 64, True, 128, 1, False, 2, 8, 1), (5, 96, 640, 128, False, 8, 2, True, 1, 8, 2),
+    (100, 4096, 4096, 128, False, 256, 1, True, 2, 4, 2), (37, 160, 640, 64, False, 64, 3, False, 2, 4, 2)])
+def test_wgmma_ahead_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, ahead, x_chunks):
+    """AHEAD 4 and 8 (chunks past a split's end inside the last pass, a split shorter than one pass) and x stored
+    two chunks a barrier, both warpgroup counts, split-K, SiLU, odd M, G = 64."""
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed=m + n + k, ahead=ahead,
+               x_chunks=x_chunks)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m", [17, 64, 256])
 def test_dispatch_to_wgmma_on_hopper(m, monkeypatch):
     """w4a16_matmul / w4a16_silu_matmul through a "rows" table entry."""
@@ -212,7 +266,7 @@ def test_bench_grid_and_table_entries_carry_the_wgmma_keys(monkeypatch):
 
     args = argparse.Namespace(smoke=False, wgmma_only=True, wgmma_rows=(16, 64, 128), wgmma_splits=(1, 2),
                               wgmma_pipeline=(1,), wgmma_warpgroups=(1,), splits=(1,), warps=(4,), buffers=(2,), blocks=(1,), kw=(1,),
-                              tiles=(8,), wide_blocks=(2,), prefetch=(0,))
+                              tiles=(8,), wide_blocks=(2,), prefetch=(0,), wgmma_ahead=(2,), wgmma_x_chunks=(1,))
     monkeypatch.setattr(B.WG, "wgmma_available", lambda device: True)
     assert [(c["rows"], c["split_k"]) for c in B.grid(64, args)] == [(16, 1), (16, 2), (64, 1), (64, 2)]
     assert {c["rows"] for c in B.grid(16, args)} == {16} and {c["rows"] for c in B.grid(256, args)} == {16, 64, 128}
@@ -221,10 +275,16 @@ def test_bench_grid_and_table_entries_carry_the_wgmma_keys(monkeypatch):
     assert all(key in B.CONFIG_KEYS for key in ("rows", "pipeline", "warpgroups"))
     args.wgmma_warpgroups = (1, 2)
     assert {c.get("warpgroups") for c in B.grid(64, args) if "rows" in c} == {1, 2}
+    args.wgmma_ahead, args.wgmma_x_chunks, args.wgmma_pairs = (2, 4, 8), (1, 2), B._pairs("16:1,64:2")
+    g = [c for c in B.grid(64, args) if "rows" in c]
+    assert {(c["rows"], c["warpgroups"]) for c in g} == {(16, 1), (64, 2)}
+    assert {(c["ahead"], c["x_chunks"]) for c in g} == {(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)}  # 2 with 2: no
+    assert all(key in B.CONFIG_KEYS for key in ("ahead", "x_chunks"))
     rows = [{"M": 64, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": ["gemm", {"block_m": 64}],
-             "best_mma": {"rows": 64, "split_k": 2, "pipeline": True, "warpgroups": 2, "us": 6.0,
-                          "rel_err": 1e-3}}]
+             "best_mma": {"rows": 64, "split_k": 2, "pipeline": True, "warpgroups": 2, "ahead": 8, "x_chunks": 2,
+                          "us": 6.0, "rel_err": 1e-3}}]
     (entry,) = B.table_entries(rows)
-    assert entry["config"] == {"split_k": 2, "rows": 64, "pipeline": True, "warpgroups": 2}
+    assert entry["config"] == {"split_k": 2, "rows": 64, "pipeline": True, "warpgroups": 2, "ahead": 8,
+                               "x_chunks": 2}
     assert entry["path"] == "mma"
     assert W._mma_launch(entry["config"]) is WG.w4a16_wgmma_triton
