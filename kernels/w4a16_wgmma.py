@@ -151,13 +151,16 @@ def _x_rows(row0, M, stride_x2, R: gl.constexpr, WARPS: gl.constexpr):
 
 
 @_gluon_jit
-def _load_words(qf_ptr, sz_ptr, word_base, sz_base, c, CHUNKS: gl.constexpr):
-    """Chunk c's words [8 WARPS, 16] and (zz, ss) [8 WARPS] of its group (the ring's entry)."""
-    words = gl.load(qf_ptr + word_base + c * 128, eviction_policy="evict_first")
+def _load_words(qf_ptr, word_base, c):
+    """Chunk c's words [8 WARPS, 16] (an entry of the words ring)."""
+    return gl.load(qf_ptr + word_base + c * 128, eviction_policy="evict_first")
+
+
+@_gluon_jit
+def _load_sz(sz_ptr, sz_base, c, CHUNKS: gl.constexpr):
+    """(zz, ss) [8 WARPS] of chunk c's group (an entry of the sz ring: one a group)."""
     grp = c // CHUNKS
-    zz = gl.load(sz_ptr + sz_base + grp * 16)
-    ss = gl.load(sz_ptr + sz_base + grp * 16 + 1)
-    return words, zz, ss
+    return gl.load(sz_ptr + sz_base + grp * 16), gl.load(sz_ptr + sz_base + grp * 16 + 1)
 
 
 @_gluon_jit
@@ -182,12 +185,15 @@ def _x_store(x_buf, xv, x32, x_rows, BM: gl.constexpr, X_AHEAD: gl.constexpr, WA
 
 
 @_gluon_jit
-def _pass(acc, ring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base, sz_base,
+def _pass(acc, ring, sring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base, sz_base,
           A_LAYOUT: gl.constexpr, BM: gl.constexpr, PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr,
-          WARPS: gl.constexpr, CHUNKS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr):
+          WARPS: gl.constexpr, CHUNKS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr,
+          SZ_EVERY: gl.constexpr):
     """Chunks c .. c + AHEAD - 1 (those from c_hi on add nothing: their scales zeroed). ring: the AHEAD chunks'
-    (words, zz, ss), entry i chunk c + i; each entry is reloaded (chunk + AHEAD) right after its chunk's wgmma is
-    issued, in place (the pass is unrolled AHEAD times, so no register with a load in flight is copied). xr: x of
+    words, entry i chunk c + i; each entry is reloaded (chunk + AHEAD) right after its chunk's wgmma is issued, in
+    place (the pass is unrolled AHEAD times, so no register with a load in flight is copied); sring: their groups'
+    (zz, ss), entry i // SZ_EVERY, reloaded after its last chunk (SZ_EVERY = CHUNKS: one a group, c and AHEAD
+    multiples of CHUNKS; at 256 rows 1, one a chunk: holding them across chunks spills there). xr: x of
     the next two chunks (registers, or their chunk numbers at 256 rows). Per X_CHUNKS chunks one x store into a
     slot of X_CHUNKS buffers and one barrier, the two slots in turn (AHEAD / X_CHUNKS is even: the same turn every
     pass). x_bufs: 2 X_CHUNKS allocations of their own (not one indexed: Triton 3.6's membar pass would see every
@@ -205,17 +211,20 @@ def _pass(acc, ring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, wor
         fence_async_shared()
         _barrier()  # every warp's part of the x tiles is written before the wgmmas read them
         for j in gl.static_range(X_CHUNKS):
-            words, zz, ss = ring[i + j]
-            a = _a_tile(words, zz, gl.where(c + i + j < c_hi, ss, 0), A_LAYOUT, WARPS)
+            zz, ss = sring[(i + j) // SZ_EVERY]
+            a = _a_tile(ring[i + j], zz, gl.where(c + i + j < c_hi, ss, 0), A_LAYOUT, WARPS)
             b = _as_f16(x_bufs[(i // X_CHUNKS) % 2 * X_CHUNKS + j], BM).permute((1, 0))
             if PIPELINE:
                 acc = warpgroup_mma(a, b, acc, is_async=True)
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             else:
                 acc = warpgroup_mma(a, b, acc)
-            ring = ring[:i + j] + (_load_words(qf_ptr, sz_ptr, word_base, sz_base,
-                                               gl.minimum(c + i + j + AHEAD, last), CHUNKS),) + ring[i + j + 1:]
-    return acc, ring, xr
+            ahead_c = gl.minimum(c + i + j + AHEAD, last)
+            ring = ring[:i + j] + (_load_words(qf_ptr, word_base, ahead_c),) + ring[i + j + 1:]
+            if (i + j) % SZ_EVERY == SZ_EVERY - 1:  # the group's last chunk: its (zz, ss) are free
+                sring = sring[:(i + j) // SZ_EVERY] + (_load_sz(sz_ptr, sz_base, ahead_c, CHUNKS),) + \
+                    sring[(i + j) // SZ_EVERY + 1:]
+    return acc, ring, sring, xr
 
 
 @_gluon_jit
@@ -261,6 +270,7 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
     WORDS_LAYOUT: gl.constexpr = gl.BlockedLayout([1, 4], [8, 4], [WARPS, 1], [1, 0])  # row 8w + g, col 4t + j
     CHUNKS: gl.constexpr = GROUP // 64
     X_AHEAD: gl.constexpr = BM <= 128  # x loaded a chunk ahead (BM / WARPS registers a thread); 256 rows: at use
+    SZ_EVERY: gl.constexpr = CHUNKS if X_AHEAD else 1  # chunks sharing one (zz, ss) load (256 rows: registers)
     pid = gl.program_id(0)
     split = gl.program_id(1)
     col_set = pid // ROW_BLOCKS
@@ -289,17 +299,22 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
     acc = gl.zeros([COLS, BM], gl.float32, ACC_LAYOUT)
     last = gl.maximum(c_hi - 1, 0)
     ring = ()
+    sring = ()
     for i in gl.static_range(AHEAD):
-        ring = ring + (_load_words(qf_ptr, sz_ptr, word_base, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
+        ring = ring + (_load_words(qf_ptr, word_base, gl.minimum(c_lo + i, last)),)
+        if i % SZ_EVERY == 0:
+            sring = sring + (_load_sz(sz_ptr, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
     xr = (_x_get(x32, x_rows, gl.minimum(c_lo, last), X_AHEAD, WARPS),
           _x_get(x32, x_rows, gl.minimum(c_lo + 1, last), X_AHEAD, WARPS))
     # the first pass peeled off: every path to the loop's end has issued a wgmma (an empty split adds zeros), which
     # keeps ptxas from serializing the async wgmmas (C7515: accumulators defined by other instructions)
-    acc, ring, xr = _pass(acc, ring, xr, c_lo, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base,
-                          sz_base, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD, X_CHUNKS)
+    acc, ring, sring, xr = _pass(acc, ring, sring, xr, c_lo, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr,
+                                 word_base, sz_base, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD, X_CHUNKS,
+                                 SZ_EVERY)
     for c in range(c_lo + AHEAD, c_hi, AHEAD):  # AHEAD chunks a pass (those past c_hi add nothing)
-        acc, ring, xr = _pass(acc, ring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr, word_base,
-                              sz_base, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD, X_CHUNKS)
+        acc, ring, sring, xr = _pass(acc, ring, sring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_ptr,
+                                     word_base, sz_base, A_LAYOUT, BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD,
+                                     X_CHUNKS, SZ_EVERY)
     if PIPELINE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
 
