@@ -5,11 +5,14 @@ mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no ep
 
     python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
     python bench/bench_w4a16_mma.py --ms 64,256 --tiles 4,8 --fp16 --write-table   # the wide kernel
+    python bench/bench_w4a16_mma.py --shapes 8b --ms 16,64,256 --fp16 --wgmma-rows 16,64,128   # + wgmma (sm_90)
     TRITON_INTERPRET=1 python bench/bench_w4a16_mma.py --smoke     # CPU: every path runs, nothing is timed well
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
 GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k, ...; M > 16: the wide
-kernel's tiles and blocks), medians of CUDA-graph
+kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline x warpgroups x ahead x
+x_chunks on sm_90),
+medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
 µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
 this GPU's tuning table (kernels/w4a16_tuning.json) for every (M, K, N) where the best mma configuration beat the
@@ -29,6 +32,7 @@ import torch.nn.functional as F
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
 from lmc.kernels import w4a16_mma_wide as MW
+from lmc.kernels import w4a16_wgmma as WG
 from lmc.kernels import w4a16_tuning as T
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -49,8 +53,10 @@ def _silu_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 def mma_call(x, frag, silu: bool, config: dict):
-    """One launch of the mma kernel a configuration names (the wide one where it has "tiles")."""
-    launch = MW.w4a16_mma_wide_triton if "tiles" in config else MM.w4a16_mma_triton
+    """One launch of the mma kernel a configuration names (the wgmma one where it has "rows", the wide one where
+    it has "tiles")."""
+    launch = WG.w4a16_wgmma_triton if "rows" in config else \
+        MW.w4a16_mma_wide_triton if "tiles" in config else MM.w4a16_mma_triton
     return launch(x, *frag, GROUP, silu_mul=silu, **config)
 
 
@@ -107,7 +113,8 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> 
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch")
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline", "warpgroups",
+               "ahead", "x_chunks")
 
 
 def table_entries(rows: list) -> list:
@@ -119,27 +126,46 @@ def table_entries(rows: list) -> list:
         if b and b["us"] < r["gemv"]["us"]:
             path, fallback = r["fallback"]
             config = {key: b[key] for key in CONFIG_KEYS if key in b}
-            if "tiles" not in config:  # the 1-16 row kernel: its defaults left out
+            if "tiles" not in config and "rows" not in config:  # the 1-16 row kernel: its defaults left out
                 config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1))}
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma", "config": config,
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": fallback}})
     return out
 
 
+def _pairs(value: str) -> dict[int, tuple[int, ...]]:
+    """"16:1,64:2" -> {16: (1,), 64: (2,)} (rows -> the warpgroups tried there)."""
+    out = {}
+    for item in value.split(","):
+        rows, *wgs = (int(v) for v in item.split(":"))
+        out[rows] = tuple(wgs)
+    return out
+
+
 def grid(m: int, args) -> list[dict]:
     """The configurations tried at M rows: the 1-16 row kernel's up to 16 rows; the wide kernel's from 9 rows
-    (its tiles up to M / 8)."""
+    (its tiles up to M / 8); the wgmma kernel's (--wgmma-rows, on sm_90) at any M, its rows up to 2M (and the
+    smallest); --wgmma-only: the wgmma kernel's alone."""
     small, wide = [], []
-    if m <= MM.MAX_ROWS:
+    mma_sync = args.smoke or not args.wgmma_only
+    if mma_sync and m <= MM.MAX_ROWS:
         small = list(SMOKE_GRID) if args.smoke else [
             {"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
             for sp in args.splits for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
-    if m > 8:
+    if mma_sync and m > 8:
         tiles = [t for t in args.tiles if t <= -(-m // 8)]
         wide = list(SMOKE_WIDE) if args.smoke else [
             {"warps": w, "split_k": sp, "blocks": bl, "tiles": t, **({"prefetch": True} if pf else {})}
             for w in args.warps for sp in args.splits for bl in args.wide_blocks for t in tiles for pf in args.prefetch]
-    return small + wide
+    wgmma = []
+    if args.wgmma_rows and not args.smoke and WG.wgmma_available(torch.device("cuda")):
+        rows = sorted({r for r in args.wgmma_rows if r < 2 * m} | {min(args.wgmma_rows)})  # no row block mostly empty
+        pairs = getattr(args, "wgmma_pairs", None) or {}  # rows -> warpgroups (else every --wgmma-warpgroups)
+        wgmma = [{"rows": r, "split_k": sp, "pipeline": bool(p), "warpgroups": wg, "ahead": ah, "x_chunks": xc}
+                 for r in rows for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline
+                 for wg in pairs.get(r, args.wgmma_warpgroups) for ah in getattr(args, "wgmma_ahead", (2,))
+                 for xc in getattr(args, "wgmma_x_chunks", (1,)) if ah % (2 * xc) == 0]
+    return small + wide + wgmma
 
 
 def main() -> int:
@@ -157,6 +183,21 @@ def main() -> int:
     ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")
     ap.add_argument("--prefetch", type=_ints, default=(0,), help="the wide kernel: 1 = prefetch x a group ahead")
     ap.add_argument("--splits", type=_ints, default=SPLITS, help="split-K values tried")
+    ap.add_argument("--wgmma-rows", type=_ints, default=(),
+                    help="the wgmma kernel (Hopper): rows of x a program tried (8-256; those past 2M left out)")
+    ap.add_argument("--wgmma-splits", type=_ints, default=(), help="the wgmma kernel's split-K values (default --splits)")
+    ap.add_argument("--wgmma-pipeline", type=_ints, default=(1,), help="the wgmma kernel: 1 = async wgmma, 0 = sync")
+    ap.add_argument("--wgmma-warpgroups", type=_ints, default=(1,),
+                    help="the wgmma kernel: warpgroups a program (1, 2; 64 output columns each, sharing the x tile)")
+    ap.add_argument("--wgmma-ahead", type=_ints, default=(2,),
+                    help="the wgmma kernel: 64-wide chunks of words and scales in flight a warp (2, 4, 8)")
+    ap.add_argument("--wgmma-x-chunks", type=_ints, default=(1,),
+                    help="the wgmma kernel: chunks of x stored a barrier (1, 2; ahead a multiple of 2 x_chunks)")
+    ap.add_argument("--wgmma-pairs", type=_pairs, default=None,
+                    help="rows:warpgroups[:warpgroups..],... : the warpgroups tried at those rows (e.g. 16:1,64:2; "
+                         "rows not named: --wgmma-warpgroups)")
+    ap.add_argument("--wgmma-only", action="store_true",
+                    help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
@@ -171,6 +212,8 @@ def main() -> int:
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "group_size": GROUP, "copy": copy_bandwidth(dev), "rows": []}
     print(f"{report['env']['device']}: copy {report['copy']['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
+    if args.wgmma_rows and not args.smoke and not WG.wgmma_available(torch.device("cuda")):
+        print("--wgmma-rows: the wgmma kernel needs sm_90 and a Triton with Gluon; not timed here", flush=True)
     t0 = time.time()
     for k, n in shapes:
         silu = n in (28672, 14336) or (args.smoke and n == 64)  # the gate/up weights (their SiLU epilogue)

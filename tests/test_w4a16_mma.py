@@ -15,6 +15,7 @@ from lmc.errors import LmcError
 from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
 from lmc.kernels import w4a16_mma_wide as MW
+from lmc.kernels import w4a16_wgmma as WG
 
 
 def _quantized(n: int, k: int, group: int, seed: int, device="cpu"):
@@ -295,7 +296,8 @@ def test_shipped_h200_table_has_mma_entries_with_fallbacks():
     entries = T.read_tables()["devices"]["NVIDIA H200"]["entries"]
     mma = [e for e in entries if e["path"] == "mma"]
     assert mma and all(e["fallback"]["path"] in ("gemv", "gemm", "dequant") for e in mma)
-    assert all(e["m"] <= MM.MAX_ROWS or e["config"].get("tiles") in MW.TILES for e in mma)  # past 16: the wide one
+    assert all(e["m"] <= MM.MAX_ROWS or e["config"].get("tiles") in MW.TILES or e["config"].get("rows") in WG.ROWS
+               for e in mma)  # past 16: the wide one or the wgmma one
 
 
 def test_bench_table_entries_keep_the_fallback():
@@ -330,7 +332,12 @@ def test_shipped_table_entries_fit_their_launchers():
     from lmc.kernels import w4a16_tuning as T
 
     launchers = {"gemv": W.w4a16_gemv_triton, "gemm": W.w4a16_gemm_triton, "dequant": W.w4a16_dequant_matmul_triton}
-    for device, table in T.read_tables()["devices"].items():
+    wgmma = {"m": 64, "k": 4096, "n": 4096, "path": "mma", "config": {"rows": 64, "split_k": 2, "pipeline": True},
+             "fallback": {"path": "gemm", "config": {"block_m": 64}}}  # the shape of a "rows" entry, checked too
+    assert W._mma_launch(wgmma["config"]) is WG.w4a16_wgmma_triton
+    devices = dict(T.read_tables()["devices"])
+    devices["(a wgmma entry)"] = {"entries": [wgmma]}
+    for device, table in devices.items():
         for e in table["entries"]:
             pairs = [(e["path"], e["config"])] + ([(e["fallback"]["path"], e["fallback"]["config"])]
                                                   if e["path"] == "mma" else [])
