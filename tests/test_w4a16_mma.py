@@ -418,11 +418,16 @@ def test_dispatch_past_16_rows_on_cuda(m):
     its fallback."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
+    assert max(dispatch_errors(m)) < 3e-3
+
+
+def dispatch_errors(m: int) -> tuple[float, float]:
+    """Relative max errors of w4a16_matmul and w4a16_silu_matmul with the mma layout on CUDA at m rows of the
+    4096 x 14336 weight, against the float reference (whatever kernel this GPU's table picks)."""
     k, n, group = 4096, 14336, 128
     q, s, z = _quantized(n, k, group, seed=m, device="cuda")
     x = torch.randn(m, k, device="cuda").half()
     plain, silu = MM.mma_layout(q, s, z, group), MM.mma_layout(q, s, z, group, silu=True)
-    for got, want in ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
-                      (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True))):
-        err = (got.float() - want).abs().max().item() / want.abs().max().item()
-        assert err < 3e-3, err
+    pairs = ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
+             (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True)))
+    return tuple((got.float() - want).abs().max().item() / want.abs().max().item() for got, want in pairs)
