@@ -192,7 +192,8 @@ if triton is not None:
         slot = tl.load(slot_ptr + b64).to(tl.int64)
         blk = slot // PAGE
         tok = slot % PAGE
-        k = rotate_whole(k_new_ptr + b64 * stride_knb + kvh * stride_knh + j, d_mask, cos, sin, first, HALF)  # [BLOCK_D]
+        k_row = k_new_ptr + b64 * stride_knb + kvh * stride_knh
+        k = rotate_whole(k_row + j, d_mask, cos, sin, first, HALF)  # [BLOCK_D]
         tl.store(k_ptr + blk * stride_kb + tok * stride_kt + kvh * stride_kh + offs_d, k, mask=d_mask)
         v = tl.load(v_new_ptr + b64 * stride_vnb + kvh * stride_vnh + offs_d, mask=d_mask)  # [BLOCK_D]
         tl.store(v_ptr + blk * stride_vb + tok * stride_vt + kvh * stride_vh + offs_d, v, mask=d_mask)
@@ -721,7 +722,8 @@ def paged_decode_attention_triton(
     launch = dict(num_warps=num_warps, num_stages=num_stages, **pdl_launch(q.device))
     if kernel != "mma":
         assert bits != 16 and consts["V_GROUP"] == D, f"the {kernel} decode kernel reads quantized caches, V per vector"
-    assert rope is None or (kernel == "mma" and bits == 16), "the decode kernel rotates q and writes k, v: mma, float cache"
+    assert rope is None or (kernel == "mma" and bits == 16), \
+        "the decode kernel rotates q and writes k, v: mma, float cache"
     if kernel == "fold":  # it reads each (scale, zero) pair as one 32-bit word (kv_quant.load_scale_zero)
         assert k_sz.data_ptr() % 4 == v_sz.data_ptr() % 4 == 0 and all(x % 2 == 0 for x in sz_strides), \
             "the fold decode kernel needs 4-byte aligned (scale, zero) pairs"

@@ -111,6 +111,6 @@ def gemv_triton(x: torch.Tensor, w: torch.Tensor, block_n: int = 8, block_k: int
     y = torch.empty((1, N), dtype=x.dtype, device=x.device)
     grid = (triton.cdiv(N, block_n // 2 if silu_mul else block_n),)
     _gemv_kernel[grid](x, w, y, N, K, w.stride(0), w.numel() * w.element_size(), BLOCK_N=block_n, BLOCK_K=block_k,
-                       SILU=silu_mul, PREFETCH=prefetch_pieces(w, num_warps), num_warps=num_warps, num_stages=num_stages,
-                       **pdl_launch(x.device))
+                       SILU=silu_mul, PREFETCH=prefetch_pieces(w, num_warps), num_warps=num_warps,
+                       num_stages=num_stages, **pdl_launch(x.device))
     return y

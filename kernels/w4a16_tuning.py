@@ -9,9 +9,9 @@ The tables live in `w4a16_tuning.json` next to this module:
                                                                  "us": 16.5}, ...]}}}
 
 An entry is the configuration measured best for M rows at one (K, N) shape ("us": its time there, for the record).
-An entry of path "mma" (the load-time mma layout: kernels/w4a16_mma.py for 1-16 rows, or kernels/w4a16_mma_wide.py
-where its config has "tiles"; written by `bench/bench_w4a16_mma.py --write-table`) carries a "fallback": {"path",
-"config"}, what the same product takes where a weight has no mma layout. A product [M, K] x [K, N] takes its M
+An entry of path "mma" (the load-time mma layout: kernels/w4a16_mma.py for 1-16 rows, kernels/w4a16_mma_wide.py
+where its config has "tiles", kernels/w4a16_wgmma.py (Hopper) where it has "rows"; written by
+`bench/bench_w4a16_mma.py --write-table`) carries a "fallback": {"path", "config"}, what the same product takes where a weight has no mma layout. A product [M, K] x [K, N] takes its M
 class, the smallest entry M >= M (the largest if none), and within it the entry whose (K, N) is nearest on a log
 scale. A GPU without a table gets the "default" device's table and a one-line hint, once, to run the sweep that
 writes its own (`python bench/bench_w4a16.py --sweep --write-table`). The choice is made once per (device, M, N, K)

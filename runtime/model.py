@@ -80,7 +80,8 @@ class PagedBatch:
 
     def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
         """Rotary on q and k, k and v into the cache (one kernel on CUDA), then attention; at decode on CUDA over
-        a float cache all of it is one kernel (rotary_decode_attention)."""
+        a float cache, from rotary.FUSED_ROPE_MIN_BATCH sequences, all of it is one kernel
+        (rotary_decode_attention)."""
         if self.cu_seqlens_q is None:
             return rotary_decode_attention(q, k, v, cos, sin, self.k_cache[layer], self.v_cache[layer],
                                            self.slot_mapping, self.block_tables, self.kv_lens, scale)
@@ -179,8 +180,8 @@ def load_tensor(ws: Workspace, name: str, device, dtype, rows: range | None = No
 
 
 def mma_wanted(device: torch.device, dtype: torch.dtype, k: int, n: int, group: int, silu: bool) -> bool:
-    """Whether an int4 linear also gets the mma layout (kernels/w4a16_mma.py and _wide.py: the tensor-core paths the
-    table names, one more copy of its words): float16 on a GPU whose tuning table has mma entries, a shape the
+    """Whether an int4 linear also gets the mma layout (kernels/w4a16_mma.py, _mma_wide.py, _wgmma.py: the tensor-core
+    paths the table names, one more copy of its words): float16 on a GPU whose tuning table has mma entries, a shape the
     layout takes, and not LMC_INT4_MMA=0."""
     return (device.type == "cuda" and dtype == torch.float16 and os.environ.get("LMC_INT4_MMA", "1") != "0"
             and mma_eligible(k, n, group, silu) and has_mma(device_name(device)))
