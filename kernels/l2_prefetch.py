@@ -15,10 +15,12 @@ TRITON_INTERPRET, without PDL or before sm_90 nothing is prefetched.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 
+from lmc.errors import LmcError
 from lmc.kernels.pdl import pdl_enabled
 
 try:
@@ -27,14 +29,29 @@ try:
 except ImportError:  # CPU-only install: nothing here is called
     triton = None
 
-PREFETCH_MIB = float(os.environ.get("LMC_L2_PREFETCH_MB", "16"))  # the largest weight prefetched, MiB; 0 = off
+PREFETCH_MIB: float | None = None  # the largest weight prefetched, MiB (0 = off); None: LMC_L2_PREFETCH_MB or 16
+
+
+@functools.cache
+def _env_cap_mib() -> float:
+    """LMC_L2_PREFETCH_MB, read once: a number of MiB >= 0 (default 16)."""
+    value = os.environ.get("LMC_L2_PREFETCH_MB", "16")
+    try:
+        cap = float(value)
+    except ValueError:
+        cap = -1.0
+    if not cap >= 0:  # also NaN
+        raise LmcError(f"LMC_L2_PREFETCH_MB={value!r}: set it to a number of MiB (0 turns the prefetch off), "
+                       "or unset it")
+    return cap
 
 
 def prefetch_pieces(weight: torch.Tensor, num_warps: int) -> int:
     """A decode kernel's PREFETCH constexpr for this (constant) weight: 0 = no prefetch, else one piece a thread
     (a program's share of the weight in that many prefetch instructions, none repeated by another warp)."""
     nbytes = weight.numel() * weight.element_size()
-    wanted = (0 < nbytes <= PREFETCH_MIB * 2**20 and nbytes % 16 == 0 and weight.data_ptr() % 16 == 0
+    cap = _env_cap_mib() if PREFETCH_MIB is None else PREFETCH_MIB
+    wanted = (0 < nbytes <= cap * 2**20 and nbytes % 16 == 0 and weight.data_ptr() % 16 == 0
               and weight.is_contiguous() and pdl_enabled(weight.device))
     return 32 * num_warps if wanted else 0
 

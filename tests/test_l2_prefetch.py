@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmc.errors import LmcError
 from lmc.kernels import gemv, l2_prefetch
 
 triton = pytest.importorskip("triton")
@@ -57,6 +58,25 @@ def test_pieces_only_for_small_contiguous_weights_with_pdl(monkeypatch):
     assert l2_prefetch.prefetch_pieces(torch.empty(2**20, dtype=torch.float16), 4) == 0  # 2 MiB > the cap
     monkeypatch.setattr(l2_prefetch, "PREFETCH_MIB", 0.0)
     assert l2_prefetch.prefetch_pieces(w, 4) == 0  # LMC_L2_PREFETCH_MB=0: off
+
+
+@pytest.mark.parametrize("value,cap", [(None, 16.0), ("0", 0.0), ("8.5", 8.5), ("lots", None), ("-1", None),
+                                       ("nan", None)])
+def test_the_cap_comes_from_the_environment_or_one_clear_error(monkeypatch, value, cap):
+    if value is None:
+        monkeypatch.delenv("LMC_L2_PREFETCH_MB", raising=False)
+    else:
+        monkeypatch.setenv("LMC_L2_PREFETCH_MB", value)
+    l2_prefetch._env_cap_mib.cache_clear()
+    try:
+        if cap is None:
+            with pytest.raises(LmcError, match="LMC_L2_PREFETCH_MB=.*number of MiB") as info:
+                l2_prefetch.prefetch_pieces(torch.empty(64, dtype=torch.float16), 4)
+            assert "\n" not in str(info.value)
+        else:
+            assert l2_prefetch._env_cap_mib() == cap
+    finally:
+        l2_prefetch._env_cap_mib.cache_clear()
 
 
 def _compile_sm90():
