@@ -188,7 +188,7 @@ def main() -> int:
     ap.add_argument("--wgmma-splits", type=_ints, default=(), help="the wgmma kernel's split-K values (default --splits)")
     ap.add_argument("--wgmma-pipeline", type=_ints, default=(1,), help="the wgmma kernel: 1 = async wgmma, 0 = sync")
     ap.add_argument("--wgmma-warpgroups", type=_ints, default=(1,),
-                    help="the wgmma kernel: warpgroups a program (1, 2; 64 output columns each, sharing the x tile)")
+                    help="the wgmma kernel: warpgroups a program (1, 2, 4; 64 output columns each, sharing the x tile)")
     ap.add_argument("--wgmma-ahead", type=_ints, default=(2,),
                     help="the wgmma kernel: 64-wide chunks of words and scales in flight a warp (2, 4, 8)")
     ap.add_argument("--wgmma-x-chunks", type=_ints, default=(1,),

@@ -5,7 +5,7 @@ Why: the mma.sync kernels (w4a16_mma.py, w4a16_mma_wide.py) reach about half of 
 (bench/NOTES.md, session 16); cuBLAS runs wgmma. wgmma's A operand may live in registers, and its register
 fragment per warp is mma.sync's m16n8k16 A fragment, so the mma layout's words dequantize straight into it.
 
-One program = WARPGROUPS (1 or 2) warpgroups = 64 output columns each (the wgmma M) x BM rows of x (the wgmma N,
+One program = WARPGROUPS (1, 2 or 4) warpgroups = 64 output columns each (the wgmma M) x BM rows of x (the wgmma N,
 8-256; the warpgroups share the x tile), over a run of K in 64-wide chunks (one [64, 64] A tile a warpgroup = 4
 wgmma k16 steps):
   - warp w owns mma block 4 WARPGROUPS pid_n + w (rows 16w .. 16w + 15 of A); lane l = 4g + t loads the 4 words
@@ -71,6 +71,8 @@ except (ImportError, AttributeError):  # no triton, or one without Gluon: wgmma_
 ROWS = (8, 16, 32, 64, 128, 256)  # BM: rows of x a program (the wgmma N)
 COLUMNS = 64  # output columns a warpgroup (the wgmma M: 4 warps x one 16-column block)
 AHEADS = (2, 4, 8)  # chunks of words and scales in flight a warp (the register ring, unrolled)
+WARPGROUPS = (1, 2, 4)  # warpgroups a program sharing its x tile (Triton wants a power of two of warps); 4 caps a
+#                         thread at 128 registers (512 threads an SM): rows 128, PIPELINE 0 fits (bench/NOTES.md)
 
 # The tables the kernel and `emulate` share. Dequant output o of a word: (s1, h, s2) = (o % 2, o // 2 % 2, o // 4).
 A_VIEW = (4, 8, 4, 4, 2, 2, 2)  # the joined [8 W, 16, s2, h, s1] words tensor as [w, g, t, j, s2, h, s1] (W = 4 a
@@ -260,7 +262,7 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
                   GROUP: gl.constexpr, BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr,
                   PIPELINE: gl.constexpr, WARPGROUPS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr):
     """Program (pid, split): column set pid // ROW_BLOCKS (blocks 4 WARPGROUPS set + w, w the warp), rows BM
-    (pid % ROW_BLOCKS) .. + BM, over the split-th run of groups. WARPGROUPS (1 or 2) warpgroups share the x tile,
+    (pid % ROW_BLOCKS) .. + BM, over the split-th run of groups. WARPGROUPS (1, 2, 4) warpgroups share the x tile,
     each its own 64 output columns."""
     WARPS: gl.constexpr = 4 * WARPGROUPS
     COLS: gl.constexpr = 64 * WARPGROUPS
@@ -484,8 +486,9 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
         raise LmcError(f"w4a16_wgmma_triton: rows (x rows a program) must be one of {ROWS}, got {rows}")
     if split_k < 1:
         raise LmcError(f"w4a16_wgmma_triton: split_k must be >= 1, got {split_k}")
-    if warpgroups not in (1, 2):
-        raise LmcError(f"w4a16_wgmma_triton: warpgroups (of 64 columns a program) must be 1 or 2, got {warpgroups}")
+    if warpgroups not in WARPGROUPS:
+        raise LmcError(f"w4a16_wgmma_triton: warpgroups (of 64 columns a program) must be one of {WARPGROUPS}, got "
+                       f"{warpgroups}")
     if ahead not in AHEADS or x_chunks not in (1, 2) or ahead % (2 * x_chunks):
         raise LmcError(f"w4a16_wgmma_triton: ahead (chunks of words in flight) must be one of {AHEADS} and x_chunks "
                        f"(chunks of x a barrier) 1 or 2 with ahead a multiple of 2 x_chunks, got {ahead}, {x_chunks}")

@@ -38,10 +38,11 @@ def _err(got, want):
     (37, 192, 320, 64, False, 32, 3, 1, 8), (37, 160, 384, 128, True, 64, 1, 2, 4),
     (130, 192, 384, 128, False, 128, 2, 1, 2), (130, 160, 320, 64, True, 16, 3, 1, 4),
     (37, 96, 320, 64, False, 256, 2, 2, 8), (130, 64, 384, 128, True, 64, 3, 1, 2),
-    (130, 160, 320, 64, False, 128, 3, 2, 2), (37, 160, 640, 64, False, 64, 3, 2, 8)])
+    (130, 160, 320, 64, False, 128, 3, 2, 2), (37, 160, 640, 64, False, 64, 3, 2, 8),
+    (130, 320, 384, 128, False, 128, 2, 4, 2), (37, 96, 320, 64, True, 128, 3, 4, 2)])
 def test_emulation_matches_the_reference(m, n, k, group, silu, rows, split_k, warpgroups, ahead):
     """Row blocks past M, column sets past N (N not a multiple of 64 or 128: a partial set), splits with an odd
-    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues, 1 and 2 warpgroups,
+    number of chunks (G = 64) and a split with none (3 splits of 2 groups), both epilogues, 1, 2 and 4 warpgroups,
     passes of `ahead` chunks running past a split's end (those chunks add nothing)."""
     x, qfrag, sz, stored = _case(m, n, k, group, silu, seed=m + n + k)
     got = WG.emulate(x, qfrag, sz, group, rows=rows, split_k=split_k, silu_mul=silu, warpgroups=warpgroups,
@@ -159,6 +160,22 @@ def test_compiles_for_sm90a(rows, warpgroups, pipeline, silu, split_k):
     assert not any("C7515" in w for w in r["warnings"]), r  # ptxas did not serialize the wgmmas
 
 
+@pytest.mark.parametrize("silu,split_k", [(False, 1), (True, 2)])
+def test_four_warpgroups_fit_128_registers(silu, split_k):
+    """Four warpgroups (512 threads: at most 128 registers a thread) at 128 rows with synchronous wgmma: the
+    configuration that dequantizes each word once per 128 rows of x builds for sm_90a without spills."""
+    if WG.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    if not _ptxas():
+        pytest.skip("no ptxas")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import compile_wgmma_sm90 as C
+
+    r = C.report(128, False, silu, split_k, warpgroups=4)
+    assert r["per_chunk"]["HGMMA"] == 4 and r["spill_bytes"] == 0 and r["registers"] <= 128, r
+    assert r["per_chunk"]["HADD2/HFMA2/HMUL2"] == 32, r
+
+
 @pytest.mark.parametrize("rows,warpgroups,ahead,x_chunks", [
     (16, 1, 4, 1), (16, 1, 8, 2), (16, 2, 4, 2), (64, 1, 8, 1), (64, 2, 4, 2), (64, 2, 8, 1), (64, 2, 8, 2),
     (128, 2, 4, 2), (128, 2, 8, 2), (256, 2, 4, 1)])
@@ -229,10 +246,13 @@ def test_wgmma_kernel_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, w
     (256, 4096, 4096, 128, False, 128, 1, True, 2, 4, 2), (200, 96, 640, 64, False, 256, 3, True, 2, 4, 1),
     (37, 192, 384, 128, True, 16, 3, True, 1, 4, 2), (130, 160, 320, 64, False, 64, 2, True, 2, 8, 2),
     (130, 160, 640, 64, True, 128, 1, False, 2, 8, 1), (5, 96, 640, 128, False, 8, 2, True, 1, 8, 2),
-    (100, 4096, 4096, 128, False, 256, 1, True, 2, 4, 2), (37, 160, 640, 64, False, 64, 3, False, 2, 4, 2)])
+    (100, 4096, 4096, 128, False, 256, 1, True, 2, 4, 2), (37, 160, 640, 64, False, 64, 3, False, 2, 4, 2),
+    (256, 4096, 4096, 128, False, 128, 4, False, 4, 2, 1), (256, 28672, 4096, 128, True, 128, 1, False, 4, 2, 1),
+    (200, 320, 640, 64, False, 128, 3, False, 4, 2, 1), (130, 4096, 14336, 128, False, 128, 2, True, 4, 2, 1),
+    (37, 96, 640, 128, True, 128, 1, False, 4, 4, 1)])
 def test_wgmma_ahead_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, ahead, x_chunks):
     """AHEAD 4 and 8 (chunks past a split's end inside the last pass, a split shorter than one pass) and x stored
-    two chunks a barrier, both warpgroup counts, split-K, SiLU, odd M, G = 64."""
+    two chunks a barrier, 1, 2 and 4 warpgroups, split-K, SiLU, odd M, G = 64."""
     if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
         pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
     _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed=m + n + k, ahead=ahead,
