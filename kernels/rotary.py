@@ -263,14 +263,24 @@ def _fused_rope_on() -> bool:
 # The smallest decode batch that takes the fused kernel. 2 x H200, 8B shape (bench/NOTES.md, session 17,
 # tp_h200x2_v16_rope*.json): at batch 16 one launch a layer fewer saved 38-50 µs a step (fp16 tp 1 and 2, int4
 # tp 1); at batch 1 the fused prologue (q rotated in every split program, k and v stored and a barrier in the
-# last one) sat on the critical path and cost 17-52 µs.
+# last one) sat on the critical path and cost 17-52 µs. LMC_FUSED_ROPE_MIN_BATCH=N overrides it (an A/B knob).
 FUSED_ROPE_MIN_BATCH = 16
+
+
+@functools.cache
+def _fused_rope_min_batch() -> int:
+    """LMC_FUSED_ROPE_MIN_BATCH, read once: an integer >= 1 (default FUSED_ROPE_MIN_BATCH)."""
+    value = os.environ.get("LMC_FUSED_ROPE_MIN_BATCH", str(FUSED_ROPE_MIN_BATCH))
+    if not value.strip().isdigit() or int(value) < 1:
+        raise LmcError(f"LMC_FUSED_ROPE_MIN_BATCH={value!r}: set it to a whole number of sequences >= 1 (the "
+                       "smallest decode batch that rotates inside the attention kernel), or unset it")
+    return int(value)
 
 
 def decode_fuses_rope(device: torch.device, k_cache, batch: int) -> bool:
     """Whether rotary_decode_attention is one launch: on CUDA, over a float cache, from FUSED_ROPE_MIN_BATCH
-    sequences, unless LMC_FUSED_ROPE=0."""
-    return (device.type == "cuda" and isinstance(k_cache, torch.Tensor) and batch >= FUSED_ROPE_MIN_BATCH
+    sequences (LMC_FUSED_ROPE_MIN_BATCH), unless LMC_FUSED_ROPE=0."""
+    return (device.type == "cuda" and isinstance(k_cache, torch.Tensor) and batch >= _fused_rope_min_batch()
             and _fused_rope_on())
 
 

@@ -16,6 +16,7 @@ from test_cuda_graph import PROMPTS, _engine, _greedy_logits, _workspace, gpu, n
 from test_kernels import _cos_sin, _gen, _LaunchSpy, needs_triton
 from test_kernels import triton_interpreter  # noqa: F401 (fixture)
 
+from lmc.errors import LmcError
 from lmc.kernels import attention, rotary
 from lmc.kernels.kv_quant import QuantizedKV
 from lmc.runtime.model import PagedBatch
@@ -138,6 +139,28 @@ def test_decode_fuses_rope_on_cuda_over_a_float_cache(monkeypatch):
         assert not rotary.decode_fuses_rope(cuda, float_cache, small)
         assert not rotary.decode_fuses_rope(cuda, quantized, big) and not rotary.decode_fuses_rope(cpu, float_cache, big)
     rotary._fused_rope_on.cache_clear()
+
+
+def test_fused_rope_min_batch_from_the_environment(monkeypatch):
+    """LMC_FUSED_ROPE_MIN_BATCH=N moves the threshold (read once); anything but a whole number >= 1 is one
+    LmcError line naming the variable."""
+    cuda = torch.device("cuda")
+    float_cache = torch.zeros(1, 16, 2, 64, dtype=torch.float16)
+    monkeypatch.delenv("LMC_FUSED_ROPE", raising=False)
+    rotary._fused_rope_on.cache_clear()
+    try:
+        monkeypatch.setenv("LMC_FUSED_ROPE_MIN_BATCH", "4")
+        rotary._fused_rope_min_batch.cache_clear()
+        assert rotary.decode_fuses_rope(cuda, float_cache, 4) and not rotary.decode_fuses_rope(cuda, float_cache, 3)
+        for bad in ("0", "-2", "abc", "2.5", ""):
+            monkeypatch.setenv("LMC_FUSED_ROPE_MIN_BATCH", bad)
+            rotary._fused_rope_min_batch.cache_clear()
+            with pytest.raises(LmcError, match="LMC_FUSED_ROPE_MIN_BATCH"):
+                rotary.decode_fuses_rope(cuda, float_cache, 16)
+    finally:
+        monkeypatch.delenv("LMC_FUSED_ROPE_MIN_BATCH", raising=False)
+        rotary._fused_rope_min_batch.cache_clear()
+        rotary._fused_rope_on.cache_clear()
 
 
 @needs_triton
