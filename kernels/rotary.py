@@ -263,8 +263,9 @@ def _fused_rope_on() -> bool:
 # The smallest decode batch that takes the fused kernel. 2 x H200, 8B shape (bench/NOTES.md, session 17,
 # tp_h200x2_v16_rope*.json): at batch 16 one launch a layer fewer saved 38-50 µs a step (fp16 tp 1 and 2, int4
 # tp 1); at batch 1 the fused prologue (q rotated in every split program, k and v stored and a barrier in the
-# last one) sat on the critical path and cost 17-52 µs. LMC_FUSED_ROPE_MIN_BATCH=N overrides it (an A/B knob).
-FUSED_ROPE_MIN_BATCH = 16
+# last one) sat on the critical path and cost 17-52 µs. Session 18 (tp_h200x2_v17_rope_*.json, int4 tp 1, one
+# run each): batch 4 +25 µs fused, batch 8 -25 µs. LMC_FUSED_ROPE_MIN_BATCH=N overrides it (an A/B knob).
+FUSED_ROPE_MIN_BATCH = 8
 
 
 @functools.cache
