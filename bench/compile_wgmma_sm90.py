@@ -63,7 +63,7 @@ def compile_ws(rows: int, silu: bool, split_k: int, group: int = 128, warpgroups
              "w_desc": f"tensordesc<i32[{4 * warpgroups}, 128],{WS.W_SMEM.value!r}>"}
     ptrs = {"sz_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32"}
     constexprs = {"GROUP": group, "BM": rows, "SPLIT_K": split_k, "SILU": silu, "WARPGROUPS": warpgroups,
-                  "STAGES": stages, "REGISTERS": WS.MAXNREG[warpgroups]}
+                  "STAGES": stages, "CONSUMER_REGISTERS": WS.consumer_registers(warpgroups)}
     signature = {**descs, **ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
     assert list(signature) == fn.arg_names, fn.arg_names
     divisible = [i for i, name in enumerate(fn.arg_names) if name in ptrs or name in ("K", "stride_om")]

@@ -6,7 +6,7 @@ stage x through registers into shared memory (LDG, permute, STSM, barrier) every
 runs out of registers (bench/NOTES.md, sessions 17-18), so each weight word is dequantized once per 64 rows and
 latency is hidden only by a few chunks in flight. Here one producer warp issues TMA copies of x and of the words
 into a ring of STAGES shared-memory slots, signalled by mbarriers; the consumer warpgroups hold only their
-accumulator, one chunk's words and A tile.
+accumulator, one chunk's words and A tile, so a program can take 128-256 rows.
 
 - x is copied by TMA, so it must already be in the A tile's kk order (kk = 16j + 8 s2 + 2t + s1 stands for k =
   16t + 4j + 2 s2 + s1 within each 64-wide chunk, w4a16_wgmma's X_VIEW / X_PERM): `permute_x` writes that copy of
@@ -50,12 +50,14 @@ except (ImportError, AttributeError):  # no triton, or one without Gluon: WG.wgm
     gluon = None
     gl = None
 
-ROWS = (64, 128)  # BM: rows of x a program (the wgmma N; 256 needs more than 168 registers a thread: spills)
+ROWS = (64, 128, 256)  # BM: rows of x a program (the wgmma N)
 WARPGROUPS = (1, 2)  # consumer warpgroups a program, 64 output columns each, sharing the x slots
 STAGES = (2, 3, 4, 6)  # shared-memory slots of (x, words) in the ring
+PRODUCER_REGISTERS = 40  # the producer warp's register budget (setmaxnreg; it only issues TMA copies)
 
 if gl is not None:
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.6: the older name
+    _PRODUCER_REGISTERS = gl.constexpr(PRODUCER_REGISTERS)
     W_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2))
 
 
@@ -199,7 +201,7 @@ def _consume_1(x_desc, w_desc, x_bufs, w_bufs, ready, empty, sz_ptr, out_ptr, ws
 @_gluon_jit
 def _ws_kernel(x_desc, w_desc, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_om, ROW_BLOCKS,
                GROUP: gl.constexpr, BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr,
-               WARPGROUPS: gl.constexpr, STAGES: gl.constexpr, REGISTERS: gl.constexpr):
+               WARPGROUPS: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGISTERS: gl.constexpr):
     """Program (pid, split): column set pid // ROW_BLOCKS (4 WARPGROUPS blocks), rows BM (pid % ROW_BLOCKS) ..
     + BM, over the split-th run of groups."""
     x_bufs = gl.allocate_shared_memory(gl.float16, [STAGES, BM, 64], x_desc.layout)
@@ -217,7 +219,7 @@ def _ws_kernel(x_desc, w_desc, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, str
                           ROW_BLOCKS, GROUP, BM, SPLIT_K, SILU, WARPGROUPS, STAGES)),
             (_produce, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K,
                         stride_om, ROW_BLOCKS, GROUP, BM, SPLIT_K, SILU, WARPGROUPS, STAGES))],
-            [1], [REGISTERS])
+            [1], [_PRODUCER_REGISTERS])
     else:
         gl.warp_specialize([
             (_consume_0, (x_bufs, w_bufs, ready, empty, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_om,
@@ -226,16 +228,23 @@ def _ws_kernel(x_desc, w_desc, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, str
                           K, stride_om, ROW_BLOCKS, GROUP, BM, SPLIT_K, SILU, WARPGROUPS, STAGES)),
             (_produce, (x_desc, w_desc, x_bufs, w_bufs, ready, empty, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K,
                         stride_om, ROW_BLOCKS, GROUP, BM, SPLIT_K, SILU, WARPGROUPS, STAGES))],
-            [4, 1], [REGISTERS, REGISTERS])
+            [4, 1], [CONSUMER_REGISTERS, _PRODUCER_REGISTERS])
 
 
 # ----------------------------------------------------------------------------- the launcher
 
 
-# Registers a thread, every partition alike: one consumer + the producer's warpgroup = 8 warps at 128 (two programs
-# an SM); two consumers = 12 warps at 168 (one). Moving registers between partitions (setmaxnreg: the producer
-# down to 40, the consumers up) made ptxas serialize the consumers' wgmmas (C7512, bench/NOTES.md session 18).
+# Registers a thread at launch (the partitions then move them with setmaxnreg): one consumer + the producer's
+# warpgroup = 8 warps at 128 (two programs an SM); two consumers = 12 warps at 168 (one program an SM).
 MAXNREG = {1: 128, 2: 168}
+
+
+def consumer_registers(warpgroups: int) -> int:
+    """Registers a consumer thread gets: a program's share of the 64K (MAXNREG over its warps) less the producer's
+    warpgroup (its one warp still takes a warpgroup's registers) at PRODUCER_REGISTERS, over the consumers' 128
+    threads each, rounded down to 8."""
+    total = MAXNREG[warpgroups] * 128 * (warpgroups + 1)
+    return (total - 128 * PRODUCER_REGISTERS) // (128 * warpgroups) // 8 * 8
 
 
 def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, rows: int, split_k: int,
@@ -276,6 +285,6 @@ def w4a16_wgmma_ws_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor
     counters = split_counters(x.device, units) if split_k > 1 else out
     _ws_kernel[grid](x_desc, w_desc, sz, out, ws, counters, m, nb, k, out.stride(0), row_blocks,
                      GROUP=group_size, BM=rows, SPLIT_K=split_k, SILU=silu_mul, WARPGROUPS=warpgroups,
-                     STAGES=stages, REGISTERS=MAXNREG[warpgroups], num_warps=4,
+                     STAGES=stages, CONSUMER_REGISTERS=consumer_registers(warpgroups), num_warps=4,
                      maxnreg=MAXNREG[warpgroups])
     return out
