@@ -33,7 +33,6 @@ from lmc.kernels import w4a16 as W
 from lmc.kernels import w4a16_mma as MM
 from lmc.kernels import w4a16_mma_wide as MW
 from lmc.kernels import w4a16_wgmma as WG
-from lmc.kernels import w4a16_wgmma_ws as WS
 from lmc.kernels import w4a16_tuning as T
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -54,9 +53,9 @@ def _silu_ref(y: torch.Tensor) -> torch.Tensor:
 
 
 def mma_call(x, frag, silu: bool, config: dict):
-    """One launch of the mma kernel a configuration names (the producer-warp wgmma one where it has "stages", the
-    wgmma one where it has "rows", the wide one where it has "tiles")."""
-    launch = WS.w4a16_wgmma_ws_triton if "stages" in config else WG.w4a16_wgmma_triton if "rows" in config else \
+    """One launch of the mma kernel a configuration names (the wgmma one where it has "rows", the wide one where
+    it has "tiles")."""
+    launch = WG.w4a16_wgmma_triton if "rows" in config else \
         MW.w4a16_mma_wide_triton if "tiles" in config else MM.w4a16_mma_triton
     return launch(x, *frag, GROUP, silu_mul=silu, **config)
 
@@ -115,7 +114,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> 
 
 
 CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline", "warpgroups",
-               "ahead", "x_chunks", "stages")
+               "ahead", "x_chunks")
 
 
 def table_entries(rows: list) -> list:
@@ -166,12 +165,7 @@ def grid(m: int, args) -> list[dict]:
                  for r in rows for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline
                  for wg in pairs.get(r, args.wgmma_warpgroups) for ah in getattr(args, "wgmma_ahead", (2,))
                  for xc in getattr(args, "wgmma_x_chunks", (1,)) if ah % (2 * xc) == 0]
-    ws = []
-    if getattr(args, "ws_rows", None) and not args.smoke and WG.wgmma_available(torch.device("cuda")):
-        rows = sorted({r for r in args.ws_rows if r < 2 * m} | {min(args.ws_rows)})
-        ws = [{"rows": r, "split_k": sp, "warpgroups": wg, "stages": st} for r in rows
-              for sp in (args.ws_splits or args.splits) for wg in args.ws_warpgroups for st in args.ws_stages]
-    return small + wide + wgmma + ws
+    return small + wide + wgmma
 
 
 def main() -> int:
@@ -202,11 +196,6 @@ def main() -> int:
     ap.add_argument("--wgmma-pairs", type=_pairs, default=None,
                     help="rows:warpgroups[:warpgroups..],... : the warpgroups tried at those rows (e.g. 16:1,64:2; "
                          "rows not named: --wgmma-warpgroups)")
-    ap.add_argument("--ws-rows", type=_ints, default=(),
-                    help="the producer-warp wgmma kernel (kernels/w4a16_wgmma_ws.py): rows of x a program tried")
-    ap.add_argument("--ws-splits", type=_ints, default=(), help="its split-K values (default --splits)")
-    ap.add_argument("--ws-warpgroups", type=_ints, default=(1, 2), help="its consumer warpgroups (1, 2)")
-    ap.add_argument("--ws-stages", type=_ints, default=(4,), help="its shared-memory slots (2, 3, 4, 6)")
     ap.add_argument("--wgmma-only", action="store_true",
                     help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")

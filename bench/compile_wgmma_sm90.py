@@ -27,7 +27,7 @@ KINDS = {  # SASS opcodes counted per chunk (the opcode before its first '.')
 
 
 def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1,
-                  ahead: int = 2, x_chunks: int = 1, registers: int | None = None):
+                  ahead: int = 2, x_chunks: int = 1):
     """The kernel as w4a16_wgmma_triton launches it, compiled for sm_90a (pointers, K and the strides
     16-divisible, as Triton's launcher would specialize them for a [*, 4096] float16 x)."""
     import triton
@@ -45,32 +45,7 @@ def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: in
     divisible = [i for i, name in enumerate(fn.arg_names) if name in ptrs or name in ("K", "stride_xm", "stride_om")]
     attrs = {(i,): BaseBackend.parse_attr("D") for i in divisible}
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    options = {"num_warps": 4 * warpgroups, **({"maxnreg": registers} if registers else {})}
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-
-
-def compile_ws(rows: int, silu: bool, split_k: int, group: int = 128, warpgroups: int = 2, stages: int = 4):
-    """The producer-warp kernel (kernels/w4a16_wgmma_ws.py) as w4a16_wgmma_ws_triton launches it, for sm_90a."""
-    import triton
-    from triton.backends.compiler import BaseBackend, GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from lmc.kernels import w4a16_wgmma_ws as WS
-
-    fn = WS._ws_kernel
-    ints = ("M", "NB", "K", "stride_om", "ROW_BLOCKS")
-    descs = {"x_desc": f"tensordesc<fp16[{rows}, 64],{WG.X_SMEM.value!r}>",
-             "w_desc": f"tensordesc<i32[{4 * warpgroups}, 128],{WS.W_SMEM.value!r}>"}
-    ptrs = {"sz_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32", "count_ptr": "*i32"}
-    constexprs = {"GROUP": group, "BM": rows, "SPLIT_K": split_k, "SILU": silu, "WARPGROUPS": warpgroups,
-                  "STAGES": stages, "CONSUMER_REGISTERS": WS.consumer_registers(warpgroups)}
-    signature = {**descs, **ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
-    assert list(signature) == fn.arg_names, fn.arg_names
-    divisible = [i for i, name in enumerate(fn.arg_names) if name in ptrs or name in ("K", "stride_om")]
-    attrs = {(i,): BaseBackend.parse_attr("D") for i in divisible}
-    src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "maxnreg": WS.MAXNREG[warpgroups]})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * warpgroups})
 
 
 def _bin(name: str) -> Path:
@@ -139,13 +114,13 @@ def loop_counts(kernel) -> tuple[Counter, int]:
 
 
 def report(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1,
-           ahead: int = 2, x_chunks: int = 1, registers: int | None = None) -> dict:
-    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups, ahead, x_chunks, registers)
+           ahead: int = 2, x_chunks: int = 1) -> dict:
+    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups, ahead, x_chunks)
     ops, n = loop_counts(kernel)
     chunks = ahead  # the loop does AHEAD chunks a pass
     kinds = {kind: sum(ops[o] for o in names.split()) / chunks for kind, names in KINDS.items()}
     return {"rows": rows, "pipeline": pipeline, "silu": silu, "split_k": split_k, "warpgroups": warpgroups,
-            "ahead": ahead, "x_chunks": x_chunks, "max_registers": registers, **ptxas_info(kernel),
+            "ahead": ahead, "x_chunks": x_chunks, **ptxas_info(kernel),
             "loop_instructions_per_chunk": n / chunks, "per_chunk": kinds, "shared_bytes": kernel.metadata.shared}
 
 
@@ -160,15 +135,13 @@ def main() -> int:
     ap.add_argument("--warpgroups", type=ints, default=[1])
     ap.add_argument("--ahead", type=ints, default=[2])
     ap.add_argument("--x-chunks", type=ints, default=[1])
-    ap.add_argument("--registers", type=ints, default=[0], help="ptxas register caps a thread (0: none)")
     args = ap.parse_args()
-    for rows, wg, pipe, silu, split, ahead, xc, regs in itertools.product(
-            args.rows, args.warpgroups, args.pipeline, args.silu, args.splits, args.ahead, args.x_chunks,
-            args.registers):
-        r = report(rows, bool(pipe), bool(silu), split, args.group, wg, ahead, xc, regs or None)
+    for rows, wg, pipe, silu, split, ahead, xc in itertools.product(args.rows, args.warpgroups, args.pipeline,
+                                                                    args.silu, args.splits, args.ahead,
+                                                                    args.x_chunks):
+        r = report(rows, bool(pipe), bool(silu), split, args.group, wg, ahead, xc)
         per = ", ".join(f"{k} {v:g}" for k, v in r["per_chunk"].items())
-        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split} ahead={ahead} x_chunks={xc} "
-              f"cap={regs or '-'}: "
+        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split} ahead={ahead} x_chunks={xc}: "
               f"{r['registers']} registers, "
               f"{r['spill_bytes']} B spills, smem {r['shared_bytes']} B, "
               f"{r['loop_instructions_per_chunk']:g} loop instructions a chunk ({per})"

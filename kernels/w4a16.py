@@ -44,7 +44,6 @@ from lmc.kernels.w4a16_mma import MAX_ROWS as MMA_MAX_ROWS
 from lmc.kernels.w4a16_mma import w4a16_mma_triton
 from lmc.kernels.w4a16_mma_wide import w4a16_mma_wide_triton
 from lmc.kernels.w4a16_wgmma import w4a16_wgmma_triton, wgmma_available
-from lmc.kernels.w4a16_wgmma_ws import w4a16_wgmma_ws_triton
 from lmc.kernels.w4a16_tuning import config_for
 
 try:
@@ -764,8 +763,7 @@ def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None, mma
     [K, N] product on `device` (a CUDA device: its GPU model's table in lmc.kernels.w4a16_tuning; None: the
     default); mma: the weight has the mma layout (kernels/w4a16_mma.py), which "mma" entries need. An mma entry
     with "tiles" runs the wide kernel (any M, kernels/w4a16_mma_wide.py), one with "rows" the wgmma kernel (any M,
-    kernels/w4a16_wgmma.py; with "stages" too, its producer-warp form, kernels/w4a16_wgmma_ws.py; where it cannot
-    run, e.g. no Gluon, the entry's fallback); one without either, the
+    kernels/w4a16_wgmma.py; where it cannot run, e.g. no Gluon, the entry's fallback); one without either, the
     1-16 row kernel, so past 16 rows it gives its fallback."""
     name = device_name(device)
     path, kw = config_for(name, m, n, k, mma)
@@ -776,10 +774,8 @@ def w4a16_config(m: int, n: int, k: int, device: torch.device | None = None, mma
 
 
 def _mma_launch(kw: dict):
-    """The mma kernel an entry's keywords name: the producer-warp wgmma one where they give "stages", the wgmma one
-    where they give "rows", the wide one where they give "tiles", else the 1-16 row kernel."""
-    if "stages" in kw:
-        return w4a16_wgmma_ws_triton
+    """The mma kernel an entry's keywords name: the wgmma one where they give "rows", the wide one where they
+    give "tiles", else the 1-16 row kernel."""
     if "rows" in kw:
         return w4a16_wgmma_triton
     return w4a16_mma_wide_triton if "tiles" in kw else w4a16_mma_triton
