@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import LLAMA3_8B, TINY, prompts_for, timed_generate, versions  # noqa: E402
+from bench_decode import LLAMA3_8B, TINY, prompts_for, time_decode_step, timed_generate, versions  # noqa: E402
 from bench_serving import build  # noqa: E402
 
 from lmc import bench as B  # noqa: E402
@@ -66,11 +66,20 @@ def speed(ws: Path, dev: str, vocab: int, args) -> dict:
         for batch in map(int, args.batches.split(",")):
             prompts = prompts_for(batch, args.prompt_tokens, vocab)
             timed_generate(engine, prompts, 4, dev)  # capture this bucket's graph on every rank
-            runs = sorted((timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(3)), key=lambda r: r["step_ms"])
-            best = runs[1]
-            out["decode"].append({"batch": batch, "step_ms": best["step_ms"], "tok_s": best["tok_s"],
-                                  "ttft_ms": best["ttft_ms"], "step_ms_runs": [r["step_ms"] for r in runs]})
-            print(f"  {ws.name} B={batch:<3} {best['step_ms']:8.3f} ms/step {best['tok_s']:9.1f} tok/s", flush=True)
+            # a pure decode step with every sequence running (timed_generate's steps include the prefill chunks
+            # and partial batches once batch x prompt tokens passes max_prefill_token_num: batch >= 128 here)
+            step_only = time_decode_step(engine, batch, args.prompt_tokens + args.new_tokens // 2, vocab, dev, 20)
+            row = {"batch": batch, "step_only_ms": step_only}
+            if not args.step_only:
+                runs = sorted((timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(3)),
+                              key=lambda r: r["step_ms"])
+                best = runs[1]
+                row.update(step_ms=best["step_ms"], tok_s=best["tok_s"], ttft_ms=best["ttft_ms"],
+                           step_ms_runs=[r["step_ms"] for r in runs])
+            out["decode"].append(row)
+            print(f"  {ws.name} B={batch:<3} " + (f"{row['step_ms']:8.3f} ms/step {row['tok_s']:9.1f} tok/s, "
+                                                  if "step_ms" in row else "") +
+                  f"step only {step_only:8.3f} ms", flush=True)
         engine.start()
         for c in () if args.skip_bench else args.concurrency:
             requests = B.random_requests(args.num_prompts, args.input_len, args.output_len, 0.5,
@@ -102,6 +111,8 @@ def main() -> int:
     ap.add_argument("--skip-bench", action="store_true", help="decode only, no lmc bench")
     ap.add_argument("--batches", default="1,16", help="comma-separated decode batch sizes")
     ap.add_argument("--tp1-only", action="store_true", help="tp = 1 alone (one GPU): A/Bs of single-GPU changes")
+    ap.add_argument("--step-only", action="store_true",
+                    help="decode speed from full decode steps only (time_decode_step), no generate runs")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
     ap.add_argument("--allreduce", default="one-shot", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: one-shot "
                     "(kernels/allreduce.py, the runtime's default), nccl; the greedy check runs under the first")
@@ -173,7 +184,8 @@ def main() -> int:
                     key = "tp2" + suffix
                     entry[key] = speed(two, dev, shape["vocab_size"], args)
                     d1, d2 = entry["tp1"]["decode"], entry[key]["decode"]
-                    speedup = {f"decode_b{a['batch']}": b["tok_s"] / a["tok_s"] for a, b in zip(d1, d2)}
+                    speedup = {f"decode_b{a['batch']}": (b["tok_s"] / a["tok_s"] if "tok_s" in a else
+                                                          a["step_only_ms"] / b["step_only_ms"]) for a, b in zip(d1, d2)}
                     if not args.skip_bench:
                         speedup["bench_c256"] = (entry[key]["bench"][0]["output_throughput"]
                                                  / entry["tp1"]["bench"][0]["output_throughput"])
