@@ -263,7 +263,8 @@ def decode_ready(engine: Engine, batch: int, kv_len: int, vocab: int, steps: int
     """`batch` random prompts of kv_len - 1 tokens, added and prefilled (engine steps until all run; the scheduler
     may admit them over several): every further step() is a decode step at kv len about kv_len, for `steps` steps.
     Abort the handles after."""
-    admit = engine.config.prefill_interval + 2  # steps the scheduler may take to admit them all
+    chunks = -(-batch * kv_len // engine.config.max_prefill_token_num) + 1  # prefill steps the prompts take
+    admit = (engine.config.prefill_interval + 2) * chunks  # steps the scheduler may take to admit them all
     gen = GenerationConfig(max_new_tokens=steps + admit + 8, ignore_eos=True)
     handles = [engine.add_request(p, gen) for p in prompts_for(batch, kv_len - 1, vocab, seed=7)]
     for _ in range(admit):
