@@ -302,3 +302,24 @@ def test_bench_grid_and_table_entries_carry_the_wgmma_keys(monkeypatch):
                                "x_chunks": 2}
     assert entry["path"] == "mma"
     assert W._mma_launch(entry["config"]) is WG.w4a16_wgmma_triton
+
+
+def test_shipped_wgmma_entries_are_launchable():
+    """Every shipped table entry that routes to the wgmma kernel ("rows") passes its launcher's checks at the
+    entry's shape (rows, warpgroups, ahead, x_chunks, split_k): a typo in the table fails here, not on the GPU."""
+    from lmc.kernels.w4a16_tuning import read_tables
+
+    n_checked = 0
+    for device in read_tables()["devices"].values():
+        for e in device["entries"]:
+            if e["path"] != "mma" or "rows" not in e["config"]:
+                continue
+            k, n, silu = e["k"], e["n"], e["n"] in (28672, 14336)  # the gate/up shapes run the SiLU epilogue
+            x = torch.empty(e["m"], k, dtype=torch.float16, device="meta")
+            qfrag = torch.empty(n // 16, k // MM.CHUNK, MM.LANE_WORDS, dtype=torch.int32, device="meta")
+            sz = torch.empty(n // 16, k // 128, 8, 2, dtype=torch.int32, device="meta")
+            cfg = e["config"]
+            WG.check_args(x, qfrag, sz, 128, cfg["rows"], cfg["split_k"], silu, cfg.get("warpgroups", 1),
+                          cfg.get("ahead", 2), cfg.get("x_chunks", 1))
+            n_checked += 1
+    assert n_checked >= 10  # the H200's wgmma entries (table v4)
