@@ -65,6 +65,29 @@ ARCH_CASES = {
 }
 
 
+def _triton_namespaces() -> list:
+    """triton.language's namespaces that the interpreter patches (empty before any test imported triton)."""
+    tl = sys.modules.get("triton.language")
+    return [] if tl is None else [tl, tl.core, tl.core.tensor, tl.math]
+
+
+@pytest.fixture(autouse=True)
+def _undo_interpreter_patches():
+    """Triton 3.9's interpreter leaves triton.language.core's builtins patched after a kernel with a `while` loop
+    (kernels/tp_exchange.py, kernels/allreduce.py under TRITON_INTERPRET=1), and a later compile for a real GPU
+    (the sm_90a compile tests) then runs the interpreter's versions and fails. Put back whatever a test left
+    changed in those namespaces."""
+    before = [(ns, dict(vars(ns))) for ns in _triton_namespaces()]
+    yield
+    for ns, saved in before:
+        now = vars(ns)
+        for name in [n for n in now if n not in saved]:
+            delattr(ns, name)
+        for name, value in saved.items():
+            if now.get(name) is not value:
+                setattr(ns, name, value)
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer trained on mixed text, saved the way HF models ship it."""
