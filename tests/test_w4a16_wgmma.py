@@ -139,19 +139,25 @@ def _ptxas() -> bool:
         return False
 
 
+def _compile_harness():
+    """bench/compile_wgmma_sm90.py (builds the kernel for sm_90a without a GPU), or a skip: no Gluon or no ptxas."""
+    if WG.gluon is None:
+        pytest.skip("this Triton has no Gluon")
+    if not _ptxas():
+        pytest.skip("no ptxas")
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import compile_wgmma_sm90
+
+    return compile_wgmma_sm90
+
+
 @pytest.mark.parametrize("rows,warpgroups", [(16, 1), (64, 1), (128, 1), (128, 2), (256, 2)])
 @pytest.mark.parametrize("pipeline,silu,split_k", [(False, False, 1), (True, False, 1), (False, True, 2),
                                                    (True, True, 2), (True, False, 2), (False, True, 1)])
 def test_compiles_for_sm90a(rows, warpgroups, pipeline, silu, split_k):
     """The kernel builds for sm_90a with the installed Triton (no GPU): tracing it checks the register-A layout
     (convert_layout(..., assert_trivial=True)); the main loop has 4 HGMMA a chunk and no spills."""
-    if WG.gluon is None:
-        pytest.skip("this Triton has no Gluon")
-    if not _ptxas():
-        pytest.skip("no ptxas")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    import compile_wgmma_sm90 as C
-
+    C = _compile_harness()
     r = C.report(rows, pipeline, silu, split_k, warpgroups=warpgroups)
     assert r["per_chunk"]["HGMMA"] == 4, r
     assert r["spill_bytes"] == 0, r
@@ -164,13 +170,7 @@ def test_compiles_for_sm90a(rows, warpgroups, pipeline, silu, split_k):
 def test_four_warpgroups_fit_128_registers(silu, split_k):
     """Four warpgroups (512 threads: at most 128 registers a thread) at 128 rows with synchronous wgmma: the
     configuration that dequantizes each word once per 128 rows of x builds for sm_90a without spills."""
-    if WG.gluon is None:
-        pytest.skip("this Triton has no Gluon")
-    if not _ptxas():
-        pytest.skip("no ptxas")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    import compile_wgmma_sm90 as C
-
+    C = _compile_harness()
     r = C.report(128, False, silu, split_k, warpgroups=4)
     assert r["per_chunk"]["HGMMA"] == 4 and r["spill_bytes"] == 0 and r["registers"] <= 128, r
     assert r["per_chunk"]["HADD2/HFMA2/HMUL2"] == 32, r
@@ -185,13 +185,7 @@ def test_compiles_ahead_and_x_chunks_for_sm90a(rows, warpgroups, ahead, x_chunks
     X_CHUNKS chunks a barrier: 4 HGMMA and 32 dequant float16 ops a chunk, no spills, no C7515, and at most one
     barrier a store a warpgroup (x buffers of their own: Triton 3.6's membar pass adds none; at 256 rows it orders
     the 128-row halves of x stored into one buffer). (AHEAD 8 spills at 128 rows and one warpgroup, 256 any.)"""
-    if WG.gluon is None:
-        pytest.skip("this Triton has no Gluon")
-    if not _ptxas():
-        pytest.skip("no ptxas")
-    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
-    import compile_wgmma_sm90 as C
-
+    C = _compile_harness()
     r = C.report(rows, pipeline, silu, split_k, warpgroups=warpgroups, ahead=ahead, x_chunks=x_chunks)
     assert r["per_chunk"]["HGMMA"] == 4, r
     assert r["spill_bytes"] == 0, r
