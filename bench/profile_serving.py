@@ -73,6 +73,24 @@ def instrument(engine: Engine, log: list, profiled: dict) -> None:
     engine.step = timed_step
 
 
+def log_compiles(log: list, compiles: list, phase: dict) -> None:
+    """Record every Triton / Gluon kernel compiled (or loaded from the disk cache) from now on: the run it fell in
+    (phase["name"]), the step (index into `log`), its signature and the seconds it took."""
+    from triton import knobs
+
+    started = {}
+
+    def before(*, key, repr, **_):
+        started[str(key)] = time.perf_counter()
+        return False  # compile as usual
+
+    def after(*, key, repr, **_):
+        compiles.append({"run": phase["name"], "step": len(log), "kernel": repr[:300],
+                         "s": round(time.perf_counter() - started.pop(str(key), time.perf_counter()), 3)})
+
+    knobs.runtime.jit_cache_hook, knobs.runtime.jit_post_compile_hook = before, after
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workspace")
@@ -85,13 +103,18 @@ def main() -> int:
     engine = Engine(args.workspace, EngineConfig(max_batch_size=args.concurrency, session_len=1024))
     vocab = list(range(10, engine.cfg.vocab_size))
     warm = B.random_requests(2 * args.concurrency, args.input_len, args.output_len, 0.5, vocab, seed=1)
+    log: list = []
+    compiles: list = []
+    phase = {"name": "warm-up"}
+    log_compiles(log, compiles, phase)
     engine.start()
-    B.run_bench(warm, args.concurrency, B.engine_sender(engine), False)  # compile kernels, capture graphs
+    first_result = B.run_bench(warm, args.concurrency, B.engine_sender(engine), False)  # compiles, graph captures
     # the same load as the instrumented run, without its per-step syncs (the pipelined decode stays on)
+    phase["name"] = "plain"
     plain = B.random_requests(args.num_prompts, args.input_len, args.output_len, 0.5, vocab, seed=3)  # no cache hits
     plain_result = B.run_bench(plain, args.concurrency, B.engine_sender(engine), False)
     engine.stop()
-    log: list = []
+    phase["name"] = "instrumented"
     profiled = {"done": [], "attempts": 0, "count": defaultdict(int)}
     instrument(engine, log, profiled)
     engine.start()
@@ -109,19 +132,27 @@ def main() -> int:
                    "tokens_per_step": v["tokens"] / v["steps"]} for k, v in by_kind.items()}
     report = {"device": torch.cuda.get_device_name(), "workspace": args.workspace, "concurrency": args.concurrency,
               "num_prompts": args.num_prompts, "bench": result,
-              "bench_uninstrumented": plain_result, "steps": summary,
+              "bench_uninstrumented": plain_result, "bench_first_run": first_result, "steps": summary,
               "total_step_ms": sum(r["ms"] for r in log), "profiles": profiled["done"],
               "step_log": [[r["kind"][0], r["seqs"], r["tokens"], round(r["ms"], 3)] for r in log],
-              "step_log_columns": ["kind (d/m/p)", "seqs", "tokens", "ms"]}
+              "step_log_columns": ["kind (d/m/p)", "seqs", "tokens", "ms"], "compiles": compiles}
     for kind, v in summary.items():
         print(f"{kind:8} {v['steps']:5} steps  {v['ms_per_step']:8.2f} ms/step  {v['seqs_per_step']:6.1f} seqs  "
               f"{v['tokens_per_step']:7.1f} tokens/step  ({v['ms'] / 1e3:.2f} s)")
+    print(f"first run (compiles, graph captures): {first_result['output_throughput']:.1f} out tok/s, TTFT p99 "
+          f"{first_result['ttft_ms']['p99']:.0f} ms")
     print(f"bench without the step syncs: {plain_result['output_throughput']:.1f} out tok/s")
     print(f"bench: {result['output_throughput']:.1f} out tok/s, {result['duration_s']:.1f} s; "
           f"steps {report['total_step_ms'] / 1e3:.1f} s")
     for p in profiled["done"]:
         top = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in list(p["gpu_us"].items())[:6])
         print(f"  profile {p['kind']:7} seqs {p['seqs']:4} tokens {p['tokens']:5} wall {p['wall_ms']:.2f} ms: {top} (GPU ms)")
+    for run in ("warm-up", "plain"):
+        done = [c for c in compiles if c["run"] == run]
+        print(f"  {run} run: {len(done)} kernels compiled or loaded, {sum(c['s'] for c in done):.1f} s")
+    for c in compiles:
+        if c["run"] == "instrumented":
+            print(f"  compiled in the instrumented run, step {c['step']}: {c['s']:.2f} s {c['kernel'][:160]}")
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     return 0
