@@ -7,6 +7,10 @@ one token: the CUDA-graph path), "mixed" (decodes plus prompt chunks: the eager 
 family; those steps are left out of the per-kind sums (the profiler slows them) and marked in `step_log`.
 
     python bench/profile_serving.py WORKSPACE --concurrency 256 --num-prompts 600 --out prof.json
+
+The engine is warmed up first (Engine.warmup, as `lmc serve` does; --no-warmup skips it), then runs the load
+three times: a first run (whatever the warm-up left to compile), the same load without the per-step syncs, and
+the instrumented run; every kernel compiled in each phase is logged.
 """
 from __future__ import annotations
 
@@ -99,14 +103,17 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=224)
     ap.add_argument("--output-len", type=int, default=200)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-warmup", action="store_true", help="skip Engine.warmup (as before session 19)")
     args = ap.parse_args()
     engine = Engine(args.workspace, EngineConfig(max_batch_size=args.concurrency, session_len=1024))
     vocab = list(range(10, engine.cfg.vocab_size))
     warm = B.random_requests(2 * args.concurrency, args.input_len, args.output_len, 0.5, vocab, seed=1)
     log: list = []
     compiles: list = []
-    phase = {"name": "warm-up"}
+    phase = {"name": "Engine.warmup"}
     log_compiles(log, compiles, phase)
+    warmup = None if args.no_warmup else engine.warmup()
+    phase["name"] = "warm-up"
     engine.start()
     first_result = B.run_bench(warm, args.concurrency, B.engine_sender(engine), False)  # compiles, graph captures
     # the same load as the instrumented run, without its per-step syncs (the pipelined decode stays on)
@@ -132,7 +139,7 @@ def main() -> int:
                    "tokens_per_step": v["tokens"] / v["steps"]} for k, v in by_kind.items()}
     report = {"device": torch.cuda.get_device_name(), "workspace": args.workspace, "concurrency": args.concurrency,
               "num_prompts": args.num_prompts, "bench": result,
-              "bench_uninstrumented": plain_result, "bench_first_run": first_result, "steps": summary,
+              "bench_uninstrumented": plain_result, "bench_first_run": first_result, "engine_warmup": warmup, "steps": summary,
               "total_step_ms": sum(r["ms"] for r in log), "profiles": profiled["done"],
               "step_log": [[r["kind"][0], r["seqs"], r["tokens"], round(r["ms"], 3)] for r in log],
               "step_log_columns": ["kind (d/m/p)", "seqs", "tokens", "ms"], "compiles": compiles}
@@ -147,7 +154,9 @@ def main() -> int:
     for p in profiled["done"]:
         top = ", ".join(f"{k} {v / 1e3:.2f}" for k, v in list(p["gpu_us"].items())[:6])
         print(f"  profile {p['kind']:7} seqs {p['seqs']:4} tokens {p['tokens']:5} wall {p['wall_ms']:.2f} ms: {top} (GPU ms)")
-    for run in ("warm-up", "plain"):
+    if warmup is not None:
+        print(f"Engine.warmup: {warmup}")
+    for run in ("Engine.warmup", "warm-up", "plain"):
         done = [c for c in compiles if c["run"] == run]
         print(f"  {run} run: {len(done)} kernels compiled or loaded, {sum(c['s'] for c in done):.1f} s")
     for c in compiles:

@@ -253,6 +253,21 @@ def _engine_flags_for_bench(fn):
     return _with_options(_engine_flags(max_batch_size=None), fn)
 
 
+WARMUP_FLAG = click.option("--warmup/--no-warmup", default=True, show_default=True,
+                           help="on a GPU, compile the kernels and capture the decode graphs before the first request")
+
+
+def _warm_up(engine, warmup: bool, quiet: bool) -> dict | None:
+    """Engine.warmup on a GPU engine when asked (a CPU has nothing to compile); one line on stderr unless quiet."""
+    if not warmup or engine.device.type != "cuda":
+        return None
+    report = engine.warmup(progress=not quiet and sys.stderr.isatty())
+    if not quiet:
+        click.echo(f"warmed up in {report['seconds']:.1f} s ({report['forwards']} forwards, "
+                   f"{report['graphs']} CUDA graphs)", err=True)
+    return report
+
+
 def _engine_config(kw: dict):
     from lmc.runtime.config import EngineConfig
 
@@ -398,8 +413,8 @@ def _option_names(options) -> set[str]:
 
 def _refuse_engine_flags(ctx) -> None:
     """Against a server URL, engine flags given on the command line are a usage error."""
-    local_only = [name for name in _option_names(_engine_flags())
-                  if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    names = sorted(_option_names(_engine_flags())) + [name for name in ("warmup",) if name in ctx.params]
+    local_only = [name for name in names if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
     if local_only:
         raise click.UsageError(f"--{local_only[0].replace('_', '-')} sets up a local engine; "
                                "a server keeps the settings it was started with")
@@ -479,9 +494,10 @@ class _ApiKeysCommand(click.Command):
 @click.option("--allowed-media-domains", "media_domains", multiple=True, metavar="HOST...",
               help="image URLs only from these hosts (default: any host with a public address)")
 @engine_flags_only
+@WARMUP_FLAG
 @user_errors
 def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_template, drain_timeout, log_level,
-          media_dir, media_domains, **kw):
+          media_dir, media_domains, warmup, **kw):
     """Serve the model at PATH over an OpenAI-compatible HTTP API, with a chat page at /.
 
     PATH is a workspace, an HF folder or a GGUF file. Needs the serve extra: pip install 'lmc[serve]'."""
@@ -495,6 +511,11 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
     from lmc.runtime.engine import Engine
 
     engine = Engine(str(resolve_workspace(path)), _engine_config(kw))
+    try:
+        _warm_up(engine, warmup, quiet=False)
+    except BaseException:
+        engine.close()
+        raise
     if chat_template:
         engine.tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
     name = model_name or _default_model_name(path)
@@ -520,10 +541,11 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
 @click.option("--out", type=click.Path(dir_okay=False), default=None, help="also write the JSON result to this file")
 @click.option("--api-key", default=None, help="PATH = a server URL: its API key (sent as a Bearer token)")
 @_engine_flags_for_bench
+@WARMUP_FLAG
 @click.pass_context
 @user_errors
 def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out, api_key,
-          **kw):
+          warmup, **kw):
     """Throughput and latency of the model at PATH under C concurrent clients (as LMDeploy's profile_throughput).
     PATH = http://host:port benchmarks a running OpenAI-compatible server through its API instead."""
     import platform
@@ -555,11 +577,13 @@ def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, r
     if too_long:
         raise LmcError(f"{len(too_long)} requests need more than session_len {engine.session_len} tokens; "
                        "raise --session-len or lower --input-len/--output-len")
-    engine.start()
     try:
+        warmed = _warm_up(engine, warmup, quiet=as_json)
+        engine.start()
         result = B.run_bench(requests, concurrency, B.engine_sender(engine), show_progress=not as_json and sys.stderr.isatty())
     finally:
         engine.close()
+    result["warmup"] = warmed
     result.update({"path": str(path), "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
                    "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu",
                    "engine": {k: v for k, v in kw.items()}, "stats": vars(engine.stats())})

@@ -165,6 +165,13 @@ class GraphDecoder:
         graph.replay()
         return logits[:b]
 
+    def warm(self, bucket: int) -> None:
+        """Capture the bucket's graph now (runtime/warmup.py) with padding rows only; followers capture theirs."""
+        rows = pack_decode_rows([], bucket, self.width, self.block_size, self.scratch_block)  # [bucket, 4 + W]
+        if self.shard is not None:
+            self.shard.announce_decode(bucket, 0, rows)
+        self.replay_rows(bucket, 0, rows, None)
+
     def release(self) -> None:
         """Drop the captured graphs (before a tensor-parallel rank leaves its process group)."""
         if self.device.type == "cuda":

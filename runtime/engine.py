@@ -11,6 +11,7 @@ Public API (every front end uses only this):
     engine.start() / engine.stop()     # or a background thread that steps while there is work
     engine.generate(prompts, gens)     # a batch to completion -> list[Response]
     engine.stats()                     # queue lengths, cache use, prefix-cache hit rate, counters
+    engine.warmup()                    # compile kernels and capture the decode graphs before traffic
 
 Without a background thread, iterating a handle drives `step()` itself, so a single-threaded
 caller needs nothing else. Requests added from other threads wait in an inbox that each step
@@ -283,6 +284,15 @@ class Engine:
                 if p.is_alive():
                     p.terminate()
             self._ranks = []
+
+    def warmup(self, progress: bool = False) -> dict:
+        """Compile every kernel a step can launch and capture the decode graphs now, before any request
+        (runtime/warmup.py); `lmc serve` and `lmc bench` call it unless --no-warmup. Returns what it ran and
+        its seconds."""
+        from lmc.runtime.warmup import warm_up
+
+        with self._lock:
+            return warm_up(self, progress)
 
     # ------------------------------------------------------------------ public API
     def add_request(self, prompt_ids: list[int], gen: GenerationConfig | None = None,
@@ -558,14 +568,24 @@ class Engine:
         if not batch.is_decode:
             cu = torch.tensor([0] + batch.num_new, dtype=torch.int32).cumsum(0).to(torch.int32)  # [B+1]
         slots, positions = torch.tensor(slots, dtype=torch.int64), torch.tensor(positions, dtype=torch.int64)  # [T]
-        max_position = int(kv_lens.max()) - 1
         rows = torch.tensor([last[i] for i in range(len(batch.seqs)) if batch.samples(i)], dtype=torch.int64)  # [S]
+        ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
+        embed = (lambda t: self.vision.embed(self.model.embed, t, pieces)) if with_images else None
+        return self.ragged_forward(ids, positions, slots, tables, kv_lens, cu, rows, embed)
+
+    def ragged_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
+                       kv_lens: torch.Tensor, cu: torch.Tensor | None, rows: torch.Tensor,
+                       embed=None) -> torch.Tensor | None:
+        """The eager forward on every rank: ids [T] on the device; host tensors positions, slots [T] (int64),
+        tables [B, W], kv_lens [B] (int32), cu [B+1] (None: one token a sequence), rows [S] (the tokens whose
+        logits are wanted); embed: ids -> [T, H] (image tokens) or None. Logits [S, V], None when S = 0."""
+        dev = self.device
+        max_position = int(kv_lens.max()) - 1
         if self.shard is not None:
             self.shard.announce_forward(positions, slots, tables, kv_lens, cu, max_position, rows)
         paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev),
                            cu.to(dev) if cu is not None else None)
-        ids = torch.tensor(ids, dtype=torch.int64, device=dev)  # [T]
-        embeds = self.vision.embed(self.model.embed, ids, pieces) if with_images else None  # [T, H]
+        embeds = embed(ids) if embed is not None else None  # [T, H]
         h = self.model.hidden(ids, positions.to(dev), paged, max_position, embeds)  # [T, H]
         if not rows.numel():  # every sequence is part-way through its prompt
             return None

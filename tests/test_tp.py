@@ -352,8 +352,8 @@ def test_server_runs_tp2_with_tp1_answers(checkpoint, tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 @pytest.mark.parametrize("dtype", ["float32", None])
 def test_tp2_on_two_gpus_with_cuda_graphs(dtype, checkpoint, tmp_path):
-    """NCCL ranks, CUDA-graph decode with the all-reduces captured, pipelined greedy: tp = 1's tokens (float32
-    compute; the stored fp16 too on this tiny model)."""
+    """NCCL ranks, CUDA-graph decode with the all-reduces captured (every bucket at the warm-up), pipelined
+    greedy: tp = 1's tokens (float32 compute; the stored fp16 too on this tiny model)."""
     ckpt = checkpoint("llama3", dtype=torch.float16)
     convert(ckpt, tmp_path / "tp1")
     convert(ckpt, tmp_path / "tp2", tp=2)
@@ -362,6 +362,8 @@ def test_tp2_on_two_gpus_with_cuda_graphs(dtype, checkpoint, tmp_path):
         engine = Engine(str(tmp_path / ws), EngineConfig(device="cuda", dtype=dtype, cache_max_entry_count=0.05,
                                                         max_batch_size=4))
         try:
+            engine.warmup()  # the followers capture every bucket's graph with rank 0 (runtime/warmup.py)
+            assert sorted(engine.decoder.graphs) == engine.decoder.buckets
             got[ws] = [r.token_ids for r in engine.generate(PROMPTS, GREEDY)]
             assert engine.decoder is not None and engine.decoder.graphs, "decode ran without CUDA graphs"
         finally:

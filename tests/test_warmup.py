@@ -1,0 +1,160 @@
+"""The engine's warm-up (runtime/warmup.py): which forwards it runs, that it touches no sequence's KV blocks
+and changes no output (CPU), and, on a GPU, that a served load after it compiles no kernel.
+
+GPU test: TRITON_INTERPRET=0 pytest -m gpu tests/test_warmup.py
+"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import torch
+
+from lmc.compiler.convert import convert
+
+gpu = pytest.mark.gpu
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                                reason="needs CUDA and TRITON_INTERPRET=0 (run: TRITON_INTERPRET=0 pytest -m gpu)")
+
+
+def test_token_counts_meet_every_power_of_two_class_both_ways():
+    from lmc.runtime.warmup import warmup_batch, warmup_token_counts
+
+    assert warmup_token_counts(40) == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 39, 40]
+    assert warmup_token_counts(1) == [1]
+    counts = warmup_token_counts(8192)
+    for c in (1, 2, 4, 8, 16, 64, 128, 256, 2048):  # the H200 table's M classes
+        assert c in counts and (c == 1 or c - 1 in counts)
+    assert max(counts) == 8192 and 8191 in counts
+    assert warmup_batch(1, 8) == [1] and warmup_batch(3, 8) == [3]
+    assert warmup_batch(8, 8) == [5, 1, 1, 1]
+    assert warmup_batch(8192, 256) == [8192 - 255] + [1] * 255
+    for t in counts:
+        rows = warmup_batch(t, 256)
+        assert sum(rows) == t and len(rows) <= 256 and all(n == 1 for n in rows[1:])
+
+
+def _engine(ws, **kw):
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.engine import Engine
+
+    base = dict(device="cpu", cache_block_seq_len=8, session_len=96, max_batch_size=6, max_prefill_token_num=40)
+    return Engine(str(ws), EngineConfig(**{**base, **kw}))
+
+
+def _prompts() -> list[list[int]]:
+    rng = random.Random(5)
+    return [[rng.randrange(5, 400) for _ in range(n)] for n in (1, 9, 17, 33, 50)]
+
+
+def _greedy(engine) -> list[list[int]]:
+    from lmc.runtime.sampling import GenerationConfig
+
+    return [r.token_ids for r in engine.generate(_prompts(), GenerationConfig(max_new_tokens=12, ignore_eos=True))]
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, tokenizer_dir):
+    from conftest import make_checkpoint
+
+    root = tmp_path_factory.mktemp("warmup")
+    convert(make_checkpoint("llama3", root / "ckpt", tokenizer_dir), root / "ws")  # odd shapes, GQA
+    return root / "ws"
+
+
+@pytest.mark.parametrize("graph_decoder", [False, True])
+def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decoder):
+    """Warm up an engine that already holds a sequence's KV blocks (written by a generate): every block but the
+    scratch one keeps its bytes, the free list is whole again, and greedy tokens equal a cold engine's. Without
+    a graph decoder (CPU) the scratch block is borrowed and given back; with one (run eagerly on CPU) it is the
+    decoder's, and its padded bucket steps run too."""
+    from lmc.runtime.cuda_graph import GraphDecoder
+    from lmc.runtime.warmup import warm_up
+
+    expected = _greedy(_engine(ws))
+    engine = _engine(ws)
+    if graph_decoder:
+        engine.decoder = GraphDecoder(engine)
+    assert _greedy(engine) == expected  # fills (and frees) real blocks; prefix caching keeps them evictable
+    before = [(k.clone(), v.clone()) for k, v in zip(engine.cache.k, engine.cache.v)]
+    free = engine.blocks.num_free
+    calls, borrowed = [], []
+    forward, allocate = engine.ragged_forward, engine.blocks.allocate
+    engine.ragged_forward = lambda ids, *a, **kw: (calls.append(int(ids.numel())), forward(ids, *a, **kw))[1]
+    engine.blocks.allocate = lambda n: (borrowed.extend(got := allocate(n)), got)[1]
+    report = warm_up(engine)
+    engine.blocks.allocate = allocate
+    assert calls == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 39, 40] and report["forwards"] == 12
+    if graph_decoder:
+        scratch = engine.decoder.scratch_block
+        for b in engine.decoder.buckets:  # on CPU the padded steps run eagerly; warm them explicitly
+            engine.decoder.warm(b)
+    else:
+        assert len(borrowed) == 1
+        scratch = borrowed[0]
+    assert engine.blocks.num_free == free
+    changed = set()  # compared as bytes: never-written blocks may hold NaNs
+    for (k0, v0), k1, v1 in zip(before, engine.cache.k, engine.cache.v):
+        for b in range(k0.shape[0]):
+            if not all(torch.equal(a[b].view(torch.uint8), c[b].view(torch.uint8)) for a, c in ((k0, k1), (v0, v1))):
+                changed.add(b)
+    assert changed == {scratch}, (changed, scratch)  # the warm-up wrote there, and only there
+    assert _greedy(engine) == expected
+
+
+def test_warmup_runs_on_every_tensor_parallel_rank(checkpoint, tmp_path):
+    """tp = 2 on the CPU (gloo): the warm-up's forwards are announced to the follower like the engine's own (a
+    rank left out would hang the all-reduces), and the greedy tokens after it are tp = 1's."""
+    from lmc.runtime.warmup import warm_up
+
+    ckpt = checkpoint("llama3")
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    expected = _greedy(_engine(tmp_path / "tp1"))
+    engine = _engine(tmp_path / "tp2", threads=1, cpu_cache_budget_gb=0.05)
+    try:
+        assert warm_up(engine)["forwards"] == 12
+        assert _greedy(engine) == expected
+    finally:
+        engine.close()
+
+
+def test_bench_refuses_no_warmup_against_a_url():
+    from click.testing import CliRunner
+
+    from lmc.cli import main
+
+    result = CliRunner().invoke(main, ["bench", "http://127.0.0.1:9", "--no-warmup"])
+    assert result.exit_code == 2 and "--warmup sets up a local engine" in result.output
+
+
+@gpu
+@needs_cuda
+def test_no_kernel_compiles_after_warmup_on_gpu(checkpoint, tmp_path):
+    """After warm_up, greedy generation of prompts of many lengths together (mixed steps of odd sizes, decode
+    buckets, chunked prefill) compiles no Triton kernel, fp16 and int4 (the int4 kernels' M classes)."""
+    from triton import knobs
+
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+    from lmc.runtime.sampling import GenerationConfig
+
+    src = checkpoint("llama3", dtype=torch.float16)
+    fp16, int4 = tmp_path / "fp16", tmp_path / "int4"
+    convert(src, fp16, dtype="float16")
+    quantize(src, int4, QuantizeOptions(calib_samples=0, w_group_size=32, workspace=True, dtype="float16", device="cpu"),
+             say=lambda *_: None)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(5, 400) for _ in range(rng.randrange(1, 90))] for _ in range(37)]
+    gens = [GenerationConfig(max_new_tokens=rng.randrange(1, 30), ignore_eos=True) for _ in prompts]
+    for ws in (fp16, int4):
+        engine = _engine(ws, device="cuda", session_len=160, max_batch_size=16, max_prefill_token_num=96)
+        engine.warmup()
+        compiled = []
+        knobs.runtime.jit_cache_hook = lambda *, repr, **_: compiled.append(repr[:120]) and False
+        try:
+            engine.generate(prompts, gens)
+        finally:
+            knobs.runtime.jit_cache_hook = None
+            engine.close()
+        assert compiled == [], f"{ws.name}: {len(compiled)} kernels compiled after the warm-up: {compiled[:3]}"
