@@ -10,7 +10,8 @@ What runs, on every rank (the forwards are announced as the engine's own are):
   token budget (and the budget and the budget - 1), so every M class of a power-of-two W4A16 table (kernels/w4a16_tuning.json) is met with
   and without Triton's divisible-by-16 specialization; each batch mixes one prompt chunk with
   one-token rows (`warmup_batch`), as a mixed step does, so the logits and the attention see 1..256 rows;
-- the CUDA-graph capture of every decode bucket (runtime/cuda_graph.py), with padding rows only.
+- the CUDA-graph capture of every decode bucket (runtime/cuda_graph.py), with padding rows only, and the
+  greedy argmax (kernels/argmax.py) at every row count up to the largest bucket (rank 0 alone samples).
 Every KV write and read is on one scratch block (the graph decoder's, else one borrowed and given back), so
 no sequence's cache is touched; nothing is sampled.
 """
@@ -19,6 +20,8 @@ from __future__ import annotations
 import time
 
 import torch
+
+from lmc.kernels.argmax import argmax_rows
 
 
 def warmup_token_counts(max_tokens: int) -> list[int]:
@@ -77,6 +80,10 @@ def warm_up(engine, progress: bool = False) -> dict:
             for bucket in buckets:
                 decoder.warm(bucket)
                 bar.update()
+            if buckets and buckets[-1] in decoder.graphs:  # the greedy decode's argmax (its split follows the rows)
+                logits = decoder.graphs[buckets[-1]][1]  # [B, V] float32: the largest graph's output buffer
+                for b in range(1, buckets[-1] + 1):
+                    argmax_rows(logits[:b])
             if engine.device.type == "cuda":
                 torch.cuda.synchronize(engine.device)
     finally:
