@@ -59,6 +59,12 @@ def _jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def _jit_rows(fn):
+    """triton.jit without specializing on the row count M (it only bounds masks): one compile serves every M of a
+    configuration, so a step of a row count the warm-up did not meet compiles nothing (runtime/warmup.py)."""
+    return triton.jit(fn, do_not_specialize=["M"]) if triton is not None else fn
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -520,7 +526,7 @@ def _w4a16_gemv_kernel(
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
-@_jit
+@_jit_rows
 def _w4a16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, dst_ptr,
     M, N, K, stride_xm, stride_dm, stride_ds,
@@ -599,26 +605,36 @@ def _w4a16_gemm_kernel(
     tl.store(dst, acc.to(dst_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
 
-@_jit
-def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
+@_jit_rows
+def _splitk_sum_kernel(part_ptr, out_ptr, M, N, stride_ps, stride_om, SPLIT_K: tl.constexpr, BLOCK: tl.constexpr,
                        PDL: tl.constexpr):
-    """out[M, N] = sum over s of part[s, M, N] (float32 partials, fixed order: deterministic)."""
+    """out[M, N] = sum over s of part[s, :M, N] (float32 partials, split s at s * stride_ps; fixed order:
+    deterministic)."""
     pdl_wait(PDL)
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] flat index into [M, N]
     mask = idx < M * N
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for s in tl.static_range(SPLIT_K):
-        acc += tl.load(part_ptr + s * M * N + idx, mask=mask, other=0.0)
+        acc += tl.load(part_ptr + s * stride_ps + idx, mask=mask, other=0.0)
     tl.store(out_ptr + (idx // N) * stride_om + idx % N, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------- launchers
 
 
+def _splitk_partials(split_k: int, m: int, n: int, device: torch.device) -> torch.Tensor:
+    """float32 [split_k, M, N] partials with each split's rows padded to a multiple of 16: the split stride is
+    then a multiple of 16 whatever M is, so the kernels compiled for one M serve every M (Triton specializes
+    integer arguments on divisibility by 16; a new one at serving time is a compile that stalls the step)."""
+    return torch.empty((split_k, _cdiv(m, 16) * 16, n), dtype=torch.float32, device=device)[:, :m]  # [S, M, N]
+
+
 def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
+    """out [M, N] = part [S, M, N] summed over S; part's rows contiguous within a split (_splitk_partials)."""
     split_k, m, n = part.shape
-    _splitk_sum_kernel[(_cdiv(m * n, 1024),)](part, out, m, n, out.stride(0), SPLIT_K=split_k, BLOCK=1024,
-                                              num_warps=4, **pdl_launch(out.device))
+    assert part.stride(1) == n and part.stride(2) == 1
+    _splitk_sum_kernel[(_cdiv(m * n, 1024),)](part, out, m, n, part.stride(0), out.stride(0), SPLIT_K=split_k,
+                                              BLOCK=1024, num_warps=4, **pdl_launch(out.device))
 
 
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -691,7 +707,7 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     n = qweight.shape[1]
     if out is None:
         out = torch.empty((m, n), dtype=x.dtype, device=x.device)  # [M, N]
-    dst = out if split_k == 1 else torch.empty((split_k, m, n), dtype=torch.float32, device=x.device)
+    dst = out if split_k == 1 else _splitk_partials(split_k, m, n, x.device)  # [S, M, N]
     grid = (_cdiv(m, block_m) * _cdiv(n, block_n), split_k)
     _w4a16_gemm_kernel[grid](
         x, qweight if qweight_kmajor is None else qweight_kmajor, scales, zeros, dst, m, n, k, x.stride(0),

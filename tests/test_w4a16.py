@@ -381,3 +381,14 @@ def test_gemm_kmajor(m, n, k, group, block_k, split_k, swap_ab, dtype):
         W.w4a16_gemm_triton(x, q, scales, zeros, group, block_k=block_k, qweight_kmajor=q.t())
     with pytest.raises(LmcError, match="divide the group size"):
         W.w4a16_gemm_triton(x, q, scales, zeros, group, block_k=2 * group, qweight_kmajor=qt)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16, 17, 42, 255])
+def test_split_k_partials_stride_is_a_multiple_of_16_for_every_m(m):
+    """The GEMM's split-K partials keep a split stride divisible by 16 whatever M is (Triton would otherwise
+    compile the kernel again for each divisibility of M x N: a stall mid-serving); test_gemm_* check the sums."""
+    from lmc.kernels.w4a16 import _splitk_partials
+
+    for n in (48, 13, 4096):
+        part = _splitk_partials(3, m, n, torch.device("cpu"))
+        assert part.shape == (3, m, n) and part.stride(0) % 16 == 0 and part.stride()[1:] == (n, 1)

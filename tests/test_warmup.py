@@ -151,10 +151,10 @@ def test_no_kernel_compiles_after_warmup_on_gpu(checkpoint, tmp_path):
         engine = _engine(ws, device="cuda", session_len=160, max_batch_size=16, max_prefill_token_num=96)
         engine.warmup()
         compiled = []
-        knobs.runtime.jit_cache_hook = lambda *, repr, **_: compiled.append(repr[:120]) and False
+        knobs.runtime.jit_cache_hook = lambda *, repr, **_: compiled.append(repr) and False
         try:
             engine.generate(prompts, gens)
         finally:
             knobs.runtime.jit_cache_hook = None
             engine.close()
-        assert compiled == [], f"{ws.name}: {len(compiled)} kernels compiled after the warm-up: {compiled[:3]}"
+        assert compiled == [], f"{ws.name}: {len(compiled)} kernels compiled after the warm-up: {compiled[:2]}"
