@@ -103,6 +103,16 @@ def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decode
     assert _greedy(engine) == expected
 
 
+@pytest.mark.parametrize("quant_policy", [8, 4])
+def test_warmup_leaves_a_quantized_kv_cache_engines_output_unchanged(ws, quant_policy):
+    from lmc.runtime.warmup import warm_up
+
+    expected = _greedy(_engine(ws, quant_policy=quant_policy))
+    engine = _engine(ws, quant_policy=quant_policy)
+    warm_up(engine)
+    assert _greedy(engine) == expected and engine.blocks.num_free == engine.blocks.num_blocks
+
+
 def test_warmup_runs_on_every_tensor_parallel_rank(checkpoint, tmp_path):
     """tp = 2 on the CPU (gloo): the warm-up's forwards are announced to the follower like the engine's own (a
     rank left out would hang the all-reduces), and the greedy tokens after it are tp = 1's."""
