@@ -618,6 +618,7 @@ def _dot_precision(dtype: torch.dtype) -> str:
 def paged_prefill_attention_triton(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
     cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float, block_m: int = 64, block_n: int = 64,
+    max_q: int | None = None,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
@@ -628,7 +629,8 @@ def paged_prefill_attention_triton(
     B = kv_lens.shape[0]
     assert cu_seqlens_q.shape == (B + 1,) and block_tables.shape[0] == B
     out = torch.empty_like(q)  # [T, Hq, D]
-    max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0
+    if max_q is None:
+        max_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max()) if B else 0  # a host sync
     if max_q == 0:
         return out
     grid = (triton.cdiv(max_q, block_m), B, Hq)
@@ -799,12 +801,14 @@ def paged_decode_attention_ref(
 
 def paged_prefill_attention(
     q: torch.Tensor, k_cache, v_cache, block_tables: torch.Tensor,
-    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+    cu_seqlens_q: torch.Tensor, kv_lens: torch.Tensor, scale: float, max_q: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of a ragged batch q [T, Hq, D] (cu_seqlens_q [B+1]) over its cached k/v (float
-    caches or QuantizedKV); [T, Hq, D]."""
+    caches or QuantizedKV); [T, Hq, D]. max_q: the longest sequence's query count if the caller knows it
+    (else read from cu_seqlens_q on CUDA: a host sync each call)."""
     if q.is_cuda:
-        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
+        return paged_prefill_attention_triton(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale,
+                                              max_q=max_q)
     return paged_prefill_attention_ref(q, k_cache, v_cache, block_tables, cu_seqlens_q, kv_lens, scale)
 
 

@@ -352,7 +352,8 @@ def follow(shard: Shard, model, cache, decoder) -> None:
             s = h[7]
             positions, slots, tables, kv_lens, cu, rows = payload.split([t, t, b * w, b, (b + 1) if has_cu else 0, s])
             paged = PagedBatch(cache.k, cache.v, slots.to(dev), tables.view(b, w).to(torch.int32).to(dev),
-                               kv_lens.to(torch.int32).to(dev), cu.to(torch.int32).to(dev) if has_cu else None)
+                               kv_lens.to(torch.int32).to(dev), cu.to(torch.int32).to(dev) if has_cu else None,
+                               PagedBatch.longest_run(cu if has_cu else None))
             ids = torch.zeros(t, dtype=torch.int64, device=dev)  # filled by rank 0's broadcast in the forward
             hidden = model.hidden(ids, positions.to(dev), paged, max_position)  # [T, H]
             if s and model.split_lm_head:

@@ -584,7 +584,7 @@ class Engine:
         if self.shard is not None:
             self.shard.announce_forward(positions, slots, tables, kv_lens, cu, max_position, rows)
         paged = PagedBatch(self.cache.k, self.cache.v, slots.to(dev), tables.to(dev), kv_lens.to(dev),
-                           cu.to(dev) if cu is not None else None)
+                           cu.to(dev) if cu is not None else None, PagedBatch.longest_run(cu))
         embeds = embed(ids) if embed is not None else None  # [T, H]
         h = self.model.hidden(ids, positions.to(dev), paged, max_position, embeds)  # [T, H]
         if not rows.numel():  # every sequence is part-way through its prompt

@@ -73,6 +73,12 @@ class PagedBatch:
     block_tables: torch.Tensor  # [B, max_blocks] int32
     kv_lens: torch.Tensor  # [B] int32, tokens in cache after this step
     cu_seqlens_q: torch.Tensor | None  # [B+1] int32 for prefill; None for decode (one token each)
+    max_q: int | None = None  # prefill: the longest sequence's new tokens (None: read from cu_seqlens_q, a sync)
+
+    @staticmethod
+    def longest_run(cu: torch.Tensor | None) -> int | None:
+        """max_q from host cu_seqlens_q [B+1] (None for decode), so the prefill attention never waits for the GPU."""
+        return None if cu is None else int((cu[1:] - cu[:-1]).max())
 
     def attend(self, layer: int, q, k, v, scale: float) -> torch.Tensor:
         write_kv_cache(k, v, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
@@ -92,7 +98,7 @@ class PagedBatch:
         if self.cu_seqlens_q is None:
             return paged_decode_attention(q, self.k_cache[layer], self.v_cache[layer], self.block_tables, self.kv_lens, scale)
         return paged_prefill_attention(q, self.k_cache[layer], self.v_cache[layer], self.block_tables,
-                                       self.cu_seqlens_q, self.kv_lens, scale)
+                                       self.cu_seqlens_q, self.kv_lens, scale, self.max_q)
 
 
 @dataclass

@@ -102,7 +102,7 @@ def cached_hidden(model: Model, batch: torch.Tensor, cache: PagedKVCache, chunk:
         slots = (tables[:, pos // bs].long() * bs + pos % bs).reshape(-1)  # [B*L]
         kv_lens = torch.full((b,), c1, dtype=torch.int32, device=dev)  # [B]
         cu = torch.arange(0, (b + 1) * (c1 - c0), c1 - c0, dtype=torch.int32, device=dev)  # [B+1]
-        paged = PagedBatch(cache.k, cache.v, slots, tables, kv_lens, cu)
+        paged = PagedBatch(cache.k, cache.v, slots, tables, kv_lens, cu, c1 - c0)
         h = model.hidden(batch[:, c0:c1].reshape(-1), pos.repeat(b), paged, c1 - 1)  # [B*L, H]
         out.append(h.view(b, c1 - c0, -1))
     return torch.cat(out, dim=1)  # [B, S, H]

@@ -307,6 +307,13 @@ def test_prefill_triton_matches_ref(Hq, Hkv, D, block_size, dtype, block_m, bloc
     out = attention.paged_prefill_attention_triton(*args, block_m=block_m, block_n=block_n)
     assert out.shape == c.q.shape and out.dtype == dtype
     torch.testing.assert_close(out, attention.paged_prefill_attention_ref(*args), **ATTN_TOL[dtype])
+    # the engine passes the longest run from its host copy of cu_seqlens_q (no sync): the same output
+    from lmc.runtime.model import PagedBatch
+
+    max_q = PagedBatch.longest_run(c.cu_seqlens_q.cpu())
+    assert max_q == 19
+    given = attention.paged_prefill_attention_triton(*args, block_m=block_m, block_n=block_n, max_q=max_q)
+    assert torch.equal(given, out)
 
 
 DECODE_CASES = [  # Hq, Hkv, D, block_size, dtype, num_splits, block_n
