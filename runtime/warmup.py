@@ -6,10 +6,11 @@ Without it the first requests of a server pay for every Triton compile (an 8B in
 (e.g. an eager mixed step of 42 tokens: 1.6 s) stalls every running sequence while its kernels compile.
 
 What runs, on every rank (the forwards are announced as the engine's own are):
-- one eager ragged forward per token count in `warmup_token_counts`: 2^k and 2^k - 1 up to the step's
-  token budget (and the budget and the budget - 1), so every M class of a power-of-two W4A16 table (kernels/w4a16_tuning.json) is met with
-  and without Triton's divisible-by-16 specialization; each batch mixes one prompt chunk with
-  one-token rows (`warmup_batch`), as a mixed step does, so the logits and the attention see 1..256 rows;
+- one eager ragged forward per token count in `warmup_token_counts`: 2^k and 2^k - 1 up to the step's token
+  budget (and the budget and the budget - 1), so every M class of a power-of-two W4A16 table
+  (kernels/w4a16_tuning.json) is met with and without Triton's divisible-by-16 specialization; each batch mixes
+  prompt chunks (at most session_len tokens each) with one-token rows (`warmup_batch`), as a mixed step does,
+  so the logits and the attention see 1..max_batch_size rows;
 - the CUDA-graph capture of every decode bucket (runtime/cuda_graph.py), with padding rows only, and the
   greedy argmax (kernels/argmax.py) at every row count up to the largest bucket (rank 0 alone samples).
 Every KV write and read is on one scratch block (the graph decoder's, else one borrowed and given back), so
@@ -33,29 +34,35 @@ def warmup_token_counts(max_tokens: int) -> list[int]:
     return sorted(counts)
 
 
-def warmup_batch(tokens: int, max_batch: int) -> list[int]:
-    """New tokens per sequence for a warm-up forward of `tokens` tokens: one prompt chunk first, then
-    one-token rows (about half the tokens, at most max_batch sequences in all)."""
-    seqs = max(1, min(max_batch, tokens // 2))
-    return [tokens - (seqs - 1)] + [1] * (seqs - 1)
+def warmup_batch(tokens: int, max_batch: int, max_len: int) -> list[int]:
+    """New tokens per sequence for a warm-up forward of `tokens` tokens (at most max_batch * max_len): prompt chunks
+    of at most max_len tokens first, then one-token rows (about half the tokens, as many as max_batch leaves)."""
+    assert tokens <= max_batch * max_len, f"{tokens} tokens do not fit {max_batch} sequences of {max_len}"
+
+    def chunks(n: int) -> int:
+        return -(-n // max_len)
+
+    ones = min(tokens // 2, max_batch - 1)
+    while ones > 0 and ones + chunks(tokens - ones) > max_batch:
+        ones -= 1
+    rest = tokens - ones
+    k = chunks(rest)
+    return [rest // k + (i < rest % k) for i in range(k)] + [1] * ones
 
 
 def _forward(engine, num_new: list[int], scratch: int) -> None:
-    """One eager forward of len(num_new) sequences on block `scratch`: the first sequence starts at position 0,
-    the one-token rows sit at position 0, and position p is written to slot p % block size, so every slot
-    attention reads was written in this forward (values are finite; several tokens share a slot)."""
+    """One eager forward of len(num_new) sequences on block `scratch`, each from position 0 (a prompt chunk, or a
+    one-token row); position p is written to slot p % block size, so every slot attention reads was written in
+    this forward (values are finite; several tokens share a slot)."""
     bs, dev = engine.blocks.block_size, engine.device
-    total = sum(num_new)
-    positions = torch.cat([torch.arange(num_new[0], dtype=torch.int64),
-                           torch.zeros(len(num_new) - 1, dtype=torch.int64)])  # [T]
+    positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in num_new])  # [T]
     slots = scratch * bs + positions % bs  # [T]: position p on the scratch block's slot p % bs
-    kv_lens = torch.tensor([num_new[0]] + [1] * (len(num_new) - 1), dtype=torch.int32)  # [B]
-    width = -(-num_new[0] // bs)
-    tables = torch.full((len(num_new), width), scratch, dtype=torch.int32)  # [B, W]
+    kv_lens = torch.tensor(num_new, dtype=torch.int32)  # [B]
+    tables = torch.full((len(num_new), -(-max(num_new) // bs)), scratch, dtype=torch.int32)  # [B, W]
     decode = all(n == 1 for n in num_new)
     cu = None if decode else torch.tensor([0] + num_new, dtype=torch.int64).cumsum(0).to(torch.int32)  # [B+1]
     rows = (torch.cumsum(torch.tensor(num_new), 0) - 1).to(torch.int64)  # [B]: every sequence's last token
-    ids = torch.zeros(total, dtype=torch.int64, device=dev)  # [T]
+    ids = torch.zeros(positions.numel(), dtype=torch.int64, device=dev)  # [T]
     engine.ragged_forward(ids, positions, slots, tables, kv_lens, cu, rows)
 
 
@@ -65,7 +72,8 @@ def warm_up(engine, progress: bool = False) -> dict:
 
     assert not engine.has_unfinished_requests(), "warm up before any request arrives"
     t0 = time.perf_counter()
-    counts = warmup_token_counts(engine.config.max_prefill_token_num)
+    config = engine.config
+    counts = warmup_token_counts(min(config.max_prefill_token_num, config.max_batch_size * engine.session_len))
     decoder = engine.decoder
     buckets = decoder.buckets if decoder is not None and decoder.enabled else []
     borrowed = [] if decoder is not None else engine.blocks.allocate(1)
@@ -75,7 +83,7 @@ def warm_up(engine, progress: bool = False) -> dict:
     try:
         with torch.inference_mode():
             for t in counts:
-                _forward(engine, warmup_batch(t, engine.config.max_batch_size), scratch)
+                _forward(engine, warmup_batch(t, config.max_batch_size, engine.session_len), scratch)
                 bar.update()
             for bucket in buckets:
                 decoder.warm(bucket)

@@ -27,12 +27,17 @@ def test_token_counts_meet_every_power_of_two_class_both_ways():
     for c in (1, 2, 4, 8, 16, 64, 128, 256, 2048):  # the H200 table's M classes
         assert c in counts and (c == 1 or c - 1 in counts)
     assert max(counts) == 8192 and 8191 in counts
-    assert warmup_batch(1, 8) == [1] and warmup_batch(3, 8) == [3]
-    assert warmup_batch(8, 8) == [5, 1, 1, 1]
-    assert warmup_batch(8192, 256) == [8192 - 255] + [1] * 255
-    for t in counts:
-        rows = warmup_batch(t, 256)
-        assert sum(rows) == t and len(rows) <= 256 and all(n == 1 for n in rows[1:])
+    assert warmup_batch(1, 8, 100) == [1] and warmup_batch(3, 8, 100) == [2, 1]
+    assert warmup_batch(8, 8, 100) == [4, 1, 1, 1, 1]
+    assert warmup_batch(8192, 256, 8192) == [8192 - 255] + [1] * 255
+    assert warmup_batch(8192, 256, 1024) == [993] * 8 + [1] * 248  # chunks no longer than a session
+    assert warmup_batch(40, 4, 10) == [10, 10, 10, 10]
+    for max_len in (1024, 8192):
+        for t in counts:
+            rows = warmup_batch(t, 256, max_len)
+            assert sum(rows) == t and len(rows) <= 256 and max(rows) <= max_len and rows == sorted(rows, reverse=True)
+            if max_len == 8192:
+                assert rows.count(1) - (rows[0] == 1) == min(t // 2, 255)  # about half the tokens are one-token rows
 
 
 def _engine(ws, **kw):
