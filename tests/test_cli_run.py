@@ -87,6 +87,7 @@ def test_bench_reports_every_request_and_its_latencies(checkpoint, tmp_path):
     for key in ("ttft_ms", "tpot_ms", "itl_ms"):
         assert set(out[key]) == {"mean", "p50", "p90", "p99"} and out[key]["p50"] <= out[key]["p99"]
     assert out["output_throughput"] == pytest.approx(out["completion_tokens"] / out["duration_s"], rel=0.01)
+    assert out["warmup"] is None  # a CPU engine has nothing to compile: no warm-up
 
     sharegpt = [{"conversations": [{"from": "human", "value": "tell me about the quick brown fox " * 2},
                                    {"from": "gpt", "value": "the fox jumps over the lazy dog " * 2}]}] * 5
