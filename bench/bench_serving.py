@@ -57,12 +57,16 @@ def lmc_runs(ws: Path, plan: list[tuple[int, int]], args) -> list[dict]:
     """One engine, `lmc bench`'s client loop at each (concurrency, requests)."""
     engine = Engine(str(ws), EngineConfig(max_batch_size=max(c for c, _ in plan), session_len=args.session_len))
     vocab = list(range(10, engine.cfg.vocab_size))
+    warmup = engine.warmup()  # as `lmc bench` does: no kernel compiles inside a timed run (bench/NOTES.md, session 19)
+    print(f"  {ws.name} warm-up {warmup}", flush=True)
     engine.start()
     rows = []
     try:
         for concurrency, n in plan:
             requests = B.random_requests(n, args.input_len, args.output_len, 0.5, vocab, seed=concurrency)
-            B.run_bench(requests[: min(n, 2 * concurrency)], concurrency, B.engine_sender(engine), False)  # warm-up
+            warm = B.random_requests(min(n, 2 * concurrency), args.input_len, args.output_len, 0.5, vocab,
+                                     seed=concurrency + 1)
+            B.run_bench(warm, concurrency, B.engine_sender(engine), False)  # warm-up run (no prefix-cache hits)
             result = B.run_bench(requests, concurrency, B.engine_sender(engine), False)
             result.update(concurrency=concurrency, num_prompts=n, stats=vars(engine.stats()))
             rows.append(result)

@@ -60,10 +60,14 @@ def greedy(ws: Path, dev: str, dtype: str | None, vocab: int) -> list[list[int]]
 
 def speed(ws: Path, dev: str, vocab: int, args) -> dict:
     """Decode at each of --batches (median of 3 runs), then lmc bench at each concurrency."""
-    engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len, max_batch_size=max(args.concurrency)))
+    batches = [int(b) for b in args.batches.split(",")]
+    engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len,
+                                          max_batch_size=max(*args.concurrency, *batches)))  # every batch runs at once
     out = {"decode": [], "bench": []}
     try:
-        for batch in map(int, args.batches.split(",")):
+        if dev == "cuda":  # as `lmc bench` does: no kernel compiles inside a timed run (bench/NOTES.md, session 19)
+            out["warmup"] = engine.warmup()
+        for batch in batches:
             prompts = prompts_for(batch, args.prompt_tokens, vocab)
             timed_generate(engine, prompts, 4, dev)  # capture this bucket's graph on every rank
             # a pure decode step with every sequence running (timed_generate's steps include the prefill chunks
@@ -84,7 +88,8 @@ def speed(ws: Path, dev: str, vocab: int, args) -> dict:
         for c in () if args.skip_bench else args.concurrency:
             requests = B.random_requests(args.num_prompts, args.input_len, args.output_len, 0.5,
                                          list(range(10, vocab)), seed=c)
-            B.run_bench(requests[:c], c, B.engine_sender(engine), False)  # warm-up: graphs of every bucket
+            warm = B.random_requests(c, args.input_len, args.output_len, 0.5, list(range(10, vocab)), seed=c + 1)
+            B.run_bench(warm, c, B.engine_sender(engine), False)  # warm-up run (other prompts: no prefix-cache hits)
             result = B.run_bench(requests, c, B.engine_sender(engine), False)
             result.update(concurrency=c, num_prompts=args.num_prompts, stats=vars(engine.stats()))
             out["bench"].append(result)
