@@ -35,8 +35,10 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import traceback
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -236,6 +238,8 @@ def join(rank: int, tp: int, store: str, device: torch.device, channel) -> Shard
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if rank > 0:  # tell rank 0 this rank is about to join (_join_watching waits for it before it joins itself)
+        Path(_ready_marker(store, rank)).touch(mode=0o600)
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=tp,
                             timeout=TIMEOUT, device_id=device if device.type == "cuda" else None)
     control = dist.new_group(backend="gloo", timeout=IDLE)
@@ -293,9 +297,34 @@ def start_ranks(workspace: str, config, tp: int, device: torch.device) -> tuple[
     return shard, procs
 
 
+def _ready_marker(store: str, rank: int) -> str:
+    """The file a follower creates in the rendezvous folder just before it joins the process group."""
+    return os.path.join(os.path.dirname(store), f"ready{rank}")
+
+
+def _follower_gone(procs: list) -> LmcError | None:
+    gone = [p for p in procs if p.exitcode is not None]
+    if not gone:
+        return None
+    for p in procs:
+        p.kill()
+    return LmcError(f"tensor-parallel rank {gone[0].name.removeprefix('lmc-rank')} exited (code "
+                    f"{gone[0].exitcode}) before joining; its error, if any, is printed above")
+
+
 def _join_watching(procs: list, tp: int, store: str, device: torch.device, channel) -> Shard:
     """join() as rank 0 while watching the followers: one that exits before everyone has joined (killed, out of
-    memory, a failed import) ends the wait at once instead of after the 10-minute join timeout."""
+    memory, a failed import) ends the wait at once instead of after the 10-minute join timeout.
+
+    Rank 0 enters the process group only once every follower has said it is about to (`_ready_marker`): a
+    follower that dies while it starts (importing torch, loading its slice) leaves no rank-0 thread waiting
+    inside init_process_group, which would block the next tensor-parallel engine of this process in gloo's
+    set-up until the timeout."""
+    while not all(os.path.exists(_ready_marker(store, r)) for r in range(1, tp)):
+        error = _follower_gone(procs)
+        if error is not None:
+            raise error
+        time.sleep(JOIN_POLL_S)
     done: dict = {}
 
     def run() -> None:
@@ -308,12 +337,9 @@ def _join_watching(procs: list, tp: int, store: str, device: torch.device, chann
     joiner.start()
     while joiner.is_alive():
         joiner.join(JOIN_POLL_S)
-        gone = [p for p in procs if p.exitcode is not None]
-        if gone and joiner.is_alive():
-            for p in procs:
-                p.kill()
-            raise LmcError(f"tensor-parallel rank {gone[0].name.removeprefix('lmc-rank')} exited (code "
-                           f"{gone[0].exitcode}) before joining; its error, if any, is printed above")
+        error = _follower_gone(procs) if joiner.is_alive() else None
+        if error is not None:
+            raise error
     if "error" in done:
         raise done["error"]
     if device.type == "cuda":

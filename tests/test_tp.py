@@ -437,6 +437,10 @@ def test_a_follower_that_dies_before_joining_ends_the_wait(checkpoint, tmp_path)
     with pytest.raises(LmcError, match="tensor-parallel rank 1 exited .* before joining"):
         Engine(str(tmp_path / "tp2"), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1))
     assert killed and time.monotonic() - start < 60
+    # rank 0 joins only after its followers said they are about to: no thread of the failed start is left inside
+    # init_process_group, where it blocked the next tensor-parallel engine of this process for 10 minutes
+    assert not [t for t in threading.enumerate() if t.name == "lmc-tp-join"]
+    assert [len(t) for t in _tokens(tmp_path / "tp2")] == [10] * len(PROMPTS)  # and the next engine runs
 
 
 def test_a_bad_allreduce_mode_is_one_line_before_any_rank_starts(checkpoint, tmp_path, monkeypatch):
