@@ -576,9 +576,10 @@ class Engine:
     def ragged_forward(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, tables: torch.Tensor,
                        kv_lens: torch.Tensor, cu: torch.Tensor | None, rows: torch.Tensor,
                        embed=None) -> torch.Tensor | None:
-        """The eager forward on every rank: ids [T] on the device; host tensors positions, slots [T] (int64),
-        tables [B, W], kv_lens [B] (int32), cu [B+1] (None: one token a sequence), rows [S] (the tokens whose
-        logits are wanted); embed: ids -> [T, H] (image tokens) or None. Logits [S, V], None when S = 0."""
+        """The eager forward (rank 0; announced first, so every follower runs the same): ids [T] on the device;
+        host tensors positions, slots [T] (int64), tables [B, W], kv_lens [B] (int32), cu [B+1] (None: one token a
+        sequence), rows [S] (the tokens whose logits are wanted); embed: ids -> [T, H] (image tokens) or None.
+        Logits [S, V], None when S = 0."""
         dev = self.device
         max_position = int(kv_lens.max()) - 1
         if self.shard is not None:
