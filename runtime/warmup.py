@@ -12,7 +12,9 @@ What runs, on every rank (the forwards are announced as the engine's own are):
   prompt chunks (at most session_len tokens each) with one-token rows (`warmup_batch`), as a mixed step does,
   so the logits and the attention see 1..max_batch_size rows;
 - the CUDA-graph capture of every decode bucket (runtime/cuda_graph.py), with padding rows only, and the
-  greedy argmax (kernels/argmax.py) at every row count up to the largest bucket (rank 0 alone samples).
+  greedy argmax (kernels/argmax.py) at every row count up to the largest bucket (rank 0 alone samples);
+  without graphs (--eager-mode, dynamic NTK rope past its range), eager decode forwards of 2^k and 2^k - 1
+  one-token rows up to max_batch_size instead.
 Every KV write and read is on one scratch block (the graph decoder's, else one borrowed and given back), so
 no sequence's cache is touched; nothing is sampled.
 """
@@ -78,12 +80,17 @@ def warm_up(engine, progress: bool = False) -> dict:
     buckets = decoder.buckets if decoder is not None and decoder.enabled else []
     borrowed = [] if decoder is not None else engine.blocks.allocate(1)
     scratch = decoder.scratch_block if decoder is not None else borrowed[0]
-    bar = tqdm(total=len(counts) + len(buckets), desc="warm-up (kernels, CUDA graphs)", unit="step",
+    # without graphs (CPU, --eager-mode, dynamic NTK rope) decode steps run eagerly: their kernels at each batch
+    decodes = [] if buckets else warmup_token_counts(config.max_batch_size)
+    bar = tqdm(total=len(counts) + len(decodes) + len(buckets), desc="warm-up (kernels, CUDA graphs)", unit="step",
                disable=not progress, leave=False)
     try:
         with torch.inference_mode():
             for t in counts:
                 _forward(engine, warmup_batch(t, config.max_batch_size, engine.session_len), scratch)
+                bar.update()
+            for b in decodes:
+                _forward(engine, [1] * b, scratch)
                 bar.update()
             for bucket in buckets:
                 decoder.warm(bucket)
@@ -98,4 +105,5 @@ def warm_up(engine, progress: bool = False) -> dict:
         bar.close()
         if borrowed:
             engine.blocks.release(borrowed)
-    return {"forwards": len(counts), "graphs": len(buckets), "seconds": round(time.perf_counter() - t0, 3)}
+    return {"forwards": len(counts) + len(decodes), "graphs": len(buckets),
+            "seconds": round(time.perf_counter() - t0, 3)}

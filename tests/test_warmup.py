@@ -90,7 +90,9 @@ def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decode
     engine.blocks.allocate = lambda n: (borrowed.extend(got := allocate(n)), got)[1]
     report = warm_up(engine)
     engine.blocks.allocate = allocate
-    assert calls == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 39, 40] and report["forwards"] == 12
+    # the mixed forwards, then (no graphs on a CPU) eager decode forwards of 1..max_batch_size rows
+    assert calls == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 39, 40] + [1, 2, 3, 4, 5, 6] and report["forwards"] == 18
+    assert report["graphs"] == 0
     if graph_decoder:
         scratch = engine.decoder.scratch_block
         for b in engine.decoder.buckets:  # on CPU the padded steps run eagerly; warm them explicitly
@@ -129,7 +131,7 @@ def test_warmup_runs_on_every_tensor_parallel_rank(checkpoint, tmp_path):
     expected = _greedy(_engine(tmp_path / "tp1"))
     engine = _engine(tmp_path / "tp2", threads=1, cpu_cache_budget_gb=0.05)
     try:
-        assert warm_up(engine)["forwards"] == 12
+        assert warm_up(engine)["forwards"] == 12 + 6
         assert _greedy(engine) == expected
     finally:
         engine.close()
