@@ -13,7 +13,7 @@ What runs, on every rank (the forwards are announced as the engine's own are):
   so the logits and the attention see 1..max_batch_size rows;
 - the CUDA-graph capture of every decode bucket (runtime/cuda_graph.py), with padding rows only, and the
   greedy argmax (kernels/argmax.py) at every row count up to the largest bucket (rank 0 alone samples);
-  without graphs (--eager-mode, dynamic NTK rope past its range), eager decode forwards of 2^k and 2^k - 1
+  without graphs (eager_mode=True, dynamic NTK rope past its range), eager decode forwards of 2^k and 2^k - 1
   one-token rows up to max_batch_size instead.
 Every KV write and read is on one scratch block (the graph decoder's, else one borrowed and given back), so
 no sequence's cache is touched; nothing is sampled.
@@ -80,7 +80,7 @@ def warm_up(engine, progress: bool = False) -> dict:
     buckets = decoder.buckets if decoder is not None and decoder.enabled else []
     borrowed = [] if decoder is not None else engine.blocks.allocate(1)
     scratch = decoder.scratch_block if decoder is not None else borrowed[0]
-    # without graphs (CPU, --eager-mode, dynamic NTK rope) decode steps run eagerly: their kernels at each batch
+    # without graphs (CPU, eager_mode=True, dynamic NTK rope) decode steps run eagerly: their kernels at each batch
     decodes = [] if buckets else warmup_token_counts(config.max_batch_size)
     bar = tqdm(total=len(counts) + len(decodes) + len(buckets), desc="warm-up (kernels, CUDA graphs)", unit="step",
                disable=not progress, leave=False)
