@@ -150,7 +150,8 @@ def test_bench_refuses_no_warmup_against_a_url():
 @needs_cuda
 def test_no_kernel_compiles_after_warmup_on_gpu(checkpoint, tmp_path):
     """After warm_up, greedy generation of prompts of many lengths together (mixed steps of odd sizes, decode
-    buckets, chunked prefill) compiles no Triton kernel, fp16 and int4 (the int4 kernels' M classes)."""
+    buckets, chunked prefill) compiles no Triton kernel, fp16 and int4 (the int4 kernels' M classes), and int4
+    without CUDA graphs (eager decode steps)."""
     from triton import knobs
 
     from lmc.compiler.quantize import QuantizeOptions, quantize
@@ -164,9 +165,10 @@ def test_no_kernel_compiles_after_warmup_on_gpu(checkpoint, tmp_path):
     rng = random.Random(7)
     prompts = [[rng.randrange(5, 400) for _ in range(rng.randrange(1, 90))] for _ in range(37)]
     gens = [GenerationConfig(max_new_tokens=rng.randrange(1, 30), ignore_eos=True) for _ in prompts]
-    for ws in (fp16, int4):
-        engine = _engine(ws, device="cuda", session_len=160, max_batch_size=16, max_prefill_token_num=96)
-        engine.warmup()
+    for ws, eager in ((fp16, False), (int4, False), (int4, True)):  # eager: decode steps without CUDA graphs
+        engine = _engine(ws, device="cuda", session_len=160, max_batch_size=16, max_prefill_token_num=96,
+                         eager_mode=eager)
+        assert engine.warmup()["graphs"] == (0 if eager else 5)
         compiled = []
         knobs.runtime.jit_cache_hook = lambda *, repr, **_: compiled.append(repr) and False
         try:
@@ -174,4 +176,5 @@ def test_no_kernel_compiles_after_warmup_on_gpu(checkpoint, tmp_path):
         finally:
             knobs.runtime.jit_cache_hook = None
             engine.close()
-        assert compiled == [], f"{ws.name}: {len(compiled)} kernels compiled after the warm-up: {compiled[:2]}"
+        assert compiled == [], f"{ws.name} (eager {eager}): {len(compiled)} kernels compiled after the warm-up: " \
+                               f"{compiled[:2]}"
