@@ -288,3 +288,37 @@ def test_a_failing_step_ends_every_request_and_says_why(ws):
             engine.add_request([5], GREEDY)
     finally:
         engine.stop()
+
+
+def test_ragged_inputs_equal_a_loop_over_tokens():
+    """The step's host inputs built with numpy equal the per-token loop they replaced: chunks after a cached
+    prefix, fresh prompts, one-token rows, sequences across block boundaries, and a decode step."""
+    from types import SimpleNamespace
+
+    from lmc.runtime.engine import ragged_inputs
+
+    rng = random.Random(11)
+    bs = 16
+    for decode in (False, True):
+        seqs, num_new, pool = [], [], rng.sample(range(500), 500)
+        for _ in range(rng.randrange(1, 40)):
+            length = rng.randrange(1, 200)
+            n = 1 if decode else rng.randrange(1, length + 1)
+            blocks, pool = pool[:-(-length // bs)], pool[-(-length // bs):]
+            seqs.append(SimpleNamespace(tokens=[rng.randrange(1000) for _ in range(length)], num_computed=length - n,
+                                        blocks=blocks))
+            num_new.append(n)
+        ids, positions, slots, tables, kv_lens, cu, ends = ragged_inputs(seqs, num_new, bs, decode)
+        want_ids, want_pos, want_slots, want_ends = [], [], [], []
+        for s, n in zip(seqs, num_new):
+            for p in range(s.num_computed, s.num_computed + n):
+                want_ids.append(s.tokens[p])
+                want_pos.append(p)
+                want_slots.append(s.blocks[p // bs] * bs + p % bs)
+            want_ends.append(len(want_ids))
+        width = max(len(s.blocks) for s in seqs)
+        assert ids == want_ids and positions.tolist() == want_pos and slots.tolist() == want_slots
+        assert positions.dtype == slots.dtype == torch.int64 and tables.dtype == kv_lens.dtype == torch.int32
+        assert tables.tolist() == [s.blocks + [0] * (width - len(s.blocks)) for s in seqs]
+        assert kv_lens.tolist() == [s.num_computed + n for s, n in zip(seqs, num_new)] and ends == want_ends
+        assert cu is None if decode else (cu.dtype == torch.int32 and cu.tolist() == [0] + want_ends)
