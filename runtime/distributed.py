@@ -302,14 +302,14 @@ def _ready_marker(store: str, rank: int) -> str:
     return os.path.join(os.path.dirname(store), f"ready{rank}")
 
 
-def _follower_gone(procs: list) -> LmcError | None:
+def _raise_if_a_follower_exited(procs: list) -> None:
+    """One exited follower before everyone joined: stop the others and say which one, in one line."""
     gone = [p for p in procs if p.exitcode is not None]
-    if not gone:
-        return None
-    for p in procs:
-        p.kill()
-    return LmcError(f"tensor-parallel rank {gone[0].name.removeprefix('lmc-rank')} exited (code "
-                    f"{gone[0].exitcode}) before joining; its error, if any, is printed above")
+    if gone:
+        for p in procs:
+            p.kill()
+        raise LmcError(f"tensor-parallel rank {gone[0].name.removeprefix('lmc-rank')} exited (code "
+                       f"{gone[0].exitcode}) before joining; its error, if any, is printed above")
 
 
 def _join_watching(procs: list, tp: int, store: str, device: torch.device, channel) -> Shard:
@@ -321,9 +321,7 @@ def _join_watching(procs: list, tp: int, store: str, device: torch.device, chann
     inside init_process_group, which would block the next tensor-parallel engine of this process in gloo's
     set-up until the timeout."""
     while not all(os.path.exists(_ready_marker(store, r)) for r in range(1, tp)):
-        error = _follower_gone(procs)
-        if error is not None:
-            raise error
+        _raise_if_a_follower_exited(procs)
         time.sleep(JOIN_POLL_S)
     done: dict = {}
 
@@ -337,9 +335,8 @@ def _join_watching(procs: list, tp: int, store: str, device: torch.device, chann
     joiner.start()
     while joiner.is_alive():
         joiner.join(JOIN_POLL_S)
-        error = _follower_gone(procs) if joiner.is_alive() else None
-        if error is not None:
-            raise error
+        if joiner.is_alive():
+            _raise_if_a_follower_exited(procs)
     if "error" in done:
         raise done["error"]
     if device.type == "cuda":

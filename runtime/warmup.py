@@ -21,9 +21,11 @@ no sequence's cache is touched; nothing is sampled.
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 import torch
 
+from lmc.errors import LmcError
 from lmc.kernels.argmax import argmax_rows
 
 
@@ -53,26 +55,26 @@ def warmup_batch(tokens: int, max_batch: int, max_len: int) -> list[int]:
 
 
 def _forward(engine, num_new: list[int], scratch: int) -> None:
-    """One eager forward of len(num_new) sequences on block `scratch`, each from position 0 (a prompt chunk, or a
-    one-token row); position p is written to slot p % block size, so every slot attention reads was written in
-    this forward (values are finite; several tokens share a slot)."""
-    bs, dev = engine.blocks.block_size, engine.device
-    positions = torch.cat([torch.arange(n, dtype=torch.int64) for n in num_new])  # [T]
-    slots = scratch * bs + positions % bs  # [T]: position p on the scratch block's slot p % bs
-    kv_lens = torch.tensor(num_new, dtype=torch.int32)  # [B]
-    tables = torch.full((len(num_new), -(-max(num_new) // bs)), scratch, dtype=torch.int32)  # [B, W]
-    decode = all(n == 1 for n in num_new)
-    cu = None if decode else torch.tensor([0] + num_new, dtype=torch.int64).cumsum(0).to(torch.int32)  # [B+1]
-    rows = (torch.cumsum(torch.tensor(num_new), 0) - 1).to(torch.int64)  # [B]: every sequence's last token
-    ids = torch.zeros(positions.numel(), dtype=torch.int64, device=dev)  # [T]
-    engine.ragged_forward(ids, positions, slots, tables, kv_lens, cu, rows)
+    """One eager forward of len(num_new) sequences whose every block is `scratch`, each from position 0 (a prompt
+    chunk, or a one-token row): position p is written to the scratch block's slot p % block size, so every slot
+    attention reads was written in this forward (values are finite; several tokens share a slot). The inputs
+    are built as the engine builds a step's (ragged_inputs)."""
+    from lmc.runtime.engine import ragged_inputs
+
+    bs = engine.blocks.block_size
+    seqs = [SimpleNamespace(tokens=[0] * n, num_computed=0, blocks=[scratch] * -(-n // bs)) for n in num_new]
+    ids, positions, slots, tables, kv_lens, cu, ends = ragged_inputs(seqs, num_new, bs, all(n == 1 for n in num_new))
+    rows = torch.tensor(ends, dtype=torch.int64) - 1  # [B]: every sequence's last token
+    engine.ragged_forward(torch.tensor(ids, dtype=torch.int64, device=engine.device), positions, slots, tables,
+                          kv_lens, cu, rows)
 
 
 def warm_up(engine, progress: bool = False) -> dict:
-    """Run the warm-up on `engine` (no request may be running); returns what it did and how long it took."""
+    """Run the warm-up on `engine` (idle: no request added yet); returns what it did and how long it took."""
     from tqdm import tqdm
 
-    assert not engine.has_unfinished_requests(), "warm up before any request arrives"
+    if engine.has_unfinished_requests():
+        raise LmcError("warm the engine up before adding requests (Engine.warmup runs on an idle engine)")
     t0 = time.perf_counter()
     config = engine.config
     counts = warmup_token_counts(min(config.max_prefill_token_num, config.max_batch_size * engine.session_len))
