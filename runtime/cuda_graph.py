@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from lmc.kernels.argmax import argmax_rows
-from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS
+from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, decode_table_width
 from lmc.runtime.model import PagedBatch
 
 # columns of a packed decode row (see the module docstring)
@@ -76,7 +76,7 @@ class GraphDecoder:
         self.device = engine.device
         self.session_len = engine.session_len
         self.block_size = self.cache.block_size
-        self.width = -(-self.session_len // self.block_size)
+        self.width = decode_table_width(self.session_len, self.block_size)
         self.buckets = batch_buckets(engine.config.max_batch_size)
         (self.scratch_block,) = engine.blocks.reserve(GRAPH_SCRATCH_BLOCKS)  # never handed to a sequence
         on_cuda = self.device.type == "cuda"

@@ -34,7 +34,7 @@ from lmc.format.workspace import Workspace
 from lmc.runtime.block_manager import BlockManager
 from lmc.runtime.config import EngineConfig
 from lmc.runtime.device import compute_dtype, default_threads, pick_device, set_cpu_threads
-from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, plan_num_blocks
+from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, decode_table_width, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
 from lmc.runtime.scheduler import RUNNING, Batch, Scheduler, Sequence
@@ -170,12 +170,13 @@ class _Request:
     min_new_tokens: int = 0
 
 
-def ragged_inputs(seqs: list[Sequence], num_new: list[int], block_size: int, decode: bool):
+def ragged_inputs(seqs: list[Sequence], num_new: list[int], block_size: int, decode: bool, width: int = 0):
     """A step's host inputs: seqs[i] computes tokens[num_computed : num_computed + num_new[i]]. Returns ids (list,
-    [T]), positions and KV slots [T] int64, block tables [B, W] int32 (0 past a sequence's blocks), kv lens [B]
-    int32, cu_seqlens [B+1] int32 (None for a decode step) and each sequence's end row (list, [B]). numpy over the
-    step's T tokens: ~1 ms at 8,192 tokens on a slow 2-core VM, 3x less than a loop per token."""
-    table = np.zeros((len(seqs), max(len(s.blocks) for s in seqs)), dtype=np.int64)  # [B, W]
+    [T]), positions and KV slots [T] int64, block tables [B, W] int32 (W: the most blocks a sequence holds, at least
+    `width`; 0 past a sequence's blocks), kv lens [B] int32, cu_seqlens [B+1] int32 (None for a decode step) and
+    each sequence's end row (list, [B]). numpy over the step's T tokens: ~1 ms at 8,192 tokens on a slow 2-core VM,
+    3x less than a loop per token."""
+    table = np.zeros((len(seqs), max(width, *(len(s.blocks) for s in seqs))), dtype=np.int64)  # [B, W]
     for i, s in enumerate(seqs):
         table[i, :len(s.blocks)] = s.blocks
     new = np.asarray(num_new, dtype=np.int64)  # [B]
@@ -573,8 +574,10 @@ class Engine:
         with_images = any(start < p.end and p.start < start + n for images, start, n in pieces for p in images)
         if batch.is_decode and self.decoder is not None and not with_images:
             return self.decoder.step(batch.seqs)
-        ids, positions, slots, tables, kv_lens, cu, ends = ragged_inputs(batch.seqs, batch.num_new,
-                                                                         self.blocks.block_size, batch.is_decode)
+        bs = self.blocks.block_size  # an eager decode step's table as wide as a graph's (decode_table_width)
+        width = decode_table_width(self.session_len, bs) if batch.is_decode else 0
+        ids, positions, slots, tables, kv_lens, cu, ends = ragged_inputs(batch.seqs, batch.num_new, bs,
+                                                                         batch.is_decode, width)
         rows = torch.tensor([ends[i] - 1 for i in range(len(batch.seqs)) if batch.samples(i)], dtype=torch.int64)  # [S]
         ids = torch.tensor(ids, dtype=torch.int64, device=self.device)  # [T]
         embed = (lambda t: self.vision.embed(self.model.embed, t, pieces)) if with_images else None

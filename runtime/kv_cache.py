@@ -16,6 +16,13 @@ from lmc.runtime.config import EngineConfig
 GRAPH_SCRATCH_BLOCKS = 1  # taken by the CUDA-graph decoder for its padded rows (runtime/cuda_graph.py)
 
 
+def decode_table_width(session_len: int, block_size: int) -> int:
+    """Block-table columns of every decode step, graph or eager: the blocks of a session_len-token sequence. Fixed,
+    so that the decode attention's split count (a compile-time constant) follows the batch size alone, never the
+    longest sequence of the step (kernels/attention.py _default_num_splits)."""
+    return -(-session_len // block_size)
+
+
 def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype, quant_policy: int = 0) -> int:
     """K and V of every layer for block_size tokens: codes + scales + zeros when quantized."""
     if quant_policy:

@@ -13,8 +13,9 @@ What runs, on every rank (the forwards are announced as the engine's own are):
   so the logits and the attention see 1..max_batch_size rows;
 - the CUDA-graph capture of every decode bucket (runtime/cuda_graph.py), with padding rows only, and the
   greedy argmax (kernels/argmax.py) at every row count up to the largest bucket (rank 0 alone samples);
-  without graphs (eager_mode=True, dynamic NTK rope past its range), eager decode forwards of 2^k and 2^k - 1
-  one-token rows up to max_batch_size instead.
+  without graphs (eager_mode=True, dynamic NTK rope past its range), an eager decode forward at every row count
+  up to max_batch_size instead (the decode attention's split count follows the rows, as the argmax's does; its
+  block table is as wide as a graph's: kv_cache.decode_table_width).
 Every KV write and read is on one scratch block (the graph decoder's, else one borrowed and given back), so
 no sequence's cache is touched; nothing is sampled.
 """
@@ -27,6 +28,7 @@ import torch
 
 from lmc.errors import LmcError
 from lmc.kernels.argmax import argmax_rows
+from lmc.runtime.kv_cache import decode_table_width
 
 
 def warmup_token_counts(max_tokens: int) -> list[int]:
@@ -61,9 +63,10 @@ def _forward(engine, num_new: list[int], scratch: int) -> None:
     are built as the engine builds a step's (ragged_inputs)."""
     from lmc.runtime.engine import ragged_inputs
 
-    bs = engine.blocks.block_size
+    bs, decode = engine.blocks.block_size, all(n == 1 for n in num_new)
     seqs = [SimpleNamespace(tokens=[0] * n, num_computed=0, blocks=[scratch] * -(-n // bs)) for n in num_new]
-    ids, positions, slots, tables, kv_lens, cu, ends = ragged_inputs(seqs, num_new, bs, all(n == 1 for n in num_new))
+    width = decode_table_width(engine.session_len, bs) if decode else 0  # as Engine._forward's
+    ids, positions, slots, tables, kv_lens, cu, ends = ragged_inputs(seqs, num_new, bs, decode, width)
     rows = torch.tensor(ends, dtype=torch.int64) - 1  # [B]: every sequence's last token
     engine.ragged_forward(torch.tensor(ids, dtype=torch.int64, device=engine.device), positions, slots, tables,
                           kv_lens, cu, rows)
@@ -82,8 +85,9 @@ def warm_up(engine, progress: bool = False) -> dict:
     buckets = decoder.buckets if decoder is not None and decoder.enabled else []
     borrowed = [] if decoder is not None else engine.blocks.allocate(1)
     scratch = decoder.scratch_block if decoder is not None else borrowed[0]
-    # without graphs (CPU, eager_mode=True, dynamic NTK rope) decode steps run eagerly: their kernels at each batch
-    decodes = [] if buckets else warmup_token_counts(config.max_batch_size)
+    # without graphs (CPU, eager_mode=True, dynamic NTK rope) decode steps run eagerly: every batch size, since the
+    # decode attention's split count is a compile-time constant that follows the rows
+    decodes = [] if buckets else list(range(1, config.max_batch_size + 1))
     bar = tqdm(total=len(counts) + len(decodes) + len(buckets), desc="warm-up (kernels, CUDA graphs)", unit="step",
                disable=not progress, leave=False)
     try:

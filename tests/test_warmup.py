@@ -75,6 +75,7 @@ def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decode
     a graph decoder (CPU) the scratch block is borrowed and given back; with one (run eagerly on CPU) it is the
     decoder's, and its padded bucket steps run too."""
     from lmc.runtime.cuda_graph import GraphDecoder
+    from lmc.runtime.kv_cache import decode_table_width
     from lmc.runtime.warmup import warm_up
 
     expected = _greedy(_engine(ws))
@@ -86,11 +87,14 @@ def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decode
     free = engine.blocks.num_free
     calls, borrowed = [], []
     forward, allocate = engine.ragged_forward, engine.blocks.allocate
-    engine.ragged_forward = lambda ids, *a, **kw: (calls.append(int(ids.numel())), forward(ids, *a, **kw))[1]
+    widths = []  # block-table columns of every decode forward (cu None)
+    engine.ragged_forward = lambda ids, *a, **kw: (calls.append(int(ids.numel())),
+                                                   a[4] is None and widths.append(a[2].shape[1]),
+                                                   forward(ids, *a, **kw))[-1]
     engine.blocks.allocate = lambda n: (borrowed.extend(got := allocate(n)), got)[1]
     report = warm_up(engine)
     engine.blocks.allocate = allocate
-    # the mixed forwards, then (no graphs on a CPU) eager decode forwards of 1..max_batch_size rows
+    # the mixed forwards, then (no graphs on a CPU) an eager decode forward at every row count up to max_batch_size
     assert calls == [1, 2, 3, 4, 7, 8, 15, 16, 31, 32, 39, 40] + [1, 2, 3, 4, 5, 6] and report["forwards"] == 18
     assert report["graphs"] == 0
     if graph_decoder:
@@ -107,7 +111,11 @@ def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decode
             if not all(torch.equal(a[b].view(torch.uint8), c[b].view(torch.uint8)) for a, c in ((k0, k1), (v0, v1))):
                 changed.add(b)
     assert changed == {scratch}, (changed, scratch)  # the warm-up wrote there, and only there
-    assert _greedy(engine) == expected
+    warm_decodes = len(widths)
+    assert _greedy(engine) == expected and (graph_decoder or len(widths) > warm_decodes)
+    # every decode table, the warm-up's and (without a graph decoder) the engine's own eager steps', as wide as a graph's: the decode
+    # attention's split count (a compile-time constant) then follows the rows alone
+    assert set(widths) == {decode_table_width(engine.session_len, engine.blocks.block_size)}, widths
 
 
 @pytest.mark.parametrize("quant_policy", [8, 4])
