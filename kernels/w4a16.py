@@ -43,7 +43,6 @@ from lmc.kernels.split_counters import split_counters
 from lmc.kernels.w4a16_mma import MAX_ROWS as MMA_MAX_ROWS
 from lmc.kernels.w4a16_mma import w4a16_mma_triton
 from lmc.kernels.w4a16_mma_wide import w4a16_mma_wide_triton
-from lmc.kernels.w4a16_resident import resident_config, w4a16_resident_triton
 from lmc.kernels.w4a16_wgmma import w4a16_wgmma_triton, wgmma_available
 from lmc.kernels.w4a16_tuning import config_for
 
@@ -830,10 +829,6 @@ def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, z
     k = x.shape[-1]
     x2 = x.reshape(-1, k).contiguous()  # [M, K]
     m, n = x2.shape[0], qweight.shape[1]
-    block_n = resident_config(n, k, group_size, x.device) if m == 1 else None
-    if block_n is not None:  # one row, every word loaded before the PDL wait (LMC_W4A16_RESIDENT=1)
-        return w4a16_resident_triton(x2, qweight, scales, zeros, group_size, block_n=block_n,
-                                     out=out).reshape(*x.shape[:-1], n)
     path, kw = w4a16_config(m, n, k, x.device, mma is not None)
     if path == "mma":
         return _mma_launch(kw)(x2, *mma, group_size, out=out, **kw).reshape(*x.shape[:-1], n)
