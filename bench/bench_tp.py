@@ -65,7 +65,7 @@ def speed(ws: Path, dev: str, vocab: int, args) -> dict:
                                           max_batch_size=max(*args.concurrency, *batches)))  # every batch runs at once
     out = {"decode": [], "bench": []}
     try:
-        if dev == "cuda":  # as `lmc bench` does: no kernel compiles inside a timed run (bench/NOTES.md, session 19)
+        if dev == "cuda" and not args.no_warmup:  # as `lmc bench` does: no kernel compiles inside a timed run (bench/NOTES.md, session 19)
             out["warmup"] = engine.warmup()
         for batch in batches:
             prompts = prompts_for(batch, args.prompt_tokens, vocab)
@@ -118,6 +118,8 @@ def main() -> int:
     ap.add_argument("--tp1-only", action="store_true", help="tp = 1 alone (one GPU): A/Bs of single-GPU changes")
     ap.add_argument("--step-only", action="store_true",
                     help="decode speed from full decode steps only (time_decode_step), no generate runs")
+    ap.add_argument("--no-warmup", action="store_true", help="skip Engine.warmup (each bucket's graph is captured at "
+                    "its first decode, as before session 19)")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")
     ap.add_argument("--allreduce", default="one-shot", help="comma-separated LMC_TP_ALLREDUCE modes for tp 2: one-shot "
                     "(kernels/allreduce.py, the runtime's default), nccl; the greedy check runs under the first")
