@@ -275,16 +275,25 @@ def decode_ready(engine: Engine, batch: int, kv_len: int, vocab: int, steps: int
     return handles
 
 
-def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: str, iters: int) -> float:
-    """ms per engine decode step (graph replay or eager forward, sampling and streaming included)."""
+def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: str, iters: int,
+                     log: dict | None = None) -> float:
+    """ms per engine decode step (graph replay or eager forward, sampling and streaming included). log, if given,
+    gets each step's host wall ms (`steps_ms`; without syncs: a pipelined step returns once its tokens are in)
+    and how many steps launched the next one ahead (`pipelined`), to tell a uniformly slow run from a stall."""
     handles = decode_ready(engine, batch, kv_len, vocab, iters + 3)
     for _ in range(3):
         engine.step()
     sync(dev)
+    walls, ahead = [], 0
     t0 = time.perf_counter()
     for _ in range(iters):
+        t = time.perf_counter()
         engine.step()
+        walls.append((time.perf_counter() - t) * 1e3)
+        ahead += getattr(engine, "_ahead", None) is not None
     sync(dev)
+    if log is not None:
+        log.update(steps_ms=[round(w, 3) for w in walls], pipelined=ahead)
     ms = (time.perf_counter() - t0) / iters * 1e3
     for h in handles:
         h.abort()

@@ -72,8 +72,9 @@ def speed(ws: Path, dev: str, vocab: int, args) -> dict:
             timed_generate(engine, prompts, 4, dev)  # capture this bucket's graph on every rank
             # a pure decode step with every sequence running (timed_generate's steps include the prefill chunks
             # and partial batches once batch x prompt tokens passes max_prefill_token_num: batch >= 128 here)
-            step_only = time_decode_step(engine, batch, args.prompt_tokens + args.new_tokens // 2, vocab, dev, 20)
-            row = {"batch": batch, "step_only_ms": step_only}
+            log = {}
+            step_only = time_decode_step(engine, batch, args.prompt_tokens + args.new_tokens // 2, vocab, dev, 20, log)
+            row = {"batch": batch, "step_only_ms": step_only, "step_only_log": log}  # each step (session 20: bimodal)
             if not args.step_only:
                 runs = sorted((timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(3)),
                               key=lambda r: r["step_ms"])
