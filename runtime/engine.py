@@ -20,6 +20,7 @@ drains first (and that is drained at once when the engine is idle).
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import queue
 import threading
@@ -33,7 +34,7 @@ from lmc.errors import LmcError
 from lmc.format.workspace import Workspace
 from lmc.runtime.block_manager import BlockManager
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.device import compute_dtype, default_threads, pick_device, set_cpu_threads
+from lmc.runtime.device import compute_dtype, default_threads, freeze_heap, pick_device, set_cpu_threads
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, decode_table_width, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
@@ -243,6 +244,7 @@ def build_follower(rank: int, tp: int, store: str, channel: str, workspace: str,
     device = rank_device(torch.device(device_type), rank)
     r = _Rank(join(rank, tp, store, device, channel), config, config.session_len)
     setup_rank(r, Workspace(workspace), config, device)
+    freeze_heap()  # as rank 0 after its warm-up: a collection walking the start-up heap would stall every rank's step
     return r.shard, r.model, r.cache, r.decoder
 
 
@@ -259,6 +261,7 @@ class Engine:
         self.tokenizer = Tokenizer(ws.tokenizer_dir)
         self.eos_ids = self.tokenizer.eos_ids(self.cfg.eos_token_ids)
         self.shard, self._ranks = None, []
+        self.froze_heap = False  # set by the warm-up (device.freeze_heap)
         device = pick_device(config.device)
         if tp > 1:
             from lmc.runtime.distributed import rank_device, start_ranks
@@ -292,8 +295,12 @@ class Engine:
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
 
     def close(self) -> None:
-        """Stop the background loop and the other tensor-parallel ranks (their processes exit)."""
+        """Stop the background loop and the other tensor-parallel ranks (their processes exit); give the heap the
+        warm-up froze back to the collector."""
         self.stop()
+        if self.froze_heap:
+            gc.unfreeze()
+            self.froze_heap = False
         if self._ranks:
             if self.failed is None:
                 try:

@@ -186,3 +186,24 @@ def test_no_kernel_compiles_after_warmup_on_gpu(checkpoint, tmp_path):
             engine.close()
         assert compiled == [], f"{ws.name} (eager {eager}): {len(compiled)} kernels compiled after the warm-up: " \
                                f"{compiled[:2]}"
+
+
+def test_warmup_freezes_the_start_up_heap_and_close_gives_it_back(ws):
+    """After the warm-up a full collection no longer walks the start-up heap (device.freeze_heap: the objects sit
+    in the permanent generation, which gc.get_objects() leaves out), and the engine still generates; close()
+    gives the heap back to the collector."""
+    import gc
+
+    from lmc.runtime.warmup import warm_up
+
+    engine = _engine(ws)
+    expected = _greedy(_engine(ws))
+    tracked = len(gc.get_objects())
+    try:
+        warm_up(engine)
+        assert engine.froze_heap and gc.get_freeze_count() >= tracked * 0.9
+        assert len(gc.get_objects()) < tracked * 0.05  # what a collection would walk now
+        assert _greedy(engine) == expected
+    finally:
+        engine.close()
+    assert not engine.froze_heap and gc.get_freeze_count() == 0
