@@ -22,6 +22,7 @@ collectives as rank 0's.
         FORWARD  T tokens, B sequences, W table width, max_position, has cu_seqlens, payload length, S logit rows
         DECODE   bucket, B rows, W table width, payload length          (a CUDA-graph decoder step)
         STOP     (nothing)
+        FREEZE   (nothing: the warm-up is over; freeze the heap, runtime/device.py freeze_heap)
     payload FORWARD: positions [T], slots [T], block tables [B * W], kv lens [B], cu_seqlens [B + 1] if any,
                      the token rows whose logits rank 0 samples [S] (a split lm_head computes them on every rank)
             DECODE:  the packed decode rows [bucket, 4 + W] (runtime/cuda_graph.py `pack_decode_rows`)
@@ -47,9 +48,10 @@ import torch.nn.functional as F
 
 from lmc.errors import LmcError
 from lmc.kernels.rmsnorm import rms_norm
+from lmc.runtime.device import freeze_heap
 from lmc.runtime.shm_channel import SLOT_WORDS, ChannelReader, ChannelWriter
 
-STOP, FORWARD, DECODE = 0, 1, 2
+STOP, FORWARD, DECODE, FREEZE = 0, 1, 2, 3
 LEAVE_S = 30
 JOIN_POLL_S = 0.2  # how often rank 0 looks at its followers while they join
 HEADER = 8
@@ -185,6 +187,10 @@ class Shard:
 
     def stop(self) -> None:
         self._send([STOP], None)
+
+    def announce_freeze(self) -> None:
+        """The warm-up is over: every follower freezes its heap as rank 0 does (the kernels it compiled included)."""
+        self._send([FREEZE], None)
 
     def leave(self, decoder=None) -> None:
         """Leave the process group (a later engine in this process may start another). Every rank leaves at
@@ -366,6 +372,9 @@ def follow(shard: Shard, model, cache, decoder) -> None:
         op = h[0]
         if op == STOP:
             return
+        if op == FREEZE:
+            freeze_heap()
+            continue
         with torch.inference_mode():
             if op == DECODE:
                 bucket, rows, width = h[1:4]

@@ -111,6 +111,8 @@ def warm_up(engine, progress: bool = False) -> dict:
                 torch.cuda.synchronize(engine.device)
         freeze_heap()  # the start-up heap, kernels included, out of the collector's way (Engine.close unfreezes)
         engine.froze_heap = True
+        if engine.shard is not None:  # and each follower's, after the kernels it compiled for these forwards
+            engine.shard.announce_freeze()
     finally:
         bar.close()
         if borrowed:

@@ -207,3 +207,21 @@ def test_warmup_freezes_the_start_up_heap_and_close_gives_it_back(ws):
     finally:
         engine.close()
     assert not engine.froze_heap and gc.get_freeze_count() == 0
+
+
+def test_a_follower_freezes_its_heap_when_rank_0_says_the_warm_up_is_over():
+    """tp > 1: the warm-up's last announcement (FREEZE) makes each follower freeze its heap too, the kernels it
+    compiled for the warm-up's forwards included; the follower then goes on to the next message."""
+    import gc
+    from types import SimpleNamespace
+
+    from lmc.runtime.distributed import FREEZE, STOP, follow
+
+    messages = iter([([FREEZE] + [0] * 7, None), ([STOP] + [0] * 7, None)])
+    shard = SimpleNamespace(receive=lambda: next(messages))
+    assert gc.get_freeze_count() == 0
+    try:
+        follow(shard, SimpleNamespace(device=torch.device("cpu")), None, None)
+        assert gc.get_freeze_count() > 0 and next(messages, None) is None  # froze, then read STOP and returned
+    finally:
+        gc.unfreeze()
