@@ -5,10 +5,14 @@ state), adds 1 and writes its own row; optionally it first streams `mb` MiB of a
 slice of a buffer larger than L2, so every byte comes from memory), as a batch-1 linear does. Launched with and
 without PDL (kernels/pdl.py: the wait after the weight stream, as the runtime's kernels do), over 1, 132 or 264
 programs. Prints µs a launch; the session-20 ablation measured ~4.5 µs of fixed cost per linear in the 8B step.
+--handoff also times the alternative a persistent kernel would use: the same links inside one launch, every
+program arriving at a counter and waiting for the others (not yet run on a GPU: written after session 20's last
+device call).
 The stream is a plain loop with one 4 KB load in flight a program (0.9-1.7 TB/s on an H200), not a tuned
 linear's: the rows without weights (the cost of a dependent launch itself) are the point.
 
     python bench/kernel_boundary.py --out bench/results/kernel_boundary_h200.json
+    python bench/kernel_boundary.py --handoff --mb 0 --programs 1,66,132 --out /tmp/handoff.json
 """
 from __future__ import annotations
 
@@ -49,6 +53,54 @@ def _link_kernel(x_ptr, y_ptr, w_ptr, w_words, zero, HIDDEN: tl.constexpr, BLOCK
     tl.store(y_ptr + cols, y, mask=mine)
 
 
+@triton.jit
+def _handoff_kernel(rows_ptr, counters_ptr, LINKS: tl.constexpr, HIDDEN: tl.constexpr):
+    """LINKS links in one launch: at link j every program reads all of row j (every program wrote a part of it at
+    link j - 1, as a linear needs all of x), writes its columns of row j + 1 (= row j + 1), arrives at
+    counters[j + 1] and spins until every program has: a grid-wide hand-off where the chain has a kernel
+    boundary. Every program must be resident at once (the caller launches at most one per SM)."""
+    pid = tl.program_id(0)
+    progs = tl.num_programs(0)
+    cols = tl.arange(0, HIDDEN)
+    mine = cols % progs == pid
+    for j in range(LINKS):
+        x = tl.load(rows_ptr + j * HIDDEN + cols, cache_modifier=".cg")  # [HIDDEN] past L1: the others' writes
+        tl.store(rows_ptr + (j + 1) * HIDDEN + cols, (x.to(tl.float32) + 1.0).to(tl.float16), mask=mine)
+        tl.debug_barrier()  # every thread's stores are issued before the program arrives
+        tl.atomic_add(counters_ptr + j + 1, 1, sem="release")
+        while tl.atomic_add(counters_ptr + j + 1, 0, sem="acquire") < progs:
+            pass
+
+
+def handoff_us(programs: int, links: int = 128, replays: int = 20) -> float:
+    """µs per link of `_handoff_kernel` (the graph's memset and single launch spread over its links)."""
+    dev = torch.device("cuda")
+    if programs > torch.cuda.get_device_properties(dev).multi_processor_count:
+        raise SystemExit(f"--handoff needs every program resident: at most one per SM, got {programs}")
+    rows = torch.zeros((links + 1, HIDDEN), dtype=torch.float16, device=dev)  # [links + 1, H]
+    counters = torch.zeros(links + 1, dtype=torch.int32, device=dev)
+
+    def run():
+        counters.zero_()
+        _handoff_kernel[(programs,)](rows, counters, LINKS=links, HIDDEN=HIDDEN, num_warps=4)
+
+    run()
+    torch.cuda.synchronize()
+    assert float(rows[-1, 0]) == links, "the hand-off lost an update"  # row j holds j (fp16 is exact to 2048)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) * 1e3 / (replays * links)
+
+
 def chain_us(programs: int, mb: float, pdl: bool, launches: int = 128, replays: int = 20) -> float:
     """µs per launch of a graph of `launches` dependent links."""
     dev = torch.device("cuda")
@@ -83,10 +135,18 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--programs", default="1,132,264")
     ap.add_argument("--mb", default="0,4,8,16", help="MiB of weights each link streams (0: none)")
+    ap.add_argument("--handoff", action="store_true", help="also time a grid-wide hand-off inside one launch "
+                    "(counters, every program resident) at each --programs up to the SM count")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         ap.error("needs a CUDA GPU")
     rows = []
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    for programs in (int(p) for p in args.programs.split(",")) if args.handoff else ():
+        if programs <= sms:
+            us = handoff_us(programs)
+            rows.append({"handoff": True, "programs": programs, "us_per_link": round(us, 3)})
+            print(f"  hand-off in one launch  {programs:4d} programs  {us:8.3f} us a link", flush=True)
     for mb in (float(m) for m in args.mb.split(",")):
         for programs in (int(p) for p in args.programs.split(",")):
             for pdl in (False, True):
