@@ -37,6 +37,9 @@ try:
 except ImportError:  # CPU-only install: tensor parallel on the CPU uses gloo
     triton = None
 
+if triton is not None:
+    from lmc.kernels.rmsnorm import add_rms_norm_values
+
 MAX_PROGRAMS = 128  # programs per call (at most one per SM)
 BLOCK = 1024  # elements per program per chunk
 
@@ -148,12 +151,9 @@ if triton is not None:
             mine = _sendable(tl.load(x_ptr + offs, mask=mask, other=0.0), BITS)
             r = tl.load(res_ptr + offs, mask=mask, other=0.0)  # issued before the polling: its latency overlaps it
             s = _sum_over_ranks(mine, recv_ptrs, slot_off, capacity, offs, mask, RANK, WORLD, BITS).to(dtype)
-            h_low = (s.to(tl.float32) + r.to(tl.float32)).to(dtype)
-            tl.store(h_ptr + offs, h_low, mask=mask)
-            h = h_low.to(tl.float32)
-            var = tl.sum(h * h, axis=0) / H
-            normed = (h * tl.math.rsqrt(var + eps)).to(dtype)
-            tl.store(y_ptr + offs, (normed.to(tl.float32) * w).to(dtype), mask=mask)
+            y, h = add_rms_norm_values(s, r, w, H, eps)
+            tl.store(h_ptr + offs, h, mask=mask)
+            tl.store(y_ptr + offs, y, mask=mask)
 
 
 def _bits(dtype: torch.dtype) -> int:
