@@ -6,8 +6,6 @@ normalized value is rounded to x.dtype before the weight multiplies it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from lmc.errors import LmcError
@@ -19,65 +17,20 @@ try:
 except ImportError:  # CPU-only install: the torch reference serves
     triton = None
 
-
-
-@dataclass(frozen=True)
-class AddNorm:
-    """The residual add and RMSNorm that follow a linear, done in the linear's kernel when it computes one token
-    (`add_norm_when_done`): with out the linear's [1, H] output, h = out + residual, y = weight * norm(h)."""
-
-    residual: torch.Tensor  # [1, H]
-    weight: torch.Tensor  # [H]
-    eps: float
-
-    @staticmethod
-    def launch_args(add_norm: "AddNorm | None", out: torch.Tensor, silu_mul: bool) -> tuple[tuple, int]:
-        """A linear kernel's tail arguments ((residual, weight, y, h, eps), BLOCK_H); y and h new [1, H] tensors.
-        Without add_norm: placeholders (out) that the kernel never touches."""
-        if add_norm is None:
-            return (out, out, out, out, 0.0), 16
-        h = out.shape[-1]
-        if out.shape[0] != 1 or silu_mul or add_norm.residual.shape != out.shape or add_norm.weight.shape != (h,):
-            raise LmcError(f"a linear's fused add-norm takes one row and no silu_mul: out {tuple(out.shape)}, "
-                           f"residual {tuple(add_norm.residual.shape)}, weight {tuple(add_norm.weight.shape)}")
-        residual = add_norm.residual.contiguous()
-        return (residual, add_norm.weight, torch.empty_like(out), torch.empty_like(out), add_norm.eps), \
-            triton.next_power_of_2(h)
-
-
 if triton is not None:
 
     @triton.jit
     def add_rms_norm_values(x, r, w, H, eps, HAS_RESIDUAL: tl.constexpr = True):
         """The math of this module on one row of loaded values (x and r in the stream's dtype, w the weight; masked
         lanes zero): returns (y, h), h = x + r rounded to x's dtype (x itself without a residual), y = weight *
-        (h * rsqrt(mean(h^2) + eps)) rounded twice. The fused kernels (kernels/allreduce.py, the add-norm tail
-        below) call it, so every RMSNorm of the decode step rounds alike."""
+        (h * rsqrt(mean(h^2) + eps)) rounded twice. The RMSNorm kernel below and the all-reduce's fused form
+        (kernels/allreduce.py) call it, so every RMSNorm of the decode step rounds alike."""
         h = x.to(tl.float32)
         if HAS_RESIDUAL:
             h = (h + r.to(tl.float32)).to(x.dtype).to(tl.float32)
         var = tl.sum(h * h, axis=0) / H
         n = (h * tl.math.rsqrt(var + eps)).to(x.dtype)
         return (n.to(tl.float32) * w.to(tl.float32)).to(x.dtype), h.to(x.dtype)
-
-    @triton.jit
-    def add_norm_when_done(done_ptr, producers, x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, H, eps, BLOCK_H: tl.constexpr):
-        """The tail of a kernel whose programs each store a part of one row x [H] (a linear at one token): every
-        program calls it once its part is stored; the last of `producers` to arrive adds the residual and norms
-        the whole row (h = x + residual to h_ptr, the normed row to y_ptr), then sets the counter back to 0 for
-        the next call (lmc.kernels.split_counters). The RMSNorm kernel the step would launch next costs a launch
-        boundary (~2 us on an H200, bench/NOTES.md session 20); this costs one more atomic in the last program."""
-        tl.debug_barrier()  # every thread's part of x is stored before the counter says so
-        if tl.atomic_add(done_ptr, 1, sem="acq_rel") == producers - 1:
-            cols = tl.arange(0, BLOCK_H)
-            mask = cols < H
-            x = tl.load(x_ptr + cols, mask=mask, other=0.0, cache_modifier=".cg")  # other programs' stores: via L2
-            r = tl.load(res_ptr + cols, mask=mask, other=0.0)
-            w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-            y, h = add_rms_norm_values(x, r, w, H, eps)
-            tl.store(h_ptr + cols, h, mask=mask)
-            tl.store(y_ptr + cols, y, mask=mask)
-            tl.atomic_xchg(done_ptr, 0)
 
     @triton.jit
     def _rms_norm_kernel(

@@ -38,7 +38,6 @@ import torch
 from lmc.errors import LmcError
 from lmc.format.int4 import PACK, check_group_size, dequantize_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import AddNorm, rms_norm
 from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.split_counters import split_counters
 from lmc.kernels.w4a16_mma import MAX_ROWS as MMA_MAX_ROWS
@@ -53,8 +52,6 @@ try:
 except ImportError:  # CPU-only install: w4a16_matmul runs the torch reference
     triton = None
     tl = None
-else:
-    from lmc.kernels.rmsnorm import add_norm_when_done
 
 
 
@@ -420,10 +417,9 @@ def _gemv_finish(m, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, strid
 @_jit
 def _w4a16_gemv_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, ws_ptr, count_ptr,
-    M, N, K, stride_xm, stride_om, res_ptr, nw_ptr, y_ptr, h_ptr, eps,
+    M, N, K, stride_xm, stride_om,
     GROUP: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr, SPLIT_K: tl.constexpr, DEPTH: tl.constexpr,
-    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, ADD_NORM: tl.constexpr,
-    BLOCK_H: tl.constexpr, PDL: tl.constexpr,
+    MASKED: tl.constexpr, ASM: tl.constexpr, SILU: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """Decode path: up to four rows of x per program. qweight [ceil(K/8), N] int32: word [r, n] holds
     W[n, 8r + j] in bits 4j..4j+3; a quantization group is GROUP / 8 packed rows.
@@ -438,9 +434,7 @@ def _w4a16_gemv_kernel(
     MASKED: N % BLOCK_N or K % GROUP is not zero (bounds checks on every load). PDL: see lmc.kernels.pdl.
     SILU (the fused gate/up weight of an MLP, gate in columns [0, N/2), up in [N/2, N)): program pid_n owns gate
     columns pid_n * BLOCK_N/2 + [0, BLOCK_N/2) and the matching up columns, and writes silu(gate) * up to
-    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory.
-    ADD_NORM (one row, no SILU): the last program to write its columns of out adds the residual row and norms it
-    (lmc.kernels.rmsnorm.add_norm_when_done; its counter is count_ptr[column blocks])."""
+    out[:, N/2] (`_gemv_write`): the activation costs no kernel and no [M, N] round trip through memory."""
     if ASM:  # the launcher checked N % 4 == 0 (SILU: N % 8); saying so lets every [GP, BN] tile load 16 bytes
         N = (N // 4) * 4  # per thread, which the pack=4 products rely on (four columns of one row per call)
     half_n = (N // 8) * 4 if ASM else N // 2  # SILU: gate (and up) columns, a multiple of 4 with ASM
@@ -522,20 +516,14 @@ def _w4a16_gemv_kernel(
                     SILU, HALF)
         _gemv_store(acc3, m0 + 3, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, split, SPLIT_K,
                     SILU, HALF)
-    wrote = True
     if SPLIT_K > 1:
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
-        wrote = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
-        if wrote:
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
             for r in tl.static_range(ROWS):
                 _gemv_finish(m0 + r, M, N, offs_n, n_ok, out_cols, out_ok, out_ptr, ws_ptr, stride_om, SPLIT_K,
                              SILU, HALF)
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
-    if ADD_NORM:  # one row: programs (0, pid_n, split)
-        if wrote:
-            add_norm_when_done(count_ptr + tl.num_programs(1), tl.num_programs(1), out_ptr, res_ptr, nw_ptr, y_ptr,
-                               h_ptr, N, eps, BLOCK_H)
 
 
 @_jit_rows
@@ -652,16 +640,14 @@ def _splitk_sum(part: torch.Tensor, out: torch.Tensor):
 def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                       group_size: int, *, block_n: int = 32, rows: int = 1, split_k: int = 1, depth: int = 1,
                       num_warps: int = 1, preload: bool = False, dot_asm: bool | None = None,
-                      silu_mul: bool = False, out: torch.Tensor | None = None, add_norm: AddNorm | None = None):
+                      silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """Decode path: x [M, K] (M small) -> [M, N] in x.dtype; `rows` (1, 2 or 4) rows of x per program share
     each dequantized word, further row blocks re-read the weights (from L2). split_k > 1 splits the groups
     of K over that many programs per column block; the last to finish sums the float32 partials. depth (1 or 2):
     groups loaded ahead of the one being multiplied; preload (depth 1): two groups requested before the PDL wait,
     not one. dot_asm: packed-float16 dequant and products (inline PTX;
     needs N % 4 == 0); None = on for float16 x on CUDA where N % 4 == 0 (N % 8 with silu_mul).
-    silu_mul: W is an MLP's fused gate/up weight (gate in columns [0, N/2)); returns silu(gate) * up [M, N/2].
-    add_norm (one row, no silu_mul): returns (rms_norm(out + residual), out + residual), the norm done by the
-    kernel's last program (lmc.kernels.rmsnorm.AddNorm)."""
+    silu_mul: W is an MLP's fused gate/up weight (gate in columns [0, N/2)); returns silu(gate) * up [M, N/2]."""
     n = qweight.shape[1]
     if silu_mul and n % 2:
         raise LmcError(f"silu_mul needs the fused gate/up weight (an even N), got N={n}")
@@ -686,15 +672,14 @@ def w4a16_gemv_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     cols_per_program = block_n // 2 if silu_mul else block_n  # output columns
     grid = (_cdiv(m, rows), _cdiv(n_out, cols_per_program), split_k)
     ws = torch.empty((split_k, m, n), dtype=torch.float32, device=x.device) if split_k > 1 else out
-    tail = AddNorm.launch_args(add_norm, out, silu_mul)  # (residual, weight, y, h, eps), BLOCK_H
-    counters = split_counters(x.device, grid[0] * grid[1] + 1) if split_k > 1 or add_norm else out  # + 1: add_norm's
+    counters = split_counters(x.device, grid[0] * grid[1]) if split_k > 1 else out
     _w4a16_gemv_kernel[grid](
-        x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0), *tail[0],
+        x, qweight, scales, zeros, out, ws, counters, m, n, k, x.stride(0), out.stride(0),
         GROUP=group_size, BLOCK_N=block_n, ROWS=rows, SPLIT_K=split_k, DEPTH=depth,
         MASKED=bool(n_out % cols_per_program or k % group_size), ASM=dot_asm, SILU=silu_mul, PRELOAD=preload,
-        ADD_NORM=add_norm is not None, BLOCK_H=tail[1], num_warps=num_warps,
+        num_warps=num_warps,
         num_stages=1, **pdl_launch(x.device))
-    return out if add_norm is None else tail[0][2:4]
+    return out
 
 
 def w4a16_kmajor(qweight: torch.Tensor) -> torch.Tensor:
@@ -829,24 +814,6 @@ def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
         out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True,
                                 **kw)
     return out.reshape(*x.shape[:-1], n // 2)
-
-
-def w4a16_matmul_add_norm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                          group_size: int, add_norm: AddNorm,
-                          mma: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, K] -> (rms_norm(x @ W + residual), x @ W + residual), both [T, N]: a linear that ends a block, then the
-    residual add and the next RMSNorm. One kernel where x is one row on CUDA and this GPU's entry is the
-    CUDA-core GEMV or the 1-16 row mma kernel (their ADD_NORM tail: the launch boundary of the RMSNorm kernel
-    goes); otherwise the linear, then rms_norm."""
-    if triton is not None and x.is_cuda and x.dim() == 2 and x.shape[0] == 1:
-        n, k = qweight.shape[1], x.shape[1]
-        path, kw = w4a16_config(1, n, k, x.device, mma is not None)
-        if path == "gemv":
-            return w4a16_gemv_triton(x.contiguous(), qweight, scales, zeros, group_size, add_norm=add_norm, **kw)
-        if path == "mma" and _mma_launch(kw) is w4a16_mma_triton:
-            return w4a16_mma_triton(x, *mma, group_size, add_norm=add_norm, **kw)
-    y = w4a16_matmul(x, qweight, scales, zeros, group_size, mma=mma)  # [T, N]
-    return rms_norm(y, add_norm.weight, add_norm.eps, add_norm.residual)
 
 
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,

@@ -39,7 +39,6 @@ import torch
 from lmc.errors import LmcError
 from lmc.format.int4 import unpack_lmc
 from lmc.kernels.pdl import pdl_launch, pdl_wait
-from lmc.kernels.rmsnorm import AddNorm
 from lmc.kernels.split_counters import split_counters
 
 try:
@@ -48,8 +47,6 @@ try:
 except ImportError:  # CPU-only install: nothing here is called (mma_eligible says no)
     triton = None
     tl = None
-else:
-    from lmc.kernels.rmsnorm import add_norm_when_done
 
 CHUNK = 64  # K per word column of a lane (4 words x 16)
 LANE_WORDS = 128  # words per (block, chunk): 32 lanes x 4
@@ -275,18 +272,15 @@ def _pair_half(word, hi):
 
 @_jit
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
-                      res_ptr, nw_ptr, y_ptr, h_ptr, eps,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
                       BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, KW: tl.constexpr,
-                      ASM: tl.constexpr, ADD_NORM: tl.constexpr, BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+                      ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): BLOCKS column blocks per KW warps, (pid * WARPS / KW + w // KW) * BLOCKS + u, over the
     split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the warps' sums meet in
     shared memory at the end, a split-K with no counter and no partials in global memory). Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
     buffer, so that no register holding a load in flight is copied); x, an L1 hit after the first warp, is
     loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
-    (deterministic) and writes out (lmc.kernels.split_counters). ADD_NORM (one row, no SILU): the last program
-    to write its blocks of out adds the residual row and norms it (lmc.kernels.rmsnorm.add_norm_when_done; its
-    counter is count_ptr[programs])."""
+    (deterministic) and writes out (lmc.kernels.split_counters)."""
     L: tl.constexpr = 128 * WARPS
     CHUNKS: tl.constexpr = GROUP // 64
     pid = tl.program_id(0)
@@ -339,12 +333,8 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
             bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 7 * KW, g_last), CHUNKS, BLOCKS)
     accs = (_warp_sum(accs[0], WARPS, KW), _warp_sum(accs[1], WARPS, KW), _warp_sum(accs[2], WARPS, KW),
             _warp_sum(accs[3], WARPS, KW))
-    wrote = _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, tl.arange(0, L // KW),
-                        WARPS // KW, SPLIT_K, SILU, TILES, BLOCKS)
-    if ADD_NORM:
-        if wrote:
-            add_norm_when_done(count_ptr + tl.num_programs(0), tl.num_programs(0), out_ptr, res_ptr, nw_ptr, y_ptr,
-                               h_ptr, NB * 16, eps, BLOCK_H)
+    _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, tl.arange(0, L // KW), WARPS // KW,
+                SPLIT_K, SILU, TILES, BLOCKS)
 
 
 @_jit
@@ -359,11 +349,10 @@ def _warp_sum(acc, WARPS: tl.constexpr, KW: tl.constexpr):
 def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
                 SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr):
     """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, block, tile, L] and, in the
-    last split to arrive, their sum in split order (lmc.kernels.split_counters). Returns whether this program
-    wrote its blocks of out. WARPS: the program's warps of distinct blocks (its warps / KW)."""
+    last split to arrive, their sum in split order (lmc.kernels.split_counters). WARPS: the program's warps of
+    distinct blocks (its warps / KW)."""
     L: tl.constexpr = 128 * WARPS
     PARTS: tl.constexpr = BLOCKS * TILES
-    wrote = True
     if SPLIT_K == 1:
         _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS)
     else:
@@ -377,8 +366,7 @@ def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, 
                 tl.store(mine + 3 * L, accs[3])
         tl.debug_barrier()  # every thread's partials are written before the counter says so
         counter = count_ptr + pid
-        wrote = tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1
-        if wrote:
+        if tl.atomic_add(counter, 1, sem="acq_rel") == SPLIT_K - 1:
             z = tl.zeros((L,), dtype=tl.float32)
             t00, t01, t10, t11 = z, z, z, z
             for s in tl.static_range(SPLIT_K):
@@ -392,7 +380,6 @@ def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, 
                         t11 += tl.load(theirs + 3 * L, cache_modifier=".cg")
             _mma_store_all((t00, t01, t10, t11), out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS)
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
-    return wrote
 
 
 @_jit
@@ -516,13 +503,12 @@ def prepare_launch(x: torch.Tensor, n: int, silu_mul: bool, out: torch.Tensor | 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
                      split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
-                     asm: bool | None = None, add_norm: AddNorm | None = None):
+                     asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     `blocks` (1 or 2; 1 with G = 64) 16-column blocks a warp (two share the x registers), `warps` warps a
     program; split_k splits the groups of K over that many
     programs per block set (the last to finish sums in split order). asm: the mma.sync path (float16 x on CUDA);
-    None = on where it can run. add_norm (one row, no silu_mul): returns (rms_norm(out + residual), out +
-    residual) instead of out, the norm done by the kernel's last program (lmc.kernels.rmsnorm.AddNorm)."""
+    None = on where it can run."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
     m = x.shape[0]
@@ -539,10 +525,8 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     grid = (triton.cdiv(nb, warps // kw * blocks), split_k)
     ws = torch.empty((split_k, grid[0], blocks * tiles, 128 * (warps // kw)), dtype=torch.float32,
                      device=x.device) if split_k > 1 else out
-    tail = AddNorm.launch_args(add_norm, out, silu_mul)  # (residual, weight, y, h, eps), BLOCK_H
-    counters = split_counters(x.device, grid[0] + 1) if split_k > 1 or add_norm else out  # + 1: add_norm's
-    _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), *tail[0],
+    counters = split_counters(x.device, grid[0]) if split_k > 1 else out
+    _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
                             GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, KW=kw, ASM=asm,
-                            ADD_NORM=add_norm is not None, BLOCK_H=tail[1], num_warps=warps, num_stages=1,
-                            **pdl_launch(x.device))
-    return out if add_norm is None else tail[0][2:4]
+                            num_warps=warps, num_stages=1, **pdl_launch(x.device))
+    return out

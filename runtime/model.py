@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from lmc.kernels.gemv import gemv_config, gemv_triton
 from lmc.kernels.kv_quant import QuantizedKV
-from lmc.kernels.rmsnorm import AddNorm, rms_norm
+from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_decode_attention, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
-from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_matmul_add_norm, w4a16_silu_matmul
+from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul
 from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
 from lmc.kernels.w4a16_tuning import has_mma
 from lmc.errors import LmcError
@@ -164,14 +164,14 @@ def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
 def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.Tensor, next_norm: torch.Tensor,
                   cos, sin, ctx, layer: int, add_norm) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer from its normed input h [T, H]: returns the output normed by `next_norm` (the next layer's
-    attention_norm, or the final norm) and the residual stream [T, H]. `add_norm(x, w, residual, weight, slot)`
-    ends a block: its last linear w on x, the product added to the residual stream and the sum normed by weight:
-    (normed, new residual) (Model.add_norm). Under tensor parallelism it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA: kernels/allreduce.py);
+    attention_norm, or the final norm) and the residual stream [T, H]. `add_norm(x, residual, weight, slot)` adds
+    a block's output to the residual stream and norms the sum: (normed, new residual). Under tensor parallelism
+    it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA: kernels/allreduce.py);
     slot 0 after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
-    o = attention_core(cfg, lw, h, cos, sin, ctx, layer)  # [T, Hq*D]
-    h, residual = add_norm(o, lw["wo"], residual, lw["ffn_norm"], 0)  # wo's product: this rank's part of the sum
-    m = mlp_hidden(lw, h)  # [T, I]
-    return add_norm(m, lw["w2"], residual, next_norm, 1)
+    a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H] (this rank's part of the sum)
+    h, residual = add_norm(a, residual, lw["ffn_norm"], 0)
+    m = mlp_block(lw, h)  # [T, H] (this rank's part of the sum)
+    return add_norm(m, residual, next_norm, 1)
 
 
 # ----------------------------------------------------------------------------- weights and model
@@ -266,7 +266,6 @@ class Model:
         self.lm_head = self.embed[rows.start:rows.stop] if self.cfg.tie_word_embeddings else \
             load_tensor(src, "output.weight", device, dtype, rows)  # [rows, H], float in every workspace
         self.rope = Rope(self.cfg, device)
-        self.fuse_add_norm = os.environ.get("LMC_FUSED_ADD_NORM", "1") != "0"  # read once (A/B: bench/NOTES.md)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,
                input_embeds: torch.Tensor | None = None) -> torch.Tensor:
@@ -281,18 +280,12 @@ class Model:
             h, residual = decoder_layer(self.cfg, lw, h, residual, next_norm, cos, sin, ctx, i, self.add_norm)
         return h
 
-    def add_norm(self, x: torch.Tensor, w, residual: torch.Tensor, weight: torch.Tensor,
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """decoder_layer's add_norm: linear(x, w) [T, H] (summed over the ranks first) + residual, normed by
-        weight. At tp 1 an int4 w takes w4a16_matmul_add_norm (one kernel for one token on CUDA) unless
-        LMC_FUSED_ADD_NORM=0."""
-        eps = self.cfg.rms_norm_eps
+        """decoder_layer's add_norm: x [T, H] (summed over the ranks first) + residual, normed by weight."""
         if self.shard is not None:
-            return self.shard.all_reduce_add_norm(linear(x, w), residual, weight, eps, slot)
-        if self.fuse_add_norm and isinstance(w, Int4Weight) and not w.mma_silu:
-            return w4a16_matmul_add_norm(x, w.qweight, w.scales, w.zeros, w.group_size, AddNorm(residual, weight, eps),
-                                         w.mma)
-        return rms_norm(linear(x, w), weight, eps, residual)
+            return self.shard.all_reduce_add_norm(x, residual, weight, self.cfg.rms_norm_eps, slot)
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, residual)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] -> [B, V] float32. With a split lm_head every rank calls this at the same point (a collective):
