@@ -431,3 +431,28 @@ def dispatch_errors(m: int) -> tuple[float, float]:
     pairs = ((W.w4a16_matmul(x, q, s, z, group, mma=plain), _reference(x, q, s, z, group, False)),
              (W.w4a16_silu_matmul(x, q, s, z, group, mma=silu), _reference(x, q, s, z, group, True)))
     return tuple((got.float() - want).abs().max().item() / want.abs().max().item() for got, want in pairs)
+
+
+def test_table_variant_replaces_one_entry_and_keeps_an_mma_fallback():
+    """bench/table_variant.py (the in-step A/B of a table entry): a GEMV entry made mma gets the old GEMV as its
+    fallback (weights without the mma layout still take a kernel), an mma entry made GEMV drops its fallback,
+    and the H200 table's M = 1 4096x6144 entry, set to mma by that A/B, falls back to the GEMV."""
+    import sys
+    from pathlib import Path
+
+    from lmc.kernels import w4a16_tuning as T
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import table_variant
+
+    tables = T.read_tables()
+    gemv = dict(next(e for e in tables["devices"]["NVIDIA H200"]["entries"] if (e["m"], e["k"], e["n"]) == (1, 4096, 4096)))
+    got = table_variant.replace_entry(tables, "NVIDIA H200", 1, 4096, 4096, "mma", {"warps": 4, "split_k": 8})
+    assert got["fallback"] == {"path": gemv["path"], "config": gemv["config"]}
+    back = table_variant.replace_entry(tables, "NVIDIA H200", 1, 4096, 4096, "gemv", gemv["config"])
+    assert "fallback" not in back and back["config"] == gemv["config"]
+    with pytest.raises(KeyError, match="no entry"):
+        table_variant.replace_entry(tables, "NVIDIA H200", 1, 4096, 4097, "gemv", {})
+    assert T.select(T.read_tables()["devices"]["NVIDIA H200"]["entries"], 1, 6144, 4096, mma=True) == \
+        ("mma", {"warps": 4, "split_k": 8, "buffers": 2})
+    assert T.select(T.read_tables()["devices"]["NVIDIA H200"]["entries"], 1, 6144, 4096)[0] == "gemv"
