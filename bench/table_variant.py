@@ -1,7 +1,7 @@
 """Replace one entry of the W4A16 tuning table in place, for an A/B inside the decode step (run it on a throwaway copy
 of the repository, e.g. the device machine's): the table's entries are timed one kernel at a time, and the step
 can prefer another (bench/NOTES.md, session 21: M = 1 4096x6144 on an H200). `--restore` puts back the table saved
-by the first call (and forgets it).
+by the first call (and forgets it); calls before a restore add up.
 
     python bench/table_variant.py --device "NVIDIA H200" --m 1 --shape 4096x6144 --path mma \
         --config '{"warps": 4, "split_k": 8, "buffers": 2}'
@@ -53,7 +53,7 @@ def main() -> None:
         return
     if not SAVED.exists():
         shutil.copyfile(T.TABLE_PATH, SAVED)
-    tables = T.read_tables(SAVED)
+    tables = T.read_tables(T.TABLE_PATH)  # earlier replacements stay (several entries at once)
     k, n = (int(v) for v in args.shape.split("x"))
     entry = replace_entry(tables, args.device, args.m, k, n, args.path, json.loads(args.config))
     T.write_tables(tables, T.TABLE_PATH)
