@@ -456,3 +456,61 @@ def test_table_variant_replaces_one_entry_and_keeps_an_mma_fallback():
     assert T.select(T.read_tables()["devices"]["NVIDIA H200"]["entries"], 1, 6144, 4096, mma=True) == \
         ("mma", {"warps": 4, "split_k": 8, "buffers": 2})
     assert T.select(T.read_tables()["devices"]["NVIDIA H200"]["entries"], 1, 6144, 4096)[0] == "gemv"
+
+
+def test_tune_in_step_keeps_only_a_variant_faster_in_every_run_and_restores_the_table(tmp_path):
+    """bench/tune_in_step.py over a fake step timer that reads the table the way the step would: the variant whose
+    every run beats every base run wins, one that overlaps the base does not, the table file is byte-identical
+    after the runs (also when a run fails), and --write-table's writer puts the winner in with a source note."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from lmc.kernels import w4a16_tuning as T
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+    import tune_in_step
+
+    table = tmp_path / "table.json"
+    table.write_bytes(T.TABLE_PATH.read_bytes())
+    before = table.read_bytes()
+    h200 = "NVIDIA H200"
+    fast = {"name": "fast", "replace": [{"device": h200, "m": 1, "shape": "4096x4096", "path": "mma",
+                                         "config": {"warps": 4, "split_k": 8, "buffers": 2}}]}
+    noisy = {"name": "noisy", "replace": [{"device": h200, "m": 1, "shape": "14336x4096", "path": "mma",
+                                           "config": {"warps": 8, "split_k": 8, "buffers": 2}}]}
+    times = {"base": iter([9.0, 2.05, 2.06, 2.052]), "fast": iter([2.03, 2.035, 2.031]),
+             "noisy": iter([2.04, 2.07, 2.045])}
+
+    def measure() -> float:
+        entries = {(e["m"], e["k"], e["n"]): e for e in T.read_tables(table)["devices"][h200]["entries"]}
+        if entries[(1, 4096, 4096)]["path"] == "mma":
+            return next(times["fast"])
+        return next(times["noisy" if entries[(1, 14336, 4096)]["config"]["split_k"] == 8 else "base"])
+
+    result = tune_in_step.tune([fast, noisy], measure, 3, table)
+    assert table.read_bytes() == before
+    assert result["base_runs_ms"] == [2.05, 2.06, 2.052]  # the first (warm-up) run is dropped
+    assert [(r["name"], r["wins"]) for r in result["variants"]] == [("fast", True), ("noisy", False)]
+    assert result["best"] == "fast"
+    tune_in_step.write_winner(result, [fast, noisy], table, "a note")
+    tables = T.read_tables(table)
+    entry = next(e for e in tables["devices"][h200]["entries"] if (e["m"], e["k"], e["n"]) == (1, 4096, 4096))
+    assert entry["path"] == "mma" and entry["fallback"]["path"] == "gemv"
+    assert tables["devices"][h200]["source"].endswith("; fast by bench/tune_in_step.py (a note)")
+
+    table.write_bytes(before)
+
+    def failing() -> float:  # the warm-up (base) runs, the variant's run crashes
+        entries = T.read_tables(table)["devices"][h200]["entries"]
+        if any((e["m"], e["k"], e["n"], e["path"]) == (1, 4096, 4096, "mma") for e in entries):
+            raise RuntimeError("the step crashed")
+        return 2.0
+
+    with pytest.raises(RuntimeError):
+        tune_in_step.tune([fast], failing, 2, table)
+    assert table.read_bytes() == before
+    assert tune_in_step.wins([2.0, 2.1], [1.9, 1.99]) and not tune_in_step.wins([2.0, 2.1], [1.9, 2.05])
+    shipped = json.loads((Path(__file__).parents[1] / "bench" / "variants_tp2_m1_h200.json").read_text())
+    for variant in shipped:  # every entry the pending tp 2 A/B names exists in the table
+        tune_in_step.apply(variant, tmp_path / "applied.json", table)
