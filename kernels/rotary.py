@@ -20,6 +20,7 @@ import torch
 from lmc.errors import LmcError
 from lmc.kernels.attention import paged_decode_attention, paged_decode_attention_triton, write_kv_cache
 from lmc.kernels.kv_quant import cache_parts
+from lmc.kernels.l2_prefetch import prefetch_ahead
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
@@ -30,6 +31,7 @@ except ImportError:  # CPU-only install: the torch reference serves
 
 if triton is not None:
     from lmc.kernels.kv_quant import quantize_store
+    from lmc.kernels.l2_prefetch import l2_prefetch
     from lmc.kernels.rotary_tiles import cos_sin_at, rotate_halves
 
     @triton.jit
@@ -82,15 +84,21 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, slot_ptr,
         Hq, Hkv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-        stride_qot, stride_qoh, stride_cs, stride_ch, stride_kss, stride_ksh, stride_vss, stride_vsh,
+        stride_qot, stride_qoh, stride_cs, stride_ch, stride_kss, stride_ksh, stride_vss, stride_vsh, ahead_ptr,
+        ahead_bytes,
         HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        BLOCK_D: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
+        AHEAD: tl.constexpr, PDL: tl.constexpr,
     ):
         """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
         Caches are addressed as [slots, Hkv, D] values (BITS 16) or [slots, Hkv, D * BITS / 8] codes (BITS 8,
         4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) pairs, K_GROUP / V_GROUP
         channels each, at ksz / vsz [slots, Hkv, G, 2] (strides stride_kss / stride_vss, stride_ksh /
-        stride_vsh, 2, 1)."""
+        stride_vsh, 2, 1). AHEAD > 0: program 0 first asks L2 for ahead_bytes at ahead_ptr (the next linear's
+        words, constant: before the wait), AHEAD pieces (lmc.kernels.l2_prefetch.prefetch_ahead)."""
+        if AHEAD > 0:
+            if tl.program_id(0) == 0:
+                l2_prefetch(ahead_ptr, ahead_bytes, tl.program_id(0), 1, AHEAD)
         pdl_wait(PDL)
         t = tl.program_id(0).to(tl.int64)
         cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
@@ -207,7 +215,7 @@ def rotary_write_kv_ref(
 
 def rotary_write_kv_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache, v_cache, slot_mapping: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor, ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
@@ -229,28 +237,30 @@ def rotary_write_kv_triton(
     if T > 0:  # grouped quantization reshapes each half into groups: BLOCK_HALF >= group
         BLOCK_HALF = max([triton.next_power_of_2(D // 2), *(g for g in (k_group, v_group) if g < D)])
         BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
+        ahead_bytes, ahead_parts = prefetch_ahead(ahead, 4)  # the launch's default 4 warps
         _rotary_kv_kernel[(T,)](
             q, k, v, cos, sin, q_out, kc, vc, ksz, vsz, slot_mapping,
             Hq, Hkv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             sin.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(1), kc.stride(2), ksz.stride(1),
-            ksz.stride(2), vsz.stride(1), vsz.stride(2), HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
+            ksz.stride(2), vsz.stride(1), vsz.stride(2), q if ahead is None else ahead, ahead_bytes,
+            HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
             BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF, BITS=bits, K_GROUP=k_group, V_GROUP=v_group,
-            **pdl_launch(q.device),
+            AHEAD=ahead_parts, num_warps=4, **pdl_launch(q.device),
         )
     return q_out
 
 
 def rotary_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache, v_cache, slot_mapping: torch.Tensor,
+    k_cache, v_cache, slot_mapping: torch.Tensor, ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rotates q [T, Hq, D] and k [T, Hkv, D] by cos/sin [T, D/2], stores the rotated k and v [T, Hkv, D]
     at flat slots slot_mapping [T] of k_cache / v_cache [num_blocks, block_size, Hkv, D] or QuantizedKV (in
     place, quantized) and returns the rotated q as a new tensor. Same results as apply_rotary followed by
-    write_kv_cache."""
+    write_kv_cache. ahead: a later kernel's weight whose start the kernel asks L2 for (LMC_L2_AHEAD_MB)."""
     if q.is_cuda:
-        return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+        return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, ahead)
     return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
 
@@ -288,12 +298,14 @@ def decode_fuses_rope(device: torch.device, k_cache, batch: int) -> bool:
 def rotary_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     k_cache, v_cache, slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
+    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A decode step's attention from un-rotated q [B, Hq, D]: rotary_write_kv (the new token of sequence b at
     position kv_lens[b] - 1, slot slot_mapping[b]), then paged_decode_attention; [B, Hq, D]. Where
-    decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits."""
+    decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits.
+    ahead: the next linear's words, asked of L2 by the rotary kernel (two launches only; LMC_L2_AHEAD_MB)."""
     if decode_fuses_rope(q.device, k_cache, q.shape[0]):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale,
                                              rope=(k, v, cos, sin, slot_mapping))
-    q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
+    q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, ahead)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)
