@@ -820,7 +820,7 @@ def streamed_words(rows: int, qweight: torch.Tensor, mma: tuple[torch.Tensor, to
     """The int32 words that w4a16_matmul streams for `rows` rows of x on this GPU (its table's path): the mma
     layout's qfrag on an mma path, the stored qweight otherwise; what a kernel ahead of it asks L2 for."""
     k, n = qweight.shape[0] * PACK, qweight.shape[1]
-    path, kw = w4a16_config(rows, n, k, qweight.device, mma is not None)
+    path, _ = w4a16_config(rows, n, k, qweight.device, mma is not None)
     return mma[0] if path == "mma" else qweight
 
 
