@@ -13,12 +13,15 @@ on a copy of the repository whose table you mean to change, e.g. the device mach
         --work /tmp/w --out $OUT/tune_tp2_m1_h200.json [--write-table]
 
 Variants file: [{"name": "qkv_mma", "replace": [{"device": "NVIDIA H200", "m": 1, "shape": "4096x3072",
-"path": "mma", "config": {"warps": 4, "split_k": 8, "buffers": 2}}]}, ...]
+"path": "mma", "config": {"warps": 4, "split_k": 8, "buffers": 2}}]}, ...]; a variant may instead (or as well)
+set environment variables for its runs, {"name": "ahead_8", "env": {"LMC_L2_AHEAD_MB": "8"}}
+(bench/variants_ahead_h200.json): the same interleaving and the same rule for an A/B switch of the runtime.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -48,20 +51,21 @@ def wins(base: list[float], runs: list[float]) -> bool:
     return bool(base and runs) and max(runs) < min(base)
 
 
-def tune(variants: list[dict], measure: Callable[[], float], repeats: int, table: Path) -> dict:
-    """Times the base and each variant `repeats` times (interleaved, after one discarded base run) with `measure`
-    (ms a step, the table at `table` already set); the table is restored after every run, whatever happens."""
+def tune(variants: list[dict], measure: Callable[[dict], float], repeats: int, table: Path) -> dict:
+    """Times the base and each variant `repeats` times (interleaved, after one discarded base run) with
+    `measure(env)` (ms a step, the table at `table` already set, env the variant's environment variables); the
+    table is restored after every run, whatever happens."""
     with tempfile.TemporaryDirectory() as tmp:
         saved = Path(tmp) / "table.json"
         shutil.copyfile(table, saved)
         try:
-            measure()  # warm-up: the first run of a machine compiles and builds, and is slower
+            measure({})  # warm-up: the first run of a machine compiles and builds, and is slower
             runs: dict[str, list[float]] = {"base": []}
             for _ in range(repeats):
                 for v in [None] + variants:
                     apply(v, table, saved)
                     try:
-                        ms = measure()
+                        ms = measure((v or {}).get("env", {}))
                     finally:
                         shutil.copyfile(saved, table)
                     runs.setdefault("base" if v is None else v["name"], []).append(ms)
@@ -69,7 +73,7 @@ def tune(variants: list[dict], measure: Callable[[], float], repeats: int, table
         finally:
             shutil.copyfile(saved, table)
     base = runs["base"]
-    rows = [{"name": v["name"], "replace": v.get("replace", []), "runs_ms": runs[v["name"]],
+    rows = [{"name": v["name"], "replace": v.get("replace", []), "env": v.get("env", {}), "runs_ms": runs[v["name"]],
              "median_ms": statistics.median(runs[v["name"]]), "wins": wins(base, runs[v["name"]])} for v in variants]
     winners = sorted((r for r in rows if r["wins"]), key=lambda r: r["median_ms"])
     return {"base_runs_ms": base, "base_median_ms": statistics.median(base), "variants": rows,
@@ -77,19 +81,20 @@ def tune(variants: list[dict], measure: Callable[[], float], repeats: int, table
 
 
 def write_winner(result: dict, variants: list[dict], table: Path, note: str) -> None:
-    """The best winner's replacements into the table, with a line in each touched device's source."""
+    """The best winner's replacements into the table, with a line in each touched device's source (an
+    environment variable that won is reported, not written)."""
     best = next(v for v in variants if v["name"] == result["best"])
     tables = T.read_tables(table)
-    for r in best["replace"]:
+    for r in best.get("replace", []):
         k, n = (int(v) for v in r["shape"].split("x"))
         replace_entry(tables, r["device"], r["m"], k, n, r["path"], r["config"])
-    for device in {r["device"] for r in best["replace"]}:
+    for device in {r["device"] for r in best.get("replace", [])}:
         dev = tables["devices"][device]
         dev["source"] += f"; {best['name']} by bench/tune_in_step.py ({note})"
     T.write_tables(tables, table)
 
 
-def bench_tp_step(args, out: Path) -> Callable[[], float]:
+def bench_tp_step(args, out: Path) -> Callable[[dict], float]:
     """`measure` for the real thing: one bench_tp.py process, the step time of args.batch at args.tp."""
     cmd = [sys.executable, str(Path(__file__).parent / "bench_tp.py"), "--work", args.work, "--formats", args.format,
            "--batches", str(args.batch), "--step-only", "--skip-check", "--skip-bench", "--out", str(out)]
@@ -98,9 +103,9 @@ def bench_tp_step(args, out: Path) -> Callable[[], float]:
     if args.smoke:
         cmd.append("--smoke")
 
-    def measure() -> float:
+    def measure(env: dict) -> float:
         run = cmd if args.tp == 1 or not out.exists() else cmd + ["--tp1-from", str(out)]  # tp 1 timed once
-        subprocess.run(run, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(run, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **env})
         entry = json.loads(out.read_text())["formats"][args.format]
         key = "tp1" if args.tp == 1 else next(k for k in entry if k.startswith("tp2"))
         return next(d["step_only_ms"] for d in entry[key]["decode"] if d["batch"] == args.batch)

@@ -482,7 +482,8 @@ def test_tune_in_step_keeps_only_a_variant_faster_in_every_run_and_restores_the_
     times = {"base": iter([9.0, 2.05, 2.06, 2.052]), "fast": iter([2.03, 2.035, 2.031]),
              "noisy": iter([2.04, 2.07, 2.045])}
 
-    def measure() -> float:
+    def measure(env: dict) -> float:
+        assert env == {}
         entries = {(e["m"], e["k"], e["n"]): e for e in T.read_tables(table)["devices"][h200]["entries"]}
         if entries[(1, 4096, 4096)]["path"] == "mma":
             return next(times["fast"])
@@ -501,7 +502,7 @@ def test_tune_in_step_keeps_only_a_variant_faster_in_every_run_and_restores_the_
 
     table.write_bytes(before)
 
-    def failing() -> float:  # the warm-up (base) runs, the variant's run crashes
+    def failing(env: dict) -> float:  # the warm-up (base) runs, the variant's run crashes
         entries = T.read_tables(table)["devices"][h200]["entries"]
         if any((e["m"], e["k"], e["n"], e["path"]) == (1, 4096, 4096, "mma") for e in entries):
             raise RuntimeError("the step crashed")
@@ -514,3 +515,11 @@ def test_tune_in_step_keeps_only_a_variant_faster_in_every_run_and_restores_the_
     shipped = json.loads((Path(__file__).parents[1] / "bench" / "variants_tp2_m1_h200.json").read_text())
     for variant in shipped:  # every entry the pending tp 2 A/B names exists in the table
         tune_in_step.apply(variant, tmp_path / "applied.json", table)
+
+    seen = []  # an environment variant: its runs get its variables, the base's none, the table untouched
+    env_result = tune_in_step.tune([{"name": "ahead_8", "env": {"LMC_L2_AHEAD_MB": "8"}}],
+                                   lambda env: seen.append(env) or (1.9 if env else 2.0), 2, table)
+    assert seen == [{}, {}, {"LMC_L2_AHEAD_MB": "8"}, {}, {"LMC_L2_AHEAD_MB": "8"}] and env_result["best"] == "ahead_8"
+    assert table.read_bytes() == before
+    tune_in_step.write_winner(env_result, [{"name": "ahead_8", "env": {"LMC_L2_AHEAD_MB": "8"}}], table, "n")
+    assert table.read_bytes() == before  # nothing of it goes into the table
