@@ -14,8 +14,8 @@ LMC_L2_PREFETCH_MB (read once; default 16, 0 = never): the largest weight prefet
 TRITON_INTERPRET, without PDL or before sm_90 nothing is prefetched.
 
 Ahead of the linear (session 21, not yet measured on a GPU: off by default): at a decode step of 1-7 sequences the
-rotary kernel, which runs before the decode attention, asks L2 for the first LMC_L2_AHEAD_MB MiB of the words
-that wo's kernel will stream (`prefetch_ahead`). Memory is idle while the attention runs (~8 µs a layer at batch 1
+rotary kernel, which runs before the decode attention, gets up to 64 extra programs that ask L2 for the first
+LMC_L2_AHEAD_MB MiB of the words that wo's kernel will stream (`prefetch_ahead`) and end. Memory is idle while the attention runs (~8 µs a layer at batch 1
 against ~2 µs for wo's 8.4 MB of int4 words), so wo could read from L2 what it now waits for from HBM.
 """
 from __future__ import annotations
@@ -67,16 +67,20 @@ def ahead_wanted() -> bool:
     return (_env_ahead_mib() if AHEAD_MIB is None else AHEAD_MIB) > 0
 
 
-def prefetch_ahead(words: torch.Tensor | None, num_warps: int) -> tuple[int, int]:
-    """(bytes, PARTS) for a kernel that asks L2 for the start of `words` (a later kernel's constant weight) before
-    its own PDL wait: the first LMC_L2_AHEAD_MB MiB in whole 16-byte units, one piece a thread; (0, 0) where
-    nothing is asked (off, no words, no PDL: the CPU and the interpreter, unaligned or strided words)."""
+AHEAD_SHARE = 128 * 1024  # bytes a prefetching program asks for (at most 64 programs)
+
+
+def prefetch_ahead(words: torch.Tensor | None, num_warps: int) -> tuple[int, int, int]:
+    """(bytes, PARTS, programs) for a kernel whose extra programs ask L2 for the start of `words` (a later
+    kernel's constant weight): the first LMC_L2_AHEAD_MB MiB in whole 16-byte units, one piece a thread, a share of
+    ~AHEAD_SHARE bytes a program; (0, 0, 0) where nothing is asked (off, no words, no PDL: the CPU and the
+    interpreter, unaligned or strided words)."""
     cap = _env_ahead_mib() if AHEAD_MIB is None else AHEAD_MIB
     if words is None or cap <= 0 or not words.is_contiguous() or words.data_ptr() % 16 \
             or not pdl_enabled(words.device):
-        return 0, 0
+        return 0, 0, 0
     nbytes = min(words.numel() * words.element_size(), int(cap * 2**20)) // 16 * 16
-    return (nbytes, 32 * num_warps) if nbytes else (0, 0)
+    return (nbytes, 32 * num_warps, min(64, -(-nbytes // AHEAD_SHARE))) if nbytes else (0, 0, 0)
 
 
 def prefetch_pieces(weight: torch.Tensor, num_warps: int) -> int:

@@ -85,51 +85,55 @@ if triton is not None:
         Hq, Hkv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
         stride_qot, stride_qoh, stride_cs, stride_ch, stride_kss, stride_ksh, stride_vss, stride_vsh, ahead_ptr,
-        ahead_bytes,
+        ahead_bytes, tokens,
         HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
         BLOCK_D: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
         AHEAD: tl.constexpr, PDL: tl.constexpr,
     ):
-        """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
+        """Token t < tokens: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
         Caches are addressed as [slots, Hkv, D] values (BITS 16) or [slots, Hkv, D * BITS / 8] codes (BITS 8,
         4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) pairs, K_GROUP / V_GROUP
         channels each, at ksz / vsz [slots, Hkv, G, 2] (strides stride_kss / stride_vss, stride_ksh /
-        stride_vsh, 2, 1). AHEAD > 0: program 0 first asks L2 for ahead_bytes at ahead_ptr (the next linear's
-        words, constant: before the wait), AHEAD pieces (lmc.kernels.l2_prefetch.prefetch_ahead)."""
+        stride_vsh, 2, 1). AHEAD > 0: the programs past the token programs only ask L2 for their share of the
+        ahead_bytes at ahead_ptr (the next linear's words: constant, so no wait), AHEAD pieces each, and end;
+        spread over many SMs, the request rate of one SM's copy engine does not bound the prefetch
+        (lmc.kernels.l2_prefetch.prefetch_ahead)."""
+        pid = tl.program_id(0)
         if AHEAD > 0:
-            if tl.program_id(0) == 0:
-                l2_prefetch(ahead_ptr, ahead_bytes, tl.program_id(0), 1, AHEAD)
-        pdl_wait(PDL)
-        t = tl.program_id(0).to(tl.int64)
-        cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
-        slot = tl.load(slot_ptr + t).to(tl.int64)
-        _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
-                      HALF, BLOCK_HEADS, BLOCK_HALF)
-        heads = tl.arange(0, BLOCK_HEADS)
-        if BITS == 16:
-            _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
+            if pid >= tokens:
+                l2_prefetch(ahead_ptr, ahead_bytes, pid - tokens, tl.num_programs(0) - tokens, AHEAD)
+        if pid < tokens:
+            pdl_wait(PDL)
+            t = pid.to(tl.int64)
+            cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
                           HALF, BLOCK_HEADS, BLOCK_HALF)
-            dcols = tl.arange(0, BLOCK_D)
-            for h0 in range(0, Hkv, BLOCK_HEADS):
-                hh = h0 + heads
-                mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
-                v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
-                tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
-        else:
-            cols = tl.arange(0, BLOCK_HALF)
-            for h0 in range(0, Hkv, BLOCK_HEADS):
-                hh = h0 + heads
-                h_mask = hh < Hkv
-                mask = h_mask[:, None] & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
-                k1, k2 = _rotate_tile(k_ptr + t * stride_kt, hh[:, None] * stride_kh + cols[None, :], mask, cos, sin,
-                                      HALF)
-                quantize_store(k1.to(tl.float32), k2.to(tl.float32), mask, kc_ptr + slot * stride_cs + hh * stride_ch,
-                               ksz_ptr + slot * stride_kss + hh * stride_ksh, h_mask, cols, HALF, BITS, K_GROUP)
-                v_offs = t * stride_vt + hh[:, None] * stride_vh + cols[None, :]
-                v1 = tl.load(v_ptr + v_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_HEADS, BLOCK_HALF]
-                v2 = tl.load(v_ptr + v_offs + HALF, mask=mask, other=0.0).to(tl.float32)
-                quantize_store(v1, v2, mask, vc_ptr + slot * stride_cs + hh * stride_ch,
-                               vsz_ptr + slot * stride_vss + hh * stride_vsh, h_mask, cols, HALF, BITS, V_GROUP)
+            heads = tl.arange(0, BLOCK_HEADS)
+            if BITS == 16:
+                _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
+                              HALF, BLOCK_HEADS, BLOCK_HALF)
+                dcols = tl.arange(0, BLOCK_D)
+                for h0 in range(0, Hkv, BLOCK_HEADS):
+                    hh = h0 + heads
+                    mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
+                    v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
+                    tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
+            else:
+                cols = tl.arange(0, BLOCK_HALF)
+                for h0 in range(0, Hkv, BLOCK_HEADS):
+                    hh = h0 + heads
+                    h_mask = hh < Hkv
+                    mask = h_mask[:, None] & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
+                    k1, k2 = _rotate_tile(k_ptr + t * stride_kt, hh[:, None] * stride_kh + cols[None, :], mask, cos, sin,
+                                          HALF)
+                    quantize_store(k1.to(tl.float32), k2.to(tl.float32), mask, kc_ptr + slot * stride_cs + hh * stride_ch,
+                                   ksz_ptr + slot * stride_kss + hh * stride_ksh, h_mask, cols, HALF, BITS, K_GROUP)
+                    v_offs = t * stride_vt + hh[:, None] * stride_vh + cols[None, :]
+                    v1 = tl.load(v_ptr + v_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_HEADS, BLOCK_HALF]
+                    v2 = tl.load(v_ptr + v_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+                    quantize_store(v1, v2, mask, vc_ptr + slot * stride_cs + hh * stride_ch,
+                                   vsz_ptr + slot * stride_vss + hh * stride_vsh, h_mask, cols, HALF, BITS, V_GROUP)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -237,13 +241,13 @@ def rotary_write_kv_triton(
     if T > 0:  # grouped quantization reshapes each half into groups: BLOCK_HALF >= group
         BLOCK_HALF = max([triton.next_power_of_2(D // 2), *(g for g in (k_group, v_group) if g < D)])
         BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
-        ahead_bytes, ahead_parts = prefetch_ahead(ahead, 4)  # the launch's default 4 warps
-        _rotary_kv_kernel[(T,)](
+        ahead_bytes, ahead_parts, ahead_programs = prefetch_ahead(ahead, 4)  # 4 warps: the launch's
+        _rotary_kv_kernel[(T + ahead_programs,)](
             q, k, v, cos, sin, q_out, kc, vc, ksz, vsz, slot_mapping,
             Hq, Hkv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             sin.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(1), kc.stride(2), ksz.stride(1),
-            ksz.stride(2), vsz.stride(1), vsz.stride(2), q if ahead is None else ahead, ahead_bytes,
+            ksz.stride(2), vsz.stride(1), vsz.stride(2), q if ahead is None else ahead, ahead_bytes, T,
             HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
             BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF, BITS=bits, K_GROUP=k_group, V_GROUP=v_group,
             AHEAD=ahead_parts, num_warps=4, **pdl_launch(q.device),
