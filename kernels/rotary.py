@@ -95,15 +95,15 @@ if triton is not None:
         4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) pairs, K_GROUP / V_GROUP
         channels each, at ksz / vsz [slots, Hkv, G, 2] (strides stride_kss / stride_vss, stride_ksh /
         stride_vsh, 2, 1). AHEAD > 0: the programs past the token programs only ask L2 for their share of the
-        ahead_bytes at ahead_ptr (the next linear's words: constant, so no wait), AHEAD pieces each, and end;
-        spread over many SMs, the request rate of one SM's copy engine does not bound the prefetch
-        (lmc.kernels.l2_prefetch.prefetch_ahead)."""
+        ahead_bytes at ahead_ptr (the next linear's words), AHEAD pieces each, and end: after the wait, so that the
+        prefetch shares memory with the attention (idle), not with the linear before (streaming); spread over
+        many SMs, so that one SM's copy engine does not bound it (lmc.kernels.l2_prefetch.prefetch_ahead)."""
         pid = tl.program_id(0)
+        pdl_wait(PDL)
         if AHEAD > 0:
             if pid >= tokens:
                 l2_prefetch(ahead_ptr, ahead_bytes, pid - tokens, tl.num_programs(0) - tokens, AHEAD)
         if pid < tokens:
-            pdl_wait(PDL)
             t = pid.to(tl.int64)
             cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
             slot = tl.load(slot_ptr + t).to(tl.int64)

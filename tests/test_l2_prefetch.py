@@ -165,16 +165,16 @@ def prefetch_in_ptx() -> dict:
 
 def test_compiled_gemv_and_rotary_prefetch_before_the_pdl_wait():
     """sm_90 PTX of the float GEMV with PREFETCH: one predicated bulk L2 prefetch, ahead of griddepcontrol.wait;
-    of the rotary kernel with AHEAD: one, in the programs that do not wait; with 0 none."""
+    of the rotary kernel with AHEAD: one, after it (the attention's turn, not the linear's); with 0 none."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     if run.returncode == 3:
         pytest.skip(f"cannot compile for sm_90 here: {run.stdout.strip()}")
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
-    for kernel in ("gemv", "rotary"):  # the rotary kernel's prefetching programs never wait: only the count
+    for kernel, before in (("gemv", True), ("rotary", False)):  # rotary: after the wait, in the extra programs
         (on_key, on), (_, off) = sorted(facts[kernel].items(), key=lambda kv: -int(kv[0]))
-        assert int(on_key) > 0 and on["prefetches"] == 1 and (on["before_wait"] or kernel == "rotary"), facts
+        assert int(on_key) > 0 and on == {"prefetches": 1, "before_wait": before}, facts
         assert off["prefetches"] == 0, facts
 
 
