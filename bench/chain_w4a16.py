@@ -23,9 +23,8 @@ from bench_decode import versions  # noqa: E402
 from kernel_boundary import graph_us  # noqa: E402
 
 from lmc.kernels.rmsnorm import rms_norm_triton  # noqa: E402
-from lmc.kernels.w4a16 import device_name, w4a16_gemv_triton  # noqa: E402
-from lmc.kernels.w4a16_mma import mma_layout, w4a16_mma_triton  # noqa: E402
-from lmc.kernels.w4a16_mma_wide import w4a16_mma_wide_triton  # noqa: E402
+from lmc.kernels.w4a16 import _mma_launch, device_name, w4a16_gemv_triton  # noqa: E402
+from lmc.kernels.w4a16_mma import mma_layout  # noqa: E402
 
 GROUP = 128
 L2_BYTES = 256 * 2**20  # weight copies per shape add up to at least this (H200 L2: 50 MB)
@@ -70,8 +69,7 @@ def _linear(path: str, cfg: dict, silu: bool):
     def run(x, w):
         if path == "gemv":
             return w4a16_gemv_triton(x, w["q"], w["s"], w["z"], GROUP, silu_mul=silu, **cfg)
-        launch = w4a16_mma_wide_triton if "tiles" in cfg else w4a16_mma_triton
-        return launch(x, *w["mma"], GROUP, silu_mul=silu, **cfg)
+        return _mma_launch(cfg)(x, *w["mma"], GROUP, silu_mul=silu, **cfg)
     return run
 
 

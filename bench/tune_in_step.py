@@ -36,12 +36,17 @@ from lmc.kernels import w4a16_tuning as T  # noqa: E402
 from table_variant import replace_entry  # noqa: E402
 
 
-def apply(variant: dict | None, table: Path, saved: Path) -> None:
-    """The table at `table` = the saved one with the variant's replacements (none for the base)."""
-    tables = T.read_tables(saved)
+def _replace_all(tables: dict, variant: dict | None) -> None:
+    """The variant's table replacements (none for the base, or for an environment-only variant), in place."""
     for r in (variant or {}).get("replace", []):
         k, n = (int(v) for v in r["shape"].split("x"))
         replace_entry(tables, r["device"], r["m"], k, n, r["path"], r["config"])
+
+
+def apply(variant: dict | None, table: Path, saved: Path) -> None:
+    """The table at `table` = the saved one with the variant's replacements (none for the base)."""
+    tables = T.read_tables(saved)
+    _replace_all(tables, variant)
     T.write_tables(tables, table)
 
 
@@ -85,9 +90,7 @@ def write_winner(result: dict, variants: list[dict], table: Path, note: str) -> 
     environment variable that won is reported, not written)."""
     best = next(v for v in variants if v["name"] == result["best"])
     tables = T.read_tables(table)
-    for r in best.get("replace", []):
-        k, n = (int(v) for v in r["shape"].split("x"))
-        replace_entry(tables, r["device"], r["m"], k, n, r["path"], r["config"])
+    _replace_all(tables, best)
     for device in {r["device"] for r in best.get("replace", [])}:
         dev = tables["devices"][device]
         dev["source"] += f"; {best['name']} by bench/tune_in_step.py ({note})"

@@ -15,8 +15,9 @@ TRITON_INTERPRET, without PDL or before sm_90 nothing is prefetched.
 
 Ahead of the linear (session 21, not yet measured on a GPU: off by default): at a decode step of 1-7 sequences the
 rotary kernel, which runs before the decode attention, gets up to 64 extra programs that ask L2 for the first
-LMC_L2_AHEAD_MB MiB of the words that wo's kernel will stream (`prefetch_ahead`) and end. Memory is idle while the attention runs (~8 µs a layer at batch 1
-against ~2 µs for wo's 8.4 MB of int4 words), so wo could read from L2 what it now waits for from HBM.
+LMC_L2_AHEAD_MB MiB of the words that wo's kernel will stream (`prefetch_ahead`) and end. Memory is idle while the
+attention runs (~8 µs a layer at batch 1 against ~2 µs for wo's 8.4 MB of int4 words), so wo could read from L2
+what it now waits for from HBM.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ except ImportError:  # CPU-only install: nothing here is called
 
 PREFETCH_MIB: float | None = None  # the largest weight prefetched, MiB (0 = off); None: LMC_L2_PREFETCH_MB or 16
 AHEAD_MIB: float | None = None  # MiB of the next linear's words asked for ahead of it (0 = off); None: LMC_L2_AHEAD_MB or 0
+AHEAD_SHARE = 128 * 1024  # bytes a program that prefetches ahead asks for (at most 64 programs)
 
 
 def _read_mib(name: str, default: str) -> float:
@@ -67,7 +69,10 @@ def ahead_wanted() -> bool:
     return (_env_ahead_mib() if AHEAD_MIB is None else AHEAD_MIB) > 0
 
 
-AHEAD_SHARE = 128 * 1024  # bytes a prefetching program asks for (at most 64 programs)
+def _prefetchable(t: torch.Tensor) -> bool:
+    """Whether a bulk L2 prefetch can cover t: contiguous, 16-byte aligned, on a device with PDL (sm_90 CUDA; not
+    the CPU or the interpreter)."""
+    return t.is_contiguous() and t.data_ptr() % 16 == 0 and pdl_enabled(t.device)
 
 
 def prefetch_ahead(words: torch.Tensor | None, num_warps: int) -> tuple[int, int, int]:
@@ -76,8 +81,7 @@ def prefetch_ahead(words: torch.Tensor | None, num_warps: int) -> tuple[int, int
     ~AHEAD_SHARE bytes a program; (0, 0, 0) where nothing is asked (off, no words, no PDL: the CPU and the
     interpreter, unaligned or strided words)."""
     cap = _env_ahead_mib() if AHEAD_MIB is None else AHEAD_MIB
-    if words is None or cap <= 0 or not words.is_contiguous() or words.data_ptr() % 16 \
-            or not pdl_enabled(words.device):
+    if words is None or cap <= 0 or not _prefetchable(words):
         return 0, 0, 0
     nbytes = min(words.numel() * words.element_size(), int(cap * 2**20)) // 16 * 16
     return (nbytes, 32 * num_warps, min(64, -(-nbytes // AHEAD_SHARE))) if nbytes else (0, 0, 0)
@@ -88,8 +92,7 @@ def prefetch_pieces(weight: torch.Tensor, num_warps: int) -> int:
     (a program's share of the weight in that many prefetch instructions, none repeated by another warp)."""
     nbytes = weight.numel() * weight.element_size()
     cap = _env_cap_mib() if PREFETCH_MIB is None else PREFETCH_MIB
-    wanted = (0 < nbytes <= cap * 2**20 and nbytes % 16 == 0 and weight.data_ptr() % 16 == 0
-              and weight.is_contiguous() and pdl_enabled(weight.device))
+    wanted = 0 < nbytes <= cap * 2**20 and nbytes % 16 == 0 and _prefetchable(weight)
     return 32 * num_warps if wanted else 0
 
 

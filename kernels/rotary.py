@@ -241,7 +241,8 @@ def rotary_write_kv_triton(
     if T > 0:  # grouped quantization reshapes each half into groups: BLOCK_HALF >= group
         BLOCK_HALF = max([triton.next_power_of_2(D // 2), *(g for g in (k_group, v_group) if g < D)])
         BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
-        ahead_bytes, ahead_parts, ahead_programs = prefetch_ahead(ahead, 4)  # 4 warps: the launch's
+        warps = 4
+        ahead_bytes, ahead_parts, ahead_programs = prefetch_ahead(ahead, warps)
         _rotary_kv_kernel[(T + ahead_programs,)](
             q, k, v, cos, sin, q_out, kc, vc, ksz, vsz, slot_mapping,
             Hq, Hkv,
@@ -250,7 +251,7 @@ def rotary_write_kv_triton(
             ksz.stride(2), vsz.stride(1), vsz.stride(2), q if ahead is None else ahead, ahead_bytes, T,
             HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
             BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF, BITS=bits, K_GROUP=k_group, V_GROUP=v_group,
-            AHEAD=ahead_parts, num_warps=4, **pdl_launch(q.device),
+            AHEAD=ahead_parts, num_warps=warps, **pdl_launch(q.device),
         )
     return q_out
 
