@@ -210,20 +210,6 @@ def test_kernel_interpreter_warps_split_k(m, n, k, group, silu, warps, split_k, 
     torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,kw,stages", [
-    (1, 48, 640, 128, False, 1, 1, 1, 1, 3), (3, 64, 384, 64, True, 2, 2, 1, 1, 4), (9, 80, 896, 128, False, 4, 2, 2, 2, 2),
-    (16, 96, 640, 128, True, 4, 3, 2, 4, 6), (1, 32, 128, 128, True, 2, 1, 1, 2, 4), (13, 112, 1152, 128, False, 1, 5, 2, 1, 4)])
-def test_kernel_interpreter_pipelined(m, n, k, group, silu, warps, split_k, blocks, kw, stages):
-    """The pipelined main loop (stages > 0: one group an iteration, Triton's pipeliner streams words, sz and x
-    through shared memory): group runs not a multiple of stages or kw, a warp with no group, splits of one group."""
-    q, s, z = _quantized(n, k, group, seed=n * k + stages)
-    x = torch.randn(m, k).half()
-    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, blocks=blocks, kw=kw, stages=stages,
-                              silu_mul=silu)
-    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
-
-
 def test_eligibility_and_errors():
     assert MM.mma_eligible(4096, 6144, 128) and MM.mma_eligible(14336, 4096, 128)
     assert not MM.mma_eligible(4096, 6144, 32) and not MM.mma_eligible(4000, 4096, 128)
@@ -404,25 +390,6 @@ def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
     got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, silu_mul=silu)
     want = _reference(x, q, s, z, 128, silu)
     assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw,stages", [
-    (1, 4096, 4096, False, 1, 8, 1, 1, 4), (1, 28672, 4096, True, 2, 1, 2, 1, 3), (1, 4096, 14336, False, 4, 8, 1, 2, 6),
-    (16, 28672, 4096, True, 4, 2, 2, 1, 4), (11, 6144, 4096, False, 2, 4, 1, 1, 2), (5, 96, 640, True, 1, 3, 2, 1, 4),
-    (16, 4096, 14336, False, 8, 4, 2, 2, 3)])
-def test_mma_pipelined_on_cuda(m, n, k, silu, warps, split_k, blocks, kw, stages):
-    """The pipelined loop's cp.async ring on the GPU against the float32 reference, and deterministic."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("needs a GPU with mma.sync m16n8k16 and cp.async (sm_80+)")
-    q, s, z = _quantized(n, k, 128, seed=n + stages, device="cuda")
-    x = torch.randn(m, k, device="cuda").half()
-    qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
-    cfg = dict(warps=warps, split_k=split_k, blocks=blocks, kw=kw, stages=stages, silu_mul=silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, **cfg)
-    want = _reference(x, q, s, z, 128, silu)
-    assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
-    assert torch.equal(got, MM.w4a16_mma_triton(x, qfrag, sz, 128, **cfg))
 
 
 @pytest.mark.gpu
