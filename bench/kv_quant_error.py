@@ -42,7 +42,7 @@ class RecordingCausal(DenseCausal):
         super().__init__(batch, seqlen)
         self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float, ahead=None) -> torch.Tensor:
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
         q, k = apply_rotary(q, k, cos, sin)
         self.kv[layer] = (k.clone(), v.clone())
         return self.attend(layer, q, k, v.contiguous(), scale)
@@ -55,7 +55,7 @@ class RoundTripCausal(DenseCausal):
         super().__init__(batch, seqlen)
         self.k_fn, self.v_fn = k_fn, v_fn
 
-    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float, ahead=None) -> torch.Tensor:
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
         q, k = apply_rotary(q, k, cos, sin)
         k = self.k_fn(k) if self.k_fn else k
         v = self.v_fn(v.contiguous()) if self.v_fn else v.contiguous()

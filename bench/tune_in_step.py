@@ -14,8 +14,8 @@ on a copy of the repository whose table you mean to change, e.g. the device mach
 
 Variants file: [{"name": "qkv_mma", "replace": [{"device": "NVIDIA H200", "m": 1, "shape": "4096x3072",
 "path": "mma", "config": {"warps": 4, "split_k": 8, "buffers": 2}}]}, ...]; a variant may instead (or as well)
-set environment variables for its runs, {"name": "ahead_8", "env": {"LMC_L2_AHEAD_MB": "8"}}
-(bench/variants_ahead_h200.json): the same interleaving and the same rule for an A/B switch of the runtime.
+set environment variables for its runs, {"name": "no_fused_rope", "env": {"LMC_FUSED_ROPE": "0"}}: the same
+interleaving and the same rule for an A/B switch of the runtime.
 """
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ import torch
 from lmc.errors import LmcError
 from lmc.kernels.attention import paged_decode_attention, paged_decode_attention_triton, write_kv_cache
 from lmc.kernels.kv_quant import cache_parts
-from lmc.kernels.l2_prefetch import prefetch_ahead
 from lmc.kernels.pdl import pdl_launch, pdl_wait
 
 try:
@@ -31,7 +30,6 @@ except ImportError:  # CPU-only install: the torch reference serves
 
 if triton is not None:
     from lmc.kernels.kv_quant import quantize_store
-    from lmc.kernels.l2_prefetch import l2_prefetch
     from lmc.kernels.rotary_tiles import cos_sin_at, rotate_halves
 
     @triton.jit
@@ -84,56 +82,46 @@ if triton is not None:
         q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, qo_ptr, kc_ptr, vc_ptr, ksz_ptr, vsz_ptr, slot_ptr,
         Hq, Hkv,
         stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_cos, stride_sin,
-        stride_qot, stride_qoh, stride_cs, stride_ch, stride_kss, stride_ksh, stride_vss, stride_vsh, ahead_ptr,
-        ahead_bytes, tokens,
+        stride_qot, stride_qoh, stride_cs, stride_ch, stride_kss, stride_ksh, stride_vss, stride_vsh,
         HALF: tl.constexpr, D: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
-        BLOCK_D: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr,
-        AHEAD: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BITS: tl.constexpr, K_GROUP: tl.constexpr, V_GROUP: tl.constexpr, PDL: tl.constexpr,
     ):
-        """Token t < tokens: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
+        """Token t: rotated q -> qo[t]; rotated k -> k_cache slot s; v -> v_cache slot s (s = slot[t]).
         Caches are addressed as [slots, Hkv, D] values (BITS 16) or [slots, Hkv, D * BITS / 8] codes (BITS 8,
         4) with strides (stride_cs, stride_ch, 1); codes have their (scale, zero) pairs, K_GROUP / V_GROUP
         channels each, at ksz / vsz [slots, Hkv, G, 2] (strides stride_kss / stride_vss, stride_ksh /
-        stride_vsh, 2, 1). AHEAD > 0: the programs past the token programs only ask L2 for their share of the
-        ahead_bytes at ahead_ptr (the next linear's words), AHEAD pieces each, and end: after the wait, so that the
-        prefetch shares memory with the attention (idle), not with the linear before (streaming); spread over
-        many SMs, so that one SM's copy engine does not bound it (lmc.kernels.l2_prefetch.prefetch_ahead)."""
-        pid = tl.program_id(0)
+        stride_vsh, 2, 1)."""
         pdl_wait(PDL)
-        if AHEAD > 0:
-            if pid >= tokens:
-                l2_prefetch(ahead_ptr, ahead_bytes, pid - tokens, tl.num_programs(0) - tokens, AHEAD)
-        if pid < tokens:
-            t = pid.to(tl.int64)
-            cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
-            slot = tl.load(slot_ptr + t).to(tl.int64)
-            _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
+        t = tl.program_id(0).to(tl.int64)
+        cos, sin = _cos_sin(cos_ptr, sin_ptr, t, stride_cos, stride_sin, HALF, BLOCK_HALF)
+        slot = tl.load(slot_ptr + t).to(tl.int64)
+        _rotate_heads(q_ptr + t * stride_qt, qo_ptr + t * stride_qot, cos, sin, Hq, stride_qh, stride_qoh,
+                      HALF, BLOCK_HEADS, BLOCK_HALF)
+        heads = tl.arange(0, BLOCK_HEADS)
+        if BITS == 16:
+            _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
                           HALF, BLOCK_HEADS, BLOCK_HALF)
-            heads = tl.arange(0, BLOCK_HEADS)
-            if BITS == 16:
-                _rotate_heads(k_ptr + t * stride_kt, kc_ptr + slot * stride_cs, cos, sin, Hkv, stride_kh, stride_ch,
-                              HALF, BLOCK_HEADS, BLOCK_HALF)
-                dcols = tl.arange(0, BLOCK_D)
-                for h0 in range(0, Hkv, BLOCK_HEADS):
-                    hh = h0 + heads
-                    mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
-                    v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
-                    tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
-            else:
-                cols = tl.arange(0, BLOCK_HALF)
-                for h0 in range(0, Hkv, BLOCK_HEADS):
-                    hh = h0 + heads
-                    h_mask = hh < Hkv
-                    mask = h_mask[:, None] & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
-                    k1, k2 = _rotate_tile(k_ptr + t * stride_kt, hh[:, None] * stride_kh + cols[None, :], mask, cos, sin,
-                                          HALF)
-                    quantize_store(k1.to(tl.float32), k2.to(tl.float32), mask, kc_ptr + slot * stride_cs + hh * stride_ch,
-                                   ksz_ptr + slot * stride_kss + hh * stride_ksh, h_mask, cols, HALF, BITS, K_GROUP)
-                    v_offs = t * stride_vt + hh[:, None] * stride_vh + cols[None, :]
-                    v1 = tl.load(v_ptr + v_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_HEADS, BLOCK_HALF]
-                    v2 = tl.load(v_ptr + v_offs + HALF, mask=mask, other=0.0).to(tl.float32)
-                    quantize_store(v1, v2, mask, vc_ptr + slot * stride_cs + hh * stride_ch,
-                                   vsz_ptr + slot * stride_vss + hh * stride_vsh, h_mask, cols, HALF, BITS, V_GROUP)
+            dcols = tl.arange(0, BLOCK_D)
+            for h0 in range(0, Hkv, BLOCK_HEADS):
+                hh = h0 + heads
+                mask = (hh[:, None] < Hkv) & (dcols[None, :] < D)  # [BLOCK_HEADS, BLOCK_D]
+                v = tl.load(v_ptr + t * stride_vt + hh[:, None] * stride_vh + dcols[None, :], mask=mask, other=0.0)
+                tl.store(vc_ptr + slot * stride_cs + hh[:, None] * stride_ch + dcols[None, :], v, mask=mask)
+        else:
+            cols = tl.arange(0, BLOCK_HALF)
+            for h0 in range(0, Hkv, BLOCK_HEADS):
+                hh = h0 + heads
+                h_mask = hh < Hkv
+                mask = h_mask[:, None] & (cols[None, :] < HALF)  # [BLOCK_HEADS, BLOCK_HALF]
+                k1, k2 = _rotate_tile(k_ptr + t * stride_kt, hh[:, None] * stride_kh + cols[None, :], mask, cos, sin,
+                                      HALF)
+                quantize_store(k1.to(tl.float32), k2.to(tl.float32), mask, kc_ptr + slot * stride_cs + hh * stride_ch,
+                               ksz_ptr + slot * stride_kss + hh * stride_ksh, h_mask, cols, HALF, BITS, K_GROUP)
+                v_offs = t * stride_vt + hh[:, None] * stride_vh + cols[None, :]
+                v1 = tl.load(v_ptr + v_offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_HEADS, BLOCK_HALF]
+                v2 = tl.load(v_ptr + v_offs + HALF, mask=mask, other=0.0).to(tl.float32)
+                quantize_store(v1, v2, mask, vc_ptr + slot * stride_cs + hh * stride_ch,
+                               vsz_ptr + slot * stride_vss + hh * stride_vsh, h_mask, cols, HALF, BITS, V_GROUP)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -219,7 +207,7 @@ def rotary_write_kv_ref(
 
 def rotary_write_kv_triton(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache, v_cache, slot_mapping: torch.Tensor, ahead: torch.Tensor | None = None,
+    k_cache, v_cache, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
@@ -241,31 +229,28 @@ def rotary_write_kv_triton(
     if T > 0:  # grouped quantization reshapes each half into groups: BLOCK_HALF >= group
         BLOCK_HALF = max([triton.next_power_of_2(D // 2), *(g for g in (k_group, v_group) if g < D)])
         BLOCK_HEADS = min(triton.next_power_of_2(max(Hq, Hkv)), max(2048 // BLOCK_HALF, 1))
-        warps = 4
-        ahead_bytes, ahead_parts, ahead_programs = prefetch_ahead(ahead, warps)
-        _rotary_kv_kernel[(T + ahead_programs,)](
+        _rotary_kv_kernel[(T,)](
             q, k, v, cos, sin, q_out, kc, vc, ksz, vsz, slot_mapping,
             Hq, Hkv,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0),
             sin.stride(0), q_out.stride(0), q_out.stride(1), kc.stride(1), kc.stride(2), ksz.stride(1),
-            ksz.stride(2), vsz.stride(1), vsz.stride(2), q if ahead is None else ahead, ahead_bytes, T,
-            HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
+            ksz.stride(2), vsz.stride(1), vsz.stride(2), HALF=D // 2, D=D, BLOCK_HEADS=BLOCK_HEADS,
             BLOCK_HALF=BLOCK_HALF, BLOCK_D=2 * BLOCK_HALF, BITS=bits, K_GROUP=k_group, V_GROUP=v_group,
-            AHEAD=ahead_parts, num_warps=warps, **pdl_launch(q.device),
+            **pdl_launch(q.device),
         )
     return q_out
 
 
 def rotary_write_kv(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    k_cache, v_cache, slot_mapping: torch.Tensor, ahead: torch.Tensor | None = None,
+    k_cache, v_cache, slot_mapping: torch.Tensor,
 ) -> torch.Tensor:
     """Rotates q [T, Hq, D] and k [T, Hkv, D] by cos/sin [T, D/2], stores the rotated k and v [T, Hkv, D]
     at flat slots slot_mapping [T] of k_cache / v_cache [num_blocks, block_size, Hkv, D] or QuantizedKV (in
     place, quantized) and returns the rotated q as a new tensor. Same results as apply_rotary followed by
-    write_kv_cache. ahead: a later kernel's weight whose start the kernel asks L2 for (LMC_L2_AHEAD_MB)."""
+    write_kv_cache."""
     if q.is_cuda:
-        return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, ahead)
+        return rotary_write_kv_triton(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     return rotary_write_kv_ref(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
 
@@ -303,14 +288,12 @@ def decode_fuses_rope(device: torch.device, k_cache, batch: int) -> bool:
 def rotary_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     k_cache, v_cache, slot_mapping: torch.Tensor, block_tables: torch.Tensor, kv_lens: torch.Tensor, scale: float,
-    ahead: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A decode step's attention from un-rotated q [B, Hq, D]: rotary_write_kv (the new token of sequence b at
     position kv_lens[b] - 1, slot slot_mapping[b]), then paged_decode_attention; [B, Hq, D]. Where
-    decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits.
-    ahead: the next linear's words, asked of L2 by the rotary kernel (two launches only; LMC_L2_AHEAD_MB)."""
+    decode_fuses_rope, the decode kernel rotates q and stores k and v itself: the same output and cache bits."""
     if decode_fuses_rope(q.device, k_cache, q.shape[0]):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, kv_lens, scale,
                                              rope=(k, v, cos, sin, slot_mapping))
-    q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping, ahead)
+    q = rotary_write_kv(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
     return paged_decode_attention(q, k_cache, v_cache, block_tables, kv_lens, scale)

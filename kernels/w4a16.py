@@ -816,14 +816,6 @@ def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     return out.reshape(*x.shape[:-1], n // 2)
 
 
-def streamed_words(rows: int, qweight: torch.Tensor, mma: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-    """The int32 words that w4a16_matmul streams for `rows` rows of x on this GPU (its table's path): the mma
-    layout's qfrag on an mma path, the stored qweight otherwise; what a kernel ahead of it asks L2 for."""
-    k, n = qweight.shape[0] * PACK, qweight.shape[1]
-    path, _ = w4a16_config(rows, n, k, qweight.device, mma is not None)
-    return mma[0] if path == "mma" else qweight
-
-
 def w4a16_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int, out: torch.Tensor | None = None,
                  mma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

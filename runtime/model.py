@@ -16,11 +16,10 @@ import torch.nn.functional as F
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
 from lmc.kernels.gemv import gemv_config, gemv_triton
 from lmc.kernels.kv_quant import QuantizedKV
-from lmc.kernels.l2_prefetch import ahead_wanted
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_decode_attention, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
-from lmc.kernels.w4a16 import device_name, streamed_words, w4a16_matmul, w4a16_silu_matmul
+from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul
 from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
 from lmc.kernels.w4a16_tuning import has_mma
 from lmc.errors import LmcError
@@ -46,16 +45,6 @@ class Int4Weight:
     @property
     def out_features(self) -> int:
         return self.qweight.shape[1]
-
-
-def streamed(w, rows: int) -> torch.Tensor | None:
-    """The tensor that linear(x [rows, K], w) streams from memory (int4: the words its kernel reads; float: w), for
-    a kernel ahead of it to ask L2 for (LMC_L2_AHEAD_MB); None where nothing is asked."""
-    if not ahead_wanted():
-        return None
-    if isinstance(w, Int4Weight):
-        return streamed_words(rows, w.qweight, None if w.mma_silu else w.mma) if w.qweight.is_cuda else None
-    return w if w.is_cuda else None
 
 
 def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -95,14 +84,13 @@ class PagedBatch:
         write_kv_cache(k, v, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
         return self._attend_cached(layer, q, scale)
 
-    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float, ahead=None) -> torch.Tensor:
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
         """Rotary on q and k, k and v into the cache (one kernel on CUDA), then attention; at decode on CUDA over
         a float cache, from rotary.FUSED_ROPE_MIN_BATCH sequences, all of it is one kernel
-        (rotary_decode_attention). ahead: the next linear's streamed weight (`streamed`), asked of L2 by a decode
-        step's rotary kernel."""
+        (rotary_decode_attention)."""
         if self.cu_seqlens_q is None:
             return rotary_decode_attention(q, k, v, cos, sin, self.k_cache[layer], self.v_cache[layer],
-                                           self.slot_mapping, self.block_tables, self.kv_lens, scale, ahead)
+                                           self.slot_mapping, self.block_tables, self.kv_lens, scale)
         q = rotary_write_kv(q, k, v, cos, sin, self.k_cache[layer], self.v_cache[layer], self.slot_mapping)
         return self._attend_cached(layer, q, scale)
 
@@ -128,7 +116,7 @@ class DenseCausal:
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)  # [B, Hq, S, D]
         return o.transpose(1, 2).reshape(b * s, *o.shape[1:2], o.shape[-1])  # [T, Hq, D]
 
-    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float, ahead=None) -> torch.Tensor:
+    def rotate_attend(self, layer: int, q, k, v, cos, sin, scale: float) -> torch.Tensor:
         q, k = apply_rotary(q, k, cos, sin)
         return self.attend(layer, q, k, v.contiguous(), scale)
 
@@ -147,7 +135,7 @@ def attention_core(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, l
     if cfg.qk_norm:
         q = rms_norm(q.reshape(-1, cfg.head_dim), lw["q_norm"], cfg.rms_norm_eps)[0].view_as(q)
         k = rms_norm(k.reshape(-1, cfg.head_dim), lw["k_norm"], cfg.rms_norm_eps)[0].view_as(k)
-    o = ctx.rotate_attend(layer, q, k, v, cos, sin, cfg.head_dim ** -0.5, streamed(lw["wo"], t))  # [T, Hq, D]
+    o = ctx.rotate_attend(layer, q, k, v, cos, sin, cfg.head_dim ** -0.5)  # [T, Hq, D]
     return o.reshape(t, cfg.q_size)
 
 

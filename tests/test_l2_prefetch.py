@@ -1,7 +1,6 @@
 """The L2 prefetch before the PDL wait (kernels/l2_prefetch.py): the programs' pieces cover a weight exactly once,
 the float GEMV asks for it only for small contiguous weights with PDL on, the compiled kernel issues it before
-griddepcontrol.wait, and on a GPU it changes no output bit. The same for the prefetch ahead of a linear
-(LMC_L2_AHEAD_MB): the rotary kernel asks for the start of the words wo's kernel will stream."""
+griddepcontrol.wait, and on a GPU it changes no output bit."""
 from __future__ import annotations
 
 import importlib.util
@@ -61,59 +60,23 @@ def test_pieces_only_for_small_contiguous_weights_with_pdl(monkeypatch):
     assert l2_prefetch.prefetch_pieces(w, 4) == 0  # LMC_L2_PREFETCH_MB=0: off
 
 
-def test_ahead_asks_for_the_first_cap_mib_of_contiguous_words_with_pdl(monkeypatch):
-    words = torch.empty(512, 4096, dtype=torch.int32)  # 8 MiB, as wo's GEMV words at tp 1
-    monkeypatch.setattr(l2_prefetch, "AHEAD_MIB", 2.5)
-    assert l2_prefetch.ahead_wanted() and l2_prefetch.prefetch_ahead(words, 4) == (0, 0, 0)  # the CPU: no PDL
-    monkeypatch.setattr(l2_prefetch, "pdl_enabled", lambda device: True)
-    assert l2_prefetch.prefetch_ahead(words, 4) == (int(2.5 * 2**20), 128, 20)  # the first 2.5 MiB, 128 KiB a program
-    assert l2_prefetch.prefetch_ahead(words[:3], 1) == (3 * 4096 * 4, 32, 1)  # smaller than the cap: all of it
-    monkeypatch.setattr(l2_prefetch, "AHEAD_MIB", 64.0)
-    assert l2_prefetch.prefetch_ahead(words, 4) == (8 * 2**20, 128, 64)  # all 8 MiB, at most 64 programs
-    assert l2_prefetch.prefetch_ahead(words[:, :100], 4) == (0, 0, 0)  # not contiguous
-    assert l2_prefetch.prefetch_ahead(None, 4) == (0, 0, 0)
-    monkeypatch.setattr(l2_prefetch, "AHEAD_MIB", 0.0)
-    assert not l2_prefetch.ahead_wanted() and l2_prefetch.prefetch_ahead(words, 4) == (0, 0, 0)  # the default
-
-
-def test_ahead_asks_for_what_the_linear_streams(monkeypatch):
-    """streamed(): the mma layout's words where the table's path for those rows is mma, the stored words on the
-    GEMV, a float weight itself, and nothing when LMC_L2_AHEAD_MB is 0 or off the GPU."""
-    from lmc.kernels import w4a16 as W
-    from lmc.runtime import model as M
-
-    q, qfrag = torch.zeros(512, 64, dtype=torch.int32), torch.zeros(4, 64, 128, dtype=torch.int32)
-    for path, want in (("mma", qfrag), ("gemv", q)):
-        monkeypatch.setattr(W, "w4a16_config", lambda m, n, k, device, mma, _p=path: (_p, {}))
-        assert W.streamed_words(1, q, (qfrag, None)) is want
-    monkeypatch.setattr(M, "ahead_wanted", lambda: False)
-    assert M.streamed(torch.zeros(8, 8), 1) is None
-    monkeypatch.setattr(M, "ahead_wanted", lambda: True)
-    assert M.streamed(M.Int4Weight(q, q, q, 128), 1) is None  # on the CPU
-    assert M.streamed(torch.zeros(8, 8), 1) is None
-
-
-@pytest.mark.parametrize("name,value,cap", [("LMC_L2_PREFETCH_MB", None, 16.0), ("LMC_L2_PREFETCH_MB", "0", 0.0),
-                                            ("LMC_L2_PREFETCH_MB", "8.5", 8.5), ("LMC_L2_PREFETCH_MB", "lots", None),
-                                            ("LMC_L2_PREFETCH_MB", "-1", None), ("LMC_L2_PREFETCH_MB", "nan", None),
-                                            ("LMC_L2_AHEAD_MB", None, 0.0), ("LMC_L2_AHEAD_MB", "12", 12.0),
-                                            ("LMC_L2_AHEAD_MB", "x", None)])
-def test_the_cap_comes_from_the_environment_or_one_clear_error(monkeypatch, name, value, cap):
+@pytest.mark.parametrize("value,cap", [(None, 16.0), ("0", 0.0), ("8.5", 8.5), ("lots", None), ("-1", None),
+                                       ("nan", None)])
+def test_the_cap_comes_from_the_environment_or_one_clear_error(monkeypatch, value, cap):
     if value is None:
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv("LMC_L2_PREFETCH_MB", raising=False)
     else:
-        monkeypatch.setenv(name, value)
-    read = l2_prefetch._env_cap_mib if name == "LMC_L2_PREFETCH_MB" else l2_prefetch._env_ahead_mib
-    read.cache_clear()
+        monkeypatch.setenv("LMC_L2_PREFETCH_MB", value)
+    l2_prefetch._env_cap_mib.cache_clear()
     try:
         if cap is None:
-            with pytest.raises(LmcError, match=f"{name}=.*number of MiB") as info:
-                read()
+            with pytest.raises(LmcError, match="LMC_L2_PREFETCH_MB=.*number of MiB") as info:
+                l2_prefetch.prefetch_pieces(torch.empty(64, dtype=torch.float16), 4)
             assert "\n" not in str(info.value)
         else:
-            assert read() == cap
+            assert l2_prefetch._env_cap_mib() == cap
     finally:
-        read.cache_clear()
+        l2_prefetch._env_cap_mib.cache_clear()
 
 
 def _compile_sm90():
@@ -139,43 +102,30 @@ def _captured(module, name: str, call):
 
 
 def prefetch_in_ptx() -> dict:
-    """sm_90 PTX facts of the float GEMV compiled with PREFETCH (one piece a thread) and without, and of the
-    rotary kernel with AHEAD and without (run with TRITON_INTERPRET=0: the compiler needs the kernels as JIT
-    functions)."""
-    from lmc.kernels import rotary
-
+    """sm_90 PTX facts of the float GEMV compiled with PREFETCH (one piece a thread) and without (run with
+    TRITON_INTERPRET=0: the compiler needs the kernels as JIT functions)."""
     x, w = torch.zeros(1, 4096, dtype=torch.float16), torch.zeros(4096, 4096, dtype=torch.float16)
     compiler, fn, args, kwargs = _captured(gemv, "_gemv_kernel", lambda: gemv.gemv_triton(x, w))
-    facts = {"gemv": {}, "rotary": {}}
+    facts = {}
     for pieces in (32 * kwargs["num_warps"], 0):
         ptx = compiler.compile_launch(fn, args, {**kwargs, "PREFETCH": pieces}).asm["ptx"]
-        facts["gemv"][str(pieces)] = {"prefetches": ptx.count("cp.async.bulk.prefetch.L2.global"),
-                                      "before_wait": ptx.find("cp.async.bulk.prefetch") < ptx.index("griddepcontrol.wait")}
-    q, kv = torch.zeros(1, 32, 128, dtype=torch.float16), torch.zeros(1, 8, 128, dtype=torch.float16)
-    cos, cache = torch.zeros(1, 64), torch.zeros(4, 64, 8, 128, dtype=torch.float16)
-    words = torch.zeros(512, 4096, dtype=torch.int32)
-    compiler, fn, args, kwargs = _captured(rotary, "_rotary_kv_kernel", lambda: rotary.rotary_write_kv_triton(
-        q, kv, kv, cos, cos, cache, cache, torch.zeros(1, dtype=torch.int64), ahead=words))
-    for pieces in (128, 0):
-        ptx = compiler.compile_launch(fn, args, {**kwargs, "AHEAD": pieces, "num_stages": 3}).asm["ptx"]
-        facts["rotary"][str(pieces)] = {"prefetches": ptx.count("cp.async.bulk.prefetch.L2.global"),
-                                        "before_wait": ptx.find("cp.async.bulk.prefetch") < ptx.index("griddepcontrol.wait")}
+        facts[str(pieces)] = {"prefetches": ptx.count("cp.async.bulk.prefetch.L2.global"),
+                              "before_wait": ptx.find("cp.async.bulk.prefetch") < ptx.index("griddepcontrol.wait")}
     return facts
 
 
-def test_compiled_gemv_and_rotary_prefetch_before_the_pdl_wait():
+def test_compiled_gemv_prefetches_before_the_pdl_wait():
     """sm_90 PTX of the float GEMV with PREFETCH: one predicated bulk L2 prefetch, ahead of griddepcontrol.wait;
-    of the rotary kernel with AHEAD: one, after it (the attention's turn, not the linear's); with 0 none."""
+    with PREFETCH 0 none."""
     env = {**os.environ, "TRITON_INTERPRET": "0", "TRITON_DEFAULT_FP_FUSION": "1"}
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True)
     if run.returncode == 3:
         pytest.skip(f"cannot compile for sm_90 here: {run.stdout.strip()}")
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
-    for kernel, before in (("gemv", True), ("rotary", False)):  # rotary: after the wait, in the extra programs
-        (on_key, on), (_, off) = sorted(facts[kernel].items(), key=lambda kv: -int(kv[0]))
-        assert int(on_key) > 0 and on == {"prefetches": 1, "before_wait": before}, facts
-        assert off["prefetches"] == 0, facts
+    (on_key, on), (_, off) = sorted(facts.items(), key=lambda kv: -int(kv[0]))
+    assert int(on_key) > 0 and on == {"prefetches": 1, "before_wait": True}, facts
+    assert off["prefetches"] == 0, facts
 
 
 @pytest.mark.gpu
@@ -194,29 +144,6 @@ def test_prefetch_changes_no_output_bit_on_cuda(monkeypatch):
         on = gemv.gemv_triton(x, w, 8, 512, 8, silu_mul=silu)
         torch.cuda.synchronize()
         assert torch.equal(on, off), (n, k, silu)
-
-
-@pytest.mark.gpu
-def test_ahead_changes_no_output_bit_on_cuda(monkeypatch):
-    """The rotary kernel at one token with the next linear's words asked of L2 and without: the same q and cache
-    bits (a prefetch is a hint)."""
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
-        pytest.skip("needs sm_90 (PDL, cp.async.bulk.prefetch)")
-    from lmc.kernels import rotary
-
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, h, 128, device="cuda").half() for h in (32, 8, 8))
-    cos, sin = torch.randn(1, 64, device="cuda"), torch.randn(1, 64, device="cuda")
-    words = torch.randint(0, 2**30, (512, 4096), dtype=torch.int32, device="cuda")
-    outs = []
-    for mib in (0.0, 8.0):
-        monkeypatch.setattr(l2_prefetch, "AHEAD_MIB", mib)
-        assert l2_prefetch.prefetch_ahead(words, 4) == ((8 * 2**20, 128, 64) if mib else (0, 0, 0))
-        kc, vc = torch.zeros(4, 64, 8, 128, device="cuda").half(), torch.zeros(4, 64, 8, 128, device="cuda").half()
-        slot = torch.tensor([70], device="cuda")
-        outs.append((rotary.rotary_write_kv_triton(q, k, v, cos, sin, kc, vc, slot, ahead=words), kc, vc))
-    torch.cuda.synchronize()
-    assert all(torch.equal(a, b) for a, b in zip(*outs))
 
 
 if __name__ == "__main__":  # the compile test's subprocess: python tests/test_l2_prefetch.py

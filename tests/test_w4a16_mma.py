@@ -517,9 +517,9 @@ def test_tune_in_step_keeps_only_a_variant_faster_in_every_run_and_restores_the_
         tune_in_step.apply(variant, tmp_path / "applied.json", table)
 
     seen = []  # an environment variant: its runs get its variables, the base's none, the table untouched
-    env_result = tune_in_step.tune([{"name": "ahead_8", "env": {"LMC_L2_AHEAD_MB": "8"}}],
+    env_result = tune_in_step.tune([{"name": "no_fused_rope", "env": {"LMC_FUSED_ROPE": "0"}}],
                                    lambda env: seen.append(env) or (1.9 if env else 2.0), 2, table)
-    assert seen == [{}, {}, {"LMC_L2_AHEAD_MB": "8"}, {}, {"LMC_L2_AHEAD_MB": "8"}] and env_result["best"] == "ahead_8"
+    assert seen == [{}, {}, {"LMC_FUSED_ROPE": "0"}, {}, {"LMC_FUSED_ROPE": "0"}] and env_result["best"] == "no_fused_rope"
     assert table.read_bytes() == before
-    tune_in_step.write_winner(env_result, [{"name": "ahead_8", "env": {"LMC_L2_AHEAD_MB": "8"}}], table, "n")
+    tune_in_step.write_winner(env_result, [{"name": "no_fused_rope", "env": {"LMC_FUSED_ROPE": "0"}}], table, "n")
     assert table.read_bytes() == before  # nothing of it goes into the table
