@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gc
 import os
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -64,6 +65,10 @@ def one_torch_thread():
         torch.set_num_threads(threads)
 
 
+_HEAP_LOCK = threading.Lock()
+_HEAP_HOLDERS = 0  # freeze_heap calls not yet matched by thaw_heap
+
+
 def freeze_heap() -> None:
     """Move every live Python object into the collector's permanent generation (after a full collection), so that
     the oldest generation's collections, which Python runs on its own as objects pile up, no longer walk the
@@ -71,7 +76,21 @@ def freeze_heap() -> None:
     full collection takes 58-75 ms on a 2-core VM and 0 ms once frozen). A serving step that meets such a
     collection stalls: one decode step of an 8B int4 engine on an H200 took 154 ms instead of 11 (bench/NOTES.md,
     session 20). vLLM's engine freezes its start-up heap the same way. Objects still die by reference count;
-    only reference cycles among frozen objects wait for `gc.unfreeze()` (Engine.close)."""
-    gc.collect()
-    gc.freeze()
+    only reference cycles among frozen objects wait for the last `thaw_heap()` (Engine.close). Counted: each call
+    is one holder, and the heap stays frozen until every holder has thawed (two engines in one process)."""
+    global _HEAP_HOLDERS
+    with _HEAP_LOCK:
+        gc.collect()
+        gc.freeze()
+        _HEAP_HOLDERS += 1
+
+
+def thaw_heap() -> None:
+    """One holder of `freeze_heap` lets go; the last one gives the frozen heap back to the collector (gc.unfreeze
+    is process-wide, so an engine closing must not thaw the heap another engine in the process still relies on)."""
+    global _HEAP_HOLDERS
+    with _HEAP_LOCK:
+        _HEAP_HOLDERS = max(0, _HEAP_HOLDERS - 1)
+        if _HEAP_HOLDERS == 0:
+            gc.unfreeze()
 

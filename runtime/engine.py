@@ -20,7 +20,6 @@ drains first (and that is drained at once when the engine is idle).
 from __future__ import annotations
 
 import asyncio
-import gc
 import itertools
 import queue
 import threading
@@ -34,7 +33,7 @@ from lmc.errors import LmcError
 from lmc.format.workspace import Workspace
 from lmc.runtime.block_manager import BlockManager
 from lmc.runtime.config import EngineConfig
-from lmc.runtime.device import compute_dtype, default_threads, freeze_heap, pick_device, set_cpu_threads
+from lmc.runtime.device import compute_dtype, default_threads, freeze_heap, pick_device, set_cpu_threads, thaw_heap
 from lmc.runtime.kv_cache import GRAPH_SCRATCH_BLOCKS, PagedKVCache, decode_table_width, plan_num_blocks
 from lmc.runtime.model import Model, PagedBatch
 from lmc.runtime.sampling import GenerationConfig, Logprob, SampleRow, sample_batch
@@ -295,11 +294,11 @@ class Engine:
         self._counters = {"prompt_tokens": 0, "generation_tokens": 0, "finished": 0}
 
     def close(self) -> None:
-        """Stop the background loop and the other tensor-parallel ranks (their processes exit); give the heap the
-        warm-up froze back to the collector."""
+        """Stop the background loop and the other tensor-parallel ranks (their processes exit); let go of the heap
+        the warm-up froze (the collector gets it back when no other engine of the process holds it)."""
         self.stop()
         if self.froze_heap:
-            gc.unfreeze()
+            thaw_heap()  # the last engine of the process to close gives the heap back
             self.froze_heap = False
         if self._ranks:
             if self.failed is None:

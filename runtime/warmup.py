@@ -109,7 +109,7 @@ def warm_up(engine, progress: bool = False) -> dict:
                     argmax_rows(logits[:b])
             if engine.device.type == "cuda":
                 torch.cuda.synchronize(engine.device)
-        freeze_heap()  # the start-up heap, kernels included, out of the collector's way (Engine.close unfreezes)
+        freeze_heap()  # the start-up heap, kernels included, out of the collector's way (Engine.close thaws)
         engine.froze_heap = True
         if engine.shard is not None:  # and each follower's, after the kernels it compiled for these forwards
             engine.shard.announce_freeze()

@@ -116,6 +116,7 @@ def test_warmup_touches_no_sequence_block_and_changes_no_output(ws, graph_decode
     # every decode table, the warm-up's and (without a graph decoder) the engine's own eager steps', as wide as a graph's: the decode
     # attention's split count (a compile-time constant) then follows the rows alone
     assert set(widths) == {decode_table_width(engine.session_len, engine.blocks.block_size)}, widths
+    engine.close()  # gives the frozen heap back (device.thaw_heap)
 
 
 @pytest.mark.parametrize("quant_policy", [8, 4])
@@ -126,6 +127,7 @@ def test_warmup_leaves_a_quantized_kv_cache_engines_output_unchanged(ws, quant_p
     engine = _engine(ws, quant_policy=quant_policy)
     warm_up(engine)
     assert _greedy(engine) == expected and engine.blocks.num_free == engine.blocks.num_blocks
+    engine.close()
 
 
 def test_warmup_runs_on_every_tensor_parallel_rank(checkpoint, tmp_path):
@@ -215,6 +217,7 @@ def test_a_follower_freezes_its_heap_when_rank_0_says_the_warm_up_is_over():
     import gc
     from types import SimpleNamespace
 
+    from lmc.runtime.device import thaw_heap
     from lmc.runtime.distributed import FREEZE, STOP, follow
 
     messages = iter([([FREEZE] + [0] * 7, None), ([STOP] + [0] * 7, None)])
@@ -224,4 +227,27 @@ def test_a_follower_freezes_its_heap_when_rank_0_says_the_warm_up_is_over():
         follow(shard, SimpleNamespace(device=torch.device("cpu")), None, None)
         assert gc.get_freeze_count() > 0 and next(messages, None) is None  # froze, then read STOP and returned
     finally:
-        gc.unfreeze()
+        thaw_heap()
+    assert gc.get_freeze_count() == 0
+
+
+def test_closing_one_engine_keeps_another_engines_heap_frozen(ws):
+    """gc.unfreeze is process-wide: with two warmed-up engines in one process, closing the first leaves the heap
+    frozen for the second (device.freeze_heap counts its holders); closing the last gives it back."""
+    import gc
+
+    from lmc.runtime.warmup import warm_up
+
+    first, second = _engine(ws), _engine(ws)
+    try:
+        warm_up(first)
+        warm_up(second)
+        first.close()
+        assert gc.get_freeze_count() > 0 and second.froze_heap
+        tracked = len(gc.get_objects())
+        gc.collect()
+        assert len(gc.get_objects()) <= tracked + 1000  # the start-up heap is still out of the collector's walk
+    finally:
+        first.close()
+        second.close()
+    assert gc.get_freeze_count() == 0
