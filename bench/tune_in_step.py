@@ -50,6 +50,39 @@ def apply(variant: dict | None, table: Path, saved: Path) -> None:
     T.write_tables(tables, table)
 
 
+REPLACE_KEYS = {"device", "m", "shape", "path", "config"}
+
+
+def read_variants(path: Path) -> list[dict]:
+    """The variants file, checked before any run: a list of {name, replace: [{device, m, shape "KxN", path,
+    config}], env: {NAME: value}} with unique names and at least one replacement or variable each; a ValueError
+    naming the first problem otherwise."""
+    try:
+        variants = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: cannot read a JSON variants file ({e})") from None
+    if not isinstance(variants, list) or not variants:
+        raise ValueError(f"{path}: expected a non-empty JSON list of variants")
+    names = set()
+    for i, v in enumerate(variants):
+        where = f"{path}: variant {i}"
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str) or not v["name"] or v["name"] in names:
+            raise ValueError(f"{where}: needs a unique, non-empty \"name\"")
+        names.add(v["name"])
+        replace, env = v.get("replace", []), v.get("env", {})
+        if not isinstance(replace, list) or not isinstance(env, dict) or not (replace or env):
+            raise ValueError(f"{where} ({v['name']}): needs a \"replace\" list or an \"env\" object")
+        for r in replace:
+            if not isinstance(r, dict) or set(r) != REPLACE_KEYS or not isinstance(r["config"], dict) \
+                    or not isinstance(r["shape"], str) or len(r["shape"].split("x")) != 2 \
+                    or not all(d.isdigit() for d in r["shape"].split("x")):
+                raise ValueError(f"{where} ({v['name']}): a replacement needs exactly {sorted(REPLACE_KEYS)}, "
+                                 f"shape as \"KxN\" and config an object, got {r!r}"[:300])
+        if not all(isinstance(k, str) and isinstance(val, str) for k, val in env.items()):
+            raise ValueError(f"{where} ({v['name']}): env values must be strings")
+    return variants
+
+
 def wins(base: list[float], runs: list[float]) -> bool:
     """Every run of the variant faster than every base run (the step's spread between runs of one table is wider
     than most single-entry effects: a median would pick noise)."""
@@ -128,7 +161,11 @@ def main() -> int:
     ap.add_argument("--write-table", action="store_true", help="write the fastest winner into the table")
     ap.add_argument("--smoke", action="store_true", help="bench_tp.py --smoke (tiny fp16 model, CPU): checks the script")
     args = ap.parse_args()
-    variants = json.loads(Path(args.variants).read_text())
+    try:
+        variants = read_variants(Path(args.variants))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     import torch
 
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

@@ -523,3 +523,33 @@ def test_tune_in_step_keeps_only_a_variant_faster_in_every_run_and_restores_the_
     assert table.read_bytes() == before
     tune_in_step.write_winner(env_result, [{"name": "no_fused_rope", "env": {"LMC_FUSED_ROPE": "0"}}], table, "n")
     assert table.read_bytes() == before  # nothing of it goes into the table
+
+
+def test_tune_in_step_checks_the_variants_file_before_any_run(tmp_path):
+    """A malformed variants file is one line naming the first problem (no traceback, nothing run); the shipped
+    files pass."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import tune_in_step
+
+    for shipped in ("variants_tp2_m1_h200.json", "variants_m16_h200.json"):
+        assert tune_in_step.read_variants(Path(__file__).resolve().parents[1] / "bench" / shipped)
+    good = {"device": "NVIDIA H200", "m": 1, "shape": "4096x4096", "path": "mma", "config": {"warps": 4}}
+    cases = {"{": "cannot read", "[]": "non-empty", '[{"replace": []}]': "name",
+             '[{"name": "a"}]': "replace", '[{"name": "a", "env": {"X": 1}}]': "strings",
+             json.dumps([{"name": "a", "replace": [dict(good, shape="4096")]}]): "KxN",
+             json.dumps([{"name": "a", "replace": [{k: v for k, v in good.items() if k != "path"}]}]): "exactly",
+             json.dumps([{"name": "a", "env": {"X": "1"}}, {"name": "a", "env": {"Y": "1"}}]): "unique"}
+    for text, problem in cases.items():
+        path = tmp_path / "v.json"
+        path.write_text(text)
+        with pytest.raises(ValueError, match=problem):
+            tune_in_step.read_variants(path)
+    path.write_text("[]")
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "tune_in_step.py"),
+                          "--variants", str(path), "--out", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "non-empty" in run.stderr
