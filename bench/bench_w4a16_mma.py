@@ -6,6 +6,7 @@ mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no ep
     python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
     python bench/bench_w4a16_mma.py --ms 64,256 --tiles 4,8 --fp16 --write-table   # the wide kernel
     python bench/bench_w4a16_mma.py --shapes 8b --ms 16,64,256 --fp16 --wgmma-rows 16,64,128   # + wgmma (sm_90)
+    python bench/bench_w4a16_mma.py --ms 1 --hot-l2     # the same weight every call: L2-resident where it fits
     TRITON_INTERPRET=1 python bench/bench_w4a16_mma.py --smoke     # CPU: every path runs, nothing is timed well
 
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
@@ -60,8 +61,9 @@ def mma_call(x, frag, silu: bool, config: dict):
     return launch(x, *frag, GROUP, silu_mul=silu, **config)
 
 
-def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool) -> list:
-    sets = [_quant_set(k, n, dev)[1:] for _ in range(_sets(k * n // 2, dev))]
+def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool, hot_l2: bool = False) -> list:
+    n_sets = 1 if hot_l2 and dev == "cuda" else _sets(k * n // 2, dev)  # hot_l2: every call reads the same weight
+    sets = [_quant_set(k, n, dev)[1:] for _ in range(n_sets)]
     frags = [MM.mma_layout(q, s, z, GROUP, silu) for q, s, z in sets]
     w_bytes = _nbytes(*sets[0])
     rows = []
@@ -199,6 +201,8 @@ def main() -> int:
     ap.add_argument("--wgmma-only", action="store_true",
                     help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
+    ap.add_argument("--hot-l2", action="store_true",
+                    help="one weight copy for all calls: the weight stays in L2 where it fits (what on-chip weights would buy)")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
     args = ap.parse_args()
@@ -210,14 +214,14 @@ def main() -> int:
     shapes = SMOKE_SHAPES if args.smoke else \
         {"8b": SHAPES, "tp2": TP2_SHAPES, "both": SHAPES + TP2_SHAPES}[args.shapes]
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "group_size": GROUP, "copy": copy_bandwidth(dev), "rows": []}
+              "group_size": GROUP, "copy": copy_bandwidth(dev), "hot_l2": args.hot_l2, "rows": []}
     print(f"{report['env']['device']}: copy {report['copy']['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     if args.wgmma_rows and not args.smoke and not WG.wgmma_available(torch.device("cuda")):
         print("--wgmma-rows: the wgmma kernel needs sm_90 and a Triton with Gluon; not timed here", flush=True)
     t0 = time.time()
     for k, n in shapes:
         silu = n in (28672, 14336) or (args.smoke and n == 64)  # the gate/up weights (their SiLU epilogue)
-        report["rows"] += bench_shape(k, n, silu, args.ms, lambda m: grid(m, args), dev, args.fp16)
+        report["rows"] += bench_shape(k, n, silu, args.ms, lambda m: grid(m, args), dev, args.fp16, args.hot_l2)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1))
     if args.write_table:

@@ -7,7 +7,7 @@ Why: issue 15 asks for M = 1 at >= 85 % of copy bandwidth, where "copy" is a 1 G
 measures that floor, so that a kernel's time splits into what any reader of its bytes pays and what the kernel
 adds (its x loads, dequant and products, split-K sums).
 
-    python bench/read_ceiling.py [--shapes 8b|tp2|both] [--out bench/results/read_ceiling.json]
+    python bench/read_ceiling.py [--shapes 8b|tp2|both] [--out bench/results/read_ceiling.json] [--hot-l2]
     TRITON_INTERPRET=1 python bench/read_ceiling.py --smoke     # CPU: the kernel's result is checked
 
 The reader: `programs` programs (a multiple of the SM count, or one per 64 KiB), each summing its share of
@@ -75,17 +75,18 @@ def main() -> int:
     ap.add_argument("--shapes", choices=("8b", "tp2", "both"), default="both")
     ap.add_argument("--out", default="bench/results/read_ceiling.json")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--hot-l2", action="store_true", help="one buffer for all calls: an L2-resident read where it fits")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     shapes = SMOKE_SHAPES if args.smoke else {"8b": SHAPES, "tp2": TP2_SHAPES, "both": SHAPES + TP2_SHAPES}[args.shapes]
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "copy": copy_bandwidth(dev), "rows": []}
+              "copy": copy_bandwidth(dev), "hot_l2": args.hot_l2, "rows": []}
     sms = torch.cuda.get_device_properties(0).multi_processor_count if dev == "cuda" else 2
     print(f"{report['env']['device']}: copy {report['copy']['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)
     for k, n in shapes:
         nbytes = layout_bytes(k, n)
         bufs = [torch.randint(-2**31, 2**31 - 1, (nbytes // 4,), dtype=torch.int32, device=dev)
-                for _ in range(_sets(nbytes, dev))]
+                for _ in range(1 if args.hot_l2 and dev == "cuda" else _sets(nbytes, dev))]
         row = {"K": k, "N": n, "bytes": nbytes, "configs": []}
         for pdl in (True, False):
             for programs in sorted({sms, 2 * sms, 4 * sms, 8 * sms, max(1, nbytes >> 16)}):
