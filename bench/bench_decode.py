@@ -300,6 +300,45 @@ def time_decode_step(engine: Engine, batch: int, kv_len: int, vocab: int, dev: s
     return ms
 
 
+def time_graph_replays(engine: Engine, batch: int, kv_len: int, vocab: int, replays: int = 300,
+                       chunks: int = 5) -> dict | None:
+    """GPU ms of one decode step's CUDA graph alone: `batch` sequences at kv len about kv_len, the bucket's graph
+    replayed `replays` times back to back (the inputs of the last real step: the same tokens, positions and cache
+    slots every replay), timed by CUDA events in `chunks` runs; {"ms": median of the chunks' ms a replay,
+    "chunks_ms": each}. No host work is in it (scheduling, sampling, streaming), so table A/Bs see only the
+    kernels. None where there is no graph to replay: no CUDA, an eager engine, or tp > 1 (the other ranks replay
+    only with rank 0's announcements)."""
+    dec = engine.decoder
+    if dec is None or engine.device.type != "cuda" or engine.shard is not None:
+        return None
+    from lmc.runtime.cuda_graph import bucket_for
+
+    handles = decode_ready(engine, batch, kv_len, vocab, 8)
+    try:
+        for _ in range(3):
+            engine.step()  # the bucket's graph captured, its inputs the rows of a full decode step
+        torch.cuda.synchronize(engine.device)
+        captured = dec.graphs.get(bucket_for(batch, dec.buckets))
+        if captured is None:
+            return None
+        graph = captured[0]
+        per_chunk = max(1, replays // chunks)
+        times = []
+        for _ in range(chunks):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(per_chunk):
+                graph.replay()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / per_chunk)
+        return {"ms": statistics.median(times), "chunks_ms": [round(t, 4) for t in times]}
+    finally:
+        for h in handles:
+            h.abort()
+        engine.step()  # the aborts take effect
+
+
 def bench_lmc(ws: Path, dev: str, args, vocab: int) -> list[dict]:
     engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len, max_batch_size=max(args.batches),
                                           cache_block_seq_len=64))

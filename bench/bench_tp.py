@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_decode import LLAMA3_8B, TINY, prompts_for, time_decode_step, timed_generate, versions  # noqa: E402
+from bench_decode import LLAMA3_8B, TINY, prompts_for, time_decode_step, time_graph_replays, timed_generate, \
+    versions  # noqa: E402
 from bench_serving import build  # noqa: E402
 
 from lmc import bench as B  # noqa: E402
@@ -75,6 +76,9 @@ def speed(ws: Path, dev: str, vocab: int, args) -> dict:
             log = {}
             step_only = time_decode_step(engine, batch, args.prompt_tokens + args.new_tokens // 2, vocab, dev, 20, log)
             row = {"batch": batch, "step_only_ms": step_only, "step_only_log": log}  # each step (session 20: bimodal)
+            if args.graph_replays:  # the step's graph alone (tp 1): the kernels without the host's share
+                row["graph"] = time_graph_replays(engine, batch, args.prompt_tokens + args.new_tokens // 2, vocab,
+                                                  args.graph_replays)
             if not args.step_only:
                 runs = sorted((timed_generate(engine, prompts, args.new_tokens, dev) for _ in range(3)),
                               key=lambda r: r["step_ms"])
@@ -119,6 +123,8 @@ def main() -> int:
     ap.add_argument("--tp1-only", action="store_true", help="tp = 1 alone (one GPU): A/Bs of single-GPU changes")
     ap.add_argument("--step-only", action="store_true",
                     help="decode speed from full decode steps only (time_decode_step), no generate runs")
+    ap.add_argument("--graph-replays", type=int, default=0,
+                    help="also time the decode step's CUDA graph alone, replayed N times (tp 1; row key graph)")
     ap.add_argument("--no-warmup", action="store_true", help="skip Engine.warmup (each bucket's graph is captured at "
                     "its first decode, as before session 19)")
     ap.add_argument("--stored-check", action="store_true", help="also compare greedy tokens in the stored dtype")

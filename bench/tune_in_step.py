@@ -16,6 +16,10 @@ Variants file: [{"name": "qkv_mma", "replace": [{"device": "NVIDIA H200", "m": 1
 "path": "mma", "config": {"warps": 4, "split_k": 8, "buffers": 2}}]}, ...]; a variant may instead (or as well)
 set environment variables for its runs, {"name": "no_fused_rope", "env": {"LMC_FUSED_ROPE": "0"}}: the same
 interleaving and the same rule for an A/B switch of the runtime.
+
+`--measure graph` (tp 1): time the step's CUDA graph replayed alone (300 replays, CUDA events;
+bench_decode.time_graph_replays) instead of 20 engine steps with their host work: the kernels only, for table A/Bs
+whose effect is smaller than the step's run-to-run spread (batch 16: 2.84-3.03 ms in sessions 21-22).
 """
 from __future__ import annotations
 
@@ -134,6 +138,8 @@ def bench_tp_step(args, out: Path) -> Callable[[dict], float]:
     """`measure` for the real thing: one bench_tp.py process, the step time of args.batch at args.tp."""
     cmd = [sys.executable, str(Path(__file__).parent / "bench_tp.py"), "--work", args.work, "--formats", args.format,
            "--batches", str(args.batch), "--step-only", "--skip-check", "--skip-bench", "--out", str(out)]
+    if args.measure == "graph":
+        cmd += ["--graph-replays", "300"]
     if args.tp == 1:
         cmd.append("--tp1-only")
     if args.smoke:
@@ -144,7 +150,12 @@ def bench_tp_step(args, out: Path) -> Callable[[dict], float]:
         subprocess.run(run, check=True, stdout=subprocess.DEVNULL, env={**os.environ, **env})
         entry = json.loads(out.read_text())["formats"][args.format]
         key = "tp1" if args.tp == 1 else next(k for k in entry if k.startswith("tp2"))
-        return next(d["step_only_ms"] for d in entry[key]["decode"] if d["batch"] == args.batch)
+        row = next(d for d in entry[key]["decode"] if d["batch"] == args.batch)
+        if args.measure == "graph":
+            if not row.get("graph"):
+                raise RuntimeError("--measure graph: bench_tp.py timed no graph (needs CUDA graphs at tp 1)")
+            return row["graph"]["ms"]
+        return row["step_only_ms"]
 
     return measure
 
@@ -157,10 +168,15 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--format", default="int4")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--measure", choices=("step", "graph"), default="step",
+                    help="step: engine decode steps (host included); graph: the step's CUDA graph replayed alone (tp 1)")
     ap.add_argument("--work", default="/tmp/lmc_bench_serving")
     ap.add_argument("--write-table", action="store_true", help="write the fastest winner into the table")
     ap.add_argument("--smoke", action="store_true", help="bench_tp.py --smoke (tiny fp16 model, CPU): checks the script")
     args = ap.parse_args()
+    if args.measure == "graph" and (args.tp != 1 or args.smoke):
+        print("error: --measure graph times tp 1 CUDA graphs (no --tp 2, no --smoke)", file=sys.stderr)
+        return 2
     try:
         variants = read_variants(Path(args.variants))
     except ValueError as e:

@@ -553,3 +553,4 @@ def test_tune_in_step_checks_the_variants_file_before_any_run(tmp_path):
     run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "bench" / "tune_in_step.py"),
                           "--variants", str(path), "--out", str(tmp_path / "o.json")], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "non-empty" in run.stderr
+
