@@ -9,9 +9,12 @@ split-K merge where there is one). ncu replays each kernel with L2 flushed, as t
         --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
         python bench/ncu_w4a16.py --ms 1,16 --shapes 8b > ncu.txt
     TRITON_INTERPRET=1 python bench/ncu_w4a16.py --ms 1 --smoke      # CPU: the calls run (no ncu)
+    python bench/ncu_w4a16.py --summarize ncu.txt                      # one JSON row per kernel
 """
 
 import argparse
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -31,13 +34,44 @@ def table_call(x: torch.Tensor, q, s, z, frag, silu: bool) -> torch.Tensor:
     return matmul(x, q, s, z, GROUP, mma=frag)
 
 
+METRICS = {"us": "Duration", "dram_pct": "DRAM Throughput", "occupancy_pct": "Achieved Occupancy",
+           "registers": "Registers Per Thread", "issue_per_cycle": "Issued Warp Per Scheduler",
+           "waves": "Waves Per SM"}
+
+
+def summarize(text: str) -> list[dict]:
+    """One row per profiled kernel of ncu's text report (this script's run: the `M=...` line printed after each
+    call names the call): kernel, grid x block, the METRICS it found, and the warp-state rule's main stall
+    ("cycles stalled waiting for X" of "cycles between two instructions")."""
+    calls = re.findall(r"^(M=\d+ K=\d+ N=\d+(?: silu)?):", text, re.M)
+    rows = []
+    for i, block in enumerate(re.split(r"\n  (?=_\w+ \()", text)[1:]):
+        head = re.match(r"(_\w+) \(([\d, ]+)\)x\(([\d, ]+)\)", block)
+        row = {"call": calls[i] if i < len(calls) else None, "kernel": head.group(1),
+               "grid": head.group(2).replace(" ", ""), "block": head.group(3).replace(" ", "")}
+        for key, name in METRICS.items():
+            m = re.search(r"\n\s+" + re.escape(name) + r"\s+(?:\S+\s+)?([\d.,]+)\s*\n", block)
+            row[key] = float(m.group(1).replace(",", "")) if m else None
+        stall = re.search(r"spends ([\d.]+) cycles being stalled\s+waiting for (?:the |a )?(.+?)\.", block, re.S)
+        total = re.search(r"total average of ([\d.]+) cycles", block)
+        row["stall"] = {"cycles": float(stall.group(1)), "on": " ".join(stall.group(2).split())} if stall else None
+        row["cycles_per_issue"] = float(total.group(1)) if total else None
+        rows.append(row)
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--summarize", metavar="NCU_TEXT", help="print one JSON row per kernel of an ncu text report")
     ap.add_argument("--ms", default="1,16")
     ap.add_argument("--shapes", choices=("8b", "tp2"), default="8b")
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args()
+    if args.summarize:
+        for row in summarize(Path(args.summarize).read_text()):
+            print(json.dumps(row))
+        return 0
     dev = "cpu" if args.smoke else "cuda"
     shapes = SMOKE_SHAPES if args.smoke else SHAPES if args.shapes == "8b" else TP2_SHAPES
     device = torch.device(dev) if dev == "cuda" else None

@@ -41,3 +41,21 @@ def test_layout_bytes_match_the_mma_layout(rc):
     z = torch.randint(0, 16, (k // 128, n)).half()
     qfrag, sz = MM.mma_layout(q, s, z, 128)
     assert rc.layout_bytes(k, n) == qfrag.numel() * 4 + sz.numel() * 4
+
+
+def test_ncu_summary_of_the_committed_h200_report():
+    """bench/ncu_w4a16.py --summarize: one row per profiled kernel of the committed ncu report, each named by the
+    call that launched it, with the numbers bench/NOTES.md (session 22) quotes."""
+    spec = importlib.util.spec_from_file_location("ncu_w4a16_under_test", BENCH / "ncu_w4a16.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    spec.loader.exec_module(mod)
+    rows = mod.summarize((BENCH / "results" / "ncu_w4a16_m1_m16_h200.txt").read_text())
+    assert [r["call"] for r in rows] == [f"M={m} K={k} N={n}{' silu' if n == 28672 else ''}"
+                                         for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
+                                         for m in (1, 16)]
+    w13 = rows[4]
+    assert (w13["kernel"], w13["grid"], w13["block"]) == ("_w4a16_mma_kernel", "224,1,1", "256,1,1")
+    assert (w13["us"], w13["dram_pct"], w13["occupancy_pct"], w13["registers"]) == (23.33, 57.66, 21.23, 104.0)
+    assert w13["stall"]["cycles"] == 4.9 and "L1TEX" in w13["stall"]["on"] and w13["cycles_per_issue"] == 9.9
+    assert all(r["dram_pct"] is not None and r["stall"] for r in rows)
