@@ -4,6 +4,7 @@ SiLU epilogue as the runtime calls it). The "gemv" column is whatever this GPU's
 mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no epilogue) on the same shape.
 
     python bench/bench_w4a16_mma.py [--ms 1,2,4,8] [--out bench/results/w4a16_mma.json] [--write-table]
+    python bench/bench_w4a16_mma.py --ms 1,16 --warps 1,2,4,8 --stages 0,3,4,6   # + the pipelined loop
     python bench/bench_w4a16_mma.py --ms 64,256 --tiles 4,8 --fp16 --write-table   # the wide kernel
     python bench/bench_w4a16_mma.py --shapes 8b --ms 16,64,256 --fp16 --wgmma-rows 16,64,128   # + wgmma (sm_90)
     python bench/bench_w4a16_mma.py --ms 1 --hot-l2     # the same weight every call: L2-resident where it fits
@@ -115,7 +116,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool, hot
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "tiles", "prefetch", "rows", "pipeline", "warpgroups",
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "stages", "tiles", "prefetch", "rows", "pipeline", "warpgroups",
                "ahead", "x_chunks")
 
 
@@ -152,8 +153,9 @@ def grid(m: int, args) -> list[dict]:
     mma_sync = args.smoke or not args.wgmma_only
     if mma_sync and m <= MM.MAX_ROWS:
         small = list(SMOKE_GRID) if args.smoke else [
-            {"warps": w, "split_k": sp, "buffers": bu, "blocks": bl, "kw": kw} for w in args.warps
-            for sp in args.splits for bu in args.buffers for bl in args.blocks for kw in args.kw if w % kw == 0]
+            {"warps": w, "split_k": sp, "blocks": bl, "kw": kw, **({"stages": st} if st else {"buffers": bu})}
+            for w in args.warps for sp in args.splits for bl in args.blocks for kw in args.kw if w % kw == 0
+            for st in args.stages for bu in (args.buffers if not st else args.buffers[:1])]
     if mma_sync and m > 8:
         tiles = [t for t in args.tiles if t <= -(-m // 8)]
         wide = list(SMOKE_WIDE) if args.smoke else [
@@ -180,6 +182,8 @@ def main() -> int:
     ap.add_argument("--buffers", type=_ints, default=(2, 4), help="groups of words in flight")
     ap.add_argument("--blocks", type=_ints, default=(1, 2), help="16-column blocks a warp")
     ap.add_argument("--kw", type=_ints, default=(1,), help="warps of a program splitting each block's K (1, 2, 4)")
+    ap.add_argument("--stages", type=_ints, default=(0,),
+                    help="1-16 rows: 0 = groups in registers (--buffers); 2+ = the pipelined loop's shared-memory ring")
     ap.add_argument("--tiles", type=_ints, default=(2, 4, 8),
                     help="the wide kernel (M > 16): 8-row tiles a program (those up to M / 8 are tried)")
     ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")

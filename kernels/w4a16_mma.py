@@ -274,7 +274,7 @@ def _pair_half(word, hi):
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
                       BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, KW: tl.constexpr,
-                      ASM: tl.constexpr, PDL: tl.constexpr):
+                      STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): BLOCKS column blocks per KW warps, (pid * WARPS / KW + w // KW) * BLOCKS + u, over the
     split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the warps' sums meet in
     shared memory at the end, a split-K with no counter and no partials in global memory). Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
@@ -309,6 +309,38 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     zero = tl.zeros((L,), dtype=tl.float32)
     accs = (zero, zero, zero, zero)  # (block, tile): (0, 0), (0, 1), (1, 0), (1, 1)
     first = g_first + kp  # [L] the warp's first group; its i-th is first + KW i
+    if STAGES > 0:  # Triton's software pipeliner streams the words through a ring of STAGES groups in shared
+        # memory (cp.async). The ring's first STAGES - 1 groups are copied in the loop's prologue, before the PDL
+        # wait, which the first iteration does: with STAGES past the groups of a warp, its whole share of the words
+        # lands on chip while the kernel before runs (weights are constant data: the PDL contract allows it). x
+        # and sz are loaded at use by inline PTX the pipeliner leaves alone (x volatile: it stays after the wait).
+        # The pipeliner reorders a loop's body, so the wait's order is made a data dependency: x's addresses
+        # add the zero the wait returns (first iteration; carried after).
+        after_wait = e * 0  # [L] int32
+        for step in tl.range(g_first, g_last + 1, KW, num_stages=STAGES):
+            if step == g_first:
+                after_wait = _pdl_wait_zero(e, PDL and ASM)
+            grp = step + kp  # [L] the warp's group (past g_last: adds nothing)
+            buf = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp, g_last), CHUNKS, BLOCKS, OPAQUE=ASM)
+            accs = _group_step(accs, buf, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr,
+                               (x_bases[0] + after_wait, x_bases[1] + after_wait), rows, ba, bb, g, e, stride_xm,
+                               n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM, OPAQUE=ASM)
+        pdl_wait(PDL)  # the stores after it (and a split with no group); free once the wait has returned
+    else:
+        accs = _buffered_groups(accs, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, bases, ba, bb, g, e, first, g_first,
+                                g_last, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, KW, BUFFERS, ASM, PDL)
+    accs = (_warp_sum(accs[0], WARPS, KW), _warp_sum(accs[1], WARPS, KW), _warp_sum(accs[2], WARPS, KW),
+            _warp_sum(accs[3], WARPS, KW))
+    _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, tl.arange(0, L // KW), WARPS // KW,
+                SPLIT_K, SILU, TILES, BLOCKS)
+
+
+@_jit
+def _buffered_groups(accs, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, bases, ba, bb, g, e, first, g_first, g_last,
+                     stride_xm, n_chunks, n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr,
+                     KW: tl.constexpr, BUFFERS: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
+    """The hand-unrolled main loop: BUFFERS groups' words and sz in registers, the first loaded before the PDL
+    wait."""
     bufa = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(first, g_last), CHUNKS, BLOCKS)
     bufb = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(first + KW, g_last), CHUNKS, BLOCKS)
     bufc, bufd = bufa, bufa
@@ -331,10 +363,7 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
             accs = _group_step(accs, bufd, grp + 3 * KW, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb,
                                g, e, stride_xm, n_chunks, n_groups, CHUNKS, TILES, BLOCKS, ASM)
             bufd = _load_group(qf_ptr, sz_ptr, bases, tl.minimum(grp + 7 * KW, g_last), CHUNKS, BLOCKS)
-    accs = (_warp_sum(accs[0], WARPS, KW), _warp_sum(accs[1], WARPS, KW), _warp_sum(accs[2], WARPS, KW),
-            _warp_sum(accs[3], WARPS, KW))
-    _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, tl.arange(0, L // KW), WARPS // KW,
-                SPLIT_K, SILU, TILES, BLOCKS)
+    return accs
 
 
 @_jit
@@ -395,27 +424,30 @@ def _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SI
 
 
 @_jit
-def _load_group(qf_ptr, sz_ptr, bases, grp, CHUNKS: tl.constexpr, BLOCKS: tl.constexpr):
+def _load_group(qf_ptr, sz_ptr, bases, grp, CHUNKS: tl.constexpr, BLOCKS: tl.constexpr, OPAQUE: tl.constexpr = False):
     """Group grp's words (a 16-byte load per lane and chunk; streamed once, so marked evict-first to leave L1 to x)
     and (zz, ss, zz, ss), per block: ((chunk 0, chunk 1, sz) of block 0, the same of block 1 (block 0's again with
     BLOCKS == 1))."""
-    wa = _load_block(qf_ptr, sz_ptr, bases[0], bases[1], grp, CHUNKS)
+    wa = _load_block(qf_ptr, sz_ptr, bases[0], bases[1], grp, CHUNKS, OPAQUE)
     wb = wa
     if BLOCKS == 2:
-        wb = _load_block(qf_ptr, sz_ptr, bases[2], bases[3], grp, CHUNKS)
+        wb = _load_block(qf_ptr, sz_ptr, bases[2], bases[3], grp, CHUNKS, OPAQUE)
     return wa, wb
 
 
 @_jit
-def _load_block(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr):
+def _load_block(qf_ptr, sz_ptr, word_base, sz_base, grp, CHUNKS: tl.constexpr, OPAQUE: tl.constexpr = False):
     w0 = tl.load(qf_ptr + word_base + (grp * CHUNKS) * 128, eviction_policy="evict_first")
     w1 = tl.load(qf_ptr + word_base + (grp * CHUNKS + CHUNKS - 1) * 128, eviction_policy="evict_first")
+    if OPAQUE:  # the pipelined loop: sz by a load the pipeliner leaves alone (words alone through shared memory)
+        return w0, w1, _ld_sz(sz_ptr + sz_base + grp * 16)
     return w0, w1, tl.load(sz_ptr + sz_base + grp * 16)
 
 
 @_jit
 def _group_step(accs, buf, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, rows, ba, bb, g, e, stride_xm, n_chunks,
-                n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr):
+                n_groups, CHUNKS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, ASM: tl.constexpr,
+                OPAQUE: tl.constexpr = False):
     """accs plus group grp's contribution; a group past g_last (the unrolled loop's overhang) adds nothing.
     x_bases: the lane's x pairs per tile (B fragment column g); rows: the x row of each accumulator element per
     tile (the interpreter's path)."""
@@ -427,8 +459,8 @@ def _group_step(accs, buf, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, row
         wa = (wa[0], wa[1], tl.where(keep, wa[2], 0))
         wb = (wb[0], wb[1], tl.where(keep, wb[2], 0))
         c0 = grp * CHUNKS
-        x0 = _load_x(x32, x_bases, c0, TILES)
-        x1 = _load_x(x32, x_bases, c0 + CHUNKS - 1, TILES)
+        x0 = _load_x(x32, x_bases, c0, TILES, OPAQUE)
+        x1 = _load_x(x32, x_bases, c0 + CHUNKS - 1, TILES, OPAQUE)
         return _mma_group(accs, wa, wb, x0, x1, CHUNKS, TILES, BLOCKS)
     a00, a01, a10, a11 = accs
     a00 += tl.where(valid, _gather_group(qf_ptr, x_ptr, sz_ptr, ba, grp, g, e, rows[0], stride_xm, n_chunks,
@@ -446,9 +478,17 @@ def _group_step(accs, buf, grp, g_last, qf_ptr, x_ptr, x32, sz_ptr, x_bases, row
 
 
 @_jit
-def _load_x(x32, x_bases, c, TILES: tl.constexpr):
+def _load_x(x32, x_bases, c, TILES: tl.constexpr, OPAQUE: tl.constexpr = False):
     """The lane's x pairs of chunk c: (xa, xb) of tile 0 (pairs 8t .. 8t + 3 and 8t + 4 .. 8t + 7), then tile 1's
     (tile 0's again with TILES == 1, unused)."""
+    if OPAQUE:
+        xa = _ld_x4(x32 + x_bases[0] + c * 32)
+        xb = _ld_x4(x32 + x_bases[0] + c * 32 + 4)
+        ya, yb = xa, xb
+        if TILES == 2:
+            ya = _ld_x4(x32 + x_bases[1] + c * 32)
+            yb = _ld_x4(x32 + x_bases[1] + c * 32 + 4)
+        return xa, xb, ya, yb
     xa = tl.load(x32 + x_bases[0] + c * 32)
     xb = tl.load(x32 + x_bases[0] + c * 32 + 4)
     ya, yb = xa, xb
@@ -456,6 +496,34 @@ def _load_x(x32, x_bases, c, TILES: tl.constexpr):
         ya = tl.load(x32 + x_bases[1] + c * 32)
         yb = tl.load(x32 + x_bases[1] + c * 32 + 4)
     return xa, xb, ya, yb
+
+
+@_jit
+def _pdl_wait_zero(e, WAIT: tl.constexpr):
+    """griddepcontrol.wait (lmc.kernels.pdl), then zeros like e [L] int32: values that exist only once the kernel
+    before has completed, for addresses that must not be read earlier (GPU only; zeros without WAIT)."""
+    if WAIT:
+        return tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\n"
+                                         "mov.b32 $3, 0;", "=r,=r,=r,=r,r,r,r,r", [e], dtype=tl.int32, is_pure=False,
+                                         pack=4)
+    return e * 0
+
+
+@_jit
+def _ld_x4(ptr):
+    """A lane's 4 consecutive int32 (16-byte aligned) by one vector load in inline PTX (GPU only): Triton's
+    software pipeliner does not see it, so in the pipelined loop x stays a register load at use (an L1 hit); not
+    pure, so that it is not hoisted above the PDL wait (x is the kernel before's output)."""
+    return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l,l,l,l", [ptr],
+                                     dtype=tl.int32, is_pure=False, pack=4)
+
+
+@_jit
+def _ld_sz(ptr):
+    """A lane's (zz, ss, zz, ss): one 8-byte load of the pair its elements 0, 1 point at, repeated (GPU only; not
+    pipelined, as _ld_x4)."""
+    return tl.inline_asm_elementwise("ld.global.v2.b32 {$0, $1}, [$4];\nmov.b32 $2, $0;\nmov.b32 $3, $1;",
+                                     "=r,=r,=r,=r,l,l,l,l", [ptr], dtype=tl.int32, is_pure=True, pack=4)
 
 
 @_jit
@@ -502,8 +570,8 @@ def prepare_launch(x: torch.Tensor, n: int, silu_mul: bool, out: torch.Tensor | 
 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
-                     split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
-                     asm: bool | None = None) -> torch.Tensor:
+                     split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, stages: int = 0, silu_mul: bool = False,
+                     out: torch.Tensor | None = None, asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     `blocks` (1 or 2; 1 with G = 64) 16-column blocks a warp (two share the x registers), `warps` warps a
     program; split_k splits the groups of K over that many
@@ -527,6 +595,6 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
                      device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, KW=kw, ASM=asm,
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, KW=kw, STAGES=stages, ASM=asm,
                             num_warps=warps, num_stages=1, **pdl_launch(x.device))
     return out

@@ -210,6 +210,21 @@ def test_kernel_interpreter_warps_split_k(m, n, k, group, silu, warps, split_k, 
     torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,kw,stages", [
+    (1, 48, 640, 128, False, 1, 1, 1, 1, 3), (3, 64, 384, 64, True, 2, 2, 1, 1, 4), (9, 80, 896, 128, False, 4, 2, 2, 2, 2),
+    (16, 96, 640, 128, True, 4, 3, 2, 4, 6), (1, 32, 128, 128, True, 2, 1, 1, 2, 4), (13, 112, 1152, 128, False, 1, 5, 2, 1, 4),
+    (1, 48, 640, 128, False, 1, 2, 1, 1, 8)])  # the last: stages past the groups (the whole share staged)
+def test_kernel_interpreter_pipelined(m, n, k, group, silu, warps, split_k, blocks, kw, stages):
+    """The pipelined main loop (stages > 0: one group an iteration, Triton's pipeliner streams words, sz and x
+    through shared memory): group runs not a multiple of stages or kw, a warp with no group, splits of one group."""
+    q, s, z = _quantized(n, k, group, seed=n * k + stages)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, blocks=blocks, kw=kw, stages=stages,
+                              silu_mul=silu)
+    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
 def test_eligibility_and_errors():
     assert MM.mma_eligible(4096, 6144, 128) and MM.mma_eligible(14336, 4096, 128)
     assert not MM.mma_eligible(4096, 6144, 32) and not MM.mma_eligible(4000, 4096, 128)
@@ -393,6 +408,62 @@ def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw,stages", [
+    (1, 4096, 4096, False, 1, 8, 1, 1, 4), (1, 28672, 4096, True, 2, 1, 2, 1, 3), (1, 4096, 14336, False, 4, 8, 1, 2, 6),
+    (16, 28672, 4096, True, 4, 2, 2, 1, 4), (11, 6144, 4096, False, 2, 4, 1, 1, 2), (5, 96, 640, True, 1, 3, 2, 1, 4),
+    (16, 4096, 14336, False, 8, 4, 2, 2, 3)])
+def test_mma_pipelined_on_cuda(m, n, k, silu, warps, split_k, blocks, kw, stages):
+    """The pipelined loop's cp.async ring on the GPU against the float32 reference, and deterministic."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a GPU with mma.sync m16n8k16 and cp.async (sm_80+)")
+    q, s, z = _quantized(n, k, 128, seed=n + stages, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
+    cfg = dict(warps=warps, split_k=split_k, blocks=blocks, kw=kw, stages=stages, silu_mul=silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, **cfg)
+    want = _reference(x, q, s, z, 128, silu)
+    assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
+    assert torch.equal(got, MM.w4a16_mma_triton(x, qfrag, sz, 128, **cfg))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,stages", [(1, 4096, 4096, 5), (1, 6144, 4096, 9), (3, 4096, 14336, 12)])
+def test_mma_staged_after_a_pdl_kernel_in_a_graph(m, n, k, stages):
+    """The pipelined loop with its words staged before the PDL wait, right after a PDL kernel that writes its x
+    (the RMSNorm), replayed in a CUDA graph as the decode step is: x is read only after the wait (the result
+    matches the reference on x the norm wrote in that replay, not the x of the replay before)."""
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("needs PDL (sm_90+)")
+    from lmc.kernels.rmsnorm import rms_norm_triton
+
+    q, s, z = _quantized(n, k, 128, seed=stages, device="cuda")
+    qfrag, sz = MM.mma_layout(q, s, z, 128)
+    h = torch.empty(m, k, device="cuda", dtype=torch.float16)
+    w = torch.rand(k, device="cuda").half() + 0.5
+    out = torch.empty(m, n, device="cuda", dtype=torch.float16)
+    cfg = dict(warps=1, split_k=8, stages=stages)
+
+    def step():
+        x, _ = rms_norm_triton(h, w, 1e-5)  # [M, K], a PDL kernel
+        MM.w4a16_mma_triton(x, qfrag, sz, 128, out=out, **cfg)
+        return x
+
+    h.normal_()
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        x = step()
+    for seed in range(3):
+        torch.manual_seed(seed)
+        h.normal_()  # new input each replay: a read of x before the wait would see the last replay's
+        graph.replay()
+        torch.cuda.synchronize()
+        want = _reference(x, q, s, z, 128, False)
+        assert (out.float() - want).abs().max().item() / want.abs().max().item() < 2e-3, seed
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,tiles", [
     (64, 4096, 4096, 128, False, 4, 4, 2, 8), (256, 28672, 4096, 128, True, 4, 1, 2, 8),
     (100, 4096, 14336, 128, False, 8, 2, 1, 4), (17, 96, 384, 64, True, 2, 3, 2, 2), (40, 112, 640, 128, False, 1, 2, 4, 4),
@@ -536,8 +607,11 @@ def test_tune_in_step_checks_the_variants_file_before_any_run(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
     import tune_in_step
 
-    for shipped in ("variants_tp2_m1_h200.json", "variants_m16_h200.json"):
-        assert tune_in_step.read_variants(Path(__file__).resolve().parents[1] / "bench" / shipped)
+    from lmc.kernels import w4a16_tuning as T
+
+    for shipped in ("variants_tp2_m1_h200.json", "variants_m16_h200.json", "variants_staged_h200.json"):
+        for variant in tune_in_step.read_variants(Path(__file__).resolve().parents[1] / "bench" / shipped):
+            tune_in_step.apply(variant, tmp_path / "applied.json", T.TABLE_PATH)  # each names an existing entry
     good = {"device": "NVIDIA H200", "m": 1, "shape": "4096x4096", "path": "mma", "config": {"warps": 4}}
     cases = {"{": "cannot read", "[]": "non-empty", '[{"replace": []}]': "name",
              '[{"name": "a"}]': "replace", '[{"name": "a", "env": {"X": 1}}]': "strings",
