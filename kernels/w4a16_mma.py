@@ -500,12 +500,13 @@ def _load_x(x32, x_bases, c, TILES: tl.constexpr, OPAQUE: tl.constexpr = False):
 
 @_jit
 def _pdl_wait_zero(e, WAIT: tl.constexpr):
-    """griddepcontrol.wait (lmc.kernels.pdl), then zeros like e [L] int32: values that exist only once the kernel
-    before has completed, for addresses that must not be read earlier (GPU only; zeros without WAIT)."""
+    """pdl_wait as inline PTX (griddepcontrol.wait, then launch_dependents: lmc.kernels.pdl), returning zeros like
+    e [L] int32: values that exist only once the kernel before has completed, for addresses that must not be read
+    earlier (GPU only; zeros without WAIT)."""
     if WAIT:
-        return tl.inline_asm_elementwise("griddepcontrol.wait;\nmov.b32 $0, 0;\nmov.b32 $1, 0;\nmov.b32 $2, 0;\n"
-                                         "mov.b32 $3, 0;", "=r,=r,=r,=r,r,r,r,r", [e], dtype=tl.int32, is_pure=False,
-                                         pack=4)
+        return tl.inline_asm_elementwise("griddepcontrol.wait;\ngriddepcontrol.launch_dependents;\nmov.b32 $0, 0;\n"
+                                         "mov.b32 $1, 0;\nmov.b32 $2, 0;\nmov.b32 $3, 0;", "=r,=r,=r,=r,r,r,r,r", [e],
+                                         dtype=tl.int32, is_pure=False, pack=4)
     return e * 0
 
 
