@@ -317,6 +317,8 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
         # The pipeliner reorders a loop's body, so the wait's order is made a data dependency: x's addresses
         # add the zero the wait returns (first iteration; carried after).
         after_wait = e * 0  # [L] int32
+        if not ASM:  # the index path (bfloat16 x on a GPU) loads x with tl.load: it waits before the loop
+            pdl_wait(PDL)
         for step in tl.range(g_first, g_last + 1, KW, num_stages=STAGES):
             if step == g_first:
                 after_wait = _pdl_wait_zero(e, PDL and ASM)
