@@ -116,8 +116,8 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool, hot
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "stages", "tiles", "prefetch", "rows", "pipeline", "warpgroups",
-               "ahead", "x_chunks")
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "stages", "tiles", "prefetch", "rows", "pipeline",
+               "warpgroups", "ahead", "x_chunks")
 
 
 def table_entries(rows: list) -> list:
@@ -205,8 +205,8 @@ def main() -> int:
     ap.add_argument("--wgmma-only", action="store_true",
                     help="time only the wgmma kernel's grid beside the table's choice (no mma.sync grids)")
     ap.add_argument("--fp16", action="store_true", help="also time fp16 cuBLAS (F.linear) on each shape")
-    ap.add_argument("--hot-l2", action="store_true",
-                    help="one weight copy for all calls: the weight stays in L2 where it fits (what on-chip weights would buy)")
+    ap.add_argument("--hot-l2", action="store_true", help="one weight copy for all calls: the weight stays in L2 "
+                    "where it fits (what on-chip weights would buy)")
     ap.add_argument("--write-table", action="store_true", help="merge the mma winners into the tuning table")
     ap.add_argument("--table", default=str(T.TABLE_PATH), help="the tuning table --write-table merges into")
     args = ap.parse_args()

@@ -69,7 +69,12 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     if args.summarize:
-        for row in summarize(Path(args.summarize).read_text()):
+        try:
+            text = Path(args.summarize).read_text()
+        except OSError as e:
+            print(f"error: cannot read the ncu report {args.summarize}: {e.strerror}", file=sys.stderr)
+            return 2
+        for row in summarize(text):
             print(json.dumps(row))
         return 0
     dev = "cpu" if args.smoke else "cuda"

@@ -1,6 +1,6 @@
 """What one kernel can do with a linear's bytes: a pure read of exactly the bytes the M = 1 W4A16 kernel streams
 (the mma layout's words and sz), timed the way the W4A16 benches time the kernels (CUDA-graph replays of
-back-to-back calls over enough copies to miss L2), against the table's kernel on the same shape.
+back-to-back calls over enough copies to miss L2); compare with bench_w4a16_mma.py's times of the same shapes.
 
 Why: issue 15 asks for M = 1 at >= 85 % of copy bandwidth, where "copy" is a 1 GiB device-to-device copy
 (bench_w4a16.copy_bandwidth). A 4-60 MB read in one launch also pays the launch, the ramp-up and the tail; this
@@ -34,9 +34,6 @@ try:
     import triton.language as tl
 except ImportError:
     triton = tl = None
-
-GATE_UP_N = {28672, 14336}
-
 
 def _jit(fn):
     return triton.jit(fn) if triton is not None else fn

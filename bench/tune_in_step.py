@@ -168,11 +168,12 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--format", default="int4")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--measure", choices=("step", "graph"), default="step",
-                    help="step: engine decode steps (host included); graph: the step's CUDA graph replayed alone (tp 1)")
+    ap.add_argument("--measure", choices=("step", "graph"), default="step", help="step: engine decode steps (host "
+                    "included); graph: the step's CUDA graph replayed alone (tp 1)")
     ap.add_argument("--work", default="/tmp/lmc_bench_serving")
     ap.add_argument("--write-table", action="store_true", help="write the fastest winner into the table")
-    ap.add_argument("--smoke", action="store_true", help="bench_tp.py --smoke (tiny fp16 model, CPU): checks the script")
+    ap.add_argument("--smoke", action="store_true",
+                    help="bench_tp.py --smoke (tiny fp16 model, CPU): checks the script")
     args = ap.parse_args()
     if args.measure == "graph" and (args.tp != 1 or args.smoke):
         print("error: --measure graph times tp 1 CUDA graphs (no --tp 2, no --smoke)", file=sys.stderr)

@@ -277,9 +277,10 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
                       STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
     """Program (pid, split): BLOCKS column blocks per KW warps, (pid * WARPS / KW + w // KW) * BLOCKS + u, over the
     split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the warps' sums meet in
-    shared memory at the end, a split-K with no counter and no partials in global memory). Per group one _mma_group call per lane; BUFFERS groups' words and sz in flight (the loop unrolled per
-    buffer, so that no register holding a load in flight is copied); x, an L1 hit after the first warp, is
-    loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
+    shared memory at the end, a split-K with no counter and no partials in global memory). Per group one
+    _mma_group call per lane; STAGES > 0: the pipelined loop (below); else BUFFERS groups' words and sz in flight
+    (the loop unrolled per buffer, so that no register holding a load in flight is copied); x, an L1 hit after the
+    first warp, is loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
     (deterministic) and writes out (lmc.kernels.split_counters)."""
     L: tl.constexpr = 128 * WARPS
     CHUNKS: tl.constexpr = GROUP // 64
@@ -573,13 +574,15 @@ def prepare_launch(x: torch.Tensor, n: int, silu_mul: bool, out: torch.Tensor | 
 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
-                     split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, stages: int = 0, silu_mul: bool = False,
-                     out: torch.Tensor | None = None, asm: bool | None = None) -> torch.Tensor:
+                     split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, stages: int = 0,
+                     silu_mul: bool = False, out: torch.Tensor | None = None,
+                     asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     `blocks` (1 or 2; 1 with G = 64) 16-column blocks a warp (two share the x registers), `warps` warps a
     program; split_k splits the groups of K over that many
-    programs per block set (the last to finish sums in split order). asm: the mma.sync path (float16 x on CUDA);
-    None = on where it can run."""
+    programs per block set (the last to finish sums in split order). stages 0: `buffers` groups of words in
+    registers; stages >= 2: the pipelined loop, words through a shared-memory ring of that many groups, the first
+    stages - 1 copied before the PDL wait. asm: the mma.sync path (float16 x on CUDA); None = on where it can run."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
     m = x.shape[0]
@@ -598,6 +601,7 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
                      device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
-                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers, TILES=tiles, BLOCKS=blocks, KW=kw, STAGES=stages, ASM=asm,
-                            num_warps=warps, num_stages=1, **pdl_launch(x.device))
+                            GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers,
+                            TILES=tiles, BLOCKS=blocks, KW=kw, STAGES=stages, ASM=asm, num_warps=warps, num_stages=1,
+                            **pdl_launch(x.device))
     return out

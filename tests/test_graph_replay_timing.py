@@ -19,8 +19,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 @pytest.mark.parametrize("extra", [["--tp", "2"], ["--smoke"]])
 def test_tune_in_step_refuses_graph_timing_where_bench_tp_has_no_graph(tmp_path, extra):
     run = subprocess.run([sys.executable, str(BENCH / "tune_in_step.py"), "--variants",
-                          str(BENCH / "variants_m16_h200.json"), "--out", str(tmp_path / "o.json"), "--measure", "graph",
-                          *extra], capture_output=True, text=True)
+                          str(BENCH / "variants_m16_h200.json"), "--out", str(tmp_path / "o.json"),
+                          "--measure", "graph", *extra], capture_output=True, text=True)
     assert run.returncode == 2 and run.stderr.count("\n") == 1 and "--measure graph" in run.stderr
     assert not (tmp_path / "o.json").exists()
 
