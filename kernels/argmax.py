@@ -4,8 +4,10 @@ torch reduces a [1, V] row with one block (27 µs per 8B decode step on an H200,
 (b, p) of a (B, P) grid reduces the p-th chunk of row b to (its maximum, the first index of it), stores that
 pair to a small scratch and counts itself in row b's arrival counter (kernels/split_counters.py: an acq_rel
 atomic after a barrier, as the split-K GEMV and the split-KV decode do); the last program of the row to arrive
-reduces the row's P pairs, writes the index and sets the counter back to 0. P is chosen so that B * P programs
-fill the GPU about twice.
+reduces the row's P pairs, writes the index and sets the counter back to 0. P is chosen so that there are about
+PROGRAMS_PER_SM programs an SM: each program has one load of BLOCK elements in flight at a time, so the loads
+in flight, not the bytes, set the speed (two an SM ran 64 x 128256 float32 logits at ~1.1 TB/s, 31 µs on an H200:
+bench/NOTES.md session 23).
 
 Values are compared as int32 keys that order like the floats (float16 / bfloat16 are widened to float32, exactly):
 +0.0 and -0.0 get the same key (torch compares them equal) and every NaN gets the key above +inf, so a row with a
@@ -29,6 +31,7 @@ except ImportError:  # CPU-only install: torch.argmax serves
     triton = None
 
 BLOCK = 1024  # elements per program per loop step: 8 float32 per thread at 4 warps
+PROGRAMS_PER_SM = 8  # programs of 4 warps: 32 warps an SM, half of Hopper's 64
 
 if triton is not None:
 
@@ -81,9 +84,9 @@ if triton is not None:
 
 
 def _default_chunk(logits: torch.Tensor, block: int) -> int:
-    """Elements per program: a multiple of block, as few as makes B * P about twice the GPU's SMs."""
+    """Elements per program: a multiple of block, as few as makes B * P about PROGRAMS_PER_SM times the GPU's SMs."""
     sms = torch.cuda.get_device_properties(logits.device).multi_processor_count if logits.is_cuda else 4
-    per_row = -(-2 * sms // logits.shape[0])  # programs wanted per row
+    per_row = -(-PROGRAMS_PER_SM * sms // logits.shape[0])  # programs wanted per row
     return -(-logits.shape[1] // (per_row * block)) * block
 
 

@@ -142,3 +142,17 @@ def test_pipelined_greedy_takes_argmax_rows(monkeypatch):
     decoder._run = lambda seqs, ids: logits
     assert decoder.launch_greedy([None, None]).tokens() == tokens
     assert calls == [(2, 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B", [1, 16, 64, 256])
+def test_compiled_kernel_on_cuda_at_decode_shapes(B):
+    """The compiled kernel at the 8B vocabulary and the engine's batch sizes, with its default chunking (about
+    PROGRAMS_PER_SM programs an SM), and a tie across two programs' chunks."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(B)
+    x = torch.randn(B, 128256, device="cuda", generator=g)  # [B, V]
+    x[:, 5] = x[:, 128000] = x.max() + 1  # the first of the two wins
+    _check(x)
+    _check(x.half())
