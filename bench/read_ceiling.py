@@ -62,6 +62,18 @@ def read_launch(src: torch.Tensor, out: torch.Tensor, programs: int, warps: int,
     return out
 
 
+def share_sums(buf: torch.Tensor, programs: int, warps: int) -> torch.Tensor:
+    """What read_launch(buf, ...) stores for each program that has a share: the int32 (wrapping) sum of its share,
+    as int64 [launched]; summed in place (int64 accumulation of int32 views), no copy of the buffer."""
+    block = 128 * warps
+    share = -(-(-(-buf.numel() // programs)) // block) * block
+    full = buf.numel() // share
+    sums = [buf[:full * share].view(full, share).sum(1, dtype=torch.int64)]  # [full]
+    if buf.numel() % share:
+        sums.append(buf[full * share:].sum(dtype=torch.int64).view(1))  # the last, short share
+    return (torch.cat(sums) + 2**31) % 2**32 - 2**31  # int32 wrap-around
+
+
 def layout_bytes(k: int, n: int) -> int:
     """The mma layout's bytes of a [K, N] int4 g128 weight: words K N / 2 and sz (4 bytes a column a group)."""
     return k * n // 2 + (k // 128) * n * 4
@@ -75,6 +87,9 @@ def main() -> int:
     ap.add_argument("--hot-l2", action="store_true", help="one buffer for all calls: an L2-resident read where it fits")
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
+    if dev == "cuda" and not torch.cuda.is_available():
+        print("bench/read_ceiling.py needs CUDA (or --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
     shapes = SMOKE_SHAPES if args.smoke else {"8b": SHAPES, "tp2": TP2_SHAPES, "both": SHAPES + TP2_SHAPES}[args.shapes]
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "copy": copy_bandwidth(dev), "hot_l2": args.hot_l2, "rows": []}
@@ -91,11 +106,8 @@ def main() -> int:
                     outs = [torch.empty(programs, dtype=torch.int32, device=dev) for _ in bufs]
                     fn = (lambda i, p=programs, w=warps, d=pdl: read_launch(bufs[i], outs[i], p, w, d))
                     got = fn(0)
-                    share = triton.cdiv(triton.cdiv(bufs[0].numel(), programs), 128 * warps) * 128 * warps
-                    launched = triton.cdiv(bufs[0].numel(), share)
-                    parts = torch.nn.functional.pad(bufs[0].long(), (0, launched * share - bufs[0].numel()))
-                    want = (parts.view(launched, share).sum(1) + 2**31) % 2**32 - 2**31  # int32 wrap-around
-                    assert torch.equal(got[:launched].long(), want), "the read kernel's sum is wrong"
+                    want = share_sums(bufs[0], programs, warps)
+                    assert torch.equal(got[:len(want)].long(), want), "the read kernel's sum is wrong"
                     us = time_calls(fn, len(bufs), dev)
                     row["configs"].append({"pdl": pdl, "programs": programs, "warps": warps, "us": us,
                                            "bytes_per_s": nbytes / (us * 1e-6)})

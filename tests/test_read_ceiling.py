@@ -30,6 +30,7 @@ def test_reader_sums_each_share(rc, n, programs, warps):
     parts = torch.nn.functional.pad(src.long(), (0, launched * share - n)).view(launched, share)
     want = (parts.sum(1) + 2**31) % 2**32 - 2**31
     assert torch.equal(out[:launched].long(), want)
+    assert torch.equal(rc.share_sums(src, programs, warps), want)  # the bench's own check, without the copy
 
 
 def test_layout_bytes_match_the_mma_layout(rc):
@@ -59,3 +60,17 @@ def test_ncu_summary_of_the_committed_h200_report():
     assert (w13["us"], w13["dram_pct"], w13["occupancy_pct"], w13["registers"]) == (23.33, 57.66, 21.23, 104.0)
     assert w13["stall"]["cycles"] == 4.9 and "L1TEX" in w13["stall"]["on"] and w13["cycles_per_issue"] == 9.9
     assert all(r["dram_pct"] is not None and r["stall"] for r in rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU answer")
+@pytest.mark.parametrize("script", ["read_ceiling.py", "ncu_w4a16.py"])
+def test_needs_cuda_without_smoke(script, capsys, monkeypatch):
+    """Without CUDA and without --smoke: one line saying so, exit 2 (not torch's traceback)."""
+    spec = importlib.util.spec_from_file_location(f"{script[:-3]}_cli_under_test", BENCH / script)
+    mod = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    spec.loader.exec_module(mod)
+    monkeypatch.setattr(sys, "argv", [script])
+    assert mod.main() == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"bench/{script} needs CUDA (or --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1)"]
