@@ -226,6 +226,19 @@ def smollm2_gguf(request) -> Path:
     return path
 
 
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+def load_bench(script: str):
+    """A bench/ script imported as a module under test (bench/ on sys.path for its own sibling imports)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"{Path(script).stem}_under_test", BENCH / script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def cli_ppl(workspace: Path) -> float:
     """`lmc eval ppl` of a workspace on 2 short WikiText-2 windows on the CPU (exit 0 asserted): the CLI reads
     what a quantizer wrote."""

@@ -3,15 +3,14 @@ the float GEMV asks for it only for small contiguous weights with PDL on, the co
 griddepcontrol.wait, and on a GPU it changes no output bit."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_bench
 
 from lmc.errors import LmcError
 from lmc.kernels import gemv, l2_prefetch
@@ -80,11 +79,7 @@ def test_the_cap_comes_from_the_environment_or_one_clear_error(monkeypatch, valu
 
 
 def _compile_sm90():
-    path = Path(__file__).resolve().parents[1] / "bench" / "compile_decode_sm90.py"
-    spec = importlib.util.spec_from_file_location("compile_decode_sm90_under_test", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("compile_decode_sm90.py")
 
 
 def _captured(module, name: str, call):

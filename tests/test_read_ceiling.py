@@ -1,22 +1,15 @@
 """bench/read_ceiling.py: its reader sums exactly the buffer it is given (odd sizes, shares not a multiple of the
 block), and the byte count is the mma layout's."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import BENCH, load_bench
 
 
 @pytest.fixture(scope="module")
 def rc():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("read_ceiling_under_test", BENCH / "read_ceiling.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("read_ceiling.py")
 
 
 @pytest.mark.parametrize("n,programs,warps", [(1000, 3, 1), (4099, 7, 2), (517, 1, 1)])
@@ -47,10 +40,7 @@ def test_layout_bytes_match_the_mma_layout(rc):
 def test_ncu_summary_of_the_committed_h200_report():
     """bench/ncu_w4a16.py --summarize: one row per profiled kernel of the committed ncu report, each named by the
     call that launched it, with the numbers bench/NOTES.md (session 22) quotes."""
-    spec = importlib.util.spec_from_file_location("ncu_w4a16_under_test", BENCH / "ncu_w4a16.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    spec.loader.exec_module(mod)
+    mod = load_bench("ncu_w4a16.py")
     rows = mod.summarize((BENCH / "results" / "ncu_w4a16_m1_m16_h200.txt").read_text())
     assert [r["call"] for r in rows] == [f"M={m} K={k} N={n}{' silu' if n == 28672 else ''}"
                                          for k, n in ((4096, 6144), (4096, 4096), (4096, 28672), (14336, 4096))
@@ -66,10 +56,7 @@ def test_ncu_summary_of_the_committed_h200_report():
 @pytest.mark.parametrize("script", ["read_ceiling.py", "ncu_w4a16.py"])
 def test_needs_cuda_without_smoke(script, capsys, monkeypatch):
     """Without CUDA and without --smoke: one line saying so, exit 2 (not torch's traceback)."""
-    spec = importlib.util.spec_from_file_location(f"{script[:-3]}_cli_under_test", BENCH / script)
-    mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, str(BENCH))
-    spec.loader.exec_module(mod)
+    mod = load_bench(script)
     monkeypatch.setattr(sys, "argv", [script])
     assert mod.main() == 2
     assert capsys.readouterr().err.strip().splitlines() == [

@@ -1,22 +1,15 @@
 """bench/step_gaps.py: the parts of a step come out of its marks in the right order and sizes, and the script
 says in one line that it needs CUDA."""
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from conftest import load_bench
 
 
 @pytest.fixture(scope="module")
 def sg():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("step_gaps_under_test", BENCH / "step_gaps.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("step_gaps.py")
 
 
 class At:

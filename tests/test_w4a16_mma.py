@@ -319,13 +319,9 @@ def test_bench_table_entries_keep_the_fallback():
     """bench_w4a16_mma --write-table: an entry only where mma beat the table's choice, the mma configuration as
     its config (the 1-16 row kernel's defaults left out) and what a weight without the layout takes as its
     fallback (once written with the mma configuration in both places)."""
-    import importlib.util
-    from pathlib import Path
+    from conftest import load_bench
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_w4a16_mma.py"
-    spec = importlib.util.spec_from_file_location("bench_w4a16_mma_under_test", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("bench_w4a16_mma.py")
     gemm = ["gemm", {"block_m": 16, "split_k": 4}]
     rows = [{"M": 16, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": gemm,
              "best_mma": {"warps": 2, "split_k": 4, "blocks": 2, "tiles": 2, "us": 9.0}},
