@@ -6,16 +6,21 @@ written for `lmdeploy.GenerationConfig` runs unchanged.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 
 from lmc.errors import LmcError
 
+MIN_TEMPERATURE = 1e-5  # a temperature below this samples greedily: logits divided by it would overflow float32
+SEED_RANGE = (-2 ** 63, 2 ** 64)  # the seeds torch.Generator takes: [low, high)
+
 
 @dataclass
 class GenerationConfig:
-    """LMDeploy's GenerationConfig. Greedy unless do_sample (or with temperature 0 / top_k 1)."""
+    """LMDeploy's GenerationConfig. Greedy unless do_sample (or with temperature 0 / top_k 1; a temperature
+    below MIN_TEMPERATURE counts as 0)."""
 
     n: int = 1
     max_new_tokens: int = 512
@@ -51,22 +56,23 @@ class GenerationConfig:
             bad(f"n must be at least 1, got {self.n}")
         if self.max_new_tokens < 1:
             bad(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if not self.temperature >= 0:
-            bad(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:
+            bad(f"temperature must be >= 0 and finite, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             bad(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             bad(f"top_k must be >= 0 (0: no limit), got {self.top_k}")
         if not 0 <= self.min_p <= 1:
             bad(f"min_p must be in [0, 1], got {self.min_p}")
-        if not self.repetition_penalty > 0:
-            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 < self.repetition_penalty < math.inf:
+            bad(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
         if self.min_new_tokens is not None and not 0 <= self.min_new_tokens <= self.max_new_tokens:
             bad(f"min_new_tokens must be in [0, max_new_tokens], got {self.min_new_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= 20:
             bad(f"logprobs must be in [0, 20], got {self.logprobs}")
-        if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)):
-            bad(f"random_seed must be an integer, got {self.random_seed!r}")
+        if self.random_seed is not None and (isinstance(self.random_seed, bool) or not isinstance(self.random_seed, int)
+                                             or not SEED_RANGE[0] <= self.random_seed < SEED_RANGE[1]):
+            bad(f"random_seed must be an integer in [-2**63, 2**64), got {self.random_seed!r}")
         if self.output_logits not in (None, "generation"):
             bad(f"output_logits must be None or 'generation', got {self.output_logits!r}")
         if self.response_format is not None or self.logits_processors:
@@ -78,7 +84,7 @@ class GenerationConfig:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature == 0 or self.top_k == 1
+        return not self.do_sample or self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
 
 @dataclass

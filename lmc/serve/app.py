@@ -35,10 +35,10 @@ from starlette.exceptions import HTTPException
 from lmc.errors import LmcError
 from lmc.runtime.sampling import GenerationConfig
 from lmc.runtime.tokenizer import NO_TEMPLATE_NOTE
-from lmc.runtime.vision import image_parts, multimodal_prompt
+from lmc.runtime.vision import MAX_IMAGES, image_parts, multimodal_prompt
 from lmc.serve.metrics import Metrics
-from lmc.serve.protocol import (ApiError, ChatCompletionRequest, Choice, CompletionRequest, SamplingFields, chat_logprobs,
-                                completion_logprobs, usage)
+from lmc.serve.protocol import (MAX_CHOICES, ApiError, ChatCompletionRequest, Choice, CompletionRequest, SamplingFields,
+                                chat_logprobs, completion_logprobs, usage)
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("lmc.serve")
@@ -51,6 +51,7 @@ class ServeOptions:
     max_queue: int | None = None  # waiting requests beyond which a request gets 429; None: no limit
     media_dir: str | None = None  # image_url parts may name local files under this folder; None: no local files
     media_domains: tuple[str, ...] | None = None  # image URLs only from these hosts; None: public hosts only
+    max_body_bytes: int = 64 << 20  # a request body over this is refused (413) before it is read
 
 
 class _Call:
@@ -160,6 +161,45 @@ def _param(loc: tuple, body, missing: bool) -> str | None:
     return ".".join(parts) or None
 
 
+class _BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413 before it is read (by its Content-Length), or
+    as soon as its chunks add up to more (a body sent without one)."""
+
+    def __init__(self, app, limit: int, refuse):
+        self.app, self.limit, self.refuse = app, limit, refuse
+
+    def message(self) -> str:
+        return f"the request body is over {self.limit} bytes; send a shorter prompt or smaller images"
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            return await self.refuse(ApiError(413, self.message(), code="request_too_large"))(scope, receive, send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b"")) if message["type"] == "http.request" else 0
+            if seen > self.limit:  # the route's body read fails with this; the HTTPException handler answers it
+                raise HTTPException(413, self.message())
+            return message
+
+        await self.app(scope, limited, send)
+
+
+def _text_chars(messages: list[dict]) -> int:
+    """Characters of the messages' roles and text (what the chat template renders around them is not counted)."""
+    def text(content) -> int:
+        if isinstance(content, list):
+            return sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
+        return len(content or "")
+
+    return sum(len(m["role"]) + text(m["content"]) for m in messages)
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -187,6 +227,8 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         metrics.rejected.labels(str(err.status)).inc()
         return JSONResponse(err.body(), status_code=err.status)
 
+    app.add_middleware(_BodyLimit, limit=options.max_body_bytes, refuse=error_response)
+
     @app.exception_handler(ApiError)
     async def api_error(request, err: ApiError):
         return error_response(err)
@@ -202,7 +244,8 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request, err: HTTPException):
-        return error_response(ApiError(err.status_code, str(err.detail), kind="invalid_request_error"))
+        return error_response(ApiError(err.status_code, str(err.detail), kind="invalid_request_error",
+                                       code="request_too_large" if err.status_code == 413 else None))
 
     @app.exception_handler(Exception)
     async def server_error(request, err: Exception):
@@ -223,6 +266,16 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
             raise ApiError(404, f"model {name!r} is not served here; this server serves {options.model_name!r}",
                            "model", "model_not_found")
 
+    # the most characters one token stands for: a text over session_len times this cannot fit, whatever its tokens
+    token_chars = max(map(len, engine.tokenizer.tok.get_vocab(with_added_tokens=True)), default=1)
+
+    def check_text(chars: int, what: str) -> None:
+        """Refuse a text too long to fit the session before tokenizing it (which takes memory in proportion)."""
+        if chars > engine.session_len * token_chars:
+            raise ApiError(400, f"the {what} has {chars} characters, more than session_len ({engine.session_len}) "
+                           "tokens can hold: shorten it or restart the server with a larger --session-len", what,
+                           "context_length_exceeded")
+
     def configs(body: SamplingFields, prompts: list[list[int]], what: str) -> list[GenerationConfig]:
         """One GenerationConfig per prompt, after the length and queue checks."""
         gens = []
@@ -236,6 +289,9 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
             elif max_tokens < 1:
                 raise ApiError(400, f"max_tokens must be at least 1, got {max_tokens}", "max_tokens")
             gens.append(body.generation(max_tokens, body.logprob_count()))
+        if len(prompts) * body.choices > MAX_CHOICES:
+            raise ApiError(400, f"{len(prompts)} prompts with n = {body.choices} are {len(prompts) * body.choices} "
+                           f"choices; a call asks for at most {MAX_CHOICES}: send fewer prompts per call", "n")
         if options.max_queue is not None and engine.stats().waiting + len(prompts) * body.choices > options.max_queue:
             raise ApiError(429, f"the server's queue is full ({options.max_queue} requests waiting); retry later",
                            code="queue_full", kind="rate_limit_error")
@@ -283,6 +339,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
             tokenizer = copy.copy(tokenizer)
             tokenizer.chat_template = body.chat_template
         messages = [m.as_template_input() for m in body.messages]
+        check_text(_text_chars(messages), "messages")
         placed = []
         if any(image_parts(m["content"]) for m in messages):
             try:  # fetching, decoding and preprocessing off the event loop
@@ -327,6 +384,9 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
     async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         body.check()
+        for p in body.prompts():
+            if isinstance(p, str):
+                check_text(len(p), "prompt")
         prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         call_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         call = _Call(engine, metrics, request, call_id, prompts, configs(body, prompts, "prompt"))
@@ -365,9 +425,15 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
 
 def _image_prompt(engine, tokenizer, messages: list[dict], options: ServeOptions):
     """Token ids and placed images of messages with image_url parts (data URLs; http(s) URLs from public hosts or
-    from options.media_domains; local files only under options.media_dir)."""
+    from options.media_domains; local files only under options.media_dir). A text-only workspace, or more images
+    than a prompt takes, is refused before any image is loaded."""
     from lmc.vl import message_images
 
+    if engine.workspace.vision is None:  # refused before any image is fetched or decoded
+        raise LmcError("this workspace has no vision tower: convert a LLaVA checkpoint to run images")
+    count = sum(image_parts(m["content"]) for m in messages)
+    if count > MAX_IMAGES:
+        raise LmcError(f"{count} images in one prompt; at most {MAX_IMAGES} are read")
     images = message_images(messages, allowed_dir=options.media_dir, local_files=options.media_dir is not None,
                             media_domains=options.media_domains, public_only=True)
     return multimodal_prompt(tokenizer, engine.workspace.vision, messages, images)

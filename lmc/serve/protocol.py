@@ -12,9 +12,12 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmc.errors import LmcError
-from lmc.runtime.sampling import GenerationConfig, Logprob
+from lmc.runtime.sampling import SEED_RANGE, GenerationConfig, Logprob
 
 MAX_N = 128  # OpenAI's limit on choices per request
+MAX_CHOICES = 1024  # choices per call, over all its prompts (each is an engine request holding its prompt)
+MAX_STOP = 64  # stop strings a request may send: each is checked on every token, with the engine's lock held
+MAX_TEMPLATE_CHARS = 64 * 1024  # a request's chat_template: compiling one takes time and memory in proportion
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 
 # GenerationConfig field -> the request field a user wrote (for error messages)
@@ -109,6 +112,8 @@ class SamplingFields(_Strict):
                 raise ApiError(400, f"{name} is not supported by lmc; use repetition_penalty", name)
         if not 1 <= self.choices <= MAX_N:
             raise ApiError(400, f"n must be in [1, {MAX_N}], got {self.n}", "n")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise ApiError(400, f"stop has {len(self.stop)} strings; at most {MAX_STOP} are taken", "stop")
         temperature = 1.0 if self.temperature is None else self.temperature
         gen = GenerationConfig(
             n=self.choices, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature,
@@ -125,6 +130,9 @@ class SamplingFields(_Strict):
             field = message.split(" ", 1)[0]
             param = _API_NAMES.get(field, field)
             raise ApiError(400, param + message[len(field):], param) from None
+        if self.seed is not None and self.seed + self.choices > SEED_RANGE[1]:
+            raise ApiError(400, f"seed + n - 1 must be below 2**64 (choice i is sampled with seed + i), got seed "
+                           f"{self.seed} and n {self.choices}", "seed")
         return gen
 
 
@@ -145,6 +153,9 @@ class ChatCompletionRequest(SamplingFields):
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported by lmc", "tools")
+        if self.chat_template is not None and len(self.chat_template) > MAX_TEMPLATE_CHARS:
+            raise ApiError(400, f"chat_template is {len(self.chat_template)} characters; at most {MAX_TEMPLATE_CHARS} "
+                           "are taken (start the server with --chat-template FILE for a larger one)", "chat_template")
         if self.response_format not in (None, {"type": "text"}):
             raise ApiError(400, "response_format is not supported by lmc (only {\"type\": \"text\"})", "response_format")
 
