@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmc.errors import LmcError
+from lmc.errors import LmcError, one_line
 
 # GGUF architecture -> transformers model_type; a "llama" file named like Mistral becomes "mistral"
 _MODEL_TYPES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -90,11 +90,16 @@ class GGUFReader:
             else:
                 raise LmcError(f"{self.path}: GGUF tensor {t.name!r} has no Hugging Face counterpart for "
                                f"architecture {self.arch!r}; this model variant is not supported")
-        if "model.embed_tokens.weight" not in self._tensors:
-            raise LmcError(f"{self.path}: GGUF file has no token_embd.weight; it is not a complete model")
+        for name, gguf_name in (("model.embed_tokens.weight", "token_embd.weight"),
+                                ("model.layers.0.self_attn.q_proj.weight", "blk.0.attn_q.weight")):
+            if name not in self._tensors:
+                raise LmcError(f"{self.path}: GGUF file has no {gguf_name}; it is not a complete model")
         self.n_head = self._meta(f"{self.arch}.attention.head_count")
         if self.n_head is None:
             raise LmcError(f"{self.path}: GGUF metadata lacks {self.arch}.attention.head_count; the file is incomplete")
+        if type(self.n_head) is not int or self.n_head < 1:  # config_dict divides by it
+            raise LmcError(f"{self.path}: GGUF metadata {self.arch}.attention.head_count is {self.n_head!r}, not a "
+                           "positive integer; the file is corrupt")
         self.n_kv_head = self._meta(f"{self.arch}.attention.head_count_kv", self.n_head)
 
     def _meta(self, key: str, default=None):
@@ -257,7 +262,8 @@ class GGUFReader:
                 tok = AutoTokenizer.from_pretrained(d, gguf_file="model.gguf", local_files_only=True,
                                                     trust_remote_code=False)
             except Exception as e:  # transformers raises many types for a tokenizer it cannot build
-                raise LmcError(f"{self.path}: transformers could not build a tokenizer from this GGUF file ({e})") from None
+                raise LmcError(f"{self.path}: transformers could not build a tokenizer from this GGUF file "
+                               f"({one_line(e)})") from None
         out_dir.mkdir(parents=True, exist_ok=True)
         tok.save_pretrained(str(out_dir))
         cfg_path = out_dir / "tokenizer_config.json"
@@ -301,7 +307,7 @@ def _open(path: Path):
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, OverflowError, UnicodeDecodeError) as e:
-        raise LmcError(f"{path} is a truncated or corrupt GGUF file ({e}); re-download it") from None
+        raise LmcError(f"{path} is a truncated or corrupt GGUF file ({one_line(e)}); re-download it") from None
     size = path.stat().st_size
     for t in reader.tensors:
         if t.data_offset + t.n_bytes > size:

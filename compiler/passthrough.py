@@ -25,7 +25,7 @@ import numpy as np
 
 from lmc.compiler.records import convert_command, lmc_json, provenance
 from lmc.compiler.source_checks import check_vocabulary, dtype_name, float_source_shapes, ignorable_names, nonfinite
-from lmc.compiler.source_files import TOKENIZER_FILES, weight_files
+from lmc.compiler.source_files import read_tokenizer_files, weight_files
 from lmc.errors import LmcError
 from lmc.format.archs import arch_spec, model_config_from_hf
 from lmc.format.hashing import CHUNK, BackgroundHashes
@@ -49,9 +49,21 @@ class _Range:
         self.file, self.start, self.end, self.dtype, self.shape = file, start, end, dtype, shape
 
 
+def _tiles(ranges: list[tuple[int, int]], length: int) -> bool:
+    """The (start, end) ranges, sorted, cover [0, length) exactly: no overlap, hole or trailing byte (the
+    safetensors library's own rule, so both converters take the same files)."""
+    at = 0
+    for start, end in sorted(ranges):
+        if start != at:
+            return False
+        at = end
+    return at == length
+
+
 def _tensor_table(files: list[Path]) -> dict[str, _Range] | None:
-    """Every tensor of the safetensors `files`, or None if a header is malformed, a range runs past its file
-    or does not hold its shape, or a name is in two files (the torch converter then says which)."""
+    """Every tensor of the safetensors `files`, or None if a header is malformed, a range runs past its file,
+    does not hold its shape or overlaps another, the data section has a hole or trailing bytes, or a name is in
+    two files (the torch converter then says which)."""
     table = {}
     for f in files:
         try:
@@ -59,6 +71,7 @@ def _tensor_table(files: list[Path]) -> dict[str, _Range] | None:
             size = f.stat().st_size
         except (OSError, ValueError):
             return None
+        ranges = []
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
@@ -75,6 +88,9 @@ def _tensor_table(files: list[Path]) -> dict[str, _Range] | None:
             if not ok or name in table:
                 return None
             table[name] = _Range(f, data_start + start, data_start + end, dtype, shape)
+            ranges.append((start, end))
+        if not _tiles(ranges, size - data_start):
+            return None
     return table
 
 
@@ -161,7 +177,7 @@ def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, fo
     if plan is None:
         return None
     cfg, name, files, table, sources = plan
-    tokenizer = {n: (path / n).read_bytes() for n in TOKENIZER_FILES if (path / n).is_file()}
+    tokenizer = read_tokenizer_files(path)
     if "tokenizer.json" not in tokenizer:  # the torch converter builds one with transformers
         return None
     check_vocabulary(tokenizer["tokenizer.json"], path, cfg)

@@ -6,14 +6,15 @@ folder also carries its config.json and tokenizer files (see `open_source`).
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from lmc.errors import LmcError
+from lmc.errors import LmcError, one_line
 from lmc.format.int4 import GROUP_SIZES
-from lmc.compiler.source_files import TOKENIZER_FILES, weight_files  # noqa: F401 - TOKENIZER_FILES re-exported
+from lmc.compiler.source_files import TOKENIZER_FILES, read_tokenizer_files, weight_files  # noqa: F401 - TOKENIZER_FILES re-exported
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
               "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
@@ -32,7 +33,8 @@ class SafetensorsReader:
             try:
                 h = safe_open(str(f), framework="pt")
             except Exception as e:  # safetensors raises its own error types for a bad header
-                raise LmcError(f"{f} is not a readable safetensors file ({e}); the checkpoint is corrupt or truncated") from None
+                raise LmcError(f"{f} is not a readable safetensors file ({one_line(e)}); the checkpoint is corrupt or "
+                               "truncated") from None
             self._handles.append(h)
             for name in h.keys():
                 self._where[name] = h
@@ -75,8 +77,15 @@ class TorchBinReader:
                 raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError:  # weights_only refused a global: the file holds more than tensors
+                raise LmcError(f"{f} holds Python objects other than tensors, which lmc never unpickles; use the "
+                               "model's .safetensors files") from None
             except Exception as e:
-                raise LmcError(f"{f} is not a readable PyTorch checkpoint ({e}); it is corrupt or truncated") from None
+                raise LmcError(f"{f} is not a readable PyTorch checkpoint ({one_line(e)}); it is corrupt or truncated") from None
+            if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in state.items()):
+                raise LmcError(f"{f} is not a state dict (tensor name -> tensor); the checkpoint is corrupt or not "
+                               "a model's weights")
             self._tensors.update(state)
 
     def names(self) -> list[str]:
@@ -135,7 +144,7 @@ class Source:
             with tempfile.TemporaryDirectory() as d:
                 self.reader.save_tokenizer(Path(d))
                 return {p.name: p.read_bytes() for p in sorted(Path(d).iterdir()) if p.name in TOKENIZER_FILES}
-        files = {name: (self.path / name).read_bytes() for name in TOKENIZER_FILES if (self.path / name).is_file()}
+        files = read_tokenizer_files(self.path)
         if "tokenizer.json" not in files:
             files.update(_tokenizer_json_via_transformers(self.path, files, self.hf_config))
         return files
@@ -166,7 +175,7 @@ def _tokenizer_json_via_transformers(path: Path, files: dict[str, bytes], hf_con
         try:
             tok = AutoTokenizer.from_pretrained(d, use_fast=True, trust_remote_code=False, local_files_only=True)
         except Exception as e:  # transformers raises many types for a tokenizer it cannot build
-            raise LmcError(f"{path} has no tokenizer.json and transformers could not build one ({e})") from None
+            raise LmcError(f"{path} has no tokenizer.json and transformers could not build one ({one_line(e)})") from None
     with tempfile.TemporaryDirectory() as d:
         tok.save_pretrained(d)
         return {p.name: p.read_bytes() for p in Path(d).iterdir() if p.name in ("tokenizer.json", "tokenizer_config.json")}

@@ -12,6 +12,23 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "generation_config.json", "tokenizer.model")  # what a workspace's tokenizer/ folder may hold
 
 
+def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
+    """The TOKENIZER_FILES an HF folder holds, read; each .json one must be a JSON object, since the workspace's
+    tokenizer/ gets it and the runtime reads it (one line naming the file otherwise)."""
+    files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    for name, data in files.items():
+        if not name.endswith(".json"):
+            continue
+        try:
+            ok = isinstance(json.loads(data), dict)
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            ok = False
+        if not ok:
+            raise LmcError(f"{folder / name} is not a JSON object; the checkpoint's tokenizer files are damaged "
+                           "(re-download them)")
+    return files
+
+
 def _shards(index: Path) -> list[Path]:
     """The shard files a *.index.json names; each must be a plain file name path inside its folder."""
     try:

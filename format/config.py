@@ -33,7 +33,8 @@ class RopeScaling:
 
 _POSITIVE_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
                   "head_dim", "max_position_embeddings")
-_LIMIT = 1 << 24  # no dimension of any real model comes near this; larger is a corrupt config
+SIZE_LIMIT = 1 << 24  # no dimension of any real model comes near this; larger is a corrupt config
+LAYER_LIMIT = 1 << 12  # the deepest real models have ~200 layers; each layer is a few records in every tensor table
 
 
 def _is_number(v) -> bool:
@@ -67,8 +68,9 @@ class ModelConfig:
             raise LmcError(f"unknown architecture {self.architecture!r}; lmc supports {', '.join(ARCHS)}")
         for key in _POSITIVE_INTS:
             value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < _LIMIT:
-                raise LmcError(f"config value {key}={value!r} must be a positive integer (below {_LIMIT})")
+            limit = LAYER_LIMIT if key == "num_layers" else SIZE_LIMIT
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < limit:
+                raise LmcError(f"config value {key}={value!r} must be a positive integer (below {limit})")
         for key in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, key)
             if not _is_number(value) or value <= 0:

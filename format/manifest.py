@@ -16,7 +16,7 @@ from typing import Iterator
 
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.archs import Target, arch_spec, linear_parts, rank_config
-from lmc.format.config import ModelConfig
+from lmc.format.config import SIZE_LIMIT, ModelConfig
 from lmc.format.hashing import BackgroundHashes
 from lmc.format.int4_layout import LAYOUT, check_group_size, int4_shapes
 from lmc.format.paths import confined
@@ -197,8 +197,8 @@ def check_meta(meta, path: Path) -> ModelConfig:
     engine = meta.get("engine", {})
     _check_keys(engine, (), ("session_len", "cache_block_seq_len"), path, "engine")
     for key, value in engine.items():
-        if not _count(value, 1):
-            raise _bad(path, f"engine {key} {value!r} is not a positive integer")
+        if not _count(value, 1) or value >= SIZE_LIMIT:
+            raise _bad(path, f"engine {key} {value!r} is not a positive integer below {SIZE_LIMIT}")
     return cfg
 
 

@@ -143,7 +143,11 @@ class Workspace:
 
     @property
     def tokenizer_dir(self) -> Path:
-        return self.path / "tokenizer"
+        """tokenizer/, refused when it is a link pointing outside the workspace (its files are read through it)."""
+        path = confined(self.path, "tokenizer")
+        if path is None:
+            raise WorkspaceError(f"{self.path / 'tokenizer'} is a link pointing outside the workspace; rebuild the workspace")
+        return path
 
     def tensor_names(self) -> list[str]:
         return list(self.manifest["tensors"])

@@ -7,3 +7,8 @@ class LmcError(Exception):
 
 class WorkspaceError(LmcError):
     """A workspace is missing, damaged, or of an unknown format version."""
+
+
+def one_line(error: BaseException) -> str:
+    """A library exception's message on one line, to quote inside an LmcError (many span several lines)."""
+    return " ".join(str(error).split())

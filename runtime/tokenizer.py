@@ -8,7 +8,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
-from lmc.errors import LmcError, WorkspaceError
+from lmc.errors import LmcError, WorkspaceError, one_line
+from lmc.format.paths import confined
 
 NO_TEMPLATE_NOTE = ("the model has no chat template: messages are sent as plain `role: content` lines, "
                     "which a chat model may not follow (pass --chat-template FILE)")
@@ -16,8 +17,49 @@ NO_TEMPLATE_NOTE = ("the model has no chat template: messages are sent as plain 
 
 def _token_text(value) -> str | None:
     if isinstance(value, dict):
-        return value.get("content")
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _read_text(folder: Path, name: str) -> str | None:
+    """A tokenizer file's text, None when absent. The folder's files are read only through paths that stay
+    inside it: a link pointing out is refused, as a workspace's manifest refuses one."""
+    path = folder / name
+    if not path.exists() and not path.is_symlink():
+        return None
+    if confined(folder, name) is None:
+        raise WorkspaceError(f"{path} is a link pointing outside {folder}; rebuild the workspace")
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise WorkspaceError(f"{path} is not readable text ({e}); rebuild the workspace") from None
+
+
+def _read_object(folder: Path, name: str) -> dict:
+    """A tokenizer JSON file as an object, {} when absent; anything else is one line naming the file."""
+    text = _read_text(folder, name)
+    if text is None:
+        return {}
+    try:
+        value = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        raise WorkspaceError(f"{folder / name} is not valid JSON ({e}); rebuild the workspace") from None
+    if not isinstance(value, dict):
+        raise WorkspaceError(f"{folder / name} is not a JSON object; rebuild the workspace")
     return value
+
+
+def _template_of(config: dict, path: Path) -> str | None:
+    """tokenizer_config.json's chat_template: a string, or [{"name", "template"}, ...] (the "default" one, else
+    the first); anything else is one line naming the file."""
+    template = config.get("chat_template")
+    if isinstance(template, list) and template and all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str) for t in template):
+        named = {t["name"]: t["template"] for t in template}
+        return named.get("default") or next(iter(named.values()))
+    if template is None or isinstance(template, str):
+        return template
+    raise WorkspaceError(f"{path}'s chat_template is neither a string nor a list of named templates; rebuild the workspace")
 
 
 # A template comes from a file anyone may have written: its rendering is bounded in output size, loop
@@ -123,18 +165,18 @@ class Tokenizer:
         from tokenizers import Tokenizer as HFTokenizer
 
         folder = Path(folder)
-        if not (folder / "tokenizer.json").is_file():
+        text = _read_text(folder, "tokenizer.json")
+        if text is None:
             raise WorkspaceError(f"{folder}/tokenizer.json is missing; rebuild the workspace")
-        self.tok = HFTokenizer.from_file(str(folder / "tokenizer.json"))
-        cfg_path = folder / "tokenizer_config.json"
-        self.config = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-        template_path = folder / "chat_template.jinja"
-        self.chat_template = template_path.read_text() if template_path.is_file() else self.config.get("chat_template")
-        if isinstance(self.chat_template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t["name"]: t["template"] for t in self.chat_template}
-            self.chat_template = named.get("default") or next(iter(named.values()))
-        gen_path = folder / "generation_config.json"
-        self.generation_config = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        try:
+            self.tok = HFTokenizer.from_str(text)
+        except Exception as e:  # tokenizers raises its own exception type for a malformed file
+            raise WorkspaceError(f"{folder}/tokenizer.json is not readable by the tokenizers library ({one_line(e)}); "
+                                 "rebuild the workspace") from None
+        self.config = _read_object(folder, "tokenizer_config.json")
+        template = _read_text(folder, "chat_template.jinja")
+        self.chat_template = template if template is not None else _template_of(self.config, folder / "tokenizer_config.json")
+        self.generation_config = _read_object(folder, "generation_config.json")
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         # called once, with NO_TEMPLATE_NOTE, the first time a chat is rendered without a template (front ends warn)
