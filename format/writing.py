@@ -26,7 +26,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from lmc.errors import WorkspaceError
+from lmc.errors import WorkspaceError, one_line
 from lmc.format.hashing import CHUNK, DIRECT_BLOCK, hasher
 from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES
 
@@ -272,16 +272,79 @@ def shard_name(rank: int | None, index: int, count: int) -> str:
 # ----------------------------------------------------------------------------- paths and the output claim
 
 
+LMC_MARKERS = ("lmc.json", "lmc_provenance.json")  # one of these is at the top of every folder lmc writes
+
+
+def output_path(out) -> Path:
+    """`out` as a path whose last part names the output folder: `.`, `..` or an empty path (the current folder or
+    its parent) resolved, so that the lock, the temporary folder and the rename beside it are well-defined."""
+    out = Path(out)
+    return Path(os.path.realpath(out)) if out.name in ("", "..") else out
+
+
+def _lmc_output(folder: Path) -> bool:
+    """Whether `folder` is empty or was written by lmc (a workspace's lmc.json, an HF checkpoint's lmc_provenance.json)."""
+    try:
+        return not os.listdir(folder) or any(os.path.isfile(folder / name) for name in LMC_MARKERS)
+    except OSError:
+        return False
+
+
+def check_existing(out: Path, force: bool, appeared: bool = False) -> None:
+    """Refuse what is at `out` unless --force may replace it: a symlink (the link goes, not what it points to),
+    an empty folder or a folder lmc wrote. A user's file or folder is never deleted, with or without --force."""
+    if not os.path.lexists(out):
+        return
+    if appeared and not force:
+        raise WorkspaceError(f"{out} appeared while it was being written; pass --force to replace it")
+    if not out.is_symlink():
+        if not out.is_dir():
+            raise WorkspaceError(f"{out} is a file; lmc writes a folder there: move the file away or choose another --output")
+        if not _lmc_output(out):
+            raise WorkspaceError(f"{out} holds files that lmc did not write (no {' or '.join(LMC_MARKERS)}); --force "
+                                 "replaces only an lmc output: move them away or choose another --output")
+    if not force:
+        raise WorkspaceError(f"{out} already exists; pass --force to replace it")
+
+
+def check_parent(out: Path) -> None:
+    """Refuse an output whose folder cannot be made or written (a file on the way, no write permission), or that
+    lies inside a workspace (which would then fail `lmc verify`), before anything long starts."""
+    parent = out.parent
+    while not os.path.lexists(parent):
+        parent = parent.parent
+    if not parent.is_dir():
+        raise WorkspaceError(f"cannot create {out}: {parent} is not a folder; choose another --output")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise WorkspaceError(f"cannot create {out}: {parent} is not writable by this user; choose an --output in a "
+                             "folder you can write to")
+    for folder in (parent.resolve(), *parent.resolve().parents):
+        if (folder / "lmc.json").is_file() and (folder / "manifest.json").is_file():
+            raise WorkspaceError(f"{out} is inside the workspace {folder} (which would then fail `lmc verify`); "
+                                 "choose an --output outside it")
+
+
 def check_output(out: Path, inputs=(), force: bool = False) -> None:
-    """Refuse an output that is or contains one of the inputs (symlinks resolved), or that exists without force."""
-    real = Path(out).resolve()
+    """Refuse an output that is or contains one of the inputs (symlinks resolved), that exists and may not be
+    replaced (check_existing), or whose folder cannot hold it (check_parent)."""
+    out = output_path(out)
+    real = out.resolve()
     for src in inputs:
         src_real = Path(src).resolve()
         if src_real == real or real in src_real.parents:
             raise WorkspaceError(f"output {out} {'is' if src_real == real else 'contains'} the input {src}; "
                                  "write to a folder outside the input")
-    if os.path.lexists(out) and not force:
-        raise WorkspaceError(f"{out} already exists; pass --force to replace it")
+    check_existing(out, force)
+    check_parent(out)
+
+
+def write_failed(out: Path, error: OSError) -> WorkspaceError:
+    """An OSError met while writing `out` (a full disk, a file size limit, a permission) as one line."""
+    full = error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+    advice = "free disk space (or raise the file size limit, `ulimit -f`) and run again" if full else "fix that and run again"
+    where = f" ({error.filename})" if error.filename else ""
+    return WorkspaceError(f"writing {out} failed: {error.strerror or one_line(error)}{where}; nothing was changed at "
+                          f"{out}: {advice}")
 
 
 def _start_time(pid: int) -> str | None:
@@ -396,39 +459,77 @@ def _sigterm_raises() -> Iterator[None]:
 
 
 @contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM (main thread only) until the block ends, then deliver them: the renames that put an
+    output in place are never cut in half by Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(caught):
+            signal.raise_signal(s)
+
+
+def _put_in_place(tmp: Path, out: Path, token: str) -> None:
+    """Rename the finished `tmp` to `out`, replacing what is there (check_existing allowed it); on a failed rename
+    the previous `out` is put back."""
+    if not os.path.lexists(out):
+        os.replace(tmp, out)
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{token}-", dir=out.parent))
+    try:
+        os.replace(out, trash / "old")
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(trash / "old", out)
+            raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+@contextmanager
 def atomic_output(out: Path, force: bool, inputs=()) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; rename it into place only when the body succeeds.
 
-    Refuses an output that is or contains an input. The claim on `out` is exclusive: a lock file
-    `.NAME.lock` beside it holds the owner's `pid-starttime` for the duration. Temporary folders
-    are named `.NAME.tmp-<pid-starttime>-*`; those of dead owners are removed here. SIGTERM exits
-    through the cleanup."""
-    out = Path(out)
+    Refuses an output that is or contains an input, or what check_output refuses. The claim on `out` is
+    exclusive: a lock file `.NAME.lock` beside it holds the owner's `pid-starttime` for the duration. Temporary
+    folders are named `.NAME.tmp-<pid-starttime>-*`; those of dead owners are removed here. SIGTERM exits
+    through the cleanup; Ctrl-C and SIGTERM wait for the final renames. An OSError (a full disk, a permission)
+    becomes one WorkspaceError line."""
+    out = output_path(out)
     check_output(out, inputs, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
     token = _owner_token()
     lock = out.parent / f".{out.name}.lock"
     with _sigterm_raises():
-        _claim(lock, out, token)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            _claim(lock, out, token)
+        except OSError as e:
+            raise write_failed(out, e) from None
         try:
             _sweep(out)
-            check_output(out, (), force)  # another writer may have finished before we claimed it
+            check_existing(out, force)  # another writer may have finished before we claimed it
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{token}-", dir=out.parent))
             try:
                 umask = os.umask(0)
                 os.umask(umask)
                 os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a workspace is an ordinary folder
                 yield tmp
-                if os.path.lexists(out):
-                    if not force:
-                        raise WorkspaceError(f"{out} appeared while it was being written; pass --force to replace it")
-                    trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{token}-", dir=out.parent))
-                    os.replace(out, trash / "old")
-                    os.replace(tmp, out)
-                    shutil.rmtree(trash, ignore_errors=True)
-                else:
-                    os.replace(tmp, out)
+                check_existing(out, force, appeared=True)
+                with _signals_held():
+                    _put_in_place(tmp, out, token)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        except BrokenPipeError:
+            raise
+        except OSError as e:
+            raise write_failed(out, e) from None
         finally:
             _release(lock, token)

@@ -48,7 +48,7 @@ def main():
               help="float dtype of the workspace (auto: the source's)")
 @click.option("--tp", type=int, default=None,
               help="tensor-parallel ranks to split weights for (default: 1; a workspace SRC keeps its own)")
-@click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--force", is_flag=True, help="replace an existing lmc output (never a file or a folder of other files)")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary instead of a line; no progress bar")
 @click.option("--vision-tower", type=click.Path(exists=True, file_okay=False), default=None,
@@ -179,7 +179,7 @@ def verify(workspace):
               help="write an lmc workspace instead of an HF checkpoint (also the fallback when the HF int4 layouts "
                    "cannot hold a linear: K not a multiple of --w-group-size, or N not of 8)")
 @click.option("--allow-nonfinite", is_flag=True, help="keep NaN/Inf weights (with a warning) instead of refusing them")
-@click.option("--force", is_flag=True, help="replace an existing output folder")
+@click.option("--force", is_flag=True, help="replace an existing lmc output (never a file or a folder of other files)")
 @click.option("--json", "as_json", is_flag=True, help="print a JSON summary (timings, memory, per-layer losses)")
 @user_errors
 def quantize(src, out, force, as_json, **kw):
