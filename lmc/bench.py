@@ -18,11 +18,12 @@ import asyncio
 import json
 import random
 import statistics
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lmc.errors import LmcError
+from lmc.errors import LmcError, one_line
 
 SHAREGPT_PROMPT_MEAN, SHAREGPT_OUTPUT_MEAN = 224, 200
 
@@ -40,6 +41,7 @@ class RequestTiming:
     token_times: list[float] = field(default_factory=list)  # arrival time of each output chunk's tokens
     tokens: int = 0
     ok: bool = True
+    error: str | None = None  # why it failed, when it did
 
 
 def random_requests(n: int, input_len: int, output_len: int, range_ratio: float, vocab: list[int],
@@ -107,8 +109,8 @@ async def _run(requests: list[BenchRequest], concurrency: int, send, progress) -
             timing = RequestTiming(len(requests[i].prompt_ids), time.perf_counter())
             try:
                 await send(requests[i], timing)
-            except Exception:  # a failed request is counted, the run goes on
-                timing.ok = False
+            except Exception as e:  # a failed request is counted, the run goes on
+                timing.ok, timing.error = False, one_line(e) or type(e).__name__
             timings[i] = timing
             progress(1)
 
@@ -127,40 +129,87 @@ def engine_sender(engine):
                 timing.token_times.append(time.perf_counter())
                 timing.tokens += len(out.token_ids)
             if out.finish_reason == "abort":
-                timing.ok = False
+                timing.ok, timing.error = False, "the engine aborted it"
 
     return send
 
 
+def server_vocab(card: dict) -> range:
+    """The token ids random prompts draw from against a server: 10 up to the vocab_size its model card reports
+    (lmc serve does), else up to 1000."""
+    size = card.get("vocab_size")
+    if size is None:
+        return range(10, 1000)
+    if not isinstance(size, int) or isinstance(size, bool) or not 10 < size <= 1 << 31:
+        raise LmcError(f"the server's /v1/models gives vocab_size {str(size)[:40]!r}, not a vocabulary size "
+                       "(an integer from 11 to 2**31); is it an OpenAI-compatible server?")
+    return range(10, size)
+
+
+async def _on_daemon_thread(fn, *args) -> None:
+    """await fn(*args) run on a daemon thread of its own: Ctrl-C ends the run at once, where an executor's
+    threads would hold the exit until their blocked reads return."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_exception(error) if error else done.set_result(None)
+
+    def work() -> None:
+        error = None
+        try:
+            fn(*args)
+        except Exception as e:
+            error = e
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop is closed: the run was interrupted
+            pass
+
+    threading.Thread(target=work, daemon=True).start()
+    await done
+
+
 def url_sender(client, model: str, concurrency: int):
     """Requests to an OpenAI-compatible server's /v1/completions (token-id prompts, EOS ignored, greedy), each
-    streamed on a thread of its own; tokens are counted from the usage the server reports at the end."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    pool = ThreadPoolExecutor(max_workers=concurrency)
+    streamed on a daemon thread of its own (at most `concurrency` at once, as there are as many clients);
+    tokens are counted from the usage the server reports at the end."""
+    path = "/v1/completions"
 
     def blocking(req: BenchRequest, timing: RequestTiming) -> None:
         body = {"model": model, "prompt": req.prompt_ids, "max_tokens": req.output_len, "ignore_eos": True,
                 "temperature": 0, "stream_options": {"include_usage": True}}
-        for event in client.stream("/v1/completions", body):
-            if any(c.get("text") for c in event.get("choices", ())):
+        for event in client.stream(path, body):  # at most stream_line_limit(body) lines
+            if any(c.get("text") for c in client.choices(event, path)):
                 timing.token_times.append(time.perf_counter())
-            if event.get("usage"):
-                timing.tokens = event["usage"]["completion_tokens"]
-        timing.ok = timing.tokens == req.output_len
+            usage = event.get("usage")
+            if usage:
+                tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+                if not isinstance(tokens, int):
+                    raise LmcError(f"{client.url}{path} sent a usage without completion_tokens ({str(usage)[:80]})")
+                timing.tokens = tokens
+        if timing.tokens != req.output_len:
+            raise LmcError(f"the server reported {timing.tokens} completion tokens for max_tokens {req.output_len} "
+                           "(it must ignore EOS and report usage with stream_options.include_usage)")
 
     async def send(req: BenchRequest, timing: RequestTiming) -> None:
-        await asyncio.get_running_loop().run_in_executor(pool, blocking, req, timing)
+        await _on_daemon_thread(blocking, req, timing)
 
     return send
 
 
 def run_bench(requests: list[BenchRequest], concurrency: int, send, show_progress: bool) -> dict:
+    """The summary of a run; an LmcError, with the first failure's reason, when no request completed."""
     from tqdm import tqdm
 
     bar = tqdm(total=len(requests), desc="bench", unit="req", disable=not show_progress)
     timings, duration = asyncio.run(_run(requests, concurrency, send, bar.update))
     bar.close()
+    failed = [t for t in timings if not (t.ok and t.token_times)]
+    if requests and len(failed) == len(requests):
+        why = next((t.error for t in failed if t.error), "no request produced a token")
+        raise LmcError(f"none of the {len(requests)} requests completed; the first failure: {why}")
     return summarize(timings, duration)
 
 

@@ -602,7 +602,7 @@ def _bench_url(url, api_key, num_prompts, concurrency, dataset, input_len, outpu
                                "tokenizer: bench the workspace itself)")
     client = Client(url, api_key)
     card = client.models()[0]
-    vocab = list(range(10, int(card.get("vocab_size") or 1000)))
+    vocab = B.server_vocab(card)
     requests = B.random_requests(num_prompts, input_len, output_len, range_ratio, vocab, seed)
     result = B.run_bench(requests, concurrency, B.url_sender(client, card["id"], concurrency),
                          show_progress=not as_json and sys.stderr.isatty())
