@@ -79,7 +79,8 @@ def main() -> int:
         return 0
     dev = "cpu" if args.smoke else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
-        print("bench/ncu_w4a16.py needs CUDA (or --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1)", file=sys.stderr)
+        print("bench/ncu_w4a16.py needs CUDA (or --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1)",
+              file=sys.stderr)
         return 2
     shapes = SMOKE_SHAPES if args.smoke else SHAPES if args.shapes == "8b" else TP2_SHAPES
     device = torch.device(dev) if dev == "cuda" else None

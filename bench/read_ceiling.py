@@ -88,7 +88,8 @@ def main() -> int:
     args = ap.parse_args()
     dev = "cpu" if args.smoke else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():
-        print("bench/read_ceiling.py needs CUDA (or --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1)", file=sys.stderr)
+        print("bench/read_ceiling.py needs CUDA (or --smoke: tiny shapes on the CPU under TRITON_INTERPRET=1)",
+              file=sys.stderr)
         return 2
     shapes = SMOKE_SHAPES if args.smoke else {"8b": SHAPES, "tp2": TP2_SHAPES, "both": SHAPES + TP2_SHAPES}[args.shapes]
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),

@@ -132,7 +132,8 @@ def measure(engine, batch: int, vocab: int, steps: int = 40, kv_len: int = 160) 
             h.abort()
         engine.step()
     alone = time_graph_replays(engine, batch, kv_len, vocab, 300)
-    return {"batch": batch, "started_unix": started, "step_ms": step_ms, "graph_alone_ms": alone and alone["ms"], "steps_marked": len(whole),
+    return {"batch": batch, "started_unix": started, "step_ms": step_ms, "graph_alone_ms": alone and alone["ms"],
+            "steps_marked": len(whole),
             "host_wall_median_ms": statistics.median(walls), "host_wait_median_ms": statistics.median(waits),
             "host_busy_median_ms": statistics.median(walls) - statistics.median(waits),
             **{f"{p}_median_ms": statistics.median(v) for p, v in parts.items() if v},
