@@ -7,6 +7,7 @@ docs/workspace-format.md is the normative description of these rules.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 from lmc.errors import LmcError, WorkspaceError
-from lmc.format.archs import Target, arch_spec, linear_parts, rank_config
+from lmc.format.archs import Target, arch_spec, linear_parts, rank_config, tp_problem
 from lmc.format.config import SIZE_LIMIT, ModelConfig
 from lmc.format.hashing import BackgroundHashes
 from lmc.format.int4_layout import LAYOUT, check_group_size, int4_shapes
@@ -26,6 +27,7 @@ FORMAT_VERSION = 2  # what this lmc writes
 DIGESTS = {1: "sha256", 2: "blake3"}  # format version -> the digest of each file (manifest `files`, `source_files`)
 DIGEST = DIGESTS[FORMAT_VERSION]
 MAX_HEADER_BYTES = 100_000_000  # a safetensors header's limit in the safetensors library itself
+MAX_JSON_BYTES = 64 << 20  # lmc.json and manifest.json: a real manifest is a few MB (126 layers x tp 8: ~4 MB)
 SAFETENSORS_DTYPES = {  # torch dtype name -> (safetensors dtype string, bytes per element)
     "float32": ("F32", 4),
     "float16": ("F16", 2),
@@ -118,10 +120,17 @@ def index_problems(expected: dict[str, tuple[str, tuple]], have: dict[str, tuple
 
 
 def _read_json(path: Path):
+    """The parsed file; one over MAX_JSON_BYTES is refused unread (a sparse 1 GiB one took 2 GB to parse)."""
     if not path.is_file():
         raise WorkspaceError(f"{path} is missing: not an lmc workspace (build one with `lmc convert`)")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        raw = f.read(MAX_JSON_BYTES + 1) if size <= MAX_JSON_BYTES else b""
+    if size > MAX_JSON_BYTES or len(raw) > MAX_JSON_BYTES:  # the second: it grew while read
+        raise WorkspaceError(f"{path} is {max(size, len(raw))} bytes, over the {MAX_JSON_BYTES >> 20} MiB lmc reads: "
+                             "not a file lmc wrote; rebuild the workspace")
     try:
-        return json.loads(path.read_bytes())
+        return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise WorkspaceError(f"{path} is not valid JSON ({e}); rebuild the workspace") from None
 
@@ -194,6 +203,10 @@ def check_meta(meta, path: Path) -> ModelConfig:
     check_quantization(meta["quantization"], path)
     if not _count(meta["tp"], 1):
         raise _bad(path, f"tp {meta['tp']!r} is not a positive integer")
+    tp = meta["tp"]
+    problem = tp_problem(cfg, tp, (meta["quantization"] or {}).get("group_size"))
+    if problem:  # "--tp N does not divide ...; choose ...": the reason, without convert's advice
+        raise _bad(path, f"tp {tp} cannot split this model: " + problem.split(";")[0].removeprefix(f"--tp {tp} "))
     engine = meta.get("engine", {})
     _check_keys(engine, (), ("session_len", "cache_block_seq_len"), path, "engine")
     for key, value in engine.items():
@@ -234,10 +247,24 @@ def check_manifest(manifest, root: Path, path: Path) -> None:
                              f"which do not fit its dtype and shape")
 
 
+def implied_count(cfg: ModelConfig, dtype: str, quantization: dict | None, tp: int,
+                  vision: VisionConfig | None = None) -> int:
+    """How many tensors expected_index holds, counted from rank 0's alone (every rank holds as many)."""
+    rank0 = sum(1 for _ in itertools.takewhile(lambda t: t[0] == 0, workspace_tensors(cfg, dtype, quantization, tp)))
+    return tp * (rank0 + (len(vision_tensors(vision)) if vision else 0))
+
+
 def index_problems_of(meta: dict, cfg: ModelConfig, manifest: dict) -> list[str]:
-    """Differences between manifest.json's tensor index and the one lmc.json's config implies, one line each."""
+    """Differences between manifest.json's tensor index and the one lmc.json's config implies, one line each.
+    An implied index far larger than the manifest's is one problem, not built (a crafted tp and sizes could
+    imply billions of tensors)."""
     have = {name: (e["dtype"], tuple(e["shape"])) for name, e in manifest["tensors"].items()}
-    expected = expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"], vision_config_of(meta))
+    vision = vision_config_of(meta)
+    implied = implied_count(cfg, meta["dtype"], meta["quantization"], meta["tp"], vision)
+    if implied > 2 * len(have) + 64:
+        return [f"the manifest lists {len(have)} tensors but the {cfg.architecture} config (tp {meta['tp']}) "
+                f"implies {implied}"]
+    expected = expected_index(cfg, meta["dtype"], meta["quantization"], meta["tp"], vision)
     return index_problems(expected, have, cfg.architecture)
 
 
@@ -272,7 +299,7 @@ def safetensors_header_of(path: Path) -> tuple[int, dict]:
             raise ValueError(f"header of {n} bytes, over the {MAX_HEADER_BYTES} the safetensors library reads")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"header is not JSON ({e})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
@@ -300,7 +327,7 @@ def verify_workspace(path: str | os.PathLike) -> list[str]:
     path = Path(path)
     try:
         if not path.is_dir():
-            raise WorkspaceError(f"{path} is not a folder")
+            raise WorkspaceError(f"{path} is not a folder: pass a workspace made by `lmc convert`")
         meta, cfg, manifest = open_checked(path)
     except WorkspaceError as e:
         return [str(e)]
