@@ -46,6 +46,7 @@ from lmc.errors import LmcError
 DATASETS = ("ptb", "wikitext2", "c4", "pileval")
 PURPOSES = ("calib", "eval")
 FILE_SUFFIXES = (".txt", ".jsonl", ".parquet")
+MAX_TEXT_FILE_BYTES = 256 * 1024 * 1024  # a local text file (a .parquet's text column uncompressed) larger is refused
 
 _SPLITS = {
     "ptb": ("train", "validation", "test"),
@@ -213,14 +214,13 @@ def _hub_rows(name: str, split: str, limit: int | None) -> list[str]:
 
 
 def _load_file(path: Path, flag: str) -> LoadedText:
-    if not path.is_file():
-        raise LmcError(f"text file not found: {path}: check the path given to {flag}")
+    check_text_file(path, flag)
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":
-            text = path.read_text(encoding="utf-8")
+            text = _read_bounded(path)
         elif suffix == ".jsonl":
-            text = "\n\n".join(_jsonl_rows(path))
+            text = "\n\n".join(_jsonl_rows(path, _read_bounded(path)))
         else:
             text = "\n\n".join(_parquet_rows(path))
     except UnicodeDecodeError as exc:
@@ -229,36 +229,86 @@ def _load_file(path: Path, flag: str) -> LoadedText:
     return _loaded(text, str(path))
 
 
-def _jsonl_rows(path: Path) -> list[str]:
+def check_text_file(path: Path, flag: str) -> None:
+    """A local text file must exist and be a regular file (not a folder, a device or a pipe, which could be read
+    forever) of at most MAX_TEXT_FILE_BYTES; anything else is one LmcError line."""
+    if not path.exists():
+        raise LmcError(f"text file not found: {path}: check the path given to {flag}")
+    if not path.is_file():
+        raise LmcError(f"{path} is not a regular file (a folder, a device or a pipe): pass a .txt, .jsonl or "
+                       f".parquet file to {flag}")
+    _check_size(path, path.stat().st_size)
+
+
+def _check_size(path: Path, size: int) -> None:
+    if size > MAX_TEXT_FILE_BYTES:
+        raise LmcError(f"{path} holds {size} bytes of text; lmc reads at most {MAX_TEXT_FILE_BYTES} "
+                       f"({MAX_TEXT_FILE_BYTES >> 20} MiB): pass the part of it you need")
+
+
+def _read_bounded(path: Path) -> str:
+    """The file's UTF-8 text with universal newlines (as read_text), never more than MAX_TEXT_FILE_BYTES read (a
+    file that grew after the check is refused)."""
+    with path.open("rb") as f:
+        data = f.read(MAX_TEXT_FILE_BYTES + 1)
+    _check_size(path, len(data))
+    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _jsonl_rows(path: Path, text: str) -> list[str]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise LmcError(f"{path}:{lineno}: not valid JSON ({exc.msg}): "
-                               f"write one JSON object per line") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise LmcError(f"{path}:{lineno}: no string field 'text': "
-                               f'write one {{"text": "..."}} object per line')
-            rows.append(record["text"])
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            reason = exc.msg if isinstance(exc, json.JSONDecodeError) else "nested too deeply"
+            raise LmcError(f"{path}:{lineno}: not valid JSON ({reason}): "
+                           f"write one JSON object per line") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise LmcError(f"{path}:{lineno}: no string field 'text': "
+                           f'write one {{"text": "..."}} object per line')
+        rows.append(record["text"])
     return rows
 
 
 def _parquet_rows(path: Path) -> list[str]:
     try:
+        import pyarrow
         import pyarrow.parquet as pq
     except ImportError as exc:
         raise LmcError("reading .parquet needs pyarrow: pip install pyarrow "
                        "(or pass a .txt/.jsonl file)") from exc
-    schema = pq.read_schema(path)
-    if "text" not in schema.names:
-        raise LmcError(f"{path} has no 'text' column (columns: {', '.join(schema.names)}): "
-                       f"rename the text column to 'text'")
-    return [row for row in pq.read_table(path, columns=["text"]).column("text").to_pylist()
-            if row is not None]
+    try:
+        meta = pq.ParquetFile(path).metadata
+        schema = meta.schema.to_arrow_schema()
+        if "text" not in schema.names:
+            raise LmcError(f"{path} has no 'text' column (columns: {', '.join(schema.names)}): "
+                           f"rename the text column to 'text'")
+        kind = schema.field("text").type
+        if not (pyarrow.types.is_string(kind) or pyarrow.types.is_large_string(kind)):
+            raise LmcError(f"{path}'s 'text' column holds {kind}, not strings: store the text as a string column")
+        _check_size(path, 2 * meta.num_rows)  # the rows are joined with "\n\n"
+        column = pq.read_table(path, columns=["text"], read_dictionary=["text"]).column("text")
+        _check_size(path, _decoded_bytes(column))  # a value repeated through the dictionary counts every time
+        rows = column.cast(pyarrow.string()).to_pylist()
+    except (pyarrow.ArrowException, OSError) as exc:
+        raise LmcError(f"{path} is not a readable parquet file of text ({type(exc).__name__}: {str(exc)[:120]}): "
+                       f"pass a .parquet file with a string column 'text', or a .txt/.jsonl file") from None
+    return [row for row in rows if row is not None]
+
+
+def _decoded_bytes(column) -> int:
+    """Bytes a dictionary-encoded string column holds once decoded (computed on the dictionary and the indices:
+    a few bytes of file can repeat one long value a million times)."""
+    import pyarrow.compute as pc
+
+    total = 0
+    for chunk in column.chunks:
+        lengths = pc.binary_length(chunk.dictionary).take(chunk.indices)
+        total += pc.sum(lengths).as_py() or 0
+    return total
 
 
 def _loaded(text: str, source: str) -> LoadedText:

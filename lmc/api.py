@@ -31,6 +31,8 @@ from lmc.runtime.vision import image_parts, multimodal_prompt
 def resolve_workspace(path: str | os.PathLike) -> Path:
     """A workspace as is; an HF folder or GGUF file converted once into a cached workspace (as
     `lmdeploy chat` accepts an HF folder): see lmc.cache."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise LmcError(f"a model path is a string or a path, got {type(path).__name__}")
     path = Path(path)
     if (path / "lmc.json").is_file():
         return path
@@ -64,6 +66,9 @@ class Session:
 
 class Pipeline:
     def __init__(self, model_path: str | os.PathLike, backend_config: EngineConfig | None = None):
+        if backend_config is not None and not isinstance(backend_config, EngineConfig):
+            raise LmcError(f"backend_config is a TurbomindEngineConfig (lmc's EngineConfig), got "
+                           f"{type(backend_config).__name__}")
         self.engine = Engine(str(resolve_workspace(model_path)), backend_config)
         self.tokenizer = self.engine.tokenizer
 
@@ -99,6 +104,9 @@ class Pipeline:
 
     def _batch(self, prompts, gen_config, chat_template: bool):
         """(token ids, config, prompt index) per sequence; a config with n > 1 runs n sequences per prompt."""
+        if not isinstance(prompts, (str, tuple, list)):
+            raise LmcError(f"prompts are a string, a list of messages, a (text, image) tuple or a list of these, "
+                           f"got {type(prompts).__name__}")
         batch = [prompts] if _is_single(prompts) else list(prompts)
         if isinstance(gen_config, list):
             if len(gen_config) != len(batch):
@@ -107,6 +115,9 @@ class Pipeline:
             gens = gen_config
         else:
             gens = [gen_config or GenerationConfig()] * len(batch)
+        for g in gens:
+            if not isinstance(g, GenerationConfig):
+                raise LmcError(f"gen_config is a GenerationConfig (or a list of them, one per prompt), got {type(g).__name__}")
         ids, configs, owner, images = [], [], [], []
         for i, (p, g) in enumerate(zip(batch, gens)):
             g.check()

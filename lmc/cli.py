@@ -434,12 +434,11 @@ def chat(ctx, path, system, chat_template, api_key, **kw):
 
     One line is one message (three double quotes start and end a multi-line one); /reset forgets
     the conversation, /help lists the commands, `exit` (or end of input) quits."""
-    from pathlib import Path
-
     from lmc import repl
     from lmc.cache import cache_root
+    from lmc.runtime.tokenizer import read_template_file
 
-    template = Path(chat_template).read_text(encoding="utf-8") if chat_template else None
+    template = read_template_file(chat_template) if chat_template else None
     system_messages = [{"role": "system", "content": system}] if system else []
     if path.startswith(("http://", "https://")):
         _refuse_engine_flags(ctx)
@@ -501,23 +500,23 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
     """Serve the model at PATH over an OpenAI-compatible HTTP API, with a chat page at /.
 
     PATH is a workspace, an HF folder or a GGUF file. Needs the serve extra: pip install 'lmc[serve]'."""
-    from pathlib import Path
-
     try:
         from lmc.serve.app import ServeOptions, run_server
     except ImportError as e:
         raise LmcError(f"lmc serve needs {e.name}: pip install 'lmc[serve]' (fastapi, uvicorn, prometheus-client)") from None
     from lmc.api import resolve_workspace
     from lmc.runtime.engine import Engine
+    from lmc.runtime.tokenizer import read_template_file
 
+    template = read_template_file(chat_template) if chat_template else None  # before the model loads
     engine = Engine(str(resolve_workspace(path)), _engine_config(kw))
     try:
         _warm_up(engine, warmup, quiet=False)
     except BaseException:
         engine.close()
         raise
-    if chat_template:
-        engine.tokenizer.chat_template = Path(chat_template).read_text(encoding="utf-8")
+    if template is not None:
+        engine.tokenizer.chat_template = template
     name = model_name or _default_model_name(path)
     click.echo(f"serving {name} on http://{server_name}:{server_port} (OpenAI API at /v1, chat page at /)", err=True)
     try:
@@ -662,7 +661,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
     from tqdm import tqdm
 
     from lmc.api import resolve_workspace
-    from lmc.calib.text import DATASETS, load_text
+    from lmc.calib.text import DATASETS, check_text_file, load_text
     from lmc.calib.windows import eval_windows
     from lmc.runtime.device import compute_dtype, pick_device
     from lmc.runtime.model import Model
@@ -672,9 +671,11 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
 
     started = time.perf_counter()
     named = dataset in DATASETS
-    if not named and not Path(dataset).is_file():
+    if not named and not Path(dataset).exists():
         raise LmcError(f"dataset file not found: {dataset}: pass an existing .txt/.jsonl/.parquet file "
                        f"or one of {', '.join(DATASETS)}")
+    if not named:
+        check_text_file(Path(dataset), "--dataset")  # a folder, device, pipe or oversized file: before the model loads
     dev = pick_device(device)
     if max_windows is None and dev.type == "cpu":
         max_windows = max(1, CPU_EVAL_TOKENS // seqlen)

@@ -20,6 +20,7 @@ HELP = ('one line is one message; """ starts a multi-line message that ends at a
         "/help   this text\n"
         "exit    quit (or Ctrl-D)")
 HISTORY_LENGTH = 1000
+MAX_MESSAGE_CHARS = 16 * 1024 * 1024  # a message (a line or a """ block) read from a pipe; more is refused
 
 # (history without the system prompt, ending with the new user message) -> the history to keep
 # (the reply appended, older turns perhaps dropped; or the message removed when it was refused)
@@ -47,8 +48,12 @@ class LineReader:
             except EOFError:
                 click.echo()
                 return None
-        line = sys.stdin.readline()
-        return line.rstrip("\n") if line else None
+        line = sys.stdin.readline(MAX_MESSAGE_CHARS + 2)  # bounded: a line without end (/dev/zero) is not read forever
+        if not line:
+            return None
+        line = line.removesuffix("\n")
+        _within_limit(len(line))
+        return line
 
     def message(self) -> str | None:
         """The next message (a line or a \"\"\" block); None at end of input."""
@@ -57,8 +62,11 @@ class LineReader:
             return first
         text = first.lstrip()[3:]
         lines = []
+        size = 0
         while not (text.rstrip().endswith('"""') and (lines or len(first.strip()) >= 6)):
             lines.append(text)
+            size += len(text) + 1
+            _within_limit(size)
             text = self.line("... ")
             if text is None:
                 return "\n".join(lines)
@@ -71,6 +79,15 @@ class LineReader:
 
             self.history_file.parent.mkdir(parents=True, exist_ok=True)
             readline.write_history_file(self.history_file)
+
+
+def _within_limit(chars: int) -> None:
+    """A message from a pipe longer than MAX_MESSAGE_CHARS is one LmcError line (no session holds it anyway)."""
+    if chars > MAX_MESSAGE_CHARS:
+        from lmc.errors import LmcError
+
+        raise LmcError(f"a message on standard input is over {MAX_MESSAGE_CHARS} characters; no session holds it: "
+                       "send shorter messages (one line, or a \"\"\" block)")
 
 
 def run(turn: Turn, history_file: Path | None) -> None:

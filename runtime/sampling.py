@@ -7,6 +7,7 @@ written for `lmdeploy.GenerationConfig` runs unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ from lmc.errors import LmcError
 
 MIN_TEMPERATURE = 1e-5  # a temperature below this samples greedily: logits divided by it would overflow float32
 SEED_RANGE = (-2 ** 63, 2 ** 64)  # the seeds torch.Generator takes: [low, high)
+MAX_N = 128  # sequences per prompt (OpenAI's limit on choices): each holds a copy of the prompt
 
 
 @dataclass
@@ -52,8 +54,15 @@ class GenerationConfig:
         for name in ("n", "max_new_tokens", "top_k"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int):
                 bad(f"{name} must be an integer, got {getattr(self, name)!r}")
-        if self.n < 1:
-            bad(f"n must be at least 1, got {self.n}")
+        for name in ("top_p", "min_p", "temperature", "repetition_penalty"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), numbers.Real):
+                bad(f"{name} must be a number, got {getattr(self, name)!r}")
+        for name in ("stop_words", "bad_words"):
+            words = getattr(self, name)
+            if words is not None and not (isinstance(words, (list, tuple)) and all(isinstance(w, str) for w in words)):
+                bad(f"{name} must be a list of strings, got {words!r}"[:200])
+        if not 1 <= self.n <= MAX_N:
+            bad(f"n must be in [1, {MAX_N}], got {self.n}")
         if self.max_new_tokens < 1:
             bad(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:

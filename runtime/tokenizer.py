@@ -66,6 +66,26 @@ def _template_of(config: dict, path: Path) -> str | None:
 # iterations and time (an unbounded one once rendered 3.7 GB in 40 s), and runs in jinja2's sandbox.
 RENDER_SECONDS = 5.0
 RANGE_BUDGET = 1_000_000  # loop iterations over range() per rendering
+MAX_TEMPLATE_FILE_BYTES = 1 << 20  # a --chat-template FILE (real ones are a few KiB; compiling 100 MB ran for minutes)
+
+
+def read_template_file(path: str | Path) -> str:
+    """A --chat-template FILE's text: a regular file of at most MAX_TEMPLATE_FILE_BYTES in UTF-8 (a pipe or device
+    could be read forever); anything else is one LmcError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LmcError(f"chat template {path} is not a regular file (a folder, a device or a pipe): "
+                       "pass a Jinja template file to --chat-template")
+    with path.open("rb") as f:
+        data = f.read(MAX_TEMPLATE_FILE_BYTES + 1)
+    if len(data) > MAX_TEMPLATE_FILE_BYTES:
+        raise LmcError(f"chat template {path} is over {MAX_TEMPLATE_FILE_BYTES} bytes; a chat template is a few KiB "
+                       "of Jinja: pass the template itself")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LmcError(f"chat template {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
+                       "pass a Jinja template file") from None
 
 
 def render_limit(input_chars: int) -> int:

@@ -12,9 +12,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from lmc.errors import LmcError
-from lmc.runtime.sampling import SEED_RANGE, GenerationConfig, Logprob
+from lmc.runtime.sampling import MAX_N, SEED_RANGE, GenerationConfig, Logprob
 
-MAX_N = 128  # OpenAI's limit on choices per request
 MAX_CHOICES = 1024  # choices per call, over all its prompts (each is an engine request holding its prompt)
 MAX_STOP = 64  # stop strings a request may send: each is checked on every token, with the engine's lock held
 MAX_TEMPLATE_CHARS = 64 * 1024  # a request's chat_template: compiling one takes time and memory in proportion
