@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -224,6 +225,18 @@ def smollm2_gguf(request) -> Path:
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     assert digest == SMOLLM2_SHA256, f"{path} has sha256 {digest}"
     return path
+
+
+def without_write_override() -> tuple[str, ...] | None:
+    """A command prefix that runs a process unable to write where permissions say no (as root: setpriv dropping
+    CAP_DAC_OVERRIDE), () when not root, or None where that cannot be arranged."""
+    if os.geteuid() != 0:
+        return ()
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    caps = "-dac_override,-dac_read_search"
+    return (setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}")
 
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import without_write_override
 
 from lmc.compiler.convert import convert
 from lmc.errors import LmcError, WorkspaceError
@@ -60,18 +61,6 @@ def workspace(checkpoint, tmp_path) -> Path:
     ws = tmp_path / "ws"
     convert(checkpoint("llama3"), ws)
     return ws
-
-
-def _without_write_override() -> tuple[str, ...] | None:
-    """A command prefix that runs a process unable to write where permissions say no (root without
-    CAP_DAC_OVERRIDE), or None where that cannot be arranged (as in test_hostile_outputs.py)."""
-    if os.geteuid() != 0:
-        return ()
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    caps = "-dac_override,-dac_read_search"
-    return (setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}")
 
 
 # ----------------------------------------------------------------------------- index.json
@@ -174,7 +163,7 @@ def test_clean_never_follows_links_or_removes_what_lmc_did_not_write(cache, tmp_
 def test_clean_of_an_unwritable_cache_is_one_line(cache):
     """An unwritable cache: `clean --all` printed "removed ..." for workspaces still there (rmtree's errors were
     ignored), then a traceback writing index.json. Now one line, exit 1, each workspace whole."""
-    prefix = _without_write_override()
+    prefix = without_write_override()
     if prefix is None:
         pytest.skip("running as root without setpriv: permissions cannot be enforced")
     ws = _fake_workspace(cache / "workspaces" / f"m-{KEY}")
@@ -196,7 +185,7 @@ def test_clean_of_an_unwritable_cache_is_one_line(cache):
 def test_unwritable_cache_names_lmc_cache(checkpoint, cache):
     """A source converted into an unwritable cache said "choose another --output", an option the user never
     gave; it now names LMC_CACHE. A cache that cannot record a use (read-only) still serves its workspaces."""
-    prefix = _without_write_override()
+    prefix = without_write_override()
     if prefix is None:
         pytest.skip("running as root without setpriv: permissions cannot be enforced")
     src = checkpoint("llama3")

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import without_write_override
 
 from lmc.compiler.convert import convert
 from lmc.errors import WorkspaceError
@@ -91,20 +91,8 @@ def test_output_inside_a_workspace_or_under_a_file_is_refused(checkpoint, tmp_pa
     assert (tmp_path / "a_file").read_text() == "keep"
 
 
-def _without_write_override() -> tuple[str, ...] | None:
-    """A command prefix that runs a process unable to write where permissions say no (root without
-    CAP_DAC_OVERRIDE), or None where that cannot be arranged."""
-    if os.geteuid() != 0:
-        return ()
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return None
-    caps = "-dac_override,-dac_read_search"
-    return (setpriv, f"--bounding-set={caps}", f"--inh-caps={caps}")
-
-
 def test_unwritable_output_folder_is_one_line(checkpoint, tmp_path):
-    prefix = _without_write_override()
+    prefix = without_write_override()
     if prefix is None:
         pytest.skip("running as root without setpriv: permissions cannot be enforced")
     ckpt = checkpoint("llama3")
