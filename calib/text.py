@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lmc.errors import LmcError
+from lmc.format.paths import read_capped
 
 DATASETS = ("ptb", "wikitext2", "c4", "pileval")
 PURPOSES = ("calib", "eval")
@@ -249,8 +250,7 @@ def _check_size(path: Path, size: int) -> None:
 def _read_bounded(path: Path) -> str:
     """The file's UTF-8 text with universal newlines (as read_text), never more than MAX_TEXT_FILE_BYTES read (a
     file that grew after the check is refused)."""
-    with path.open("rb") as f:
-        data = f.read(MAX_TEXT_FILE_BYTES + 1)
+    data = read_capped(path, MAX_TEXT_FILE_BYTES)
     _check_size(path, len(data))
     return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
 

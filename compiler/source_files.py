@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from lmc.errors import LmcError
-from lmc.format.paths import confined
+from lmc.format.paths import MAX_TOKENIZER_FILE_BYTES, confined, read_capped
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")  # what a workspace's tokenizer/ folder may hold
@@ -15,8 +15,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
     """The TOKENIZER_FILES an HF folder holds, read; each .json one must be a JSON object, since the workspace's
     tokenizer/ gets it and the runtime reads it (one line naming the file otherwise)."""
-    files = {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).is_file()}
+    files = {name: read_capped(folder / name, MAX_TOKENIZER_FILE_BYTES) for name in TOKENIZER_FILES
+             if (folder / name).is_file()}
     for name, data in files.items():
+        if len(data) > MAX_TOKENIZER_FILE_BYTES:
+            raise LmcError(f"{folder / name} is over {MAX_TOKENIZER_FILE_BYTES} bytes, more than any tokenizer file; "
+                           "the checkpoint's tokenizer files are damaged (re-download them)")
         if not name.endswith(".json"):
             continue
         try:

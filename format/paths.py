@@ -2,7 +2,29 @@
 Imports no torch."""
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path, PurePosixPath
+
+MAX_TOKENIZER_FILE_BYTES = 128 << 20  # a tokenizer file (the largest real tokenizer.json are ~35 MB)
+
+
+class NotRegularFile(OSError):
+    """A path that names a folder, a device or a pipe where a file's bytes are wanted."""
+
+
+def read_capped(path: Path, limit: int) -> bytes:
+    """At most limit + 1 bytes of the regular file at `path`, so a caller sees a file over `limit` as too long
+    without reading it all. A folder, device or pipe raises NotRegularFile without blocking (the open is
+    non-blocking and the type is checked on the open file); a missing file raises FileNotFoundError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotRegularFile("not a regular file (a folder, a device or a pipe)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
 
 
 def confined(root: Path, rel, resolve: bool = True) -> Path | None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import lmc
 from lmc.errors import LmcError
+from lmc.format.paths import read_capped
 
 INDEX = "index.json"
 MAX_INDEX_BYTES = 16 << 20  # a record per source is a few hundred bytes: a larger index.json is damaged
@@ -108,9 +109,10 @@ def _read_index(root: Path) -> dict:
     is dropped (it costs one hash per source)."""
     try:
         path = root / INDEX
-        if path.stat().st_size > MAX_INDEX_BYTES:
+        data = read_capped(path, MAX_INDEX_BYTES)  # a pipe or device: NotRegularFile, an OSError
+        if len(data) > MAX_INDEX_BYTES:
             raise ValueError(f"{path} is over {MAX_INDEX_BYTES} bytes")
-        index = json.loads(path.read_text())
+        index = json.loads(data)
     except (OSError, ValueError, RecursionError):  # missing or damaged: start afresh
         index = None
     index = index if isinstance(index, dict) else {}

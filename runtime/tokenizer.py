@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmc.errors import LmcError, WorkspaceError, one_line
-from lmc.format.paths import confined
+from lmc.format.paths import MAX_TOKENIZER_FILE_BYTES, confined, read_capped
 
 NO_TEMPLATE_NOTE = ("the model has no chat template: messages are sent as plain `role: content` lines, "
                     "which a chat model may not follow (pass --chat-template FILE)")
@@ -30,7 +30,11 @@ def _read_text(folder: Path, name: str) -> str | None:
     if confined(folder, name) is None:
         raise WorkspaceError(f"{path} is a link pointing outside {folder}; rebuild the workspace")
     try:
-        return path.read_text(encoding="utf-8")
+        data = read_capped(path, MAX_TOKENIZER_FILE_BYTES)  # a pipe here would block forever, /dev/zero fill memory
+        if len(data) > MAX_TOKENIZER_FILE_BYTES:
+            raise WorkspaceError(f"{path} is over {MAX_TOKENIZER_FILE_BYTES} bytes, more than any tokenizer file; "
+                                 "rebuild the workspace")
+        return data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise WorkspaceError(f"{path} is not readable text ({e}); rebuild the workspace") from None
 
@@ -73,11 +77,11 @@ def read_template_file(path: str | Path) -> str:
     """A --chat-template FILE's text: a regular file of at most MAX_TEMPLATE_FILE_BYTES in UTF-8 (a pipe or device
     could be read forever); anything else is one LmcError line."""
     path = Path(path)
-    if not path.is_file():
+    try:
+        data = read_capped(path, MAX_TEMPLATE_FILE_BYTES)
+    except OSError:
         raise LmcError(f"chat template {path} is not a regular file (a folder, a device or a pipe): "
-                       "pass a Jinja template file to --chat-template")
-    with path.open("rb") as f:
-        data = f.read(MAX_TEMPLATE_FILE_BYTES + 1)
+                       "pass a Jinja template file to --chat-template") from None
     if len(data) > MAX_TEMPLATE_FILE_BYTES:
         raise LmcError(f"chat template {path} is over {MAX_TEMPLATE_FILE_BYTES} bytes; a chat template is a few KiB "
                        "of Jinja: pass the template itself")

@@ -199,3 +199,33 @@ def test_workspace_tokenizer_links_pointing_outside_are_not_read(workspace, tmp_
                lambda m: [m["files"].pop(k) for k in [k for k in m["files"] if k.startswith("tokenizer/")]])
     with pytest.raises(WorkspaceError, match="tokenizer is a link pointing outside the workspace"):
         Workspace(workspace).tokenizer_dir
+
+
+@pytest.mark.parametrize("name", ["tokenizer_config.json", "generation_config.json"])
+def test_workspace_tokenizer_file_that_is_a_pipe_is_one_line_not_a_hang(name, workspace):
+    """A pipe in place of a tokenizer file blocked Tokenizer() forever (a plain read waits for a writer)."""
+    import os
+
+    from lmc.runtime.tokenizer import Tokenizer
+
+    (workspace / "tokenizer" / name).unlink(missing_ok=True)
+    os.mkfifo(workspace / "tokenizer" / name)
+    with pytest.raises(WorkspaceError, match=f"{name} is not readable text .not a regular file") as e:
+        Tokenizer(workspace / "tokenizer")
+    assert "\n" not in str(e.value)
+
+
+def test_read_capped_stops_at_its_limit_and_never_blocks_on_a_pipe(tmp_path):
+    import os
+
+    from lmc.format.paths import NotRegularFile, read_capped
+
+    (tmp_path / "f").write_bytes(b"x" * 100)
+    assert read_capped(tmp_path / "f", 10) == b"x" * 11  # limit + 1: the caller sees it is too long
+    assert read_capped(tmp_path / "f", 100) == b"x" * 100
+    os.mkfifo(tmp_path / "pipe")
+    for path in (tmp_path / "pipe", tmp_path):
+        with pytest.raises(NotRegularFile):
+            read_capped(path, 10)
+    with pytest.raises(FileNotFoundError):
+        read_capped(tmp_path / "missing", 10)
