@@ -56,6 +56,12 @@ def main() -> int:
                     help="comma-separated decode kernels to time: mma, fma, fold (e.g. --kernels mma,fold)")
     ap.add_argument("--policies", default="0,8,4", help="comma-separated cache policies (0: the fp16 reference)")
     ap.add_argument("--points", default="16x16384,64x4096", help="comma-separated BATCHxKV_LEN points (GPU runs)")
+    ap.add_argument("--splits", default="", help="comma-separated KV split counts: with --block-ns / --warps / "
+                    "--stages, a grid of explicit launch settings for every policy (the fp16 cache included)")
+    ap.add_argument("--block-ns", default="64")
+    ap.add_argument("--warps", default="4")
+    ap.add_argument("--stages", default="2")
+    ap.add_argument("--graph", action="store_true", help="time with do_bench_cudagraph (no launch overhead)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
     if not set(kernels) <= {"mma", "fma", "fold"}:
@@ -75,9 +81,11 @@ def main() -> int:
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
         list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3),
                                                                     (1, 256, 4, 2)]
+    explicit = [tuple(int(x) for x in v) for v in itertools.product(
+        *(a.split(",") for a in (args.splits, args.block_ns, args.warps, args.stages)))] if args.splits else []
     fma_grid = [(1, 16, 1, 2), (4, 32, 2, 2)] if args.smoke else \
         list(itertools.product((1, 4, 8), (16, 32, 64), (1, 2, 4), (2,)))  # the fma kernel: small tiles, few warps
-    from triton.testing import do_bench
+    from triton.testing import do_bench, do_bench_cudagraph
 
     rows = []
     for policy in policies:
@@ -92,18 +100,20 @@ def main() -> int:
             kv_bytes = sum(c.codes.numel() + c.scales_zeros.numel() * 2 if isinstance(c, QuantizedKV)
                            else c.numel() * 2 for c in (k_cache, v_cache))
             base_splits = attention._default_num_splits(q, batch * hkv, per_seq * page, 64)
-            runs = [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
+            runs = [("mma", c) for c in explicit] if explicit else \
+                [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
                 [("fma", c) for c in fma_grid if policy and "fma" in kernels] + \
                 [("fold", c) for c in grid if policy and "fold" in kernels]  # mma's launch grid
             for kernel, (mult, block_n, warps, stages) in runs:
-                splits = max(1, min(base_splits * mult, -(-kv_len // block_n)))
+                splits = mult if explicit else max(1, min(base_splits * mult, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731
                     q, k_cache, v_cache, tables, kv_lens, 0.088, num_splits=splits, block_n=block_n,
                     num_warps=warps, num_stages=stages, kernel=kernel)
                 config = dict(kernel=kernel, policy=policy, batch=batch, kv_len=kv_len, splits=splits, block_n=block_n,
-                              warps=warps, stages=stages)
+                              warps=warps, stages=stages, default_splits=base_splits)
                 try:
-                    ms = do_bench(fn, warmup=5, rep=20) if dev == "cuda" else (fn(), 0.0)[1]
+                    timer = do_bench_cudagraph if args.graph else do_bench
+                    ms = timer(fn, rep=20) if dev == "cuda" else (fn(), 0.0)[1]
                 except Exception as e:  # a config that does not compile (shared memory) is recorded, not fatal
                     rows.append(dict(config, error=str(e).splitlines()[0][:200]))
                     continue
