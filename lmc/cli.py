@@ -291,11 +291,17 @@ def _configs(kw: dict):
 
 
 def _echo_stream(pieces) -> str:
-    """Print text pieces as they come; returns the whole text."""
+    """Print text pieces as they come; returns the whole text. A stream that fails after some text still ends
+    its line, so that the error line starts on its own on a terminal."""
     out = []
-    for piece in pieces:
-        out.append(piece)
-        click.echo(piece, nl=False)
+    try:
+        for piece in pieces:
+            out.append(piece)
+            click.echo(piece, nl=False)
+    except BaseException:
+        if out:
+            click.echo()
+        raise
     click.echo()
     return "".join(out)
 
