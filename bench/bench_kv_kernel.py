@@ -13,6 +13,11 @@ scale 0.02, zero -0.15), blocks in a random order; time = triton.testing.do_benc
     python bench/bench_kv_kernel.py --kernels fold --policies 4 --points 64x4096,64x16384,16x16384 \
         --out bench/results/kv_kernel_int4_splits_h200.json
     python bench/bench_kv_kernel.py --smoke --kernels mma,fma,fold --out /tmp/kv_kernel_smoke.json  # CPU interpreter
+    python bench/bench_kv_kernel.py --graph --policies 0 --points 1x256,16x256,64x256,16x1024,64x1024 \
+        --splits 1,2,3,4,8,16 --block-ns 32,64,128 --out bench/results/kv_kernel_fp16_splits_h200.json  # explicit grid
+
+Alone is not in the step: the split count that is fastest here lost 65-180 µs in the 8B batch-16 decode graph
+(bench/NOTES.md, session 24); A/B a setting in the step before changing a default.
 """
 from __future__ import annotations
 
