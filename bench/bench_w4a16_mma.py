@@ -43,7 +43,8 @@ from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _
 
 SPLITS = (1, 2, 4, 8, 16)
 SMOKE_GRID = ({"warps": 1, "split_k": 1, "buffers": 2, "blocks": 1, "kw": 1},
-              {"warps": 2, "split_k": 3, "buffers": 4, "blocks": 2, "kw": 2})
+              {"warps": 2, "split_k": 3, "buffers": 4, "blocks": 2, "kw": 2},
+              {"warps": 2, "split_k": 2, "buffers": 2, "blocks": 1, "kw": 1, "rw": 2})
 SMOKE_WIDE = ({"warps": 1, "split_k": 2, "blocks": 2, "tiles": 4}, {"warps": 2, "split_k": 1, "blocks": 1, "tiles": 8})
 SMOKE_SHAPES = ((256, 96), (384, 64))
 
@@ -116,7 +117,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool, hot
     return rows
 
 
-CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "stages", "tiles", "prefetch", "rows", "pipeline",
+CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "rw", "stages", "tiles", "prefetch", "rows", "pipeline",
                "warpgroups", "ahead", "x_chunks")
 
 
@@ -130,7 +131,7 @@ def table_entries(rows: list) -> list:
             path, fallback = r["fallback"]
             config = {key: b[key] for key in CONFIG_KEYS if key in b}
             if "tiles" not in config and "rows" not in config:  # the 1-16 row kernel: its defaults left out
-                config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1))}
+                config = {key: v for key, v in config.items() if (key, v) not in (("blocks", 1), ("kw", 1), ("rw", 1))}
             out.append({"m": r["M"], "k": r["K"], "n": r["N"], "path": "mma", "config": config,
                         "us": round(b["us"], 2), "fallback": {"path": path, "config": fallback}})
     return out
@@ -153,8 +154,10 @@ def grid(m: int, args) -> list[dict]:
     mma_sync = args.smoke or not args.wgmma_only
     if mma_sync and m <= MM.MAX_ROWS:
         small = list(SMOKE_GRID) if args.smoke else [
-            {"warps": w, "split_k": sp, "blocks": bl, "kw": kw, **({"stages": st} if st else {"buffers": bu})}
-            for w in args.warps for sp in args.splits for bl in args.blocks for kw in args.kw if w % kw == 0
+            {"warps": w, "split_k": sp, "blocks": bl, "kw": kw, **({"rw": rw} if rw > 1 else {}),
+             **({"stages": st} if st else {"buffers": bu})}
+            for w in args.warps for sp in args.splits for bl in args.blocks for kw in args.kw
+            for rw in (args.rw if m > 8 else (1,)) if w % (kw * rw) == 0
             for st in args.stages for bu in (args.buffers if not st else args.buffers[:1])]
     if mma_sync and m > 8:
         tiles = [t for t in args.tiles if t <= -(-m // 8)]
@@ -182,6 +185,8 @@ def main() -> int:
     ap.add_argument("--buffers", type=_ints, default=(2, 4), help="groups of words in flight")
     ap.add_argument("--blocks", type=_ints, default=(1, 2), help="16-column blocks a warp")
     ap.add_argument("--kw", type=_ints, default=(1,), help="warps of a program splitting each block's K (1, 2, 4)")
+    ap.add_argument("--rw", type=_ints, default=(1,), help="row warps at 9-16 rows: 2 = two warps a block set, rows "
+                    "0-7 and 8-15 (1, 2)")
     ap.add_argument("--stages", type=_ints, default=(0,),
                     help="1-16 rows: 0 = groups in registers (--buffers); 2+ = the pipelined loop's shared-memory ring")
     ap.add_argument("--tiles", type=_ints, default=(2, 4, 8),

@@ -27,7 +27,9 @@ r >= 8, so that silu(gate) * up is one lane's business). K goes in chunks of 64;
 The B fragment's column is the lane's g, so x row min(g, M - 1) rides in column g: up to 8 rows of x at the price
 of one; past 8 rows each dequantized A fragment meets a second B fragment (rows 8 + g, TILES = 2). Element e of
 the accumulator of lane l = 4g + t holds out[m, col(b, g + 8 (e // 2))] for m = 2t + e % 2 (+ 8 in tile 1). A warp
-owns one block, or two (BLOCKS = 2), whose A fragments then share the lane's x registers.
+owns one block, or two (BLOCKS = 2), whose A fragments then share the lane's x registers. Or (rw = 2) two warps share
+a block set, one taking rows 0-7 and the other rows 8-15, each with one tile: half the registers a warp, the words
+read twice (the table's choice for wo and w2 at 16 rows on the H200).
 Off the GPU (TRITON_INTERPRET) the kernel takes an index-arithmetic path (`ASM=False`) that gathers the same codes
 from the same layout and sums in float32, so the layout, the split-K and the epilogues are checked on a CPU; the
 fragment path itself is checked by the GPU tests.
@@ -274,10 +276,12 @@ def _pair_half(word, hi):
 def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
                       GROUP: tl.constexpr, WARPS: tl.constexpr, SPLIT_K: tl.constexpr, SILU: tl.constexpr,
                       BUFFERS: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr, KW: tl.constexpr,
-                      STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr):
-    """Program (pid, split): BLOCKS column blocks per KW warps, (pid * WARPS / KW + w // KW) * BLOCKS + u, over the
-    split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the warps' sums meet in
-    shared memory at the end, a split-K with no counter and no partials in global memory). Per group one
+                      STAGES: tl.constexpr, ASM: tl.constexpr, PDL: tl.constexpr, RW: tl.constexpr = 1):
+    """Program (pid, split): BLOCKS column blocks per KW x RW warps, (pid * WARPS / (KW RW) + w // (KW RW)) *
+    BLOCKS + u, over the split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the
+    warps' sums meet in shared memory at the end, a split-K with no counter and no partials in global memory).
+    RW = 2 (row warps): warps w and w + KW share their blocks and words and take rows 0-7 and 8-15 of x (one
+    8-row tile each: TILES = 1), so that 16 rows cost a warp what 8 do; the sibling's words come from L1 / L2. Per group one
     _mma_group call per lane; STAGES > 0: the pipelined loop (below); else BUFFERS groups' words and sz in flight
     (the loop unrolled per buffer, so that no register holding a load in flight is copied); x, an L1 hit after the
     first warp, is loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
@@ -292,7 +296,8 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     g = lane // 4
     t = lane % 4
     kp = (idx // 128) % KW  # [L] the warp's place among the KW warps of its blocks
-    b0 = (pid * (WARPS // KW) + idx // (128 * KW)) * BLOCKS  # [L] the warp's first block
+    r8 = 8 * ((idx // (128 * KW)) % RW)  # [L] the warp's first row of x (RW = 2: 0 or 8)
+    b0 = (pid * (WARPS // (KW * RW)) + idx // (128 * KW * RW)) * BLOCKS  # [L] the warp's first block
     ba = tl.minimum(b0, NB - 1)  # a missing block reads the last one; nothing of it is stored
     bb = tl.minimum(b0 + BLOCKS - 1, NB - 1)  # the warp's second block (its first again with BLOCKS == 1)
     n_chunks = K // 64
@@ -301,9 +306,9 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     g_first = split * run
     g_last = tl.minimum(n_groups, g_first + run) - 1
     # B fragment column g of tile v carries x row 8v + g; accumulator element e of lane (g, t) is column 2t + e % 2
-    rows = (tl.minimum(2 * t + e % 2, M - 1), tl.minimum(8 + 2 * t + e % 2, M - 1))  # [L] x2: per tile
+    rows = (tl.minimum(r8 + 2 * t + e % 2, M - 1), tl.minimum(8 + 2 * t + e % 2, M - 1))  # [L] x2: per tile
     x32 = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-    x_bases = (tl.minimum(g, M - 1) * (stride_xm // 2) + 8 * t + e,  # [L] int32 pairs: the lane's 16 bytes of x
+    x_bases = (tl.minimum(r8 + g, M - 1) * (stride_xm // 2) + 8 * t + e,  # [L] int32 pairs: the lane's 16 bytes of x
                tl.minimum(8 + g, M - 1) * (stride_xm // 2) + 8 * t + e)  # per chunk (xa; xb at +4), per tile
     bases = (ba * n_chunks * 128 + idx % 128, (ba * n_groups * 8 + g) * 2 + e % 2,  # block 0: words, (zz, ss)
              bb * n_chunks * 128 + idx % 128, (bb * n_groups * 8 + g) * 2 + e % 2)  # block 1
@@ -335,7 +340,7 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     accs = (_warp_sum(accs[0], WARPS, KW), _warp_sum(accs[1], WARPS, KW), _warp_sum(accs[2], WARPS, KW),
             _warp_sum(accs[3], WARPS, KW))
     _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, tl.arange(0, L // KW), WARPS // KW,
-                SPLIT_K, SILU, TILES, BLOCKS)
+                SPLIT_K, SILU, TILES, BLOCKS, RW)
 
 
 @_jit
@@ -379,14 +384,15 @@ def _warp_sum(acc, WARPS: tl.constexpr, KW: tl.constexpr):
 
 @_jit
 def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, idx, WARPS: tl.constexpr,
-                SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr):
+                SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr,
+                RW: tl.constexpr = 1):
     """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, block, tile, L] and, in the
     last split to arrive, their sum in split order (lmc.kernels.split_counters). WARPS: the program's warps of
     distinct blocks (its warps / KW)."""
     L: tl.constexpr = 128 * WARPS
     PARTS: tl.constexpr = BLOCKS * TILES
     if SPLIT_K == 1:
-        _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS)
+        _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS, RW)
     else:
         mine = ws_ptr + ((split * tl.num_programs(0) + pid) * PARTS) * L + idx
         tl.store(mine, accs[0])
@@ -410,20 +416,20 @@ def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, 
                     t10 += tl.load(theirs + TILES * L, cache_modifier=".cg")
                     if TILES == 2:
                         t11 += tl.load(theirs + 3 * L, cache_modifier=".cg")
-            _mma_store_all((t00, t01, t10, t11), out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS)
+            _mma_store_all((t00, t01, t10, t11), out_ptr, M, stride_om, NB, pid, WARPS, SILU, TILES, BLOCKS, RW)
             tl.atomic_xchg(counter, 0)  # ready for the next call (and the next CUDA-graph replay)
 
 
 @_jit
 def _mma_store_all(accs, out_ptr, M, stride_om, NB, pid, WARPS: tl.constexpr, SILU: tl.constexpr,
-                   TILES: tl.constexpr, BLOCKS: tl.constexpr):
-    _mma_store(accs[0], out_ptr, M, stride_om, NB, pid, 0, 0, WARPS, BLOCKS, SILU)
+                   TILES: tl.constexpr, BLOCKS: tl.constexpr, RW: tl.constexpr = 1):
+    _mma_store(accs[0], out_ptr, M, stride_om, NB, pid, 0, 0, WARPS, BLOCKS, SILU, RW)
     if TILES == 2:
-        _mma_store(accs[1], out_ptr, M, stride_om, NB, pid, 8, 0, WARPS, BLOCKS, SILU)
+        _mma_store(accs[1], out_ptr, M, stride_om, NB, pid, 8, 0, WARPS, BLOCKS, SILU, RW)
     if BLOCKS == 2:
-        _mma_store(accs[2], out_ptr, M, stride_om, NB, pid, 0, 1, WARPS, BLOCKS, SILU)
+        _mma_store(accs[2], out_ptr, M, stride_om, NB, pid, 0, 1, WARPS, BLOCKS, SILU, RW)
         if TILES == 2:
-            _mma_store(accs[3], out_ptr, M, stride_om, NB, pid, 8, 1, WARPS, BLOCKS, SILU)
+            _mma_store(accs[3], out_ptr, M, stride_om, NB, pid, 8, 1, WARPS, BLOCKS, SILU, RW)
 
 
 @_jit
@@ -532,11 +538,11 @@ def _ld_sz(ptr):
 
 @_jit
 def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, U: tl.constexpr, WARPS: tl.constexpr,
-               BLOCKS: tl.constexpr, SILU: tl.constexpr):
-    """Accumulator element e of lane (g, t) of warp w is out[m = ROW0 + 2t + e % 2, col(b, g + 8 (e // 2))], b the
-    warp's block U, (pid * WARPS + w) * BLOCKS + U. SILU: elements 0, 1 are gate columns 8b + g, elements 2, 3 the
-    matching up columns (same lane): out[m, 8b + g] = silu(gate) * up, both rounded to out's dtype first (what the
-    unfused silu_mul reads)."""
+               BLOCKS: tl.constexpr, SILU: tl.constexpr, RW: tl.constexpr = 1):
+    """Accumulator element e of lane (g, t) of warp w is out[m = ROW0 + 8 (w % RW) + 2t + e % 2,
+    col(b, g + 8 (e // 2))], b the warp's block U, (pid * WARPS / RW + w // RW) * BLOCKS + U. SILU: elements 0, 1
+    are gate columns 8b + g, elements 2, 3 the matching up columns (same lane): out[m, 8b + g] = silu(gate) * up,
+    both rounded to out's dtype first (what the unfused silu_mul reads)."""
     dtype = out_ptr.dtype.element_ty
     if SILU:
         v = tl.reshape(acc.to(dtype).to(tl.float32), (acc.shape[0] // 4, 2, 2))  # [lanes, e // 2, e % 2]
@@ -544,16 +550,16 @@ def _mma_store(acc, out_ptr, M, stride_om, NB, pid, ROW0: tl.constexpr, U: tl.co
         q = tl.arange(0, acc.shape[0] // 4)[:, None]  # [lanes, 1]: warp * 32 + lane
         i = tl.arange(0, 2)[None, :]  # [1, 2]: e % 2
         lane = q % 32
-        b = (pid * WARPS + q // 32) * BLOCKS + U
-        m = ROW0 + 2 * (lane % 4) + i  # [lanes, 2]
+        b = (pid * (WARPS // RW) + q // (32 * RW)) * BLOCKS + U
+        m = ROW0 + 8 * ((q // 32) % RW) + 2 * (lane % 4) + i  # [lanes, 2]
         tl.store(out_ptr + m * stride_om + 8 * b + lane // 4, (gate * tl.sigmoid(gate) * up).to(dtype),
                  mask=(b < NB) & (m < M))
     else:
         idx = tl.arange(0, acc.shape[0])
         e = idx % 4
         lane = (idx // 4) % 32
-        b = (pid * WARPS + idx // 128) * BLOCKS + U
-        m = ROW0 + 2 * (lane % 4) + e % 2
+        b = (pid * (WARPS // RW) + idx // (128 * RW)) * BLOCKS + U
+        m = ROW0 + 8 * ((idx // 128) % RW) + 2 * (lane % 4) + e % 2
         tl.store(out_ptr + m * stride_om + 16 * b + lane // 4 + 8 * (e // 2), acc.to(dtype),
                  mask=(b < NB) & (m < M))
 
@@ -575,14 +581,16 @@ def prepare_launch(x: torch.Tensor, n: int, silu_mul: bool, out: torch.Tensor | 
 
 def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, warps: int = 4,
                      split_k: int = 1, buffers: int = 2, blocks: int = 1, kw: int = 1, stages: int = 0,
-                     silu_mul: bool = False, out: torch.Tensor | None = None,
+                     rw: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None,
                      asm: bool | None = None) -> torch.Tensor:
     """x [M, K] (M <= 16) -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) in x.dtype from the mma layout.
     `blocks` (1 or 2; 1 with G = 64) 16-column blocks a warp (two share the x registers), `warps` warps a
     program; split_k splits the groups of K over that many
     programs per block set (the last to finish sums in split order). stages 0: `buffers` groups of words in
     registers; stages >= 2: the pipelined loop, words through a shared-memory ring of that many groups, the first
-    stages - 1 copied before the PDL wait. asm: the mma.sync path (float16 x on CUDA); None = on where it can run."""
+    stages - 1 copied before the PDL wait. rw = 2: two warps share each block set, one for rows 0-7 of x and one for
+    rows 8-15 (one tile each, the words read twice, from L1 / L2 the second time). asm: the mma.sync path (float16 x
+    on CUDA); None = on where it can run."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
     m = x.shape[0]
@@ -592,16 +600,19 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
         raise LmcError(f"w4a16_mma_triton: sz {tuple(sz.shape)} does not fit qfrag {tuple(qfrag.shape)} with "
                        f"G={group_size}")
     x, out, asm = prepare_launch(x, n, silu_mul, out, asm)
-    tiles = 1 if m <= 8 else 2
+    tiles = 1 if m <= 8 or rw == 2 else 2
     blocks = blocks if group_size == 128 else 1  # two blocks a warp: written for two chunks a group
     if kw not in (1, 2, 4) or warps % kw:
         raise LmcError(f"w4a16_mma_triton: kw (warps splitting K) must be 1, 2 or 4 and divide warps={warps}, got {kw}")
-    grid = (triton.cdiv(nb, warps // kw * blocks), split_k)
+    if rw not in (1, 2) or warps % (kw * rw):
+        raise LmcError(f"w4a16_mma_triton: rw (row warps) must be 1 or 2, with kw * rw dividing warps={warps}, got {rw}")
+    grid = (triton.cdiv(nb, warps // (kw * rw) * blocks), split_k)
     ws = torch.empty((split_k, grid[0], blocks * tiles, 128 * (warps // kw)), dtype=torch.float32,
                      device=x.device) if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
                             GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers,
-                            TILES=tiles, BLOCKS=blocks, KW=kw, STAGES=stages, ASM=asm, num_warps=warps, num_stages=1,
+                            TILES=tiles, BLOCKS=blocks, KW=kw, STAGES=stages, ASM=asm, RW=rw, num_warps=warps,
+                            num_stages=1,
                             **pdl_launch(x.device))
     return out

@@ -210,6 +210,21 @@ def test_kernel_interpreter_warps_split_k(m, n, k, group, silu, warps, split_k, 
     torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,buffers,blocks,kw", [
+    (16, 48, 640, 128, False, 2, 1, 2, 1, 1), (13, 96, 640, 128, True, 4, 3, 2, 2, 1), (9, 80, 896, 128, False, 8, 2, 4, 2, 2),
+    (16, 64, 384, 64, True, 4, 1, 2, 1, 2), (5, 32, 128, 128, False, 2, 2, 2, 1, 1)])
+def test_kernel_interpreter_row_warps(m, n, k, group, silu, warps, split_k, buffers, blocks, kw):
+    """rw = 2: two warps of a block set take rows 0-7 and 8-15 of x (rows past M clamped, their stores masked: the
+    last case has no row for the second warp), with kw warps splitting K and the global split-K on top; block
+    counts that leave a program's last warps without a block."""
+    q, s, z = _quantized(n, k, group, seed=n * k + 7)
+    x = torch.randn(m, k).half()
+    qfrag, sz = MM.mma_layout(q, s, z, group, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, group, warps=warps, split_k=split_k, buffers=buffers, blocks=blocks,
+                              kw=kw, rw=2, silu_mul=silu)
+    torch.testing.assert_close(got.float(), _reference(x, q, s, z, group, silu), rtol=2e-3, atol=2e-3)
+
+
 @pytest.mark.parametrize("m,n,k,group,silu,warps,split_k,blocks,kw,stages", [
     (1, 48, 640, 128, False, 1, 1, 1, 1, 3), (3, 64, 384, 64, True, 2, 2, 1, 1, 4), (9, 80, 896, 128, False, 4, 2, 2, 2, 2),
     (16, 96, 640, 128, True, 4, 3, 2, 4, 6), (1, 32, 128, 128, True, 2, 1, 1, 2, 4), (13, 112, 1152, 128, False, 1, 5, 2, 1, 4),
@@ -237,6 +252,8 @@ def test_eligibility_and_errors():
         MM.w4a16_mma_triton(torch.zeros(17, 256).half(), qfrag, sz, 128)
     with pytest.raises(LmcError, match="kw"):
         MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, warps=2, kw=4)
+    with pytest.raises(LmcError, match="rw"):
+        MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, warps=2, kw=2, rw=2)
     with pytest.raises(LmcError, match="needs float16 x on CUDA"):
         MM.w4a16_mma_triton(torch.zeros(1, 256).half(), qfrag, sz, 128, asm=True)
 
@@ -399,6 +416,22 @@ def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
     x = torch.randn(m, k, device="cuda").half()
     qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
     got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, silu_mul=silu)
+    want = _reference(x, q, s, z, 128, silu)
+    assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw", [
+    (16, 4096, 14336, False, 8, 8, 2, 1), (16, 28672, 4096, True, 4, 2, 2, 1), (11, 6144, 4096, False, 8, 4, 2, 2),
+    (16, 96, 640, True, 2, 3, 1, 1)])
+def test_mma_row_warps_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
+        pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
+    q, s, z = _quantized(n, k, 128, seed=n + 3 * kw, device="cuda")
+    x = torch.randn(m, k, device="cuda").half()
+    qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
+    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, rw=2,
+                              silu_mul=silu)
     want = _reference(x, q, s, z, 128, silu)
     assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
 
