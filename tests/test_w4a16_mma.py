@@ -406,31 +406,19 @@ def test_dispatch_with_the_mma_layout_on_cuda(m):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw", [
-    (1, 4096, 4096, False, 8, 2, 1, 4), (1, 6144, 4096, False, 8, 4, 1, 2), (16, 28672, 4096, True, 8, 1, 2, 2),
-    (5, 96, 640, True, 4, 1, 1, 4)])
-def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
+@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw,rw", [
+    (1, 4096, 4096, False, 8, 2, 1, 4, 1), (1, 6144, 4096, False, 8, 4, 1, 2, 1), (16, 28672, 4096, True, 8, 1, 2, 2, 1),
+    (5, 96, 640, True, 4, 1, 1, 4, 1),
+    # row warps: two warps a block set, rows 0-7 and 8-15
+    (16, 4096, 14336, False, 8, 8, 2, 1, 2), (16, 28672, 4096, True, 4, 2, 2, 1, 2), (11, 6144, 4096, False, 8, 4, 2, 2, 2),
+    (16, 96, 640, True, 2, 3, 1, 1, 2)])
+def test_mma_warps_split_k_on_cuda(m, n, k, silu, warps, split_k, blocks, kw, rw):
     if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
         pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
-    q, s, z = _quantized(n, k, 128, seed=n + kw, device="cuda")
+    q, s, z = _quantized(n, k, 128, seed=n + kw + 2 * rw, device="cuda")
     x = torch.randn(m, k, device="cuda").half()
     qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, silu_mul=silu)
-    want = _reference(x, q, s, z, 128, silu)
-    assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,silu,warps,split_k,blocks,kw", [
-    (16, 4096, 14336, False, 8, 8, 2, 1), (16, 28672, 4096, True, 4, 2, 2, 1), (11, 6144, 4096, False, 8, 4, 2, 2),
-    (16, 96, 640, True, 2, 3, 1, 1)])
-def test_mma_row_warps_on_cuda(m, n, k, silu, warps, split_k, blocks, kw):
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0):
-        pytest.skip("needs a GPU with mma.sync m16n8k16 (sm_80+)")
-    q, s, z = _quantized(n, k, 128, seed=n + 3 * kw, device="cuda")
-    x = torch.randn(m, k, device="cuda").half()
-    qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
-    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, rw=2,
+    got = MM.w4a16_mma_triton(x, qfrag, sz, 128, warps=warps, split_k=split_k, blocks=blocks, kw=kw, rw=rw,
                               silu_mul=silu)
     want = _reference(x, q, s, z, 128, silu)
     assert (got.float() - want).abs().max().item() / want.abs().max().item() < 2e-3
