@@ -62,10 +62,11 @@ def main() -> int:
     ap.add_argument("--policies", default="0,8,4", help="comma-separated cache policies (0: the fp16 reference)")
     ap.add_argument("--points", default="16x16384,64x4096", help="comma-separated BATCHxKV_LEN points (GPU runs)")
     ap.add_argument("--splits", default="", help="comma-separated KV split counts: with --block-ns / --warps / "
-                    "--stages, a grid of explicit launch settings for every policy (the fp16 cache included)")
-    ap.add_argument("--block-ns", default="64")
-    ap.add_argument("--warps", default="4")
-    ap.add_argument("--stages", default="2")
+                    "--stages, a grid of explicit launch settings of the mma kernel for every policy (the fp16 "
+                    "cache included), in place of the built-in grids")
+    ap.add_argument("--block-ns", default="64", help="with --splits: comma-separated BLOCK_N values")
+    ap.add_argument("--warps", default="4", help="with --splits: comma-separated warp counts")
+    ap.add_argument("--stages", default="2", help="with --splits: comma-separated pipeline stage counts")
     ap.add_argument("--graph", action="store_true", help="time with do_bench_cudagraph (no launch overhead)")
     args = ap.parse_args()
     kernels = args.kernels.split(",")
@@ -86,8 +87,13 @@ def main() -> int:
     grid = [default, (4, 64, 4, 2)] if args.smoke else \
         list(itertools.product((1, 4), (64, 128), (4, 8), (2,))) + [(4, 64, 4, 3), (4, 128, 8, 3), (1, 128, 4, 3),
                                                                     (1, 256, 4, 2)]
-    explicit = [tuple(int(x) for x in v) for v in itertools.product(
-        *(a.split(",") for a in (args.splits, args.block_ns, args.warps, args.stages)))] if args.splits else []
+    try:
+        explicit = list(itertools.product(*([int(x) for x in a.split(",")] for a in (
+            args.splits, args.block_ns, args.warps, args.stages)))) if args.splits else []
+    except ValueError:
+        ap.error("--splits, --block-ns, --warps and --stages take comma-separated integers")
+    if not args.splits and (args.block_ns, args.warps, args.stages) != ("64", "4", "2"):
+        ap.error("--block-ns, --warps and --stages set the explicit grid: give --splits with them")
     fma_grid = [(1, 16, 1, 2), (4, 32, 2, 2)] if args.smoke else \
         list(itertools.product((1, 4, 8), (16, 32, 64), (1, 2, 4), (2,)))  # the fma kernel: small tiles, few warps
     from triton.testing import do_bench, do_bench_cudagraph
@@ -109,8 +115,8 @@ def main() -> int:
                 [("mma", c) for c in (grid if policy else [default]) if "mma" in kernels or not policy] + \
                 [("fma", c) for c in fma_grid if policy and "fma" in kernels] + \
                 [("fold", c) for c in grid if policy and "fold" in kernels]  # mma's launch grid
-            for kernel, (mult, block_n, warps, stages) in runs:
-                splits = mult if explicit else max(1, min(base_splits * mult, -(-kv_len // block_n)))
+            for kernel, (first, block_n, warps, stages) in runs:  # first: the split count (explicit) or its multiplier
+                splits = first if explicit else max(1, min(base_splits * first, -(-kv_len // block_n)))
                 fn = lambda: attention.paged_decode_attention_triton(  # noqa: E731
                     q, k_cache, v_cache, tables, kv_lens, 0.088, num_splits=splits, block_n=block_n,
                     num_warps=warps, num_stages=stages, kernel=kernel)

@@ -281,7 +281,7 @@ def _w4a16_mma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, 
     BLOCKS + u, over the split-th run of groups, of which warp w takes every KW-th from w % KW on (KW > 1: the
     warps' sums meet in shared memory at the end, a split-K with no counter and no partials in global memory).
     RW = 2 (row warps): warps w and w + KW share their blocks and words and take rows 0-7 and 8-15 of x (one
-    8-row tile each: TILES = 1), so that 16 rows cost a warp what 8 do; the sibling's words come from L1 / L2. Per group one
+    8-row tile each: TILES = 1), so that 16 rows cost a warp what 8 do; both warps load the words. Per group one
     _mma_group call per lane; STAGES > 0: the pipelined loop (below); else BUFFERS groups' words and sz in flight
     (the loop unrolled per buffer, so that no register holding a load in flight is copied); x, an L1 hit after the
     first warp, is loaded at use. SPLIT_K > 1: float32 fragments to ws, the last split to arrive sums them in split order
@@ -387,8 +387,8 @@ def _mma_finish(accs, out_ptr, ws_ptr, count_ptr, M, stride_om, NB, pid, split, 
                 SPLIT_K: tl.constexpr, SILU: tl.constexpr, TILES: tl.constexpr, BLOCKS: tl.constexpr,
                 RW: tl.constexpr = 1):
     """Writes out (SPLIT_K == 1), or this split's fragments to ws [split, program, block, tile, L] and, in the
-    last split to arrive, their sum in split order (lmc.kernels.split_counters). WARPS: the program's warps of
-    distinct blocks (its warps / KW)."""
+    last split to arrive, their sum in split order (lmc.kernels.split_counters). WARPS: the program's warps after
+    the KW sum (its warps / KW; RW of them share a block set)."""
     L: tl.constexpr = 128 * WARPS
     PARTS: tl.constexpr = BLOCKS * TILES
     if SPLIT_K == 1:
@@ -589,7 +589,7 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     programs per block set (the last to finish sums in split order). stages 0: `buffers` groups of words in
     registers; stages >= 2: the pipelined loop, words through a shared-memory ring of that many groups, the first
     stages - 1 copied before the PDL wait. rw = 2: two warps share each block set, one for rows 0-7 of x and one for
-    rows 8-15 (one tile each, the words read twice, from L1 / L2 the second time). asm: the mma.sync path (float16 x
+    rows 8-15 (one tile each; both load the words). asm: the mma.sync path (float16 x
     on CUDA); None = on where it can run."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
@@ -605,7 +605,8 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     if kw not in (1, 2, 4) or warps % kw:
         raise LmcError(f"w4a16_mma_triton: kw (warps splitting K) must be 1, 2 or 4 and divide warps={warps}, got {kw}")
     if rw not in (1, 2) or warps % (kw * rw):
-        raise LmcError(f"w4a16_mma_triton: rw (row warps) must be 1 or 2, with kw * rw dividing warps={warps}, got {rw}")
+        raise LmcError(f"w4a16_mma_triton: rw (row warps) must be 1 or 2, with kw * rw dividing warps={warps}, "
+                       f"got {rw}")
     grid = (triton.cdiv(nb, warps // (kw * rw) * blocks), split_k)
     ws = torch.empty((split_k, grid[0], blocks * tiles, 128 * (warps // kw)), dtype=torch.float32,
                      device=x.device) if split_k > 1 else out
@@ -613,6 +614,5 @@ def w4a16_mma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, gro
     _w4a16_mma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0),
                             GROUP=group_size, WARPS=warps, SPLIT_K=split_k, SILU=silu_mul, BUFFERS=buffers,
                             TILES=tiles, BLOCKS=blocks, KW=kw, STAGES=stages, ASM=asm, RW=rw, num_warps=warps,
-                            num_stages=1,
-                            **pdl_launch(x.device))
+                            num_stages=1, **pdl_launch(x.device))
     return out
