@@ -456,7 +456,21 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ws, tmp_path):
         s.stop()
 
 
+def _read_to_close(sock: socket.socket, timeout: float = 30) -> bytes:
+    sock.settimeout(timeout)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    sock.close()
+    return received
+
+
+SHUT_DOWN_EVENT = b'data: {"error":{"message":"the server shut down before this request finished; send it again"'
+
+
 def test_sigint_with_a_drain_timeout_exits_0_in_time(ws, tmp_path):
+    """Streams still running when the drain timeout ends get an error event and their end, and the log has
+    uvicorn's one line for them, not a CancelledError traceback each."""
     s = Server(ws, tmp_path, "--session-len", "128", "--drain-timeout", "0")
     try:
         socks = [_open_stream(s.port, {"max_tokens": 120, "temperature": 0, "ignore_eos": True}) for _ in range(8)]
@@ -465,8 +479,36 @@ def test_sigint_with_a_drain_timeout_exits_0_in_time(ws, tmp_path):
         s.proc.send_signal(signal.SIGINT)
         assert s.proc.wait(60) == 0, s.log()
         assert time.monotonic() - start < 30
-        for sock in socks:
-            sock.close()
+        answers = [_read_to_close(sock) for sock in socks]
+        cut = [a for a in answers if b"data: [DONE]" not in a]
+        assert cut, "no stream was still running at the drain timeout"
+        for a in cut:  # the error event, then the chunked body's end
+            assert a.endswith(b"}}\n\n\r\n0\r\n\r\n") and SHUT_DOWN_EVENT in a, a[-300:]
+        assert "Traceback" not in s.log() and "timeout graceful shutdown exceeded" in s.log(), s.log()
+    finally:
+        s.stop()
+
+
+def test_a_second_sigint_forces_quit_without_a_traceback(ws, tmp_path):
+    """Ctrl-C twice while a stream runs: the second makes uvicorn skip the drain and cancel the app's lifespan
+    and the request at exit; the engine stops as in a shutdown (one warning line), the stream gets the error
+    event, the exit is 0 and nothing prints a traceback."""
+    s = Server(ws, tmp_path, "--session-len", "2048", "--drain-timeout", "120")
+    try:
+        sock = _open_stream(s.port, {"max_tokens": 2000, "temperature": 0, "ignore_eos": True})
+        _wait_for(s, lambda m: m["lmc_requests_running"] == 1)
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGINT)
+        while "Waiting for connections to close" not in s.log():  # the first Ctrl-C drains (up to 120 s here)
+            assert s.proc.poll() is None and time.monotonic() - start < 30, s.log()
+            time.sleep(0.05)
+        s.proc.send_signal(signal.SIGINT)
+        assert s.proc.wait(60) == 0, s.log()
+        assert time.monotonic() - start < 60
+        answer = _read_to_close(sock)
+        assert b"data: [DONE]" not in answer and SHUT_DOWN_EVENT in answer, answer[-300:]
+        assert "Traceback" not in s.log() and "CancelledError" not in s.log(), s.log()
+        assert "forced quit: requests still running were cut off" in s.log(), s.log()
     finally:
         s.stop()
 

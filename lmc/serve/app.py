@@ -190,6 +190,48 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _EndOnShutdown:
+    """The outermost ASGI layer. A shutdown cancels the requests still running (the drain timeout ran out, or a
+    second Ctrl-C): each response ends where it is, an SSE stream with an error event, one not yet started as a
+    503, instead of uvicorn logging a CancelledError traceback for every one (uvicorn's own line says how many)."""
+
+    GONE = ApiError(503, "the server shut down before this request finished; send it again", kind="server_error")
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = sse = ended = False
+
+        async def tracked(message):
+            nonlocal started, sse, ended
+            if message["type"] == "http.response.start":
+                started = True
+                sse = dict(message.get("headers") or []).get(b"content-type", b"").startswith(b"text/event-stream")
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                ended = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            if ended:
+                return
+            try:
+                if not started:
+                    await send({"type": "http.response.start", "status": 503,
+                                "headers": [(b"content-type", b"application/json")]})
+                    await send({"type": "http.response.body", "body": json.dumps(self.GONE.body()).encode()})
+                    return
+                if sse:
+                    await send({"type": "http.response.body", "body": _sse(self.GONE.body()).encode(), "more_body": True})
+                await send({"type": "http.response.body", "body": b""})
+            except Exception:  # the connection is already gone: nothing left to tell it
+                pass
+
+
 def _text_chars(messages: list[dict]) -> int:
     """Characters of the messages' roles and text (what the chat template renders around them is not counted)."""
     def text(content) -> int:
@@ -216,6 +258,8 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         engine.start()
         try:
             yield
+        except asyncio.CancelledError:  # a second Ctrl-C: uvicorn skips the lifespan's shutdown and cancels it at
+            log.warning("forced quit: requests still running were cut off")  # exit; that is a shutdown, not a failure
         finally:
             engine.stop()
 
@@ -444,14 +488,15 @@ def run_server(engine, options: ServeOptions, host: str, port: int, drain_timeou
     drain_timeout seconds, then they are cancelled and aborted), stop the engine and return."""
     import uvicorn
 
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, options), host=host, port=port, log_level=log_level,
+    app = _EndOnShutdown(create_app(engine, options))
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
                                            timeout_graceful_shutdown=drain_timeout))
-    # uvicorn re-raises the signal it stopped on once it returns; let that land here, so a drained server exits 0
-    previous = {sig: signal.signal(sig, lambda *_: None) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # uvicorn re-raises the signal it stopped on once it returns; let that land here, so a drained server exits 0.
+    # Then the engine closes: a Ctrl-C there is ignored too (it would leave a KeyboardInterrupt traceback from
+    # wherever the close was), until Python's own exit puts the default handlers back.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         server.run()
     except SystemExit:  # uvicorn's way of saying it could not start (a port in use, ...)
         raise LmcError(f"the server could not start on {host}:{port}; the log above says why") from None
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
