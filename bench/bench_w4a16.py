@@ -331,8 +331,7 @@ def _candidates(m: int) -> list:
                        (128, 256, 64, 8, 3, 1), (128, 128, 128, 8, 3, 2)))
                 + _gemm(((128, 128, 64, 8, 3, 1), (128, 128, 64, 8, 3, 2), (64, 128, 128, 4, 4, 2)), swap_ab=True)
                 + [("dequant", {})])
-    chunks = [("dequant", {"chunk_n": c}) for c in (2048, 4096, 1024, 8192)]  # W^T through an L2-sized scratch
-    return [("dequant", {})] + chunks + _gemm(((128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)))
+    return [("dequant", {})] + _gemm(((128, 128, 64, 8, 3, 1), (128, 256, 64, 8, 3, 1), (256, 128, 64, 8, 3, 1)))
 
 
 def sweep(shapes, ms, budget_s: float, dev: str) -> list:

@@ -724,64 +724,42 @@ def w4a16_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
 # ----------------------------------------------------------------------------- dispatch
 
 @_jit
-def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_q, stride_o, GROUP: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """W^T [K, N] in the activation dtype from one [BLOCK_R, BLOCK_N] tile of packed words; stride_q: the row
-    stride of the words, scales and zeros (N, or more for a column chunk), stride_o: the output's."""
+def _dequant_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, N, K, GROUP: tl.constexpr, BLOCK_R: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+    """W^T [K, N] in the activation dtype from one [BLOCK_R, BLOCK_N] tile of packed words."""
     offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # packed rows
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = (K + 7) // 8
     mask = (offs_r[:, None] < rows) & (offs_n[None, :] < N)
-    packed = tl.load(qw_ptr + offs_r[:, None] * stride_q + offs_n[None, :], mask=mask, other=0)  # [BR, BN] int32
+    packed = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask, other=0)  # [BR, BN] int32
     group = (offs_r * 8) // GROUP  # G is a multiple of 8: the 8 codes of a word share one group
-    scale = tl.load(s_ptr + group[:, None] * stride_q + offs_n[None, :], mask=mask, other=0.0)  # [BR, BN]
-    zero = tl.load(z_ptr + group[:, None] * stride_q + offs_n[None, :], mask=mask, other=0.0)
+    scale = tl.load(s_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)  # [BR, BN]
+    zero = tl.load(z_ptr + group[:, None] * N + offs_n[None, :], mask=mask, other=0.0)
     w = _dequant_tile(packed, scale, zero, out_ptr.dtype.element_ty, False)  # [8 * BR, BN], row 8r + j
     offs_k = tl.program_id(0) * BLOCK_R * 8 + tl.arange(0, BLOCK_R * 8)
-    tl.store(out_ptr + offs_k[:, None] * stride_o + offs_n[None, :], w,
-             mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
+    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w, mask=(offs_k[:, None] < K) & (offs_n[None, :] < N))
 
 
 def dequantize_int4_triton(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int,
-                           in_features: int, dtype: torch.dtype, block_r: int = 16, block_n: int = 128,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
-    """W^T [K, N] in `dtype` (the large-M path: dequantize once, then cuBLAS). qweight, scales, zeros may be a
-    column slice of a wider weight (row stride > N); out, if given: a [K, N] tensor with unit column stride."""
+                           in_features: int, dtype: torch.dtype, block_r: int = 16, block_n: int = 128) -> torch.Tensor:
+    """W^T [K, N] in `dtype` (the large-M path: dequantize once, then cuBLAS)."""
     if triton is None:
         raise LmcError("Triton is not installed: pip install triton")
     n = qweight.shape[1]
-    assert qweight.stride(1) == scales.stride(1) == zeros.stride(1) == 1
-    assert qweight.stride(0) == scales.stride(0) == zeros.stride(0)
-    if out is None:
-        out = torch.empty(in_features, n, dtype=dtype, device=qweight.device)  # [K, N]
-    assert out.shape == (in_features, n) and out.stride(1) == 1
+    out = torch.empty(in_features, n, dtype=dtype, device=qweight.device)  # [K, N]
     grid = (_cdiv(qweight.shape[0], block_r), _cdiv(n, block_n))
-    _dequant_kernel[grid](qweight, scales, zeros, out, n, in_features, qweight.stride(0), out.stride(0),
-                          GROUP=group_size, BLOCK_R=block_r, BLOCK_N=block_n)
+    _dequant_kernel[grid](qweight, scales, zeros, out, n, in_features, GROUP=group_size, BLOCK_R=block_r,
+                          BLOCK_N=block_n)
     return out
 
 
 def w4a16_dequant_matmul_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                                group_size: int, out: torch.Tensor | None = None, chunk_n: int = 0) -> torch.Tensor:
-    """x [M, K] @ dequantized W^T: a pass writing W^T, then the library GEMM. Pays 2·K·N bytes written and read
-    again, which large M amortises (prefill). chunk_n > 0: chunk_n columns at a time through one reused
-    [K, chunk_n] scratch, each product written straight into its columns of the output (the GEMM's leading
-    dimension is N): a scratch that fits in L2 is rewritten there instead of travelling to DRAM and back."""
+                                group_size: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, K] @ dequantized W^T: one pass writing W^T [K, N], then the library GEMM. Pays 2·K·N bytes
+    written and read again, which large M amortises (prefill)."""
     _check(x, qweight, scales, zeros, group_size)
-    m, k = x.shape
-    n = qweight.shape[1]
-    if chunk_n <= 0 or chunk_n >= n:
-        w_t = dequantize_int4_triton(qweight, scales, zeros, group_size, k, x.dtype)  # [K, N]
-        return torch.matmul(x, w_t, out=out)
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)  # [M, N]
-    scratch = torch.empty(k, chunk_n, dtype=x.dtype, device=x.device)  # [K, chunk_n], reused by every chunk
-    for c0 in range(0, n, chunk_n):
-        c1 = min(c0 + chunk_n, n)
-        w_t = dequantize_int4_triton(qweight[:, c0:c1], scales[:, c0:c1], zeros[:, c0:c1], group_size, k, x.dtype,
-                                     out=scratch[:, :c1 - c0])  # [K, c1 - c0]
-        torch.mm(x, w_t, out=out[:, c0:c1])  # [M, c1 - c0], leading dimension N
-    return out
+    w_t = dequantize_int4_triton(qweight, scales, zeros, group_size, x.shape[1], x.dtype)  # [K, N]
+    return torch.matmul(x, w_t, out=out)
 
 
 @functools.cache

@@ -216,22 +216,6 @@ def test_dequant_then_matmul(m, n, k, group, dtype):
     assert torch.equal(w_t, W.dequantize_int4_ref(q, scales, zeros, group, k).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-@pytest.mark.parametrize("m,n,k,group,chunk_n", [(3, 75, 203, 32, 16), (33, 75, 203, 64, 40), (16, 40, 576, 128, 7)])
-def test_dequant_then_matmul_in_column_chunks(m, n, k, group, chunk_n, dtype):
-    # chunks that do not divide N (75 = 4 x 16 + 11, 40 + 35, 5 x 7 + 5): the last one narrower than the scratch
-    _triton_check(W.w4a16_dequant_matmul_triton, m, n, k, group, dtype, chunk_n=chunk_n)
-    _, q, scales, zeros = _quantized(n, k, group, dtype, seed=k)
-    x = torch.randn(m, k).to(dtype)
-    whole = W.w4a16_dequant_matmul_triton(x, q, scales, zeros, group)  # [M, N]
-    chunked = W.w4a16_dequant_matmul_triton(x, q, scales, zeros, group, chunk_n=chunk_n)
-    assert torch.allclose(chunked.float(), whole.float(), rtol=1e-3, atol=1e-3)
-    c0 = chunk_n  # the second chunk, dequantized alone from its column slice: the words' row stride is N
-    part = W.dequantize_int4_triton(q[:, c0:2 * c0], scales[:, c0:2 * c0], zeros[:, c0:2 * c0], group, k, dtype,
-                                    block_r=4, block_n=16)  # [K, chunk_n]
-    assert torch.equal(part, W.dequantize_int4_ref(q, scales, zeros, group, k).to(dtype)[:, c0:2 * c0])
-
-
 def test_dispatch_table_covers_every_m():
     for m in (1, 2, 3, 16, 17, 64, 65, 256, 257, 4096):
         path, kw = W.w4a16_config(m, 4096, 4096)
@@ -240,30 +224,6 @@ def test_dispatch_table_covers_every_m():
     for m in (1, 2, 3, 4):  # decode batches: the CUDA-core GEMV, all rows in one program
         path, kw = W.w4a16_config(m, 4096, 4096)
         assert path == "gemv" and kw["rows"] >= m
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("m,n,k,chunk_n", [(300, 1000, 1000, 384), (2048, 4104, 4096, 2048), (257, 75, 203, 16)])
-def test_dequant_column_chunks_on_cuda(m, n, k, chunk_n):
-    """The chunked large-M path on cuBLAS: every chunk's GEMM writes straight into its columns of `out` (leading
-    dimension N, no copy: the caching allocator's peak grows by the scratch alone), equal to the whole-weight path
-    within fp16 rounding."""
-    if not torch.cuda.is_available() or os.environ["TRITON_INTERPRET"] == "1":
-        pytest.skip("needs CUDA and TRITON_INTERPRET=0")
-    group = 128 if k % 128 == 0 else 32
-    _, q, scales, zeros = _quantized(n, k, group, torch.float16, seed=m + n)
-    q, scales, zeros = q.cuda(), scales.cuda(), zeros.cuda()
-    x = torch.randn(m, k, device="cuda").half()
-    whole = W.w4a16_dequant_matmul_triton(x, q, scales, zeros, group)  # [M, N]
-    out = torch.full((m, n), float("nan"), dtype=torch.float16, device="cuda")
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    got = W.w4a16_dequant_matmul_triton(x, q, scales, zeros, group, out=out, chunk_n=chunk_n)
-    torch.cuda.synchronize()
-    assert got.data_ptr() == out.data_ptr() and torch.isfinite(out).all()
-    assert torch.cuda.max_memory_allocated() - base <= k * chunk_n * 2 + (1 << 20)  # the scratch, no [M, chunk] copy
-    assert torch.allclose(got.float(), whole.float(), rtol=2e-3, atol=2e-3)
 
 
 @pytest.mark.gpu
