@@ -339,9 +339,9 @@ def time_graph_replays(engine: Engine, batch: int, kv_len: int, vocab: int, repl
         engine.step()  # the aborts take effect
 
 
-def bench_lmc(ws: Path, dev: str, args, vocab: int) -> list[dict]:
+def bench_lmc(ws: Path, dev: str, args, vocab: int, lm_head: str = "float") -> list[dict]:
     engine = Engine(str(ws), EngineConfig(device=dev, session_len=args.session_len, max_batch_size=max(args.batches),
-                                          cache_block_seq_len=64))
+                                          cache_block_seq_len=64, lm_head=lm_head))
     graph = engine.decoder
     rows = []
     for mode in args.modes:
@@ -670,6 +670,15 @@ def llama8b_entries(args, dev: str, work: Path, store) -> None:
             del os.environ["LMC_INT4_MMA"]
         int4["runs"] += [{**r, "engine": r["engine"] + " LMC_INT4_MMA=0"} for r in rows]
         store("llama3-8b-shape int4-g128", int4)
+    if "int4-head" not in args.skip_parts:  # the same workspace with --lm-head int4 (its head quantized at load)
+        print(" lmc int4, --lm-head int4", flush=True)
+        cfg = Workspace(int4_ws).config
+        head = cfg.vocab_size * cfg.hidden_size // 2 + 2 * 2 * -(-cfg.hidden_size // GROUP) * cfg.vocab_size
+        int4_head = {**int4, "weights": f"int4 g{GROUP} + the lm_head quantized at load (--lm-head int4, g{GROUP})",
+                     "lm_head_bytes": head, "weight_bytes_per_step": int4["linear_bytes"] + head,
+                     "runs": bench_lmc(int4_ws, dev, args, vocab, lm_head="int4")}
+        int4_head.pop("peer", None)
+        store("llama3-8b-shape int4-g128 int4-head", int4_head)
     if add_peer(int4, int4_ws, dev, args, vocab):
         store("llama3-8b-shape int4-g128", int4)
 
@@ -805,7 +814,8 @@ def main() -> int:
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: smollm2, llama8b, e2e, peer "
                                                     "(the torch.compile peer of the 8B-shaped models), peer-fp16, "
                                                     "peer-int4, fp16 (the 8B fp16 runs), mma-ab (the int4 re-run "
-                                                    "with LMC_INT4_MMA=0)")
+                                                    "with LMC_INT4_MMA=0), int4-head (the int4 re-run with "
+                                                    "--lm-head int4)")
     parser.add_argument("--modes", default="graph,eager", help="comma-separated lmc modes to time: graph, eager")
     parser.add_argument("--batches", default=None, help="comma-separated decode batch sizes (default 1,16; smoke 1,2)")
     args = parser.parse_args()

@@ -26,17 +26,10 @@ W[n, k] = (code - zero) * scale with 4-bit codes and zero points, so they conver
 import torch
 
 from lmc.errors import LmcError
-from lmc.format.int4 import GROUP_SIZES, pack_lmc, to_int32, to_uint32, unpack_lmc
+from lmc.format.int4 import GROUP_SIZES, pack_lmc, quantize_groups, quantize_int4, to_int32, to_uint32, unpack_lmc  # noqa: F401 - quantize_int4 re-exported
 
 _SHIFTS = tuple(range(0, 32, 4))  # nibble j lives in bits 4j .. 4j+3
 _AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # nibble j of an AWQ word holds column 8c + _AWQ_ORDER[j]
-
-
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w [N, K] float -> (codes uint8 [N, K], scales f32 [N, ceil(K/G)], zeros f32 [N, ceil(K/G)])."""
-    codes, scales, zeros = _quantize_groups(w, group_size)
-    n, k = w.shape
-    return codes.reshape(n, -1)[:, :k].to(torch.uint8).contiguous(), scales, zeros
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -50,33 +43,10 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tens
 
 def fake_quantize_int4(w: torch.Tensor, group_size: int) -> torch.Tensor:
     """Quantize then dequantize w [N, K], returned in w.dtype (the AWQ search's inner loop)."""
-    codes, scales, zeros = _quantize_groups(w, group_size)  # [N, ng, G], [N, ng], [N, ng]
+    codes, scales, zeros = quantize_groups(w, group_size)  # [N, ng, G], [N, ng], [N, ng]
     n, k = w.shape
     w_q = (codes - zeros[:, :, None]) * scales[:, :, None]  # [N, ng, G]
     return w_q.reshape(n, -1)[:, :k].to(w.dtype)
-
-
-def _quantize_groups(w: torch.Tensor, group_size: int):
-    """Codes as float [N, ng, G] (padded), scales and zeros float32 [N, ng]."""
-    if w.dim() != 2 or not w.is_floating_point():
-        raise LmcError(f"int4 quantization takes a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
-    if group_size < 1:
-        raise LmcError(f"--w-group-size must be >= 1, got {group_size}")
-    n, k = w.shape
-    n_groups = -(-k // group_size)
-    wf = w.float()  # [N, K]
-    pad = n_groups * group_size - k
-    if pad:
-        wf = torch.cat([wf, wf[:, -1:].expand(n, pad)], dim=1)  # [N, ng*G]; repeats keep min/max
-    g = wf.reshape(n, n_groups, group_size)  # [N, ng, G]
-    w_max = g.amax(dim=2).clamp(min=0)  # [N, ng]
-    w_min = g.amin(dim=2).clamp(max=0)  # [N, ng]
-    scales = (w_max - w_min).clamp(min=1e-5) / 15  # [N, ng]
-    if w.dtype in (torch.float16, torch.bfloat16):
-        scales = scales.to(w.dtype).float()
-    zeros = torch.round(-w_min / scales).clamp(0, 15)  # [N, ng]
-    codes = (torch.round(g / scales[:, :, None]) + zeros[:, :, None]).clamp(0, 15)  # [N, ng, G]
-    return codes, scales, zeros
 
 
 def awq_compatible(out_features: int, in_features: int, group_size: int) -> bool:

@@ -111,8 +111,11 @@ class ModelConfig:
         if missing:
             raise LmcError(f"lmc.json's model lacks {missing}; rebuild the workspace with `lmc convert`")
         if d.get("rope_scaling") is not None:
-            if not isinstance(d["rope_scaling"], dict) or set(d["rope_scaling"]) - {f.name for f in dataclasses.fields(RopeScaling)}:
-                raise LmcError("lmc.json's rope_scaling is malformed; rebuild the workspace with `lmc convert`")
+            keys = {f.name for f in dataclasses.fields(RopeScaling)}
+            if not isinstance(d["rope_scaling"], dict) or set(d["rope_scaling"]) - keys \
+                    or not {"type", "factor"} <= set(d["rope_scaling"]):
+                raise LmcError("lmc.json's rope_scaling is malformed (it needs type and factor, and no other keys than "
+                               f"{', '.join(sorted(keys - {'type', 'factor'}))}); rebuild the workspace with `lmc convert`")
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         eos = d.get("eos_token_ids") or ()
         if not isinstance(eos, (list, tuple)):

@@ -79,3 +79,36 @@ def to_int32(words: torch.Tensor) -> torch.Tensor:
 def to_uint32(words: torch.Tensor) -> torch.Tensor:
     """int32 -> int64 holding the same 32 bits as an unsigned value."""
     return words.to(torch.int64) & 0xFFFFFFFF
+
+
+# ----------------------------------------------------------------------------- round to nearest (RTN)
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] float -> (codes uint8 [N, K], scales f32 [N, ceil(K/G)], zeros f32 [N, ceil(K/G)])."""
+    codes, scales, zeros = quantize_groups(w, group_size)
+    n, k = w.shape
+    return codes.reshape(n, -1)[:, :k].to(torch.uint8).contiguous(), scales, zeros
+
+
+def quantize_groups(w: torch.Tensor, group_size: int):
+    """Codes as float [N, ng, G] (padded), scales and zeros float32 [N, ng]."""
+    if w.dim() != 2 or not w.is_floating_point():
+        raise LmcError(f"int4 quantization takes a 2-D float weight, got {tuple(w.shape)} {w.dtype}")
+    if group_size < 1:
+        raise LmcError(f"--w-group-size must be >= 1, got {group_size}")
+    n, k = w.shape
+    n_groups = -(-k // group_size)
+    wf = w.float()  # [N, K]
+    pad = n_groups * group_size - k
+    if pad:
+        wf = torch.cat([wf, wf[:, -1:].expand(n, pad)], dim=1)  # [N, ng*G]; repeats keep min/max
+    g = wf.reshape(n, n_groups, group_size)  # [N, ng, G]
+    w_max = g.amax(dim=2).clamp(min=0)  # [N, ng]
+    w_min = g.amin(dim=2).clamp(max=0)  # [N, ng]
+    scales = (w_max - w_min).clamp(min=1e-5) / 15  # [N, ng]
+    if w.dtype in (torch.float16, torch.bfloat16):
+        scales = scales.to(w.dtype).float()
+    zeros = torch.round(-w_min / scales).clamp(0, 15)  # [N, ng]
+    codes = (torch.round(g / scales[:, :, None]) + zeros[:, :, None]).clamp(0, 15)  # [N, ng, G]
+    return codes, scales, zeros

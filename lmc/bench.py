@@ -58,13 +58,22 @@ def random_requests(n: int, input_len: int, output_len: int, range_ratio: float,
 def sharegpt_requests(path: Path, n: int, encode, seed: int) -> list[BenchRequest]:
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
-        raise LmcError(f"--dataset {path}: not a readable ShareGPT JSON file ({e})") from None
-    pairs = [d["conversations"] for d in data if isinstance(d, dict) and len(d.get("conversations") or []) >= 2]
+    except (OSError, ValueError, RecursionError) as e:
+        raise LmcError(f"--dataset {path}: not a readable ShareGPT JSON file ({type(e).__name__}: {e})"[:500]) from None
+    if not isinstance(data, list):
+        raise LmcError(f"--dataset {path}: a ShareGPT file is a JSON list of {{\"conversations\": [...]}} objects, "
+                       f"its top level is {type(data).__name__}")
+
+    def turn(t) -> str | None:
+        return t["value"] if isinstance(t, dict) and isinstance(t.get("value"), str) else None
+
+    pairs = [(turn(c[0]), turn(c[1])) for d in data if isinstance(d, dict)
+             for c in [d.get("conversations")] if isinstance(c, list) and len(c) >= 2]
+    pairs = [p for p in pairs if None not in p]  # turns without a string "value" are skipped, as short ones are
     random.Random(seed).shuffle(pairs)
     out = []
-    for conv in pairs:
-        prompt, reply = encode(str(conv[0].get("value", ""))), encode(str(conv[1].get("value", "")))
+    for first, second in pairs:
+        prompt, reply = encode(first), encode(second)
         if len(prompt) < 4 or len(reply) < 4 or len(prompt) > 1024 or len(prompt) + len(reply) > 2048:
             continue
         out.append(BenchRequest(prompt, len(reply)))

@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from lmc.errors import LmcError
+from lmc.runtime.config import MAX_THREADS
 
 
 def user_errors(fn):
@@ -214,7 +215,10 @@ def _engine_flags(max_batch_size: int | None = 64) -> list:
                      help="share the KV blocks of common prompt prefixes between requests"),
         click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
                      help="KV cache quantization: 0 none, 8 int8, 4 int4"),
-        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads (default: lmc picks; see docs/cli.md)"),
+        click.option("--lm-head", type=click.Choice(["float", "int4"]), default="float", show_default=True,
+                     help="int4: quantize the float lm_head at load (RTN, groups of 128 or the workspace's)"),
+        click.option("--threads", type=click.IntRange(min=1, max=MAX_THREADS), default=None,
+                     help="CPU threads (default: lmc picks; see docs/cli.md)"),
         click.option("--tp", type=click.IntRange(min=1), default=None,
                      help="tensor-parallel ranks, one GPU each; must match the workspace's split (default: the workspace's)"),
     ]
@@ -275,6 +279,7 @@ def _engine_config(kw: dict):
                         cache_max_entry_count=kw["cache_max_entry_count"], cache_block_seq_len=kw["cache_block_seq_len"],
                         max_prefill_token_num=kw["max_prefill_token_num"],
                         enable_prefix_caching=kw["enable_prefix_caching"], quant_policy=int(kw["quant_policy"]),
+                        lm_head=kw["lm_head"],
                         device=kw["device"], threads=kw["threads"], tp=kw["tp"])
 
 
@@ -367,8 +372,13 @@ def _local_turn(path: str, system: list[dict], template: str | None, kw: dict):
     room = min(gen.max_new_tokens, pipe.engine.session_len // 2)
 
     def turn(history: list[dict]) -> list[dict]:
-        history = _fit_history(pipe, system, history, room)
-        if len(pipe.encode(system + history)) >= pipe.engine.session_len:
+        try:
+            history = _fit_history(pipe, system, history, room)
+            prompt_len = len(pipe.encode(system + history))
+        except LmcError as e:  # e.g. a line that was not UTF-8: say so, drop it, take the next
+            click.echo(f"error: {e}", err=True)
+            return history[:-1]
+        if prompt_len >= pipe.engine.session_len:
             click.echo(f"error: this message alone passes session_len {pipe.engine.session_len}; shorten it", err=True)
             return history[:-1]
         reply = _echo_stream(item.text for item in pipe.stream_infer(system + history, gen))
@@ -557,6 +567,7 @@ def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, r
 
     from lmc import bench as B
 
+    _check_bench_out(out)
     if path.startswith(("http://", "https://")):
         _refuse_engine_flags(ctx)
         _bench_url(path, api_key, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out)
@@ -592,9 +603,23 @@ def bench(ctx, path, num_prompts, concurrency, dataset, input_len, output_len, r
     result.update({"path": str(path), "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
                    "device": torch.cuda.get_device_name() if engine.device.type == "cuda" else platform.processor() or "cpu",
                    "engine": {k: v for k, v in kw.items()}, "stats": vars(engine.stats())})
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    _write_bench_out(out, result)
     click.echo(json.dumps(result, sort_keys=True) if as_json else B.table(result))
+
+
+def _check_bench_out(out: str | None) -> None:
+    """--out's folder must exist before the benchmark runs, not after it (a missing one lost the whole run)."""
+    if out and not Path(out).resolve().parent.is_dir():
+        raise LmcError(f"--out {out}: the folder {Path(out).resolve().parent} does not exist; create it or pick another "
+                       "path")
+
+
+def _write_bench_out(out: str | None, result: dict) -> None:
+    """The JSON result to --out, whole or not at all (a temporary file beside it, then a rename)."""
+    if out:
+        tmp = Path(out).with_name(f".{Path(out).name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        os.replace(tmp, out)
 
 
 def _bench_url(url, api_key, num_prompts, concurrency, dataset, input_len, output_len, range_ratio, seed, as_json, out):
@@ -613,8 +638,7 @@ def _bench_url(url, api_key, num_prompts, concurrency, dataset, input_len, outpu
                          show_progress=not as_json and sys.stderr.isatty())
     result.update({"path": url, "num_prompts": num_prompts, "concurrency": concurrency, "dataset": dataset,
                    "model": card["id"], "max_model_len": card.get("max_model_len")})
-    if out:
-        Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+    _write_bench_out(out, result)
     click.echo(json.dumps(result, sort_keys=True) if as_json else B.table(result))
 
 
@@ -649,11 +673,14 @@ CPU_EVAL_TOKENS = 40 * 512  # tokens `eval ppl` scores on the CPU by default: a 
 @click.option("--quant-policy", type=click.Choice(["0", "4", "8"]), default="0", show_default=True,
               help="KV cache: 0 dense, no cache; 8 int8 or 4 int4: windows run in 64-token chunks through a "
                    "quantized paged cache, as decoding reads it")
+@click.option("--lm-head", type=click.Choice(["float", "int4"]), default="float", show_default=True,
+              help="int4: quantize the float lm_head at load, as the engine's --lm-head int4 does")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
 @click.option("--fail-above", type=float, default=None, metavar="X",
               help="exit 1 when the perplexity is above X or not finite (a CI gate)")
 @user_errors
-def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quant_policy, as_json, fail_above):
+def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quant_policy, lm_head, as_json,
+             fail_above):
     """Perplexity of a model on a text (wikitext2, ptb or a file).
 
     PATH is a workspace, an HF or AWQ model folder, or a GGUF file. The text is tokenized once as a whole with the workspace's tokenizer (its own special
@@ -693,7 +720,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
     ids = Tokenizer(ws.tokenizer_dir).encode(text.text)
     windows = torch.from_numpy(eval_windows(ids, seqlen, max_windows))  # [n, seqlen]
     dtype = compute_dtype(dev, ws.dtype)
-    model = Model(ws, dev, dtype)
+    model = Model(ws, dev, dtype, lm_head=lm_head)
     bar = tqdm(total=windows.shape[0], desc="ppl", unit="window", disable=as_json or not sys.stderr.isatty())
     begin = time.perf_counter()
     result = perplexity(model, windows, batch_size, progress=bar.update, quant_policy=int(quant_policy))
@@ -708,7 +735,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
             **numbers, "ppl_error": problem, "windows_total": total, "dataset": dataset, "split": split if named else None,
             "source": _text_origin(text.source), "text_source": text.source, "text_sha256": text.sha256,
             "text_tokens": len(ids), "workspace": str(ws.path), "device": dev.type,
-            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "quant_policy": int(quant_policy), "seconds": round(seconds, 3),
+            "dtype": str(dtype).removeprefix("torch."), "batch_size": batch_size, "quant_policy": int(quant_policy), "lm_head": lm_head, "seconds": round(seconds, 3),
             "total_seconds": round(time.perf_counter() - started, 3)}, sort_keys=True, allow_nan=False))
     else:
         click.echo(f"ppl {result['ppl']:.3f} ({label}, {result['windows']} of {total} windows x {result['seqlen']} tokens, "

@@ -6,6 +6,9 @@ from dataclasses import dataclass
 from lmc.errors import LmcError
 
 
+MAX_THREADS = 1024  # CPU threads torch is asked for at most: OpenMP fails to start ~20,000 and crashes past that
+
+
 @dataclass
 class EngineConfig:
     """Runtime settings, named as LMDeploy's TurbomindEngineConfig / PytorchEngineConfig name them."""
@@ -15,6 +18,7 @@ class EngineConfig:
     cache_max_entry_count: float = 0.8  # fraction of free device memory (CPU: of cpu_cache_budget_gb)
     cache_block_seq_len: int = 64  # tokens per KV block
     quant_policy: int = 0  # KV cache: 0 float, 8 int8, 4 int4 (online, per token and head; docs/kv-cache.md)
+    lm_head: str = "float"  # "int4": the float lm_head quantized at load (RTN, lmc-int4-k8; docs/cli.md)
     tp: int | None = None  # tensor-parallel ranks; None: what the workspace is split for (runtime/distributed.py)
     max_prefill_token_num: int = 8192  # tokens computed per step: longer prompts are prefilled in chunks
     enable_prefix_caching: bool = True  # share full KV blocks between requests with a common prefix
@@ -37,6 +41,8 @@ class EngineConfig:
         if self.quant_policy not in (0, 4, 8):
             raise LmcError(f"quant_policy={self.quant_policy} is not a KV cache policy; "
                            "use 0 (float), 8 (int8) or 4 (int4)")
+        if self.lm_head not in ("float", "int4"):
+            raise LmcError(f"lm_head={self.lm_head!r} is not an lm_head precision; use 'float' or 'int4'")
         if not 0.0 < self.cache_max_entry_count <= 1.0:
             raise LmcError(f"cache_max_entry_count must be in (0, 1], got {self.cache_max_entry_count}")
         positive_int("max_batch_size", self.max_batch_size)
@@ -49,6 +55,9 @@ class EngineConfig:
                 raise LmcError(f"session_len must be at least 2, got {self.session_len}")
         if self.threads is not None:
             positive_int("threads", self.threads)
+            if self.threads > MAX_THREADS:
+                raise LmcError(f"threads={self.threads} is more than lmc starts ({MAX_THREADS}); leave it unset to use "
+                               "the free cores")
         if self.tp is not None:
             positive_int("tp", self.tp)
         if self.device is None and self.device_type is not None:

@@ -212,7 +212,7 @@ def setup_rank(rank, ws: Workspace, config: EngineConfig, device: torch.device) 
         threads = config.threads or max(1, default_threads() // (shard.tp if shard else 1))
         rank.threads = set_cpu_threads(threads)
     rank.dtype = getattr(torch, config.dtype) if config.dtype else compute_dtype(device, ws.dtype)
-    rank.model = Model(ws, device, rank.dtype, shard)
+    rank.model = Model(ws, device, rank.dtype, shard, config.lm_head)
     graphs = device.type == "cuda" and config.cuda_graph
     local = rank.model.cfg
     num_blocks = plan_num_blocks(local, config, rank.dtype, device, reserved_blocks=GRAPH_SCRATCH_BLOCKS if graphs else 0)

@@ -24,7 +24,7 @@ from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
 from lmc.kernels.w4a16_tuning import has_mma
 from lmc.errors import LmcError
 from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape, rank_config
-from lmc.format.int4 import dequantize_lmc
+from lmc.format.int4 import dequantize_lmc, quantize_int4, to_lmc_tensors
 from lmc.format.config import ModelConfig
 from lmc.runtime.device import host_available
 from lmc.runtime.rope import Rope
@@ -201,13 +201,33 @@ def load_linear(ws: Workspace, base: str, device, dtype, in_features: int, dense
     if ws.has(base + ".weight"):
         return load_tensor(ws, base + ".weight", device, dtype)
     qweight, scales, zeros = (load_tensor(ws, base + leaf, device, dtype) for leaf in INT4_LEAVES)
-    group = ws.quantization["group_size"]
+    return int4_linear(qweight, scales, zeros, ws.quantization["group_size"], in_features, dtype, dense, silu)
+
+
+def int4_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, in_features: int,
+                dtype: torch.dtype, dense: bool = False, silu: bool = False):
+    """lmc-int4-k8 tensors on their device -> what `linear` takes: an Int4Weight (with the mma layout where
+    mma_wanted), or with `dense` the dequantized float [N, K] weight."""
     if dense:
         return dequantize_lmc(qweight, scales, zeros, group, in_features).t().to(dtype).contiguous()  # [N, K]
-    device = torch.device(device)
-    if mma_wanted(device, dtype, qweight.shape[0] * 8, qweight.shape[1], group, silu):
+    if mma_wanted(qweight.device, dtype, qweight.shape[0] * 8, qweight.shape[1], group, silu):
         return Int4Weight(qweight, scales, zeros, group, mma_layout(qweight, scales, zeros, group, silu), silu)
     return Int4Weight(qweight, scales, zeros, group)
+
+
+LM_HEAD_GROUP = 128  # the int4 lm_head's group size when the workspace is float (a quantized one's own otherwise)
+_QUANTIZE_ROWS = 8192  # lm_head rows quantized at a time: the float32 temporaries stay ~0.1-0.2 GB at H = 4096
+
+
+def quantize_lm_head(w: torch.Tensor, group: int, dtype: torch.dtype, dense: bool = False):
+    """A float lm_head [V, H] quantized where it lies (RTN, asymmetric, groups of `group` along H: the workspace
+    codec's lmc-int4-k8), in blocks of rows so that no temporary grows with the vocabulary -> int4_linear's
+    result (`dense`: dequantized again, the CPU's path). Deterministic: the same weight in the same dtype gives
+    the same codes on every device, and a rank's rows the codes of the whole head's."""
+    parts = [to_lmc_tensors(*quantize_int4(w[r:r + _QUANTIZE_ROWS], group), dtype)
+             for r in range(0, w.shape[0], _QUANTIZE_ROWS)]  # (qweight [H/8, rows], scales, zeros [H/G, rows])
+    qweight, scales, zeros = (torch.cat(t, dim=1) for t in zip(*parts))  # [H/8, V], [H/G, V], [H/G, V]
+    return int4_linear(qweight, scales, zeros, group, w.shape[1], dtype, dense)
 
 
 def load_layer(ws: Workspace, i: int, device, dtype, dense: bool = False) -> dict:
@@ -246,7 +266,7 @@ class Model:
     rank's slice: `cfg` is that slice's config (runtime/distributed.py), and the lm_head is the shard's
     `vocab_rows` of the workspace's (a view of the embedding when tied; the embedding itself stays whole)."""
 
-    def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype, shard=None):
+    def __init__(self, ws: Workspace, device: torch.device, dtype: torch.dtype, shard=None, lm_head: str = "float"):
         if ws.tp != (shard.tp if shard is not None else 1):
             raise LmcError(f"{ws.path} is split for tp={ws.tp}; run it with --tp {ws.tp} on {ws.tp} devices, "
                            "or convert the checkpoint with --tp 1")
@@ -265,6 +285,9 @@ class Model:
         self.split_lm_head = shard is not None and shard.split_lm_head  # logits() is then a collective
         self.lm_head = self.embed[rows.start:rows.stop] if self.cfg.tie_word_embeddings else \
             load_tensor(src, "output.weight", device, dtype, rows)  # [rows, H], float in every workspace
+        if lm_head == "int4":  # EngineConfig.lm_head: quantized here, the workspace unchanged
+            group = ws.quantization["group_size"] if ws.quantization else LM_HEAD_GROUP
+            self.lm_head = quantize_lm_head(self.lm_head, group, dtype, dense=device.type == "cpu")
         self.rope = Rope(self.cfg, device)
 
     def hidden(self, input_ids: torch.Tensor, positions: torch.Tensor, ctx, max_position: int,

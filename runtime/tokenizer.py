@@ -224,6 +224,7 @@ class Tokenizer:
         return ids
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        check_unicode(text)
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
@@ -243,6 +244,17 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict]) -> list[int]:
         return self.encode(self.render_chat(messages), add_special_tokens=False)
+
+
+def check_unicode(text: str, what: str = "the text") -> None:
+    """Refuse a str that is not Unicode text, which no tokenizer takes: a lone UTF-16 surrogate (an unpaired
+    \\ud800-\\udfff JSON escape, or bytes that were not UTF-8 read with Python's surrogateescape)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise LmcError(f"{what} holds U+{ord(text[e.start]):04X} at character {e.start}, a lone surrogate (input that "
+                       "was not UTF-8, or an unpaired \\ud800-\\udfff escape in JSON), which is not text: pass valid "
+                       "UTF-8") from None
 
 
 class IncrementalDetokenizer:

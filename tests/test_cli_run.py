@@ -98,3 +98,37 @@ def test_bench_reports_every_request_and_its_latencies(checkpoint, tmp_path):
     assert json.loads(r.stdout)["completed"] == 5
     r = subprocess.run([sys.executable, "-m", "lmc", "bench", tmp_path / "ws", "--concurrency", "0"], capture_output=True, text=True)
     assert r.returncode == 2 and "--concurrency" in r.stderr
+
+
+@pytest.mark.parametrize("content,phrase", [
+    ("5", "its top level is int"), ('[{"conversations": 5}]', "0 usable conversations"),
+    ('[{"conversations": [1, 2]}]', "0 usable conversations"), ("[" * 100000, "not a readable ShareGPT JSON file")])
+def test_bench_refuses_malformed_datasets_and_a_missing_out_folder_before_running(content, phrase, checkpoint, tmp_path):
+    """Malformed ShareGPT files were tracebacks (TypeError, AttributeError, RecursionError); an --out in a missing
+    folder failed only after the whole run."""
+    convert(checkpoint("qwen2"), tmp_path / "ws")
+    (tmp_path / "d.json").write_text(content)
+    r = subprocess.run([sys.executable, "-m", "lmc", "bench", tmp_path / "ws", "--num-prompts", "2", "--device", "cpu",
+                        "--dataset", tmp_path / "d.json"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and phrase in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, "-m", "lmc", "bench", tmp_path / "ws", "--device", "cpu",
+                        "--out", tmp_path / "missing" / "b.json"], capture_output=True, text=True)
+    assert r.returncode == 1 and "the folder" in r.stderr and "does not exist" in r.stderr and \
+        r.stderr.count("\n") == 1, r.stderr
+
+
+def test_text_that_is_not_utf8_is_one_line_not_a_traceback(checkpoint, tmp_path):
+    """A prompt argument or a chat line of bytes that are not UTF-8 reaches Python as lone surrogates, which the
+    tokenizer library refused with a TypeError traceback."""
+    convert(checkpoint("qwen2"), tmp_path / "ws")
+    ws = str(tmp_path / "ws").encode()
+    r = subprocess.run([sys.executable.encode(), b"-m", b"lmc", b"generate", ws, b"a\xffb", b"--device", b"cpu",
+                        b"--max-new-tokens", b"2"], capture_output=True, timeout=300)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 1 and "Traceback" not in err and err.count("\n") == 1, err
+    assert "holds U+DCFF at character" in err and "a lone surrogate" in err, err
+    # chat says so, drops that line and answers the next
+    r = subprocess.run([sys.executable.encode(), b"-m", b"lmc", b"chat", ws, b"--device", b"cpu", b"--max-new-tokens",
+                        b"2"], input=b"a\xffb\nhello\nexit\n", capture_output=True, timeout=300)
+    err = r.stderr.decode(errors="replace")
+    assert r.returncode == 0 and "Traceback" not in err and err.count("a lone surrogate") == 1, err

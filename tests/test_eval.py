@@ -23,7 +23,7 @@ from lmc.format.workspace import Workspace
 
 JSON_KEYS = {"ppl", "nll", "ppl_error", "windows", "windows_total", "seqlen", "tokens", "dataset", "split", "source",
              "text_source", "text_sha256", "text_tokens", "workspace", "device", "dtype", "batch_size", "seconds",
-             "total_seconds", "quant_policy"}
+             "total_seconds", "quant_policy", "lm_head"}
 SEQLEN = 33
 
 

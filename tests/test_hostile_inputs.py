@@ -229,3 +229,14 @@ def test_read_capped_stops_at_its_limit_and_never_blocks_on_a_pipe(tmp_path):
             read_capped(path, 10)
     with pytest.raises(FileNotFoundError):
         read_capped(tmp_path / "missing", 10)
+
+
+@pytest.mark.parametrize("rope", [{"type": "llama3"}, {"type": "linear"}, {"factor": 2.0}])
+def test_rope_scaling_without_its_keys_is_one_line(workspace, rope):
+    """A rope_scaling entry lacking type or factor was a 47-line TypeError traceback (an extra key was refused)."""
+    from lmc.format.writing import bytes_record
+
+    _edit_json(workspace / "lmc.json", lambda m: m["model"].update(rope_scaling=rope))
+    _edit_json(workspace / "manifest.json",
+               lambda m: m["files"].__setitem__("lmc.json", bytes_record((workspace / "lmc.json").read_bytes())))
+    _one_line(_cli("inspect", workspace), "rope_scaling is malformed (it needs type and factor")

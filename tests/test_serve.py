@@ -260,6 +260,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"frequency_penalty": 0.5}, AUTH, 400, "frequency_penalty"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, AUTH, 400, "tools"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, AUTH, 400, "response_format"),
+    ("/v1/chat/completions", {"tool_choice": "required"}, AUTH, 400, "tool_choice"),
+    ("/v1/chat/completions", {"functions": [{"name": "f"}]}, AUTH, 400, "functions"),
+    ("/v1/chat/completions", {"function_call": {"name": "f"}}, AUTH, 400, "function_call"),
+    ("/v1/chat/completions", {"echo": True}, AUTH, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 5}, AUTH, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "end"}, AUTH, 400, "suffix"),
     ("/v1/chat/completions", {"chat_template": "{{ raise_exception('roles must alternate') }}"}, AUTH, 400, "messages"),
     ("/v1/chat/completions", {"model": "gpt-4o"}, AUTH, 404, "model_not_found"),
     ("/v1/chat/completions", {}, {}, 401, "invalid_api_key"),
@@ -271,6 +277,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": [1.5]}, AUTH, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "echo": True}, AUTH, 400, "echo"),
     ("/v1/completions", "{not json", AUTH, 400, None),
+    # lone surrogates (JSON escapes no tokenizer takes): 400 naming the field, not a 500
+    ("/v1/completions", '{"prompt": "a\\ud800b", "max_tokens": 1}', AUTH, 400, "prompt"),
+    ("/v1/completions", '{"prompt": ["ok", "\\udfff"], "max_tokens": 1}', AUTH, 400, "prompt"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "a\\ud800"}], "max_tokens": 1}', AUTH, 400,
+     "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\ud800"}]}]}',
+     AUTH, 400, "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "us\\ud800er", "content": "hi"}]}', AUTH, 400, "messages"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "hi"}], "chat_template": "{{ \'\\ud800\' }}"}',
+     AUTH, 400, "chat_template"),
     ("/v1/nothing", {}, AUTH, 404, None),
 ]
 
@@ -332,6 +348,17 @@ def test_disconnect_frees_blocks(server):
     assert chat(server.client(headers=AUTH), "hi", max_tokens=2)["choices"]
 
 
+def test_more_choices_than_the_queue_holds_run_on_an_idle_server(server):
+    """--max-queue 6: a call for 8 choices (or 4 prompts x 2) is admitted when nothing waits, not a 429 for ever."""
+    server.wait_idle()
+    c = server.client(headers=AUTH)
+    r = c.post("/v1/completions", json={"prompt": "hi", "n": 8, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert sorted(ch["index"] for ch in r.json()["choices"]) == list(range(8))
+    r = c.post("/v1/completions", json={"prompt": ["a", "b", "c", "d"], "n": 2, "max_tokens": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
+
+
 def test_a_full_queue_answers_429_and_waiting_clients_can_leave(tokenizer_dir, tmp_path):
     """2 sequences run and 6 wait (--max-batch-size 2 --max-queue 6): the next request gets 429. The requests are
     long (20,000 tokens), so none finishes while the queue fills, however slow the machine."""
@@ -349,6 +376,7 @@ def test_a_full_queue_answers_429_and_waiting_clients_can_leave(tokenizer_dir, t
         r = server.client(headers=AUTH).post("/v1/chat/completions",
                                              json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
         assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert "(6 sequences waiting, --max-queue 6)" in r.json()["error"]["message"]
         for s in socks:
             s.close()
         m = server.wait_idle()  # the waiting ones were aborted as well as the running ones

@@ -45,9 +45,10 @@ def test_tp2_greedy_equals_tp1(case, overrides, checkpoint, tmp_path):
     assert _tokens(tmp_path / "tp2") == _tokens(tmp_path / "tp1")
 
 
-def _logits(ws, gen: GenerationConfig) -> list[torch.Tensor]:
+def _logits(ws, gen: GenerationConfig, **kw) -> list[torch.Tensor]:
     """Prefill in chunks of 6 tokens: some forwards sample no row, some a prompt's last token beside decodes."""
-    engine = Engine(str(ws), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1, max_prefill_token_num=6))
+    engine = Engine(str(ws), EngineConfig(device="cpu", cpu_cache_budget_gb=0.05, threads=1, max_prefill_token_num=6,
+                                          **kw))
     try:
         return [r.logits for r in engine.generate(PROMPTS, gen)]
     finally:
@@ -68,6 +69,20 @@ def test_split_lm_head_gathers_the_logits_of_tp1(case, overrides, checkpoint, tm
         assert a.shape == b.shape == (4, vocab) and a.dtype == b.dtype == torch.float32
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
         assert torch.equal(b.argmax(-1), a.argmax(-1))
+
+
+def test_int4_lm_head_split_over_ranks_gives_the_tp1_logits(checkpoint, tmp_path):
+    """--lm-head int4 at tp = 2: each rank quantizes its vocabulary rows (codes per row, so the same as the whole
+    head's); the gathered logits are tp = 1's with the int4 head, and not the float head's."""
+    ckpt = checkpoint("llama3", vocab_size=417)
+    convert(ckpt, tmp_path / "tp1")
+    convert(ckpt, tmp_path / "tp2", tp=2)
+    gen = GenerationConfig(max_new_tokens=4, ignore_eos=True, output_logits="generation")
+    one, two = _logits(tmp_path / "tp1", gen, lm_head="int4"), _logits(tmp_path / "tp2", gen, lm_head="int4")
+    float_head = _logits(tmp_path / "tp1", gen)
+    for a, b, f in zip(one, two, float_head):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(a, f, rtol=1e-4, atol=1e-4)
 
 
 def _gather_on_rank(rank: int, tp: int, store: str, cases: list, queue) -> None:

@@ -34,7 +34,7 @@ from starlette.exceptions import HTTPException
 
 from lmc.errors import LmcError
 from lmc.runtime.sampling import GenerationConfig
-from lmc.runtime.tokenizer import NO_TEMPLATE_NOTE
+from lmc.runtime.tokenizer import NO_TEMPLATE_NOTE, check_unicode
 from lmc.runtime.vision import MAX_IMAGES, image_parts, multimodal_prompt
 from lmc.serve.metrics import Metrics
 from lmc.serve.protocol import (MAX_CHOICES, ApiError, ChatCompletionRequest, Choice, CompletionRequest, SamplingFields,
@@ -242,6 +242,22 @@ def _text_chars(messages: list[dict]) -> int:
     return sum(len(m["role"]) + text(m["content"]) for m in messages)
 
 
+def _check_strings(value, what: str) -> None:
+    """400 naming `what` for a lone surrogate in any string of a request field (JSON lets "\\ud800" through; no
+    tokenizer takes it). The body is bounded, so is the walk."""
+    if isinstance(value, str):
+        try:
+            check_unicode(value, what)
+        except LmcError as e:
+            raise ApiError(400, str(e), what.split("[")[0].split(".")[0]) from None
+    elif isinstance(value, dict):
+        for key, v in value.items():
+            _check_strings(v, f"{what}.{key}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_strings(v, f"{what}[{i}]")
+
+
 def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
@@ -336,9 +352,12 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         if len(prompts) * body.choices > MAX_CHOICES:
             raise ApiError(400, f"{len(prompts)} prompts with n = {body.choices} are {len(prompts) * body.choices} "
                            f"choices; a call asks for at most {MAX_CHOICES}: send fewer prompts per call", "n")
-        if options.max_queue is not None and engine.stats().waiting + len(prompts) * body.choices > options.max_queue:
-            raise ApiError(429, f"the server's queue is full ({options.max_queue} requests waiting); retry later",
-                           code="queue_full", kind="rate_limit_error")
+        waiting = engine.stats().waiting  # sequences: each choice of each prompt is one
+        if options.max_queue is not None and waiting and waiting + len(prompts) * body.choices > options.max_queue:
+            # an idle queue takes any call (its choices are bounded above): one asking for more than --max-queue
+            # choices would otherwise be refused for ever
+            raise ApiError(429, f"the server's queue is full ({waiting} sequences waiting, --max-queue "
+                           f"{options.max_queue}); retry later", code="queue_full", kind="rate_limit_error")
         return gens
 
     def stream(events) -> StreamingResponse:
@@ -384,6 +403,8 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
             tokenizer.chat_template = body.chat_template
         messages = [m.as_template_input() for m in body.messages]
         check_text(_text_chars(messages), "messages")
+        _check_strings(messages, "messages")
+        _check_strings(body.chat_template, "chat_template")
         placed = []
         if any(image_parts(m["content"]) for m in messages):
             try:  # fetching, decoding and preprocessing off the event loop
@@ -431,6 +452,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         for p in body.prompts():
             if isinstance(p, str):
                 check_text(len(p), "prompt")
+                _check_strings(p, "prompt")
         prompts = [engine.tokenizer.encode(p) if isinstance(p, str) else p for p in body.prompts()]
         call_id, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         call = _Call(engine, metrics, request, call_id, prompts, configs(body, prompts, "prompt"))

@@ -142,7 +142,11 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = None
     chat_template: str | None = None  # lmc extra: a Jinja chat template used instead of the model's
     tools: list | None = None  # refused: lmc does not call tools
+    tool_choice: str | dict | None = None  # refused unless "none"
+    functions: list | None = None  # the tools' older names, refused alike
+    function_call: str | dict | None = None
     response_format: dict | None = None  # refused unless {"type": "text"}
+    echo: bool | None = None  # vLLM's chat extension, refused: lmc does not echo the prompt
 
     def check(self) -> None:
         """Refuse what lmc cannot honour, rather than ignore it."""
@@ -152,6 +156,14 @@ class ChatCompletionRequest(SamplingFields):
             raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
         if self.tools:
             raise ApiError(400, "tools are not supported by lmc", "tools")
+        if self.functions:
+            raise ApiError(400, "functions are not supported by lmc", "functions")
+        for name in ("tool_choice", "function_call"):
+            if getattr(self, name) not in (None, "none"):
+                raise ApiError(400, f"{name} is not supported by lmc (it calls no tools): leave it out or send \"none\"",
+                               name)
+        if self.echo:
+            raise ApiError(400, "echo is not supported by lmc", "echo")
         if self.chat_template is not None and len(self.chat_template) > MAX_TEMPLATE_CHARS:
             raise ApiError(400, f"chat_template is {len(self.chat_template)} characters; at most {MAX_TEMPLATE_CHARS} "
                            "are taken (start the server with --chat-template FILE for a larger one)", "chat_template")
@@ -169,10 +181,16 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     logprobs: int | None = None
     echo: bool | None = None
+    best_of: int | None = None  # refused above 1: lmc returns every choice it samples (ask for n)
+    suffix: str | None = None  # refused unless empty: lmc does not fill in the middle
 
     def check(self) -> None:
         if self.echo:
             raise ApiError(400, "echo is not supported by lmc", "echo")
+        if self.best_of not in (None, 1):
+            raise ApiError(400, "best_of is not supported by lmc: ask for n choices and pick among them", "best_of")
+        if self.suffix:
+            raise ApiError(400, "suffix is not supported by lmc (no fill-in-the-middle)", "suffix")
 
     def requested_max_tokens(self) -> int | None:
         return COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens
