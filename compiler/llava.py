@@ -23,10 +23,10 @@ import torch
 
 from lmc.compiler.readers import Source, open_source
 from lmc.errors import LmcError
-from lmc.format.vision import VISION_GLOBAL_SOURCES, VISION_LAYER_SOURCES, VisionConfig, is_llava, vision_tensors
+from lmc.format.vision import (PROCESSOR_FILES, VISION_GLOBAL_SOURCES, VISION_LAYER_SOURCES,  # noqa: F401 - re-exported
+                               VisionConfig, is_llava, vision_tensors)
 
 IMAGE_TOKEN = "<image>"
-PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")
 _TEXT = re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(.*)$")  # HF layout -> the Llama name after `model.`
 _HF_HEAD = re.compile(r"^(?:language_model\.)?lm_head\.weight$")
 _PROJECTOR = {"hf": ("multi_modal_projector.linear_1", "multi_modal_projector.linear_2"),

@@ -6,10 +6,8 @@ import json
 from pathlib import Path
 
 from lmc.errors import LmcError
-from lmc.format.paths import MAX_TOKENIZER_FILE_BYTES, confined, read_capped
+from lmc.format.paths import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, confined, read_capped  # noqa: F401 - TOKENIZER_FILES re-exported
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json", "tokenizer.model")  # what a workspace's tokenizer/ folder may hold
 
 
 def read_tokenizer_files(folder: Path) -> dict[str, bytes]:

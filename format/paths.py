@@ -7,6 +7,8 @@ import stat
 from pathlib import Path, PurePosixPath
 
 MAX_TOKENIZER_FILE_BYTES = 128 << 20  # a tokenizer file (the largest real tokenizer.json are ~35 MB)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "generation_config.json", "tokenizer.model")  # what a workspace's tokenizer/ folder may hold
 
 
 class NotRegularFile(OSError):

@@ -34,6 +34,7 @@ VISION_ACTS = ("quick_gelu", "gelu")
 PROJECTOR_ACTS = ("gelu", "quick_gelu", "gelu_pytorch_tanh", "silu", "relu")
 SELECTS = ("default", "full")  # default: drop the CLS feature; full: keep it
 RESAMPLES = (0, 1, 2, 3, 4, 5)  # PIL's resampling filters (3: bicubic)
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json", "chat_template.json")  # a LLaVA folder's image settings
 MAX_GRID_PINPOINTS = 64
 _LIMIT = 1 << 16
 

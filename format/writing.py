@@ -28,7 +28,9 @@ import numpy as np
 
 from lmc.errors import WorkspaceError, one_line
 from lmc.format.hashing import CHUNK, DIRECT_BLOCK, hasher
-from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES
+from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES, _read_json, check_manifest
+from lmc.format.paths import TOKENIZER_FILES
+from lmc.format.vision import PROCESSOR_FILES
 
 ALIGN = 64  # bytes; data section start and (where sizes allow) every tensor
 SHARD_BYTES = 2 * 1024**3
@@ -273,6 +275,8 @@ def shard_name(rank: int | None, index: int, count: int) -> str:
 
 
 LMC_MARKERS = ("lmc.json", "lmc_provenance.json")  # one of these is at the top of every folder lmc writes
+HF_OUTPUT_FILES = ("config.json", "model.safetensors", "lmc_provenance.json", *TOKENIZER_FILES, *PROCESSOR_FILES)  # what
+# `lmc quantize --format awq|compressed-tensors` writes
 
 
 def output_path(out) -> Path:
@@ -282,17 +286,41 @@ def output_path(out) -> Path:
     return Path(os.path.realpath(out)) if out.name in ("", "..") else out
 
 
-def _lmc_output(folder: Path) -> bool:
-    """Whether `folder` is empty or was written by lmc (a workspace's lmc.json, an HF checkpoint's lmc_provenance.json)."""
+def _files_under(folder: Path) -> Iterator[str]:
+    """Every file and link anywhere under `folder` (a link to a folder is not entered), as a relative POSIX path."""
+    for parent, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(parent, d))]
+        for name in files + links:
+            yield Path(parent, name).relative_to(folder).as_posix()
+
+
+def _foreign_file(folder: Path) -> str | None:
+    """A file in `folder` that is not part of an lmc output, or None where --force may replace the folder: an empty
+    folder, a workspace whose manifest.json lists every file in it (one with an unreadable manifest may hold only
+    lmc.json and manifest.json), an HF checkpoint of `lmc quantize` holding only the files it writes. A folder
+    with neither marker gives its first file."""
     try:
-        return not os.listdir(folder) or any(os.path.isfile(folder / name) for name in LMC_MARKERS)
-    except OSError:
-        return False
+        if (folder / "lmc.json").is_file():
+            listed = {"lmc.json", "manifest.json"}
+            try:
+                manifest = _read_json(folder / "manifest.json")
+                check_manifest(manifest, folder, folder / "manifest.json")
+                listed.update(manifest["files"])
+            except WorkspaceError:
+                pass
+            return next((rel for rel in _files_under(folder) if rel not in listed), None)
+        if (folder / "lmc_provenance.json").is_file():
+            return next((e.name for e in os.scandir(folder) if e.name not in HF_OUTPUT_FILES
+                         or not e.is_file(follow_symlinks=False)), None)
+        return next(iter(sorted(os.listdir(folder))), None)
+    except OSError as e:
+        return e.filename or folder.name
 
 
 def check_existing(out: Path, force: bool, appeared: bool = False) -> None:
     """Refuse what is at `out` unless --force may replace it: a symlink (the link goes, not what it points to),
-    an empty folder or a folder lmc wrote. A user's file or folder is never deleted, with or without --force."""
+    an empty folder or a folder lmc wrote that holds nothing else (_foreign_file). A user's file or folder is never
+    deleted, with or without --force."""
     if not os.path.lexists(out):
         return
     if appeared and not force:
@@ -300,9 +328,13 @@ def check_existing(out: Path, force: bool, appeared: bool = False) -> None:
     if not out.is_symlink():
         if not out.is_dir():
             raise WorkspaceError(f"{out} is a file; lmc writes a folder there: move the file away or choose another --output")
-        if not _lmc_output(out):
-            raise WorkspaceError(f"{out} holds files that lmc did not write (no {' or '.join(LMC_MARKERS)}); --force "
-                                 "replaces only an lmc output: move them away or choose another --output")
+        foreign = _foreign_file(out)
+        if foreign is not None:
+            marked = any(os.path.isfile(out / name) for name in LMC_MARKERS)
+            what = ("which the lmc output there does not list" if marked
+                    else f"and no {' or '.join(LMC_MARKERS)}, so lmc did not write it")
+            raise WorkspaceError(f"{out} holds {foreign}, {what}; --force replaces only an lmc output and never "
+                                 "deletes a file of yours: move it away or choose another --output")
     if not force:
         raise WorkspaceError(f"{out} already exists; pass --force to replace it")
 
