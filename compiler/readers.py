@@ -26,6 +26,7 @@ class SafetensorsReader:
 
         self.files = files
         self._where: dict[str, object] = {}
+        self._file_of: dict[str, Path] = {}
         self._handles = []
         for f in files:
             if not f.is_file():
@@ -37,7 +38,10 @@ class SafetensorsReader:
                                "truncated") from None
             self._handles.append(h)
             for name in h.keys():
-                self._where[name] = h
+                if name in self._where:
+                    raise LmcError(f"tensor {name} is in both {self._file_of[name]} and {f}; the checkpoint is "
+                                   "inconsistent: keep one copy (re-download it)")
+                self._where[name], self._file_of[name] = h, f
         for f in files:
             self._check_size(f)
 
@@ -57,7 +61,11 @@ class SafetensorsReader:
         return tuple(self._where[name].get_slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _ST_DTYPES[self._where[name].get_slice(name).get_dtype()]
+        st_dtype = self._where[name].get_slice(name).get_dtype()
+        if st_dtype not in _ST_DTYPES:
+            raise LmcError(f"tensor {name} in {self._file_of[name]} has dtype {st_dtype}, which lmc does not convert "
+                           f"(it reads {', '.join(_ST_DTYPES)}); convert a checkpoint of float weights")
+        return _ST_DTYPES[st_dtype]
 
     def get(self, name: str) -> torch.Tensor:
         return self._where[name].get_tensor(name)
@@ -72,6 +80,7 @@ class TorchBinReader:
     def __init__(self, files: list[Path]):
         self.files = files
         self._tensors: dict[str, torch.Tensor] = {}
+        self._file_of: dict[str, Path] = {}
         for f in files:
             if not f.is_file():
                 raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
@@ -86,6 +95,11 @@ class TorchBinReader:
                                                       for k, v in state.items()):
                 raise LmcError(f"{f} is not a state dict (tensor name -> tensor); the checkpoint is corrupt or not "
                                "a model's weights")
+            for name in state:
+                if name in self._file_of:
+                    raise LmcError(f"tensor {name} is in both {self._file_of[name]} and {f}; the checkpoint is "
+                                   "inconsistent: keep one copy (re-download it)")
+                self._file_of[name] = f
             self._tensors.update(state)
 
     def names(self) -> list[str]:

@@ -53,3 +53,40 @@ def test_force_never_deletes_a_file_the_workspace_does_not_list(f16, tmp_path):
     (hf / "data.csv").unlink()
     convert(src, hf, force=True)
     assert (hf / "manifest.json").is_file()
+
+
+# ----------------------------------------------------------------------------- safetensors tensors
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32"])  # the torch-free converter, then the torch one
+def test_tensor_in_two_shards_is_refused_naming_both(dtype, f16, tmp_path):
+    """A tensor in two safetensors files was converted silently, the last file's copy winning."""
+    from safetensors.torch import load_file, save_file
+
+    src = f16()
+    state = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    save_file(state, src / "a.safetensors", metadata={"format": "pt"})
+    save_file({"model.norm.weight": torch.full_like(state["model.norm.weight"], 7.0)}, src / "b.safetensors",
+              metadata={"format": "pt"})
+    with pytest.raises(LmcError, match=r"tensor model.norm.weight is in both \S*a.safetensors and \S*b.safetensors") as e:
+        convert(src, tmp_path / "ws", dtype=dtype)
+    assert "\n" not in str(e.value) and not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("st_dtype,torch_dtype", [("U16", "uint16"), ("I16", "int16"), ("U32", "uint32"),
+                                                  ("BOOL", "bool"), ("F8_E4M3", "float8_e4m3fn"),
+                                                  ("F8_E5M2", "float8_e5m2"), ("C64", "complex64")])
+def test_tensor_of_an_unread_dtype_is_one_line(st_dtype, torch_dtype, f16, tmp_path):
+    """A safetensors dtype outside lmc's table was a KeyError traceback."""
+    from safetensors.torch import load_file, save_file
+
+    src = f16()
+    name = "model.layers.0.input_layernorm.weight"
+    state = load_file(src / "model.safetensors")
+    state[name] = torch.ones(state[name].shape).to(getattr(torch, torch_dtype))
+    save_file(state, src / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(LmcError, match=f"tensor {name} in \\S*model.safetensors has dtype {st_dtype}, which lmc "
+                                       "does not convert") as e:
+        convert(src, tmp_path / "ws")
+    assert "\n" not in str(e.value) and not (tmp_path / "ws").exists()
