@@ -191,7 +191,7 @@ def _rope(hf: dict) -> tuple[float, RopeScaling | None]:
     if not isinstance(params, dict):
         raise LmcError(f"config.json's rope_scaling/rope_parameters is {params!r}, not an object")
     params = dict(params)
-    theta = params.pop("rope_theta", None) or hf.get("rope_theta") or 10000.0
+    theta = _given(params.pop("rope_theta", None), hf.get("rope_theta"), 10000.0)  # 0 is refused, not replaced
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type == "default":
         return _number(theta, "rope_theta"), None
@@ -211,6 +211,11 @@ def _number(value, key: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LmcError(f"config.json's {key} is {value!r}, not a number")
     return float(value)
+
+
+def _given(*values):
+    """The first value that is not None (null or absent in config.json); a 0 or false is kept, to be checked."""
+    return next(v for v in values if v is not None)
 
 
 def _id_list(value) -> tuple[int, ...]:
@@ -236,7 +241,7 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         raise LmcError(f"unknown architecture model_type={model_type!r} ({hf.get('architectures')}); lmc supports {known}")
     num_heads = _required(hf, "num_attention_heads")
     hidden = _required(hf, "hidden_size")
-    qkv_bias = True if spec.qkv_bias_forced else hf.get("attention_bias", hf.get("bias", spec.qkv_bias))
+    qkv_bias = True if spec.qkv_bias_forced else _given(hf.get("attention_bias"), hf.get("bias"), spec.qkv_bias)
     head_dim = hf.get("head_dim")
     if head_dim is None and isinstance(hidden, int) and isinstance(num_heads, int) and num_heads > 0:
         head_dim = hidden // num_heads
@@ -253,8 +258,8 @@ def model_config_from_hf(hf: dict) -> ModelConfig:
         rms_norm_eps=_number(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         rope_theta=theta,
         max_position_embeddings=hf.get("max_position_embeddings", 4096),
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        qkv_bias=bool(qkv_bias),
+        tie_word_embeddings=_given(hf.get("tie_word_embeddings"), False),  # ModelConfig refuses a non-bool ("false")
+        qkv_bias=qkv_bias,
         qk_norm=spec.qk_norm,
         rope_scaling=scaling,
         bos_token_id=hf.get("bos_token_id"),

@@ -90,3 +90,23 @@ def test_tensor_of_an_unread_dtype_is_one_line(st_dtype, torch_dtype, f16, tmp_p
                                        "does not convert") as e:
         convert(src, tmp_path / "ws")
     assert "\n" not in str(e.value) and not (tmp_path / "ws").exists()
+
+
+# ----------------------------------------------------------------------------- config.json values
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"tie_word_embeddings": "false"}, "config value tie_word_embeddings='false' must be true or false"),
+    ({"attention_bias": "false"}, "config value qkv_bias='false' must be true or false"),
+    ({"attention_bias": 0}, "config value qkv_bias=0 must be true or false"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": 0}}, "config value rope_theta=0.0 must be a positive number"),
+])
+def test_config_values_are_not_coerced(change, message, f16, tmp_path):
+    """bool() made "false" true (lm_head.weight then dropped as if tied, q/k/v biases expected), and a rope_theta of
+    0 was replaced by 10000 (`x or 10000.0`)."""
+    src = f16()
+    _edit_json(src / "config.json", lambda c: c.update(change))
+    for dtype in ("auto", "float32"):
+        with pytest.raises(LmcError, match=message.replace("(", r"\(")) as e:
+            convert(src, tmp_path / dtype, dtype=dtype)
+        assert "\n" not in str(e.value) and not (tmp_path / dtype).exists()
