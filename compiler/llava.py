@@ -306,7 +306,7 @@ def _processor_settings(folder: Path) -> tuple[dict, Path]:
             continue
         try:
             settings = json.loads(path.read_bytes())
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:  # ValueError: also an integer over Python's digit limit
             raise LmcError(f"{path} is not valid JSON ({e})") from None
         settings = settings.get(key) if key and isinstance(settings, dict) else settings
         if isinstance(settings, dict):
@@ -318,7 +318,7 @@ def _processor_settings(folder: Path) -> tuple[dict, Path]:
 def _processor_template(path: Path) -> str:
     try:
         template = json.loads(path.read_bytes()).get("chat_template")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError) as e:
+    except (ValueError, RecursionError, AttributeError) as e:
         raise LmcError(f"{path} is not a processor chat template ({e})") from None
     if not isinstance(template, str):
         raise LmcError(f"{path} has no chat_template string")

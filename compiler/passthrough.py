@@ -14,7 +14,6 @@ config, a malformed header): compiler/convert.py then converts it, and says what
 """
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import struct
@@ -30,6 +29,7 @@ from lmc.errors import LmcError
 from lmc.format.archs import arch_spec, model_config_from_hf
 from lmc.format.hashing import CHUNK, BackgroundHashes
 from lmc.format.manifest import DIGEST, SAFETENSORS_DTYPES, safetensors_header_of, workspace_tensors
+from lmc.format.paths import MAX_CONFIG_BYTES, read_json
 from lmc.format.vision import is_llava
 from lmc.format.writing import (SHARD_BYTES, ITEMSIZE, PipelinedWriter, StSpec, atomic_output, file_order,
                                 finish_workspace, plan_shards, safetensors_header, shard_name, tensor_record)
@@ -100,7 +100,7 @@ def _plan(path: Path, dtype: str, tp: int | None, vision_tower) -> tuple | None:
     if tp not in (None, 1) or vision_tower is not None or not path.is_dir() or (path / "lmc.json").exists():
         return None
     try:
-        hf_config = json.loads((path / "config.json").read_bytes())
+        hf_config = read_json(path / "config.json", MAX_CONFIG_BYTES, "")  # capped, never waits on a pipe
         kind, files = weight_files(path)
         if not isinstance(hf_config, dict) or "quantization_config" in hf_config or is_llava(hf_config) or kind != "st":
             return None

@@ -14,10 +14,21 @@ import torch
 
 from lmc.errors import LmcError, one_line
 from lmc.format.int4 import GROUP_SIZES
+from lmc.format.paths import MAX_CONFIG_BYTES, json_problem, read_json
 from lmc.compiler.source_files import TOKENIZER_FILES, read_tokenizer_files, weight_files  # noqa: F401 - TOKENIZER_FILES re-exported
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
               "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
+
+
+def check_weight_file(f: Path) -> None:
+    """A weight file that is missing, or is a folder, device or pipe (which a read would wait on for ever), is one
+    line."""
+    if not f.exists():
+        raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
+    if not f.is_file():
+        raise LmcError(f"{f} is not a regular file (a folder, a device or a pipe); the checkpoint's weights must be "
+                       "files (re-download it)")
 
 
 class SafetensorsReader:
@@ -29,8 +40,7 @@ class SafetensorsReader:
         self._file_of: dict[str, Path] = {}
         self._handles = []
         for f in files:
-            if not f.is_file():
-                raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
+            check_weight_file(f)
             try:
                 h = safe_open(str(f), framework="pt")
             except Exception as e:  # safetensors raises its own error types for a bad header
@@ -82,8 +92,7 @@ class TorchBinReader:
         self._tensors: dict[str, torch.Tensor] = {}
         self._file_of: dict[str, Path] = {}
         for f in files:
-            if not f.is_file():
-                raise LmcError(f"{f} is missing; the checkpoint is incomplete (re-download it)")
+            check_weight_file(f)
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except pickle.UnpicklingError:  # weights_only refused a global: the file holds more than tensors
@@ -175,8 +184,8 @@ def _tokenizer_json_via_transformers(path: Path, files: dict[str, bytes], hf_con
     if "tokenizer_config.json" in files:
         try:
             tok_cfg = json.loads(files["tokenizer_config.json"])
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise LmcError(f"{path / 'tokenizer_config.json'} is not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise LmcError(f"{path / 'tokenizer_config.json'} is not valid JSON ({json_problem(e)})") from None
     model_auto_map = hf_config.get("auto_map")
     if (isinstance(tok_cfg, dict) and "auto_map" in tok_cfg) or (isinstance(model_auto_map, dict) and "AutoTokenizer" in model_auto_map):
         raise LmcError(f"{path} has no tokenizer.json and its tokenizer needs custom code (auto_map); lmc never "
@@ -210,12 +219,9 @@ def open_source(src: str | Path, model_format: str | None = None) -> Source:
     if not path.is_dir():
         raise LmcError(f"{path} is not a folder; for a GGUF file pass --model-format gguf")
     cfg_path = path / "config.json"
-    if not cfg_path.is_file():
+    if not cfg_path.exists():
         raise LmcError(f"{path} has no config.json; pass a Hugging Face model folder")
-    try:
-        hf_config = json.loads(cfg_path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise LmcError(f"{cfg_path} is not valid JSON ({e})") from None
+    hf_config = read_json(cfg_path, MAX_CONFIG_BYTES, "the checkpoint's config is damaged (re-download it)")
     if not isinstance(hf_config, dict):
         raise LmcError(f"{cfg_path} is not a JSON object")
     int4 = int4_scheme(hf_config, cfg_path)

@@ -56,7 +56,7 @@ def _quantized_by(path: Path) -> dict | None:
         return None
     try:
         record = json.loads(path.read_bytes())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+    except (ValueError, RecursionError) as e:  # ValueError: also an integer over Python's digit limit
         raise LmcError(f"{path} is not valid JSON ({e}); remove it or re-run `lmc quantize`") from None
     if not isinstance(record, dict):
         raise LmcError(f"{path} is not a JSON object; remove it or re-run `lmc quantize`")

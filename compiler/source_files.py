@@ -6,15 +6,21 @@ import json
 from pathlib import Path
 
 from lmc.errors import LmcError
-from lmc.format.paths import MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES, confined, read_capped  # noqa: F401 - TOKENIZER_FILES re-exported
+from lmc.format.paths import (MAX_INDEX_BYTES, MAX_TOKENIZER_FILE_BYTES, TOKENIZER_FILES,  # noqa: F401 - re-exported
+                              NotRegularFile, confined, read_capped, read_file)
 
 
 
 def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
     """The TOKENIZER_FILES an HF folder holds, read; each .json one must be a JSON object, since the workspace's
     tokenizer/ gets it and the runtime reads it (one line naming the file otherwise)."""
-    files = {name: read_capped(folder / name, MAX_TOKENIZER_FILE_BYTES) for name in TOKENIZER_FILES
-             if (folder / name).is_file()}
+    files = {}
+    for name in TOKENIZER_FILES:
+        if (folder / name).exists():
+            try:
+                files[name] = read_capped(folder / name, MAX_TOKENIZER_FILE_BYTES)
+            except NotRegularFile as e:
+                raise LmcError(f"{folder / name} is {e}; the checkpoint's tokenizer files must be files") from None
     for name, data in files.items():
         if len(data) > MAX_TOKENIZER_FILE_BYTES:
             raise LmcError(f"{folder / name} is over {MAX_TOKENIZER_FILE_BYTES} bytes, more than any tokenizer file; "
@@ -23,7 +29,7 @@ def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
             continue
         try:
             ok = isinstance(json.loads(data), dict)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # ValueError: also an integer over Python's digit limit
             ok = False
         if not ok:
             raise LmcError(f"{folder / name} is not a JSON object; the checkpoint's tokenizer files are damaged "
@@ -33,9 +39,10 @@ def read_tokenizer_files(folder: Path) -> dict[str, bytes]:
 
 def _shards(index: Path) -> list[Path]:
     """The shard files a *.index.json names; each must be a plain file name path inside its folder."""
+    raw = read_file(index, MAX_INDEX_BYTES, "re-download it")
     try:
-        weight_map = json.loads(index.read_bytes()).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, AttributeError):
+        weight_map = json.loads(raw).get("weight_map")
+    except (ValueError, RecursionError, AttributeError):  # ValueError: also an integer over Python's digit limit
         weight_map = None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
         raise LmcError(f"{index} is malformed (it needs a weight_map of tensor name -> shard file); re-download it")
@@ -53,7 +60,7 @@ def weight_files(folder: Path) -> tuple[str, list[Path]]:
     *.safetensors, else its pytorch_model*.bin."""
     for index_name, kind in (("model.safetensors.index.json", "st"), ("pytorch_model.bin.index.json", "bin")):
         index = folder / index_name
-        if index.is_file():
+        if index.exists():  # a folder or pipe there is refused by _shards, not passed over
             return kind, _shards(index)
     st = sorted(folder.glob("*.safetensors"))
     if st:

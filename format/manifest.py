@@ -20,7 +20,7 @@ from lmc.format.archs import Target, arch_spec, linear_parts, rank_config, tp_pr
 from lmc.format.config import SIZE_LIMIT, ModelConfig
 from lmc.format.hashing import BackgroundHashes
 from lmc.format.int4_layout import LAYOUT, check_group_size, int4_shapes
-from lmc.format.paths import confined
+from lmc.format.paths import NotRegularFile, confined, json_problem, read_capped
 from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
 
 FORMAT_VERSION = 2  # what this lmc writes
@@ -131,8 +131,8 @@ def _read_json(path: Path):
                              "not a file lmc wrote; rebuild the workspace")
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise WorkspaceError(f"{path} is not valid JSON ({e}); rebuild the workspace") from None
+    except (ValueError, RecursionError) as e:  # ValueError: also an integer over Python's digit limit
+        raise WorkspaceError(f"{path} is not valid JSON ({json_problem(e)}); rebuild the workspace") from None
 
 
 def check_version(meta: dict, path: Path) -> int:
@@ -287,7 +287,12 @@ def open_checked(path: Path) -> tuple[dict, ModelConfig, dict]:
 
 
 def safetensors_header_of(path: Path) -> tuple[int, dict]:
-    """(data section start, header) of a safetensors file; ValueError when it is malformed."""
+    """(data section start, header) of a safetensors file; ValueError when it is malformed or not a regular file
+    (a pipe is never waited on)."""
+    try:
+        read_capped(path, 0)  # the file's type, checked without blocking
+    except NotRegularFile as e:
+        raise ValueError(str(e)) from None
     with open(path, "rb") as fh:
         head = fh.read(8)
         if len(head) != 8:
@@ -299,8 +304,8 @@ def safetensors_header_of(path: Path) -> tuple[int, dict]:
             raise ValueError(f"header of {n} bytes, over the {MAX_HEADER_BYTES} the safetensors library reads")
         try:
             header = json.loads(fh.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-            raise ValueError(f"header is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:
+            raise ValueError(f"header is not JSON ({json_problem(e)})") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     return 8 + n, header

@@ -2,13 +2,20 @@
 Imports no torch."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path, PurePosixPath
 
+from lmc.errors import LmcError
+
 MAX_TOKENIZER_FILE_BYTES = 128 << 20  # a tokenizer file (the largest real tokenizer.json are ~35 MB)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json", "tokenizer.model")  # what a workspace's tokenizer/ folder may hold
+
+
+MAX_CONFIG_BYTES = 16 << 20  # a checkpoint's config.json (real ones are a few KB)
+MAX_INDEX_BYTES = 64 << 20  # a *.index.json (one line per tensor: a few MB for the largest models)
 
 
 class NotRegularFile(OSError):
@@ -45,3 +52,36 @@ def confined(root: Path, rel, resolve: bool = True) -> Path | None:
         if base not in real.parents:
             return None
     return path
+
+
+def json_problem(error: ValueError | RecursionError) -> str:
+    """Why json.loads refused a file, in words: its own message, or what a bare ValueError or RecursionError means."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply"
+    if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+        return str(error)
+    return f"a number too long to read: {str(error).split(';')[0]}"  # an integer over sys.get_int_max_str_digits()
+
+
+def read_file(path: Path, limit: int, advice: str) -> bytes:
+    """The bytes of the regular file at `path`, read through read_capped; anything else is one LmcError line ending
+    in `advice`: missing, a folder, device or pipe (never waited on), over `limit` bytes."""
+    try:
+        raw = read_capped(path, limit)
+    except FileNotFoundError:
+        raise LmcError(f"{path} is missing; {advice}") from None
+    except NotRegularFile as e:
+        raise LmcError(f"{path} is {e}; {advice}") from None
+    except OSError as e:
+        raise LmcError(f"{path} cannot be read ({e.strerror}); {advice}") from None
+    if len(raw) > limit:
+        raise LmcError(f"{path} is over {limit >> 20} MiB, more than such a file ever holds; {advice}")
+    return raw
+
+
+def read_json(path: Path, limit: int, advice: str):
+    """The parsed JSON of the regular file at `path` (read_file), or one LmcError line ending in `advice`."""
+    try:
+        return json.loads(read_file(path, limit, advice))
+    except (ValueError, RecursionError) as e:
+        raise LmcError(f"{path} is not valid JSON ({json_problem(e)}); {advice}") from None

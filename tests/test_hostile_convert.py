@@ -4,6 +4,9 @@ and nothing written."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -110,3 +113,87 @@ def test_config_values_are_not_coerced(change, message, f16, tmp_path):
         with pytest.raises(LmcError, match=message.replace("(", r"\(")) as e:
             convert(src, tmp_path / dtype, dtype=dtype)
         assert "\n" not in str(e.value) and not (tmp_path / dtype).exists()
+
+
+# ----------------------------------------------------------------------------- JSON files: huge numbers, pipes, sizes
+
+BIG_INT = '{"x": ' + "9" * 5000 + "}"  # over Python's 4300-digit limit: json.loads raises a bare ValueError
+
+
+def _sharded(src: Path) -> Path:
+    """`src` with its weights in two shards named by a model.safetensors.index.json; returns the index."""
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    names = sorted(state)
+    weight_map = {}
+    for i, part in enumerate((names[::2], names[1::2])):
+        shard = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file({n: state[n] for n in part}, src / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, shard))
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return src / "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json", "tokenizer_config.json"])
+def test_source_json_with_a_huge_integer_is_one_line(name, f16, tmp_path):
+    """An integer of over 4300 digits raised a ValueError traceback from readers that caught only JSONDecodeError."""
+    src = f16()
+    _sharded(src)
+    (src / name).write_text(BIG_INT)
+    for dtype in ("auto", "float32"):
+        with pytest.raises(LmcError, match={"config.json": "config.json is not valid JSON .a number too long",
+                                            "model.safetensors.index.json": "index.json is malformed",
+                                            "tokenizer_config.json": "tokenizer_config.json is not a JSON object"}[name]) as e:
+            convert(src, tmp_path / dtype, dtype=dtype)
+        assert "\n" not in str(e.value) and not (tmp_path / dtype).exists()
+    _one_line(_cli("convert", src, "-o", tmp_path / "cli"), name)
+
+
+@pytest.mark.parametrize("name", ["lmc.json", "manifest.json"])
+def test_workspace_json_with_a_huge_integer_is_one_line(name, f16, tmp_path):
+    from lmc.format.writing import bytes_record
+
+    ws = tmp_path / "ws"
+    convert(f16(), ws)
+    (ws / name).write_text((ws / name).read_text().replace('"format_version": 2', '"format_version": ' + "2" * 5000))
+    if name == "lmc.json":
+        _edit_json(ws / "manifest.json", lambda m: m["files"].__setitem__("lmc.json", bytes_record((ws / name).read_bytes())))
+    for args in (("verify", ws), ("inspect", ws), ("convert", ws, "-o", tmp_path / "copy")):
+        r = _cli(*args)
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        assert f"{name} is not valid JSON (a number too long to read" in r.stderr + r.stdout, r.stderr + r.stdout
+    assert not (tmp_path / "copy").exists()
+
+
+def _cli_quick(*args) -> subprocess.CompletedProcess:
+    """_cli with a timeout short enough that a hang fails the test soon."""
+    return subprocess.run([sys.executable, "-m", "lmc", *map(str, args)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("what", ["config.json", "shard", "index"])
+def test_pipe_in_place_of_a_source_file_is_one_line_not_a_hang(what, f16, tmp_path):
+    """A FIFO as config.json or a weight shard hung `lmc convert` at --tp 1 (the torch-free planner read it)."""
+    src = f16()
+    index = _sharded(src)
+    target = {"config.json": src / "config.json", "shard": src / "model-00001-of-00002.safetensors",
+              "index": index}[what]
+    target.unlink()
+    os.mkfifo(target)
+    r = _cli_quick("convert", src, "-o", tmp_path / "ws")
+    _one_line(r, f"{target.name} is not a regular file")
+    assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors.index.json"])
+def test_huge_config_or_index_is_refused_unread(name, f16, tmp_path):
+    """An 8 GiB (sparse) config.json or index was read whole: a MemoryError."""
+    src = f16()
+    _sharded(src)
+    with open(src / name, "r+b") as f:
+        f.truncate(8 << 30)
+    r = subprocess.run(["prlimit", f"--as={3 << 30}", sys.executable, "-m", "lmc", "convert", src, "-o", tmp_path / "ws"],
+                       capture_output=True, text=True, timeout=120)
+    _one_line(r, f"{name} is over")
+    assert not (tmp_path / "ws").exists()
