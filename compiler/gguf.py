@@ -75,7 +75,7 @@ class GGUFReader:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self._reader = _open(self.path)
-        self.arch = self._meta("general.architecture")
+        self.arch = self._text("general.architecture")
         if self.arch not in _MODEL_TYPES:
             raise LmcError(f"{self.path}: GGUF architecture {self.arch!r} is not supported (lmc reads "
                            f"{', '.join(sorted(_MODEL_TYPES))}); convert from the Hugging Face checkpoint instead")
@@ -105,6 +105,34 @@ class GGUFReader:
     def _meta(self, key: str, default=None):
         field = self._reader.fields.get(key)
         return default if field is None else field.contents()
+
+    def _corrupt(self, key: str, value, what: str) -> LmcError:
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return LmcError(f"{self.path}: GGUF metadata {key} is {shown}, not {what}; the file is corrupt")
+
+    def _text(self, key: str, default: str | None = None) -> str | None:
+        """A string metadata value, or `default` where the key is absent."""
+        value = self._meta(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self._corrupt(key, value, "a string")
+        return value
+
+    def _token_id(self, key: str) -> int | None:
+        """A token id metadata value (an integer; the config check bounds it by the vocabulary), or None."""
+        value = self._meta(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise self._corrupt(key, value, "a token id")
+        return value
+
+    def _number(self, key: str, default: float | None = None, positive: bool = False) -> float | int | None:
+        """A finite numeric metadata value (int or float, not a bool), or `default` where the key is absent."""
+        value = self._meta(key, default)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (positive and value <= 0):
+            raise self._corrupt(key, value, "a positive number" if positive else "a finite number")
+        return value
 
     def names(self) -> list[str]:
         return list(self._tensors)
@@ -144,7 +172,7 @@ class GGUFReader:
         return [self.path]
 
     def _model_type(self) -> str:
-        name = f"{self._meta('general.name', '')} {self._meta('general.basename', '')}".lower()
+        name = f"{self._text('general.name', '')} {self._text('general.basename', '')}".lower()
         return "mistral" if self.arch == "llama" and "mistral" in name else _MODEL_TYPES[self.arch]
 
     def _torch_dtype_name(self) -> str:
@@ -158,8 +186,9 @@ class GGUFReader:
 
     def _rope_scaling(self, rope_theta: float, head_dim: int) -> dict | None:
         a = self.arch
-        kind = self._meta(f"{a}.rope.scaling.type")
-        factor = self._meta(f"{a}.rope.scaling.factor") or self._meta(f"{a}.rope.scale_linear")
+        kind = self._text(f"{a}.rope.scaling.type")
+        factor = _given(self._number(f"{a}.rope.scaling.factor", positive=True),
+                        self._number(f"{a}.rope.scale_linear", positive=True))
         if _ROPE_FREQS in self._extra:
             return self._llama3_scaling(rope_theta, head_dim)
         if kind == "none" or (kind is None and factor is None):
@@ -172,7 +201,7 @@ class GGUFReader:
             out = {"rope_type": "yarn", "factor": _f32(factor),
                    "original_max_position_embeddings": self._meta(f"{a}.rope.scaling.original_context_length")}
             for key in ("beta_fast", "beta_slow"):
-                value = self._meta(f"{a}.rope.scaling.yarn_{key}")
+                value = self._number(f"{a}.rope.scaling.yarn_{key}")
                 if value is not None:
                     out[key] = _f32(value)
             return out
@@ -197,7 +226,10 @@ class GGUFReader:
         a, model_type = self.arch, self._model_type()
         hidden = self._meta(f"{a}.embedding_length")
         head_dim = self.shape("model.layers.0.self_attn.q_proj.weight")[0] // self.n_head
-        rope_theta = _f32(self._meta(f"{a}.rope.freq_base", 10000.0))
+        rope_theta = _f32(self._number(f"{a}.rope.freq_base", 10000.0, positive=True))
+        eps = self._number(f"{a}.attention.layer_norm_rms_epsilon", positive=True)
+        if eps is None:
+            raise LmcError(f"{self.path}: GGUF metadata lacks {a}.attention.layer_norm_rms_epsilon; the file is incomplete")
         cfg = {
             "architectures": [_HF_CLASSES[model_type]],
             "model_type": model_type,
@@ -209,16 +241,16 @@ class GGUFReader:
             "head_dim": head_dim,
             "hidden_act": "silu",
             "max_position_embeddings": self._meta(f"{a}.context_length"),
-            "rms_norm_eps": _f32(self._meta(f"{a}.attention.layer_norm_rms_epsilon")),
+            "rms_norm_eps": _f32(eps),
             "rope_theta": rope_theta,
             "rope_scaling": self._rope_scaling(rope_theta, head_dim),
             "vocab_size": self.shape("model.embed_tokens.weight")[0],
             "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-            "bos_token_id": self._meta("tokenizer.ggml.bos_token_id"),
-            "eos_token_id": self._meta("tokenizer.ggml.eos_token_id"),
+            "bos_token_id": self._token_id("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": self._token_id("tokenizer.ggml.eos_token_id"),
             "torch_dtype": self._torch_dtype_name(),
         }
-        pad = self._meta("tokenizer.ggml.padding_token_id")
+        pad = self._token_id("tokenizer.ggml.padding_token_id")
         if pad is not None:
             cfg["pad_token_id"] = pad
         if model_type in ("llama", "mistral"):
@@ -229,17 +261,17 @@ class GGUFReader:
 
     def generation_config(self) -> dict | None:
         """generation_config.json from the token ids and llama.cpp's recommended sampling, if any."""
-        eos = [self._meta(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
+        eos = [self._token_id(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
         eos = list(dict.fromkeys(i for i in eos if i is not None))
-        out = {"bos_token_id": self._meta("tokenizer.ggml.bos_token_id"),
+        out = {"bos_token_id": self._token_id("tokenizer.ggml.bos_token_id"),
                "eos_token_id": eos[0] if len(eos) == 1 else eos or None}
-        pad = self._meta("tokenizer.ggml.padding_token_id")
+        pad = self._token_id("tokenizer.ggml.padding_token_id")
         if pad is not None:
             out["pad_token_id"] = pad
         sampling = {"temperature": "temp", "top_k": "top_k", "top_p": "top_p", "min_p": "min_p",
                     "repetition_penalty": "penalty_repeat"}
         for hf_key, gguf_key in sampling.items():
-            value = self._meta(f"general.sampling.{gguf_key}")
+            value = self._number(f"general.sampling.{gguf_key}")  # a NaN is refused, never written as NaN
             if value is not None:
                 out[hf_key] = value if isinstance(value, int) else _f32(value)
         if "temperature" in out:
@@ -270,7 +302,7 @@ class GGUFReader:
         tok_cfg = json.loads(cfg_path.read_text())
         for key in ("is_local", "local_files_only"):  # facts about this load, not about the tokenizer
             tok_cfg.pop(key, None)
-        template = self._meta("tokenizer.chat_template")
+        template = self._text("tokenizer.chat_template")
         if template is not None:
             tok_cfg["chat_template"] = template
         context = self._meta(f"{self.arch}.context_length")
@@ -280,6 +312,11 @@ class GGUFReader:
         gen = self.generation_config()
         if gen is not None:
             (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+
+
+def _given(*values):
+    """The first value that is not None (absent); a 0 is kept, to be refused."""
+    return next((v for v in values if v is not None), None)
 
 
 def _torch_dtype(t) -> torch.dtype:

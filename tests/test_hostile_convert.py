@@ -197,3 +197,55 @@ def test_huge_config_or_index_is_refused_unread(name, f16, tmp_path):
                        capture_output=True, text=True, timeout=120)
     _one_line(r, f"{name} is over")
     assert not (tmp_path / "ws").exists()
+
+
+# ----------------------------------------------------------------------------- GGUF metadata of the wrong type
+
+
+def _gguf_with(path: Path, monkeypatch, **meta) -> Path:
+    """write_tiny_gguf's file with metadata keys set (value, GGUF type, array item type) or removed (None)."""
+    gguf = pytest.importorskip("gguf")
+    from gguf.gguf_writer import GGUFValue
+    from test_gguf import write_tiny_gguf
+
+    real = gguf.GGUFWriter.write_header_to_file
+
+    def patched(self, *args, **kwargs):
+        for key, spec in meta.items():
+            if spec is None:
+                self.kv_data[0].pop(key, None)
+            else:
+                self.kv_data[0][key] = GGUFValue(*spec)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_header_to_file", patched)
+    write_tiny_gguf(path)
+    return path
+
+
+@pytest.mark.parametrize("key,spec,what", [
+    ("llama.rope.freq_base", ("abc", "STRING", None), "not a positive number"),
+    ("llama.rope.freq_base", ([1.0, 2.0], "ARRAY", "FLOAT32"), "not a positive number"),
+    ("llama.rope.freq_base", (float("nan"), "FLOAT32", None), "not a positive number"),
+    ("llama.rope.freq_base", (0.0, "FLOAT32", None), "not a positive number"),
+    ("llama.attention.layer_norm_rms_epsilon", ("x", "STRING", None), "not a positive number"),
+    ("general.architecture", (["llama"], "ARRAY", "STRING"), "not a string"),
+    ("general.sampling.temp", ("hot", "STRING", None), "not a finite number"),
+    ("general.sampling.top_p", (float("nan"), "FLOAT32", None), "not a finite number"),
+    ("tokenizer.ggml.eos_token_id", ([2, 3], "ARRAY", "UINT32"), "not a token id"),
+])
+def test_gguf_metadata_of_the_wrong_type_is_one_line(key, spec, what, monkeypatch, tmp_path):
+    """Such values were tracebacks (ValueError, TypeError: unhashable list) or, for a NaN top_p, a literal NaN
+    written into the workspace's generation_config.json."""
+    from gguf import GGUFValueType
+
+    from lmc.compiler.gguf import GGUFReader
+
+    value, kind, item = spec
+    path = _gguf_with(tmp_path / "bad.gguf", monkeypatch,
+                      **{key: (value, GGUFValueType[kind], item and GGUFValueType[item])})
+    with pytest.raises(LmcError, match=f"GGUF metadata {key} is .*, {what}; the file is corrupt") as e:
+        reader = GGUFReader(path)
+        reader.config_dict()
+        reader.generation_config()
+    assert "\n" not in str(e.value)
