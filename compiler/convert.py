@@ -331,6 +331,7 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
         raise LmcError(f"--tp {tp}: vision-language checkpoints convert with --tp 1 (lmc runs them on one device)")
     hashes = hashes or source_hashes(source)
     cfg = model_config_from_hf(source.hf_config)
+    window = records.session_window(source.hf_config, cfg)
     torch_dtype = resolve_dtype(dtype, source.hf_config, int4_scales_dtype(source))
     builder = Builder(source, cfg, torch_dtype, tp, allow_nonfinite, say)
     builder.check_names()
@@ -363,9 +364,11 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     inputs = [source.path] + list(source.reader.source_files()) + ([vision.tower] if vision and vision.tower else [])
     extra = {"vision_tower_files": vision.provenance()} if vision and vision.tower else None
     with one_torch_thread(), atomic_output(Path(out), force, inputs) as tmp:
-        manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization, vision), rank_specs, produce,
+        manifest = write_workspace(tmp, lmc_json(cfg, torch_dtype, tp, quantization, vision, window), rank_specs, produce,
                                    source.tokenizer_files(), lambda: provenance(source, command, extra, hashes=hashes))
     bar.close()
+    if window is not None:
+        say(records.window_note(cfg, window))
     return manifest
 
 

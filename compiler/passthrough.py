@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmc.compiler.records import convert_command, lmc_json, provenance
+from lmc.compiler.records import convert_command, lmc_json, provenance, session_window, window_note
 from lmc.compiler.source_checks import check_vocabulary, dtype_name, float_source_shapes, ignorable_names, nonfinite
 from lmc.compiler.source_files import read_tokenizer_files, weight_files
 from lmc.errors import LmcError
@@ -95,7 +95,7 @@ def _tensor_table(files: list[Path]) -> dict[str, _Range] | None:
 
 
 def _plan(path: Path, dtype: str, tp: int | None, vision_tower) -> tuple | None:
-    """(config, dtype name, weight files, tensor table, {workspace tensor: its source tensors}) when the
+    """(config, sliding window (records.session_window), dtype name, weight files, tensor table, {workspace tensor: its source tensors}) when the
     checkpoint at `path` converts as byte ranges; None otherwise."""
     if tp not in (None, 1) or vision_tower is not None or not path.is_dir() or (path / "lmc.json").exists():
         return None
@@ -105,6 +105,7 @@ def _plan(path: Path, dtype: str, tp: int | None, vision_tower) -> tuple | None:
         if not isinstance(hf_config, dict) or "quantization_config" in hf_config or is_llava(hf_config) or kind != "st":
             return None
         cfg = model_config_from_hf(hf_config)
+        window = session_window(hf_config, cfg)
     except (OSError, ValueError, RecursionError, LmcError):
         return None
     table = _tensor_table(files)
@@ -125,7 +126,7 @@ def _plan(path: Path, dtype: str, tp: int | None, vision_tower) -> tuple | None:
     for _, t, tensor, _, _ in workspace_tensors(cfg, name, None, 1):
         leaf = tensor[len(t.name):]  # ".weight" or ".bias" of a linear
         sources[tensor] = ([s + leaf for s in t.sources] if t.linear else [t.sources[0]], t.sources)
-    return cfg, name, files, table, sources
+    return cfg, window, name, files, table, sources
 
 
 def _finite(data: memoryview, dtype: str, scratch: np.ndarray) -> bool:
@@ -176,7 +177,7 @@ def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, fo
     plan = _plan(path, dtype, tp, vision_tower)
     if plan is None:
         return None
-    cfg, name, files, table, sources = plan
+    cfg, window, name, files, table, sources = plan
     tokenizer = read_tokenizer_files(path)
     if "tokenizer.json" not in tokenizer:  # the torch converter builds one with transformers
         return None
@@ -225,7 +226,9 @@ def convert_passthrough(src, out, dtype: str = "auto", tp: int | None = None, fo
             finally:
                 writer.abort()
             tensors.update({spec.name: tensor_record(spec, rel, offsets[spec.name]) for spec in shard})
-        manifest = finish_workspace(tmp, records, tensors, lmc_json(cfg, name, 1, None), tokenizer,
+        manifest = finish_workspace(tmp, records, tensors, lmc_json(cfg, name, 1, None, window=window), tokenizer,
                                     lambda: provenance(path, files, "hf", command, hashes))
     bar.close()
+    if window is not None:
+        say(window_note(cfg, window))
     return manifest

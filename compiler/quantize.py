@@ -20,6 +20,7 @@ import torch
 from lmc.compiler import autoround, awq, gptq
 from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
+from lmc.compiler.records import session_window, window_note
 from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap, source_read
 from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, checkpoint_int4_shapes, dequantize_int4,
                                pack_awq, pack_compressed, quantize_int4)
@@ -435,6 +436,7 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     if opts.method == "awq-autoround" and opts.device != "cpu":
         raise LmcError("--method awq-autoround tunes with torch autograd through the CPU layer code: add --device cpu")
     cfg = model_config_from_hf(source.hf_config)
+    session_window(source.hf_config, cfg)  # a malformed sliding window is refused before calibration
     store_dtype = resolve_dtype(opts.dtype, source.hf_config)
     if store_dtype == torch.float32:
         store_dtype = torch.float16
@@ -479,6 +481,9 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
             _write_workspace(tmp, builder, cfg, layers, store_dtype, quant, source, prov)
         else:
             _write_hf(tmp, fmt, builder, cfg, layers, store_dtype, source, prov, opts.w_group_size, device)
+    window = session_window(source.hf_config, cfg)
+    if fmt == "workspace" and window is not None:
+        warn(window_note(cfg, window))
     summary = {"output": str(out), "format": fmt, "method": opts.mode, "layers": logs, "options": asdict(opts),
                "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2)},
                "memory_predicted": asdict(mem), "peak_host_rss_bytes": peak_rss()}
@@ -559,7 +564,8 @@ def _write_workspace(tmp, builder, cfg, layers, dtype, quant, source, prov) -> N
             return vision.build(name, dtype)
         return builder.build(owner[(0, name)], 0)[name]
 
-    write_workspace(tmp, lmc_json(cfg, dtype, 1, quant, vision), [specs], produce, source.tokenizer_files(), prov)
+    window = session_window(source.hf_config, cfg)
+    write_workspace(tmp, lmc_json(cfg, dtype, 1, quant, vision, window), [specs], produce, source.tokenizer_files(), prov)
 
 
 def _write_hf(tmp, fmt, builder, cfg, layers, dtype, source, prov, g, device=torch.device("cpu")) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lmc
 from lmc.errors import LmcError
+from lmc.format.archs import sliding_window
 from lmc.format.config import ModelConfig
 from lmc.format.hashing import BackgroundHashes
 from lmc.format.manifest import FORMAT_VERSION
@@ -16,13 +17,29 @@ from lmc.format.manifest import FORMAT_VERSION
 QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source_files")  # kept from lmc_provenance.json
 
 
-def lmc_json(cfg: ModelConfig, dtype, tp: int, quantization: dict | None, vision=None) -> dict:
-    """lmc.json of a workspace; dtype: a torch dtype or its name ("float16")."""
+def lmc_json(cfg: ModelConfig, dtype, tp: int, quantization: dict | None, vision=None, window: int | None = None) -> dict:
+    """lmc.json of a workspace; dtype: a torch dtype or its name ("float16"). `window`: a sliding-window model's
+    window (session_window), which caps the default session length."""
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+    session_len = min(cfg.max_position_embeddings, window or cfg.max_position_embeddings)
     meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": name,
             "quantization": quantization, "tp": tp,
-            "engine": {"session_len": cfg.max_position_embeddings, "cache_block_seq_len": 64}}
+            "engine": {"session_len": session_len, "cache_block_seq_len": 64}}
     return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
+
+
+def session_window(hf_config: dict, cfg: ModelConfig) -> int | None:
+    """A sliding-window model's window where it is shorter than the model's context (lmc has no sliding-window
+    attention: the workspace's default session length is capped at it, where full attention is the same), else
+    None. window_note says so once the workspace is written."""
+    window = sliding_window(hf_config)
+    return window if window is not None and window < cfg.max_position_embeddings else None
+
+
+def window_note(cfg: ModelConfig, window: int) -> str:
+    return (f"WARNING: this {cfg.architecture} model attends over a sliding window of {window} tokens, which lmc does "
+            f"not run: the workspace's session length is capped at {window} tokens (where full attention is the same); "
+            "a longer --session-len would differ from the model")
 
 
 def convert_command(model_format: str, dtype: str, tp: int, allow_nonfinite: bool, vision_tower: bool) -> str:

@@ -230,6 +230,33 @@ def _required(hf: dict, key: str):
     return hf[key]
 
 
+def sliding_window(hf: dict) -> int | None:
+    """The attention window of a model some of whose layers attend to their last `window` tokens only, as
+    transformers reads config.json (MistralConfig's sliding_window defaults to 4096; Qwen2/3 slide only with
+    use_sliding_window, in layers from max_window_layers on; a layer_types list says it per layer); None for full
+    attention everywhere. lmc runs full attention, which equals a window's over at most `window` tokens."""
+    model_type = hf.get("model_type")
+    use = hf.get("use_sliding_window")
+    if use is not None and not isinstance(use, bool):
+        raise LmcError(f"config value use_sliding_window={use!r} must be true or false")
+    if model_type in ("qwen2", "qwen3") and not use:
+        return None
+    layer_types = hf.get("layer_types")
+    if isinstance(layer_types, list):
+        window = hf.get("sliding_window") if "sliding_attention" in layer_types else None
+    elif model_type == "mistral":
+        window = hf.get("sliding_window", 4096)
+    elif model_type in ("qwen2", "qwen3"):
+        from_layer, layers = hf.get("max_window_layers", 28), hf.get("num_hidden_layers")
+        slides = not (type(from_layer) is int and type(layers) is int and from_layer >= layers)
+        window = hf.get("sliding_window", 4096) if slides else None
+    else:
+        return None
+    if window is not None and (type(window) is not int or window < 1):
+        raise LmcError(f"config value sliding_window={window!r} must be a positive integer or null")
+    return window
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """The one place a Hugging Face config.json is read."""
     if not isinstance(hf, dict):

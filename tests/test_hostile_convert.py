@@ -249,3 +249,40 @@ def test_gguf_metadata_of_the_wrong_type_is_one_line(key, spec, what, monkeypatc
         reader.config_dict()
         reader.generation_config()
     assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- sliding-window attention
+
+
+@pytest.mark.parametrize("dtype", ["auto", "float32"])  # the torch-free converter, then the torch one
+def test_sliding_window_model_caps_the_session_length_at_its_window(dtype, f16, tmp_path):
+    """A Mistral model with sliding_window 16 (MistralConfig's default is 4096, so Mistral-7B-v0.1 has one) was
+    converted as full attention over its whole context, silently unlike the model past the window; lmc has no
+    sliding-window attention, so the workspace's session length is now capped at the window, with one warning."""
+    from lmc.format.workspace import Workspace
+
+    src = f16("mistral")
+    _edit_json(src / "config.json", lambda c: c.update(sliding_window=16))
+    said = []
+    convert(src, tmp_path / "ws", dtype=dtype, say=said.append)
+    assert Workspace(tmp_path / "ws").meta["engine"]["session_len"] == 16
+    assert len(said) == 1 and "sliding window of 16 tokens" in said[0] and "capped at 16 tokens" in said[0]
+    _edit_json(src / "config.json", lambda c: c.pop("sliding_window"))  # absent: MistralConfig's 4096 > this context
+    said.clear()
+    convert(src, tmp_path / "ws", dtype=dtype, say=said.append, force=True)
+    assert Workspace(tmp_path / "ws").meta["engine"]["session_len"] == json.loads(
+        (src / "config.json").read_text())["max_position_embeddings"] and said == []
+
+
+def test_qwen2_sliding_window_and_a_malformed_window(f16, tmp_path):
+    from lmc.format.workspace import Workspace
+
+    src = f16("qwen2")
+    _edit_json(src / "config.json", lambda c: (c.update(use_sliding_window=True, sliding_window=16, max_window_layers=1),
+                                               c.pop("layer_types", None)))
+    convert(src, tmp_path / "ws", say=lambda m: None)
+    assert Workspace(tmp_path / "ws").meta["engine"]["session_len"] == 16
+    _edit_json(src / "config.json", lambda c: c.update(sliding_window="16"))
+    with pytest.raises(LmcError, match="config value sliding_window='16' must be a positive integer or null"):
+        convert(src, tmp_path / "ws2")
+    assert not (tmp_path / "ws2").exists()
