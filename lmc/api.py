@@ -17,6 +17,7 @@ takes `(text, image)` or `(text, [images])` tuples, as LMDeploy spells them, and
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -33,10 +34,13 @@ def resolve_workspace(path: str | os.PathLike) -> Path:
     `lmdeploy chat` accepts an HF folder): see lmc.cache."""
     if not isinstance(path, (str, os.PathLike)):
         raise LmcError(f"a model path is a string or a path, got {type(path).__name__}")
-    path = Path(path)
+    text, path = os.fspath(path), Path(path)
     if (path / "lmc.json").is_file():
         return path
     if not path.exists():
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", str(text)):  # Path() folds "ftp://h" into "ftp:/h"
+            raise LmcError(f"{text} is a URL of a scheme lmc does not serve from; a server is http:// or https://, "
+                           "a model a local path")
         raise LmcError(f"{path} does not exist; pass a workspace, a Hugging Face model folder or a .gguf file")
     from lmc.cache import cached_workspace
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -37,7 +38,8 @@ def decode_image(data: bytes, what: str = "the image"):
     except LmcError:
         raise
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, EOFError) as e:
-        raise LmcError(f"{what} is not a readable image ({type(e).__name__}: {str(e)[:120]}); "
+        detail = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(e))[:120]  # PIL names its buffer
+        raise LmcError(f"{what} is not a readable image ({type(e).__name__}: {detail}); "
                        f"lmc reads {', '.join(IMAGE_FORMATS)}") from None
     return to_rgb(image)
 

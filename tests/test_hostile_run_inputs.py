@@ -164,3 +164,16 @@ def test_pipeline_model_path_and_backend_config_of_the_wrong_kind(tmp_path):
         pipeline(123)
     with pytest.raises(LmcError, match="backend_config is a TurbomindEngineConfig"):
         pipeline(tmp_path, backend_config={"session_len": 5})
+
+
+def test_a_url_of_another_scheme_and_an_unreadable_image_say_what_they_are(tmp_path):
+    """`lmc chat ftp://host:1` said "ftp:/host:1 does not exist" (Path folds the slashes); an image that is not one
+    named PIL's buffer object ("<_io.BytesIO object at 0x...>") in its message."""
+    from lmc.api import resolve_workspace
+    from lmc.runtime.image_processing import decode_image
+
+    with pytest.raises(LmcError, match=r"^ftp://host:1 is a URL of a scheme lmc does not serve from"):
+        resolve_workspace("ftp://host:1")
+    with pytest.raises(LmcError, match="is not a readable image") as e:
+        decode_image(b"root:x:0:0:root:/root:/bin/bash\n", "--image /etc/passwd")
+    assert "BytesIO" not in str(e.value) and "0x" not in str(e.value)

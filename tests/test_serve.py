@@ -273,7 +273,7 @@ BAD_REQUESTS = [
     ("/v1/models", None, {"Authorization": "k2"}, 401, "invalid_api_key"),
     ("/v1/models", None, {"Authorization": "Bearer clé".encode("latin-1")}, 401, "invalid_api_key"),
     ("/v1/completions", {"prompt": ""}, AUTH, 400, "prompt"),
-    ("/v1/completions", {"prompt": [1, 2, 100000]}, AUTH, 400, None),
+    ("/v1/completions", {"prompt": [1, 2, 100000]}, AUTH, 400, "prompt"),
     ("/v1/completions", {"prompt": [1.5]}, AUTH, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "echo": True}, AUTH, 400, "echo"),
     ("/v1/completions", "{not json", AUTH, 400, None),

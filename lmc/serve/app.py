@@ -58,7 +58,7 @@ class _Call:
     """The engine requests behind one API call (n choices per prompt), with their usage and timings."""
 
     def __init__(self, engine, metrics: Metrics, request: Request, call_id: str, prompts: list[list[int]],
-                 gens: list[GenerationConfig], images: list | None = None):
+                 gens: list[GenerationConfig], images: list | None = None, what: str = "prompt"):
         self.metrics, self.start = metrics, time.perf_counter()
         self.prompt_tokens = sum(map(len, prompts))
         self.choices: list[Choice] = []
@@ -73,7 +73,7 @@ class _Call:
                     self.choices.append(Choice(index))
         except LmcError as e:  # checked already; what the engine refuses still gets a 400
             self.abort()
-            raise ApiError(400, str(e)) from None
+            raise ApiError(400, str(e), what) from None
         self.first: list[float | None] = [None] * len(self.handles)
         self._watcher = asyncio.create_task(self._abort_on_disconnect(request))
 
@@ -332,7 +332,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
     def check_text(chars: int, what: str) -> None:
         """Refuse a text too long to fit the session before tokenizing it (which takes memory in proportion)."""
         if chars > engine.session_len * token_chars:
-            raise ApiError(400, f"the {what} has {chars} characters, more than session_len ({engine.session_len}) "
+            raise ApiError(400, f"{what}: {chars} characters, more than session_len ({engine.session_len}) "
                            "tokens can hold: shorten it or restart the server with a larger --session-len", what,
                            "context_length_exceeded")
 
@@ -341,7 +341,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
         gens = []
         for ids in prompts:
             if len(ids) >= engine.session_len:
-                raise ApiError(400, f"the {what} has {len(ids)} tokens; session_len is {engine.session_len}: shorten it "
+                raise ApiError(400, f"{what}: {len(ids)} tokens; session_len is {engine.session_len}: shorten it "
                                "or restart the server with a larger --session-len", what, "context_length_exceeded")
             max_tokens = body.requested_max_tokens()
             if max_tokens is None:
@@ -417,7 +417,7 @@ def create_app(engine, options: ServeOptions) -> FastAPI:
             except LmcError as e:  # the template refused these messages (raise_exception), or ran past its bounds
                 raise ApiError(400, f"the chat template failed on these messages: {e}", "messages") from None
         call_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        call = _Call(engine, metrics, request, call_id, [ids], configs(body, [ids], "messages"), [placed])
+        call = _Call(engine, metrics, request, call_id, [ids], configs(body, [ids], "messages"), [placed], "messages")
         head = {"id": call_id, "created": created, "model": options.model_name}
         logprobs = (lambda out: chat_logprobs(engine.tokenizer, out.logprobs) if out.logprobs else None)
 
