@@ -42,6 +42,7 @@ from bench_w4a16 import GROUP, SHAPES, TP2_SHAPES, _ints, _nbytes, _quant_set, _
     environment, time_calls  # noqa: E402
 
 SPLITS = (1, 2, 4, 8, 16)
+HEAD_SHAPES = ((4096, 128256),)  # (K, N) of the Llama-3-8B lm_head
 SMOKE_GRID = ({"warps": 1, "split_k": 1, "buffers": 2, "blocks": 1, "kw": 1},
               {"warps": 2, "split_k": 3, "buffers": 4, "blocks": 2, "kw": 2},
               {"warps": 2, "split_k": 2, "buffers": 2, "blocks": 1, "kw": 1, "rw": 2})
@@ -152,7 +153,7 @@ def grid(m: int, args) -> list[dict]:
     smallest); --wgmma-only: the wgmma kernel's alone."""
     small, wide = [], []
     mma_sync = args.smoke or not args.wgmma_only
-    if mma_sync and m <= MM.MAX_ROWS:
+    if mma_sync and m <= MM.MAX_ROWS and not args.wide_only:
         small = list(SMOKE_GRID) if args.smoke else [
             {"warps": w, "split_k": sp, "blocks": bl, "kw": kw, **({"rw": rw} if rw > 1 else {}),
              **({"stages": st} if st else {"buffers": bu})}
@@ -178,7 +179,8 @@ def grid(m: int, args) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", type=_ints, default=(1, 4, 8))
-    ap.add_argument("--shapes", choices=("8b", "tp2", "both"), default="both")
+    ap.add_argument("--shapes", choices=("8b", "tp2", "both", "head"), default="both",
+                    help="head: the 8B lm_head (4096 x 128,256) that --lm-head int4 quantizes at load")
     ap.add_argument("--out", default="bench/results/w4a16_mma.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; runs on a CPU with TRITON_INTERPRET=1")
     ap.add_argument("--warps", type=_ints, default=(4, 8))
@@ -192,6 +194,8 @@ def main() -> int:
     ap.add_argument("--tiles", type=_ints, default=(2, 4, 8),
                     help="the wide kernel (M > 16): 8-row tiles a program (those up to M / 8 are tried)")
     ap.add_argument("--wide-blocks", type=_ints, default=(1, 2), help="the wide kernel's 16-column blocks a warp")
+    ap.add_argument("--wide-only", action="store_true", help="past 8 rows: time only the wide kernel's grid beside "
+                    "the table's choice (not the 1-16 row kernel's)")
     ap.add_argument("--prefetch", type=_ints, default=(0,), help="the wide kernel: 1 = prefetch x a group ahead")
     ap.add_argument("--splits", type=_ints, default=SPLITS, help="split-K values tried")
     ap.add_argument("--wgmma-rows", type=_ints, default=(),
@@ -221,7 +225,7 @@ def main() -> int:
         return 2
     torch.manual_seed(0)
     shapes = SMOKE_SHAPES if args.smoke else \
-        {"8b": SHAPES, "tp2": TP2_SHAPES, "both": SHAPES + TP2_SHAPES}[args.shapes]
+        {"8b": SHAPES, "tp2": TP2_SHAPES, "both": SHAPES + TP2_SHAPES, "head": HEAD_SHAPES}[args.shapes]
     report = {"env": environment(dev), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
               "group_size": GROUP, "copy": copy_bandwidth(dev), "hot_l2": args.hot_l2, "rows": []}
     print(f"{report['env']['device']}: copy {report['copy']['bytes_per_s'] / 1e12:.2f} TB/s", flush=True)

@@ -19,12 +19,13 @@ QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source
 
 def lmc_json(cfg: ModelConfig, dtype, tp: int, quantization: dict | None, vision=None, window: int | None = None) -> dict:
     """lmc.json of a workspace; dtype: a torch dtype or its name ("float16"). `window`: a sliding-window model's
-    window (session_window), which caps the default session length."""
+    window (session_window): it caps the default session length, and engine.attention_window records it so that the
+    runtime refuses a longer --session-len."""
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     session_len = min(cfg.max_position_embeddings, window or cfg.max_position_embeddings)
+    engine = {"session_len": session_len, "cache_block_seq_len": 64} | ({"attention_window": window} if window else {})
     meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": name,
-            "quantization": quantization, "tp": tp,
-            "engine": {"session_len": session_len, "cache_block_seq_len": 64}}
+            "quantization": quantization, "tp": tp, "engine": engine}
     return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
 
 
@@ -39,7 +40,7 @@ def session_window(hf_config: dict, cfg: ModelConfig) -> int | None:
 def window_note(cfg: ModelConfig, window: int) -> str:
     return (f"WARNING: this {cfg.architecture} model attends over a sliding window of {window} tokens, which lmc does "
             f"not run: the workspace's session length is capped at {window} tokens (where full attention is the same); "
-            "a longer --session-len would differ from the model")
+            "lmc refuses a longer --session-len, which would differ from the model")
 
 
 def convert_command(model_format: str, dtype: str, tp: int, allow_nonfinite: bool, vision_tower: bool) -> str:

@@ -208,7 +208,7 @@ def check_meta(meta, path: Path) -> ModelConfig:
     if problem:  # "--tp N does not divide ...; choose ...": the reason, without convert's advice
         raise _bad(path, f"tp {tp} cannot split this model: " + problem.split(";")[0].removeprefix(f"--tp {tp} "))
     engine = meta.get("engine", {})
-    _check_keys(engine, (), ("session_len", "cache_block_seq_len"), path, "engine")
+    _check_keys(engine, (), ("session_len", "cache_block_seq_len", "attention_window"), path, "engine")
     for key, value in engine.items():
         if not _count(value, 1) or value >= SIZE_LIMIT:
             raise _bad(path, f"engine {key} {value!r} is not a positive integer below {SIZE_LIMIT}")

@@ -714,6 +714,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
         max_windows = max(1, CPU_EVAL_TOKENS // seqlen)
     text = load_text(dataset, split, purpose="eval", flag="--dataset")
     ws = Workspace(resolve_workspace(path))
+    ws.check_within_window(seqlen, "--seqlen")
     if ws.tp != 1:
         raise LmcError(f"{path} is split for tp={ws.tp}; lmc eval ppl runs one device: evaluate the tp=1 workspace "
                        "it was cut from (or convert the checkpoint with --tp 1)")

@@ -191,6 +191,14 @@ def ragged_inputs(seqs: list[Sequence], num_new: list[int], block_size: int, dec
             torch.from_numpy((starts + new).astype(np.int32)), cu, ends.tolist())
 
 
+def session_len_of(config: EngineConfig, ws: Workspace) -> int:
+    """The session length: the user's (refused past a sliding-window model's window), else the workspace's default,
+    else max_position_embeddings."""
+    if config.session_len is not None:
+        ws.check_within_window(config.session_len, "--session-len")
+    return config.session_len or ws.meta.get("engine", {}).get("session_len") or ws.config.max_position_embeddings
+
+
 def check_tp(config: EngineConfig, ws: Workspace) -> int:
     """The ranks a workspace runs on: its own split; a --tp that differs is refused with what to do."""
     if ws.vision and ws.tp > 1:
@@ -255,7 +263,7 @@ class Engine:
         self.workspace = ws
         tp = check_tp(config, ws)
         self.cfg = ws.config  # the whole model's (vocabulary, special tokens); self.model.cfg is this rank's slice
-        self.session_len = config.session_len or ws.meta.get("engine", {}).get("session_len") or self.cfg.max_position_embeddings
+        self.session_len = session_len_of(config, ws)
         config.session_len = self.session_len
         self.tokenizer = Tokenizer(ws.tokenizer_dir)
         self.eos_ids = self.tokenizer.eos_ids(self.cfg.eos_token_ids)

@@ -265,13 +265,42 @@ def test_sliding_window_model_caps_the_session_length_at_its_window(dtype, f16, 
     _edit_json(src / "config.json", lambda c: c.update(sliding_window=16))
     said = []
     convert(src, tmp_path / "ws", dtype=dtype, say=said.append)
-    assert Workspace(tmp_path / "ws").meta["engine"]["session_len"] == 16
+    assert Workspace(tmp_path / "ws").meta["engine"] == {"session_len": 16, "cache_block_seq_len": 64,
+                                                         "attention_window": 16}
     assert len(said) == 1 and "sliding window of 16 tokens" in said[0] and "capped at 16 tokens" in said[0]
     _edit_json(src / "config.json", lambda c: c.pop("sliding_window"))  # absent: MistralConfig's 4096 > this context
     said.clear()
-    convert(src, tmp_path / "ws", dtype=dtype, say=said.append, force=True)
-    assert Workspace(tmp_path / "ws").meta["engine"]["session_len"] == json.loads(
-        (src / "config.json").read_text())["max_position_embeddings"] and said == []
+    convert(src, tmp_path / "ws2", dtype=dtype, say=said.append)
+    engine = Workspace(tmp_path / "ws2").meta["engine"]
+    assert engine["session_len"] == json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    assert "attention_window" not in engine and said == []
+
+
+def test_a_session_longer_than_the_sliding_window_is_refused(f16, tmp_path):
+    """The window cap was only the workspace's default: `--session-len 64` (or pipeline(session_len=64), or
+    lmc eval ppl --seqlen 64) ran full attention past a 16-token window, silently unlike the model; now one line
+    (as vLLM refuses a max_model_len past the model's). Up to the window it runs, and plain models are untouched."""
+    from lmc.format.workspace import Workspace
+    from lmc.runtime.config import EngineConfig
+    from lmc.runtime.engine import Engine
+
+    src = f16("mistral")
+    _edit_json(src / "config.json", lambda c: c.update(sliding_window=16))
+    convert(src, tmp_path / "ws", say=lambda m: None)
+    with pytest.raises(LmcError, match=r"--session-len 17 is longer than the sliding attention window .* \(16 tokens\)"
+                                       r".*pass --session-len 16 or less"):
+        Engine(str(tmp_path / "ws"), EngineConfig(session_len=17, device="cpu", max_batch_size=1))
+    assert Engine(str(tmp_path / "ws"), EngineConfig(session_len=16, device="cpu", max_batch_size=1)).session_len == 16
+    assert Engine(str(tmp_path / "ws"), EngineConfig(device="cpu", max_batch_size=1)).session_len == 16
+    _one_line(_cli("generate", tmp_path / "ws", "hi", "--session-len", "64", "--device", "cpu"),
+              "--session-len 64 is longer than the sliding attention window")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 50)
+    _one_line(_cli("eval", "ppl", tmp_path / "ws", "--dataset", text, "--seqlen", "32", "--device", "cpu"),
+              "--seqlen 32 is longer than the sliding attention window")
+    _edit_json(tmp_path / "ws" / "lmc.json", lambda m: m["engine"].update(attention_window=0))
+    with pytest.raises(WorkspaceError, match="engine attention_window 0 is not a positive integer"):
+        Workspace(tmp_path / "ws")
 
 
 def test_qwen2_sliding_window_and_a_malformed_window(f16, tmp_path):
