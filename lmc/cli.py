@@ -33,6 +33,17 @@ def user_errors(fn):
     return wrapper
 
 
+class FiniteFloat(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf (they pass its bounds: every comparison with nan is false), as a
+    usage error (exit 2) before anything loads."""
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if not math.isfinite(value):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return value
+
+
 @click.group()
 @click.version_option(package_name="lmc")
 def main():
@@ -204,7 +215,7 @@ def _engine_flags(max_batch_size: int | None = 64) -> list:
     return [
         click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available"),
         click.option("--session-len", type=click.IntRange(min=2), default=None, help="max tokens per session (default: the model's)"),
-        click.option("--cache-max-entry-count", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True,
+        click.option("--cache-max-entry-count", type=FiniteFloat(0, 1, min_open=True), default=0.8, show_default=True,
                      help="fraction of free device memory for the KV cache"),
         click.option("--cache-block-seq-len", type=click.IntRange(min=1), default=64, show_default=True, help="tokens per KV block"),
         click.option("--max-batch-size", type=click.IntRange(min=1), default=max_batch_size, show_default=True,
@@ -227,10 +238,10 @@ def _engine_flags(max_batch_size: int | None = 64) -> list:
 SAMPLING_FLAGS = [
     click.option("--max-new-tokens", type=click.IntRange(min=1), default=512, show_default=True),
     click.option("--min-new-tokens", type=click.IntRange(min=0), default=None, help="no EOS before this many tokens"),
-    click.option("--temperature", type=click.FloatRange(min=0), default=0.8, show_default=True, help="0: greedy"),
-    click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.8, show_default=True),
+    click.option("--temperature", type=FiniteFloat(min=0), default=0.8, show_default=True, help="0: greedy"),
+    click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=0.8, show_default=True),
     click.option("--top-k", type=click.IntRange(min=0), default=40, show_default=True, help="0: no limit"),
-    click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True),
+    click.option("--repetition-penalty", type=FiniteFloat(min=0, min_open=True), default=1.0, show_default=True),
     click.option("--stop-words", multiple=True, help="stop when the text contains this (repeatable)"),
     click.option("--seed", type=int, default=None, help="sampling seed (reproducible output)"),
 ]
@@ -500,7 +511,7 @@ class _ApiKeysCommand(click.Command):
               help="answer 429 while this many requests wait (default: no limit)")
 @click.option("--chat-template", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Jinja chat template FILE to use instead of the model's")
-@click.option("--drain-timeout", type=click.FloatRange(min=0), default=30.0, show_default=True,
+@click.option("--drain-timeout", type=FiniteFloat(min=0), default=30.0, show_default=True,
               help="seconds in-flight requests get to finish after SIGTERM or Ctrl-C")
 @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
               default="info", show_default=True)
@@ -549,7 +560,7 @@ def serve(path, server_name, server_port, api_keys, model_name, max_queue, chat_
 @click.option("--dataset", default="random", show_default=True, help="`random`, or a ShareGPT JSON file")
 @click.option("--input-len", type=click.IntRange(min=1), default=224, show_default=True, help="random: mean prompt tokens")
 @click.option("--output-len", type=click.IntRange(min=1), default=200, show_default=True, help="random: mean output tokens")
-@click.option("--range-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.5, show_default=True,
+@click.option("--range-ratio", type=FiniteFloat(0, 1, max_open=True), default=0.5, show_default=True,
               help="random: lengths uniform in [L*(1-R), L*(1+R)]")
 @click.option("--seed", type=int, default=0, show_default=True, help="dataset sampling seed")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the table")
@@ -676,7 +687,7 @@ CPU_EVAL_TOKENS = 40 * 512  # tokens `eval ppl` scores on the CPU by default: a 
 @click.option("--lm-head", type=click.Choice(["float", "int4"]), default="float", show_default=True,
               help="int4: quantize the float lm_head at load, as the engine's --lm-head int4 does")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
-@click.option("--fail-above", type=float, default=None, metavar="X",
+@click.option("--fail-above", type=FiniteFloat(), default=None, metavar="X",
               help="exit 1 when the perplexity is above X or not finite (a CI gate)")
 @user_errors
 def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quant_policy, lm_head, as_json,
@@ -790,7 +801,7 @@ def cache_list(as_json):
 
 @cache_group.command(name="clean")
 @click.option("--all", "everything", is_flag=True, help="remove every cached workspace")
-@click.option("--older-than", type=click.FloatRange(min=0), default=None, metavar="DAYS",
+@click.option("--older-than", type=FiniteFloat(min=0), default=None, metavar="DAYS",
               help="remove the workspaces not used for more than DAYS days")
 @user_errors
 def cache_clean(everything, older_than):

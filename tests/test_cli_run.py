@@ -72,6 +72,19 @@ def test_out_of_range_flags_are_usage_errors(flag, value, tmp_path):
     assert r.returncode == 2 and flag in r.stderr
 
 
+@pytest.mark.parametrize("command,flag,value", [
+    ("generate", "--temperature", "nan"), ("generate", "--top-p", "nan"), ("generate", "--repetition-penalty", "inf"),
+    ("generate", "--cache-max-entry-count", "nan"), ("serve", "--drain-timeout", "inf"),
+    ("eval", "--fail-above", "nan"), ("cache", "--older-than", "nan")])
+def test_nan_and_inf_flags_are_usage_errors(command, flag, value, tmp_path):
+    """nan passed every click.FloatRange bound (its comparisons are all false): --temperature nan exited 1 later,
+    or not at all; --fail-above nan failed every run. Now a usage error (exit 2) naming the flag, before any load."""
+    args = {"generate": ["generate", tmp_path, "hi"], "serve": ["serve", tmp_path], "eval": ["eval", "ppl", tmp_path],
+            "cache": ["cache", "clean"]}[command]
+    r = subprocess.run([sys.executable, "-m", "lmc", *args, flag, value], capture_output=True, text=True)
+    assert r.returncode == 2 and flag in r.stderr and "is not a finite number" in r.stderr, r.stderr
+
+
 def test_bench_reports_every_request_and_its_latencies(checkpoint, tmp_path):
     import json
 
