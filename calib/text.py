@@ -269,6 +269,11 @@ def _jsonl_rows(path: Path, text: str) -> list[str]:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise LmcError(f"{path}:{lineno}: no string field 'text': "
                            f'write one {{"text": "..."}} object per line')
+        try:  # JSON's \ud800 escapes decode to lone surrogates, which are not text (UTF-8 cannot hold them)
+            record["text"].encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise LmcError(f"{path}:{lineno}: the 'text' field holds an unpaired surrogate escape "
+                           f"(\\u{ord(exc.object[exc.start]):04x}), which is not Unicode text: fix or drop that line") from None
         rows.append(record["text"])
     return rows
 
