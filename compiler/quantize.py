@@ -422,6 +422,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     check_group_size(opts.w_group_size)
     if opts.calib_samples < 0 or opts.calib_seqlen < 2 or opts.batch_size < 1:
         raise LmcError("--calib-samples must be >= 0, --calib-seqlen >= 2 and --batch-size >= 1")
+    if opts.search_samples is not None and opts.search_samples < 1:  # no window to search on: IndexError mid-run
+        raise LmcError(f"--search-samples {opts.search_samples}: the scale and clip search needs at least 1 window")
     if opts.format not in HF_FORMATS or (opts.workspace and opts.format != "awq"):
         raise LmcError(f"--format {opts.format!r}: choose one of {', '.join(HF_FORMATS)}, or --workspace alone")
     if opts.calib_dtype not in CALIB_DTYPES:

@@ -167,12 +167,13 @@ def verify(workspace):
                    "to be a multiple of it and N of 8; where one is not (SmolLM2's hidden 576 with 128), an lmc "
                    "workspace is written instead and stderr says which linear")
 @click.option("--calib-dataset", default="ptb", show_default=True, help="ptb, wikitext2, c4, pileval or a .txt/.jsonl/.parquet path")
-@click.option("--calib-samples", type=int, default=128, show_default=True, help="0: plain round-to-nearest")
-@click.option("--calib-seqlen", type=int, default=1024, show_default=True)
-@click.option("--batch-size", type=int, default=4, show_default=True, help="windows per forward pass")
+@click.option("--calib-samples", type=click.IntRange(min=0), default=128, show_default=True,
+              help="0: plain round-to-nearest")
+@click.option("--calib-seqlen", type=click.IntRange(min=2), default=1024, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=4, show_default=True, help="windows per forward pass")
 @click.option("--search-scale/--no-search-scale", default=True, show_default=True,
               help="AWQ scale + clip search; --no-search-scale: LMDeploy's fixed 0.5 smoothing, no clip")
-@click.option("--search-samples", type=int, default=None, help="windows used for the search losses (default: 32 on GPU, 8 on CPU)")
+@click.option("--search-samples", type=click.IntRange(min=1), default=None, help="windows used for the search losses (default: 32 on GPU, 8 on CPU)")
 @click.option("--device", type=click.Choice(["cuda", "cpu"]), default=None, help="default: cuda when available")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(["auto", "float16", "bfloat16"]), default="auto", show_default=True)
@@ -196,6 +197,10 @@ def verify(workspace):
 @user_errors
 def quantize(src, out, force, as_json, **kw):
     """AWQ W4A16: calibrate on text, search scales and clipping, pack int4 (HF folder or GGUF SRC)."""
+    if kw["w_bits"] != 4:  # out-of-range values are usage errors (exit 2) before anything loads, as IntRange's are
+        raise click.BadParameter(f"{kw['w_bits']}: only 4-bit weights are supported", param_hint="'--w-bits'")
+    if kw["w_group_size"] not in (32, 64, 128):
+        raise click.BadParameter(f"{kw['w_group_size']}: choose one of 32, 64, 128", param_hint="'--w-group-size'")
     from lmc.compiler.quantize import QuantizeOptions, command_line, quantize as run_quantize, resolve_options, summary_json
 
     opts = QuantizeOptions(**kw)

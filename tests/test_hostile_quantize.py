@@ -62,3 +62,27 @@ def test_jsonl_text_with_an_unpaired_surrogate_is_one_line(small, tmp_path):
     assert not (tmp_path / "q").exists()
     with pytest.raises(LmcError, match="unpaired surrogate"):
         load_text(str(bad), "test", purpose="eval", flag="--dataset")
+
+
+# ----------------------------------------------------------------------------- flags
+
+
+@pytest.mark.parametrize("flag, value", [("--calib-samples", -1), ("--calib-seqlen", 1), ("--batch-size", 0),
+                                         ("--search-samples", 0), ("--search-samples", -3), ("--w-bits", 8),
+                                         ("--w-group-size", 48), ("--w-group-size", 0)])
+def test_out_of_range_quantize_flags_are_usage_errors(flag, value, tmp_path):
+    """--search-samples 0 (or below) ran the whole calibration forward of layer 0, then raised IndexError on an
+    empty list of kept windows; the others were exit 1 where docs/cli.md says an out-of-range value is a usage error.
+    Now all exit 2 naming the flag, before the source is opened (it does not even exist here)."""
+    r = _lmc("quantize", tmp_path / "no-such-model", "-o", tmp_path / "q", flag, value)
+    _usage(r, flag)
+    assert not (tmp_path / "q").exists()
+
+
+def test_search_samples_below_one_is_refused_by_the_api_too(small, tmp_path):
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+
+    with pytest.raises(LmcError, match="--search-samples 0: the scale and clip search needs at least 1 window"):
+        quantize(small, tmp_path / "q", QuantizeOptions(calib_samples=2, calib_seqlen=16, w_group_size=32, search_samples=0,
+                                                        device="cpu", method="awq"), say=lambda m: None)
+    assert not (tmp_path / "q").exists()
