@@ -282,6 +282,8 @@ def tune_layer(cal: LayerCalibrator, lw: dict, x_quant: torch.Tensor, target: to
     weights = {key: lw[key] for key in LINEAR_KEYS}
     g = opts.w_group_size
     rounding, log = autoround.tune(forward, weights, x_quant, target, g, store_dtype, seed=opts.seed + cal.layer, step=step)
+    if rounding is None:  # no step's loss was a number (NaN/Inf weights kept by --allow-nonfinite): min-max rounding
+        rounding = {key: autoround.Rounding.identity(w, g) for key, w in weights.items()}
     packed, dequantized = {}, {}
     for key, w in weights.items():
         codes, scales, zeros = autoround.final_codes(w, rounding[key], g, store_dtype)
@@ -653,4 +655,15 @@ def compressed_tensors_config(g: int, lm_head: str) -> dict:
 
 
 def summary_json(summary: dict) -> str:
-    return json.dumps(summary, indent=2, sort_keys=True, default=str)
+    """The summary as strict JSON: a loss that is not a number (NaN/Inf weights kept by --allow-nonfinite) is null,
+    not the NaN / Infinity that json.dumps writes and JSON parsers (jq, JSON.parse) refuse."""
+    def finite(v):
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: finite(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [finite(x) for x in v]
+        return v
+
+    return json.dumps(finite(summary), indent=2, sort_keys=True, default=str, allow_nan=False)

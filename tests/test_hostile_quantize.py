@@ -86,3 +86,35 @@ def test_search_samples_below_one_is_refused_by_the_api_too(small, tmp_path):
         quantize(small, tmp_path / "q", QuantizeOptions(calib_samples=2, calib_seqlen=16, w_group_size=32, search_samples=0,
                                                         device="cpu", method="awq"), say=lambda m: None)
     assert not (tmp_path / "q").exists()
+
+
+# ----------------------------------------------------------------------------- source checkpoints
+
+
+def _poison(ckpt: Path, name: str, value: float) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(ckpt / "model.safetensors")
+    state[name][3] = value
+    save_file(state, ckpt / "model.safetensors", metadata={"format": "pt"})
+
+
+def _strict_json(text: str):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_allow_nonfinite_with_autoround_writes_and_reports_strict_json(small, text, tmp_path):
+    """--allow-nonfinite with the CPU's default method (awq-autoround): a NaN weight made every tuning step's loss
+    NaN, no step was 'best', and tune_layer subscripted None (TypeError traceback, nothing written, where awq and
+    awq-gptq wrote). Now the layer falls back to min-max rounding; and the --json summary, which held NaN and
+    Infinity (not JSON: jq and JSON.parse refuse them), says null."""
+    _poison(small, "model.layers.1.mlp.down_proj.weight", float("nan"))
+    r = _lmc("quantize", small, "-o", tmp_path / "q", "--calib-dataset", text, "--device", "cpu", "--w-group-size", 32,
+             "--calib-samples", 4, "--calib-seqlen", 16, "--search-samples", 2, "--allow-nonfinite", "--json")
+    assert r.exit_code == 0, (repr(r.exception), r.stderr)
+    summary = _strict_json(r.stdout)
+    assert summary["method"] == "awq-autoround" and "WARNING: tensor layers.1.feed_forward.w2.weight" in r.stderr
+    assert summary["layers"][1]["tuning"]["loss"] is None and summary["layers"][0]["tuning"]["loss"] > 0
+    assert (tmp_path / "q" / "model.safetensors").is_file()
