@@ -440,7 +440,11 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     if opts.method == "awq-autoround" and opts.device != "cpu":
         raise LmcError("--method awq-autoround tunes with torch autograd through the CPU layer code: add --device cpu")
     cfg = model_config_from_hf(source.hf_config)
-    session_window(source.hf_config, cfg)  # a malformed sliding window is refused before calibration
+    window = session_window(source.hf_config, cfg)  # a malformed sliding window is refused before calibration
+    if window is not None and opts.calib_samples > 0 and opts.calib_seqlen > window:
+        raise LmcError(f"--calib-seqlen {opts.calib_seqlen} is longer than the sliding attention window of {source.path} "
+                       f"({window} tokens): lmc calibrates with full attention over each window, which is this model only "
+                       f"up to its sliding window; pass --calib-seqlen {window} or less")
     store_dtype = resolve_dtype(opts.dtype, source.hf_config)
     if store_dtype == torch.float32:
         store_dtype = torch.float16

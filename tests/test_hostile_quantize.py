@@ -118,3 +118,19 @@ def test_allow_nonfinite_with_autoround_writes_and_reports_strict_json(small, te
     assert summary["method"] == "awq-autoround" and "WARNING: tensor layers.1.feed_forward.w2.weight" in r.stderr
     assert summary["layers"][1]["tuning"]["loss"] is None and summary["layers"][0]["tuning"]["loss"] > 0
     assert (tmp_path / "q" / "model.safetensors").is_file()
+
+
+def test_calib_seqlen_past_the_sliding_window_is_refused_before_calibration(checkpoint, text, tmp_path):
+    """A Mistral model with sliding_window 16 calibrated on 32-token windows: lmc's calibration attends over the
+    whole window (it has no sliding-window attention), so the statistics and the searched scales came from a model
+    that is not this one past token 16, silently (exit 0). eval ppl --seqlen and --session-len already refused
+    this; now quantize does too, naming the longest length, and --calib-seqlen 16 (or RTN) runs."""
+    src = checkpoint("mistral", **AWQ_SHAPES)
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    r = _lmc("quantize", src, "-o", tmp_path / "q", "--calib-dataset", text, "--device", "cpu", "--w-group-size", 32,
+             "--calib-samples", 2, "--calib-seqlen", 32, "--method", "awq")
+    _one_line(r, "--calib-seqlen 32 is longer than the sliding attention window")
+    assert "pass --calib-seqlen 16 or less" in r.stderr and not (tmp_path / "q").exists()
+    r = _lmc("quantize", src, "-o", tmp_path / "q", "--calib-dataset", text, *FAST)  # --calib-seqlen 16
+    assert r.exit_code == 0, (repr(r.exception), r.stderr)
