@@ -692,8 +692,8 @@ CPU_EVAL_TOKENS = 40 * 512  # tokens `eval ppl` scores on the CPU by default: a 
 @click.option("--lm-head", type=click.Choice(["float", "int4"]), default="float", show_default=True,
               help="int4: quantize the float lm_head at load, as the engine's --lm-head int4 does")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object instead of the summary line")
-@click.option("--fail-above", type=FiniteFloat(), default=None, metavar="X",
-              help="exit 1 when the perplexity is above X or not finite (a CI gate)")
+@click.option("--fail-above", type=FiniteFloat(min=1), default=None, metavar="X",
+              help="exit 1 when the perplexity is above X or not finite (a CI gate; a perplexity is at least 1)")
 @user_errors
 def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quant_policy, lm_head, as_json,
              fail_above):

@@ -134,3 +134,17 @@ def test_calib_seqlen_past_the_sliding_window_is_refused_before_calibration(chec
     assert "pass --calib-seqlen 16 or less" in r.stderr and not (tmp_path / "q").exists()
     r = _lmc("quantize", src, "-o", tmp_path / "q", "--calib-dataset", text, *FAST)  # --calib-seqlen 16
     assert r.exit_code == 0, (repr(r.exception), r.stderr)
+
+
+# ----------------------------------------------------------------------------- lmc eval ppl
+
+
+@pytest.mark.parametrize("value", ["0.5", "0", "-1"])
+def test_fail_above_below_one_is_a_usage_error(value, tmp_path):
+    """A perplexity is exp(mean NLL) >= 1, so --fail-above 0.5 (a log-likelihood or a typo) failed every run after
+    scoring the whole text; its help also read '[x<=None]'. Now exit 2 naming the flag before anything loads."""
+    r = _lmc("eval", "ppl", tmp_path / "no-such-model", "--fail-above", value)
+    _usage(r, "--fail-above")
+    assert "x>=1" in r.stderr
+    help_text = " ".join(_lmc("eval", "ppl", "--help").stdout.split())
+    assert "--fail-above X exit 1" in help_text and "x<=None" not in help_text
