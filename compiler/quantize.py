@@ -362,6 +362,15 @@ def run_layers(cfg: ModelConfig, builder: Builder, opts: QuantizeOptions, device
     return layers, logs
 
 
+def check_finite_layers(builder: Builder) -> None:
+    """Build every layer tensor once, one at a time, so that a NaN/Inf weight (or a value the store dtype
+    overflows) is refused before calibration, not when the loop reaches its layer: one read of the source, whose
+    mapped pages the memory prediction already counts."""
+    for target in builder.targets:
+        if target.key is not None:  # the globals: check_finite_globals
+            builder.build_blocks(target, 0)
+
+
 def resolve_options(opts: QuantizeOptions) -> QuantizeOptions:
     """The options with the device and the search subset decided (what the provenance records)."""
     device = pick_device(opts.device)
@@ -466,6 +475,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     say(mem.describe())
     if not mem.fits():
         raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
+    if ids is not None and not opts.allow_nonfinite:
+        check_finite_layers(builder)  # a NaN in the last layer is one line now, not after calibrating all the others
     if reason:
         warn(f"note: writing an lmc workspace instead of an HF {HF_FORMATS[fmt]} checkpoint: {reason}")
         fmt = "workspace"

@@ -136,6 +136,21 @@ def test_calib_seqlen_past_the_sliding_window_is_refused_before_calibration(chec
     assert r.exit_code == 0, (repr(r.exception), r.stderr)
 
 
+def test_nan_in_the_last_layer_is_refused_before_calibration(small, text, tmp_path, monkeypatch):
+    """A NaN weight in layer 1 of 2 was found only when the layer loop loaded it, after calibrating every layer
+    before it (hours on a large model, for a damaged checkpoint). Now every layer is checked before the loop."""
+    import lmc.compiler.quantize as q
+
+    def calibration_started(*args, **kwargs):
+        raise AssertionError("the layer loop started before the weights were checked")
+
+    _poison(small, "model.layers.1.mlp.down_proj.weight", float("nan"))
+    monkeypatch.setattr(q, "run_layers", calibration_started)
+    r = _lmc("quantize", small, "-o", tmp_path / "q", "--calib-dataset", text, *FAST)
+    _one_line(r, "tensor layers.1.feed_forward.w2.weight (from model.layers.1.mlp.down_proj) has NaN or Inf values")
+    assert "--allow-nonfinite" in r.stderr and not (tmp_path / "q").exists()
+
+
 # ----------------------------------------------------------------------------- lmc eval ppl
 
 
