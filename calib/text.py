@@ -249,10 +249,11 @@ def _check_size(path: Path, size: int) -> None:
 
 def _read_bounded(path: Path) -> str:
     """The file's UTF-8 text with universal newlines (as read_text), never more than MAX_TEXT_FILE_BYTES read (a
-    file that grew after the check is refused)."""
+    file that grew after the check is refused). A leading byte-order mark (Windows editors write one) is not text
+    and is dropped ("utf-8-sig"): a .jsonl starting with one was refused as invalid JSON, a .txt kept U+FEFF."""
     data = read_capped(path, MAX_TEXT_FILE_BYTES)
     _check_size(path, len(data))
-    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    return data.decode("utf-8-sig").replace("\r\n", "\n").replace("\r", "\n")
 
 
 def _jsonl_rows(path: Path, text: str) -> list[str]:

@@ -85,8 +85,8 @@ def read_template_file(path: str | Path) -> str:
     if len(data) > MAX_TEMPLATE_FILE_BYTES:
         raise LmcError(f"chat template {path} is over {MAX_TEMPLATE_FILE_BYTES} bytes; a chat template is a few KiB "
                        "of Jinja: pass the template itself")
-    try:
-        return data.decode("utf-8")
+    try:  # utf-8-sig: a leading byte-order mark would be rendered into every prompt
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise LmcError(f"chat template {path} is not UTF-8 text ({e.reason} at byte {e.start}): "
                        "pass a Jinja template file") from None

@@ -154,6 +154,15 @@ def test_local_txt_is_used_as_is(tmp_path):
     assert loaded.sha256 == hashlib.sha256("line one\n\nline two é\n".encode()).hexdigest()
 
 
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    """A UTF-8 file saved with a byte-order mark (Notepad's 'UTF-8 with BOM'): the .jsonl was refused as invalid
+    JSON on line 1 and the .txt carried U+FEFF into the tokens; the mark is dropped from both, and only at the start."""
+    (tmp_path / "b.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "alpha"}\n{"text": "beta"}\n')
+    assert load_text(str(tmp_path / "b.jsonl"), "train").text == "alpha\n\nbeta"
+    (tmp_path / "b.txt").write_bytes(b"\xef\xbb\xbfone\r\ntwo \xef\xbb\xbf\n")
+    assert load_text(str(tmp_path / "b.txt"), "train").text == "one\ntwo \ufeff\n"
+
+
 def test_local_jsonl_joins_text_fields(tmp_path):
     path = tmp_path / "c.jsonl"
     path.write_text('{"text": "alpha", "id": 1}\n\n{"text": "beta\\ngamma"}\n', encoding="utf-8")

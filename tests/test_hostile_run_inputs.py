@@ -100,6 +100,8 @@ def test_read_template_file_takes_a_real_template(tmp_path):
 
     (tmp_path / "t.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
     assert read_template_file(tmp_path / "t.jinja").startswith("{% for m")
+    (tmp_path / "bom.jinja").write_bytes(b"\xef\xbb\xbf{{ messages[0].content }}")  # 'UTF-8 with BOM': the mark
+    assert read_template_file(tmp_path / "bom.jinja") == "{{ messages[0].content }}"  # was rendered into each prompt
 
 
 # ----------------------------------------------------------------------------- lmc chat's standard input
