@@ -467,14 +467,21 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     builder = Builder(source, cfg, store_dtype, 1, opts.allow_nonfinite, say)
     builder.check_names()
     builder.check_finite_globals()
+
+    def check_memory(final: bool):
+        mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size,
+                      opts.w_group_size, device, calib_dtype, store_dtype, source_read(source),
+                      gptq=opts.mode == "awq-gptq", tune_batch=autoround.BATCH if opts.mode == "awq-autoround" else 0)
+        if final:
+            say(mem.describe())
+        if not mem.fits():
+            raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
+        return mem
+
+    check_memory(final=False)  # a run that cannot fit is refused before the text is tokenized (seconds on PTB)
     ids, text_info = (None, None) if opts.calib_samples == 0 else calibration_ids(source, opts)
     release_free_heap()  # tokenizing leaves freed blocks in the heap (0.3 GiB for PTB with SmolLM2's tokenizer)
-    mem = predict(cfg, opts.calib_samples, opts.calib_seqlen, opts.search_samples, opts.batch_size, opts.w_group_size,
-                  device, calib_dtype, store_dtype, source_read(source), gptq=opts.mode == "awq-gptq",
-                  tune_batch=autoround.BATCH if opts.mode == "awq-autoround" else 0)
-    say(mem.describe())
-    if not mem.fits():
-        raise LmcError(f"not enough memory: {mem.describe()}; lower --calib-samples/--calib-seqlen/--batch-size")
+    mem = check_memory(final=True)  # with what tokenizing left held
     if ids is not None and not opts.allow_nonfinite:
         check_finite_layers(builder)  # a NaN in the last layer is one line now, not after calibrating all the others
     if reason:

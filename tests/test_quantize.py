@@ -134,6 +134,22 @@ def test_cli_memory_refusal_and_json(checkpoint, tmp_path):
     assert r.returncode == 1 and "--force" in r.stderr
 
 
+def test_a_run_that_cannot_fit_is_refused_before_the_text_is_tokenized(checkpoint, tmp_path, monkeypatch):
+    """The memory prediction needs only the flags and the model, not the tokens: a hopeless run was refused after
+    tokenizing the whole calibration text (8 of the CLI's 10 s above, minutes on a large corpus)."""
+    from lmc.compiler import quantize as Q
+    from lmc.errors import LmcError
+
+    def tokenized(*_):
+        raise AssertionError("the text was tokenized before the memory check")
+
+    monkeypatch.setattr(Q, "calibration_ids", tokenized)
+    with pytest.raises(LmcError, match="not enough memory"):
+        quantize(checkpoint("llama3", **AWQ_SHAPES), tmp_path / "big",
+                 QuantizeOptions(calib_samples=400000, calib_seqlen=4096, device="cpu", method="awq"), say=_quiet)
+    assert not (tmp_path / "big").exists()
+
+
 def test_awq_checkpoint_splits_for_tp(checkpoint, tmp_path):
     from lmc.format.int4 import from_lmc_tensors
     from lmc.errors import LmcError
