@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,6 +149,33 @@ def test_a_run_that_cannot_fit_is_refused_before_the_text_is_tokenized(checkpoin
         quantize(checkpoint("llama3", **AWQ_SHAPES), tmp_path / "big",
                  QuantizeOptions(calib_samples=400000, calib_seqlen=4096, device="cpu", method="awq"), say=_quiet)
     assert not (tmp_path / "big").exists()
+
+
+def test_calibration_ids_are_tokenized_once_per_tokenizer_and_text(checkpoint, tmp_path, monkeypatch):
+    """quantize at two group sizes in one process tokenized PTB twice (8 s each with the test tokenizer); the ids are
+    now kept for the same tokenizer files and text, read-only, and a different text or tokenizer tokenizes again."""
+    from lmc.compiler import quantize as Q
+    from lmc.compiler.readers import open_source
+    from lmc.runtime.tokenizer import Tokenizer
+
+    calls = []
+    encode = Tokenizer.encode
+    monkeypatch.setattr(Tokenizer, "encode", lambda self, text: calls.append(len(text)) or encode(self, text))
+    monkeypatch.setattr(Q, "_ids_cache", {})
+    text = tmp_path / "c.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    source = open_source(checkpoint("llama3", **AWQ_SHAPES))
+    opts = QuantizeOptions(calib_dataset=str(text))
+    first, info = Q.calibration_ids(source, opts)
+    again, _ = Q.calibration_ids(source, opts)
+    assert again is first and len(calls) == 1 and not first.flags.writeable and info["text_sha256"]
+    text.write_text("another text entirely\n" * 50)
+    other, _ = Q.calibration_ids(source, opts)
+    assert len(calls) == 2 and not np.array_equal(other, first)
+    assert len(Q._ids_cache) == 2
+    source2 = open_source(checkpoint("llama3", **AWQ_SHAPES))  # the same tokenizer files: no new tokenization
+    Q.calibration_ids(source2, opts)
+    assert len(calls) == 2
 
 
 def test_awq_checkpoint_splits_for_tp(checkpoint, tmp_path):
