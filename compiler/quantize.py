@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from lmc.compiler import autoround, awq, gptq
-from lmc.format.archs import INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, linear_parts, model_config_from_hf
+from lmc.format.archs import (INT4_LEAVES, LAYER_KEYS, LINEAR_KEYS, arch_spec, check_within_window, linear_parts,
+                              model_config_from_hf)
 from lmc.compiler.convert import Builder, lmc_json, plan, provenance, resolve_dtype
 from lmc.compiler.records import session_window, window_note
 from lmc.compiler.memory import clip_rows, peak_rss, predict, release_free_heap, source_read
@@ -471,10 +472,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
         raise LmcError("--method awq-autoround tunes with torch autograd through the CPU layer code: add --device cpu")
     cfg = model_config_from_hf(source.hf_config)
     window = session_window(source.hf_config, cfg)  # a malformed sliding window is refused before calibration
-    if window is not None and opts.calib_samples > 0 and opts.calib_seqlen > window:
-        raise LmcError(f"--calib-seqlen {opts.calib_seqlen} is longer than the sliding attention window of {source.path} "
-                       f"({window} tokens): lmc calibrates with full attention over each window, which is this model only "
-                       f"up to its sliding window; pass --calib-seqlen {window} or less")
+    if opts.calib_samples > 0:
+        check_within_window(opts.calib_seqlen, window, "--calib-seqlen", source.path, does="calibrates")
     store_dtype = resolve_dtype(opts.dtype, source.hf_config)
     if store_dtype == torch.float32:
         store_dtype = torch.float16

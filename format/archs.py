@@ -257,6 +257,15 @@ def sliding_window(hf: dict) -> int | None:
     return window
 
 
+def check_within_window(tokens: int, window: int | None, flag: str, where, does: str = "attends") -> None:
+    """lmc has no sliding-window attention: full attention is a sliding-window model only up to its window, so a
+    sequence (`flag` tokens) longer than the window of the model at `where` is refused (None: no window)."""
+    if window is not None and tokens > window:
+        raise LmcError(f"{flag} {tokens} is longer than the sliding attention window of {where} ({window} tokens): "
+                       f"lmc {does} with full attention over the whole sequence, which is this model only up to its "
+                       f"window; pass {flag} {window} or less")
+
+
 def model_config_from_hf(hf: dict) -> ModelConfig:
     """The one place a Hugging Face config.json is read."""
     if not isinstance(hf, dict):

@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from lmc.errors import LmcError, WorkspaceError
+from lmc.errors import WorkspaceError
+from lmc.format.archs import check_within_window
 from lmc.format.hashing import CHUNK, file_digest  # noqa: F401 - file_digest re-exported
 from lmc.format.manifest import (DIGEST, DIGESTS, FLOAT_DTYPES, FORMAT_VERSION, QUANT_METHODS, SAFETENSORS_DTYPES,  # noqa: F401 - re-exported
                                  check_manifest, check_meta, check_quantization, check_version, expected_index,
@@ -153,13 +154,9 @@ class Workspace:
         return list(self.manifest["tensors"])
 
     def check_within_window(self, tokens: int, flag: str) -> None:
-        """A sliding-window model's workspace records its window (lmc.json engine.attention_window); lmc attends over
-        the whole sequence, which is that model only up to the window, so a longer sequence (`flag` tokens) is refused."""
-        window = self.meta.get("engine", {}).get("attention_window")
-        if window is not None and tokens > window:
-            raise LmcError(f"{flag} {tokens} is longer than the sliding attention window of {self.path} ({window} "
-                           f"tokens): lmc attends over the whole sequence, which is this model only up to its window; "
-                           f"pass {flag} {window} or less")
+        """A sequence of `flag` tokens past the window this workspace records (lmc.json engine.attention_window) is
+        refused (format.archs.check_within_window)."""
+        check_within_window(tokens, self.meta.get("engine", {}).get("attention_window"), flag, self.path)
 
     def _map(self, rel: str) -> mmap.mmap:
         if rel not in self._maps:

@@ -199,8 +199,11 @@ def quantize(src, out, force, as_json, **kw):
     """AWQ W4A16: calibrate on text, search scales and clipping, pack int4 (HF folder or GGUF SRC)."""
     if kw["w_bits"] != 4:  # out-of-range values are usage errors (exit 2) before anything loads, as IntRange's are
         raise click.BadParameter(f"{kw['w_bits']}: only 4-bit weights are supported", param_hint="'--w-bits'")
-    if kw["w_group_size"] not in (32, 64, 128):
-        raise click.BadParameter(f"{kw['w_group_size']}: choose one of 32, 64, 128", param_hint="'--w-group-size'")
+    from lmc.format.int4_layout import GROUP_SIZES  # torch-free
+
+    if kw["w_group_size"] not in GROUP_SIZES:
+        raise click.BadParameter(f"{kw['w_group_size']}: choose one of {', '.join(map(str, GROUP_SIZES))}",
+                                 param_hint="'--w-group-size'")
     from lmc.compiler.quantize import QuantizeOptions, command_line, quantize as run_quantize, resolve_options, summary_json
 
     opts = QuantizeOptions(**kw)
