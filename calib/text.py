@@ -100,11 +100,20 @@ def load_text(name_or_path: str, split: str, purpose: str = "calib", flag: str =
         raise LmcError(f"unknown text purpose {purpose!r}: use one of {', '.join(PURPOSES)}")
     if name_or_path in DATASETS:
         return _load_named(name_or_path, _check_split(name_or_path, split), purpose, flag)
+    check_text_source(name_or_path, flag)
+    return _load_file(Path(name_or_path), flag)
+
+
+def check_text_source(name_or_path: str, flag: str) -> None:
+    """What `load_text` would refuse without reading the text (a bad name, suffix or path), so that a command
+    says it before opening its model: one LmcError line."""
+    if name_or_path in DATASETS:
+        return
     path = Path(name_or_path)
     if path.suffix.lower() not in FILE_SUFFIXES:
         raise LmcError(f"unknown dataset {name_or_path!r} given to {flag}: use one of {', '.join(DATASETS)} "
                        f"or a local {'/'.join(FILE_SUFFIXES)} file")
-    return _load_file(path, flag)
+    check_text_file(path, flag)
 
 
 def bundled_sources() -> dict:
@@ -215,7 +224,6 @@ def _hub_rows(name: str, split: str, limit: int | None) -> list[str]:
 
 
 def _load_file(path: Path, flag: str) -> LoadedText:
-    check_text_file(path, flag)
     suffix = path.suffix.lower()
     try:
         if suffix == ".txt":

@@ -28,6 +28,7 @@ from lmc.compiler.pack import (INDEX_LEAVES, INT32_LEAVES, awq_compatible, check
 from lmc.format.int4 import LAYOUT, check_group_size, from_lmc_tensors, to_lmc_tensors
 from lmc.compiler.llava import PROCESSOR_FILES, hf_entries, split_vision, vision_specs
 from lmc.format.vision import is_llava
+from lmc.calib.text import check_text_source
 from lmc.compiler.readers import Source, open_source
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.errors import LmcError
@@ -437,6 +438,8 @@ def quantize(src, out, opts: QuantizeOptions, force: bool = False, progress: boo
              command: str = "", say=print, warn=_stderr) -> dict:
     """Run `lmc quantize` on the checkpoint at `src` (an HF folder or a GGUF file). A LLaVA checkpoint (HF layout)
     has its language model quantized; its vision tower and projector stay float."""
+    if opts.calib_samples > 0:  # a bad --calib-dataset is one line before the checkpoint is opened
+        check_text_source(opts.calib_dataset, "--calib-dataset")
     source = open_source(src)
     if source.model_format != "gguf" and is_llava(source.hf_config) == "original":
         raise LmcError(f"{src} is an original-layout LLaVA checkpoint; quantize its Hugging Face layout "

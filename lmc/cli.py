@@ -707,13 +707,12 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
     tokens (the tail is dropped), and every window is scored on its own. With --quant-policy 8 or 4 the
     windows run through a KV cache of that policy, so attention reads earlier positions as decoding does."""
     import time
-    from pathlib import Path
 
     import torch
     from tqdm import tqdm
 
     from lmc.api import resolve_workspace
-    from lmc.calib.text import DATASETS, check_text_file, load_text
+    from lmc.calib.text import DATASETS, check_text_source, load_text
     from lmc.calib.windows import eval_windows
     from lmc.runtime.device import compute_dtype, pick_device
     from lmc.runtime.model import Model
@@ -723,11 +722,7 @@ def eval_ppl(path, dataset, split, seqlen, max_windows, batch_size, device, quan
 
     started = time.perf_counter()
     named = dataset in DATASETS
-    if not named and not Path(dataset).exists():
-        raise LmcError(f"dataset file not found: {dataset}: pass an existing .txt/.jsonl/.parquet file "
-                       f"or one of {', '.join(DATASETS)}")
-    if not named:
-        check_text_file(Path(dataset), "--dataset")  # a folder, device, pipe or oversized file: before the model loads
+    check_text_source(dataset, "--dataset")  # a bad name, a missing, odd or oversized file: before the model loads
     dev = pick_device(device)
     if max_windows is None and dev.type == "cpu":
         max_windows = max(1, CPU_EVAL_TOKENS // seqlen)

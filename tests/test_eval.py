@@ -115,7 +115,7 @@ def test_fail_above_is_a_ci_gate(checkpoint, text_file, tmp_path):
 def test_missing_dataset_is_one_line_error(tmp_path):
     out = _lmc(tmp_path / "no-model", "--dataset", tmp_path / "missing.txt", cache=tmp_path / "cache")
     assert out.returncode == 1
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: dataset file not found:")
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: text file not found:")
     assert "missing.txt" in out.stderr and out.stdout == ""
 
 

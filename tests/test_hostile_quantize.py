@@ -52,6 +52,21 @@ def small(checkpoint):
 # ----------------------------------------------------------------------------- texts
 
 
+@pytest.mark.parametrize("name, phrase", [("missing.txt", "text file not found"), ("calib.csv", "unknown dataset")])
+def test_a_bad_calibration_text_is_named_before_the_checkpoint_is_opened(tmp_path, monkeypatch, name, phrase):
+    """A missing or unknown --calib-dataset is one line before the source is opened (it was reported after the
+    checkpoint was read and checked: seconds on an 8B); the source here would fail to open if it were tried."""
+    import lmc.compiler.quantize as quantize
+
+    def no_open(src):
+        raise AssertionError("the checkpoint was opened before the calibration text was checked")
+
+    monkeypatch.setattr(quantize, "open_source", no_open)
+    r = _lmc("quantize", tmp_path / "model", "-o", tmp_path / "q", "--calib-dataset", tmp_path / name, *FAST)
+    _one_line(r, phrase)
+    assert not (tmp_path / "q").exists()
+
+
 def test_jsonl_text_with_an_unpaired_surrogate_is_one_line(small, tmp_path):
     """{"text": "\\ud800"} is valid JSON that decodes to a lone surrogate, which no UTF-8 text holds: hashing the
     text raised UnicodeEncodeError (a traceback from quantize and eval ppl alike). Now one line naming the line."""
