@@ -505,8 +505,10 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     ids, text_info = (None, None) if opts.calib_samples == 0 else calibration_ids(source, opts)
     release_free_heap()  # tokenizing leaves freed blocks in the heap (0.3 GiB for PTB with SmolLM2's tokenizer)
     mem = check_memory(final=True)  # with what tokenizing left held
+    tf = time.perf_counter()
     if ids is not None and not opts.allow_nonfinite:
         check_finite_layers(builder)  # a NaN in the last layer is one line now, not after calibrating all the others
+    finite_check_s = time.perf_counter() - tf
     if reason:
         warn(f"note: writing an lmc workspace instead of an HF {HF_FORMATS[fmt]} checkpoint: {reason}")
         fmt = "workspace"
@@ -534,7 +536,8 @@ def quantize_source(source: Source, out, opts: QuantizeOptions, force: bool = Fa
     if fmt == "workspace" and window is not None:
         warn(window_note(cfg, window))
     summary = {"output": str(out), "format": fmt, "method": opts.mode, "layers": logs, "options": asdict(opts),
-               "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2)},
+               "seconds": {"total": round(time.perf_counter() - t0, 2), "calibrate_quantize": round(t2 - t1, 2),
+                           "finite_check": round(finite_check_s, 2)},
                "memory_predicted": asdict(mem), "peak_host_rss_bytes": peak_rss()}
     if device.type == "cuda":
         summary["peak_device_bytes"] = torch.cuda.max_memory_allocated(device)

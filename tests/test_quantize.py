@@ -131,6 +131,9 @@ def test_cli_memory_refusal_and_json(checkpoint, tmp_path):
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
     assert summary["format"] == "awq" and len(summary["layers"]) == 2 and summary["peak_host_rss_bytes"] > 0
+    seconds = summary["seconds"]  # the up-front NaN/Inf read is timed on its own, inside the total
+    assert set(seconds) == {"total", "calibrate_quantize", "finite_check"}
+    assert 0 <= seconds["finite_check"] < seconds["total"] and seconds["calibrate_quantize"] < seconds["total"]
     r = _cli("quantize", ckpt, "-o", tmp_path / "q", "--calib-samples", 4)
     assert r.returncode == 1 and "--force" in r.stderr
 
