@@ -43,6 +43,7 @@ def make_checkpoint(shape: str, out: Path) -> float:
                                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     cfg = LlamaConfig(**SHAPES[shape], bos_token_id=0, eos_token_id=1, tie_word_embeddings=False)
+    torch.manual_seed(0)  # the same random checkpoint every run, so runs compare on the same weights
     torch.set_default_dtype(torch.float16)
     with torch.device(device):
         model = LlamaForCausalLM(cfg)
