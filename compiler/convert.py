@@ -6,10 +6,10 @@ from pathlib import Path
 
 import torch
 
-from lmc.format.archs import (Target, arch_spec, kv_heads_of_rank, linear_parts, model_config_from_hf,
+from lmc.format.archs import (LAYER_NAMES, LINEAR_KEYS, Target, arch_spec, kv_heads_of_rank, linear_parts, model_config_from_hf,
                               tp_problem)
 from lmc.compiler.pack import (GROUP_INDEX_LEAF, INDEX_LEAVES, INT32_LEAVES, checkpoint_int4_shapes, fold_group_size,
-                               group_labels, unpack_awq, unpack_compressed, unpack_gptq)
+                               group_labels, input_order, unpack_awq, unpack_compressed, unpack_gptq)
 from lmc.compiler.llava import split_vision, vision_specs
 from lmc.compiler import records
 from lmc.compiler.readers import Source, open_source
@@ -67,6 +67,8 @@ class Builder:
                            if self.quant else None)  # lmc's group; the checkpoint's is self.int4.group_size
         self.targets = arch_spec(cfg).targets(cfg)
         self._names = set(self.reader.names())
+        self.act_order: tuple[str, ...] = ()  # the linear keys stored in act-order (a `.perm` each): check_names sets it
+        self._w2_order: dict[str, torch.Tensor] = {}  # layer prefix -> its act-order w2's input order (folded into w13)
         self._check_tp()
 
     def _check_tp(self) -> None:
@@ -101,9 +103,32 @@ class Builder:
                     raise LmcError(f"source tensor {name} has shape {list(got)}, the config implies {list(shape)}; "
                                    "the weights do not match config.json")
                 self._check_source_dtype(name)
-        for t in self.targets if self.quant else ():  # act-order that cannot fold: refused before anything is written
-            for base in t.sources if t.linear else ():
-                self._group_labels(base, linear_parts(self.cfg, t.key)[1], self._checkpoint_groups(base), "cpu")
+        if self.quant:  # act-order that cannot be stored: refused before anything is written
+            self._check_act_order()
+
+    def _check_act_order(self) -> None:
+        """Every int4 source's g_idx against its groups (group_labels), the parts of a fused linear in one input
+        order, and which linear keys need their act-order `.perm` (self.act_order); a workspace with one is tp 1.
+        w2 never needs one: its input is w13's output, whose rows are stored in w2's order instead (_build)."""
+        keys = set()
+        for t in self.targets:
+            if not t.linear:
+                continue
+            orders = [self._order_and_labels(base, linear_parts(self.cfg, t.key)[1], self._checkpoint_groups(base),
+                                             "cpu")[0] for base in t.sources]
+            for base, order in zip(t.sources[1:], orders[1:]):
+                if not _same_order(order, orders[0]):
+                    raise LmcError(f"{t.sources[0]} and {base} have different act-order (desc_act) g_idx, but lmc runs "
+                                   f"them as one fused linear that reads its input in one order (as vLLM does); use a "
+                                   "checkpoint quantized without act-order, or quantize the float model with `lmc quantize`")
+            if orders[0] is not None and t.key == "w2":
+                self._w2_order[t.name.removesuffix(LAYER_NAMES["w2"])] = orders[0]
+            elif orders[0] is not None:
+                keys.add(t.key)
+        self.act_order = tuple(k for k in LINEAR_KEYS if k in keys)
+        if (self.act_order or self._w2_order) and self.tp > 1:
+            raise LmcError(f"--tp {self.tp}: this {self.int4.method} checkpoint is act-order (desc_act), whose input "
+                           "columns lmc reorders per linear; such workspaces run with --tp 1: convert with --tp 1")
 
     def _check_quantized_parts(self, name: str, have: set[str]) -> None:
         """Why a quantized checkpoint's tensor `name` is missing or unused, when the reason is what it
@@ -222,25 +247,34 @@ class Builder:
             codes = self._fuse([p[0] for p in parts], t, rank)  # [N, K]
             scales = self._fuse([p[1] for p in parts], t, rank)  # [N, K/G]
             zeros = self._fuse([p[2] for p in parts], t, rank)
+            w2_order = self._w2_order.get(t.name.removesuffix(LAYER_NAMES["w13"])) if t.key == "w13" else None
+            if w2_order is not None:  # gate and up rows in w2's stored input order: w13's output is what w2 reads
+                rows = torch.cat([w2_order, w2_order + codes.shape[0] // 2])  # [2I]: gate rows, then up rows
+                codes, scales, zeros = codes[rows], scales[rows], zeros[rows]
             q, s, z = to_lmc_tensors(codes, scales, zeros, self.dtype)
             out.update({f"{t.name}.qweight": [q], f"{t.name}.scales": [s], f"{t.name}.zeros": [z]})
+            if t.key in self.act_order:  # every part's order is the same (_check_act_order); identity where none
+                order = parts[0][3] if parts[0][3] is not None else torch.arange(linear_parts(self.cfg, t.key)[1])
+                out[f"{t.name}.perm"] = [order.to(torch.int32)]  # [K]: stored input column j is input column perm[j]
         else:
             out[f"{t.name}.weight"] = self._row_blocks(self._parts(t, ".weight"), t, rank)  # [n, K] each
         if self.cfg.qkv_bias and t.name.endswith("w_qkv"):
             out[f"{t.name}.bias"] = self._row_blocks(self._parts(t, ".bias"), t, rank)
         return {rank_name(k, rank, self.tp, t.split is not None): v for k, v in out.items()}
 
-    def _int4_parts(self, t: Target) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def _int4_parts(self, t: Target) -> list[tuple]:
         """The int4 parts of a linear, unpacked to codes [n, K] and lmc-grouped scales and zeros
-        [n, ceil(K/G)]; InternLM2's fused wqkv is split after unpacking (its rows are N)."""
+        [n, ceil(K/G)], with the act-order input order (None: none); InternLM2's fused wqkv is split after
+        unpacking (its rows are N)."""
         rows, k = linear_parts(self.cfg, t.key)
         if t.fuse == "internlm2_qkv":
-            fused = self._read_int4(t.sources[0], sum(rows), k)
-            return list(zip(*(self._split_internlm2(x) for x in fused)))
+            *fused, order = self._read_int4(t.sources[0], sum(rows), k)
+            return [(*part, order) for part in zip(*(self._split_internlm2(x) for x in fused))]
         return [self._read_int4(s, n, k) for s, n in zip(t.sources, rows)]
 
-    def _read_int4(self, base: str, n: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One int4 source linear W [n, K] in any checkpoint layout -> codes, scales, zeros in lmc's groups."""
+    def _read_int4(self, base: str, n: int, k: int) -> tuple:
+        """One int4 source linear W [n, K] in any checkpoint layout -> codes, scales, zeros in lmc's groups, and
+        act-order's input order [K] (None: none; the codes' columns are then in that order)."""
         get, method, g = self.reader.get, self.int4.method, self.int4.group_size
         if method == "awq":
             codes, scales, zeros = unpack_awq(get(base + ".qweight"), get(base + ".qzeros"), get(base + ".scales"), g)
@@ -254,8 +288,10 @@ class Builder:
                                "the weights do not match config.json")
             zero_point = None if self.int4.symmetric else get(base + ".weight_zero_point")
             codes, scales, zeros = unpack_compressed(get(base + ".weight_packed"), get(base + ".weight_scale"), zero_point, k)
-        labels = self._group_labels(base, k, scales.shape[1], scales.device)  # [ceil(K/G)]
-        return codes, scales[:, labels].contiguous(), zeros[:, labels].contiguous()
+        order, labels = self._order_and_labels(base, k, scales.shape[1], scales.device)  # [K] or None, [ceil(K/G)]
+        if order is not None:
+            codes = codes[:, order.to(codes.device)]  # [n, K]: column j is input column order[j]
+        return codes, scales[:, labels].contiguous(), zeros[:, labels].contiguous(), order
 
     def _checkpoint_groups(self, base: str) -> int:
         """How many scale groups a source linear has in the checkpoint."""
@@ -263,15 +299,22 @@ class Builder:
             return self.reader.shape(base + ".weight_scale")[1]
         return self.reader.shape(base + ".scales")[0]
 
-    def _group_labels(self, base: str, k: int, n_groups: int, device) -> torch.Tensor:
-        """The checkpoint group of each of lmc's groups of one source linear (pack.group_labels)."""
+    def _order_and_labels(self, base: str, k: int, n_groups: int, device) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """One source linear's act-order input order (pack.input_order; None: none) and the checkpoint group of
+        each of lmc's groups in the stored order (pack.group_labels)."""
         index = base + GROUP_INDEX_LEAF.get(self.int4.method, "")
         if index in self._names:
             group_of_column = self.reader.get(index)  # [K]
         else:
             columns = torch.arange(k, device=device)
             group_of_column = columns // self.int4.group_size if self.int4.group_size is not None else torch.zeros_like(columns)
-        return group_labels(group_of_column, self.group_size, n_groups, base)
+        order = input_order(group_of_column, self.group_size)
+        stored = group_of_column if order is None else group_of_column[order]  # [K]
+        return order, group_labels(stored, self.group_size, n_groups, base)
+
+
+def _same_order(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return (a is None and b is None) or (a is not None and b is not None and torch.equal(a, b))
 
 
 def _finite(t: torch.Tensor) -> bool:
@@ -287,7 +330,7 @@ def plan(builder: Builder) -> tuple[list[list[TensorSpec]], dict[tuple[int, str]
     """Every rank's tensor specs, from the config's shapes (lmc.format.workspace.workspace_tensors;
     the writer checks each built tensor against its spec), and which target yields each name."""
     rank_specs, owner = [[] for _ in range(builder.tp)], {}
-    quantization = {"group_size": builder.group_size} if builder.quant else None
+    quantization = {"group_size": builder.group_size, "act_order": list(builder.act_order)} if builder.quant else None
     dtype = str(builder.dtype).removeprefix("torch.")
     for rank, target, name, dt, shape in workspace_tensors(builder.cfg, dtype, quantization, builder.tp):
         rank_specs[rank].append(TensorSpec(name, DTYPE_NAMES[dt], shape))
@@ -343,7 +386,7 @@ def convert(src: str | Path, out: str | Path, model_format: str | None = None, d
     quantization = None
     if builder.quant:
         quantization = {"method": source.model_format, "bits": 4, "group_size": builder.group_size, "layout": LAYOUT,
-                        "zero_point": True}
+                        "zero_point": True} | ({"act_order": list(builder.act_order)} if builder.act_order else {})
     command = convert_command(source.model_format, dtype, tp, allow_nonfinite, vision_tower is not None)
     show = sys.stderr.isatty() if progress is None else progress
     bar = _progress(sum(spec.nbytes for specs in rank_specs for spec in specs), show)

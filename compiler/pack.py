@@ -210,25 +210,43 @@ def fold_group_size(group_size: int | None, where: str) -> int:
                    "columns and must divide the checkpoint's group")
 
 
-def group_labels(group_of_column: torch.Tensor, group_size: int, n_groups: int, where: str) -> torch.Tensor:
-    """The group of each input column [K] (GPTQ's g_idx, or k // G) -> the checkpoint group of each
-    of lmc's groups of G consecutive columns [ceil(K/G)]: scales[:, labels] are then lmc's scales.
-
-    Exact when each lmc group's columns share one checkpoint group (a group size that G divides,
-    or act-order whose g_idx only relabels whole groups); otherwise refused."""
-    k = group_of_column.shape[0]
-    pad = -k % group_size
+def _mixed_block(group_of_column: torch.Tensor, group_size: int) -> tuple[torch.Tensor, int | None]:
+    """The checkpoint group of each of lmc's groups of G consecutive columns [ceil(K/G)] (its first column's),
+    and the first lmc group whose columns lie in different checkpoint groups (None: none)."""
+    pad = -group_of_column.shape[0] % group_size
     padded = torch.cat([group_of_column, group_of_column[-1:].expand(pad)])  # [ceil(K/G)*G]
     blocks = padded.to(torch.int64).reshape(-1, group_size)  # [ceil(K/G), G]
     labels = blocks[:, 0]  # [ceil(K/G)]
-    if not blocks.is_meta:
-        mixed = (blocks != labels[:, None]).any(dim=1).nonzero()
-        if mixed.numel():
-            b = int(mixed[0])
-            raise LmcError(f"{where}: act-order (desc_act) g_idx puts input columns {b * group_size}..{min(k, (b + 1) * group_size) - 1} "
-                           f"in different quantization groups; lmc's kernels read {group_size} consecutive columns per "
-                           "group and do not permute activations: use a checkpoint quantized without act-order "
-                           "(desc_act false or static_groups true) or quantize the float model with `lmc quantize`")
-        if bool((labels < 0).any()) or bool((labels >= n_groups).any()):
-            raise LmcError(f"{where}: g_idx names a group outside 0..{n_groups - 1}; the checkpoint is corrupt")
+    if blocks.is_meta:
+        return labels, None
+    mixed = (blocks != labels[:, None]).any(dim=1).nonzero()
+    return labels, int(mixed[0]) if mixed.numel() else None
+
+
+def input_order(group_of_column: torch.Tensor, group_size: int) -> torch.Tensor | None:
+    """Act-order's column order: None when every lmc group of G consecutive input columns already lies in one
+    checkpoint group (no act-order, static groups, or a g_idx that only relabels whole groups); otherwise the
+    input columns sorted by their group (stable) [K] int64, so that column j of the reordered weight is input
+    column order[j] and each checkpoint group's columns are consecutive (GPTQ's desc_act gives every group G
+    columns in the order the Hessian chose)."""
+    if _mixed_block(group_of_column, group_size)[1] is None:
+        return None
+    return torch.sort(group_of_column.to(torch.int64), stable=True).indices  # [K]
+
+
+def group_labels(group_of_column: torch.Tensor, group_size: int, n_groups: int, where: str) -> torch.Tensor:
+    """The group of each input column [K] (GPTQ's g_idx, or k // G, in the order the weight is stored: after
+    input_order's reordering for act-order) -> the checkpoint group of each of lmc's groups of G consecutive
+    columns [ceil(K/G)]: scales[:, labels] are then lmc's scales. Exact when each lmc group's columns share one
+    checkpoint group; otherwise (groups whose sizes G does not divide) refused."""
+    k = group_of_column.shape[0]
+    labels, b = _mixed_block(group_of_column, group_size)
+    if b is not None:
+        raise LmcError(f"{where}: g_idx puts input columns {b * group_size}..{min(k, (b + 1) * group_size) - 1} "
+                       f"(after sorting by group) in different quantization groups: its groups are not whole "
+                       f"multiples of lmc's {group_size}-column groups; the checkpoint's g_idx does not match its "
+                       "group_size (corrupt or not GPTQ): re-download it, or quantize the float model with "
+                       "`lmc quantize`")
+    if not labels.is_meta and (bool((labels < 0).any()) or bool((labels >= n_groups).any())):
+        raise LmcError(f"{where}: g_idx names a group outside 0..{n_groups - 1}; the checkpoint is corrupt")
     return labels

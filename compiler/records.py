@@ -12,7 +12,7 @@ from lmc.errors import LmcError
 from lmc.format.archs import sliding_window
 from lmc.format.config import ModelConfig
 from lmc.format.hashing import BackgroundHashes
-from lmc.format.manifest import FORMAT_VERSION
+from lmc.format.manifest import format_version
 
 QUANTIZED_BY = ("lmc_version", "command", "quantization", "calibration", "source_files")  # kept from lmc_provenance.json
 
@@ -24,7 +24,7 @@ def lmc_json(cfg: ModelConfig, dtype, tp: int, quantization: dict | None, vision
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     session_len = min(cfg.max_position_embeddings, window or cfg.max_position_embeddings)
     engine = {"session_len": session_len, "cache_block_seq_len": 64} | ({"attention_window": window} if window else {})
-    meta = {"format_version": FORMAT_VERSION, "model": cfg.to_dict(), "dtype": name,
+    meta = {"format_version": format_version(quantization), "model": cfg.to_dict(), "dtype": name,
             "quantization": quantization, "tp": tp, "engine": engine}
     return meta | ({"vision": vision.config.to_dict()} if vision is not None else {})
 

@@ -68,6 +68,9 @@ def resplit_workspace(src: Path, out: Path, tp: int, force: bool, command: str, 
         raise LmcError(f"{src} is split for tp={ws.tp}; re-splitting starts from a tp=1 workspace or the checkpoint")
     if ws.vision:
         raise LmcError(f"--tp {tp}: {src} is a vision-language workspace; lmc runs those at tp=1")
+    if (ws.quantization or {}).get("act_order"):
+        raise LmcError(f"--tp {tp}: {src} holds act-order (desc_act) linears, whose input columns lmc reorders per "
+                       "linear; such workspaces run at tp=1")
     problem = tp_problem(ws.config, tp, (ws.quantization or {}).get("group_size"))
     if problem:
         raise LmcError(problem)

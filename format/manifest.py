@@ -16,15 +16,16 @@ from pathlib import Path
 from typing import Iterator
 
 from lmc.errors import LmcError, WorkspaceError
-from lmc.format.archs import Target, arch_spec, linear_parts, rank_config, tp_problem
+from lmc.format.archs import LINEAR_KEYS, Target, arch_spec, linear_parts, rank_config, tp_problem
 from lmc.format.config import SIZE_LIMIT, ModelConfig
 from lmc.format.hashing import BackgroundHashes
 from lmc.format.int4_layout import LAYOUT, check_group_size, int4_shapes
 from lmc.format.paths import NotRegularFile, confined, json_problem, read_capped
 from lmc.format.vision import VisionConfig, vision_config_of, vision_tensors
 
-FORMAT_VERSION = 2  # what this lmc writes
-DIGESTS = {1: "sha256", 2: "blake3"}  # format version -> the digest of each file (manifest `files`, `source_files`)
+FORMAT_VERSION = 2  # what this lmc writes (ACT_ORDER_VERSION where the quantization has act_order)
+ACT_ORDER_VERSION = 3  # version 2 plus act-order linears (quantization.act_order, a `.perm` tensor each)
+DIGESTS = {1: "sha256", 2: "blake3", 3: "blake3"}  # format version -> the digest of each file (manifest `files`, `source_files`)
 DIGEST = DIGESTS[FORMAT_VERSION]
 MAX_HEADER_BYTES = 100_000_000  # a safetensors header's limit in the safetensors library itself
 MAX_JSON_BYTES = 64 << 20  # lmc.json and manifest.json: a real manifest is a few MB (126 layers x tp 8: ~4 MB)
@@ -84,6 +85,8 @@ def workspace_tensors(cfg: ModelConfig, dtype: str, quantization: dict | None,
             if quantization:
                 tensors = {t.name + leaf: ("I32" if leaf == ".qweight" else float_dtype, shape)
                            for leaf, shape in int4_shapes(n, k, quantization["group_size"]).items()}
+                if t.key in quantization.get("act_order", ()):  # stored input column j is input column perm[j]
+                    tensors[t.name + ".perm"] = ("I32", (k,))
             else:
                 tensors = {t.name + ".weight": (float_dtype, (n, k))}
             if cfg.qkv_bias and t.key == "w_qkv":
@@ -139,7 +142,8 @@ def check_version(meta: dict, path: Path) -> int:
     """The file's format_version, one this lmc reads (every version in DIGESTS)."""
     version = meta.get("format_version")
     if type(version) is not int or version not in DIGESTS:
-        readable = " and ".join(str(v) for v in DIGESTS)
+        *first, last = map(str, DIGESTS)
+        readable = f"{', '.join(first)} and {last}"
         raise WorkspaceError(
             f"{path} has workspace format_version {version!r} but this lmc reads versions {readable}; "
             "rebuild it with `lmc convert` from this lmc, or use the lmc that wrote it")
@@ -165,11 +169,28 @@ def _check_keys(obj, required: tuple[str, ...], optional: tuple[str, ...], path:
         raise _bad(path, f"{what} has unknown key {unknown[0]!r}")
 
 
-def check_quantization(q, path: Path) -> None:
-    """lmc.json's quantization entry: null, or 4-bit lmc-int4-k8 with zero points in groups of 32/64/128."""
+def format_version(quantization: dict | None) -> int:
+    """The format version this lmc writes for a workspace with this quantization entry: ACT_ORDER_VERSION where it
+    has act-order linears (so that an lmc without them refuses the workspace by its version), else FORMAT_VERSION."""
+    return ACT_ORDER_VERSION if quantization and quantization.get("act_order") else FORMAT_VERSION
+
+
+def check_quantization(q, path: Path, version: int = FORMAT_VERSION, tp: int = 1) -> None:
+    """lmc.json's quantization entry: null, or 4-bit lmc-int4-k8 with zero points in groups of 32/64/128, and
+    (format version 3, tp 1) the linear keys stored in act-order."""
     if q is None:
         return
-    _check_keys(q, ("method", "bits", "group_size", "layout", "zero_point"), (), path, "quantization")
+    _check_keys(q, ("method", "bits", "group_size", "layout", "zero_point"), ("act_order",), path, "quantization")
+    if "act_order" in q:
+        keys = q["act_order"]
+        if (not isinstance(keys, list) or not keys or any(type(k) is not str or k not in LINEAR_KEYS for k in keys)
+                or keys != sorted(set(keys), key=LINEAR_KEYS.index)):
+            raise _bad(path, f"quantization act_order {keys!r} is not a non-empty list of linear keys "
+                             f"({', '.join(LINEAR_KEYS)}) in that order")
+        if version < ACT_ORDER_VERSION:
+            raise _bad(path, f"quantization act_order needs format_version {ACT_ORDER_VERSION}, the file says {version}")
+        if tp != 1:
+            raise _bad(path, f"quantization act_order with tp {tp}: act-order workspaces are tp 1")
     if q["method"] not in QUANT_METHODS:
         raise _bad(path, f"quantization method {q['method']!r} is not one of {', '.join(QUANT_METHODS)}")
     if type(q["bits"]) is not int or q["bits"] != 4:
@@ -200,10 +221,10 @@ def check_meta(meta, path: Path) -> ModelConfig:
         raise WorkspaceError(f"{path}: {e}") from None
     if meta["dtype"] not in FLOAT_DTYPES:
         raise _bad(path, f"dtype {meta['dtype']!r} is not one of {', '.join(FLOAT_DTYPES)}")
-    check_quantization(meta["quantization"], path)
     if not _count(meta["tp"], 1):
         raise _bad(path, f"tp {meta['tp']!r} is not a positive integer")
     tp = meta["tp"]
+    check_quantization(meta["quantization"], path, meta["format_version"], tp)
     problem = tp_problem(cfg, tp, (meta["quantization"] or {}).get("group_size"))
     if problem:  # "--tp N does not divide ...; choose ...": the reason, without convert's advice
         raise _bad(path, f"tp {tp} cannot split this model: " + problem.split(";")[0].removeprefix(f"--tp {tp} "))

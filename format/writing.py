@@ -28,7 +28,7 @@ import numpy as np
 
 from lmc.errors import WorkspaceError, one_line
 from lmc.format.hashing import CHUNK, DIRECT_BLOCK, hasher
-from lmc.format.manifest import DIGEST, FORMAT_VERSION, SAFETENSORS_DTYPES, _read_json, check_manifest
+from lmc.format.manifest import DIGEST, SAFETENSORS_DTYPES, _read_json, check_manifest
 from lmc.format.paths import TOKENIZER_FILES
 from lmc.format.vision import PROCESSOR_FILES
 
@@ -255,7 +255,7 @@ def finish_workspace(tmp: Path, files: dict, tensors: dict, lmc_json: dict, toke
     cfg_bytes = dump_json(lmc_json)
     (tmp / "lmc.json").write_bytes(cfg_bytes)
     files["lmc.json"] = bytes_record(cfg_bytes)
-    manifest = {"format_version": FORMAT_VERSION, "files": dict(sorted(files.items())),
+    manifest = {"format_version": lmc_json["format_version"], "files": dict(sorted(files.items())),
                 "tensors": dict(sorted(tensors.items())),
                 "provenance": provenance() if callable(provenance) else provenance}
     (tmp / "manifest.json").write_bytes(dump_json(manifest))

@@ -3,6 +3,12 @@
 h = x + residual (or x), y = weight * (h * rsqrt(mean(h^2) + eps)).to(x.dtype), as in HF's LlamaRMSNorm:
 the sum is rounded to x.dtype (it is the residual stream), statistics are taken in fp32, and the
 normalized value is rounded to x.dtype before the weight multiplies it.
+
+`columns` [H] int32 (optional, a permutation) makes y's column j the normed row's column columns[j]: the input
+order of the act-order linear that reads y (docs/workspace-format.md), so that linear needs no gather of its
+own. The kernel loads the row at those columns (a gather from a row it also reads in order, for the residual
+stream h, which keeps the model's order); storing y scattered instead cost 3.7 µs more at M = 1 on an H200
+(bench/NOTES.md, session 29).
 """
 from __future__ import annotations
 
@@ -34,35 +40,44 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_kernel(
-        x_ptr, res_ptr, w_ptr, y_ptr, h_ptr,
+        x_ptr, res_ptr, w_ptr, y_ptr, h_ptr, col_ptr,
         H, eps,
         stride_x, stride_res, stride_y, stride_h,
-        HAS_RESIDUAL: tl.constexpr,
+        HAS_RESIDUAL: tl.constexpr, GATHER: tl.constexpr,
         BLOCK_H: tl.constexpr, PDL: tl.constexpr,
     ):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK_H)
         mask = cols < H
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: no earlier kernel writes it, so before the wait
+        src = cols  # y's column j is the row's column src[j]
+        if GATHER:  # like the weight, written by no earlier kernel
+            src = tl.load(col_ptr + cols, mask=mask, other=0)
+        w = tl.load(w_ptr + src, mask=mask, other=0.0)  # a weight: no earlier kernel writes it, so before the wait
         pdl_wait(PDL)
-        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+        x = tl.load(x_ptr + row * stride_x + src, mask=mask, other=0.0)
         r = x
         if HAS_RESIDUAL:
-            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+            r = tl.load(res_ptr + row * stride_res + src, mask=mask, other=0.0)
         y, h = add_rms_norm_values(x, r, w, H, eps, HAS_RESIDUAL)
+        if HAS_RESIDUAL and GATHER:  # the residual stream in the model's order: the row read again, in order
+            x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+            r = tl.load(res_ptr + row * stride_res + cols, mask=mask, other=0.0)
+            h = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)  # add_rms_norm_values' h, unpermuted
         if HAS_RESIDUAL:
             tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
         tl.store(y_ptr + row * stride_y + cols, y, mask=mask)
 
 
 def rms_norm_triton(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if triton is None:
         raise LmcError("Triton is not installed; install it (pip install triton) or run on CPU")
     H = x.shape[-1]
     assert weight.shape == (H,), f"weight {tuple(weight.shape)} does not match hidden size {H}"
     assert weight.is_contiguous()
+    assert columns is None or (columns.shape == (H,) and columns.dtype == torch.int32 and columns.is_contiguous())
     x2 = x.reshape(-1, H)  # [T, H]
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
@@ -80,10 +95,10 @@ def rms_norm_triton(
         BLOCK_H = triton.next_power_of_2(H)
         num_warps = min(max(BLOCK_H // 512, 4), 16)
         _rms_norm_kernel[(T,)](
-            x2, res2, weight, y, h,
+            x2, res2, weight, y, h, weight if columns is None else columns,
             H, eps,
             x2.stride(0), res2.stride(0), y.stride(0), h.stride(0),
-            HAS_RESIDUAL=residual is not None,
+            HAS_RESIDUAL=residual is not None, GATHER=columns is not None,
             BLOCK_H=BLOCK_H,
             num_warps=num_warps, **pdl_launch(x2.device),
         )
@@ -91,7 +106,8 @@ def rms_norm_triton(
 
 
 def rms_norm_ref(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if residual is None:
         h = x
@@ -99,14 +115,18 @@ def rms_norm_ref(
         h = (x.float() + residual.float()).to(x.dtype)  # [T, H]
     hf = h.float()  # [T, H]
     n = hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + eps)  # [T, H]
-    y = n.to(x.dtype).float() * weight.float()  # [T, H]
-    return y.to(x.dtype), h
+    y = (n.to(x.dtype).float() * weight.float()).to(x.dtype)  # [T, H]
+    if columns is not None:
+        y = y.index_select(-1, columns.long())  # [T, H]: column j is column columns[j]
+    return y, h
 
 
 def rms_norm(
-    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+    columns: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (normalized x [+ residual], the new residual stream), both [T, H] in x.dtype."""
+    """Returns (normalized x [+ residual], with `columns` its columns in that order; the new residual stream), both
+    [T, H] in x.dtype."""
     if x.is_cuda:
-        return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+        return rms_norm_triton(x, weight, eps, residual, columns)
+    return rms_norm_ref(x, weight, eps, residual, columns)

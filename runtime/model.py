@@ -22,7 +22,7 @@ from lmc.kernels.silu_mul import silu_mul
 from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul
 from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
 from lmc.kernels.w4a16_tuning import has_mma
-from lmc.errors import LmcError
+from lmc.errors import LmcError, WorkspaceError
 from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape, rank_config
 from lmc.format.int4 import dequantize_lmc, quantize_int4, to_lmc_tensors
 from lmc.format.config import ModelConfig
@@ -41,6 +41,7 @@ class Int4Weight:
     group_size: int
     mma: tuple[torch.Tensor, torch.Tensor] | None = None  # (qfrag, sz): the mma layout (kernels/w4a16_mma.py)
     mma_silu: bool = False  # mma is the gate/up layout (mlp_hidden's), not a plain one
+    perm: torch.Tensor | None = None  # [K] int32, act-order: stored input column j is input column perm[j]
 
     @property
     def out_features(self) -> int:
@@ -51,6 +52,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight. One token with a float weight
     takes lmc's GEMV where this GPU's table has the shape (kernels/gemv.py), cuBLAS otherwise."""
     if isinstance(w, Int4Weight):
+        x = x if w.perm is None else x.index_select(-1, w.perm)  # [T, K] in the stored column order
         y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size, mma=None if w.mma_silu else w.mma)
         return y + bias if bias is not None else y
     config = gemv_config(x, w)
@@ -149,6 +151,7 @@ def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
         mma = w13.mma if w13.mma_silu else None
+        h = h if w13.perm is None else h.index_select(-1, w13.perm)  # [T, H] in the stored column order
         return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size, mma)  # [T, I]
     config = gemv_config(h, w13)
     if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue
@@ -161,17 +164,20 @@ def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
     return linear(mlp_hidden(lw, h), lw["w2"])
 
 
-def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.Tensor, next_norm: torch.Tensor,
+def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.Tensor, next_norm: tuple,
                   cos, sin, ctx, layer: int, add_norm) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer from its normed input h [T, H]: returns the output normed by `next_norm` (the next layer's
-    attention_norm, or the final norm) and the residual stream [T, H]. `add_norm(x, residual, weight, slot)` adds
-    a block's output to the residual stream and norms the sum: (normed, new residual). Under tensor parallelism
+    attention_norm, or the final norm, with the column order its reader wants: (weight, columns or None)) and
+    the residual stream [T, H]. `add_norm(x, residual, weight, slot, columns)` adds a block's output to the
+    residual stream and norms the sum: (normed, new residual); columns: the input order of the act-order linear
+    that reads it, the normed columns given in that order (kernels/rmsnorm.py). Under tensor parallelism
     it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA: kernels/allreduce.py);
     slot 0 after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
     a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H] (this rank's part of the sum)
-    h, residual = add_norm(a, residual, lw["ffn_norm"], 0)
+    h, residual = add_norm(a, residual, lw["ffn_norm"], 0, lw.get("w13_in"))
     m = mlp_block(lw, h)  # [T, H] (this rank's part of the sum)
-    return add_norm(m, residual, next_norm, 1)
+    weight, columns = next_norm
+    return add_norm(m, residual, weight, 1, columns)
 
 
 # ----------------------------------------------------------------------------- weights and model
@@ -201,18 +207,37 @@ def load_linear(ws: Workspace, base: str, device, dtype, in_features: int, dense
     if ws.has(base + ".weight"):
         return load_tensor(ws, base + ".weight", device, dtype)
     qweight, scales, zeros = (load_tensor(ws, base + leaf, device, dtype) for leaf in INT4_LEAVES)
-    return int4_linear(qweight, scales, zeros, ws.quantization["group_size"], in_features, dtype, dense, silu)
+    perm = act_order_perm(ws, base, in_features, device)
+    return int4_linear(qweight, scales, zeros, ws.quantization["group_size"], in_features, dtype, dense, silu, perm)
+
+
+def act_order_perm(ws: Workspace, base: str, in_features: int, device) -> torch.Tensor | None:
+    """An act-order linear's input order [K] int32 on `device` (None: the linear has none), checked to be a
+    permutation of 0..K-1 (an index outside it would read past x)."""
+    if not ws.has(base + ".perm"):
+        return None
+    perm = ws.get(base + ".perm")  # [K] int32, mapped
+    if not torch.equal(torch.sort(perm).values, torch.arange(in_features, dtype=perm.dtype)):
+        raise WorkspaceError(f"{ws.path}: {base}.perm is not a permutation of 0..{in_features - 1}; the workspace is "
+                             "corrupt: rebuild it with `lmc convert`")
+    return perm.to(device)
 
 
 def int4_linear(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, in_features: int,
-                dtype: torch.dtype, dense: bool = False, silu: bool = False):
+                dtype: torch.dtype, dense: bool = False, silu: bool = False, perm: torch.Tensor | None = None):
     """lmc-int4-k8 tensors on their device -> what `linear` takes: an Int4Weight (with the mma layout where
-    mma_wanted), or with `dense` the dequantized float [N, K] weight."""
+    mma_wanted), or with `dense` the dequantized float [N, K] weight (an act-order `perm` undone: its columns in
+    the input's order)."""
     if dense:
-        return dequantize_lmc(qweight, scales, zeros, group, in_features).t().to(dtype).contiguous()  # [N, K]
+        w = dequantize_lmc(qweight, scales, zeros, group, in_features).t().to(dtype)  # [N, K], stored column order
+        if perm is None:
+            return w.contiguous()
+        out = torch.empty_like(w)  # [N, K]
+        out[:, perm.long()] = w
+        return out
     if mma_wanted(qweight.device, dtype, qweight.shape[0] * 8, qweight.shape[1], group, silu):
-        return Int4Weight(qweight, scales, zeros, group, mma_layout(qweight, scales, zeros, group, silu), silu)
-    return Int4Weight(qweight, scales, zeros, group)
+        return Int4Weight(qweight, scales, zeros, group, mma_layout(qweight, scales, zeros, group, silu), silu, perm)
+    return Int4Weight(qweight, scales, zeros, group, perm=perm)
 
 
 LM_HEAD_GROUP = 128  # the int4 lm_head's group size when the workspace is float (a quantized one's own otherwise)
@@ -230,12 +255,17 @@ def quantize_lm_head(w: torch.Tensor, group: int, dtype: torch.dtype, dense: boo
     return int4_linear(qweight, scales, zeros, group, w.shape[1], dtype, dense)
 
 
+NORMED_INPUT = ("w_qkv", "w13")  # the linears whose input an RMSNorm writes: it stores act-order's columns for them
+
+
 def load_layer(ws: Workspace, i: int, device, dtype, dense: bool = False) -> dict:
     lw = {}
     for key, suffix in LAYER_NAMES.items():
         name = f"layers.{i}.{suffix}"
         if key in LINEAR_KEYS:
             lw[key] = load_linear(ws, name, device, dtype, linear_shape(ws.config, key)[1], dense, key == "w13")
+            if key in NORMED_INPUT and isinstance(lw[key], Int4Weight) and lw[key].perm is not None:
+                lw[key + "_in"], lw[key].perm = lw[key].perm, None  # [K]: the norm before it gathers instead
         elif ws.has(name):
             lw[key] = load_tensor(ws, name, device, dtype)
     return lw
@@ -280,7 +310,7 @@ class Model:
         self.embed = load_tensor(src, "tok_embeddings.weight", device, dtype)  # [V, H]
         self.layers = [load_layer(src, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
         self.norm = load_tensor(src, "norm.weight", device, dtype)
-        self.next_norms = [lw["attention_norm"] for lw in self.layers[1:]] + [self.norm]  # the norm after layer i
+        self.next_norms = [(lw["attention_norm"], lw.get("w_qkv_in")) for lw in self.layers[1:]] + [(self.norm, None)]
         rows = shard.vocab_rows(self.cfg.vocab_size) if shard is not None else range(self.cfg.vocab_size)
         self.split_lm_head = shard is not None and shard.split_lm_head  # logits() is then a collective
         self.lm_head = self.embed[rows.start:rows.stop] if self.cfg.tie_word_embeddings else \
@@ -298,17 +328,19 @@ class Model:
             self.shard.broadcast_ids(input_ids)  # the followers' ids are rank 0's
         cos, sin = self.rope(positions, max_position)
         x = self.embed[input_ids] if input_embeds is None else input_embeds  # [T, H]
-        h, residual = rms_norm(x, self.layers[0]["attention_norm"], self.cfg.rms_norm_eps)  # residual: x
+        first = self.layers[0]
+        h, residual = rms_norm(x, first["attention_norm"], self.cfg.rms_norm_eps, None, first.get("w_qkv_in"))  # residual: x
         for i, (lw, next_norm) in enumerate(zip(self.layers, self.next_norms)):
             h, residual = decoder_layer(self.cfg, lw, h, residual, next_norm, cos, sin, ctx, i, self.add_norm)
         return h
 
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
-                 slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """decoder_layer's add_norm: x [T, H] (summed over the ranks first) + residual, normed by weight."""
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, slot: int,
+                 columns: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """decoder_layer's add_norm: x [T, H] (summed over the ranks first) + residual, normed by weight (its columns
+        in the order `columns` gives: an act-order workspace, tp 1 only)."""
         if self.shard is not None:
             return self.shard.all_reduce_add_norm(x, residual, weight, self.cfg.rms_norm_eps, slot)
-        return rms_norm(x, weight, self.cfg.rms_norm_eps, residual)
+        return rms_norm(x, weight, self.cfg.rms_norm_eps, residual, columns)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """h [B, H] -> [B, V] float32. With a split lm_head every rank calls this at the same point (a collective):

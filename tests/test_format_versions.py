@@ -85,10 +85,26 @@ def test_mixed_and_unknown_versions_are_refused(workspace):
     assert "lmc.json is format version 1 but manifest.json is 2" in problem
     with pytest.raises(LmcError, match="lmc.json is format version 1 but manifest.json is 2"):
         Workspace(workspace)
-    meta["format_version"] = 3
+    meta["format_version"] = 4
     (workspace / "lmc.json").write_bytes(dump_json(meta))
     [problem] = verify_workspace(workspace)
-    assert "format_version 3 but this lmc reads versions 1 and 2" in problem
+    assert "format_version 4 but this lmc reads versions 1, 2 and 3" in problem
+
+
+@pytest.mark.parametrize("act_order,version,tp,problem", [
+    (["w_qkv", "w2"], 3, 1, None), (["w2", "w_qkv"], 3, 1, "is not a non-empty list"), ([], 3, 1, "is not a non-empty"),
+    (["w_qkv", "w_qkv"], 3, 1, "is not a non-empty"), (["lm_head"], 3, 1, "is not a non-empty"), ("w2", 3, 1, "is not"),
+    (["wo"], 2, 1, "act_order needs format_version 3, the file says 2"), (["wo"], 3, 2, "act-order workspaces are tp 1")])
+def test_act_order_entry_is_checked(act_order, version, tp, problem, tmp_path):
+    """quantization.act_order (format version 3): the linear keys in name-table order, only in version 3, tp 1."""
+    from lmc.format.manifest import check_quantization
+
+    q = {"method": "gptq", "bits": 4, "group_size": 32, "layout": "lmc-int4-k8", "zero_point": True, "act_order": act_order}
+    if problem is None:
+        check_quantization(q, tmp_path, version, tp)
+    else:
+        with pytest.raises(LmcError, match=problem):
+            check_quantization(q, tmp_path, version, tp)
 
 
 def test_missing_blake3_package_is_one_line(monkeypatch, tmp_path):

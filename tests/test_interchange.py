@@ -9,6 +9,7 @@ independently of lmc's codecs.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -100,16 +101,17 @@ def _gptq_pack(codes: np.ndarray, zeros: np.ndarray, fmt: str) -> tuple[np.ndarr
 def write_gptq(ckpt: Path, out: Path, group_size: int = 32, sym: bool = False, fmt: str = "gptq",
                act_order: str | None = None, seed: int = 0, linears: tuple[str, ...] = LINEARS) -> dict[str, torch.Tensor]:
     """A GPTQ checkpoint of the float checkpoint `ckpt` (group_size -1: one group per row). act_order:
-    None (g_idx = k // G), "groups" (g_idx relabels whole groups: foldable) or "columns" (a column
-    permutation: real act-order). Returns {module: dequantized weight [N, K] float32}, computed
-    from the stored integers."""
+    None (g_idx = k // G), "groups" (g_idx relabels whole groups: foldable), "columns" (a column
+    permutation, real act-order: one per input, shared by q/k/v and by gate/up, as GPTQ's Hessian order
+    is) or "columns-per-module" (a permutation of each module's own). Returns {module: dequantized
+    weight [N, K] float32}, computed from the stored integers."""
     from safetensors.torch import save_file
 
     rng = np.random.default_rng(seed)
     state = _float_state(ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
     out.mkdir(parents=True)
-    tensors, dequant = {}, {}
+    tensors, dequant, orders = {}, {}, {}
     for name, w in state.items():
         module = name.removesuffix(".weight")
         if not module.endswith(linears):
@@ -121,8 +123,12 @@ def write_gptq(ckpt: Path, out: Path, group_size: int = 32, sym: bool = False, f
         blocks = np.arange(k) // g
         if act_order == "groups":
             g_idx = rng.permutation(ng)[blocks]
-        elif act_order == "columns":
-            g_idx = blocks[np.argsort(rng.permutation(k))]
+        elif act_order in ("columns", "columns-per-module"):
+            parent, leaf = module.rsplit(".", 1)
+            key = (parent, leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") or leaf)
+            if act_order == "columns-per-module" or key not in orders:
+                orders[key] = rng.permutation(k)  # the order GPTQ quantized the columns in
+            g_idx = blocks[np.argsort(orders[key])]
         else:
             g_idx = blocks
         codes, scales, zeros = _gptq_quantize(w, g, sym, g_idx)
@@ -157,16 +163,26 @@ def _reference_model(ckpt: Path, dequant: dict[str, torch.Tensor], state: dict[s
     return model
 
 
-def _assert_dequantized_equal(ws_path: Path, dequant: dict[str, torch.Tensor], layers: int = 2):
+def _assert_dequantized_equal(ws_path: Path, dequant: dict[str, torch.Tensor], layers: int = 2,
+                              w2_orders: dict[int, torch.Tensor] | None = None):
+    """Every linear of the workspace dequantizes to the checkpoint's weights; w2_orders: act-order's w2 input
+    order per layer (its g_idx sorted), in which w2's columns and w13's gate and up rows are stored."""
     ws = Workspace(ws_path)
     g = ws.quantization["group_size"]
     for i in range(layers):
         for fused, modules in FUSED.items():
             base = f"layers.{i}.{fused}"
             want = torch.cat([dequant[f"model.layers.{i}.{m}"] for m in modules])  # [N, K]
+            order = (w2_orders or {}).get(i)
+            if order is not None and fused.endswith("w13"):
+                want = want[torch.cat([order, order + want.shape[0] // 2])]  # gate, up rows in w2's order
+            elif order is not None and fused.endswith("w2"):
+                want = want[:, order]
             got = dequantize_lmc(ws.get(base + ".qweight"), ws.get(base + ".scales"), ws.get(base + ".zeros"), g,
-                                 want.shape[1])  # [K, N]
-            assert torch.equal(got.t(), want), base
+                                 want.shape[1]).t()  # [N, K], in the stored column order
+            if ws.has(base + ".perm"):  # act-order: stored column j is input column perm[j]
+                got = torch.empty_like(got).index_copy_(1, ws.get(base + ".perm").long(), got)
+            assert torch.equal(got, want), base
 
 
 def _assert_runs_like(ws_path: Path, reference) -> None:
@@ -185,18 +201,28 @@ def _assert_runs_like(ws_path: Path, reference) -> None:
 
 @pytest.mark.parametrize("sym,fmt,act_order,group", [(False, "gptq", None, 32), (True, "gptq_v2", "groups", 32),
                                                      (False, "gptq_v2", None, 32), (True, "gptq", None, 32),
-                                                     (False, "gptq", "groups", -1)])
+                                                     (False, "gptq", "groups", -1), (False, "gptq", "columns", 32),
+                                                     (True, "gptq_v2", "columns", 32)])
 def test_gptq_converts_and_runs_like_its_dequantized_weights(sym, fmt, act_order, group, checkpoint, tmp_path):
     ckpt = checkpoint("llama3", **ODD)
     dequant = write_gptq(ckpt, tmp_path / "gptq", group, sym=sym, fmt=fmt, act_order=act_order)
     convert(tmp_path / "gptq", tmp_path / "ws")
     ws = Workspace(tmp_path / "ws")
     lmc_group = 32 if group == 32 else 128  # one group per row: any lmc group lies inside it
+    permuted = {"act_order": ["w_qkv", "wo", "w13"]} if act_order == "columns" else {}  # a .perm each
     assert ws.quantization == {"method": "gptq", "bits": 4, "group_size": lmc_group, "layout": "lmc-int4-k8",
-                               "zero_point": True}
+                               "zero_point": True} | permuted
+    assert ws.meta["format_version"] == ws.manifest["format_version"] == (3 if permuted else 2)
     assert ws.meta["dtype"] == "float16" and ws.manifest["provenance"]["source_format"] == "gptq"
-    _assert_dequantized_equal(tmp_path / "ws", dequant)
+    _assert_dequantized_equal(tmp_path / "ws", dequant, w2_orders=_w2_orders(tmp_path / "gptq") if permuted else None)
     _assert_runs_like(tmp_path / "ws", _reference_model(ckpt, dequant, _float_state(tmp_path / "gptq")))
+
+
+def _w2_orders(gptq: Path) -> dict[int, torch.Tensor]:
+    """Each layer's down_proj columns sorted by their GPTQ group (stable): the order lmc stores them in, w2 having
+    no .perm (w13's output rows come in that order instead)."""
+    state = _float_state(gptq)
+    return {i: torch.sort(state[f"model.layers.{i}.mlp.down_proj.g_idx"].long(), stable=True).indices for i in range(2)}
 
 
 # ----------------------------------------------------------------------------- compressed-tensors, by its library
@@ -358,16 +384,111 @@ def _one_line(call) -> str:
     return str(e.value)
 
 
-def test_gptq_act_order_that_cannot_fold_is_refused(checkpoint, tmp_path):
+def test_gptq_act_order_runs_its_int4_kernels_like_the_dequantized_weights(checkpoint, tmp_path, monkeypatch):
+    """The int4 path (the activations gathered into each linear's stored order, as on a GPU) gives the
+    dense path's logits, and the workspace verifies and rebuilds byte for byte."""
+    from lmc.format.workspace import verify_workspace
+    from lmc.runtime import model as model_mod
+
     ckpt = checkpoint("llama3", **ODD)
     write_gptq(ckpt, tmp_path / "gptq", act_order="columns")
+    convert(tmp_path / "gptq", tmp_path / "ws")
+    convert(tmp_path / "gptq", tmp_path / "again")
+    assert _tree(tmp_path / "ws") == _tree(tmp_path / "again") and verify_workspace(tmp_path / "ws") == []
+    gen = GenerationConfig(max_new_tokens=6, ignore_eos=True, output_logits="generation")
+    dense = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu"))
+    monkeypatch.setattr(model_mod, "host_available", lambda: 0)  # no room to dequantize: int4 kept
+    packed = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu"))
+    layer = packed.model.layers[0]  # qkv and w13 read their columns as the norms store them; wo gathers its own
+    assert layer["w13"].perm is None and layer["w_qkv"].perm is None and layer["wo"].perm is not None
+    assert layer["w13_in"].shape == layer["w_qkv_in"].shape == (80,) and layer["w2"].perm is None
+    assert not isinstance(dense.model.layers[0]["w13"], model_mod.Int4Weight) and "w13_in" not in dense.model.layers[0]
+    a, b = dense.generate([PROMPTS[1]], gen)[0], packed.generate([PROMPTS[1]], gen)[0]
+    assert a.token_ids == b.token_ids
+    assert float((a.logits - b.logits).abs().max() / b.logits.abs().max()) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
+                    reason="needs CUDA and TRITON_INTERPRET=0 (run: TRITON_INTERPRET=0 pytest -m gpu)")
+@pytest.mark.parametrize("shapes", [ODD, dict(hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                                               num_key_value_heads=2)])  # odd: the Triton kernels; 256/512: mma too
+def test_gptq_act_order_on_the_gpu_gives_the_cpu_tokens(shapes, checkpoint, tmp_path):
+    """float16 int4 kernels with the gathered activations, decode in CUDA graphs, against the CPU's float32
+    dequantized path: the same 10 greedy tokens and first-step logits within 2 %."""
+    ckpt = checkpoint("llama3", **shapes)
+    write_gptq(ckpt, tmp_path / "gptq", act_order="columns")
+    convert(tmp_path / "gptq", tmp_path / "ws")
+    gen = GenerationConfig(max_new_tokens=10, ignore_eos=True, output_logits="generation")
+    out = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "float16")):
+        engine = Engine(str(tmp_path / "ws"), EngineConfig(device=device, dtype=dtype, cache_block_seq_len=16,
+                                                           session_len=128, max_batch_size=4))
+        out[device] = engine.generate([PROMPTS[1]], gen)[0]
+        if device == "cuda":
+            assert "w13_in" in engine.model.layers[0] and engine.model.layers[0]["wo"].perm is not None
+    cpu, gpu = out["cpu"], out["cuda"]
+    assert gpu.token_ids == cpu.token_ids
+    first_cpu, first_gpu = cpu.logits[0].float(), gpu.logits[0].float().cpu()
+    assert float((first_gpu - first_cpu).abs().max() / first_cpu.abs().max()) < 2e-2
+
+
+def test_gptq_act_order_with_a_different_order_per_fused_part_is_refused(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **ODD)
+    write_gptq(ckpt, tmp_path / "gptq", act_order="columns-per-module")
     message = _one_line(lambda: convert(tmp_path / "gptq", tmp_path / "ws"))
-    assert message.startswith("model.layers.0.self_attn.q_proj: act-order (desc_act) g_idx puts input columns 0..31 "
-                              "in different quantization groups"), message
+    assert message.startswith("model.layers.0.self_attn.q_proj and model.layers.0.self_attn.k_proj have different "
+                              "act-order (desc_act) g_idx"), message
     assert not (tmp_path / "ws").exists()
     r = subprocess.run([sys.executable, "-m", "lmc", "convert", str(tmp_path / "gptq"), "-o", str(tmp_path / "ws")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.count("\n") == 1 and "act-order" in r.stderr, r.stderr
+
+
+def test_gptq_act_order_is_tp_1(checkpoint, tmp_path):
+    ckpt = checkpoint("llama3", **AWQ_SHAPES)
+    write_gptq(ckpt, tmp_path / "gptq", act_order="columns")
+    message = _one_line(lambda: convert(tmp_path / "gptq", tmp_path / "tp2", tp=2))
+    assert message.startswith("--tp 2: this gptq checkpoint is act-order (desc_act)"), message
+    convert(tmp_path / "gptq", tmp_path / "ws")
+    message = _one_line(lambda: convert(tmp_path / "ws", tmp_path / "tp2", tp=2))  # re-splitting the workspace
+    assert "act-order" in message and not (tmp_path / "tp2").exists()
+
+
+def test_gptq_group_index_that_does_not_match_its_group_size_is_refused(checkpoint, tmp_path):
+    """A g_idx whose groups are not whole lmc groups even in act-order's order (group 0 with 33 columns)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = checkpoint("llama3", **ODD)
+    write_gptq(ckpt, tmp_path / "gptq")
+    tensors = load_file(tmp_path / "gptq" / "model.safetensors")
+    tensors["model.layers.0.self_attn.o_proj.g_idx"][32] = 0  # K = 80: groups of 33, 31 and 16 columns
+    save_file(tensors, tmp_path / "gptq" / "model.safetensors", metadata={"format": "pt"})
+    message = _one_line(lambda: convert(tmp_path / "gptq", tmp_path / "ws"))
+    assert message.startswith("model.layers.0.self_attn.o_proj: g_idx puts input columns 32..63 (after sorting by "
+                              "group) in different quantization groups"), message
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_workspace_whose_act_order_perm_is_not_a_permutation_is_refused(checkpoint, tmp_path):
+    import struct
+
+    from lmc.errors import WorkspaceError
+
+    ckpt = checkpoint("llama3", **ODD)
+    write_gptq(ckpt, tmp_path / "gptq", act_order="columns")
+    convert(tmp_path / "gptq", tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    name = "layers.1.attention.wo.perm"
+    shard = next(p for p in (tmp_path / "ws" / "weights").iterdir() if name in p.read_bytes()[:200000].decode("latin-1"))
+    raw = bytearray(shard.read_bytes())
+    header = json.loads(raw[8:8 + struct.unpack("<Q", raw[:8])[0]])
+    start = 8 + struct.unpack("<Q", raw[:8])[0] + header[name]["data_offsets"][0]
+    raw[start:start + 4] = struct.pack("<i", 10**6)  # an index far past K: would read outside x
+    shard.write_bytes(bytes(raw))
+    del ws
+    with pytest.raises(WorkspaceError, match=r"layers\.1\.attention\.wo\.perm is not a permutation of 0\.\.79"):
+        Engine(str(tmp_path / "ws"), EngineConfig(device="cpu"))
 
 
 @pytest.mark.parametrize("change,field", [({"bits": 8}, "bits=8"), ({"bits": 3}, "bits=3"),

@@ -83,6 +83,31 @@ def test_rms_norm_triton_matches_ref(shape, with_residual, dtype):
         assert h is x
 
 
+def test_rms_norm_ref_columns_gives_them_in_that_order():
+    g = _gen(2)
+    x, res = torch.randn(3, 80, generator=g), torch.randn(3, 80, generator=g)
+    w = torch.rand(80, generator=g) + 0.5
+    perm = torch.randperm(80, generator=g).to(torch.int32)  # an act-order linear's input order: it reads y[:, perm]
+    y, h = rmsnorm.rms_norm_ref(x, w, 1e-5, residual=res)
+    y_perm, h_perm = rmsnorm.rms_norm_ref(x, w, 1e-5, residual=res, columns=perm)
+    assert torch.equal(y_perm, y[:, perm.long()]) and torch.equal(h_perm, h)  # the residual stream keeps its order
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(7, 80), (5, 333)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_triton_columns_matches_ref(shape, with_residual):
+    g = _gen(3)
+    x = (torch.randn(shape, generator=g) * 3).half()
+    res = torch.randn(shape, generator=g).half() if with_residual else None
+    w = (torch.rand(shape[-1], generator=g) + 0.5).half()
+    perm = torch.randperm(shape[-1], generator=g).to(torch.int32)  # [H]
+    y, h = rmsnorm.rms_norm_triton(x, w, 1e-5, residual=res, columns=perm)
+    y_ref, h_ref = rmsnorm.rms_norm_ref(x, w, 1e-5, residual=res, columns=perm)
+    torch.testing.assert_close(y, y_ref, **TOL[torch.float16])
+    assert torch.equal(h, h_ref) if with_residual else h is x
+
+
 # --- rotary ------------------------------------------------------------------------------------------------
 
 
