@@ -128,7 +128,8 @@ def inspect(workspace, as_json):
                    f"{v['image_size']} px tiles of {v['patch_size']} px patches, projector {v['projector_layers']} "
                    f"layer(s), image token {v['image_token']!r} (id {v['image_token_id']})")
     click.echo(f"dtype         {info['dtype']}")
-    click.echo("quantization  " + ("none" if not q else f"{q['method']} int{q['bits']} group {q['group_size']} ({q['layout']})"))
+    click.echo("quantization  " + ("none" if not q else f"{q['method']} int{q['bits']} group {q['group_size']} ({q['layout']})"
+                                  + (f", act-order {', '.join(q['act_order'])}" if q.get("act_order") else "")))
     click.echo(f"tp            {info['tp']}")
     click.echo(f"size          {info['bytes'] / 1e6:.1f} MB in {info['tensors']} tensors")
     prov = info["provenance"]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from lmc.kernels.attention import paged_decode_attention, paged_prefill_attention, write_kv_cache
+from lmc.kernels.gather import gather_columns
 from lmc.kernels.gemv import gemv_config, gemv_triton
 from lmc.kernels.kv_quant import QuantizedKV
 from lmc.kernels.rmsnorm import rms_norm
@@ -52,7 +53,7 @@ def linear(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor
     """x [T, K] @ w^T -> [T, N]; w is a float [N, K] tensor or an Int4Weight. One token with a float weight
     takes lmc's GEMV where this GPU's table has the shape (kernels/gemv.py), cuBLAS otherwise."""
     if isinstance(w, Int4Weight):
-        x = x if w.perm is None else x.index_select(-1, w.perm)  # [T, K] in the stored column order
+        x = x if w.perm is None else gather_columns(x, w.perm)  # [T, K] in the stored column order
         y = w4a16_matmul(x, w.qweight, w.scales, w.zeros, w.group_size, mma=None if w.mma_silu else w.mma)
         return y + bias if bias is not None else y
     config = gemv_config(x, w)
@@ -151,7 +152,7 @@ def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
         mma = w13.mma if w13.mma_silu else None
-        h = h if w13.perm is None else h.index_select(-1, w13.perm)  # [T, H] in the stored column order
+        h = h if w13.perm is None else gather_columns(h, w13.perm)  # [T, H] in the stored column order
         return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size, mma)  # [T, I]
     config = gemv_config(h, w13)
     if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue

@@ -395,6 +395,8 @@ def test_gptq_act_order_runs_its_int4_kernels_like_the_dequantized_weights(check
     convert(tmp_path / "gptq", tmp_path / "ws")
     convert(tmp_path / "gptq", tmp_path / "again")
     assert _tree(tmp_path / "ws") == _tree(tmp_path / "again") and verify_workspace(tmp_path / "ws") == []
+    shown = subprocess.run([sys.executable, "-m", "lmc", "inspect", str(tmp_path / "ws")], capture_output=True, text=True)
+    assert "(format v3)" in shown.stdout and "gptq int4 group 32 (lmc-int4-k8), act-order w_qkv, wo, w13" in shown.stdout
     gen = GenerationConfig(max_new_tokens=6, ignore_eos=True, output_logits="generation")
     dense = Engine(str(tmp_path / "ws"), EngineConfig(device="cpu"))
     monkeypatch.setattr(model_mod, "host_available", lambda: 0)  # no room to dequantize: int4 kept

@@ -108,6 +108,20 @@ def test_rms_norm_triton_columns_matches_ref(shape, with_residual):
     assert torch.equal(h, h_ref) if with_residual else h is x
 
 
+@needs_triton
+@pytest.mark.parametrize("t,k", [(1, 80), (5, 1500), (3, 2049)])  # K past one 1024-column block, not a multiple
+def test_gather_columns_triton_matches_index_select(t, k):
+    from lmc.kernels import gather
+
+    g = _gen(4)
+    x = torch.randn(t, k, generator=g).half()
+    columns = torch.randperm(k, generator=g).to(torch.int32)
+    y = torch.empty_like(x)
+    gather._gather_columns_kernel[(t, -(-k // gather.BLOCK))](x, columns, y, k, x.stride(0), y.stride(0),
+                                                               BLOCK=gather.BLOCK, PDL=False)
+    assert torch.equal(y, x[:, columns.long()])
+
+
 # --- rotary ------------------------------------------------------------------------------------------------
 
 
