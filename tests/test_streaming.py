@@ -85,7 +85,7 @@ def test_verify_does_not_import_torch(checkpoint, tmp_path):
         damaged("unlisted", lambda ws: (ws / "weights" / "extra.bin").write_bytes(b"x")):
             "weights/extra.bin: not in the manifest",
         damaged("version", lambda ws: (ws / "manifest.json").write_text(
-            (ws / "manifest.json").read_text().replace('"format_version": 2', '"format_version": 3'))): "format_version 3",
+            (ws / "manifest.json").read_text().replace('"format_version": 2', '"format_version": 4'))): "format_version 4",
     }
     sound = [tmp_path / "fp", tmp_path / "int4"]
     out = subprocess.run([sys.executable, "-c", VERIFY_WITHOUT_TORCH, *map(str, sound + list(cases))],
