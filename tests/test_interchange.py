@@ -309,6 +309,54 @@ def test_compressed_tensors_converts_and_runs_like_its_dequantized_weights(strat
     _assert_runs_like(tmp_path / "ws", _reference_model(ckpt, dequant, _float_state(tmp_path / "ct")))
 
 
+def _pack_along_columns(values: np.ndarray) -> np.ndarray:
+    """[R, C] values 0..15 -> int32 [R, ceil(C/8)]: word [r, w] holds values[r, 8w + j] in bits 4j (the published
+    pack-quantized packing of weight_packed along K; weight_zero_point is the packing of zeros.T, transposed)."""
+    r, c = values.shape
+    padded = np.zeros((r, -(-c // 8) * 8), np.uint32)
+    padded[:, :c] = values
+    words = sum(padded[:, j::8] << np.uint32(4 * j) for j in range(8))  # [R, ceil(C/8)]
+    return words.astype(np.uint32).view(np.int32)
+
+
+def test_compressed_tensors_act_order_group_converts_and_runs_like_its_dequantized_weights(checkpoint, tmp_path):
+    """compressed-tensors `actorder: group` (as llm-compressor wrote it before the library dropped it): each
+    module's groups chosen per column, weight_g_idx [K] saved beside the packed weight. The library's own
+    checkpoint, re-quantized here by that g_idx (one column order per input, as in write_gptq)."""
+    from safetensors.torch import load_file, save_file
+
+    ckpt = checkpoint("llama3", **CT_GROUPED)
+    write_compressed(ckpt, tmp_path / "ct", "group", 32, symmetric=False)
+    state, floats = load_file(tmp_path / "ct" / "model.safetensors"), _float_state(ckpt)
+    rng, orders, dequant = np.random.default_rng(5), {}, {}
+    for name in [n for n in state if n.endswith(".weight_packed")]:
+        module = name.removesuffix(".weight_packed")
+        w = floats[module + ".weight"]  # [N, K]
+        n, k = w.shape
+        parent, leaf = module.rsplit(".", 1)
+        key = (parent, leaf in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj") or leaf)
+        orders.setdefault(key, rng.permutation(k))
+        g_idx = (np.arange(k) // 32)[np.argsort(orders[key])]  # [K]: column j's group
+        codes, scales, zeros = _gptq_quantize(w, 32, False, g_idx)
+        scale = torch.from_numpy(scales.astype(np.float32)).to(state[module + ".weight_scale"].dtype)  # [N, ng]
+        state.update({name: torch.from_numpy(_pack_along_columns(codes)), module + ".weight_scale": scale,
+                      module + ".weight_zero_point": torch.from_numpy(_pack_along_columns(zeros.T).T.copy()),
+                      module + ".weight_g_idx": torch.from_numpy(g_idx.astype(np.int32))})
+        s, z = scale.float()[:, g_idx], torch.from_numpy(zeros).float()[:, g_idx]  # [N, K]
+        dequant[module] = (torch.from_numpy(codes).float() - z) * s
+    save_file(state, tmp_path / "ct" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (tmp_path / "ct" / "config.json").write_text(json.dumps(config))
+    convert(tmp_path / "ct", tmp_path / "ws")
+    ws = Workspace(tmp_path / "ws")
+    assert ws.quantization["act_order"] == ["w_qkv", "wo", "w13"] and ws.meta["format_version"] == 3
+    w2_orders = {i: torch.sort(state[f"model.layers.{i}.mlp.down_proj.weight_g_idx"].long(), stable=True).indices
+                 for i in range(2)}
+    _assert_dequantized_equal(tmp_path / "ws", dequant, w2_orders=w2_orders)
+    _assert_runs_like(tmp_path / "ws", _reference_model(ckpt, dequant, state))
+
+
 def test_compressed_dequant_matches_the_library(checkpoint, tmp_path):
     """This file's reading of pack-quantized equals the library's own decompression (as transformers loads it)."""
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
