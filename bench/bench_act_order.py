@@ -11,7 +11,6 @@ miss L2), and adds them up per layer. Needs a CUDA GPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_w4a16 import GROUP, _ints, _nbytes, _quant_set, _sets, environment, time_graph  # noqa: E402
+from bench_w4a16 import GROUP, _nbytes, _quant_set, _sets, gpu_bench_start, time_graph  # noqa: E402
 
 from lmc.kernels.w4a16_mma import mma_layout  # noqa: E402
 from lmc.kernels.rmsnorm import rms_norm  # noqa: E402
@@ -37,17 +36,11 @@ def weights(k: int, n: int, perm: torch.Tensor | None, dev) -> list[Int4Weight]:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ms", type=_ints, default=(1, 16, 64, 256))
-    ap.add_argument("--out", default="bench/results/act_order.json")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    started = gpu_bench_start(__doc__, (1, 16, 64, 256), "bench/results/act_order.json", group_size=GROUP)
+    if started is None:
         return 2
+    args, report = started
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    report = {"env": environment("cuda"), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "group_size": GROUP, "rows": []}
     h = 4096  # Llama-3-8B: hidden 4096 (the norms, wo's N), wo K = 32 heads x 128
     perm = torch.randperm(h, device=dev).to(torch.int32)  # [K]
     norm_w = torch.rand(h, device=dev).half() + 0.5  # [H]

@@ -11,7 +11,6 @@ CUDA-graph replays (bench_w4a16.time_graph). Needs a CUDA GPU.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_w4a16 import GROUP, _ints, _nbytes, _quant_set, _rel, copy_bandwidth, environment, time_graph  # noqa: E402
+from bench_w4a16 import GROUP, _nbytes, _quant_set, _rel, copy_bandwidth, gpu_bench_start, time_graph  # noqa: E402
 
 from lmc.kernels import w4a16 as W  # noqa: E402
 from lmc.kernels.w4a16_mma import mma_eligible, mma_layout  # noqa: E402
@@ -29,17 +28,12 @@ K, V = 4096, 128256  # Llama-3-8B hidden size, vocabulary
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ms", type=_ints, default=(1, 16, 64))
-    ap.add_argument("--out", default="bench/results/lm_head.json")
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        print("needs a CUDA GPU", file=sys.stderr)
+    started = gpu_bench_start(__doc__, (1, 16, 64), "bench/results/lm_head.json", K=K, N=V, group_size=GROUP)
+    if started is None:
         return 2
+    args, report = started
+    report["copy"] = copy_bandwidth("cuda")
     dev = torch.device("cuda")
-    torch.manual_seed(0)
-    report = {"env": environment("cuda"), "command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "K": K, "N": V, "group_size": GROUP, "copy": copy_bandwidth("cuda"), "rows": []}
     _, q, s, z = _quant_set(K, V, "cuda")
     mma = mma_layout(q, s, z, GROUP) if mma_wanted(dev, torch.float16, K, V, GROUP, False) else None
     int4 = Int4Weight(q, s, z, GROUP, mma)

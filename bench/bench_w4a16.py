@@ -168,6 +168,21 @@ def copy_bandwidth(dev: str) -> dict:
     return {"bytes": 2 * src.numel(), "us": ms * 1e3, "bytes_per_s": 2 * src.numel() / (ms * 1e-3)}
 
 
+def gpu_bench_start(doc: str, ms: tuple[int, ...], out: str, **head):
+    """A one-GPU bench's `--ms` / `--out` arguments and its report's head (env, command, then `head`), seeded; None
+    (after saying so) without CUDA."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--ms", type=_ints, default=ms)
+    ap.add_argument("--out", default=out)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("needs a CUDA GPU", file=sys.stderr)
+        return None
+    torch.manual_seed(0)
+    command = " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]])
+    return args, {"env": environment("cuda"), "command": command, **head, "rows": []}
+
+
 def environment(dev: str) -> dict:
     import triton
 
