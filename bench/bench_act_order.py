@@ -3,9 +3,9 @@
     python bench/bench_act_order.py [--ms 1,16,64,256] [--out bench/results/act_order_h200.json]
 
 An act-order workspace (GPTQ desc_act, docs/workspace-format.md format version 3) changes three things in a
-layer (runtime/model.py): the two RMSNorms store their output columns in the order w_qkv and w13 read
-(`columns`, kernels/rmsnorm.py), wo gathers its input (`x.index_select(-1, perm)` then the int4 kernel), and w2
-costs nothing (convert stores w13's rows in its order). This times each through the runtime's own functions,
+layer (runtime/model.py): the two RMSNorms give their output in the column order w_qkv and w13 read (loading
+the row at those columns: `columns`, kernels/rmsnorm.py), wo gathers its input (kernels/gather.py, then the int4
+kernel), and w2 costs nothing (convert stores w13's rows in its order). This times each through the runtime's own functions,
 without against with, as medians of CUDA-graph replays (bench_w4a16.time_graph; wo over weight copies that
 miss L2), and adds them up per layer. Needs a CUDA GPU.
 """

@@ -42,7 +42,8 @@ class Int4Weight:
     group_size: int
     mma: tuple[torch.Tensor, torch.Tensor] | None = None  # (qfrag, sz): the mma layout (kernels/w4a16_mma.py)
     mma_silu: bool = False  # mma is the gate/up layout (mlp_hidden's), not a plain one
-    perm: torch.Tensor | None = None  # [K] int32, act-order: stored input column j is input column perm[j]
+    perm: torch.Tensor | None = None  # [K] int32, act-order: stored input column j is input column perm[j] (linear()
+    # gathers x by it; w_qkv's and w13's move to the norm before them at load, load_layer)
 
     @property
     def out_features(self) -> int:
@@ -152,7 +153,6 @@ def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
         mma = w13.mma if w13.mma_silu else None
-        h = h if w13.perm is None else gather_columns(h, w13.perm)  # [T, H] in the stored column order
         return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size, mma)  # [T, I]
     config = gemv_config(h, w13)
     if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue
@@ -256,7 +256,7 @@ def quantize_lm_head(w: torch.Tensor, group: int, dtype: torch.dtype, dense: boo
     return int4_linear(qweight, scales, zeros, group, w.shape[1], dtype, dense)
 
 
-NORMED_INPUT = ("w_qkv", "w13")  # the linears whose input an RMSNorm writes: it stores act-order's columns for them
+NORMED_INPUT = ("w_qkv", "w13")  # the linears whose input an RMSNorm writes: it reads its row in their act-order
 
 
 def load_layer(ws: Workspace, i: int, device, dtype, dense: bool = False) -> dict:
