@@ -13,7 +13,7 @@ mma path itself where it has an entry); --fp16 adds fp16 cuBLAS (F.linear, no ep
 Per (M, shape): checks both against the float32 reference (relative error <= 1e-2), times the GEMV with this
 GPU's tuning-table configuration and the mma path over a small grid of (warps, split_k, ...; M > 16: the wide
 kernel's tiles and blocks; --wgmma-rows: the wgmma kernel's rows x split-K x pipeline x warpgroups x ahead x
-x_chunks on sm_90),
+x_chunks on sm_90, each also with x by TMA with --wgmma-x-tma),
 medians of CUDA-graph
 replays of back-to-back calls rotating over enough weight copies to miss L2 (bench_w4a16.time_graph), and reports
 µs and the weight bytes per second against a device-to-device copy. --write-table merges an "mma" entry into
@@ -119,7 +119,7 @@ def bench_shape(k: int, n: int, silu: bool, ms, grids, dev: str, fp16: bool, hot
 
 
 CONFIG_KEYS = ("warps", "split_k", "buffers", "blocks", "kw", "rw", "stages", "tiles", "prefetch", "rows", "pipeline",
-               "warpgroups", "ahead", "x_chunks")
+               "warpgroups", "ahead", "x_chunks", "x_tma")
 
 
 def table_entries(rows: list) -> list:
@@ -173,6 +173,8 @@ def grid(m: int, args) -> list[dict]:
                  for r in rows for sp in (args.wgmma_splits or args.splits) for p in args.wgmma_pipeline
                  for wg in pairs.get(r, args.wgmma_warpgroups) for ah in getattr(args, "wgmma_ahead", (2,))
                  for xc in getattr(args, "wgmma_x_chunks", (1,)) if ah % (2 * xc) == 0]
+        if getattr(args, "wgmma_x_tma", False):  # each x_chunks 1 configuration again with x by TMA
+            wgmma += [dict(c, x_tma=True) for c in wgmma if c["x_chunks"] == 1]
     return small + wide + wgmma
 
 
@@ -208,6 +210,8 @@ def main() -> int:
                     help="the wgmma kernel: 64-wide chunks of words and scales in flight a warp (2, 4, 8)")
     ap.add_argument("--wgmma-x-chunks", type=_ints, default=(1,),
                     help="the wgmma kernel: chunks of x stored a barrier (1, 2; ahead a multiple of 2 x_chunks)")
+    ap.add_argument("--wgmma-x-tma", action="store_true",
+                    help="the wgmma kernel: also each x_chunks 1 configuration with x by TMA (x_tma)")
     ap.add_argument("--wgmma-pairs", type=_pairs, default=None,
                     help="rows:warpgroups[:warpgroups..],... : the warpgroups tried at those rows (e.g. 16:1,64:2; "
                          "rows not named: --wgmma-warpgroups)")

@@ -21,13 +21,13 @@ from lmc.kernels import w4a16_wgmma as WG
 
 KINDS = {  # SASS opcodes counted per chunk (the opcode before its first '.')
     "HGMMA": "HGMMA", "HADD2/HFMA2/HMUL2": "HADD2 HFMA2 HMUL2", "LOP3/SHF/PRMT": "LOP3 SHF PRMT",
-    "LDG": "LDG", "STS/STSM": "STS STSM", "BAR": "BAR", "WARPGROUP": "WARPGROUP", "FENCE/MEMBAR": "FENCE MEMBAR",
+    "LDG": "LDG", "UTMALDG": "UTMALDG", "STS/STSM": "STS STSM", "BAR": "BAR", "WARPGROUP": "WARPGROUP", "FENCE/MEMBAR": "FENCE MEMBAR",
     "IMAD/IADD/LEA/MOV": "IMAD IADD3 LEA MOV SEL ISETP UIADD3 UMOV ULEA USHF ULOP3 ISETP VIMNMX",
 }
 
 
 def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1,
-                  ahead: int = 2, x_chunks: int = 1):
+                  ahead: int = 2, x_chunks: int = 1, x_tma: bool = False):
     """The kernel as w4a16_wgmma_triton launches it, compiled for sm_90a (pointers, K and the strides
     16-divisible, as Triton's launcher would specialize them for a [*, 4096] float16 x)."""
     import triton
@@ -36,13 +36,16 @@ def compile_wgmma(rows: int, pipeline: bool, silu: bool, split_k: int, group: in
 
     fn = WG._wgmma_kernel
     ints = ("M", "NB", "K", "stride_xm", "stride_om", "ROW_BLOCKS")
-    ptrs = {"x_ptr": "*fp16", "qf_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32",
+    desc = f"tensordesc<fp16[{rows},64],{WG.X_SMEM.value!r}>" if x_tma else "*fp16"  # x itself where unused
+    ptrs = {"x_ptr": "*fp16", "x_desc": desc, "qf_ptr": "*i32", "sz_ptr": "*i32", "out_ptr": "*fp16", "ws_ptr": "*fp32",
             "count_ptr": "*i32"}
     constexprs = {"GROUP": group, "BM": rows, "SPLIT_K": split_k, "SILU": silu, "PIPELINE": pipeline,
-                  "WARPGROUPS": warpgroups, "AHEAD": ahead, "X_CHUNKS": x_chunks}
+                  "WARPGROUPS": warpgroups, "AHEAD": ahead, "X_CHUNKS": x_chunks,
+                  "X_TMA": x_tma}
     signature = {**ptrs, **{k: "i32" for k in ints}, **{k: "constexpr" for k in constexprs}}
     assert list(signature) == fn.arg_names, fn.arg_names
-    divisible = [i for i, name in enumerate(fn.arg_names) if name in ptrs or name in ("K", "stride_xm", "stride_om")]
+    divisible = [i for i, name in enumerate(fn.arg_names)
+                 if (name in ptrs and name != "x_desc") or name in ("K", "stride_xm", "stride_om")]
     attrs = {(i,): BaseBackend.parse_attr("D") for i in divisible}
     src = GluonASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4 * warpgroups})
@@ -114,13 +117,13 @@ def loop_counts(kernel) -> tuple[Counter, int]:
 
 
 def report(rows: int, pipeline: bool, silu: bool, split_k: int, group: int = 128, warpgroups: int = 1,
-           ahead: int = 2, x_chunks: int = 1) -> dict:
-    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups, ahead, x_chunks)
+           ahead: int = 2, x_chunks: int = 1, x_tma: bool = False) -> dict:
+    kernel = compile_wgmma(rows, pipeline, silu, split_k, group, warpgroups, ahead, x_chunks, x_tma)
     ops, n = loop_counts(kernel)
     chunks = ahead  # the loop does AHEAD chunks a pass
     kinds = {kind: sum(ops[o] for o in names.split()) / chunks for kind, names in KINDS.items()}
     return {"rows": rows, "pipeline": pipeline, "silu": silu, "split_k": split_k, "warpgroups": warpgroups,
-            "ahead": ahead, "x_chunks": x_chunks, **ptxas_info(kernel),
+            "ahead": ahead, "x_chunks": x_chunks, "x_tma": x_tma, **ptxas_info(kernel),
             "loop_instructions_per_chunk": n / chunks, "per_chunk": kinds, "shared_bytes": kernel.metadata.shared}
 
 
@@ -135,13 +138,15 @@ def main() -> int:
     ap.add_argument("--warpgroups", type=ints, default=[1])
     ap.add_argument("--ahead", type=ints, default=[2])
     ap.add_argument("--x-chunks", type=ints, default=[1])
+    ap.add_argument("--x-tma", type=ints, default=[0], help="0, 1: x stored by the threads / brought by TMA")
     args = ap.parse_args()
-    for rows, wg, pipe, silu, split, ahead, xc in itertools.product(args.rows, args.warpgroups, args.pipeline,
-                                                                    args.silu, args.splits, args.ahead,
-                                                                    args.x_chunks):
-        r = report(rows, bool(pipe), bool(silu), split, args.group, wg, ahead, xc)
+    for rows, wg, pipe, silu, split, ahead, xc, tma in itertools.product(
+            args.rows, args.warpgroups, args.pipeline, args.silu, args.splits, args.ahead, args.x_chunks,
+            args.x_tma):
+        r = report(rows, bool(pipe), bool(silu), split, args.group, wg, ahead, xc, bool(tma))
         per = ", ".join(f"{k} {v:g}" for k, v in r["per_chunk"].items())
-        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split} ahead={ahead} x_chunks={xc}: "
+        print(f"BM={rows} warpgroups={wg} pipeline={pipe} silu={silu} split={split} ahead={ahead} x_chunks={xc} "
+              f"x_tma={tma}: "
               f"{r['registers']} registers, "
               f"{r['spill_bytes']} B spills, smem {r['shared_bytes']} B, "
               f"{r['loop_instructions_per_chunk']:g} loop instructions a chunk ({per})"

@@ -35,6 +35,11 @@ store, into two slots of X_CHUNKS buffers, each buffer an allocation of its own 
 barrier before every store into an allocation a wgmma read; per buffer it sees none). Two asynchronous
 warpgroups add a barrier before a store (the slot was read two stores back; each warpgroup's wait covers only its
 own wgmmas).
+X_TMA (x_chunks 1): x permuted once into kk order in global memory (`kk_order`, a copy of x) and brought by TMA
+into two sets of AHEAD stages ([BM, 64] float16, 128-byte swizzle: the B tile as wgmma reads it; rows past M zero),
+an mbarrier a stage: a pass (AHEAD chunks) runs on one set while the other fills with the next pass's chunks, so
+that the warpgroups meet at one barrier a pass instead of one a chunk, and no thread loads, permutes or stores x
+(bench/NOTES.md session 30: the per-chunk x path was 22 % of the M = 256 gate/up kernel).
 Epilogue: the float32 accumulator [64 WARPGROUPS, BM] is out^T: element (r, i) is out[row0 + i, col(4 WARPGROUPS
 pid_n + r // 16, r % 16)] (w4a16_mma.block_columns), stored through a blocked layout (output columns
 contiguous), rows past M and blocks past N/16 not stored. SILU (the gate/up layout): rows r % 16 < 8 are gate
@@ -61,8 +66,9 @@ try:
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 except (ImportError, AttributeError):  # no triton, or one without Gluon: wgmma_available says no
     triton = None
     gluon = None
@@ -112,6 +118,7 @@ _DEQUANT_IO = _cx(",".join(["=h"] * 8 + ["r"] * 3))
 _A_VIEW, _A_PERM, _X_VIEW, _X_PERM = _cx(A_VIEW), _cx(A_PERM), _cx(X_VIEW), _cx(X_PERM)
 if gl is not None:
     _barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # 3.6: thread_barrier; later: barrier
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared  # 3.9 renamed it
     X_SMEM = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2))
     X_SMEM32 = gl.constexpr(gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2))  # same bytes
 
@@ -258,9 +265,10 @@ def _x_tile(xv, BM: gl.constexpr):
 
 
 @_gluon_jit
-def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om, ROW_BLOCKS,
-                  GROUP: gl.constexpr, BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr,
-                  PIPELINE: gl.constexpr, WARPGROUPS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr):
+def _wgmma_kernel(x_ptr, x_desc, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, stride_xm, stride_om,
+                  ROW_BLOCKS, GROUP: gl.constexpr, BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr,
+                  PIPELINE: gl.constexpr, WARPGROUPS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr,
+                  X_TMA: gl.constexpr):
     """Program (pid, split): column set pid // ROW_BLOCKS (blocks 4 WARPGROUPS set + w, w the warp), rows BM
     (pid % ROW_BLOCKS) .. + BM, over the split-th run of groups. WARPGROUPS (1, 2, 4) warpgroups share the x tile,
     each its own 64 output columns."""
@@ -289,17 +297,33 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
     g = r % 8
     word_base = (blk * n_chunks * 128 + 16 * g)[:, None] + col[None, :]  # + c * 128: word 16g + 4t + j
     sz_base = (blk * n_groups * 8 + g) * 2  # + grp * 16: (zz, ss) of rows (g, g + 8)
+
+    acc = gl.zeros([COLS, BM], gl.float32, ACC_LAYOUT)
+    last = gl.maximum(c_hi - 1, 0)
+    if X_TMA:
+        acc = _main_tma(acc, x_desc, qf_ptr, sz_ptr, word_base, sz_base, row0, c_lo, c_hi, last, A_LAYOUT, BM,
+                        PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
+    else:
+        acc = _main(acc, x_ptr, qf_ptr, sz_ptr, word_base, sz_base, row0, M, stride_xm, c_lo, c_hi, last, A_LAYOUT,
+                    BM, PIPELINE, X_AHEAD, WARPS, CHUNKS, AHEAD, X_CHUNKS, SZ_EVERY)
+    _epilogue(acc, out_ptr, ws_ptr, count_ptr, M, NB, stride_om, col_set, row0, split, pid, COLS, BM, SPLIT_K, SILU,
+              WARPS, ACC_LAYOUT)
+
+
+@_gluon_jit
+def _main(acc, x_ptr, qf_ptr, sz_ptr, word_base, sz_base, row0, M, stride_xm, c_lo, c_hi, last,
+          A_LAYOUT: gl.constexpr, BM: gl.constexpr, PIPELINE: gl.constexpr, X_AHEAD: gl.constexpr,
+          WARPS: gl.constexpr, CHUNKS: gl.constexpr, AHEAD: gl.constexpr, X_CHUNKS: gl.constexpr,
+          SZ_EVERY: gl.constexpr):
+    """The main loop with x stored by the threads (`_pass`)."""
     if X_AHEAD:
         x_rows = _x_rows(row0, M, stride_xm // 2, BM, WARPS)
     else:
         x_rows = (row0, M, stride_xm // 2)
     x32 = x_ptr.to(gl.pointer_type(gl.int32), bitcast=True)
-
     x_bufs = ()
     for i in gl.static_range(2 * X_CHUNKS):  # two slots of X_CHUNKS chunks of x
         x_bufs = x_bufs + (gl.allocate_shared_memory(gl.int32, [BM, 32], X_SMEM32),)
-    acc = gl.zeros([COLS, BM], gl.float32, ACC_LAYOUT)
-    last = gl.maximum(c_hi - 1, 0)
     ring = ()
     sring = ()
     for i in gl.static_range(AHEAD):
@@ -319,7 +343,64 @@ def _wgmma_kernel(x_ptr, qf_ptr, sz_ptr, out_ptr, ws_ptr, count_ptr, M, NB, K, s
                                      X_CHUNKS, SZ_EVERY)
     if PIPELINE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    return acc
 
+
+@_gluon_jit
+def _main_tma(acc, x_desc, qf_ptr, sz_ptr, word_base, sz_base, row0, c_lo, c_hi, last, A_LAYOUT: gl.constexpr,
+              BM: gl.constexpr, PIPELINE: gl.constexpr, WARPS: gl.constexpr, CHUNKS: gl.constexpr,
+              AHEAD: gl.constexpr, SZ_EVERY: gl.constexpr):
+    """The main loop with x by TMA (`_pass_tma`): two sets of AHEAD stages, a pass on one while the other fills;
+    passes go in pairs (set 0, set 1), so a split of an odd number of passes runs one pass of zeroed scales."""
+    xs0 = ()
+    xs1 = ()
+    f0 = ()
+    f1 = ()
+    for i in gl.static_range(AHEAD):
+        xs0 = xs0 + (gl.allocate_shared_memory(gl.float16, [BM, 64], X_SMEM),)
+        xs1 = xs1 + (gl.allocate_shared_memory(gl.float16, [BM, 64], X_SMEM),)
+        b0 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        b1 = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        mbarrier.init(b0, count=1)
+        mbarrier.init(b1, count=1)
+        f0 = f0 + (b0,)
+        f1 = f1 + (b1,)
+    fence_async_shared()
+    _barrier()  # the barriers are initialized before any thread waits on them
+    _x_tma_set(x_desc, xs0, f0, row0, c_lo, last, BM, AHEAD)
+    ring = ()
+    sring = ()
+    for i in gl.static_range(AHEAD):
+        ring = ring + (_load_words(qf_ptr, word_base, gl.minimum(c_lo + i, last)),)
+        if i % SZ_EVERY == 0:
+            sring = sring + (_load_sz(sz_ptr, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
+    # the first pair peeled off (as `_main`'s first pass: every path has issued a wgmma, no C7515)
+    acc, ring, sring = _pass_tma(acc, ring, sring, c_lo, c_hi, last, xs0, f0, xs1, f1, 0, x_desc, row0, qf_ptr,
+                                 sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
+    acc, ring, sring = _pass_tma(acc, ring, sring, c_lo + AHEAD, c_hi, last, xs1, f1, xs0, f0, 0, x_desc, row0,
+                                 qf_ptr, sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD,
+                                 SZ_EVERY)
+    for c in range(c_lo + 2 * AHEAD, c_hi, 2 * AHEAD):
+        phase = ((c - c_lo) // (2 * AHEAD)) & 1
+        acc, ring, sring = _pass_tma(acc, ring, sring, c, c_hi, last, xs0, f0, xs1, f1, phase, x_desc, row0,
+                                     qf_ptr, sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD,
+                                     SZ_EVERY)
+        acc, ring, sring = _pass_tma(acc, ring, sring, c + AHEAD, c_hi, last, xs1, f1, xs0, f0, phase, x_desc,
+                                     row0, qf_ptr, sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS,
+                                     AHEAD, SZ_EVERY)
+    if PIPELINE:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
+    pairs = gl.maximum(gl.cdiv(c_hi - c_lo, 2 * AHEAD), 1)
+    for i in gl.static_range(AHEAD):  # set 0's last fill (by the last pass) lands before the program ends
+        mbarrier.wait(f0[i], pairs & 1)
+    return acc
+
+
+@_gluon_jit
+def _epilogue(acc, out_ptr, ws_ptr, count_ptr, M, NB, stride_om, col_set, row0, split, pid, COLS: gl.constexpr,
+              BM: gl.constexpr, SPLIT_K: gl.constexpr, SILU: gl.constexpr, WARPS: gl.constexpr,
+              ACC_LAYOUT: gl.constexpr):
+    """acc -> out (SPLIT_K 1), or the split's partials and, in the last split to arrive, their sum in split order."""
     if SPLIT_K == 1:
         _store_out(acc, out_ptr, M, stride_om, NB, col_set, row0, BM, SILU, WARPS)
     else:
@@ -358,6 +439,44 @@ def _store_out(acc, out_ptr, M, stride_om, NB, col_set, row0, BM: gl.constexpr, 
         rows = row0 + gl.arange(0, BM, layout=gl.SliceLayout(0, OUT_LAYOUT))
         ok = (cols < NB * 16)[:, None] & (rows < M)[None, :]
         gl.store(out_ptr + rows[None, :] * stride_om + cols[:, None], y, mask=ok)
+
+
+@_gluon_jit
+def _x_tma_set(x_desc, xs, fulls, row0, c0, last, BM: gl.constexpr, AHEAD: gl.constexpr):
+    """X_TMA: chunks c0 .. c0 + AHEAD - 1 of the kk-ordered x (rows row0 .. row0 + BM - 1; past M zeros) into a set
+    of AHEAD stages, one TMA copy and one mbarrier each (chunks past the split's last read its last)."""
+    for i in gl.static_range(AHEAD):
+        mbarrier.expect(fulls[i], BM * 128)
+        _tma_load(x_desc, [row0, gl.minimum(c0 + i, last) * 64], fulls[i], xs[i])
+
+
+@_gluon_jit
+def _pass_tma(acc, ring, sring, c, c_hi, last, xs, fulls, xs_next, fulls_next, phase, x_desc, row0, qf_ptr, sz_ptr,
+              word_base, sz_base, A_LAYOUT: gl.constexpr, BM: gl.constexpr, PIPELINE: gl.constexpr,
+              WARPS: gl.constexpr, CHUNKS: gl.constexpr, AHEAD: gl.constexpr, SZ_EVERY: gl.constexpr):
+    """X_TMA: chunks c .. c + AHEAD - 1 with x from the stage set xs (filled by TMA a pass ago; `phase` the
+    parity of its fill), after one barrier that frees the other set (every warpgroup's wgmmas of the pass before
+    are done) and the TMA copies that refill it with the next pass's chunks. Inside a pass the warpgroups do not
+    wait for each other. Words and scales: the register ring, as `_pass`."""
+    if PIPELINE:
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])  # this warpgroup's wgmmas of the other set
+    _barrier()  # ... and every other warpgroup's
+    _x_tma_set(x_desc, xs_next, fulls_next, row0, c + AHEAD, last, BM, AHEAD)
+    for i in gl.static_range(AHEAD):
+        mbarrier.wait(fulls[i], phase)
+        zz, ss = sring[i // SZ_EVERY]
+        a = _a_tile(ring[i], zz, gl.where(c + i < c_hi, ss, 0), A_LAYOUT, WARPS)
+        b = xs[i].permute((1, 0))  # [64, BM]: x^T, K-major
+        if PIPELINE:
+            acc = warpgroup_mma(a, b, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
+        else:
+            acc = warpgroup_mma(a, b, acc)
+        ahead_c = gl.minimum(c + i + AHEAD, last)
+        ring = ring[:i] + (_load_words(qf_ptr, word_base, ahead_c),) + ring[i + 1:]
+        if i % SZ_EVERY == SZ_EVERY - 1:
+            sring = sring[:i // SZ_EVERY] + (_load_sz(sz_ptr, sz_base, ahead_c, CHUNKS),) + sring[i // SZ_EVERY + 1:]
+    return acc, ring, sring
 
 
 # ----------------------------------------------------------------------------- the emulation (torch, CPU)
@@ -472,8 +591,15 @@ def wgmma_available(device: torch.device | None) -> bool:
     return _available(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def kk_order(x: torch.Tensor) -> torch.Tensor:
+    """x [M, K] with each 64-wide chunk's columns in the A tile's kk order (the module docstring: column kk = 16j
+    + 8 s2 + 2t + s1 holds k = 16t + 4j + 2 s2 + s1), contiguous: what the X_TMA path copies as it is."""
+    m, k = x.shape
+    return x.reshape(m, k // 64, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)  # [M, c, t, j, s2, s1] -> kk
+
+
 def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, rows: int, split_k: int,
-               silu_mul: bool, warpgroups: int = 1, ahead: int = 2, x_chunks: int = 1) -> None:
+               silu_mul: bool, warpgroups: int = 1, ahead: int = 2, x_chunks: int = 1, x_tma: bool = False) -> None:
     """The launcher's one-line errors (shared with `emulate`)."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
@@ -489,6 +615,8 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
     if warpgroups not in WARPGROUPS:
         raise LmcError(f"w4a16_wgmma_triton: warpgroups (of 64 columns a program) must be one of {WARPGROUPS}, got "
                        f"{warpgroups}")
+    if x_tma and x_chunks != 1:
+        raise LmcError(f"w4a16_wgmma_triton: x_tma brings x a pass at a time: x_chunks must be 1, got {x_chunks}")
     if ahead not in AHEADS or x_chunks not in (1, 2) or ahead % (2 * x_chunks):
         raise LmcError(f"w4a16_wgmma_triton: ahead (chunks of words in flight) must be one of {AHEADS} and x_chunks "
                        f"(chunks of x a barrier) 1 or 2 with ahead a multiple of 2 x_chunks, got {ahead}, {x_chunks}")
@@ -496,13 +624,15 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
 
 def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, rows: int = 64,
                        split_k: int = 1, pipeline: bool = True, warpgroups: int = 1, ahead: int = 2,
-                       x_chunks: int = 1, silu_mul: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+                       x_chunks: int = 1, x_tma: bool = False, silu_mul: bool = False,
+                       out: torch.Tensor | None = None) -> torch.Tensor:
     """x [M, K] float16 -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) float16 from the mma layout on wgmma:
     programs of 64 x `warpgroups` output columns (the warpgroups share the x tile) x `rows` rows of x, split_k
     programs over the groups of K (the last to finish sums in split order); pipeline: asynchronous wgmma over two
     x buffers; ahead: chunks of words and scales in flight a warp (2, 4, 8); x_chunks: chunks of x stored to shared
-    memory a barrier (1, 2). Hopper (sm_90) only."""
-    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups, ahead, x_chunks)
+    memory a barrier (1, 2); x_tma: x permuted into kk order (`kk_order`) and brought by TMA, one barrier a pass
+    of `ahead` chunks (x_chunks 1). Hopper (sm_90) only."""
+    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups, ahead, x_chunks, x_tma)
     if not (x.is_cuda and x.dtype == torch.float16 and wgmma_available(x.device)):
         raise LmcError("w4a16_wgmma_triton needs float16 x on a Hopper GPU (sm_90) and a Triton with Gluon")
     nb = qfrag.shape[0]
@@ -513,7 +643,9 @@ def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, g
     ws = torch.empty((split_k, grid[0], COLUMNS * warpgroups * rows), dtype=torch.float32, device=x.device) \
         if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
-    _wgmma_kernel[grid](x, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), row_blocks,
+    x_desc = TensorDescriptor.from_tensor(kk_order(x), [rows, 64], X_SMEM.value) if x_tma else x
+    _wgmma_kernel[grid](x, x_desc, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), row_blocks,
                         GROUP=group_size, BM=rows, SPLIT_K=split_k, SILU=silu_mul, PIPELINE=pipeline,
-                        WARPGROUPS=warpgroups, AHEAD=ahead, X_CHUNKS=x_chunks, num_warps=4 * warpgroups)
+                        WARPGROUPS=warpgroups, AHEAD=ahead, X_CHUNKS=x_chunks, X_TMA=x_tma,
+                        num_warps=4 * warpgroups)
     return out

@@ -91,6 +91,16 @@ def test_dequant_emulation_is_the_ptx():
             assert torch.equal(a[8 * h:8 * h + 8][:, col], want)  # row g + 8h, kk = 16j + 8 s2 + 2t + s1
 
 
+def test_kk_order_is_the_b_tile_order():
+    """kk_order (X_TMA's copy of x) puts each chunk's columns where `_x_tile` puts them (the B tile's rows)."""
+    x = torch.randn(5, 192, generator=torch.Generator().manual_seed(3)).half()
+    got = WG.kk_order(x)
+    assert got.shape == x.shape and got.is_contiguous()
+    for c in range(3):
+        assert torch.equal(got[:, 64 * c:64 * c + 64], WG.x_tile_emulated(x[:, 64 * c:64 * c + 64]))
+    assert not torch.equal(got, x)
+
+
 def test_launcher_errors_and_availability():
     x, qfrag, sz, _ = _case(3, 64, 128, 128, False, seed=1)
     with pytest.raises(LmcError, match="rows"):
@@ -106,9 +116,13 @@ def test_launcher_errors_and_availability():
     for ahead, x_chunks in ((3, 1), (16, 1), (2, 2), (4, 3), (6, 2)):
         with pytest.raises(LmcError, match="ahead"):
             WG.w4a16_wgmma_triton(x, qfrag, sz, 128, ahead=ahead, x_chunks=x_chunks)
+    with pytest.raises(LmcError, match="x_tma"):
+        WG.w4a16_wgmma_triton(x, qfrag, sz, 128, ahead=4, x_chunks=2, x_tma=True)
     if not torch.cuda.is_available():
         with pytest.raises(LmcError, match="Hopper"):
             WG.w4a16_wgmma_triton(x, qfrag, sz, 128)
+        with pytest.raises(LmcError, match="Hopper"):
+            WG.w4a16_wgmma_triton(x, qfrag, sz, 128, x_tma=True)
     assert not WG.wgmma_available(torch.device("cpu")) and not WG.wgmma_available(None)
 
 
@@ -198,12 +212,12 @@ def test_compiles_ahead_and_x_chunks_for_sm90a(rows, warpgroups, ahead, x_chunks
     assert not any("C7515" in w for w in r["warnings"]), r
 
 
-def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed, ahead=2, x_chunks=1):
+def _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed, ahead=2, x_chunks=1, x_tma=False):
     q, s, z = _quantized(n, k, group, seed=seed, device="cuda")
     x = torch.randn(m, k, device="cuda").half()
     qfrag, sz = MM.mma_layout(q, s, z, group, silu)
     kw = dict(rows=rows, split_k=split_k, pipeline=pipeline, warpgroups=warpgroups, silu_mul=silu, ahead=ahead,
-              x_chunks=x_chunks)
+              x_chunks=x_chunks, x_tma=x_tma)
     got = WG.w4a16_wgmma_triton(x, qfrag, sz, group, **kw)
     assert got.shape == (m, n // 2 if silu else n) and got.dtype == torch.float16
     want = MM.mma_reference(x, qfrag, sz, group, silu)
@@ -253,6 +267,65 @@ def test_wgmma_ahead_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, wa
                x_chunks=x_chunks)
 
 
+@pytest.mark.parametrize("rows,warpgroups,ahead,pipeline,silu,split_k", [
+    (64, 2, 4, True, False, 4), (64, 1, 2, True, True, 1), (128, 4, 2, False, True, 1), (128, 2, 4, True, False, 2),
+    (256, 2, 2, True, False, 1), (16, 1, 8, True, False, 3)])
+def test_compiles_x_tma_for_sm90a(rows, warpgroups, ahead, pipeline, silu, split_k):
+    """x by TMA: the kernel builds for sm_90a (register-A layout, no spills, no C7515), with TMA loads of x and
+    fewer STSM than the plain kernel (x's stores gone; the epilogue's remain)."""
+    C = _compile_harness()
+    def opcodes(kernel):
+        return [(i.split()[1] if i.startswith("@") else i.split()[0]).split(".")[0] for _, i in C.sass(kernel)[0]]
+
+    r = C.compile_wgmma(rows, pipeline, silu, split_k, warpgroups=warpgroups, ahead=ahead, x_tma=True)
+    info = C.ptxas_info(r)
+    ops = opcodes(r)
+    plain = opcodes(C.compile_wgmma(rows, pipeline, silu, split_k, warpgroups=warpgroups, ahead=ahead))
+    assert ops.count("HGMMA") >= 4 * 2 * ahead and "UTMALDG" in ops and "UTMALDG" not in plain, ops
+    assert ops.count("STSM") < plain.count("STSM"), (ops.count("STSM"), plain.count("STSM"))  # x's stores gone
+    assert info["spill_bytes"] == 0, info
+    assert not any("C7515" in w for w in info["warnings"]), info
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,n,k,group,silu,rows,split_k,pipeline,warpgroups,ahead", [
+    (256, 28672, 4096, 128, True, 128, 1, False, 4, 2), (256, 4096, 14336, 128, False, 64, 2, True, 2, 4),
+    (64, 6144, 4096, 128, False, 64, 4, True, 2, 4), (37, 192, 384, 128, True, 16, 3, True, 1, 2),
+    (130, 160, 640, 64, False, 64, 2, True, 2, 8), (5, 96, 640, 128, False, 8, 2, False, 1, 4),
+    (200, 96, 640, 64, False, 256, 3, True, 2, 2), (100, 28672, 4096, 128, True, 128, 1, False, 4, 2),
+    (37, 160, 1280, 64, False, 128, 1, True, 2, 2), (17, 4096, 4096, 128, False, 32, 5, True, 1, 4)])
+def test_wgmma_x_tma_on_hopper(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, ahead):
+    """x by TMA: odd M (rows past M zero-filled), odd passes (a pair with a pass of zeroed scales), a split shorter
+    than one pass, G = 64, SiLU, split-K, sync and async wgmma, 1, 2 and 4 warpgroups."""
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    _gpu_check(m, n, k, group, silu, rows, split_k, pipeline, warpgroups, seed=m + n + k, ahead=ahead, x_tma=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,silu", [(256, True), (100, False)])
+def test_wgmma_x_tma_in_a_cuda_graph(m, silu):
+    """x by TMA inside a captured CUDA graph (the decode step's): the kk-ordered copy of x and the TMA descriptor
+    built at capture stay valid on replay, so a replay on new x equals an eager call on it."""
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    n, k = 1024, 4096
+    q, s, z = _quantized(n, k, 128, seed=7, device="cuda")
+    qfrag, sz = MM.mma_layout(q, s, z, 128, silu)
+    kw = dict(rows=128, split_k=1, pipeline=True, warpgroups=2, ahead=2, x_tma=True, silu_mul=silu)
+    x = torch.randn(m, k, device="cuda").half()
+    WG.w4a16_wgmma_triton(x, qfrag, sz, 128, **kw)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = WG.w4a16_wgmma_triton(x, qfrag, sz, 128, **kw)
+    for seed in (1, 2):
+        x.copy_(torch.randn(m, k, generator=torch.Generator().manual_seed(seed)).half())
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, WG.w4a16_wgmma_triton(x, qfrag, sz, 128, **kw))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [17, 64, 256])
 def test_dispatch_to_wgmma_on_hopper(m, monkeypatch):
@@ -287,7 +360,12 @@ def test_bench_grid_and_table_entries_carry_the_wgmma_keys(monkeypatch):
     g = [c for c in B.grid(64, args) if "rows" in c]
     assert {(c["rows"], c["warpgroups"]) for c in g} == {(16, 1), (64, 2)}
     assert {(c["ahead"], c["x_chunks"]) for c in g} == {(2, 1), (4, 1), (4, 2), (8, 1), (8, 2)}  # 2 with 2: no
-    assert all(key in B.CONFIG_KEYS for key in ("ahead", "x_chunks"))
+    assert all(key in B.CONFIG_KEYS for key in ("ahead", "x_chunks", "x_tma"))
+    args.wgmma_x_tma = True  # each x_chunks 1 configuration once more with x by TMA
+    g2 = [c for c in B.grid(64, args) if "rows" in c]
+    assert [c for c in g2 if not c.get("x_tma")] == g
+    assert [dict(c, x_tma=True) for c in g if c["x_chunks"] == 1] == [c for c in g2 if c.get("x_tma")]
+    args.wgmma_x_tma = False
     rows = [{"M": 64, "K": 4096, "N": 4096, "gemv": {"us": 10.0}, "fallback": ["gemm", {"block_m": 64}],
              "best_mma": {"rows": 64, "split_k": 2, "pipeline": True, "warpgroups": 2, "ahead": 8, "x_chunks": 2,
                           "us": 6.0, "rel_err": 1e-3}}]
@@ -314,6 +392,6 @@ def test_shipped_wgmma_entries_are_launchable():
             sz = torch.empty(n // 16, k // 128, 8, 2, dtype=torch.int32, device="meta")
             cfg = e["config"]
             WG.check_args(x, qfrag, sz, 128, cfg["rows"], cfg["split_k"], silu, cfg.get("warpgroups", 1),
-                          cfg.get("ahead", 2), cfg.get("x_chunks", 1))
+                          cfg.get("ahead", 2), cfg.get("x_chunks", 1), cfg.get("x_tma", False))
             n_checked += 1
     assert n_checked >= 10  # the H200's wgmma entries (table v4)

@@ -1,6 +1,7 @@
 """Where a chunk of the W4A16 wgmma kernel's main loop goes (session 30, one H200): the table's configuration
 timed as shipped and with parts of the loop taken out, by a patched copy of kernels/w4a16_wgmma.py
-(wgmma_chunk_probe.patch beside this file; timing only: every variant but "shipped" computes wrong sums):
+(wgmma_chunk_probe.patch beside this file, against the kernel of commit b766a88, read from git: the probe
+measures that version; timing only: every variant but "shipped" computes wrong sums):
 
   x_once      x of the first chunk stored once before the loop: no x load, store, fence or barrier a chunk
   no_dequant  the words moved into the A tile as they are (register moves, no LOP3 / HSUB2 / HMUL2)
@@ -8,7 +9,7 @@ timed as shipped and with parts of the loop taken out, by a patched copy of kern
 
     python bench/probes/wgmma_chunk_probe.py --out bench/results/wgmma_chunk_probe_h200.json [--ms 64,256]
 
-Needs a Hopper GPU, Gluon and `patch`. Median µs of CUDA-graph replays rotating over enough weight copies to miss
+Needs a Hopper GPU, Gluon, `patch` and the repository's git history. Median µs of CUDA-graph replays rotating over enough weight copies to miss
 L2 (bench_w4a16.time_graph), as bench/bench_w4a16_mma.py times the kernels.
 """
 from __future__ import annotations
@@ -36,10 +37,14 @@ VARIANTS = {"shipped": (False, 0), "x_once": (True, 0), "x_once_no_dequant": (Tr
             "no_dequant": (False, 1), "no_wgmma": (False, 2)}  # name -> (x_once, probe)
 
 
+BASE = "b766a88"  # the kernel version the patch applies to (the one the probe measured)
+
+
 def probe_module(tmp: Path):
-    """kernels/w4a16_wgmma.py patched with wgmma_chunk_probe.patch, imported as a module of its own."""
+    """kernels/w4a16_wgmma.py of BASE patched with wgmma_chunk_probe.patch, imported as a module of its own."""
     src = tmp / "wgmma_probe.py"
-    src.write_text((HERE.parents[1] / "kernels" / "w4a16_wgmma.py").read_text())
+    src.write_text(subprocess.run(["git", "-C", str(HERE.parents[1]), "show", f"{BASE}:kernels/w4a16_wgmma.py"],
+                                  capture_output=True, text=True, check=True).stdout)
     subprocess.run(["patch", "-s", str(src), str(HERE / "wgmma_chunk_probe.patch")], check=True)
     spec = importlib.util.spec_from_file_location("wgmma_probe", src)
     module = importlib.util.module_from_spec(spec)
@@ -56,7 +61,12 @@ def main() -> int:
         print("bench/probes/wgmma_chunk_probe.py needs a Hopper GPU (sm_90)", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
-        P = probe_module(Path(tmp))
+        try:
+            P = probe_module(Path(tmp))
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"bench/probes/wgmma_chunk_probe.py: cannot build the probe from {BASE} ({e}); run it in a git "
+                  "checkout of lmc with `patch` installed", file=sys.stderr)
+            return 2
         out = {"device": torch.cuda.get_device_name(), "command": " ".join(sys.argv), "rows": []}
         for m in (int(v) for v in args.ms.split(",")):
             for k, n in SHAPES:
