@@ -4,7 +4,10 @@ main loop (AHEAD chunks a pass) by kind (nvdisasm). The compile itself checks th
 convert_layout(..., assert_trivial=True) fails to trace otherwise).
 
     python bench/compile_wgmma_sm90.py --rows 16,64,128 --pipeline 0,1 --silu 0,1 --splits 1,2 --warpgroups 1,2 \
-        --ahead 2,4,8 --x-chunks 1,2
+        --ahead 2,4,8 --x-chunks 1,2 [--x-tma 0,1]
+
+With --x-tma 1 (x by TMA, two passes a loop and the mbarrier waits' own spin loops) the "main loop" found is not
+the pass: read its counts as a whole, not per chunk (the compile tests count opcodes over the kernel instead).
 """
 from __future__ import annotations
 
