@@ -173,6 +173,31 @@ def _load_sz(sz_ptr, sz_base, c, CHUNKS: gl.constexpr):
 
 
 @_gluon_jit
+def _fill_rings(qf_ptr, sz_ptr, word_base, sz_base, c_lo, last, CHUNKS: gl.constexpr, AHEAD: gl.constexpr,
+                SZ_EVERY: gl.constexpr):
+    """The rings before the first pass: chunks c_lo .. c_lo + AHEAD - 1's words, and their groups' (zz, ss) (one
+    entry per SZ_EVERY chunks)."""
+    ring = ()
+    sring = ()
+    for i in gl.static_range(AHEAD):
+        ring = ring + (_load_words(qf_ptr, word_base, gl.minimum(c_lo + i, last)),)
+        if i % SZ_EVERY == 0:
+            sring = sring + (_load_sz(sz_ptr, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
+    return ring, sring
+
+
+@_gluon_jit
+def _refill_rings(ring, sring, i: gl.constexpr, ahead_c, qf_ptr, sz_ptr, word_base, sz_base, CHUNKS: gl.constexpr,
+                  SZ_EVERY: gl.constexpr):
+    """Ring entry i reloaded in place with chunk ahead_c's words (its chunk's wgmma is issued); after a group's last
+    chunk its sz entry too."""
+    ring = ring[:i] + (_load_words(qf_ptr, word_base, ahead_c),) + ring[i + 1:]
+    if i % SZ_EVERY == SZ_EVERY - 1:  # the group's last chunk: its (zz, ss) are free
+        sring = sring[:i // SZ_EVERY] + (_load_sz(sz_ptr, sz_base, ahead_c, CHUNKS),) + sring[i // SZ_EVERY + 1:]
+    return ring, sring
+
+
+@_gluon_jit
 def _x_get(x32, x_rows, c, X_AHEAD: gl.constexpr, WARPS: gl.constexpr):
     """Chunk c's x [BM, 32] pairs (X_AHEAD), else c itself (x is loaded at use, 128 rows at a time)."""
     if X_AHEAD:
@@ -228,11 +253,8 @@ def _pass(acc, ring, sring, xr, c, c_hi, last, x_bufs, x32, x_rows, qf_ptr, sz_p
                 acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
             else:
                 acc = warpgroup_mma(a, b, acc)
-            ahead_c = gl.minimum(c + i + j + AHEAD, last)
-            ring = ring[:i + j] + (_load_words(qf_ptr, word_base, ahead_c),) + ring[i + j + 1:]
-            if (i + j) % SZ_EVERY == SZ_EVERY - 1:  # the group's last chunk: its (zz, ss) are free
-                sring = sring[:(i + j) // SZ_EVERY] + (_load_sz(sz_ptr, sz_base, ahead_c, CHUNKS),) + \
-                    sring[(i + j) // SZ_EVERY + 1:]
+            ring, sring = _refill_rings(ring, sring, i + j, gl.minimum(c + i + j + AHEAD, last), qf_ptr, sz_ptr,
+                                        word_base, sz_base, CHUNKS, SZ_EVERY)
     return acc, ring, sring, xr
 
 
@@ -324,12 +346,7 @@ def _main(acc, x_ptr, qf_ptr, sz_ptr, word_base, sz_base, row0, M, stride_xm, c_
     x_bufs = ()
     for i in gl.static_range(2 * X_CHUNKS):  # two slots of X_CHUNKS chunks of x
         x_bufs = x_bufs + (gl.allocate_shared_memory(gl.int32, [BM, 32], X_SMEM32),)
-    ring = ()
-    sring = ()
-    for i in gl.static_range(AHEAD):
-        ring = ring + (_load_words(qf_ptr, word_base, gl.minimum(c_lo + i, last)),)
-        if i % SZ_EVERY == 0:
-            sring = sring + (_load_sz(sz_ptr, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
+    ring, sring = _fill_rings(qf_ptr, sz_ptr, word_base, sz_base, c_lo, last, CHUNKS, AHEAD, SZ_EVERY)
     xr = (_x_get(x32, x_rows, gl.minimum(c_lo, last), X_AHEAD, WARPS),
           _x_get(x32, x_rows, gl.minimum(c_lo + 1, last), X_AHEAD, WARPS))
     # the first pass peeled off: every path to the loop's end has issued a wgmma (an empty split adds zeros), which
@@ -368,12 +385,7 @@ def _main_tma(acc, x_desc, qf_ptr, sz_ptr, word_base, sz_base, row0, c_lo, c_hi,
     fence_async_shared()
     _barrier()  # the barriers are initialized before any thread waits on them
     _x_tma_set(x_desc, xs0, f0, row0, c_lo, last, BM, AHEAD)
-    ring = ()
-    sring = ()
-    for i in gl.static_range(AHEAD):
-        ring = ring + (_load_words(qf_ptr, word_base, gl.minimum(c_lo + i, last)),)
-        if i % SZ_EVERY == 0:
-            sring = sring + (_load_sz(sz_ptr, sz_base, gl.minimum(c_lo + i, last), CHUNKS),)
+    ring, sring = _fill_rings(qf_ptr, sz_ptr, word_base, sz_base, c_lo, last, CHUNKS, AHEAD, SZ_EVERY)
     # the first pair peeled off (as `_main`'s first pass: every path has issued a wgmma, no C7515)
     acc, ring, sring = _pass_tma(acc, ring, sring, c_lo, c_hi, last, xs0, f0, xs1, f1, 0, x_desc, row0, qf_ptr,
                                  sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
@@ -472,10 +484,8 @@ def _pass_tma(acc, ring, sring, c, c_hi, last, xs, fulls, xs_next, fulls_next, p
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])
         else:
             acc = warpgroup_mma(a, b, acc)
-        ahead_c = gl.minimum(c + i + AHEAD, last)
-        ring = ring[:i] + (_load_words(qf_ptr, word_base, ahead_c),) + ring[i + 1:]
-        if i % SZ_EVERY == SZ_EVERY - 1:
-            sring = sring[:i // SZ_EVERY] + (_load_sz(sz_ptr, sz_base, ahead_c, CHUNKS),) + sring[i // SZ_EVERY + 1:]
+        ring, sring = _refill_rings(ring, sring, i, gl.minimum(c + i + AHEAD, last), qf_ptr, sz_ptr, word_base,
+                                    sz_base, CHUNKS, SZ_EVERY)
     return acc, ring, sring
 
 
