@@ -41,7 +41,7 @@ def read_tables(path: Path = TABLE_PATH) -> dict:
 
 @functools.cache
 def _tables() -> dict:
-    return read_tables()
+    return read_tables(TABLE_PATH)  # the module attribute at call time (a bench may point it elsewhere)
 
 
 def select(entries: list[dict], m: int, n: int, k: int, mma: bool = False) -> tuple[str, dict]:

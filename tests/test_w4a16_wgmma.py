@@ -395,3 +395,46 @@ def test_shipped_wgmma_entries_are_launchable():
                           cfg.get("ahead", 2), cfg.get("x_chunks", 1), cfg.get("x_tma", False))
             n_checked += 1
     assert n_checked >= 10  # the H200's wgmma entries (table v4)
+
+
+def test_h200_prefill_classes_past_256_rows():
+    """The H200 table past 256 rows (session 31's prefill A/B): gate/up at 257-512 rows on the wgmma kernel with x
+    by TMA, from 513 rows the dequant pass (the same kernel lost in the 2048-token prefill); qkv / wo / w2 the
+    dequant pass at every M past 256."""
+    from lmc.kernels import w4a16_tuning as T
+
+    def pick(m, n, k):
+        return T.select(T.read_tables()["devices"]["NVIDIA H200"]["entries"], m, n, k, mma=True)
+
+    for m in (257, 400, 512):
+        path, config = pick(m, 28672, 4096)
+        assert path == "mma" and config["x_tma"] and config["rows"] == 128
+    for m in (513, 2048, 8192):
+        assert pick(m, 28672, 4096)[0] == "dequant"
+    for m in (257, 512, 1024, 8192):
+        assert [pick(m, n, k)[0] for n, k in ((6144, 4096), (4096, 4096), (4096, 14336))] == ["dequant"] * 3
+
+
+def test_the_tuning_table_path_is_read_at_call_time(tmp_path, monkeypatch):
+    """w4a16_tuning.TABLE_PATH pointed at another table (bench/bench_prefill.py's A/B) is the one read once the
+    caches are cleared, not the path the module started with."""
+    from lmc.kernels import w4a16_tuning as T
+
+    tables = T.read_tables()
+    entries = tables["devices"]["NVIDIA H200"]["entries"]
+    other = {**tables, "devices": {**tables["devices"], "NVIDIA H200": {
+        "source": "test", "entries": [{**e, "path": "dequant", "config": {}} if e["m"] == 512 else e for e in entries]}}}
+    path = tmp_path / "table.json"
+    T.write_tables(other, path)
+    try:
+        T._tables.cache_clear()
+        T._config.cache_clear()
+        assert T.config_for("NVIDIA H200", 512, 28672, 4096, True)[0] == "mma"
+        monkeypatch.setattr(T, "TABLE_PATH", path)
+        T._tables.cache_clear()
+        T._config.cache_clear()
+        assert T.config_for("NVIDIA H200", 512, 28672, 4096, True) == ("dequant", {})
+    finally:
+        monkeypatch.undo()
+        T._tables.cache_clear()
+        T._config.cache_clear()
