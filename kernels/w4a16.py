@@ -797,19 +797,35 @@ def _mma_launch(kw: dict):
     return w4a16_mma_wide_triton if "tiles" in kw else w4a16_mma_triton
 
 
+def x_in_kk_order(m: int, n: int, k: int, device: torch.device | None, mma: bool) -> bool:
+    """Whether the [M, K] x [K, N] product runs the wgmma kernel with x by TMA, which reads x with each 64-wide
+    chunk's columns in the A tile's order (kernels/w4a16_wgmma.kk_order, a copy per call): the kernel that writes
+    x may write it in that order instead (`kk_columns`) and say so with x_kk."""
+    if triton is None or device is None or device.type != "cuda":
+        return False
+    path, kw = w4a16_config(m, n, k, device, mma)
+    return path == "mma" and bool(kw.get("x_tma"))
+
+
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                      group_size: int, mma: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+                      group_size: int, mma: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      x_kk: bool = False) -> torch.Tensor:
     """An MLP's gate/up product and activation: x [..., K] -> silu(gate) * up [..., N/2] in x.dtype, where W is the
     fused gate/up weight (gate in columns [0, N/2), the w13 layout). On the GEMV and mma paths (decode) one kernel
     does both (the activation in its epilogue); elsewhere w4a16_matmul, then silu_mul. mma: the weight's
-    (qfrag, sz) in the gate/up mma layout (`mma_layout(..., silu=True)`), or None."""
+    (qfrag, sz) in the gate/up mma layout (`mma_layout(..., silu=True)`), or None. x_kk: x's columns are already in
+    the wgmma kernel's k order (only where x_in_kk_order says the product takes it)."""
     k = x.shape[-1]
     m, n = x.numel() // max(k, 1), qweight.shape[1]
+    if x_kk and not x_in_kk_order(m, n, k, x.device, mma is not None):
+        raise LmcError(f"w4a16_silu_matmul: x in kk order, but the {m}x{k}x{n} product here does not read it so "
+                       "(x_in_kk_order)")
     path, kw = w4a16_config(m, n, k, x.device, mma is not None)
     if triton is None or not x.is_cuda or path not in ("gemv", "mma"):
         return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
     if path == "mma":
-        out = _mma_launch(kw)(x.reshape(m, k).contiguous(), *mma, group_size, silu_mul=True, **kw)
+        out = _mma_launch(kw)(x.reshape(m, k).contiguous(), *mma, group_size, silu_mul=True, **kw,
+                              **({"x_kk": True} if x_kk else {}))
     else:
         out = w4a16_gemv_triton(x.reshape(m, k).contiguous(), qweight, scales, zeros, group_size, silu_mul=True,
                                 **kw)

@@ -608,8 +608,15 @@ def kk_order(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(m, k // 64, 4, 4, 2, 2).permute(0, 1, 3, 4, 2, 5).reshape(m, k)  # [M, c, t, j, s2, s1] -> kk
 
 
+def kk_columns(k: int, device=None) -> torch.Tensor:
+    """[K] int32: column c of kk_order(x) is column kk_columns(K)[c] of x, the gather a kernel writing x can do
+    instead of the copy (the RMSNorm before gate/up: kernels/rmsnorm.py's `columns`)."""
+    return kk_order(torch.arange(k, dtype=torch.int32, device=device).view(1, k)).view(k).contiguous()  # [K]
+
+
 def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, rows: int, split_k: int,
-               silu_mul: bool, warpgroups: int = 1, ahead: int = 2, x_chunks: int = 1, x_tma: bool = False) -> None:
+               silu_mul: bool, warpgroups: int = 1, ahead: int = 2, x_chunks: int = 1, x_tma: bool = False,
+               x_kk: bool = False) -> None:
     """The launcher's one-line errors (shared with `emulate`)."""
     nb, chunks, lane_words = qfrag.shape
     k, n = chunks * CHUNK, nb * 16
@@ -627,6 +634,8 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
                        f"{warpgroups}")
     if x_tma and x_chunks != 1:
         raise LmcError(f"w4a16_wgmma_triton: x_tma brings x a pass at a time: x_chunks must be 1, got {x_chunks}")
+    if x_kk and not x_tma:
+        raise LmcError("w4a16_wgmma_triton: x_kk (x already in kk order) is for the x_tma path only")
     if ahead not in AHEADS or x_chunks not in (1, 2) or ahead % (2 * x_chunks):
         raise LmcError(f"w4a16_wgmma_triton: ahead (chunks of words in flight) must be one of {AHEADS} and x_chunks "
                        f"(chunks of x a barrier) 1 or 2 with ahead a multiple of 2 x_chunks, got {ahead}, {x_chunks}")
@@ -635,14 +644,15 @@ def check_args(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_siz
 def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, group_size: int, *, rows: int = 64,
                        split_k: int = 1, pipeline: bool = True, warpgroups: int = 1, ahead: int = 2,
                        x_chunks: int = 1, x_tma: bool = False, silu_mul: bool = False,
-                       out: torch.Tensor | None = None) -> torch.Tensor:
+                       out: torch.Tensor | None = None, x_kk: bool = False) -> torch.Tensor:
     """x [M, K] float16 -> [M, N] (silu_mul: silu(gate) * up [M, N/2]) float16 from the mma layout on wgmma:
     programs of 64 x `warpgroups` output columns (the warpgroups share the x tile) x `rows` rows of x, split_k
     programs over the groups of K (the last to finish sums in split order); pipeline: asynchronous wgmma over two
     x buffers; ahead: chunks of words and scales in flight a warp (2, 4, 8); x_chunks: chunks of x stored to shared
     memory a barrier (1, 2); x_tma: x permuted into kk order (`kk_order`) and brought by TMA, one barrier a pass
-    of `ahead` chunks (x_chunks 1). Hopper (sm_90) only."""
-    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups, ahead, x_chunks, x_tma)
+    of `ahead` chunks (x_chunks 1); x_kk: x is kk_order(x) already (written so by the kernel before: `kk_columns`),
+    not copied again. Hopper (sm_90) only."""
+    check_args(x, qfrag, sz, group_size, rows, split_k, silu_mul, warpgroups, ahead, x_chunks, x_tma, x_kk)
     if not (x.is_cuda and x.dtype == torch.float16 and wgmma_available(x.device)):
         raise LmcError("w4a16_wgmma_triton needs float16 x on a Hopper GPU (sm_90) and a Triton with Gluon")
     nb = qfrag.shape[0]
@@ -653,7 +663,7 @@ def w4a16_wgmma_triton(x: torch.Tensor, qfrag: torch.Tensor, sz: torch.Tensor, g
     ws = torch.empty((split_k, grid[0], COLUMNS * warpgroups * rows), dtype=torch.float32, device=x.device) \
         if split_k > 1 else out
     counters = split_counters(x.device, grid[0]) if split_k > 1 else out
-    x_desc = TensorDescriptor.from_tensor(kk_order(x), [rows, 64], X_SMEM.value) if x_tma else x
+    x_desc = TensorDescriptor.from_tensor(x if x_kk else kk_order(x), [rows, 64], X_SMEM.value) if x_tma else x
     _wgmma_kernel[grid](x, x_desc, qfrag, sz, out, ws, counters, m, nb, k, x.stride(0), out.stride(0), row_blocks,
                         GROUP=group_size, BM=rows, SPLIT_K=split_k, SILU=silu_mul, PIPELINE=pipeline,
                         WARPGROUPS=warpgroups, AHEAD=ahead, X_CHUNKS=x_chunks, X_TMA=x_tma,

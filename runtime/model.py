@@ -20,8 +20,9 @@ from lmc.kernels.kv_quant import QuantizedKV
 from lmc.kernels.rmsnorm import rms_norm
 from lmc.kernels.rotary import apply_rotary, rotary_decode_attention, rotary_write_kv
 from lmc.kernels.silu_mul import silu_mul
-from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul
+from lmc.kernels.w4a16 import device_name, w4a16_matmul, w4a16_silu_matmul, x_in_kk_order
 from lmc.kernels.w4a16_mma import mma_eligible, mma_layout
+from lmc.kernels.w4a16_wgmma import kk_columns, wgmma_available
 from lmc.kernels.w4a16_tuning import has_mma
 from lmc.errors import LmcError, WorkspaceError
 from lmc.format.archs import INT4_LEAVES, LAYER_NAMES, LINEAR_KEYS, layer_params, linear_shape, rank_config
@@ -148,21 +149,37 @@ def attention_block(cfg: ModelConfig, lw: dict, h: torch.Tensor, cos, sin, ctx, 
     return linear(attention_core(cfg, lw, h, cos, sin, ctx, layer), lw["wo"])
 
 
-def mlp_hidden(lw: dict, h: torch.Tensor) -> torch.Tensor:
-    """h [T, H] (already normed) -> silu(gate) * up [T, I], the input of w2."""
+def mlp_hidden(lw: dict, h: torch.Tensor, x_kk: bool = False) -> torch.Tensor:
+    """h [T, H] (already normed; x_kk: its columns in the gate/up kernel's k order, ffn_norm_columns) -> silu(gate)
+    * up [T, I], the input of w2."""
     w13 = lw["w13"]
     if isinstance(w13, Int4Weight):  # decode: one kernel, the activation in the GEMV's epilogue
         mma = w13.mma if w13.mma_silu else None
-        return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size, mma)  # [T, I]
+        return w4a16_silu_matmul(h, w13.qweight, w13.scales, w13.zeros, w13.group_size, mma, x_kk)  # [T, I]
+    if x_kk:
+        raise LmcError("mlp_hidden: x in the int4 kernel's k order for a float gate/up weight")
     config = gemv_config(h, w13)
     if config is not None:  # one token on a tuned shape: the float GEMV with the activation in its epilogue
         return gemv_triton(h.contiguous(), w13, *config, silu_mul=True)  # [1, I]
     return silu_mul(linear(h, w13))  # [T, 2I] -> [T, I]
 
 
-def mlp_block(lw: dict, h: torch.Tensor) -> torch.Tensor:
-    """h [T, H] (already normed) -> [T, H]."""
-    return linear(mlp_hidden(lw, h), lw["w2"])
+def mlp_block(lw: dict, h: torch.Tensor, x_kk: bool = False) -> torch.Tensor:
+    """h [T, H] (already normed; x_kk as in mlp_hidden) -> [T, H]."""
+    return linear(mlp_hidden(lw, h, x_kk), lw["w2"])
+
+
+def ffn_norm_columns(lw: dict, tokens: int) -> tuple[torch.Tensor | None, bool]:
+    """The column order the RMSNorm before the MLP writes for `tokens` rows, and whether it is the gate/up wgmma
+    kernel's k order: where that kernel reads x by TMA at this M (the table's choice), the norm writes x in its kk
+    order (`w13_in_kk`, set at load: kk_columns composed with an act-order w13_in) and the kernel copies nothing;
+    else the act-order order w13_in, or None."""
+    kk = lw.get("w13_in_kk")
+    if kk is not None:
+        w13 = lw["w13"]
+        if x_in_kk_order(tokens, w13.qweight.shape[1], kk.shape[0], kk.device, True):
+            return kk, True
+    return lw.get("w13_in"), False
 
 
 def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.Tensor, next_norm: tuple,
@@ -175,13 +192,28 @@ def decoder_layer(cfg: ModelConfig, lw: dict, h: torch.Tensor, residual: torch.T
     it first sums the row-parallel linear's partial outputs over the ranks (one kernel on CUDA: kernels/allreduce.py);
     slot 0 after attention, 1 after the MLP (the one-shot all-reduce alternates its buffers by it)."""
     a = attention_block(cfg, lw, h, cos, sin, ctx, layer)  # [T, H] (this rank's part of the sum)
-    h, residual = add_norm(a, residual, lw["ffn_norm"], 0, lw.get("w13_in"))
-    m = mlp_block(lw, h)  # [T, H] (this rank's part of the sum)
+    columns, x_kk = ffn_norm_columns(lw, a.shape[0])
+    h, residual = add_norm(a, residual, lw["ffn_norm"], 0, columns)
+    m = mlp_block(lw, h, x_kk)  # [T, H] (this rank's part of the sum)
     weight, columns = next_norm
     return add_norm(m, residual, weight, 1, columns)
 
 
 # ----------------------------------------------------------------------------- weights and model
+
+def add_kk_columns(lw: dict) -> None:
+    """lw["w13_in_kk"]: the column order in which the RMSNorm before the MLP can write x for the gate/up wgmma
+    kernel's TMA path (kernels/w4a16_wgmma.kk_columns, after an act-order w13_in), where that kernel can run: an
+    int4 w13 with its gate/up mma layout on a Hopper GPU, and not LMC_KK_NORM=0 (an A/B switch: the kernel then
+    copies x into that order itself). ffn_norm_columns picks it per M."""
+    w13 = lw.get("w13")
+    if (not isinstance(w13, Int4Weight) or w13.mma is None or not w13.mma_silu or w13.perm is not None
+            or not wgmma_available(w13.qweight.device) or os.environ.get("LMC_KK_NORM", "1") == "0"):
+        return
+    kk = kk_columns(w13.qweight.shape[0] * 8, w13.qweight.device)  # [K] int32
+    base = lw.get("w13_in")
+    lw["w13_in_kk"] = kk if base is None else base[kk.long()].contiguous()  # normed column base[kk[c]]
+
 
 def load_tensor(ws: Workspace, name: str, device, dtype, rows: range | None = None) -> torch.Tensor:
     """A workspace tensor on `device` (floats in `dtype`); `rows`: only those rows of its first dimension, cut from
@@ -310,6 +342,9 @@ class Model:
         self.dense_int4 = bool(ws.quantization) and device.type == "cpu" and dense_bytes < host_available() // 2
         self.embed = load_tensor(src, "tok_embeddings.weight", device, dtype)  # [V, H]
         self.layers = [load_layer(src, i, device, dtype, self.dense_int4) for i in range(self.cfg.num_layers)]
+        if shard is None:  # the tp add_norm (all-reduce + RMSNorm) writes no column order
+            for lw in self.layers:
+                add_kk_columns(lw)
         self.norm = load_tensor(src, "norm.weight", device, dtype)
         self.next_norms = [(lw["attention_norm"], lw.get("w_qkv_in")) for lw in self.layers[1:]] + [(self.norm, None)]
         rows = shard.vocab_rows(self.cfg.vocab_size) if shard is not None else range(self.cfg.vocab_size)

@@ -438,3 +438,81 @@ def test_the_tuning_table_path_is_read_at_call_time(tmp_path, monkeypatch):
         monkeypatch.undo()
         T._tables.cache_clear()
         T._config.cache_clear()
+
+
+def test_kk_columns_gather_is_the_kk_order_copy():
+    """x[:, kk_columns(K)] is kk_order(x): the RMSNorm before gate/up can write x in the TMA path's order."""
+    x = torch.randn(3, 384)
+    cols = WG.kk_columns(384)
+    assert cols.dtype == torch.int32 and torch.equal(torch.sort(cols).values, torch.arange(384, dtype=torch.int32))
+    assert torch.equal(x[:, cols.long()], WG.kk_order(x))
+
+
+def test_x_kk_only_with_the_tma_path():
+    x, qfrag, sz, _ = _case(5, 96, 640, 128, False, seed=3)
+    with pytest.raises(LmcError, match="x_kk"):
+        WG.check_args(x, qfrag, sz, 128, 64, 1, False, x_tma=False, x_kk=True)
+    q, s, z = _quantized(96, 640, 128, seed=3)
+    with pytest.raises(LmcError, match="kk order"):  # on the CPU no product reads x in kk order
+        W.w4a16_silu_matmul(x, q, s, z, 128, (qfrag, sz), x_kk=True)
+
+
+def _gate_up_layer(m, k, n, group, act_order, device):
+    from lmc.runtime import model as M
+
+    q, s, z = _quantized(n, k, group, seed=m, device=device)
+    w13 = M.Int4Weight(q, s, z, group, MM.mma_layout(q, s, z, group, True), True)
+    lw = {"w13": w13}
+    if act_order:
+        lw["w13_in"] = torch.randperm(k, generator=torch.Generator().manual_seed(m)).int().to(device)
+    return lw
+
+
+X_TMA_CONFIG = {"rows": 128, "split_k": 1, "pipeline": True, "warpgroups": 2, "ahead": 2, "x_chunks": 1, "x_tma": True}
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_ffn_norm_columns_follow_the_table(act_order, monkeypatch):
+    """The norm before the MLP writes x in the gate/up kernel's kk order (after an act-order w13_in) exactly where
+    the table sends that product to the TMA path; elsewhere w13_in; LMC_KK_NORM=0 never."""
+    from lmc.runtime import model as M
+
+    lw = _gate_up_layer(9, 384, 192, 128, act_order, "cpu")
+    monkeypatch.setattr(M, "wgmma_available", lambda device: True)
+    M.add_kk_columns(lw)
+    kk = lw["w13_in_kk"]
+    h = torch.randn(4, 384)
+    base = h if not act_order else h[:, lw["w13_in"].long()]
+    assert torch.equal(h[:, kk.long()], WG.kk_order(base))  # the composed gather is kk_order after w13_in
+    monkeypatch.setattr(M, "x_in_kk_order", lambda m, n, k, device, mma: m > 100 and (n, k) == (192, 384))
+    assert M.ffn_norm_columns(lw, 101) == (kk, True)
+    assert M.ffn_norm_columns(lw, 100) == (lw.get("w13_in"), False)
+    monkeypatch.setenv("LMC_KK_NORM", "0")
+    off = _gate_up_layer(9, 384, 192, 128, act_order, "cpu")
+    M.add_kk_columns(off)
+    assert "w13_in_kk" not in off and M.ffn_norm_columns(off, 101) == (off.get("w13_in"), False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m,act_order", [(200, False), (77, True)])
+def test_ffn_norm_in_kk_order_feeds_the_gate_up_kernel(m, act_order, monkeypatch):
+    """On the GPU: the RMSNorm writing x in kk order (add_kk_columns / ffn_norm_columns) then the gate/up kernel
+    told so gives what the plain norm and the kernel's own kk_order copy give; the residual stream is unchanged."""
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    from lmc.kernels.rmsnorm import rms_norm
+    from lmc.runtime import model as M
+
+    k, n = 512, 768
+    lw = _gate_up_layer(m, k, n, 128, act_order, "cuda")
+    monkeypatch.setattr(W, "w4a16_config", lambda m_, n_, k_, device=None, mma=False: ("mma", dict(X_TMA_CONFIG)))
+    M.add_kk_columns(lw)
+    columns, x_kk = M.ffn_norm_columns(lw, m)
+    assert x_kk and columns is lw["w13_in_kk"]
+    g = torch.Generator(device="cuda").manual_seed(m)
+    a, res = (torch.randn(m, k, device="cuda", generator=g).half() for _ in range(2))
+    weight = (1 + 0.2 * torch.randn(k, device="cuda", generator=g)).half()
+    h_kk, r_kk = rms_norm(a, weight, 1e-5, res, columns)
+    h, r = rms_norm(a, weight, 1e-5, res, lw.get("w13_in"))
+    assert torch.equal(r_kk, r) and torch.equal(h_kk, WG.kk_order(h))
+    torch.testing.assert_close(M.mlp_hidden(lw, h_kk, True), M.mlp_hidden(lw, h, False), rtol=0, atol=0)
