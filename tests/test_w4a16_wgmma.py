@@ -514,5 +514,11 @@ def test_ffn_norm_in_kk_order_feeds_the_gate_up_kernel(m, act_order, monkeypatch
     weight = (1 + 0.2 * torch.randn(k, device="cuda", generator=g)).half()
     h_kk, r_kk = rms_norm(a, weight, 1e-5, res, columns)
     h, r = rms_norm(a, weight, 1e-5, res, lw.get("w13_in"))
-    assert torch.equal(r_kk, r) and torch.equal(h_kk, WG.kk_order(h))
-    torch.testing.assert_close(M.mlp_hidden(lw, h_kk, True), M.mlp_hidden(lw, h, False), rtol=0, atol=0)
+    assert torch.equal(r_kk, r)
+    # the gathered row sums its squares in another order: the statistics may round apart by an ulp
+    torch.testing.assert_close(h_kk, WG.kk_order(h), rtol=2e-3, atol=2e-3)
+    kk = WG.kk_columns(k, "cuda").long()
+    y = torch.empty_like(h_kk)  # [M, K]: h_kk in w13_in's order (what the kernel's own copy would start from)
+    y[:, kk] = h_kk
+    assert torch.equal(WG.kk_order(y), h_kk)
+    assert torch.equal(M.mlp_hidden(lw, h_kk, True), M.mlp_hidden(lw, y, False))  # no copy, the same kernel input
