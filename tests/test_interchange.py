@@ -753,3 +753,22 @@ def test_smollm2_compressed_tensors_output_in_transformers_matches_lmc(smollm2_g
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=32, min_new_tokens=32, do_sample=False)[0, len(prompt):]
     gen = GenerationConfig(max_new_tokens=32, ignore_eos=True)
     assert Engine(str(tmp_path / "ws"), EngineConfig(device="cpu")).generate([prompt], gen)[0].token_ids == ref.tolist()
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_act_order_bench_packs_gptq_as_these_tests_do(act_order, monkeypatch):
+    """bench/bench_act_order_e2e.py packs its 8B GPTQ checkpoints in torch on the GPU; on a small linear its words,
+    zeros, scales and g_idx are those of this file's numpy packer (the one the act-order conversion tests use)."""
+    from conftest import load_bench
+
+    bench = load_bench("bench_act_order_e2e.py")
+    monkeypatch.setattr(bench, "GROUP", 16)
+    w = torch.randn(24, 64, generator=torch.Generator().manual_seed(5)).half()  # [N, K]
+    order = torch.randperm(64, generator=torch.Generator().manual_seed(6)) if act_order else None
+    got = bench.gptq_linear(w, order)
+    g_idx = (np.arange(64) // 16)[np.argsort(order.numpy())] if act_order else np.arange(64) // 16
+    codes, scales, zeros = _gptq_quantize(w.float(), 16, False, g_idx)
+    qweight, qzeros = _gptq_pack(codes, zeros, "gptq")
+    assert np.array_equal(got["g_idx"].numpy(), g_idx)
+    assert np.array_equal(got["qweight"].numpy(), qweight) and np.array_equal(got["qzeros"].numpy(), qzeros)
+    assert np.array_equal(got["scales"].numpy(), scales.T)
