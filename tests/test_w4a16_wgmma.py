@@ -522,3 +522,55 @@ def test_ffn_norm_in_kk_order_feeds_the_gate_up_kernel(m, act_order, monkeypatch
     y[:, kk] = h_kk
     assert torch.equal(WG.kk_order(y), h_kk)
     assert torch.equal(M.mlp_hidden(lw, h_kk, True), M.mlp_hidden(lw, y, False))  # no copy, the same kernel input
+
+
+@pytest.mark.gpu
+def test_model_prefill_with_the_norm_writing_kk_order(checkpoint, tmp_path, monkeypatch):
+    """A whole int4 model (tp 1, float16) whose gate/up product the table sends to the x_tma path past 64 rows:
+    each layer's gate/up kernel gets x from the norm in kk order (x_kk) and copies nothing; without w13_in_kk
+    (what LMC_KK_NORM=0 loads) it gets the plain norm and copies; the hidden states agree within float16 rounding
+    (the norm's statistics may round apart by an ulp), and at 64 rows the table's own choice runs unchanged."""
+    if not torch.cuda.is_available() or not WG.wgmma_available(torch.device("cuda")):
+        pytest.skip("needs a Hopper GPU (sm_90) and a Triton with Gluon")
+    from lmc.compiler.quantize import QuantizeOptions, quantize
+    from lmc.format.workspace import Workspace
+    from lmc.runtime import model as M
+
+    ws = tmp_path / "int4"
+    ckpt = checkpoint("llama3", hidden_size=256, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2)
+    quantize(ckpt, ws, QuantizeOptions(calib_samples=0, w_group_size=128, workspace=True, dtype="float16",
+                                       device="cpu"), say=lambda *_: None)
+    table_config = W.w4a16_config
+
+    def config(m, n, k, device=None, mma=False):  # the gate/up product (2 x 384 columns) past 64 rows: x_tma
+        return ("mma", dict(X_TMA_CONFIG)) if (n, k) == (768, 256) and m > 64 and mma else \
+            table_config(m, n, k, device, mma)
+    monkeypatch.setattr(W, "w4a16_config", config)
+    calls = []
+    launch = W.w4a16_wgmma_triton
+
+    def spy(*args, **kw):
+        calls.append(kw.get("x_kk", False))
+        return launch(*args, **kw)
+    monkeypatch.setattr(W, "w4a16_wgmma_triton", spy)
+    model = M.Model(Workspace(ws), torch.device("cuda"), torch.float16)
+    if not all(isinstance(lw["w13"], M.Int4Weight) and lw["w13"].mma is not None for lw in model.layers):
+        pytest.skip("this GPU's table gives the int4 linears no mma layout")
+    assert all("w13_in_kk" in lw for lw in model.layers)
+
+    def hidden(tokens):
+        ids = torch.randint(0, model.cfg.vocab_size, (tokens,), generator=torch.Generator().manual_seed(1)).cuda()
+        with torch.inference_mode():
+            return model.hidden(ids, torch.arange(tokens, device="cuda"), M.DenseCausal(1, tokens), tokens - 1)
+
+    kk = hidden(100)
+    assert calls == [True] * len(model.layers)
+    for lw in model.layers:
+        del lw["w13_in_kk"]
+    calls.clear()
+    plain = hidden(100)
+    assert calls == [False] * len(model.layers)
+    torch.testing.assert_close(kk, plain, rtol=2e-2, atol=2e-2)
+    calls.clear()
+    hidden(64)
+    assert calls.count(True) == 0
