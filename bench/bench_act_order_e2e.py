@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_decode import (LLAMA3_8B, TINY, bench_lmc, free, random_hf_model, versions,  # noqa: E402
-                          wordlevel_tokenizer)
+                          wordlevel_tokenizer, write_report)
 
 from lmc.compiler.convert import convert  # noqa: E402
 from lmc.format.workspace import Workspace  # noqa: E402
@@ -118,7 +118,7 @@ def main() -> int:
     work = Path(args.work)
     t0 = time.perf_counter()
     model, hf_config = random_hf_model(shape, dev, torch.float16)
-    state = {k: v for k, v in model.state_dict().items()}
+    state = dict(model.state_dict())
     del model
     tokenizer = wordlevel_tokenizer(shape["vocab_size"], shape["eos_token_id"] % shape["vocab_size"])
     report = {"device": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "env": versions(),
@@ -139,7 +139,7 @@ def main() -> int:
         ws = Workspace(ws_path)
         perms = sorted(n for n in ws.manifest["tensors"] if n.endswith(".perm"))
         print(f"{name}: checkpoint {written:.1f} s, convert {converted:.1f} s, format version "
-              f"{ws.manifest.get('format_version', ws.manifest.get('version'))}, {len(perms)} .perm tensors", flush=True)
+              f"{ws.manifest['format_version']}, {len(perms)} .perm tensors", flush=True)
         free(dev)
         rows = bench_lmc(ws_path, dev, args, shape["vocab_size"])
         report["runs"][name] = {"checkpoint_s": written, "convert_s": converted, "perm_tensors": len(perms),
@@ -151,9 +151,7 @@ def main() -> int:
         print(f"{act['engine']} B={act['batch']}: act-order {act['step_ms']:.3f} ms/step, plain "
               f"{plain['step_ms']:.3f} ({100 * (ratio - 1):+.1f} %)", flush=True)
     report["total_s"] = time.perf_counter() - t0
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

@@ -220,6 +220,13 @@ def hf_from_gguf(path: Path, dev: str):
     return model
 
 
+def write_report(path: str | Path, report: dict) -> None:
+    """A bench's JSON report at `path` (its folder made), and a line saying so."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {path}")
+
+
 def weight_bytes(ws_path: Path) -> dict:
     """Bytes of weights one decode step reads: every decoder linear (int4: qweight + scales + zeros) and lm_head."""
     ws = Workspace(ws_path)

@@ -15,7 +15,6 @@ model (and its mma layouts) is loaded once.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -24,7 +23,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_decode import LLAMA3_8B, TINY, random_hf_model, state_source, versions, wordlevel_tokenizer, write_int4  # noqa: E402
+from bench_decode import (LLAMA3_8B, TINY, random_hf_model, state_source, versions, wordlevel_tokenizer,  # noqa: E402
+                          write_int4, write_report)
 
 from lmc.kernels import w4a16_tuning  # noqa: E402
 from lmc.kernels.w4a16 import w4a16_config  # noqa: E402
@@ -145,9 +145,7 @@ def main() -> int:
               "workspace": "random Llama-3-8B shape, int4 g128 RTN (bench_decode.write_int4), lm_head fp16",
               "timing": f"Model.hidden over one sequence (DenseCausal), {'CUDA graph replays' if args.graph else 'eager'}, "
                         f"CUDA events, median of {args.repeats}, tables interleaved", "build_s": built_s, "rows": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    write_report(args.out, report)
     return 0
 
 

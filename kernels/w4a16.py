@@ -801,10 +801,12 @@ def x_in_kk_order(m: int, n: int, k: int, device: torch.device | None, mma: bool
     """Whether the [M, K] x [K, N] product runs the wgmma kernel with x by TMA, which reads x with each 64-wide
     chunk's columns in the A tile's order (kernels/w4a16_wgmma.kk_order, a copy per call): the kernel that writes
     x may write it in that order instead (`kk_columns`) and say so with x_kk."""
-    if triton is None or device is None or device.type != "cuda":
-        return False
-    path, kw = w4a16_config(m, n, k, device, mma)
-    return path == "mma" and bool(kw.get("x_tma"))
+    return device is not None and _reads_kk(*w4a16_config(m, n, k, device, mma), device)
+
+
+def _reads_kk(path: str, kw: dict, device: torch.device) -> bool:
+    """Whether a product the table gives (path, kw) on `device` reads x in kk order (x_in_kk_order)."""
+    return triton is not None and device.type == "cuda" and path == "mma" and bool(kw.get("x_tma"))
 
 
 def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
@@ -817,10 +819,10 @@ def w4a16_silu_matmul(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tens
     the wgmma kernel's k order (only where x_in_kk_order says the product takes it)."""
     k = x.shape[-1]
     m, n = x.numel() // max(k, 1), qweight.shape[1]
-    if x_kk and not x_in_kk_order(m, n, k, x.device, mma is not None):
+    path, kw = w4a16_config(m, n, k, x.device, mma is not None)
+    if x_kk and not _reads_kk(path, kw, x.device):
         raise LmcError(f"w4a16_silu_matmul: x in kk order, but the {m}x{k}x{n} product here does not read it so "
                        "(x_in_kk_order)")
-    path, kw = w4a16_config(m, n, k, x.device, mma is not None)
     if triton is None or not x.is_cuda or path not in ("gemv", "mma"):
         return silu_mul(w4a16_matmul(x, qweight, scales, zeros, group_size))
     if path == "mma":

@@ -387,19 +387,12 @@ def _main_tma(acc, x_desc, qf_ptr, sz_ptr, word_base, sz_base, row0, c_lo, c_hi,
     _x_tma_set(x_desc, xs0, f0, row0, c_lo, last, BM, AHEAD)
     ring, sring = _fill_rings(qf_ptr, sz_ptr, word_base, sz_base, c_lo, last, CHUNKS, AHEAD, SZ_EVERY)
     # the first pair peeled off (as `_main`'s first pass: every path has issued a wgmma, no C7515)
-    acc, ring, sring = _pass_tma(acc, ring, sring, c_lo, c_hi, last, xs0, f0, xs1, f1, 0, x_desc, row0, qf_ptr,
+    acc, ring, sring = _pair_tma(acc, ring, sring, c_lo, c_hi, last, xs0, f0, xs1, f1, 0, x_desc, row0, qf_ptr,
                                  sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
-    acc, ring, sring = _pass_tma(acc, ring, sring, c_lo + AHEAD, c_hi, last, xs1, f1, xs0, f0, 0, x_desc, row0,
-                                 qf_ptr, sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD,
-                                 SZ_EVERY)
     for c in range(c_lo + 2 * AHEAD, c_hi, 2 * AHEAD):
-        phase = ((c - c_lo) // (2 * AHEAD)) & 1
-        acc, ring, sring = _pass_tma(acc, ring, sring, c, c_hi, last, xs0, f0, xs1, f1, phase, x_desc, row0,
-                                     qf_ptr, sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD,
-                                     SZ_EVERY)
-        acc, ring, sring = _pass_tma(acc, ring, sring, c + AHEAD, c_hi, last, xs1, f1, xs0, f0, phase, x_desc,
-                                     row0, qf_ptr, sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS,
-                                     AHEAD, SZ_EVERY)
+        acc, ring, sring = _pair_tma(acc, ring, sring, c, c_hi, last, xs0, f0, xs1, f1,
+                                     ((c - c_lo) // (2 * AHEAD)) & 1, x_desc, row0, qf_ptr, sz_ptr, word_base,
+                                     sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
     if PIPELINE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
     pairs = gl.maximum(gl.cdiv(c_hi - c_lo, 2 * AHEAD), 1)
@@ -460,6 +453,18 @@ def _x_tma_set(x_desc, xs, fulls, row0, c0, last, BM: gl.constexpr, AHEAD: gl.co
     for i in gl.static_range(AHEAD):
         mbarrier.expect(fulls[i], BM * 128)
         _tma_load(x_desc, [row0, gl.minimum(c0 + i, last) * 64], fulls[i], xs[i])
+
+
+@_gluon_jit
+def _pair_tma(acc, ring, sring, c, c_hi, last, xs0, f0, xs1, f1, phase, x_desc, row0, qf_ptr, sz_ptr, word_base,
+              sz_base, A_LAYOUT: gl.constexpr, BM: gl.constexpr, PIPELINE: gl.constexpr, WARPS: gl.constexpr,
+              CHUNKS: gl.constexpr, AHEAD: gl.constexpr, SZ_EVERY: gl.constexpr):
+    """X_TMA: two passes, chunks c .. c + 2 AHEAD - 1: the first on set 0 (set 1 filling), the second on set 1
+    (set 0 filling); `phase` the parity of this pair's fills."""
+    acc, ring, sring = _pass_tma(acc, ring, sring, c, c_hi, last, xs0, f0, xs1, f1, phase, x_desc, row0, qf_ptr,
+                                 sz_ptr, word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
+    return _pass_tma(acc, ring, sring, c + AHEAD, c_hi, last, xs1, f1, xs0, f0, phase, x_desc, row0, qf_ptr, sz_ptr,
+                     word_base, sz_base, A_LAYOUT, BM, PIPELINE, WARPS, CHUNKS, AHEAD, SZ_EVERY)
 
 
 @_gluon_jit
