@@ -34,7 +34,7 @@ from lmc.runtime.engine import Engine  # noqa: E402
 def one_round(ws: Path, table: Path, batches: list[int], kv_len: int, dev: str, replays: int) -> tuple[dict, dict]:
     """{batch: graph ms} for a fresh engine under `table`, and {batch: the first layer's int4 choices}."""
     use_table(table)
-    engine = Engine(str(ws), EngineConfig(device=dev, session_len=kv_len + 64, max_batch_size=max(batches),
+    engine = Engine(str(ws), EngineConfig(device=dev, session_len=kv_len + 256, max_batch_size=max(batches),
                                           cache_block_seq_len=64))
     vocab = engine.model.cfg.vocab_size
     ms, picked = {}, {}
