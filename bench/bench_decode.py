@@ -799,8 +799,9 @@ def targets(models: dict) -> dict | None:
     if b1 is not None:
         out.update(int4_b1_roofline_fraction=b1["roofline_fraction"], roofline_met=b1["roofline_fraction"] >= 0.8)
     batches = sorted({r["batch"] for r in models.get(i4, {}).get("runs", [])})
-    if run(i4, "lmc graph", 16) and run(f16, "lmc graph", 16):  # the target's batch, not the run's largest
-        ratio = run(i4, "lmc graph", 16)["tok_s"] / run(f16, "lmc graph", 16)["tok_s"]
+    int4_b16, fp16_b16 = run(i4, "lmc graph", 16), run(f16, "lmc graph", 16)  # the target's batch, not the largest
+    if int4_b16 and fp16_b16:
+        ratio = int4_b16["tok_s"] / fp16_b16["tok_s"]
         out.update(batch=16, int4_vs_fp16_big_batch=ratio, big_batch_met=ratio >= 2.0)
     for batch in batches:
         mine, peer = run(i4, "lmc graph", batch), run(i4, "torch.compile", batch)
